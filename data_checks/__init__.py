@@ -1,0 +1,1 @@
+"""Great Expectations suites for tunepipe data and the reports they produce."""

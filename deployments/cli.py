@@ -1,0 +1,134 @@
+"""`tunepipe`: start the flows by hand from a terminal (the scheduled and UI-started runs use prefect.yaml)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Set before Prefect is imported. The ephemeral server's telemetry heartbeat fights the CLI for its SQLite
+# file ("database is locked"); tokenizers' thread pool warns after every fork.
+QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+DEMO_CONFIG = Path("configs/demo.yaml")
+DEMO_ASSETS = Path("runs/demo-assets")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunepipe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="fine-tune, gate, export and register the model a config describes")
+    run.add_argument("config", type=Path, help="pipeline config (YAML)")
+    demo = commands.add_parser("demo", help=f"build the tiny model and demo data, then run {DEMO_CONFIG}")
+    for command in (run, demo):
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config field, e.g. --set train.max_steps=20 (repeatable)")
+    schema = commands.add_parser("schema", help="print the config's JSON schema (for editor completion)")
+    schema.add_argument("-o", "--output", type=Path, help="write it to this file instead")
+    args = parser.parse_args(argv)
+
+    from tasks.config import ConfigError, json_schema, load_config
+
+    if args.command == "schema":
+        if args.output:
+            args.output.write_text(json_schema())
+        else:
+            sys.stdout.write(json_schema())
+        return 0
+    if args.command == "demo":
+        args.config = DEMO_CONFIG
+        prepare_demo_assets(DEMO_ASSETS)
+    try:
+        load_config(args.config, args.overrides)  # fail on a bad config before any server starts
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return run_finetune(args.config, args.overrides)
+
+
+def prepare_demo_assets(root: Path) -> None:
+    from rich.console import Console
+
+    from tasks.demo_data import write_demo_dataset
+    from tasks.tiny_model import build_tiny_model
+
+    with Console(stderr=True).status("Building the tiny Qwen3 model and demo data (the first time ~30 s)..."):
+        build_tiny_model(root / "tiny-qwen3")
+        write_demo_dataset(root / "data")
+
+
+def run_finetune(config: Path, overrides: list[str]) -> int:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    from flows.finetune import GateFailed, finetune
+
+    state = finetune(str(config), overrides, return_state=True)
+    report = Report(state.state_details.flow_run_id)
+    report.stages()
+    if state.is_completed():
+        report.summary(state.result())
+        return 0
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, GateFailed):
+        report.gate(error)
+        return 3
+    report.console.print(f"[bold red]failed:[/] {error}")
+    return 1
+
+
+class Report:
+    """What the CLI prints after a run: each stage's state, then where everything is."""
+
+    def __init__(self, flow_run_id):
+        from rich.console import Console
+
+        self.console = Console()
+        self.flow_run_id = flow_run_id
+
+    def stages(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from prefect.client.schemas.sorting import TaskRunSort
+        from rich.table import Table
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100,
+            )
+        table = Table(title="stages")
+        for column in ("stage", "state", "seconds"):
+            table.add_column(column)
+        for task_run in runs:
+            table.add_row(task_run.name.rsplit("-", 1)[0], task_run.state_name or "?", f"{task_run.total_run_time.total_seconds():.1f}")
+        self.console.print(table)
+
+    def summary(self, summary) -> None:
+        from rich.table import Table
+
+        from tasks.config import TrackingConfig
+
+        table = Table(title="tunepipe run", show_header=False)
+        candidate, base = summary.eval.candidate, summary.eval.base
+        rows = [
+            ("GGUF", str(summary.gguf_path)),
+            ("merged model", str(summary.merged_dir)),
+            ("LoRA adapter", str(summary.adapter_dir)),
+            ("eval (candidate / base)",
+             f"loss {candidate.eval_loss:.3f} / {base.eval_loss:.3f}, valid JSON {candidate.valid_json_rate} / "
+             f"{base.valid_json_rate}, exact {candidate.exact_match} / {base.exact_match}"),
+            ("gate", summary.gate.summary()),
+            ("MLflow run", summary.mlflow_run_id),
+            ("Ollama model", f"{summary.ollama.model_name} ({summary.ollama.state})"),
+            ("Ollama", summary.ollama.message),
+        ]
+        for name, value in rows:
+            table.add_row(name, value)
+        self.console.print(table)
+        self.console.print(
+            f"Browse runs: mlflow ui --backend-store-uri {TrackingConfig().uri}   "
+            "Flow runs: prefect server start (then open http://127.0.0.1:4200)"
+        )
+
+    def gate(self, error) -> None:
+        self.console.print(f"[bold yellow]not promoted:[/] {error}")

@@ -1,0 +1,69 @@
+"""Cache keys for expensive stages: a content hash of what a stage reads, valid only while its outputs exist.
+
+Prefect's default policy includes the flow run id and so never hits across runs; and a cache hit does not
+notice that the folder a result points at was deleted (see shared/notes/prefect-caching.md). `StageCache`
+fixes both: the key hashes the task's inputs (fingerprints, config sections, paths) and its module's source,
+and a record whose files are gone is passed over, so the stage runs again and writes them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from pydantic import BaseModel
+
+
+def stable_hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps([_jsonable(p) for p in parts], sort_keys=True).encode()).hexdigest()
+
+
+def stage_dir(workdir: Path, stage: str, *inputs: Any) -> Path:
+    """Where a stage writes: one folder per distinct input, so re-running it rewrites the same place."""
+    return Path(workdir) / stage / stable_hash(*inputs)[:16]
+
+
+def outputs_exist(value: Any) -> bool:
+    """True when every path inside a stage result (a pydantic model, possibly nested) still exists."""
+    if isinstance(value, Path):
+        return value.exists()
+    if isinstance(value, BaseModel):
+        return all(outputs_exist(getattr(value, name)) for name in type(value).model_fields)
+    if isinstance(value, (list, tuple)):
+        return all(outputs_exist(item) for item in value)
+    return True
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        # A section may name fields that do not change what a stage produces (e.g. eval thresholds).
+        return value.model_dump(mode="json", exclude=getattr(type(value), "cache_exclude", None))
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+@dataclass
+class StageCache(CachePolicy):
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
+        module_source = Path(inspect.getsourcefile(task_ctx.task.fn)).read_bytes()
+        key = stable_hash(task_ctx.task.name, hashlib.sha256(module_source).hexdigest(), inputs)
+        store = task_ctx.result_store
+        # Walk key, key-rerun-1, ... to the first slot that is empty or holds a result whose files exist.
+        for attempt in count():
+            candidate = key if attempt == 0 else f"{key}-rerun-{attempt}"
+            if not store.exists(candidate) or outputs_exist(store.read(candidate).result):
+                return candidate
+
+
+STAGE_CACHE = StageCache()

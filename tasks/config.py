@@ -1,0 +1,158 @@
+"""The one typed config that drives a tunepipe run, loaded from YAML.
+
+Every stage reads only its own section, so a task's cache key can hash exactly the part of the config
+it depends on: changing `eval.thresholds` does not invalidate training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Section(BaseModel):
+    # Unknown keys are typos in a user's YAML: fail loudly instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    train: Path = Field(description="JSONL file of training examples.")
+    eval: Path | None = Field(None, description="JSONL file of held-out examples; split from train when absent.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when `eval` is not given.")
+    system_prompt: str | None = Field(None, description="System message added to examples that have none.")
+    output_format: Literal["json", "text"] = Field(
+        "json", description="`json`: the assistant answer must be a JSON object (checked and scored as such)."
+    )
+    min_rows: int = Field(20, ge=1, description="Fewer valid training rows than this fails the data check.")
+    max_chars: int = Field(20_000, ge=1, description="Longest allowed example (all messages), in characters.")
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    base: str = Field(description="Hugging Face hub id or local folder of the base model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    max_seq_length: int = Field(1024, ge=16, description="Examples are truncated to this many tokens.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit (CUDA only).")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(Section):
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="`auto` uses unsloth when CUDA is available, else transformers + peft + trl."
+    )
+    max_steps: int = Field(100, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_steps: int = Field(5, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    assistant_only_loss: bool = Field(True, description="Compute loss on assistant tokens only.")
+    seed: int = 42
+    logging_steps: int = Field(1, ge=1)
+
+
+class Thresholds(Section):
+    min_valid_json_rate: float | None = Field(None, ge=0, le=1)
+    min_exact_match: float | None = Field(None, ge=0, le=1)
+    max_eval_loss: float | None = Field(None, gt=0)
+    min_eval_loss_improvement: float | None = Field(
+        None, description="The candidate's eval loss must be at least this much lower than the base model's."
+    )
+
+
+class EvalConfig(Section):
+    # The evaluate stage measures; thresholds only decide. Changing them must not re-run evaluation.
+    cache_exclude: ClassVar[set[str]] = {"thresholds"}
+
+    max_samples: int = Field(64, ge=1, description="Held-out examples used for generation metrics.")
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(16, ge=1)
+    thresholds: Thresholds = Thresholds()
+
+
+class ExportConfig(Section):
+    gguf_quantization: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = "q8_0"
+
+
+class OllamaConfig(Section):
+    model_name: str = Field(description="Name registered in Ollama (a `:latest` tag is implied).")
+    host: str | None = Field(None, description="Ollama base URL; defaults to $OLLAMA_HOST or http://127.0.0.1:11434.")
+    num_ctx: int = Field(4096, ge=256)
+    temperature: float = Field(0.0, ge=0)
+    timeout_s: float = Field(600, gt=0, description="How long a blob upload or create may take.")
+    template: str | None = Field(
+        None, description="Ollama Go TEMPLATE overriding the one derived from the chat template."
+    )
+    system: str | None = Field(None, description="System prompt written into the Modelfile (SYSTEM).")
+
+
+class TrackingConfig(Section):
+    uri: str = Field("sqlite:///runs/mlflow.db", description="MLflow tracking URI.")
+    experiment: str = "tunepipe"
+    artifact_location: str = Field("runs/mlartifacts", description="Where a new experiment stores artifacts.")
+
+
+class PipelineConfig(Section):
+    name: str = Field(description="Name of this pipeline; used for run names and output folders.")
+    workdir: Path = Field(Path("runs"), description="Root of every output: stage results, exports, quarantine.")
+    data: DataConfig
+    model: ModelConfig
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    ollama: OllamaConfig
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used, with the YAML path of every offending key."""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Read YAML from `path`, apply `section.key=value` overrides, and validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(problems)) from None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """`train.max_steps=20` sets raw['train']['max_steps'] = 20; the value is parsed as YAML."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {'.'.join(parents[: i + 1])} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def json_schema() -> str:
+    """JSON schema of the config, for editor completion and validation of YAML files."""
+    return json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n"

@@ -1,0 +1,156 @@
+"""Score the candidate and the base model on the same held-out split with the same metrics.
+
+Generation metrics (greedy, on the prompts of held-out conversations): valid-JSON rate, exact match and
+the share of answers that ended with an end-of-turn token rather than at the length limit (a model that
+never stops is broken however good its first tokens are). Eval loss is the mean token loss on the
+held-out assistant tokens, computed exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.base_model import BaseModelRef
+from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.config import DataConfig, EvalConfig
+from tasks.examples import Example, read_examples
+from tasks.format_data import IGNORE, FormattedData
+from tasks.train import TrainResult
+
+
+class Scores(BaseModel):
+    eval_loss: float
+    valid_json_rate: float | None  # None when the answers are free text
+    exact_match: float
+    stop_rate: float
+
+
+class EvalReport(BaseModel):
+    n_samples: int
+    candidate: Scores
+    base: Scores
+    samples_path: Path  # JSONL: prompt, expected, candidate and base answers per held-out example
+
+
+def evaluate_adapter(
+    data: FormattedData, eval_examples: Path, trained: TrainResult, base: BaseModelRef, data_cfg: DataConfig,
+    cfg: EvalConfig, out_dir: Path,
+) -> EvalReport:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision)
+    model = PeftModel.from_pretrained(model, trained.adapter_dir).eval()
+    examples = list(read_examples(eval_examples))[: cfg.max_samples]
+    rows = [json.loads(line) for line in data.eval.path.open()]
+
+    with torch.inference_mode():
+        candidate_answers, candidate_stopped = _generate(model, tokenizer, examples, cfg)
+        candidate_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
+        with model.disable_adapter():
+            base_answers, base_stopped = _generate(model, tokenizer, examples, cfg)
+            base_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
+
+    json_answers = data_cfg.output_format == "json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = out_dir / "samples.jsonl"
+    with samples_path.open("w", encoding="utf-8") as out:
+        for example, cand, base_answer in zip(examples, candidate_answers, base_answers):
+            out.write(json.dumps({
+                "id": example.id, "source": f"{example.source}:{example.line}",
+                "prompt": example.prompt[-1].content, "expected": example.answer,
+                "candidate": cand, "base": base_answer,
+            }, ensure_ascii=False) + "\n")
+    return EvalReport(
+        n_samples=len(examples),
+        candidate=_score(candidate_answers, candidate_stopped, examples, candidate_loss, json_answers),
+        base=_score(base_answers, base_stopped, examples, base_loss, json_answers),
+        samples_path=samples_path,
+    )
+
+
+def _generate(model, tokenizer, examples: list[Example], cfg: EvalConfig) -> tuple[list[str], list[bool]]:
+    """Greedy answers, batched with left padding, and whether each ended with an end-of-turn token."""
+    stop_ids = _stop_token_ids(model, tokenizer)
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    answers, stopped = [], []
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = examples[start : start + cfg.batch_size]
+        prompts = [
+            tokenizer.apply_chat_template([m.model_dump() for m in ex.prompt], tokenize=False,
+                                          add_generation_prompt=True)
+            for ex in batch
+        ]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        output = model.generate(
+            **inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in output[:, inputs["input_ids"].shape[1] :].tolist():
+            ended = next((i for i, token in enumerate(row) if token in stop_ids), None)
+            stopped.append(ended is not None)
+            answers.append(tokenizer.decode(row[:ended], skip_special_tokens=True).strip())
+    return answers, stopped
+
+
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(t for t in configured if t is not None)})
+
+
+def _mean_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean cross-entropy over every assistant token of the split."""
+    import torch
+
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(r["input_ids"]) for r in batch)
+        input_ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
+        labels = torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in batch])
+        attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        total += losses.item()
+        count += int((targets != IGNORE).sum())
+    return total / count
+
+
+def _score(answers: list[str], stopped: list[bool], examples: list[Example], loss: float, json_answers: bool) -> Scores:
+    n = len(examples)
+    if json_answers:
+        parsed = [_parse_json(answer) for answer in answers]
+        expected = [_parse_json(example.answer) for example in examples]
+        valid = sum(p is not None for p in parsed) / n
+        exact = sum(p is not None and p == e for p, e in zip(parsed, expected)) / n
+    else:
+        valid = None
+        exact = sum(a == ex.answer.strip() for a, ex in zip(answers, examples)) / n
+    return Scores(eval_loss=loss, valid_json_rate=valid, exact_match=exact, stop_rate=sum(stopped) / n)
+
+
+def _parse_json(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
+def evaluate(
+    data: FormattedData, eval_examples: Path, trained: TrainResult, base: BaseModelRef, data_cfg: DataConfig,
+    cfg: EvalConfig, workdir: Path,
+) -> EvalReport:
+    out_dir = stage_dir(workdir, "evaluate", data, trained, base, data_cfg, cfg)
+    return evaluate_adapter(data, eval_examples, trained, base, data_cfg, cfg, out_dir)

@@ -1,0 +1,115 @@
+"""Format conversations with the model's own chat template and mark which tokens carry the loss.
+
+Loss masks come from rendering prefixes of the conversation: the tokens added by an assistant message
+(its content, end-of-turn marker and anything the template appends) are trained; system and user tokens
+and the assistant header are not. This works for any template whose rendering of a prefix is a prefix of
+the full rendering, and we check that instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.base_model import BaseModelRef, load_tokenizer
+from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.check_data import CheckedData
+from tasks.config import ModelConfig
+from tasks.examples import Example, read_examples
+
+IGNORE = -100  # label value the loss skips
+
+
+class FormattedSplit(BaseModel):
+    path: Path  # JSONL rows: {"id", "input_ids", "labels"}
+    n_rows: int
+    n_tokens: int
+    n_trained_tokens: int
+    max_tokens: int
+
+
+class FormattedData(BaseModel):
+    train: FormattedSplit
+    eval: FormattedSplit
+    quarantine_path: Path  # examples longer than model.max_seq_length
+    n_quarantined: int
+
+
+def format_dataset(
+    train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path
+) -> FormattedData:
+    tokenizer = load_tokenizer(base, cfg.chat_template)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quarantine = out_dir / "quarantine.jsonl"
+    with quarantine.open("w", encoding="utf-8") as rejected:
+        splits = {
+            name: _format_split(path, out_dir / f"{name}.jsonl", tokenizer, cfg.max_seq_length, rejected)
+            for name, path in (("train", train_examples), ("eval", eval_examples))
+        }
+    n_quarantined = sum(1 for _ in quarantine.open())
+    for name, split in splits.items():
+        if split.n_rows == 0:
+            raise ValueError(
+                f"no {name} example fits model.max_seq_length={cfg.max_seq_length} tokens; "
+                f"see {quarantine} for the {n_quarantined} rejected rows"
+            )
+    return FormattedData(**splits, quarantine_path=quarantine, n_quarantined=n_quarantined)
+
+
+def tokenize_conversation(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and labels that train only the assistant turns."""
+    messages = [m.model_dump() for m in example.messages]
+    input_ids = _render(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE] * len(input_ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:turn], add_generation_prompt=True)
+        through_turn = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        if input_ids[: len(prompt)] != prompt or input_ids[: len(through_turn)] != through_turn:
+            raise ValueError(
+                f"{example.source}:{example.line}: the chat template renders this conversation's prefix "
+                "differently from the whole; set model.chat_template to one that renders turns incrementally"
+            )
+        start, end = len(prompt), len(through_turn)
+        labels[start:end] = input_ids[start:end]
+    return input_ids, labels
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # The template already wrote every special token; adding a BOS again would double it.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _format_split(source: Path, out_path: Path, tokenizer, max_tokens: int, rejected) -> FormattedSplit:
+    n_rows = n_tokens = n_trained = longest = 0
+    with out_path.open("w", encoding="utf-8") as out:
+        for example in read_examples(source):
+            input_ids, labels = tokenize_conversation(tokenizer, example)
+            if len(input_ids) > max_tokens:
+                # Truncating would cut the answer and its end-of-turn token: the model would learn not to stop.
+                rejected.write(json.dumps({
+                    "source": example.source, "line": example.line, "field": "messages",
+                    "reason": f"{len(input_ids)} tokens > model.max_seq_length={max_tokens}",
+                    "raw": example.model_dump_json(),
+                }) + "\n")
+                continue
+            out.write(json.dumps({"id": example.id, "input_ids": input_ids, "labels": labels}) + "\n")
+            n_rows += 1
+            n_tokens += len(input_ids)
+            n_trained += sum(label != IGNORE for label in labels)
+            longest = max(longest, len(input_ids))
+    return FormattedSplit(path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained,
+                          max_tokens=longest)
+
+
+@task(name="format_data", cache_policy=STAGE_CACHE, persist_result=True)
+def format_data(checked: CheckedData, base: BaseModelRef, cfg: ModelConfig, workdir: Path) -> FormattedData:
+    out_dir = stage_dir(workdir, "format_data", checked, base, cfg)
+    return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir)

@@ -1,0 +1,62 @@
+"""llama.cpp's converter, gguf-py and reference vocabularies, taken from the llama-cpp-python sdist.
+
+The converter must match the llama.cpp library that loads and quantizes the GGUF, so we fetch the source
+package of exactly the installed llama-cpp-python from the package index once, keep only the Python parts
+and the vocab files, and cache them. Nothing is compiled at run time and no llama.cpp code is committed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNEPIPE_CACHE", Path.home() / ".cache" / "tunepipe")).expanduser()
+
+
+def llama_cpp_source() -> Path:
+    """Folder holding llama.cpp's Python converter for the installed llama-cpp-python (fetched once)."""
+    version = importlib.metadata.version("llama-cpp-python")
+    dest = cache_root() / f"llama.cpp-{version}"
+    if (dest / ".complete").exists():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
+               f"llama-cpp-python=={version}", "--dest", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"could not fetch the llama-cpp-python {version} source package (needed once, for the GGUF "
+                f"converter):\n{done.stderr.strip()}"
+            )
+        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        _extract_converter(sdist, dest)
+    (dest / ".complete").write_text(version + "\n")
+    return dest
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            relative = member.name.removeprefix(prefix)
+            if member.isfile() and member.name.startswith(prefix) and relative.startswith(KEEP):
+                member.name = relative
+                tar.extract(member, dest, filter="data")
+
+
+def run_converter(script: str, args: list[str]) -> None:
+    """Run one of llama.cpp's converter scripts with the gguf-py that ships beside it."""
+    source = llama_cpp_source()
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    done = subprocess.run([sys.executable, str(source / script), *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed:\n{done.stderr[-4000:]}")

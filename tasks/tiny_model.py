@@ -1,0 +1,63 @@
+"""A tiny, real Qwen3 model the project builds itself, for the demo and the tests (no hub download).
+
+Architecture and tokenizer are the real ones: Qwen3 from transformers and the Qwen2 vocabulary that ships
+inside llama.cpp (llama.cpp's GGUF converter only accepts tokenizers it recognises). Only the size is tiny
+and the weights are random, seeded, so every build produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# ChatML, as Qwen's instruct models use it, without Qwen's default system prompt.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+EMBED_STD = 0.25
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny Qwen3 (weights, config, tokenizer, chat template) to `out_dir`, once."""
+    marker = out_dir / ".complete"
+    if marker.exists():
+        return out_dir
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from tasks.llama_cpp_tools import llama_cpp_source
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        llama_cpp_source() / "models", gguf_file="ggml-vocab-qwen2.gguf"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = "<|im_end|>"  # ends an assistant turn, as in Qwen instruct models
+    tokenizer.pad_token = "<|endoftext|>"
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+        **SHAPE,
+    )
+    model = Qwen3ForCausalLM(config)
+    # The head is tied to the embeddings, and with width 64 the default init (std 0.02) caps every logit
+    # near 1: no confident prediction is reachable and fine-tuning cannot move the loss. Std 0.25 can.
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=EMBED_STD)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    marker.write_text(json.dumps({"seed": seed, "embed_std": EMBED_STD, **SHAPE}) + "\n")
+    return out_dir
