@@ -86,21 +86,13 @@ class Report:
         self.flow_run_id = flow_run_id
 
     def stages(self) -> None:
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-        from prefect.client.schemas.sorting import TaskRunSort
         from rich.table import Table
 
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id])),
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100,
-            )
         table = Table(title="stages")
         for column in ("stage", "state", "seconds"):
             table.add_column(column)
-        for task_run in runs:
-            table.add_row(task_run.name.rsplit("-", 1)[0], task_run.state_name or "?", f"{task_run.total_run_time.total_seconds():.1f}")
+        for name, state, seconds in stage_states(self.flow_run_id):
+            table.add_row(name, state, f"{seconds:.1f}")
         self.console.print(table)
 
     def summary(self, summary) -> None:
@@ -132,3 +124,18 @@ class Report:
 
     def gate(self, error) -> None:
         self.console.print(f"[bold yellow]not promoted:[/] {error}")
+
+
+def stage_states(flow_run_id) -> list[tuple[str, str, float]]:
+    """(task name, final state name, seconds) for every task run of a flow run, in start order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100,
+        )
+    # Task run names carry a random suffix ("train-3b9"); the stage is the part before it.
+    return [(r.name.rsplit("-", 1)[0], r.state_name or "?", r.total_run_time.total_seconds()) for r in runs]

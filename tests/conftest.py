@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny model (built once, then cached), demo data, and a real Prefect test server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from tasks.llama_cpp_tools import cache_root
+    from tasks.tiny_model import build_tiny_model
+
+    return build_tiny_model(cache_root() / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tasks.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("demo-data"))
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real Prefect API (temporary database) for every flow run in the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

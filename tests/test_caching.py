@@ -1,0 +1,158 @@
+"""Stage cache keys: stable content hashes, and a real Prefect cache that re-runs when outputs are deleted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.states import State
+from pydantic import BaseModel
+
+from tasks.caching import STAGE_CACHE, outputs_exist, stable_hash, stage_dir
+from tasks.config import EvalConfig, Thresholds
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --- stable_hash ----------------------------------------------------------------------------------------
+
+
+def test_stable_hash_is_sha256_of_canonical_json() -> None:
+    expected = hashlib.sha256(json.dumps(["a", 1, {"x": "p/q"}], sort_keys=True).encode()).hexdigest()
+    assert stable_hash("a", 1, {"x": Path("p/q")}) == expected
+
+
+def test_stable_hash_is_the_same_in_another_process() -> None:
+    parts = "('stage', {'b': [1, 2], 'a': 'x'}, EvalConfig(max_new_tokens=7))"
+    code = f"from tasks.caching import stable_hash; from tasks.config import EvalConfig; print(stable_hash{parts})"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert other == stable_hash("stage", {"b": [1, 2], "a": "x"}, EvalConfig(max_new_tokens=7))
+
+
+def test_stable_hash_order_sensitivity() -> None:
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})  # mapping order is irrelevant
+    assert stable_hash(1, 2) != stable_hash(2, 1)  # argument order matters
+    assert stable_hash([1, 2]) != stable_hash([2, 1])  # list order matters
+    assert stable_hash((1, 2)) == stable_hash([1, 2])
+    assert stable_hash(1, 2) != stable_hash([1, 2])  # grouping matters
+    assert stable_hash("1") != stable_hash(1)
+
+
+def test_eval_config_hash_ignores_thresholds_only() -> None:
+    lenient = EvalConfig(thresholds=Thresholds(min_exact_match=0.1))
+    strict = EvalConfig(thresholds=Thresholds(min_exact_match=0.9, max_eval_loss=1.0))
+    assert stable_hash(lenient) == stable_hash(strict)
+    assert stable_hash(lenient) != stable_hash(EvalConfig(max_new_tokens=64, thresholds=lenient.thresholds))
+    assert stable_hash(EvalConfig()) != stable_hash(EvalConfig(max_samples=3))
+
+
+def test_stage_dir(tmp_path: Path) -> None:
+    first = stage_dir(tmp_path, "format_data", "fp", EvalConfig())
+    assert first.parent == tmp_path / "format_data"
+    assert first.name == stable_hash("fp", EvalConfig())[:16]
+    assert stage_dir(tmp_path, "format_data", "fp", EvalConfig()) == first
+    assert stage_dir(str(tmp_path), "format_data", "fp", EvalConfig()) == first  # a str workdir works too
+    assert stage_dir(tmp_path, "format_data", "other") != first
+    assert stage_dir(tmp_path, "train", "fp", EvalConfig()).name == first.name  # stage is the folder, not the key
+    assert not first.exists()  # computing a place does not create it
+
+
+# --- outputs_exist -----------------------------------------------------------------------------------------
+
+
+class Split(BaseModel):
+    path: Path
+    n_rows: int
+
+
+class Result(BaseModel):
+    train: Split
+    extra: list[Path]
+    optional: Path | None = None
+    label: str = "not/a/path"
+
+
+def _result(tmp_path: Path) -> Result:
+    for name in ("train.jsonl", "a.bin", "b.bin"):
+        (tmp_path / name).write_text("x")
+    return Result(train=Split(path=tmp_path / "train.jsonl", n_rows=1),
+                  extra=[tmp_path / "a.bin", tmp_path / "b.bin"])
+
+
+def test_outputs_exist_when_every_path_does(tmp_path: Path) -> None:
+    assert outputs_exist(_result(tmp_path))
+    assert outputs_exist(tmp_path)
+    assert outputs_exist(None) and outputs_exist("missing/file") and outputs_exist(3)  # not paths
+
+
+@pytest.mark.parametrize("missing", ["train.jsonl", "b.bin"])
+def test_outputs_exist_notices_a_deleted_nested_path(tmp_path: Path, missing: str) -> None:
+    result = _result(tmp_path)
+    (tmp_path / missing).unlink()
+    assert not outputs_exist(result)
+
+
+def test_outputs_exist_on_a_tuple(tmp_path: Path) -> None:
+    assert outputs_exist((tmp_path, [tmp_path]))
+    assert not outputs_exist((tmp_path, [tmp_path / "gone"]))
+
+
+# --- STAGE_CACHE with a real Prefect server ------------------------------------------------------------------
+
+
+class Written(BaseModel):
+    path: Path
+
+
+@task(cache_policy=STAGE_CACHE, persist_result=True)
+def write_output(out_dir: Path, counter: Path, text: str) -> Written:
+    """A stage: writes one file and counts its real executions in `counter`."""
+    runs = int(counter.read_text()) if counter.exists() else 0
+    counter.write_text(str(runs + 1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "output.txt"
+    path.write_text(text)
+    return Written(path=path)
+
+
+@flow
+def stage_flow(out_dir: Path, counter: Path, text: str) -> State:
+    return write_output(out_dir, counter, text, return_state=True)
+
+
+def test_stage_cache_across_flow_runs_and_after_deletion(prefect_server: None, tmp_path: Path) -> None:
+    out_dir, counter = tmp_path / "out", tmp_path / "executions.txt"
+
+    def run() -> tuple[str, Written, int]:
+        state = stage_flow(out_dir, counter, "hello")
+        return state.name, state.result(), int(counter.read_text())
+
+    # Results go to this test's folder, so no other test (or an earlier session) can answer from its cache.
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        name, first, executions = run()
+        assert (name, executions) == ("Completed", 1)
+        assert first.path.read_text() == "hello"
+
+        name, second, executions = run()  # a new flow run: the key must not depend on the flow run id
+        assert (name, executions) == ("Cached", 1)
+        assert second == first
+
+        first.path.unlink()
+        name, third, executions = run()  # the cached result points at a deleted file: run again
+        assert (name, executions) == ("Completed", 2)
+        assert third.path.read_text() == "hello"
+
+        name, _, executions = run()
+        assert (name, executions) == ("Cached", 2)
+
+        other = stage_flow(out_dir, counter, "other input")  # different inputs: a different key
+        assert (other.name, int(counter.read_text())) == ("Completed", 3)
+        assert any((tmp_path / "results").iterdir())  # results were stored in this test's folder

@@ -1,0 +1,150 @@
+"""End to end: the finetune flow on the tiny model with a real Prefect server, MLflow store, GX and llama.cpp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.cli import stage_states
+from flows.finetune import GateFailed, RunSummary, finetune
+
+EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export"}
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data: tuple[Path, Path]) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    train, eval_ = demo_data
+    config = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    config.update(workdir=str(root / "runs"))
+    config["data"].update(train=str(train), eval=str(eval_))
+    config["model"]["base"] = str(tiny_model)
+    config["train"].update(max_steps=20, logging_steps=2)
+    config["eval"] = {"max_samples": 8, "max_new_tokens": 24, "thresholds": {"min_eval_loss_improvement": 1.0}}
+    config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "e2e",
+                          "artifact_location": str(root / "mlartifacts")}
+    # Nothing listens here, so registration must end as "skipped" with instructions.
+    config["ollama"]["host"] = "http://127.0.0.1:9"
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, config_path: Path) -> tuple[RunSummary, dict[str, str]]:
+    state = finetune(str(config_path), return_state=True)
+    return state.result(), states_by_stage(state)
+
+
+def states_by_stage(state) -> dict[str, str]:
+    return {name: state_name for name, state_name, _ in stage_states(state.state_details.flow_run_id)}
+
+
+def mlflow_client(config_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=yaml.safe_load(config_path.read_text())["tracking"]["uri"])
+
+
+def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
+    summary, states = first_run
+    assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Completed" for stage in EXPENSIVE}
+    assert states["register_in_ollama"] == "Completed"
+    assert summary.gate.passed
+    assert (summary.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (summary.merged_dir / "model.safetensors").is_file()
+    assert (summary.merged_dir / "chat_template.jinja").is_file()
+    assert summary.gguf_path.suffix == ".gguf" and summary.gguf_path.stat().st_size > 1_000_000
+    modelfile = summary.ollama.modelfile.read_text()
+    assert f"FROM ./{summary.gguf_path.name}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|endoftext|>"' in modelfile
+    assert summary.ollama.state == "skipped"
+    assert "ollama create tunepipe-demo -f Modelfile" in summary.ollama.message
+    samples = [json.loads(line) for line in summary.eval.samples_path.open()]
+    assert len(samples) == summary.eval.n_samples == 8
+    assert summary.eval.candidate.eval_loss < summary.eval.base.eval_loss
+
+
+def test_gguf_greedy_next_token_matches_pytorch(first_run):
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary, _ = first_run
+    tokenizer = AutoTokenizer.from_pretrained(summary.merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(summary.merged_dir).eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<div><h2>Product: Smart Kettle</h2><p>Price: $25</p></div>"}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        torch_next = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+
+    llm = Llama(model_path=str(summary.gguf_path), n_ctx=512, logits_all=True, verbose=False)
+    # special=True: the chat markers must become their single special tokens, exactly as in transformers.
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    gguf_next = int(llm.scores[len(ids) - 1].argmax())
+    llm.close()
+    assert gguf_next == torch_next
+
+
+def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, config_path: Path):
+    summary, _ = first_run
+    client = mlflow_client(config_path)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "20"
+    assert run.data.params["model.base"].endswith("tiny-qwen3")
+    losses = client.get_metric_history(summary.mlflow_run_id, "train_loss")
+    assert [m.step for m in losses] == list(range(2, 21, 2))
+    assert losses[-1].value < losses[0].value
+    assert run.data.metrics["candidate.eval_loss"] == pytest.approx(summary.eval.candidate.eval_loss)
+    assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.eval_loss)
+    assert run.data.tags["gate"] == "passed"
+    assert len(run.data.tags["dataset.fingerprint"]) == 64
+    assert run.data.tags["prefect.flow_run_id"]
+    logged = {a.path for folder in ("config", "data_checks", "adapter", "ollama", "eval")
+              for a in client.list_artifacts(summary.mlflow_run_id, folder)}
+    assert {"config/resolved.json", "data_checks/train_report.html", "ollama/Modelfile",
+            "eval/samples.jsonl", "eval/gate.json", "adapter/adapter_config.json"} <= logged
+
+
+def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
+    state = finetune(str(config_path), return_state=True)
+    states = states_by_stage(state)
+    assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Cached" for stage in EXPENSIVE}
+    assert state.result().gguf_path == first_run[0].gguf_path
+
+
+def test_changing_a_threshold_reuses_training_and_evaluation(first_run, config_path: Path):
+    state = finetune(str(config_path), ["eval.thresholds.max_eval_loss=100"], return_state=True)
+    states = states_by_stage(state)
+    assert states["train"] == states["evaluate"] == "Cached"
+    assert [c.name for c in state.result().gate.checks] == ["eval_loss_improvement", "eval_loss"]
+
+
+def test_deleted_export_folder_is_rebuilt_not_served_from_cache(first_run, config_path: Path):
+    import shutil
+
+    summary, _ = first_run
+    shutil.rmtree(summary.gguf_path.parent)
+    state = finetune(str(config_path), return_state=True)
+    states = states_by_stage(state)
+    assert states["train"] == "Cached" and states["export"] == "Completed"
+    assert state.result().gguf_path.is_file()
+
+
+def test_failed_gate_exports_nothing_and_marks_the_mlflow_run(first_run, config_path: Path):
+    state = finetune(str(config_path), ["eval.thresholds.min_exact_match=1.0"], return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, GateFailed)
+    assert "exact_match" in str(error) and "FAIL" in str(error)
+    assert "export" not in states_by_stage(state)
+    run = mlflow_client(config_path).get_run(error.mlflow_run_id)
+    assert run.info.status == "FAILED" and run.data.tags["gate"] == "failed"
