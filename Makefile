@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m tasks.llama_cpp_tools  # llama.cpp's GGUF converter, once, so runs need no network
 	touch $@
 
 demo: setup

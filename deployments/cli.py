@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 # Set before Prefect is imported. The ephemeral server's telemetry heartbeat fights the CLI for its SQLite
@@ -60,7 +61,11 @@ def prepare_demo_assets(root: Path) -> None:
 def run_finetune(config: Path, overrides: list[str]) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    server_boot = start_prefect_api_in_background()
     from flows.finetune import GateFailed, finetune
+
+    if server_boot is not None:
+        server_boot.join()
 
     state = finetune(str(config), overrides, return_state=True)
     report = Report(state.state_details.flow_run_id)
@@ -74,6 +79,23 @@ def run_finetune(config: Path, overrides: list[str]) -> int:
         return 3
     report.console.print(f"[bold red]failed:[/] {error}")
     return 1
+
+
+def start_prefect_api_in_background() -> threading.Thread | None:
+    """Boot Prefect's temporary API server (when no PREFECT_API_URL is set) while the pipeline imports.
+
+    Prefect would start the same server on the flow's first API call; the server is its own process, so
+    starting it seconds earlier overlaps its boot with our imports instead of adding to them.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    boot = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
+    boot.start()
+    return boot
 
 
 class Report:

@@ -60,3 +60,7 @@ def run_converter(script: str, args: list[str]) -> None:
     done = subprocess.run([sys.executable, str(source / script), *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed:\n{done.stderr[-4000:]}")
+
+
+if __name__ == "__main__":
+    print(f"llama.cpp converter: {llama_cpp_source()}")
