@@ -35,6 +35,8 @@ def outputs_exist(value: Any) -> bool:
         return value.exists()
     if isinstance(value, BaseModel):
         return all(outputs_exist(getattr(value, name)) for name in type(value).model_fields)
+    if isinstance(value, dict):
+        return all(outputs_exist(item) for item in value.values())
     if isinstance(value, (list, tuple)):
         return all(outputs_exist(item) for item in value)
     return True

@@ -58,7 +58,9 @@ class TrainConfig(Section):
     warmup_steps: int = Field(5, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
-    assistant_only_loss: bool = Field(True, description="Compute loss on assistant tokens only.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: much less memory, about 20-30% slower."
+    )
     seed: int = 42
     logging_steps: int = Field(1, ge=1)
 
@@ -105,7 +107,7 @@ class TrackingConfig(Section):
 
 
 class PipelineConfig(Section):
-    name: str = Field(description="Name of this pipeline; used for run names and output folders.")
+    name: str = Field(description="Name of this pipeline; MLflow run names start with it.")
     workdir: Path = Field(Path("runs"), description="Root of every output: stage results, exports, quarantine.")
     data: DataConfig
     model: ModelConfig
@@ -147,7 +149,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     *parents, leaf = key.strip().split(".")
     node = raw
     for i, part in enumerate(parents):
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a key whose lines are all commented out
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: {'.'.join(parents[: i + 1])} is not a section")
     node[leaf] = yaml.safe_load(value)

@@ -51,10 +51,10 @@ def evaluate_adapter(
     rows = [json.loads(line) for line in data.eval.path.open()]
 
     with torch.inference_mode():
-        candidate_answers, candidate_stopped = _generate(model, tokenizer, examples, cfg)
+        candidate_answers, candidate_stopped = _generate(model, tokenizer, examples, cfg, "candidate")
         candidate_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
         with model.disable_adapter():
-            base_answers, base_stopped = _generate(model, tokenizer, examples, cfg)
+            base_answers, base_stopped = _generate(model, tokenizer, examples, cfg, "base")
             base_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
 
     json_answers = data_cfg.output_format == "json"
@@ -75,12 +75,14 @@ def evaluate_adapter(
     )
 
 
-def _generate(model, tokenizer, examples: list[Example], cfg: EvalConfig) -> tuple[list[str], list[bool]]:
+def _generate(model, tokenizer, examples: list[Example], cfg: EvalConfig, who: str) -> tuple[list[str], list[bool]]:
     """Greedy answers, batched with left padding, and whether each ended with an end-of-turn token."""
+    from tqdm.auto import tqdm
+
     stop_ids = _stop_token_ids(model, tokenizer)
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     answers, stopped = [], []
-    for start in range(0, len(examples), cfg.batch_size):
+    for start in tqdm(range(0, len(examples), cfg.batch_size), desc=f"evaluate: {who} answers", unit="batch"):
         batch = examples[start : start + cfg.batch_size]
         prompts = [
             tokenizer.apply_chat_template([m.model_dump() for m in ex.prompt], tokenize=False,

@@ -19,6 +19,7 @@ from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.check_data import CheckedData
 from tasks.config import ModelConfig
 from tasks.examples import Example, read_examples
+from tasks.load_data import Rejection, write_rejections
 
 IGNORE = -100  # label value the loss skips
 
@@ -43,13 +44,12 @@ def format_dataset(
 ) -> FormattedData:
     tokenizer = load_tokenizer(base, cfg.chat_template)
     out_dir.mkdir(parents=True, exist_ok=True)
+    splits, rejected = {}, []
+    for name, path in (("train", train_examples), ("eval", eval_examples)):
+        splits[name], too_long = _format_split(path, out_dir / f"{name}.jsonl", tokenizer, cfg.max_seq_length)
+        rejected += too_long
     quarantine = out_dir / "quarantine.jsonl"
-    with quarantine.open("w", encoding="utf-8") as rejected:
-        splits = {
-            name: _format_split(path, out_dir / f"{name}.jsonl", tokenizer, cfg.max_seq_length, rejected)
-            for name, path in (("train", train_examples), ("eval", eval_examples))
-        }
-    n_quarantined = sum(1 for _ in quarantine.open())
+    n_quarantined = write_rejections(quarantine, rejected)
     for name, split in splits.items():
         if split.n_rows == 0:
             raise ValueError(
@@ -60,53 +60,65 @@ def format_dataset(
 
 
 def tokenize_conversation(tokenizer, example: Example) -> tuple[list[int], list[int]]:
-    """Token ids of the whole conversation and labels that train only the assistant turns."""
+    """Token ids of the whole conversation and labels that train only the assistant turns.
+
+    Each piece of the rendered text (prompt up to the assistant header, then the assistant's turn) is
+    tokenized on its own, as at inference, where the prompt ends at the header and the model's tokens
+    follow. Tokenizing the joined text instead could merge tokens across the boundary (a "\n" ending the
+    header with a "\n" starting the answer) and leave no clean cut between prompt and answer.
+    """
     messages = [m.model_dump() for m in example.messages]
-    input_ids = _render(tokenizer, messages, add_generation_prompt=False)
-    labels = [IGNORE] * len(input_ids)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:turn], add_generation_prompt=True)
-        through_turn = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
-        if input_ids[: len(prompt)] != prompt or input_ids[: len(through_turn)] != through_turn:
-            raise ValueError(
-                f"{example.source}:{example.line}: the chat template renders this conversation's prefix "
-                "differently from the whole; set model.chat_template to one that renders turns incrementally"
-            )
-        start, end = len(prompt), len(through_turn)
-        labels[start:end] = input_ids[start:end]
+        is_answer = message["role"] == "assistant"
+        pieces = [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False)] if is_answer else []
+        pieces.append((_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), is_answer))
+        for text, trained in pieces:
+            if not text.startswith(rendered):
+                raise ValueError(
+                    f"{example.source}:{example.line}: the chat template renders this conversation's prefix "
+                    "differently from the whole; set model.chat_template to one that renders turns incrementally"
+                )
+            ids = tokenizer(text[len(rendered) :], add_special_tokens=False)["input_ids"]
+            input_ids += ids
+            labels += ids if trained else [IGNORE] * len(ids)
+            rendered = text
     return input_ids, labels
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     if not messages:
-        return []
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    # The template already wrote every special token; adding a BOS again would double it.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ""
+    # The template writes every special token itself, so the tokenizer must not add a BOS again.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _format_split(source: Path, out_path: Path, tokenizer, max_tokens: int, rejected) -> FormattedSplit:
+def _format_split(
+    source: Path, out_path: Path, tokenizer, max_tokens: int
+) -> tuple[FormattedSplit, list[Rejection]]:
     n_rows = n_tokens = n_trained = longest = 0
+    too_long: list[Rejection] = []
     with out_path.open("w", encoding="utf-8") as out:
         for example in read_examples(source):
             input_ids, labels = tokenize_conversation(tokenizer, example)
             if len(input_ids) > max_tokens:
                 # Truncating would cut the answer and its end-of-turn token: the model would learn not to stop.
-                rejected.write(json.dumps({
-                    "source": example.source, "line": example.line, "field": "messages",
-                    "reason": f"{len(input_ids)} tokens > model.max_seq_length={max_tokens}",
-                    "raw": example.model_dump_json(),
-                }) + "\n")
+                too_long.append(Rejection(
+                    source=example.source, line=example.line, field="messages",
+                    reason=f"{len(input_ids)} tokens > model.max_seq_length={max_tokens}",
+                    raw=example.model_dump_json(),
+                ))
                 continue
             out.write(json.dumps({"id": example.id, "input_ids": input_ids, "labels": labels}) + "\n")
             n_rows += 1
             n_tokens += len(input_ids)
             n_trained += sum(label != IGNORE for label in labels)
             longest = max(longest, len(input_ids))
-    return FormattedSplit(path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained,
-                          max_tokens=longest)
+    split = FormattedSplit(path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained,
+                           max_tokens=longest)
+    return split, too_long
 
 
 @task(name="format_data", cache_policy=STAGE_CACHE, persist_result=True)

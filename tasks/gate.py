@@ -31,10 +31,12 @@ class GateDecision(BaseModel):
 def decide(report: EvalReport, thresholds: Thresholds) -> GateDecision:
     candidate = report.candidate
     checks = []
+    slack = 1e-9  # a value that meets its limit exactly must pass despite float rounding (0.3 - 0.2 < 0.1)
 
     def at_least(name: str, value: float | None, limit: float | None) -> None:
         if limit is not None:
-            checks.append(Check(name=name, value=value, limit=limit, passed=value is not None and value >= limit))
+            passed = value is not None and value >= limit - slack
+            checks.append(Check(name=name, value=value, limit=limit, passed=passed))
 
     at_least("valid_json_rate", candidate.valid_json_rate, thresholds.min_valid_json_rate)
     at_least("exact_match", candidate.exact_match, thresholds.min_exact_match)
@@ -42,7 +44,7 @@ def decide(report: EvalReport, thresholds: Thresholds) -> GateDecision:
              thresholds.min_eval_loss_improvement)
     if thresholds.max_eval_loss is not None:
         checks.append(Check(name="eval_loss", value=candidate.eval_loss, limit=thresholds.max_eval_loss,
-                            passed=candidate.eval_loss <= thresholds.max_eval_loss))
+                            passed=candidate.eval_loss <= thresholds.max_eval_loss + slack))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)
 
 

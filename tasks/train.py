@@ -28,6 +28,7 @@ class LossPoint(BaseModel):
     step: int
     loss: float
     learning_rate: float
+    elapsed_s: float  # since training started: step times without model loading or compile warm-up
 
 
 class TrainResult(BaseModel):
@@ -56,8 +57,9 @@ def train_adapter(
 ) -> TrainResult:
     backend = choose_backend(cfg.backend)
     load = _load_unsloth if backend == "unsloth" else _load_hf
-    model, tokenizer = load(base, model_cfg, lora, cfg.seed)
+    model, tokenizer = load(base, model_cfg, lora, cfg)
 
+    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -78,20 +80,25 @@ def train_adapter(
         data_seed=cfg.seed,
         max_length=model_cfg.max_seq_length,
         bf16=_supports_bf16(),
+        # unsloth sets up its own (offloaded) checkpointing when it attaches the adapter.
+        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
         save_strategy="no",
         report_to="none",  # the flow logs to MLflow itself, once per pipeline run
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps (and only works) with a GPU
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer)
-    started = time.perf_counter()
+    clock = _log_clock()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+                         callbacks=[clock])
     trainer.train()
-    runtime = time.perf_counter() - started
+    runtime = time.perf_counter() - clock.started
 
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     history = [
-        LossPoint(step=entry["step"], loss=entry["loss"], learning_rate=entry["learning_rate"])
+        LossPoint(step=entry["step"], loss=entry["loss"], learning_rate=entry["learning_rate"],
+                  elapsed_s=clock.elapsed[entry["step"]])
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
@@ -102,19 +109,34 @@ def train_adapter(
     )
 
 
+def _log_clock():
+    """A trainer callback noting the seconds since training began at every logged step."""
+    from transformers import TrainerCallback
+
+    class LogClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.elapsed: dict[int, float] = {}
+
+        def on_log(self, args, state, control, **kwargs):
+            self.elapsed[state.global_step] = time.perf_counter() - self.started
+
+    return LogClock()
+
+
 def _supports_bf16() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _load_hf(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, seed: int):
+def _load_hf(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig):
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 
-    set_seed(seed)  # the adapter's initial weights come from this
+    set_seed(cfg.seed)  # the adapter's initial weights come from this
     quantization = None
     if model_cfg.load_in_4bit:
         quantization = BitsAndBytesConfig(
@@ -134,7 +156,7 @@ def _load_hf(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, seed:
     return get_peft_model(model, peft_config), load_tokenizer(base, model_cfg.chat_template)
 
 
-def _load_unsloth(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, seed: int):
+def _load_unsloth(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig):
     from unsloth import FastLanguageModel  # CUDA only: never imported on the CPU path
 
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -143,7 +165,7 @@ def _load_unsloth(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, 
     )
     model = FastLanguageModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_gradient_checkpointing="unsloth", random_state=seed,
+        use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False, random_state=cfg.seed,
     )
     if model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template

@@ -29,9 +29,12 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """A real Prefect API (temporary database) for every flow run in the session."""
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real Prefect API (temporary database) and result store for every flow run in the session."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    results = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}), \
+            prefect_test_harness(server_startup_timeout=120):
         yield

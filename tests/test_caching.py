@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.states import State
 from pydantic import BaseModel
 
 from tasks.caching import STAGE_CACHE, outputs_exist, stable_hash, stage_dir
@@ -124,16 +123,18 @@ def write_output(out_dir: Path, counter: Path, text: str) -> Written:
 
 
 @flow
-def stage_flow(out_dir: Path, counter: Path, text: str) -> State:
-    return write_output(out_dir, counter, text, return_state=True)
+def stage_flow(out_dir: Path, counter: Path, text: str) -> tuple[str, Written]:
+    """The task's final state name (Completed or Cached) and its result."""
+    state = write_output(out_dir, counter, text, return_state=True)
+    return state.name, state.result()
 
 
 def test_stage_cache_across_flow_runs_and_after_deletion(prefect_server: None, tmp_path: Path) -> None:
     out_dir, counter = tmp_path / "out", tmp_path / "executions.txt"
 
     def run() -> tuple[str, Written, int]:
-        state = stage_flow(out_dir, counter, "hello")
-        return state.name, state.result(), int(counter.read_text())
+        name, result = stage_flow(out_dir, counter, "hello")
+        return name, result, int(counter.read_text())
 
     # Results go to this test's folder, so no other test (or an earlier session) can answer from its cache.
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
@@ -153,6 +154,6 @@ def test_stage_cache_across_flow_runs_and_after_deletion(prefect_server: None, t
         name, _, executions = run()
         assert (name, executions) == ("Cached", 2)
 
-        other = stage_flow(out_dir, counter, "other input")  # different inputs: a different key
-        assert (other.name, int(counter.read_text())) == ("Completed", 3)
+        name, _ = stage_flow(out_dir, counter, "other input")  # different inputs: a different key
+        assert (name, int(counter.read_text())) == ("Completed", 3)
         assert any((tmp_path / "results").iterdir())  # results were stored in this test's folder

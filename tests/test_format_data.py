@@ -70,6 +70,18 @@ def test_only_the_assistant_answer_and_its_end_of_turn_are_trained(tokenizer) ->
     assert set(labels[:start]) == {IGNORE}
 
 
+def test_an_answer_starting_with_a_newline_keeps_a_clean_cut_after_the_header(tokenizer) -> None:
+    # Tokenized as one text, the header's "\n" and the answer's "\n" merge into a single "\n\n" token.
+    answer = "\n\n{}"
+    example = _example(("user", "Return an empty object."), ("assistant", answer))
+    input_ids, labels = tokenize_conversation(tokenizer, example)
+
+    ((start, end),) = _trained_spans(labels)
+    prompt = "<|im_start|>user\nReturn an empty object.<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(input_ids[:start]) == prompt
+    assert tokenizer.decode(input_ids[start:end]) == answer + END_OF_TURN
+
+
 def test_every_assistant_turn_of_a_multi_turn_conversation_is_trained(tokenizer) -> None:
     answers = ["Paris.", "About 2.1 million people."]
     example = _example(
