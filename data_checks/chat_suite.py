@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pydantic import BaseModel
 
 from tasks.config import DataConfig
-from tasks.examples import Example, read_examples, write_examples
-from tasks.load_data import Rejection, write_rejections
+from tasks.examples import Example, read_examples, write_jsonl
+from tasks.load_data import Rejection
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -273,8 +273,8 @@ def check_examples(examples_path: Path, cfg: DataConfig, out_dir: Path, split: s
         report_json=out_dir / f"{split}_report.json",
         report_html=out_dir / f"{split}_report.html",
     )
-    write_examples(report.clean_path, clean)
-    write_rejections(report.quarantine_path, quarantined)
+    write_jsonl(report.clean_path, clean)
+    write_jsonl(report.quarantine_path, quarantined)
     report.report_json.write_text(
         json.dumps(
             {"summary": report.model_dump(mode="json"), "great_expectations": result.to_json_dict()},

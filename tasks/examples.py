@@ -37,18 +37,19 @@ class Example(BaseModel):
         return self.messages[:-1]
 
 
-def write_examples(path: Path, examples: Iterable[Example]) -> int:
+def write_jsonl(path: Path, rows: Iterable[BaseModel]) -> int:
+    """One JSON object per line (examples, rejections); the file is written even when there are none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with path.open("w", encoding="utf-8") as out:
-        for example in examples:
-            out.write(example.model_dump_json() + "\n")
+        for row in rows:
+            out.write(row.model_dump_json() + "\n")
             count += 1
     return count
 
 
 def read_examples(path: Path) -> Iterator[Example]:
-    """Read a file written by `write_examples` (already validated; not for user input)."""
+    """Read examples written by `write_jsonl` (already validated; not for user input)."""
     with path.open(encoding="utf-8") as lines:
         for line in lines:
             yield Example.model_validate(json.loads(line))

@@ -18,8 +18,8 @@ from tasks.base_model import BaseModelRef, load_tokenizer
 from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.check_data import CheckedData
 from tasks.config import ModelConfig
-from tasks.examples import Example, read_examples
-from tasks.load_data import Rejection, write_rejections
+from tasks.examples import Example, read_examples, write_jsonl
+from tasks.load_data import Rejection
 
 IGNORE = -100  # label value the loss skips
 
@@ -49,7 +49,7 @@ def format_dataset(
         splits[name], too_long = _format_split(path, out_dir / f"{name}.jsonl", tokenizer, cfg.max_seq_length)
         rejected += too_long
     quarantine = out_dir / "quarantine.jsonl"
-    n_quarantined = write_rejections(quarantine, rejected)
+    n_quarantined = write_jsonl(quarantine, rejected)
     for name, split in splits.items():
         if split.n_rows == 0:
             raise ValueError(

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.config import DataConfig
-from tasks.examples import Example, Message, write_examples
+from tasks.examples import Example, Message, write_jsonl
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 OPENAI_ROLES = ("system", "user", "assistant")
@@ -247,17 +247,6 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> 
     return train, eval_
 
 
-def write_rejections(path: Path, rejections: Iterable[Rejection]) -> int:
-    """Write one JSON object per rejection; the file is written even when there are none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as out:
-        for rejection in rejections:
-            out.write(rejection.model_dump_json() + "\n")
-            count += 1
-    return count
-
-
 def _require_file(path: Path, key: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{key}: file not found: {path}")
@@ -287,9 +276,9 @@ def load_dataset(cfg: DataConfig, out_dir: Path) -> LoadedData:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     train_path, eval_path, quarantine_path = (out_dir / f"{name}.jsonl" for name in ("train", "eval", "quarantine"))
-    write_examples(train_path, train)
-    write_examples(eval_path, eval_)
-    write_rejections(quarantine_path, rejections)
+    write_jsonl(train_path, train)
+    write_jsonl(eval_path, eval_)
+    write_jsonl(quarantine_path, rejections)
     return LoadedData(
         train_path=train_path,
         eval_path=eval_path,

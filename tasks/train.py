@@ -63,7 +63,7 @@ def train_adapter(
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = [json.loads(line) for line in data.train.path.open()]
+    rows = [json.loads(line) for line in data.train.path.read_text().splitlines()]
     # input_ids + labels are final (formatted with the chat template, loss on assistant tokens only).
     train_set = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     args = SFTConfig(

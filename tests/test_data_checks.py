@@ -7,7 +7,7 @@ import pytest
 
 from data_checks.chat_suite import DataCheckError, check_examples
 from tasks.config import DataConfig
-from tasks.examples import Example, Message, read_examples, write_examples
+from tasks.examples import Example, Message, read_examples, write_jsonl
 from tasks.load_data import Rejection, example_id
 
 SOURCE = "user/train.jsonl"
@@ -24,7 +24,7 @@ def _example(line: int, answer: str | None = None, question: str | None = None, 
 
 def _write(tmp_path: Path, examples: list[Example]) -> Path:
     path = tmp_path / "in" / "train.jsonl"
-    write_examples(path, examples)
+    write_jsonl(path, examples)
     return path
 
 

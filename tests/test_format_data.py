@@ -9,7 +9,7 @@ import pytest
 
 from tasks.base_model import BaseModelRef, load_tokenizer, resolve_base_model
 from tasks.config import DataConfig, ModelConfig
-from tasks.examples import Example, Message, write_examples
+from tasks.examples import Example, Message, write_jsonl
 from tasks.format_data import IGNORE, FormattedData, format_dataset, tokenize_conversation
 from tasks.load_data import load_dataset
 from tasks.tiny_model import CHATML_TEMPLATE
@@ -125,8 +125,8 @@ def test_too_long_examples_are_quarantined_not_truncated(base: BaseModelRef, tmp
     short = _example(("user", "hi"), ("assistant", "hello"), line=1, source="train.jsonl")
     long = _example(("user", "word " * 200), ("assistant", "ok"), line=2, source="train.jsonl")
     fine_eval = _example(("user", "hey"), ("assistant", "hi"), line=1, source="eval.jsonl")
-    write_examples(tmp_path / "train.jsonl", [short, long])
-    write_examples(tmp_path / "eval.jsonl", [fine_eval])
+    write_jsonl(tmp_path / "train.jsonl", [short, long])
+    write_jsonl(tmp_path / "eval.jsonl", [fine_eval])
 
     cfg = ModelConfig(base=base.name_or_path, max_seq_length=64)
     formatted = format_dataset(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", base, cfg, tmp_path / "out")
@@ -142,8 +142,8 @@ def test_too_long_examples_are_quarantined_not_truncated(base: BaseModelRef, tmp
 
 
 def test_a_split_with_nothing_that_fits_fails(base: BaseModelRef, tmp_path: Path) -> None:
-    write_examples(tmp_path / "train.jsonl", [_example(("user", "hi"), ("assistant", "hello"))])
-    write_examples(tmp_path / "eval.jsonl", [_example(("user", "word " * 200), ("assistant", "ok"))])
+    write_jsonl(tmp_path / "train.jsonl", [_example(("user", "hi"), ("assistant", "hello"))])
+    write_jsonl(tmp_path / "eval.jsonl", [_example(("user", "word " * 200), ("assistant", "ok"))])
     cfg = ModelConfig(base=base.name_or_path, max_seq_length=64)
     with pytest.raises(ValueError, match=r"no eval example fits model\.max_seq_length=64"):
         format_dataset(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", base, cfg, tmp_path / "out")
@@ -151,8 +151,8 @@ def test_a_split_with_nothing_that_fits_fails(base: BaseModelRef, tmp_path: Path
 
 def test_a_template_that_does_not_render_incrementally_is_refused(base: BaseModelRef, tmp_path: Path) -> None:
     conversation = [("user", "hi"), ("assistant", "hello")]
-    write_examples(tmp_path / "train.jsonl", [_example(*conversation, line=7, source="data/train.jsonl")])
-    write_examples(tmp_path / "eval.jsonl", [_example(*conversation, source="data/eval.jsonl")])
+    write_jsonl(tmp_path / "train.jsonl", [_example(*conversation, line=7, source="data/train.jsonl")])
+    write_jsonl(tmp_path / "eval.jsonl", [_example(*conversation, source="data/eval.jsonl")])
     cfg = ModelConfig(base=base.name_or_path, chat_template=COUNTING_TEMPLATE)
     with pytest.raises(ValueError, match=r"^data/train\.jsonl:7: the chat template renders") as excinfo:
         format_dataset(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", base, cfg, tmp_path / "out")
