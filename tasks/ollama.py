@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -157,19 +158,35 @@ def _go_template(fmt: ChatFormat) -> str:
 
 
 def default_system_prompt(chat_template: str, fmt: ChatFormat) -> str | None:
-    """The system prompt the template adds to a conversation that has none (Qwen2.5: "You are Qwen, ...").
-
-    Found by rendering a user-only conversation with transformers' own renderer, the one training used.
-    """
+    """The system prompt the template adds to a conversation that has none (Qwen2.5: "You are Qwen, ...")."""
     if fmt.system_in_first_user_turn:
         return None
-    from transformers.utils.chat_template_utils import render_jinja_template  # heavy; needed only here
-
-    probe = [{"role": "user", "content": "?"}]
-    (rendered,), _ = render_jinja_template([probe], chat_template=chat_template, add_generation_prompt=True,
-                                           bos_token="", eos_token="")
+    rendered = _render_chat_template(chat_template, [{"role": "user", "content": "?"}])
     head = fmt.header("system")
     return rendered[len(head):].partition(fmt.end_of_turn)[0] if rendered.startswith(head) else None
+
+
+def _render_chat_template(chat_template: str, messages: list[dict[str, str]]) -> str:
+    """Render as transformers does, in the Jinja environment its chat-template docs specify.
+
+    Importing transformers for this would add seconds to every run, cached ones included.
+    """
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False: json.dumps(
+        value, indent=indent, ensure_ascii=ensure_ascii
+    )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(chat_template).render(
+        messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+    )
 
 
 # --- Modelfile ----------------------------------------------------------------------------------------------

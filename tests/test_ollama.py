@@ -454,3 +454,15 @@ def test_live_register_and_chat(chatml_tokenizer: Path, tmp_path: Path) -> None:
 
     reply = LIVE.generate(cfg.model_name, [{"role": "user", "content": "Say hi."}], {"num_predict": 8})
     assert reply["done"] and reply["done_reason"] in {"stop", "length"}
+
+
+@pytest.mark.parametrize("template", [QWEN25_TEMPLATE, LLAMA3_TEMPLATE, CHATML_TEMPLATE])
+def test_default_system_prompt_probe_renders_exactly_as_transformers(template: str) -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tasks.ollama import _render_chat_template
+
+    messages = [{"role": "user", "content": "?"}]
+    (expected,), _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True,
+                                           bos_token="", eos_token="")
+    assert _render_chat_template(template, messages) == expected
