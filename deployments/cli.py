@@ -1,4 +1,4 @@
-"""`tunepipe`: start the flows by hand from a terminal (the scheduled and UI-started runs use prefect.yaml)."""
+"""`tunepipe`: start the flows by hand from a terminal (runs started from the Prefect UI use prefect.yaml)."""
 
 from __future__ import annotations
 
@@ -120,8 +120,6 @@ class Report:
     def summary(self, summary) -> None:
         from rich.table import Table
 
-        from tasks.config import TrackingConfig
-
         table = Table(title="tunepipe run", show_header=False)
         candidate, base = summary.eval.candidate, summary.eval.base
         rows = [
@@ -140,7 +138,7 @@ class Report:
             table.add_row(name, value)
         self.console.print(table)
         self.console.print(
-            f"Browse runs: mlflow ui --backend-store-uri {TrackingConfig().uri}   "
+            f"Browse runs: mlflow ui --backend-store-uri {summary.mlflow_tracking_uri}   "
             "Flow runs: prefect server start (then open http://127.0.0.1:4200)"
         )
 

@@ -30,6 +30,7 @@ class GateFailed(RuntimeError):
 
 class RunSummary(BaseModel):
     mlflow_run_id: str
+    mlflow_tracking_uri: str
     eval: EvalReport
     gate: GateDecision
     gguf_path: Path
@@ -70,6 +71,7 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
 
     get_run_logger().info("ollama: %s", registration.message)
     return RunSummary(
-        mlflow_run_id=run.run_id, eval=report, gate=decision, gguf_path=exported.gguf_path,
-        merged_dir=exported.merged_dir, adapter_dir=exported.adapter_dir, ollama=registration,
+        mlflow_run_id=run.run_id, mlflow_tracking_uri=cfg.tracking.uri, eval=report, gate=decision,
+        gguf_path=exported.gguf_path, merged_dir=exported.merged_dir, adapter_dir=exported.adapter_dir,
+        ollama=registration,
     )
