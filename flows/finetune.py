@@ -55,7 +55,7 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
         checked = check_data(loaded, cfg.data, workdir)
         run.data_checked(loaded, checked)
 
-        formatted = format_data(checked, base, cfg.model, workdir)
+        formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, workdir)
         trained = train(formatted, base, cfg.model, cfg.lora, cfg.train, workdir)
         run.trained(formatted, trained)
 

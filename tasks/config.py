@@ -58,6 +58,9 @@ class TrainConfig(Section):
     warmup_steps: int = Field(5, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
+    assistant_only_loss: bool = Field(
+        True, description="Train on the assistant's answers only; false also trains on system and user turns."
+    )
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: much less memory, about 20-30% slower."
     )

@@ -40,13 +40,17 @@ class FormattedData(BaseModel):
 
 
 def format_dataset(
-    train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path
+    train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path,
+    assistant_only_loss: bool = True,
 ) -> FormattedData:
     tokenizer = load_tokenizer(base, cfg.chat_template)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits, rejected = {}, []
-    for name, path in (("train", train_examples), ("eval", eval_examples)):
-        splits[name], too_long = _format_split(path, out_dir / f"{name}.jsonl", tokenizer, cfg.max_seq_length)
+    # Eval loss always scores the answers alone, so it means the same whatever the training objective.
+    for name, path, answers_only in (("train", train_examples, assistant_only_loss), ("eval", eval_examples, True)):
+        splits[name], too_long = _format_split(
+            path, out_dir / f"{name}.jsonl", tokenizer, cfg.max_seq_length, answers_only
+        )
         rejected += too_long
     quarantine = out_dir / "quarantine.jsonl"
     n_quarantined = write_jsonl(quarantine, rejected)
@@ -59,8 +63,10 @@ def format_dataset(
     return FormattedData(**splits, quarantine_path=quarantine, n_quarantined=n_quarantined)
 
 
-def tokenize_conversation(tokenizer, example: Example) -> tuple[list[int], list[int]]:
-    """Token ids of the whole conversation and labels that train only the assistant turns.
+def tokenize_conversation(
+    tokenizer, example: Example, assistant_only: bool = True
+) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation, and labels that train the assistant turns (or everything).
 
     Each piece of the rendered text (prompt up to the assistant header, then the assistant's turn) is
     tokenized on its own, as at inference, where the prompt ends at the header and the model's tokens
@@ -83,7 +89,7 @@ def tokenize_conversation(tokenizer, example: Example) -> tuple[list[int], list[
                 )
             ids = tokenizer(text[len(rendered) :], add_special_tokens=False)["input_ids"]
             input_ids += ids
-            labels += ids if trained else [IGNORE] * len(ids)
+            labels += ids if trained or not assistant_only else [IGNORE] * len(ids)
             rendered = text
     return input_ids, labels
 
@@ -96,13 +102,13 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
 
 
 def _format_split(
-    source: Path, out_path: Path, tokenizer, max_tokens: int
+    source: Path, out_path: Path, tokenizer, max_tokens: int, assistant_only: bool
 ) -> tuple[FormattedSplit, list[Rejection]]:
     n_rows = n_tokens = n_trained = longest = 0
     too_long: list[Rejection] = []
     with out_path.open("w", encoding="utf-8") as out:
         for example in read_examples(source):
-            input_ids, labels = tokenize_conversation(tokenizer, example)
+            input_ids, labels = tokenize_conversation(tokenizer, example, assistant_only)
             if len(input_ids) > max_tokens:
                 # Truncating would cut the answer and its end-of-turn token: the model would learn not to stop.
                 too_long.append(Rejection(
@@ -122,6 +128,9 @@ def _format_split(
 
 
 @task(name="format_data", cache_policy=STAGE_CACHE, persist_result=True)
-def format_data(checked: CheckedData, base: BaseModelRef, cfg: ModelConfig, workdir: Path) -> FormattedData:
-    out_dir = stage_dir(workdir, "format_data", checked, base, cfg)
-    return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir)
+def format_data(
+    checked: CheckedData, base: BaseModelRef, cfg: ModelConfig, assistant_only_loss: bool, workdir: Path
+) -> FormattedData:
+    out_dir = stage_dir(workdir, "format_data", checked, base, cfg, assistant_only_loss)
+    return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir,
+                          assistant_only_loss)

@@ -82,6 +82,24 @@ def test_an_answer_starting_with_a_newline_keeps_a_clean_cut_after_the_header(to
     assert tokenizer.decode(input_ids[start:end]) == answer + END_OF_TURN
 
 
+def test_without_assistant_only_loss_every_token_is_trained(tokenizer) -> None:
+    example = _example(("system", "Extract JSON."), ("user", "<p>Lamp</p>"), ("assistant", '{"name": "Lamp"}'))
+    input_ids, labels = tokenize_conversation(tokenizer, example, assistant_only=False)
+    assert labels == input_ids
+    assert (input_ids, labels) != tokenize_conversation(tokenizer, example)
+
+
+def test_eval_split_scores_answers_only_even_when_training_on_everything(
+    demo_data: tuple[Path, Path], base: BaseModelRef, tmp_path: Path
+) -> None:
+    train, eval_ = demo_data
+    loaded = load_dataset(DataConfig(train=train, eval=eval_), tmp_path / "loaded")
+    formatted = format_dataset(loaded.train_path, loaded.eval_path, base, ModelConfig(base=base.name_or_path),
+                               tmp_path / "formatted", assistant_only_loss=False)
+    assert formatted.train.n_trained_tokens == formatted.train.n_tokens
+    assert formatted.eval.n_trained_tokens < formatted.eval.n_tokens
+
+
 def test_every_assistant_turn_of_a_multi_turn_conversation_is_trained(tokenizer) -> None:
     answers = ["Paris.", "About 2.1 million people."]
     example = _example(
