@@ -320,11 +320,6 @@ def _token_texts(tokenizer_file: Path) -> dict[int, str]:
     return texts
 
 
-def write_modelfile(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig, out_path: Path) -> Path:
-    """Write the Modelfile registering `gguf_path` (with `ollama create NAME -f out_path`); return its path."""
-    return modelfile_spec(gguf_path, tokenizer_dir, cfg).write(out_path)
-
-
 # --- HTTP client --------------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,6 @@ from tasks.ollama import (
     ollama_host,
     ollama_template,
     register_model,
-    write_modelfile,
 )
 from tasks.tiny_model import CHATML_TEMPLATE
 
@@ -270,7 +269,7 @@ def test_unknown_template_names_what_was_looked_for(chat_template: str) -> None:
 
 def test_modelfile_for_chatml_tokenizer(chatml_tokenizer: Path, gguf: Path) -> None:
     cfg = OllamaConfig(model_name="demo", num_ctx=2048, temperature=0.2)
-    path = write_modelfile(gguf, chatml_tokenizer, cfg, gguf.parent / "Modelfile")
+    path = modelfile_spec(gguf, chatml_tokenizer, cfg).write(gguf.parent / "Modelfile")
 
     template, _ = ollama_template(CHATML_TEMPLATE)
     assert path.read_text() == (
@@ -290,7 +289,7 @@ def test_modelfile_reads_tokenizer_config_and_points_at_a_gguf_elsewhere(tmp_pat
         "chat_template": LLAMA3_TEMPLATE,
         "eos_token": {"content": "<|eot_id|>", "special": True},  # an AddedToken, as older savers wrote it
     }))
-    path = write_modelfile(gguf, tokenizer, OllamaConfig(model_name="demo"), tmp_path / "elsewhere" / "Modelfile")
+    path = modelfile_spec(gguf, tokenizer, OllamaConfig(model_name="demo")).write(tmp_path / "elsewhere" / "Modelfile")
 
     text = path.read_text()
     assert text.startswith(f"FROM {gguf.resolve()}\n")
