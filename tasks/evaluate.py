@@ -48,7 +48,7 @@ def evaluate_adapter(
     model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision)
     model = PeftModel.from_pretrained(model, trained.adapter_dir).eval()
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
-    rows = [json.loads(line) for line in data.eval.path.read_text().splitlines()]
+    rows = data.eval.rows()
 
     with torch.inference_mode():
         candidate_answers, candidate_stopped = _generate(model, tokenizer, examples, cfg, "candidate")

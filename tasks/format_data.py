@@ -31,6 +31,9 @@ class FormattedSplit(BaseModel):
     n_trained_tokens: int
     max_tokens: int
 
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
 
 class FormattedData(BaseModel):
     train: FormattedSplit

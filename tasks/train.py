@@ -8,7 +8,6 @@ inside the functions so a fully cached re-run never pays for it.
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -63,9 +62,8 @@ def train_adapter(
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = [json.loads(line) for line in data.train.path.read_text().splitlines()]
     # input_ids + labels are final (formatted with the chat template, loss on assistant tokens only).
-    train_set = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    train_set = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.train.rows()])
     args = SFTConfig(
         output_dir=str(out_dir / "trainer"),
         max_steps=cfg.max_steps,
