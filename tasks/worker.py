@@ -1,0 +1,108 @@
+"""Run a stage's model work in a process of its own, and read its typed result back.
+
+Training and evaluation load models, CUDA state and (on a GPU) unsloth's patches; none of that may leak into
+the flow's process or into the next stage. So such a stage writes its request as JSON, starts
+`python -m tasks.worker MODULE:FUNCTION REQUEST RESULT` (or the same under torchrun for several devices),
+streams the worker's output to the log and to `worker.log`, and reads the result JSON back. A worker that
+dies (an exception, SIGKILL, out of memory) fails the stage with its exit status and the tail of its log.
+
+The target is a plain function taking one pydantic model and returning another, so it can also be called
+in-process by tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+R = TypeVar("R", bound=BaseModel)
+LOG_TAIL_LINES = 40
+
+
+class WorkerFailed(RuntimeError):
+    """The worker process ended without a result; the message carries its exit status and log tail."""
+
+    def __init__(self, target: str, returncode: int, log_path: Path, tail: list[str]):
+        self.returncode = returncode
+        self.log_path = log_path
+        self.tail = tail
+        if returncode < 0:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+            if returncode == -signal.SIGKILL:
+                how += " (out of host memory, preempted, or stopped by hand)"
+        else:
+            how = f"exited with status {returncode}"
+        super().__init__(f"{target} {how}; last lines of {log_path}:\n" + "".join(tail))
+
+
+def run_worker(
+    target: str,
+    request: BaseModel,
+    result_type: type[R],
+    work_dir: Path,
+    devices: int = 1,
+    log: logging.Logger | None = None,
+) -> R:
+    """Run `target` ("module:function") on `request` in a new process; `devices` > 1 runs it under torchrun.
+
+    Under torchrun every rank runs the function; rank 0 alone writes the result (see `main`).
+    """
+    log = log or logging.getLogger(__name__)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    request_path, result_path, log_path = (work_dir / name for name in
+                                           ("worker-request.json", "worker-result.json", "worker.log"))
+    request_path.write_text(request.model_dump_json(indent=2))
+    result_path.unlink(missing_ok=True)
+
+    command = [sys.executable, "-m", "tasks.worker", target, str(request_path), str(result_path)]
+    if devices > 1:
+        command[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+                        "-m", "tasks.worker"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_pythonpath()}
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    log.info("starting worker: %s", " ".join(command[1:]))
+    with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
+    ) as process:
+        for line in process.stdout:
+            log_file.write(line)
+            log_file.flush()
+            tail.append(line)
+            if line.strip():
+                log.info("%s", line.rstrip())
+    if process.returncode != 0 or not result_path.exists():
+        raise WorkerFailed(target, process.returncode, log_path, list(tail))
+    return result_type.model_validate_json(result_path.read_text())
+
+
+def _project_pythonpath() -> str:
+    """The folder holding `tasks/` first, so the worker imports the same code as the flow."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def main(argv: list[str]) -> None:
+    target, request_path, result_path = argv
+    module_name, _, function_name = target.partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    request_type = next(iter(inspect.signature(function, eval_str=True).parameters.values())).annotation
+    result = function(request_type.model_validate_json(Path(request_path).read_text()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        # Written to a temporary name first: a result file that exists is always complete.
+        partial = Path(result_path).with_suffix(".partial")
+        partial.write_text(result.model_dump_json(indent=2))
+        partial.replace(result_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

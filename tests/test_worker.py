@@ -1,0 +1,57 @@
+"""The worker process: a typed result comes back; a crash or a kill fails with the worker's own log tail."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from tasks.worker import WorkerFailed, run_worker
+
+
+class Request(BaseModel):
+    text: str
+    action: str = "echo"
+
+
+class Result(BaseModel):
+    text: str
+    pid: int
+
+
+def target(request: Request) -> Result:
+    """Run inside the worker: echo, raise, or die by SIGKILL as a real OOM-killed trainer would."""
+    print(f"worker got {request.text!r}")
+    if request.action == "raise":
+        raise RuntimeError("boom in the worker")
+    if request.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return Result(text=request.text.upper(), pid=os.getpid())
+
+
+@pytest.fixture(autouse=True)
+def importable_tests(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+
+
+def test_result_comes_back_from_another_process(tmp_path):
+    result = run_worker("test_worker:target", Request(text="hi"), Result, tmp_path)
+    assert result.text == "HI" and result.pid != os.getpid()
+    assert "worker got 'hi'" in (tmp_path / "worker.log").read_text()
+
+
+def test_exception_fails_with_traceback_tail(tmp_path):
+    with pytest.raises(WorkerFailed, match="exited with status 1") as failure:
+        run_worker("test_worker:target", Request(text="x", action="raise"), Result, tmp_path)
+    assert "RuntimeError: boom in the worker" in str(failure.value)
+    assert not (tmp_path / "worker-result.json").exists()
+
+
+def test_killed_worker_fails_naming_the_signal(tmp_path):
+    with pytest.raises(WorkerFailed, match="killed by SIGKILL") as failure:
+        run_worker("test_worker:target", Request(text="x", action="kill"), Result, tmp_path)
+    assert failure.value.returncode == -signal.SIGKILL
+    assert "worker got 'x'" in str(failure.value)
