@@ -56,7 +56,7 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
         run.data_checked(loaded, checked)
 
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, workdir)
-        trained = train(formatted, base, cfg.model, cfg.lora, cfg.train, workdir)
+        trained = train(formatted, base, cfg.model, cfg.lora, cfg.train, workdir, mlflow_run=run.live_ref())
         run.trained(formatted, trained)
 
         report = evaluate(formatted, checked.eval.clean_path, trained, base, cfg.data, cfg.eval, workdir)

@@ -57,7 +57,11 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class StageCache(CachePolicy):
+    # Arguments that do not change what the stage produces (e.g. where to report live metrics).
+    ignore: tuple[str, ...] = ()
+
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
+        inputs = {name: value for name, value in inputs.items() if name not in self.ignore}
         module_source = Path(inspect.getsourcefile(task_ctx.task.fn)).read_bytes()
         key = stable_hash(task_ctx.task.name, hashlib.sha256(module_source).hexdigest(), inputs)
         store = task_ctx.result_store

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -36,36 +36,68 @@ class ModelConfig(Section):
     base: str = Field(description="Hugging Face hub id or local folder of the base model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     max_seq_length: int = Field(1024, ge=16, description="Examples are truncated to this many tokens.")
-    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit (CUDA only).")
+    load_in_4bit: bool = Field(
+        False, description="Load the frozen base in 4-bit (QLoRA, CUDA only); `train.mode: qlora` implies it."
+    )
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    r: int = Field(16, ge=1, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator: the update is scaled by alpha / r (or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; 0 lets unsloth use its fast path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters, or `all-linear` for every linear layer but the LM head.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained with the adapter.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r), for large ranks.")
 
 
 class TrainConfig(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
-        "auto", description="`auto` uses unsloth when CUDA is available, else transformers + peft + trl."
+        "auto", description="`auto` uses unsloth when CUDA is available, else transformers + peft."
     )
-    max_steps: int = Field(100, ge=1)
+    mode: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="`lora`: adapter on a 16-bit base; `qlora`: adapter on a 4-bit base (CUDA only); "
+        "`full`: train every weight (the output is a whole model, not an adapter).",
+    )
+    max_steps: int | None = Field(100, ge=1, description="Optimizer steps to train; null trains `epochs` passes instead.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set, used when `max_steps` is null.")
     learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="`adamw_8bit` keeps the optimizer state in 8 bits (bitsandbytes, CUDA only)."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Decay after warm-up: linear or cosine to zero, or constant."
+    )
     warmup_steps: int = Field(5, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null does not clip.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="`auto`: bf16 where the GPU supports it, else fp16 on a GPU, fp32 on the CPU."
+    )
+    packing: bool = Field(
+        True, description="Padding-free batches: a micro-batch's examples are concatenated into one row, each "
+        "attending only to itself; no compute is spent on padding.",
+    )
     assistant_only_loss: bool = Field(
         True, description="Train on the assistant's answers only; false also trains on system and user turns."
     )
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: much less memory, about 20-30% slower."
     )
+    save_steps: int = Field(
+        50, ge=1, description="Write a checkpoint every this many steps; a killed run resumes from the newest."
+    )
+    max_oom_retries: int = Field(
+        3, ge=0, description="On CUDA out-of-memory, halve the micro-batch and double accumulation, at most this often."
+    )
+    devices: int = Field(1, ge=1, description="Data-parallel processes (GPUs) to train on, through torchrun.")
     seed: int = 42
-    logging_steps: int = Field(1, ge=1)
+    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate, grad norm, tokens/s and memory every this many steps.")
 
 
 class Thresholds(Section):
@@ -120,6 +152,12 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     ollama: OllamaConfig
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _full_fine_tuning_needs_a_16_bit_base(self) -> PipelineConfig:
+        if self.model.load_in_4bit and self.train.mode == "full":
+            raise ValueError("model.load_in_4bit cannot train every weight: use train.mode qlora (or lora)")
+        return self
 
 
 class ConfigError(ValueError):

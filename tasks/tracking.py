@@ -7,13 +7,15 @@ cache hits still records everything those stages produced.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
 
 from tasks.config import PipelineConfig, TrackingConfig
 
@@ -25,7 +27,44 @@ if TYPE_CHECKING:
     from tasks.gate import GateDecision
     from tasks.load_data import LoadedData
     from tasks.ollama import Registration
-    from tasks.train import TrainResult
+    from tasks.train import LossPoint, TrainResult
+
+# Per logged training step: MLflow metric name <- LossPoint field.
+TRAINING_CURVE = {"train_loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+                  "tokens_per_s": "tokens_per_s", "peak_gpu_memory_gib": "peak_gpu_memory_gib"}
+
+
+class MlflowRunRef(BaseModel):
+    """Where a stage may report live progress: the flow's MLflow run."""
+
+    tracking_uri: str
+    run_id: str
+
+
+def curve_metrics(point: LossPoint | dict, timestamp_ms: int) -> list[Metric]:
+    values = point if isinstance(point, dict) else point.model_dump()
+    return [Metric(name, float(values[field]), timestamp_ms, values["step"])
+            for name, field in TRAINING_CURVE.items() if values.get(field) is not None]
+
+
+def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict], None]:
+    """An `on_event` handler for the training worker: every logged step goes to MLflow as it happens."""
+    client = MlflowClient(tracking_uri=run.tracking_uri)
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "step":
+            client.log_batch(run.run_id, metrics=curve_metrics(event, _now_ms()))
+            log.info("step %d: loss %.4f, lr %.2e, grad norm %s, %s tokens/s", event["step"], event["loss"],
+                     event["learning_rate"], event.get("grad_norm"), event.get("tokens_per_s"))
+        elif event["event"] == "oom_retry":
+            log.warning("%s", event["message"])
+            client.log_batch(run.run_id, metrics=[
+                Metric("train.oom_retries", event["retries"], _now_ms(), event["step"]),
+                Metric("train.micro_batch_size", event["micro_batch_size"], _now_ms(), event["step"]),
+            ])
+            client.set_tag(run.run_id, "train.oom", event["message"])
+
+    return on_event
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -43,6 +82,7 @@ class Tracker:
         if cfg.uri.startswith("sqlite:///"):
             Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.uri = cfg.uri
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         self.experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(
@@ -75,23 +115,31 @@ class Tracker:
                      checked.eval.report_json):
             self._artifact(path, "data_checks" if "report" in path.name else "quarantine")
 
+    def live_ref(self) -> MlflowRunRef:
+        return MlflowRunRef(tracking_uri=self.uri, run_id=self.run_id)
+
     def trained(self, formatted: FormattedData, trained: TrainResult) -> None:
         self._metrics({
             "format.train_tokens": formatted.train.n_tokens,
             "format.train_trained_tokens": formatted.train.n_trained_tokens,
             "format.rows_too_long": formatted.n_quarantined,
             "train.runtime_s": trained.runtime_s, "train.trainable_params": trained.trainable_params,
+            "train.oom_retries": trained.oom_retries, "train.micro_batch_size": trained.micro_batch_size,
+            "train.gradient_accumulation_steps": trained.gradient_accumulation_steps,
         })
-        now = _now_ms()
-        history = [metric for point in trained.loss_history for metric in (
-            Metric("train_loss", point.loss, now, point.step),
-            Metric("learning_rate", point.learning_rate, now, point.step),
-        )]
-        for start in range(0, len(history), 1000):  # MLflow's per-call limit
-            self.client.log_batch(self.run_id, metrics=history[start : start + 1000])
+        # A stage that ran reported its curve live; a cached one did not, so this run gets it from the result.
+        if not self.client.get_metric_history(self.run_id, "train_loss"):
+            now = _now_ms()
+            history = [metric for point in trained.loss_history for metric in curve_metrics(point, now)]
+            for start in range(0, len(history), 1000):  # MLflow's per-call limit
+                self.client.log_batch(self.run_id, metrics=history[start : start + 1000])
         self._artifact(formatted.quarantine_path, "quarantine")
-        self._artifact(trained.adapter_dir, "adapter")
-        self.tags({"train.backend": trained.backend})
+        if trained.kind == "lora":
+            self._artifact(trained.adapter_dir, "adapter")
+        else:  # the weights of a whole model stay in the stage's folder; its config says which model it is
+            self._artifact(trained.adapter_dir / "config.json", "model")
+        self.tags({"train.backend": trained.backend, "train.kind": trained.kind, "train.device": trained.device,
+                   "train.precision": trained.precision})
 
     def evaluated(self, report: EvalReport, decision: GateDecision) -> None:
         for who, scores in (("candidate", report.candidate), ("base", report.base)):

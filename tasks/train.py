@@ -1,179 +1,89 @@
-"""LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer on either backend.
+"""The train stage: a thin task that trains in a worker process and reads the typed result back.
 
-`unsloth` (CUDA only, imported here and nowhere else) and `hf` (transformers + peft) load the model and
-attach the adapter differently; the training loop, data and outputs are the same. The ML stack is imported
-inside the functions so a fully cached re-run never pays for it.
+Training loads the model, CUDA state and (on a GPU) unsloth's patches; all of that belongs to the worker
+(`tasks.training.train_model`, started by `tasks.worker.run_worker`, under torchrun for `train.devices` > 1),
+never to the flow's process or the next stage. The worker checkpoints into the stage's folder, so a re-run
+after a kill resumes by itself; its live metrics reach the flow's MLflow run while it trains.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import time
 from pathlib import Path
 from typing import Literal
 
-from prefect import task
+from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.base_model import BaseModelRef, load_tokenizer
-from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.base_model import BaseModelRef
+from tasks.caching import StageCache, stage_dir
 from tasks.config import LoraConfig, ModelConfig, TrainConfig
-from tasks.format_data import FormattedData
+from tasks.format_data import FormattedData, FormattedSplit
+from tasks.tracking import MlflowRunRef, live_training_log
+from tasks.worker import run_worker
 
 Backend = Literal["hf", "unsloth"]
 
 
 class LossPoint(BaseModel):
     step: int
-    loss: float
+    loss: float  # mean over the step's loss tokens
     learning_rate: float
-    elapsed_s: float  # since training started: step times without model loading or compile warm-up
+    grad_norm: float | None = None  # before clipping
+    tokens_per_s: float | None = None  # non-padding tokens, all devices, since the previous logged step
+    peak_gpu_memory_gib: float | None = None  # None on the CPU
+    elapsed_s: float  # since training started: step times without model loading
 
 
 class TrainResult(BaseModel):
-    adapter_dir: Path  # PEFT adapter + tokenizer, loadable with PeftModel.from_pretrained
+    adapter_dir: Path  # kind "lora": PEFT adapter + tokenizer; kind "full": the whole model + tokenizer
+    kind: Literal["lora", "full"]
     backend: Backend
     loss_history: list[LossPoint]
     runtime_s: float
     trainable_params: int
     total_params: int
+    steps: int
+    device: str  # e.g. "cuda (NVIDIA H100 80GB HBM3) x1", "cpu x2"
+    precision: str
+    micro_batch_size: int  # after out-of-memory retries, if any
+    gradient_accumulation_steps: int
+    oom_retries: int
+    resumed_from_step: int  # 0 for a run that started from scratch
 
 
-def choose_backend(requested: str) -> Backend:
-    import torch
+class TrainRequest(BaseModel):
+    """Everything the worker needs; written as JSON into the stage's folder."""
 
-    has_cuda = torch.cuda.is_available()
-    if requested == "unsloth" and not has_cuda:
-        raise RuntimeError("train.backend=unsloth needs a CUDA GPU; use backend: hf (or auto) on this machine")
-    if requested == "auto":
-        return "unsloth" if has_cuda and importlib.util.find_spec("unsloth") else "hf"
-    return requested
-
-
-def train_adapter(
-    data: FormattedData, base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig,
-    out_dir: Path,
-) -> TrainResult:
-    backend = choose_backend(cfg.backend)
-    load = _load_unsloth if backend == "unsloth" else _load_hf
-    model, tokenizer = load(base, model_cfg, lora, cfg)
-
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    # input_ids + labels are final (formatted with the chat template, loss on assistant tokens only).
-    train_set = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.train.rows()])
-    args = SFTConfig(
-        output_dir=str(out_dir / "trainer"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        logging_steps=cfg.logging_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        max_length=model_cfg.max_seq_length,
-        bf16=_supports_bf16(),
-        # unsloth sets up its own (offloaded) checkpointing when it attaches the adapter.
-        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
-        save_strategy="no",
-        report_to="none",  # the flow logs to MLflow itself, once per pipeline run
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps (and only works) with a GPU
-    )
-    clock = _log_clock()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-                         callbacks=[clock])
-    trainer.train()
-    runtime = time.perf_counter() - clock.started
-
-    adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    history = [
-        LossPoint(step=entry["step"], loss=entry["loss"], learning_rate=entry["learning_rate"],
-                  elapsed_s=clock.elapsed[entry["step"]])
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    ]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return TrainResult(
-        adapter_dir=adapter_dir, backend=backend, loss_history=history, runtime_s=runtime,
-        trainable_params=trainable, total_params=sum(p.numel() for p in model.parameters()),
-    )
+    data: FormattedSplit
+    base: BaseModelRef
+    model_cfg: ModelConfig
+    lora: LoraConfig
+    cfg: TrainConfig
+    out_dir: Path
+    init_from: Path | None = None  # an earlier TrainResult.adapter_dir whose weights to start from
 
 
-def _log_clock():
-    """A trainer callback noting the seconds since training began at every logged step."""
-    from transformers import TrainerCallback
+def load_trained_model(trained: TrainResult, base: BaseModelRef, **load_kwargs):
+    """The trained model for inference: the saved full model, or the base with the adapter attached."""
+    from transformers import AutoModelForCausalLM
 
-    class LogClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-            self.elapsed: dict[int, float] = {}
+    if trained.kind == "full":
+        return AutoModelForCausalLM.from_pretrained(trained.adapter_dir, **load_kwargs)
+    from peft import PeftModel
 
-        def on_log(self, args, state, control, **kwargs):
-            self.elapsed[state.global_step] = time.perf_counter() - self.started
-
-    return LogClock()
+    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision, **load_kwargs)
+    return PeftModel.from_pretrained(model, trained.adapter_dir)
 
 
-def _supports_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _load_hf(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig):
-    import torch
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
-
-    set_seed(cfg.seed)  # the adapter's initial weights come from this
-    quantization = None
-    if model_cfg.load_in_4bit:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    model = AutoModelForCausalLM.from_pretrained(
-        base.name_or_path, revision=base.revision, quantization_config=quantization,
-        dtype=torch.bfloat16 if _supports_bf16() else torch.float32,
-    )
-    if quantization is not None:
-        model = prepare_model_for_kbit_training(model)
-    peft_config = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_config), load_tokenizer(base, model_cfg.chat_template)
-
-
-def _load_unsloth(base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig):
-    from unsloth import FastLanguageModel  # CUDA only: never imported on the CPU path
-
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=base.name_or_path, revision=base.revision, max_seq_length=model_cfg.max_seq_length,
-        load_in_4bit=model_cfg.load_in_4bit, dtype=None,
-    )
-    model = FastLanguageModel.get_peft_model(
-        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False, random_state=cfg.seed,
-    )
-    if model_cfg.chat_template:
-        tokenizer.chat_template = model_cfg.chat_template
-    return model, tokenizer
-
-
-@task(name="train", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="train", cache_policy=StageCache(ignore=("mlflow_run",)), persist_result=True)
 def train(
     data: FormattedData, base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig,
-    workdir: Path,
+    workdir: Path, init_from: Path | None = None, mlflow_run: MlflowRunRef | None = None,
 ) -> TrainResult:
-    out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg)
-    return train_adapter(data, base, model_cfg, lora, cfg, out_dir)
+    """Train in a worker process; `mlflow_run` receives the live metrics (and is not part of the cache key)."""
+    out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg, init_from)
+    request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, cfg=cfg, out_dir=out_dir,
+                           init_from=init_from)
+    log = get_run_logger()
+    return run_worker("tasks.training:train_model", request, TrainResult, out_dir, devices=cfg.devices, log=log,
+                      on_event=live_training_log(mlflow_run, log) if mlflow_run else None)

@@ -7,19 +7,22 @@ streams the worker's output to the log and to `worker.log`, and reads the result
 dies (an exception, SIGKILL, out of memory) fails the stage with its exit status and the tail of its log.
 
 The target is a plain function taking one pydantic model and returning another, so it can also be called
-in-process by tests.
+in-process by tests. While it runs it may report progress with `emit_event` (one JSON line on stdout, rank 0
+only); `run_worker` hands each event to `on_event` as it arrives, e.g. to log live metrics to MLflow.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +30,7 @@ from pydantic import BaseModel
 
 R = TypeVar("R", bound=BaseModel)
 LOG_TAIL_LINES = 40
+EVENT_PREFIX = "tunepipe-event "
 
 
 class WorkerFailed(RuntimeError):
@@ -52,6 +56,7 @@ def run_worker(
     work_dir: Path,
     devices: int = 1,
     log: logging.Logger | None = None,
+    on_event: Callable[[dict], None] | None = None,
 ) -> R:
     """Run `target` ("module:function") on `request` in a new process; `devices` > 1 runs it under torchrun.
 
@@ -78,11 +83,19 @@ def run_worker(
             log_file.write(line)
             log_file.flush()
             tail.append(line)
-            if line.strip():
+            if line.startswith(EVENT_PREFIX) and on_event is not None:
+                on_event(json.loads(line[len(EVENT_PREFIX) :]))
+            elif line.strip():
                 log.info("%s", line.rstrip())
     if process.returncode != 0 or not result_path.exists():
         raise WorkerFailed(target, process.returncode, log_path, list(tail))
     return result_type.model_validate_json(result_path.read_text())
+
+
+def emit_event(kind: str, **fields) -> None:
+    """Report progress from inside a worker (rank 0 only): `run_worker` passes it to its `on_event`."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(EVENT_PREFIX + json.dumps({"event": kind, **fields}), flush=True)
 
 
 def _project_pythonpath() -> str:

@@ -1,0 +1,591 @@
+"""The training worker: a lean loop for LoRA, QLoRA and full fine-tuning, packed and answer-only.
+
+`train_model` is what `tasks.train.train` runs in its own process (`tasks.worker`), once per device under
+torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier version used):
+- Answer-only LM head. With a 151,936-token vocabulary the head dominates a small model's cost; the loop
+  applies it only at positions that carry loss (a few dozen of ~100 tokens in a RAG example) and never
+  materialises the full logits. SFTTrainer also computes entropy and token accuracy over the whole
+  vocabulary at every step (shared/gpu/README.md measured the trainer path at a fifth of the raw loop).
+- Exact resume. A step's examples depend on the step number alone (a seeded permutation per epoch), so a
+  checkpoint of the trainable weights, optimizer, scheduler and RNG resumes to the same result as an
+  uninterrupted run; out-of-memory retries re-split the same examples into smaller micro-batches.
+- Packing without leaks. A micro-batch's examples are concatenated into one row with positions restarting
+  at 0; transformers turns that into a block-diagonal mask (`find_packed_sequence_indices`), unsloth into its
+  varlen attention (`packed_seq_lengths`); next-token targets never cross an example's end.
+- Several devices: gradients are summed across ranks by one all-reduce per step, rank 0 alone writes.
+The ML stack is imported inside functions; unsloth is imported first, and only when CUDA is there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tasks.format_data import IGNORE
+from tasks.train import Backend, LossPoint, TrainRequest, TrainResult
+from tasks.worker import emit_event
+
+GIB = 2**30
+CHECKPOINT = re.compile(r"step-(\d+)")
+
+
+class TrainingEnvironmentError(RuntimeError):
+    """The config asks for something this machine cannot do; raised before any model is loaded."""
+
+
+class EnvironmentReport(BaseModel):
+    device: str
+    precision: str
+    free_gib: float | None
+    estimate_gib: float
+    estimate: dict[str, float]  # GiB per part: weights, gradients, optimizer, activations, logits
+
+
+@dataclass
+class Rank:
+    index: int = 0
+    world: int = 1
+    local: int = 0
+
+
+def train_model(request: TrainRequest) -> TrainResult:
+    import torch
+
+    cfg = request.cfg
+    rank = _init_distributed()
+    backend = choose_backend(cfg.backend, cfg.mode, cfg.devices)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (first, before transformers: it patches transformers on import)
+    env = check_environment(request, backend, rank)
+    emit_event("started", pid=os.getpid(), backend=backend, **env.model_dump())
+    print(f"train: {backend} backend, {cfg.mode} on {env.device}, {env.precision}; memory estimate "
+          f"{env.estimate_gib:.2f} GiB {env.estimate} of {env.free_gib} GiB free", flush=True)
+    device = torch.device(f"cuda:{rank.local}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = (_load_unsloth if backend == "unsloth" else _load_hf)(request, env.precision, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(model, cfg)
+    from transformers import get_scheduler
+
+    rows = request.data.rows()
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * rank.world
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(rows) / per_step)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")
+    state = TrainingState(micro_batch_size=cfg.batch_size)
+    checkpoints = request.out_dir / "checkpoints"
+    resumed_from = _resume(checkpoints, model, optimizer, scheduler, scaler, state)
+    if resumed_from:
+        print(f"train: resuming from the checkpoint at step {resumed_from} of {total_steps}", flush=True)
+        for point in state.history:  # the curve so far, for this flow run's MLflow run
+            emit_event("step", **point.model_dump())
+
+    order = ExampleOrder(len(rows), cfg.seed)
+    stepper = Stepper(model=model, scaler=scaler, device=device, precision=env.precision, backend=backend,
+                      packing=cfg.packing, pad_id=tokenizer.pad_token_id, max_oom_retries=cfg.max_oom_retries,
+                      rank=rank)
+    model.train()
+    started = time.perf_counter() - state.elapsed_s
+    tokens_since_log, last_log = 0, time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(resumed_from + 1, total_steps + 1):
+        examples = [rows[i] for i in order.step(step, per_step)]
+        local = examples[rank.index :: rank.world]
+        loss_tokens = sum(_n_loss_tokens(row) for row in examples)
+        loss_sum, tokens = stepper.run(local, loss_tokens, state, step)
+        grad_norm = _finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm, rank)
+        if rank.world > 1:
+            totals = torch.tensor([loss_sum, tokens], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            loss_sum, tokens = totals.tolist()
+        tokens_since_log += tokens
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            point = LossPoint(
+                step=step, loss=loss_sum / max(loss_tokens, 1), learning_rate=scheduler.get_last_lr()[0],
+                grad_norm=grad_norm, tokens_per_s=round(tokens_since_log / (now - last_log), 1),
+                peak_gpu_memory_gib=(round(torch.cuda.max_memory_allocated(device) / GIB, 3)
+                                     if device.type == "cuda" else None),
+                elapsed_s=round(now - started, 3),
+            )
+            state.history.append(point)
+            emit_event("step", **point.model_dump())
+            tokens_since_log, last_log = 0, now
+        if step % cfg.save_steps == 0 and step < total_steps:
+            state.elapsed_s = time.perf_counter() - started
+            _save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank)
+    runtime = time.perf_counter() - started
+
+    kind = "full" if cfg.mode == "full" else "lora"
+    out = request.out_dir / ("model" if kind == "full" else "adapter")
+    if rank.index == 0:
+        _save_output(model, tokenizer, out, kind, request)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the output supersedes them
+    _barrier(rank)
+    return TrainResult(
+        adapter_dir=out, kind=kind, backend=backend, loss_history=state.history, runtime_s=round(runtime, 3),
+        trainable_params=sum(p.numel() for p in trainable), total_params=sum(p.numel() for p in model.parameters()),
+        steps=total_steps, device=env.device, precision=env.precision, micro_batch_size=state.micro_batch_size,
+        gradient_accumulation_steps=math.ceil(per_step / rank.world / state.micro_batch_size),
+        oom_retries=state.oom_retries, resumed_from_step=resumed_from,
+    )
+
+
+class TrainingState(BaseModel):
+    """What a checkpoint carries besides tensors."""
+
+    micro_batch_size: int
+    oom_retries: int = 0
+    elapsed_s: float = 0.0
+    history: list[LossPoint] = []
+
+
+class ExampleOrder:
+    """Which examples step N trains on: a seeded shuffle per epoch, so it depends on N alone (exact resume)."""
+
+    def __init__(self, n_rows: int, seed: int):
+        self.n_rows, self.seed, self.epochs = n_rows, seed, {}
+
+    def step(self, step: int, per_step: int) -> list[int]:
+        start = (step - 1) * per_step
+        return [self._at(i) for i in range(start, start + per_step)]
+
+    def _at(self, position: int) -> int:
+        import torch
+
+        epoch, index = divmod(position, self.n_rows)
+        if epoch not in self.epochs:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self.epochs = {epoch: torch.randperm(self.n_rows, generator=generator).tolist()}
+        return self.epochs[epoch][index]
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+def choose_backend(requested: str, mode: str = "lora", devices: int = 1) -> Backend:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if requested == "unsloth":
+        if not has_cuda:
+            raise TrainingEnvironmentError(
+                "train.backend=unsloth needs a CUDA GPU; use backend: hf (or auto) on this machine")
+        if mode == "full" or devices > 1:
+            raise TrainingEnvironmentError(
+                "train.backend=unsloth trains adapters on one GPU here; use backend: hf (or auto) for "
+                "train.mode=full or train.devices > 1")
+        return "unsloth"
+    if requested == "auto":
+        usable = has_cuda and mode != "full" and devices == 1 and importlib.util.find_spec("unsloth")
+        return "unsloth" if usable else "hf"
+    return "hf"
+
+
+def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> EnvironmentReport:
+    """Device, precision and free memory against an estimate of what the config needs; fail before loading."""
+    import torch
+    from transformers import AutoConfig
+
+    cfg, model_cfg = request.cfg, request.model_cfg
+    cuda = torch.cuda.is_available()
+    four_bit = cfg.mode == "qlora" or model_cfg.load_in_4bit
+    if four_bit and not cuda:
+        raise TrainingEnvironmentError(
+            "train.mode=qlora (a 4-bit base, bitsandbytes) needs a CUDA GPU and this machine has none; "
+            "use train.mode: lora")
+    if cfg.optimizer == "adamw_8bit" and not cuda:
+        raise TrainingEnvironmentError("train.optimizer=adamw_8bit (bitsandbytes) needs a CUDA GPU; use adamw")
+    if cuda and cfg.devices > torch.cuda.device_count():
+        raise TrainingEnvironmentError(
+            f"train.devices={cfg.devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise TrainingEnvironmentError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
+
+    config = AutoConfig.from_pretrained(request.base.name_or_path, revision=request.base.revision)
+    estimate = estimate_memory(config, request, precision, four_bit)
+    if cuda:
+        free = torch.cuda.mem_get_info(rank.local)[0] / GIB
+        device = f"cuda ({torch.cuda.get_device_name(rank.local)}) x{rank.world}"
+    else:
+        free = _available_host_memory_gib()
+        device = f"cpu x{rank.world}"
+    need = sum(estimate.values())
+    if free is not None and need > free:
+        parts = ", ".join(f"{name} {gib:.2f}" for name, gib in estimate.items())
+        raise TrainingEnvironmentError(
+            f"this training needs about {need:.1f} GiB ({parts}) and {device} has {free:.1f} GiB free; "
+            "try train.mode: qlora or lora, a smaller train.batch_size with more gradient_accumulation_steps, "
+            "train.gradient_checkpointing: true, or a shorter model.max_seq_length")
+    return EnvironmentReport(device=device, precision=precision, free_gib=None if free is None else round(free, 2),
+                             estimate_gib=round(need, 2), estimate={k: round(v, 3) for k, v in estimate.items()})
+
+
+def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool) -> dict[str, float]:
+    """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, lora = request.cfg, request.lora
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    if cfg.mode == "full":
+        trainable = n_params
+    else:
+        targets = lora.target_modules
+        trainable = sum(
+            lora.r * (module.in_features + module.out_features)
+            for name, module in skeleton.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
+            and (targets == "all-linear" or name.split(".")[-1] in targets)
+        )
+    half = precision in ("bf16", "fp16")
+    weight_bytes = 4 if cfg.mode == "full" else (0.56 if four_bit else (2 if half else 4))
+    act_bytes = 2 if half else 4
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    inner = getattr(config, "intermediate_size", 4 * hidden)
+    tokens = cfg.batch_size * request.data.max_tokens
+    per_layer = tokens * (10 * hidden + 4 * inner) * act_bytes  # inputs kept for the backward pass
+    activations = (tokens * hidden * act_bytes * layers + per_layer) if cfg.gradient_checkpointing \
+        else per_layer * layers
+    loss_tokens = tokens * request.data.n_trained_tokens / max(request.data.n_tokens, 1)
+    return {
+        "weights": n_params * weight_bytes / GIB,
+        "gradients": trainable * 4 / GIB,
+        "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
+        "activations": activations / GIB,
+        "logits": loss_tokens * config.vocab_size * 4 * 2 / GIB,  # answer positions only: logits and their grad
+    }
+
+
+def _available_host_memory_gib() -> float | None:
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+    return int(match.group(1)) / 2**20 if match else None
+
+
+def _init_distributed() -> Rank:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Rank()
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Rank(index=torch.distributed.get_rank(), world=world, local=local)
+
+
+def _barrier(rank: Rank) -> None:
+    if rank.world > 1:
+        import torch
+
+        torch.distributed.barrier()
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def _load_hf(request: TrainRequest, precision: str, device):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tasks.base_model import load_tokenizer
+
+    cfg, lora = request.cfg, request.lora
+    four_bit = cfg.mode == "qlora" or request.model_cfg.load_in_4bit
+    full = cfg.mode == "full"
+    source = str(request.init_from) if full and request.init_from else request.base.name_or_path
+    quantization = None
+    if four_bit:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=_dtype(precision))
+    model = AutoModelForCausalLM.from_pretrained(
+        source, revision=None if source != request.base.name_or_path else request.base.revision,
+        quantization_config=quantization, attn_implementation="sdpa",
+        # Full fine-tuning keeps fp32 master weights (autocast computes in 16 bits); a frozen base needs no more.
+        dtype=torch.float32 if full else _dtype(precision),
+        device_map={"": device} if four_bit else None,
+    )
+    if not four_bit:
+        model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not full:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            bias=lora.bias, use_rslora=lora.use_rslora, task_type="CAUSAL_LM",
+        ))
+        _load_adapter_weights(model, request.init_from)
+    return model, load_tokenizer(request.base, request.model_cfg.chat_template)
+
+
+def _load_unsloth(request: TrainRequest, precision: str, device):
+    from unsloth import FastLanguageModel  # CUDA only: never imported on the CPU path
+
+    cfg, lora = request.cfg, request.lora
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=request.base.name_or_path, revision=request.base.revision,
+        max_seq_length=request.model_cfg.max_seq_length, dtype=_dtype(precision),
+        load_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        bias=lora.bias, use_rslora=lora.use_rslora, random_state=cfg.seed,
+        # Plain (on-GPU) checkpointing: unsloth's default offloads activations to the CPU, which costs time
+        # on small models and saves little.
+        use_gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    _load_adapter_weights(model, request.init_from)
+    if request.model_cfg.chat_template:
+        tokenizer.chat_template = request.model_cfg.chat_template
+    return model, tokenizer
+
+
+def _load_adapter_weights(model, init_from: Path | None) -> None:
+    if init_from is None:
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(init_from / "adapter_model.safetensors"))
+
+
+def _optimizer(model, cfg):
+    import torch
+
+    # As transformers' Trainer does: no weight decay on biases and norm weights (1-D parameters).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+
+def _n_loss_tokens(row: dict) -> int:
+    return sum(label != IGNORE for label in row["labels"][1:])
+
+
+def make_batch(rows: list[dict], packing: bool, pad_id: int, device) -> dict:
+    """Model inputs and next-token targets; targets never cross an example's end (IGNORE there)."""
+    import torch
+
+    targets = [row["labels"][1:] + [IGNORE] for row in rows]
+    owner = [[i] * len(row["input_ids"]) for i, row in enumerate(rows)]
+    if packing:
+        batch = {
+            "input_ids": [sum((row["input_ids"] for row in rows), [])],
+            "position_ids": [sum((list(range(len(row["input_ids"]))) for row in rows), [])],
+            "targets": [sum(targets, [])], "example": [sum(owner, [])],
+        }
+        lengths = torch.tensor([len(row["input_ids"]) for row in rows], dtype=torch.int32)
+    else:
+        width = max(len(row["input_ids"]) for row in rows)
+        pad = [width - len(row["input_ids"]) for row in rows]
+        batch = {
+            "input_ids": [row["input_ids"] + [pad_id] * n for row, n in zip(rows, pad)],
+            "attention_mask": [[1] * len(row["input_ids"]) + [0] * n for row, n in zip(rows, pad)],
+            "targets": [t + [IGNORE] * n for t, n in zip(targets, pad)],
+            "example": [o + [-1] * n for o, n in zip(owner, pad)],
+        }
+        lengths = None
+    tensors = {key: torch.tensor(value, device=device) for key, value in batch.items()}
+    if lengths is not None:
+        tensors["packed_seq_lengths"] = lengths
+    return tensors
+
+
+def token_losses(model, batch: dict, backend: Backend):
+    """Cross-entropy of every loss-carrying token, with the LM head applied at those positions only.
+
+    Returns (losses, example index of each loss); the base transformer runs once over the whole batch.
+    """
+    import torch
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # No KV cache: transformers detects packed rows (and masks across examples) only without one.
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    else:  # packed: positions restart at every example
+        inputs["position_ids"] = batch["position_ids"]
+        if backend == "unsloth":
+            inputs["packed_seq_lengths"] = batch["packed_seq_lengths"]
+    hidden = causal_lm.base_model(**inputs).last_hidden_state
+    carries_loss = batch["targets"] != IGNORE
+    logits = causal_lm.get_output_embeddings()(hidden[carries_loss]).float()
+    losses = torch.nn.functional.cross_entropy(logits, batch["targets"][carries_loss], reduction="none")
+    return losses, batch["example"][carries_loss]
+
+
+@dataclass
+class Stepper:
+    """Forward and backward of a step's examples, in micro-batches, with the out-of-memory fallback."""
+
+    model: object
+    scaler: object
+    device: object
+    precision: str
+    backend: Backend
+    packing: bool
+    pad_id: int
+    max_oom_retries: int
+    rank: Rank
+
+    def run(self, rows: list[dict], loss_tokens: int, state: TrainingState, step: int) -> tuple[float, int]:
+        """Accumulate the gradients of `rows`; returns (summed token loss, tokens). On CUDA out-of-memory,
+        halve the micro-batch (the same examples, so the same effective batch) and redo the step."""
+        import torch
+
+        while True:
+            try:
+                loss_sum = tokens = 0
+                for start in range(0, len(rows), state.micro_batch_size):
+                    micro_loss, micro_tokens = self._micro(rows[start : start + state.micro_batch_size], loss_tokens)
+                    loss_sum, tokens = loss_sum + micro_loss, tokens + micro_tokens
+                return loss_sum, tokens
+            except torch.cuda.OutOfMemoryError:
+                self.model.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                # Ranks cannot agree on a retry without more communication: several devices fail instead.
+                if self.rank.world > 1 or state.micro_batch_size == 1 or state.oom_retries >= self.max_oom_retries:
+                    raise
+                before = state.micro_batch_size
+                state.micro_batch_size = before // 2
+                state.oom_retries += 1
+                message = (f"CUDA out of memory at step {step} with micro-batch {before}: retrying with "
+                           f"micro-batch {state.micro_batch_size} and twice the accumulation (same effective "
+                           f"batch; retry {state.oom_retries} of at most {self.max_oom_retries})")
+                print(f"train: {message}", flush=True)
+                emit_event("oom_retry", step=step, retries=state.oom_retries,
+                           micro_batch_size=state.micro_batch_size, message=message)
+
+    def _micro(self, rows: list[dict], loss_tokens: int) -> tuple[float, int]:
+        import torch
+
+        batch = make_batch(rows, self.packing, self.pad_id, self.device)
+        with torch.autocast(self.device.type, dtype=_dtype(self.precision), enabled=self.precision != "fp32"):
+            losses, _ = token_losses(self.model, batch, self.backend)
+        loss_sum = losses.sum()
+        # Scaled to the whole step's mean token loss (all micro-batches, all ranks: gradients are summed).
+        self.scaler.scale(loss_sum / loss_tokens).backward()
+        return float(loss_sum.detach()), sum(len(row["input_ids"]) for row in rows)
+
+
+def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm, rank) -> float | None:
+    """Sum gradients across ranks, clip, step the optimizer and the schedule; returns the gradient norm."""
+    import torch
+
+    if rank.world > 1:
+        grads = [p.grad for p in trainable if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return round(float(norm), 6)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(root: Path, step, model, optimizer, scheduler, scaler, state: TrainingState, rank) -> None:
+    """Rank 0 writes `step-N` under a temporary name and renames it: a folder with that name is complete."""
+    import torch
+
+    if rank.index == 0:
+        partial, final = root / f"step-{step:07d}.partial", root / f"step-{step:07d}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        torch.save({name: p.detach() for name, p in model.named_parameters() if p.requires_grad},
+                   partial / "trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   partial / "training.pt")
+        (partial / "state.json").write_text(state.model_dump_json())
+        partial.rename(final)
+        for older in root.iterdir():  # only the newest is needed to resume
+            if older != final:
+                shutil.rmtree(older, ignore_errors=True)
+    _barrier(rank)
+
+
+def _resume(root: Path, model, optimizer, scheduler, scaler, state: TrainingState) -> int:
+    """Load the newest complete checkpoint, if any; returns its step (0 when starting fresh)."""
+    import torch
+
+    found = sorted((int(m.group(1)), path) for path in root.glob("step-*")
+                   if (m := CHECKPOINT.fullmatch(path.name)))
+    if not found:
+        return 0
+    step, path = found[-1]
+    weights = torch.load(path / "trainable.pt", map_location="cpu")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    training = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    scaler.load_state_dict(training["scaler"])
+    torch.set_rng_state(training["rng"])
+    if training["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(training["cuda_rng"])
+    saved = TrainingState.model_validate_json((path / "state.json").read_text())
+    for field in TrainingState.model_fields:
+        setattr(state, field, getattr(saved, field))
+    return step
+
+
+def _save_output(model, tokenizer, out: Path, kind: str, request: TrainRequest) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    if kind == "full":
+        from transformers import AutoConfig
+
+        # Saved in the base model's own precision: the fp32 master weights were for training only.
+        base_dtype = AutoConfig.from_pretrained(request.base.name_or_path, revision=request.base.revision).dtype
+        if base_dtype is not None:
+            model.to(base_dtype)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

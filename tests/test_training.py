@@ -1,0 +1,188 @@
+"""The training worker for real, on the CPU in fp32: packing, resume after SIGKILL, two processes, OOM retry,
+and the environment check. Every run trains the tiny model in a worker process, as the train stage does."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tasks.base_model import resolve_base_model
+from tasks.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+from tasks.format_data import FormattedData, format_dataset
+from tasks.load_data import load_dataset
+from tasks.train import TrainRequest, TrainResult
+from tasks.worker import WorkerFailed, run_worker
+
+STEPS, SAVE_STEPS = 8, 3
+
+
+@pytest.fixture(scope="module")
+def formatted(tmp_path_factory, tiny_model: Path, demo_data) -> tuple[FormattedData, ModelConfig]:
+    work = tmp_path_factory.mktemp("training")
+    train, eval_ = demo_data
+    loaded = load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
+                          work / "loaded")
+    model_cfg = ModelConfig(base=str(tiny_model), max_seq_length=256)
+    data = format_dataset(loaded.train_path, loaded.eval_path, resolve_base_model(model_cfg), model_cfg,
+                          work / "formatted")
+    return data, model_cfg
+
+
+def request_for(formatted, out_dir: Path, **train) -> TrainRequest:
+    data, model_cfg = formatted
+    cfg = dict(max_steps=STEPS, batch_size=4, learning_rate=5e-3, warmup_steps=2, save_steps=SAVE_STEPS,
+               gradient_checkpointing=False, seed=3) | train
+    return TrainRequest(data=data.train, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
+                        lora=LoraConfig(r=4, alpha=8, target_modules="all-linear"), cfg=TrainConfig(**cfg),
+                        out_dir=out_dir)
+
+
+def train_in_worker(request: TrainRequest, on_event=None, devices: int = 1) -> TrainResult:
+    return run_worker("tasks.training:train_model", request, TrainResult, request.out_dir, devices=devices,
+                      on_event=on_event)
+
+
+def adapter_weights(result: TrainResult) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(result.adapter_dir / "adapter_model.safetensors")
+
+
+def assert_same_training(result: TrainResult, reference: TrainResult, atol: float) -> None:
+    import torch
+
+    assert [p.step for p in result.loss_history] == [p.step for p in reference.loss_history]
+    assert [p.loss for p in result.loss_history] == pytest.approx([p.loss for p in reference.loss_history],
+                                                                  abs=atol)
+    ours, theirs = adapter_weights(result), adapter_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(formatted, tmp_path_factory) -> TrainResult:
+    return train_in_worker(request_for(formatted, tmp_path_factory.mktemp("uninterrupted")))
+
+
+def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.training import make_batch, token_losses
+
+    data, _ = formatted
+    rows = data.train.rows()[:6]
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # padding is really exercised
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+
+    def per_example(packing: bool) -> list[float]:
+        batch = make_batch(rows, packing, pad_id=0, device=torch.device("cpu"))
+        with torch.no_grad():
+            losses, owner = token_losses(model, batch, "hf")
+        return [float(losses[owner == i].mean()) for i in range(len(rows))]
+
+    packed, unpacked = per_example(True), per_example(False)
+    assert max(abs(a - b) for a, b in zip(packed, unpacked)) < 1e-5
+    # Each example alone gives the same loss too: nothing leaks across an example's boundaries.
+    alone = []
+    for row in rows:
+        batch = make_batch([row], True, 0, torch.device("cpu"))
+        with torch.no_grad():
+            alone.append(float(token_losses(model, batch, "hf")[0].mean()))
+    assert max(abs(a - b) for a, b in zip(packed, alone)) < 1e-5
+
+
+def test_training_in_a_worker_learns_and_writes_an_adapter(uninterrupted):
+    assert uninterrupted.kind == "lora" and uninterrupted.backend == "hf" and uninterrupted.device == "cpu x1"
+    assert (uninterrupted.adapter_dir / "adapter_config.json").is_file()
+    assert [p.step for p in uninterrupted.loss_history] == list(range(1, STEPS + 1))
+    assert uninterrupted.loss_history[-1].loss < uninterrupted.loss_history[0].loss
+    assert all(p.grad_norm and p.tokens_per_s for p in uninterrupted.loss_history)
+    assert not (uninterrupted.adapter_dir.parent / "checkpoints").exists()  # superseded by the adapter
+
+
+def test_sigkilled_training_resumes_from_its_checkpoint(formatted, uninterrupted, tmp_path):
+    request = request_for(formatted, tmp_path / "stage")
+    seen: list[int] = []
+
+    def kill_after_step_5(event: dict) -> None:
+        if event["event"] == "started":
+            seen.append(event["pid"])
+        elif event["event"] == "step":
+            seen.append(event["step"])
+            if event["step"] == 5:
+                os.kill(seen[0], signal.SIGKILL)
+
+    with pytest.raises(WorkerFailed, match="killed by SIGKILL"):
+        train_in_worker(request, kill_after_step_5)
+    last_done = max(seen[1:])
+    assert STEPS > last_done >= 5
+
+    resumed = train_in_worker(request)
+    assert last_done - resumed.resumed_from_step <= SAVE_STEPS
+    assert resumed.resumed_from_step == SAVE_STEPS * (last_done // SAVE_STEPS)
+    assert resumed.steps == STEPS
+    assert_same_training(resumed, uninterrupted, atol=1e-6)
+
+
+def test_two_processes_match_one_and_only_rank_0_writes(formatted, uninterrupted, tmp_path):
+    events: list[dict] = []
+    request = request_for(formatted, tmp_path / "stage", batch_size=2, devices=2)  # 2 x 2 = the same 4 a step
+    result = train_in_worker(request, events.append, devices=2)
+    assert result.device == "cpu x2"
+    assert_same_training(result, uninterrupted, atol=1e-5)
+    # Rank 0 alone reports and writes: one event per step, one adapter, and only its files in the stage folder.
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, STEPS + 1))
+    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == sorted(
+        p.name for p in uninterrupted.adapter_dir.parent.iterdir())
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(formatted, uninterrupted, tmp_path,
+                                                                           monkeypatch):
+    import torch
+
+    from tasks import training
+
+    real_micro = training.Stepper._micro
+
+    def micro_that_fits_two(self, rows, loss_tokens):
+        if len(rows) > 2:  # what a too-small GPU does: fail the larger micro-batch, fit the smaller
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_micro(self, rows, loss_tokens)
+
+    monkeypatch.setattr(training.Stepper, "_micro", micro_that_fits_two)
+    result = training.train_model(request_for(formatted, tmp_path / "stage"))
+    assert (result.oom_retries, result.micro_batch_size, result.gradient_accumulation_steps) == (1, 2, 2)
+    assert_same_training(result, uninterrupted, atol=1e-5)
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"mode": "qlora"}, "qlora .* needs a CUDA GPU"),
+    ({"backend": "unsloth"}, "unsloth needs a CUDA GPU"),
+    ({"optimizer": "adamw_8bit"}, "adamw_8bit .* needs a CUDA GPU"),
+    ({"mode": "full", "batch_size": 200_000}, r"needs about [\d.]+ GiB \(weights .*GiB free"),
+])
+def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, train, message):
+    from tasks.training import Rank, TrainingEnvironmentError, check_environment, choose_backend
+
+    request = request_for(formatted, tmp_path, **train)
+    with pytest.raises(TrainingEnvironmentError, match=message):
+        backend = choose_backend(request.cfg.backend, request.cfg.mode, request.cfg.devices)
+        check_environment(request, backend, Rank())
+
+
+def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
+    from transformers import AutoConfig
+
+    from tasks.training import estimate_memory
+
+    lora = request_for(formatted, tmp_path)
+    full = request_for(formatted, tmp_path, mode="full")
+    config = AutoConfig.from_pretrained(lora.base.name_or_path)
+    lora_gib, full_gib = (estimate_memory(config, r, "fp32", False) for r in (lora, full))
+    assert full_gib["optimizer"] > 100 * lora_gib["optimizer"] > 0
+    assert full_gib["weights"] == lora_gib["weights"] > 0
