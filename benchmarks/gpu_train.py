@@ -1,19 +1,30 @@
-"""LoRA and QLoRA training speed on a CUDA GPU: the unsloth backend against the hf backend (the baseline).
+"""Training speed on a CUDA GPU through tunepipe's own training worker, against the guides' recipe.
 
-Everything runs through tunepipe's own stages: the demo data, `format_dataset` with the model's chat
-template, and `train_adapter` with `train.backend` set to each backend. The model has Qwen3-0.6B's shape
-with random weights (no download); only its tokenizer comes from a folder (the tiny model's: the same
-Qwen2 vocabulary). Each configuration runs in its own process, because importing unsloth patches
-transformers for every model loaded after it.
+Every run is what the train stage runs: `run_worker("tasks.training:train_model", ...)`, one worker process
+per configuration (so unsloth's patches never reach the next run). The model has Qwen3-0.6B's shape with
+random weights (no download); its tokenizer comes from a folder (the tiny model's: the Qwen2 vocabulary).
 
-    python benchmarks/gpu_train.py --tokenizer runs/demo-assets/tiny-qwen3 [--steps 40] [--batch-size 16]
+- long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
+  bf16, gradient checkpointing: the shape of shared/gpu/README.md's raw loops (unsloth 38,105 tokens/s, 1.92 GiB;
+  transformers + peft 20,346 tokens/s).
+- short: the demo's product-extraction data formatted by tunepipe's format stage (~115 tokens an example, loss
+  on the answers): the guides' recipe (batch 2, accumulation 4, no packing) as the baseline in this run, then
+  micro-batches of 64 examples (hf: packed rows; unsloth: length-sorted padding); tokens/s counts non-padding
+  tokens.
+- paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
+
+tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
+torch.cuda.max_memory_allocated in the worker; seconds is the whole training loop including warm-up.
+
+    python benchmarks/gpu_train.py --tokenizer runs/demo-assets/tiny-qwen3 [--steps 30] [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import random
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
-RUNS = [("hf", False), ("unsloth", False), ("hf", True), ("unsloth", True)]
-WARMUP_LOGS = 2  # logged steps (every 5th) left out of the steady-state rate
+WARMUP = 5
+LONG_TOKENS = 2048
 
 
 def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
@@ -39,9 +50,9 @@ def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def prepare(tokenizer_dir: Path, work: Path, max_seq_length: int) -> Path:
+def demo_split(model_cfg, work: Path):
     from tasks.base_model import resolve_base_model
-    from tasks.config import DataConfig, ModelConfig
+    from tasks.config import DataConfig
     from tasks.demo_data import write_demo_dataset
     from tasks.format_data import format_dataset
     from tasks.load_data import load_dataset
@@ -49,73 +60,92 @@ def prepare(tokenizer_dir: Path, work: Path, max_seq_length: int) -> Path:
     train, eval_ = write_demo_dataset(work / "data")
     loaded = load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
                           work / "loaded")
-    model_cfg = ModelConfig(base=str(build_model(tokenizer_dir, work / "model")), max_seq_length=max_seq_length)
-    formatted = format_dataset(loaded.train_path, loaded.eval_path, resolve_base_model(model_cfg), model_cfg,
-                               work / "formatted")
-    (work / "formatted.json").write_text(formatted.model_dump_json())
-    return work
+    return format_dataset(loaded.train_path, loaded.eval_path, resolve_base_model(model_cfg), model_cfg,
+                          work / "formatted").train
 
 
-def train_once(work: Path, backend: str, four_bit: bool, steps: int, batch_size: int, max_seq_length: int) -> dict:
-    import torch
+def random_split(vocab_size: int, n_rows: int, path: Path):
+    """Rows of LONG_TOKENS random tokens, every token trained: a plain language-modelling batch."""
+    from tasks.format_data import FormattedSplit
 
+    rng = random.Random(0)
+    with path.open("w") as out:
+        for i in range(n_rows):
+            ids = [rng.randrange(vocab_size) for _ in range(LONG_TOKENS)]
+            out.write(json.dumps({"id": str(i), "input_ids": ids, "labels": ids}) + "\n")
+    return FormattedSplit(path=path, n_rows=n_rows, n_tokens=n_rows * LONG_TOKENS,
+                          n_trained_tokens=n_rows * LONG_TOKENS, max_tokens=LONG_TOKENS)
+
+
+def run(name: str, split, model_cfg, work: Path, **train) -> dict:
     from tasks.base_model import resolve_base_model
-    from tasks.config import LoraConfig, ModelConfig, TrainConfig
-    from tasks.format_data import FormattedData
-    from tasks.train import train_adapter
+    from tasks.config import LoraConfig, TrainConfig
+    from tasks.train import TrainRequest, TrainResult
+    from tasks.worker import WorkerFailed, run_worker
 
-    formatted = FormattedData.model_validate_json((work / "formatted.json").read_text())
-    model_cfg = ModelConfig(base=str(work / "model"), max_seq_length=max_seq_length, load_in_4bit=four_bit)
-    result = train_adapter(
-        formatted, resolve_base_model(model_cfg), model_cfg, LoraConfig(r=16, alpha=16),
-        TrainConfig(backend=backend, max_steps=steps, batch_size=batch_size, learning_rate=2e-4, logging_steps=5),
-        work / f"run-{backend}-{'4bit' if four_bit else '16bit'}",
-    )
-    tokens_per_example = formatted.train.n_tokens / formatted.train.n_rows
-    # Steady state: from the first logged step after warm-up (compilation, autotuning) to the last.
-    warm, last = result.loss_history[WARMUP_LOGS], result.loss_history[-1]
-    return {
-        "backend": backend, "load_in_4bit": four_bit, "steps": steps, "batch_size": batch_size,
-        "runtime_s": round(result.runtime_s, 2),
-        "tokens_per_s": round((last.step - warm.step) * batch_size * tokens_per_example
-                              / (last.elapsed_s - warm.elapsed_s)),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "first_loss": result.loss_history[0].loss, "last_loss": result.loss_history[-1].loss,
+    cfg = TrainConfig(**{"learning_rate": 2e-4, "warmup_steps": 2, "logging_steps": 1, "save_steps": 10_000,
+                         **train})
+    request = TrainRequest(data=split, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
+                           lora=LoraConfig(r=16, alpha=16), cfg=cfg, out_dir=work / name)
+    try:
+        result = run_worker("tasks.training:train_model", request, TrainResult, request.out_dir)
+    except WorkerFailed as failure:
+        print(f"{name} failed: {failure}", file=sys.stderr)
+        return {"name": name, "failed": str(failure)[-2000:]}
+    rates = [p.tokens_per_s for p in result.loss_history[WARMUP:]] or [result.loss_history[-1].tokens_per_s]
+    row = {
+        "name": name, "backend": result.backend, "mode": cfg.mode, "packed": cfg.packing and result.backend == "hf",
+        "batch": f"{cfg.batch_size}x{cfg.gradient_accumulation_steps}", "steps": result.steps,
+        "tokens_per_s": round(statistics.median(rates)), "peak_gib": result.loss_history[-1].peak_gpu_memory_gib,
+        "seconds": result.runtime_s, "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
+        "device": result.device, "precision": result.precision,
     }
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-seq-length", type=int, default=512)
-    parser.add_argument("--one", nargs=3, metavar=("WORK", "BACKEND", "FOUR_BIT"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", nargs="*", help="names of the runs to make (default: all)")
     args = parser.parse_args()
-    if args.one:
-        work, backend, four_bit = Path(args.one[0]), args.one[1], args.one[2] == "1"
-        print(json.dumps(train_once(work, backend, four_bit, args.steps, args.batch_size, args.max_seq_length)))
-        return
+    from tasks.config import ModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = prepare(args.tokenizer, Path(tmp), args.max_seq_length)
-        results = []
-        for backend, four_bit in RUNS:
-            cmd = [sys.executable, __file__, "--tokenizer", str(args.tokenizer), "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length),
-                   "--one", str(work), backend, "1" if four_bit else "0"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{backend} 4bit={four_bit} failed:\n{done.stderr[-5000:]}", file=sys.stderr)
+        work = Path(tmp)
+        model = build_model(args.tokenizer, work / "model")
+        long_cfg = ModelConfig(base=str(model), max_seq_length=LONG_TOKENS)
+        short_cfg = ModelConfig(base=str(model), max_seq_length=512)
+        long = random_split(151_936, 4 * args.steps, work / "long.jsonl")
+        short = demo_split(short_cfg, work)
+        plan = [
+            ("long-unsloth", long, long_cfg, dict(backend="unsloth", batch_size=4)),
+            ("long-hf", long, long_cfg, dict(backend="hf", batch_size=4)),
+            ("short-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
+                                                            gradient_accumulation_steps=4, packing=False)),
+            ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),
+            ("short-packed-hf", short, short_cfg, dict(backend="hf", batch_size=64)),
+            ("short-qlora-unsloth", short, short_cfg, dict(backend="unsloth", mode="qlora", batch_size=64,
+                                                           max_steps=8)),
+            ("short-full-8bit-auto", short, short_cfg, dict(backend="auto", mode="full", optimizer="adamw_8bit",
+                                                            batch_size=64, learning_rate=1e-5, max_steps=8)),
+        ]
+        rows = []
+        for name, split, model_cfg, train in plan:
+            if args.only and name not in args.only:
                 continue
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{'backend':<9}{'4-bit':<7}{'tokens/s':>10}{'vs hf':>8}{'peak GiB':>10}{'seconds':>9}  loss first→last"
-          "   (tokens/s: steady state after warm-up; seconds: whole training incl. warm-up)")
-    for r in results:
-        baseline = next((b for b in results if b["backend"] == "hf" and b["load_in_4bit"] == r["load_in_4bit"]), r)
-        print(f"{r['backend']:<9}{str(r['load_in_4bit']):<7}{r['tokens_per_s']:>10}"
-              f"{r['tokens_per_s'] / baseline['tokens_per_s']:>7.2f}x{r['peak_gib']:>10}{r['runtime_s']:>9}"
-              f"  {r['first_loss']:.3f}→{r['last_loss']:.3f}")
+            rows.append(run(name, split, model_cfg, work, **{"max_steps": args.steps, **train}))
+            if args.json:  # after every run: a run cut short by a time limit keeps what finished
+                args.json.write_text(json.dumps(rows, indent=2))
+    print(f"{'run':<24}{'backend':<9}{'batch':>7}{'tokens/s':>10}{'peak GiB':>10}{'seconds':>9}  loss")
+    for r in rows:
+        if "failed" in r:
+            print(f"{r['name']:<24}FAILED")
+            continue
+        print(f"{r['name']:<24}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
+              f"{r['seconds']:>9}  {r['loss']}")
 
 
 if __name__ == "__main__":

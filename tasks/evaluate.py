@@ -19,7 +19,7 @@ from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.config import DataConfig, EvalConfig
 from tasks.examples import Example, read_examples
 from tasks.format_data import IGNORE, FormattedData
-from tasks.train import TrainResult
+from tasks.train import TrainResult, load_trained_model
 
 
 class Scores(BaseModel):
@@ -40,22 +40,26 @@ def evaluate_adapter(
     data: FormattedData, eval_examples: Path, trained: TrainResult, base: BaseModelRef, data_cfg: DataConfig,
     cfg: EvalConfig, out_dir: Path,
 ) -> EvalReport:
+    import contextlib
+
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision)
-    model = PeftModel.from_pretrained(model, trained.adapter_dir).eval()
+    model = load_trained_model(trained, base).eval()
+    # A fully fine-tuned model has no adapter to switch off: the base is a model of its own.
+    base_model = model if trained.kind == "lora" else AutoModelForCausalLM.from_pretrained(
+        base.name_or_path, revision=base.revision).eval()
+    base_only = model.disable_adapter() if trained.kind == "lora" else contextlib.nullcontext()
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
     rows = data.eval.rows()
 
     with torch.inference_mode():
         candidate_answers, candidate_stopped = _generate(model, tokenizer, examples, cfg, "candidate")
         candidate_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
-        with model.disable_adapter():
-            base_answers, base_stopped = _generate(model, tokenizer, examples, cfg, "base")
-            base_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
+        with base_only:
+            base_answers, base_stopped = _generate(base_model, tokenizer, examples, cfg, "base")
+            base_loss = _mean_loss(base_model, rows, cfg.batch_size, tokenizer.pad_token_id)
 
     json_answers = data_cfg.output_format == "json"
     out_dir.mkdir(parents=True, exist_ok=True)

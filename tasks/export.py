@@ -32,9 +32,13 @@ class ExportResult(BaseModel):
 
 def export_model(trained: TrainResult, base: BaseModelRef, cfg: ExportConfig, out_dir: Path) -> ExportResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter_dir = out_dir / "adapter"
-    shutil.copytree(trained.adapter_dir, adapter_dir, dirs_exist_ok=True)
-    merged_dir = merge_adapter(adapter_dir, base, out_dir / "merged")
+    if trained.kind == "full":  # already a whole model: nothing to merge
+        merged_dir = adapter_dir = out_dir / "merged"
+        shutil.copytree(trained.adapter_dir, merged_dir, dirs_exist_ok=True)
+    else:
+        adapter_dir = out_dir / "adapter"
+        shutil.copytree(trained.adapter_dir, adapter_dir, dirs_exist_ok=True)
+        merged_dir = merge_adapter(adapter_dir, base, out_dir / "merged")
 
     float_type = cfg.gguf_quantization if cfg.gguf_quantization in ("f16", "bf16") else "f16"
     float_gguf = out_dir / f"model-{float_type}.gguf"

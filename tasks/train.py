@@ -9,7 +9,7 @@ after a kill resumes by itself; its live metrics reach the flow's MLflow run whi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prefect import get_run_logger, task
 from pydantic import BaseModel
@@ -18,8 +18,10 @@ from tasks.base_model import BaseModelRef
 from tasks.caching import StageCache, stage_dir
 from tasks.config import LoraConfig, ModelConfig, TrainConfig
 from tasks.format_data import FormattedData, FormattedSplit
-from tasks.tracking import MlflowRunRef, live_training_log
 from tasks.worker import run_worker
+
+if TYPE_CHECKING:  # the worker imports this module, and needs neither MLflow nor its start-up time
+    from tasks.tracking import MlflowRunRef
 
 Backend = Literal["hf", "unsloth"]
 
@@ -84,6 +86,8 @@ def train(
     out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg, init_from)
     request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, cfg=cfg, out_dir=out_dir,
                            init_from=init_from)
+    from tasks.tracking import live_training_log
+
     log = get_run_logger()
     return run_worker("tasks.training:train_model", request, TrainResult, out_dir, devices=cfg.devices, log=log,
                       on_event=live_training_log(mlflow_run, log) if mlflow_run else None)

@@ -68,31 +68,31 @@ def uninterrupted(formatted, tmp_path_factory) -> TrainResult:
     return train_in_worker(request_for(formatted, tmp_path_factory.mktemp("uninterrupted")))
 
 
-def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_model):
+@pytest.mark.parametrize("row_tokens", [None, 300])  # one packed row; rows of <= 300 tokens with padding blocks
+def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_model, row_tokens, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.training import make_batch, token_losses
+    from tasks import training
 
     data, _ = formatted
     rows = data.train.rows()[:6]
     assert len({len(r["input_ids"]) for r in rows}) > 1  # padding is really exercised
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    monkeypatch.setattr(training, "LOSS_CHUNK", 7)  # the LM head runs in many chunks
 
-    def per_example(packing: bool) -> list[float]:
-        batch = make_batch(rows, packing, pad_id=0, device=torch.device("cpu"))
-        with torch.no_grad():
-            losses, owner = token_losses(model, batch, "hf")
-        return [float(losses[owner == i].mean()) for i in range(len(rows))]
+    def per_example(batch_rows: list[dict], packing: bool) -> list[float]:
+        batch = training.make_batch(batch_rows, packing, 0, torch.device("cpu"), row_tokens)
+        losses, owner = training.token_losses(model, batch, "hf")
+        losses.sum().backward()  # the chunked head's backward runs too
+        return [float(losses[owner == i].mean()) for i in range(len(batch_rows))]
 
-    packed, unpacked = per_example(True), per_example(False)
+    packed, unpacked = per_example(rows, True), per_example(rows, False)
+    if row_tokens:
+        assert training.make_batch(rows, True, 0, torch.device("cpu"), row_tokens)["input_ids"].shape[0] > 1
     assert max(abs(a - b) for a, b in zip(packed, unpacked)) < 1e-5
     # Each example alone gives the same loss too: nothing leaks across an example's boundaries.
-    alone = []
-    for row in rows:
-        batch = make_batch([row], True, 0, torch.device("cpu"))
-        with torch.no_grad():
-            alone.append(float(token_losses(model, batch, "hf")[0].mean()))
+    alone = [per_example([row], True)[0] for row in rows]
     assert max(abs(a - b) for a, b in zip(packed, alone)) < 1e-5
 
 
