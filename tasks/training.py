@@ -275,7 +275,8 @@ def estimate_memory(config, request: TrainRequest, precision: str, four_bit: boo
         "gradients": trainable * 4 / GIB,
         "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
         "activations": activations / GIB,
-        "logits": loss_tokens * config.vocab_size * 4 * 2 / GIB,  # answer positions only: logits and their grad
+        # One LM-head chunk at a time, at answer positions only: fp32 logits, their softmax and gradient.
+        "logits": min(loss_tokens, LOSS_CHUNK) * config.vocab_size * 4 * 3 / GIB,
     }
 
 

@@ -32,10 +32,19 @@ def test_demo_config_loads() -> None:
     cfg = load_config(CONFIGS / "demo.yaml")
     assert isinstance(cfg, PipelineConfig)
     assert cfg.name == "demo-products"
-    assert cfg.train.max_steps == 80
+    assert cfg.train.max_steps == 100 and cfg.train.mode == "full"
     assert cfg.model.max_seq_length == 256
     assert cfg.eval.thresholds.max_eval_loss == 6.0
     assert cfg.eval.thresholds.min_exact_match is None
+
+
+def test_training_modes_and_adapter_targets(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, {"train": {"mode": "qlora", "max_steps": None, "epochs": 2},
+                                        "lora": {"target_modules": "all-linear", "use_rslora": True}}))
+    assert (cfg.train.mode, cfg.train.max_steps, cfg.train.epochs) == ("qlora", None, 2)
+    assert cfg.lora.target_modules == "all-linear" and cfg.lora.use_rslora
+    with pytest.raises(ConfigError, match="load_in_4bit cannot train every weight"):
+        load_config(_write(tmp_path, {"model": {"load_in_4bit": True}, "train": {"mode": "full"}}))
 
 
 def test_qwen_config_loads() -> None:
@@ -79,7 +88,8 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_overrides_are_parsed_as_yaml_values() -> None:
     cfg = load_config(
         CONFIGS / "demo.yaml",
-        ["train.max_steps=20", "eval.thresholds.min_exact_match=0.5", "model.load_in_4bit=true"],
+        ["train.max_steps=20", "eval.thresholds.min_exact_match=0.5", "model.load_in_4bit=true",
+         "train.mode=qlora"],
     )
     assert cfg.train.max_steps == 20 and type(cfg.train.max_steps) is int
     assert cfg.eval.thresholds.min_exact_match == 0.5

@@ -54,7 +54,7 @@ def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
     assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Completed" for stage in EXPENSIVE}
     assert states["register_in_ollama"] == "Completed"
     assert summary.gate.passed
-    assert (summary.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (summary.adapter_dir / "config.json").is_file()  # the demo trains every weight (train.mode full)
     assert (summary.merged_dir / "model.safetensors").is_file()
     assert (summary.merged_dir / "chat_template.jinja").is_file()
     assert summary.gguf_path.suffix == ".gguf" and summary.gguf_path.stat().st_size > 1_000_000
@@ -103,15 +103,20 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     losses = client.get_metric_history(summary.mlflow_run_id, "train_loss")
     assert [m.step for m in losses] == list(range(2, 21, 2))
     assert losses[-1].value < losses[0].value
+    # Logged live, step by step while the worker trained (not all at once afterwards).
+    assert len({m.timestamp for m in losses}) > 1
+    for name in ("learning_rate", "grad_norm", "tokens_per_s"):
+        assert [m.step for m in client.get_metric_history(summary.mlflow_run_id, name)] == list(range(2, 21, 2))
+    assert run.data.tags["train.kind"] == "full"
     assert run.data.metrics["candidate.eval_loss"] == pytest.approx(summary.eval.candidate.eval_loss)
     assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.eval_loss)
     assert run.data.tags["gate"] == "passed"
     assert len(run.data.tags["dataset.fingerprint"]) == 64
     assert run.data.tags["prefect.flow_run_id"]
-    logged = {a.path for folder in ("config", "data_checks", "adapter", "ollama", "eval")
+    logged = {a.path for folder in ("config", "data_checks", "model", "ollama", "eval")
               for a in client.list_artifacts(summary.mlflow_run_id, folder)}
     assert {"config/resolved.json", "data_checks/train_report.html", "ollama/Modelfile",
-            "eval/samples.jsonl", "eval/gate.json", "adapter/adapter_config.json"} <= logged
+            "eval/samples.jsonl", "eval/gate.json", "model/config.json"} <= logged
 
 
 def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
@@ -119,6 +124,9 @@ def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
     states = states_by_stage(state)
     assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Cached" for stage in EXPENSIVE}
     assert state.result().gguf_path == first_run[0].gguf_path
+    # The new MLflow run shows the whole training curve although nothing trained.
+    losses = mlflow_client(config_path).get_metric_history(state.result().mlflow_run_id, "train_loss")
+    assert [m.step for m in losses] == list(range(2, 21, 2))
 
 
 def test_changing_a_threshold_reuses_training_and_evaluation(first_run, config_path: Path):

@@ -186,3 +186,14 @@ def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
     lora_gib, full_gib = (estimate_memory(config, r, "fp32", False) for r in (lora, full))
     assert full_gib["optimizer"] > 100 * lora_gib["optimizer"] > 0
     assert full_gib["weights"] == lora_gib["weights"] > 0
+
+
+def test_init_from_continues_from_an_earlier_adapter(formatted, uninterrupted, tmp_path):
+    from tasks.training import train_model
+
+    request = request_for(formatted, tmp_path / "stage", max_steps=1).model_copy(
+        update={"init_from": uninterrupted.adapter_dir})
+    continued = train_model(request)
+    # Step 1's loss is measured before its update: with the earlier weights it starts where they ended.
+    first, last = uninterrupted.loss_history[0].loss, uninterrupted.loss_history[-1].loss
+    assert continued.loss_history[0].loss < (first + last) / 2
