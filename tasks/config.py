@@ -44,7 +44,9 @@ class ModelConfig(Section):
 
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="Rank of the LoRA update matrices.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator: the update is scaled by alpha / r (or alpha / sqrt(r) with rslora).")
+    alpha: int = Field(
+        32, ge=1, description="LoRA scaling: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; 0 lets unsloth use its fast path.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -62,7 +64,9 @@ class TrainConfig(Section):
         "lora", description="`lora`: adapter on a 16-bit base; `qlora`: adapter on a 4-bit base (CUDA only); "
         "`full`: train every weight (the output is a whole model, not an adapter).",
     )
-    max_steps: int | None = Field(100, ge=1, description="Optimizer steps to train; null trains `epochs` passes instead.")
+    max_steps: int | None = Field(
+        100, ge=1, description="Optimizer steps to train; null trains `epochs` passes instead."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training set, used when `max_steps` is null.")
     learning_rate: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch on each device.")
@@ -71,7 +75,7 @@ class TrainConfig(Section):
         "adamw", description="`adamw_8bit` keeps the optimizer state in 8 bits (bitsandbytes, CUDA only)."
     )
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Decay after warm-up: linear or cosine to zero, or constant."
+        "linear", description="After `warmup_steps` of linear warm-up: decay linearly or by cosine to zero, or stay."
     )
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -97,7 +101,9 @@ class TrainConfig(Section):
     )
     devices: int = Field(1, ge=1, description="Data-parallel processes (GPUs) to train on, through torchrun.")
     seed: int = 42
-    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate, grad norm, tokens/s and memory every this many steps.")
+    logging_steps: int = Field(
+        1, ge=1, description="Log loss, learning rate, grad norm, tokens/s and peak memory every this many steps."
+    )
 
 
 class Thresholds(Section):

@@ -79,8 +79,9 @@ def train_model(request: TrainRequest) -> TrainResult:
     rows = request.data.rows()
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * rank.world
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(rows) / per_step)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
+    # transformers' "constant" would skip the warm-up; ours warms up like the others.
+    schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")
     state = TrainingState(micro_batch_size=cfg.batch_size)
     checkpoints = request.out_dir / "checkpoints"

@@ -32,7 +32,7 @@ def test_demo_config_loads() -> None:
     cfg = load_config(CONFIGS / "demo.yaml")
     assert isinstance(cfg, PipelineConfig)
     assert cfg.name == "demo-products"
-    assert cfg.train.max_steps == 100 and cfg.train.mode == "full"
+    assert cfg.train.max_steps == 150 and cfg.train.mode == "full"
     assert cfg.model.max_seq_length == 256
     assert cfg.eval.thresholds.max_eval_loss == 6.0
     assert cfg.eval.thresholds.min_exact_match is None
