@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     schema.add_argument("-o", "--output", type=Path, help="write it to this file instead")
     args = parser.parse_args(argv)
 
+    from tasks.base_model import BaseModelError, resolve_base_model
     from tasks.config import ConfigError, json_schema, load_config
+    from tasks.redact import redact
 
     if args.command == "schema":
         if args.output:
@@ -40,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         args.config = DEMO_CONFIG
         prepare_demo_assets(DEMO_ASSETS)
     try:
-        load_config(args.config, args.overrides)  # fail on a bad config before any server starts
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        # Fail on a bad config or an unusable base model before any server starts or stage runs.
+        resolve_base_model(load_config(args.config, args.overrides).model)
+    except (ConfigError, BaseModelError) as exc:
+        print(redact(str(exc)), file=sys.stderr)
         return 2
     return run_finetune(args.config, args.overrides)
 
@@ -62,7 +65,10 @@ def run_finetune(config: Path, overrides: list[str]) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     server_boot = start_prefect_api_in_background()
+    from rich.markup import escape
+
     from flows.finetune import GateFailed, finetune
+    from tasks.redact import redact
 
     if server_boot is not None:
         server_boot.join()
@@ -77,7 +83,7 @@ def run_finetune(config: Path, overrides: list[str]) -> int:
     if isinstance(error, GateFailed):
         report.gate(error)
         return 3
-    report.console.print(f"[bold red]failed:[/] {error}")
+    report.console.print(f"[bold red]failed:[/] {escape(redact(str(error)))}")
     return 1
 
 
@@ -110,10 +116,13 @@ class Report:
     def stages(self) -> None:
         from rich.table import Table
 
+        states = stage_states(self.flow_run_id)
+        if not states:  # the run failed before its first stage: the error says why, an empty table says nothing
+            return
         table = Table(title="stages")
         for column in ("stage", "state", "seconds"):
             table.add_column(column)
-        for name, state, seconds in stage_states(self.flow_run_id):
+        for name, state, seconds in states:
             table.add_row(name, state, f"{seconds:.1f}")
         self.console.print(table)
 
