@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="fine-tune, gate, export and register the model a config describes")
     run.add_argument("config", type=Path, help="pipeline config (YAML)")
     demo = commands.add_parser("demo", help=f"build the tiny model and demo data, then run {DEMO_CONFIG}")
-    for command in (run, demo):
+    doctor = commands.add_parser("doctor", help="check this machine (packages, GPU, Prefect, MLflow, Ollama, hub), "
+                                                "and what CONFIG needs; exit 1 when something it needs is missing")
+    doctor.add_argument("config", type=Path, nargs="?", help="pipeline config (YAML) whose needs to check")
+    for command in (run, demo, doctor):
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config field, e.g. --set train.max_steps=20 (repeatable)")
     schema = commands.add_parser("schema", help="print the config's JSON schema (for editor completion)")
@@ -38,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(json_schema())
         return 0
+    if args.command == "doctor":
+        try:
+            cfg = load_config(args.config, args.overrides) if args.config else None
+        except ConfigError as exc:
+            print(redact(str(exc)), file=sys.stderr)
+            return 2
+        return print_doctor(cfg, args.config)
     if args.command == "demo":
         args.config = DEMO_CONFIG
         prepare_demo_assets(DEMO_ASSETS)
@@ -59,6 +69,34 @@ def prepare_demo_assets(root: Path) -> None:
     with Console(stderr=True).status("Building the tiny Qwen3 model and demo data (the first time ~30 s)..."):
         build_tiny_model(root / "tiny-qwen3")
         write_demo_dataset(root / "data")
+
+
+def print_doctor(cfg, config: Path | None) -> int:
+    """One screen: each check's status and detail; 1 when something `config` needs is missing."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tasks.doctor import diagnose
+
+    console = Console()
+    with console.status("Checking packages, GPU, Prefect, MLflow, Ollama and the hub..."):
+        checks = diagnose(cfg)
+    table = Table(title=f"tunepipe doctor{f' for {config}' if config else ''}", show_lines=False)
+    for column in ("check", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    style = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
+    for check in checks:
+        table.add_row(check.name, f"[{style[check.status]}]{check.status}[/]", escape(check.detail))
+    console.print(table)
+    failed = [check.name for check in checks if check.status == "fail"]
+    if failed:
+        console.print(f"[bold red]missing:[/] {', '.join(failed)}" + (f" (needed by {config})" if config else ""))
+        if config == DEMO_CONFIG and not DEMO_ASSETS.exists():
+            console.print(f"`tunepipe demo` builds the demo's model and data under {DEMO_ASSETS}/ first.")
+        return 1
+    console.print(f"[green]ready[/]{f' to run {config}' if config else ''}")
+    return 0
 
 
 def run_finetune(config: Path, overrides: list[str]) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.config import ModelConfig
-from tasks.redact import redact
+from tasks.redact import error_line, redact
 
 # Weight files are hashed by size plus their first and last MiB: exact for any edit tools make in practice,
 # and seconds instead of minutes for a multi-GB local checkpoint.
@@ -194,7 +194,7 @@ def _resolve_on_hub(cfg: ModelConfig) -> BaseModelRef:
     except (httpx.HTTPError, OSError) as exc:
         snapshot = _cached_snapshot(cfg)
         raise BaseModelError(
-            f"model.base {name!r}: cannot reach the Hugging Face hub at {endpoint} ({_first_line(exc)}). Check the "
+            f"model.base {name!r}: cannot reach the Hugging Face hub at {endpoint} ({error_line(exc)}). Check the "
             "network, proxy (HTTPS_PROXY) and HF_ENDPOINT. "
             + (f"The HF cache holds it (commit {snapshot.name[:12]}): set HF_HUB_OFFLINE=1 to run from it."
                if snapshot else
@@ -228,7 +228,3 @@ def _cached_snapshot(cfg: ModelConfig) -> Path | None:
 
     config_file = try_to_load_from_cache(cfg.base, "config.json", revision=cfg.revision)
     return Path(config_file).parent if isinstance(config_file, str) else None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -42,6 +42,11 @@ def redact(text: str) -> str:
     return _HF_TOKEN.sub(f"hf_{MASK}", text)
 
 
+def error_line(exc: BaseException) -> str:
+    """An exception as one short, redacted line for a message to the user."""
+    return redact((str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
+
+
 def _secret_env_values() -> list[str]:
     values = {value for name, value in os.environ.items()
               if _SECRET_ENV_NAME.search(name) and len(value) >= _MIN_SECRET_LEN}
