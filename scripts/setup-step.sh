@@ -39,9 +39,9 @@ status=$?
 trap - INT TERM
 
 if (( status != 0 )); then
-    echo "    FAILED: step [$step] ($what) after $(elapsed), exit status $status. Last lines of $log:" >&2
+    echo "    FAILED: step [$step] after $(elapsed) (exit status $status). Last lines of $log:" >&2
     tail -n 25 "$log" | sed 's/^/    | /' >&2
-    echo "    Fix the cause above, then run \`make setup\` again: finished steps are skipped." >&2
+    echo "    Fix the cause above, then run \`make setup\` again: it resumes at step [$step]." >&2
     exit "$status"
 fi
 echo "    done in $(elapsed)"

@@ -193,10 +193,14 @@ def _resolve_on_hub(cfg: ModelConfig) -> BaseModelRef:
         ) from exc
     except (httpx.HTTPError, OSError) as exc:
         snapshot = _cached_snapshot(cfg)
+        if snapshot is not None and snapshot.name == cfg.revision:
+            # A pinned commit never changes, and from_pretrained loads a cached one without the hub.
+            return _resolve_in_cache(cfg, "the hub is unreachable")
         raise BaseModelError(
             f"model.base {name!r}: cannot reach the Hugging Face hub at {endpoint} ({error_line(exc)}). Check the "
             "network, proxy (HTTPS_PROXY) and HF_ENDPOINT. "
-            + (f"The HF cache holds it (commit {snapshot.name[:12]}): set HF_HUB_OFFLINE=1 to run from it."
+            + (f"The HF cache holds it (commit {snapshot.name}): set HF_HUB_OFFLINE=1 to run from it, or pin "
+               "model.revision to that commit."
                if snapshot else
                f"It is not in the HF cache ({constants.HF_HUB_CACHE}): download it once where the hub is reachable "
                f"(`hf download {name}`) and run with HF_HUB_OFFLINE=1, or point model.base at a local "

@@ -174,7 +174,9 @@ def test_unreachable_hub_names_the_model_the_endpoint_and_the_ways_out(hub_env, 
 def test_unreachable_hub_points_at_the_cached_copy_when_there_is_one(hub_env, monkeypatch):
     cache_snapshot(hub_env, "acme/chat", REPOS["acme/chat"])
     use_endpoint(monkeypatch, f"http://127.0.0.1:{closed_port()}")
-    assert f"The HF cache holds it (commit {COMMIT[:12]}): set HF_HUB_OFFLINE=1" in error_for("acme/chat")
+    assert f"The HF cache holds it (commit {COMMIT}): set HF_HUB_OFFLINE=1" in error_for("acme/chat")
+    # A pinned commit the cache holds needs no hub at all.
+    assert resolve_base_model(ModelConfig(base="acme/chat", revision=COMMIT)).fingerprint == COMMIT
 
 
 def test_unknown_model_id(fake_hub):
