@@ -17,7 +17,7 @@ from tasks.format_data import format_data
 from tasks.gate import GateDecision, gate
 from tasks.load_data import data_fingerprint, load_data
 from tasks.ollama import Registration, register
-from tasks.redact import redact, redact_prefect_logs
+from tasks.redact import redact, redact_logs
 from tasks.tracking import tracked_run
 from tasks.train import train
 
@@ -42,7 +42,7 @@ class RunSummary(BaseModel):
 
 @flow(name="finetune")
 def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary:
-    redact_prefect_logs()
+    redact_logs()
     cfg = load_config(config_path, overrides or [])
     workdir = cfg.workdir
     base = resolve_base_model(cfg.model)  # first: a model that cannot be used fails before any stage runs

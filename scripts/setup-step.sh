@@ -19,11 +19,11 @@ trap 'kill "$pid" 2>/dev/null; exit 130' INT TERM
 
 elapsed() { printf '%dm%02ds' $(( (SECONDS - start) / 60 )) $(( (SECONDS - start) % 60 )); }
 # What the command is doing now: a compile's last progress mark (make's [ 45%], ninja's [45/120]), or else
-# the last line of its log.
+# its last unindented log line (pip's "Collecting x", "Installing collected packages: ...").
 progress() {
     local mark
     mark=$(grep -aoE '\[ *[0-9]{1,3}%\]|\[[0-9]+/[0-9]+\]' "$log" 2>/dev/null | tail -n 1)
-    if [ -n "$mark" ]; then echo "compiling $mark"; else tail -n 1 "$log" 2>/dev/null | cut -c1-90; fi
+    if [ -n "$mark" ]; then echo "compiling $mark"; else grep -a '^[^[:space:]]' "$log" 2>/dev/null | tail -n 1 | cut -c1-90; fi
 }
 
 next=$heartbeat

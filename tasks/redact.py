@@ -57,8 +57,11 @@ class RedactingFilter(logging.Filter):
     """Redacts a log record's message and traceback before any handler formats or ships it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
-        record.args = ()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001  (a malformed record is logging's to report, not ours to raise)
+            return True
+        record.msg, record.args = redact(message), ()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -66,14 +69,13 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def redact_prefect_logs() -> None:
-    """Attach RedactingFilter to every handler of Prefect's loggers: the console and the API log handler
-    (the Prefect UI's run logs). A filter on a handler sees records from child loggers too, which a filter on
-    the logger would not. Idempotent."""
-    import prefect.logging  # noqa: F401  (configures Prefect's handlers)
-
-    names = ["", *(name for name in logging.Logger.manager.loggerDict if name.split(".")[0] == "prefect")]
-    for name in names:
-        for handler in logging.getLogger(name).handlers:
+def redact_logs() -> None:
+    """Attach RedactingFilter to every log handler configured so far: Prefect's console and API handlers (the
+    Prefect UI's run logs), MLflow's, the root logger's. A filter on a handler also sees records from child
+    loggers, which a filter on a logger would not. Idempotent; call it once Prefect is imported."""
+    loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())
