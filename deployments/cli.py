@@ -7,6 +7,10 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 # Set before Prefect is imported. The ephemeral server's telemetry heartbeat fights the CLI for its SQLite
 # file ("database is locked"); tokenizers' thread pool warns after every fork.
@@ -71,7 +75,7 @@ def prepare_demo_assets(root: Path) -> None:
         write_demo_dataset(root / "data")
 
 
-def print_doctor(cfg, config: Path | None) -> int:
+def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
     """One screen: each check's status and detail; 1 when something `config` needs is missing."""
     from rich.console import Console
     from rich.markup import escape

@@ -1,8 +1,8 @@
 """`tunepipe doctor`: what this machine offers a tunepipe run, and what a given config needs that it lacks.
 
-Every check is quick (network probes time out after PROBE_TIMEOUT_S, and run side by side), imports nothing
-heavier than torch, and never imports unsloth or bitsandbytes: they are looked up, not loaded, so the doctor
-is safe on any machine. A check is `fail` only when the config cannot run without it; missing extras are `warn`.
+Every check is quick (network probes time out after PROBE_TIMEOUT_S, the base model's hub lookup after
+base_model.HUB_TIMEOUT_S, and all run side by side), imports nothing heavier than torch, and never imports
+unsloth or bitsandbytes: they are looked up, not loaded, so the doctor is safe on any machine. A check is `fail` only when the config cannot run without it; missing extras are `warn`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -39,25 +40,26 @@ class Check:
 
 def diagnose(cfg: PipelineConfig | None = None) -> list[Check]:
     """Every check, in display order; with a config, `fail` marks what that config needs and is missing."""
-    checks: list[Callable[[], list[Check]]] = [
-        _python, _packages, lambda: _accelerator(cfg), _llama_cpp_converter, _prefect_api,
-        lambda: _mlflow(cfg.tracking if cfg else TrackingConfig()),
-        lambda: _ollama(cfg.ollama if cfg else OllamaConfig(model_name="-")),
-        lambda: _hub(cfg),
+    checks: list[tuple[str, Callable[[], list[Check]]]] = [
+        ("python", _python), ("packages", _packages), ("CUDA", partial(_accelerator, cfg)),
+        ("llama.cpp converter", _llama_cpp_converter), ("Prefect API", _prefect_api),
+        ("MLflow tracking", partial(_mlflow, cfg.tracking if cfg else TrackingConfig())),
+        ("Ollama", partial(_ollama, cfg.ollama if cfg else OllamaConfig(model_name="-"))),
+        ("Hugging Face hub", _hub),
     ]
     if cfg is not None:
-        checks.append(lambda: _data_files(cfg))
+        checks += [("model.base", partial(_base_model, cfg)), ("data", partial(_data_files, cfg))]
     with ThreadPoolExecutor(max_workers=len(checks)) as pool:
-        results = list(pool.map(_guarded, checks))
+        results = list(pool.map(lambda named: _guarded(*named), checks))
     return [check for result in results for check in result]
 
 
-def _guarded(check: Callable[[], list[Check]]) -> list[Check]:
+def _guarded(name: str, check: Callable[[], list[Check]]) -> list[Check]:
     """A check that crashes is a finding, not a crash of the doctor."""
     try:
         return check()
     except Exception as exc:  # noqa: BLE001
-        return [Check(getattr(check, "__name__", "check").strip("_<>"), "fail", f"check crashed: {exc!r}")]
+        return [Check(name, "fail", f"check crashed: {error_line(exc)}")]
 
 
 def _python() -> list[Check]:
@@ -177,33 +179,30 @@ def _ollama(cfg: OllamaConfig) -> list[Check]:
     return [Check("Ollama", "ok", f"{redact(host)}: version {version}")]
 
 
-def _hub(cfg: PipelineConfig | None) -> list[Check]:
+def _hub() -> list[Check]:
     from huggingface_hub import constants, get_token
 
     token = ("HF_TOKEN" if os.environ.get("HF_TOKEN") else "saved login" if get_token() else None)
     token_note = f"token: {token}" if token else "no token (public models only)"
     if constants.HF_HUB_OFFLINE:
-        hub = Check("Hugging Face hub", "info", f"offline (HF_HUB_OFFLINE=1): hub ids load from the HF cache "
-                                                f"({constants.HF_HUB_CACHE}); {token_note}")
-    else:
-        problem = _http_problem(constants.ENDPOINT, method="HEAD")
-        hub = Check("Hugging Face hub", "warn" if problem else "ok", f"{redact(constants.ENDPOINT)}: " + (
-            f"not reachable ({problem}): use local folders, or the HF cache with HF_HUB_OFFLINE=1"
-            if problem else "reachable") + f"; {token_note}")
-    if cfg is None:
-        return [hub]
-    return [hub, _base_model(cfg)]
+        return [Check("Hugging Face hub", "info", f"offline (HF_HUB_OFFLINE=1): hub ids load from the HF cache "
+                                                  f"({constants.HF_HUB_CACHE}); {token_note}")]
+    problem = _http_problem(constants.ENDPOINT, method="HEAD")
+    return [Check("Hugging Face hub", "warn" if problem else "ok", f"{redact(constants.ENDPOINT)}: " + (
+        f"not reachable ({problem}): use local folders, or the HF cache with HF_HUB_OFFLINE=1"
+        if problem else "reachable") + f"; {token_note}")]
 
 
-def _base_model(cfg: PipelineConfig) -> Check:
+def _base_model(cfg: PipelineConfig) -> list[Check]:
+    """The run's own preflight (tasks/base_model.py): the same message the run would stop with."""
     from tasks.base_model import BaseModelError, resolve_base_model
 
     try:
         ref = resolve_base_model(cfg.model)
     except BaseModelError as exc:
-        return Check("model.base", "fail", str(exc))
+        return [Check("model.base", "fail", str(exc))]
     where = "local folder" if Path(ref.name_or_path).is_dir() else f"commit {ref.fingerprint[:12]}"
-    return Check("model.base", "ok", f"{cfg.model.base} ({where})")
+    return [Check("model.base", "ok", f"{cfg.model.base} ({where})")]
 
 
 def _data_files(cfg: PipelineConfig) -> list[Check]:
