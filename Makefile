@@ -5,20 +5,45 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU machines get the CPU build of torch; set TORCH=torch (or a CUDA build) on a GPU machine.
 TORCH ?= torch==2.13.0
+# llama-cpp-python as pyproject.toml pins it: installed in a step of its own because it compiles llama.cpp.
+LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+# Each step prints one line saying what it installs and why it may take a while, a heartbeat while it runs,
+# and keeps pip's output in $(LOGS); a failed step prints its log's tail and how to retry.
+LOGS := $(VENV)/setup-logs
+STEP := bash scripts/setup-step.sh
 
 .PHONY: demo test setup
 
 setup: $(VENV)/.installed
 
-# torch goes first so that nothing pulls the multi-GB CUDA build; llama-cpp-python builds llama.cpp
-# from source on the first install (about 6 minutes on 2 cores; pip caches the wheel afterwards).
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/python -m tasks.llama_cpp_tools  # llama.cpp's GGUF converter, once, so runs need no network
-	touch $@
+# One stamp file per step: a set-up that failed resumes at the step that failed.
+$(VENV)/.step-venv:
+	@$(STEP) 1/5 $(LOGS)/1-venv.log "Creating the virtual environment $(VENV) with an up-to-date pip" \
+		sh -c '$(PYTHON) -m venv $(VENV) && $(PIP) install --upgrade pip'
+	@touch $@
+
+# torch goes first so that nothing pulls a different (multi-GB CUDA) build.
+$(VENV)/.step-torch: $(VENV)/.step-venv
+	@$(STEP) 2/5 $(LOGS)/2-torch.log "Installing $(TORCH) first, so no dependency pulls another build (a large download)" \
+		$(PIP) install "$(TORCH)"
+	@touch $@
+
+$(VENV)/.step-llama-cpp: $(VENV)/.step-torch pyproject.toml
+	@$(STEP) 3/5 $(LOGS)/3-llama-cpp.log "Installing $(LLAMA_CPP): the first time pip compiles llama.cpp from source, about 6 minutes on 2 cores; it caches the wheel, so later set-ups take seconds" \
+		$(PIP) install --verbose "$(LLAMA_CPP)"
+	@touch $@
+
+$(VENV)/.step-tunepipe: $(VENV)/.step-llama-cpp pyproject.toml
+	@$(STEP) 4/5 $(LOGS)/4-tunepipe.log "Installing tunepipe and its pinned dependencies (transformers, peft, trl, prefect, mlflow, great_expectations, ...: about 150 packages, a few minutes the first time)" \
+		$(PIP) install -e ".[dev]"
+	@touch $@
+
+$(VENV)/.installed: $(VENV)/.step-tunepipe
+	@$(STEP) 5/5 $(LOGS)/5-converter.log "Fetching llama.cpp's GGUF converter once, from the llama-cpp-python source package (77 MB), so runs need no network" \
+		$(BIN)/python -m tasks.llama_cpp_tools
+	@echo "Set-up complete. \`$(BIN)/tunepipe doctor\` shows what this machine offers a run."
+	@touch $@
 
 demo: setup
 	$(BIN)/tunepipe demo

@@ -7,6 +7,10 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 # Set before Prefect is imported. The ephemeral server's telemetry heartbeat fights the CLI for its SQLite
 # file ("database is locked"); tokenizers' thread pool warns after every fork.
@@ -21,14 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="fine-tune, gate, export and register the model a config describes")
     run.add_argument("config", type=Path, help="pipeline config (YAML)")
     demo = commands.add_parser("demo", help=f"build the tiny model and demo data, then run {DEMO_CONFIG}")
-    for command in (run, demo):
+    doctor = commands.add_parser("doctor", help="check this machine (packages, GPU, Prefect, MLflow, Ollama, hub), "
+                                                "and what CONFIG needs; exit 1 when something it needs is missing")
+    doctor.add_argument("config", type=Path, nargs="?", help="pipeline config (YAML) whose needs to check")
+    for command in (run, demo, doctor):
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config field, e.g. --set train.max_steps=20 (repeatable)")
     schema = commands.add_parser("schema", help="print the config's JSON schema (for editor completion)")
     schema.add_argument("-o", "--output", type=Path, help="write it to this file instead")
     args = parser.parse_args(argv)
 
+    from tasks.base_model import BaseModelError, resolve_base_model
     from tasks.config import ConfigError, json_schema, load_config
+    from tasks.redact import redact
 
     if args.command == "schema":
         if args.output:
@@ -36,13 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(json_schema())
         return 0
+    if args.command == "doctor":
+        try:
+            cfg = load_config(args.config, args.overrides) if args.config else None
+        except ConfigError as exc:
+            print(redact(str(exc)), file=sys.stderr)
+            return 2
+        return print_doctor(cfg, args.config)
     if args.command == "demo":
         args.config = DEMO_CONFIG
         prepare_demo_assets(DEMO_ASSETS)
     try:
-        load_config(args.config, args.overrides)  # fail on a bad config before any server starts
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        # Fail on a bad config or an unusable base model before any server starts or stage runs.
+        resolve_base_model(load_config(args.config, args.overrides).model)
+    except (ConfigError, BaseModelError) as exc:
+        print(redact(str(exc)), file=sys.stderr)
         return 2
     return run_finetune(args.config, args.overrides)
 
@@ -58,11 +75,42 @@ def prepare_demo_assets(root: Path) -> None:
         write_demo_dataset(root / "data")
 
 
+def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
+    """One screen: each check's status and detail; 1 when something `config` needs is missing."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tasks.doctor import diagnose
+
+    console = Console()
+    with console.status("Checking packages, GPU, Prefect, MLflow, Ollama and the hub..."):
+        checks = diagnose(cfg)
+    table = Table(title=f"tunepipe doctor{f' for {config}' if config else ''}", show_lines=False)
+    for column in ("check", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    style = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
+    for check in checks:
+        table.add_row(check.name, f"[{style[check.status]}]{check.status}[/]", escape(check.detail))
+    console.print(table)
+    failed = [check.name for check in checks if check.status == "fail"]
+    if failed:
+        console.print(f"[bold red]missing:[/] {', '.join(failed)}" + (f" (needed by {config})" if config else ""))
+        if config == DEMO_CONFIG and not DEMO_ASSETS.exists():
+            console.print(f"`tunepipe demo` builds the demo's model and data under {DEMO_ASSETS}/ first.")
+        return 1
+    console.print(f"[green]ready[/]{f' to run {config}' if config else ''}")
+    return 0
+
+
 def run_finetune(config: Path, overrides: list[str]) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     server_boot = start_prefect_api_in_background()
+    from rich.markup import escape
+
     from flows.finetune import GateFailed, finetune
+    from tasks.redact import redact
 
     if server_boot is not None:
         server_boot.join()
@@ -77,7 +125,7 @@ def run_finetune(config: Path, overrides: list[str]) -> int:
     if isinstance(error, GateFailed):
         report.gate(error)
         return 3
-    report.console.print(f"[bold red]failed:[/] {error}")
+    report.console.print(f"[bold red]failed:[/] {escape(redact(str(error)))}")
     return 1
 
 
@@ -110,10 +158,13 @@ class Report:
     def stages(self) -> None:
         from rich.table import Table
 
+        states = stage_states(self.flow_run_id)
+        if not states:  # the run failed before its first stage: the error says why, an empty table says nothing
+            return
         table = Table(title="stages")
         for column in ("stage", "state", "seconds"):
             table.add_column(column)
-        for name, state, seconds in stage_states(self.flow_run_id):
+        for name, state, seconds in states:
             table.add_row(name, state, f"{seconds:.1f}")
         self.console.print(table)
 

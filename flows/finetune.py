@@ -17,6 +17,7 @@ from tasks.format_data import format_data
 from tasks.gate import GateDecision, gate
 from tasks.load_data import data_fingerprint, load_data
 from tasks.ollama import Registration, register
+from tasks.redact import redact, redact_logs
 from tasks.tracking import tracked_run
 from tasks.train import train
 
@@ -41,9 +42,10 @@ class RunSummary(BaseModel):
 
 @flow(name="finetune")
 def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary:
+    redact_logs()
     cfg = load_config(config_path, overrides or [])
     workdir = cfg.workdir
-    base = resolve_base_model(cfg.model)
+    base = resolve_base_model(cfg.model)  # first: a model that cannot be used fails before any stage runs
     fingerprint = data_fingerprint(cfg.data)
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
@@ -71,7 +73,7 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
 
     get_run_logger().info("ollama: %s", registration.message)
     return RunSummary(
-        mlflow_run_id=run.run_id, mlflow_tracking_uri=cfg.tracking.uri, eval=report, gate=decision,
+        mlflow_run_id=run.run_id, mlflow_tracking_uri=redact(cfg.tracking.uri), eval=report, gate=decision,
         gguf_path=exported.gguf_path, merged_dir=exported.merged_dir, adapter_dir=exported.adapter_dir,
         ollama=registration,
     )

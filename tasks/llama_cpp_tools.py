@@ -22,10 +22,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNEPIPE_CACHE", Path.home() / ".cache" / "tunepipe")).expanduser()
 
 
+def converter_dir() -> Path:
+    """Where the converter of the installed llama-cpp-python is cached (complete when it holds `.complete`)."""
+    return cache_root() / f"llama.cpp-{importlib.metadata.version('llama-cpp-python')}"
+
+
 def llama_cpp_source() -> Path:
     """Folder holding llama.cpp's Python converter for the installed llama-cpp-python (fetched once)."""
     version = importlib.metadata.version("llama-cpp-python")
-    dest = cache_root() / f"llama.cpp-{version}"
+    dest = converter_dir()
     if (dest / ".complete").exists():
         return dest
     with tempfile.TemporaryDirectory() as tmp:

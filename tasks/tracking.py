@@ -1,5 +1,8 @@
 """One MLflow run per pipeline run: config as params, stage metrics, artifacts, and links back to Prefect.
 
+Params, tags and the resolved config go through `redact`: a tracking URI or token in the config never
+reaches the store.
+
 Logging happens in the flow from stage results, not inside the stages, so a run whose stages were all
 cache hits still records everything those stages produced.
 """
@@ -18,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from tasks.config import PipelineConfig, TrackingConfig
+from tasks.redact import redact
 
 if TYPE_CHECKING:
     from tasks.check_data import CheckedData
@@ -92,14 +96,15 @@ class Tracker:
         self.run_id = ""
 
     def start(self, cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={key: redact(value) for key, value in tags.items()})
         self.run_id = run.info.run_id
         params = flatten(cfg.model_dump(mode="json"))
         # MLflow takes at most 100 params per call.
-        items = [Param(key, value[:6000]) for key, value in params.items()]
+        items = [Param(key, redact(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
-        self.client.log_text(self.run_id, cfg.model_dump_json(indent=2), "config/resolved.json")
+        self.client.log_text(self.run_id, redact(cfg.model_dump_json(indent=2)), "config/resolved.json")
         return self.run_id
 
     def data_checked(self, loaded: LoadedData, checked: CheckedData) -> None:
@@ -158,7 +163,7 @@ class Tracker:
 
     def tags(self, values: dict[str, str]) -> None:
         for key, value in values.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, redact(value))
 
     def _metrics(self, values: dict[str, float | None]) -> None:
         now = _now_ms()
