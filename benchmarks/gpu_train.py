@@ -11,6 +11,8 @@ random weights (no download); its tokenizer comes from a folder (the tiny model'
   on the answers): the guides' recipe (batch 2, accumulation 4, no packing) as the baseline in this run, then
   micro-batches of 64 examples (hf: packed rows; unsloth: length-sorted padding); tokens/s counts non-padding
   tokens.
+- data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
+  the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
 
 tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
@@ -88,7 +90,7 @@ def run(name: str, split, model_cfg, work: Path, **train) -> dict:
     request = TrainRequest(data=split, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
                            lora=LoraConfig(r=16, alpha=16), cfg=cfg, out_dir=work / name)
     try:
-        result = run_worker("tasks.training:train_model", request, TrainResult, request.out_dir)
+        result = run_worker("tasks.training:train_model", request, TrainResult, request.out_dir, devices=cfg.devices)
     except WorkerFailed as failure:
         print(f"{name} failed: {failure}", file=sys.stderr)
         return {"name": name, "failed": str(failure)[-2000:]}
@@ -98,7 +100,8 @@ def run(name: str, split, model_cfg, work: Path, **train) -> dict:
         "batch": f"{cfg.batch_size}x{cfg.gradient_accumulation_steps}", "steps": result.steps,
         "tokens_per_s": round(statistics.median(rates)), "peak_gib": result.loss_history[-1].peak_gpu_memory_gib,
         "seconds": result.runtime_s, "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
-        "device": result.device, "precision": result.precision,
+        "device": result.device, "precision": result.precision, "devices": cfg.devices,
+        "losses": [round(p.loss, 4) for p in result.loss_history],
     }
     print(json.dumps(row), flush=True)
     return row
@@ -118,11 +121,14 @@ def main() -> None:
         model = build_model(args.tokenizer, work / "model")
         long_cfg = ModelConfig(base=str(model), max_seq_length=LONG_TOKENS)
         short_cfg = ModelConfig(base=str(model), max_seq_length=512)
-        long = random_split(151_936, 4 * args.steps, work / "long.jsonl")
+        long = random_split(151_936, 8 * args.steps, work / "long.jsonl")
         short = demo_split(short_cfg, work)
         plan = [
             ("long-unsloth", long, long_cfg, dict(backend="unsloth", batch_size=4)),
             ("long-hf", long, long_cfg, dict(backend="hf", batch_size=4)),
+            # Data parallel: the same global batch of 8 x 2,048 tokens on one device and on two.
+            ("long-hf-1dev", long, long_cfg, dict(backend="hf", batch_size=8)),
+            ("long-hf-2dev", long, long_cfg, dict(backend="hf", batch_size=4, devices=2)),
             ("short-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
                                                             gradient_accumulation_steps=4, packing=False)),
             ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),

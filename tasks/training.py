@@ -112,7 +112,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         loss_sum, tokens = stepper.run(local, loss_tokens, state, step)
         grad_norm = _finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm, rank)
         if rank.world > 1:
-            totals = torch.tensor([loss_sum, tokens], dtype=torch.float64)
+            totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)  # NCCL: GPU tensors only
             torch.distributed.all_reduce(totals)
             loss_sum, tokens = totals.tolist()
         tokens_since_log += tokens

@@ -36,7 +36,7 @@ EVENT_PREFIX = "tunepipe-event "
 class WorkerFailed(RuntimeError):
     """The worker process ended without a result; the message carries its exit status and log tail."""
 
-    def __init__(self, target: str, returncode: int, log_path: Path, tail: list[str]):
+    def __init__(self, target: str, returncode: int, log_path: Path, tail: list[str], first_error: list[str] = ()):
         self.returncode = returncode
         self.log_path = log_path
         self.tail = tail
@@ -46,7 +46,9 @@ class WorkerFailed(RuntimeError):
                 how += " (out of host memory, preempted, or stopped by hand)"
         else:
             how = f"exited with status {returncode}"
-        super().__init__(f"{target} {how}; last lines of {log_path}:\n" + "".join(tail))
+        # Under torchrun the failing rank's traceback comes first and the launcher's summary last.
+        cause = "" if not first_error or first_error[-1] in tail else "first error:\n" + "".join(first_error)
+        super().__init__(f"{target} {how}; {cause}last lines of {log_path}:\n" + "".join(tail))
 
 
 def run_worker(
@@ -75,6 +77,7 @@ def run_worker(
                         "-m", "tasks.worker"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_pythonpath()}
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    first_error: list[str] = []  # the first traceback, through its exception line
     log.info("starting worker: %s", " ".join(command[1:]))
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
@@ -83,13 +86,23 @@ def run_worker(
             log_file.write(line)
             log_file.flush()
             tail.append(line)
+            _collect_first_traceback(first_error, line)
             if line.startswith(EVENT_PREFIX) and on_event is not None:
                 on_event(json.loads(line[len(EVENT_PREFIX) :]))
             elif line.strip():
                 log.info("%s", line.rstrip())
     if process.returncode != 0 or not result_path.exists():
-        raise WorkerFailed(target, process.returncode, log_path, list(tail))
+        raise WorkerFailed(target, process.returncode, log_path, list(tail), first_error)
     return result_type.model_validate_json(result_path.read_text())
+
+
+def _collect_first_traceback(lines: list[str], line: str) -> None:
+    """Append `line` to `lines` from the first "Traceback" line until the unindented exception line after it."""
+    done = len(lines) > 1 and not lines[-1].startswith((" ", "\t"))
+    if done or len(lines) >= LOG_TAIL_LINES:
+        return
+    if lines or line.startswith("Traceback (most recent call last)"):
+        lines.append(line)
 
 
 def emit_event(kind: str, **fields) -> None:

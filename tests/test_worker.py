@@ -27,6 +27,16 @@ def target(request: Request) -> Result:
     print(f"worker got {request.text!r}")
     if request.action == "raise":
         raise RuntimeError("boom in the worker")
+    if request.action == "raise-then-noise":  # like a rank's traceback followed by torchrun's long summary
+        import sys
+        import traceback
+
+        try:
+            raise ValueError("the root cause")
+        except ValueError:
+            traceback.print_exc()
+        print("\n".join(f"launcher summary line {i}" for i in range(100)), file=sys.stderr)
+        sys.exit(1)
     if request.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     return Result(text=request.text.upper(), pid=os.getpid())
@@ -55,3 +65,11 @@ def test_killed_worker_fails_naming_the_signal(tmp_path):
         run_worker("test_worker:target", Request(text="x", action="kill"), Result, tmp_path)
     assert failure.value.returncode == -signal.SIGKILL
     assert "worker got 'x'" in str(failure.value)
+
+
+def test_first_traceback_is_kept_when_the_tail_is_noise(tmp_path):
+    with pytest.raises(WorkerFailed) as failure:
+        run_worker("test_worker:target", Request(text="x", action="raise-then-noise"), Result, tmp_path)
+    message = str(failure.value)
+    assert "first error:" in message and "ValueError: the root cause" in message
+    assert "launcher summary line 99" in message and "launcher summary line 0\n" not in message
