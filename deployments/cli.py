@@ -172,14 +172,11 @@ class Report:
         from rich.table import Table
 
         table = Table(title="tunepipe run", show_header=False)
-        candidate, base = summary.eval.candidate, summary.eval.base
         rows = [
             ("GGUF", str(summary.gguf_path)),
             ("merged model", str(summary.merged_dir)),
             ("LoRA adapter", str(summary.adapter_dir)),
-            ("eval (candidate / base)",
-             f"loss {candidate.eval_loss:.3f} / {base.eval_loss:.3f}, valid JSON {candidate.valid_json_rate} / "
-             f"{base.valid_json_rate}, exact {candidate.exact_match} / {base.exact_match}"),
+            *eval_rows(summary.eval),
             ("gate", summary.gate.summary()),
             ("MLflow run", summary.mlflow_run_id),
             ("Ollama model", f"{summary.ollama.model_name} ({summary.ollama.state})"),
@@ -195,6 +192,18 @@ class Report:
 
     def gate(self, error) -> None:
         self.console.print(f"[bold yellow]not promoted:[/] {error}")
+
+
+def eval_rows(report) -> list[tuple[str, str]]:
+    """One row per headline metric: candidate / base (/ champion), in that order."""
+    models = [m for m in (report.candidate, report.base, report.champion) if m is not None]
+    header = " / ".join(m.name if m.version is None else f"{m.name} v{m.version}" for m in models)
+    rows = []
+    for metric in ("eval_loss", "valid_json_rate", "exact_match", "field_accuracy", "rouge_l", "stop_rate"):
+        if metric in models[0].metrics:
+            values = " / ".join(f"{m.metrics[metric]:.3f}" if metric in m.metrics else "-" for m in models)
+            rows.append((f"{metric} ({header})", values))
+    return rows
 
 
 def stage_states(flow_run_id) -> list[tuple[str, str, float]]:

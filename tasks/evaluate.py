@@ -19,63 +19,69 @@ from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.config import DataConfig, EvalConfig
 from tasks.examples import Example, read_examples
 from tasks.format_data import IGNORE, FormattedData
-from tasks.train import TrainResult, load_trained_model
+from tasks.metrics import score_answers
+from tasks.train import TrainResult
 
 
-class Scores(BaseModel):
-    eval_loss: float
-    valid_json_rate: float | None  # None when the answers are free text
-    exact_match: float
-    stop_rate: float
+class ModelScores(BaseModel):
+    """One model's split scores: `eval_loss`, `stop_rate` and the `tasks.metrics` names."""
+
+    name: str  # "candidate" | "base" | "champion"
+    version: str | None = None  # the champion's registry version
+    metrics: dict[str, float]
 
 
 class EvalReport(BaseModel):
     n_samples: int
-    candidate: Scores
-    base: Scores
-    samples_path: Path  # JSONL: prompt, expected, candidate and base answers per held-out example
+    candidate: ModelScores
+    base: ModelScores
+    champion: ModelScores | None  # None until a model was promoted
+    samples_path: Path  # JSONL per held-out example: id, source, prompt, expected, {model: {answer, stopped, scores}}
+    probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
 
 
 def evaluate_adapter(
     data: FormattedData, eval_examples: Path, trained: TrainResult, base: BaseModelRef, data_cfg: DataConfig,
     cfg: EvalConfig, out_dir: Path,
 ) -> EvalReport:
-    import contextlib
-
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)
-    model = load_trained_model(trained, base).eval()
-    # A fully fine-tuned model has no adapter to switch off: the base is a model of its own.
-    base_model = model if trained.kind == "lora" else AutoModelForCausalLM.from_pretrained(
-        base.name_or_path, revision=base.revision).eval()
-    base_only = model.disable_adapter() if trained.kind == "lora" else contextlib.nullcontext()
+    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision)
+    model = PeftModel.from_pretrained(model, trained.adapter_dir).eval()
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
     rows = data.eval.rows()
 
     with torch.inference_mode():
         candidate_answers, candidate_stopped = _generate(model, tokenizer, examples, cfg, "candidate")
         candidate_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
-        with base_only:
-            base_answers, base_stopped = _generate(base_model, tokenizer, examples, cfg, "base")
-            base_loss = _mean_loss(base_model, rows, cfg.batch_size, tokenizer.pad_token_id)
+        with model.disable_adapter():
+            base_answers, base_stopped = _generate(model, tokenizer, examples, cfg, "base")
+            base_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
 
-    json_answers = data_cfg.output_format == "json"
     out_dir.mkdir(parents=True, exist_ok=True)
+    references = [example.answer for example in examples]
+    scored = {}
+    for name, answers, stopped, loss in (("candidate", candidate_answers, candidate_stopped, candidate_loss),
+                                         ("base", base_answers, base_stopped, base_loss)):
+        means, per_example = score_answers(answers, references, stopped, data_cfg.output_format)
+        scored[name] = (ModelScores(name=name, metrics={"eval_loss": loss, **means}),
+                        [{"answer": a, "stopped": st, "scores": sc} for a, st, sc in zip(answers, stopped, per_example)])
     samples_path = out_dir / "samples.jsonl"
     with samples_path.open("w", encoding="utf-8") as out:
-        for example, cand, base_answer in zip(examples, candidate_answers, base_answers):
+        for i, example in enumerate(examples):
             out.write(json.dumps({
                 "id": example.id, "source": f"{example.source}:{example.line}",
                 "prompt": example.prompt[-1].content, "expected": example.answer,
-                "candidate": cand, "base": base_answer,
+                **{name: rows[i] for name, (_, rows) in scored.items()},
             }, ensure_ascii=False) + "\n")
+    probes_path = out_dir / "probes.jsonl"
+    probes_path.write_text("")
     return EvalReport(
-        n_samples=len(examples),
-        candidate=_score(candidate_answers, candidate_stopped, examples, candidate_loss, json_answers),
-        base=_score(base_answers, base_stopped, examples, base_loss, json_answers),
-        samples_path=samples_path,
+        n_samples=len(examples), candidate=scored["candidate"][0], base=scored["base"][0], champion=None,
+        samples_path=samples_path, probes_path=probes_path,
     )
 
 
@@ -130,27 +136,6 @@ def _mean_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
         total += losses.item()
         count += int((targets != IGNORE).sum())
     return total / count
-
-
-def _score(answers: list[str], stopped: list[bool], examples: list[Example], loss: float, json_answers: bool) -> Scores:
-    n = len(examples)
-    if json_answers:
-        parsed = [_parse_json(answer) for answer in answers]
-        expected = [_parse_json(example.answer) for example in examples]
-        valid = sum(p is not None for p in parsed) / n
-        exact = sum(p is not None and p == e for p, e in zip(parsed, expected)) / n
-    else:
-        valid = None
-        exact = sum(a == ex.answer.strip() for a, ex in zip(answers, examples)) / n
-    return Scores(eval_loss=loss, valid_json_rate=valid, exact_match=exact, stop_rate=sum(stopped) / n)
-
-
-def _parse_json(text: str) -> dict | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)

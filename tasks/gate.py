@@ -29,7 +29,7 @@ class GateDecision(BaseModel):
 
 
 def decide(report: EvalReport, thresholds: Thresholds) -> GateDecision:
-    candidate = report.candidate
+    candidate, base = report.candidate.metrics, report.base.metrics
     checks = []
     slack = 1e-9  # a value that meets its limit exactly must pass despite float rounding (0.3 - 0.2 < 0.1)
 
@@ -38,13 +38,13 @@ def decide(report: EvalReport, thresholds: Thresholds) -> GateDecision:
             passed = value is not None and value >= limit - slack
             checks.append(Check(name=name, value=value, limit=limit, passed=passed))
 
-    at_least("valid_json_rate", candidate.valid_json_rate, thresholds.min_valid_json_rate)
-    at_least("exact_match", candidate.exact_match, thresholds.min_exact_match)
-    at_least("eval_loss_improvement", report.base.eval_loss - candidate.eval_loss,
+    at_least("valid_json_rate", candidate.get("valid_json_rate"), thresholds.min_valid_json_rate)
+    at_least("exact_match", candidate.get("exact_match"), thresholds.min_exact_match)
+    at_least("eval_loss_improvement", base["eval_loss"] - candidate["eval_loss"],
              thresholds.min_eval_loss_improvement)
     if thresholds.max_eval_loss is not None:
-        checks.append(Check(name="eval_loss", value=candidate.eval_loss, limit=thresholds.max_eval_loss,
-                            passed=candidate.eval_loss <= thresholds.max_eval_loss + slack))
+        checks.append(Check(name="eval_loss", value=candidate["eval_loss"], limit=thresholds.max_eval_loss,
+                            passed=candidate["eval_loss"] <= thresholds.max_eval_loss + slack))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)
 
 

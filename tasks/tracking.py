@@ -147,9 +147,10 @@ class Tracker:
                    "train.precision": trained.precision})
 
     def evaluated(self, report: EvalReport, decision: GateDecision) -> None:
-        for who, scores in (("candidate", report.candidate), ("base", report.base)):
-            self._metrics({f"{who}.{name}": value for name, value in scores.model_dump().items()})
+        for scores in filter(None, (report.candidate, report.base, report.champion)):
+            self._metrics({f"{scores.name}.{name}": value for name, value in scores.metrics.items()})
         self._artifact(report.samples_path, "eval")
+        self._artifact(report.probes_path, "eval")
         self.client.log_text(self.run_id, decision.model_dump_json(indent=2), "eval/gate.json")
         self.tags({"gate": "passed" if decision.passed else "failed", "gate.summary": decision.summary()})
 

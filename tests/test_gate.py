@@ -7,16 +7,21 @@ from pathlib import Path
 import pytest
 
 from tasks.config import Thresholds
-from tasks.evaluate import EvalReport, Scores
+from tasks.evaluate import EvalReport, ModelScores
 from tasks.gate import GateDecision, decide
 
 # Values exactly representable in binary floating point, so "at the boundary" means equal, not close.
-CANDIDATE = Scores(eval_loss=2.5, valid_json_rate=0.75, exact_match=0.5, stop_rate=1.0)
-BASE = Scores(eval_loss=3.0, valid_json_rate=0.25, exact_match=0.0, stop_rate=0.5)
+def _scores(name: str = "candidate", **metrics: float) -> ModelScores:
+    return ModelScores(name=name, metrics=metrics)
 
 
-def _report(candidate: Scores = CANDIDATE, base: Scores = BASE) -> EvalReport:
-    return EvalReport(n_samples=8, candidate=candidate, base=base, samples_path=Path("samples.jsonl"))
+CANDIDATE = _scores(eval_loss=2.5, valid_json_rate=0.75, exact_match=0.5, stop_rate=1.0)
+BASE = _scores("base", eval_loss=3.0, valid_json_rate=0.25, exact_match=0.0, stop_rate=0.5)
+
+
+def _report(candidate: ModelScores = CANDIDATE, base: ModelScores = BASE) -> EvalReport:
+    return EvalReport(n_samples=8, candidate=candidate, base=base, champion=None,
+                      samples_path=Path("samples.jsonl"), probes_path=Path("probes.jsonl"))
 
 
 def _verdicts(decision: GateDecision) -> dict[str, bool]:
@@ -54,7 +59,7 @@ def test_no_thresholds_passes() -> None:
 
 def test_unset_thresholds_are_ignored() -> None:
     # A terrible candidate: only the one configured check may decide.
-    bad = Scores(eval_loss=9.0, valid_json_rate=0.0, exact_match=0.0, stop_rate=0.0)
+    bad = _scores(eval_loss=9.0, valid_json_rate=0.0, exact_match=0.0, stop_rate=0.0)
     decision = decide(_report(candidate=bad), Thresholds(max_eval_loss=10.0))
     assert _verdicts(decision) == {"eval_loss": True}
     assert decision.passed
@@ -66,14 +71,14 @@ def test_improvement_is_base_loss_minus_candidate_loss() -> None:
     assert check.value == pytest.approx(0.5)  # 3.0 - 2.5, not 2.5 - 3.0
     assert check.passed
 
-    worse = Scores(eval_loss=3.5, valid_json_rate=0.75, exact_match=0.5, stop_rate=1.0)
+    worse = _scores(eval_loss=3.5, valid_json_rate=0.75, exact_match=0.5, stop_rate=1.0)
     regression = decide(_report(candidate=worse), Thresholds(min_eval_loss_improvement=0.0))
     assert regression.checks[0].value == pytest.approx(-0.5)
     assert not regression.passed
 
 
 def test_json_rate_threshold_fails_when_answers_were_not_json_scored() -> None:
-    text_scores = Scores(eval_loss=2.5, valid_json_rate=None, exact_match=0.5, stop_rate=1.0)
+    text_scores = _scores(eval_loss=2.5, exact_match=0.5, rouge_l=0.5, stop_rate=1.0)
     decision = decide(_report(candidate=text_scores), Thresholds(min_valid_json_rate=0.0))
     assert _verdicts(decision) == {"valid_json_rate": False}
     assert "valid_json_rate=None (FAIL" in decision.summary()
