@@ -65,7 +65,7 @@ def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
     assert "ollama create tunepipe-demo -f Modelfile" in summary.ollama.message
     samples = [json.loads(line) for line in summary.eval.samples_path.open()]
     assert len(samples) == summary.eval.n_samples == 8
-    assert summary.eval.candidate.eval_loss < summary.eval.base.eval_loss
+    assert summary.eval.candidate.metrics["eval_loss"] < summary.eval.base.metrics["eval_loss"]
 
 
 def test_gguf_greedy_next_token_matches_pytorch(first_run):
@@ -108,8 +108,8 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     for name in ("learning_rate", "grad_norm", "tokens_per_s"):
         assert [m.step for m in client.get_metric_history(summary.mlflow_run_id, name)] == list(range(2, 21, 2))
     assert run.data.tags["train.kind"] == "full"
-    assert run.data.metrics["candidate.eval_loss"] == pytest.approx(summary.eval.candidate.eval_loss)
-    assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.eval_loss)
+    assert run.data.metrics["candidate.eval_loss"] == pytest.approx(summary.eval.candidate.metrics["eval_loss"])
+    assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.metrics["eval_loss"])
     assert run.data.tags["gate"] == "passed"
     assert len(run.data.tags["dataset.fingerprint"]) == 64
     assert run.data.tags["prefect.flow_run_id"]
