@@ -9,6 +9,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from tasks.base_model import resolve_base_model
+from tasks.champion import find_champion
 from tasks.check_data import check_data
 from tasks.config import load_config
 from tasks.evaluate import EvalReport, evaluate
@@ -61,7 +62,9 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
         trained = train(formatted, base, cfg.model, cfg.lora, cfg.train, workdir, mlflow_run=run.live_ref())
         run.trained(formatted, trained)
 
-        report = evaluate(formatted, checked.eval.clean_path, trained, base, cfg.data, cfg.eval, workdir)
+        champion = find_champion(cfg.tracking.uri, cfg.name)
+        report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base, champion,
+                          cfg.tracking.uri, cfg.data, cfg.eval, workdir)
         decision = gate(report, cfg.eval.thresholds)
         run.evaluated(report, decision)
         if not decision.passed:

@@ -120,8 +120,14 @@ class EvalConfig(Section):
     cache_exclude: ClassVar[set[str]] = {"thresholds"}
 
     max_samples: int = Field(64, ge=1, description="Held-out examples used for generation metrics.")
-    max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer generated; one cut here has not stopped.")
+    batch_size: int = Field(
+        16, ge=1, description="Prompts answered at once (and rows per eval-loss batch); on a GPU 64-128 is fastest."
+    )
+    probes: list[str] = Field(
+        [], description="Fixed user prompts (the data's system prompt is added) answered by base, champion and "
+        "candidate side by side, written to the evaluation's probes.jsonl.",
+    )
     thresholds: Thresholds = Thresholds()
 
 

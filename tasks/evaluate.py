@@ -1,26 +1,36 @@
-"""Score the candidate and the base model on the same held-out split with the same metrics.
+"""Score the candidate, the base model and the champion on the same held-out examples with the same metrics.
 
-Generation metrics (greedy, on the prompts of held-out conversations): valid-JSON rate, exact match and
-the share of answers that ended with an end-of-turn token rather than at the length limit (a model that
-never stops is broken however good its first tokens are). Eval loss is the mean token loss on the
-held-out assistant tokens, computed exactly as in training.
+Each model answers every held-out prompt and every probe greedily (`tasks.generation`: batched, static KV
+cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
+is a GPU. Its answers are scored by `tasks.metrics` (valid JSON, exact match, per-field accuracy, key F1,
+required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
+the mean token loss on the held-out assistant tokens, computed exactly as in training.
+
+The candidate changes with every training; the base model and the champion do not. Their raw outputs
+(answers, stop flags, eval loss, probe answers) are kept in `evaluate/reference/` under a key of the
+model's identity (base fingerprint; champion name, version and run), the eval data, the eval settings and
+this stage's code, so a retrain, or a run against the same champion, generates only the candidate's answers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 
 from prefect import task
 from pydantic import BaseModel
 
 from tasks.base_model import BaseModelRef
-from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.caching import STAGE_CACHE, stable_hash, stage_dir
+from tasks.champion import ChampionRef, download_champion
 from tasks.config import DataConfig, EvalConfig
-from tasks.examples import Example, read_examples
+from tasks.examples import Message, read_examples
 from tasks.format_data import IGNORE, FormattedData
-from tasks.metrics import score_answers
+from tasks.metrics import required_keys, score_answers
 from tasks.train import TrainResult
+from tasks.worker import run_worker
 
 
 class ModelScores(BaseModel):
@@ -40,87 +50,86 @@ class EvalReport(BaseModel):
     probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
 
 
-def evaluate_adapter(
-    data: FormattedData, eval_examples: Path, trained: TrainResult, base: BaseModelRef, data_cfg: DataConfig,
-    cfg: EvalConfig, out_dir: Path,
-) -> EvalReport:
+class ModelToScore(BaseModel):
+    """Where the worker loads one model from."""
+
+    name: str
+    weights: str  # HF folder or hub id
+    revision: str | None = None
+    adapter: Path | None = None  # a PEFT adapter, merged into `weights` before generating
+    tokenizer: str  # folder whose tokenizer and chat template render the prompts
+
+
+class GenerationRequest(BaseModel):
+    models: list[ModelToScore]
+    conversations: list[list[Message]]  # the held-out prompts, then the probes
+    loss_rows: Path  # formatted held-out rows (input_ids, labels) for the eval loss
+    max_new_tokens: int
+    batch_size: int
+
+
+class ModelOutputs(BaseModel):
+    """One model's raw results, before scoring: what the reference cache keeps."""
+
+    answers: list[str]  # aligned with the request's conversations
+    stopped: list[bool]
+    eval_loss: float
+    device: str
+    generate_s: float  # wall time of generation, CUDA graph capture included
+
+
+class GenerationResult(BaseModel):
+    outputs: dict[str, ModelOutputs]
+
+
+def generate_outputs(request: GenerationRequest) -> GenerationResult:
+    """Worker entry point: load each model in turn, answer every conversation, measure the eval loss."""
     import torch
-    from peft import PeftModel
+
+    from tasks.generation import greedy_answers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    rows = [json.loads(line) for line in request.loss_rows.read_text().splitlines()]
+    conversations = [[m.model_dump() for m in c] for c in request.conversations]
+    outputs = {}
+    for spec in request.models:
+        model, tokenizer = _load(spec, device, dtype)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size)
+            seconds = time.perf_counter() - started
+            loss = mean_answer_loss(model, rows, request.batch_size, tokenizer.pad_token_id)
+        print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
+        outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
+                                          eval_loss=loss, device=device, generate_s=seconds)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return GenerationResult(outputs=outputs)
+
+
+def _load(spec: ModelToScore, device: str, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision)
-    model = PeftModel.from_pretrained(model, trained.adapter_dir).eval()
-    examples = list(read_examples(eval_examples))[: cfg.max_samples]
-    rows = data.eval.rows()
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(spec.weights, revision=spec.revision, dtype=dtype,
+                                                 attn_implementation="sdpa")
+    if spec.adapter is not None:
+        from peft import PeftModel
 
-    with torch.inference_mode():
-        candidate_answers, candidate_stopped = _generate(model, tokenizer, examples, cfg, "candidate")
-        candidate_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
-        with model.disable_adapter():
-            base_answers, base_stopped = _generate(model, tokenizer, examples, cfg, "base")
-            base_loss = _mean_loss(model, rows, cfg.batch_size, tokenizer.pad_token_id)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    references = [example.answer for example in examples]
-    scored = {}
-    for name, answers, stopped, loss in (("candidate", candidate_answers, candidate_stopped, candidate_loss),
-                                         ("base", base_answers, base_stopped, base_loss)):
-        means, per_example = score_answers(answers, references, stopped, data_cfg.output_format)
-        scored[name] = (ModelScores(name=name, metrics={"eval_loss": loss, **means}),
-                        [{"answer": a, "stopped": st, "scores": sc} for a, st, sc in zip(answers, stopped, per_example)])
-    samples_path = out_dir / "samples.jsonl"
-    with samples_path.open("w", encoding="utf-8") as out:
-        for i, example in enumerate(examples):
-            out.write(json.dumps({
-                "id": example.id, "source": f"{example.source}:{example.line}",
-                "prompt": example.prompt[-1].content, "expected": example.answer,
-                **{name: rows[i] for name, (_, rows) in scored.items()},
-            }, ensure_ascii=False) + "\n")
-    probes_path = out_dir / "probes.jsonl"
-    probes_path.write_text("")
-    return EvalReport(
-        n_samples=len(examples), candidate=scored["candidate"][0], base=scored["base"][0], champion=None,
-        samples_path=samples_path, probes_path=probes_path,
-    )
+        # Merged, as it is exported and served; also faster than running the adapter beside the weights.
+        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    return model.to(device).eval(), tokenizer
 
 
-def _generate(model, tokenizer, examples: list[Example], cfg: EvalConfig, who: str) -> tuple[list[str], list[bool]]:
-    """Greedy answers, batched with left padding, and whether each ended with an end-of-turn token."""
-    from tqdm.auto import tqdm
-
-    stop_ids = _stop_token_ids(model, tokenizer)
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    answers, stopped = [], []
-    for start in tqdm(range(0, len(examples), cfg.batch_size), desc=f"evaluate: {who} answers", unit="batch"):
-        batch = examples[start : start + cfg.batch_size]
-        prompts = [
-            tokenizer.apply_chat_template([m.model_dump() for m in ex.prompt], tokenize=False,
-                                          add_generation_prompt=True)
-            for ex in batch
-        ]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        output = model.generate(
-            **inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row in output[:, inputs["input_ids"].shape[1] :].tolist():
-            ended = next((i for i, token in enumerate(row) if token in stop_ids), None)
-            stopped.append(ended is not None)
-            answers.append(tokenizer.decode(row[:ended], skip_special_tokens=True).strip())
-    return answers, stopped
-
-
-def _stop_token_ids(model, tokenizer) -> list[int]:
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({tokenizer.eos_token_id, *(t for t in configured if t is not None)})
-
-
-def _mean_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean cross-entropy over every assistant token of the split."""
+def mean_answer_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean cross-entropy over every assistant token of the split (rows sorted by length)."""
     import torch
 
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -128,20 +137,116 @@ def _mean_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
         input_ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
         labels = torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in batch])
         attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
-        total += losses.item()
-        count += int((targets != IGNORE).sum())
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
+        targets = labels[:, 1:].to(model.device)
+        scored = targets != IGNORE
+        # Only the answer positions go to float32: the full logits of a batch would not fit on a small GPU.
+        total += torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored],
+                                                   reduction="sum").item()
+        count += int(scored.sum())
     return total / count
+
+
+def evaluate_models(
+    data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
+    champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, out_dir: Path,
+    reference_dir: Path,
+) -> EvalReport:
+    examples = list(read_examples(eval_examples))[: cfg.max_samples]
+    probes = [_probe_conversation(probe, data_cfg.system_prompt) for probe in cfg.probes]
+    conversations = [example.prompt for example in examples] + probes
+    candidate = _candidate(trained, base)
+    models = {"candidate": candidate,
+              "base": ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
+                                   tokenizer=candidate.tokenizer)}
+    # The reference models' outputs are reused while the model, the eval data, the settings and the code are.
+    fingerprint = stable_hash(_file_hash(data.eval.path), _file_hash(eval_examples), cfg.probes,
+                              data_cfg.system_prompt, cfg, _file_hash(Path(__file__)),
+                              _file_hash(Path(__file__).with_name("generation.py")))
+    reference_keys = {"base": stable_hash("base", base.fingerprint, fingerprint)}
+    if champion is not None:
+        champion_dir = download_champion(tracking_uri, champion, reference_dir.parent / "champions")
+        models["champion"] = ModelToScore(name="champion", weights=str(champion_dir), tokenizer=str(champion_dir))
+        reference_keys["champion"] = stable_hash("champion", champion.name, champion.version, champion.run_id,
+                                                 champion.source, fingerprint)
+    outputs = {name: cached for name, key in reference_keys.items()
+               if (cached := _read_reference(reference_dir, name, key)) is not None}
+    todo = [spec for name, spec in models.items() if name not in outputs]
+    request = GenerationRequest(models=todo, conversations=conversations, loss_rows=data.eval.path,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generated = run_worker("tasks.evaluate:generate_outputs", request, GenerationResult, out_dir / "worker").outputs
+    for name, result in generated.items():
+        if name in reference_keys:
+            _write_reference(reference_dir, name, reference_keys[name], result)
+    outputs.update(generated)
+
+    required = (required_keys(example.answer for example in read_examples(train_examples))
+                if data_cfg.output_format == "json" else [])
+    references = [example.answer for example in examples]
+    n = len(examples)
+    scores, per_example = {}, {}
+    for name, result in outputs.items():
+        means, per_example[name] = score_answers(result.answers[:n], references, result.stopped[:n],
+                                                 data_cfg.output_format, required)
+        scores[name] = ModelScores(name=name, version=champion.version if name == "champion" else None,
+                                   metrics={"eval_loss": result.eval_loss, **means})
+
+    order = [name for name in ("base", "champion", "candidate") if name in outputs]
+    samples_path = out_dir / "samples.jsonl"
+    with samples_path.open("w", encoding="utf-8") as out:
+        for i, example in enumerate(examples):
+            out.write(json.dumps({
+                "id": example.id, "source": f"{example.source}:{example.line}",
+                "prompt": example.prompt[-1].content, "expected": example.answer,
+                **{name: {"answer": outputs[name].answers[i], "stopped": outputs[name].stopped[i],
+                          "scores": per_example[name][i]} for name in order},
+            }, ensure_ascii=False) + "\n")
+    probes_path = out_dir / "probes.jsonl"
+    with probes_path.open("w", encoding="utf-8") as out:
+        for i, probe in enumerate(cfg.probes, start=n):
+            out.write(json.dumps({"prompt": probe, **{name: outputs[name].answers[i] for name in order}},
+                                 ensure_ascii=False) + "\n")
+    return EvalReport(n_samples=n, candidate=scores["candidate"], base=scores["base"],
+                      champion=scores.get("champion"), samples_path=samples_path, probes_path=probes_path)
+
+
+def _candidate(trained: TrainResult, base: BaseModelRef) -> ModelToScore:
+    """A PEFT adapter is merged into the base; a folder without one is a fully fine-tuned model."""
+    folder = trained.adapter_dir
+    if (folder / "adapter_config.json").is_file():
+        return ModelToScore(name="candidate", weights=base.name_or_path, revision=base.revision, adapter=folder,
+                            tokenizer=str(folder))
+    return ModelToScore(name="candidate", weights=str(folder), tokenizer=str(folder))
+
+
+def _probe_conversation(probe: str, system_prompt: str | None) -> list[Message]:
+    # Probes are asked the way training examples were: with the data's system prompt when it sets one.
+    system = [Message(role="system", content=system_prompt)] if system_prompt else []
+    return [*system, Message(role="user", content=probe)]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_reference(reference_dir: Path, name: str, key: str) -> ModelOutputs | None:
+    path = reference_dir / f"{name}-{key[:16]}.json"
+    return ModelOutputs.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def _write_reference(reference_dir: Path, name: str, key: str, outputs: ModelOutputs) -> None:
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    partial = reference_dir / f"{name}-{key[:16]}.partial"
+    partial.write_text(outputs.model_dump_json())
+    partial.replace(partial.with_suffix(".json"))
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
 def evaluate(
-    data: FormattedData, eval_examples: Path, trained: TrainResult, base: BaseModelRef, data_cfg: DataConfig,
-    cfg: EvalConfig, workdir: Path,
+    data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
+    champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path,
 ) -> EvalReport:
-    out_dir = stage_dir(workdir, "evaluate", data, trained, base, data_cfg, cfg)
-    return evaluate_adapter(data, eval_examples, trained, base, data_cfg, cfg, out_dir)
+    out_dir = stage_dir(workdir, "evaluate", data, trained, base, champion, data_cfg, cfg)
+    return evaluate_models(data, eval_examples, train_examples, trained, base, champion, tracking_uri, data_cfg,
+                           cfg, out_dir, Path(workdir) / "evaluate" / "reference")

@@ -1,0 +1,176 @@
+"""Evaluation: batched greedy answers equal one-at-a-time ones; the champion is loaded from a real MLflow
+registry, scored beside candidate and base, and its outputs are reused until the champion changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.base_model import resolve_base_model
+from tasks.config import DataConfig, EvalConfig, ModelConfig
+
+PROMPTS = [f"<div><h2>Product: Kettle {'x' * (7 * i)}</h2><p>Price: ${i}</p></div>" for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def noisy_model(tiny_model: Path):
+    """The tiny model with random dense weights: its greedy answers vary from prompt to prompt, where the
+    tiny model's own answers are one repeated token, which would hide a misaligned row or position."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.normal_(0, 0.3)
+    return model, tokenizer
+
+
+def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    import torch
+
+    from tasks.generation import render_prompt
+
+    ids = torch.tensor([render_prompt(tokenizer, conversation)])
+    output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                            pad_token_id=tokenizer.pad_token_id)
+    return output[0, ids.shape[1] :].tolist()
+
+
+def test_batched_answers_equal_one_at_a_time_greedy_answers(noisy_model):
+    import torch
+
+    from tasks.generation import greedy_answers, stop_token_ids
+
+    model, tokenizer = noisy_model
+    conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
+    with torch.inference_mode():
+        # Make a token that some answers produce a stop token, so early stops are part of the comparison.
+        first = _one_at_a_time(model, tokenizer, conversations[0], 24, stop_token_ids(model, tokenizer))
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, first[5]]
+        stop_ids = stop_token_ids(model, tokenizer)
+        singles = [_one_at_a_time(model, tokenizer, c, 24, stop_ids) for c in conversations]
+        # 7 prompts of different lengths in batches of 3: left padding, and a last batch filled with copies.
+        batched = greedy_answers(model, tokenizer, conversations, max_new_tokens=24, batch_size=3)
+
+    expected = []
+    for tokens in singles:
+        end = next((k for k, token in enumerate(tokens) if token in stop_ids), None)
+        expected.append((tokenizer.decode(tokens[:end], skip_special_tokens=True).strip(), end is not None))
+    assert [tuple(answer) for answer in batched] == expected
+    assert any(stopped for _, stopped in expected) and not all(stopped for _, stopped in expected)
+    assert len({text for text, _ in expected}) == len(PROMPTS)  # varied answers: a row mix-up would show
+
+
+def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
+    import torch
+
+    from tasks.evaluate import mean_answer_loss
+    from tasks.format_data import IGNORE
+
+    model, tokenizer = noisy_model
+    rows = []
+    for i, n in enumerate((9, 14, 5)):
+        ids = list(range(100 + i, 100 + i + n))
+        rows.append({"input_ids": ids, "labels": [IGNORE] * 3 + ids[3:]})
+    with torch.inference_mode():
+        batched = mean_answer_loss(model, rows, batch_size=2, pad_id=tokenizer.pad_token_id)
+        total = count = 0.0
+        for row in rows:
+            logits = model(torch.tensor([row["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(row["labels"][1:])
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
+            count += int((labels != IGNORE).sum())
+    assert batched == pytest.approx(total / count, rel=1e-5)
+
+
+# --- the stage, with a champion in a real MLflow registry ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data: tuple[Path, Path]):
+    from tasks.format_data import format_dataset
+    from tasks.load_data import load_dataset
+
+    root = tmp_path_factory.mktemp("evaluate")
+    train, eval_ = demo_data
+    data_cfg = DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON.")
+    loaded = load_dataset(data_cfg, root / "loaded")
+    base = resolve_base_model(ModelConfig(base=str(tiny_model)))
+    formatted = format_dataset(loaded.train_path, loaded.eval_path, base, ModelConfig(base=str(tiny_model),
+                               max_seq_length=256), root / "formatted")
+    return root, data_cfg, loaded, base, formatted
+
+
+def _register_champion(tracking_uri: str, name: str, model_dir: Path) -> None:
+    """What promotion writes: a run holding the merged model under `model`, a version, the alias."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("promotions") or client.create_experiment("promotions")
+    experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
+    run = client.create_run(experiment_id)
+    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+
+
+def _models_generated(out_dir: Path) -> list[str]:
+    request = json.loads((out_dir / "worker" / "worker-request.json").read_text())
+    return [model["name"] for model in request["models"]]
+
+
+def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
+    from tasks.champion import find_champion
+    from tasks.evaluate import evaluate_models
+    from tasks.train import TrainResult
+
+    root, data_cfg, loaded, base, formatted = eval_inputs
+    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    cfg = EvalConfig(max_samples=4, max_new_tokens=8, batch_size=4, probes=["<p>Name: Lamp</p>", "hello"])
+    # A fully fine-tuned candidate is a model folder without an adapter; the tiny model stands in for one.
+    trained = TrainResult(adapter_dir=tiny_model, backend="hf", loss_history=[], runtime_s=0.0,
+                          trainable_params=0, total_params=0)
+
+    def run(out: str, champion):
+        return evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, base, champion,
+                               tracking_uri, data_cfg, cfg, root / out, root / "reference")
+
+    assert find_champion(tracking_uri, "shop") is None
+    _register_champion(tracking_uri, "shop", tiny_model)
+    champion = find_champion(tracking_uri, "shop")
+    report = run("with-champion", champion)
+    assert _models_generated(root / "with-champion") == ["candidate", "base", "champion"]
+    assert report.champion is not None and report.champion.version == "1" and report.champion.name == "champion"
+    assert report.n_samples == 4
+    for scores in (report.candidate, report.base, report.champion):
+        assert {"eval_loss", "stop_rate", "valid_json_rate", "field_accuracy", "key_f1",
+                "required_keys_rate"} <= set(scores.metrics)
+    # Champion and candidate are the same weights here: the same answers and loss, by a separate load.
+    assert report.champion.metrics == pytest.approx(report.candidate.metrics)
+
+    samples = [json.loads(line) for line in report.samples_path.read_text().splitlines()]
+    assert len(samples) == 4
+    assert {"id", "source", "prompt", "expected", "base", "champion", "candidate"} <= set(samples[0])
+    assert {"answer", "stopped", "scores"} == set(samples[0]["champion"])
+    probes = [json.loads(line) for line in report.probes_path.read_text().splitlines()]
+    assert [p["prompt"] for p in probes] == cfg.probes
+    assert all({"base", "champion", "candidate"} <= set(p) for p in probes)
+
+    # Base and champion outputs are kept: a new candidate against the same champion generates only its own.
+    again = run("same-champion", champion)
+    assert _models_generated(root / "same-champion") == ["candidate"]
+    assert again.champion == report.champion and again.base == report.base
+
+    _register_champion(tracking_uri, "shop", tiny_model)  # a new promotion moves the alias to version 2
+    newer = run("new-champion", find_champion(tracking_uri, "shop"))
+    assert _models_generated(root / "new-champion") == ["candidate", "champion"]
+    assert newer.champion.version == "2"
