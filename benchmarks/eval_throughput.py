@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
+from benchmarks.gpu_train import QWEN3_0_6B  # noqa: E402  (the same model shape as the training benchmark)
+
 WORDS = ("price", "kettle", "steel", "black", "brand", "lamp", "garden", "table", "warranty", "shipping")
 
 

@@ -6,11 +6,10 @@ takes 41-56 s, longer than a whole evaluation. Here the decode step (one token f
 once as a CUDA graph of the eager kernels: no compiler, the capture costs a few forward passes, and each
 step is then one launch.
 
-The decode step's attention is our own (`decode_attention`, registered with transformers under the name
-`DECODE_ATTENTION`): given a mask, transformers' SDPA path copies every key/value head once per query head
-and falls back to the math kernel (measured on the H100: 22 ms a decode step at batch 128, against 12 ms
-for the same attention written as plain matmuls). Prefill and
-everything else stay on SDPA.
+Attention is our own (`grouped_attention`, registered with transformers as `GROUPED_ATTENTION`): given a
+mask, transformers' SDPA path copies every key/value head once per query head and falls back to a slower
+kernel: on the H100 at batch 128 a decode step took about 19 ms that way and 8.9 ms grouped
+(benchmarks/RESULTS.md).
 
 Shapes are fixed per call so one graph serves every batch: `rows` sequences (the last batch is filled up
 with copies) and a cache as long as the longest prompt plus `max_new_tokens`. Prompts are sorted by length
@@ -24,7 +23,7 @@ from typing import NamedTuple
 
 # The decode loop checks whether every row has stopped this often: each check waits for the GPU.
 STOP_CHECK_EVERY = 8
-DECODE_ATTENTION = "tunepipe_decode"
+GROUPED_ATTENTION = "tunepipe_grouped"
 
 
 class Answer(NamedTuple):
@@ -72,54 +71,57 @@ def greedy_answers(
     return answers
 
 
-def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Attention of one new token per row over the cache. The query heads that share a key/value head are
-    handed to SDPA as that head's queries, so keys and values are read once, by a fused kernel that takes
-    the mask. Longer queries (prefill, eval loss) go to transformers' SDPA path."""
+def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Masked attention that reads each key/value head once: the query heads sharing a key/value head are
+    handed to SDPA as that head's queries (transformers' SDPA path copies keys and values per query head
+    whenever there is a mask). Without a mask (causal, nothing padded) transformers' SDPA path runs."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] != 1:
+    if attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    batch, heads, _, dim = query.shape
+    batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    # Query head h reads key/value head h // (heads / kv_heads), as transformers' repeat_kv lays them out;
-    # the mask, (batch, 1, 1, keys) with True = may see, broadcasts over heads and grouped queries.
+    groups = heads // kv_heads
+    # Query head h reads key/value head h // groups, as transformers' repeat_kv lays them out; a group's
+    # queries are ordered (head in group, position), so the mask (batch, 1, length, keys) repeats per head.
     output = torch.nn.functional.scaled_dot_product_attention(
-        query.view(batch, kv_heads, heads // kv_heads, dim), key, value, attn_mask=attention_mask, scale=scaling
+        query.reshape(batch, kv_heads, groups * length, dim), key, value,
+        attn_mask=attention_mask.repeat(1, 1, groups, 1) if length > 1 else attention_mask, scale=scaling,
     )
-    return output.reshape(batch, 1, heads, dim), None
+    output = output.view(batch, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
+    return output.reshape(batch, length, heads, dim), None
 
 
-def use_decode_attention(model) -> None:
-    """Switch `model` to `decode_attention` (SDPA for everything but single-token decode steps)."""
+def use_grouped_attention(model) -> None:
+    """Switch `model` to `grouped_attention`; its masks are SDPA's."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = model.config
-    if config._attn_implementation not in ("sdpa", DECODE_ATTENTION):
+    if config._attn_implementation not in ("sdpa", GROUPED_ATTENTION):
         raise ValueError(f"greedy decoding needs attn_implementation='sdpa', got {config._attn_implementation!r}")
     if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"} or getattr(
         config, "attn_logit_softcapping", None
     ):
         raise ValueError(f"{config.model_type}: sliding-window or soft-capped attention is not supported here")
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # the same masks as SDPA
-    model.set_attn_implementation(DECODE_ATTENTION)
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)  # the same masks as SDPA
+    model.set_attn_implementation(GROUPED_ATTENTION)
 
 
 class GreedyDecoder:
     """Greedy decoding of `rows` sequences at a time into a static cache of `length` positions.
 
-    The model is switched to `decode_attention`; the masks built here are boolean (True = may attend).
+    The model is switched to `grouped_attention`; the masks built here are boolean (True = may attend).
     """
 
     def __init__(self, model, rows: int, length: int, stop_ids: list[int], pad_id: int):
         import torch
         from transformers import StaticCache
 
-        use_decode_attention(model)
+        use_grouped_attention(model)
         device = model.device
         self.model, self.rows, self.length, self.pad_id = model, rows, length, pad_id
         self.cache = StaticCache(config=model.config, max_cache_len=length)
