@@ -107,20 +107,23 @@ def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     return root, data_cfg, loaded, base, formatted
 
 
-def _register_champion(tracking_uri: str, name: str, model_dir: Path) -> None:
+def _register_champion(tracking_uri: str, name: str, model_dir: Path, artifacts: Path) -> None:
     """What promotion writes: a run holding the merged model under `model`, a version, the alias."""
     from mlflow.tracking import MlflowClient
 
+    from tasks.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
+
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("promotions") or client.create_experiment("promotions")
-    experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
+    experiment = client.get_experiment_by_name("promotions")
+    experiment_id = (experiment.experiment_id if experiment else
+                     client.create_experiment("promotions", artifact_location=artifacts.as_uri()))
     run = client.create_run(experiment_id)
-    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client.log_artifacts(run.info.run_id, str(model_dir), MODEL_ARTIFACT)
     client.set_terminated(run.info.run_id)
     if not client.search_registered_models(f"name='{name}'"):
         client.create_registered_model(name)
-    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-    client.set_registered_model_alias(name, "champion", version.version)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
 
 
 def _models_generated(out_dir: Path) -> list[str]:
@@ -145,7 +148,7 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
                                tracking_uri, data_cfg, cfg, root / out, root / "reference")
 
     assert find_champion(tracking_uri, "shop") is None
-    _register_champion(tracking_uri, "shop", tiny_model)
+    _register_champion(tracking_uri, "shop", tiny_model, root / "artifacts")
     champion = find_champion(tracking_uri, "shop")
     report = run("with-champion", champion)
     assert _models_generated(root / "with-champion") == ["candidate", "base", "champion"]
@@ -170,7 +173,7 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     assert _models_generated(root / "same-champion") == ["candidate"]
     assert again.champion == report.champion and again.base == report.base
 
-    _register_champion(tracking_uri, "shop", tiny_model)  # a new promotion moves the alias to version 2
+    _register_champion(tracking_uri, "shop", tiny_model, root / "artifacts")  # a new promotion moves the alias to version 2
     newer = run("new-champion", find_champion(tracking_uri, "shop"))
     assert _models_generated(root / "new-champion") == ["candidate", "champion"]
     assert newer.champion.version == "2"
