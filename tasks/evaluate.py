@@ -212,9 +212,9 @@ def evaluate_models(
 
 
 def _candidate(trained: TrainResult, base: BaseModelRef) -> ModelToScore:
-    """A PEFT adapter is merged into the base; a folder without one is a fully fine-tuned model."""
+    """A LoRA adapter is merged into the base; a full fine-tune is a model folder of its own."""
     folder = trained.adapter_dir
-    if (folder / "adapter_config.json").is_file():
+    if trained.kind == "lora":
         return ModelToScore(name="candidate", weights=base.name_or_path, revision=base.revision, adapter=folder,
                             tokenizer=str(folder))
     return ModelToScore(name="candidate", weights=str(folder), tokenizer=str(folder))

@@ -139,9 +139,10 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     root, data_cfg, loaded, base, formatted = eval_inputs
     tracking_uri = f"sqlite:///{root}/mlflow.db"
     cfg = EvalConfig(max_samples=4, max_new_tokens=8, batch_size=4, probes=["<p>Name: Lamp</p>", "hello"])
-    # A fully fine-tuned candidate is a model folder without an adapter; the tiny model stands in for one.
-    trained = TrainResult(adapter_dir=tiny_model, backend="hf", loss_history=[], runtime_s=0.0,
-                          trainable_params=0, total_params=0)
+    # A fully fine-tuned candidate is a model folder of its own; the tiny model stands in for one.
+    trained = TrainResult(adapter_dir=tiny_model, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
+                          trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
+                          micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
 
     def run(out: str, champion):
         return evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, base, champion,
