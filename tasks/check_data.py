@@ -150,18 +150,13 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     )
     summary = {
         **checked.model_dump(mode="json"),
-        "reasons": dict(Counter(_reason_kind(r) for r in rejections).most_common()),
+        "set_aside_by_stage_and_field": dict(Counter(f"{r.stage}: {r.field}" for r in rejections).most_common()),
         "great_expectations": {split: chat_suite.result_json(result) for split, result in results.items()},
     }
     checked.summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if checked.problems:
         raise DataCheckError(failure_message(checked), checked)
     return checked
-
-
-def _reason_kind(rejection: Rejection) -> str:
-    """A rejection's reason without its specifics ("812 tokens > …" → "tokens > …"), for counting."""
-    return f"{rejection.stage}: {rejection.field}"
 
 
 def account_for_rows(loaded: LoadedData, train: list[Example], eval_: list[Example],

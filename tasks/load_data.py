@@ -43,7 +43,8 @@ DATASET_INFO = "dataset_info.json"
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # OpenAI-compatible APIs and most R1-style exports
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 Shape = Literal["pairs", "alpaca", "sharegpt", "openai"]
-SHAPE_KEYS = "'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca) or 'input' + 'output' (pairs)"
+SHAPE_KEYS = ("'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca) or "
+              "'input' + 'output' (pairs)")
 
 
 class DataFileError(ValueError):
