@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tasks.config import DataConfig
-from tasks.examples import Example
+from tasks.examples import Example, split_reasoning
 from tasks.metrics import parse_json_object
 
 if TYPE_CHECKING:
@@ -68,7 +68,9 @@ def prompt_key(example: Example) -> str:
 
 def _first_empty_turn(example: Example) -> str | None:
     for i, message in enumerate(example.messages):
-        if not message.content.strip():
+        # An answer that is all reasoning and no answer is empty too.
+        text = split_reasoning(message.content)[1] if message.role == "assistant" else message.content
+        if not text.strip():
             return f"messages[{i}] ({message.role})"
     return None
 
@@ -84,7 +86,8 @@ def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
 
     rows = []
     for example in examples:
-        answers = [m.content for m in example.messages if m.role == "assistant"]
+        # The answer as scored: after a leading reasoning block (data.reasoning keep/wrap leave one there).
+        answers = [split_reasoning(m.content)[1] for m in example.messages if m.role == "assistant"]
         prompts = [m.content for m in example.messages if m.role == "user"]
         parsed = parse_json_object(answers[-1]) if answers else None
         rows.append({

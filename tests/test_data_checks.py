@@ -90,6 +90,19 @@ def test_required_keys_and_text_answers(tmp_path: Path, tiny_model: Path) -> Non
     assert "expect_column_values_to_be_json_parseable" not in {e["name"] for e in text.train.expectations}
 
 
+def test_reasoning_answers_are_checked_after_the_think_block(tmp_path: Path, tiny_model: Path) -> None:
+    rows = [{"input": f"<p>Product {i}</p>", "output": {"name": f"Product {i}"}, "reasoning": f"It says {i}."}
+            for i in range(3)] + [{"messages": [{"role": "user", "content": "<p>Product 9</p>"},
+                                                {"role": "assistant", "content": "<think>hm</think>"}]}]
+    train = tmp_path / "reasoning.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    checked = _check(tmp_path, tiny_model, train=train, eval=CORPUS / "leak_eval.jsonl", reasoning="wrap")
+    assert [r.message for r in _quarantine(checked)] == [
+        f"{train}:4: empty turn: messages[1] (assistant) has no text"]
+    answers = [e.answer for e in read_examples(checked.train.clean_path)]
+    assert answers == [f'<think>\nIt says {i}.\n</think>\n\n{{"name":"Product {i}"}}' for i in range(3)]
+
+
 def test_policy_fraction_fail_and_min_rows(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(DataCheckError) as caught:
         _check(tmp_path / "a", tiny_model, train=ROWS / "truncated.jsonl", eval=CORPUS / "leak_eval.jsonl",
