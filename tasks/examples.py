@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -82,4 +81,4 @@ def read_examples(path: Path) -> Iterator[Example]:
     """Read examples written by `write_jsonl` (already validated; not for user input)."""
     with path.open(encoding="utf-8") as lines:
         for line in lines:
-            yield Example.model_validate(json.loads(line))
+            yield Example.model_validate_json(line)  # parsed in pydantic's Rust core: several times faster
