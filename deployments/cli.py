@@ -78,6 +78,7 @@ def run_check(cfg) -> int:
     from tasks.check_data import DataCheckError
     from tasks.load_data import DataFileError
     from tasks.run_plan import check_run
+    from tasks.training import TrainingEnvironmentError
 
     quiet_environment()
     console = Console()
@@ -89,6 +90,9 @@ def run_check(cfg) -> int:
         return 1
     except DataCheckError as exc:
         print_data_report(console, exc.checked)
+        console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except TrainingEnvironmentError as exc:
         console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
     print_data_report(console, checked)
@@ -132,9 +136,12 @@ def print_run_plan(console, plan) -> None:
         ("longest example", f"{plan.longest_example_tokens} tokens"),
         ("examples per step", str(plan.examples_per_step)),
         ("steps per epoch", str(plan.steps_per_epoch)),
-        ("max steps", f"{plan.max_steps} ({plan.epochs:.2f} epochs)"),
-        # Hook: training's environment check (issue 7) gives memory and time; wire it here once it is on main.
-        ("memory / time estimate", "not available yet (training's environment check)"),
+        ("steps", f"{plan.steps} ({plan.epochs:.2f} epochs)"),
+        ("device", f"{plan.environment.device}, {plan.environment.precision}"),
+        ("memory estimate", f"{plan.environment.estimate_gib:.2f} GiB"
+                            + (f" of {plan.environment.free_gib:.1f} GiB free" if plan.environment.free_gib else "")
+                            + " (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.environment.estimate.items()) + ")"),
+        ("time estimate", "none yet: training's environment check estimates memory only"),
     ):
         table.add_row(name, value)
     console.print(table)

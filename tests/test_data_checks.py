@@ -154,6 +154,7 @@ def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, 
     out = capsys.readouterr().out
     assert "Data Docs: " in out and "index.html" in out
     assert "steps per epoch" in out and "│ 2 " in out and "4 (2.00 epochs)" in out
+    assert "memory estimate" in out and "GiB free (weights" in out and "cpu x1, fp32" in out
 
     config["data"]["train"] = str(CORPUS / "unusable" / "numbers.json")
     path.write_text(yaml.safe_dump(config))
