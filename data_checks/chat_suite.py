@@ -1,24 +1,27 @@
-"""The Great Expectations suite for canonical chat examples, and the quarantine and report it drives.
+"""The Great Expectations suite for canonical chat examples: one frame per split, one suite, Data Docs.
 
-Every row that fails an expectation is moved, with its reason, to a quarantine file; the rest go on to
-training. Only when too few rows survive does the check fail, and its error points at the quarantine.
+Each example becomes one row of a pandas frame with the columns the expectations judge (roles, answer,
+token count, duplicate and leakage keys). GX validates the frame in an ephemeral context, writes its own
+Data Docs (HTML) and names every failing row (`result_format="COMPLETE"` → `unexpected_index_list`), which
+`failed_rows` turns into one message per row: where it is and what is wrong.
 Great Expectations and pandas are imported inside the functions: importing them costs seconds, and a
 cached re-run that never checks data must not pay for that.
 """
 
 from __future__ import annotations
 
-import html
+import hashlib
 import json
-from collections import Counter, defaultdict
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pydantic import BaseModel
-
 from tasks.config import DataConfig
-from tasks.examples import Example, read_examples, write_jsonl
-from tasks.load_data import Rejection
+from tasks.examples import Example, split_reasoning
+from tasks.metrics import parse_json_object
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,25 +29,22 @@ if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
 
 ROLES_REGEX = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
-JSON_OBJECT_REGEX = r"^\s*\{"
+KEY_SEPARATOR = "\x1f"  # joins an answer's keys; cannot occur in a key a user would write
 COLUMN_TYPES = {
     "id": "str",
-    "source": "str",
-    "line": "int64",
-    "n_messages": "int64",
-    "chars": "int64",
-    "answer": "str",
+    "normalized_id": "str",
+    "prompt_key": "str",
     "roles": "str",
+    "prompt": "object",
+    "answer": "object",
+    "answer_keys": "object",
+    "first_empty_turn": "object",
+    "chars": "int64",
+    "n_tokens": "Int64",
+    "eval_copy": "object",
 }
-EXAMPLES_SHOWN = 5  # unexpected values per expectation in the report summary
-
-
-class DataCheckError(ValueError):
-    """Too few rows passed the data check; `report` says which expectations failed and where rows went."""
-
-    def __init__(self, message: str, report: DataCheckReport) -> None:
-        super().__init__(message)
-        self.report = report
+EXAMPLES_SHOWN = 5  # unexpected values per expectation in the summary
+DOCS_SITE = "tunepipe"
 
 
 class Failure(NamedTuple):
@@ -53,105 +53,169 @@ class Failure(NamedTuple):
     reason: str
 
 
-class DataCheckReport(BaseModel):
-    success: bool  # every expectation passed on every row (nothing quarantined)
-    n_checked: int
-    n_passed: int
-    n_quarantined: int
-    expectations: list[dict[str, Any]]
-    clean_path: Path
-    quarantine_path: Path
-    report_json: Path
-    report_html: Path
+def _normal(text: str) -> str:
+    return " ".join(text.casefold().split())
 
 
-def examples_frame(examples: list[Example]) -> pd.DataFrame:
-    """One row per example, in order, with the columns the suite checks."""
+def _digest(parts: Sequence[str]) -> str:
+    return hashlib.blake2b("\x1e".join(parts).encode("utf-8"), digest_size=8).hexdigest()
+
+
+def prompt_key(example: Example) -> str:
+    """The prompt up to case and whitespace, without system messages: equal on both sides means leakage."""
+    return _digest([f"{m.role}:{_normal(m.content)}" for m in example.prompt if m.role != "system"])
+
+
+def _first_empty_turn(example: Example) -> str | None:
+    for i, message in enumerate(example.messages):
+        # An answer that is all reasoning and no answer is empty too.
+        text = split_reasoning(message.content)[1] if message.role == "assistant" else message.content
+        if not text.strip():
+            return f"messages[{i}] ({message.role})"
+    return None
+
+
+def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
+                   eval_copies: Sequence[str | None] | None = None) -> pd.DataFrame:
+    """One row per example, in order, with the columns the suite checks.
+
+    `n_tokens` is each example's formatted length (None where its roles cannot be formatted; the roles
+    expectation names those rows); `eval_copies` names the eval row with the same prompt, for train rows.
+    """
     import pandas as pd
 
-    rows = [
-        {
+    rows = []
+    for example in examples:
+        # The answer as scored: after a leading reasoning block (data.reasoning keep/wrap leave one there).
+        answers = [split_reasoning(m.content)[1] for m in example.messages if m.role == "assistant"]
+        prompts = [m.content for m in example.messages if m.role == "user"]
+        parsed = parse_json_object(answers[-1]) if answers else None
+        rows.append({
             "id": example.id,
-            "source": example.source,
-            "line": example.line,
-            "n_messages": len(example.messages),
-            "chars": sum(len(message.content) for message in example.messages),
-            "answer": example.answer,
+            "normalized_id": _digest([f"{m.role}:{_normal(m.content)}" for m in example.messages]),
+            "prompt_key": prompt_key(example),
             "roles": ",".join(message.role for message in example.messages),
-        }
-        for example in examples
-    ]
+            "prompt": prompts[-1] if prompts else None,
+            "answer": answers[-1] if answers else None,
+            "answer_keys": KEY_SEPARATOR.join(parsed) if parsed is not None else None,
+            "first_empty_turn": _first_empty_turn(example),
+            "chars": sum(len(message.content) for message in example.messages),
+        })
+    frame = pd.DataFrame(rows, columns=list(COLUMN_TYPES))
+    frame["n_tokens"] = list(n_tokens)
+    frame["eval_copy"] = list(eval_copies) if eval_copies is not None else None
     # Explicit types so that an empty frame still has string columns for the regex expectations.
-    return pd.DataFrame(rows, columns=list(COLUMN_TYPES)).astype(COLUMN_TYPES)
+    return frame.astype(COLUMN_TYPES)
 
 
-def build_suite(cfg: DataConfig) -> ExpectationSuite:
-    """The expectations for `cfg`; each `description` is the reason given for a quarantined row."""
+def keys_regex(keys: Sequence[str]) -> str:
+    """Matches a KEY_SEPARATOR-joined key list that contains every key in `keys`."""
+    sep = re.escape(KEY_SEPARATOR)
+    return "^" + "".join(f"(?=(?:.*{sep})?{re.escape(key)}(?:{sep}|$))" for key in keys)
+
+
+def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: Sequence[str],
+                leakage: bool) -> ExpectationSuite:
+    """The expectations for one split; each `description` says what is expected, for the Data Docs."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
     expectations = [
+        gxe.ExpectColumnValuesToNotBeNull(column="prompt", description="a user turn is present"),
+        gxe.ExpectColumnValuesToNotBeNull(column="answer", description="an assistant turn is present"),
+        gxe.ExpectColumnValuesToBeNull(column="first_empty_turn", description="no turn is empty"),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="roles", regex=ROLES_REGEX,
+            description="an optional system message, then user/assistant turns alternating, ending with the assistant",
+        ),
+        gxe.ExpectColumnValuesToBeUnique(column="id", description="no exact duplicate (the first copy is kept)"),
         gxe.ExpectColumnValuesToBeUnique(
-            column="id", description="each conversation appears once (the first copy is kept)"
+            column="normalized_id", description="no duplicate up to case and whitespace (the first copy is kept)"
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="chars",
-            min_value=1,
-            max_value=cfg.max_chars,
-            description=f"all messages together between 1 and {cfg.max_chars} characters (data.max_chars)",
+            column="chars", min_value=1, max_value=cfg.max_chars,
+            description=f"all messages together at most {cfg.max_chars} characters (data.max_chars)",
         ),
-        gxe.ExpectColumnValuesToNotBeNull(column="answer", description="an assistant answer is present"),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="answer", min_value=1, description="the answer is not empty"),
-        gxe.ExpectColumnValuesToMatchRegex(
-            column="roles",
-            regex=ROLES_REGEX,
-            description="an optional system message, then alternating user/assistant turns ending with the assistant",
+        gxe.ExpectColumnValuesToBeBetween(
+            column="n_tokens", min_value=1, max_value=max_seq_length,
+            description=f"formatted with the chat template, at most {max_seq_length} tokens (model.max_seq_length)",
         ),
     ]
+    if leakage:
+        expectations.append(gxe.ExpectColumnValuesToBeNull(
+            column="eval_copy", description="the prompt does not also appear in the eval split (leakage)"
+        ))
     if cfg.output_format == "json":
         expectations += [
             gxe.ExpectColumnValuesToBeJsonParseable(
                 column="answer", description="the answer is valid JSON (data.output_format: json)"
             ),
-            gxe.ExpectColumnValuesToMatchRegex(
-                column="answer",
-                regex=JSON_OBJECT_REGEX,
-                description="the answer is a JSON object, not an array or a scalar (data.output_format: json)",
+            gxe.ExpectColumnValuesToNotBeNull(
+                column="answer_keys", description="the answer is a JSON object, not an array or a scalar"
             ),
         ]
-    return gx.ExpectationSuite(name="tunepipe_chat_examples", expectations=expectations)
+        if required_keys:
+            expectations.append(gxe.ExpectColumnValuesToMatchRegex(
+                column="answer_keys", regex=keys_regex(required_keys),
+                description=f"the answer carries the keys {', '.join(required_keys)}",
+            ))
+    return gx.ExpectationSuite(name=name, expectations=expectations)
 
 
-def run_suite(frame: pd.DataFrame, cfg: DataConfig) -> ExpectationSuiteValidationResult:
-    """Validate `frame` in a throwaway GX context; failed expectations list every offending row index."""
+def validate(frames: dict[str, pd.DataFrame], suites: dict[str, ExpectationSuite],
+             docs_dir: Path) -> dict[str, ExpectationSuiteValidationResult]:
+    """Validate each split's frame with its suite in one throwaway GX context and build its Data Docs."""
     import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # GX announces the temporary folder of its default docs site at INFO on every run; ours is in docs_dir.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     # GX's own tqdm bars would interleave with the pipeline's output.
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    batch = (
-        context.data_sources.add_pandas("examples")
-        .add_dataframe_asset("examples")
-        .add_batch_definition_whole_dataframe("all_rows")
-    )
-    suite = context.suites.add(build_suite(cfg))
-    validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name="chat_examples", data=batch, suite=suite)
-    )
-    return validation.run(batch_parameters={"dataframe": frame}, result_format="COMPLETE")
+    # Only our site: the ephemeral context's default one renders into a temporary folder nobody reads.
+    context.variables.data_docs_sites = {}
+    context.add_data_docs_site(DOCS_SITE, {
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    source = context.data_sources.add_pandas("examples")
+    results = {}
+    for split, frame in frames.items():
+        batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe("all_rows")
+        suite = context.suites.add(suites[split])
+        validation = context.validation_definitions.add(gx.ValidationDefinition(name=split, data=batch, suite=suite))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=f"tunepipe_{split}", validation_definitions=[validation], result_format="COMPLETE",
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+        ))
+        (results[split],) = checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()
+    return results
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _short(value: object, limit: int = 80) -> object:
+    if hasattr(value, "item"):  # a numpy scalar from the frame
+        value = value.item()
     if isinstance(value, str) and len(value) > limit:
         return value[:limit] + "…"
     return value
 
 
-def _failed_rows(result: ExpectationSuiteValidationResult, frame: pd.DataFrame) -> dict[int, list[Failure]]:
-    """Row index → its failures, for every failed expectation; of duplicates only the later copies fail."""
-    first_of_id = {id_: i for i, id_ in reversed(list(enumerate(frame["id"])))}
+def failed_rows(result: ExpectationSuiteValidationResult, frame: pd.DataFrame, examples: list[Example],
+                max_seq_length: int, cfg: DataConfig) -> dict[int, list[Failure]]:
+    """Row index → its failures, each with a message a user can act on; of duplicates the first copy stays."""
     failures: dict[int, list[Failure]] = defaultdict(list)
+    first_copy: dict[str, dict[str, int]] = {}
     for outcome in result.results:
         if outcome.success:
             continue
@@ -163,22 +227,54 @@ def _failed_rows(result: ExpectationSuiteValidationResult, frame: pd.DataFrame) 
             raise RuntimeError(
                 f"data check {config.type} on {column!r} failed without naming rows: {outcome.exception_info}"
             )
+        if column in ("id", "normalized_id"):
+            first_copy[column] = {value: i for i, value in reversed(list(enumerate(frame[column])))}
         for i in indices:
-            if column == "id":
-                first = first_of_id[frame.at[i, "id"]]
-                if first == i:
-                    continue
-                detail = f"duplicate of line {frame.at[first, 'line']}"
-                if frame.at[first, "source"] != frame.at[i, "source"]:
-                    detail += f" of {frame.at[first, 'source']}"
-            else:
-                detail = f"got {_short(frame.at[i, column])!r}"
-            reason = f"{config.type} (expected: {config.description}): {detail}"
-            failures[i].append(Failure(column, config.type, reason))
-    return dict(sorted(failures.items()))
+            if column == "normalized_id" and any(f.column == "id" for f in failures[i]):
+                continue  # an exact duplicate is named once
+            reason = _reason(config.type, column, i, frame, examples, first_copy, max_seq_length, cfg)
+            if reason is not None:
+                failures[i].append(Failure(column, config.type, reason))
+    return {i: row_failures for i, row_failures in sorted(failures.items()) if row_failures}
 
 
-def _expectation_summary(result: ExpectationSuiteValidationResult) -> list[dict[str, Any]]:
+def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples: list[Example],
+            first_copy: dict[str, dict[str, int]], max_seq_length: int, cfg: DataConfig) -> str | None:
+    value = frame.at[i, column]
+    if column == "answer_keys" or expectation == "expect_column_values_to_be_json_parseable":
+        # One JSON complaint per answer, and none for a missing or empty one (named as such already).
+        answer = frame.at[i, "answer"]
+        if not isinstance(answer, str) or not answer.strip():
+            return None
+        if expectation == "expect_column_values_to_not_be_null" and not _is_json(answer):
+            return None
+    if column in first_copy:
+        first = first_copy[column][value]
+        if first == i:
+            return None
+        how = "exact duplicate" if column == "id" else "duplicate up to case and whitespace"
+        return f"{how} of {examples[first].where}"
+    messages: dict[tuple[str, str], Callable[[], str]] = {
+        ("expect_column_values_to_not_be_null", "prompt"): lambda: "no user turn",
+        ("expect_column_values_to_not_be_null", "answer"): lambda: "no assistant turn",
+        ("expect_column_values_to_be_null", "first_empty_turn"): lambda: f"empty turn: {value} has no text",
+        ("expect_column_values_to_match_regex", "roles"): lambda: (
+            f"roles {value}: expected an optional system message, then user/assistant turns alternating, "
+            "ending with the assistant"),
+        ("expect_column_values_to_be_between", "chars"): lambda: f"{value} characters > max_chars {cfg.max_chars}",
+        ("expect_column_values_to_be_between", "n_tokens"): lambda: f"{value} tokens > max_seq_length {max_seq_length}",
+        ("expect_column_values_to_be_null", "eval_copy"): lambda: f"leakage: the same prompt is in the eval split "
+                                                                  f"({value}); kept there, set aside here",
+        ("expect_column_values_to_be_json_parseable", "answer"): lambda: f"answer is not valid JSON: {_short(value)!r}",
+        ("expect_column_values_to_not_be_null", "answer_keys"): lambda: (
+            f"answer is not a JSON object: {_short(frame.at[i, 'answer'])!r}"),
+        ("expect_column_values_to_match_regex", "answer_keys"): lambda: (
+            f"answer lacks required keys: has {', '.join(str(value).split(KEY_SEPARATOR)) or 'none'}"),
+    }
+    return messages[(expectation, column)]()
+
+
+def expectation_summary(result: ExpectationSuiteValidationResult) -> list[dict[str, Any]]:
     return [
         {
             "name": outcome.expectation_config.type,
@@ -194,108 +290,7 @@ def _expectation_summary(result: ExpectationSuiteValidationResult) -> list[dict[
     ]
 
 
-def _html_report(title: str, report: DataCheckReport, quarantined: list[Rejection]) -> str:
-    def cell(value: object) -> str:
-        return f"<td>{html.escape(str(value))}</td>"
+def result_json(result: ExpectationSuiteValidationResult) -> dict[str, Any]:
+    """GX's own validation result, as JSON (row index lists included)."""
+    return json.loads(json.dumps(result.to_json_dict(), default=str))
 
-    expectation_rows = "".join(
-        "<tr class='{}'>{}</tr>".format(
-            "pass" if e["success"] else "fail",
-            "".join(
-                cell(v)
-                for v in (
-                    e["name"],
-                    e["column"],
-                    e["expected"],
-                    "pass" if e["success"] else "FAIL",
-                    e["unexpected_count"],
-                    ", ".join(repr(x) for x in e["unexpected_examples"]),
-                )
-            ),
-        )
-        for e in report.expectations
-    )
-    quarantine_rows = "".join(
-        "<tr>{}</tr>".format("".join(cell(v) for v in (r.source, r.line, r.field, r.reason, _short(r.raw, 300))))
-        for r in quarantined
-    ) or "<tr><td colspan='5'>none</td></tr>"
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; margin-bottom: 2em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
-td {{ font-family: monospace; white-space: pre-wrap; max-width: 40em; }}
-tr.fail td {{ background: #fde2e2; }}
-tr.pass td {{ background: #e6f4e6; }}
-</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p>{report.n_checked} rows checked, {report.n_passed} passed, {report.n_quarantined} quarantined.</p>
-<p>Clean rows: {html.escape(str(report.clean_path))}<br>Quarantine: {html.escape(str(report.quarantine_path))}</p>
-<h2>Expectations</h2>
-<table><tr><th>expectation</th><th>column</th><th>expected</th><th>result</th><th>unexpected</th><th>examples</th></tr>
-{expectation_rows}</table>
-<h2>Quarantined rows</h2>
-<table><tr><th>source</th><th>line</th><th>field</th><th>reason</th><th>row</th></tr>
-{quarantine_rows}</table>
-</body></html>
-"""
-
-
-def check_examples(examples_path: Path, cfg: DataConfig, out_dir: Path, split: str = "train") -> DataCheckReport:
-    """Validate `examples_path`, split it into clean and quarantined rows, write reports; raise if too few pass."""
-    examples = list(read_examples(examples_path))
-    frame = examples_frame(examples)
-    result = run_suite(frame, cfg)
-    failures = _failed_rows(result, frame)
-
-    quarantined = [
-        Rejection(
-            source=examples[i].source,
-            line=examples[i].line,
-            field=",".join(dict.fromkeys(failure.column for failure in row_failures)),
-            reason=" | ".join(failure.reason for failure in row_failures),
-            raw=examples[i].model_dump_json(),
-        )
-        for i, row_failures in failures.items()
-    ]
-    clean = [example for i, example in enumerate(examples) if i not in failures]
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = DataCheckReport(
-        success=bool(result.success),
-        n_checked=len(examples),
-        n_passed=len(clean),
-        n_quarantined=len(quarantined),
-        expectations=_expectation_summary(result),
-        clean_path=out_dir / f"{split}_clean.jsonl",
-        quarantine_path=out_dir / f"{split}_quarantine.jsonl",
-        report_json=out_dir / f"{split}_report.json",
-        report_html=out_dir / f"{split}_report.html",
-    )
-    write_jsonl(report.clean_path, clean)
-    write_jsonl(report.quarantine_path, quarantined)
-    report.report_json.write_text(
-        json.dumps(
-            {"summary": report.model_dump(mode="json"), "great_expectations": result.to_json_dict()},
-            indent=2,
-            ensure_ascii=False,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    title = f"tunepipe data check: {examples_path} ({split})"
-    report.report_html.write_text(_html_report(title, report, quarantined), encoding="utf-8")
-
-    needed = cfg.min_rows if split == "train" else 1
-    if len(clean) < needed:
-        counts = Counter((f.expectation, f.column) for row_failures in failures.values() for f in row_failures)
-        top = ", ".join(f"{name} on {column} ({n} rows)" for (name, column), n in counts.most_common(3))
-        raise DataCheckError(
-            f"{examples_path}: only {len(clean)} of {len(examples)} {split} rows passed the data check, "
-            f"at least {needed} needed{' (data.min_rows)' if split == 'train' else ''}. "
-            f"Top reasons: {top or 'no rows to check'}. Rejected rows with their reasons: {report.quarantine_path} "
-            f"(report: {report.report_html})",
-            report,
-        )
-    return report

@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     doctor = commands.add_parser("doctor", help="check this machine (packages, GPU, Prefect, MLflow, Ollama, hub), "
                                                 "and what CONFIG needs; exit 1 when something it needs is missing")
     doctor.add_argument("config", type=Path, nargs="?", help="pipeline config (YAML) whose needs to check")
-    for command in (run, demo, doctor):
+    check = commands.add_parser(
+        "check", help="load, check and format the data only; print the data report and the run plan "
+                      "(exit 1 when a run would fail)")
+    check.add_argument("config", type=Path, help="pipeline config (YAML)")
+    for command in (run, demo, doctor, check):
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config field, e.g. --set train.max_steps=20 (repeatable)")
     schema = commands.add_parser("schema", help="print the config's JSON schema (for editor completion)")
@@ -57,11 +61,90 @@ def main(argv: list[str] | None = None) -> int:
         prepare_demo_assets(DEMO_ASSETS)
     try:
         # Fail on a bad config or an unusable base model before any server starts or stage runs.
-        resolve_base_model(load_config(args.config, args.overrides).model)
+        cfg = load_config(args.config, args.overrides)
+        resolve_base_model(cfg.model)
     except (ConfigError, BaseModelError) as exc:
         print(redact(str(exc)), file=sys.stderr)
         return 2
+    if args.command == "check":
+        return run_check(cfg)
     return run_finetune(args.config, args.overrides)
+
+
+def run_check(cfg) -> int:
+    """`tunepipe check`: the data report and the run plan; 1 when the data would stop a run."""
+    from rich.console import Console
+
+    from tasks.check_data import DataCheckError
+    from tasks.load_data import DataFileError
+    from tasks.run_plan import check_run
+    from tasks.training import TrainingEnvironmentError
+
+    quiet_environment()
+    console = Console()
+    try:
+        with Console(stderr=True).status("Loading, checking and formatting the data..."):
+            checked, plan = check_run(cfg)
+    except (DataFileError, FileNotFoundError) as exc:
+        console.print(f"[bold red]data cannot be used:[/]\n{exc}", highlight=False, soft_wrap=True)
+        return 1
+    except DataCheckError as exc:
+        print_data_report(console, exc.checked)
+        console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except TrainingEnvironmentError as exc:
+        console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    print_data_report(console, checked)
+    print_run_plan(console, plan)
+    return 0
+
+
+def print_data_report(console, checked) -> None:
+    from rich.table import Table
+
+    files = Table(title="data files (kept + quarantined = read)")
+    for column in ("file", "read", "kept train", "kept eval", "quarantined"):
+        files.add_column(column, justify="left" if column == "file" else "right")
+    for f in checked.files:
+        files.add_row(f.source, str(f.rows_read), str(f.kept_train), str(f.kept_eval), str(f.quarantined))
+    console.print(files)
+    failed = [(split, e) for split, report in (("train", checked.train), ("eval", checked.eval))
+              for e in report.expectations if not e["success"]]
+    if failed:
+        table = Table(title="failed expectations (Great Expectations)")
+        for column in ("split", "expectation", "column", "rows"):
+            table.add_column(column)
+        for split, e in failed:
+            table.add_row(split, e["expected"], e["column"], str(e["unexpected_count"]))
+        console.print(table)
+    for message in checked.first_rejections:
+        console.print(f"  set aside: {message}", highlight=False, soft_wrap=True)
+    console.print(f"{checked.rows_quarantined} of {checked.rows_read} rows set aside: {checked.quarantine_path}\n"
+                  f"Data Docs: {checked.data_docs}\nSummary (JSON): {checked.summary_path}", highlight=False,
+                  soft_wrap=True)
+
+
+def print_run_plan(console, plan) -> None:
+    from rich.table import Table
+
+    table = Table(title="run plan", show_header=False)
+    for name, value in (
+        ("rows (train / eval)", f"{plan.train_rows} / {plan.eval_rows}"),
+        ("tokens (train / eval)", f"{plan.train_tokens} / {plan.eval_tokens}"),
+        ("trained tokens (carry the loss)", str(plan.train_trained_tokens)),
+        ("longest example", f"{plan.longest_example_tokens} tokens"),
+        ("examples per step", str(plan.examples_per_step)),
+        ("steps per epoch", str(plan.steps_per_epoch)),
+        ("steps", f"{plan.steps} ({plan.epochs:.2f} epochs)"),
+        ("device", f"{plan.environment.device}, {plan.environment.precision}"),
+        ("memory estimate", f"{plan.environment.estimate_gib:.2f} GiB"
+                            + (f" of {plan.environment.free_gib:.1f} GiB free" if plan.environment.free_gib else "")
+                            + " (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.environment.estimate.items()) + ")"),
+        ("time estimate", "none yet: training's environment check estimates memory only"),
+    ):
+        table.add_row(name, value)
+    console.print(table)
 
 
 def prepare_demo_assets(root: Path) -> None:
@@ -103,9 +186,13 @@ def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
     return 0
 
 
-def run_finetune(config: Path, overrides: list[str]) -> int:
+def quiet_environment() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def run_finetune(config: Path, overrides: list[str]) -> int:
+    quiet_environment()
     server_boot = start_prefect_api_in_background()
     from rich.markup import escape
 
@@ -178,6 +265,7 @@ class Report:
             ("LoRA adapter", str(summary.adapter_dir)),
             *eval_rows(summary.eval),
             ("gate", summary.gate.summary()),
+            ("data checks (GX Data Docs)", f"{summary.data_docs} (MLflow: data_checks/data_docs/index.html)"),
             ("MLflow run", summary.mlflow_run_id),
             ("Ollama model", f"{summary.ollama.model_name} ({summary.ollama.state})"),
             ("Ollama", summary.ollama.message),

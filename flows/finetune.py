@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from tasks.base_model import resolve_base_model
 from tasks.champion import find_champion
-from tasks.check_data import check_data
+from tasks.check_data import DataCheckError, check_data
 from tasks.config import load_config
 from tasks.evaluate import EvalReport, evaluate
 from tasks.export import export
@@ -39,6 +39,7 @@ class RunSummary(BaseModel):
     merged_dir: Path
     adapter_dir: Path
     ollama: Registration
+    data_docs: Path  # Great Expectations' Data Docs (index.html); also in MLflow under data_checks/data_docs
 
 
 @flow(name="finetune")
@@ -55,7 +56,11 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
     }
     with tracked_run(cfg, run_name=f"{cfg.name}-{flow_run.get_name()}", tags=tags) as run:
         loaded = load_data(cfg.data, fingerprint, workdir)
-        checked = check_data(loaded, cfg.data, workdir)
+        try:
+            checked = check_data(loaded, cfg.data, base, cfg.model, workdir)
+        except DataCheckError as exc:
+            run.data_checked(loaded, exc.checked)  # the Data Docs and the quarantine explain the failure
+            raise
         run.data_checked(loaded, checked)
 
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, workdir)
@@ -78,5 +83,5 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
     return RunSummary(
         mlflow_run_id=run.run_id, mlflow_tracking_uri=redact(cfg.tracking.uri), eval=report, gate=decision,
         gguf_path=exported.gguf_path, merged_dir=exported.merged_dir, adapter_dir=exported.adapter_dir,
-        ollama=registration,
+        ollama=registration, data_docs=checked.data_docs,
     )

@@ -20,12 +20,46 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    train: Path = Field(description="JSONL file of training examples.")
-    eval: Path | None = Field(None, description="JSONL file of held-out examples; split from train when absent.")
+    train: Path = Field(
+        description="Training data: a file (JSONL, JSON array, CSV or Parquet), a folder of such files, a glob "
+        "(`data/*.jsonl`), or a LLaMA-Factory data folder described by its `dataset_info.json`."
+    )
+    eval: Path | None = Field(
+        None, description="Held-out data, given like `train`; split from train when absent."
+    )
+    shape: Literal["auto", "pairs", "alpaca", "sharegpt", "openai"] = Field(
+        "auto",
+        description="Record shape: `auto` detects it per record (`messages`: openai, `conversations`: sharegpt, "
+        "`instruction`: alpaca, `input`/`output`: pairs); naming one quarantines records of any other shape.",
+    )
+    datasets: list[str] = Field(
+        [], description="Entries of a LLaMA-Factory `dataset_info.json` to load; empty loads every entry."
+    )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when `eval` is not given.")
     system_prompt: str | None = Field(None, description="System message added to examples that have none.")
+    reasoning: Literal["keep", "strip", "wrap"] = Field(
+        "keep",
+        description="Reasoning text, applied when rows are read so training, evaluation and serving see the "
+        "same answers. `keep`: answers as written (a leading `<think>…</think>` block stays; a separate "
+        "reasoning field is an error, since it would be lost). `strip`: drop `<think>` blocks and reasoning "
+        "fields; the model learns to answer directly. `wrap`: write the reasoning (a reasoning field, or a "
+        "`<think>` block already there) as one `<think>\\n…\\n</think>\\n\\n` block before the answer.",
+    )
     output_format: Literal["json", "text"] = Field(
         "json", description="`json`: the assistant answer must be a JSON object (checked and scored as such)."
+    )
+    required_keys: list[str] = Field(
+        [],
+        description="Keys every JSON answer must carry (`output_format: json`); empty: the keys every "
+        "training answer shares, required of the eval answers.",
+    )
+    on_invalid: Literal["quarantine", "fail"] = Field(
+        "quarantine",
+        description="A row that cannot be used: `quarantine` sets it aside (with file, line or row, field and "
+        "reason) and goes on; `fail` stops the run before any model work.",
+    )
+    max_invalid_fraction: float = Field(
+        0.05, ge=0, le=1, description="More quarantined rows than this share of the rows read fails the run."
     )
     min_rows: int = Field(20, ge=1, description="Fewer valid training rows than this fails the data check.")
     max_chars: int = Field(20_000, ge=1, description="Longest allowed example (all messages), in characters.")
@@ -35,7 +69,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     base: str = Field(description="Hugging Face hub id or local folder of the base model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
-    max_seq_length: int = Field(1024, ge=16, description="Examples are truncated to this many tokens.")
+    max_seq_length: int = Field(
+        1024, ge=16, description="Longest formatted example, in tokens; longer ones are quarantined, not truncated."
+    )
     load_in_4bit: bool = Field(
         False, description="Load the frozen base in 4-bit (QLoRA, CUDA only); `train.mode: qlora` implies it."
     )

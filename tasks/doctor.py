@@ -206,11 +206,20 @@ def _base_model(cfg: PipelineConfig) -> list[Check]:
 
 
 def _data_files(cfg: PipelineConfig) -> list[Check]:
+    """Whether data.train/eval name files the loader can find (a file, folder, glob or LLaMA-Factory folder)."""
+    from tasks.load_data import DataFileError, resolve_sources
+
     checks = []
     for field, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if path is not None:
-            checks.append(Check(field, "ok" if path.is_file() else "fail",
-                                str(path) if path.is_file() else f"{path}: no such file"))
+        if path is None:
+            continue
+        try:
+            sources = resolve_sources(path, field, cfg.data.datasets)
+        except (DataFileError, FileNotFoundError) as exc:
+            checks.append(Check(field, "fail", str(exc)))
+            continue
+        detail = str(path) if [s.path for s in sources] == [path] else f"{path} ({len(sources)} files)"
+        checks.append(Check(field, "ok", detail))
     return checks
 
 

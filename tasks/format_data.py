@@ -69,32 +69,65 @@ def format_dataset(
 def tokenize_conversation(
     tokenizer, example: Example, assistant_only: bool = True
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the whole conversation, and labels that train the assistant turns (or everything).
+    """Token ids of the whole conversation, and labels that train the assistant turns (or everything)."""
+    return tokenize_conversations(tokenizer, [example], assistant_only)[0]
+
+
+def tokenize_conversations(
+    tokenizer, examples: list[Example], assistant_only: bool = True, batch_size: int = 512
+) -> list[tuple[list[int], list[int]]]:
+    """`tokenize_conversation` for many examples, with the tokenizer called once per batch of pieces.
 
     Each piece of the rendered text (prompt up to the assistant header, then the assistant's turn) is
     tokenized on its own, as at inference, where the prompt ends at the header and the model's tokens
     follow. Tokenizing the joined text instead could merge tokens across the boundary (a "\n" ending the
-    header with a "\n" starting the answer) and leave no clean cut between prompt and answer.
+    header with a "\n" starting the answer) and leave no clean cut between prompt and answer. Batching the
+    pieces lets the fast tokenizer work on many at once: the same ids, several times faster.
     """
+    results = []
+    for start in range(0, len(examples), batch_size):
+        pieces = [_pieces(tokenizer, example) for example in examples[start : start + batch_size]]
+        texts = [text for example_pieces in pieces for text, _ in example_pieces]
+        ids_of_text = iter(_encode(tokenizer, texts))
+        for example_pieces in pieces:
+            input_ids: list[int] = []
+            labels: list[int] = []
+            for _, trained in example_pieces:
+                ids = next(ids_of_text)
+                input_ids += ids
+                labels += ids if trained or not assistant_only else [IGNORE] * len(ids)
+            results.append((input_ids, labels))
+    return results
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text; the special tokens the template wrote are in the text already."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not texts:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    # The Rust tokenizer directly: transformers' conversion of each result to Python dicts costs a third as much
+    # again as the tokenization itself.
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def _pieces(tokenizer, example: Example) -> list[tuple[str, bool]]:
+    """The rendered conversation cut at turn boundaries, each piece with whether it is an assistant turn."""
     messages = [m.model_dump() for m in example.messages]
-    input_ids: list[int] = []
-    labels: list[int] = []
+    pieces: list[tuple[str, bool]] = []
     rendered = ""
     for turn, message in enumerate(messages):
         is_answer = message["role"] == "assistant"
-        pieces = [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False)] if is_answer else []
-        pieces.append((_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), is_answer))
-        for text, trained in pieces:
+        texts = [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False)] if is_answer else []
+        texts.append((_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), is_answer))
+        for text, trained in texts:
             if not text.startswith(rendered):
                 raise ValueError(
-                    f"{example.source}:{example.line}: the chat template renders this conversation's prefix "
+                    f"{example.where}: the chat template renders this conversation's prefix "
                     "differently from the whole; set model.chat_template to one that renders turns incrementally"
                 )
-            ids = tokenizer(text[len(rendered) :], add_special_tokens=False)["input_ids"]
-            input_ids += ids
-            labels += ids if trained or not assistant_only else [IGNORE] * len(ids)
+            pieces.append((text[len(rendered) :], trained))
             rendered = text
-    return input_ids, labels
+    return pieces
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -109,15 +142,15 @@ def _format_split(
 ) -> tuple[FormattedSplit, list[Rejection]]:
     n_rows = n_tokens = n_trained = longest = 0
     too_long: list[Rejection] = []
+    examples = list(read_examples(source))
     with out_path.open("w", encoding="utf-8") as out:
-        for example in read_examples(source):
-            input_ids, labels = tokenize_conversation(tokenizer, example, assistant_only)
+        for example, (input_ids, labels) in zip(examples, tokenize_conversations(tokenizer, examples, assistant_only)):
             if len(input_ids) > max_tokens:
                 # Truncating would cut the answer and its end-of-turn token: the model would learn not to stop.
                 too_long.append(Rejection(
-                    source=example.source, line=example.line, field="messages",
-                    reason=f"{len(input_ids)} tokens > model.max_seq_length={max_tokens}",
-                    raw=example.model_dump_json(),
+                    source=example.source, line=example.line, unit=example.unit, field="messages",
+                    reason=f"{len(input_ids)} tokens > max_seq_length {max_tokens}",
+                    raw=example.model_dump_json(), stage="format",
                 ))
                 continue
             out.write(json.dumps({"id": example.id, "input_ids": input_ids, "labels": labels}) + "\n")

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Literal
 
+from tasks.examples import split_reasoning
+
 OutputFormat = Literal["json", "text"]
 
 
@@ -37,7 +39,7 @@ def required_keys(reference_answers: Iterable[str]) -> list[str]:
     common: set[str] | None = None
     order: list[str] = []
     for answer in reference_answers:
-        parsed = parse_json_object(answer)
+        parsed = parse_json_object(split_reasoning(answer)[1])
         if parsed is None:
             continue
         order = order or list(parsed)
@@ -48,7 +50,11 @@ def required_keys(reference_answers: Iterable[str]) -> list[str]:
 def score_example(
     answer: str, reference: str, stopped: bool, output_format: OutputFormat, required: Sequence[str] = ()
 ) -> dict[str, float]:
-    """Every metric of one answer against its reference, each in [0, 1]."""
+    """Every metric of one answer against its reference, each in [0, 1].
+
+    Both are judged after a leading `<think>` block (data.reasoning keep/wrap train the model to write one).
+    """
+    answer, reference = split_reasoning(answer)[1], split_reasoning(reference)[1]
     scores = {"stop_rate": float(stopped)}
     if output_format == "json":
         scores.update(_json_scores(answer, reference, required))

@@ -114,11 +114,12 @@ class Tracker:
             "data.rows_quarantined_train": checked.train.n_quarantined,
             "data.rows_quarantined_eval": checked.eval.n_quarantined,
             "data.rows_clean_train": checked.train.n_passed, "data.rows_clean_eval": checked.eval.n_passed,
+            "data.rows_read": checked.rows_read, "data.rows_quarantined": checked.rows_quarantined,
         })
-        for path in (loaded.quarantine_path, checked.train.quarantine_path, checked.eval.quarantine_path,
-                     checked.train.report_html, checked.train.report_json, checked.eval.report_html,
-                     checked.eval.report_json):
-            self._artifact(path, "data_checks" if "report" in path.name else "quarantine")
+        self._artifact(checked.quarantine_path, "quarantine")
+        self._artifact(checked.summary_path, "data_checks")
+        self._artifact(checked.data_docs.parent, "data_checks/data_docs")
+        self.tags({"data.checks": "passed" if not checked.problems else "failed"})
 
     def live_ref(self) -> MlflowRunRef:
         return MlflowRunRef(tracking_uri=self.uri, run_id=self.run_id)

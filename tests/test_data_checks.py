@@ -1,125 +1,162 @@
-"""The data check runs the real Great Expectations suite on small files of canonical examples."""
+"""The data check: the real Great Expectations suite on the broken-file corpus, with the tiny model's tokenizer."""
 
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from data_checks.chat_suite import DataCheckError, check_examples
-from tasks.config import DataConfig
-from tasks.examples import Example, Message, read_examples, write_jsonl
-from tasks.load_data import Rejection, example_id
+from tasks.base_model import resolve_base_model
+from tasks.check_data import CheckedData, DataCheckError, check_dataset
+from tasks.config import DataConfig, ModelConfig
+from tasks.examples import read_examples
+from tasks.load_data import Rejection, load_dataset
 
-SOURCE = "user/train.jsonl"
-
-
-def _example(line: int, answer: str | None = None, question: str | None = None, roles: tuple[str, ...] = ()) -> Example:
-    question = question or f"<p>Product {line}</p>"
-    answer = answer if answer is not None else json.dumps({"name": f"Product {line}"})
-    roles = roles or ("system", "user", "assistant")
-    contents = {"system": "Extract JSON.", "user": question, "assistant": answer}
-    messages = [Message(role=role, content=contents[role]) for role in roles]
-    return Example(id=example_id(messages), messages=messages, source=SOURCE, line=line)
+CORPUS = Path(__file__).parent / "corpus"
+ROWS = CORPUS / "rows"
+ROLES_EXPECTED = "expected an optional system message, then user/assistant turns alternating, ending with the assistant"
 
 
-def _write(tmp_path: Path, examples: list[Example]) -> Path:
-    path = tmp_path / "in" / "train.jsonl"
-    write_jsonl(path, examples)
-    return path
+def _check(tmp_path: Path, tiny_model: Path, max_seq_length: int = 128, **data: object) -> CheckedData:
+    cfg = DataConfig(**{"min_rows": 1, "max_invalid_fraction": 1.0, **data})
+    model = ModelConfig(base=str(tiny_model), max_seq_length=max_seq_length)
+    loaded = load_dataset(cfg, tmp_path / "load")
+    return check_dataset(loaded, cfg, resolve_base_model(model), model, tmp_path / "check")
 
 
-def _quarantine(path: Path) -> list[Rejection]:
-    return [Rejection.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def _quarantine(checked: CheckedData) -> list[Rejection]:
+    return [Rejection.model_validate_json(line) for line in checked.quarantine_path.read_text().splitlines()]
 
 
-def _cfg(**overrides: object) -> DataConfig:
-    return DataConfig(train=Path(SOURCE), **{"min_rows": 5, **overrides})
+def test_broken_corpus_every_row_named_and_accounted_for(tmp_path: Path, tiny_model: Path) -> None:
+    checked = _check(tmp_path, tiny_model, train=ROWS, eval=CORPUS / "leak_eval.jsonl")
 
-
-def test_clean_set_passes(tmp_path: Path) -> None:
-    examples = [_example(line) for line in range(1, 11)]
-    report = check_examples(_write(tmp_path, examples), _cfg(), tmp_path / "out")
-
-    assert report.success
-    assert (report.n_checked, report.n_passed, report.n_quarantined) == (10, 10, 0)
-    assert all(e["success"] for e in report.expectations)
-    assert {e["name"] for e in report.expectations} >= {
-        "expect_column_values_to_be_unique",
-        "expect_column_values_to_be_json_parseable",
-        "expect_column_values_to_match_regex",
+    unknown = ("unknown shape: keys \"question\", \"answer\"; expected 'messages' (openai), 'conversations' "
+               "(sharegpt), 'instruction' + 'output' (alpaca) or 'input' + 'output' (pairs)")
+    assert [(r.stage, r.message) for r in _quarantine(checked)] == [
+        ("load", f'{ROWS}/alpaca.json row 2: missing field "output"'),
+        ("load", f"{ROWS}/bad_byte.jsonl:2: not valid UTF-8: byte 0xe9 at byte 18 of the line"),
+        ("load", f"{ROWS}/mixed_shapes.jsonl:5: {unknown}"),
+        ("load", f'{ROWS}/nulls_and_types.jsonl:2: field "input" is null'),
+        ("load", f'{ROWS}/nulls_and_types.jsonl:3: field "output" is null'),
+        ("load", f'{ROWS}/nulls_and_types.jsonl:4: field "input" must be a string, got number'),
+        ("load", f'{ROWS}/nulls_and_types.jsonl:5: field "output" must be a string or a JSON object, got boolean'),
+        ("load", f'{ROWS}/nulls_and_types.jsonl:6: field "messages" must be a list of turns, got string'),
+        ("load", f"{ROWS}/pairs.csv row 2: 3 cells, the header has 2"),
+        ("load", f'{ROWS}/roles.jsonl:1: field "messages[1].role" must be one of "system", "user", "assistant"; '
+                 'got "bot"'),
+        ("load", f"{ROWS}/truncated.jsonl:3: invalid JSON: Expecting ',' delimiter (column 62)"),
+        ("load", f"{ROWS}/truncated.jsonl:5: invalid JSON: Unterminated string starting at (column 42)"),
+        ("check", f"{ROWS}/chat.parquet row 2: no assistant turn; roles user: {ROLES_EXPECTED}"),
+        ("check", f"{ROWS}/duplicates.jsonl:3: exact duplicate of {ROWS}/duplicates.jsonl:1"),
+        ("check", f"{ROWS}/duplicates.jsonl:4: duplicate up to case and whitespace of {ROWS}/duplicates.jsonl:2"),
+        ("check", f"{ROWS}/json_targets.jsonl:2: answer is not valid JSON: 'Product 61 costs $61'"),
+        ("check", f"{ROWS}/json_targets.jsonl:3: answer is not a JSON object: '[\"Product 62\"]'"),
+        ("check", f"{ROWS}/overlong.jsonl:2: 384 tokens > max_seq_length 128"),
+        ("check", f"{ROWS}/roles.jsonl:2: no assistant turn; roles system,user: {ROLES_EXPECTED}"),
+        ("check", f"{ROWS}/roles.jsonl:3: roles user,user,assistant: {ROLES_EXPECTED}"),
+        ("check", f"{ROWS}/roles.jsonl:4: empty turn: messages[1] (assistant) has no text"),
+    ]
+    # The invariant, per file: every row read is kept (train or eval) or quarantined, never both, never lost.
+    by_file = {Path(f.source).name: (f.rows_read, f.kept_train + f.kept_eval, f.quarantined) for f in checked.files}
+    assert by_file == {
+        "alpaca.json": (3, 2, 1), "bad_byte.jsonl": (3, 2, 1), "chat.parquet": (3, 2, 1),
+        "duplicates.jsonl": (4, 2, 2), "json_targets.jsonl": (4, 2, 2), "mixed_shapes.jsonl": (5, 4, 1),
+        "nulls_and_types.jsonl": (7, 2, 5), "overlong.jsonl": (3, 2, 1), "pairs.csv": (3, 2, 1),
+        "roles.jsonl": (5, 1, 4), "truncated.jsonl": (5, 3, 2), "leak_eval.jsonl": (2, 2, 0),
     }
-    assert list(read_examples(report.clean_path)) == examples
-    assert report.quarantine_path.read_text() == ""
+    kept = [*read_examples(checked.train.clean_path), *read_examples(checked.eval.clean_path)]
+    assert len(kept) + len(_quarantine(checked)) == checked.rows_read == 47
+    assert {e.where for e in kept}.isdisjoint(r.message.rsplit(": ", 1)[0] for r in _quarantine(checked))
 
 
-def test_bad_rows_are_quarantined_with_their_lines(tmp_path: Path) -> None:
-    good = [_example(line) for line in range(1, 11)]
-    duplicate = good[2].model_copy(update={"line": 11})
-    not_json = _example(12, answer="Laptop, $999")
-    array = _example(13, answer='["Laptop"]')
-    too_long = _example(14, question="x" * 600)
-    bad_roles = _example(15, roles=("user", "user", "assistant"))
-    examples = [*good, duplicate, not_json, array, too_long, bad_roles]
-    report = check_examples(_write(tmp_path, examples), _cfg(max_chars=500), tmp_path / "out")
-
-    assert not report.success
-    assert (report.n_checked, report.n_passed, report.n_quarantined) == (15, 10, 5)
-    quarantined = {r.line: r for r in _quarantine(report.quarantine_path)}
-    assert sorted(quarantined) == [11, 12, 13, 14, 15]  # the first copy of the duplicate (line 3) stays
-    assert quarantined[11].field == "id" and "duplicate of line 3" in quarantined[11].reason
-    assert quarantined[12].field == "answer" and "json_parseable" in quarantined[12].reason
-    assert quarantined[13].field == "answer" and "JSON object" in quarantined[13].reason
-    assert quarantined[14].field == "chars" and "500" in quarantined[14].reason
-    assert quarantined[15].field == "roles" and "user,user,assistant" in quarantined[15].reason
-    assert all(r.source == SOURCE for r in quarantined.values())
-    assert Example.model_validate_json(quarantined[12].raw) == not_json  # nothing lost
-    assert [e.line for e in read_examples(report.clean_path)] == list(range(1, 11))
-
-    failed = {(e["name"], e["column"]): e for e in report.expectations if not e["success"]}
-    assert failed[("expect_column_values_to_be_json_parseable", "answer")]["unexpected_examples"] == ["Laptop, $999"]
-    assert failed[("expect_column_values_to_be_between", "chars")]["unexpected_count"] == 1
+def test_leakage_sets_the_train_copy_aside(tmp_path: Path, tiny_model: Path) -> None:
+    checked = _check(tmp_path, tiny_model, train=CORPUS / "leak_train.jsonl", eval=CORPUS / "leak_eval.jsonl")
+    assert [r.message for r in _quarantine(checked)] == [
+        f"{CORPUS}/leak_train.jsonl:7: leakage: the same prompt is in the eval split ({CORPUS}/leak_eval.jsonl:1); "
+        "kept there, set aside here"
+    ]
+    assert (checked.train.n_passed, checked.eval.n_passed) == (6, 2)
 
 
-def test_text_output_format_accepts_plain_answers(tmp_path: Path) -> None:
-    examples = [_example(line, answer=f"plain answer {line}") for line in range(1, 6)]
-    report = check_examples(_write(tmp_path, examples), _cfg(output_format="text"), tmp_path / "out")
-    assert report.success and report.n_passed == 5
-    assert "expect_column_values_to_be_json_parseable" not in {e["name"] for e in report.expectations}
+def test_required_keys_and_text_answers(tmp_path: Path, tiny_model: Path) -> None:
+    checked = _check(tmp_path / "json", tiny_model, train=ROWS / "json_targets.jsonl", eval=CORPUS / "leak_eval.jsonl",
+                     required_keys=["name", "price"])
+    assert [r.message for r in _quarantine(checked)][-1] == (
+        f"{ROWS}/json_targets.jsonl:4: answer lacks required keys: has name")
+    text = _check(tmp_path / "text", tiny_model, train=ROWS / "json_targets.jsonl", eval=CORPUS / "leak_eval.jsonl",
+                  output_format="text")
+    assert text.rows_quarantined == 0
+    assert "expect_column_values_to_be_json_parseable" not in {e["name"] for e in text.train.expectations}
 
 
-def test_report_files(tmp_path: Path) -> None:
-    examples = [_example(line) for line in range(1, 7)] + [_example(7, answer="<script>alert(1)</script>")]
-    report = check_examples(_write(tmp_path, examples), _cfg(), tmp_path / "out", split="eval")
-
-    assert report.report_json == tmp_path / "out" / "eval_report.json"
-    saved = json.loads(report.report_json.read_text())
-    assert saved["summary"]["n_quarantined"] == 1
-    assert saved["great_expectations"]["success"] is False
-    assert len(saved["great_expectations"]["results"]) == len(report.expectations)
-
-    page = report.report_html.read_text()
-    for expectation in report.expectations:
-        assert expectation["name"] in page
-    assert "<script>" not in page and "&lt;script&gt;" in page
-    assert str(report.quarantine_path) in page
+def test_reasoning_answers_are_checked_after_the_think_block(tmp_path: Path, tiny_model: Path) -> None:
+    rows = [{"input": f"<p>Product {i}</p>", "output": {"name": f"Product {i}"}, "reasoning": f"It says {i}."}
+            for i in range(3)] + [{"messages": [{"role": "user", "content": "<p>Product 9</p>"},
+                                                {"role": "assistant", "content": "<think>hm</think>"}]}]
+    train = tmp_path / "reasoning.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    checked = _check(tmp_path, tiny_model, train=train, eval=CORPUS / "leak_eval.jsonl", reasoning="wrap")
+    assert [r.message for r in _quarantine(checked)] == [
+        f"{train}:4: empty turn: messages[1] (assistant) has no text"]
+    answers = [e.answer for e in read_examples(checked.train.clean_path)]
+    assert answers == [f'<think>\nIt says {i}.\n</think>\n\n{{"name":"Product {i}"}}' for i in range(3)]
 
 
-def test_too_few_clean_rows_raise_naming_the_quarantine(tmp_path: Path) -> None:
-    examples = [_example(1), _example(2, answer="not json"), _example(3, answer="nope")]
-    path = _write(tmp_path, examples)
+def test_policy_fraction_fail_and_min_rows(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(DataCheckError) as caught:
-        check_examples(path, _cfg(min_rows=2), tmp_path / "out")
-
+        _check(tmp_path / "a", tiny_model, train=ROWS / "truncated.jsonl", eval=CORPUS / "leak_eval.jsonl",
+               max_invalid_fraction=0.05)
     message = str(caught.value)
-    quarantine = tmp_path / "out" / "train_quarantine.jsonl"
-    assert str(path) in message and str(quarantine) in message
-    assert "only 1 of 3" in message and "expect_column_values_to_be_json_parseable on answer (2 rows)" in message
-    assert [r.line for r in _quarantine(quarantine)] == [2, 3]
-    assert caught.value.report.n_passed == 1
+    assert message.startswith("data check failed: 2 of 7 rows (28.6%) were set aside, more than "
+                              "data.max_invalid_fraction 5.0%.\nFirst rows set aside:\n"
+                              f"  {ROWS}/truncated.jsonl:3: invalid JSON: Expecting ',' delimiter (column 62)\n")
+    assert str(caught.value.checked.quarantine_path) in message and str(caught.value.checked.data_docs) in message
+
+    with pytest.raises(DataCheckError, match="1 of 5 rows are invalid and data.on_invalid is fail"):
+        _check(tmp_path / "b", tiny_model, train=ROWS / "overlong.jsonl", eval=CORPUS / "leak_eval.jsonl",
+               on_invalid="fail")
+    with pytest.raises(DataCheckError, match="2 training rows passed, data.min_rows is 20"):
+        _check(tmp_path / "c", tiny_model, train=ROWS / "overlong.jsonl", eval=CORPUS / "leak_eval.jsonl", min_rows=20)
 
 
-def test_eval_split_needs_one_clean_row(tmp_path: Path) -> None:
-    one = _write(tmp_path, [_example(1)])
-    assert check_examples(one, _cfg(min_rows=20), tmp_path / "out", split="eval").n_passed == 1
-    with pytest.raises(DataCheckError, match="no rows to check"):
-        check_examples(_write(tmp_path, []), _cfg(), tmp_path / "out", split="eval")
+def test_data_docs_and_summary(tmp_path: Path, tiny_model: Path) -> None:
+    checked = _check(tmp_path, tiny_model, train=ROWS / "overlong.jsonl", eval=CORPUS / "leak_eval.jsonl")
+    docs = checked.data_docs.parent
+    assert checked.data_docs.name == "index.html" and checked.data_docs.is_file()
+    assert {p.name for p in (docs / "validations").iterdir()} == {"tunepipe_train", "tunepipe_eval"}
+    page = next((docs / "validations" / "tunepipe_train").rglob("*.html")).read_text()
+    assert "n_tokens" in page and "at most 128 tokens (model.max_seq_length)" in page
+    summary = json.loads(checked.summary_path.read_text())
+    assert summary["rows_read"] == 5 and summary["rows_quarantined"] == 1
+    assert summary["files"][0] == {"source": str(ROWS / "overlong.jsonl"), "unit": "line", "rows_read": 3,
+                                   "kept_train": 2, "kept_eval": 0, "quarantined": 1}
+    gx_train = summary["great_expectations"]["train"]
+    assert gx_train["success"] is False and len(gx_train["results"]) == len(checked.train.expectations)
+
+
+def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    from deployments.cli import main
+
+    config = {"name": "t", "workdir": str(tmp_path / "runs"), "ollama": {"model_name": "t"},
+              "model": {"base": str(tiny_model), "max_seq_length": 128},
+              "data": {"train": str(ROWS / "overlong.jsonl"), "eval": str(CORPUS / "leak_eval.jsonl"), "min_rows": 1},
+              "train": {"batch_size": 1, "max_steps": 4}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    assert main(["check", str(path)]) == 1  # 1 of 5 rows set aside: above 5%
+    out = capsys.readouterr().out
+    assert f"set aside: {ROWS}/overlong.jsonl:2: 384 tokens > max_seq_length 128" in out
+    assert "a run would fail: data check failed: 1 of 5 rows (20.0%) were set aside" in out
+
+    assert main(["check", str(path), "--set", "data.max_invalid_fraction=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "Data Docs: " in out and "index.html" in out
+    assert "steps per epoch" in out and "│ 2 " in out and "4 (2.00 epochs)" in out
+    assert "memory estimate" in out and "GiB free (weights" in out and "cpu x1, fp32" in out
+
+    config["data"]["train"] = str(CORPUS / "unusable" / "numbers.json")
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path)]) == 1
+    assert "numbers.json: a JSON array of numbers and strings" in capsys.readouterr().out

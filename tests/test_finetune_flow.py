@@ -66,6 +66,7 @@ def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
     samples = [json.loads(line) for line in summary.eval.samples_path.open()]
     assert len(samples) == summary.eval.n_samples == 8
     assert summary.eval.candidate.metrics["eval_loss"] < summary.eval.base.metrics["eval_loss"]
+    assert summary.data_docs.name == "index.html" and summary.data_docs.is_file()
 
 
 def test_gguf_greedy_next_token_matches_pytorch(first_run):
@@ -115,8 +116,8 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     assert run.data.tags["prefect.flow_run_id"]
     logged = {a.path for folder in ("config", "data_checks", "model", "ollama", "eval")
               for a in client.list_artifacts(summary.mlflow_run_id, folder)}
-    assert {"config/resolved.json", "data_checks/train_report.html", "ollama/Modelfile",
-            "eval/samples.jsonl", "eval/gate.json", "model/config.json"} <= logged
+    assert {"config/resolved.json", "data_checks/data_check_summary.json", "data_checks/data_docs",
+            "ollama/Modelfile", "eval/samples.jsonl", "eval/gate.json", "model/config.json"} <= logged
 
 
 def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):

@@ -152,7 +152,7 @@ def test_too_long_examples_are_quarantined_not_truncated(base: BaseModelRef, tmp
     assert formatted.n_quarantined == 1
     (rejected,) = _rows(formatted.quarantine_path)
     assert (rejected["source"], rejected["line"], rejected["field"]) == ("train.jsonl", 2, "messages")
-    assert rejected["reason"].endswith("tokens > model.max_seq_length=64")
+    assert rejected["reason"].endswith("tokens > max_seq_length 64")
     assert int(rejected["reason"].split()[0]) > 64
     assert Example.model_validate_json(rejected["raw"]) == long
     assert [row["id"] for row in _rows(formatted.train.path)] == [short.id]

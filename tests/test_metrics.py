@@ -63,3 +63,11 @@ def test_required_keys_are_those_in_every_reference():
 def test_misaligned_inputs_are_refused():
     with pytest.raises(ValueError, match="2 answers, 1 references"):
         score_answers(["a", "b"], ["a"], [True, True], "text")
+
+
+def test_answers_are_scored_after_a_leading_reasoning_block():
+    # data.reasoning keep/wrap train the model to think first; the answer after the block is what is judged.
+    reference = "<think>\nThe heading names it.\n</think>\n\n" + REFERENCE
+    answer = '<think>Price first.</think>\n{"name": "Mini Kite", "price": "$12", "category": "Toys"}'
+    assert score_example(answer, reference, True, "json")["exact_match"] == 1.0
+    assert required_keys([reference]) == ["name", "price", "category"]
