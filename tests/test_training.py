@@ -85,7 +85,7 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
         batch = training.make_batch(batch_rows, packing, 0, torch.device("cpu"), row_tokens)
         losses, owner = training.token_losses(model, batch, "hf")
         losses.sum().backward()  # the chunked head's backward runs too
-        return [float(losses[owner == i].mean()) for i in range(len(batch_rows))]
+        return [float(losses.detach()[owner == i].mean()) for i in range(len(batch_rows))]
 
     packed, unpacked = per_example(rows, True), per_example(rows, False)
     if row_tokens:
