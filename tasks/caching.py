@@ -2,13 +2,14 @@
 
 Prefect's default policy includes the flow run id and so never hits across runs; and a cache hit does not
 notice that the folder a result points at was deleted (see shared/notes/prefect-caching.md). `StageCache`
-fixes both: the key hashes the task's inputs (fingerprints, config sections, paths) and its module's source,
-and a record whose files are gone is passed over, so the stage runs again and writes them back.
+fixes both: the key hashes the task's inputs (fingerprints, config sections, paths), its module's source and
+the source of the modules that do its work in a worker process, and a record whose files are gone is passed over, so the stage runs again and writes them back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 from dataclasses import dataclass
@@ -59,11 +60,15 @@ def _jsonable(value: Any) -> Any:
 class StageCache(CachePolicy):
     # Arguments that do not change what the stage produces (e.g. where to report live metrics).
     ignore: tuple[str, ...] = ()
+    # Modules whose code decides the result besides the task's own (a worker's entry point): editing one
+    # must miss the cache just as editing the task's module does.
+    sources: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         inputs = {name: value for name, value in inputs.items() if name not in self.ignore}
-        module_source = Path(inspect.getsourcefile(task_ctx.task.fn)).read_bytes()
-        key = stable_hash(task_ctx.task.name, hashlib.sha256(module_source).hexdigest(), inputs)
+        paths = [inspect.getsourcefile(task_ctx.task.fn)] + [importlib.util.find_spec(m).origin for m in self.sources]
+        code = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
+        key = stable_hash(task_ctx.task.name, code, inputs)
         store = task_ctx.result_store
         # Walk key, key-rerun-1, ... to the first slot that is empty or holds a result whose files exist.
         for attempt in count():

@@ -23,7 +23,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.base_model import BaseModelRef
-from tasks.caching import STAGE_CACHE, stable_hash, stage_dir
+from tasks.caching import StageCache, stable_hash, stage_dir
 from tasks.champion import ChampionRef, download_champion
 from tasks.config import DataConfig, EvalConfig
 from tasks.examples import Message, read_examples
@@ -242,7 +242,7 @@ def _write_reference(reference_dir: Path, name: str, key: str, outputs: ModelOut
     partial.replace(partial.with_suffix(".json"))
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="evaluate", cache_policy=StageCache(sources=("tasks.generation", "tasks.metrics")), persist_result=True)
 def evaluate(
     data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
     champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path,

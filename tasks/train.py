@@ -77,7 +77,11 @@ def load_trained_model(trained: TrainResult, base: BaseModelRef, **load_kwargs):
     return PeftModel.from_pretrained(model, trained.adapter_dir)
 
 
-@task(name="train", cache_policy=StageCache(ignore=("mlflow_run",)), persist_result=True)
+# The MLflow run only says where live metrics go; the training itself is in tasks/training.py.
+TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=("tasks.training",))
+
+
+@task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)
 def train(
     data: FormattedData, base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig,
     workdir: Path, init_from: Path | None = None, mlflow_run: MlflowRunRef | None = None,

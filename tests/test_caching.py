@@ -14,7 +14,7 @@ from prefect import flow, task
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import BaseModel
 
-from tasks.caching import STAGE_CACHE, outputs_exist, stable_hash, stage_dir
+from tasks.caching import STAGE_CACHE, StageCache, outputs_exist, stable_hash, stage_dir
 from tasks.config import EvalConfig, Thresholds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,3 +157,28 @@ def test_stage_cache_across_flow_runs_and_after_deletion(prefect_server: None, t
         name, _ = stage_flow(out_dir, counter, "other input")  # different inputs: a different key
         assert (name, int(counter.read_text())) == ("Completed", 3)
         assert any((tmp_path / "results").iterdir())  # results were stored in this test's folder
+
+
+def test_stage_cache_misses_when_a_declared_source_module_changes(prefect_server: None, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """A stage whose work is done by another module (a worker's entry point) re-runs when that module changes."""
+    helper = tmp_path / "stage_helper_module.py"
+    helper.write_text("VERSION = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    counter = tmp_path / "executions.txt"
+
+    @task(cache_policy=StageCache(sources=("stage_helper_module",)), persist_result=True)
+    def helped(counter: Path) -> int:
+        runs = int(counter.read_text()) if counter.exists() else 0
+        counter.write_text(str(runs + 1))
+        return runs + 1
+
+    @flow
+    def helped_flow() -> str:
+        return helped(counter, return_state=True).name
+
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        assert (helped_flow(), counter.read_text()) == ("Completed", "1")
+        assert (helped_flow(), counter.read_text()) == ("Cached", "1")
+        helper.write_text("VERSION = 2\n")
+        assert (helped_flow(), counter.read_text()) == ("Completed", "2")
