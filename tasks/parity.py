@@ -20,6 +20,7 @@ from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.config import DataConfig, EvalConfig, ExportConfig
 from tasks.examples import Example, read_examples
 from tasks.export import ExportResult
+from tasks.llama_cpp_tools import load_gguf
 from tasks.metrics import required_keys, score_answers
 
 
@@ -79,10 +80,8 @@ def stop_token_ids(model_dir: Path, tokenizer) -> set[int]:
 def greedy_answers(gguf_path: Path, prompts: list[list[int]], stop_ids: set[int],
                    max_new_tokens: int) -> list[tuple[list[int], bool]]:
     """(answer token ids, ended by a stop token) per prompt: greedy, at most `max_new_tokens` tokens."""
-    from llama_cpp import Llama
-
     n_ctx = max(len(p) for p in prompts) + max_new_tokens
-    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=os.cpu_count(), verbose=False)
+    llm = load_gguf(gguf_path, n_ctx=n_ctx, n_threads=os.cpu_count())
     try:
         results = []
         for prompt in prompts:

@@ -101,6 +101,8 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
     if not passed:
         raise ParityFailed(verdicts, run_id)
     gguf = min((g for g in exported.ggufs if g.type in passed), key=lambda g: g.bytes)
+    # Absolute: `tunepipe register RUN_ID` may run from another folder than the flow did.
+    gguf = gguf.model_copy(update={"path": gguf.path.resolve()})
     spec = modelfile_spec(gguf.path, exported.merged_dir, cfg.ollama, cfg.data.system_prompt)
     modelfile = spec.write(gguf.path.parent / "Modelfile")
     adapter_base = cfg.ollama.adapter_base or (base.name_or_path if Path(base.name_or_path).is_dir() else None)

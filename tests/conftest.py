@@ -22,6 +22,14 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The untrained tiny model as an f16 GGUF, converted once per session."""
+    from tasks.export import convert
+
+    return convert(tiny_model, tmp_path_factory.mktemp("tiny-gguf") / "model-f16.gguf", "f16")
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tasks.demo_data import write_demo_dataset
 

@@ -64,11 +64,11 @@ class FakeOllama(ThreadingHTTPServer):
         return self.blob_dir / digest.replace(":", "-")
 
     def llm(self, digest: str):
-        from llama_cpp import Llama
+        from tasks.llama_cpp_tools import load_gguf
 
         with self._llm_lock:
             if digest not in self._llms:
-                self._llms[digest] = Llama(model_path=str(self.blob_path(digest)), n_ctx=2048, verbose=False)
+                self._llms[digest] = load_gguf(self.blob_path(digest), n_ctx=2048)
             return self._llms[digest]
 
     def close(self) -> None:

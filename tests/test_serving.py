@@ -29,8 +29,7 @@ SYSTEM = "Extract the product as JSON."
 QUESTIONS = ["<div>Kettle, $25</div>", "<div>Lamp, $12</div>"]
 
 
-def _gguf(model_dir: Path, out_dir: Path) -> GgufFile:
-    path = convert(model_dir, out_dir / "model-f16.gguf", "f16")
+def _gguf_file(path: Path) -> GgufFile:
     return GgufFile(type="f16", path=path, bytes=path.stat().st_size, sha256=file_digest(path).split(":")[1])
 
 
@@ -58,13 +57,13 @@ def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
         model.lm_head.weight = torch.nn.Parameter(head)
     model.save_pretrained(out / "hf")
     tokenizer.save_pretrained(out / "hf")
-    return _gguf(out / "hf", out)
+    return _gguf_file(convert(out / "hf", out / "model-f16.gguf", "f16"))
 
 
 @pytest.fixture(scope="module")
-def rambling_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> GgufFile:
+def rambling_gguf(tiny_gguf: Path) -> GgufFile:
     """The untrained tiny model: it does not stop within a few tokens."""
-    return _gguf(tiny_model, tmp_path_factory.mktemp("rambling"))
+    return _gguf_file(tiny_gguf)
 
 
 @pytest.fixture(scope="module")
