@@ -114,6 +114,9 @@ def rollback(tracking_uri: str, name: str, ollama: OllamaClient) -> ChampionMove
     if PREVIOUS_TAG not in current.tags:
         raise ValueError(f"{name!r} version {current.version} is the first champion: nothing to roll back to")
     target = _ref(name, client.get_model_version(name, current.tags[PREVIOUS_TAG]))
+    if target.tags["ollama.tag"] not in ollama.tags():
+        raise ValueError(f"{target.tags['ollama.tag']} (version {target.version}) is no longer in Ollama at "
+                         f"{ollama.host}; register it again with: tunepipe register {target.run_id}")
     _move(client, ollama, target, current)
     client.set_model_version_tag(name, current.version, "rolled_back_to", target.version)
     return ChampionMove(name=name, version=target.version, previous=current.version,

@@ -42,9 +42,6 @@ class ExportResult(BaseModel):
     ggufs: list[GgufFile]  # in the order of `export.gguf_types`
     adapter_gguf: Path | None  # the LoRA adapter as GGUF, when LoRA-trained and `export.lora_gguf`
 
-    def gguf(self, gguf_type: str) -> GgufFile:
-        return next(g for g in self.ggufs if g.type == gguf_type)
-
 
 def is_lora(trained: TrainResult) -> bool:
     """Whether training left a PEFT adapter (LoRA/QLoRA) rather than a full model."""

@@ -58,11 +58,12 @@ def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
     exported = export_model(_trained(lora_adapter), base, ExportConfig(gguf_types=["f16", "q8_0"]), tmp_path)
 
     assert [(g.type, g.path.name) for g in exported.ggufs] == [("f16", "model-f16.gguf"), ("q8_0", "model-q8_0.gguf")]
-    assert exported.gguf("q8_0").bytes < exported.gguf("f16").bytes
+    ggufs = {g.type: g for g in exported.ggufs}
+    assert ggufs["q8_0"].bytes < ggufs["f16"].bytes
     assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["adapter.gguf", "model-f16.gguf", "model-q8_0.gguf"]
 
     # FROM base + ADAPTER must give what the merged model gives: llama.cpp applies the adapter GGUF to the base.
-    merged = _next_token_logits(exported.gguf("f16").path)
+    merged = _next_token_logits(ggufs["f16"].path)
     adapted = _next_token_logits(tiny_gguf, exported.adapter_gguf)
     unadapted = _next_token_logits(tiny_gguf)
     assert int(adapted.argmax()) == int(merged.argmax())

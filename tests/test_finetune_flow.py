@@ -96,7 +96,8 @@ def test_gguf_greedy_next_token_matches_pytorch(first_run):
     with torch.inference_mode():
         torch_next = int(model(torch.tensor([ids])).logits[0, -1].argmax())
 
-    llm = load_gguf(summary.exported.gguf("f16").path, n_ctx=512, logits_all=True)
+    (f16,) = [g.path for g in summary.exported.ggufs if g.type == "f16"]
+    llm = load_gguf(f16, n_ctx=512, logits_all=True)
     # special=True: the chat markers must become their single special tokens, exactly as in transformers.
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
     llm.eval(ids)

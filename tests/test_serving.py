@@ -148,11 +148,26 @@ def test_second_promotion_keeps_the_first_and_rollback_moves_both_back(
     back = rollback(uri, "pipeline-twice", OllamaClient(fake_ollama.url, timeout_s=5))
 
     assert (back.version, back.previous, back.ollama_tag) == ("1", "2", "twice:1")
-    assert fake_ollama.requests == [("POST", "/api/copy", {"source": "twice:1", "destination": "twice:latest"})]
+    assert fake_ollama.requests == [("GET", "/api/tags", None),
+                                    ("POST", "/api/copy", {"source": "twice:1", "destination": "twice:latest"})]
     assert fake_ollama.models["twice:latest"] is fake_ollama.models["twice:1"]
     assert find_champion(uri, "pipeline-twice").version == "1"
     with pytest.raises(ValueError, match="first champion: nothing to roll back to"):
         rollback(uri, "pipeline-twice", OllamaClient(fake_ollama.url, timeout_s=5))
+
+
+def test_rollback_refuses_when_the_previous_model_left_ollama(
+        fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    uri, run_id = mlflow_run
+    plan = _plan(obedient_gguf, "gone", fake_ollama.url, mlflow_run, tiny_model)
+    _serve(plan)
+    _serve(plan)
+    OllamaClient(fake_ollama.url, timeout_s=5).delete("gone:1")
+
+    with pytest.raises(ValueError, match=f"gone:1 .version 1. is no longer in Ollama .*tunepipe register {run_id}"):
+        rollback(uri, "pipeline-gone", OllamaClient(fake_ollama.url, timeout_s=5))
+    assert find_champion(uri, "pipeline-gone").version == "2"
+    assert fake_ollama.models["gone:latest"] is fake_ollama.models["gone:2"]
 
 
 def test_rollback_command(fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path,
