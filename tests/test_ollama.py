@@ -395,3 +395,27 @@ def test_adapter_modelfile_is_from_base_with_adapter(chatml_tokenizer: Path, ggu
     text = spec.model_copy(update={"adapter": adapter, "base": "qwen2.5:0.5b-instruct"}).render(gguf.parent)
     assert text.startswith('FROM qwen2.5:0.5b-instruct\nADAPTER ./adapter.gguf\nTEMPLATE """')
     assert 'SYSTEM """Trained."""\n' in text
+
+
+# Gemma 3's template, reduced to text turns: no system role, the system prompt opens the first user turn.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + "
+    "'\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}"
+    "{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("chat_template", [CHATML_TEMPLATE, LLAMA3_TEMPLATE, GEMMA3_TEMPLATE])
+@pytest.mark.parametrize("system", ["Answer in JSON.", None])
+def test_go_template_renders_what_the_chat_template_renders(chat_template: str, system: str | None) -> None:
+    """Ollama's rendering of the derived TEMPLATE (+ SYSTEM) is the text training rendered, turn for turn."""
+    from go_template import ollama_prompt
+
+    conversation = [{"role": "user", "content": "<p>Kettle</p>"}, {"role": "assistant", "content": '{"a": 1}'},
+                    {"role": "user", "content": "<p>Lamp</p>"}]
+    template, _ = ollama_template(chat_template)
+    trained = ([{"role": "system", "content": system}] if system else []) + conversation
+    assert ollama_prompt(template, system, conversation) == render_chat_template(chat_template, trained)
