@@ -110,8 +110,12 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
         spec.model_copy(update={"adapter": exported.adapter_gguf, "base": adapter_base}).write(
             gguf.path.parent / "Modelfile.adapter")
     examples = list(read_examples(eval_examples))
-    cases = [SmokeCase(name=f"held-out {ex.source}:{ex.line}", messages=_client_messages(ex.prompt, spec.system))
-             for ex in examples[: cfg.ollama.smoke_examples]]
+    # `eval.probes` (fixed user prompts) arrives with the evaluation's probes; read it where the config has it.
+    probes = [SmokeCase(name=f"probe {i}", messages=[{"role": "user", "content": probe}])
+              for i, probe in enumerate(getattr(cfg.eval, "probes", []))]
+    cases = probes + [SmokeCase(name=f"held-out {ex.source}:{ex.line}",
+                                messages=_client_messages(ex.prompt, spec.system))
+                      for ex in examples[: cfg.ollama.smoke_examples]]
     return ServingPlan(
         run_id=run_id, tracking_uri=cfg.tracking.uri, registered_model=cfg.name,
         dataset_fingerprint=dataset_fingerprint, gguf=gguf, spec=spec, modelfile=modelfile, ollama=cfg.ollama,
