@@ -236,3 +236,39 @@ def test_register_command_finishes_a_logged_plan(prefect_server, fake_ollama: Fa
     assert find_champion(uri, "pipeline-later").tags["ollama.tag"] == "later:1"
     assert fake_ollama.models["later:latest"] is fake_ollama.models["later:1"]
 
+
+
+def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_is(
+        tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
+    import yaml
+
+    from tasks.base_model import BaseModelRef
+    from tasks.examples import write_jsonl
+    from tasks.load_data import read_jsonl
+    from tasks.config import PipelineConfig
+    from tasks.export import ExportResult
+    from tasks.parity import ParityVerdict
+    from tasks.serve import ParityFailed, plan_serving
+
+    raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    raw["ollama"]["smoke_examples"] = 3
+    cfg = PipelineConfig.model_validate(raw)
+    held_out = tmp_path / "eval.jsonl"  # as the data check leaves it: examples with the system prompt added
+    write_jsonl(held_out, read_jsonl(demo_data[1], cfg.data.system_prompt)[0])
+    sizes = {"f16": 300, "q8_0": 200, "q4_k_m": 100}
+    exported = ExportResult(merged_dir=tiny_model, adapter_dir=None, adapter_gguf=None, ggufs=[
+        GgufFile(type=t, path=tiny_gguf, bytes=size, sha256="0" * 64) for t, size in sizes.items()])
+    base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")
+    verdicts = [ParityVerdict(gguf_type="f16", passed=True, failures=[]),
+                ParityVerdict(gguf_type="q8_0", passed=True, failures=[]),
+                ParityVerdict(gguf_type="q4_k_m", passed=False, failures=["exact_match: drop 0.1 > 0.02"])]
+
+    plan = plan_serving(exported, verdicts, base, cfg, "run-1", "f" * 64, held_out)
+
+    assert plan.gguf.type == "q8_0"  # q4_k_m is smaller but over its limit
+    assert plan.spec.system == cfg.data.system_prompt
+    assert [len(c.messages) for c in plan.smoke_cases] == [1, 1, 1]  # SYSTEM comes from the Modelfile
+    assert plan.required_keys == ["name", "price", "category", "manufacturer"]
+    failing = [v.model_copy(update={"passed": False, "failures": ["stop_rate: drop"]}) for v in verdicts]
+    with pytest.raises(ParityFailed, match=r"no GGUF is within the parity limits .*q4_k_m: stop_rate: drop; nothing"):
+        plan_serving(exported, failing, base, cfg, "run-1", "f" * 64, held_out)
