@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 DEMO_CONFIG = Path("configs/demo.yaml")
 DEMO_ASSETS = Path("runs/demo-assets")
+UNSERVED = 4  # exit status of `run`: trained, gated and exported, but not served; finish with `register`
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # TrackingConfig's default, without importing the config here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
                              help="override a config field, e.g. --set train.max_steps=20 (repeatable)")
     schema = commands.add_parser("schema", help="print the config's JSON schema (for editor completion)")
     schema.add_argument("-o", "--output", type=Path, help="write it to this file instead")
+    register = commands.add_parser("register", help="finish serving a run whose Ollama was not reachable: "
+                                                    "register, smoke-test and promote it")
+    register.add_argument("run_id", help="MLflow run id of the finetune run (printed at its end)")
+    rollback = commands.add_parser("rollback", help="move the champion (MLflow alias and Ollama NAME:latest) "
+                                                    "back to the version it replaced")
+    rollback.add_argument("name", help="registered model name: the pipeline's `name`")
+    for command in (register, rollback):
+        command.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
+                             help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
+    rollback.add_argument("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST or http://127.0.0.1:11434)")
     args = parser.parse_args(argv)
 
     from tasks.base_model import BaseModelError, resolve_base_model
@@ -56,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             print(redact(str(exc)), file=sys.stderr)
             return 2
         return print_doctor(cfg, args.config)
+    if args.command == "register":
+        return run_register(args.run_id, args.tracking_uri)
+    if args.command == "rollback":
+        return run_rollback(args.name, args.tracking_uri, args.ollama_host)
     if args.command == "demo":
         args.config = DEMO_CONFIG
         prepare_demo_assets(DEMO_ASSETS)
@@ -68,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return run_check(cfg)
-    return run_finetune(args.config, args.overrides)
+    # The demo runs where no Ollama may be: an unserved model is reported, not an error.
+    return run_finetune(args.config, args.overrides, unserved_status=0 if args.command == "demo" else UNSERVED)
 
 
 def run_check(cfg) -> int:
@@ -191,7 +208,7 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def run_finetune(config: Path, overrides: list[str]) -> int:
+def run_finetune(config: Path, overrides: list[str], unserved_status: int) -> int:
     quiet_environment()
     server_boot = start_prefect_api_in_background()
     from rich.markup import escape
@@ -206,14 +223,53 @@ def run_finetune(config: Path, overrides: list[str]) -> int:
     report = Report(state.state_details.flow_run_id)
     report.stages()
     if state.is_completed():
-        report.summary(state.result())
-        return 0
+        summary = state.result()
+        report.summary(summary)
+        return 0 if summary.serving.served else unserved_status
     error = state.result(raise_on_failure=False)
     if isinstance(error, GateFailed):
         report.gate(error)
         return 3
     report.console.print(f"[bold red]failed:[/] {escape(redact(str(error)))}")
     return 1
+
+
+def run_register(run_id: str, tracking_uri: str) -> int:
+    from rich.console import Console
+
+    quiet_environment()
+    from flows.serve import register_run
+
+    state = register_run(run_id, tracking_uri, return_state=True)
+    console = Console()
+    if not state.is_completed():
+        console.print(f"[bold red]failed:[/] {state.result(raise_on_failure=False)}")
+        return 1
+    serving = state.result()
+    console.print(serving.registration.message)
+    if not serving.served:
+        return UNSERVED
+    console.print(f"smoke test: {serving.smoke.summary()}")
+    console.print(f"champion: {serving.promotion.name} v{serving.promotion.version} "
+                  f"({serving.promotion.ollama_tag}, also {serving.promotion.ollama_tag.rsplit(':', 1)[0]}:latest)")
+    return 0
+
+
+def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
+    from tasks.champion import rollback
+    from tasks.config import OllamaConfig
+    from tasks.ollama.client import OllamaClient, OllamaError
+    from tasks.ollama.host import ollama_host as resolve_host
+
+    host = resolve_host(OllamaConfig(model_name=name, host=ollama_host))
+    try:
+        move = rollback(tracking_uri, name, OllamaClient(host, timeout_s=60))
+    except (ValueError, OllamaError) as exc:
+        print(f"rollback: {exc}", file=sys.stderr)
+        return 1
+    print(f"{name}: champion moved back from v{move.previous} to v{move.version} "
+          f"({move.ollama_tag} is now {move.ollama_tag.rsplit(':', 1)[0]}:latest)")
+    return 0
 
 
 def start_prefect_api_in_background() -> threading.Thread | None:
@@ -259,16 +315,19 @@ class Report:
         from rich.table import Table
 
         table = Table(title="tunepipe run", show_header=False)
+        parity = ", ".join(f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop "
+                           f"{g.scores.get('stop_rate', 0):.2f}" for g in summary.parity.ggufs)
         rows = [
-            ("GGUF", str(summary.gguf_path)),
-            ("merged model", str(summary.merged_dir)),
-            ("LoRA adapter", str(summary.adapter_dir)),
+            ("GGUF served", str(summary.gguf_path)),
+            ("GGUF parity", parity),
+            ("merged model", str(summary.exported.merged_dir)),
+            ("LoRA adapter", str(summary.exported.adapter_dir or "none (full fine-tuning)")),
             *eval_rows(summary.eval),
             ("gate", summary.gate.summary()),
             ("data checks (GX Data Docs)", f"{summary.data_docs} (MLflow: data_checks/data_docs/index.html)"),
             ("MLflow run", summary.mlflow_run_id),
-            ("Ollama model", f"{summary.ollama.model_name} ({summary.ollama.state})"),
-            ("Ollama", summary.ollama.message),
+            ("Ollama", summary.serving.registration.message),
+            ("champion", f"v{summary.serving.promotion.version}" if summary.serving.served else "unchanged"),
         ]
         for name, value in rows:
             table.add_row(name, value)

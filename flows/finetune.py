@@ -1,4 +1,4 @@
-"""The finetune flow: one config in, a gated, exported and registered model out. The body is the DAG."""
+"""The finetune flow: one config in, a gated, exported, parity-checked and served model out. The body is the DAG."""
 
 from __future__ import annotations
 
@@ -6,19 +6,22 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
+from flows.serve import Serving, serve
 from tasks.base_model import resolve_base_model
 from tasks.champion import find_champion
 from tasks.check_data import DataCheckError, check_data
 from tasks.config import load_config
 from tasks.evaluate import EvalReport, evaluate
-from tasks.export import export
+from tasks.export import ExportResult, export
 from tasks.format_data import format_data
 from tasks.gate import GateDecision, gate
 from tasks.load_data import data_fingerprint, load_data
-from tasks.ollama import Registration, register
+from tasks.parity import ParityReport, parity, parity_verdicts
 from tasks.redact import redact, redact_logs
+from tasks.serve import plan
 from tasks.tracking import tracked_run
 from tasks.train import train
 
@@ -35,15 +38,15 @@ class RunSummary(BaseModel):
     mlflow_tracking_uri: str
     eval: EvalReport
     gate: GateDecision
-    gguf_path: Path
-    merged_dir: Path
-    adapter_dir: Path
-    ollama: Registration
+    exported: ExportResult
+    parity: ParityReport
+    gguf_path: Path  # the one served (smallest within the parity limits)
+    serving: Serving
     data_docs: Path  # Great Expectations' Data Docs (index.html); also in MLflow under data_checks/data_docs
 
 
 @flow(name="finetune")
-def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary:
+def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary | State:
     redact_logs()
     cfg = load_config(config_path, overrides or [])
     workdir = cfg.workdir
@@ -76,12 +79,19 @@ def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary
             raise GateFailed(decision, run.run_id)
 
         exported = export(trained, base, cfg.export, workdir)
-        registration = register(exported, cfg.ollama)
-        run.exported(exported, registration)
+        measured = parity(exported, checked.eval.clean_path, cfg.data, cfg.eval, workdir)
+        verdicts = parity_verdicts(measured, report.candidate.metrics, cfg.export)
+        run.exported(exported, measured, verdicts)
+        serving_plan = plan(exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path)
+        run.planned(serving_plan)
+        serving = serve(serving_plan)
 
-    get_run_logger().info("ollama: %s", registration.message)
-    return RunSummary(
+    get_run_logger().info("ollama: %s", serving.registration.message)
+    summary = RunSummary(
         mlflow_run_id=run.run_id, mlflow_tracking_uri=redact(cfg.tracking.uri), eval=report, gate=decision,
-        gguf_path=exported.gguf_path, merged_dir=exported.merged_dir, adapter_dir=exported.adapter_dir,
-        ollama=registration, data_docs=checked.data_docs,
+        exported=exported, parity=measured, gguf_path=serving_plan.gguf.path, serving=serving,
+        data_docs=checked.data_docs,
     )
+    if not serving.served:  # trained and exported, but not served: say so in the run's final state
+        return Completed(name="Unserved", message=serving.registration.message, data=summary)
+    return summary

@@ -1,7 +1,12 @@
-"""Export the trained adapter three ways: the LoRA adapter, a merged HF model, and a GGUF for llama.cpp/Ollama.
+"""Export what training produced: the merged HF model, one GGUF per listed type, and the LoRA adapter as GGUF.
 
-The GGUF is made by llama.cpp's own converter (to f16/bf16) and, for quantized types, llama.cpp's quantizer
-through llama-cpp-python; then llama.cpp loads it once, so a broken file fails here and not in Ollama.
+Every GGUF comes from llama.cpp's own tools, taken from the installed llama-cpp-python (no build, no network):
+`convert_hf_to_gguf.py` writes the float file once, llama.cpp's quantizer makes each quantized type from it,
+and `convert_lora_to_gguf.py` writes the adapter for Ollama's FROM base + ADAPTER route. Whether each GGUF
+still does the task is the parity stage's question (`tasks/parity.py`), which loads every one of them.
+
+LoRA training leaves an adapter, merged here into the base; full fine-tuning leaves a whole model folder,
+which is exported as it is (and has no adapter GGUF).
 """
 
 from __future__ import annotations
@@ -16,43 +21,62 @@ from tasks.base_model import BaseModelRef
 from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.config import ExportConfig
 from tasks.llama_cpp_tools import run_converter
+from tasks.ollama.client import file_digest
 from tasks.train import TrainResult
 
 # llama.cpp's `llama_ftype` values for the quantizations we offer (llama.h).
 FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+FLOAT_TYPES = ("f16", "bf16")
+
+
+class GgufFile(BaseModel):
+    type: str
+    path: Path
+    bytes: int
+    sha256: str  # hex digest; Ollama names the blob `sha256:<this>`
 
 
 class ExportResult(BaseModel):
-    adapter_dir: Path
-    merged_dir: Path
-    gguf_path: Path
-    gguf_quantization: str
-    gguf_bytes: int
+    merged_dir: Path  # HF model + tokenizer: the merged LoRA model, or the fully fine-tuned one
+    adapter_dir: Path | None  # None after full fine-tuning
+    ggufs: list[GgufFile]  # in the order of `export.gguf_types`
+    adapter_gguf: Path | None  # the LoRA adapter as GGUF, when LoRA-trained and `export.lora_gguf`
 
 
 def export_model(trained: TrainResult, base: BaseModelRef, cfg: ExportConfig, out_dir: Path) -> ExportResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    if trained.kind == "full":  # already a whole model: nothing to merge
-        merged_dir = adapter_dir = out_dir / "merged"
-        shutil.copytree(trained.adapter_dir, merged_dir, dirs_exist_ok=True)
-    else:
+    adapter_dir = adapter_gguf = None
+    if trained.kind == "lora":  # LoRA or QLoRA: a PEFT adapter to merge
         adapter_dir = out_dir / "adapter"
         shutil.copytree(trained.adapter_dir, adapter_dir, dirs_exist_ok=True)
         merged_dir = merge_adapter(adapter_dir, base, out_dir / "merged")
+        if cfg.lora_gguf:
+            adapter_gguf = out_dir / "adapter.gguf"
+            # Only the base's config is read, and the merged folder has the base's config: no hub access.
+            run_converter("convert_lora_to_gguf.py", ["--base", str(merged_dir), "--outfile", str(adapter_gguf),
+                                                      "--outtype", "f16", str(adapter_dir)])
+    else:
+        merged_dir = trained.adapter_dir  # full fine-tuning saved a whole model (weights + tokenizer) there
+    return ExportResult(merged_dir=merged_dir, adapter_dir=adapter_dir,
+                        ggufs=write_ggufs(merged_dir, cfg.gguf_types, out_dir), adapter_gguf=adapter_gguf)
 
-    float_type = cfg.gguf_quantization if cfg.gguf_quantization in ("f16", "bf16") else "f16"
-    float_gguf = out_dir / f"model-{float_type}.gguf"
-    run_converter("convert_hf_to_gguf.py", [str(merged_dir), "--outfile", str(float_gguf), "--outtype", float_type])
-    gguf_path = float_gguf
-    if cfg.gguf_quantization in FTYPES:
-        gguf_path = out_dir / f"model-{cfg.gguf_quantization}.gguf"
-        quantize(float_gguf, gguf_path, FTYPES[cfg.gguf_quantization])
-        float_gguf.unlink()  # the quantized file is what gets served; the merged folder keeps full precision
-    check_loads(gguf_path)
-    return ExportResult(
-        adapter_dir=adapter_dir, merged_dir=merged_dir, gguf_path=gguf_path,
-        gguf_quantization=cfg.gguf_quantization, gguf_bytes=gguf_path.stat().st_size,
-    )
+
+def write_ggufs(model_dir: Path, gguf_types: list[str], out_dir: Path) -> list[GgufFile]:
+    """One GGUF per type: a float file converted once, each quantized type made from it."""
+    source_type = "bf16" if "bf16" in gguf_types and "f16" not in gguf_types else "f16"
+    paths = {source_type: convert(model_dir, out_dir / f"model-{source_type}.gguf", source_type)}
+    for gguf_type in gguf_types:
+        target = out_dir / f"model-{gguf_type}.gguf"
+        if gguf_type in paths:
+            continue
+        if gguf_type in FLOAT_TYPES:
+            paths[gguf_type] = convert(model_dir, target, gguf_type)
+        else:
+            paths[gguf_type] = quantize(paths[source_type], target, FTYPES[gguf_type])
+    if source_type not in gguf_types:
+        paths.pop(source_type).unlink()  # only the quantization source; the merged folder keeps full precision
+    return [GgufFile(type=t, path=paths[t], bytes=paths[t].stat().st_size,
+                     sha256=file_digest(paths[t]).removeprefix("sha256:")) for t in gguf_types]
 
 
 def merge_adapter(adapter_dir: Path, base: BaseModelRef, merged_dir: Path) -> Path:
@@ -67,7 +91,12 @@ def merge_adapter(adapter_dir: Path, base: BaseModelRef, merged_dir: Path) -> Pa
     return merged_dir
 
 
-def quantize(source: Path, target: Path, ftype: int) -> None:
+def convert(model_dir: Path, target: Path, float_type: str) -> Path:
+    run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(target), "--outtype", float_type])
+    return target
+
+
+def quantize(source: Path, target: Path, ftype: int) -> Path:
     import llama_cpp
     from llama_cpp._utils import suppress_stdout_stderr
 
@@ -77,12 +106,7 @@ def quantize(source: Path, target: Path, ftype: int) -> None:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source} (ftype {ftype})")
-
-
-def check_loads(gguf_path: Path) -> None:
-    from llama_cpp import Llama
-
-    Llama(model_path=str(gguf_path), n_ctx=256, verbose=False).close()
+    return target
 
 
 @task(name="export", cache_policy=STAGE_CACHE, persist_result=True)

@@ -1,4 +1,5 @@
-"""llama.cpp's converter, gguf-py and reference vocabularies, taken from the llama-cpp-python sdist.
+"""llama.cpp's converter, gguf-py and reference vocabularies, taken from the llama-cpp-python sdist; and
+loading a GGUF with llama-cpp-python the way every stage and test here does (`load_gguf`).
 
 The converter must match the llama.cpp library that loads and quantizes the GGUF, so we fetch the source
 package of exactly the installed llama-cpp-python from the package index once, keep only the Python parts
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-")
 
@@ -65,6 +68,35 @@ def run_converter(script: str, args: list[str]) -> None:
     done = subprocess.run([sys.executable, str(source / script), *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed:\n{done.stderr[-4000:]}")
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def load_gguf(path: Path, **kwargs: Any):
+    """`llama_cpp.Llama` for `path`, with llama.cpp's extra CPU buffer types (AMX, repacked weights) off.
+
+    On a CPU with Intel AMX, ggml's AMX matmul segfaults on the q8_0 tensors of a small model such as the
+    demo's (seen with llama-cpp-python 0.3.36 on a Sapphire Rapids-class machine: llama_decode crashes inside
+    ggml_backend_amx_mul_mat). `Llama` does not expose `use_extra_bufts`, so its default parameters are
+    swapped for the duration of the load; the plain CPU kernels give the same tokens.
+    """
+    import llama_cpp.llama_cpp as low
+    from llama_cpp import Llama
+
+    defaults = low.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _LOAD_LOCK:
+        low.llama_model_default_params = without_extra_buffer_types
+        try:
+            return Llama(model_path=str(path), verbose=False, **kwargs)
+        finally:
+            low.llama_model_default_params = defaults
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ cache hits still records everything those stages produced.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +21,10 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from tasks.champion import MODEL_ARTIFACT
 from tasks.config import PipelineConfig, TrackingConfig
 from tasks.redact import redact
+from tasks.serve import PLAN_ARTIFACT, ServingPlan
 
 if TYPE_CHECKING:
     from tasks.check_data import CheckedData
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from tasks.format_data import FormattedData
     from tasks.gate import GateDecision
     from tasks.load_data import LoadedData
-    from tasks.ollama import Registration
+    from tasks.parity import ParityReport, ParityVerdict
     from tasks.train import LossPoint, TrainResult
 
 # Per logged training step: MLflow metric name <- LossPoint field.
@@ -155,13 +158,23 @@ class Tracker:
         self.client.log_text(self.run_id, decision.model_dump_json(indent=2), "eval/gate.json")
         self.tags({"gate": "passed" if decision.passed else "failed", "gate.summary": decision.summary()})
 
-    def exported(self, exported: ExportResult, registration: Registration) -> None:
-        self._metrics({"export.gguf_bytes": exported.gguf_bytes})
-        self._artifact(registration.modelfile, "ollama")
-        self.tags({
-            "export.gguf_path": str(exported.gguf_path), "export.merged_dir": str(exported.merged_dir),
-            "ollama.model": registration.model_name, "ollama.state": registration.state,
-        })
+    def exported(self, exported: ExportResult, parity: ParityReport, verdicts: list[ParityVerdict]) -> None:
+        """GGUF sizes and per-type parity scores; the merged model as the `model` artifact the registry points at."""
+        self._metrics({f"export.{gguf.type}.bytes": gguf.bytes for gguf in exported.ggufs})
+        self._metrics({f"parity.{scores.gguf_type}.{name}": value
+                       for scores in parity.ggufs for name, value in scores.scores.items()})
+        self._artifact(parity.samples_path, "parity")
+        self.client.log_text(self.run_id, json.dumps([v.model_dump() for v in verdicts], indent=2),
+                             "parity/verdicts.json")
+        self._artifact(exported.merged_dir, MODEL_ARTIFACT)
+        self.tags({"export.merged_dir": str(exported.merged_dir),
+                   "parity.passed": ",".join(v.gguf_type for v in verdicts if v.passed) or "none"})
+
+    def planned(self, plan: ServingPlan) -> None:
+        self._artifact(plan.modelfile, "ollama")
+        self.client.log_text(self.run_id, plan.model_dump_json(indent=2), PLAN_ARTIFACT)
+        self.tags({"export.gguf_path": str(plan.gguf.path), "gguf.type": plan.gguf.type,
+                   "ollama.model": plan.ollama.model_name})
 
     def tags(self, values: dict[str, str]) -> None:
         for key, value in values.items():

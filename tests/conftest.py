@@ -22,6 +22,14 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The untrained tiny model as an f16 GGUF, converted once per session."""
+    from tasks.export import convert
+
+    return convert(tiny_model, tmp_path_factory.mktemp("tiny-gguf") / "model-f16.gguf", "f16")
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tasks.demo_data import write_demo_dataset
 
@@ -38,3 +46,25 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}), \
             prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def fake_ollama(tmp_path: Path) -> Iterator:
+    """A strict stand-in for Ollama's HTTP API (tests/fake_ollama.py), on a free local port."""
+    import threading
+
+    from fake_ollama import FakeOllama
+
+    server = FakeOllama(tmp_path / "ollama-blobs")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.close()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

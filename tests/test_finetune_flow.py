@@ -11,7 +11,7 @@ import yaml
 from deployments.cli import stage_states
 from flows.finetune import GateFailed, RunSummary, finetune
 
-EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export"}
+EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export", "parity"}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,9 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     config["eval"] = {"max_samples": 8, "max_new_tokens": 24, "thresholds": {"min_eval_loss_improvement": 1.0}}
     config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "e2e",
                           "artifact_location": str(root / "mlartifacts")}
-    # Nothing listens here, so registration must end as "skipped" with instructions.
+    # Nothing listens here, so the run must end "Unserved", with the command that finishes it later.
     config["ollama"]["host"] = "http://127.0.0.1:9"
+    config["export"]["max_drop"] = {"valid_json_rate": 1.0}  # a 20-step model: parity is measured, not gated
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -36,6 +37,7 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
 @pytest.fixture(scope="module")
 def first_run(prefect_server, config_path: Path) -> tuple[RunSummary, dict[str, str]]:
     state = finetune(str(config_path), return_state=True)
+    assert state.is_completed() and state.name == "Unserved", state.message
     return state.result(), states_by_stage(state)
 
 
@@ -52,17 +54,25 @@ def mlflow_client(config_path: Path):
 def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
     summary, states = first_run
     assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Completed" for stage in EXPENSIVE}
-    assert states["register_in_ollama"] == "Completed"
+    assert states["serve"] == "Completed"  # the subflow: register found no Ollama, so nothing was asked
     assert summary.gate.passed
-    assert (summary.adapter_dir / "config.json").is_file()  # the demo trains every weight (train.mode full)
-    assert (summary.merged_dir / "model.safetensors").is_file()
-    assert (summary.merged_dir / "chat_template.jinja").is_file()
-    assert summary.gguf_path.suffix == ".gguf" and summary.gguf_path.stat().st_size > 1_000_000
-    modelfile = summary.ollama.modelfile.read_text()
-    assert f"FROM ./{summary.gguf_path.name}" in modelfile
+    exported = summary.exported
+    # The demo trains every weight (train.mode full): a whole model, no adapter and no adapter GGUF.
+    assert exported.adapter_dir is None and exported.adapter_gguf is None
+    assert (exported.merged_dir / "model.safetensors").is_file()
+    assert (exported.merged_dir / "chat_template.jinja").is_file()
+    assert [g.type for g in exported.ggufs] == ["f16", "q8_0", "q4_k_m"]
+    assert all(g.path.read_bytes()[:4] == b"GGUF" and g.bytes > 1_000_000 for g in exported.ggufs)
+    assert [g.gguf_type for g in summary.parity.ggufs] == ["f16", "q8_0", "q4_k_m"]
+    smallest = min(exported.ggufs, key=lambda g: g.bytes)
+    assert summary.gguf_path == smallest.path.resolve()  # every type passed (limits opened above): the smallest
+    modelfile = (summary.gguf_path.parent / "Modelfile").read_text()
+    system_prompt = yaml.safe_load(Path("configs/demo.yaml").read_text())["data"]["system_prompt"]
+    assert f"FROM ./{summary.gguf_path.name}" in modelfile and f'SYSTEM """{system_prompt}"""' in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|endoftext|>"' in modelfile
-    assert summary.ollama.state == "skipped"
-    assert "ollama create tunepipe-demo -f Modelfile" in summary.ollama.message
+    registration = summary.serving.registration
+    assert registration.state == "unreachable" and not summary.serving.served
+    assert registration.message.endswith(f"tunepipe register {summary.mlflow_run_id}")
     samples = [json.loads(line) for line in summary.eval.samples_path.open()]
     assert len(samples) == summary.eval.n_samples == 8
     assert summary.eval.candidate.metrics["eval_loss"] < summary.eval.base.metrics["eval_loss"]
@@ -71,12 +81,13 @@ def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
 
 def test_gguf_greedy_next_token_matches_pytorch(first_run):
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.llama_cpp_tools import load_gguf
+
     summary, _ = first_run
-    tokenizer = AutoTokenizer.from_pretrained(summary.merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(summary.merged_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(summary.exported.merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(summary.exported.merged_dir).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "<div><h2>Product: Smart Kettle</h2><p>Price: $25</p></div>"}],
         tokenize=False, add_generation_prompt=True,
@@ -85,7 +96,8 @@ def test_gguf_greedy_next_token_matches_pytorch(first_run):
     with torch.inference_mode():
         torch_next = int(model(torch.tensor([ids])).logits[0, -1].argmax())
 
-    llm = Llama(model_path=str(summary.gguf_path), n_ctx=512, logits_all=True, verbose=False)
+    (f16,) = [g.path for g in summary.exported.ggufs if g.type == "f16"]
+    llm = load_gguf(f16, n_ctx=512, logits_all=True)
     # special=True: the chat markers must become their single special tokens, exactly as in transformers.
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
     llm.eval(ids)
@@ -114,10 +126,46 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     assert run.data.tags["gate"] == "passed"
     assert len(run.data.tags["dataset.fingerprint"]) == 64
     assert run.data.tags["prefect.flow_run_id"]
-    logged = {a.path for folder in ("config", "data_checks", "model", "ollama", "eval")
+    assert run.data.tags["ollama.state"] == "unreachable"
+    for scores in summary.parity.ggufs:
+        assert run.data.metrics[f"parity.{scores.gguf_type}.exact_match"] == scores.scores["exact_match"]
+    logged = {a.path for folder in ("config", "data_checks", "ollama", "eval", "model", "parity", "serving")
               for a in client.list_artifacts(summary.mlflow_run_id, folder)}
     assert {"config/resolved.json", "data_checks/data_check_summary.json", "data_checks/data_docs",
-            "ollama/Modelfile", "eval/samples.jsonl", "eval/gate.json", "model/config.json"} <= logged
+            "ollama/Modelfile", "eval/samples.jsonl", "eval/gate.json", "model/config.json",
+            "model/chat_template.jinja", "parity/samples.jsonl", "parity/verdicts.json",
+            "serving/plan.json"} <= logged
+
+
+def test_register_later_serves_the_run_or_leaves_nothing_behind(first_run, config_path: Path, fake_ollama):
+    """`tunepipe register RUN_ID` once Ollama answers: registered, asked, and promoted only if every answer passed."""
+    from flows.serve import register_run
+    from tasks.champion import find_champion
+
+    summary, _ = first_run
+    uri = summary.mlflow_tracking_uri
+    client = mlflow_client(config_path)
+    client.log_text(summary.mlflow_run_id, _with_host(client, summary.mlflow_run_id, fake_ollama.url),
+                    "serving/plan.json")
+
+    state = register_run(summary.mlflow_run_id, uri, return_state=True)
+
+    assert fake_ollama.bodies("/api/create")[0]["model"] == "tunepipe-demo:1"
+    assert len(fake_ollama.bodies("/api/chat")) == 5  # ollama.smoke_examples
+    champion = find_champion(uri, "demo-products")
+    if state.is_completed():  # the 20-step model answered parseable JSON and stopped every time
+        assert champion.version == "1" and "tunepipe-demo:latest" in fake_ollama.models
+    else:
+        assert "smoke test of tunepipe-demo:1 failed" in str(state.result(raise_on_failure=False))
+        assert champion is None and fake_ollama.models == {}
+
+
+def _with_host(client, run_id: str, host: str) -> str:
+    """The run's logged plan, pointed at the stand-in Ollama (the run itself had none)."""
+    from tasks.serve import ServingPlan
+
+    plan = ServingPlan.model_validate_json(Path(client.download_artifacts(run_id, "serving/plan.json")).read_text())
+    return plan.model_copy(update={"ollama": plan.ollama.model_copy(update={"host": host})}).model_dump_json()
 
 
 def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):

@@ -1,29 +1,22 @@
-"""tasks/ollama.py against a small local server that implements Ollama's documented HTTP API (docs/api.md),
-since Ollama itself cannot be installed here, and against a real Ollama when one answers at $OLLAMA_HOST."""
+"""tasks/ollama/ (host, template, Modelfile, client) against a strict local server that implements Ollama's
+documented HTTP API (tests/fake_ollama.py; Ollama itself cannot be installed here), and against a real Ollama
+when one answers at $OLLAMA_HOST."""
 
 import hashlib
 import json
 import os
 import re
-import socket
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
+from fake_ollama import FakeOllama
+from conftest import closed_port
 
 from tasks.config import OllamaConfig
-from tasks.ollama import (
-    OllamaClient,
-    OllamaConnectionError,
-    OllamaError,
-    modelfile_spec,
-    ollama_host,
-    ollama_template,
-    register_model,
-)
+from tasks.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
+from tasks.ollama.host import ollama_host
+from tasks.ollama.modelfile import modelfile_spec
+from tasks.ollama.template import ollama_template, render_chat_template
 from tasks.tiny_model import CHATML_TEMPLATE
 
 # Meta-Llama-3-8B-Instruct's chat template, as published.
@@ -42,131 +35,6 @@ QWEN25_TEMPLATE = (
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-# --- A stand-in Ollama ---------------------------------------------------------------------------------------
-
-BLOB_PATH = re.compile(r"/api/blobs/(?P<digest>.*)")
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-class FakeOllama(ThreadingHTTPServer):
-    """Ollama's API as docs/api.md describes it, in memory; it remembers what it was asked."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), FakeOllamaHandler)
-        self.blobs: dict[str, bytes] = {}
-        self.models: dict[str, dict[str, Any]] = {}
-        self.calls: list[str] = []  # "METHOD path", in order
-        self.create_requests: list[dict[str, Any]] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-def _full_name(model: str) -> str:
-    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
-
-
-class FakeOllamaHandler(BaseHTTPRequestHandler):
-    server: FakeOllama
-    protocol_version = "HTTP/1.1"  # like Ollama: streams go out chunked
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-        pass
-
-    def do_GET(self) -> None:
-        self.server.calls.append(f"GET {self.path}")
-        if self.path == "/api/version":
-            self._json(200, {"version": "0.0.0-fake"})
-        else:
-            self._json(404, {"error": "404 page not found"})
-
-    def do_HEAD(self) -> None:
-        self.server.calls.append(f"HEAD {self.path}")
-        blob = BLOB_PATH.fullmatch(self.path)
-        self.send_response(200 if blob and blob["digest"] in self.server.blobs else 404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_POST(self) -> None:
-        self.server.calls.append(f"POST {self.path}")
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if blob := BLOB_PATH.fullmatch(self.path):
-            self._receive_blob(blob["digest"], body)
-        elif self.path == "/api/create":
-            self._create(json.loads(body))
-        elif self.path == "/api/show":
-            self._show(json.loads(body))
-        else:
-            self._json(404, {"error": "404 page not found"})
-
-    def _receive_blob(self, digest: str, data: bytes) -> None:
-        if not DIGEST.fullmatch(digest):
-            return self._json(400, {"error": "invalid digest format"})
-        if digest in self.server.blobs:
-            return self._json(200, None)
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if actual != digest:
-            return self._json(400, {"error": f"digest mismatch, expected {digest!r}, got {actual!r}"})
-        self.server.blobs[digest] = data
-        self._json(201, None)
-
-    def _create(self, request: dict[str, Any]) -> None:
-        self.server.create_requests.append(request)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self._chunk({"status": "parsing GGUF"})
-        for digest in request["files"].values():
-            if digest not in self.server.blobs:
-                # Ollama opens the blob after the stream has started: the failure comes as a line, not a status.
-                self._chunk({"error": f"open /root/.ollama/models/blobs/{digest.replace(':', '-')}: "
-                                      "no such file or directory"})
-                return self._end_chunks()
-            self._chunk({"status": f"using existing layer {digest}"})
-        self._chunk({"status": "writing manifest"})
-        self.server.models[_full_name(request["model"])] = request
-        self._chunk({"status": "success"})
-        self._end_chunks()
-
-    def _show(self, request: dict[str, Any]) -> None:
-        model = self.server.models.get(_full_name(request["model"]))
-        if model is None:
-            return self._json(404, {"error": f"model '{request['model']}' not found"})
-        parameters = [f"{name:<30} {json.dumps(v) if isinstance(v, str) else v}"
-                      for name, value in model.get("parameters", {}).items()
-                      for v in (value if isinstance(value, list) else [value])]
-        self._json(200, {"template": model.get("template", ""), "system": model.get("system", ""),
-                         "parameters": "\n".join(parameters), "details": {"format": "gguf"}})
-
-    def _json(self, status: int, payload: Any) -> None:
-        body = b"" if payload is None else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _chunk(self, event: dict[str, Any]) -> None:
-        line = json.dumps(event).encode() + b"\n"
-        self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-
-    def _end_chunks(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")
-
-
-@pytest.fixture
-def fake_ollama() -> Iterator[FakeOllama]:
-    server = FakeOllama()
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
@@ -195,12 +63,6 @@ def gguf(tmp_path: Path) -> Path:
 
 def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- Host -----------------------------------------------------------------------------------------------------
@@ -342,86 +204,101 @@ def test_configured_template_keeps_stops(chatml_tokenizer: Path, gguf: Path) -> 
     assert spec.stops == ["<|im_end|>", "<|endoftext|>"]
 
 
-# --- Registration against the stand-in ------------------------------------------------------------------------
+# --- The client against the stand-in --------------------------------------------------------------------------
 
 
-def test_register_uploads_once_and_creates(fake_ollama: FakeOllama, chatml_tokenizer: Path, gguf: Path) -> None:
-    cfg = OllamaConfig(model_name="demo", host=fake_ollama.url, num_ctx=2048)
-    out_dir = gguf.parent
-
-    first = register_model(gguf, chatml_tokenizer, cfg, out_dir)
-    second = register_model(gguf, chatml_tokenizer, cfg, out_dir)
-
-    assert (first.state, second.state) == ("registered", "registered")
-    assert first.modelfile == out_dir / "Modelfile" and first.modelfile.read_text().startswith("FROM ./model.gguf\n")
+def test_blob_is_uploaded_once_with_its_digest(fake_ollama: FakeOllama, gguf: Path) -> None:
+    client = OllamaClient(fake_ollama.url, timeout_s=5)
     digest = _sha256(gguf.read_bytes())
+
+    assert client.push_blob(gguf) == digest
+    assert client.push_blob(gguf, digest) == digest  # known digest: asked, not hashed or sent again
+
     assert fake_ollama.blobs == {digest: gguf.read_bytes()}
-    blob_calls = [c for c in fake_ollama.calls if "/api/blobs/" in c]
-    assert blob_calls == [f"HEAD /api/blobs/{digest}", f"POST /api/blobs/{digest}", f"HEAD /api/blobs/{digest}"]
+    assert fake_ollama.calls == [f"HEAD /api/blobs/{digest}", f"POST /api/blobs/{digest}", f"HEAD /api/blobs/{digest}"]
 
+
+def test_create_show_copy_tags_delete_send_the_documented_requests(fake_ollama: FakeOllama, gguf: Path) -> None:
+    client = OllamaClient(fake_ollama.url, timeout_s=5)
+    digest = client.push_blob(gguf)
     template, _ = ollama_template(CHATML_TEMPLATE)
-    assert fake_ollama.create_requests[-1] == {
-        "model": "demo",
-        "files": {"model.gguf": digest},
-        "template": template,
-        "parameters": {"stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": 2048, "temperature": 0.0},
-        "stream": True,
-    }
-    assert OllamaClient(fake_ollama.url, timeout_s=5).show("demo:latest")["template"] == template
+    parameters = {"stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": 2048, "temperature": 0.0}
+
+    client.create("demo:3", files={"model.gguf": digest}, template=template, system="Be brief.",
+                  parameters=parameters)
+    shown = client.show("demo:3")
+    client.copy("demo:3", "demo:latest")
+    names = client.tags()
+    client.delete("demo:3")
+
+    assert fake_ollama.requests[2:] == [
+        ("POST", "/api/create", {"model": "demo:3", "stream": True, "files": {"model.gguf": digest},
+                                 "template": template, "system": "Be brief.", "parameters": parameters}),
+        ("POST", "/api/show", {"model": "demo:3"}),
+        ("POST", "/api/copy", {"source": "demo:3", "destination": "demo:latest"}),
+        ("GET", "/api/tags", None),
+        ("DELETE", "/api/delete", {"model": "demo:3"}),
+    ]
+    assert shown.template == template
+    assert names == ["demo:3", "demo:latest"]
+    assert client.tags() == ["demo:latest"]
 
 
-def test_spec_sent_to_create_matches_modelfile(fake_ollama: FakeOllama, chatml_tokenizer: Path, gguf: Path) -> None:
-    cfg = OllamaConfig(model_name="demo", host=fake_ollama.url, system="Be brief.")
-    registration = register_model(gguf, chatml_tokenizer, cfg, gguf.parent)
+def test_adapter_route_creates_from_a_base_with_adapters(fake_ollama: FakeOllama, gguf: Path, tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter.gguf"
+    adapter.write_bytes(b"GGUF" + os.urandom(1024))
+    client = OllamaClient(fake_ollama.url, timeout_s=5)
+    files, adapters = {"model.gguf": client.push_blob(gguf)}, {"adapter.gguf": client.push_blob(adapter)}
 
-    spec = modelfile_spec(gguf, chatml_tokenizer, cfg)
-    sent = fake_ollama.create_requests[-1]
-    assert registration.modelfile.read_text() == spec.render(gguf.parent)
-    assert (sent["template"], sent["system"], sent["parameters"]) == (spec.template, "Be brief.", spec.api_parameters())
+    client.create("demo-lora", files=files, adapters=adapters, template="{{ .Prompt }}", system=None, parameters={})
 
-
-def test_unreachable_ollama_is_skipped_with_the_command_to_run(chatml_tokenizer: Path, gguf: Path) -> None:
-    host = f"http://127.0.0.1:{_closed_port()}"
-    registration = register_model(gguf, chatml_tokenizer, OllamaConfig(model_name="demo", host=host), gguf.parent)
-
-    assert registration.state == "skipped"
-    assert registration.message == (
-        f"skipped: Ollama not reachable at {host}; register later with: "
-        f"cd {gguf.parent.resolve()} && OLLAMA_HOST={host} ollama create demo -f Modelfile"
-    )
-    assert registration.modelfile.read_text().startswith("FROM ./model.gguf\n")
+    assert fake_ollama.bodies("/api/create") == [{"model": "demo-lora", "stream": True, "files": files,
+                                                  "adapters": adapters, "template": "{{ .Prompt }}",
+                                                  "parameters": {}}]
 
 
 def test_reachable_only_when_something_answers(fake_ollama: FakeOllama) -> None:
-    closed = OllamaClient(f"http://127.0.0.1:{_closed_port()}", timeout_s=5)
+    closed = OllamaClient(f"http://127.0.0.1:{closed_port()}", timeout_s=5)
     assert not closed.reachable()
     with pytest.raises(OllamaConnectionError):
         closed.version()
+    with pytest.raises(OllamaConnectionError):
+        closed.show("demo")  # through the official client: its ConnectionError becomes ours
     assert OllamaClient(fake_ollama.url, timeout_s=5).reachable()
     # A server that answers with an error is a real problem, not an absent Ollama.
     with pytest.raises(OllamaError, match="HTTP 404"):
         OllamaClient(fake_ollama.url + "/not-ollama", timeout_s=5).reachable()
 
 
-def test_error_line_from_create_raises(fake_ollama: FakeOllama) -> None:
+def test_error_line_from_create_raises(fake_ollama: FakeOllama, tmp_path: Path) -> None:
     client = OllamaClient(fake_ollama.url, timeout_s=5)
     never_uploaded = "sha256:" + "0" * 64
     with pytest.raises(OllamaError, match="creating 'demo'.*no such file or directory"):
         client.create("demo", files={"model.gguf": never_uploaded}, template="{{ .Prompt }}", system=None,
                       parameters={})
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_text("not a model")
+    with pytest.raises(OllamaError, match="invalid file magic"):
+        client.create("demo", files={"notes.txt": client.push_blob(not_gguf)}, template="{{ .Prompt }}",
+                      system=None, parameters={})
     assert fake_ollama.models == {}
 
 
 def test_digest_mismatch_is_refused(fake_ollama: FakeOllama, gguf: Path) -> None:
     client = OllamaClient(fake_ollama.url, timeout_s=5)
-    with pytest.raises(OllamaError, match=r"POST .*/api/blobs/sha256:\w+: HTTP 400 Bad Request: digest mismatch"):
+    with pytest.raises(OllamaError, match=r"POST /api/blobs/sha256:\w+ at .*: HTTP 400: digest mismatch"):
         client.push_blob(gguf, digest=_sha256(b"some other file"))
     assert fake_ollama.blobs == {}
 
 
 def test_http_error_carries_the_server_message(fake_ollama: FakeOllama) -> None:
-    with pytest.raises(OllamaError, match=rf"POST {fake_ollama.url}/api/show: HTTP 404 Not Found: model 'nope' not"):
-        OllamaClient(fake_ollama.url, timeout_s=5).show("nope")
+    client = OllamaClient(fake_ollama.url, timeout_s=5)
+    with pytest.raises(OllamaError, match=rf"showing 'nope' at {fake_ollama.url}: HTTP 404: model 'nope' not found"):
+        client.show("nope")
+    with pytest.raises(OllamaError, match="HTTP 404"):
+        client.copy("nope", "nope:latest")
+    with pytest.raises(OllamaError, match="HTTP 404"):
+        client.delete("nope")
 
 
 # --- A real Ollama, when one answers -------------------------------------------------------------------------
@@ -446,22 +323,99 @@ def test_live_version() -> None:
 
 @needs_ollama
 @pytest.mark.skipif(not os.environ.get("TUNEPIPE_TEST_GGUF"), reason="set TUNEPIPE_TEST_GGUF to a ChatML GGUF")
-def test_live_register_and_chat(chatml_tokenizer: Path, tmp_path: Path) -> None:
-    cfg = OllamaConfig(model_name="tunepipe-live-test", host=LIVE.host)
-    registration = register_model(Path(os.environ["TUNEPIPE_TEST_GGUF"]), chatml_tokenizer, cfg, tmp_path)
-    assert registration.state == "registered", registration.message
-
-    reply = LIVE.generate(cfg.model_name, [{"role": "user", "content": "Say hi."}], {"num_predict": 8})
-    assert reply["done"] and reply["done_reason"] in {"stop", "length"}
+def test_live_create_chat_copy_delete(chatml_tokenizer: Path) -> None:
+    gguf = Path(os.environ["TUNEPIPE_TEST_GGUF"])
+    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="tunepipe-live-test"), "Be brief.")
+    LIVE.create("tunepipe-live-test:1", files={gguf.name: LIVE.push_blob(gguf)}, template=spec.template,
+                system=spec.system, parameters=spec.api_parameters())
+    try:
+        assert LIVE.show("tunepipe-live-test:1").template == spec.template
+        reply = LIVE.chat("tunepipe-live-test:1", [{"role": "user", "content": "Say hi."}], {"num_predict": 8})
+        assert reply.done and reply.done_reason in {"stop", "length"}
+        LIVE.copy("tunepipe-live-test:1", "tunepipe-live-test:latest")
+        assert "tunepipe-live-test:latest" in LIVE.tags()
+    finally:
+        for name in ("tunepipe-live-test:1", "tunepipe-live-test:latest"):
+            if name in LIVE.tags():
+                LIVE.delete(name)
 
 
 @pytest.mark.parametrize("template", [QWEN25_TEMPLATE, LLAMA3_TEMPLATE, CHATML_TEMPLATE])
 def test_default_system_prompt_probe_renders_exactly_as_transformers(template: str) -> None:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from tasks.ollama import _render_chat_template
-
     messages = [{"role": "user", "content": "?"}]
     (expected,), _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True,
                                            bos_token="", eos_token="")
-    assert _render_chat_template(template, messages) == expected
+    assert render_chat_template(template, messages) == expected
+
+
+# --- No train/serve skew ------------------------------------------------------------------------------------
+
+
+def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    """One held-out conversation, as training tokenized it and as Ollama renders it from the Modelfile.
+
+    The client sends only the user turn (as the smoke test and any app do); Ollama adds the Modelfile's SYSTEM
+    and renders TEMPLATE with Go's semantics. The ids must equal the training prompt's, up to the answer.
+    """
+    import yaml
+    from go_template import ollama_prompt
+    from transformers import AutoTokenizer
+
+    from tasks.format_data import IGNORE, tokenize_conversation
+    from tasks.load_data import read_jsonl
+
+    system_prompt = yaml.safe_load(Path("configs/demo.yaml").read_text())["data"]["system_prompt"]
+    (example, *_), _ = read_jsonl(demo_data[1], system_prompt)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    input_ids, labels = tokenize_conversation(tokenizer, example)
+    trained_prompt = input_ids[: next(i for i, label in enumerate(labels) if label != IGNORE)]
+
+    spec = modelfile_spec(tiny_model / "model.gguf", tiny_model, OllamaConfig(model_name="demo"), system_prompt)
+    user_turn = [m.model_dump() for m in example.prompt if m.role != "system"]
+    served = ollama_prompt(spec.template, spec.system, user_turn)
+    assert spec.system == system_prompt
+    assert tokenizer(served, add_special_tokens=False)["input_ids"] == trained_prompt
+
+    # Without SYSTEM (the Modelfile before this fix) the served model saw another prompt.
+    unprompted = ollama_prompt(spec.template, None, user_turn)
+    assert tokenizer(unprompted, add_special_tokens=False)["input_ids"] != trained_prompt
+
+
+def test_configured_system_prompt_wins_over_the_trained_one(chatml_tokenizer: Path, gguf: Path) -> None:
+    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo", system="Be terse."), "Trained.")
+    assert spec.system == "Be terse."
+    assert modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo"), "Trained.").system == "Trained."
+
+
+def test_adapter_modelfile_is_from_base_with_adapter(chatml_tokenizer: Path, gguf: Path) -> None:
+    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo"), "Trained.")
+    adapter = gguf.parent / "adapter.gguf"
+    text = spec.model_copy(update={"adapter": adapter, "base": "qwen2.5:0.5b-instruct"}).render(gguf.parent)
+    assert text.startswith('FROM qwen2.5:0.5b-instruct\nADAPTER ./adapter.gguf\nTEMPLATE """')
+    assert 'SYSTEM """Trained."""\n' in text
+
+
+# Gemma 3's template, reduced to text turns: no system role, the system prompt opens the first user turn.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + "
+    "'\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}"
+    "{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("chat_template", [CHATML_TEMPLATE, LLAMA3_TEMPLATE, GEMMA3_TEMPLATE])
+@pytest.mark.parametrize("system", ["Answer in JSON.", None])
+def test_go_template_renders_what_the_chat_template_renders(chat_template: str, system: str | None) -> None:
+    """Ollama's rendering of the derived TEMPLATE (+ SYSTEM) is the text training rendered, turn for turn."""
+    from go_template import ollama_prompt
+
+    conversation = [{"role": "user", "content": "<p>Kettle</p>"}, {"role": "assistant", "content": '{"a": 1}'},
+                    {"role": "user", "content": "<p>Lamp</p>"}]
+    template, _ = ollama_template(chat_template)
+    trained = ([{"role": "system", "content": system}] if system else []) + conversation
+    assert ollama_prompt(template, system, conversation) == render_chat_template(chat_template, trained)

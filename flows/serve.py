@@ -1,0 +1,38 @@
+"""The serve flow: register what passed parity, smoke-test it through Ollama, then promote it.
+
+The finetune flow runs it as its last step; `tunepipe register RUN_ID` runs it for a finished run whose
+Ollama could not be reached, from the plan that run logged.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel
+
+from tasks.champion import ChampionMove
+from tasks.serve import Registration, ServingPlan, SmokeReport, load_plan, promote, register, smoke_test
+
+
+class Serving(BaseModel):
+    registration: Registration
+    smoke: SmokeReport | None = None  # None: not registered, so not asked
+    promotion: ChampionMove | None = None
+
+    @property
+    def served(self) -> bool:
+        return self.promotion is not None
+
+
+@flow(name="serve")
+def serve(plan: ServingPlan) -> Serving:
+    registration = register(plan)
+    if registration.state != "registered":
+        return Serving(registration=registration)
+    smoke = smoke_test(plan, registration)
+    promotion = promote(plan, registration)
+    return Serving(registration=registration, smoke=smoke, promotion=promotion)
+
+
+@flow(name="register")
+def register_run(run_id: str, tracking_uri: str) -> Serving:
+    return serve(load_plan(tracking_uri, run_id))

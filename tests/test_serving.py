@@ -1,0 +1,274 @@
+"""Register, smoke-test, promote and roll back (tasks/serve.py, tasks/champion.py, flows/serve.py) against the
+strict stand-in Ollama (tests/fake_ollama.py), whose chat answers from the registered GGUF with llama.cpp, and
+a real MLflow model registry (SQLite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import closed_port
+from fake_ollama import FakeOllama
+
+from tasks.champion import find_champion, rollback
+from tasks.config import OllamaConfig
+from tasks.export import GgufFile, convert
+from tasks.ollama.client import OllamaClient, file_digest
+from tasks.ollama.modelfile import modelfile_spec
+from tasks.serve import (
+    PLAN_ARTIFACT,
+    ServingPlan,
+    SmokeCase,
+    SmokeTestFailed,
+    promote_candidate,
+    register_candidate,
+    smoke_test_model,
+)
+
+SYSTEM = "Extract the product as JSON."
+QUESTIONS = ["<div>Kettle, $25</div>", "<div>Lamp, $12</div>"]
+
+
+def _gguf_file(path: Path) -> GgufFile:
+    return GgufFile(type="f16", path=path, bytes=path.stat().st_size, sha256=file_digest(path).split(":")[1])
+
+
+@pytest.fixture(scope="module")
+def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> GgufFile:
+    """The tiny Qwen3 rewired to answer `{}` and stop: a model that passes the smoke test, without training.
+
+    Its layers add nothing (zero output projections), so the next token depends on the last one only, and the
+    untied head maps the assistant header's final newline to `{}` and `{}` to <|im_end|>.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("obedient")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
+    newline, braces, end = (tokenizer.convert_tokens_to_ids(t) for t in ("Ċ", "{}", "<|im_end|>"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        head = torch.zeros_like(embeddings)
+        head[braces], head[end] = embeddings[newline] * 10, embeddings[braces] * 10
+        model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out / "hf")
+    tokenizer.save_pretrained(out / "hf")
+    return _gguf_file(convert(out / "hf", out / "model-f16.gguf", "f16"))
+
+
+@pytest.fixture(scope="module")
+def rambling_gguf(tiny_gguf: Path) -> GgufFile:
+    """The untrained tiny model: it does not stop within a few tokens."""
+    return _gguf_file(tiny_gguf)
+
+
+@pytest.fixture(scope="module")
+def mlflow_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(tracking URI, run id) of a finished run holding a `model` artifact, as a finetune run leaves it."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifacts(run_id, str(tiny_model), "model")
+    client.set_terminated(run_id)
+    return uri, run_id
+
+
+def _plan(gguf: GgufFile, name: str, host: str, mlflow_run: tuple[str, str], tokenizer_dir: Path) -> ServingPlan:
+    uri, run_id = mlflow_run
+    cfg = OllamaConfig(model_name=name, host=host, num_ctx=512)
+    spec = modelfile_spec(gguf.path, tokenizer_dir, cfg, SYSTEM)
+    return ServingPlan(
+        run_id=run_id, tracking_uri=uri, registered_model=f"pipeline-{name}", dataset_fingerprint="f" * 64,
+        gguf=gguf, spec=spec, modelfile=spec.write(gguf.path.parent / "Modelfile"), ollama=cfg,
+        output_format="json", required_keys=[], max_new_tokens=8,
+        smoke_cases=[SmokeCase(name=f"q{i}", messages=[{"role": "user", "content": q}])
+                     for i, q in enumerate(QUESTIONS)],
+    )
+
+
+def _serve(plan: ServingPlan):
+    registration = register_candidate(plan)
+    return registration, smoke_test_model(plan, registration), promote_candidate(plan, registration)
+
+
+def test_register_smoke_test_promote_sends_exactly_the_documented_requests(
+        fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    plan = _plan(obedient_gguf, "obedient", fake_ollama.url, mlflow_run, tiny_model)
+    registration, smoke, move = _serve(plan)
+
+    digest = f"sha256:{obedient_gguf.sha256}"
+    chat_options = {"temperature": 0, "num_predict": 8}
+    assert fake_ollama.requests == [
+        ("GET", "/api/version", None),
+        ("HEAD", f"/api/blobs/{digest}", None),
+        ("POST", f"/api/blobs/{digest}", None),
+        ("POST", "/api/create", {"model": "obedient:1", "stream": True, "files": {"model-f16.gguf": digest},
+                                 "template": plan.spec.template, "system": SYSTEM,
+                                 "parameters": plan.spec.api_parameters()}),
+        ("POST", "/api/show", {"model": "obedient:1"}),
+        *[("POST", "/api/chat", {"model": "obedient:1", "messages": [{"role": "user", "content": q}],
+                                 "stream": False, "options": chat_options, "tools": []}) for q in QUESTIONS],
+        ("POST", "/api/copy", {"source": "obedient:1", "destination": "obedient:latest"}),
+    ]
+    assert [(r.answer, r.done_reason, r.problems) for r in smoke.results] == [("{}", "stop", [])] * 2
+    assert (registration.version, registration.ollama_tag, move.version, move.previous) == ("1", "obedient:1", "1", None)
+
+    uri, run_id = mlflow_run
+    champion = find_champion(uri, "pipeline-obedient")
+    assert champion.version == "1" and champion.source == f"runs:/{run_id}/model"
+    assert {k: champion.tags[k] for k in ("run_id", "dataset.fingerprint", "gguf.sha256", "gguf.type", "ollama.tag")} \
+        == {"run_id": run_id, "dataset.fingerprint": "f" * 64, "gguf.sha256": obedient_gguf.sha256,
+            "gguf.type": "f16", "ollama.tag": "obedient:1"}
+    assert champion.tags["smoke_test"] == "passed"
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["ollama.tag"] == "obedient:1"
+
+
+def test_second_promotion_keeps_the_first_and_rollback_moves_both_back(
+        fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    uri, _ = mlflow_run
+    plan = _plan(obedient_gguf, "twice", fake_ollama.url, mlflow_run, tiny_model)
+    _serve(plan)
+    _, _, second = _serve(plan)
+    assert (second.version, second.previous) == ("2", "1")
+    assert fake_ollama.calls.count(f"POST /api/blobs/sha256:{obedient_gguf.sha256}") == 1  # uploaded once
+    assert set(fake_ollama.models) == {"twice:1", "twice:2", "twice:latest"}
+    assert fake_ollama.models["twice:latest"] is fake_ollama.models["twice:2"]
+
+    fake_ollama.requests.clear()
+    back = rollback(uri, "pipeline-twice", OllamaClient(fake_ollama.url, timeout_s=5))
+
+    assert (back.version, back.previous, back.ollama_tag) == ("1", "2", "twice:1")
+    assert fake_ollama.requests == [("GET", "/api/tags", None),
+                                    ("POST", "/api/copy", {"source": "twice:1", "destination": "twice:latest"})]
+    assert fake_ollama.models["twice:latest"] is fake_ollama.models["twice:1"]
+    assert find_champion(uri, "pipeline-twice").version == "1"
+    with pytest.raises(ValueError, match="first champion: nothing to roll back to"):
+        rollback(uri, "pipeline-twice", OllamaClient(fake_ollama.url, timeout_s=5))
+
+
+def test_rollback_refuses_when_the_previous_model_left_ollama(
+        fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    uri, run_id = mlflow_run
+    plan = _plan(obedient_gguf, "gone", fake_ollama.url, mlflow_run, tiny_model)
+    _serve(plan)
+    _serve(plan)
+    OllamaClient(fake_ollama.url, timeout_s=5).delete("gone:1")
+
+    with pytest.raises(ValueError, match=f"gone:1 .version 1. is no longer in Ollama .*tunepipe register {run_id}"):
+        rollback(uri, "pipeline-gone", OllamaClient(fake_ollama.url, timeout_s=5))
+    assert find_champion(uri, "pipeline-gone").version == "2"
+    assert fake_ollama.models["gone:latest"] is fake_ollama.models["gone:2"]
+
+
+def test_rollback_command(fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path,
+                          capsys: pytest.CaptureFixture) -> None:
+    from deployments.cli import main
+
+    uri, _ = mlflow_run
+    plan = _plan(obedient_gguf, "cli", fake_ollama.url, mlflow_run, tiny_model)
+    _serve(plan)
+    _serve(plan)
+    assert main(["rollback", "pipeline-cli", "--tracking-uri", uri, "--ollama-host", fake_ollama.url]) == 0
+    assert "champion moved back from v2 to v1" in capsys.readouterr().out
+    assert main(["rollback", "pipeline-nothing", "--tracking-uri", uri, "--ollama-host", fake_ollama.url]) == 1
+    assert "has no champion" in capsys.readouterr().err
+
+
+def test_failed_smoke_test_removes_the_model_and_keeps_the_champion(
+        fake_ollama: FakeOllama, obedient_gguf: GgufFile, rambling_gguf: GgufFile, mlflow_run,
+        tiny_model: Path) -> None:
+    uri, _ = mlflow_run
+    _serve(_plan(obedient_gguf, "guarded", fake_ollama.url, mlflow_run, tiny_model))
+    plan = _plan(rambling_gguf, "guarded", fake_ollama.url, mlflow_run, tiny_model)
+    registration = register_candidate(plan)
+
+    with pytest.raises(SmokeTestFailed, match=r"guarded:2 failed \(0/2 answers passed: q0: ended by 'length'"):
+        smoke_test_model(plan, registration)
+
+    assert fake_ollama.requests[-1] == ("DELETE", "/api/delete", {"model": "guarded:2"})
+    assert set(fake_ollama.models) == {"guarded:1", "guarded:latest"}
+    champion = find_champion(uri, "pipeline-guarded")
+    assert champion.version == "1"
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=uri).get_model_version("pipeline-guarded", "2").tags["smoke_test"] == "failed"
+
+
+def test_unreachable_ollama_registers_nothing_and_says_how_to_finish(
+        obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri, run_id = mlflow_run
+    host = f"http://127.0.0.1:{closed_port()}"
+    registration = register_candidate(_plan(obedient_gguf, "offline", host, mlflow_run, tiny_model))
+
+    assert registration.state == "unreachable"
+    assert registration.message.endswith(f"finish with: OLLAMA_HOST={host} tunepipe register {run_id}")
+    client = MlflowClient(tracking_uri=uri)
+    with pytest.raises(MlflowException):
+        client.get_registered_model("pipeline-offline")
+    assert client.get_run(run_id).data.tags["ollama.state"] == "unreachable"
+
+
+def test_register_command_finishes_a_logged_plan(prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile,
+                                                 mlflow_run, tiny_model: Path, tmp_path: Path) -> None:
+    """`tunepipe register RUN_ID`: the serve flow from the plan the run logged, through to promotion."""
+    from mlflow.tracking import MlflowClient
+
+    from deployments.cli import main
+
+    uri, run_id = mlflow_run
+    plan = _plan(obedient_gguf, "later", fake_ollama.url, mlflow_run, tiny_model)
+    MlflowClient(tracking_uri=uri).log_text(run_id, plan.model_dump_json(), PLAN_ARTIFACT)
+
+    assert main(["register", run_id, "--tracking-uri", uri]) == 0
+    assert find_champion(uri, "pipeline-later").tags["ollama.tag"] == "later:1"
+    assert fake_ollama.models["later:latest"] is fake_ollama.models["later:1"]
+
+
+
+def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_is(
+        tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
+    import yaml
+
+    from tasks.base_model import BaseModelRef
+    from tasks.examples import write_jsonl
+    from tasks.load_data import read_jsonl
+    from tasks.config import PipelineConfig
+    from tasks.export import ExportResult
+    from tasks.parity import ParityVerdict
+    from tasks.serve import ParityFailed, plan_serving
+
+    raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    raw["ollama"]["smoke_examples"] = 3
+    cfg = PipelineConfig.model_validate(raw)
+    held_out = tmp_path / "eval.jsonl"  # as the data check leaves it: examples with the system prompt added
+    write_jsonl(held_out, read_jsonl(demo_data[1], cfg.data.system_prompt)[0])
+    sizes = {"f16": 300, "q8_0": 200, "q4_k_m": 100}
+    exported = ExportResult(merged_dir=tiny_model, adapter_dir=None, adapter_gguf=None, ggufs=[
+        GgufFile(type=t, path=tiny_gguf, bytes=size, sha256="0" * 64) for t, size in sizes.items()])
+    base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")
+    verdicts = [ParityVerdict(gguf_type="f16", passed=True, failures=[]),
+                ParityVerdict(gguf_type="q8_0", passed=True, failures=[]),
+                ParityVerdict(gguf_type="q4_k_m", passed=False, failures=["exact_match: drop 0.1 > 0.02"])]
+
+    plan = plan_serving(exported, verdicts, base, cfg, "run-1", "f" * 64, held_out)
+
+    assert plan.gguf.type == "q8_0"  # q4_k_m is smaller but over its limit
+    assert plan.spec.system == cfg.data.system_prompt
+    assert [len(c.messages) for c in plan.smoke_cases] == [1, 1, 1]  # SYSTEM comes from the Modelfile
+    assert plan.required_keys == ["name", "price", "category", "manufacturer"]
+    failing = [v.model_copy(update={"passed": False, "failures": ["stop_rate: drop"]}) for v in verdicts]
+    with pytest.raises(ParityFailed, match=r"no GGUF is within the parity limits .*q4_k_m: stop_rate: drop; nothing"):
+        plan_serving(exported, failing, base, cfg, "run-1", "f" * 64, held_out)
