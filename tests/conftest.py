@@ -38,3 +38,25 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}), \
             prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
+    """A function: root folder -> the demo config as a dict, on the tiny model, trained and evaluated in seconds,
+    with its own workdir and MLflow store under `root`, and an Ollama host where nothing answers."""
+    import yaml
+
+    def make(root: Path) -> dict:
+        config = yaml.safe_load(Path("configs/demo.yaml").read_text())
+        train, eval_ = demo_data
+        config.update(workdir=str(root / "runs"))
+        config["data"].update(train=str(train), eval=str(eval_))
+        config["model"]["base"] = str(tiny_model)
+        config["train"].update(max_steps=2, batch_size=2, logging_steps=1)
+        config["eval"] = {"max_samples": 2, "max_new_tokens": 8}
+        config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fast",
+                              "artifact_location": str(root / "mlartifacts")}
+        config["ollama"]["host"] = "http://127.0.0.1:9"
+        return config
+
+    return make
