@@ -142,6 +142,8 @@ class Tracker:
         self._artifact(formatted.quarantine_path, "quarantine")
         if trained.kind == "lora":
             self._artifact(trained.adapter_dir, "adapter")
+            # What the train stage returned, so the evaluate flow can score this run's model later.
+            self.client.log_text(self.run_id, trained.model_dump_json(indent=2), "adapter/train_result.json")
         else:  # the weights of a whole model stay in the stage's folder; its config says which model it is
             self._artifact(trained.adapter_dir / "config.json", "model")
         self.tags({"train.backend": trained.backend, "train.kind": trained.kind, "train.device": trained.device,
@@ -232,8 +234,10 @@ def log_dataset_input(cfg: TrackingConfig, run_id: str, name: str, fingerprint: 
 
 
 def trained_adapter(cfg: TrackingConfig, registered_name: str, model: str, dest: Path) -> TrainResult:
-    """The adapter a finished run trained, as the train stage returned it: `model` is that MLflow run's id or
-    `v<N>`, a version of the registered model. Downloaded once into `dest`."""
+    """What the train stage of a finished run returned, with its adapter downloaded once into `dest`.
+
+    `model` is that MLflow run's id, or `v<N>` for version N of the registered model.
+    """
     import mlflow.artifacts
 
     from tasks.train import TrainResult
@@ -241,14 +245,12 @@ def trained_adapter(cfg: TrackingConfig, registered_name: str, model: str, dest:
     client = MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
     version = re.fullmatch(r"v(\d+)", model)
     run_id = client.get_model_version(registered_name, version[1]).run_id if version else model
-    run = client.get_run(run_id)
     folder = dest / run_id
-    if not (folder / "adapter" / "adapter_config.json").is_file():
+    if client.get_run(run_id).data.tags.get("train.kind", "lora") != "lora":
+        raise ValueError(f"run {run_id} trained every weight (train.mode: full); its weights are in that run's "
+                         "train stage folder, not in MLflow, so only LoRA runs can be evaluated by run id")
+    if not (folder / "adapter" / "train_result.json").is_file():
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(folder),
                                             tracking_uri=cfg.uri)
-    metrics = run.data.metrics
-    return TrainResult(  # the loss history stays in the run's metrics; evaluation does not read it
-        adapter_dir=folder / "adapter", backend=run.data.tags["train.backend"], loss_history=[],
-        runtime_s=metrics["train.runtime_s"], trainable_params=int(metrics["train.trainable_params"]),
-        total_params=int(metrics["train.total_params"]),
-    )
+    trained = TrainResult.model_validate_json((folder / "adapter" / "train_result.json").read_text())
+    return trained.model_copy(update={"adapter_dir": folder / "adapter"})

@@ -48,7 +48,7 @@ def slot_intervals(flow_run_id) -> list[tuple[float, float]]:
 
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                sort=LogSort.TIMESTAMP_ASC)
+                                limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
     held = [log.timestamp.timestamp() for log in logs if log.message.startswith("holding")]
     released = [log.timestamp.timestamp() for log in logs if log.message.startswith("releasing")]
     return list(zip(held, released, strict=True))
@@ -69,7 +69,7 @@ def test_two_concurrent_runs_take_turns_on_one_gpu_slot(tmp_path: Path, fast_con
     for run in runs:
         run.join(timeout=600)
     assert all(state.is_completed() for state in states.values())
-    APILogHandler.flush()
+    APILogHandler().flush()  # send the runs' logs to the API before reading them back
 
     (first,), (second,) = sorted(slot_intervals(state.state_details.flow_run_id) for state in states.values())
     assert first[0] < first[1] <= second[0] < second[1]  # the second run trained only after the first let go
