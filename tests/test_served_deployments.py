@@ -66,10 +66,10 @@ def test_retrain_from_rag_runs_through_a_deployment_and_a_process_worker(tmp_pat
     config["rag"].update(sql_url=f"sqlite:///{tmp_path / 'rag.db'}", min_new_examples=5)
     write_demo_rag_log(tmp_path / "rag.db", n=8)
 
-    def prefect(*args: str, timeout_s: float = 120) -> str:
+    def prefect(*args: str, timeout_s: float = 120, check: bool = True) -> str:
         done = subprocess.run([*PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout_s)
-        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0 or not check, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
     logs = tmp_path / "logs"
@@ -82,7 +82,11 @@ def test_retrain_from_rag_runs_through_a_deployment_and_a_process_worker(tmp_pat
         wait_until_healthy(api, server, timeout_s=120)
         prefect("work-pool", "create", "tunepipe", "--type", "process")
         prefect("global-concurrency-limit", "create", "gpu", "--limit", "1")
-        prefect("--no-prompt", "deploy", "--name", "retrain-from-rag")
+        # prefect 3.8.8 with fastapi<0.155 creates the deployment, then fails its "any worker online?" check
+        # with a 422 (limit=None); the deployment is what matters, so check that instead of the exit code.
+        deployed = prefect("--no-prompt", "deploy", "--name", "retrain-from-rag", check=False)
+        assert "successfully created" in deployed, deployed
+        prefect("deployment", "inspect", "retrain-from-rag/retrain-from-rag")
         worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "tunepipe", "--limit", "1"], cwd=REPO,
                                   env=env, stdout=(logs / "worker.log").open("w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
@@ -91,8 +95,8 @@ def test_retrain_from_rag_runs_through_a_deployment_and_a_process_worker(tmp_pat
                          timeout_s=500)
         assert "Completed" in output, output
     except BaseException:
-        for name in ("server.log", "worker.log"):
-            sys.stderr.write(f"--- {name} ---\n{(logs / name).read_text()[-6000:]}\n")
+        for log in logs.iterdir():
+            sys.stderr.write(f"--- {log.name} ---\n{log.read_text()[-6000:]}\n")
         raise
     finally:
         if worker is not None:
