@@ -52,7 +52,8 @@ def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
         config.update(workdir=str(root / "runs"))
         config["data"].update(train=str(train), eval=str(eval_))
         config["model"]["base"] = str(tiny_model)
-        config["train"].update(max_steps=2, batch_size=2, logging_steps=1)
+        # LoRA: the common case, and the one `tunepipe evaluate RUN` can load back from MLflow
+        config["train"].update(mode="lora", max_steps=2, batch_size=2, logging_steps=1)
         config["eval"] = {"max_samples": 2, "max_new_tokens": 8}
         config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fast",
                               "artifact_location": str(root / "mlartifacts")}
