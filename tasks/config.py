@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 
 class Section(BaseModel):
     # Unknown keys are typos in a user's YAML: fail loudly instead of ignoring them.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _masked(url: str | None) -> str | None:
+    # The config is a flow parameter: Prefect stores its JSON form. Credentials in a URL are masked there (and
+    # in MLflow params and cache keys); the running flow keeps the real value.
+    from tasks.redact import redact
+
+    return None if url is None else redact(url)
 
 
 class DataConfig(Section):
@@ -132,6 +140,7 @@ class ExportConfig(Section):
 class OllamaConfig(Section):
     model_name: str = Field(description="Name registered in Ollama (a `:latest` tag is implied).")
     host: str | None = Field(None, description="Ollama base URL; defaults to $OLLAMA_HOST or http://127.0.0.1:11434.")
+    _mask_host = field_serializer("host", when_used="json")(lambda self, value: _masked(value))
     num_ctx: int = Field(4096, ge=256)
     temperature: float = Field(0.0, ge=0)
     timeout_s: float = Field(600, gt=0, description="How long a blob upload or create may take.")
@@ -143,6 +152,7 @@ class OllamaConfig(Section):
 
 class TrackingConfig(Section):
     uri: str = Field("sqlite:///runs/mlflow.db", description="MLflow tracking URI.")
+    _mask_uri = field_serializer("uri", when_used="json")(lambda self, value: _masked(value))
     experiment: str = "tunepipe"
     artifact_location: str = Field("runs/mlartifacts", description="Where a new experiment stores artifacts.")
 
@@ -167,6 +177,7 @@ class RagConfig(Section):
         None, description="SQLAlchemy URL of the log database, e.g. sqlite:///rag.db or "
         "postgresql+psycopg://user@host/db (the password from the environment, never in this file).",
     )
+    _mask_url = field_serializer("sql_url", when_used="json")(lambda self, value: _masked(value))
     table: str = Field("rag_examples", description="Table (or view) holding the logged examples.")
     jsonl_dir: Path | None = Field(
         None, description="Folder of JSONL drops (`*.jsonl`, one record per line, keys named as in `columns`). "
