@@ -25,8 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunepipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="fine-tune, gate, export and register the model a config describes")
-    run.add_argument("config", type=Path, help="pipeline config (YAML)")
     demo = commands.add_parser("demo", help=f"build the tiny model and demo data, then run {DEMO_CONFIG}")
+    retrain = commands.add_parser(
+        "retrain", help="fold new RAG examples into the data set and retrain when there are enough (rag section)")
+    evaluate = commands.add_parser("evaluate", help="score a trained model on the config's held-out split")
+    status = commands.add_parser("status", help="champion, last runs, pending registrations, RAG watermark")
+    trace = commands.add_parser("trace", help="from an Ollama tag NAME:VERSION to its MLflow run and training rows")
+    trace.add_argument("tag", help="Ollama model tag, e.g. tunepipe-demo:3 (NAME:latest means the champion)")
+    for command in (run, retrain, evaluate, status, trace):
+        command.add_argument("config", type=Path, help="pipeline config (YAML)")
+    evaluate.add_argument("model", help="MLflow run id of a finetune run, or vN for version N of the registered model")
+    trace.add_argument("--rows", type=int, default=10, help="source rows to print (default 10; 0: none)")
     doctor = commands.add_parser("doctor", help="check this machine (packages, GPU, Prefect, MLflow, Ollama, hub), "
                                                 "and what CONFIG needs; exit 1 when something it needs is missing")
     doctor.add_argument("config", type=Path, nargs="?", help="pipeline config (YAML) whose needs to check")
@@ -34,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "check", help="load, check and format the data only; print the data report and the run plan "
                       "(exit 1 when a run would fail)")
     check.add_argument("config", type=Path, help="pipeline config (YAML)")
-    for command in (run, demo, doctor, check):
+    for command in (run, demo, doctor, check, retrain, evaluate, status, trace):
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config field, e.g. --set train.max_steps=20 (repeatable)")
     schema = commands.add_parser("schema", help="print the config's JSON schema (for editor completion)")
@@ -76,16 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         args.config = DEMO_CONFIG
         prepare_demo_assets(DEMO_ASSETS)
     try:
-        # Fail on a bad config or an unusable base model before any server starts or stage runs.
         cfg = load_config(args.config, args.overrides)
+        if args.command in ("status", "trace"):  # they read what runs recorded; no model needed
+            from deployments.status import print_status, print_trace
+
+            return print_status(cfg) if args.command == "status" else print_trace(cfg, args.tag, args.rows)
+        # Fail on a bad config or an unusable base model before any server starts or stage runs.
         resolve_base_model(cfg.model)
     except (ConfigError, BaseModelError) as exc:
         print(redact(str(exc)), file=sys.stderr)
         return 2
     if args.command == "check":
         return run_check(cfg)
+    if args.command == "retrain":
+        return run_retrain(cfg)
+    if args.command == "evaluate":
+        return run_evaluate(cfg, args.model)
     # The demo runs where no Ollama may be: an unserved model is reported, not an error.
-    return run_finetune(args.config, args.overrides, unserved_status=0 if args.command == "demo" else UNSERVED)
+    return run_finetune(cfg, unserved_status=0 if args.command == "demo" else UNSERVED)
 
 
 def run_check(cfg) -> int:
@@ -167,12 +184,14 @@ def print_run_plan(console, plan) -> None:
 def prepare_demo_assets(root: Path) -> None:
     from rich.console import Console
 
-    from tasks.demo_data import write_demo_dataset
+    from tasks.demo_data import write_demo_dataset, write_demo_rag_log
     from tasks.tiny_model import build_tiny_model
 
     with Console(stderr=True).status("Building the tiny Qwen3 model and demo data (the first time ~30 s)..."):
         build_tiny_model(root / "tiny-qwen3")
         write_demo_dataset(root / "data")
+        if not (root / "rag.db").exists():  # what `tunepipe retrain configs/demo.yaml` ingests
+            write_demo_rag_log(root / "rag.db")
 
 
 def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
@@ -208,18 +227,30 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def run_finetune(config: Path, overrides: list[str], unserved_status: int) -> int:
+def start_prefect() -> None:
+    """Quiet Prefect, and import the flows while its temporary API server boots (when none is configured)."""
     quiet_environment()
     server_boot = start_prefect_api_in_background()
-    from rich.markup import escape
-
-    from flows.finetune import GateFailed, finetune
-    from tasks.redact import redact
+    import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
 
     if server_boot is not None:
         server_boot.join()
 
-    state = finetune(str(config), overrides, return_state=True)
+
+def failed(report, state) -> int:
+    from rich.markup import escape
+
+    from tasks.redact import redact
+
+    report.console.print(f"[bold red]failed:[/] {escape(redact(str(state.result(raise_on_failure=False))))}")
+    return 1
+
+
+def run_finetune(cfg, unserved_status: int) -> int:
+    start_prefect()
+    from flows.finetune import GateFailed, finetune
+
+    state = finetune(cfg, return_state=True)
     report = Report(state.state_details.flow_run_id)
     report.stages()
     if state.is_completed():
@@ -230,8 +261,44 @@ def run_finetune(config: Path, overrides: list[str], unserved_status: int) -> in
     if isinstance(error, GateFailed):
         report.gate(error)
         return 3
-    report.console.print(f"[bold red]failed:[/] {escape(redact(str(error)))}")
-    return 1
+    return failed(report, state)
+
+
+def run_retrain(cfg) -> int:
+    start_prefect()
+    from flows.retrain import retrain
+
+    state = retrain(cfg, return_state=True)
+    report = Report(state.state_details.flow_run_id)
+    if not state.is_completed():
+        return failed(report, state)
+    outcome = state.result()
+    if outcome.summary is not None:
+        report.summary(outcome.summary)
+    if outcome.snapshot is not None:
+        snapshot = outcome.snapshot
+        report.console.print(f"dataset v{snapshot.version} {snapshot.fingerprint[:12]}: {snapshot.rows_by_source} "
+                             f"({snapshot.folder})")
+    color = {"promoted": "green", "kept_champion": "yellow", "nothing_to_do": "cyan"}[outcome.status]
+    report.console.print(f"[bold {color}]{outcome.status.replace('_', ' ')}:[/] {outcome.reason}")
+    return 0
+
+
+def run_evaluate(cfg, model: str) -> int:
+    start_prefect()
+    from flows.evaluate import evaluate_model
+
+    state = evaluate_model(cfg, model, return_state=True)
+    report = Report(state.state_details.flow_run_id)
+    report.stages()
+    if not state.is_completed():
+        return failed(report, state)
+    evaluation = state.result()
+    report.console.print(f"{model} (run {evaluation.model_run_id})")
+    for name, values in eval_rows(evaluation.eval):
+        report.console.print(f"  {name}: {values}")
+    report.console.print(f"gate {evaluation.gate.summary()}\nMLflow run {evaluation.mlflow_run_id}")
+    return 0 if evaluation.gate.passed else 3
 
 
 def run_register(run_id: str, tracking_uri: str) -> int:

@@ -13,7 +13,7 @@ from flows.serve import Serving, serve
 from tasks.base_model import resolve_base_model
 from tasks.champion import find_champion
 from tasks.check_data import DataCheckError, check_data
-from tasks.config import load_config
+from tasks.config import PipelineConfig
 from tasks.evaluate import EvalReport, evaluate
 from tasks.export import ExportResult, export
 from tasks.format_data import format_data
@@ -46,16 +46,16 @@ class RunSummary(BaseModel):
 
 
 @flow(name="finetune")
-def finetune(config_path: str, overrides: list[str] | None = None) -> RunSummary | State:
+def finetune(config: PipelineConfig) -> RunSummary | State:
+    # Typed, so the Prefect UI shows a form of every config field; the CLI loads YAML into the same model.
     redact_logs()
-    cfg = load_config(config_path, overrides or [])
+    cfg = config
     workdir = cfg.workdir
     base = resolve_base_model(cfg.model)  # first: a model that cannot be used fails before any stage runs
     fingerprint = data_fingerprint(cfg.data)
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
         "dataset.fingerprint": fingerprint, "base_model": cfg.model.base, "base_model.fingerprint": base.fingerprint,
-        "config_path": str(config_path),
     }
     with tracked_run(cfg, run_name=f"{cfg.name}-{flow_run.get_name()}", tags=tags) as run:
         loaded = load_data(cfg.data, fingerprint, workdir)

@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 
 class Section(BaseModel):
     # Unknown keys are typos in a user's YAML: fail loudly instead of ignoring them.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _masked(url: str | None) -> str | None:
+    # The config is a flow parameter: Prefect stores its JSON form. Credentials in a URL are masked there (and
+    # in MLflow params and cache keys); the running flow keeps the real value.
+    from tasks.redact import redact
+
+    return None if url is None else redact(url)
 
 
 class DataConfig(Section):
@@ -215,6 +223,7 @@ class ExportConfig(Section):
 class OllamaConfig(Section):
     model_name: str = Field(description="Name registered in Ollama (a `:latest` tag is implied).")
     host: str | None = Field(None, description="Ollama base URL; defaults to $OLLAMA_HOST or http://127.0.0.1:11434.")
+    _mask_host = field_serializer("host", when_used="json")(lambda self, value: _masked(value))
     num_ctx: int = Field(4096, ge=256)
     temperature: float = Field(0.0, ge=0)
     timeout_s: float = Field(600, gt=0, description="How long a blob upload or create may take.")
@@ -237,8 +246,66 @@ class OllamaConfig(Section):
 
 class TrackingConfig(Section):
     uri: str = Field("sqlite:///runs/mlflow.db", description="MLflow tracking URI.")
+    _mask_uri = field_serializer("uri", when_used="json")(lambda self, value: _masked(value))
     experiment: str = "tunepipe"
     artifact_location: str = Field("runs/mlartifacts", description="Where a new experiment stores artifacts.")
+
+
+class RagColumns(Section):
+    """Where each field of a logged RAG example lives: a column of the SQL table or a key of a JSONL record."""
+
+    id: str = Field("id", description="Unique, increasing row id (the watermark when `watermark_on: id`).")
+    question: str = Field("question", description="The user's question.")
+    context: str | None = Field("context", description="Retrieved passages shown to the model; null: none logged.")
+    answer: str = Field("answer", description="The answer given (the training target).")
+    rating: str | None = Field(
+        "rating", description="Rating or feedback: a number, a boolean, or a word from `feedback_values`; null: none."
+    )
+    created_at: str = Field("created_at", description="When the example was logged.")
+
+
+class RagConfig(Section):
+    """Accumulated RAG Q&A that the retrain flow folds into the training set, each row exactly once."""
+
+    sql_url: str | None = Field(
+        None, description="SQLAlchemy URL of the log database, e.g. sqlite:///rag.db or "
+        "postgresql+psycopg://user@host/db (the password from the environment, never in this file).",
+    )
+    _mask_url = field_serializer("sql_url", when_used="json")(lambda self, value: _masked(value))
+    table: str = Field("rag_examples", description="Table (or view) holding the logged examples.")
+    jsonl_dir: Path | None = Field(
+        None, description="Folder of JSONL drops (`*.jsonl`, one record per line, keys named as in `columns`). "
+        "Files may grow; only complete lines are read, so write drops by appending whole lines.",
+    )
+    columns: RagColumns = RagColumns()
+    watermark_on: Literal["id", "created_at"] = Field(
+        "id", description="What the SQL watermark follows: rows with a larger id (or a later created_at, ties "
+        "broken by id) than the last consumed one are new. It must grow in commit order.",
+    )
+    state_dir: Path | None = Field(
+        None, description="Where the watermark and the dataset snapshots live; default `<workdir>/rag`. Keep it "
+        "on persistent storage: it is what makes ingestion exactly-once.",
+    )
+    min_rating: float | None = Field(None, description="Drop rated examples below this rating.")
+    keep_unrated: bool = Field(True, description="Keep examples without a rating (false: only rated ones).")
+    feedback_values: dict[str, float] = Field(
+        {"up": 1.0, "down": 0.0, "good": 1.0, "bad": 0.0, "positive": 1.0, "negative": 0.0},
+        description="Feedback words (case-insensitive) and the rating each stands for.",
+    )
+    dedupe: Literal["question", "conversation", "off"] = Field(
+        "question", description="Drop a new example whose question (`question`) or whole conversation "
+        "(`conversation`) is already in the base set or was ingested before; the first one wins.",
+    )
+    context_mode: Literal["user", "system", "omit"] = Field(
+        "user", description="Where retrieved context enters the prompt: before the question in the user turn, "
+        "appended to the system prompt, or left out. Match what your RAG app sends at inference.",
+    )
+    context_template: str = Field(
+        "Context:\n{context}", description="How the context block is written; `{context}` is replaced."
+    )
+    min_new_examples: int = Field(
+        50, ge=1, description="Fewer new (not yet trained on) examples than this: the run ends as nothing to do.",
+    )
 
 
 class PipelineConfig(Section):
@@ -252,6 +319,7 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     ollama: OllamaConfig
     tracking: TrackingConfig = TrackingConfig()
+    rag: RagConfig | None = Field(None, description="Accumulated RAG examples for scheduled retraining.")
 
     @model_validator(mode="after")
     def _full_fine_tuning_needs_a_16_bit_base(self) -> PipelineConfig:

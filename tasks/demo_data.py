@@ -108,3 +108,34 @@ def write_demo_dataset(out_dir: Path, n_train: int = 400, n_eval: int = 48, seed
     _write_jsonl(train_path, rows[:n_train])
     _write_jsonl(eval_path, rows[n_train:])
     return train_path, eval_path
+
+
+def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
+    """Append `n` examples "logged by a RAG assistant" to the SQLite table `rag_examples` at `db_path`.
+
+    Products come from outside the demo's train and eval sets; ratings (1-5, some unrated) and timestamps are
+    seeded, so the retrain flow's demo and tests have realistic traffic to ingest. Each call adds new rows,
+    like another day of traffic.
+    """
+    import datetime as dt
+    import sqlite3
+
+    catalogue = _product_catalogue()
+    used = set(random.Random(0).sample(catalogue, 448))  # what write_demo_dataset's defaults use
+    unused = [product for product in catalogue if product not in used]
+    random.Random(seed).shuffle(unused)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db_path) as db:
+        db.execute("create table if not exists rag_examples (id integer primary key autoincrement, question text "
+                   "not null, context text, answer text not null, rating integer, created_at text not null)")
+        start = db.execute("select count(*) from rag_examples").fetchone()[0]
+        rng = random.Random(f"{seed}:{start}")  # another call, another day: new values
+        rows = []
+        for i in range(n):
+            row = _row(rng, *unused[(start + i) % len(unused)])
+            created = dt.datetime(2026, 11, 1) + dt.timedelta(minutes=17 * (start + i))
+            rating = rng.choice([None, 2, 4, 5, 5])
+            rows.append((row["input"], None, json.dumps(row["output"]), rating, created.isoformat()))
+        db.executemany("insert into rag_examples (question, context, answer, rating, created_at) "
+                       "values (?, ?, ?, ?, ?)", rows)
+    return db_path

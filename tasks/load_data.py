@@ -651,12 +651,17 @@ def read_sources(sources: list[DataSource], normaliser: Normaliser) -> list[File
     return reads
 
 
+def data_normaliser(cfg: DataConfig) -> Normaliser:
+    """How the configured data's records become messages: shape, system prompt and reasoning policy."""
+    return Normaliser(None if cfg.shape == "auto" else ShapeSpec.default(cfg.shape), cfg.system_prompt,
+                      cfg.reasoning)
+
+
 def load_dataset(cfg: DataConfig, out_dir: Path) -> LoadedData:
     """Read the configured files, normalise them and write train, eval and quarantine JSONL under `out_dir`."""
     fingerprint = data_fingerprint(cfg)
     train_sources, eval_sources = data_sources(cfg)
-    spec = None if cfg.shape == "auto" else ShapeSpec.default(cfg.shape)
-    normaliser = Normaliser(spec, cfg.system_prompt, cfg.reasoning)
+    normaliser = data_normaliser(cfg)
     train_reads = read_sources(train_sources, normaliser)
     eval_reads = read_sources(eval_sources, normaliser)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -145,6 +146,8 @@ class Tracker:
         self._artifact(formatted.quarantine_path, "quarantine")
         if trained.kind == "lora":
             self._artifact(trained.adapter_dir, "adapter")
+            # What the train stage returned, so the evaluate flow can score this run's model later.
+            self.client.log_text(self.run_id, trained.model_dump_json(indent=2), "adapter/train_result.json")
         else:  # the weights of a whole model stay in the stage's folder; its config says which model it is
             self._artifact(trained.adapter_dir / "config.json", "model")
         self.tags({"train.backend": trained.backend, "train.kind": trained.kind, "train.device": trained.device,
@@ -211,3 +214,58 @@ def tracked_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> Ite
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def find_run_of_flow_run(cfg: TrackingConfig, flow_run_id: str) -> str | None:
+    """The MLflow run a Prefect flow run logged to (tag `prefect.flow_run_id`), or None if it made none."""
+    client = MlflowClient(tracking_uri=cfg.uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_dataset_input(cfg: TrackingConfig, run_id: str, name: str, fingerprint: str, train_file: Path,
+                      rows_by_source: dict[str, int], files: list[Path]) -> None:
+    """Record a versioned training set as the run's input (MLflow's dataset tracking), with its files."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client = MlflowClient(tracking_uri=cfg.uri)
+    dataset = Dataset(
+        name=name, digest=fingerprint[:16],  # MLflow keeps at most 36 characters; the full one is in profile
+        source_type="local", source=json.dumps({"uri": train_file.resolve().as_uri()}),
+        profile=json.dumps({"num_rows": sum(rows_by_source.values()), "rows_by_source": rows_by_source,
+                            "fingerprint": fingerprint}),
+    )
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    for source, rows in rows_by_source.items():
+        client.set_tag(run_id, f"dataset.rows.{source}", str(rows))
+    for path in files:
+        client.log_artifact(run_id, str(path), "dataset")
+
+
+def trained_adapter(cfg: TrackingConfig, registered_name: str, model: str, dest: Path) -> TrainResult:
+    """What the train stage of a finished run returned, with its adapter downloaded once into `dest`.
+
+    `model` is that MLflow run's id, or `v<N>` for version N of the registered model.
+    """
+    import mlflow.artifacts
+
+    from tasks.train import TrainResult
+
+    client = MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
+    version = re.fullmatch(r"v(\d+)", model)
+    run_id = client.get_model_version(registered_name, version[1]).run_id if version else model
+    folder = dest / run_id
+    if client.get_run(run_id).data.tags.get("train.kind", "lora") != "lora":
+        raise ValueError(f"run {run_id} trained every weight (train.mode: full); its weights are in that run's "
+                         "train stage folder, not in MLflow, so only LoRA runs can be evaluated by run id")
+    if not (folder / "adapter" / "train_result.json").is_file():
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(folder),
+                                            tracking_uri=cfg.uri)
+    trained = TrainResult.model_validate_json((folder / "adapter" / "train_result.json").read_text())
+    return trained.model_copy(update={"adapter_dir": folder / "adapter"})

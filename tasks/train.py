@@ -18,6 +18,7 @@ from tasks.base_model import BaseModelRef
 from tasks.caching import StageCache, stage_dir
 from tasks.config import LoraConfig, ModelConfig, TrainConfig
 from tasks.format_data import FormattedData, FormattedSplit
+from tasks.gpu_slots import gpu_slots
 from tasks.worker import run_worker
 
 if TYPE_CHECKING:  # the worker imports this module, and needs neither MLflow nor its start-up time
@@ -93,5 +94,6 @@ def train(
     from tasks.tracking import live_training_log
 
     log = get_run_logger()
-    return run_worker("tasks.training:train_model", request, TrainResult, out_dir, devices=cfg.devices, log=log,
-                      on_event=live_training_log(mlflow_run, log) if mlflow_run else None)
+    with gpu_slots(cfg.devices):  # inside the task, so a cache hit never waits for another run's training
+        return run_worker("tasks.training:train_model", request, TrainResult, out_dir, devices=cfg.devices,
+                          log=log, on_event=live_training_log(mlflow_run, log) if mlflow_run else None)

@@ -68,3 +68,24 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
+    """A function: root folder -> the demo config as a dict, on the tiny model, trained and evaluated in seconds,
+    with its own workdir and MLflow store under `root`, and an Ollama host where nothing answers."""
+    import yaml
+
+    def make(root: Path) -> dict:
+        config = yaml.safe_load(Path("configs/demo.yaml").read_text())
+        train, eval_ = demo_data
+        config.update(workdir=str(root / "runs"))
+        config["data"].update(train=str(train), eval=str(eval_))
+        config["model"]["base"] = str(tiny_model)
+        # LoRA: the common case, and the one `tunepipe evaluate RUN` can load back from MLflow
+        config["train"].update(mode="lora", max_steps=2, batch_size=2, logging_steps=1)
+        config["eval"] = {"max_samples": 2, "max_new_tokens": 8}
+        config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fast",
+                              "artifact_location": str(root / "mlartifacts")}
+        config["ollama"]["host"] = "http://127.0.0.1:9"
+        return config
+
+    return make

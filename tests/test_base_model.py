@@ -299,6 +299,7 @@ def test_cli_prints_the_model_error_without_traceback_before_anything_starts(tmp
 
 def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_server, tmp_path: Path, capfd):
     from deployments.cli import run_finetune
+    from tasks.config import load_config
 
     folder = model_folder(tmp_path / "model", {"config.json": "{}", "tokenizer.json": "{}"})
     config = {"name": "x", "workdir": str(tmp_path / "runs"), "data": {"train": str(tmp_path / "train.jsonl")},
@@ -306,7 +307,7 @@ def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_s
               "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert run_finetune(path, []) == 1
+    assert run_finetune(load_config(path)) == 1
     out = " ".join(capfd.readouterr().out.split())  # rich wraps lines at the terminal width
     assert "failed:" in out and "has no model weights" in out and "stages" not in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

@@ -10,6 +10,7 @@ import yaml
 
 from deployments.cli import stage_states
 from flows.finetune import GateFailed, RunSummary, finetune
+from tasks.config import load_config
 
 EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export", "parity"}
 
@@ -36,7 +37,7 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
 
 @pytest.fixture(scope="module")
 def first_run(prefect_server, config_path: Path) -> tuple[RunSummary, dict[str, str]]:
-    state = finetune(str(config_path), return_state=True)
+    state = finetune(load_config(config_path), return_state=True)
     assert state.is_completed() and state.name == "Unserved", state.message
     return state.result(), states_by_stage(state)
 
@@ -169,7 +170,7 @@ def _with_host(client, run_id: str, host: str) -> str:
 
 
 def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
-    state = finetune(str(config_path), return_state=True)
+    state = finetune(load_config(config_path), return_state=True)
     states = states_by_stage(state)
     assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Cached" for stage in EXPENSIVE}
     assert state.result().gguf_path == first_run[0].gguf_path
@@ -179,7 +180,7 @@ def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
 
 
 def test_changing_a_threshold_reuses_training_and_evaluation(first_run, config_path: Path):
-    state = finetune(str(config_path), ["eval.thresholds.max_eval_loss=100"], return_state=True)
+    state = finetune(load_config(config_path, ["eval.thresholds.max_eval_loss=100"]), return_state=True)
     states = states_by_stage(state)
     assert states["train"] == states["evaluate"] == "Cached"
     assert [c.name for c in state.result().gate.checks] == ["eval_loss_improvement", "eval_loss"]
@@ -190,14 +191,14 @@ def test_deleted_export_folder_is_rebuilt_not_served_from_cache(first_run, confi
 
     summary, _ = first_run
     shutil.rmtree(summary.gguf_path.parent)
-    state = finetune(str(config_path), return_state=True)
+    state = finetune(load_config(config_path), return_state=True)
     states = states_by_stage(state)
     assert states["train"] == "Cached" and states["export"] == "Completed"
     assert state.result().gguf_path.is_file()
 
 
 def test_failed_gate_exports_nothing_and_marks_the_mlflow_run(first_run, config_path: Path):
-    state = finetune(str(config_path), ["eval.thresholds.min_exact_match=1.0"], return_state=True)
+    state = finetune(load_config(config_path, ["eval.thresholds.min_exact_match=1.0"]), return_state=True)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, GateFailed)

@@ -364,10 +364,10 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
     from transformers import AutoTokenizer
 
     from tasks.format_data import IGNORE, tokenize_conversation
-    from tasks.load_data import read_jsonl
+    from tasks.load_data import DataSource, Normaliser, read_file
 
     system_prompt = yaml.safe_load(Path("configs/demo.yaml").read_text())["data"]["system_prompt"]
-    (example, *_), _ = read_jsonl(demo_data[1], system_prompt)
+    example = read_file(DataSource(path=demo_data[1]), Normaliser(None, system_prompt)).examples[0]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     input_ids, labels = tokenize_conversation(tokenizer, example)
     trained_prompt = input_ids[: next(i for i, label in enumerate(labels) if label != IGNORE)]

@@ -66,6 +66,7 @@ def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, 
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     from deployments.cli import run_finetune
+    from tasks.config import load_config
 
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     out = tmp_path / "out"  # everything the run writes; the config (which holds the secrets) stays outside
@@ -80,7 +81,7 @@ def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, 
     path.write_text(yaml.safe_dump(config))
     everything = [HF_TOKEN, URL_TOKEN, PASSWORD]
 
-    assert run_finetune(path, []) == 0
+    assert run_finetune(load_config(path)) == 0
     printed = capfd.readouterr()
     assert "Browse runs: mlflow ui" in printed.out
     assert not [s for s in everything if s in printed.out + printed.err], "the CLI printed a secret"

@@ -1,0 +1,49 @@
+"""The evaluate flow: score one trained model on the config's held-out split with the evaluation stage and
+the gate, as the finetune flow would, without training or exporting anything. Started by the `evaluate`
+deployment (prefect.yaml) or `tunepipe evaluate`."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from tasks.base_model import resolve_base_model
+from tasks.champion import find_champion
+from tasks.check_data import check_data
+from tasks.config import PipelineConfig
+from tasks.evaluate import EvalReport, evaluate
+from tasks.format_data import format_data
+from tasks.gate import GateDecision, gate
+from tasks.load_data import data_fingerprint, load_data
+from tasks.tracking import tracked_run, trained_adapter
+
+
+class Evaluation(BaseModel):
+    model: str
+    model_run_id: str  # the MLflow run that trained it
+    mlflow_run_id: str  # the MLflow run of this evaluation
+    eval: EvalReport
+    gate: GateDecision
+
+
+@flow(name="evaluate")
+def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
+    """`model`: the MLflow run id of a finetune run, or `v<N>` for version N of the registered model."""
+    cfg = config
+    base = resolve_base_model(cfg.model)
+    candidate = trained_adapter(cfg.tracking, cfg.name, model, cfg.workdir / "evaluate-inputs")
+    model_run_id = candidate.adapter_dir.parent.name
+    tags = {"prefect.flow_run_id": str(flow_run.get_id()), "tunepipe.kind": "evaluate",
+            "evaluated.model": model, "evaluated.run_id": model_run_id,
+            "dataset.fingerprint": data_fingerprint(cfg.data), "base_model": cfg.model.base}
+    with tracked_run(cfg, run_name=f"{cfg.name}-evaluate-{flow_run.get_name()}", tags=tags) as run:
+        loaded = load_data(cfg.data, tags["dataset.fingerprint"], cfg.workdir)
+        checked = check_data(loaded, cfg.data, base, cfg.model, cfg.workdir)
+        formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
+        champion = find_champion(cfg.tracking.uri, cfg.name)
+        report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,
+                          cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir)
+        decision = gate(report, cfg.eval.thresholds)
+        run.evaluated(report, decision)
+    return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)

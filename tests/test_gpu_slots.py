@@ -1,0 +1,75 @@
+"""The `gpu` global concurrency limit: two runs triggered at once never train at the same time."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from prefect import flow
+
+from tasks.base_model import resolve_base_model
+from tasks.check_data import check_data
+from tasks.config import PipelineConfig
+from tasks.format_data import format_data
+from tasks.gpu_slots import GPU_LIMIT
+from tasks.load_data import data_fingerprint, load_data
+from tasks.train import train
+
+
+@flow
+def train_once(cfg: PipelineConfig, seed: int):
+    base = resolve_base_model(cfg.model)
+    loaded = load_data(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
+    formatted = format_data(check_data(loaded, cfg.data, cfg.workdir), base, cfg.model,
+                            cfg.train.assistant_only_loss, cfg.workdir)
+    # A different seed per run: two distinct trainings, neither a cache hit of the other.
+    return train(formatted, base, cfg.model, cfg.lora, cfg.train.model_copy(update={"seed": seed}), cfg.workdir)
+
+
+@pytest.fixture
+def gpu_limit(prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+        try:
+            yield
+        finally:  # other tests share this server
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+
+
+def slot_intervals(flow_run_id) -> list[tuple[float, float]]:
+    """(held from, released at) of each `gpu` slot a flow run's tasks held, from the run's logs in the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
+    held = [log.timestamp.timestamp() for log in logs if log.message.startswith("holding")]
+    released = [log.timestamp.timestamp() for log in logs if log.message.startswith("releasing")]
+    return list(zip(held, released, strict=True))
+
+
+def test_two_concurrent_runs_take_turns_on_one_gpu_slot(tmp_path: Path, fast_config, gpu_limit):
+    from prefect.logging.handlers import APILogHandler
+
+    raw = fast_config(tmp_path)
+    raw["train"]["max_steps"] = 3
+    cfg = PipelineConfig.model_validate(raw)
+    train_once(cfg, seed=0)  # load, check and format once; the two runs below share those cache hits
+    states = {}
+    runs = [threading.Thread(target=lambda s=seed: states.update({s: train_once(cfg, s, return_state=True)}))
+            for seed in (1, 2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=600)
+    assert all(state.is_completed() for state in states.values())
+    APILogHandler().flush()  # send the runs' logs to the API before reading them back
+
+    (first,), (second,) = sorted(slot_intervals(state.state_details.flow_run_id) for state in states.values())
+    assert first[0] < first[1] <= second[0] < second[1]  # the second run trained only after the first let go

@@ -1,0 +1,212 @@
+"""The RAG source: SQL table and JSONL drops, selection, and exactly-once ingestion through the watermark."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tasks.config import PipelineConfig
+from tasks.rag_source import (
+    ConcurrentIngestion, RagSourceError, collect_new_rows, commit_snapshot, count_new_rows, load_snapshot,
+    mark_trained, read_state, state_dir,
+)
+
+BASE = [{"input": f"base question {i}", "output": f"base answer {i}"} for i in range(4)]
+
+
+def make_db(path: Path, rows: list[tuple]) -> Path:
+    with sqlite3.connect(path) as db:
+        db.execute("create table rag_examples (id integer primary key, question text, context text, answer text, "
+                   "rating text, created_at text)")
+        insert(path, rows)
+    return path
+
+
+def insert(path: Path, rows: list[tuple]) -> None:
+    with sqlite3.connect(path) as db:
+        db.executemany("insert into rag_examples (question, context, answer, rating, created_at) "
+                       "values (?, ?, ?, ?, ?)", rows)
+
+
+def row(i: int, rating: str | None = "5", context: str | None = "retrieved passage") -> tuple:
+    return (f"new question {i}", context, f"new answer {i}", rating, f"2026-11-{10 + i % 10:02d}T10:00:00")
+
+
+def pipeline(tmp_path: Path, **rag) -> PipelineConfig:
+    train = tmp_path / "base.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in BASE))
+    return PipelineConfig.model_validate({
+        "name": "t", "workdir": str(tmp_path / "runs"),
+        "data": {"train": str(train), "system_prompt": "Answer from the context."},
+        "model": {"base": "unused"}, "ollama": {"model_name": "t"},
+        "rag": {"sql_url": f"sqlite:///{tmp_path / 'rag.db'}", "min_new_examples": 1, **rag},
+    })
+
+
+def ingest(cfg: PipelineConfig):
+    collected = collect_new_rows(cfg.rag, cfg.data, state_dir(cfg))
+    return collected, commit_snapshot(collected, cfg.data)
+
+
+def rag_lines(snapshot) -> list[dict]:
+    return [json.loads(line) for line in (snapshot.folder / "rag.jsonl").open()]
+
+
+def test_rows_inserted_during_a_run_are_read_by_the_next_run_exactly_once(tmp_path: Path):
+    cfg = pipeline(tmp_path)
+    db = make_db(tmp_path / "rag.db", [row(i) for i in range(3)])
+    collected = collect_new_rows(cfg.rag, cfg.data, state_dir(cfg))
+    insert(db, [row(i) for i in range(3, 5)])  # arrives while the run trains
+    first = commit_snapshot(collected, cfg.data)
+    assert first.new_by_source == {"sql:rag_examples": 3}
+    assert read_state(state_dir(cfg)).watermark.sql_key == [3]
+
+    collected, second = ingest(cfg)
+    assert collected.n_read == 2 and second.new_by_source == {"sql:rag_examples": 2}
+    refs = [line["rag"]["ref"] for line in rag_lines(second)]
+    assert refs == ["1", "2", "3", "4", "5"]  # every row once, none lost
+    assert second.rows_by_source == {"base": 4, "sql:rag_examples": 5}
+    merged = second.data.train.read_text().splitlines()
+    assert len(merged) == 9 and json.loads(merged[0]) == BASE[0]
+    assert collect_new_rows(cfg.rag, cfg.data, state_dir(cfg)).n_read == 0
+
+
+def test_a_run_that_dies_before_the_commit_leaves_the_watermark_and_loses_nothing(tmp_path: Path, monkeypatch):
+    cfg = pipeline(tmp_path)
+    make_db(tmp_path / "rag.db", [row(i) for i in range(3)])
+    collected = collect_new_rows(cfg.rag, cfg.data, state_dir(cfg))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    # The snapshot folder is written, then the process dies before the state file is replaced.
+    monkeypatch.setattr("tasks.rag_source._write_atomically", crash)
+    with pytest.raises(OSError, match="disk full"):
+        commit_snapshot(collected, cfg.data)
+    monkeypatch.undo()
+    assert read_state(state_dir(cfg)).version == 0 and read_state(state_dir(cfg)).watermark.sql_key is None
+
+    collected, snapshot = ingest(cfg)  # the next run reads the same rows and overwrites the orphan folder
+    assert collected.n_read == 3 and snapshot.version == 1
+    assert [line["rag"]["ref"] for line in rag_lines(snapshot)] == ["1", "2", "3"]
+
+
+def test_a_snapshot_whose_training_failed_stays_pending(tmp_path: Path):
+    cfg = pipeline(tmp_path, min_new_examples=3)
+    make_db(tmp_path / "rag.db", [row(i) for i in range(3)])
+    _, snapshot = ingest(cfg)
+    # training crashed: not marked trained, so the next run has 3 pending examples without any new row
+    again = collect_new_rows(cfg.rag, cfg.data, state_dir(cfg))
+    assert again.n_new == 0 and again.n_pending == 3
+    mark_trained(state_dir(cfg), snapshot)
+    assert collect_new_rows(cfg.rag, cfg.data, state_dir(cfg)).n_pending == 0
+
+
+def test_two_runs_racing_cannot_both_commit(tmp_path: Path):
+    cfg = pipeline(tmp_path)
+    make_db(tmp_path / "rag.db", [row(i) for i in range(2)])
+    first = collect_new_rows(cfg.rag, cfg.data, state_dir(cfg))
+    second = collect_new_rows(cfg.rag, cfg.data, state_dir(cfg))
+    commit_snapshot(first, cfg.data)
+    with pytest.raises(ConcurrentIngestion):
+        commit_snapshot(second, cfg.data)
+    assert read_state(state_dir(cfg)).n_rag == 2
+
+
+def test_selection_by_rating_dedupe_and_bad_rows(tmp_path: Path):
+    cfg = pipeline(tmp_path, min_rating=3, keep_unrated=False, feedback_values={"up": 5, "down": 1})
+    make_db(tmp_path / "rag.db", [
+        row(0, rating="4"), row(1, rating="2"), row(2, rating=None), row(3, rating="up"),
+        ("base question 1", None, "other answer", "5", "2026-11-10"),  # already in the base set
+        ("new question 0", None, "a second answer", "5", "2026-11-10"),  # asked before in this batch
+        ("new question 9", None, "", "5", "2026-11-10"),  # no answer
+        ("new question 8", None, "answer", "meh", "2026-11-10"),  # rating that means nothing
+    ])
+    collected, snapshot = ingest(cfg)
+    assert [line["rag"]["ref"] for line in rag_lines(snapshot)] == ["1", "4"]
+    assert collected.skipped == {"rating below min_rating": 1, "unrated": 1, "duplicate question": 2}
+    quarantine = [json.loads(line) for line in (snapshot.folder / "quarantine.jsonl").open()]
+    assert [(q["field"], q["reason"]) for q in quarantine] == [
+        ("answer", "row 7: missing or empty"),
+        ("rating", "row 8: 'meh' is neither a number nor one of rag.feedback_values (up, down)"),
+    ]
+    skipped = [json.loads(line) for line in (snapshot.folder / "skipped.jsonl").open()]
+    assert {s["ref"] for s in skipped} == {"2", "3", "5", "6"}
+    assert rag_lines(snapshot)[1]["rag"]["rating"] == 5.0
+
+
+@pytest.mark.parametrize(("mode", "system", "user"), [
+    ("user", "Answer from the context.", "Context:\nretrieved passage\n\nnew question 0"),
+    ("system", "Answer from the context.\n\nContext:\nretrieved passage", "new question 0"),
+    ("omit", "Answer from the context.", "new question 0"),
+])
+def test_context_enters_the_prompt_as_configured(tmp_path: Path, mode: str, system: str, user: str):
+    cfg = pipeline(tmp_path, context_mode=mode)
+    make_db(tmp_path / "rag.db", [row(0)])
+    _, snapshot = ingest(cfg)
+    messages = rag_lines(snapshot)[0]["messages"]
+    assert messages == [{"role": "system", "content": system}, {"role": "user", "content": user},
+                        {"role": "assistant", "content": "new answer 0"}]
+
+
+def test_jsonl_drops_are_read_by_complete_lines_and_may_grow(tmp_path: Path):
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    cfg = pipeline(tmp_path, sql_url=None, jsonl_dir=str(drops), columns={"rating": "feedback", "context": None})
+    day1 = drops / "2026-11-20.jsonl"
+    record = {"id": "a1", "question": "q1", "answer": "a1", "feedback": "up", "created_at": "2026-11-20"}
+    day1.write_text(json.dumps(record) + "\n" + "not json\n" + '{"id": "a2", "quest')  # last line half-written
+    collected, first = ingest(cfg)
+    assert collected.n_read == 1 and collected.n_rejected == 1
+    assert [line["rag"]["ref"] for line in rag_lines(first)] == ["2026-11-20.jsonl:1"]
+    quarantine = [json.loads(line) for line in (first.folder / "quarantine.jsonl").open()]
+    assert quarantine[0]["line"] == 2 and quarantine[0]["source"].endswith("2026-11-20.jsonl")
+
+    with day1.open("a") as out:  # the writer finishes its line, and a new drop file appears
+        out.write('ion": "q2", "answer": "a2"}\n')
+    (drops / "2026-11-21.jsonl").write_text(json.dumps({"question": "q3", "answer": "a3"}) + "\n")
+    collected, second = ingest(cfg)
+    assert collected.n_read == 2
+    assert [line["rag"]["ref"] for line in rag_lines(second)] == [
+        "2026-11-20.jsonl:1", "2026-11-20.jsonl:3", "2026-11-21.jsonl:1"]
+    assert second.rows_by_source == {"base": 4, "jsonl:2026-11-20.jsonl": 2, "jsonl:2026-11-21.jsonl": 1}
+
+    day1.write_text("")  # a drop rewritten in place would silently lose or repeat rows
+    with pytest.raises(RagSourceError, match="drop files may only grow"):
+        count_new_rows(cfg.rag, state_dir(cfg))
+
+
+def test_created_at_watermark_breaks_ties_by_id(tmp_path: Path):
+    cfg = pipeline(tmp_path, watermark_on="created_at")
+    db = make_db(tmp_path / "rag.db", [("q1", None, "a1", None, "2026-11-20T10:00:00"),
+                                      ("q2", None, "a2", None, "2026-11-20T10:00:00")])
+    ingest(cfg)
+    insert(db, [("q3", None, "a3", None, "2026-11-20T10:00:00"), ("q4", None, "a4", None, "2026-11-19T09:00:00")])
+    # q3 has the same time as the watermark but a larger id: new. q4 is back-dated: before the watermark.
+    collected, snapshot = ingest(cfg)
+    assert collected.n_read == 1 and rag_lines(snapshot)[-1]["rag"]["ref"] == "3"
+
+
+def test_fingerprint_matches_what_the_finetune_flow_computes(tmp_path: Path):
+    from tasks.load_data import data_fingerprint
+
+    cfg = pipeline(tmp_path)
+    make_db(tmp_path / "rag.db", [row(0)])
+    _, snapshot = ingest(cfg)
+    assert snapshot.fingerprint == data_fingerprint(snapshot.data)
+    assert load_snapshot(state_dir(cfg), 1, cfg.data) == snapshot
+
+
+def test_unusable_sources_fail_with_the_config_key(tmp_path: Path):
+    cfg = pipeline(tmp_path)
+    with pytest.raises(RagSourceError, match="rag.sql_url: no SQLite database at"):
+        collect_new_rows(cfg.rag, cfg.data, state_dir(cfg))
+    make_db(tmp_path / "rag.db", [])
+    bad = pipeline(tmp_path, columns={"answer": "response"})
+    with pytest.raises(RagSourceError, match="rag.columns.answer: no column 'response'"):
+        collect_new_rows(bad.rag, bad.data, state_dir(bad))
+    with pytest.raises(RagSourceError, match="rag.table: no table 'logs'"):
+        collect_new_rows(pipeline(tmp_path, table="logs").rag, cfg.data, state_dir(cfg))
