@@ -112,7 +112,7 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
     examples = list(read_examples(eval_examples))
     # `eval.probes` (fixed user prompts) arrives with the evaluation's probes; read it where the config has it.
     probes = [SmokeCase(name=f"probe {i}", messages=[{"role": "user", "content": probe}])
-              for i, probe in enumerate(getattr(cfg.eval, "probes", []))]
+              for i, probe in enumerate(cfg.eval.probes)]
     cases = probes + [SmokeCase(name=f"held-out {ex.source}:{ex.line}",
                                 messages=_client_messages(ex.prompt, spec.system))
                       for ex in examples[: cfg.ollama.smoke_examples]]

@@ -243,9 +243,9 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
     import yaml
 
     from tasks.base_model import BaseModelRef
-    from tasks.examples import write_jsonl
-    from tasks.load_data import read_jsonl
     from tasks.config import PipelineConfig
+    from tasks.examples import write_jsonl
+    from tasks.load_data import DataSource, Normaliser, read_file
     from tasks.export import ExportResult
     from tasks.parity import ParityVerdict
     from tasks.serve import ParityFailed, plan_serving
@@ -254,7 +254,7 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
     raw["ollama"]["smoke_examples"] = 3
     cfg = PipelineConfig.model_validate(raw)
     held_out = tmp_path / "eval.jsonl"  # as the data check leaves it: examples with the system prompt added
-    write_jsonl(held_out, read_jsonl(demo_data[1], cfg.data.system_prompt)[0])
+    write_jsonl(held_out, read_file(DataSource(path=demo_data[1]), Normaliser(None, cfg.data.system_prompt)).examples)
     sizes = {"f16": 300, "q8_0": 200, "q4_k_m": 100}
     exported = ExportResult(merged_dir=tiny_model, adapter_dir=None, adapter_gguf=None, ggufs=[
         GgufFile(type=t, path=tiny_gguf, bytes=size, sha256="0" * 64) for t, size in sizes.items()])
@@ -267,7 +267,8 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
 
     assert plan.gguf.type == "q8_0"  # q4_k_m is smaller but over its limit
     assert plan.spec.system == cfg.data.system_prompt
-    assert [len(c.messages) for c in plan.smoke_cases] == [1, 1, 1]  # SYSTEM comes from the Modelfile
+    # 3 held-out examples and the config's probes, each a lone user turn: SYSTEM comes from the Modelfile
+    assert [len(c.messages) for c in plan.smoke_cases] == [1] * (3 + len(cfg.eval.probes))
     assert plan.required_keys == ["name", "price", "category", "manufacturer"]
     failing = [v.model_copy(update={"passed": False, "failures": ["stop_rate: drop"]}) for v in verdicts]
     with pytest.raises(ParityFailed, match=r"no GGUF is within the parity limits .*q4_k_m: stop_rate: drop; nothing"):
