@@ -110,7 +110,7 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
         spec.model_copy(update={"adapter": exported.adapter_gguf, "base": adapter_base}).write(
             gguf.path.parent / "Modelfile.adapter")
     examples = list(read_examples(eval_examples))
-    # `eval.probes` (fixed user prompts) arrives with the evaluation's probes; read it where the config has it.
+    # `eval.probes`: the fixed prompts the evaluation also asks base, champion and candidate.
     probes = [SmokeCase(name=f"probe {i}", messages=[{"role": "user", "content": probe}])
               for i, probe in enumerate(cfg.eval.probes)]
     cases = probes + [SmokeCase(name=f"held-out {ex.source}:{ex.line}",
