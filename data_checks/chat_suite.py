@@ -178,7 +178,8 @@ def validate(frames: dict[str, pd.DataFrame], suites: dict[str, ExpectationSuite
     context.variables.data_docs_sites = {}
     context.add_data_docs_site(DOCS_SITE, {
         "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        # GX writes the site only under an absolute folder; a relative workdir (the demo's `runs`) must be resolved.
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     })
     source = context.data_sources.add_pandas("examples")
