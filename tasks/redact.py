@@ -48,8 +48,9 @@ def error_line(exc: BaseException) -> str:
 
 
 def _secret_env_values() -> list[str]:
-    values = {value for name, value in os.environ.items()
-              if _SECRET_ENV_NAME.search(name) and len(value) >= _MIN_SECRET_LEN}
+    # By name, then .get: another thread (MLflow's telemetry) may remove a variable while we read them.
+    secret_names = [name for name in list(os.environ) if _SECRET_ENV_NAME.search(name)]
+    values = {value for value in map(os.environ.get, secret_names) if value and len(value) >= _MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)  # a longer secret first, in case one contains another
 
 
