@@ -171,16 +171,15 @@ class Report:
     def summary(self, summary) -> None:
         from rich.table import Table
 
+        self.metrics(summary.eval, summary.gate)
         table = Table(title="tunepipe run", show_header=False)
-        candidate, base = summary.eval.candidate, summary.eval.base
         rows = [
             ("GGUF", str(summary.gguf_path)),
             ("merged model", str(summary.merged_dir)),
             ("LoRA adapter", str(summary.adapter_dir)),
-            ("eval (candidate / base)",
-             f"loss {candidate.eval_loss:.3f} / {base.eval_loss:.3f}, valid JSON {candidate.valid_json_rate} / "
-             f"{base.valid_json_rate}, exact {candidate.exact_match} / {base.exact_match}"),
             ("gate", summary.gate.summary()),
+            ("attempts", f"{summary.attempts}: {summary.retrain_outcome}"),
+            ("report", str(summary.report.path)),
             ("MLflow run", summary.mlflow_run_id),
             ("Ollama model", f"{summary.ollama.model_name} ({summary.ollama.state})"),
             ("Ollama", summary.ollama.message),
@@ -194,7 +193,31 @@ class Report:
         )
 
     def gate(self, error) -> None:
-        self.console.print(f"[bold yellow]not promoted:[/] {error}")
+        self.metrics(error.eval, error.decision)
+        self.console.print(f"[bold yellow]not promoted:[/] the evaluation gate failed ({error.outcome}); nothing "
+                           "was exported or registered and the champion is unchanged.")
+        for reason in error.decision.reasons:
+            self.console.print(f"  [red]-[/] {reason}")
+        self.console.print(f"report: {error.report.path}   MLflow run: {error.mlflow_run_id}")
+
+    def metrics(self, report, decision) -> None:
+        """Headline metrics of base / champion / candidate, plus every metric a gate rule checked."""
+        from rich.table import Table
+
+        from tasks.report import label, models
+
+        columns = models(report)
+        gated = {check.metric for check in decision.checks}
+        names = sorted({n for s in columns for n in s.metrics if "." not in n} | gated)
+        table = Table(title=f"held-out metrics ({report.n_samples} examples)")
+        table.add_column("metric")
+        for scores in columns:
+            table.add_column(label(scores), justify="right")
+        for name in names:
+            values = [scores.metrics.get(name) for scores in columns]
+            table.add_row(name + (" *" if name in gated else ""), *("-" if v is None else f"{v:.3f}" for v in values))
+        self.console.print(table)
+        self.console.print("* checked by the gate")
 
 
 def stage_states(flow_run_id) -> list[tuple[str, str, float]]:

@@ -19,21 +19,23 @@ from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.config import DataConfig, EvalConfig
 from tasks.examples import Example, read_examples
 from tasks.format_data import IGNORE, FormattedData
+from tasks.metrics import score_answers
 from tasks.train import TrainResult, load_trained_model
 
 
-class Scores(BaseModel):
-    eval_loss: float
-    valid_json_rate: float | None  # None when the answers are free text
-    exact_match: float
-    stop_rate: float
+class ModelScores(BaseModel):
+    name: str  # "candidate" | "base" | "champion"
+    version: str | None = None  # the champion's registry version
+    metrics: dict[str, float]  # eval_loss, stop_rate and the task metrics of tasks/metrics.py
 
 
 class EvalReport(BaseModel):
     n_samples: int
-    candidate: Scores
-    base: Scores
-    samples_path: Path  # JSONL: prompt, expected, candidate and base answers per held-out example
+    candidate: ModelScores
+    base: ModelScores
+    champion: ModelScores | None = None
+    samples_path: Path  # JSONL per held-out example: id, source, prompt, expected, per model {answer, stopped, scores}
+    probes_path: Path  # JSONL per probe: prompt and the answer of each model
 
 
 def evaluate_adapter(
@@ -61,22 +63,30 @@ def evaluate_adapter(
             base_answers, base_stopped = _generate(base_model, tokenizer, examples, cfg, "base")
             base_loss = _mean_loss(base_model, rows, cfg.batch_size, tokenizer.pad_token_id)
 
-    json_answers = data_cfg.output_format == "json"
+    references = [example.answer for example in examples]
+    scored = {
+        "candidate": (candidate_answers, candidate_stopped, candidate_loss,
+                      *score_answers(candidate_answers, references, candidate_stopped, data_cfg.output_format)),
+        "base": (base_answers, base_stopped, base_loss,
+                 *score_answers(base_answers, references, base_stopped, data_cfg.output_format)),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.jsonl"
     with samples_path.open("w", encoding="utf-8") as out:
-        for example, cand, base_answer in zip(examples, candidate_answers, base_answers):
-            out.write(json.dumps({
-                "id": example.id, "source": f"{example.source}:{example.line}",
-                "prompt": example.prompt[-1].content, "expected": example.answer,
-                "candidate": cand, "base": base_answer,
-            }, ensure_ascii=False) + "\n")
-    return EvalReport(
-        n_samples=len(examples),
-        candidate=_score(candidate_answers, candidate_stopped, examples, candidate_loss, json_answers),
-        base=_score(base_answers, base_stopped, examples, base_loss, json_answers),
-        samples_path=samples_path,
+        for i, example in enumerate(examples):
+            row = {"id": example.id, "source": f"{example.source}:{example.line}",
+                   "prompt": example.prompt[-1].content, "expected": example.answer}
+            for who, (answers, stopped, _, _, per_example) in scored.items():
+                row[who] = {"answer": answers[i], "stopped": stopped[i], "scores": per_example[i]}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    probes_path = out_dir / "probes.jsonl"
+    probes_path.write_text("")
+    candidate, base_scores = (
+        ModelScores(name=who, metrics={"eval_loss": loss, **means})
+        for who, (_, _, loss, means, _) in scored.items()
     )
+    return EvalReport(n_samples=len(examples), candidate=candidate, base=base_scores, samples_path=samples_path,
+                      probes_path=probes_path)
 
 
 def _generate(model, tokenizer, examples: list[Example], cfg: EvalConfig, who: str) -> tuple[list[str], list[bool]]:
@@ -130,27 +140,6 @@ def _mean_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
         total += losses.item()
         count += int((targets != IGNORE).sum())
     return total / count
-
-
-def _score(answers: list[str], stopped: list[bool], examples: list[Example], loss: float, json_answers: bool) -> Scores:
-    n = len(examples)
-    if json_answers:
-        parsed = [_parse_json(answer) for answer in answers]
-        expected = [_parse_json(example.answer) for example in examples]
-        valid = sum(p is not None for p in parsed) / n
-        exact = sum(p is not None and p == e for p, e in zip(parsed, expected)) / n
-    else:
-        valid = None
-        exact = sum(a == ex.answer.strip() for a, ex in zip(answers, examples)) / n
-    return Scores(eval_loss=loss, valid_json_rate=valid, exact_match=exact, stop_rate=sum(stopped) / n)
-
-
-def _parse_json(text: str) -> dict | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
