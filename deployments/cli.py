@@ -295,8 +295,7 @@ def run_evaluate(cfg, model: str) -> int:
         return failed(report, state)
     evaluation = state.result()
     report.console.print(f"{model} (run {evaluation.model_run_id})")
-    for name, values in eval_rows(evaluation.eval):
-        report.console.print(f"  {name}: {values}")
+    report.metrics(evaluation.eval, evaluation.gate)
     report.console.print(f"gate {evaluation.gate.summary()}\nMLflow run {evaluation.mlflow_run_id}")
     return 0 if evaluation.gate.passed else 3
 
@@ -381,6 +380,7 @@ class Report:
     def summary(self, summary) -> None:
         from rich.table import Table
 
+        self.metrics(summary.eval, summary.gate)
         table = Table(title="tunepipe run", show_header=False)
         parity = ", ".join(f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop "
                            f"{g.scores.get('stop_rate', 0):.2f}" for g in summary.parity.ggufs)
@@ -389,8 +389,9 @@ class Report:
             ("GGUF parity", parity),
             ("merged model", str(summary.exported.merged_dir)),
             ("LoRA adapter", str(summary.exported.adapter_dir or "none (full fine-tuning)")),
-            *eval_rows(summary.eval),
             ("gate", summary.gate.summary()),
+            ("attempts", f"{summary.attempts}: {summary.retrain_outcome}"),
+            ("report", str(summary.report.path)),
             ("data checks (GX Data Docs)", f"{summary.data_docs} (MLflow: data_checks/data_docs/index.html)"),
             ("MLflow run", summary.mlflow_run_id),
             ("Ollama", summary.serving.registration.message),
@@ -405,19 +406,31 @@ class Report:
         )
 
     def gate(self, error) -> None:
-        self.console.print(f"[bold yellow]not promoted:[/] {error}")
+        self.metrics(error.eval, error.decision)
+        self.console.print(f"[bold yellow]not promoted:[/] the evaluation gate failed ({error.outcome}); nothing "
+                           "was exported or registered and the champion is unchanged.")
+        for reason in error.decision.reasons:
+            self.console.print(f"  [red]-[/] {reason}")
+        self.console.print(f"report: {error.report.path}   MLflow run: {error.mlflow_run_id}")
 
+    def metrics(self, report, decision) -> None:
+        """Headline metrics of base / champion / candidate, plus every metric a gate rule checked."""
+        from rich.table import Table
 
-def eval_rows(report) -> list[tuple[str, str]]:
-    """One row per headline metric: candidate / base (/ champion), in that order."""
-    models = [m for m in (report.candidate, report.base, report.champion) if m is not None]
-    header = " / ".join(m.name if m.version is None else f"{m.name} v{m.version}" for m in models)
-    rows = []
-    for metric in ("eval_loss", "valid_json_rate", "exact_match", "field_accuracy", "rouge_l", "stop_rate"):
-        if metric in models[0].metrics:
-            values = " / ".join(f"{m.metrics[metric]:.3f}" if metric in m.metrics else "-" for m in models)
-            rows.append((f"{metric} ({header})", values))
-    return rows
+        from tasks.report import label, models
+
+        columns = models(report)
+        gated = {check.metric for check in decision.checks}
+        names = sorted({n for s in columns for n in s.metrics if "." not in n} | gated)
+        table = Table(title=f"held-out metrics ({report.n_samples} examples)")
+        table.add_column("metric")
+        for scores in columns:
+            table.add_column(label(scores), justify="right")
+        for name in names:
+            values = [scores.metrics.get(name) for scores in columns]
+            table.add_row(name + (" *" if name in gated else ""), *("-" if v is None else f"{v:.3f}" for v in values))
+        self.console.print(table)
+        self.console.print("* checked by the gate")
 
 
 def stage_states(flow_run_id) -> list[tuple[str, str, float]]:

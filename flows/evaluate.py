@@ -44,6 +44,6 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,
                           cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir)
-        decision = gate(report, cfg.eval.thresholds)
+        decision = gate(report, cfg.gate)
         run.evaluated(report, decision)
     return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)

@@ -21,16 +21,22 @@ from tasks.gate import GateDecision, gate
 from tasks.load_data import data_fingerprint, load_data
 from tasks.parity import ParityReport, parity, parity_verdicts
 from tasks.redact import redact, redact_logs
+from tasks.report import RunReport, run_report
+from tasks.retrain_plan import Attempt, next_attempt, outcome
 from tasks.serve import plan
-from tasks.tracking import tracked_run
+from tasks.tracking import tracked_attempt, tracked_run
 from tasks.train import train
 
 
 class GateFailed(RuntimeError):
-    def __init__(self, decision: GateDecision, mlflow_run_id: str):
-        super().__init__(f"evaluation gate {decision.summary()}; nothing exported (MLflow run {mlflow_run_id})")
-        self.decision = decision
-        self.mlflow_run_id = mlflow_run_id
+    """The last attempt failed the gate: nothing was exported or registered and the champion did not move."""
+
+    def __init__(self, attempts: list[Attempt], outcome: str, report: RunReport, mlflow_run_id: str):
+        self.attempts, self.outcome, self.report, self.mlflow_run_id = attempts, outcome, report, mlflow_run_id
+        self.eval, self.decision = attempts[-1].report, attempts[-1].decision
+        reasons = "".join(f"\n  - {reason}" for reason in self.decision.reasons)
+        super().__init__(f"evaluation gate failed ({outcome}); nothing exported or registered, the champion is "
+                         f"unchanged. Failing rules:{reasons}\nReport: {report.path} (MLflow run {mlflow_run_id})")
 
 
 class RunSummary(BaseModel):
@@ -38,6 +44,9 @@ class RunSummary(BaseModel):
     mlflow_tracking_uri: str
     eval: EvalReport
     gate: GateDecision
+    attempts: int
+    retrain_outcome: str
+    report: RunReport
     exported: ExportResult
     parity: ParityReport
     gguf_path: Path  # the one served (smallest within the parity limits)
@@ -67,16 +76,27 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         run.data_checked(loaded, checked)
 
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, workdir)
-        trained = train(formatted, base, cfg.model, cfg.lora, cfg.train, workdir, mlflow_run=run.live_ref())
-        run.trained(formatted, trained)
 
         champion = find_champion(cfg.tracking.uri, cfg.name)
-        report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base, champion,
-                          cfg.tracking.uri, cfg.data, cfg.eval, workdir)
-        decision = gate(report, cfg.eval.thresholds)
+        # The bounded retrain loop: train, evaluate and gate until an attempt passes or the plan gives up.
+        attempts: list[Attempt] = []
+        while attempt := next_attempt(cfg, attempts):
+            with tracked_attempt(run, attempt) as attempt_run:
+                trained = train(formatted, base, cfg.model, attempt.lora, attempt.train, workdir,
+                                init_from=attempt.init_from, mlflow_run=attempt_run.live_ref())
+                report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base,
+                                  champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir)
+                decision = gate(report, cfg.gate)
+                attempt_run.attempted(trained, report, decision)
+            attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))
+        ended = outcome(attempts, cfg.retrain)
+        run.trained(formatted, trained)
         run.evaluated(report, decision)
+        run.retrained(len(attempts), ended)
+        report_page = run_report(cfg.name, attempts, ended, workdir)
+        run.reported(report_page)
         if not decision.passed:
-            raise GateFailed(decision, run.run_id)
+            raise GateFailed(attempts, ended, report_page, run.run_id)
 
         exported = export(trained, base, cfg.export, workdir)
         measured = parity(exported, checked.eval.clean_path, cfg.data, cfg.eval, workdir)
@@ -89,8 +109,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     get_run_logger().info("ollama: %s", serving.registration.message)
     summary = RunSummary(
         mlflow_run_id=run.run_id, mlflow_tracking_uri=redact(cfg.tracking.uri), eval=report, gate=decision,
-        exported=exported, parity=measured, gguf_path=serving_plan.gguf.path, serving=serving,
-        data_docs=checked.data_docs,
+        attempts=len(attempts), retrain_outcome=ended, report=report_page, exported=exported, parity=measured,
+        gguf_path=serving_plan.gguf.path, serving=serving, data_docs=checked.data_docs,
     )
     if not serving.served:  # trained and exported, but not served: say so in the run's final state
         return Completed(name="Unserved", message=serving.registration.message, data=summary)

@@ -45,8 +45,7 @@ def outputs_exist(value: Any) -> bool:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, BaseModel):
-        # A section may name fields that do not change what a stage produces (e.g. eval thresholds).
-        return value.model_dump(mode="json", exclude=getattr(type(value), "cache_exclude", None))
+        return value.model_dump(mode="json")
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):

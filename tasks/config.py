@@ -1,7 +1,7 @@
 """The one typed config that drives a tunepipe run, loaded from YAML.
 
 Every stage reads only its own section, so a task's cache key can hash exactly the part of the config
-it depends on: changing `eval.thresholds` does not invalidate training.
+it depends on: changing the `gate` rules does not invalidate training or evaluation.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
@@ -151,19 +151,7 @@ class TrainConfig(Section):
     )
 
 
-class Thresholds(Section):
-    min_valid_json_rate: float | None = Field(None, ge=0, le=1)
-    min_exact_match: float | None = Field(None, ge=0, le=1)
-    max_eval_loss: float | None = Field(None, gt=0)
-    min_eval_loss_improvement: float | None = Field(
-        None, description="The candidate's eval loss must be at least this much lower than the base model's."
-    )
-
-
 class EvalConfig(Section):
-    # The evaluate stage measures; thresholds only decide. Changing them must not re-run evaluation.
-    cache_exclude: ClassVar[set[str]] = {"thresholds"}
-
     max_samples: int = Field(64, ge=1, description="Held-out examples used for generation metrics.")
     max_new_tokens: int = Field(128, ge=1, description="Longest answer generated; one cut here has not stopped.")
     batch_size: int = Field(
@@ -173,7 +161,93 @@ class EvalConfig(Section):
         [], description="Fixed user prompts (the data's system prompt is added) answered by base, champion and "
         "candidate side by side, written to the evaluation's probes.jsonl.",
     )
-    thresholds: Thresholds = Thresholds()
+
+
+# Metrics the evaluate stage reports (tasks/metrics.py), by the name a gate rule uses. Checked when the config
+# loads, so a typo fails before training, not after it.
+JSON_METRICS = {"valid_json_rate", "exact_match", "field_accuracy", "key_precision", "key_recall", "key_f1",
+                "required_keys_rate"}
+TEXT_METRICS = {"exact_match", "rouge_l", "chrf"}
+COMMON_METRICS = {"eval_loss", "stop_rate"}
+LOWER_IS_BETTER = {"eval_loss"}
+
+
+class MetricRule(Section):
+    """Limits on one metric of the candidate. Unset limits are not checked."""
+
+    min: float | None = Field(None, description="The candidate's value must be at least this.")
+    max: float | None = Field(None, description="The candidate's value must be at most this.")
+    min_improvement_over_base: float | None = Field(
+        None, description="The candidate must beat the base model by at least this much, in the metric's better "
+        "direction: for eval_loss, base loss minus candidate loss; for the others, candidate minus base.",
+    )
+
+
+class GateConfig(Section):
+    """What a candidate must reach to be exported: rules on its metrics and, once a champion exists, on it."""
+
+    rules: dict[str, MetricRule] = Field(
+        default_factory=dict,
+        description="Rules per metric name: eval_loss, stop_rate; JSON answers: valid_json_rate, exact_match, "
+        "field_accuracy, field_accuracy.<key>, key_precision, key_recall, key_f1, required_keys_rate; "
+        "text answers: exact_match, rouge_l, chrf.",
+    )
+    must_beat_champion_by: dict[str, float] = Field(
+        default_factory=dict,
+        description="When a champion exists, the candidate must beat it by this margin on each metric named here "
+        "and on every metric that has a rule (margin 0 for those not named: at least as good). Beating means "
+        "higher, except for eval_loss (lower). A negative margin tolerates that much regression.",
+    )
+
+    def champion_margins(self) -> dict[str, float]:
+        return {**{metric: 0.0 for metric in self.rules}, **self.must_beat_champion_by}
+
+
+class RetrainChange(Section):
+    """How one retry differs from the attempt before it. Unset fields keep that attempt's values."""
+
+    continue_training: bool = Field(
+        False, description="Start from the previous attempt's trained weights instead of the base model; "
+        "max_steps (or epochs) then counts the new steps only.",
+    )
+    max_steps: int | None = Field(None, ge=1, description="Training steps of this attempt.")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training set instead of a step count (train.epochs with "
+        "train.max_steps null).",
+    )
+    learning_rate_factor: float | None = Field(None, gt=0, description="Multiply the learning rate, e.g. 0.5.")
+    lora_r: int | None = Field(
+        None, ge=1, description="LoRA rank of this attempt; alpha keeps its ratio to the rank. Not with "
+        "continue_training (the trained adapter has the old rank).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RetrainChange:
+        if self.model_dump(exclude_defaults=True) == {}:
+            raise ValueError("this step changes nothing: the attempt would repeat the one before it")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give max_steps or epochs, not both")
+        if self.continue_training and self.lora_r is not None:
+            raise ValueError("continue_training keeps the trained adapter's rank; lora_r cannot change with it")
+        return self
+
+
+class RetrainConfig(Section):
+    """The bounded retrain loop: when the gate fails, train again following `plan`, at most max_attempts times."""
+
+    max_attempts: int = Field(1, ge=1, description="Training attempts in all, the first included; 1: no retry.")
+    plan: list[RetrainChange] = Field(
+        default_factory=lambda: [RetrainChange(continue_training=True)],
+        description="Changes for attempt 2, 3, ... in order; the last one repeats when the plan is shorter "
+        "than max_attempts - 1.",
+    )
+    metric: str = Field(
+        "eval_loss", description="The metric an attempt must improve; the loop stops early when it does not.",
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, description="An attempt improves when it beats the best earlier attempt on `metric` by more "
+        "than this.",
+    )
 
 
 GgufType = Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
@@ -316,6 +390,8 @@ class PipelineConfig(Section):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
     ollama: OllamaConfig
     tracking: TrackingConfig = TrackingConfig()
@@ -325,6 +401,20 @@ class PipelineConfig(Section):
     def _full_fine_tuning_needs_a_16_bit_base(self) -> PipelineConfig:
         if self.model.load_in_4bit and self.train.mode == "full":
             raise ValueError("model.load_in_4bit cannot train every weight: use train.mode qlora (or lora)")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_metrics_exist(self) -> PipelineConfig:
+        """Every metric a rule or the retrain loop names must be one the evaluation reports for this data."""
+        known = COMMON_METRICS | (JSON_METRICS if self.data.output_format == "json" else TEXT_METRICS)
+        named = [*((f"gate.rules.{m}", m) for m in self.gate.rules),
+                 *((f"gate.must_beat_champion_by.{m}", m) for m in self.gate.must_beat_champion_by),
+                 ("retrain.metric", self.retrain.metric)]
+        for where, metric in named:
+            per_field = self.data.output_format == "json" and metric.startswith("field_accuracy.")
+            if metric not in known and not per_field:
+                raise ValueError(f"{where}: unknown metric {metric!r} for {self.data.output_format} answers; "
+                                 f"known: {', '.join(sorted(known))}, field_accuracy.<key>")
         return self
 
 

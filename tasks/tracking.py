@@ -10,6 +10,7 @@ cache hits still records everything those stages produced.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from tasks.gate import GateDecision
     from tasks.load_data import LoadedData
     from tasks.parity import ParityReport, ParityVerdict
+    from tasks.report import RunReport
+    from tasks.retrain_plan import AttemptPlan
     from tasks.train import LossPoint, TrainResult
 
 # Per logged training step: MLflow metric name <- LossPoint field.
@@ -98,6 +101,7 @@ class Tracker:
             )
         )
         self.run_id = ""
+        self.gate_failed = False
 
     def start(self, cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name,
@@ -133,6 +137,56 @@ class Tracker:
             "format.train_tokens": formatted.train.n_tokens,
             "format.train_trained_tokens": formatted.train.n_trained_tokens,
             "format.rows_too_long": formatted.n_quarantined,
+        })
+        self._training(trained)
+        self._artifact(formatted.quarantine_path, "quarantine")
+        if trained.kind == "lora":
+            self._artifact(trained.adapter_dir, "adapter")
+            # What the train stage returned, so the evaluate flow can score this run's model later.
+            self.client.log_text(self.run_id, trained.model_dump_json(indent=2), "adapter/train_result.json")
+        else:  # the weights of a whole model stay in the stage's folder; its config says which model it is
+            self._artifact(trained.adapter_dir / "config.json", "model")
+
+    def attempt(self, plan: AttemptPlan, run_name: str) -> Tracker:
+        """A child run for one training attempt, with the settings it trained with."""
+        child = copy.copy(self)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+            "mlflow.parentRunId": self.run_id, "retrain.attempt": str(plan.number),
+            "retrain.init_from": str(plan.init_from or ""),
+        })
+        child.run_id = run.info.run_id
+        params = flatten({"train": plan.train.model_dump(mode="json"), "lora": plan.lora.model_dump(mode="json"),
+                          "change": plan.change.model_dump(mode="json", exclude_defaults=True) if plan.change else {}})
+        self.client.log_batch(child.run_id, params=[Param(k, redact(v)[:6000]) for k, v in params.items()])
+        return child
+
+    def attempted(self, trained: TrainResult, report: EvalReport, decision: GateDecision) -> None:
+        """An attempt's own record: its loss curve, the three models' scores and its gate decision."""
+        self._training(trained)
+        self._scores(report)
+        self._decision(decision)
+
+    def evaluated(self, report: EvalReport, decision: GateDecision) -> None:
+        self._scores(report)
+        self._artifact(report.samples_path, "eval")
+        self._artifact(report.probes_path, "eval")
+        self.client.log_table(self.run_id, data=per_example_table(report.samples_path),
+                              artifact_file="eval/examples.json")
+        probes = [json.loads(line) for line in report.probes_path.read_text().splitlines() if line.strip()]
+        if probes:
+            self.client.log_table(self.run_id, data={column: [probe.get(column) for probe in probes] for column in (
+                "prompt", "base", "champion", "candidate")}, artifact_file="eval/probes.json")
+        self._decision(decision)
+
+    def retrained(self, n_attempts: int, outcome: str) -> None:
+        self._metrics({"retrain.attempts": n_attempts})
+        self.tags({"retrain.outcome": outcome})
+
+    def reported(self, report: RunReport) -> None:
+        self._artifact(report.folder, "report")
+
+    def _training(self, trained: TrainResult) -> None:
+        self._metrics({
             "train.runtime_s": trained.runtime_s, "train.trainable_params": trained.trainable_params,
             "train.oom_retries": trained.oom_retries, "train.micro_batch_size": trained.micro_batch_size,
             "train.gradient_accumulation_steps": trained.gradient_accumulation_steps,
@@ -143,23 +197,21 @@ class Tracker:
             history = [metric for point in trained.loss_history for metric in curve_metrics(point, now)]
             for start in range(0, len(history), 1000):  # MLflow's per-call limit
                 self.client.log_batch(self.run_id, metrics=history[start : start + 1000])
-        self._artifact(formatted.quarantine_path, "quarantine")
-        if trained.kind == "lora":
-            self._artifact(trained.adapter_dir, "adapter")
-            # What the train stage returned, so the evaluate flow can score this run's model later.
-            self.client.log_text(self.run_id, trained.model_dump_json(indent=2), "adapter/train_result.json")
-        else:  # the weights of a whole model stay in the stage's folder; its config says which model it is
-            self._artifact(trained.adapter_dir / "config.json", "model")
         self.tags({"train.backend": trained.backend, "train.kind": trained.kind, "train.device": trained.device,
                    "train.precision": trained.precision})
 
-    def evaluated(self, report: EvalReport, decision: GateDecision) -> None:
-        for scores in filter(None, (report.candidate, report.base, report.champion)):
-            self._metrics({f"{scores.name}.{name}": value for name, value in scores.metrics.items()})
-        self._artifact(report.samples_path, "eval")
-        self._artifact(report.probes_path, "eval")
+    def _scores(self, report: EvalReport) -> None:
+        for scores in (report.candidate, report.base, report.champion):
+            if scores is not None:
+                self._metrics({f"{scores.name}.{name}": value for name, value in scores.metrics.items()})
+        if report.champion is not None:
+            self.tags({"champion.version": report.champion.version or ""})
+
+    def _decision(self, decision: GateDecision) -> None:
+        self.gate_failed = not decision.passed
         self.client.log_text(self.run_id, decision.model_dump_json(indent=2), "eval/gate.json")
-        self.tags({"gate": "passed" if decision.passed else "failed", "gate.summary": decision.summary()})
+        self.tags({"gate": "passed" if decision.passed else "failed", "gate.summary": decision.summary()[:5000],
+                   "gate.reasons": "\n".join(decision.reasons)[:5000]})
 
     def exported(self, exported: ExportResult, parity: ParityReport, verdicts: list[ParityVerdict]) -> None:
         """GGUF sizes and per-type parity scores; the merged model as the `model` artifact the registry points at."""
@@ -200,16 +252,45 @@ class Tracker:
 
 @contextlib.contextmanager
 def tracked_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> Iterator[Tracker]:
-    """An MLflow run that ends FINISHED, or FAILED (with the error as a tag) when the block raises."""
+    """An MLflow run that ends FINISHED, or FAILED when the block raises (the error as a tag) or the gate failed."""
     tracker = Tracker(cfg.tracking)
     tracker.start(cfg, run_name, tags)
-    try:
+    with _ends(tracker):
         yield tracker
+
+
+@contextlib.contextmanager
+def tracked_attempt(parent: Tracker, plan: AttemptPlan) -> Iterator[Tracker]:
+    """A child run of `parent` for one training attempt; FAILED when the attempt raises or fails the gate."""
+    child = parent.attempt(plan, run_name=f"attempt-{plan.number}")
+    with _ends(child):
+        yield child
+
+
+@contextlib.contextmanager
+def _ends(tracker: Tracker) -> Iterator[None]:
+    try:
+        yield
     except BaseException as exc:
         tracker.tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
         tracker.end("FAILED")
         raise
-    tracker.end("FINISHED")
+    tracker.end("FAILED" if tracker.gate_failed else "FINISHED")
+
+
+def per_example_table(samples_path: Path) -> dict[str, list]:
+    """The per-example JSONL as columns: id, source, prompt, expected, then answer, stopped and each score per model."""
+    rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    models = [who for who in ("base", "champion", "candidate") if rows and who in rows[0]]
+    scores = {who: sorted({name for row in rows for name in row[who]["scores"]}) for who in models}
+    columns = [("id", lambda row: row["id"]), ("source", lambda row: row["source"]),
+               ("prompt", lambda row: row["prompt"]), ("expected", lambda row: row["expected"])]
+    for who in models:
+        columns += [(f"{who}.answer", lambda row, who=who: row[who]["answer"]),
+                    (f"{who}.stopped", lambda row, who=who: row[who]["stopped"])]
+        columns += [(f"{who}.{name}", lambda row, who=who, name=name: row[who]["scores"].get(name))
+                    for name in scores[who]]
+    return {name: [value(row) for row in rows] for name, value in columns}
 
 
 def _now_ms() -> int:

@@ -307,7 +307,7 @@ def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_s
               "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert run_finetune(load_config(path)) == 1
+    assert run_finetune(load_config(path), unserved_status=4) == 1
     out = " ".join(capfd.readouterr().out.split())  # rich wraps lines at the terminal width
     assert "failed:" in out and "has no model weights" in out and "stages" not in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

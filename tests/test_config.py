@@ -34,8 +34,9 @@ def test_demo_config_loads() -> None:
     assert cfg.name == "demo-products"
     assert cfg.train.max_steps == 150 and cfg.train.mode == "full"
     assert cfg.model.max_seq_length == 256
-    assert cfg.eval.thresholds.max_eval_loss == 6.0
-    assert cfg.eval.thresholds.min_exact_match is None
+    assert cfg.gate.rules["valid_json_rate"].min == 0.9
+    assert cfg.gate.rules["valid_json_rate"].max is None
+    assert cfg.retrain.max_attempts == 2 and cfg.retrain.plan[0].continue_training
 
 
 def test_training_modes_and_adapter_targets(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_qwen_config_loads() -> None:
     assert cfg.model.base == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cfg.model.load_in_4bit is True
     assert cfg.train.lr_scheduler == "cosine"
-    assert cfg.eval.thresholds.min_exact_match == pytest.approx(0.8)
+    assert cfg.gate.rules["exact_match"].min == pytest.approx(0.8)
     assert cfg.tracking.experiment == "tunepipe"  # section absent from the file: defaults apply
 
 
@@ -61,7 +62,7 @@ def test_qwen_config_loads() -> None:
     [
         ({"nmae": "typo"}, "nmae"),
         ({"train": {"max_stepz": 10}}, "train.max_stepz"),
-        ({"eval": {"thresholds": {"min_exact_matc": 0.5}}}, "eval.thresholds.min_exact_matc"),
+        ({"gate": {"rules": {"exact_match": {"mn": 0.5}}}}, "gate.rules.exact_match.mn"),
     ],
 )
 def test_unknown_key_names_its_yaml_path_and_the_file(tmp_path: Path, change: dict, yaml_path: str) -> None:
@@ -88,13 +89,13 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_overrides_are_parsed_as_yaml_values() -> None:
     cfg = load_config(
         CONFIGS / "demo.yaml",
-        ["train.max_steps=20", "eval.thresholds.min_exact_match=0.5", "model.load_in_4bit=true",
+        ["train.max_steps=20", "gate.rules.valid_json_rate.max=1.0", "model.load_in_4bit=true",
          "train.mode=qlora"],
     )
     assert cfg.train.max_steps == 20 and type(cfg.train.max_steps) is int
-    assert cfg.eval.thresholds.min_exact_match == 0.5
+    assert cfg.gate.rules["valid_json_rate"].max == 1.0
     assert cfg.model.load_in_4bit is True
-    assert cfg.eval.thresholds.max_eval_loss == 6.0  # siblings of an overridden key are kept
+    assert cfg.gate.rules["valid_json_rate"].min == 0.9  # siblings of an overridden key are kept
 
 
 def test_override_can_fill_a_section_absent_from_the_file() -> None:
@@ -104,7 +105,7 @@ def test_override_can_fill_a_section_absent_from_the_file() -> None:
 
 @pytest.mark.parametrize(
     ("override", "yaml_path"),
-    [("eval.thresholds.min_exact_matc=0.5", "eval.thresholds.min_exact_matc"),
+    [("gate.rules.exact_match.mn=0.5", "gate.rules.exact_match.mn"),
      ("train.new_section.depth=3", "train.new_section")],
 )
 def test_unknown_nested_key_in_an_override_fails(override: str, yaml_path: str) -> None:

@@ -24,7 +24,9 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     config["data"].update(train=str(train), eval=str(eval_))
     config["model"]["base"] = str(tiny_model)
     config["train"].update(max_steps=20, logging_steps=2)
-    config["eval"] = {"max_samples": 8, "max_new_tokens": 24, "thresholds": {"min_eval_loss_improvement": 1.0}}
+    config["eval"] = {"max_samples": 8, "max_new_tokens": 24}
+    config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": 1.0}}}
+    config["retrain"] = {"max_attempts": 1}  # the loop has its own tests (test_retrain_loop.py)
     config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "e2e",
                           "artifact_location": str(root / "mlartifacts")}
     # Nothing listens here, so the run must end "Unserved", with the command that finishes it later.
@@ -117,10 +119,13 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     losses = client.get_metric_history(summary.mlflow_run_id, "train_loss")
     assert [m.step for m in losses] == list(range(2, 21, 2))
     assert losses[-1].value < losses[0].value
-    # Logged live, step by step while the worker trained (not all at once afterwards).
-    assert len({m.timestamp for m in losses}) > 1
+    # Logged live to the attempt's child run, step by step while the worker trained (not all at once afterwards).
+    (attempt,) = client.search_runs([run.info.experiment_id],
+                                    filter_string=f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'")
+    live = client.get_metric_history(attempt.info.run_id, "train_loss")
+    assert [m.step for m in live] == list(range(2, 21, 2)) and len({m.timestamp for m in live}) > 1
     for name in ("learning_rate", "grad_norm", "tokens_per_s"):
-        assert [m.step for m in client.get_metric_history(summary.mlflow_run_id, name)] == list(range(2, 21, 2))
+        assert [m.step for m in client.get_metric_history(attempt.info.run_id, name)] == list(range(2, 21, 2))
     assert run.data.tags["train.kind"] == "full"
     assert run.data.metrics["candidate.eval_loss"] == pytest.approx(summary.eval.candidate.metrics["eval_loss"])
     assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.metrics["eval_loss"])
@@ -130,12 +135,12 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     assert run.data.tags["ollama.state"] == "unreachable"
     for scores in summary.parity.ggufs:
         assert run.data.metrics[f"parity.{scores.gguf_type}.exact_match"] == scores.scores["exact_match"]
-    logged = {a.path for folder in ("config", "data_checks", "ollama", "eval", "model", "parity", "serving")
-              for a in client.list_artifacts(summary.mlflow_run_id, folder)}
+    logged = {a.path for folder in ("config", "data_checks", "ollama", "eval", "model", "parity", "serving",
+                                    "report") for a in client.list_artifacts(summary.mlflow_run_id, folder)}
     assert {"config/resolved.json", "data_checks/data_check_summary.json", "data_checks/data_docs",
-            "ollama/Modelfile", "eval/samples.jsonl", "eval/gate.json", "model/config.json",
-            "model/chat_template.jinja", "parity/samples.jsonl", "parity/verdicts.json",
-            "serving/plan.json"} <= logged
+            "ollama/Modelfile", "eval/samples.jsonl", "eval/examples.json", "eval/gate.json", "model/config.json",
+            "model/chat_template.jinja", "parity/samples.jsonl", "parity/verdicts.json", "serving/plan.json",
+            "report/report.md", "report/loss_curves.png", "report/metrics.png"} <= logged
 
 
 def test_register_later_serves_the_run_or_leaves_nothing_behind(first_run, config_path: Path, fake_ollama):
@@ -180,10 +185,11 @@ def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
 
 
 def test_changing_a_threshold_reuses_training_and_evaluation(first_run, config_path: Path):
-    state = finetune(load_config(config_path, ["eval.thresholds.max_eval_loss=100"]), return_state=True)
+    state = finetune(load_config(config_path, ["gate.rules.eval_loss.max=100"]), return_state=True)
     states = states_by_stage(state)
     assert states["train"] == states["evaluate"] == "Cached"
-    assert [c.name for c in state.result().gate.checks] == ["eval_loss_improvement", "eval_loss"]
+    assert [(c.metric, c.kind) for c in state.result().gate.checks] == [("eval_loss", "max"),
+                                                                         ("eval_loss", "over_base")]
 
 
 def test_deleted_export_folder_is_rebuilt_not_served_from_cache(first_run, config_path: Path):
@@ -198,11 +204,11 @@ def test_deleted_export_folder_is_rebuilt_not_served_from_cache(first_run, confi
 
 
 def test_failed_gate_exports_nothing_and_marks_the_mlflow_run(first_run, config_path: Path):
-    state = finetune(load_config(config_path, ["eval.thresholds.min_exact_match=1.0"]), return_state=True)
+    state = finetune(load_config(config_path, ["gate.rules.exact_match.min=1.0"]), return_state=True)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, GateFailed)
-    assert "exact_match" in str(error) and "FAIL" in str(error)
+    assert "exact_match is 0, below the minimum 1" in str(error) and str(error) in state.message
     assert "export" not in states_by_stage(state)
     run = mlflow_client(config_path).get_run(error.mlflow_run_id)
     assert run.info.status == "FAILED" and run.data.tags["gate"] == "failed"

@@ -1,0 +1,128 @@
+"""The bounded retrain loop, driven for real on the tiny model: attempts as MLflow child runs, a later attempt
+passing, a hopeless config ending Failed after exactly max_attempts, and the champion left alone.
+
+Both flow tests share one work folder: the second one's first two attempts are the first one's, cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.cli import stage_states
+from flows.finetune import GateFailed, finetune
+from tasks.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
+from tasks.config import load_config
+
+# One step barely moves the eval loss; eight more move it far. The gate sits in between.
+FIRST_STEPS, MORE_STEPS, REQUIRED_IMPROVEMENT = 1, 8, 1.0
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data: tuple[Path, Path]) -> Path:
+    root = tmp_path_factory.mktemp("retrain")
+    train, eval_ = demo_data
+    config = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    config.update(name="retrain-test", workdir=str(root / "runs"))
+    config["data"].update(train=str(train), eval=str(eval_))
+    config["model"]["base"] = str(tiny_model)
+    # LoRA, decaying from 5e-3: the setting the step counts above were measured with.
+    config["train"].update(mode="lora", max_steps=FIRST_STEPS, batch_size=2, learning_rate=5e-3,
+                           lr_scheduler="linear", warmup_steps=0, logging_steps=1)
+    config["eval"] = {"max_samples": 4, "max_new_tokens": 16}
+    config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": REQUIRED_IMPROVEMENT}}}
+    config["retrain"] = {"max_attempts": 3, "metric": "eval_loss",
+                         "plan": [{"continue_training": True, "max_steps": MORE_STEPS}]}
+    config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "retrain",
+                          "artifact_location": str(root / "mlartifacts")}
+    config["ollama"]["host"] = "http://127.0.0.1:9"  # nothing listens: registration is skipped
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _client(config_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = yaml.safe_load(config_path.read_text())["tracking"]["uri"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _states(state) -> dict[str, str]:
+    return {name: state_name for name, state_name, _ in stage_states(state.state_details.flow_run_id)}
+
+
+def _attempt_runs(client, parent_run_id: str) -> list:
+    runs = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+    )
+    return sorted(runs, key=lambda run: int(run.data.tags["retrain.attempt"]))
+
+
+def test_failing_first_attempt_is_retrained_and_a_later_attempt_passes(prefect_server, config_path: Path):
+    state = finetune(load_config(config_path), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.attempts == 2
+    assert summary.retrain_outcome == "attempt 2 of at most 3 passed the gate"
+    assert _states(state)["export"] == "Completed"
+
+    client = _client(config_path)
+    first, second = _attempt_runs(client, summary.mlflow_run_id)
+    assert (first.info.status, first.data.tags["gate"]) == ("FAILED", "failed")
+    assert "eval_loss is" in first.data.tags["gate.reasons"] and "short of the required 1 lower" in \
+        first.data.tags["gate.reasons"]
+    assert (second.info.status, second.data.tags["gate"]) == ("FINISHED", "passed")
+    assert second.data.params["train.max_steps"] == str(MORE_STEPS)
+    assert second.data.params["change.continue_training"] == "True"
+    assert second.data.tags["retrain.init_from"].endswith("adapter")
+    # Each attempt has its own loss curve; the continued attempt starts from the first one's weights.
+    assert len(client.get_metric_history(first.info.run_id, "train_loss")) == FIRST_STEPS
+    curve = client.get_metric_history(second.info.run_id, "train_loss")
+    assert [m.step for m in curve] == list(range(1, MORE_STEPS + 1))
+    improvement = [run.data.metrics["base.eval_loss"] - run.data.metrics["candidate.eval_loss"]
+                   for run in (first, second)]
+    assert improvement[0] < REQUIRED_IMPROVEMENT <= improvement[1]
+
+    # The report, its plots and the per-example table are in the flow's run.
+    parent = client.get_run(summary.mlflow_run_id)
+    assert parent.data.metrics["retrain.attempts"] == 2
+    logged = {a.path for folder in ("report", "eval") for a in client.list_artifacts(summary.mlflow_run_id, folder)}
+    assert {"report/report.md", "report/loss_curves.png", "report/metrics.png", "eval/examples.json",
+            "eval/gate.json"} <= logged
+    report = summary.report.path.read_text()
+    assert "attempt 2 of at most 3 passed the gate" in report and "| 2 | `{" in report
+    assert "worst held-out examples" in report
+
+
+def test_hopeless_config_fails_after_max_attempts_and_leaves_the_champion(prefect_server, config_path: Path,
+                                                                          tiny_model: Path):
+    client = _client(config_path)
+    artifacts = config_path.parent / "champion-artifacts"
+    champion_run = client.create_run(client.create_experiment("champion", artifacts.as_uri())).info.run_id
+    client.log_artifacts(champion_run, str(tiny_model), MODEL_ARTIFACT)
+    client.set_terminated(champion_run)
+    client.create_registered_model("retrain-test")
+    client.create_model_version("retrain-test", f"runs:/{champion_run}/{MODEL_ARTIFACT}", run_id=champion_run)
+    client.set_registered_model_alias("retrain-test", CHAMPION_ALIAS, "1")
+
+    state = finetune(load_config(config_path, ["gate.rules.eval_loss.max=0.01"]), return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, GateFailed)
+    assert [attempt.plan.number for attempt in error.attempts] == [1, 2, 3]
+    assert error.outcome == "all 3 attempts failed the gate"
+    reason = next(r for r in error.decision.reasons if "above the maximum 0.01" in r)
+    assert reason in state.message  # the Prefect flow run's state says why
+    states = _states(state)
+    assert "export" not in states and "register_in_ollama" not in states
+
+    attempts = _attempt_runs(client, error.mlflow_run_id)
+    assert [run.data.tags["gate"] for run in attempts] == ["failed"] * 3
+    parent = client.get_run(error.mlflow_run_id)
+    assert parent.info.status == "FAILED" and reason in parent.data.tags["gate.reasons"]
+    assert str(client.get_model_version_by_alias("retrain-test", CHAMPION_ALIAS).version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='retrain-test'")] == ["1"]
