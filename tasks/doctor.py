@@ -168,14 +168,15 @@ def _mlflow(cfg: TrackingConfig) -> list[Check]:
 
 
 def _ollama(cfg: OllamaConfig) -> list[Check]:
-    from tasks.ollama import OllamaClient, ollama_host
+    from tasks.ollama.client import OllamaClient
+    from tasks.ollama.host import ollama_host
 
     host = ollama_host(cfg)
     try:
         version = OllamaClient(host, timeout_s=PROBE_TIMEOUT_S).version(timeout_s=PROBE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001  (any failure means the same thing here)
         return [Check("Ollama", "warn", f"{redact(host)}: not reachable ({error_line(exc)}); runs still export "
-                                        "the GGUF and a Modelfile, and print the `ollama create` command")]
+                                        "the GGUFs and a Modelfile, and print the `tunepipe register` command")]
     return [Check("Ollama", "ok", f"{redact(host)}: version {version}")]
 
 
