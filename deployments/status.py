@@ -80,7 +80,9 @@ def gather_status(cfg: PipelineConfig, last: int = 5) -> Status:
     runs, pending = [], []
     if experiment is not None:
         ids = [experiment.experiment_id]
-        runs = client.search_runs(ids, order_by=["attribute.start_time DESC"], max_results=last)
+        # Pipeline runs only: each retrain attempt is a child run of its pipeline run.
+        runs = [run for run in client.search_runs(ids, order_by=["attribute.start_time DESC"], max_results=10 * last)
+                if "mlflow.parentRunId" not in run.data.tags][:last]
         pending = client.search_runs(ids, "tags.gate = 'passed' and tags.`ollama.state` = 'unreachable'",
                                      order_by=["attribute.start_time DESC"], max_results=20)
     rag = None

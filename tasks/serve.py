@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import task
-from pydantic import BaseModel
+from pydantic import BaseModel, field_serializer
 
 from tasks.base_model import BaseModelRef
 from tasks.champion import ChampionMove, promote as promote_version, register_version, tag_version
@@ -27,6 +27,7 @@ from tasks.ollama.client import OllamaClient, OllamaError
 from tasks.ollama.host import DEFAULT_HOST, ollama_host
 from tasks.ollama.modelfile import ModelfileSpec, modelfile_spec
 from tasks.parity import ParityVerdict
+from tasks.redact import redact
 
 PLAN_ARTIFACT = "serving/plan.json"
 
@@ -39,6 +40,9 @@ class SmokeCase(BaseModel):
 class ServingPlan(BaseModel):
     run_id: str
     tracking_uri: str
+    # Prefect stores the plan (a subflow parameter) and MLflow keeps it as an artifact: JSON never carries a
+    # credential of the URI; the running flow keeps the real value, and `load_plan` is given it again.
+    _mask_uri = field_serializer("tracking_uri", when_used="json")(lambda self, value: redact(value))
     registered_model: str  # MLflow registered model: the pipeline's name
     dataset_fingerprint: str
     gguf: GgufFile
@@ -205,7 +209,8 @@ def load_plan(tracking_uri: str, run_id: str) -> ServingPlan:
     from mlflow.tracking import MlflowClient
 
     path = MlflowClient(tracking_uri=tracking_uri).download_artifacts(run_id, PLAN_ARTIFACT)
-    return ServingPlan.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    plan = ServingPlan.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    return plan.model_copy(update={"tracking_uri": tracking_uri})  # the logged one is masked
 
 
 def _tag_run(plan: ServingPlan, tags: dict[str, str]) -> None:

@@ -83,6 +83,10 @@ def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
         # LoRA: the common case, and the one `tunepipe evaluate RUN` can load back from MLflow
         config["train"].update(mode="lora", max_steps=2, batch_size=2, logging_steps=1)
         config["eval"] = {"max_samples": 2, "max_new_tokens": 8}
+        # A gate every model passes, one attempt: these runs test ingestion, flows and serving, not quality
+        # (the gate and the retrain loop have their own tests).
+        config["gate"] = {"rules": {"stop_rate": {"min": 0.0}}}
+        config["retrain"] = {"max_attempts": 1}
         config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fast",
                               "artifact_location": str(root / "mlartifacts")}
         config["ollama"]["host"] = "http://127.0.0.1:9"

@@ -21,7 +21,7 @@ from tasks.train import train
 def train_once(cfg: PipelineConfig, seed: int):
     base = resolve_base_model(cfg.model)
     loaded = load_data(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
-    formatted = format_data(check_data(loaded, cfg.data, cfg.workdir), base, cfg.model,
+    formatted = format_data(check_data(loaded, cfg.data, base, cfg.model, cfg.workdir), base, cfg.model,
                             cfg.train.assistant_only_loss, cfg.workdir)
     # A different seed per run: two distinct trainings, neither a cache hit of the other.
     return train(formatted, base, cfg.model, cfg.lora, cfg.train.model_copy(update={"seed": seed}), cfg.workdir)

@@ -133,4 +133,4 @@ def test_evaluate_flow_scores_a_registered_version(runs, setup):
     assert evaluation.eval.n_samples == 2 and evaluation.gate.passed
     run = mlflow_client(cfg).get_run(evaluation.mlflow_run_id)
     assert run.data.tags["evaluated.run_id"] == outcome.mlflow_run_id
-    assert run.data.metrics["candidate.eval_loss"] == pytest.approx(evaluation.eval.candidate.eval_loss)
+    assert run.data.metrics["candidate.eval_loss"] == pytest.approx(evaluation.eval.candidate.metrics["eval_loss"])
