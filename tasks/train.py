@@ -66,18 +66,6 @@ class TrainRequest(BaseModel):
     init_from: Path | None = None  # an earlier TrainResult.adapter_dir whose weights to start from
 
 
-def load_trained_model(trained: TrainResult, base: BaseModelRef, **load_kwargs):
-    """The trained model for inference: the saved full model, or the base with the adapter attached."""
-    from transformers import AutoModelForCausalLM
-
-    if trained.kind == "full":
-        return AutoModelForCausalLM.from_pretrained(trained.adapter_dir, **load_kwargs)
-    from peft import PeftModel
-
-    model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision, **load_kwargs)
-    return PeftModel.from_pretrained(model, trained.adapter_dir)
-
-
 # The MLflow run only says where live metrics go; the training itself is in tasks/training.py.
 TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=("tasks.training",))
 
