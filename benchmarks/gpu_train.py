@@ -5,8 +5,9 @@ per configuration (so unsloth's patches never reach the next run). The model has
 random weights (no download); its tokenizer comes from a folder (the tiny model's: the Qwen2 vocabulary).
 
 - long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
-  bf16, gradient checkpointing: the shape of shared/gpu/README.md's raw loops (unsloth 38,105 tokens/s, 1.92 GiB;
-  transformers + peft 20,346 tokens/s).
+  bf16: the shape of shared/gpu/README.md's raw loops. Baselines in the same invocation (`raw_loop`): each
+  library's own model, loss and checkpointing (unsloth's offloaded, transformers' plain), AdamW; then the
+  worker with `gradient_checkpointing` auto (off when there is room), on, and offloaded.
 - short: the demo's product-extraction data formatted by tunepipe's format stage (~115 tokens an example, loss
   on the answers): the guides' recipe (batch 2, accumulation 4, no packing) as the baseline in this run, then
   micro-batches of 64 examples (hf: packed rows; unsloth: length-sorted padding); tokens/s counts non-padding
@@ -14,6 +15,10 @@ random weights (no download); its tokenizer comes from a folder (the tiny model'
 - data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
   the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
+- profiles (`*-profile`): steps 6-7 of the worker and of the raw unsloth loop under torch's profiler.
+- out of memory, for real: the long batch at micro-batch 16 in a worker whose CUDA allocator is capped at
+  MEMORY_CAP_GIB (`torch.cuda.set_per_process_memory_fraction`): the worker must halve the micro-batch until
+  it fits and train on with the same effective batch.
 
 tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
 torch.cuda.max_memory_allocated in the worker; seconds is the whole training loop including warm-up.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,10 +39,115 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tasks.train import LossPoint, TrainRequest, TrainResult  # noqa: E402
+
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
 WARMUP = 5
 LONG_TOKENS = 2048
+MEMORY_CAP_GIB = 3.0
+
+
+def train_under_memory_cap(request: TrainRequest) -> TrainResult:
+    """The train stage's worker entry point, with this process's GPU memory capped at MEMORY_CAP_GIB."""
+    import torch
+
+    from tasks.training import train_model
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(MEMORY_CAP_GIB * 2**30 / total)
+    return train_model(request)
+
+
+def raw_loop(request: TrainRequest) -> TrainResult:
+    """The baseline of shared/gpu/README.md: the library's own model, loss and checkpointing defaults
+    (`model(input_ids, labels=input_ids).loss`, unsloth's offloaded checkpointing or transformers' own), AdamW,
+    bf16; rows of the split in order, `batch_size` a step; each step timed to a CUDA synchronisation."""
+    import time
+
+    import torch
+
+    cfg, lora = request.cfg, request.lora
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if cfg.backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(request.base.name_or_path, dtype=torch.bfloat16,
+                                                     max_seq_length=request.model_cfg.max_seq_length)
+        model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
+                                                 use_gradient_checkpointing="unsloth")
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(request.base.name_or_path, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa").cuda()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    model.train()  # from_pretrained leaves eval mode, in which neither library checkpoints
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
+    rows, history = request.data.rows(), []
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for step in range(1, cfg.max_steps + 1):
+        ids = torch.tensor([r["input_ids"] for r in rows[(step - 1) * cfg.batch_size : step * cfg.batch_size]],
+                           device="cuda")
+        step_started = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        history.append(LossPoint(step=step, loss=float(loss), learning_rate=cfg.learning_rate,
+                                 tokens_per_s=round(ids.numel() / (now - step_started), 1),
+                                 peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                                 elapsed_s=round(now - started, 3)))
+    backend = "unsloth" if cfg.backend == "unsloth" else "hf"
+    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=backend, loss_history=history, runtime_s=round(time.perf_counter() - started, 3),
+                       trainable_params=sum(p.numel() for p in trainable),
+                       total_params=sum(p.numel() for p in model.parameters()), steps=cfg.max_steps,
+                       device=f"cuda ({torch.cuda.get_device_name()}) x1", precision="bf16",
+                       micro_batch_size=cfg.batch_size, gradient_accumulation_steps=1, oom_retries=0,
+                       resumed_from_step=0)
+
+
+def profiled_training(request: TrainRequest) -> TrainResult:
+    """The train stage's worker under torch's profiler (steps PROFILED): GPU busy time and the top kernels."""
+    from tasks.training import train_model
+
+    return _profiled(train_model, request)
+
+
+def profiled_raw_loop(request: TrainRequest) -> TrainResult:
+    return _profiled(raw_loop, request)
+
+
+PROFILED = (6, 8)  # steps 6 and 7: warm, before the end
+
+
+def _profiled(train, request: TrainRequest) -> TrainResult:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    first, end = PROFILED
+    steps = end - first
+    profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                       schedule=schedule(wait=first - 2, warmup=1, active=steps, repeat=1))
+    register_optimizer_step_post_hook(lambda *_: profiler.step())  # both loops step one optimizer a step
+    with profiler:
+        result = train(request)
+    events = profiler.key_averages()
+    kernels_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1000 / steps
+    wall_ms = 1000 * (result.loss_history[end - 2].elapsed_s - result.loss_history[first - 2].elapsed_s) / steps
+    (request.out_dir / "profile.txt").write_text(
+        f"GPU kernels {kernels_ms:.1f} ms in {wall_ms:.1f} ms of wall time per step (steps {first}-{end - 1}, "
+        "under the profiler)\n"
+        + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70) + "\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    return result
 
 
 def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
@@ -79,10 +190,9 @@ def random_split(vocab_size: int, n_rows: int, path: Path):
                           n_trained_tokens=n_rows * LONG_TOKENS, max_tokens=LONG_TOKENS)
 
 
-def run(name: str, split, model_cfg, work: Path, **train) -> dict:
+def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.training:train_model", **train) -> dict:
     from tasks.base_model import resolve_base_model
     from tasks.config import LoraConfig, TrainConfig
-    from tasks.train import TrainRequest, TrainResult
     from tasks.worker import WorkerFailed, run_worker
 
     cfg = TrainConfig(**{"learning_rate": 2e-4, "warmup_steps": 2, "logging_steps": 1, "save_steps": 10_000,
@@ -90,7 +200,7 @@ def run(name: str, split, model_cfg, work: Path, **train) -> dict:
     request = TrainRequest(data=split, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
                            lora=LoraConfig(r=16, alpha=16), cfg=cfg, out_dir=work / name)
     try:
-        result = run_worker("tasks.training:train_model", request, TrainResult, request.out_dir, devices=cfg.devices)
+        result = run_worker(entry, request, TrainResult, request.out_dir, devices=cfg.devices)
     except WorkerFailed as failure:
         print(f"{name} failed: {failure}", file=sys.stderr)
         return {"name": name, "failed": str(failure)[-2000:]}
@@ -101,6 +211,8 @@ def run(name: str, split, model_cfg, work: Path, **train) -> dict:
         "tokens_per_s": round(statistics.median(rates)), "peak_gib": result.loss_history[-1].peak_gpu_memory_gib,
         "seconds": result.runtime_s, "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
         "device": result.device, "precision": result.precision, "devices": cfg.devices,
+        "oom_retries": result.oom_retries, "micro_batch_after": result.micro_batch_size,
+        "checkpointing": cfg.gradient_checkpointing,
         "losses": [round(p.loss, 4) for p in result.loss_history],
     }
     print(json.dumps(row), flush=True)
@@ -125,7 +237,21 @@ def main() -> None:
         short = demo_split(short_cfg, work)
         plan = [
             ("long-unsloth", long, long_cfg, dict(backend="unsloth", batch_size=4)),
+            ("raw-unsloth", long, long_cfg, dict(backend="unsloth", batch_size=4,
+                                                 entry="benchmarks.gpu_train:raw_loop")),
+            ("raw-hf", long, long_cfg, dict(backend="hf", batch_size=4, entry="benchmarks.gpu_train:raw_loop")),
+            ("long-unsloth-profile", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=10,
+                                                          entry="benchmarks.gpu_train:profiled_training")),
+            ("raw-unsloth-profile", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=10,
+                                                         entry="benchmarks.gpu_train:profiled_raw_loop")),
+            ("long-unsloth-checkpointing", long, long_cfg, dict(backend="unsloth", batch_size=4,
+                                                                gradient_checkpointing=True)),
+            ("long-unsloth-offload", long, long_cfg, dict(backend="unsloth", batch_size=4,
+                                                          gradient_checkpointing="offload")),
             ("long-hf", long, long_cfg, dict(backend="hf", batch_size=4)),
+            ("long-unsloth-oom", long, long_cfg, dict(backend="unsloth", batch_size=16, max_steps=6,
+                                                      gradient_checkpointing=True,
+                                                      entry="benchmarks.gpu_train:train_under_memory_cap")),
             # Data parallel: the same global batch of 8 x 2,048 tokens on one device and on two.
             ("long-hf-1dev", long, long_cfg, dict(backend="hf", batch_size=8)),
             ("long-hf-2dev", long, long_cfg, dict(backend="hf", batch_size=4, devices=2)),
@@ -143,6 +269,9 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             rows.append(run(name, split, model_cfg, work, **{"max_steps": args.steps, **train}))
+            profile = work / name / "profile.txt"
+            if profile.exists() and args.json:
+                shutil.copy(profile, args.json.with_name(f"{name}-profile.txt"))
             if args.json:  # after every run: a run cut short by a time limit keeps what finished
                 args.json.write_text(json.dumps(rows, indent=2))
     print(f"{'run':<24}{'backend':<9}{'batch':>7}{'tokens/s':>10}{'peak GiB':>10}{'seconds':>9}  loss")

@@ -135,8 +135,11 @@ class TrainConfig(Section):
     assistant_only_loss: bool = Field(
         True, description="Train on the assistant's answers only; false also trains on system and user turns."
     )
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: much less memory, about 20-30% slower."
+    gradient_checkpointing: bool | Literal["auto", "offload"] = Field(
+        "auto", description="Recompute activations in the backward pass: much less memory, slower steps. `auto`: "
+        "only when a step's activations would not fit in half the free memory (the environment check's estimate). "
+        "`offload` (unsloth backend) also keeps each layer's saved input in CPU memory; unsloth keeps them on the "
+        "GPU anyway below 512 tokens of `model.max_seq_length`, where offloading does not pay.",
     )
     save_steps: int = Field(
         50, ge=1, description="Write a checkpoint every this many steps; a killed run resumes from the newest."

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -67,6 +67,11 @@ def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict]
             client.log_batch(run.run_id, metrics=curve_metrics(event, _now_ms()))
             log.info("step %d: loss %.4f, lr %.2e, grad norm %s, %s tokens/s", event["step"], event["loss"],
                      event["learning_rate"], event.get("grad_norm"), event.get("tokens_per_s"))
+        elif event["event"] == "started":  # what the environment check decided, beside the run's params
+            client.log_batch(run.run_id, tags=[
+                RunTag(f"train.environment.{key}", str(event[key]))
+                for key in ("backend", "device", "precision", "gradient_checkpointing", "estimate_gib", "free_gib")
+            ])
         elif event["event"] == "oom_retry":
             log.warning("%s", event["message"])
             client.log_batch(run.run_id, metrics=[

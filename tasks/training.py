@@ -3,9 +3,10 @@
 `train_model` is what `tasks.train.train` runs in its own process (`tasks.worker`), once per device under
 torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier version used):
 - Answer-only LM head. With a 151,936-token vocabulary the head dominates a small model's cost; the loop
-  applies it only at positions that carry loss (a few dozen of ~100 tokens in a RAG example) and never
-  materialises the full logits. SFTTrainer also computes entropy and token accuracy over the whole
-  vocabulary at every step (shared/gpu/README.md measured the trainer path at a fifth of the raw loop).
+  applies it only at positions that carry loss (a few dozen of ~100 tokens in a RAG example), in chunks
+  whose gradients are computed on the way (`tasks/head_loss.py`), and never materialises the full logits.
+  SFTTrainer also computes entropy and token accuracy over the whole vocabulary at every step
+  (shared/gpu/README.md measured the trainer path at a fifth of the raw loop).
 - Exact resume. A step's examples depend on the step number alone (a seeded permutation per epoch), so a
   checkpoint of the trainable weights, optimizer, scheduler and RNG resumes to the same result as an
   uninterrupted run; out-of-memory retries re-split the same examples into smaller micro-batches.
@@ -26,6 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -34,7 +36,9 @@ from tasks.train import Backend, LossPoint, TrainRequest, TrainResult
 from tasks.worker import emit_event
 
 GIB = 2**30
-LOSS_CHUNK = 2048  # positions per LM-head chunk: 2048 x 151,936 fp32 logits are 1.2 GiB
+# `gradient_checkpointing: auto` recomputes only when a step's activations would not fit in this share of the
+# free memory: on a GPU with room, a LoRA step of Qwen3-0.6B ran 1.4x faster without (benchmarks/RESULTS.md).
+AUTO_CHECKPOINTING_SHARE = 0.5
 CHECKPOINT = re.compile(r"step-(\d+)")
 
 
@@ -48,6 +52,7 @@ class EnvironmentReport(BaseModel):
     free_gib: float | None
     estimate_gib: float
     estimate: dict[str, float]  # GiB per part: weights, gradients, optimizer, activations, logits
+    gradient_checkpointing: bool | Literal["offload"]  # `auto` resolved
 
 
 @dataclass
@@ -71,7 +76,8 @@ def train_model(request: TrainRequest) -> TrainResult:
           f"{env.estimate_gib:.2f} GiB {env.estimate} of {env.free_gib} GiB free", flush=True)
     device = torch.device(f"cuda:{rank.local}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model, tokenizer = (_load_unsloth if backend == "unsloth" else _load_hf)(request, env.precision, device)
+    load = _load_unsloth if backend == "unsloth" else _load_hf
+    model, tokenizer = load(request, env.precision, device, env.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, cfg)
     from transformers import get_scheduler
@@ -211,6 +217,9 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
         raise TrainingEnvironmentError(
             "train.mode=qlora (a 4-bit base, bitsandbytes) needs a CUDA GPU and this machine has none; "
             "use train.mode: lora")
+    if cfg.gradient_checkpointing == "offload" and backend != "unsloth":
+        raise TrainingEnvironmentError(
+            f"train.gradient_checkpointing=offload needs the unsloth backend (this run uses {backend}); use true")
     if cfg.optimizer == "adamw_8bit" and not cuda:
         raise TrainingEnvironmentError("train.optimizer=adamw_8bit (bitsandbytes) needs a CUDA GPU; use adamw")
     if cuda and cfg.devices > torch.cuda.device_count():
@@ -223,13 +232,17 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
         raise TrainingEnvironmentError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
 
     config = AutoConfig.from_pretrained(request.base.name_or_path, revision=request.base.revision)
-    estimate = estimate_memory(config, request, precision, four_bit)
     if cuda:
         free = torch.cuda.mem_get_info(rank.local)[0] / GIB
         device = f"cuda ({torch.cuda.get_device_name(rank.local)}) x{rank.world}"
     else:
         free = _available_host_memory_gib()
         device = f"cpu x{rank.world}"
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing == "auto":
+        without = sum(estimate_memory(config, request, precision, four_bit, False).values())
+        checkpointing = free is None or without > AUTO_CHECKPOINTING_SHARE * free
+    estimate = estimate_memory(config, request, precision, four_bit, checkpointing)
     need = sum(estimate.values())
     if free is not None and need > free:
         parts = ", ".join(f"{name} {gib:.2f}" for name, gib in estimate.items())
@@ -238,13 +251,17 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
             "try train.mode: qlora or lora, a smaller train.batch_size with more gradient_accumulation_steps, "
             "train.gradient_checkpointing: true, or a shorter model.max_seq_length")
     return EnvironmentReport(device=device, precision=precision, free_gib=None if free is None else round(free, 2),
-                             estimate_gib=round(need, 2), estimate={k: round(v, 3) for k, v in estimate.items()})
+                             estimate_gib=round(need, 2), estimate={k: round(v, 3) for k, v in estimate.items()},
+                             gradient_checkpointing=checkpointing)
 
 
-def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool) -> dict[str, float]:
+def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool,
+                    checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from tasks.head_loss import CHUNK as HEAD_CHUNK
 
     cfg, lora = request.cfg, request.lora
     with torch.device("meta"):
@@ -268,16 +285,17 @@ def estimate_memory(config, request: TrainRequest, precision: str, four_bit: boo
     inner = getattr(config, "intermediate_size", 4 * hidden)
     tokens = cfg.batch_size * request.data.max_tokens
     per_layer = tokens * (10 * hidden + 4 * inner) * act_bytes  # inputs kept for the backward pass
-    activations = (tokens * hidden * act_bytes * layers + per_layer) if cfg.gradient_checkpointing \
-        else per_layer * layers
+    kept = {True: tokens * hidden * act_bytes * layers, "offload": 0}  # each layer's input, if on the GPU
+    activations = kept[checkpointing] + per_layer if checkpointing else per_layer * layers
     loss_tokens = tokens * request.data.n_trained_tokens / max(request.data.n_tokens, 1)
     return {
         "weights": n_params * weight_bytes / GIB,
         "gradients": trainable * 4 / GIB,
         "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
         "activations": activations / GIB,
-        # One LM-head chunk at a time, at answer positions only: fp32 logits, their softmax and gradient.
-        "logits": min(loss_tokens, LOSS_CHUNK) * config.vocab_size * 4 * 3 / GIB,
+        # One LM-head chunk at a time, at loss positions only: fp32 logits and their 16-bit gradient; and the
+        # gradient of every loss position's hidden state (tasks/head_loss.py).
+        "logits": (min(loss_tokens, HEAD_CHUNK) * config.vocab_size * 6 + loss_tokens * hidden * act_bytes) / GIB,
     }
 
 
@@ -317,7 +335,7 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def _load_hf(request: TrainRequest, precision: str, device):
+def _load_hf(request: TrainRequest, precision: str, device, checkpointing: bool):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -340,7 +358,7 @@ def _load_hf(request: TrainRequest, precision: str, device):
     )
     if not four_bit:
         model.to(device)
-    if cfg.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not full:
         from peft import LoraConfig as PeftLoraConfig
@@ -354,7 +372,7 @@ def _load_hf(request: TrainRequest, precision: str, device):
     return model, load_tokenizer(request.base, request.model_cfg.chat_template)
 
 
-def _load_unsloth(request: TrainRequest, precision: str, device):
+def _load_unsloth(request: TrainRequest, precision: str, device, checkpointing: bool | Literal["offload"]):
     from unsloth import FastLanguageModel  # CUDA only: never imported on the CPU path
 
     cfg, lora = request.cfg, request.lora
@@ -363,12 +381,12 @@ def _load_unsloth(request: TrainRequest, precision: str, device):
         max_seq_length=request.model_cfg.max_seq_length, dtype=_dtype(precision),
         load_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
     )
+    # Plain (on-GPU) checkpointing unless asked: unsloth's default offloads to the CPU.
+    checkpointing = "unsloth" if checkpointing == "offload" else checkpointing
     model = FastLanguageModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         bias=lora.bias, use_rslora=lora.use_rslora, random_state=cfg.seed,
-        # Plain (on-GPU) checkpointing: unsloth's default offloads activations to the CPU, which costs time
-        # on small models and saves little.
-        use_gradient_checkpointing=cfg.gradient_checkpointing,
+        use_gradient_checkpointing=checkpointing,
     )
     _load_adapter_weights(model, request.init_from)
     if request.model_cfg.chat_template:
@@ -453,14 +471,13 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
 
 
 def token_losses(model, batch: dict, backend: Backend):
-    """Cross-entropy of every loss-carrying token, with the LM head applied at those positions only.
+    """Cross-entropy of every loss-carrying token, with the LM head applied at those positions only, in chunks
+    that never keep more than one chunk's logits (`tasks/head_loss.py`).
 
-    The head runs in chunks of LOSS_CHUNK positions, each recomputed in the backward pass, so at most one
-    chunk's logits (LOSS_CHUNK x vocabulary, fp32) exist at a time, however many tokens carry loss.
-    Returns (losses, example index of each loss); the base transformer runs once over the whole batch.
+    Returns (sum of the losses, differentiable; each token's loss, detached; example index of each loss);
+    the base transformer runs once over the whole batch.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
+    from tasks.head_loss import head_cross_entropy
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     # No KV cache: transformers detects packed rows (and masks across examples) only without one.
@@ -473,19 +490,9 @@ def token_losses(model, batch: dict, backend: Backend):
             inputs["packed_seq_lengths"] = batch["packed_seq_lengths"]
     hidden = causal_lm.base_model(**inputs).last_hidden_state
     carries_loss = batch["targets"] != IGNORE
-    head = causal_lm.get_output_embeddings()
-    hidden, targets = hidden[carries_loss], batch["targets"][carries_loss]
-    chunks = [
-        checkpoint(_head_loss, head, h, t, use_reentrant=False) if h.requires_grad else _head_loss(head, h, t)
-        for h, t in zip(hidden.split(LOSS_CHUNK), targets.split(LOSS_CHUNK))
-    ]
-    return torch.cat(chunks), batch["example"][carries_loss]
-
-
-def _head_loss(head, hidden, targets):
-    import torch
-
-    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+    total, losses = head_cross_entropy(hidden[carries_loss], causal_lm.get_output_embeddings(),
+                                       batch["targets"][carries_loss])
+    return total, losses, batch["example"][carries_loss]
 
 
 @dataclass
@@ -539,8 +546,7 @@ class Stepper:
 
         batch = make_batch(rows, self.packing, self.pad_id, self.device, self.row_tokens)
         with torch.autocast(self.device.type, dtype=_dtype(self.precision), enabled=self.precision != "fp32"):
-            losses, _ = token_losses(self.model, batch, self.backend)
-        loss_sum = losses.sum()
+            loss_sum, _, _ = token_losses(self.model, batch, self.backend)
         # Scaled to the whole step's mean token loss (all micro-batches, all ranks: gradients are summed).
         self.scaler.scale(loss_sum / loss_tokens).backward()
         return float(loss_sum.detach()), sum(len(row["input_ids"]) for row in rows)

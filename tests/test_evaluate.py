@@ -67,6 +67,35 @@ def test_batched_answers_equal_one_at_a_time_greedy_answers(noisy_model):
     assert len({text for text, _ in expected}) == len(PROMPTS)  # varied answers: a row mix-up would show
 
 
+def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.generation import use_fused_norms
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 1:  # norm weights away from their all-ones start, so the weight's use is tested
+                weight.uniform_(0.5, 1.5)
+        ids = torch.tensor([[5, 900, 42, 7, 3000, 11]])
+        expected = model(ids).logits
+        norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+        assert use_fused_norms(model) == len(norms) > 0
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+    class GemmaStyleRMSNorm(torch.nn.Module):  # scales by 1 + weight: not what the fused kernel computes
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.zeros(8)), 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    gemma_style = GemmaStyleRMSNorm()
+    assert use_fused_norms(gemma_style) == 0 and "forward" not in vars(gemma_style)
+
+
 def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
     import torch
 

@@ -126,6 +126,9 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     assert [m.step for m in live] == list(range(2, 21, 2)) and len({m.timestamp for m in live}) > 1
     for name in ("learning_rate", "grad_norm", "tokens_per_s"):
         assert [m.step for m in client.get_metric_history(attempt.info.run_id, name)] == list(range(2, 21, 2))
+    # What the environment check decided (the demo config turns recomputation off on the CPU).
+    assert attempt.data.tags["train.environment.device"] == "cpu x1"
+    assert attempt.data.tags["train.environment.gradient_checkpointing"] == "False"
     assert run.data.tags["train.kind"] == "full"
     assert run.data.metrics["candidate.eval_loss"] == pytest.approx(summary.eval.candidate.metrics["eval_loss"])
     assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.metrics["eval_loss"])

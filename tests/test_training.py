@@ -73,19 +73,19 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks import training
+    from tasks import head_loss, training
 
     data, _ = formatted
     rows = data.train.rows()[:6]
     assert len({len(r["input_ids"]) for r in rows}) > 1  # padding is really exercised
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
-    monkeypatch.setattr(training, "LOSS_CHUNK", 7)  # the LM head runs in many chunks
+    monkeypatch.setattr(head_loss, "CHUNK", 7)  # the LM head runs in many chunks
 
     def per_example(batch_rows: list[dict], packing: bool) -> list[float]:
         batch = training.make_batch(batch_rows, packing, 0, torch.device("cpu"), row_tokens)
-        losses, owner = training.token_losses(model, batch, "hf")
-        losses.sum().backward()  # the chunked head's backward runs too
-        return [float(losses.detach()[owner == i].mean()) for i in range(len(batch_rows))]
+        total, losses, owner = training.token_losses(model, batch, "hf")
+        total.backward()  # the chunked head's backward runs too
+        return [float(losses[owner == i].mean()) for i in range(len(batch_rows))]
 
     packed, unpacked = per_example(rows, True), per_example(rows, False)
     if row_tokens:
@@ -94,6 +94,33 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     # Each example alone gives the same loss too: nothing leaks across an example's boundaries.
     alone = [per_example([row], True)[0] for row in rows]
     assert max(abs(a - b) for a, b in zip(packed, alone)) < 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_head_loss_and_gradients_equal_plain_cross_entropy(with_bias):
+    """The fused head (gradients computed in the forward pass, chunk by chunk) against autograd through the
+    full logits, in fp32: losses, and gradients of the hidden states, the weight and the bias."""
+    import torch
+
+    from tasks.head_loss import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=with_bias)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    total, losses = head_cross_entropy(hidden, head, targets, chunk=5)
+    (2.5 * total).backward()  # a scaled sum, as the training step scales it
+    ours = [hidden.grad, head.weight.grad, head.bias.grad if with_bias else None]
+
+    for tensor in (hidden, *head.parameters()):
+        tensor.grad = None
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+    (2.5 * expected.sum()).backward()
+    torch.testing.assert_close(losses, expected.detach())
+    torch.testing.assert_close(total.detach(), expected.sum().detach())
+    for got, want in zip(ours, [hidden.grad, head.weight.grad, head.bias.grad if with_bias else None]):
+        if want is not None:
+            torch.testing.assert_close(got, want)
 
 
 def test_training_in_a_worker_learns_and_writes_an_adapter(uninterrupted):
@@ -183,9 +210,25 @@ def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
     lora = request_for(formatted, tmp_path)
     full = request_for(formatted, tmp_path, mode="full")
     config = AutoConfig.from_pretrained(lora.base.name_or_path)
-    lora_gib, full_gib = (estimate_memory(config, r, "fp32", False) for r in (lora, full))
+    lora_gib, full_gib = (estimate_memory(config, r, "fp32", False, True) for r in (lora, full))
     assert full_gib["optimizer"] > 100 * lora_gib["optimizer"] > 0
     assert full_gib["weights"] == lora_gib["weights"] > 0
+
+
+def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(formatted, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from tasks import training
+
+    request = request_for(formatted, tmp_path, gradient_checkpointing="auto", batch_size=64)
+    config = AutoConfig.from_pretrained(request.base.name_or_path)
+    with_, without = (sum(training.estimate_memory(config, request, "fp32", False, c).values()) for c in (True, False))
+    assert with_ < without
+    for free, expected in ((4 * without, False), ((with_ + without / training.AUTO_CHECKPOINTING_SHARE) / 2, True)):
+        monkeypatch.setattr(training, "_available_host_memory_gib", lambda: free)
+        report = training.check_environment(request, "hf", training.Rank())
+        assert report.gradient_checkpointing is expected
+        assert report.estimate_gib == pytest.approx(with_ if expected else without, abs=0.01)
 
 
 def test_init_from_continues_from_an_earlier_adapter(formatted, uninterrupted, tmp_path):
