@@ -1,8 +1,8 @@
 """The LM head's cross-entropy at the loss positions, chunk by chunk, with its gradients computed on the way.
 
 With a 151,936-token vocabulary the LM head dominates a small model's step, in time and in memory: the logits
-of 8,192 positions are 2.5 GB in bf16 and twice that in fp32. `head_cross_entropy` runs the head over CHUNK
-positions at a time; each chunk's logits give its losses and, at once, their gradient (softmax minus the
+of 8,192 positions are 2.5 GB in bf16 and twice that in fp32. `head_cross_entropy` runs the head over a chunk
+of positions at a time (`chunk_positions`); each chunk's logits give its losses and, at once, their gradient (softmax minus the
 one-hot target), which is turned into the gradients of the hidden states (and of the head's weight when it
 is trained) before the chunk's logits are freed. The backward pass then only scales those gradients. So the
 head's matmul runs once per step instead of twice (a checkpointed head recomputes it), and at most one chunk
@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import torch
 
-# Positions per chunk: 256 x 151,936 logits are 156 MB in fp32 plus 78 MB of bf16 gradient.
-CHUNK = 256
+BYTES_PER_LOGIT = 6  # fp32 logits, then their 16-bit gradient beside them
 
 
-def head_cross_entropy(hidden, head: torch.nn.Linear, targets, chunk: int = CHUNK):
+def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
+    """Positions per chunk: about 64 MiB of temporaries when memory is tight (activations are being
+    recomputed), 1 GiB when it is not: fewer, larger kernels (a small model's step is bound by launches)."""
+    budget = 2**26 if memory_is_tight else 2**30
+    return max(16, budget // (vocab_size * BYTES_PER_LOGIT))
+
+
+def head_cross_entropy(hidden, head: torch.nn.Linear, targets, chunk: int):
     """(sum of the losses, each position's loss detached) for `hidden` (positions x width) under `head`."""
     if type(head) is not torch.nn.Linear:
         raise ValueError(f"the LM head must be a plain Linear layer (got {type(head).__name__}): "

@@ -65,6 +65,8 @@ class Rank:
 def train_model(request: TrainRequest) -> TrainResult:
     import torch
 
+    from tasks.head_loss import chunk_positions
+
     cfg = request.cfg
     rank = _init_distributed()
     backend = choose_backend(cfg.backend, cfg.mode, cfg.devices)
@@ -105,6 +107,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         print("train: unsloth backend: micro-batches are padded (sorted by length), not packed", flush=True)
     stepper = Stepper(model=model, scaler=scaler, device=device, precision=env.precision, backend=backend,
                       packing=packing, row_tokens=request.model_cfg.max_seq_length, pad_id=tokenizer.pad_token_id,
+                      head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
                       max_oom_retries=cfg.max_oom_retries, rank=rank)
     model.train()
     started = time.perf_counter() - state.elapsed_s
@@ -261,7 +264,7 @@ def estimate_memory(config, request: TrainRequest, precision: str, four_bit: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.head_loss import CHUNK as HEAD_CHUNK
+    from tasks.head_loss import BYTES_PER_LOGIT, chunk_positions
 
     cfg, lora = request.cfg, request.lora
     with torch.device("meta"):
@@ -295,7 +298,8 @@ def estimate_memory(config, request: TrainRequest, precision: str, four_bit: boo
         "activations": activations / GIB,
         # One LM-head chunk at a time, at loss positions only: fp32 logits and their 16-bit gradient; and the
         # gradient of every loss position's hidden state (tasks/head_loss.py).
-        "logits": (min(loss_tokens, HEAD_CHUNK) * config.vocab_size * 6 + loss_tokens * hidden * act_bytes) / GIB,
+        "logits": (min(loss_tokens, chunk_positions(config.vocab_size, bool(checkpointing))) * config.vocab_size
+                   * BYTES_PER_LOGIT + loss_tokens * hidden * act_bytes) / GIB,
     }
 
 
@@ -470,7 +474,7 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
     return {key: torch.tensor(value, device=device) for key, value in batch.items()}
 
 
-def token_losses(model, batch: dict, backend: Backend):
+def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
     """Cross-entropy of every loss-carrying token, with the LM head applied at those positions only, in chunks
     that never keep more than one chunk's logits (`tasks/head_loss.py`).
 
@@ -491,7 +495,7 @@ def token_losses(model, batch: dict, backend: Backend):
     hidden = causal_lm.base_model(**inputs).last_hidden_state
     carries_loss = batch["targets"] != IGNORE
     total, losses = head_cross_entropy(hidden[carries_loss], causal_lm.get_output_embeddings(),
-                                       batch["targets"][carries_loss])
+                                       batch["targets"][carries_loss], head_chunk)
     return total, losses, batch["example"][carries_loss]
 
 
@@ -506,6 +510,7 @@ class Stepper:
     backend: Backend
     packing: bool
     row_tokens: int  # longest packed row
+    head_chunk: int  # positions per LM-head chunk (tasks/head_loss.py)
     pad_id: int
     max_oom_retries: int
     rank: Rank
@@ -546,7 +551,7 @@ class Stepper:
 
         batch = make_batch(rows, self.packing, self.pad_id, self.device, self.row_tokens)
         with torch.autocast(self.device.type, dtype=_dtype(self.precision), enabled=self.precision != "fp32"):
-            loss_sum, _, _ = token_losses(self.model, batch, self.backend)
+            loss_sum, _, _ = token_losses(self.model, batch, self.backend, self.head_chunk)
         # Scaled to the whole step's mean token loss (all micro-batches, all ranks: gradients are summed).
         self.scaler.scale(loss_sum / loss_tokens).backward()
         return float(loss_sum.detach()), sum(len(row["input_ids"]) for row in rows)

@@ -69,21 +69,20 @@ def uninterrupted(formatted, tmp_path_factory) -> TrainResult:
 
 
 @pytest.mark.parametrize("row_tokens", [None, 300])  # one packed row; rows of <= 300 tokens with padding blocks
-def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_model, row_tokens, monkeypatch):
+def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_model, row_tokens):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks import head_loss, training
+    from tasks import training
 
     data, _ = formatted
     rows = data.train.rows()[:6]
     assert len({len(r["input_ids"]) for r in rows}) > 1  # padding is really exercised
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
-    monkeypatch.setattr(head_loss, "CHUNK", 7)  # the LM head runs in many chunks
 
     def per_example(batch_rows: list[dict], packing: bool) -> list[float]:
         batch = training.make_batch(batch_rows, packing, 0, torch.device("cpu"), row_tokens)
-        total, losses, owner = training.token_losses(model, batch, "hf")
+        total, losses, owner = training.token_losses(model, batch, "hf", head_chunk=7)  # many LM-head chunks
         total.backward()  # the chunked head's backward runs too
         return [float(losses[owner == i].mean()) for i in range(len(batch_rows))]
 
