@@ -164,22 +164,29 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _pieces(tokenizer, example: Example) -> list[tuple[str, bool]]:
-    """The rendered conversation cut at turn boundaries, each piece with whether it is an assistant turn."""
+    """The rendered conversation cut before and after each assistant turn, each piece with whether it is one.
+
+    Only those cuts decide the labels, so only those prefixes are rendered: what lies between two answers
+    (system and user turns, then the assistant header) is one piece, tokenized as one text as at inference.
+    """
     messages = [m.model_dump() for m in example.messages]
+    prefixes: list[tuple[str, bool]] = []
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prefixes += [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False),
+                         (_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), True)]
+    if messages and messages[-1]["role"] != "assistant":
+        prefixes.append((_render(tokenizer, messages, add_generation_prompt=False), False))
     pieces: list[tuple[str, bool]] = []
     rendered = ""
-    for turn, message in enumerate(messages):
-        is_answer = message["role"] == "assistant"
-        texts = [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False)] if is_answer else []
-        texts.append((_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), is_answer))
-        for text, trained in texts:
-            if not text.startswith(rendered):
-                raise ValueError(
-                    f"{example.where}: the chat template renders this conversation's prefix "
-                    "differently from the whole; set model.chat_template to one that renders turns incrementally"
-                )
-            pieces.append((text[len(rendered) :], trained))
-            rendered = text
+    for text, trained in prefixes:
+        if not text.startswith(rendered):
+            raise ValueError(
+                f"{example.where}: the chat template renders this conversation's prefix "
+                "differently from the whole; set model.chat_template to one that renders turns incrementally"
+            )
+        pieces.append((text[len(rendered) :], trained))
+        rendered = text
     return pieces
 
 
