@@ -216,7 +216,7 @@ def _format_split(
             out.write(json.dumps({"id": example.id, "input_ids": input_ids, "labels": labels}) + "\n")
             n_rows += 1
             n_tokens += len(input_ids)
-            n_trained += sum(label != IGNORE for label in labels)
+            n_trained += len(labels) - labels.count(IGNORE)
             longest = max(longest, len(input_ids))
     split = FormattedSplit(path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained,
                            max_tokens=longest)
