@@ -1,6 +1,7 @@
 """Check both splits with the Great Expectations suite; rows that fail go to quarantine, not to training.
 
-The check formats every example with the real tokenizer and chat template to judge its length, compares
+The check formats every example with the real tokenizer and chat template to judge its length (and hands
+the clean examples' token ids to the format stage, so nothing is tokenized twice), compares
 the splits for leakage (the same prompt on both sides: the train copy is set aside, so the eval set stays
 comparable across runs), writes GX's Data Docs and a machine-readable summary, and accounts for every row
 read: per file, rows kept + rows quarantined = rows read. Then `data.on_invalid`, `data.max_invalid_fraction`
@@ -22,9 +23,10 @@ from pydantic import BaseModel
 
 from data_checks import chat_suite
 from tasks.base_model import BaseModelRef, load_tokenizer
-from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.caching import StageCache, stage_dir
 from tasks.config import DataConfig, ModelConfig
 from tasks.examples import Example, Unit, read_examples, write_jsonl
+from tasks.format_data import TokenizedSplits, tokenize_pieces, tokenizer_key, tokens_line
 from tasks.load_data import LoadedData, Rejection
 from tasks.metrics import required_keys
 
@@ -62,6 +64,7 @@ class CheckedData(BaseModel):
     quarantine_path: Path  # every row set aside, with source, line or row, field and reason
     data_docs: Path  # Great Expectations' Data Docs: index.html
     summary_path: Path  # machine-readable summary (JSON)
+    tokens: TokenizedSplits  # token ids of the clean examples, which the format stage reads
     problems: list[str]  # why the run may not go on; empty when it may
     first_rejections: list[str]  # messages of the first set-aside rows, for the console
 
@@ -77,18 +80,18 @@ class DataCheckError(ValueError):
         return self.args[0]
 
 
-def formatted_lengths(examples: list[Example], tokenizer) -> list[int | None]:
-    """Token count of each example as the format stage will write it; None where its roles cannot be formatted."""
-    # Imported here: format_data imports this module for CheckedData.
-    from tasks.format_data import tokenize_conversations
-
+def formatted_tokens(examples: list[Example], tokenizer) -> tuple[list[int | None], list[str | None]]:
+    """Token count of each example as the format stage will write it, and its token ids as a line of a
+    `TokenizedSplits` file (kept as text: about 8 bytes a token, against 36 as a list of Python ints); None
+    for both where its roles cannot be formatted."""
     roles = re.compile(chat_suite.ROLES_REGEX)
     valid = [i for i, e in enumerate(examples) if roles.match(",".join(m.role for m in e.messages))]
     lengths: list[int | None] = [None] * len(examples)
-    tokenized = tokenize_conversations(tokenizer, [examples[i] for i in valid])
-    for i, (input_ids, _) in zip(valid, tokenized):
-        lengths[i] = len(input_ids)
-    return lengths
+    lines: list[str | None] = [None] * len(examples)
+    for i, pieces in zip(valid, tokenize_pieces(tokenizer, [examples[i] for i in valid]), strict=True):
+        lengths[i] = sum(len(ids) for ids, _ in pieces)
+        lines[i] = tokens_line(examples[i], pieces)
+    return lengths, lines
 
 
 def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig,
@@ -104,10 +107,11 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
         # Without configured keys, the eval answers must carry the keys every training answer shares.
         "eval": cfg.required_keys or required_keys(example.answer for example in splits["train"]),
     }
-    frames, suites = {}, {}
+    frames, suites, token_lines = {}, {}, {}
     for split, examples in splits.items():
         copies = [eval_prompts.get(chat_suite.prompt_key(e)) for e in examples] if split == "train" else None
-        frames[split] = chat_suite.examples_frame(examples, formatted_lengths(examples, tokenizer), copies)
+        lengths, token_lines[split] = formatted_tokens(examples, tokenizer)
+        frames[split] = chat_suite.examples_frame(examples, lengths, copies)
         suites[split] = chat_suite.build_suite(
             f"tunepipe_{split}", cfg, model.max_seq_length, keys[split], leakage=split == "train" and bool(eval_prompts)
         )
@@ -116,6 +120,8 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     results = chat_suite.validate(frames, suites, docs_dir)
 
     reports, set_aside = {}, []
+    tokens = TokenizedSplits(train=out_dir / "train_tokens.jsonl", eval=out_dir / "eval_tokens.jsonl",
+                             tokenizer=tokenizer_key(base, model.chat_template))
     for split, examples in splits.items():
         failures = chat_suite.failed_rows(results[split], frames[split], examples, model.max_seq_length, cfg)
         set_aside += [
@@ -126,13 +132,16 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
             )
             for i, row_failures in failures.items()
         ]
-        clean = [example for i, example in enumerate(examples) if i not in failures]
+        kept = [i for i in range(len(examples)) if i not in failures]
+        clean = [examples[i] for i in kept]
         reports[split] = DataCheckReport(
             success=bool(results[split].success), n_checked=len(examples), n_passed=len(clean),
             n_quarantined=len(failures), expectations=chat_suite.expectation_summary(results[split]),
             clean_path=out_dir / f"{split}_clean.jsonl",
         )
         write_jsonl(reports[split].clean_path, clean)
+        # A kept row always has token ids: a row whose roles cannot be formatted fails the roles expectation.
+        getattr(tokens, split).write_text("".join(token_lines[split][i] + "\n" for i in kept), encoding="utf-8")
         splits[split] = clean
 
     loaded_rejections = loaded.quarantine_path.read_text(encoding="utf-8").splitlines()
@@ -144,7 +153,7 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     checked = CheckedData(
         train=reports["train"], eval=reports["eval"], files=files, rows_read=rows_read,
         rows_quarantined=len(rejections), quarantine_path=quarantine_path,
-        data_docs=docs_dir / "index.html", summary_path=out_dir / "data_check_summary.json",
+        data_docs=docs_dir / "index.html", summary_path=out_dir / "data_check_summary.json", tokens=tokens,
         problems=policy_problems(cfg, reports, rows_read, len(rejections)),
         first_rejections=[r.message for r in rejections[:ROWS_SHOWN]],
     )
@@ -204,7 +213,9 @@ def failure_message(checked: CheckedData) -> str:
     return "\n".join(lines)
 
 
-@task(name="check_data", cache_policy=STAGE_CACHE, persist_result=True)
+# The suite and the tokenization (the token ids handed to the format stage) decide the result as much as this module.
+@task(name="check_data", cache_policy=StageCache(sources=("data_checks.chat_suite", "tasks.format_data")),
+      persist_result=True)
 def check_data(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig,
                workdir: Path) -> CheckedData:
     return check_dataset(loaded, cfg, base, model, stage_dir(workdir, "check_data", loaded, cfg, base, model))

@@ -9,19 +9,27 @@ the full rendering, and we check that instead of assuming it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from itertools import zip_longest
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 from pydantic import BaseModel
 
 from tasks.base_model import BaseModelRef, load_tokenizer
-from tasks.caching import STAGE_CACHE, stage_dir
-from tasks.check_data import CheckedData
+from tasks.caching import STAGE_CACHE, stable_hash, stage_dir
 from tasks.config import ModelConfig
 from tasks.examples import Example, read_examples, write_jsonl
 from tasks.load_data import Rejection
 
+if TYPE_CHECKING:  # check_data imports this module: it tokenizes to judge lengths
+    from tasks.check_data import CheckedData
+
 IGNORE = -100  # label value the loss skips
+
+# One conversation's token ids, piece by piece (see `_pieces`), each with whether it is an assistant turn.
+Pieces = list[tuple[list[int], bool]]
 
 
 class FormattedSplit(BaseModel):
@@ -35,6 +43,18 @@ class FormattedSplit(BaseModel):
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
 
+class TokenizedSplits(BaseModel):
+    """Token ids of a train and an eval examples file, made by the data check as it measured lengths.
+
+    Line i of each file holds example i of its examples file: {"id", "pieces": [[token ids, trained], ...]}.
+    `format_dataset` reads them instead of tokenizing the examples a second time.
+    """
+
+    train: Path
+    eval: Path
+    tokenizer: str  # `tokenizer_key` of the tokenizer and chat template that made them
+
+
 class FormattedData(BaseModel):
     train: FormattedSplit
     eval: FormattedSplit
@@ -44,15 +64,22 @@ class FormattedData(BaseModel):
 
 def format_dataset(
     train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path,
-    assistant_only_loss: bool = True,
+    assistant_only_loss: bool = True, tokens: TokenizedSplits | None = None,
 ) -> FormattedData:
-    tokenizer = load_tokenizer(base, cfg.chat_template)
+    """Write each split's token ids and labels; `tokens` (the data check's, for these files) saves tokenizing
+    again, and is used only if it was made with this base model's tokenizer and `cfg.chat_template`."""
+    if tokens is not None and tokens.tokenizer != tokenizer_key(base, cfg.chat_template):
+        tokens = None
+    tokenizer = load_tokenizer(base, cfg.chat_template) if tokens is None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     splits, rejected = {}, []
     # Eval loss always scores the answers alone, so it means the same whatever the training objective.
     for name, path, answers_only in (("train", train_examples, assistant_only_loss), ("eval", eval_examples, True)):
+        examples = list(read_examples(path))
+        pieces = (_read_pieces(getattr(tokens, name), examples) if tokens is not None
+                  else tokenize_pieces(tokenizer, examples))
         splits[name], too_long = _format_split(
-            path, out_dir / f"{name}.jsonl", tokenizer, cfg.max_seq_length, answers_only
+            examples, pieces, out_dir / f"{name}.jsonl", cfg.max_seq_length, answers_only
         )
         rejected += too_long
     quarantine = out_dir / "quarantine.jsonl"
@@ -66,6 +93,11 @@ def format_dataset(
     return FormattedData(**splits, quarantine_path=quarantine, n_quarantined=n_quarantined)
 
 
+def tokenizer_key(base: BaseModelRef, chat_template: str | None) -> str:
+    """Identifies what token ids depend on: the base model's tokenizer files and the chat template."""
+    return stable_hash(base, chat_template)
+
+
 def tokenize_conversation(
     tokenizer, example: Example, assistant_only: bool = True
 ) -> tuple[list[int], list[int]]:
@@ -76,7 +108,22 @@ def tokenize_conversation(
 def tokenize_conversations(
     tokenizer, examples: list[Example], assistant_only: bool = True, batch_size: int = 512
 ) -> list[tuple[list[int], list[int]]]:
-    """`tokenize_conversation` for many examples, with the tokenizer called once per batch of pieces.
+    """`tokenize_conversation` for many examples, with the tokenizer called once per batch of pieces."""
+    return [ids_and_labels(pieces, assistant_only) for pieces in tokenize_pieces(tokenizer, examples, batch_size)]
+
+
+def ids_and_labels(pieces: Pieces, assistant_only: bool = True) -> tuple[list[int], list[int]]:
+    """A conversation's token ids, and labels that train its assistant turns (or everything)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, trained in pieces:
+        input_ids += ids
+        labels += ids if trained or not assistant_only else [IGNORE] * len(ids)
+    return input_ids, labels
+
+
+def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512) -> Iterator[Pieces]:
+    """Each example's pieces as token ids, with the tokenizer called once per batch of pieces.
 
     Each piece of the rendered text (prompt up to the assistant header, then the assistant's turn) is
     tokenized on its own, as at inference, where the prompt ends at the header and the model's tokens
@@ -84,20 +131,26 @@ def tokenize_conversations(
     header with a "\n" starting the answer) and leave no clean cut between prompt and answer. Batching the
     pieces lets the fast tokenizer work on many at once: the same ids, several times faster.
     """
-    results = []
     for start in range(0, len(examples), batch_size):
         pieces = [_pieces(tokenizer, example) for example in examples[start : start + batch_size]]
-        texts = [text for example_pieces in pieces for text, _ in example_pieces]
-        ids_of_text = iter(_encode(tokenizer, texts))
+        ids_of_text = iter(_encode(tokenizer, [text for example_pieces in pieces for text, _ in example_pieces]))
         for example_pieces in pieces:
-            input_ids: list[int] = []
-            labels: list[int] = []
-            for _, trained in example_pieces:
-                ids = next(ids_of_text)
-                input_ids += ids
-                labels += ids if trained or not assistant_only else [IGNORE] * len(ids)
-            results.append((input_ids, labels))
-    return results
+            yield [(next(ids_of_text), trained) for _, trained in example_pieces]
+
+
+def tokens_line(example: Example, pieces: Pieces) -> str:
+    """One line of a `TokenizedSplits` file."""
+    return json.dumps({"id": example.id, "pieces": pieces})
+
+
+def _read_pieces(path: Path, examples: list[Example]) -> Iterator[Pieces]:
+    """The pieces of `examples`, in order, from the `TokenizedSplits` file made for them."""
+    with path.open(encoding="utf-8") as lines:
+        for example, line in zip_longest(examples, lines):
+            row = json.loads(line) if line is not None else None
+            if example is None or row is None or row["id"] != example.id:
+                raise RuntimeError(f"{path} does not hold the token ids of the examples it was given with")
+            yield row["pieces"]
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -111,22 +164,29 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _pieces(tokenizer, example: Example) -> list[tuple[str, bool]]:
-    """The rendered conversation cut at turn boundaries, each piece with whether it is an assistant turn."""
+    """The rendered conversation cut before and after each assistant turn, each piece with whether it is one.
+
+    Only those cuts decide the labels, so only those prefixes are rendered: what lies between two answers
+    (system and user turns, then the assistant header) is one piece, tokenized as one text as at inference.
+    """
     messages = [m.model_dump() for m in example.messages]
+    prefixes: list[tuple[str, bool]] = []
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prefixes += [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False),
+                         (_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), True)]
+    if messages and messages[-1]["role"] != "assistant":
+        prefixes.append((_render(tokenizer, messages, add_generation_prompt=False), False))
     pieces: list[tuple[str, bool]] = []
     rendered = ""
-    for turn, message in enumerate(messages):
-        is_answer = message["role"] == "assistant"
-        texts = [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False)] if is_answer else []
-        texts.append((_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), is_answer))
-        for text, trained in texts:
-            if not text.startswith(rendered):
-                raise ValueError(
-                    f"{example.where}: the chat template renders this conversation's prefix "
-                    "differently from the whole; set model.chat_template to one that renders turns incrementally"
-                )
-            pieces.append((text[len(rendered) :], trained))
-            rendered = text
+    for text, trained in prefixes:
+        if not text.startswith(rendered):
+            raise ValueError(
+                f"{example.where}: the chat template renders this conversation's prefix "
+                "differently from the whole; set model.chat_template to one that renders turns incrementally"
+            )
+        pieces.append((text[len(rendered) :], trained))
+        rendered = text
     return pieces
 
 
@@ -138,13 +198,13 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
 
 
 def _format_split(
-    source: Path, out_path: Path, tokenizer, max_tokens: int, assistant_only: bool
+    examples: list[Example], pieces: Iterator[Pieces], out_path: Path, max_tokens: int, assistant_only: bool
 ) -> tuple[FormattedSplit, list[Rejection]]:
     n_rows = n_tokens = n_trained = longest = 0
     too_long: list[Rejection] = []
-    examples = list(read_examples(source))
     with out_path.open("w", encoding="utf-8") as out:
-        for example, (input_ids, labels) in zip(examples, tokenize_conversations(tokenizer, examples, assistant_only)):
+        for example, example_pieces in zip(examples, pieces, strict=True):
+            input_ids, labels = ids_and_labels(example_pieces, assistant_only)
             if len(input_ids) > max_tokens:
                 # Truncating would cut the answer and its end-of-turn token: the model would learn not to stop.
                 too_long.append(Rejection(
@@ -156,7 +216,7 @@ def _format_split(
             out.write(json.dumps({"id": example.id, "input_ids": input_ids, "labels": labels}) + "\n")
             n_rows += 1
             n_tokens += len(input_ids)
-            n_trained += sum(label != IGNORE for label in labels)
+            n_trained += len(labels) - labels.count(IGNORE)
             longest = max(longest, len(input_ids))
     split = FormattedSplit(path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained,
                            max_tokens=longest)
@@ -169,4 +229,4 @@ def format_data(
 ) -> FormattedData:
     out_dir = stage_dir(workdir, "format_data", checked, base, cfg, assistant_only_loss)
     return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir,
-                          assistant_only_loss)
+                          assistant_only_loss, checked.tokens)

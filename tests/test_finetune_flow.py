@@ -206,6 +206,20 @@ def test_deleted_export_folder_is_rebuilt_not_served_from_cache(first_run, confi
     assert state.result().gguf_path.is_file()
 
 
+def test_deleted_data_folders_are_rebuilt_the_same(first_run, config_path: Path):
+    import shutil
+
+    workdir = Path(yaml.safe_load(config_path.read_text())["workdir"])
+    (formatted,) = (workdir / "format_data").glob("*/train.jsonl")
+    before = formatted.read_bytes()
+    # The format stage reads the token ids the check wrote: with both folders gone, both stages run again.
+    shutil.rmtree(workdir / "check_data")
+    shutil.rmtree(workdir / "format_data")
+    states = states_by_stage(finetune(load_config(config_path), return_state=True))
+    assert (states["check_data"], states["format_data"], states["train"]) == ("Completed", "Completed", "Cached")
+    assert formatted.read_bytes() == before
+
+
 def test_failed_gate_exports_nothing_and_marks_the_mlflow_run(first_run, config_path: Path):
     state = finetune(load_config(config_path, ["gate.rules.exact_match.min=1.0"]), return_state=True)
     assert state.is_failed()

@@ -10,6 +10,7 @@ import pytest
 from tasks.base_model import BaseModelRef, load_tokenizer, resolve_base_model
 from tasks.config import DataConfig, ModelConfig
 from tasks.examples import Example, Message, write_jsonl
+from tasks.check_data import CheckedData, check_dataset
 from tasks.format_data import IGNORE, FormattedData, format_dataset, tokenize_conversation
 from tasks.load_data import load_dataset
 from tasks.tiny_model import CHATML_TEMPLATE
@@ -137,6 +138,51 @@ def test_format_dataset_on_the_demo_data(
         assert 0 < split.n_trained_tokens < split.n_tokens
         assert all(len(row["labels"]) == len(row["input_ids"]) for row in rows)
     assert (formatted.train.n_rows, formatted.eval.n_rows) == (400, 48)
+
+
+@pytest.fixture(scope="module")
+def checked(demo_data: tuple[Path, Path], base: BaseModelRef, tmp_path_factory: pytest.TempPathFactory) -> CheckedData:
+    root = tmp_path_factory.mktemp("checked")
+    cfg = DataConfig(train=demo_data[0], eval=demo_data[1], system_prompt="Extract.")
+    return check_dataset(load_dataset(cfg, root / "loaded"), cfg, base, ModelConfig(base=base.name_or_path),
+                         root / "checked")
+
+
+def _formatted_rows(formatted: FormattedData) -> tuple[list[dict], list[dict]]:
+    return _rows(formatted.train.path), _rows(formatted.eval.path)
+
+
+def test_the_data_checks_token_ids_format_as_tokenizing_again(
+    checked: CheckedData, base: BaseModelRef, tmp_path: Path
+) -> None:
+    cfg = ModelConfig(base=base.name_or_path)
+    for assistant_only_loss in (True, False):
+        args = (checked.train.clean_path, checked.eval.clean_path, base, cfg)
+        from_check = format_dataset(*args, tmp_path / "a", assistant_only_loss, tokens=checked.tokens)
+        again = format_dataset(*args, tmp_path / "b", assistant_only_loss)
+        assert _formatted_rows(from_check) == _formatted_rows(again)
+        for split in ("train", "eval"):
+            counts = getattr(from_check, split).model_dump(exclude={"path"})
+            assert counts == getattr(again, split).model_dump(exclude={"path"})
+            assert counts["n_rows"] == getattr(checked, split).n_passed
+
+
+def test_token_ids_of_another_chat_template_are_not_used(
+    checked: CheckedData, base: BaseModelRef, tmp_path: Path
+) -> None:
+    cfg = ModelConfig(base=base.name_or_path, chat_template="[chat]" + CHATML_TEMPLATE)
+    args = (checked.train.clean_path, checked.eval.clean_path, base, cfg)
+    formatted = format_dataset(*args, tmp_path / "a", tokens=checked.tokens)
+    tokenizer = load_tokenizer(base, cfg.chat_template)
+    assert all(tokenizer.decode(row["input_ids"]).startswith("[chat]<|im_start|>") for row in _rows(formatted.train.path))
+    assert _formatted_rows(formatted) == _formatted_rows(format_dataset(*args, tmp_path / "b"))
+
+
+def test_token_ids_of_other_examples_are_refused(checked: CheckedData, base: BaseModelRef, tmp_path: Path) -> None:
+    swapped = checked.tokens.model_copy(update={"train": checked.tokens.eval, "eval": checked.tokens.train})
+    with pytest.raises(RuntimeError, match="does not hold the token ids of the examples"):
+        format_dataset(checked.train.clean_path, checked.eval.clean_path, base, ModelConfig(base=base.name_or_path),
+                       tmp_path / "out", tokens=swapped)
 
 
 def test_too_long_examples_are_quarantined_not_truncated(base: BaseModelRef, tmp_path: Path) -> None:
