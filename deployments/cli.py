@@ -175,6 +175,8 @@ def print_run_plan(console, plan) -> None:
         ("memory estimate", f"{plan.environment.estimate_gib:.2f} GiB"
                             + (f" of {plan.environment.free_gib:.1f} GiB free" if plan.environment.free_gib else "")
                             + " (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.environment.estimate.items()) + ")"),
+        ("gradient checkpointing", {True: "on", False: "off", "offload": "on, offloaded to CPU memory"}[
+            plan.environment.gradient_checkpointing]),
         ("time estimate", "none yet: training's environment check estimates memory only"),
     ):
         table.add_row(name, value)

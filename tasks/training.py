@@ -37,7 +37,7 @@ from tasks.worker import emit_event
 
 GIB = 2**30
 # `gradient_checkpointing: auto` recomputes only when a step's activations would not fit in this share of the
-# free memory: on a GPU with room, a LoRA step of Qwen3-0.6B ran 1.4x faster without (benchmarks/RESULTS.md).
+# free memory: on a GPU with room, a LoRA step of Qwen3-0.6B ran about 1.5x faster without (benchmarks/RESULTS.md).
 AUTO_CHECKPOINTING_SHARE = 0.5
 CHECKPOINT = re.compile(r"step-(\d+)")
 

@@ -1,6 +1,7 @@
 """The data check: the real Great Expectations suite on the broken-file corpus, with the tiny model's tokenizer."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,7 @@ def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, 
     assert "Data Docs: " in out and "index.html" in out
     assert "steps per epoch" in out and "│ 2 " in out and "4 (2.00 epochs)" in out
     assert "memory estimate" in out and "GiB free (weights" in out and "cpu x1, fp32" in out
+    assert re.search(r"gradient checkpointing +│ off ", out)  # auto: the tiny model fits in memory
 
     config["data"]["train"] = str(CORPUS / "unusable" / "numbers.json")
     path.write_text(yaml.safe_dump(config))
