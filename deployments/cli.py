@@ -186,12 +186,12 @@ def print_run_plan(console, plan) -> None:
 def prepare_demo_assets(root: Path) -> None:
     from rich.console import Console
 
-    from tasks.demo_data import write_demo_dataset, write_demo_rag_log
+    from tasks.demo_data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
     from tasks.tiny_model import build_tiny_model
 
     with Console(stderr=True).status("Building the tiny Qwen3 model and demo data (the first time ~30 s)..."):
         build_tiny_model(root / "tiny-qwen3")
-        write_demo_dataset(root / "data")
+        write_demo_dataset(root / "data", *DEMO_ROWS)
         if not (root / "rag.db").exists():  # what `tunepipe retrain configs/demo.yaml` ingests
             write_demo_rag_log(root / "rag.db")
 

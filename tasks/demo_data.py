@@ -1,7 +1,15 @@
 """A small, deterministic product-extraction data set: HTML snippet in, JSON object out.
 
-The layout varies (field order, labels, noise elements) so that a model has to read each snippet rather
-than memorise a template, and eval products never appear in train, so eval scores measure extraction.
+What a model must learn to score on the held-out pages, and why the pages look the way they do:
+- Read, not recall. Eval product names never occur in train (names are split before anything is drawn),
+  manufacturers come from a list too long to guess, and prices are random: only what the page says gets a
+  field right. The untrained base model gets none.
+- The same tokens on both sides. Every value sits right after `">` (schema.org microdata, `itemprop` naming
+  the JSON key), so the tokenizer cuts it into the same tokens as in the compact JSON answer, where it
+  follows `":"`. After a label and a space (`Brand: Hooli`) it would start with a different token
+  (` H` against `H`), and a small model would have to learn a spelling map per value instead of a copy.
+- Several layouts (paragraphs, a spec table, a definition list, a bullet list), labels, field orders and
+  distractors (ratings, SKUs, stock notes), shared by train and eval, so position alone never tells.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ from pathlib import Path
 ADJECTIVES = [
     "Compact", "Deluxe", "Classic", "Ultra", "Smart", "Portable", "Premium", "Eco", "Mini", "Pro",
     "Vintage", "Rugged", "Silent", "Wireless", "Foldable", "Turbo", "Slim", "Heavy-Duty", "Nordic", "Urban",
+    "Solar", "Arctic", "Royal", "Golden", "Swift", "Bold", "Quiet", "Bright", "Rapid", "Grand",
+    "Little", "Mega", "Prime", "Pure", "Retro", "Sonic", "Alpine", "Coastal", "Modern", "Rustic",
+    "Velvet", "Crystal", "Iron", "Cosmic",
 ]  # fmt: skip
 
 # Nouns grouped by the category they are listed under, so the category is plausible for the name.
@@ -27,25 +38,29 @@ NOUNS_BY_CATEGORY = {
 
 MANUFACTURERS = [
     "Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Hooli", "Vandelay", "Soylent", "Tyrell",
-    "Cyberdyne", "Wonka", "Gringotts", "Oscorp", "Aperture", "Nakatomi",
+    "Cyberdyne", "Wonka", "Gringotts", "Oscorp", "Aperture", "Nakatomi", "Zenith", "Orbit", "Falcon", "Summit",
+    "Harbor", "Beacon", "Vertex", "Nimbus", "Apex", "Cobalt", "Quasar", "Meridian", "Pioneer", "Atlas",
+    "Titan", "Nova", "Lumen", "Polar", "Crest", "Ember", "Onyx", "Sable", "Willow", "Birch",
+    "Cedar", "Maple", "Aspen", "Juniper", "Osprey", "Kestrel", "Heron", "Lynx", "Otter", "Badger",
+    "Raven", "Sterling", "Monarch", "Regal", "Vista", "Horizon", "Canyon", "Glacier", "Tundra", "Sierra",
+    "Mesa", "Delta",
 ]  # fmt: skip
 
-HEADINGS = ["<h2>Product: {name}</h2>", "<h2>{name}</h2>", "<h3>Item: {name}</h3>", "<h1>{name}</h1>"]
-PRICE_LABELS = ["Price", "Cost", "Our price"]
-CATEGORY_LABELS = ["Category", "Department", "Type"]
-MANUFACTURER_LABELS = ["Brand", "Manufacturer", "Made by"]
+# `tunepipe demo`'s data set (train, eval rows): many distinct pages, so the small model learns to read them
+# rather than remember them (shared/notes/tiny-models-learn.md); the tests' smaller default trains in seconds.
+DEMO_ROWS = (4000, 48)
+
+FIELDS = ("price", "category", "manufacturer")  # after the name, in the answer's key order
+LABELS = {
+    "price": ["Price", "Cost", "Our price"],
+    "category": ["Category", "Department", "Type"],
+    "manufacturer": ["Brand", "Manufacturer", "Made by"],
+}
 # Distractors the model must learn to ignore: none of these belong in the output.
-NOISE = [
-    "<span>In stock</span>",
-    "<span>Free shipping</span>",
-    "<p>Rating: {rating}/5</p>",
-    "<p>SKU: {sku}</p>",
-    "<span>Only {stock} left</span>",
-    "<p>Ships in {days} days</p>",
-]
+NOISE = ["In stock", "Free shipping", "Rating: {rating}/5", "SKU: {sku}", "Only {stock} left", "Ships in {days} days"]
 
 
-def _product_catalogue() -> list[tuple[str, str]]:
+def _names() -> list[tuple[str, str]]:
     """Every (name, category) pair, in a fixed order."""
     return [
         (f"{adjective} {noun}", category)
@@ -57,31 +72,65 @@ def _product_catalogue() -> list[tuple[str, str]]:
 
 def _price(rng: random.Random) -> str:
     dollars = rng.choice([rng.randint(5, 99), rng.randint(100, 2500)])
-    return f"${dollars}" if rng.random() < 0.5 else f"${dollars}.{rng.choice([49, 95, 99])}"
+    return f"${dollars}" if rng.random() < 0.5 else f"${dollars}.{rng.randint(0, 99):02d}"
 
 
-def _row(rng: random.Random, name: str, category: str) -> dict[str, object]:
-    price = _price(rng)
-    manufacturer = rng.choice(MANUFACTURERS)
-    fields = [
-        f"<p>{rng.choice(PRICE_LABELS)}: {price}</p>",
-        f"<p>{rng.choice(CATEGORY_LABELS)}: {category}</p>",
-        f"<p>{rng.choice(MANUFACTURER_LABELS)}: {manufacturer}</p>",
-    ]
-    rng.shuffle(fields)
-    for template in rng.sample(NOISE, rng.randint(1, 2)):
-        noise = template.format(
+def _page(rng: random.Random, name: str, values: dict[str, str], notes: list[str]) -> str:
+    """One of four layouts; each value directly after `">` in an element whose itemprop is its key."""
+    labelled = [(rng.choice(LABELS[key]), key, values[key]) for key in FIELDS]
+    layout = rng.randrange(4)
+    if layout == 0:
+        parts = [f'<p>{label}: <span itemprop="{key}">{value}</span></p>' for label, key, value in labelled]
+        parts += [f"<p>{note}</p>" for note in notes]
+        rng.shuffle(parts)
+        return f'<div itemscope><h2 itemprop="name">{name}</h2>{"".join(parts)}</div>'
+    if layout == 1:
+        parts = [f'<tr><th>{label}</th><td itemprop="{key}">{value}</td></tr>' for label, key, value in labelled]
+        parts += [f"<tr><td>{note}</td></tr>" for note in notes]
+        rng.shuffle(parts)
+        return f'<table itemscope><caption itemprop="name">{name}</caption>{"".join(parts)}</table>'
+    if layout == 2:
+        parts = [f'<dt>{label}</dt><dd itemprop="{key}">{value}</dd>' for label, key, value in labelled]
+        rng.shuffle(parts)
+        spans = "".join(f"<span>{note}</span>" for note in notes)
+        return f'<section itemscope><h3 itemprop="name">{name}</h3>{spans}<dl>{"".join(parts)}</dl></section>'
+    parts = [f'<li>{label}: <b itemprop="{key}">{value}</b></li>' for label, key, value in labelled]
+    parts += [f"<li>{note}</li>" for note in notes]
+    rng.shuffle(parts)
+    return f'<ul itemscope><li itemprop="name">{name}</li>{"".join(parts)}</ul>'
+
+
+def _row(rng: random.Random, name: str, category: str, manufacturer: str) -> dict[str, object]:
+    values = {"price": _price(rng), "category": category, "manufacturer": manufacturer}
+    notes = [
+        template.format(
             rating=f"{rng.randint(30, 50) / 10:.1f}",
             sku=f"{rng.choice('ABCDEFGHJK')}{rng.choice('LMNPQRSTUV')}-{rng.randint(1000, 9999)}",
             stock=rng.randint(2, 9),
             days=rng.randint(1, 7),
         )
-        fields.insert(rng.randint(0, len(fields)), noise)
-    heading = rng.choice(HEADINGS).format(name=name)
-    return {
-        "input": f'<div class="product">{heading}{"".join(fields)}</div>',
-        "output": {"name": name, "price": price, "category": category, "manufacturer": manufacturer},
-    }
+        for template in rng.sample(NOISE, rng.randint(1, 2))
+    ]
+    return {"input": _page(rng, name, values, notes), "output": {"name": name, **values}}
+
+
+def _products(n_train: int, n_eval: int, seed: int) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(train, eval) products (name, category, manufacturer): all distinct, and no eval name in train."""
+    names = _names()
+    n_train_names = len(names) - n_eval
+    if n_train < 1 or n_eval < 1 or n_train_names < 1 or n_train > n_train_names * len(MANUFACTURERS):
+        raise ValueError(
+            f"n_train={n_train}, n_eval={n_eval}: each must be >= 1, n_eval below {len(names)} (the number of "
+            f"product names) and n_train at most (names left for train) x {len(MANUFACTURERS)} manufacturers "
+            "(the number of distinct products)"
+        )
+    rng = random.Random(seed)
+    names = rng.sample(names, len(names))
+    eval_products = [(*names[i], rng.choice(MANUFACTURERS)) for i in range(n_eval)]
+    picks = rng.sample(range(n_train_names * len(MANUFACTURERS)), n_train)
+    train_products = [(*names[n_eval + i // len(MANUFACTURERS)], MANUFACTURERS[i % len(MANUFACTURERS)])
+                      for i in picks]
+    return train_products, eval_products
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
@@ -93,20 +142,12 @@ def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
 
 def write_demo_dataset(out_dir: Path, n_train: int = 400, n_eval: int = 48, seed: int = 0) -> tuple[Path, Path]:
     """Write `train.jsonl` and `eval.jsonl` under `out_dir`; the same arguments always give the same bytes."""
-    catalogue = _product_catalogue()
-    if n_train < 1 or n_eval < 1 or n_train + n_eval > len(catalogue):
-        raise ValueError(
-            f"n_train={n_train}, n_eval={n_eval}: each must be >= 1 and together at most {len(catalogue)} "
-            "(the number of distinct products)"
-        )
-    rng = random.Random(seed)
-    # Sampling without replacement makes every product distinct, so eval products never occur in train.
-    products = rng.sample(catalogue, n_train + n_eval)
-    rows = [_row(rng, name, category) for name, category in products]
+    train_products, eval_products = _products(n_train, n_eval, seed)
+    rng = random.Random(f"{seed}:pages")
     out_dir.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    _write_jsonl(train_path, rows[:n_train])
-    _write_jsonl(eval_path, rows[n_train:])
+    _write_jsonl(train_path, [_row(rng, *product) for product in train_products])
+    _write_jsonl(eval_path, [_row(rng, *product) for product in eval_products])
     return train_path, eval_path
 
 
@@ -120,10 +161,8 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
     import datetime as dt
     import sqlite3
 
-    catalogue = _product_catalogue()
-    used = set(random.Random(0).sample(catalogue, 448))  # what write_demo_dataset's defaults use
-    unused = [product for product in catalogue if product not in used]
-    random.Random(seed).shuffle(unused)
+    used = set().union(*_products(*DEMO_ROWS, seed=0))  # what the demo's own data set uses
+    names = _names()
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(db_path) as db:
         db.execute("create table if not exists rag_examples (id integer primary key autoincrement, question text "
@@ -131,9 +170,13 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
         start = db.execute("select count(*) from rag_examples").fetchone()[0]
         rng = random.Random(f"{seed}:{start}")  # another call, another day: new values
         rows = []
-        for i in range(n):
-            row = _row(rng, *unused[(start + i) % len(unused)])
-            created = dt.datetime(2026, 11, 1) + dt.timedelta(minutes=17 * (start + i))
+        while len(rows) < n:
+            product = (*rng.choice(names), rng.choice(MANUFACTURERS))
+            if product in used:
+                continue
+            row = _row(rng, *product)
+            i = start + len(rows)
+            created = dt.datetime(2026, 11, 1) + dt.timedelta(minutes=17 * i)
             rating = rng.choice([None, 2, 4, 5, 5])
             rows.append((row["input"], None, json.dumps(row["output"]), rating, created.isoformat()))
         db.executemany("insert into rag_examples (question, context, answer, rating, created_at) "
