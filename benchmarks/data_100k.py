@@ -41,7 +41,7 @@ from tasks.examples import read_examples  # noqa: E402
 from tasks.format_data import _pieces, format_dataset, tokenize_conversations  # noqa: E402
 from tasks.llama_cpp_tools import cache_root  # noqa: E402
 from tasks.load_data import load_dataset  # noqa: E402
-from tasks.tiny_model import build_tiny_model  # noqa: E402
+from tasks.tiny_model import CACHE_NAME, build_tiny_model  # noqa: E402
 
 BROKEN_EVERY = 100  # one line in a hundred is truncated JSON
 
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     load_before = f"{os.getloadavg()[0]:.1f}"
-    model = ModelConfig(base=str(build_tiny_model(cache_root() / "tiny-qwen3")), max_seq_length=1024)
+    model = ModelConfig(base=str(build_tiny_model(cache_root() / CACHE_NAME)), max_seq_length=1024)
     with tempfile.TemporaryDirectory(prefix="tunepipe-data-bench-") as scratch:
         root = Path(scratch)
         write_rows(root / "train.jsonl", args.rows)

@@ -39,9 +39,9 @@ def build_model(out_dir: Path) -> Path:
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from tasks.llama_cpp_tools import cache_root
-    from tasks.tiny_model import build_tiny_model
+    from tasks.tiny_model import CACHE_NAME, build_tiny_model
 
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(cache_root() / "tiny-qwen3"))
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(cache_root() / CACHE_NAME))
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=151936, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **QWEN3_0_6B)

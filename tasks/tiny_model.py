@@ -17,16 +17,25 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+# 4 layers of width 128: on the demo's product pages it starts reading values off unseen pages within a few
+# hundred CPU steps, where 2 layers of width 64 had not (shared/notes/tiny-models-learn.md). With a 151,936-token
+# vocabulary the LM head costs most of a step either way, so the extra layers and width add about a third.
+SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 EMBED_STD = 0.25
+# The folder name the shared cache keeps it under: another shape is another folder, never a stale model.
+CACHE_NAME = f"tiny-qwen3-{SHAPE['num_hidden_layers']}x{SHAPE['hidden_size']}"
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny Qwen3 (weights, config, tokenizer, chat template) to `out_dir`, once."""
+    """Write a tiny Qwen3 (weights, config, tokenizer, chat template) to `out_dir`, once.
+
+    A folder built by another version (another shape, seed or init) is built again."""
     marker = out_dir / ".complete"
-    if marker.exists():
+    spec = json.dumps({"seed": seed, "embed_std": EMBED_STD, **SHAPE}) + "\n"
+    if marker.exists() and marker.read_text() == spec:
         return out_dir
+    marker.unlink(missing_ok=True)
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -50,7 +59,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         **SHAPE,
     )
     model = Qwen3ForCausalLM(config)
-    # The head is tied to the embeddings, and with width 64 the default init (std 0.02) caps every logit
+    # The head is tied to the embeddings, and at this width the default init (std 0.02) caps every logit
     # near 1: no confident prediction is reachable and fine-tuning cannot move the loss. Std 0.25 can.
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=EMBED_STD)
     model.generation_config = GenerationConfig(
@@ -59,5 +68,5 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    marker.write_text(json.dumps({"seed": seed, "embed_std": EMBED_STD, **SHAPE}) + "\n")
+    marker.write_text(spec)
     return out_dir

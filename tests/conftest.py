@@ -16,9 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     from tasks.llama_cpp_tools import cache_root
-    from tasks.tiny_model import build_tiny_model
+    from tasks.tiny_model import CACHE_NAME, build_tiny_model
 
-    return build_tiny_model(cache_root() / "tiny-qwen3")
+    return build_tiny_model(cache_root() / CACHE_NAME)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from tasks.tiny_model import EMBED_STD, build_tiny_model
+from tasks.tiny_model import EMBED_STD, SHAPE, build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +31,23 @@ def test_a_finished_build_is_not_redone(two_builds: tuple[Path, Path]) -> None:
     assert weights.stat().st_mtime_ns == before
 
 
+def test_a_build_of_another_shape_is_redone(two_builds: tuple[Path, Path]) -> None:
+    folder = two_builds[1]
+    marker = folder / ".complete"
+    marker.write_text(marker.read_text().replace('"num_hidden_layers": ', '"num_hidden_layers": 1'))
+    before = (folder / "model.safetensors").read_bytes()
+    build_tiny_model(folder)
+    assert json.loads(marker.read_text())["num_hidden_layers"] == SHAPE["num_hidden_layers"]
+    assert (folder / "model.safetensors").read_bytes() == before  # the same seed builds the same bytes
+
+
 def test_model_loads_with_the_tiny_shape(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     config = model.config
     assert config.model_type == "qwen3"
-    assert (config.num_hidden_layers, config.hidden_size) == (2, 64)
+    assert (config.num_hidden_layers, config.hidden_size) == (SHAPE["num_hidden_layers"], SHAPE["hidden_size"])
     assert config.tie_word_embeddings is True
     embeddings = model.get_input_embeddings().weight
     assert model.get_output_embeddings().weight.data_ptr() == embeddings.data_ptr()
