@@ -46,8 +46,9 @@ MANUFACTURERS = [
     "Mesa", "Delta",
 ]  # fmt: skip
 
-# `tunepipe demo`'s data set (train, eval rows): many distinct pages, so the small model learns to read them
-# rather than remember them (shared/notes/tiny-models-learn.md); the tests' smaller default trains in seconds.
+# `tunepipe demo`'s data set (train, eval rows): more distinct pages than its training reads, none twice, so
+# the small model learns to read pages rather than remember them (shared/notes/tiny-models-learn.md: 400 pages
+# were memorised); the tests' smaller default is enough for a few steps.
 DEMO_ROWS = (4000, 48)
 
 FIELDS = ("price", "category", "manufacturer")  # after the name, in the answer's key order
