@@ -170,6 +170,8 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
                    "not null, context text, answer text not null, rating integer, created_at text not null)")
         start = db.execute("select count(*) from rag_examples").fetchone()[0]
         rng = random.Random(f"{seed}:{start}")  # another call, another day: new values
+        # Ratings from a stream of their own: how pages are drawn does not change which rows are rated well.
+        ratings = random.Random(f"{seed}:{start}:rating")
         rows = []
         while len(rows) < n:
             product = (*rng.choice(names), rng.choice(MANUFACTURERS))
@@ -178,7 +180,7 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
             row = _row(rng, *product)
             i = start + len(rows)
             created = dt.datetime(2026, 11, 1) + dt.timedelta(minutes=17 * i)
-            rating = rng.choice([None, 2, 4, 5, 5])
+            rating = ratings.choice([None, 2, 4, 5, 5])
             rows.append((row["input"], None, json.dumps(row["output"]), rating, created.isoformat()))
         db.executemany("insert into rag_examples (question, context, answer, rating, created_at) "
                        "values (?, ?, ?, ?, ?)", rows)
