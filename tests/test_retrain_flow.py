@@ -22,7 +22,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, fast_config, prefect_server)
     root = tmp_path_factory.mktemp("retrain")
     raw = fast_config(root)
     raw["rag"].update(sql_url=f"sqlite:///{root / 'rag.db'}", min_new_examples=10)
-    write_demo_rag_log(root / "rag.db", n=6)  # 6 rated 4 or 5: fewer than 10
+    write_demo_rag_log(root / "rag.db", n=6)  # 5 of them rated 4 or 5: fewer than 10
     (root / "config.yaml").write_text(json.dumps(raw))
     return root, PipelineConfig.model_validate(raw)
 

@@ -16,8 +16,9 @@ from flows.finetune import GateFailed, finetune
 from tasks.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
 from tasks.config import load_config
 
-# One step barely moves the eval loss; eight more move it far. The gate sits in between.
-FIRST_STEPS, MORE_STEPS, REQUIRED_IMPROVEMENT = 1, 8, 1.0
+# One step barely moves the eval loss; eight more move it far (on the 4 x 128 tiny model from 31.6: by 1.4 and 21.6).
+# The gate sits in between.
+FIRST_STEPS, MORE_STEPS, REQUIRED_IMPROVEMENT = 1, 8, 5.0
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def test_failing_first_attempt_is_retrained_and_a_later_attempt_passes(prefect_s
     client = _client(config_path)
     first, second = _attempt_runs(client, summary.mlflow_run_id)
     assert (first.info.status, first.data.tags["gate"]) == ("FAILED", "failed")
-    assert "eval_loss is" in first.data.tags["gate.reasons"] and "short of the required 1 lower" in \
-        first.data.tags["gate.reasons"]
+    reasons = first.data.tags["gate.reasons"]
+    assert "eval_loss is" in reasons and f"short of the required {REQUIRED_IMPROVEMENT:g} lower" in reasons
     assert (second.info.status, second.data.tags["gate"]) == ("FINISHED", "passed")
     assert second.data.params["train.max_steps"] == str(MORE_STEPS)
     assert second.data.params["change.continue_training"] == "True"
