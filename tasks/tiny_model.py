@@ -18,8 +18,8 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 # 4 layers of width 128: within the demo's 200 CPU steps it reads the category off unseen product pages, and
-# names from step 300-400 on, where 2 layers of width 64 read nothing by step 200 (benchmarks/RESULTS.md, "Demo
-# wall time"). The 151,936-token LM head costs most of a step either way: the extra layers and width add a third.
+# names from step 300-400 on, where 2 layers of width 64 were still at chance on the category at step 200
+# (benchmarks/RESULTS.md, "Demo wall time"). The 151,936-token LM head costs most of a step either way.
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 EMBED_STD = 0.25
