@@ -242,10 +242,12 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
         free = _available_host_memory_gib()
         device = f"cpu x{rank.world}"
     checkpointing = cfg.gradient_checkpointing
-    if checkpointing == "auto":
-        without = sum(estimate_memory(config, request, precision, four_bit, False).values())
-        checkpointing = free is None or without > AUTO_CHECKPOINTING_SHARE * free
-    estimate = estimate_memory(config, request, precision, four_bit, checkpointing)
+    auto = checkpointing == "auto"
+    estimate = estimate_memory(config, request, precision, four_bit, False if auto else checkpointing)
+    if auto:
+        checkpointing = free is None or sum(estimate.values()) > AUTO_CHECKPOINTING_SHARE * free
+        if checkpointing:  # it would not fit without recomputation: estimate with it
+            estimate = estimate_memory(config, request, precision, four_bit, True)
     need = sum(estimate.values())
     if free is not None and need > free:
         parts = ", ".join(f"{name} {gib:.2f}" for name, gib in estimate.items())
