@@ -140,7 +140,9 @@ def _profiled(train, request: TrainRequest) -> TrainResult:
     with profiler:
         result = train(request)
     events = profiler.key_averages()
-    kernels_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1000 / steps
+    # Kernels only: the profiler's own step annotations are CUDA-side events too, spanning whole steps.
+    kernels_ms = sum(e.self_device_time_total for e in events
+                     if e.device_type.name == "CUDA" and not e.key.startswith("ProfilerStep")) / 1000 / steps
     wall_ms = 1000 * (result.loss_history[end - 2].elapsed_s - result.loss_history[first - 2].elapsed_s) / steps
     (request.out_dir / "profile.txt").write_text(
         f"GPU kernels {kernels_ms:.1f} ms in {wall_ms:.1f} ms of wall time per step (steps {first}-{end - 1}, "
