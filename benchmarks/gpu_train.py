@@ -15,7 +15,8 @@ random weights (no download); its tokenizer comes from a folder (the tiny model'
 - data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
   the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
-- profiles (`*-profile`): steps 6-7 of the worker and of the raw unsloth loop under torch's profiler.
+- profiles (`*-profile`): steps 6-7 of the worker and of the raw unsloth loop under torch's profiler;
+  memory (`*-memory`): the blocks allocated at the peak of 6 steps, by the code that allocated them.
 - out of memory, for real: the long batch at micro-batch 16 in a worker whose CUDA allocator is capped at
   MEMORY_CAP_GIB (`torch.cuda.set_per_process_memory_fraction`): the worker must halve the micro-batch until
   it fits and train on with the same effective batch.
@@ -152,6 +153,64 @@ def _profiled(train, request: TrainRequest) -> TrainResult:
     return result
 
 
+def memory_of_training(request: TrainRequest) -> TrainResult:
+    """The train stage's worker under the CUDA allocator's history: what is allocated at the peak, by site."""
+    from tasks.training import train_model
+
+    return _memory_at_peak(train_model, request)
+
+
+def memory_of_raw_loop(request: TrainRequest) -> TrainResult:
+    return _memory_at_peak(raw_loop, request)
+
+
+def _memory_at_peak(train, request: TrainRequest) -> TrainResult:
+    """Replays the allocator's trace to its peak and groups the blocks alive there by the innermost Python frame
+    outside torch (or the autograd engine, which runs the backward pass without one)."""
+    from collections import Counter
+
+    import torch
+
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+    result = train(request)
+    events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+    def replay(until: int | None = None):
+        live, total, peak, peak_at = {}, 0, 0, 0
+        for i, event in enumerate(events[:until]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+                if total > peak:
+                    peak, peak_at = total, i
+            elif event["action"] == "free_completed" and event["addr"] in live:
+                total -= live.pop(event["addr"])["size"]
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay()
+    live, _, _ = replay(peak_at + 1)
+
+    def site(event) -> str:
+        outside = [f for f in event.get("frames", []) if "/torch/" not in f["filename"]]
+        if not outside:
+            return "(no Python frame: the autograd engine)"
+        frame = outside[0]
+        return f"{'/'.join(frame['filename'].split('/')[-2:])}:{frame['line']} {frame['name']}"
+
+    by_site, blocks = Counter(), Counter()
+    for event in live.values():
+        by_site[site(event)] += event["size"]
+        blocks[site(event)] += 1
+    lines = [f"peak {peak / 2**30:.3f} GiB in {len(live)} blocks, at event {peak_at} of {len(events)}; the "
+             f"allocation that reached it: {site(events[peak_at])}", "", "MiB     blocks  site"]
+    lines += [f"{size / 2**20:8.1f} {blocks[name]:6d}  {name}" for name, size in by_site.most_common(30)]
+    lines += ["", "largest blocks (MiB, site):"]
+    lines += [f"{e['size'] / 2**20:8.1f}  {site(e)}" for e in sorted(live.values(), key=lambda e: -e["size"])[:20]]
+    (request.out_dir / "memory.txt").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
@@ -246,6 +305,11 @@ def main() -> None:
                                                           entry="benchmarks.gpu_train:profiled_training")),
             ("raw-unsloth-profile", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=10,
                                                          entry="benchmarks.gpu_train:profiled_raw_loop")),
+            ("raw-unsloth-memory", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=6,
+                                                        entry="benchmarks.gpu_train:memory_of_raw_loop")),
+            ("long-unsloth-offload-memory", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=6,
+                                                                 gradient_checkpointing="offload",
+                                                                 entry="benchmarks.gpu_train:memory_of_training")),
             ("long-unsloth-checkpointing", long, long_cfg, dict(backend="unsloth", batch_size=4,
                                                                 gradient_checkpointing=True)),
             ("long-unsloth-offload", long, long_cfg, dict(backend="unsloth", batch_size=4,
@@ -271,9 +335,10 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             rows.append(run(name, split, model_cfg, work, **{"max_steps": args.steps, **train}))
-            profile = work / name / "profile.txt"
-            if profile.exists() and args.json:
-                shutil.copy(profile, args.json.with_name(f"{name}-profile.txt"))
+            for report in ("profile", "memory"):
+                path = work / name / f"{report}.txt"
+                if path.exists() and args.json:
+                    shutil.copy(path, args.json.with_name(f"{name}-{report}.txt"))
             if args.json:  # after every run: a run cut short by a time limit keeps what finished
                 args.json.write_text(json.dumps(rows, indent=2))
     print(f"{'run':<24}{'backend':<9}{'batch':>7}{'tokens/s':>10}{'peak GiB':>10}{'seconds':>9}  loss")

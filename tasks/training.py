@@ -437,7 +437,8 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
     when None), positions restart at 0 for every example, and a row's padding is a block of its own, so
     attention stays block-diagonal (transformers reads the blocks from the positions). Bounded rows keep the
     dense attention mask small: one row of 64 short examples wastes most of its attention on masked pairs.
-    Unpacked: one example a row, right-padded, with an attention mask.
+    Unpacked: one example a row, right-padded, with an attention mask only where a row is padded: rows of
+    equal length need none, and without one attention stays on the causal kernels (flash / varlen).
     """
     import torch
 
@@ -469,10 +470,11 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
     pad = [width - n for n in lengths]
     batch = {
         "input_ids": [row["input_ids"] + [pad_id] * n for row, n in zip(rows, pad)],
-        "attention_mask": [[1] * len(row["input_ids"]) + [0] * n for row, n in zip(rows, pad)],
         "targets": [t + [IGNORE] * n for t, n in zip(targets, pad)],
         "example": [[i] * (width - n) + [-1] * n for i, n in enumerate(pad)],
     }
+    if any(pad):
+        batch["attention_mask"] = [[1] * len(row["input_ids"]) + [0] * n for row, n in zip(rows, pad)]
     return {key: torch.tensor(value, device=device) for key, value in batch.items()}
 
 
@@ -490,7 +492,7 @@ def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"]
-    else:  # packed: positions restart at every example
+    if "position_ids" in batch:  # packed: positions restart at every example
         inputs["position_ids"] = batch["position_ids"]
         if backend == "unsloth":
             inputs["packed_seq_lengths"] = batch["packed_seq_lengths"]

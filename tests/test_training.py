@@ -93,6 +93,10 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     # Each example alone gives the same loss too: nothing leaks across an example's boundaries.
     alone = [per_example([row], True)[0] for row in rows]
     assert max(abs(a - b) for a, b in zip(packed, alone)) < 1e-5
+    # Unpadded rows go without an attention mask (the causal kernels), and lose nothing by it.
+    assert "attention_mask" not in training.make_batch(rows[:1] * 2, False, 0, torch.device("cpu"))
+    alone_unpacked = [per_example([row], False)[0] for row in rows]
+    assert max(abs(a - b) for a, b in zip(packed, alone_unpacked)) < 1e-5
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
