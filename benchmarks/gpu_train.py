@@ -73,8 +73,10 @@ def raw_loop(request: TrainRequest) -> TrainResult:
     if cfg.backend == "unsloth":
         from unsloth import FastLanguageModel
 
+        # unsloth loads a 4-bit base unless told otherwise: the same base as the worker's, for the same mode.
         model, _ = FastLanguageModel.from_pretrained(request.base.name_or_path, dtype=torch.bfloat16,
-                                                     max_seq_length=request.model_cfg.max_seq_length)
+                                                     max_seq_length=request.model_cfg.max_seq_length,
+                                                     load_in_4bit=cfg.mode == "qlora")
         model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
                                                  use_gradient_checkpointing="unsloth")
     else:
@@ -315,6 +317,9 @@ def main() -> None:
             ("long-unsloth-offload", long, long_cfg, dict(backend="unsloth", batch_size=4,
                                                           gradient_checkpointing="offload")),
             ("long-hf", long, long_cfg, dict(backend="hf", batch_size=4)),
+            ("raw-unsloth-qlora", long, long_cfg, dict(backend="unsloth", mode="qlora", batch_size=4,
+                                                       entry="benchmarks.gpu_train:raw_loop")),
+            ("long-unsloth-qlora", long, long_cfg, dict(backend="unsloth", mode="qlora", batch_size=4)),
             ("long-unsloth-oom", long, long_cfg, dict(backend="unsloth", batch_size=16, max_steps=6,
                                                       gradient_checkpointing=True,
                                                       entry="benchmarks.gpu_train:train_under_memory_cap")),
