@@ -118,18 +118,17 @@ def train_model(request: TrainRequest) -> TrainResult:
         examples = [rows[i] for i in order.step(step, per_step)]
         local = examples[rank.index :: rank.world]
         loss_tokens = sum(_n_loss_tokens(row) for row in examples)
-        loss_sum, tokens = stepper.run(local, loss_tokens, state, step)
+        # Loss and gradient norm stay on the device until a logging step reads them: no wait for the GPU between.
+        loss_sum = stepper.run(local, loss_tokens, state, step)
         grad_norm = _finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm, rank)
-        if rank.world > 1:
-            totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)  # NCCL: GPU tensors only
-            torch.distributed.all_reduce(totals)
-            loss_sum, tokens = totals.tolist()
-        tokens_since_log += tokens
+        tokens_since_log += sum(len(row["input_ids"]) for row in examples)
         if step % cfg.logging_steps == 0 or step == total_steps:
+            if rank.world > 1:
+                torch.distributed.all_reduce(loss_sum)
             now = time.perf_counter()
             point = LossPoint(
-                step=step, loss=loss_sum / max(loss_tokens, 1), learning_rate=scheduler.get_last_lr()[0],
-                grad_norm=grad_norm, tokens_per_s=round(tokens_since_log / (now - last_log), 1),
+                step=step, loss=float(loss_sum) / max(loss_tokens, 1), learning_rate=scheduler.get_last_lr()[0],
+                grad_norm=round(float(grad_norm), 6), tokens_per_s=round(tokens_since_log / (now - last_log), 1),
                 peak_gpu_memory_gib=(round(torch.cuda.max_memory_allocated(device) / GIB, 3)
                                      if device.type == "cuda" else None),
                 elapsed_s=round(now - started, 3),
@@ -463,7 +462,7 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
             batch["targets"].append(sum((targets[j] for j in b), []) + [IGNORE] * pad)
             batch["example"].append(sum(([j] * lengths[j] for j in b), []) + [-1] * pad)
             blocks += [lengths[j] for j in b] + ([pad] if pad else [])
-        tensors = {key: torch.tensor(value, device=device) for key, value in batch.items()}
+        tensors = _to_device(batch, device)
         tensors["packed_seq_lengths"] = torch.tensor(blocks, dtype=torch.int32)
         return tensors
     width = max(lengths)
@@ -475,7 +474,22 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
     }
     if any(pad):
         batch["attention_mask"] = [[1] * len(row["input_ids"]) + [0] * n for row, n in zip(rows, pad)]
-    return {key: torch.tensor(value, device=device) for key, value in batch.items()}
+    return _to_device(batch, device)
+
+
+def _to_device(batch: dict[str, list[list[int]]], device) -> dict:
+    """Tensors of the batch, plus where its loss is: the flat positions that carry a target, their targets and
+    examples (`loss_at`, `loss_targets`, `loss_example`). Found here on the host, so selecting them on the GPU
+    needs no synchronisation (a boolean mask would wait for the forward pass to finish)."""
+    import torch
+
+    targets = sum(batch["targets"], [])
+    loss_at = [i for i, target in enumerate(targets) if target != IGNORE]
+    examples = sum(batch["example"], [])
+    batch |= {"loss_at": loss_at, "loss_targets": [targets[i] for i in loss_at],
+              "loss_example": [examples[i] for i in loss_at]}
+    return {key: torch.tensor(value).pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+            else torch.tensor(value) for key, value in batch.items()}
 
 
 def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
@@ -497,10 +511,9 @@ def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
         if backend == "unsloth":
             inputs["packed_seq_lengths"] = batch["packed_seq_lengths"]
     hidden = causal_lm.base_model(**inputs).last_hidden_state
-    carries_loss = batch["targets"] != IGNORE
-    total, losses = head_cross_entropy(hidden[carries_loss], causal_lm.get_output_embeddings(),
-                                       batch["targets"][carries_loss], head_chunk)
-    return total, losses, batch["example"][carries_loss]
+    total, losses = head_cross_entropy(hidden.flatten(0, 1).index_select(0, batch["loss_at"]),
+                                       causal_lm.get_output_embeddings(), batch["loss_targets"], head_chunk)
+    return total, losses, batch["loss_example"]
 
 
 @dataclass
@@ -519,20 +532,17 @@ class Stepper:
     max_oom_retries: int
     rank: Rank
 
-    def run(self, rows: list[dict], loss_tokens: int, state: TrainingState, step: int) -> tuple[float, int]:
-        """Accumulate the gradients of `rows`; returns (summed token loss, tokens). On CUDA out-of-memory,
-        halve the micro-batch (the same examples, so the same effective batch) and redo the step."""
+    def run(self, rows: list[dict], loss_tokens: int, state: TrainingState, step: int):
+        """Accumulate the gradients of `rows`; returns their summed token loss (a detached tensor). On CUDA
+        out-of-memory, halve the micro-batch (the same examples, so the same effective batch) and redo the step."""
         import torch
 
         if not self.packing:  # similar lengths share a micro-batch: less padding, the same step
             rows = sorted(rows, key=lambda row: len(row["input_ids"]))
         while True:
             try:
-                loss_sum = tokens = 0
-                for start in range(0, len(rows), state.micro_batch_size):
-                    micro_loss, micro_tokens = self._micro(rows[start : start + state.micro_batch_size], loss_tokens)
-                    loss_sum, tokens = loss_sum + micro_loss, tokens + micro_tokens
-                return loss_sum, tokens
+                return sum(self._micro(rows[start : start + state.micro_batch_size], loss_tokens)
+                           for start in range(0, len(rows), state.micro_batch_size))
             except torch.cuda.OutOfMemoryError:
                 self.model.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -550,7 +560,7 @@ class Stepper:
                 emit_event("oom_retry", step=step, retries=state.oom_retries,
                            micro_batch_size=state.micro_batch_size, message=message)
 
-    def _micro(self, rows: list[dict], loss_tokens: int) -> tuple[float, int]:
+    def _micro(self, rows: list[dict], loss_tokens: int):
         import torch
 
         batch = make_batch(rows, self.packing, self.pad_id, self.device, self.row_tokens)
@@ -558,11 +568,12 @@ class Stepper:
             loss_sum, _, _ = token_losses(self.model, batch, self.backend, self.head_chunk)
         # Scaled to the whole step's mean token loss (all micro-batches, all ranks: gradients are summed).
         self.scaler.scale(loss_sum / loss_tokens).backward()
-        return float(loss_sum.detach()), sum(len(row["input_ids"]) for row in rows)
+        return loss_sum.detach()
 
 
-def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm, rank) -> float | None:
-    """Sum gradients across ranks, clip, step the optimizer and the schedule; returns the gradient norm."""
+def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm, rank):
+    """Sum gradients across ranks, clip, step the optimizer and the schedule; returns the gradient norm (a
+    tensor)."""
     import torch
 
     if rank.world > 1:
@@ -579,7 +590,7 @@ def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm, rank) -
     scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return round(float(norm), 6)
+    return norm
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
