@@ -478,18 +478,20 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
 
 
 def _to_device(batch: dict[str, list[list[int]]], device) -> dict:
-    """Tensors of the batch, plus where its loss is: the flat positions that carry a target, their targets and
-    examples (`loss_at`, `loss_targets`, `loss_example`). Found here on the host, so selecting them on the GPU
-    needs no synchronisation (a boolean mask would wait for the forward pass to finish)."""
+    """The model inputs as tensors, and where the loss is, in place of the per-token `targets` and `example`
+    lists: the flat positions that carry a target, their targets and their examples (`loss_at`, `loss_targets`,
+    `loss_example`). Found here on the host, so selecting them on the GPU needs no synchronisation (a boolean
+    mask would wait for the forward pass to finish)."""
     import torch
 
-    targets = sum(batch["targets"], [])
+    targets, examples = sum(batch.pop("targets"), []), sum(batch.pop("example"), [])
     loss_at = [i for i, target in enumerate(targets) if target != IGNORE]
-    examples = sum(batch["example"], [])
     batch |= {"loss_at": loss_at, "loss_targets": [targets[i] for i in loss_at],
               "loss_example": [examples[i] for i in loss_at]}
-    return {key: torch.tensor(value).pin_memory().to(device, non_blocking=True) if device.type == "cuda"
-            else torch.tensor(value) for key, value in batch.items()}
+    tensors = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+    if device.type != "cuda":
+        return tensors
+    return {key: tensor.pin_memory().to(device, non_blocking=True) for key, tensor in tensors.items()}
 
 
 def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
