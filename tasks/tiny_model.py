@@ -23,6 +23,8 @@ CHATML_TEMPLATE = (
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 EMBED_STD = 0.25
+VOCAB = "gpt-2"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 # The folder name the shared cache keeps it under: another shape is another folder, never a stale model.
 CACHE_NAME = f"tiny-qwen3-{SHAPE['num_hidden_layers']}x{SHAPE['hidden_size']}"
 
@@ -32,7 +34,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
     A folder built by another version (another shape, seed or init) is built again."""
     marker = out_dir / ".complete"
-    spec = json.dumps({"seed": seed, "embed_std": EMBED_STD, **SHAPE}) + "\n"
+    spec = json.dumps({"seed": seed, "embed_std": EMBED_STD, "vocab": VOCAB, **SHAPE}) + "\n"
     if marker.exists() and marker.read_text() == spec:
         return out_dir
     marker.unlink(missing_ok=True)
@@ -41,11 +43,12 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
     from tasks.llama_cpp_tools import llama_cpp_source
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        llama_cpp_source() / "models", gguf_file="ggml-vocab-qwen2.gguf"
-    )
+    tokenizer = AutoTokenizer.from_pretrained(llama_cpp_source() / "models", gguf_file=f"ggml-vocab-{VOCAB}.gguf")
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in CHATML_TOKENS
+                                                                if t not in tokenizer.get_vocab()]})
     tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.eos_token = "<|im_end|>"  # ends an assistant turn, as in Qwen instruct models
+    tokenizer.bos_token = None  # ChatML starts with <|im_start|>, as in Qwen instruct models
+    tokenizer.eos_token = "<|im_end|>"  # ends an assistant turn
     tokenizer.pad_token = "<|endoftext|>"
 
     torch.manual_seed(seed)
