@@ -1,8 +1,11 @@
 """A tiny, real Qwen3 model the project builds itself, for the demo and the tests (no hub download).
 
-Architecture and tokenizer are the real ones: Qwen3 from transformers and the Qwen2 vocabulary that ships
-inside llama.cpp (llama.cpp's GGUF converter only accepts tokenizers it recognises). Only the size is tiny
-and the weights are random, seeded, so every build produces the same bytes.
+Architecture and tokenizer are real ones: Qwen3 from transformers, and GPT-2's vocabulary from the reference
+vocabularies that ship inside llama.cpp, plus Qwen's ChatML tokens. llama.cpp's GGUF converter accepts only a
+tokenizer whose pre-tokenizer it recognises (it hashes how the tokenizer splits a fixed text), and GPT-2's,
+loaded from llama.cpp's own file, hashes to its "gpt-2" entry: the GGUFs tokenize chat text exactly as
+transformers does. Only the size is tiny and the weights are random, seeded, so every build produces the
+same bytes.
 """
 
 from __future__ import annotations
@@ -17,22 +20,27 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-# 4 layers of width 128: within the demo's 200 CPU steps it reads the category off unseen product pages, and
-# names from step 300-400 on, where 2 layers of width 64 were still at chance on the category at step 200
-# (benchmarks/RESULTS.md, "Demo wall time"). The 151,936-token LM head costs most of a step either way.
+# 4 layers of width 128: it reads the category off unseen product pages by step 200 and copies names and
+# manufacturers from step 350-400 on, where 2 layers of width 64 were still at chance on the category at step
+# 200; width 192 took longer steps and more of them (benchmarks/RESULTS.md, "Demo wall time").
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 EMBED_STD = 0.25
-VOCAB = "gpt-2"
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-# The folder name the shared cache keeps it under: another shape is another folder, never a stale model.
-CACHE_NAME = f"tiny-qwen3-{SHAPE['num_hidden_layers']}x{SHAPE['hidden_size']}"
+# The LM head (tied to the embeddings) is most of a CPU training step. GPT-2's 50,257 tokens cost a third of
+# Qwen2's 151,936 (0.27 s a step against 0.73), so the demo affords 500 steps where it had 200. StarCoder's
+# 49,152 (digits one by one) learnt names later; deepseek-coder's 32,256, as transformers loads it, hashes to
+# no known pre-tokenizer.
+VOCAB = "gpt-2"  # llama.cpp's models/ggml-vocab-<VOCAB>.gguf
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # added where the vocabulary lacks them
+# The folder name the shared cache keeps it under: another vocabulary or shape is another folder, never a
+# stale model (the build marker also holds both).
+CACHE_NAME = f"tiny-qwen3-{VOCAB}-{SHAPE['num_hidden_layers']}x{SHAPE['hidden_size']}"
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     """Write a tiny Qwen3 (weights, config, tokenizer, chat template) to `out_dir`, once.
 
-    A folder built by another version (another shape, seed or init) is built again."""
+    A folder built by another version (another vocabulary, shape, seed or init) is built again."""
     marker = out_dir / ".complete"
     spec = json.dumps({"seed": seed, "embed_std": EMBED_STD, "vocab": VOCAB, **SHAPE}) + "\n"
     if marker.exists() and marker.read_text() == spec:

@@ -71,3 +71,30 @@ def test_tokenizer_speaks_chatml(tiny_model: Path) -> None:
     # The markers are single special tokens, not spelled out in pieces.
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == 2
+
+
+def test_llama_cpp_tokenizes_chat_text_exactly_as_transformers(tiny_model: Path, tiny_gguf: Path,
+                                                                demo_data: tuple[Path, Path]) -> None:
+    """The GGUF (llama.cpp's converter, which must recognise the vocabulary's pre-tokenizer) gives the token ids
+    training used, on whole chat-formatted demo conversations: markup, prices, names, JSON, whitespace."""
+    from transformers import AutoTokenizer
+
+    from tasks.llama_cpp_tools import load_gguf
+    from tasks.tiny_model import VOCAB
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(line) for line in demo_data[1].read_text().splitlines()[:16]]
+    texts = [tokenizer.apply_chat_template([
+        {"role": "system", "content": "Extract the product as JSON."}, {"role": "user", "content": row["input"]},
+        {"role": "assistant", "content": json.dumps(row["output"], separators=(",", ":"))}], tokenize=False)
+        for row in rows]
+    texts.append("<|im_start|>user\nWhat can you do?  Ünïcode 🦙\t3.14\n\n<|im_end|>\n<|im_start|>assistant\n")
+    llm = load_gguf(tiny_gguf, n_ctx=512, vocab_only=True)
+    try:
+        assert llm.metadata["tokenizer.ggml.pre"] == VOCAB
+        assert llm.metadata["tokenizer.ggml.add_bos_token"] == "false"
+        for text in texts:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                tokenizer(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()
