@@ -2,7 +2,7 @@
 
 Writes a JSONL file of product-extraction rows (the demo's generator; 1% of lines are broken JSON, so the
 quarantine path is exercised), then runs the three data stages as a run does, in this process: load (parse,
-normalise, split), check (the tiny model's real Qwen2 tokenizer and chat template for token lengths, the
+normalise, split), check (the tiny model's tokenizer, GPT-2's vocabulary, and chat template for token lengths, the
 Great Expectations suite, Data Docs; it keeps the clean examples' token ids) and format (token ids and
 labels, from the check's token ids). Imports are counted in the stage that first needs them, as a user waits
 for them. Baselines, in the same run: the format stage tokenizing every example again (as it did before the

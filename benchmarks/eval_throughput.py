@@ -1,8 +1,9 @@
 """Evaluation speed on a CUDA GPU: the evaluate stage's generation against plain one-at-a-time `generate`.
 
-The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer comes from a folder (the
-tiny model's: the same Qwen2 vocabulary and ChatML template). 128 chat prompts of 100-200 tokens, 64 new
-tokens each, greedy; random weights never stop early, so every answer is 64 tokens long.
+The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer comes from a folder
+(Qwen's 151,936-token vocabulary and a ChatML template, e.g. `.gpu/tok`: the tiny model's tokenizer from
+before it moved to GPT-2's vocabulary; the vocabulary sets the LM head's size). 128 chat prompts of 100-200
+tokens, 64 new tokens each, greedy; random weights never stop early, so every answer is 64 tokens long.
 
 1. The stage: `tasks.evaluate.generate_outputs` run as the evaluate stage runs it, in a worker process
    (process start, imports, model load, CUDA graph capture, answers, eval loss), timed from outside.
@@ -11,7 +12,7 @@ tokens each, greedy; random weights never stop early, so every answer is 64 toke
 3. Baselines in the same run: `model.generate` one prompt at a time (on the first `--baseline-prompts`
    prompts: at about 30 tokens/s all 128 would take minutes), and batched with its default dynamic cache.
 
-    python benchmarks/eval_throughput.py --tokenizer runs/demo-assets/tiny-qwen3 [--out results.json] [--profile]
+    python benchmarks/eval_throughput.py --tokenizer .gpu/tok [--out results.json] [--profile]
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 converter and quantizer called directly, in the same run, alternating, on the CPU.
 
 The model has Qwen3-0.6B's shape (28 layers, width 1024, 16/8 heads, vocab 151,936, tied embeddings, bf16
-on disk) with seeded random weights and the tiny model's real Qwen2 tokenizer; it is built once under --work.
+on disk) with seeded random weights and the tiny model's tokenizer (GPT-2's vocabulary; the converter pads the
+embedding rows beyond it with placeholder tokens); it is built once under --work.
 - baseline: `convert_hf_to_gguf.py --outtype f16`, then `llama_model_quantize(..., LLAMA_FTYPE_MOSTLY_Q4_K_M)`;
 - tunepipe: `tasks.export.write_ggufs(model, ["q4_k_m"], out)`: the same two steps plus what the export stage
   adds (the float file removed, the GGUF's sha256 for the champion contract).

@@ -2,7 +2,8 @@
 
 Every run is what the train stage runs: `run_worker("tasks.training:train_model", ...)`, one worker process
 per configuration (so unsloth's patches never reach the next run). The model has Qwen3-0.6B's shape with
-random weights (no download); its tokenizer comes from a folder (the tiny model's: the Qwen2 vocabulary).
+random weights (no download); its tokenizer comes from a folder with Qwen's 151,936-token vocabulary (e.g.
+`.gpu/tok`: the tiny model's tokenizer from before it moved to GPT-2's vocabulary; it sets the LM head's size).
 
 - long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
   bf16: the shape of shared/gpu/README.md's raw loops. Baselines in the same invocation (`raw_loop`): each
@@ -24,7 +25,7 @@ random weights (no download); its tokenizer comes from a folder (the tiny model'
 tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
 torch.cuda.max_memory_allocated in the worker; seconds is the whole training loop including warm-up.
 
-    python benchmarks/gpu_train.py --tokenizer runs/demo-assets/tiny-qwen3 [--steps 30] [--json results.json]
+    python benchmarks/gpu_train.py --tokenizer .gpu/tok [--steps 30] [--json results.json]
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def test_broken_corpus_every_row_named_and_accounted_for(tmp_path: Path, tiny_mo
         ("check", f"{ROWS}/duplicates.jsonl:4: duplicate up to case and whitespace of {ROWS}/duplicates.jsonl:2"),
         ("check", f"{ROWS}/json_targets.jsonl:2: answer is not valid JSON: 'Product 61 costs $61'"),
         ("check", f"{ROWS}/json_targets.jsonl:3: answer is not a JSON object: '[\"Product 62\"]'"),
-        ("check", f"{ROWS}/overlong.jsonl:2: 384 tokens > max_seq_length 128"),
+        ("check", f"{ROWS}/overlong.jsonl:2: 386 tokens > max_seq_length 128"),
         ("check", f"{ROWS}/roles.jsonl:2: no assistant turn; roles system,user: {ROLES_EXPECTED}"),
         ("check", f"{ROWS}/roles.jsonl:3: roles user,user,assistant: {ROLES_EXPECTED}"),
         ("check", f"{ROWS}/roles.jsonl:4: empty turn: messages[1] (assistant) has no text"),
@@ -148,7 +148,7 @@ def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, 
 
     assert main(["check", str(path)]) == 1  # 1 of 5 rows set aside: above 5%
     out = capsys.readouterr().out
-    assert f"set aside: {ROWS}/overlong.jsonl:2: 384 tokens > max_seq_length 128" in out
+    assert f"set aside: {ROWS}/overlong.jsonl:2: 386 tokens > max_seq_length 128" in out
     assert "a run would fail: data check failed: 1 of 5 rows (20.0%) were set aside" in out
 
     assert main(["check", str(path), "--set", "data.max_invalid_fraction=0.25"]) == 0

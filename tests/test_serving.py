@@ -38,7 +38,8 @@ def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The tiny Qwen3 rewired to answer `{}` and stop: a model that passes the smoke test, without training.
 
     Its layers add nothing (zero output projections), so the next token depends on the last one only, and the
-    untied head maps the assistant header's final newline to `{}` and `{}` to <|im_end|>.
+    untied head maps the assistant header's final newline to the first token of `{}`, each of its tokens to
+    the next, and the last to <|im_end|>.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,14 +47,17 @@ def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("obedient")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
-    newline, braces, end = (tokenizer.convert_tokens_to_ids(t) for t in ("Ċ", "{}", "<|im_end|>"))
+    chain = [tokenizer.convert_tokens_to_ids("Ċ"), *tokenizer("{}", add_special_tokens=False)["input_ids"],
+             tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert len(set(chain)) == len(chain)  # a token followed by two others could not be told apart
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         embeddings = model.model.embed_tokens.weight
         head = torch.zeros_like(embeddings)
-        head[braces], head[end] = embeddings[newline] * 10, embeddings[braces] * 10
+        for previous, following in zip(chain, chain[1:]):
+            head[following] = embeddings[previous] * 10
         model.lm_head.weight = torch.nn.Parameter(head)
     model.save_pretrained(out / "hf")
     tokenizer.save_pretrained(out / "hf")

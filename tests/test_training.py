@@ -187,7 +187,9 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
     monkeypatch.setattr(training.Stepper, "_micro", micro_that_fits_two)
     result = training.train_model(request_for(formatted, tmp_path / "stage"))
     assert (result.oom_retries, result.micro_batch_size, result.gradient_accumulation_steps) == (1, 2, 2)
-    assert_same_training(result, uninterrupted, atol=1e-5)
+    # Two micro-batches of 2 sum in another order than one of 4: fp32 rounding, which Adam's normalised update
+    # magnifies where a gradient is near zero (1.2e-5 seen on one weight); a wrongly scaled step is off by ~lr.
+    assert_same_training(result, uninterrupted, atol=5e-5)
 
 
 @pytest.mark.parametrize(("train", "message"), [
