@@ -36,7 +36,7 @@ os.environ.update(QUIET_ENV)  # as `tunepipe run` and `tunepipe check` set it (t
 from tasks.base_model import load_tokenizer, resolve_base_model  # noqa: E402
 from tasks.check_data import check_dataset  # noqa: E402
 from tasks.config import DataConfig, ModelConfig  # noqa: E402
-from tasks.demo_data import _product_catalogue, _row  # noqa: E402
+from tasks.demo_data import MANUFACTURERS, _names, _row  # noqa: E402
 from tasks.examples import read_examples  # noqa: E402
 from tasks.format_data import _pieces, format_dataset, tokenize_conversations  # noqa: E402
 from tasks.llama_cpp_tools import cache_root  # noqa: E402
@@ -48,7 +48,7 @@ BROKEN_EVERY = 100  # one line in a hundred is truncated JSON
 
 def write_rows(path: Path, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
-    catalogue = _product_catalogue()
+    catalogue = [(name, category, maker) for name, category in _names() for maker in MANUFACTURERS]
     with path.open("w", encoding="utf-8", newline="\n") as out:
         for i in range(n):
             line = json.dumps(_row(rng, *catalogue[i % len(catalogue)]), ensure_ascii=False)
