@@ -227,6 +227,27 @@ def with_liger(request: TrainRequest) -> TrainResult:
     return train_model(request)
 
 
+def with_liger_head(request: TrainRequest) -> TrainResult:
+    """A lever: the worker with Liger's fused linear cross-entropy (Triton) in place of tunepipe's chunked head
+    (`tasks/head_loss.py`). Liger returns the summed loss only: the per-token losses, which the training step
+    does not read, come back as NaN here."""
+    import torch
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    from tasks import head_loss
+
+    liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def head_cross_entropy(hidden, head, targets, chunk):
+        total = liger(head.weight, hidden.to(head.weight.dtype), targets, head.bias)
+        return total, torch.full(targets.shape, float("nan"), device=targets.device)
+
+    head_loss.head_cross_entropy = head_cross_entropy
+    from tasks.training import train_model
+
+    return train_model(request)
+
+
 def with_compiled_layers(request: TrainRequest) -> TrainResult:
     """A lever: the worker with each decoder layer compiled by `torch.compile` (regional compilation: one
     graph, compiled once, reused by all 28 layers), fusing the elementwise kernels between the matmuls."""
@@ -494,6 +515,8 @@ def main() -> None:
                                                       entry=lever("compiled_layers"), **long4)),
             ("long-hf-liger-compiled", long, long_cfg, dict(backend="hf", gradient_checkpointing=False,
                                                             entry=lever("liger_and_compiled_layers"), **long4)),
+            ("long-unsloth-liger-head", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=False,
+                                                             entry=lever("liger_head"), **long4)),
             ("long-unsloth-compiled", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=False,
                                                            entry=lever("compiled_layers"), **long4)),
             # Profiles and memory at the peak.
