@@ -1,18 +1,22 @@
-"""Training speed on a CUDA GPU through tunepipe's own training worker, against the guides' recipe.
+"""Training speed on a CUDA GPU through tunepipe's own training worker, against baselines of the same shape.
 
-Every run is what the train stage runs: `run_worker("tasks.training:train_model", ...)`, one worker process
-per configuration (so unsloth's patches never reach the next run). The model has Qwen3-0.6B's shape with
-random weights (no download); its tokenizer comes from a folder with Qwen's 151,936-token vocabulary (e.g.
-`.gpu/tok`: the tiny model's tokenizer from before it moved to GPT-2's vocabulary; it sets the LM head's size).
+Every tunepipe run is what the train stage runs: `run_worker("tasks.training:train_model", ...)`, one worker
+process per configuration (so unsloth's patches never reach the next run); the baselines and levers run in
+worker processes too. The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer
+comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token vocabulary, which sets
+the LM head's size).
 
 - long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
-  bf16: the shape of shared/gpu/README.md's raw loops. Baselines in the same invocation (`raw_loop`): each
-  library's own model, loss and checkpointing (unsloth's offloaded, transformers' plain), AdamW; then the
-  worker with `gradient_checkpointing` auto (off when there is room), on, and offloaded.
+  bf16: the shape of shared/gpu/README.md's raw loops. Like for like: `raw_loop` (each library's own model and
+  loss, AdamW) and the worker run in groups of the same recomputation: none (`*-none`; the worker's `auto`
+  chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and unsloth's offloaded one
+  (`*-offload`). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak.
+- levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
+  the head, each decoder layer compiled by `torch.compile`; the worker otherwise unchanged.
 - short: the demo's product-extraction data formatted by tunepipe's format stage (~115 tokens an example, loss
-  on the answers): the guides' recipe (batch 2, accumulation 4, no packing) as the baseline in this run, then
-  micro-batches of 64 examples (hf: packed rows; unsloth: length-sorted padding); tokens/s counts non-padding
-  tokens.
+  on the answers): the guides' recipe as the guides run it (`sft_recipe`: TRL's SFTTrainer on unsloth, batch 2,
+  accumulation 4, lr 2e-4, LoRA r=16), tunepipe's loop at that batch, then micro-batches of 64 examples (hf:
+  packed rows; unsloth: length-sorted padding); tokens/s counts non-padding tokens.
 - data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
   the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
@@ -25,7 +29,7 @@ random weights (no download); its tokenizer comes from a folder with Qwen's 151,
 tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
 torch.cuda.max_memory_allocated in the worker; seconds is the whole training loop including warm-up.
 
-    python benchmarks/gpu_train.py --tokenizer .gpu/tok [--steps 30] [--json results.json]
+    python benchmarks/gpu_train.py --tokenizer ggml-vocab-qwen2.gguf [--steps 30] [--json results.json] [--only ...]
 """
 
 from __future__ import annotations
@@ -490,51 +494,47 @@ def main() -> None:
         short = demo_split(short_cfg, work)
         raw, sft = "benchmarks.gpu_train:raw_loop", "benchmarks.gpu_train:sft_recipe"
         lever = "benchmarks.gpu_train:with_{}".format
-        long4 = dict(batch_size=4)
+        u4, h4 = dict(backend="unsloth", batch_size=4), dict(backend="hf", batch_size=4)  # the long batch
         plan = [
             # Like for like, long rows: each group shares its recomputation, precision and batch.
             # No recomputation (what `auto` chooses with room):
-            ("raw-unsloth-none", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=False, entry=raw, **long4)),
-            ("raw-hf-none", long, long_cfg, dict(backend="hf", gradient_checkpointing=False, entry=raw, **long4)),
-            ("long-unsloth", long, long_cfg, dict(backend="unsloth", **long4)),  # the default: auto
-            ("long-unsloth-none", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=False, **long4)),
-            ("long-hf-none", long, long_cfg, dict(backend="hf", gradient_checkpointing=False, **long4)),
+            ("raw-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False, entry=raw)),
+            ("raw-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=raw)),
+            ("long-unsloth", long, long_cfg, dict(**u4)),  # the default: auto
+            ("long-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False)),
+            ("long-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False)),
             # Plain recomputation (on the GPU):
-            ("raw-unsloth-plain", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=True, entry=raw, **long4)),
-            ("raw-hf-plain", long, long_cfg, dict(backend="hf", gradient_checkpointing=True, entry=raw, **long4)),
-            ("long-unsloth-checkpointing", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=True, **long4)),
-            ("long-hf-checkpointing", long, long_cfg, dict(backend="hf", gradient_checkpointing=True, **long4)),
+            ("raw-unsloth-plain", long, long_cfg, dict(**u4, gradient_checkpointing=True, entry=raw)),
+            ("raw-hf-plain", long, long_cfg, dict(**h4, gradient_checkpointing=True, entry=raw)),
+            ("long-unsloth-checkpointing", long, long_cfg, dict(**u4, gradient_checkpointing=True)),
+            ("long-hf-checkpointing", long, long_cfg, dict(**h4, gradient_checkpointing=True)),
             # unsloth's offloaded recomputation (its default):
-            ("raw-unsloth-offload", long, long_cfg, dict(backend="unsloth", gradient_checkpointing="offload",
-                                                         entry=raw, **long4)),
-            ("long-unsloth-offload", long, long_cfg, dict(backend="unsloth", gradient_checkpointing="offload", **long4)),
+            ("raw-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload",
+                                                         entry=raw)),
+            ("long-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload")),
             # Levers, no recomputation: fused kernels (Liger) and compiled layers.
-            ("long-hf-liger", long, long_cfg, dict(backend="hf", gradient_checkpointing=False, entry=lever("liger"),
-                                                   **long4)),
-            ("long-hf-compiled", long, long_cfg, dict(backend="hf", gradient_checkpointing=False,
-                                                      entry=lever("compiled_layers"), **long4)),
-            ("long-hf-liger-compiled", long, long_cfg, dict(backend="hf", gradient_checkpointing=False,
-                                                            entry=lever("liger_and_compiled_layers"), **long4)),
-            ("long-unsloth-liger-head", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=False,
-                                                             entry=lever("liger_head"), **long4)),
-            ("long-unsloth-compiled", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=False,
-                                                           entry=lever("compiled_layers"), **long4)),
+            ("long-hf-liger", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=lever("liger"))),
+            ("long-hf-compiled", long, long_cfg, dict(**h4, gradient_checkpointing=False,
+                                                      entry=lever("compiled_layers"))),
+            ("long-hf-liger-compiled", long, long_cfg, dict(**h4, gradient_checkpointing=False,
+                                                            entry=lever("liger_and_compiled_layers"))),
+            ("long-unsloth-liger-head", long, long_cfg, dict(**u4, gradient_checkpointing=False,
+                                                             entry=lever("liger_head"))),
+            ("long-unsloth-compiled", long, long_cfg, dict(**u4, gradient_checkpointing=False,
+                                                           entry=lever("compiled_layers"))),
             # Profiles and memory at the peak.
-            ("long-unsloth-profile", long, long_cfg, dict(backend="unsloth", max_steps=10,
-                                                          entry="benchmarks.gpu_train:profiled_training", **long4)),
-            ("raw-unsloth-profile", long, long_cfg, dict(backend="unsloth", gradient_checkpointing=False, max_steps=10,
-                                                         entry="benchmarks.gpu_train:profiled_raw_loop", **long4)),
-            ("raw-unsloth-memory", long, long_cfg, dict(backend="unsloth", gradient_checkpointing="offload", max_steps=6,
-                                                        entry="benchmarks.gpu_train:memory_of_raw_loop", **long4)),
-            ("long-unsloth-offload-memory", long, long_cfg, dict(backend="unsloth", max_steps=6,
-                                                                 gradient_checkpointing="offload",
-                                                                 entry="benchmarks.gpu_train:memory_of_training",
-                                                                 **long4)),
+            ("long-unsloth-profile", long, long_cfg, dict(**u4, max_steps=10,
+                                                          entry="benchmarks.gpu_train:profiled_training")),
+            ("raw-unsloth-profile", long, long_cfg, dict(**u4, gradient_checkpointing=False, max_steps=10,
+                                                         entry="benchmarks.gpu_train:profiled_raw_loop")),
+            ("raw-unsloth-memory", long, long_cfg, dict(**u4, gradient_checkpointing="offload", max_steps=6,
+                                                        entry="benchmarks.gpu_train:memory_of_raw_loop")),
+            ("long-unsloth-offload-memory", long, long_cfg, dict(**u4, max_steps=6, gradient_checkpointing="offload",
+                                                                 entry="benchmarks.gpu_train:memory_of_training")),
             # QLoRA (4-bit base), no recomputation on either side.
-            ("raw-unsloth-qlora", long, long_cfg, dict(backend="unsloth", mode="qlora", gradient_checkpointing=False,
-                                                       entry=raw, **long4)),
-            ("long-unsloth-qlora", long, long_cfg, dict(backend="unsloth", mode="qlora", gradient_checkpointing=False,
-                                                        **long4)),
+            ("raw-unsloth-qlora", long, long_cfg, dict(**u4, mode="qlora", gradient_checkpointing=False,
+                                                       entry=raw)),
+            ("long-unsloth-qlora", long, long_cfg, dict(**u4, mode="qlora", gradient_checkpointing=False)),
             ("long-unsloth-oom", long, long_cfg, dict(backend="unsloth", batch_size=16, max_steps=6,
                                                       gradient_checkpointing=True,
                                                       entry="benchmarks.gpu_train:train_under_memory_cap")),
