@@ -123,7 +123,8 @@ def raw_loop(request: TrainRequest) -> TrainResult:
                                  peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                                  elapsed_s=round(now - started, 3)))
     backend = "unsloth" if cfg.backend == "unsloth" else "hf"
-    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=backend, loss_history=history, runtime_s=round(time.perf_counter() - started, 3),
+    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=backend, loss_history=history,
+                       runtime_s=round(time.perf_counter() - started, 3),
                        trainable_params=sum(p.numel() for p in trainable),
                        total_params=sum(p.numel() for p in model.parameters()), steps=cfg.max_steps,
                        device=f"cuda ({torch.cuda.get_device_name()}) x1", precision="bf16",
@@ -132,38 +133,27 @@ def raw_loop(request: TrainRequest) -> TrainResult:
 
 
 def sft_recipe(request: TrainRequest) -> TrainResult:
-    """The guides' recipe as the guides run it: TRL's SFTTrainer on unsloth's model (transformers + peft where
-    `train.backend` is hf, e.g. to try this on the CPU), LoRA on all seven projections with unsloth's
-    offloaded recomputation, AdamW 8-bit (the guides' `optim`; plain AdamW on the CPU), linear schedule,
-    no packing, loss on the answers only. The rows come pre-tokenized from tunepipe's format stage, with the
-    answers as the completion mask: the same tokens and loss positions as the worker's. tokens/s counts the
-    non-padding tokens of each optimizer step (the trainer's own count) over that step's time, synchronised."""
+    """The guides' recipe as the guides run it: TRL's SFTTrainer on unsloth's model, LoRA on all seven
+    projections with unsloth's offloaded recomputation, AdamW 8-bit (the guides' `optim`), linear schedule,
+    no packing, loss on the answers only; a 16-bit base, as the worker's (the guides load 4-bit). The rows come
+    pre-tokenized from tunepipe's format stage, with the answers as the completion mask: the same tokens and
+    loss positions as the worker's. tokens/s counts the non-padding tokens of each optimizer step (the
+    trainer's own count) over that step's time, synchronised."""
     import time
 
     import torch
+    from unsloth import FastLanguageModel  # before transformers and TRL: it patches them on import
+
     from datasets import Dataset
 
     cfg, lora = request.cfg, request.lora
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    cuda = torch.cuda.is_available()
-    if cfg.backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            request.base.name_or_path, dtype=torch.bfloat16, max_seq_length=request.model_cfg.max_seq_length,
-            load_in_4bit=cfg.mode == "qlora")
-        model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=0,
-                                                 target_modules=targets, bias="none",
-                                                 use_gradient_checkpointing="unsloth", random_state=cfg.seed)
-    else:
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(request.base.name_or_path,
-                                                     dtype=torch.bfloat16 if cuda else torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(request.base.name_or_path)
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        request.base.name_or_path, dtype=torch.bfloat16, max_seq_length=request.model_cfg.max_seq_length,
+        load_in_4bit=cfg.mode == "qlora")
+    model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=0,
+                                             target_modules=targets, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=cfg.seed)
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -176,13 +166,11 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
+            torch.cuda.synchronize()
             self.started, self.seen = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
+            torch.cuda.synchronize()
             now = time.perf_counter()
             self.tokens_per_s = (state.num_input_tokens_seen - self.seen) / (now - self.started)
             self.now = now
@@ -192,7 +180,7 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
                 history.append(LossPoint(
                     step=state.global_step, loss=logs["loss"], learning_rate=logs.get("learning_rate", 0.0),
                     grad_norm=logs.get("grad_norm"), tokens_per_s=round(self.tokens_per_s, 1),
-                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                     elapsed_s=round(self.now - started, 3)))
 
     trainer = SFTTrainer(
@@ -201,20 +189,19 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
             output_dir=str(request.out_dir / "sft"), per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
             max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=1,
-            optim="adamw_8bit" if cuda else "adamw_torch", weight_decay=0.01, lr_scheduler_type="linear",
-            seed=cfg.seed, bf16=cuda, packing=False, completion_only_loss=True, report_to="none",
+            optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear",
+            seed=cfg.seed, bf16=True, packing=False, completion_only_loss=True, report_to="none",
             save_strategy="no", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0))
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=cfg.backend if cfg.backend != "auto"
-                       else "hf", loss_history=history, runtime_s=round(time.perf_counter() - started, 3),
+    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend="unsloth", loss_history=history,
+                       runtime_s=round(time.perf_counter() - started, 3),
                        trainable_params=sum(p.numel() for p in trainable),
                        total_params=sum(p.numel() for p in model.parameters()), steps=cfg.max_steps,
-                       device=f"cuda ({torch.cuda.get_device_name()}) x1" if cuda else "cpu x1",
-                       precision="bf16" if cuda else "fp32", micro_batch_size=cfg.batch_size,
+                       device=f"cuda ({torch.cuda.get_device_name()}) x1", precision="bf16",
+                       micro_batch_size=cfg.batch_size,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, oom_retries=0,
                        resumed_from_step=0)
 
