@@ -4,7 +4,8 @@ converter and quantizer called directly, in the same run, alternating, on the CP
 The model has Qwen3-0.6B's shape (28 layers, width 1024, 16/8 heads, vocab 151,936, tied embeddings, bf16
 on disk) with seeded random weights and the tiny model's tokenizer (GPT-2's vocabulary; the converter pads the
 embedding rows beyond it with placeholder tokens); it is built once under --work.
-- baseline: `convert_hf_to_gguf.py --outtype f16`, then `llama_model_quantize(..., LLAMA_FTYPE_MOSTLY_Q4_K_M)`;
+- baseline: `convert_hf_to_gguf.py --outtype f16`, then `llama_cpp.llama_model_quantize(...,
+  LLAMA_FTYPE_MOSTLY_Q4_K_M)` called directly (not through `tasks.export`);
 - tunepipe: `tasks.export.write_ggufs(model, ["q4_k_m"], out)`: the same two steps plus what the export stage
   adds (the float file removed, the GGUF's sha256 for the champion contract).
 Both wall time and CPU time (this process and its children: the converter runs as a subprocess, the quantizer
@@ -54,15 +55,22 @@ def build_model(out_dir: Path) -> Path:
 
 
 def baseline(model_dir: Path, out_dir: Path) -> Path:
-    from tasks.export import FTYPES, quantize
+    """llama.cpp as its own docs run it, with none of tunepipe's code: the converter script, then llama.cpp's
+    quantizer through llama-cpp-python's binding of `llama_model_quantize`."""
+    import llama_cpp
+
     from tasks.llama_cpp_tools import llama_cpp_source
 
-    source = llama_cpp_source()
-    f16 = out_dir / "model-f16.gguf"
+    source = llama_cpp_source()  # where the converter script was unpacked (llama.cpp's own files)
+    f16, q4 = out_dir / "model-f16.gguf", out_dir / "model-q4_k_m.gguf"
     env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
     subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(f16),
                     "--outtype", "f16"], env=env, check=True, capture_output=True)
-    return quantize(f16, out_dir / "model-q4_k_m.gguf", FTYPES["q4_k_m"])
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(q4).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {f16}")
+    return q4
 
 
 def ours(model_dir: Path, out_dir: Path) -> Path:

@@ -1,18 +1,22 @@
-"""Training speed on a CUDA GPU through tunepipe's own training worker, against the guides' recipe.
+"""Training speed on a CUDA GPU through tunepipe's own training worker, against baselines of the same shape.
 
-Every run is what the train stage runs: `run_worker("tasks.training:train_model", ...)`, one worker process
-per configuration (so unsloth's patches never reach the next run). The model has Qwen3-0.6B's shape with
-random weights (no download); its tokenizer comes from a folder with Qwen's 151,936-token vocabulary (e.g.
-`.gpu/tok`: the tiny model's tokenizer from before it moved to GPT-2's vocabulary; it sets the LM head's size).
+Every tunepipe run is what the train stage runs: `run_worker("tasks.training:train_model", ...)`, one worker
+process per configuration (so unsloth's patches never reach the next run); the baselines and levers run in
+worker processes too. The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer
+comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token vocabulary, which sets
+the LM head's size).
 
 - long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
-  bf16: the shape of shared/gpu/README.md's raw loops. Baselines in the same invocation (`raw_loop`): each
-  library's own model, loss and checkpointing (unsloth's offloaded, transformers' plain), AdamW; then the
-  worker with `gradient_checkpointing` auto (off when there is room), on, and offloaded.
+  bf16: the shape of shared/gpu/README.md's raw loops. Like for like: `raw_loop` (each library's own model and
+  loss, AdamW) and the worker run in groups of the same recomputation: none (`*-none`; the worker's `auto`
+  chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and unsloth's offloaded one
+  (`*-offload`). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak.
+- levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
+  the head, each decoder layer compiled by `torch.compile`; the worker otherwise unchanged.
 - short: the demo's product-extraction data formatted by tunepipe's format stage (~115 tokens an example, loss
-  on the answers): the guides' recipe (batch 2, accumulation 4, no packing) as the baseline in this run, then
-  micro-batches of 64 examples (hf: packed rows; unsloth: length-sorted padding); tokens/s counts non-padding
-  tokens.
+  on the answers): the guides' recipe as the guides run it (`sft_recipe`: TRL's SFTTrainer on unsloth, batch 2,
+  accumulation 4, lr 2e-4, LoRA r=16), tunepipe's loop at that batch, then micro-batches of 64 examples (hf:
+  packed rows; unsloth: length-sorted padding); tokens/s counts non-padding tokens.
 - data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
   the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
@@ -25,7 +29,7 @@ random weights (no download); its tokenizer comes from a folder with Qwen's 151,
 tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
 torch.cuda.max_memory_allocated in the worker; seconds is the whole training loop including warm-up.
 
-    python benchmarks/gpu_train.py --tokenizer .gpu/tok [--steps 30] [--json results.json]
+    python benchmarks/gpu_train.py --tokenizer ggml-vocab-qwen2.gguf [--steps 30] [--json results.json] [--only ...]
 """
 
 from __future__ import annotations
@@ -62,15 +66,20 @@ def train_under_memory_cap(request: TrainRequest) -> TrainResult:
 
 
 def raw_loop(request: TrainRequest) -> TrainResult:
-    """The baseline of shared/gpu/README.md: the library's own model, loss and checkpointing defaults
-    (`model(input_ids, labels=input_ids).loss`, unsloth's offloaded checkpointing or transformers' own), AdamW,
-    bf16; rows of the split in order, `batch_size` a step; each step timed to a CUDA synchronisation."""
+    """The baseline of shared/gpu/README.md: the library's own model, loss and checkpointing
+    (`model(input_ids, labels=input_ids).loss`), AdamW, bf16; rows of the split in order, `batch_size` a step;
+    each step timed to a CUDA synchronisation. `train.gradient_checkpointing` picks the recomputation, so each
+    raw row pairs with the worker row of the same setting: false none, true the library's plain checkpointing,
+    "offload" unsloth's offloaded one (its default)."""
     import time
 
     import torch
 
     cfg, lora = request.cfg, request.lora
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    recompute = cfg.gradient_checkpointing
+    if recompute == "auto":
+        raise ValueError("raw_loop needs gradient_checkpointing false, true or offload: a like-for-like pair")
     if cfg.backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -78,15 +87,19 @@ def raw_loop(request: TrainRequest) -> TrainResult:
         model, _ = FastLanguageModel.from_pretrained(request.base.name_or_path, dtype=torch.bfloat16,
                                                      max_seq_length=request.model_cfg.max_seq_length,
                                                      load_in_4bit=cfg.mode == "qlora")
-        model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
-                                                 use_gradient_checkpointing="unsloth")
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
+            use_gradient_checkpointing="unsloth" if recompute == "offload" else recompute)
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
+        if recompute == "offload":
+            raise ValueError("offloaded recomputation is unsloth's; the hf raw loop has false or true")
         model = AutoModelForCausalLM.from_pretrained(request.base.name_or_path, dtype=torch.bfloat16,
                                                      attn_implementation="sdpa").cuda()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if recompute:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
     model.train()  # from_pretrained leaves eval mode, in which neither library checkpoints
@@ -110,12 +123,149 @@ def raw_loop(request: TrainRequest) -> TrainResult:
                                  peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                                  elapsed_s=round(now - started, 3)))
     backend = "unsloth" if cfg.backend == "unsloth" else "hf"
-    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=backend, loss_history=history, runtime_s=round(time.perf_counter() - started, 3),
+    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=backend, loss_history=history,
+                       runtime_s=round(time.perf_counter() - started, 3),
                        trainable_params=sum(p.numel() for p in trainable),
                        total_params=sum(p.numel() for p in model.parameters()), steps=cfg.max_steps,
                        device=f"cuda ({torch.cuda.get_device_name()}) x1", precision="bf16",
                        micro_batch_size=cfg.batch_size, gradient_accumulation_steps=1, oom_retries=0,
                        resumed_from_step=0)
+
+
+def sft_recipe(request: TrainRequest) -> TrainResult:
+    """The guides' recipe as the guides run it: TRL's SFTTrainer on unsloth's model, LoRA on all seven
+    projections with unsloth's offloaded recomputation, AdamW 8-bit (the guides' `optim`), linear schedule,
+    no packing, loss on the answers only; a 16-bit base, as the worker's (the guides load 4-bit). The rows come
+    pre-tokenized from tunepipe's format stage, with the answers as the completion mask: the same tokens and
+    loss positions as the worker's. tokens/s counts the non-padding tokens of each optimizer step (the
+    trainer's own count) over that step's time, synchronised."""
+    import time
+
+    import torch
+    from unsloth import FastLanguageModel  # before transformers and TRL: it patches them on import
+
+    from datasets import Dataset
+
+    cfg, lora = request.cfg, request.lora
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        request.base.name_or_path, dtype=torch.bfloat16, max_seq_length=request.model_cfg.max_seq_length,
+        load_in_4bit=cfg.mode == "qlora")
+    model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=0,
+                                             target_modules=targets, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=cfg.seed)
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.format_data import IGNORE
+
+    rows = request.data.rows()
+    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(t != IGNORE) for t in
+                                                                                     r["labels"]]} for r in rows])
+    history: list[LossPoint] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.started, self.seen = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.tokens_per_s = (state.num_input_tokens_seen - self.seen) / (now - self.started)
+            self.now = now
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                history.append(LossPoint(
+                    step=state.global_step, loss=logs["loss"], learning_rate=logs.get("learning_rate", 0.0),
+                    grad_norm=logs.get("grad_norm"), tokens_per_s=round(self.tokens_per_s, 1),
+                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                    elapsed_s=round(self.now - started, 3)))
+
+    trainer = SFTTrainer(
+        model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[StepTimer()],
+        args=SFTConfig(
+            output_dir=str(request.out_dir / "sft"), per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=1,
+            optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear",
+            seed=cfg.seed, bf16=True, packing=False, completion_only_loss=True, report_to="none",
+            save_strategy="no", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0))
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend="unsloth", loss_history=history,
+                       runtime_s=round(time.perf_counter() - started, 3),
+                       trainable_params=sum(p.numel() for p in trainable),
+                       total_params=sum(p.numel() for p in model.parameters()), steps=cfg.max_steps,
+                       device=f"cuda ({torch.cuda.get_device_name()}) x1", precision="bf16",
+                       micro_batch_size=cfg.batch_size,
+                       gradient_accumulation_steps=cfg.gradient_accumulation_steps, oom_retries=0,
+                       resumed_from_step=0)
+
+
+def with_liger(request: TrainRequest) -> TrainResult:
+    """A lever: the worker with Liger's fused RMSNorm, RoPE and SwiGLU kernels patched into transformers'
+    Qwen3 (hf backend; the head stays tunepipe's chunked one)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+
+    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False)
+    from tasks.training import train_model
+
+    return train_model(request)
+
+
+def with_liger_head(request: TrainRequest) -> TrainResult:
+    """A lever: the worker with Liger's fused linear cross-entropy (Triton) in place of tunepipe's chunked head
+    (`tasks/head_loss.py`). Liger returns the summed loss only: the per-token losses, which the training step
+    does not read, come back as NaN here."""
+    import torch
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    from tasks import head_loss
+
+    liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def head_cross_entropy(hidden, head, targets, chunk):
+        total = liger(head.weight, hidden.to(head.weight.dtype), targets, head.bias)
+        return total, torch.full(targets.shape, float("nan"), device=targets.device)
+
+    head_loss.head_cross_entropy = head_cross_entropy
+    from tasks.training import train_model
+
+    return train_model(request)
+
+
+def with_compiled_layers(request: TrainRequest) -> TrainResult:
+    """A lever: the worker with each decoder layer compiled by `torch.compile` (regional compilation: one
+    graph, compiled once, reused by all 28 layers), fusing the elementwise kernels between the matmuls."""
+    from tasks import training
+
+    loaders = {name: getattr(training, name) for name in ("_load_hf", "_load_unsloth")}
+
+    def compiled(load):
+        def load_and_compile(*args, **kwargs):
+            model, tokenizer = load(*args, **kwargs)
+            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            for layer in causal_lm.model.layers:
+                layer.compile()
+            return model, tokenizer
+        return load_and_compile
+
+    for name, load in loaders.items():
+        setattr(training, name, compiled(load))
+    return training.train_model(request)
+
+
+def with_liger_and_compiled_layers(request: TrainRequest) -> TrainResult:
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+
+    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False)
+    return with_compiled_layers(request)
 
 
 def profiled_training(request: TrainRequest) -> TrainResult:
@@ -214,11 +364,16 @@ def _memory_at_peak(train, request: TrainRequest) -> TrainResult:
     return result
 
 
-def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
+def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
+    """Qwen3-0.6B's shape, random weights; the tokenizer from a folder, or from a llama.cpp vocabulary file
+    (`ggml-vocab-qwen2.gguf`: Qwen's vocabulary) with ChatML added."""
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from tasks.tiny_model import chatml_tokenizer
+
+    tokenizer = (chatml_tokenizer(tokenizer_source) if tokenizer_source.suffix == ".gguf"
+                 else AutoTokenizer.from_pretrained(tokenizer_source))
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **QWEN3_0_6B)
@@ -254,7 +409,25 @@ def random_split(vocab_size: int, n_rows: int, path: Path):
                           n_trained_tokens=n_rows * LONG_TOKENS, max_tokens=LONG_TOKENS)
 
 
-def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.training:train_model", **train) -> dict:
+# Dense bf16 peak of an H100 / H200 SXM (the same Hopper tensor cores), for the model FLOPs utilisation.
+PEAK_BF16_FLOPS = 989e12
+
+
+def lora_flops_per_token(config, seq: int) -> float:
+    """The work a LoRA step does per token: forward 2N and the backward's input gradients 2N for the N weights of
+    the linear layers and the head (frozen weights get no weight gradient; the adapters' own are negligible),
+    plus causal attention (QK^T and AV, half the square, forward and two backward matmuls each). Qwen3-0.6B
+    at 2,048 tokens: about 3.1 GFLOP."""
+    attn = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    per_layer = config.hidden_size * (2 * attn + 2 * kv) + 3 * config.hidden_size * config.intermediate_size
+    n = config.num_hidden_layers * per_layer + config.vocab_size * config.hidden_size
+    attention = config.num_hidden_layers * 3 * 2 * seq * attn  # 2 matmuls x 2 FLOP x seq/2 keys, x3 with backward
+    return 4 * n + attention
+
+
+def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.training:train_model",
+        flops_per_token: float | None = None, **train) -> dict:
     from tasks.base_model import resolve_base_model
     from tasks.config import LoraConfig, TrainConfig
     from tasks.worker import WorkerFailed, run_worker
@@ -263,8 +436,10 @@ def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.training:tr
                          **train})
     request = TrainRequest(data=split, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
                            lora=LoraConfig(r=16, alpha=16), cfg=cfg, out_dir=work / name)
+    started: dict = {}  # the worker's environment report: what `auto` resolved to
     try:
-        result = run_worker(entry, request, TrainResult, request.out_dir, devices=cfg.devices)
+        result = run_worker(entry, request, TrainResult, request.out_dir, devices=cfg.devices,
+                            on_event=lambda e: started.update(e) if e["event"] == "started" else None)
     except WorkerFailed as failure:
         print(f"{name} failed: {failure}", file=sys.stderr)
         return {"name": name, "failed": str(failure)[-2000:]}
@@ -276,9 +451,11 @@ def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.training:tr
         "seconds": result.runtime_s, "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
         "device": result.device, "precision": result.precision, "devices": cfg.devices,
         "oom_retries": result.oom_retries, "micro_batch_after": result.micro_batch_size,
-        "checkpointing": cfg.gradient_checkpointing,
+        "checkpointing": cfg.gradient_checkpointing, "checkpointing_resolved": started.get("gradient_checkpointing"),
         "losses": [round(p.loss, 4) for p in result.loss_history],
     }
+    if flops_per_token:
+        row["mfu"] = round(row["tokens_per_s"] * flops_per_token / PEAK_BF16_FLOPS, 4)
     print(json.dumps(row), flush=True)
     return row
 
@@ -288,7 +465,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--only", nargs="*", help="names of the runs to make (default: all)")
+    parser.add_argument("--only", nargs="*", help="names of the runs to make, in this order (default: all)")
     args = parser.parse_args()
     from tasks.config import ModelConfig
 
@@ -297,36 +474,64 @@ def main() -> None:
         model = build_model(args.tokenizer, work / "model")
         long_cfg = ModelConfig(base=str(model), max_seq_length=LONG_TOKENS)
         short_cfg = ModelConfig(base=str(model), max_seq_length=512)
-        long = random_split(151_936, 8 * args.steps, work / "long.jsonl")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        long = random_split(config.vocab_size, 8 * args.steps, work / "long.jsonl")
         short = demo_split(short_cfg, work)
+        raw, sft = "benchmarks.gpu_train:raw_loop", "benchmarks.gpu_train:sft_recipe"
+        lever = "benchmarks.gpu_train:with_{}".format
+        u4, h4 = dict(backend="unsloth", batch_size=4), dict(backend="hf", batch_size=4)  # the long batch
         plan = [
-            ("long-unsloth", long, long_cfg, dict(backend="unsloth", batch_size=4)),
-            ("raw-unsloth", long, long_cfg, dict(backend="unsloth", batch_size=4,
-                                                 entry="benchmarks.gpu_train:raw_loop")),
-            ("raw-hf", long, long_cfg, dict(backend="hf", batch_size=4, entry="benchmarks.gpu_train:raw_loop")),
-            ("long-unsloth-profile", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=10,
+            # Like for like, long rows: each group shares its recomputation, precision and batch.
+            # No recomputation (what `auto` chooses with room):
+            ("raw-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False, entry=raw)),
+            ("raw-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=raw)),
+            ("long-unsloth", long, long_cfg, dict(**u4)),  # the default: auto
+            ("long-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False)),
+            ("long-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False)),
+            # Plain recomputation (on the GPU):
+            ("raw-unsloth-plain", long, long_cfg, dict(**u4, gradient_checkpointing=True, entry=raw)),
+            ("raw-hf-plain", long, long_cfg, dict(**h4, gradient_checkpointing=True, entry=raw)),
+            ("long-unsloth-checkpointing", long, long_cfg, dict(**u4, gradient_checkpointing=True)),
+            ("long-hf-checkpointing", long, long_cfg, dict(**h4, gradient_checkpointing=True)),
+            # unsloth's offloaded recomputation (its default):
+            ("raw-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload",
+                                                         entry=raw)),
+            ("long-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload")),
+            # Levers, no recomputation: fused kernels (Liger) and compiled layers.
+            ("long-hf-liger", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=lever("liger"))),
+            ("long-hf-compiled", long, long_cfg, dict(**h4, gradient_checkpointing=False,
+                                                      entry=lever("compiled_layers"))),
+            ("long-hf-liger-compiled", long, long_cfg, dict(**h4, gradient_checkpointing=False,
+                                                            entry=lever("liger_and_compiled_layers"))),
+            ("long-unsloth-liger-head", long, long_cfg, dict(**u4, gradient_checkpointing=False,
+                                                             entry=lever("liger_head"))),
+            ("long-unsloth-compiled", long, long_cfg, dict(**u4, gradient_checkpointing=False,
+                                                           entry=lever("compiled_layers"))),
+            # Profiles and memory at the peak.
+            ("long-unsloth-profile", long, long_cfg, dict(**u4, max_steps=10,
                                                           entry="benchmarks.gpu_train:profiled_training")),
-            ("raw-unsloth-profile", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=10,
+            ("raw-unsloth-profile", long, long_cfg, dict(**u4, gradient_checkpointing=False, max_steps=10,
                                                          entry="benchmarks.gpu_train:profiled_raw_loop")),
-            ("raw-unsloth-memory", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=6,
+            ("raw-unsloth-memory", long, long_cfg, dict(**u4, gradient_checkpointing="offload", max_steps=6,
                                                         entry="benchmarks.gpu_train:memory_of_raw_loop")),
-            ("long-unsloth-offload-memory", long, long_cfg, dict(backend="unsloth", batch_size=4, max_steps=6,
-                                                                 gradient_checkpointing="offload",
+            ("long-unsloth-offload-memory", long, long_cfg, dict(**u4, max_steps=6, gradient_checkpointing="offload",
                                                                  entry="benchmarks.gpu_train:memory_of_training")),
-            ("long-unsloth-checkpointing", long, long_cfg, dict(backend="unsloth", batch_size=4,
-                                                                gradient_checkpointing=True)),
-            ("long-unsloth-offload", long, long_cfg, dict(backend="unsloth", batch_size=4,
-                                                          gradient_checkpointing="offload")),
-            ("long-hf", long, long_cfg, dict(backend="hf", batch_size=4)),
-            ("raw-unsloth-qlora", long, long_cfg, dict(backend="unsloth", mode="qlora", batch_size=4,
-                                                       entry="benchmarks.gpu_train:raw_loop")),
-            ("long-unsloth-qlora", long, long_cfg, dict(backend="unsloth", mode="qlora", batch_size=4)),
+            # QLoRA (4-bit base), no recomputation on either side.
+            ("raw-unsloth-qlora", long, long_cfg, dict(**u4, mode="qlora", gradient_checkpointing=False,
+                                                       entry=raw)),
+            ("long-unsloth-qlora", long, long_cfg, dict(**u4, mode="qlora", gradient_checkpointing=False)),
             ("long-unsloth-oom", long, long_cfg, dict(backend="unsloth", batch_size=16, max_steps=6,
                                                       gradient_checkpointing=True,
                                                       entry="benchmarks.gpu_train:train_under_memory_cap")),
             # Data parallel: the same global batch of 8 x 2,048 tokens on one device and on two.
             ("long-hf-1dev", long, long_cfg, dict(backend="hf", batch_size=8)),
             ("long-hf-2dev", long, long_cfg, dict(backend="hf", batch_size=4, devices=2)),
+            # Short rows, the demo's data. The guides' recipe as the guides run it (TRL's SFTTrainer on unsloth,
+            # 2 x 4, lr 2e-4, LoRA r=16, unsloth's offloaded recomputation, AdamW 8-bit), then tunepipe's loop.
+            ("sft-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
+                                                          gradient_accumulation_steps=4, seed=3407, entry=sft)),
             ("short-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
                                                             gradient_accumulation_steps=4, packing=False)),
             ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),
@@ -337,10 +542,11 @@ def main() -> None:
                                                             batch_size=64, learning_rate=1e-5, max_steps=8)),
         ]
         rows = []
+        if args.only:  # in the order given: what matters most first, in case a time limit cuts the call short
+            plan = sorted((run for run in plan if run[0] in args.only), key=lambda run: args.only.index(run[0]))
         for name, split, model_cfg, train in plan:
-            if args.only and name not in args.only:
-                continue
-            rows.append(run(name, split, model_cfg, work, **{"max_steps": args.steps, **train}))
+            flops = lora_flops_per_token(config, LONG_TOKENS) if split is long else None
+            rows.append(run(name, split, model_cfg, work, flops_per_token=flops, **{"max_steps": args.steps, **train}))
             for report in ("profile", "memory"):
                 path = work / name / f"{report}.txt"
                 if path.exists() and args.json:

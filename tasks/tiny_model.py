@@ -47,17 +47,11 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         return out_dir
     marker.unlink(missing_ok=True)
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     from tasks.llama_cpp_tools import llama_cpp_source
 
-    tokenizer = AutoTokenizer.from_pretrained(llama_cpp_source() / "models", gguf_file=f"ggml-vocab-{VOCAB}.gguf")
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in CHATML_TOKENS
-                                                                if t not in tokenizer.get_vocab()]})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.bos_token = None  # ChatML starts with <|im_start|>, as in Qwen instruct models
-    tokenizer.eos_token = "<|im_end|>"  # ends an assistant turn
-    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer = chatml_tokenizer(llama_cpp_source() / "models" / f"ggml-vocab-{VOCAB}.gguf")
 
     torch.manual_seed(seed)
     config = Qwen3Config(
@@ -81,3 +75,18 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out_dir)
     marker.write_text(spec)
     return out_dir
+
+
+def chatml_tokenizer(vocab_gguf: Path):
+    """A tokenizer from one of llama.cpp's reference vocabularies (`models/ggml-vocab-*.gguf`), with ChatML's
+    tokens and template: the tiny model's, and (with Qwen2's vocabulary) the GPU benchmarks' Qwen-sized one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(vocab_gguf.parent, gguf_file=vocab_gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in CHATML_TOKENS
+                                                                if t not in tokenizer.get_vocab()]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.bos_token = None  # ChatML starts with <|im_start|>, as in Qwen instruct models
+    tokenizer.eos_token = "<|im_end|>"  # ends an assistant turn
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer

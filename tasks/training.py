@@ -13,7 +13,9 @@ torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier versi
 - Packing without leaks. A micro-batch's examples are concatenated into one row with positions restarting
   at 0; transformers turns that into a block-diagonal mask (`find_packed_sequence_indices`), unsloth into its
   varlen attention (`packed_seq_lengths`); next-token targets never cross an example's end.
-- Several devices: gradients are summed across ranks by one all-reduce per step, rank 0 alone writes.
+- Several devices: torch's DistributedDataParallel averages the gradients across ranks during the backward
+  pass (`tasks/data_parallel.py`), skipping the exchange on all but a step's last micro-batch; rank 0 alone
+  writes.
 The ML stack is imported inside functions; unsloth is imported first, and only when CUDA is there.
 """
 
@@ -120,7 +122,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         loss_tokens = sum(_n_loss_tokens(row) for row in examples)
         # Loss and gradient norm stay on the device until a logging step reads them: no wait for the GPU between.
         loss_sum = stepper.run(local, loss_tokens, state, step)
-        grad_norm = _finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm, rank)
+        grad_norm = _finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm)
         tokens_since_log += sum(len(row["input_ids"]) for row in examples)
         if step % cfg.logging_steps == 0 or step == total_steps:
             if rank.world > 1:
@@ -520,7 +522,8 @@ def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
 
 @dataclass
 class Stepper:
-    """Forward and backward of a step's examples, in micro-batches, with the out-of-memory fallback."""
+    """Forward and backward of a step's examples, in micro-batches, with the out-of-memory fallback; on several
+    ranks through DistributedDataParallel."""
 
     model: object
     scaler: object
@@ -534,6 +537,16 @@ class Stepper:
     max_oom_retries: int
     rank: Rank
 
+    def __post_init__(self):
+        from functools import partial
+
+        self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk)
+        self.parallel = None
+        if self.rank.world > 1:
+            from tasks.data_parallel import data_parallel
+
+            self.parallel = data_parallel(self.model, self.losses, self.device)
+
     def run(self, rows: list[dict], loss_tokens: int, state: TrainingState, step: int):
         """Accumulate the gradients of `rows`; returns their summed token loss (a detached tensor). On CUDA
         out-of-memory, halve the micro-batch (the same examples, so the same effective batch) and redo the step."""
@@ -543,8 +556,9 @@ class Stepper:
             rows = sorted(rows, key=lambda row: len(row["input_ids"]))
         while True:
             try:
-                return sum(self._micro(rows[start : start + state.micro_batch_size], loss_tokens)
-                           for start in range(0, len(rows), state.micro_batch_size))
+                starts = range(0, len(rows), state.micro_batch_size)
+                return sum(self._micro(rows[start : start + state.micro_batch_size], loss_tokens,
+                                       last=start == starts[-1]) for start in starts)
             except torch.cuda.OutOfMemoryError:
                 self.model.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -562,30 +576,28 @@ class Stepper:
                 emit_event("oom_retry", step=step, retries=state.oom_retries,
                            micro_batch_size=state.micro_batch_size, message=message)
 
-    def _micro(self, rows: list[dict], loss_tokens: int):
+    def _micro(self, rows: list[dict], loss_tokens: int, last: bool = True):
+        import contextlib
+
         import torch
 
         batch = make_batch(rows, self.packing, self.pad_id, self.device, self.row_tokens)
-        with torch.autocast(self.device.type, dtype=_dtype(self.precision), enabled=self.precision != "fp32"):
-            loss_sum, _, _ = token_losses(self.model, batch, self.backend, self.head_chunk)
-        # Scaled to the whole step's mean token loss (all micro-batches, all ranks: gradients are summed).
-        self.scaler.scale(loss_sum / loss_tokens).backward()
+        # Gradients are exchanged once a step: with the last micro-batch's backward pass.
+        sync = contextlib.nullcontext() if self.parallel is None or last else self.parallel.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=_dtype(self.precision), enabled=self.precision != "fp32"):
+                loss_sum, _, _ = self.parallel(batch) if self.parallel else self.losses(self.model, batch)
+            # Scaled to the whole step's mean token loss over all micro-batches and ranks; DDP averages the
+            # ranks' gradients, so each rank's share is scaled up by their number to make that a sum.
+            self.scaler.scale(loss_sum * self.rank.world / loss_tokens).backward()
         return loss_sum.detach()
 
 
-def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm, rank):
-    """Sum gradients across ranks, clip, step the optimizer and the schedule; returns the gradient norm (a
-    tensor)."""
+def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm):
+    """Clip, step the optimizer and the schedule (the gradients are already the same on every rank); returns
+    the gradient norm (a tensor)."""
     import torch
 
-    if rank.world > 1:
-        grads = [p.grad for p in trainable if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm else float("inf"))
     scaler.step(optimizer)

@@ -179,10 +179,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
 
     real_micro = training.Stepper._micro
 
-    def micro_that_fits_two(self, rows, loss_tokens):
+    def micro_that_fits_two(self, rows, loss_tokens, **kwargs):
         if len(rows) > 2:  # what a too-small GPU does: fail the larger micro-batch, fit the smaller
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_micro(self, rows, loss_tokens)
+        return real_micro(self, rows, loss_tokens, **kwargs)
 
     monkeypatch.setattr(training.Stepper, "_micro", micro_that_fits_two)
     result = training.train_model(request_for(formatted, tmp_path / "stage"))
