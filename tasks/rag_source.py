@@ -4,10 +4,10 @@ Exactly-once ingestion rests on one file, `<state_dir>/state.json`: the committe
 row and the bytes of each JSONL drop consumed) and the current snapshot. `collect_new_rows` reads only rows
 beyond the watermark and records how far it read; `commit_snapshot` writes a new snapshot folder (the base set,
 read from any container `data.train`/`data.eval` take and normalised to `messages`, plus every example ingested
-so far) and only then replaces `state.json`, in one atomic rename. A run that dies
-before the rename leaves the old state, so the same rows are read again; rows that arrive while a run is in
-progress lie beyond the point it recorded, so the next run reads them. A snapshot whose training did not finish
-stays "untrained" and counts towards the next run's `min_new_examples`, so a failed run loses nothing either.
+so far) and only then replaces `state.json`, in one atomic rename. A run that dies before the rename leaves the
+old state, so the same rows are read again; rows that arrive while a run is in progress lie beyond the point it
+recorded, so the next run reads them. A snapshot whose training did not finish stays "untrained" and counts
+towards the next run's `min_new_examples`, so a failed run loses nothing either.
 """
 
 from __future__ import annotations
