@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from tasks.base_model import resolve_base_model
+from tasks.base_model import resolve_base
 from tasks.champion import find_champion
 from tasks.check_data import check_data
 from tasks.config import PipelineConfig
@@ -16,6 +16,7 @@ from tasks.evaluate import EvalReport, evaluate
 from tasks.format_data import format_data
 from tasks.gate import GateDecision, gate
 from tasks.load_data import data_fingerprint, load_data
+from tasks.retries import network_retries
 from tasks.tracking import tracked_run, trained_adapter
 
 
@@ -31,7 +32,7 @@ class Evaluation(BaseModel):
 def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
     """`model`: the MLflow run id of a finetune run, or `v<N>` for version N of the registered model."""
     cfg = config
-    base = resolve_base_model(cfg.model)
+    base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model)
     candidate = trained_adapter(cfg.tracking, cfg.name, model, cfg.workdir / "evaluate-inputs")
     model_run_id = candidate.adapter_dir.parent.name
     tags = {"prefect.flow_run_id": str(flow_run.get_id()), "tunepipe.kind": "evaluate",

@@ -10,7 +10,7 @@ from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from flows.serve import Serving, serve
-from tasks.base_model import resolve_base_model
+from tasks.base_model import resolve_base
 from tasks.champion import find_champion
 from tasks.check_data import DataCheckError, check_data
 from tasks.config import PipelineConfig
@@ -23,6 +23,7 @@ from tasks.parity import ParityReport, parity, parity_verdicts
 from tasks.redact import redact, redact_logs
 from tasks.report import RunReport, run_report
 from tasks.retrain_plan import Attempt, next_attempt, outcome
+from tasks.retries import network_retries
 from tasks.serve import plan
 from tasks.tracking import tracked_attempt, tracked_run
 from tasks.train import train
@@ -60,7 +61,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     redact_logs()
     cfg = config
     workdir = cfg.workdir
-    base = resolve_base_model(cfg.model)  # first: a model that cannot be used fails before any stage runs
+    # First: a model that cannot be used fails before any stage runs; a hub hiccup is retried.
+    base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model)
     fingerprint = data_fingerprint(cfg.data)
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),

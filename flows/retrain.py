@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from flows.finetune import GateFailed, RunSummary, finetune
 from tasks.config import PipelineConfig
 from tasks.rag_source import (
-    Snapshot, collect_rag_examples, commit_rag_snapshot, discard, mark_trained, state_dir,
+    Snapshot, collect_rag_examples, commit_rag_snapshot, discard, mark_trained, retrain_lock, state_dir,
 )
 from tasks.tracking import find_run_of_flow_run, log_dataset_input
 
@@ -33,6 +33,11 @@ def retrain(config: PipelineConfig) -> RetrainOutcome:
     if config.rag is None:
         raise ValueError("retrain needs a `rag` section in the config: where the logged RAG examples are")
 
+    with retrain_lock(state_dir(config), logger):  # a second trigger waits, then finds what is left to do
+        return _retrain(config, logger)
+
+
+def _retrain(config: PipelineConfig, logger) -> RetrainOutcome:
     collected = collect_rag_examples(config)
     logger.info("read %d new rows: %d accepted, %d skipped %s, %d rejected; %d pending in all",
                 collected.n_read, collected.n_new, sum(collected.skipped.values()), collected.skipped,

@@ -10,6 +10,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from tasks.champion import ChampionMove
+from tasks.retries import network_retries
 from tasks.serve import Registration, ServingPlan, SmokeReport, load_plan, promote, register, smoke_test
 
 
@@ -25,11 +26,13 @@ class Serving(BaseModel):
 
 @flow(name="serve")
 def serve(plan: ServingPlan) -> Serving:
-    registration = register(plan)
+    # Each step talks to Ollama and the model registry and is safe to repeat: retried on transient failures.
+    retrying = network_retries(plan.retry)
+    registration = register.with_options(**retrying)(plan)
     if registration.state != "registered":
         return Serving(registration=registration)
-    smoke = smoke_test(plan, registration)
-    promotion = promote(plan, registration)
+    smoke = smoke_test.with_options(**retrying)(plan, registration)
+    promotion = promote.with_options(**retrying)(plan, registration)
     return Serving(registration=registration, smoke=smoke, promotion=promotion)
 
 

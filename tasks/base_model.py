@@ -8,6 +8,8 @@ from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import ModelConfig
@@ -43,6 +45,12 @@ def resolve_base_model(cfg: ModelConfig) -> BaseModelRef:
             "as Qwen/Qwen2.5-0.5B-Instruct."
         )
     return _resolve_on_hub(cfg)
+
+
+@task(name="resolve_base_model", cache_policy=NO_CACHE)
+def resolve_base(cfg: ModelConfig) -> BaseModelRef:
+    # Never cached: a hub revision such as `main` moves on, and resolving it is what keys every later cache.
+    return resolve_base_model(cfg)
 
 
 class BaseModelError(ValueError):

@@ -74,7 +74,8 @@ class ChampionMove(BaseModel):
 
 
 def register_version(tracking_uri: str, name: str, run_id: str, tags: dict[str, str]) -> str:
-    """A new version of registered model `name` from run `run_id`'s merged model; the alias does not move."""
+    """The version of registered model `name` for run `run_id`'s merged model with these tags: the one made
+    before (a retried or repeated registration) or a new one. The alias does not move."""
     from mlflow.exceptions import MlflowException
 
     client = _registry(tracking_uri)
@@ -82,8 +83,11 @@ def register_version(tracking_uri: str, name: str, run_id: str, tags: dict[str, 
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Promoted by tunepipe: alias `champion` is served.")
-    version = client.create_model_version(name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id,
-                                          tags={"run_id": run_id, **tags})
+    source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if existing.source == source and all(existing.tags.get(key) == value for key, value in tags.items()):
+            return str(existing.version)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags={"run_id": run_id, **tags})
     return str(version.version)
 
 
@@ -96,13 +100,18 @@ def tag_version(tracking_uri: str, name: str, version: str, tags: dict[str, str]
 def promote(tracking_uri: str, name: str, version: str, ollama: OllamaClient) -> ChampionMove:
     """Make `version` the champion: copy its `NAME:VERSION` to `NAME:latest`, then move the alias."""
     client = _registry(tracking_uri)
-    previous = find_champion(tracking_uri, name)
+    current = find_champion(tracking_uri, name)
     target = _ref(name, client.get_model_version(name, version))
-    _move(client, ollama, target, previous)
-    if previous is not None and previous.version != target.version:
-        client.set_model_version_tag(name, version, PREVIOUS_TAG, previous.version)
-    return ChampionMove(name=name, version=version, previous=previous.version if previous else None,
-                        ollama_tag=target.tags["ollama.tag"])
+    if current is not None and current.version == target.version:
+        # Already moved (a retry after the alias moved but the answer was lost): the pair is put in step
+        # again and the champion before it is the one recorded then.
+        previous = target.tags.get(PREVIOUS_TAG)
+    else:
+        previous = current.version if current is not None else None
+        if previous is not None:  # recorded first: a version is only read for rollback once it is champion
+            client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
+    _move(client, ollama, target, current)
+    return ChampionMove(name=name, version=version, previous=previous, ollama_tag=target.tags["ollama.tag"])
 
 
 def rollback(tracking_uri: str, name: str, ollama: OllamaClient) -> ChampionMove:

@@ -385,6 +385,16 @@ class RagConfig(Section):
     )
 
 
+class RetryConfig(Section):
+    """Retries of the tasks that talk to the network: hub resolution, Ollama and the MLflow model registry."""
+
+    attempts: int = Field(
+        4, ge=1, description="Tries in all of such a task when its call failed transiently (no answer, a "
+                             "connection cut off, HTTP 429 or 5xx); 1: no retry. Each task is safe to repeat.")
+    backoff_s: float = Field(
+        5.0, ge=0, description="Wait before the first retry, in seconds; each later one waits twice as long.")
+
+
 class PipelineConfig(Section):
     name: str = Field(description="Name of this pipeline; MLflow run names start with it.")
     workdir: Path = Field(Path("runs"), description="Root of every output: stage results, exports, quarantine.")
@@ -398,6 +408,7 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     ollama: OllamaConfig
     tracking: TrackingConfig = TrackingConfig()
+    retry: RetryConfig = RetryConfig()
     rag: RagConfig | None = Field(None, description="Accumulated RAG examples for scheduled retraining.")
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ from tasks.champion import ChampionRef, download_champion
 from tasks.config import DataConfig, EvalConfig
 from tasks.examples import Message, read_examples
 from tasks.format_data import IGNORE, FormattedData
+from tasks.gpu_slots import gpu_slots
 from tasks.metrics import required_keys, score_answers
 from tasks.train import TrainResult
 from tasks.worker import run_worker
@@ -175,7 +176,9 @@ def evaluate_models(
     request = GenerationRequest(models=todo, conversations=conversations, loss_rows=data.eval.path,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    generated = run_worker("tasks.evaluate:generate_outputs", request, GenerationResult, out_dir / "worker").outputs
+    with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
+        generated = run_worker("tasks.evaluate:generate_outputs", request, GenerationResult,
+                               out_dir / "worker").outputs
     for name, result in generated.items():
         if name in reference_keys:
             _write_reference(reference_dir, name, reference_keys[name], result)

@@ -1,9 +1,14 @@
 """GPU admission: stages that put a model on the GPU hold slots of the Prefect global concurrency limit `gpu`.
 
 Create the limit once per Prefect server with one slot per GPU (`prefect gcl create gpu --limit 2` on a
-two-GPU worker); a run that would exceed it waits until a slot frees, so two runs never train on one GPU at
+two-GPU worker); a run that would exceed it waits until a slot frees, so two runs never use one GPU at
 once, whichever deployment, schedule or person started them. Where no such limit exists (the CLI's
-temporary API, a laptop), Prefect lets the stage through without waiting.
+temporary API, a laptop), Prefect lets the stage through without waiting; a plain call outside any Prefect
+run (a notebook, a unit test) has nothing to be admitted by and runs at once.
+
+The stages that put a model on a GPU: training (its worker) and evaluation (the generation worker, which
+loads base, champion and candidate in bf16 on CUDA). Export merges on the CPU and parity runs llama.cpp with
+no layers offloaded, so neither holds a slot.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ GPU_LIMIT = "gpu"
 def gpu_slots(devices: int = 1) -> Iterator[None]:
     """Hold `devices` slots of the `gpu` limit for the duration of the block (waiting for them first)."""
     from prefect.concurrency.sync import concurrency
+    from prefect.context import FlowRunContext, TaskRunContext
     from prefect.logging import get_run_logger
 
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        yield
+        return
     logger = get_run_logger()
     with concurrency(GPU_LIMIT, occupy=devices):
         logger.info("holding %d slot(s) of concurrency limit %r", devices, GPU_LIMIT)

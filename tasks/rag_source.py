@@ -2,22 +2,25 @@
 
 Exactly-once ingestion rests on one file, `<state_dir>/state.json`: the committed watermark (the last SQL
 row and the bytes of each JSONL drop consumed) and the current snapshot. `collect_new_rows` reads only rows
-beyond the watermark and records how far it read; `commit_snapshot` writes a new snapshot folder (the base set
-plus every example ingested so far) and only then replaces `state.json`, in one atomic rename. A run that dies
-before the rename leaves the old state, so the same rows are read again; rows that arrive while a run is in
-progress lie beyond the point it recorded, so the next run reads them. A snapshot whose training did not finish
-stays "untrained" and counts towards the next run's `min_new_examples`, so a failed run loses nothing either.
+beyond the watermark and records how far it read; `commit_snapshot` writes a new snapshot folder (the base set,
+read from any container `data.train`/`data.eval` take and normalised to `messages`, plus every example ingested
+so far) and only then replaces `state.json`, in one atomic rename. A run that dies before the rename leaves the
+old state, so the same rows are read again; rows that arrive while a run is in progress lie beyond the point it
+recorded, so the next run reads them. A snapshot whose training did not finish stays "untrained" and counts
+towards the next run's `min_new_examples`, so a failed run loses nothing either.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,8 @@ from pydantic import BaseModel
 from tasks.config import DataConfig, PipelineConfig, RagConfig
 from tasks.examples import Message
 from tasks.load_data import (
-    RecordError, Rejection, data_fingerprint, data_normaliser, data_sources, example_id, parse_record, read_sources,
+    DataFileError, FileRead, RecordError, Rejection, data_fingerprint, data_normaliser, data_sources, example_id,
+    parse_record, read_sources,
 )
 
 STATE_FILE = "state.json"
@@ -276,14 +280,27 @@ def _seen_keys(data: DataConfig, rag: RagConfig, snapshot_rag: Path | None) -> s
     every example ingested before."""
     if rag.dedupe == "off":
         return set()
-    train_sources, eval_sources = data_sources(data)
-    examples = [example for read in read_sources(train_sources + eval_sources, data_normaliser(data))
-                for example in read.examples]
-    keys = {_dedupe_key(example.messages[-2].content, example.messages, rag) for example in examples}
+    train, eval_ = _read_base(data)
+    keys = {_dedupe_key(example.messages[-2].content, example.messages, rag)
+            for read in train + eval_ for example in read.examples}
     if snapshot_rag is not None:
         with snapshot_rag.open(encoding="utf-8") as lines:
             keys |= {json.loads(line)["rag"]["key"] for line in lines}
     return keys
+
+
+def _read_base(data: DataConfig) -> tuple[list[FileRead], list[FileRead]]:
+    """The base train and eval sets read as the finetune flow reads them: any container, normalised."""
+    train_sources, eval_sources = data_sources(data)
+    normaliser = data_normaliser(data)
+    return read_sources(train_sources, normaliser), read_sources(eval_sources, normaliser)
+
+
+def _base_lines(reads: list[FileRead]) -> list[dict[str, Any]]:
+    """Snapshot lines of the base set: normalised messages, and the file and line or row each came from."""
+    return [{"messages": [m.model_dump() for m in example.messages],
+             "base": {"source": example.source, "line": example.line, "unit": example.unit}}
+            for read in reads for example in read.examples]
 
 
 def _dedupe_key(question: str, messages: list[Message], rag: RagConfig) -> str:
@@ -340,6 +357,29 @@ def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[
 
 def state_dir(cfg: PipelineConfig) -> Path:
     return cfg.rag.state_dir if cfg.rag.state_dir is not None else cfg.workdir / "rag"
+
+
+@contextmanager
+def retrain_lock(folder: Path, logger: logging.Logger) -> Iterator[None]:
+    """Hold `<folder>/retrain.lock` for a whole retrain run: one run per RAG state at a time.
+
+    Two triggers at once (a schedule and a manual run, a scheduler firing twice) would read the same rows;
+    the second waits here instead, and then reads only what the first left. The lock is the operating
+    system's (flock): a run that dies releases it with its process.
+    """
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / "retrain.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("another retrain run holds %s: waiting until it ends", lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def read_state(folder: Path) -> RagState:
@@ -420,20 +460,31 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
             row = json.loads(line)
             row["rag"]["version"] = version
             out.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-    base_bytes = data.train.read_bytes()
-    with (building / "train.jsonl").open("wb") as out:
-        out.write(base_bytes if base_bytes.endswith(b"\n") or not base_bytes else base_bytes + b"\n")
+    # The base set as loaded and normalised (whatever its containers), so the snapshot is one JSON Lines
+    # dataset of `messages`; each line keeps the file and line or row it came from.
+    base_train, base_eval = _read_base(data)
+    base_rejected = [r for read in base_train + base_eval for r in read.rejections]
+    if base_rejected and data.on_invalid == "fail":
+        raise DataFileError(f"{base_rejected[0].message} (data.on_invalid: fail)")
+    train_lines = _base_lines(base_train)
+    _write_lines(building / "train.jsonl", train_lines)
+    with (building / "train.jsonl").open("ab") as out:
         out.write((building / "rag.jsonl").read_bytes())
-    for name in ("skipped.jsonl", "quarantine.jsonl"):
-        shutil.copyfile(collected.staging / name, building / name)
+    if data.eval is not None:
+        _write_lines(building / "eval.jsonl", _base_lines(base_eval))
+    shutil.copyfile(collected.staging / "skipped.jsonl", building / "skipped.jsonl")
+    # Base rows that cannot be used are set aside here, never dropped: the finetune run sees only the snapshot.
+    with (building / "quarantine.jsonl").open("w", encoding="utf-8") as out:
+        out.write((collected.staging / "quarantine.jsonl").read_text(encoding="utf-8"))
+        out.writelines(r.model_dump_json() + "\n" for r in base_rejected)
 
     rag_counts = _count_by_source(building / "rag.jsonl")
-    n_base = sum(1 for line in base_bytes.split(b"\n") if line.strip())
     new_counts = _count_by_source(collected.staging / "new.jsonl")
     manifest = {
         "version": version, "committed_at": dt.datetime.now(dt.UTC).isoformat(),
-        "base_train": str(data.train), "rows_by_source": {"base": n_base, **rag_counts},
-        "new_by_source": dict(new_counts), "skipped": collected.skipped, "rejected": collected.n_rejected,
+        "base_train": str(data.train), "base_eval": str(data.eval) if data.eval is not None else None,
+        "rows_by_source": {"base": len(train_lines), **rag_counts}, "new_by_source": dict(new_counts),
+        "skipped": collected.skipped, "rejected": collected.n_rejected, "base_rejected": len(base_rejected),
         "watermark": collected.watermark.model_dump(mode="json"),
     }
     (building / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -453,7 +504,11 @@ def load_snapshot(folder: Path, version: int, data: DataConfig) -> Snapshot:
     """A committed snapshot, with the pipeline's data section pointed at its merged training file."""
     target = snapshot_folder(folder, version)
     manifest = json.loads((target / "manifest.json").read_text())
-    merged = data.model_copy(update={"train": target / "train.jsonl"})
+    # Normalised already: `messages` rows, one file each for train and eval (no LLaMA-Factory selection left).
+    merged = data.model_copy(update={
+        "train": target / "train.jsonl", "shape": "openai", "datasets": [],
+        "eval": target / "eval.jsonl" if (target / "eval.jsonl").is_file() else None,
+    })
     return Snapshot(version=version, folder=target, data=merged, fingerprint=data_fingerprint(merged),
                     rows_by_source=manifest["rows_by_source"], new_by_source=manifest["new_by_source"])
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, field_serializer
 
 from tasks.base_model import BaseModelRef
 from tasks.champion import ChampionMove, promote as promote_version, register_version, tag_version
-from tasks.config import OllamaConfig, PipelineConfig
+from tasks.config import OllamaConfig, PipelineConfig, RetryConfig
 from tasks.examples import read_examples
 from tasks.export import ExportResult, GgufFile
 from tasks.metrics import OutputFormat, parse_json_object, required_keys
@@ -53,6 +53,7 @@ class ServingPlan(BaseModel):
     required_keys: list[str]
     max_new_tokens: int
     smoke_cases: list[SmokeCase]
+    retry: RetryConfig = RetryConfig()  # a plan logged before retries existed gets the defaults
 
 
 class Registration(BaseModel):
@@ -124,6 +125,7 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
         run_id=run_id, tracking_uri=cfg.tracking.uri, registered_model=cfg.name,
         dataset_fingerprint=dataset_fingerprint, gguf=gguf, spec=spec, modelfile=modelfile, ollama=cfg.ollama,
         output_format=cfg.data.output_format, max_new_tokens=cfg.eval.max_new_tokens, smoke_cases=cases,
+        retry=cfg.retry,
         required_keys=required_keys(ex.answer for ex in examples) if cfg.data.output_format == "json" else [],
     )
 

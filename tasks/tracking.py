@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from tasks.champion import MODEL_ARTIFACT
 from tasks.config import PipelineConfig, TrackingConfig
-from tasks.redact import redact
+from tasks.redact import error_line, redact
 from tasks.serve import PLAN_ARTIFACT, ServingPlan
 
 if TYPE_CHECKING:
@@ -93,18 +93,28 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): str(value)}
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be used; raised before any stage runs, so nothing was trained."""
+
+
 class Tracker:
     def __init__(self, cfg: TrackingConfig):
-        if cfg.uri.startswith("sqlite:///"):
-            Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=cfg.uri)
         self.uri = cfg.uri
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        self.experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(
-                cfg.experiment, artifact_location=Path(cfg.artifact_location).resolve().as_uri()
+        try:
+            if cfg.uri.startswith("sqlite:///"):
+                Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            experiment = self.client.get_experiment_by_name(cfg.experiment)
+            self.experiment_id = (
+                experiment.experiment_id if experiment else self.client.create_experiment(
+                    cfg.experiment, artifact_location=Path(cfg.artifact_location).resolve().as_uri()
+                )
             )
-        )
+        except Exception as exc:  # MLflow wraps a refused connection, a locked or unwritable store alike
+            raise TrackingUnavailable(
+                f"tracking.uri {redact(cfg.uri)}: the MLflow tracking store cannot be used ({error_line(exc)}); "
+                "nothing was trained. Start the tracking server or fix tracking.uri, then run again."
+            ) from exc
         self.run_id = ""
         self.gate_failed = False
 

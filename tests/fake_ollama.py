@@ -7,6 +7,11 @@ from the registered GGUF with llama-cpp-python: the prompt is the model's TEMPLA
 renders it (tests/go_template.py), the Modelfile's SYSTEM added when the request has none, decoding greedy,
 stopped by a `stop` string or the end-of-generation token (`done_reason: stop`) or by `num_predict`
 (`done_reason: length`). Every request is recorded (method, path, JSON body) so tests can assert them exactly.
+
+Faults, for the nightly paths (`fail`): the next requests to a path can find Ollama restarting (HTTP 503,
+nothing done), killed before the request took effect (the connection closes; a create dies after its stream
+started, before the manifest is written, as when the process ends mid-create), or killed after it took
+effect, before the answer went out. Models survive, as Ollama keeps them on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +50,13 @@ class FakeOllama(ThreadingHTTPServer):
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, JSON body or None), in order
         self._llms: dict[str, Any] = {}
         self._llm_lock = threading.Lock()
+        self.faults: dict[str, list[str]] = {}  # path → faults for its next requests, in order
+
+    def fail(self, path: str, *faults: str) -> None:
+        """The next requests to `path` meet these faults, one each: "restarting" (HTTP 503), "killed" (before
+        the request takes effect) or "answer_lost" (killed after it took effect, before the answer)."""
+        assert set(faults) <= {"restarting", "killed", "answer_lost"}, faults
+        self.faults.setdefault(path, []).extend(faults)
 
     @property
     def url(self) -> str:
@@ -87,6 +100,8 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._record(None)
+        if self._fails_now():
+            return
         if self.path == "/api/version":
             self._json(200, {"version": "0.0.0-fake"})
         elif self.path == "/api/tags":
@@ -96,6 +111,8 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._record(None)
+        if self._fails_now():
+            return
         blob = BLOB_PATH.fullmatch(self.path)
         exists = bool(blob) and DIGEST.fullmatch(blob["digest"]) and self.server.blob_path(blob["digest"]).exists()
         self.send_response(200 if exists else 404)
@@ -106,13 +123,15 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
         body = self._body()
         if blob := BLOB_PATH.fullmatch(self.path):
             self._record(None)
-            return self._receive_blob(blob["digest"], body)
+            return None if self._fails_now() else self._receive_blob(blob["digest"], body)
         try:
             request = json.loads(body)
         except ValueError:
             self._record(body)
             return self._json(400, {"error": "invalid JSON"})
         self._record(request)
+        if self._fails_now():
+            return
         handler = {"/api/create": self._create, "/api/show": self._show, "/api/copy": self._copy,
                    "/api/chat": self._chat}.get(self.path)
         if handler is None:
@@ -122,6 +141,8 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         request = json.loads(self._body())
         self._record(request)
+        if self._fails_now():
+            return
         if self.path != "/api/delete":
             return self._json(404, {"error": "404 page not found"})
         if self.server.models.pop(full_name(request.get("model", "")), None) is None:
@@ -150,6 +171,8 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
             return self._json(400, {"error": "neither 'from' or 'files' was specified"})
         stream = self._start_stream(request)
         stream({"status": "parsing GGUF"})
+        if self.fault == "killed":
+            return self._die()
         for name, digest in {**request.get("files", {}), **request.get("adapters", {})}.items():
             path = self.server.blob_path(digest) if DIGEST.fullmatch(str(digest)) else None
             if path is None or not path.exists():
@@ -242,6 +265,23 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
 
     def _record(self, body: Any) -> None:
         self.server.requests.append((self.command, self.path, body))
+        queue = self.server.faults.get(self.path)
+        self.fault = queue.pop(0) if queue else None
+
+    def _fails_now(self) -> bool:
+        """Answer a fault that strikes before the request takes effect; a create is killed mid-stream instead."""
+        if self.fault == "restarting":
+            self._json(503, {"error": "ollama is starting"})
+            return True
+        if self.fault == "killed" and self.path != "/api/create":
+            self._die()
+            return True
+        return False
+
+    def _die(self) -> None:
+        """The server process ends: the connection closes, with no (or only part of an) answer."""
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding") == "chunked":
@@ -263,6 +303,8 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
             self.end_headers()
 
         def send(event: dict[str, Any], last: bool = False) -> None:
+            if last and self.fault == "answer_lost":
+                return self._die()
             if not streaming:
                 if last:
                     self._json(400 if "error" in event else 200, event)
@@ -275,6 +317,8 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
         return send
 
     def _json(self, status: int, payload: Any) -> None:
+        if self.fault == "answer_lost":
+            return self._die()
         body = b"" if payload is None else json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -42,6 +42,8 @@ class FakeHub(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), FakeHubHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.unavailable = 0  # answer this many more model_info requests with 503, as a hub having a bad minute
+        self.info_requests = 0
 
 
 class FakeHubHandler(BaseHTTPRequestHandler):
@@ -61,6 +63,10 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         self.resolve(with_body=False)
 
     def model_info(self, repo: str, revision: str) -> None:
+        self.server.info_requests += 1
+        if self.server.unavailable:
+            self.server.unavailable -= 1
+            return self.error(503, "ServiceUnavailable", "Service Unavailable")
         if repo not in REPOS:  # the hub answers 401, not 404, to anonymous requests for missing repos
             return self.error(401, "RepoNotFound", "Repository not found")
         if revision not in ("main", COMMIT):
@@ -156,6 +162,33 @@ def cache_snapshot(cache: Path, repo: str, files: dict[str, str]) -> Path:
 
 
 # --- The hub ---------------------------------------------------------------------------------------------------
+
+
+def resolve_with_retries(base: str):
+    """The finetune flow's hub resolution: the task, with three tries and no waiting."""
+    from prefect import flow
+
+    from tasks.base_model import resolve_base
+    from tasks.config import RetryConfig
+    from tasks.retries import network_retries
+
+    retrying = network_retries(RetryConfig(attempts=3, backoff_s=0))
+
+    @flow
+    def resolve():
+        return resolve_base.with_options(**retrying)(ModelConfig(base=base))
+
+    return resolve(return_state=True)
+
+
+def test_a_hub_that_fails_its_first_answers_is_retried_until_it_resolves(fake_hub, prefect_server):
+    fake_hub.unavailable = 2
+    assert resolve_with_retries("acme/chat").result().fingerprint == COMMIT
+
+
+def test_a_definite_hub_answer_is_not_retried(fake_hub, prefect_server):
+    state = resolve_with_retries("acme/missing")
+    assert (state.is_failed(), fake_hub.info_requests) == (True, 1)
 
 
 def test_hub_model_resolves_to_its_commit(fake_hub):
@@ -309,5 +342,6 @@ def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_s
     path.write_text(yaml.safe_dump(config))
     assert run_finetune(load_config(path), unserved_status=4) == 1
     out = " ".join(capfd.readouterr().out.split())  # rich wraps lines at the terminal width
-    assert "failed:" in out and "has no model weights" in out and "stages" not in out
+    # The one stage that ran is the base model's resolution (a task, so a hub hiccup is retried).
+    assert "failed:" in out and "has no model weights" in out and "load_data" not in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

@@ -1,8 +1,9 @@
-"""The `gpu` global concurrency limit: two runs triggered at once never train at the same time."""
+"""The `gpu` global concurrency limit: two runs triggered at once never use the GPU at the same time."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,20 +12,32 @@ from prefect import flow
 from tasks.base_model import resolve_base_model
 from tasks.check_data import check_data
 from tasks.config import PipelineConfig
+from tasks.evaluate import evaluate
 from tasks.format_data import format_data
 from tasks.gpu_slots import GPU_LIMIT
 from tasks.load_data import data_fingerprint, load_data
-from tasks.train import train
+from tasks.train import TrainResult, train
+
+
+def prepared(cfg: PipelineConfig):
+    base = resolve_base_model(cfg.model)
+    loaded = load_data(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
+    checked = check_data(loaded, cfg.data, base, cfg.model, cfg.workdir)
+    return base, checked, format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
 
 
 @flow
 def train_once(cfg: PipelineConfig, seed: int):
-    base = resolve_base_model(cfg.model)
-    loaded = load_data(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
-    formatted = format_data(check_data(loaded, cfg.data, base, cfg.model, cfg.workdir), base, cfg.model,
-                            cfg.train.assistant_only_loss, cfg.workdir)
+    base, _, formatted = prepared(cfg)
     # A different seed per run: two distinct trainings, neither a cache hit of the other.
     return train(formatted, base, cfg.model, cfg.lora, cfg.train.model_copy(update={"seed": seed}), cfg.workdir)
+
+
+@flow
+def evaluate_once(cfg: PipelineConfig, trained: TrainResult):
+    base, checked, formatted = prepared(cfg)
+    return evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base, None,
+                    cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir)
 
 
 @pytest.fixture
@@ -73,3 +86,54 @@ def test_two_concurrent_runs_take_turns_on_one_gpu_slot(tmp_path: Path, fast_con
 
     (first,), (second,) = sorted(slot_intervals(state.state_details.flow_run_id) for state in states.values())
     assert first[0] < first[1] <= second[0] < second[1]  # the second run trained only after the first let go
+
+
+def active_slots() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots
+
+
+def task_started(flow_run_id, task_name: str) -> float:
+    """When the flow run's task `task_name` entered Running, from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+    (run,) = [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]  # names end in a random suffix
+    return run.start_time.timestamp()
+
+
+def test_an_evaluation_waits_for_another_runs_training(tmp_path: Path, fast_config, gpu_limit):
+    from prefect.logging.handlers import APILogHandler
+
+    raw = fast_config(tmp_path)
+    raw["train"]["max_steps"] = 3
+    cfg = PipelineConfig.model_validate(raw)
+    trained = train_once(cfg, seed=0)  # the model to evaluate; and both runs below hit the data stages' cache
+    states = {}
+    # Long enough a training that the other run reaches its evaluation while the slot is still held.
+    training = threading.Thread(target=lambda: states.update(
+        train=train_once(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 20})}), 1,
+                         return_state=True)))
+    training.start()
+    deadline = time.monotonic() + 300
+    while active_slots() == 0 and training.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    evaluation = threading.Thread(target=lambda: states.update(evaluate=evaluate_once(cfg, trained,
+                                                                                      return_state=True)))
+    evaluation.start()
+    for run in (training, evaluation):
+        run.join(timeout=600)
+    assert all(state.is_completed() for state in states.values())
+    APILogHandler().flush()
+
+    (training_slot,) = slot_intervals(states["train"].state_details.flow_run_id)
+    (evaluation_slot,) = slot_intervals(states["evaluate"].state_details.flow_run_id)
+    evaluation_started = task_started(states["evaluate"].state_details.flow_run_id, "evaluate")
+    # The evaluation began while the other run trained, and got the GPU only once that training let go.
+    assert evaluation_started < training_slot[1] <= evaluation_slot[0]

@@ -70,7 +70,8 @@ def test_rows_inserted_during_a_run_are_read_by_the_next_run_exactly_once(tmp_pa
     assert refs == ["1", "2", "3", "4", "5"]  # every row once, none lost
     assert second.rows_by_source == {"base": 4, "sql:rag_examples": 5}
     merged = second.data.train.read_text().splitlines()
-    assert len(merged) == 9 and json.loads(merged[0]) == BASE[0]
+    assert len(merged) == 9 and json.loads(merged[0])["messages"][1:] == [
+        {"role": "user", "content": "base question 0"}, {"role": "assistant", "content": "base answer 0"}]
     assert collect_new_rows(cfg.rag, cfg.data, state_dir(cfg)).n_read == 0
 
 
@@ -188,6 +189,119 @@ def test_created_at_watermark_breaks_ties_by_id(tmp_path: Path):
     # q3 has the same time as the watermark but a larger id: new. q4 is back-dated: before the watermark.
     collected, snapshot = ingest(cfg)
     assert collected.n_read == 1 and rag_lines(snapshot)[-1]["rag"]["ref"] == "3"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    import csv
+
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return path
+
+
+def in_folder(d: Path) -> tuple[Path, list[tuple]]:
+    write_jsonl(d / "base" / "a.jsonl", BASE[:2])
+    write_jsonl(d / "base" / "b.jsonl", BASE[2:])
+    return d / "base", [(d / "base" / "a.jsonl", 1), (d / "base" / "a.jsonl", 2),
+                        (d / "base" / "b.jsonl", 1), (d / "base" / "b.jsonl", 2)]
+
+
+def in_glob(d: Path) -> tuple[Path, list[tuple]]:
+    write_jsonl(d / "parts" / "p1.jsonl", BASE[:3])
+    write_jsonl(d / "parts" / "p2.jsonl", BASE[3:])
+    first, second = d / "parts" / "p1.jsonl", d / "parts" / "p2.jsonl"
+    return d / "parts" / "p*.jsonl", [(first, 1), (first, 2), (first, 3), (second, 1)]
+
+
+def in_json_array(d: Path) -> tuple[Path, list[tuple]]:
+    d.mkdir(parents=True)
+    (d / "base.json").write_text(json.dumps(BASE))
+    return d / "base.json", [(d / "base.json", n) for n in range(1, 5)]
+
+
+def in_llama_factory(d: Path) -> tuple[Path, list[tuple]]:
+    # Alpaca formatting with renamed columns: only dataset_info.json says which key holds the question.
+    write_jsonl(d / "lf" / "qa.jsonl", [{"q": r["input"], "a": r["output"]} for r in BASE])
+    (d / "lf" / "dataset_info.json").write_text(json.dumps(
+        {"qa": {"file_name": "qa.jsonl", "formatting": "alpaca", "columns": {"prompt": "q", "response": "a"}}}))
+    return d / "lf", [(d / "lf" / "qa.jsonl", n) for n in range(1, 5)]
+
+
+def in_one_file(name: str, writer):
+    def make(d: Path) -> tuple[Path, list[tuple]]:
+        d.mkdir(parents=True, exist_ok=True)
+        return writer(d / name, BASE), [(d / name, n) for n in range(1, 5)]
+    return make
+
+
+# Each container `data.train` takes, holding BASE: a function of a folder -> (what to configure, (file, line
+# or row) of each BASE row).
+CONTAINERS = {
+    "jsonl": in_one_file("base.jsonl", write_jsonl), "csv": in_one_file("base.csv", write_csv),
+    "parquet": in_one_file("base.parquet", write_parquet), "json-array": in_json_array, "folder": in_folder,
+    "glob": in_glob, "llama-factory": in_llama_factory,
+}
+ROW_UNITS = {"csv", "parquet", "json-array"}  # numbered by record; JSON Lines by line
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_snapshot_holds_the_normalised_base_rows_of_any_container_with_their_origin(tmp_path: Path, container):
+    from tasks.load_data import load_dataset
+
+    train, origins = CONTAINERS[container](tmp_path / "data")
+    cfg = pipeline(tmp_path)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": train})})
+    make_db(tmp_path / "rag.db", [row(0, context=None)])
+    _, snapshot = ingest(cfg)
+
+    lines = [json.loads(line) for line in snapshot.data.train.open()]
+    expected = [{"messages": [{"role": "system", "content": "Answer from the context."},
+                              {"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}],
+                 "base": {"source": str(path), "line": n, "unit": "row" if container in ROW_UNITS else "line"}}
+                for r, (path, n) in zip(BASE, origins, strict=True)]
+    assert lines[:4] == expected and lines[4]["rag"]["ref"] == "1"
+    assert snapshot.rows_by_source == {"base": 4, "sql:rag_examples": 1}
+    # The finetune flow loads the snapshot as it is configured: every row, none rejected.
+    loaded = load_dataset(snapshot.data, tmp_path / "loaded")
+    assert (loaded.n_train + loaded.n_eval, loaded.n_rejected) == (5, 0)
+
+
+def test_base_rows_that_cannot_be_used_go_to_the_snapshot_quarantine(tmp_path: Path):
+    cfg = pipeline(tmp_path)
+    broken = tmp_path / "base.json"
+    broken.write_text(json.dumps([*BASE, {"input": "no answer"}]))
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": broken})})
+    make_db(tmp_path / "rag.db", [row(0)])
+    _, snapshot = ingest(cfg)
+    quarantine = [json.loads(line) for line in (snapshot.folder / "quarantine.jsonl").open()]
+    assert [(q["source"], q["line"], q["field"]) for q in quarantine] == [(str(broken), 5, "output")]
+
+
+def test_a_separate_eval_set_is_normalised_into_the_snapshot(tmp_path: Path):
+    cfg = pipeline(tmp_path)
+    held_out = write_csv(tmp_path / "held_out.csv", [{"instruction": "held-out question", "output": "held-out answer"}])
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval": held_out, "shape": "alpaca"})})
+    make_db(tmp_path / "rag.db", [row(0)])
+    _, snapshot = ingest(cfg)
+    (line,) = [json.loads(line) for line in snapshot.data.eval.open()]
+    assert (line["messages"][-2]["content"], line["base"]) == (
+        "held-out question", {"source": str(held_out), "line": 1, "unit": "row"})
 
 
 def test_fingerprint_matches_what_the_finetune_flow_computes(tmp_path: Path):

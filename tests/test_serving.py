@@ -103,6 +103,11 @@ def _serve(plan: ServingPlan):
     return registration, smoke_test_model(plan, registration), promote_candidate(plan, registration)
 
 
+def _next_candidate(plan: ServingPlan) -> ServingPlan:
+    """A later candidate of the same pipeline (trained on other data): served, it becomes a new version."""
+    return plan.model_copy(update={"dataset_fingerprint": "e" * 64})
+
+
 def test_register_smoke_test_promote_sends_exactly_the_documented_requests(
         fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
     from mlflow.tracking import MlflowClient
@@ -142,7 +147,7 @@ def test_second_promotion_keeps_the_first_and_rollback_moves_both_back(
     uri, _ = mlflow_run
     plan = _plan(obedient_gguf, "twice", fake_ollama.url, mlflow_run, tiny_model)
     _serve(plan)
-    _, _, second = _serve(plan)
+    _, _, second = _serve(_next_candidate(plan))
     assert (second.version, second.previous) == ("2", "1")
     assert fake_ollama.calls.count(f"POST /api/blobs/sha256:{obedient_gguf.sha256}") == 1  # uploaded once
     assert set(fake_ollama.models) == {"twice:1", "twice:2", "twice:latest"}
@@ -165,7 +170,7 @@ def test_rollback_refuses_when_the_previous_model_left_ollama(
     uri, run_id = mlflow_run
     plan = _plan(obedient_gguf, "gone", fake_ollama.url, mlflow_run, tiny_model)
     _serve(plan)
-    _serve(plan)
+    _serve(_next_candidate(plan))
     OllamaClient(fake_ollama.url, timeout_s=5).delete("gone:1")
 
     with pytest.raises(ValueError, match=f"gone:1 .version 1. is no longer in Ollama .*tunepipe register {run_id}"):
@@ -181,7 +186,7 @@ def test_rollback_command(fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlfl
     uri, _ = mlflow_run
     plan = _plan(obedient_gguf, "cli", fake_ollama.url, mlflow_run, tiny_model)
     _serve(plan)
-    _serve(plan)
+    _serve(_next_candidate(plan))
     assert main(["rollback", "pipeline-cli", "--tracking-uri", uri, "--ollama-host", fake_ollama.url]) == 0
     assert "champion moved back from v2 to v1" in capsys.readouterr().out
     assert main(["rollback", "pipeline-nothing", "--tracking-uri", uri, "--ollama-host", fake_ollama.url]) == 1
@@ -277,3 +282,76 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
     failing = [v.model_copy(update={"passed": False, "failures": ["stop_rate: drop"]}) for v in verdicts]
     with pytest.raises(ParityFailed, match=r"no GGUF is within the parity limits .*q4_k_m: stop_rate: drop; nothing"):
         plan_serving(exported, failing, base, cfg, "run-1", "f" * 64, held_out)
+
+
+# --- the nightly path through the serve flow: retries, and what an Ollama that dies leaves behind -----------
+
+
+def _flaky_plan(gguf: GgufFile, name: str, fake: FakeOllama, mlflow_run, tiny_model: Path) -> ServingPlan:
+    from tasks.config import RetryConfig
+
+    # Three tries, no waiting: the backoff's length is Prefect's business, the outcome is ours.
+    return _plan(gguf, name, fake.url, mlflow_run, tiny_model).model_copy(
+        update={"retry": RetryConfig(attempts=3, backoff_s=0)})
+
+
+def _in_step(fake: FakeOllama, uri: str, name: str) -> bool:
+    """Whether MLflow's champion and Ollama's NAME:latest are the same model."""
+    champion = find_champion(uri, f"pipeline-{name}")
+    latest = fake.models.get(f"{name}:latest")
+    return latest is not None and champion is not None and latest is fake.models.get(champion.tags["ollama.tag"])
+
+
+def test_serve_flow_rides_out_ollama_faults_and_registers_once(
+        prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.serve import serve
+
+    uri, _ = mlflow_run
+    plan = _flaky_plan(obedient_gguf, "flaky", fake_ollama, mlflow_run, tiny_model)
+    fake_ollama.fail(f"/api/blobs/sha256:{obedient_gguf.sha256}", "restarting")  # the HEAD asking for the blob
+    fake_ollama.fail("/api/create", "answer_lost")  # created, but the run never heard: the retry creates again
+    fake_ollama.fail("/api/chat", "killed")
+    fake_ollama.fail("/api/copy", "answer_lost")
+
+    served = serve(plan)
+
+    versions = MlflowClient(tracking_uri=uri).search_model_versions("name = 'pipeline-flaky'")
+    assert (served.served, [str(v.version) for v in versions], sorted(fake_ollama.models)) == (
+        True, ["1"], ["flaky:1", "flaky:latest"])
+
+
+@pytest.mark.parametrize(("path", "step"), [("/api/create", "register"), ("/api/chat", "smoke_test"),
+                                            ("/api/copy", "promote")])
+def test_ollama_killed_for_good_mid_serve_leaves_the_champion_and_latest_in_step(
+        prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path,
+        path: str, step: str) -> None:
+    from flows.serve import serve
+
+    uri, _ = mlflow_run
+    name = f"down-{step.replace('_', '-')}"
+    first = _flaky_plan(obedient_gguf, name, fake_ollama, mlflow_run, tiny_model)
+    serve(first)  # version 1 is the champion
+    fake_ollama.fail(path, "killed", "killed", "killed")  # every try of the step meets a dead server
+
+    state = serve(_next_candidate(first), return_state=True)
+
+    assert state.is_failed() and _in_step(fake_ollama, uri, name) and find_champion(
+        uri, f"pipeline-{name}").version == "1"
+
+
+def test_ollama_killed_after_moving_latest_is_put_in_step_by_the_retry(
+        prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    from flows.serve import serve
+
+    uri, _ = mlflow_run
+    first = _flaky_plan(obedient_gguf, "moved", fake_ollama, mlflow_run, tiny_model)
+    serve(first)
+    # NAME:latest moved to version 2, then Ollama died before answering; it comes back for the retry.
+    fake_ollama.fail("/api/copy", "answer_lost", "restarting")
+
+    served = serve(_next_candidate(first))
+
+    assert (served.promotion.version, served.promotion.previous, _in_step(fake_ollama, uri, "moved")) == (
+        "2", "1", True)

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 class OllamaError(RuntimeError):
     """The Ollama server refused a request or reported a failure, or could not be talked to."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of the answer, if one came
+
 
 class OllamaConnectionError(OllamaError):
     """No HTTP answer: nothing listens, the connection broke off or timed out, or the peer does not speak HTTP."""
@@ -119,10 +123,10 @@ class OllamaClient:
         try:
             yield
         except ollama.ResponseError as exc:
-            raise OllamaError(f"{what} at {self.host}: HTTP {exc.status_code}: {exc.error}") from None
+            raise OllamaError(f"{what} at {self.host}: HTTP {exc.status_code}: {exc.error}", exc.status_code) from None
         except httpx.HTTPStatusError as exc:
             raise OllamaError(f"{what} at {self.host}: HTTP {exc.response.status_code}: "
-                              f"{_error_text(exc.response)}") from None
+                              f"{_error_text(exc.response)}", exc.response.status_code) from None
         except (ConnectionError, httpx.TransportError) as exc:  # the ollama client turns ConnectError into this
             raise OllamaConnectionError(f"{what} at {self.host}: {exc!r}") from exc
 

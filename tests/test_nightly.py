@@ -1,0 +1,98 @@
+"""What the unattended nightly loop meets, on the tiny model with a real Prefect server, each test asserting
+what a fault leaves behind: the MLflow store down at the start, two triggers at once, and the evaluation's
+worker killed mid-run. (Ollama dying mid-serve: tests/test_serving.py; GPU turns: tests/test_gpu_slots.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import closed_port
+
+from deployments.cli import stage_states
+from tasks.config import PipelineConfig
+
+
+def small(raw: dict) -> dict:
+    raw["export"].update(gguf_types=["f16"], lora_gguf=False)  # one conversion: these tests are about the loop
+    return raw
+
+
+def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(tmp_path: Path, fast_config, prefect_server,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    from flows.finetune import finetune
+    from tasks.tracking import TrackingUnavailable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    raw = small(fast_config(tmp_path))
+    uri = f"http://127.0.0.1:{closed_port()}"
+    raw["tracking"]["uri"] = uri
+
+    state = finetune(PipelineConfig.model_validate(raw), return_state=True)
+
+    error = state.result(raise_on_failure=False)
+    stages = [name for name, _, _ in stage_states(state.state_details.flow_run_id)]
+    assert (isinstance(error, TrackingUnavailable), f"tracking.uri {uri}" in str(error), stages) == (
+        True, True, ["resolve_base_model"])
+
+
+def test_two_nightly_triggers_at_once_train_once(tmp_path: Path, fast_config, prefect_server):
+    from flows.retrain import retrain
+    from tasks.demo_data import write_demo_rag_log
+
+    raw = small(fast_config(tmp_path))
+    raw["rag"].update(sql_url=f"sqlite:///{tmp_path / 'rag.db'}", min_new_examples=3)
+    write_demo_rag_log(tmp_path / "rag.db", n=6)
+    cfg = PipelineConfig.model_validate(raw)
+    states = {}
+    triggers = [threading.Thread(target=lambda i=i: states.update({i: retrain(cfg, return_state=True)}))
+                for i in range(2)]
+    for trigger in triggers:
+        trigger.start()
+    for trigger in triggers:
+        trigger.join(timeout=600)
+
+    # One trained (and kept the champion: no Ollama here); the other waited, then found nothing left.
+    assert sorted(state.result().status for state in states.values()) == ["kept_champion", "nothing_to_do"]
+
+
+def _kill_child_when_it_runs(marker: str, timeout_s: float = 300) -> None:
+    """SIGKILL the first child process of this test whose command line holds `marker` (a worker we started)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue  # ended meanwhile
+            if parent == os.getpid() and marker in command:
+                os.kill(int(entry.name), signal.SIGKILL)
+                return
+        time.sleep(0.05)
+
+
+def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(tmp_path: Path, fast_config,
+                                                                                prefect_server):
+    from flows.finetune import finetune
+
+    cfg = PipelineConfig.model_validate(small(fast_config(tmp_path)))
+    killer = threading.Thread(target=_kill_child_when_it_runs, args=("tasks.evaluate:generate_outputs",))
+    killer.start()
+    killed = finetune(cfg, return_state=True)
+    killer.join()
+    assert killed.is_failed()
+
+    again = finetune(cfg, return_state=True)
+
+    states = {name: state for name, state, _ in stage_states(again.state_details.flow_run_id)}
+    assert {stage: states[stage] for stage in ("load_data", "check_data", "format_data", "train", "evaluate",
+                                               "export")} == {
+        "load_data": "Cached", "check_data": "Cached", "format_data": "Cached", "train": "Cached",
+        "evaluate": "Completed", "export": "Completed"}
