@@ -197,8 +197,9 @@ def _end_of_turn(final: str, between: str) -> str:
     gpt-oss ends its last turn with `<|return|>`, an earlier one with `<|end|>`: the stop is `<|return|>`.
     """
     common = os.path.commonprefix([final, between])
-    common = common[:common.rfind(">") + 1].strip()
-    return common or final.strip()
+    stop = common[:common.rfind(">") + 1].strip() or final.strip()
+    # Up to its first whitespace: Apriel's `<|end|>\n` + EOS stops at `<|end|>`; the EOS is a stop of its own.
+    return stop.split()[0] if stop else ""
 
 
 def _rendered(render: ChatRenderer, messages: list[dict[str, str]], add_generation_prompt: bool,
