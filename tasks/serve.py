@@ -20,7 +20,7 @@ from pydantic import BaseModel, field_serializer
 from tasks.base_model import BaseModelRef
 from tasks.champion import ChampionMove, promote as promote_version, register_version, tag_version
 from tasks.config import OllamaConfig, PipelineConfig
-from tasks.examples import read_examples
+from tasks.examples import read_examples, split_reasoning
 from tasks.export import ExportResult, GgufFile
 from tasks.metrics import OutputFormat, parse_json_object, required_keys
 from tasks.ollama.client import OllamaClient, OllamaError
@@ -190,7 +190,7 @@ def smoke_test_model(plan: ServingPlan, registration: Registration) -> SmokeRepo
 def _answer_problems(answer: str, done_reason: str | None, plan: ServingPlan) -> list[str]:
     problems = [] if done_reason == "stop" else [f"ended by {done_reason!r}, not by a stop"]
     if plan.output_format == "json":
-        parsed = parse_json_object(answer)
+        parsed = parse_json_object(split_reasoning(answer)[1])  # judged as the evaluation judges it
         if parsed is None:
             problems.append(f"not a JSON object: {answer[:120]!r}")
         elif missing := [key for key in plan.required_keys if key not in parsed]:

@@ -277,3 +277,15 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
     failing = [v.model_copy(update={"passed": False, "failures": ["stop_rate: drop"]}) for v in verdicts]
     with pytest.raises(ParityFailed, match=r"no GGUF is within the parity limits .*q4_k_m: stop_rate: drop; nothing"):
         plan_serving(exported, failing, base, cfg, "run-1", "f" * 64, held_out)
+
+
+def test_smoke_test_judges_the_answer_after_the_reasoning_as_the_evaluation_does() -> None:
+    from types import SimpleNamespace
+
+    from tasks.serve import _answer_problems
+
+    plan = SimpleNamespace(output_format="json", required_keys=["name"])
+    assert _answer_problems('<think>\nThe heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []
+    assert _answer_problems('The heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []
+    assert _answer_problems('<think>\nThe heading.\n</think>\n\nKettle', "stop", plan) == [
+        "not a JSON object: '<think>\\nThe heading.\\n</think>\\n\\nKettle'"]
