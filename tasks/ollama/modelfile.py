@@ -1,7 +1,8 @@
 """What the Modelfile says, as data: written to disk and sent to /api/create alike, so they cannot differ.
 
-Template and stops come from the trained model's tokenizer folder (derived and proven: tasks/ollama/template.py); the system prompt is the one the model was
-trained with (`ollama.system`, else `data.system_prompt`, else the chat template's own default).
+Template and stops come from the trained model's tokenizer folder (derived and proven: tasks/ollama/template.py);
+the system prompt is the one the model was trained with (`ollama.system`, else `data.system_prompt`, else the
+chat template's own default).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The prompt Ollama's /api/chat feeds a model, rendered by Go's own text/template as Ollama's server does.
 
-The harness in `gotemplate/` (a few dozen lines of Go) fills a TEMPLATE the way the server does: the Modelfile's
-SYSTEM prepended when a request has none, system messages collected into `.System`, consecutive messages of one
-role joined with a blank line, `.Prompt`/`.Response` for legacy templates. It is built once per source version
-with `go build` and cached; one process answers every render of a Python process, a JSON line each way.
+The harness in `gotemplate/` (a small Go program on the standard library) fills a TEMPLATE the way the server
+does: the Modelfile's SYSTEM prepended when a request has none, system messages collected into `.System`,
+consecutive messages of one role joined with a blank line, `.Prompt`/`.Response` for legacy templates. It is
+built once per source version with `go build` and cached; one process answers every render of a Python
+process, a JSON line each way.
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ def render_served_prompt(template: str, messages: list[dict], system: str | None
     return _renderer().render(template, messages, system, think)
 
 
-def harness() -> Path:
-    """The built harness, built now when this version of its source has not been built yet."""
+def harness_path() -> Path:
+    """Where the harness built from this version of its source lives (it may not be built yet)."""
     digest = hashlib.sha256()
     for path in sorted(SOURCE.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    binary = cache_root() / f"gotemplate-{digest.hexdigest()[:16]}" / "gotemplate"
+    return cache_root() / f"gotemplate-{digest.hexdigest()[:16]}" / "gotemplate"
+
+
+def harness() -> Path:
+    """The built harness, built now when this version of its source has not been built yet."""
+    binary = harness_path()
     if binary.exists():
         return binary
     go = shutil.which("go")

@@ -25,7 +25,7 @@ SET_INSTEAD = ("Set `ollama.template` in the config to an Ollama Go template for
                "(https://github.com/ollama/ollama/blob/main/docs/template.mdx).")
 
 # Probe contents: plain words no template alters, each unique, so a marker's place in the rendering is certain.
-S, U1, A1, U2, A2, U3 = "SYSPROBE", "USERPROBE1", "ASSISTANTPROBE1", "USERPROBE2", "ASSISTANTPROBE2", "USERPROBE3"
+S, U1, A1, U2 = "SYSPROBE", "USERPROBE1", "ASSISTANTPROBE1", "USERPROBE2"
 
 # The fixed conversations of the proof: single and several turns, markup and JSON, newlines, non-ASCII text.
 PROOF_SYSTEM = "You extract product facts as JSON.\nAnswer with one object."
@@ -53,8 +53,7 @@ class ServedTemplate:
 ChatRenderer = Callable[[list[dict[str, str]], bool], str]
 
 
-def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: str = "",
-                          **template_kwargs: object) -> ChatRenderer:
+def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: str = "") -> ChatRenderer:
     """Render as training does (transformers' own Jinja environment) with these special tokens.
 
     bos_token defaults to "": llama.cpp adds the BOS the GGUF asks for when Ollama tokenizes the prompt, so a
@@ -65,7 +64,7 @@ def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: st
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         (text,), _ = render_jinja_template([messages], chat_template=chat_template,
                                            add_generation_prompt=add_generation_prompt,
-                                           bos_token=bos_token, eos_token=eos_token, **template_kwargs)
+                                           bos_token=bos_token, eos_token=eos_token)
         return text
 
     return render
@@ -119,7 +118,8 @@ class _Layout:
                      + _by_prev(self.before_user) + "{{ end }}")
         else:
             user += _by_prev(self.before_user)
-        user += f'{{{{ .Content }}}}{{{{ if $last }}}}{_lit(self.generation_prompt)}{{{{ end }}}}{{{{ $prev = "user" }}}}'
+        user += (f"{{{{ .Content }}}}{{{{ if $last }}}}{_lit(self.generation_prompt)}{{{{ end }}}}"
+                 '{{ $prev = "user" }}')
         # A final answer is left open (no end of turn), so a client can have the model continue it.
         lines += [user,
                   f'{{{{- else if eq .Role "assistant" }}}}{_lit(self.before_assistant)}{{{{ .Content }}}}'
@@ -176,8 +176,8 @@ def _probe(render: ChatRenderer) -> _Layout:
                                   "without one; " + SET_INSTEAD)
         if head.startswith(before_system) and head.endswith(before_user["system"]):
             default_system = head[len(before_system):len(head) - len(before_user["system"])] or None
-        return _Layout(True, before_system, before_user, before_assistant, generation_prompt,
-                       answer_end.strip(), default_system=default_system)
+        return _Layout(True, before_system, before_user, before_assistant, generation_prompt, answer_end,
+                       default_system=default_system)
     if turns_system.index(U2) < turns_system.index(S):
         raise TemplateRefused("the system prompt is written after the last user turn; " + SET_INSTEAD)
     open_first, after_system, rest = _around(with_system, [S, U1])
@@ -185,7 +185,7 @@ def _probe(render: ChatRenderer) -> _Layout:
     if rest != tail or parts[0] != head or parts[1] != before_assistant or parts[3] != after_system:
         raise TemplateRefused("the system prompt opens the last user turn, but the turns around it change "
                               "with it; " + SET_INSTEAD)
-    return _Layout(False, "", before_user, before_assistant, generation_prompt, answer_end.strip(),
+    return _Layout(False, "", before_user, before_assistant, generation_prompt, answer_end,
                    before_last_system={"": open_first, "assistant": parts[2]}, after_last_system=after_system)
 
 
@@ -231,8 +231,8 @@ def _prove(render: ChatRenderer, served: ServedTemplate, system_prompt: str | No
     """
     conversations = [list(c) for c in PROOF_CONVERSATIONS]
     conversations += [[dict(m) for m in example if m["role"] != "system"] for example in examples]
-    systems = [s for s in dict.fromkeys([PROOF_SYSTEM, system_prompt]) if s]
-    systems += [example[0]["content"] for example in examples if example and example[0]["role"] == "system"]
+    own = [example[0]["content"] for example in examples if example and example[0]["role"] == "system"]
+    systems = [s for s in dict.fromkeys([PROOF_SYSTEM, system_prompt, *own]) if s]
     for conversation in conversations:
         cases = [(conversation, None, conversation)]
         if served.default_system:
