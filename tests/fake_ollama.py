@@ -193,9 +193,10 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
                                                      for m in messages):
             return self._json(400, {"error": "messages: each needs role and content"})
         options = {**model.get("parameters", {}), **request.get("options", {})}
+        think = request.get("think")  # Ollama's `think` flag reaches the template as .Think / .IsThinkSet
         prompt = render_served_prompt(model.get("template", "{{ .Prompt }}"),
                                       [{"role": m["role"], "content": m["content"]} for m in messages],
-                                      model.get("system"))
+                                      model.get("system"), think if isinstance(think, bool) else None)
         (digest,) = model["files"].values()
         content, done_reason = self._generate(digest, prompt, options)
         reply = {"model": request["model"], "created_at": _now(),
