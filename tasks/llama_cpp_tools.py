@@ -1,9 +1,11 @@
-"""llama.cpp's converter, gguf-py and reference vocabularies, taken from the llama-cpp-python sdist; and
-loading a GGUF with llama-cpp-python the way every stage and test here does (`load_gguf`).
+"""llama.cpp's converter, gguf-py, reference vocabularies and real chat templates, taken from the
+llama-cpp-python sdist; and loading a GGUF with llama-cpp-python the way every stage and test here does
+(`load_gguf`).
 
 The converter must match the llama.cpp library that loads and quantizes the GGUF, so we fetch the source
-package of exactly the installed llama-cpp-python from the package index once, keep only the Python parts
-and the vocab files, and cache them. Nothing is compiled at run time and no llama.cpp code is committed.
+package of exactly the installed llama-cpp-python from the package index once, keep only the Python parts,
+the vocab files and the chat templates, and cache them. Nothing is compiled at run time and no llama.cpp
+code is committed.
 """
 
 from __future__ import annotations
