@@ -42,7 +42,7 @@ def diagnose(cfg: PipelineConfig | None = None) -> list[Check]:
     """Every check, in display order; with a config, `fail` marks what that config needs and is missing."""
     checks: list[tuple[str, Callable[[], list[Check]]]] = [
         ("python", _python), ("packages", _packages), ("CUDA", partial(_accelerator, cfg)),
-        ("llama.cpp converter", _llama_cpp_converter), ("Prefect API", _prefect_api),
+        ("llama.cpp converter", _llama_cpp_converter), ("Go", _go_template), ("Prefect API", _prefect_api),
         ("MLflow tracking", partial(_mlflow, cfg.tracking if cfg else TrackingConfig())),
         ("Ollama", partial(_ollama, cfg.ollama if cfg else OllamaConfig(model_name="-"))),
         ("Hugging Face hub", _hub),
@@ -132,6 +132,19 @@ def _llama_cpp_converter() -> list[Check]:
         return [Check("llama.cpp converter", "ok", str(folder))]
     return [Check("llama.cpp converter", "fail",
                   f"not fetched yet ({folder}): run `python -m tasks.llama_cpp_tools` once (needs PyPI)")]
+
+
+def _go_template() -> list[Check]:
+    """Registration proves the Ollama TEMPLATE with Go's text/template (tasks/ollama/render.py)."""
+    import shutil
+
+    from tasks.ollama.render import GO_MISSING, harness_path
+
+    if harness_path().exists():
+        return [Check("Go template harness", "ok", str(harness_path()))]
+    if shutil.which("go"):
+        return [Check("Go template harness", "ok", f"not built yet; {shutil.which('go')} builds it on first use")]
+    return [Check("Go template harness", "fail", GO_MISSING)]
 
 
 def _prefect_api() -> list[Check]:

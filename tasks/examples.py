@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict
 # (data rows after the header) and Parquet.
 Unit = Literal["line", "row"]
 
-# A reasoning block as reasoning models write it (Qwen3, DeepSeek-R1), at the start of an answer.
-THINK_BLOCK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
+# A reasoning block as reasoning models write it (Qwen3, DeepSeek-R1), at the start of an answer. The opening
+# tag may be missing: templates whose generation prompt opens the block (Qwen3.5, QwQ, DeepSeek-R1) have the
+# model write only the reasoning and `</think>`, and R1-style exports often keep it that way.
+THINK_BLOCK = re.compile(r"^\s*(?:<think>)?(.*?)</think>\s*", re.DOTALL)
 
 
 def location(source: str, line: int, unit: Unit) -> str:
@@ -23,7 +25,8 @@ def location(source: str, line: int, unit: Unit) -> str:
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of an assistant text: the leading `<think>` block, if any, and what follows it.
+    """(reasoning, answer) of an assistant text: the leading `<think>` block (or text up to a `</think>` whose
+    opening the generation prompt wrote), if any, and what follows it.
 
     Scoring and serving read the answer part, so a model trained with `data.reasoning: keep` or `wrap` is
     judged on its answer, and one trained with `strip` is judged the same way if it still writes a block.

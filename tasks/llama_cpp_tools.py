@@ -1,9 +1,11 @@
-"""llama.cpp's converter, gguf-py and reference vocabularies, taken from the llama-cpp-python sdist; and
-loading a GGUF with llama-cpp-python the way every stage and test here does (`load_gguf`).
+"""llama.cpp's converter, gguf-py, reference vocabularies and real chat templates, taken from the
+llama-cpp-python sdist; and loading a GGUF with llama-cpp-python the way every stage and test here does
+(`load_gguf`).
 
 The converter must match the llama.cpp library that loads and quantizes the GGUF, so we fetch the source
-package of exactly the installed llama-cpp-python from the package index once, keep only the Python parts
-and the vocab files, and cache them. Nothing is compiled at run time and no llama.cpp code is committed.
+package of exactly the installed llama-cpp-python from the package index once, keep only the Python parts,
+the vocab files and the chat templates, and cache them. Nothing is compiled at run time and no llama.cpp
+code is committed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-")
+# models/templates/ holds the real Hugging Face chat templates llama.cpp tests against (tests/test_templates.py).
+KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-",
+        "models/templates/")
 
 
 def cache_root() -> Path:
@@ -34,7 +38,10 @@ def llama_cpp_source() -> Path:
     """Folder holding llama.cpp's Python converter for the installed llama-cpp-python (fetched once)."""
     version = importlib.metadata.version("llama-cpp-python")
     dest = converter_dir()
-    if (dest / ".complete").exists():
+    marker = dest / ".complete"
+    # The marker names what was kept, so a cache made before KEEP grew is filled in again.
+    complete = f"{version}\n" + "\n".join(KEEP) + "\n"
+    if marker.exists() and marker.read_text() == complete:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
@@ -47,8 +54,13 @@ def llama_cpp_source() -> Path:
             )
         (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         _extract_converter(sdist, dest)
-    (dest / ".complete").write_text(version + "\n")
+    marker.write_text(complete)
     return dest
+
+
+def chat_templates_dir() -> Path:
+    """llama.cpp's models/templates: real Hugging Face chat templates (`*.jinja`), one per model family."""
+    return llama_cpp_source() / "models" / "templates"
 
 
 def _extract_converter(sdist: Path, dest: Path) -> None:

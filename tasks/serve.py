@@ -20,7 +20,7 @@ from pydantic import BaseModel, field_serializer
 from tasks.base_model import BaseModelRef
 from tasks.champion import ChampionMove, promote as promote_version, register_version, tag_version
 from tasks.config import OllamaConfig, PipelineConfig, RetryConfig
-from tasks.examples import read_examples
+from tasks.examples import read_examples, split_reasoning
 from tasks.export import ExportResult, GgufFile
 from tasks.metrics import OutputFormat, parse_json_object, required_keys
 from tasks.ollama.client import OllamaClient, OllamaError
@@ -108,19 +108,22 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
     gguf = min((g for g in exported.ggufs if g.type in passed), key=lambda g: g.bytes)
     # Absolute: `tunepipe register RUN_ID` may run from another folder than the flow did.
     gguf = gguf.model_copy(update={"path": gguf.path.resolve()})
-    spec = modelfile_spec(gguf.path, exported.merged_dir, cfg.ollama, cfg.data.system_prompt)
+    examples = list(read_examples(eval_examples))
+    smoked = examples[: cfg.ollama.smoke_examples]
+    # The conversations the smoke test sends join the proof that Ollama renders them as training did.
+    spec = modelfile_spec(gguf.path, exported.merged_dir, cfg.ollama, cfg.data.system_prompt,
+                          examples=[[m.model_dump() for m in ex.prompt] for ex in smoked])
     modelfile = spec.write(gguf.path.parent / "Modelfile")
     adapter_base = cfg.ollama.adapter_base or (base.name_or_path if Path(base.name_or_path).is_dir() else None)
     if exported.adapter_gguf is not None and adapter_base is not None:
         spec.model_copy(update={"adapter": exported.adapter_gguf, "base": adapter_base}).write(
             gguf.path.parent / "Modelfile.adapter")
-    examples = list(read_examples(eval_examples))
     # `eval.probes`: the fixed prompts the evaluation also asks base, champion and candidate.
     probes = [SmokeCase(name=f"probe {i}", messages=[{"role": "user", "content": probe}])
               for i, probe in enumerate(cfg.eval.probes)]
     cases = probes + [SmokeCase(name=f"held-out {ex.source}:{ex.line}",
                                 messages=_client_messages(ex.prompt, spec.system))
-                      for ex in examples[: cfg.ollama.smoke_examples]]
+                      for ex in smoked]
     return ServingPlan(
         run_id=run_id, tracking_uri=cfg.tracking.uri, registered_model=cfg.name,
         dataset_fingerprint=dataset_fingerprint, gguf=gguf, spec=spec, modelfile=modelfile, ollama=cfg.ollama,
@@ -189,7 +192,7 @@ def smoke_test_model(plan: ServingPlan, registration: Registration) -> SmokeRepo
 def _answer_problems(answer: str, done_reason: str | None, plan: ServingPlan) -> list[str]:
     problems = [] if done_reason == "stop" else [f"ended by {done_reason!r}, not by a stop"]
     if plan.output_format == "json":
-        parsed = parse_json_object(answer)
+        parsed = parse_json_object(split_reasoning(answer)[1])  # judged as the evaluation judges it
         if parsed is None:
             problems.append(f"not a JSON object: {answer[:120]!r}")
         elif missing := [key for key in plan.required_keys if key not in parsed]:

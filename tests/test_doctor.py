@@ -83,6 +83,7 @@ def test_ready_config_reports_every_part_and_exits_zero(tmp_path, tiny_model, de
     assert table["Ollama"] == f"ok {ollama_url}: version {OLLAMA_VERSION}"
     assert table["Hugging Face hub"].startswith("info offline (HF_HUB_OFFLINE=1)")
     assert table["model.base"].startswith("ok ") and table["llama.cpp converter"].startswith("ok ")
+    assert table["Go template harness"].startswith("ok ")
     assert table["MLflow tracking"].startswith("ok sqlite:///")
     assert {"python", "CUDA", "unsloth", "bitsandbytes", "Prefect API", "data.train", "data.eval"} <= table.keys()
     assert f"ready to run {config}" in out
@@ -115,3 +116,14 @@ def test_unreachable_tracking_server_fails_without_showing_its_password(tmp_path
     out = capsys.readouterr().out
     assert rows(out)["MLflow tracking"].startswith(f"fail http://ops:***@127.0.0.1:{port}: not reachable")
     assert "s3cr3t-pw" not in out
+
+
+def test_missing_go_fails_with_the_install_command(monkeypatch, tmp_path):
+    import shutil
+
+    from tasks.doctor import _go_template
+
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no harness built there
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    (check,) = _go_template()
+    assert check.status == "fail" and "apt-get install golang-go" in check.detail

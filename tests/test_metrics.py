@@ -71,3 +71,6 @@ def test_answers_are_scored_after_a_leading_reasoning_block():
     answer = '<think>Price first.</think>\n{"name": "Mini Kite", "price": "$12", "category": "Toys"}'
     assert score_example(answer, reference, True, "json")["exact_match"] == 1.0
     assert required_keys([reference]) == ["name", "price", "category"]
+    # Qwen3.5, QwQ, DeepSeek-R1: the generation prompt opens the block, the model writes from inside it.
+    opened = 'Price first.\n</think>\n\n{"name": "Mini Kite", "price": "$12", "category": "Toys"}'
+    assert score_example(opened, reference, True, "json")["exact_match"] == 1.0

@@ -16,7 +16,8 @@ from tasks.config import OllamaConfig
 from tasks.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
 from tasks.ollama.host import ollama_host
 from tasks.ollama.modelfile import modelfile_spec
-from tasks.ollama.template import ollama_template, render_chat_template
+from tasks.ollama.render import render_served_prompt
+from tasks.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
 from tasks.tiny_model import CHATML_TEMPLATE
 
 # Meta-Llama-3-8B-Instruct's chat template, as published.
@@ -90,40 +91,48 @@ def test_host_resolution(configured: str | None, env: str | None, expected: str,
 # --- Template -------------------------------------------------------------------------------------------------
 
 
+def derived(chat_template: str, eos_token: str = "") -> ServedTemplate:
+    return ollama_template(transformers_renderer(chat_template, eos_token=eos_token))
+
+
 def test_chatml_template_and_stop() -> None:
-    template, stops = ollama_template(CHATML_TEMPLATE)
-    # Same layout as Ollama's official qwen2.5 template, tools left out.
-    assert template == (
-        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\n"
-        "{{- range $i, $_ := .Messages }}\n"
-        "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
-        '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
-        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}{{ if not $last }}<|im_end|>\n'
-        "{{ end }}{{ end }}\n"
-        '{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant\n{{ end }}\n'
-        "{{- end }}"
+    served = derived(CHATML_TEMPLATE)
+    assert served.stops == ["<|im_end|>"]
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{}"},
+                    {"role": "user", "content": "again"}]
+    assert render_served_prompt(served.template, conversation, "Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n{}"
+        "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert stops == ["<|im_end|>"]
+    # A conversation ending with an answer is left open, so the model can continue it (as Ollama's own are).
+    assert render_served_prompt(served.template, conversation[:2]).endswith("<|im_start|>assistant\n{}")
 
 
 def test_llama3_template_and_stop() -> None:
-    template, stops = ollama_template(LLAMA3_TEMPLATE)
-    assert template.startswith("{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>")
-    assert '{{- if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}<|eot_id|>' in template
-    assert "{{ if not $last }}<|eot_id|>{{ end }}" in template
-    assert '$last }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}' in template
-    assert stops == ["<|eot_id|>"]  # not <|start_header_id|> and the like: those cut answers short
+    served = derived(LLAMA3_TEMPLATE)
+    assert served.stops == ["<|eot_id|>"]  # not <|start_header_id|> and the like: those cut answers short
+    assert served.default_system is None
+    assert render_served_prompt(served.template, [{"role": "user", "content": "hi"}], "Be brief.") == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
-@pytest.mark.parametrize("chat_template", [
-    "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:",
-    # Phi-4: ChatML's tokens but `<|im_sep|>` after the role, so ChatML's layout would be wrong.
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
-    "{% endfor %}{{ '<|im_start|>assistant<|im_sep|>' }}",
-])
-def test_unknown_template_names_what_was_looked_for(chat_template: str) -> None:
-    with pytest.raises(ValueError, match=r"<\|im_start\|>.*<\|start_header_id\|>.*`ollama\.template`"):
-        ollama_template(chat_template)
+def test_template_refusing_a_system_prompt_is_refused_with_its_reason() -> None:
+    gemma2 = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+              "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}")
+    with pytest.raises(TemplateRefused, match=r"cannot render a system prompt.*System role not supported.*"
+                                              r"`ollama\.template`"):
+        derived(gemma2)
+
+
+def test_template_that_alters_contents_is_refused_with_the_first_difference() -> None:
+    """The probes' plain words pass through HTML escaping unchanged; the proof's `<p>Kettle` does not."""
+    escaping = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | e }}<|end|>{% endfor %}<|assistant|>"
+    with pytest.raises(TemplateRefused, match=r"differently from the chat template at character \d+: "
+                                              r"training has '.*&lt;p&gt;Kettle.*', Ollama would have "
+                                              r"'.*<p>Kettle.*'.*`ollama\.template`"):
+        derived(escaping)
 
 
 # --- Modelfile ------------------------------------------------------------------------------------------------
@@ -133,7 +142,7 @@ def test_modelfile_for_chatml_tokenizer(chatml_tokenizer: Path, gguf: Path) -> N
     cfg = OllamaConfig(model_name="demo", num_ctx=2048, temperature=0.2)
     path = modelfile_spec(gguf, chatml_tokenizer, cfg).write(gguf.parent / "Modelfile")
 
-    template, _ = ollama_template(CHATML_TEMPLATE)
+    template = derived(CHATML_TEMPLATE, "<|endoftext|>").template
     assert path.read_text() == (
         "FROM ./model.gguf\n"
         f'TEMPLATE """{template}"""\n'
@@ -221,7 +230,7 @@ def test_blob_is_uploaded_once_with_its_digest(fake_ollama: FakeOllama, gguf: Pa
 def test_create_show_copy_tags_delete_send_the_documented_requests(fake_ollama: FakeOllama, gguf: Path) -> None:
     client = OllamaClient(fake_ollama.url, timeout_s=5)
     digest = client.push_blob(gguf)
-    template, _ = ollama_template(CHATML_TEMPLATE)
+    template = derived(CHATML_TEMPLATE).template
     parameters = {"stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": 2048, "temperature": 0.0}
 
     client.create("demo:3", files={"model.gguf": digest}, template=template, system="Be brief.",
@@ -340,16 +349,6 @@ def test_live_create_chat_copy_delete(chatml_tokenizer: Path) -> None:
                 LIVE.delete(name)
 
 
-@pytest.mark.parametrize("template", [QWEN25_TEMPLATE, LLAMA3_TEMPLATE, CHATML_TEMPLATE])
-def test_default_system_prompt_probe_renders_exactly_as_transformers(template: str) -> None:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    messages = [{"role": "user", "content": "?"}]
-    (expected,), _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True,
-                                           bos_token="", eos_token="")
-    assert render_chat_template(template, messages) == expected
-
-
 # --- No train/serve skew ------------------------------------------------------------------------------------
 
 
@@ -357,10 +356,9 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
     """One held-out conversation, as training tokenized it and as Ollama renders it from the Modelfile.
 
     The client sends only the user turn (as the smoke test and any app do); Ollama adds the Modelfile's SYSTEM
-    and renders TEMPLATE with Go's semantics. The ids must equal the training prompt's, up to the answer.
+    and renders TEMPLATE with Go's text/template. The ids must equal the training prompt's, up to the answer.
     """
     import yaml
-    from go_template import ollama_prompt
     from transformers import AutoTokenizer
 
     from tasks.format_data import IGNORE, tokenize_conversation
@@ -374,12 +372,12 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
 
     spec = modelfile_spec(tiny_model / "model.gguf", tiny_model, OllamaConfig(model_name="demo"), system_prompt)
     user_turn = [m.model_dump() for m in example.prompt if m.role != "system"]
-    served = ollama_prompt(spec.template, spec.system, user_turn)
+    served = render_served_prompt(spec.template, user_turn, spec.system)
     assert spec.system == system_prompt
     assert tokenizer(served, add_special_tokens=False)["input_ids"] == trained_prompt
 
     # Without SYSTEM (the Modelfile before this fix) the served model saw another prompt.
-    unprompted = ollama_prompt(spec.template, None, user_turn)
+    unprompted = render_served_prompt(spec.template, user_turn)
     assert tokenizer(unprompted, add_special_tokens=False)["input_ids"] != trained_prompt
 
 
@@ -412,10 +410,9 @@ GEMMA3_TEMPLATE = (
 @pytest.mark.parametrize("system", ["Answer in JSON.", None])
 def test_go_template_renders_what_the_chat_template_renders(chat_template: str, system: str | None) -> None:
     """Ollama's rendering of the derived TEMPLATE (+ SYSTEM) is the text training rendered, turn for turn."""
-    from go_template import ollama_prompt
 
     conversation = [{"role": "user", "content": "<p>Kettle</p>"}, {"role": "assistant", "content": '{"a": 1}'},
                     {"role": "user", "content": "<p>Lamp</p>"}]
-    template, _ = ollama_template(chat_template)
+    render = transformers_renderer(chat_template)
     trained = ([{"role": "system", "content": system}] if system else []) + conversation
-    assert ollama_prompt(template, system, conversation) == render_chat_template(chat_template, trained)
+    assert render_served_prompt(ollama_template(render).template, conversation, system) == render(trained, True)

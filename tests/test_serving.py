@@ -355,3 +355,15 @@ def test_ollama_killed_after_moving_latest_is_put_in_step_by_the_retry(
 
     assert (served.promotion.version, served.promotion.previous, _in_step(fake_ollama, uri, "moved")) == (
         "2", "1", True)
+
+
+def test_smoke_test_judges_the_answer_after_the_reasoning_as_the_evaluation_does() -> None:
+    from types import SimpleNamespace
+
+    from tasks.serve import _answer_problems
+
+    plan = SimpleNamespace(output_format="json", required_keys=["name"])
+    assert _answer_problems('<think>\nThe heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []
+    assert _answer_problems('The heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []
+    assert _answer_problems('<think>\nThe heading.\n</think>\n\nKettle', "stop", plan) == [
+        "not a JSON object: '<think>\\nThe heading.\\n</think>\\n\\nKettle'"]

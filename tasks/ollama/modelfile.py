@@ -1,20 +1,22 @@
 """What the Modelfile says, as data: written to disk and sent to /api/create alike, so they cannot differ.
 
-Template and stops come from the trained model's tokenizer folder; the system prompt is the one the model was
-trained with (`ollama.system`, else `data.system_prompt`, else the chat template's own default).
+Template and stops come from the trained model's tokenizer folder (derived and proven: tasks/ollama/template.py);
+the system prompt is the one the model was trained with (`ollama.system`, else `data.system_prompt`, else the
+chat template's own default).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import OllamaConfig
-from tasks.ollama.template import default_system_prompt, detect_chat_format, ollama_template
+from tasks.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
 
 log = logging.getLogger(__name__)
 
@@ -79,34 +81,40 @@ def _bare(value: str) -> bool:
     return bool(value) and not any(c.isspace() or c == '"' for c in value)
 
 
-def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig,
-                   trained_system: str | None = None) -> ModelfileSpec:
-    """Template and stops from the tokenizer's chat template (or `cfg.template`), parameters from `cfg`.
+def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig, trained_system: str | None = None,
+                   examples: Sequence[Sequence[dict[str, str]]] = ()) -> ModelfileSpec:
+    """Template and stops derived from the tokenizer's chat template and proven (or `cfg.template`), parameters
+    from `cfg`; `examples` (prompts of the run's conversations) join the proof.
 
-    The stops hold every token the trained model may end a turn with, end-of-turn marker first: the template's
-    end-of-turn marker, the tokenizer's eos token, and generation_config.json's eos ids (a Qwen fine-tune
-    ending turns with <|endoftext|> rambled past <|im_end|>). No other special token: those cut answers short.
-    The system prompt is what training put before every conversation, so a client that sends none gets the
-    prompt the model learned under: `cfg.system` when set, else `trained_system` (`data.system_prompt`), else
-    (for a derived template) the one the chat template adds by default.
+    The stops hold every token the trained model may end a turn with, end-of-turn text first: what the chat
+    template has the model write after an answer, the tokenizer's eos token, and generation_config.json's eos
+    ids (a Qwen fine-tune ending turns with <|endoftext|> rambled past <|im_end|>). No other special token:
+    those cut answers short. The system prompt is what training put before every conversation, so a client
+    that sends none gets the prompt the model learned under: `cfg.system` when set, else `trained_system`
+    (`data.system_prompt`), else (for a derived template) the one the chat template adds by default.
     """
     chat_template, eos = _read_tokenizer(tokenizer_dir)
     system = cfg.system if cfg.system is not None else trained_system
-    if cfg.template is not None:
-        template = cfg.template
-        fmt = detect_chat_format(chat_template) if chat_template else None
-        stops = [fmt.stop] if fmt else []
-    elif chat_template is None:
+    if chat_template is None and cfg.template is None:
         raise ValueError(
             f"{tokenizer_dir}: no chat template (looked for chat_template.jinja and `chat_template` in "
             "tokenizer_config.json); set `ollama.template` in the config to an Ollama Go template."
         )
+    render = transformers_renderer(chat_template, eos_token=eos or "") if chat_template else None
+    if cfg.template is not None:
+        template = cfg.template
+        turn_end = end_of_turn(render) if render else None
+        stops = [turn_end] if turn_end else []
     else:
-        template, stops = ollama_template(chat_template)
+        try:
+            served = ollama_template(render, system, examples)
+        except TemplateRefused as exc:
+            raise TemplateRefused(f"{tokenizer_dir}: {exc}") from exc
+        template, stops = served.template, served.stops
         if system is None:  # the template's own default is what training rendered then
-            system = default_system_prompt(chat_template, detect_chat_format(chat_template))
+            system = served.default_system
     end_tokens = [eos] if eos else []
-    # dict.fromkeys drops repeats and keeps the first occurrence's place: the end-of-turn marker stays first.
+    # dict.fromkeys drops repeats and keeps the first occurrence's place: the end-of-turn text stays first.
     stops = list(dict.fromkeys([*stops, *end_tokens, *_generation_eos_tokens(tokenizer_dir)]))
     return ModelfileSpec(gguf=gguf_path, template=template, stops=stops, system=system,
                          parameters={"num_ctx": cfg.num_ctx, "temperature": cfg.temperature})
