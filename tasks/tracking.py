@@ -372,10 +372,10 @@ def trained_model(cfg: TrackingConfig, registered_name: str, model: str, dest: P
         if not target.exists():
             partial = folder / ".partial"
             shutil.rmtree(partial, ignore_errors=True)
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(partial),
-                                                tracking_uri=cfg.uri)
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(partial),
+                                                        tracking_uri=cfg.uri)
             target.parent.mkdir(parents=True, exist_ok=True)
-            (partial / path).rename(target)
+            Path(local).rename(target)
         return target
 
     if artifact == "adapter" or "export.merged_dir" in run.data.tags:  # the run logged the whole folder

@@ -264,14 +264,15 @@ def test_evaluate_flow_scores_an_unexported_full_run_from_its_train_folder(first
 
 
 def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama, obedient_gguf):
-    """The run's logged plan, its GGUF swapped for one that answers `{}` and stops: registered, asked, promoted.
+    """The run's logged plan, its GGUF swapped for one that answers `{}` and stops (so no keys are asked of it):
+    registered, asked, promoted.
     Last in this module: a champion makes every later run's evaluation score it too (no cache hits)."""
     from flows.serve import register_run
     from tasks.champion import find_champion
 
     summary, _ = first_run
     client = mlflow_client(config_path)
-    _point_plan(client, summary.mlflow_run_id, host=fake_ollama.url, gguf=obedient_gguf)
+    _point_plan(client, summary.mlflow_run_id, host=fake_ollama.url, gguf=obedient_gguf, required_keys=[])
 
     serving = register_run(summary.mlflow_run_id, summary.mlflow_tracking_uri)
 
