@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +23,7 @@ DEMO_CONFIG = Path("configs/demo.yaml")
 DEMO_ASSETS = Path("runs/demo-assets")
 UNSERVED = 4  # exit status of `run`: trained, gated and exported, but not served; finish with `register`
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # TrackingConfig's default, without importing the config here
+SERVER_STARTUP_TIMEOUT_S = 120  # Prefect's temporary server; its own default (20 s) is short on a busy machine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return print_doctor(cfg, args.config)
     if args.command == "register":
-        return run_register(args.run_id, args.tracking_uri)
+        return until_stopped(lambda: run_register(args.run_id, args.tracking_uri))
     if args.command == "rollback":
         return run_rollback(args.name, args.tracking_uri, args.ollama_host)
     if args.command == "demo":
@@ -98,11 +103,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return run_check(cfg)
     if args.command == "retrain":
-        return run_retrain(cfg)
+        return until_stopped(lambda: run_retrain(cfg))
     if args.command == "evaluate":
-        return run_evaluate(cfg, args.model)
+        return until_stopped(lambda: run_evaluate(cfg, args.model))
     # The demo runs where no Ollama may be: an unserved model is reported, not an error.
-    return run_finetune(cfg, unserved_status=0 if args.command == "demo" else UNSERVED)
+    return until_stopped(lambda: run_finetune(cfg, unserved_status=0 if args.command == "demo" else UNSERVED))
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the process is, so that it unwinds as on Ctrl-C (see `until_stopped`)."""
+
+
+def until_stopped(command: Callable[[], int]) -> int:
+    """Run a flow command; SIGTERM (`kill`, a scheduler, a container stop) ends it as Ctrl-C does.
+
+    Either way Prefect marks the stage that was running and the flow run Crashed, the stage stops its worker
+    process, the MLflow run ends FAILED, and the exit handlers stop Prefect's temporary server. SIGTERM's
+    default would end the process on the spot and leave the server (and a worker) running.
+    """
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return command()
+    except (KeyboardInterrupt, Terminated) as exc:
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"stopped by {how}: the stage that was running is marked Crashed (Prefect) and the MLflow run "
+              "FAILED. The same command resumes: finished stages are cache hits and training goes on from its "
+              "last checkpoint.", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_check(cfg) -> int:
@@ -138,8 +170,9 @@ def print_data_report(console, checked) -> None:
     from rich.table import Table
 
     files = Table(title="data files (kept + quarantined = read)")
-    for column in ("file", "read", "kept train", "kept eval", "quarantined"):
-        files.add_column(column, justify="left" if column == "file" else "right")
+    files.add_column("file", overflow="fold")  # a path wraps onto more lines, never cut
+    for column in ("read", "kept train", "kept eval", "quarantined"):
+        files.add_column(column, justify="right")
     for f in checked.files:
         files.add_row(f.source, str(f.rows_read), str(f.kept_train), str(f.kept_eval), str(f.quarantined))
     console.print(files)
@@ -160,6 +193,7 @@ def print_data_report(console, checked) -> None:
 
 
 def print_run_plan(console, plan) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="run plan", show_header=False)
@@ -181,6 +215,8 @@ def print_run_plan(console, plan) -> None:
     ):
         table.add_row(name, value)
     console.print(table)
+    for warning in plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 def prepare_demo_assets(root: Path) -> None:
@@ -350,9 +386,32 @@ def start_prefect_api_in_background() -> threading.Thread | None:
 
     if PREFECT_API_URL.value():
         return None
-    from prefect.server.api.server import SubprocessASGIServer
+    import prefect.server.api.server as prefect_server
 
-    boot = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
+    class TemporaryServer(prefect_server.SubprocessASGIServer):
+        """Prefect's temporary server in a process group of its own, so that Ctrl-C (which the terminal sends
+        to its whole foreground group) reaches the run but not the server: the run reports its Crashed state
+        to the server, then the exit handlers stop it. In the terminal's group the server would die first
+        and the run would retry its last report against nothing for minutes."""
+
+        def start(self, timeout: int | None = None) -> None:
+            try:
+                super().start(timeout or SERVER_STARTUP_TIMEOUT_S)
+            except Exception:
+                self.stop()  # Prefect forgets a server that was slow to answer: stop it rather than leak it
+                raise
+
+        def _run_uvicorn_command(self):
+            real = prefect_server.subprocess  # the one place Prefect starts it: its Popen, in a group of its own
+            prefect_server.subprocess = SimpleNamespace(**{**vars(real), "Popen": partial(real.Popen,
+                                                                                          process_group=0)})
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect_server.subprocess = real
+
+    # Prefect keeps one server per port; the instance made here is the one its client starts and stops too.
+    boot = threading.Thread(target=TemporaryServer().start, daemon=True)
     boot.start()
     return boot
 

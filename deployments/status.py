@@ -189,7 +189,8 @@ def print_trace(cfg: PipelineConfig, tag: str, rows: int) -> int:
     console.print(f"{trace.tag} = {cfg.name} v{trace.version}, MLflow run {trace.run_id} ({trace.run_name}, "
                   f"{trace.run_status})\ndataset fingerprint {trace.dataset_fingerprint}\ntrain file {trace.train_file}")
     for dataset in trace.datasets:
-        console.print(f"input {dataset['name']} ({dataset['digest']}): {dataset.get('rows_by_source', {})}")
+        rows = dataset.get("rows_by_source") or dataset.get("rows_by_file", {})  # a RAG snapshot, or a split
+        console.print(f"input {dataset['name']} ({dataset['digest']}): {rows}")
     for row in trace.source_rows:
         console.print(json.dumps(row, ensure_ascii=False))
     return 0

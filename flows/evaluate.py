@@ -17,7 +17,7 @@ from tasks.format_data import format_data
 from tasks.gate import GateDecision, gate
 from tasks.load_data import data_fingerprint, load_data
 from tasks.retries import network_retries
-from tasks.tracking import tracked_run, trained_adapter
+from tasks.tracking import tracked_run, trained_model
 
 
 class Evaluation(BaseModel):
@@ -33,14 +33,14 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
     """`model`: the MLflow run id of a finetune run, or `v<N>` for version N of the registered model."""
     cfg = config
     base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model)
-    candidate = trained_adapter(cfg.tracking, cfg.name, model, cfg.workdir / "evaluate-inputs")
-    model_run_id = candidate.adapter_dir.parent.name
+    model_run_id, candidate = trained_model(cfg.tracking, cfg.name, model, cfg.workdir / "evaluate-inputs")
     tags = {"prefect.flow_run_id": str(flow_run.get_id()), "tunepipe.kind": "evaluate",
             "evaluated.model": model, "evaluated.run_id": model_run_id,
             "dataset.fingerprint": data_fingerprint(cfg.data), "base_model": cfg.model.base}
     with tracked_run(cfg, run_name=f"{cfg.name}-evaluate-{flow_run.get_name()}", tags=tags) as run:
         loaded = load_data(cfg.data, tags["dataset.fingerprint"], cfg.workdir)
         checked = check_data(loaded, cfg.data, base, cfg.model, cfg.workdir)
+        run.data_checked(loaded, checked)  # what it was scored on, as the run's dataset inputs
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,

@@ -45,7 +45,8 @@ def outputs_exist(value: Any) -> bool:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        # A section may name fields that decide nothing a stage writes (`cache_exclude`): they stay out of keys.
+        return value.model_dump(mode="json", exclude=getattr(value, "cache_exclude", None))
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):

@@ -198,7 +198,11 @@ def policy_problems(cfg: DataConfig, reports: dict[str, DataCheckReport], rows_r
         )
     if reports["train"].n_passed < cfg.min_rows:
         problems.append(f"{reports['train'].n_passed} training rows passed, data.min_rows is {cfg.min_rows}")
-    if reports["eval"].n_passed < 1:
+    if cfg.eval is None and reports["eval"].n_checked == 0:  # the split held out nothing: say why
+        problems.append(f"too few rows to hold out an evaluation split: {reports['train'].n_checked} valid row(s) "
+                        f"reached the split (data.eval_fraction {cfg.eval_fraction}, at least 2 distinct rows "
+                        "needed); add rows, or give held-out rows as data.eval")
+    elif reports["eval"].n_passed < 1:
         problems.append("no eval row passed")
     return problems
 

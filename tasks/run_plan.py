@@ -17,6 +17,9 @@ from tasks.format_data import FormattedData, format_data
 from tasks.load_data import data_fingerprint, load_data
 from tasks.training import EnvironmentReport
 
+# Going over the same rows more often than this mostly teaches the model to recite them.
+MANY_EPOCHS = 50
+
 
 class RunPlan(BaseModel):
     train_rows: int
@@ -30,19 +33,27 @@ class RunPlan(BaseModel):
     steps: int  # train.max_steps, or train.epochs over the training rows
     epochs: float  # how many times the steps go over the training rows
     environment: EnvironmentReport  # training's own check: device, precision, memory estimate against free memory
+    warnings: list[str] = []  # what would not stop the run but is probably not what was meant
 
 
 def plan_run(cfg: PipelineConfig, formatted: FormattedData, environment: EnvironmentReport) -> RunPlan:
     rows = formatted.train.n_rows
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.train.devices
     steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * rows / per_step)  # as the training loop counts
+    epochs = steps * per_step / rows
+    warnings = []
+    if epochs > MANY_EPOCHS:
+        setting = (f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps
+                   else f"train.epochs={cfg.train.epochs}")
+        warnings.append(f"{setting} goes over the {rows} training rows {epochs:.0f} times (more than {MANY_EPOCHS}): "
+                        "the model will likely learn them by heart; use more rows or fewer steps")
     return RunPlan(
         train_rows=formatted.train.n_rows, eval_rows=formatted.eval.n_rows,
         train_tokens=formatted.train.n_tokens, train_trained_tokens=formatted.train.n_trained_tokens,
         eval_tokens=formatted.eval.n_tokens,
         longest_example_tokens=max(formatted.train.max_tokens, formatted.eval.max_tokens),
         examples_per_step=per_step, steps_per_epoch=max(1, math.ceil(rows / per_step)), steps=steps,
-        epochs=steps * per_step / rows, environment=environment,
+        epochs=epochs, environment=environment, warnings=warnings,
     )
 
 

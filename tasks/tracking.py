@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic import BaseModel
 
 from tasks.champion import MODEL_ARTIFACT
 from tasks.config import PipelineConfig, TrackingConfig
+from tasks.ollama.client import file_digest
 from tasks.redact import error_line, redact
 from tasks.serve import PLAN_ARTIFACT, ServingPlan
 
@@ -115,13 +117,13 @@ class Tracker:
                 f"tracking.uri {redact(cfg.uri)}: the MLflow tracking store cannot be used ({error_line(exc)}); "
                 "nothing was trained. Start the tracking server or fix tracking.uri, then run again."
             ) from exc
-        self.run_id = ""
+        self.run_id = self.name = ""
         self.gate_failed = False
 
     def start(self, cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={key: redact(value) for key, value in tags.items()})
-        self.run_id = run.info.run_id
+        self.run_id, self.name = run.info.run_id, cfg.name
         params = flatten(cfg.model_dump(mode="json"))
         # MLflow takes at most 100 params per call.
         items = [Param(key, redact(value)[:6000]) for key, value in params.items()]
@@ -143,6 +145,16 @@ class Tracker:
         self._artifact(checked.summary_path, "data_checks")
         self._artifact(checked.data_docs.parent, "data_checks/data_docs")
         self.tags({"data.checks": "passed" if not checked.problems else "failed"})
+        # The rows the run trains and is judged on, as MLflow dataset inputs ("Datasets" in the UI): each split's
+        # own digest, and the fingerprint of the whole data set (the `dataset.fingerprint` tag) in its profile.
+        splits = (("train", checked.train, "training"), ("eval", checked.eval, "evaluation"))
+        self.client.log_inputs(self.run_id, [
+            dataset_input(f"{self.name}-{split}", file_digest(report.clean_path).removeprefix("sha256:"),
+                          report.clean_path, context, {
+                              "num_rows": report.n_passed, "fingerprint": loaded.fingerprint,
+                              "rows_by_file": {f.source: getattr(f, f"kept_{split}") for f in checked.files}})
+            for split, report, context in splits
+        ])
 
     def live_ref(self) -> MlflowRunRef:
         return MlflowRunRef(tracking_uri=self.uri, run_id=self.run_id)
@@ -157,10 +169,12 @@ class Tracker:
         self._artifact(formatted.quarantine_path, "quarantine")
         if trained.kind == "lora":
             self._artifact(trained.adapter_dir, "adapter")
-            # What the train stage returned, so the evaluate flow can score this run's model later.
-            self.client.log_text(self.run_id, trained.model_dump_json(indent=2), "adapter/train_result.json")
-        else:  # the weights of a whole model stay in the stage's folder; its config says which model it is
-            self._artifact(trained.adapter_dir / "config.json", "model")
+            folder = "adapter"
+        else:  # the weights of a whole model are logged by export (the `model` artifact); its config says which
+            self._artifact(trained.adapter_dir / "config.json", MODEL_ARTIFACT)
+            folder = MODEL_ARTIFACT
+        # What the train stage returned, so the evaluate flow can score this run's model later.
+        self.client.log_text(self.run_id, trained.model_dump_json(indent=2), f"{folder}/train_result.json")
 
     def attempt(self, plan: AttemptPlan, run_name: str) -> Tracker:
         """A child run for one training attempt, with the settings it trained with."""
@@ -323,31 +337,34 @@ def find_run_of_flow_run(cfg: TrackingConfig, flow_run_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def dataset_input(name: str, digest: str, path: Path, context: str, profile: dict[str, Any]):
+    """An MLflow dataset input: a local file, `digest` (MLflow keeps 36 characters: we give 16) and a profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest[:16], source_type="local",
+                      source=json.dumps({"uri": path.resolve().as_uri()}), profile=json.dumps(profile))
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
+
+
 def log_dataset_input(cfg: TrackingConfig, run_id: str, name: str, fingerprint: str, train_file: Path,
                       rows_by_source: dict[str, int], files: list[Path]) -> None:
     """Record a versioned training set as the run's input (MLflow's dataset tracking), with its files."""
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     client = MlflowClient(tracking_uri=cfg.uri)
-    dataset = Dataset(
-        name=name, digest=fingerprint[:16],  # MLflow keeps at most 36 characters; the full one is in profile
-        source_type="local", source=json.dumps({"uri": train_file.resolve().as_uri()}),
-        profile=json.dumps({"num_rows": sum(rows_by_source.values()), "rows_by_source": rows_by_source,
-                            "fingerprint": fingerprint}),
-    )
-    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    # The full fingerprint is in the profile.
+    client.log_inputs(run_id, [dataset_input(name, fingerprint, train_file, "training", {
+        "num_rows": sum(rows_by_source.values()), "rows_by_source": rows_by_source, "fingerprint": fingerprint})])
     for source, rows in rows_by_source.items():
         client.set_tag(run_id, f"dataset.rows.{source}", str(rows))
     for path in files:
         client.log_artifact(run_id, str(path), "dataset")
 
 
-def trained_adapter(cfg: TrackingConfig, registered_name: str, model: str, dest: Path) -> TrainResult:
-    """What the train stage of a finished run returned, with its adapter downloaded once into `dest`.
+def trained_model(cfg: TrackingConfig, registered_name: str, model: str, dest: Path) -> tuple[str, TrainResult]:
+    """The run id of a finished run, and what its train stage returned with the model fetched once into `dest`.
 
-    `model` is that MLflow run's id, or `v<N>` for version N of the registered model.
+    `model` is that MLflow run's id, or `v<N>` for version N of the registered model. A LoRA run's adapter is
+    an artifact of the run. A full fine-tune's weights are the run's `model` artifact once it was exported;
+    before that (the gate failed) they are only in the train stage's folder, used while it exists.
     """
     import mlflow.artifacts
 
@@ -356,12 +373,27 @@ def trained_adapter(cfg: TrackingConfig, registered_name: str, model: str, dest:
     client = MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
     version = re.fullmatch(r"v(\d+)", model)
     run_id = client.get_model_version(registered_name, version[1]).run_id if version else model
+    run = client.get_run(run_id)
     folder = dest / run_id
-    if client.get_run(run_id).data.tags.get("train.kind", "lora") != "lora":
-        raise ValueError(f"run {run_id} trained every weight (train.mode: full); its weights are in that run's "
-                         "train stage folder, not in MLflow, so only LoRA runs can be evaluated by run id")
-    if not (folder / "adapter" / "train_result.json").is_file():
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(folder),
-                                            tracking_uri=cfg.uri)
-    trained = TrainResult.model_validate_json((folder / "adapter" / "train_result.json").read_text())
-    return trained.model_copy(update={"adapter_dir": folder / "adapter"})
+    artifact = "adapter" if run.data.tags.get("train.kind", "lora") == "lora" else MODEL_ARTIFACT
+
+    def fetch(path: str) -> Path:  # once: downloaded under a temporary name, so a path that exists is complete
+        target = folder / path
+        if not target.exists():
+            partial = folder / ".partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(partial),
+                                                        tracking_uri=cfg.uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Path(local).rename(target)
+        return target
+
+    if artifact == "adapter" or "export.merged_dir" in run.data.tags:  # the run logged the whole folder
+        local = fetch(artifact)
+        trained = TrainResult.model_validate_json((local / "train_result.json").read_text())
+        return run_id, trained.model_copy(update={"adapter_dir": local})
+    trained = TrainResult.model_validate_json(fetch(f"{artifact}/train_result.json").read_text())
+    if not (trained.adapter_dir / "config.json").is_file():
+        raise ValueError(f"run {run_id} trained every weight (train.mode: full) and was not exported, so MLflow "
+                         f"holds no weights of it, and its train stage folder {trained.adapter_dir} is gone")
+    return run_id, trained

@@ -4,7 +4,8 @@ Training and evaluation load models, CUDA state and (on a GPU) unsloth's patches
 the flow's process or into the next stage. So such a stage writes its request as JSON, starts
 `python -m tasks.worker MODULE:FUNCTION REQUEST RESULT` (or the same under torchrun for several devices),
 streams the worker's output to the log and to `worker.log`, and reads the result JSON back. A worker that
-dies (an exception, SIGKILL, out of memory) fails the stage with its exit status and the tail of its log.
+dies (an exception, SIGKILL, out of memory) fails the stage with its exit status and the tail of its log; a
+stage that is stopped (SIGTERM or Ctrl-C reaching the flow) stops its worker before it ends.
 
 The target is a plain function taking one pydantic model and returning another, so it can also be called
 in-process by tests. While it runs it may report progress with `emit_event` (one JSON line on stdout, rank 0
@@ -82,18 +83,33 @@ def run_worker(
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
     ) as process:
-        for line in process.stdout:
-            log_file.write(line)
-            log_file.flush()
-            tail.append(line)
-            _collect_first_traceback(first_error, line)
-            if line.startswith(EVENT_PREFIX) and on_event is not None:
-                on_event(json.loads(line[len(EVENT_PREFIX) :]))
-            elif line.strip():
-                log.info("%s", line.rstrip())
+        try:
+            for line in process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                tail.append(line)
+                _collect_first_traceback(first_error, line)
+                if line.startswith(EVENT_PREFIX) and on_event is not None:
+                    on_event(json.loads(line[len(EVENT_PREFIX) :]))
+                elif line.strip():
+                    log.info("%s", line.rstrip())
+        except BaseException:  # the stage was stopped (SIGTERM, Ctrl-C) or failed: the worker must not outlive it
+            stop_process(process)
+            raise
     if process.returncode != 0 or not result_path.exists():
         raise WorkerFailed(target, process.returncode, log_path, list(tail), first_error)
     return result_type.model_validate_json(result_path.read_text())
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: a worker ends at once (torchrun passes SIGTERM on to its ranks)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _collect_first_traceback(lines: list[str], line: str) -> None:

@@ -29,6 +29,47 @@ def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return convert(tiny_model, tmp_path_factory.mktemp("tiny-gguf") / "model-f16.gguf", "f16")
 
 
+def gguf_file(path: Path):
+    """An f16 GGUF file as the export stage describes it."""
+    from tasks.export import GgufFile
+    from tasks.ollama.client import file_digest
+
+    return GgufFile(type="f16", path=path, bytes=path.stat().st_size, sha256=file_digest(path).split(":")[1])
+
+
+@pytest.fixture(scope="session")
+def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny Qwen3 rewired to answer `{}` and stop: a model that passes the smoke test, without training.
+
+    Its layers add nothing (zero output projections), so the next token depends on the last one only, and the
+    untied head maps the assistant header's final newline to the first token of `{}`, each of its tokens to
+    the next, and the last to <|im_end|>.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.export import convert
+
+    out = tmp_path_factory.mktemp("obedient")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
+    chain = [tokenizer.convert_tokens_to_ids("Ċ"), *tokenizer("{}", add_special_tokens=False)["input_ids"],
+             tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert len(set(chain)) == len(chain)  # a token followed by two others could not be told apart
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        head = torch.zeros_like(embeddings)
+        for previous, following in zip(chain, chain[1:]):
+            head[following] = embeddings[previous] * 10
+        model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out / "hf")
+    tokenizer.save_pretrained(out / "hf")
+    return gguf_file(convert(out / "hf", out / "model-f16.gguf", "f16"))
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tasks.demo_data import write_demo_dataset
@@ -80,7 +121,7 @@ def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
         config.update(workdir=str(root / "runs"))
         config["data"].update(train=str(train), eval=str(eval_))
         config["model"]["base"] = str(tiny_model)
-        # LoRA: the common case, and the one `tunepipe evaluate RUN` can load back from MLflow
+        # LoRA: the common case (the finetune flow's own test trains every weight, as the demo does)
         config["train"].update(mode="lora", max_steps=2, batch_size=2, logging_steps=1)
         config["eval"] = {"max_samples": 2, "max_new_tokens": 8}
         # A gate every model passes, one attempt: these runs test ingestion, flows and serving, not quality

@@ -162,3 +162,37 @@ def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, 
     path.write_text(yaml.safe_dump(config))
     assert main(["check", str(path)]) == 1
     assert "numbers.json: a JSON array of numbers and strings" in capsys.readouterr().out
+
+
+def test_a_one_row_file_is_too_small_to_hold_out_an_evaluation_split(tmp_path: Path, tiny_model: Path) -> None:
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"input": "<div>Kettle, $25</div>", "output": {"name": "Kettle"}}) + "\n")
+    with pytest.raises(DataCheckError) as caught:
+        _check(tmp_path, tiny_model, train=one)
+    assert caught.value.checked.problems == [
+        "too few rows to hold out an evaluation split: 1 valid row(s) reached the split (data.eval_fraction 0.1, "
+        "at least 2 distinct rows needed); add rows, or give held-out rows as data.eval"]
+
+
+def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(tmp_path: Path, tiny_model: Path,
+                                                                             capsys) -> None:
+    from deployments.cli import main
+
+    train = tmp_path / "a-folder-name-long-enough-to-wrap-the-file-column" / "products_training_rows_2026-11.jsonl"
+    train.parent.mkdir()
+    train.write_text("".join(json.dumps({"input": f"<div>Product {i}</div>", "output": {"name": f"Product {i}"}})
+                             + "\n" for i in range(3)))
+    config = {"name": "t", "workdir": str(tmp_path / "runs"), "ollama": {"model_name": "t"},
+              "model": {"base": str(tiny_model), "max_seq_length": 128},
+              "data": {"train": str(train), "eval": str(CORPUS / "leak_eval.jsonl"), "min_rows": 1},
+              "train": {"batch_size": 1, "max_steps": 400}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    data_table = out.split("rows set aside")[0]
+    file_column = "".join(line.split("│")[1].strip() for line in data_table.splitlines() if line.startswith("│"))
+    assert str(train) in file_column and "…" not in data_table
+    assert ("warning: train.max_steps=400 goes over the 3 training rows 133 times (more than 50): the model will "
+            "likely learn them by heart; use more rows or fewer steps") in out

@@ -146,35 +146,38 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
             "report/report.md", "report/loss_curves.png", "report/metrics.png"} <= logged
 
 
-def test_register_later_serves_the_run_or_leaves_nothing_behind(first_run, config_path: Path, fake_ollama):
-    """`tunepipe register RUN_ID` once Ollama answers: registered, asked, and promoted only if every answer passed."""
+def test_train_and_eval_rows_are_the_runs_dataset_inputs(first_run, config_path: Path):
+    import hashlib
+    from urllib.parse import urlparse
+
+    summary, _ = first_run
+    run = mlflow_client(config_path).get_run(summary.mlflow_run_id)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
+    assert contexts == {"demo-products-train": "training", "demo-products-eval": "evaluation"}
+    for split, d in (("train", inputs["demo-products-train"]), ("eval", inputs["demo-products-eval"])):
+        profile = json.loads(d.dataset.profile)
+        assert profile["fingerprint"] == run.data.tags["dataset.fingerprint"]
+        assert profile["num_rows"] == run.data.metrics[f"data.rows_clean_{split}"]
+        clean = Path(urlparse(json.loads(d.dataset.source)["uri"]).path)  # the checked rows, in the stage folder
+        assert d.dataset.digest == hashlib.sha256(clean.read_bytes()).hexdigest()[:16]
+
+
+def test_register_later_removes_a_model_that_fails_the_smoke_test(first_run, config_path: Path, fake_ollama):
+    """`tunepipe register RUN_ID` once Ollama answers; one token per answer cannot end by a stop: not promoted."""
     from flows.serve import register_run
     from tasks.champion import find_champion
 
     summary, _ = first_run
-    uri = summary.mlflow_tracking_uri
     client = mlflow_client(config_path)
-    client.log_text(summary.mlflow_run_id, _with_host(client, summary.mlflow_run_id, fake_ollama.url),
-                    "serving/plan.json")
+    _point_plan(client, summary.mlflow_run_id, host=fake_ollama.url, max_new_tokens=1)
 
-    state = register_run(summary.mlflow_run_id, uri, return_state=True)
+    state = register_run(summary.mlflow_run_id, summary.mlflow_tracking_uri, return_state=True)
 
-    assert fake_ollama.bodies("/api/create")[0]["model"] == "tunepipe-demo:1"
-    assert len(fake_ollama.bodies("/api/chat")) == 5  # ollama.smoke_examples
-    champion = find_champion(uri, "demo-products")
-    if state.is_completed():  # the 20-step model answered parseable JSON and stopped every time
-        assert champion.version == "1" and "tunepipe-demo:latest" in fake_ollama.models
-    else:
-        assert "smoke test of tunepipe-demo:1 failed" in str(state.result(raise_on_failure=False))
-        assert champion is None and fake_ollama.models == {}
-
-
-def _with_host(client, run_id: str, host: str) -> str:
-    """The run's logged plan, pointed at the stand-in Ollama (the run itself had none)."""
-    from tasks.serve import ServingPlan
-
-    plan = ServingPlan.model_validate_json(Path(client.download_artifacts(run_id, "serving/plan.json")).read_text())
-    return plan.model_copy(update={"ollama": plan.ollama.model_copy(update={"host": host})}).model_dump_json()
+    assert state.is_failed()
+    assert "smoke test of tunepipe-demo:1 failed" in str(state.result(raise_on_failure=False))
+    assert len(fake_ollama.bodies("/api/chat")) == 5  # ollama.smoke_examples, each asked
+    assert find_champion(summary.mlflow_tracking_uri, "demo-products") is None and fake_ollama.models == {}
 
 
 def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
@@ -229,3 +232,62 @@ def test_failed_gate_exports_nothing_and_marks_the_mlflow_run(first_run, config_
     assert "export" not in states_by_stage(state)
     run = mlflow_client(config_path).get_run(error.mlflow_run_id)
     assert run.info.status == "FAILED" and run.data.tags["gate"] == "failed"
+
+
+def test_changing_a_parity_limit_re_decides_without_re_exporting(first_run, config_path: Path):
+    # A limit no GGUF can meet (stop rate must rise by 2): the verdicts change, the exported files do not.
+    state = finetune(load_config(config_path, ["export.max_drop={stop_rate: -2.0}"]), return_state=True)
+    states = states_by_stage(state)
+    assert (states["export"], states["parity"]) == ("Cached", "Cached")
+    assert state.is_failed() and "no GGUF is within the parity limits" in state.message
+
+
+def test_evaluate_flow_scores_the_fully_fine_tuned_run(first_run, config_path: Path):
+    """`tunepipe evaluate CONFIG RUN` on an exported full fine-tune: its weights come from the run's `model`."""
+    from flows.evaluate import evaluate_model
+
+    summary, _ = first_run
+    evaluation = evaluate_model(load_config(config_path), summary.mlflow_run_id)
+    assert evaluation.model_run_id == summary.mlflow_run_id and evaluation.gate.passed
+    assert evaluation.eval.candidate.metrics["eval_loss"] == pytest.approx(summary.eval.candidate.metrics["eval_loss"])
+
+
+def test_evaluate_flow_scores_an_unexported_full_run_from_its_train_folder(first_run, config_path: Path):
+    from flows.evaluate import evaluate_model
+
+    summary, _ = first_run
+    failed = finetune(load_config(config_path, ["gate.rules.exact_match.min=1.0"]), return_state=True)
+    run_id = failed.result(raise_on_failure=False).mlflow_run_id
+    evaluation = evaluate_model(load_config(config_path), run_id)
+    assert evaluation.model_run_id == run_id
+    assert evaluation.eval.candidate.metrics["eval_loss"] == pytest.approx(summary.eval.candidate.metrics["eval_loss"])
+
+
+def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama, obedient_gguf):
+    """The run's logged plan, its GGUF swapped for one that answers `{}` and stops (so no keys are asked of it):
+    registered, asked, promoted.
+    Last in this module: a champion makes every later run's evaluation score it too (no cache hits)."""
+    from flows.serve import register_run
+    from tasks.champion import find_champion
+
+    summary, _ = first_run
+    client = mlflow_client(config_path)
+    _point_plan(client, summary.mlflow_run_id, host=fake_ollama.url, gguf=obedient_gguf, required_keys=[])
+
+    serving = register_run(summary.mlflow_run_id, summary.mlflow_tracking_uri)
+
+    tag = serving.registration.ollama_tag
+    assert fake_ollama.bodies("/api/create")[0]["model"] == tag
+    assert serving.smoke.passed and len(fake_ollama.bodies("/api/chat")) == 5
+    champion = find_champion(summary.mlflow_tracking_uri, "demo-products")
+    assert champion.version == serving.registration.version
+    assert set(fake_ollama.models) == {tag, "tunepipe-demo:latest"}
+
+
+def _point_plan(client, run_id: str, host: str, **changes) -> None:
+    """Rewrite the run's logged plan: pointed at the stand-in Ollama (the run itself had none), and `changes`."""
+    from tasks.serve import ServingPlan
+
+    plan = ServingPlan.model_validate_json(Path(client.download_artifacts(run_id, "serving/plan.json")).read_text())
+    plan = plan.model_copy(update={"ollama": plan.ollama.model_copy(update={"host": host}), **changes})
+    client.log_text(run_id, plan.model_dump_json(), "serving/plan.json")

@@ -304,14 +304,20 @@ def test_a_separate_eval_set_is_normalised_into_the_snapshot(tmp_path: Path):
         "held-out question", {"source": str(held_out), "line": 1, "unit": "row"})
 
 
-def test_fingerprint_matches_what_the_finetune_flow_computes(tmp_path: Path):
+def test_fingerprint_is_of_the_snapshots_content(tmp_path: Path):
+    """The snapshot records the `dataset.fingerprint` a finetune run on it computes: a hash of what is on disk."""
     from tasks.load_data import data_fingerprint
 
     cfg = pipeline(tmp_path)
-    make_db(tmp_path / "rag.db", [row(0)])
-    _, snapshot = ingest(cfg)
-    assert snapshot.fingerprint == data_fingerprint(snapshot.data)
-    assert load_snapshot(state_dir(cfg), 1, cfg.data) == snapshot
+    db = make_db(tmp_path / "rag.db", [row(0)])
+    _, first = ingest(cfg)
+    insert(db, [row(1)])
+    _, second = ingest(cfg)
+    assert first.fingerprint != second.fingerprint  # one more row, another data set
+    assert load_snapshot(state_dir(cfg), 1, cfg.data) == first  # the record reads back as written
+    with first.data.train.open("a", encoding="utf-8") as train:
+        train.write("\n")  # the same rows, one byte more: no longer the data set the record names
+    assert data_fingerprint(first.data) != first.fingerprint
 
 
 def test_unusable_sources_fail_with_the_config_key(tmp_path: Path):

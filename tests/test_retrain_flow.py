@@ -79,7 +79,9 @@ def test_the_merged_dataset_is_the_mlflow_runs_input(runs, setup):
     run = mlflow_client(cfg).get_run(outcome.mlflow_run_id)
     assert run.data.tags["dataset.fingerprint"] == outcome.snapshot.fingerprint
     assert run.data.params["data.train"] == str(outcome.snapshot.data.train)
-    (dataset_input,) = run.inputs.dataset_inputs
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # beside the finetune run's train and eval
+    assert set(inputs) == {"demo-products-rag-v2", "demo-products-train", "demo-products-eval"}
+    dataset_input = inputs["demo-products-rag-v2"]
     profile = json.loads(dataset_input.dataset.profile)
     assert dataset_input.dataset.name == "demo-products-rag-v2"
     assert profile["rows_by_source"] == outcome.snapshot.rows_by_source
@@ -104,7 +106,8 @@ def test_status_and_trace_follow_an_ollama_tag_to_its_run_and_rows(runs, setup, 
 
     trace = gather_trace(cfg, "tunepipe-demo:1", rows=3)
     assert trace.run_id == outcome.mlflow_run_id and trace.dataset_fingerprint == outcome.snapshot.fingerprint
-    assert trace.datasets[0]["rows_by_source"] == outcome.snapshot.rows_by_source
+    (rag,) = [d for d in trace.datasets if d["name"] == "demo-products-rag-v2"]  # beside the train and eval rows
+    assert rag["rows_by_source"] == outcome.snapshot.rows_by_source
     with sqlite3.connect(root / "rag.db") as db:
         rated = [str(i) for (i,) in db.execute("select id from rag_examples where rating >= 4 order by id limit 3")]
     assert [row["ref"] for row in trace.source_rows] == rated

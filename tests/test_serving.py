@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import closed_port
+from conftest import closed_port, gguf_file
 from fake_ollama import FakeOllama
 
 from tasks.champion import find_champion, rollback
 from tasks.config import OllamaConfig
-from tasks.export import GgufFile, convert
-from tasks.ollama.client import OllamaClient, file_digest
+from tasks.export import GgufFile
+from tasks.ollama.client import OllamaClient
 from tasks.ollama.modelfile import modelfile_spec
 from tasks.serve import (
     PLAN_ARTIFACT,
@@ -29,45 +29,10 @@ SYSTEM = "Extract the product as JSON."
 QUESTIONS = ["<div>Kettle, $25</div>", "<div>Lamp, $12</div>"]
 
 
-def _gguf_file(path: Path) -> GgufFile:
-    return GgufFile(type="f16", path=path, bytes=path.stat().st_size, sha256=file_digest(path).split(":")[1])
-
-
-@pytest.fixture(scope="module")
-def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> GgufFile:
-    """The tiny Qwen3 rewired to answer `{}` and stop: a model that passes the smoke test, without training.
-
-    Its layers add nothing (zero output projections), so the next token depends on the last one only, and the
-    untied head maps the assistant header's final newline to the first token of `{}`, each of its tokens to
-    the next, and the last to <|im_end|>.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("obedient")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
-    chain = [tokenizer.convert_tokens_to_ids("Ċ"), *tokenizer("{}", add_special_tokens=False)["input_ids"],
-             tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    assert len(set(chain)) == len(chain)  # a token followed by two others could not be told apart
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embeddings = model.model.embed_tokens.weight
-        head = torch.zeros_like(embeddings)
-        for previous, following in zip(chain, chain[1:]):
-            head[following] = embeddings[previous] * 10
-        model.lm_head.weight = torch.nn.Parameter(head)
-    model.save_pretrained(out / "hf")
-    tokenizer.save_pretrained(out / "hf")
-    return _gguf_file(convert(out / "hf", out / "model-f16.gguf", "f16"))
-
-
 @pytest.fixture(scope="module")
 def rambling_gguf(tiny_gguf: Path) -> GgufFile:
     """The untrained tiny model: it does not stop within a few tokens."""
-    return _gguf_file(tiny_gguf)
+    return gguf_file(tiny_gguf)
 
 
 @pytest.fixture(scope="module")
