@@ -31,7 +31,7 @@ class Evaluation(BaseModel):
 def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
     """`model`: the MLflow run id of a finetune run, or `v<N>` for version N of the registered model."""
     cfg = config
-    base = resolve_base_model(cfg.model)
+    base = resolve_base_model(cfg.model, cfg.ollama)
     candidate = trained_adapter(cfg.tracking, cfg.name, model, cfg.workdir / "evaluate-inputs")
     model_run_id = candidate.adapter_dir.parent.name
     tags = {"prefect.flow_run_id": str(flow_run.get_id()), "tunepipe.kind": "evaluate",

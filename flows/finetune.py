@@ -60,7 +60,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     redact_logs()
     cfg = config
     workdir = cfg.workdir
-    base = resolve_base_model(cfg.model)  # first: a model that cannot be used fails before any stage runs
+    base = resolve_base_model(cfg.model, cfg.ollama)  # first: a model that cannot be used fails before any stage runs
     fingerprint = data_fingerprint(cfg.data)
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),

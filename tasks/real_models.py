@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -28,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.llama_cpp_tools import cache_root, load_gguf
-
-log = logging.getLogger(__name__)
 
 # llama.cpp's `general.file_type` values (llama.h) that keep at least 8 bits per weight.
 HIGH_PRECISION_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
@@ -200,6 +197,9 @@ SAMPLE_CONVERSATIONS = [
 ]
 
 
+SOURCE_RECORD = "source_gguf.json"
+
+
 class VocabularyMismatch(RuntimeError):
     """transformers and llama.cpp tokenize the same text differently; the message says where."""
 
@@ -246,8 +246,6 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     if marker.exists():
         return out_dir
     meta = read_gguf_metadata(gguf)
-    if warning := quantization_warning(gguf, meta):
-        log.warning(warning)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -275,8 +273,8 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.save_pretrained(partial)
-    (partial / "source_gguf.json").write_text(json.dumps({"path": str(gguf), "vocab": gguf_vocab(meta).__dict__},
-                                                         indent=1) + "\n")
+    record = {"path": str(gguf), "vocab": gguf_vocab(meta).__dict__, "warning": quantization_warning(gguf, meta)}
+    (partial / SOURCE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.replace(out_dir)
     marker.write_text(str(gguf) + "\n")
@@ -295,10 +293,10 @@ def make_faithful(tokenizer_json: Path, meta: dict) -> None:
         tokenizer_json.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
-def source_vocab(model_dir: Path) -> GgufVocab | None:
-    """The vocabulary of the GGUF a folder was built from (`hf_folder_from_gguf`), if it was built from one."""
-    record = model_dir / "source_gguf.json"
-    return GgufVocab(**json.loads(record.read_text())["vocab"]) if record.exists() else None
+def source_record(model_dir: Path) -> dict:
+    """What `hf_folder_from_gguf` recorded of the source GGUF (path, vocab, warning); empty for other folders."""
+    record = model_dir / SOURCE_RECORD
+    return json.loads(record.read_text()) if record.exists() else {}
 
 
 def main() -> None:
