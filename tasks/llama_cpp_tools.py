@@ -18,7 +18,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-")
+# models/templates/ holds the real Hugging Face chat templates llama.cpp tests against (tests/test_templates.py).
+KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-",
+        "models/templates/")
 
 
 def cache_root() -> Path:
@@ -34,7 +36,10 @@ def llama_cpp_source() -> Path:
     """Folder holding llama.cpp's Python converter for the installed llama-cpp-python (fetched once)."""
     version = importlib.metadata.version("llama-cpp-python")
     dest = converter_dir()
-    if (dest / ".complete").exists():
+    marker = dest / ".complete"
+    # The marker names what was kept, so a cache made before KEEP grew is filled in again.
+    complete = f"{version}\n" + "\n".join(KEEP) + "\n"
+    if marker.exists() and marker.read_text() == complete:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
@@ -47,8 +52,13 @@ def llama_cpp_source() -> Path:
             )
         (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         _extract_converter(sdist, dest)
-    (dest / ".complete").write_text(version + "\n")
+    marker.write_text(complete)
     return dest
+
+
+def chat_templates_dir() -> Path:
+    """llama.cpp's models/templates: real Hugging Face chat templates (`*.jinja`), one per model family."""
+    return llama_cpp_source() / "models" / "templates"
 
 
 def _extract_converter(sdist: Path, dest: Path) -> None:

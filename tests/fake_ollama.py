@@ -4,7 +4,7 @@
 Blobs are checked against their digest, create refuses unknown blobs and non-GGUF files (as an error line
 after the stream started, like Ollama), show/copy/delete/chat answer 404 for unknown models, and chat answers
 from the registered GGUF with llama-cpp-python: the prompt is the model's TEMPLATE rendered the way Ollama
-renders it (tests/go_template.py), the Modelfile's SYSTEM added when the request has none, decoding greedy,
+renders it (Go's own text/template, through tasks/ollama/render.py), the Modelfile's SYSTEM added when the request has none, decoding greedy,
 stopped by a `stop` string or the end-of-generation token (`done_reason: stop`) or by `num_predict`
 (`done_reason: length`). Every request is recorded (method, path, JSON body) so tests can assert them exactly.
 """
@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from go_template import ollama_prompt
+from tasks.ollama.render import render_served_prompt
 
 BLOB_PATH = re.compile(r"/api/blobs/(?P<digest>[^/]*)")
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -193,8 +193,9 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
                                                      for m in messages):
             return self._json(400, {"error": "messages: each needs role and content"})
         options = {**model.get("parameters", {}), **request.get("options", {})}
-        prompt = ollama_prompt(model.get("template", "{{ .Prompt }}"), model.get("system"),
-                               [{"role": m["role"], "content": m["content"]} for m in messages])
+        prompt = render_served_prompt(model.get("template", "{{ .Prompt }}"),
+                                      [{"role": m["role"], "content": m["content"]} for m in messages],
+                                      model.get("system"))
         (digest,) = model["files"].values()
         content, done_reason = self._generate(digest, prompt, options)
         reply = {"model": request["model"], "created_at": _now(),

@@ -16,6 +16,7 @@ from tasks.config import OllamaConfig
 from tasks.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
 from tasks.ollama.host import ollama_host
 from tasks.ollama.modelfile import modelfile_spec
+from tasks.ollama.render import render_served_prompt
 from tasks.ollama.template import ollama_template, render_chat_template
 from tasks.tiny_model import CHATML_TEMPLATE
 
@@ -357,10 +358,9 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
     """One held-out conversation, as training tokenized it and as Ollama renders it from the Modelfile.
 
     The client sends only the user turn (as the smoke test and any app do); Ollama adds the Modelfile's SYSTEM
-    and renders TEMPLATE with Go's semantics. The ids must equal the training prompt's, up to the answer.
+    and renders TEMPLATE with Go's text/template. The ids must equal the training prompt's, up to the answer.
     """
     import yaml
-    from go_template import ollama_prompt
     from transformers import AutoTokenizer
 
     from tasks.format_data import IGNORE, tokenize_conversation
@@ -374,12 +374,12 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
 
     spec = modelfile_spec(tiny_model / "model.gguf", tiny_model, OllamaConfig(model_name="demo"), system_prompt)
     user_turn = [m.model_dump() for m in example.prompt if m.role != "system"]
-    served = ollama_prompt(spec.template, spec.system, user_turn)
+    served = render_served_prompt(spec.template, user_turn, spec.system)
     assert spec.system == system_prompt
     assert tokenizer(served, add_special_tokens=False)["input_ids"] == trained_prompt
 
     # Without SYSTEM (the Modelfile before this fix) the served model saw another prompt.
-    unprompted = ollama_prompt(spec.template, None, user_turn)
+    unprompted = render_served_prompt(spec.template, user_turn)
     assert tokenizer(unprompted, add_special_tokens=False)["input_ids"] != trained_prompt
 
 
@@ -412,10 +412,9 @@ GEMMA3_TEMPLATE = (
 @pytest.mark.parametrize("system", ["Answer in JSON.", None])
 def test_go_template_renders_what_the_chat_template_renders(chat_template: str, system: str | None) -> None:
     """Ollama's rendering of the derived TEMPLATE (+ SYSTEM) is the text training rendered, turn for turn."""
-    from go_template import ollama_prompt
 
     conversation = [{"role": "user", "content": "<p>Kettle</p>"}, {"role": "assistant", "content": '{"a": 1}'},
                     {"role": "user", "content": "<p>Lamp</p>"}]
     template, _ = ollama_template(chat_template)
     trained = ([{"role": "system", "content": system}] if system else []) + conversation
-    assert ollama_prompt(template, system, conversation) == render_chat_template(chat_template, trained)
+    assert render_served_prompt(template, conversation, system) == render_chat_template(chat_template, trained)

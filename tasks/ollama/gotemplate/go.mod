@@ -1,0 +1,3 @@
+module tunepipe/gotemplate
+
+go 1.19
