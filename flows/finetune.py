@@ -99,7 +99,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
             raise GateFailed(attempts, ended, report_page, run.run_id)
 
         exported = export(trained, base, cfg.export, workdir)
-        measured = parity(exported, checked.eval.clean_path, cfg.data, cfg.eval, workdir)
+        measured = parity(exported, checked.eval.clean_path, checked.train.clean_path, cfg.data, cfg.eval, cfg.ollama,
+                          workdir)
         verdicts = parity_verdicts(measured, report.candidate.metrics, cfg.export)
         run.exported(exported, measured, verdicts)
         serving_plan = plan(exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path)

