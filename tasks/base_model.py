@@ -93,10 +93,10 @@ def load_tokenizer(base: BaseModelRef, chat_template: str | None = None):
 def _from_gguf(cfg: ModelConfig, gguf: Path, fingerprint: str) -> BaseModelRef:
     """The transformers folder built (once, in the shared cache) from `gguf`, which `fingerprint` identifies."""
     from tasks.llama_cpp_tools import cache_root
-    from tasks.real_models import VocabularyMismatch, hf_folder_from_gguf, source_record
+    from tasks.real_models import BUILD_VERSION, VocabularyMismatch, hf_folder_from_gguf, source_record
 
     # Keyed by content: the same weights reached as a file and through Ollama share one folder.
-    key = hashlib.sha256(f"{_hash_file(gguf)}\n{cfg.chat_template or ''}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_hash_file(gguf)}\n{cfg.chat_template or ''}\n{BUILD_VERSION}".encode()).hexdigest()[:16]
     folder = cache_root() / "gguf-models" / key
     try:
         hf_folder_from_gguf(gguf, folder, cfg.chat_template)

@@ -255,6 +255,10 @@ def _tokenize_main(gguf: Path) -> None:
     print(json.dumps({"ids": ids, "pieces": pieces}))
 
 
+# Part of the cache key of built folders: a change to how they are built builds them again.
+BUILD_VERSION = 2
+
+
 def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = None) -> Path:
     """A transformers folder (float32 weights, faithful tokenizer, chat template) for `gguf`, built once.
 
@@ -280,7 +284,7 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     for name, token in special.items():  # transformers reads SmolLM2's eos as <|im_start|>; the GGUF says <|im_end|>
         setattr(tokenizer, name, token)
     tokenizer.save_pretrained(partial)
-    make_faithful(partial / "tokenizer.json", meta)
+    make_faithful(partial, gguf, meta)
     # What is checked is the tokenizer as written, read back the way every stage reads it.
     tokenizer = AutoTokenizer.from_pretrained(partial)
     wrong = [f"{name} {getattr(tokenizer, name)!r} (the GGUF's is {token!r})" for name, token in special.items()
@@ -329,16 +333,94 @@ def turn_end_ids(tokenizer) -> list[int]:
     return ids if len(ids) == 1 else []
 
 
-def make_faithful(tokenizer_json: Path, meta: dict) -> None:
-    """Put right in a saved tokenizer.json what transformers' GGUF reader gets wrong for llama.cpp.
+def make_faithful(folder: Path, gguf: Path, meta: dict[str, str]) -> None:
+    """Put right in a saved tokenizer folder what transformers' GGUF reader gets wrong for llama.cpp.
 
-    A byte-level BPE vocabulary (`gpt2`) maps bytes to printable characters and needs no byte fallback; the
-    `byte_fallback: true` transformers writes for it makes llama.cpp's converter take it for SentencePiece.
+    - A byte-level BPE vocabulary (`gpt2`) maps bytes to printable characters and needs no byte fallback; the
+      `byte_fallback: true` transformers writes for it makes llama.cpp's converter take it for SentencePiece.
+    - The GGUF's control and user-defined tokens (Gemma's <start_of_turn>, ...) are single tokens to
+      llama.cpp; transformers leaves some as plain vocabulary that its model splits into characters.
+    - A SentencePiece vocabulary (`llama`) goes back into a GGUF only through a `tokenizer.model`, which
+      llama.cpp's converter reads for pieces, scores and types; without one it writes a GPT-2 vocabulary.
     """
+    tokens = gguf_tokens(gguf)
+    tokenizer_json = folder / "tokenizer.json"
+    if meta.get("tokenizer.ggml.model") == "llama":
+        # transformers' reader gives it no merges (words come out as single characters): build it from the
+        # GGUF's own pieces and scores, as SentencePiece's BPE merges them.
+        sentencepiece_tokenizer(tokens).save(str(tokenizer_json))
+        write_sentencepiece_model(tokens, meta, folder / "tokenizer.model")
+        return
     state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    if meta.get("tokenizer.ggml.model") == "gpt2" and state["model"].get("byte_fallback"):
+    if meta.get("tokenizer.ggml.model") == "gpt2":
         state["model"]["byte_fallback"] = False
-        tokenizer_json.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
+    added = {entry["id"] for entry in state.get("added_tokens", [])}
+    for token_id, (text, _, attr) in enumerate(tokens):
+        if attr & (TOKEN_CONTROL | TOKEN_USER_DEFINED) and token_id not in added:
+            state.setdefault("added_tokens", []).append(
+                {"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": bool(attr & TOKEN_CONTROL)})
+    tokenizer_json.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def sentencepiece_tokenizer(tokens: list[tuple[str, float, int]]):
+    """A `tokenizers` BPE tokenizer that splits text as llama.cpp's SentencePiece vocabulary does: merges ranked
+    by the merged piece's score, byte fallback, control and user-defined tokens matched whole."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers.tokenization_utils_base import generate_merges
+
+    vocab = {text: i for i, (text, _, _) in enumerate(tokens)}
+    whole = TOKEN_CONTROL | TOKEN_USER_DEFINED
+    scores = {text: score for text, score, attr in tokens if not attr & (whole | TOKEN_BYTE)}
+    unk = next((text for text, _, attr in tokens if attr & TOKEN_UNKNOWN), None)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token=unk,
+                                     byte_fallback=any(attr & TOKEN_BYTE for _, _, attr in tokens), fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_tokens([AddedToken(text, normalized=False, special=bool(attr & TOKEN_CONTROL))
+                          for text, _, attr in tokens if attr & whole])
+    return tokenizer
+
+
+# llama.cpp's token attributes (llama.h) and the SentencePiece piece types they come from.
+TOKEN_UNKNOWN, TOKEN_UNUSED, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 8, 16, 32
+PIECE_TYPES = ((TOKEN_UNKNOWN, 2), (TOKEN_CONTROL, 3), (TOKEN_USER_DEFINED, 4), (TOKEN_UNUSED, 5), (TOKEN_BYTE, 6))
+
+
+def gguf_tokens(gguf: Path) -> list[tuple[str, float, int]]:
+    """(text, score, llama.cpp attributes) of every token of the GGUF's vocabulary, by id."""
+    import llama_cpp
+
+    llm = load_gguf(gguf, vocab_only=True)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        return [(llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace"),
+                 llama_cpp.llama_vocab_get_score(vocab, i), llama_cpp.llama_vocab_get_attr(vocab, i))
+                for i in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+    finally:
+        llm.close()
+
+
+def write_sentencepiece_model(tokens: list[tuple[str, float, int]], meta: dict[str, str], path: Path) -> None:
+    """The SentencePiece model a `llama`-type GGUF vocabulary was made from: the same pieces, scores and types."""
+    from sentencepiece import sentencepiece_model_pb2 as sp
+
+    proto = sp.ModelProto()
+    proto.trainer_spec.model_type = sp.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = len(tokens)
+    proto.trainer_spec.byte_fallback = any(attr & TOKEN_BYTE for _, _, attr in tokens)
+    for field, key in (("unk_id", "unknown_token_id"), ("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
+                       ("pad_id", "padding_token_id")):
+        setattr(proto.trainer_spec, field, int(meta.get(f"tokenizer.ggml.{key}", -1)))
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = meta.get("tokenizer.ggml.add_space_prefix") == "true"
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for text, score, attr in tokens:
+        piece = proto.pieces.add()
+        piece.piece, piece.score = text, score
+        piece.type = next((kind for flag, kind in PIECE_TYPES if attr & flag), 1)
+    path.write_bytes(proto.SerializeToString())
 
 
 def source_record(model_dir: Path) -> dict:

@@ -12,6 +12,8 @@ import pytest
 
 from tasks.base_model import BaseModelError, resolve_base_model
 from tasks.config import ModelConfig, OllamaConfig
+from tasks.examples import Example, write_jsonl
+from tasks.load_data import parse_record
 from tasks.real_models import (
     SAMPLE_CONVERSATIONS,
     VocabularyMismatch,
@@ -154,3 +156,95 @@ def test_an_ollama_model_nobody_has_is_an_error_saying_where_it_looked(fake_olla
     assert f"the API at {fake_ollama.url} does not know it" in message
     assert "manifests/registry.ollama.ai/acme/chat/latest" in message
     assert "ollama pull acme/chat" in message
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "Extract the product from the HTML as a JSON object with name, price, category and manufacturer."
+
+
+def _short_pages(demo_data, root: Path, train_rows: int, eval_rows: int) -> tuple[Path, Path]:
+    """The demo's product pages, few of them: CI's 2 cores train SmolLM2 at seconds per example."""
+    paths = []
+    for source, rows in zip(demo_data, (train_rows, eval_rows)):
+        path = root / source.name
+        path.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
+        smollm2, demo_data, prefect_server, fake_ollama, tmp_path) -> None:
+    """A few LoRA steps on a real instruct model from its Q4_1 GGUF: the base answers the pages in prose, the
+    candidate in JSON; every GGUF keeps SmolLM2's vocabulary, answers through the served path and the
+    Modelfile served by the Ollama stand-in passes the smoke test."""
+    import yaml
+
+    from flows.finetune import finetune
+    from tasks.config import load_config
+
+    train, eval_ = _short_pages(demo_data, tmp_path, 120, 3)
+    config = {
+        "name": "real-smollm2", "workdir": str(tmp_path / "runs"),
+        "data": {"train": str(train), "eval": str(eval_), "system_prompt": SYSTEM_PROMPT, "output_format": "json",
+                 "min_rows": 20},
+        "model": {"base": str(smollm2.gguf), "max_seq_length": 256},
+        "train": {"mode": "lora", "max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 1,
+                  "gradient_checkpointing": False, "save_steps": 100},
+        "eval": {"max_samples": 3, "max_new_tokens": 48},
+        "gate": {"rules": {"valid_json_rate": {"min_improvement_over_base": 0.3}}},
+        "retrain": {"max_attempts": 1},
+        "export": {"gguf_types": ["f16", "q8_0"], "lora_gguf": False},
+        "ollama": {"model_name": "real-smollm2", "host": fake_ollama.url, "smoke_examples": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "real",
+                     "artifact_location": str(tmp_path / "mlartifacts")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.warns(UserWarning, match="q4_1"):
+        state = finetune(load_config(path), return_state=True)
+    assert state.is_completed() and state.name == "Completed", state.message
+    summary = state.result()
+    assert summary.eval.base.metrics["valid_json_rate"] == 0.0
+    assert summary.eval.candidate.metrics["valid_json_rate"] >= 2 / 3
+    for gguf in summary.exported.ggufs:
+        vocab = gguf_vocab(read_gguf_metadata(gguf.path))
+        assert (vocab.model, vocab.pre) == ("gpt2", "smollm")
+    for scores in summary.parity.ggufs:
+        assert scores.vocabulary_problem is None and scores.prompt_mismatches == 0, scores
+    assert summary.serving.served, summary.serving
+
+
+def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_the_served_path(
+        gemma3, demo_data, tmp_path) -> None:
+    """Gemma 3 base with the Gemma turn format supplied: no system role (the SYSTEM opens the first user turn),
+    a SentencePiece vocabulary that must come back as one, and BOS added by the vocabulary, not the template."""
+    from tasks.config import DataConfig, EvalConfig, ExportConfig
+    from tasks.export import export_model
+    from tasks.parity import measure_parity
+    from tasks.train import TrainResult
+
+    trained = TrainResult(adapter_dir=Path(gemma3.name_or_path), kind="full", backend="hf", loss_history=[],
+                          runtime_s=0.0, trainable_params=0, total_params=0, steps=0, device="cpu x1",
+                          precision="fp32", micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0,
+                          resumed_from_step=0)
+    exported = export_model(trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False), tmp_path / "export")
+    vocab = gguf_vocab(read_gguf_metadata(exported.ggufs[0].path))
+    assert (vocab.model, vocab.pre, vocab.special["add_bos_token"]) == ("llama", "default", "true")
+
+    examples = {}
+    for split, source, rows in (("train", demo_data[0], 8), ("eval", demo_data[1], 2)):
+        records = [json.loads(line) for line in source.read_text().splitlines()[:rows]]
+        examples[split] = tmp_path / f"{split}.jsonl"
+        write_jsonl(examples[split], [Example(id=str(i), messages=parse_record(r, system_prompt=SYSTEM_PROMPT),
+                                              source=source.name, line=i + 1) for i, r in enumerate(records)])
+    report = measure_parity(exported, examples["eval"], examples["train"],
+                            DataConfig(train=examples["train"], system_prompt=SYSTEM_PROMPT),
+                            EvalConfig(max_samples=2, max_new_tokens=16), OllamaConfig(model_name="gemma"),
+                            tmp_path / "parity")
+    (scores,) = report.ggufs
+    assert scores.vocabulary_problem is None
+    assert scores.prompt_mismatches == 0  # Go's rendering + llama.cpp's BOS == the chat template + transformers
+    served = [json.loads(line)["served_prompt"] for line in report.samples_path.read_text().splitlines()]
+    assert served[0].startswith(f"<start_of_turn>user\n{SYSTEM_PROMPT}\n\n<")
+    assert served[0].endswith("<end_of_turn>\n<start_of_turn>model\n")
