@@ -256,7 +256,7 @@ def _tokenize_main(gguf: Path) -> None:
 
 
 # Part of the cache key of built folders: a change to how they are built builds them again.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
 def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = None) -> Path:
@@ -344,6 +344,14 @@ def make_faithful(folder: Path, gguf: Path, meta: dict[str, str]) -> None:
       llama.cpp's converter reads for pieces, scores and types; without one it writes a GPT-2 vocabulary.
     """
     tokens = gguf_tokens(gguf)
+    # Whether llama.cpp adds BOS/EOS to a prompt: the converter reads it from tokenizer_config.json when the
+    # tokenizer has no post-processor (Gemma adds BOS; without this the exported GGUF would not).
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("add_bos_token", "add_eos_token"):
+        if f"tokenizer.ggml.{key}" in meta:
+            config[key] = meta[f"tokenizer.ggml.{key}"] == "true"
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     tokenizer_json = folder / "tokenizer.json"
     if meta.get("tokenizer.ggml.model") == "llama":
         # transformers' reader gives it no merges (words come out as single characters): build it from the
