@@ -256,7 +256,7 @@ def _tokenize_main(gguf: Path) -> None:
 
 
 # Part of the cache key of built folders: a change to how they are built builds them again.
-BUILD_VERSION = 3
+BUILD_VERSION = 5
 
 
 def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = None) -> Path:
@@ -351,14 +351,22 @@ def make_faithful(folder: Path, gguf: Path, meta: dict[str, str]) -> None:
     for key in ("add_bos_token", "add_eos_token"):
         if f"tokenizer.ggml.{key}" in meta:
             config[key] = meta[f"tokenizer.ggml.{key}"] == "true"
-    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     tokenizer_json = folder / "tokenizer.json"
     if meta.get("tokenizer.ggml.model") == "llama":
         # transformers' reader gives it no merges (words come out as single characters): build it from the
         # GGUF's own pieces and scores, as SentencePiece's BPE merges them.
         sentencepiece_tokenizer(tokens).save(str(tokenizer_json))
         write_sentencepiece_model(tokens, meta, folder / "tokenizer.model")
+        # The converter types user-defined pieces (Gemma's "\n", "<span>", ...) only from here, not from
+        # tokenizer.model; typed normal, llama.cpp would split them. transformers reads its added tokens from
+        # here too, so the control tokens are listed as well.
+        config["added_tokens_decoder"] = {
+            str(i): {"content": text, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+                     "special": bool(attr & TOKEN_CONTROL)}
+            for i, (text, _, attr) in enumerate(tokens) if attr & (TOKEN_CONTROL | TOKEN_USER_DEFINED)}
+        config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
         return
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     if meta.get("tokenizer.ggml.model") == "gpt2":
         state["model"]["byte_fallback"] = False
