@@ -29,17 +29,19 @@ def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return convert(tiny_model, tmp_path_factory.mktemp("tiny-gguf") / "model-f16.gguf", "f16")
 
 
-def _real_model(name: str, **model_fields):
-    """A packaged real model's transformers folder, built from its GGUF once (shared cache) and reused."""
+def _real_model(name: str):
+    """A packaged real model's transformers folder, built from its GGUF once (shared cache) and reused; a GGUF
+    without a chat template gets the one its package entry names."""
     import warnings
 
     from tasks.base_model import resolve_base_model
     from tasks.config import ModelConfig
-    from tasks.real_models import packaged_gguf
+    from tasks.real_models import PACKAGED, packaged_gguf
 
     with warnings.catch_warnings():  # its quantization warning has a test of its own
         warnings.simplefilter("ignore")
-        return resolve_base_model(ModelConfig(base=str(packaged_gguf(name)), **model_fields))
+        return resolve_base_model(ModelConfig(base=str(packaged_gguf(name)),
+                                              chat_template=PACKAGED[name].chat_template))
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +53,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3():
     """Gemma 3 270M base (SentencePiece, no chat template, no system role) with the Gemma turn format."""
-    from tasks.real_models import GEMMA_TEMPLATE
-
-    return _real_model("gemma3-270m", chat_template=GEMMA_TEMPLATE)
+    return _real_model("gemma3-270m")
 
 
 @pytest.fixture(scope="session")
