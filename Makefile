@@ -19,35 +19,41 @@ setup: $(VENV)/.installed
 
 # One stamp file per step: a set-up that failed resumes at the step that failed.
 $(VENV)/.step-venv:
-	@$(STEP) 1/6 $(LOGS)/1-venv.log "Creating the virtual environment $(VENV) with an up-to-date pip" \
+	@$(STEP) 1/7 $(LOGS)/1-venv.log "Creating the virtual environment $(VENV) with an up-to-date pip" \
 		sh -c '$(PYTHON) -m venv $(VENV) && $(PIP) install --upgrade pip'
 	@touch $@
 
 # torch goes first so that nothing pulls a different (multi-GB CUDA) build.
 $(VENV)/.step-torch: $(VENV)/.step-venv
-	@$(STEP) 2/6 $(LOGS)/2-torch.log "Installing $(TORCH) first, so no dependency pulls another build (a large download)" \
+	@$(STEP) 2/7 $(LOGS)/2-torch.log "Installing $(TORCH) first, so no dependency pulls another build (a large download)" \
 		$(PIP) install "$(TORCH)"
 	@touch $@
 
 $(VENV)/.step-llama-cpp: $(VENV)/.step-torch pyproject.toml
-	@$(STEP) 3/6 $(LOGS)/3-llama-cpp.log "Installing $(LLAMA_CPP): the first time pip compiles llama.cpp from source, about 6 minutes on 2 cores; it caches the wheel, so later set-ups take seconds" \
+	@$(STEP) 3/7 $(LOGS)/3-llama-cpp.log "Installing $(LLAMA_CPP): the first time pip compiles llama.cpp from source, about 6 minutes on 2 cores; it caches the wheel, so later set-ups take seconds" \
 		$(PIP) install --verbose "$(LLAMA_CPP)"
 	@touch $@
 
 $(VENV)/.step-tunepipe: $(VENV)/.step-llama-cpp pyproject.toml
-	@$(STEP) 4/6 $(LOGS)/4-tunepipe.log "Installing tunepipe and its pinned dependencies (transformers, peft, trl, prefect, mlflow, great_expectations, ...: about 150 packages, a few minutes the first time)" \
+	@$(STEP) 4/7 $(LOGS)/4-tunepipe.log "Installing tunepipe and its pinned dependencies (transformers, peft, trl, prefect, mlflow, great_expectations, ...: about 150 packages, a few minutes the first time)" \
 		$(PIP) install -e ".[dev]"
 	@touch $@
 
 $(VENV)/.step-converter: $(VENV)/.step-tunepipe
-	@$(STEP) 5/6 $(LOGS)/5-converter.log "Fetching llama.cpp's GGUF converter and its real chat templates once, from the llama-cpp-python source package (77 MB), so runs need no network" \
+	@$(STEP) 5/7 $(LOGS)/5-converter.log "Fetching llama.cpp's GGUF converter and its real chat templates once, from the llama-cpp-python source package (77 MB), so runs need no network" \
 		$(BIN)/python -m tasks.llama_cpp_tools
 	@touch $@
 
 # Tests render Ollama templates with Go's own text/template, as Ollama's server does.
-$(VENV)/.installed: $(VENV)/.step-converter tasks/ollama/gotemplate/main.go
-	@$(STEP) 6/6 $(LOGS)/6-go.log "Installing Go (Debian's golang-go, when no go is on PATH) and building the Ollama template harness" \
+$(VENV)/.step-go: $(VENV)/.step-converter tasks/ollama/gotemplate/main.go
+	@$(STEP) 6/7 $(LOGS)/6-go.log "Installing Go (Debian's golang-go, when no go is on PATH) and building the Ollama template harness" \
 		sh -c 'bash scripts/install-go.sh && $(BIN)/python -m tasks.ollama.render'
+	@touch $@
+
+# Real pretrained models for the demo and the tests (issue 18): GGUFs that ship inside PyPI wheels.
+$(VENV)/.installed: $(VENV)/.step-go
+	@$(STEP) 7/7 $(LOGS)/7-real-models.log "Fetching the real models once (SmolLM2-135M-Instruct, Gemma 3 270M: GGUFs inside PyPI wheels, 330 MB), checked against their packages' sha256" \
+		$(BIN)/python -m tasks.real_models
 	@echo "Set-up complete. \`$(BIN)/tunepipe doctor\` shows what this machine offers a run."
 	@touch $@
 

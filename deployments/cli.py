@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return print_status(cfg) if args.command == "status" else print_trace(cfg, args.tag, args.rows)
         # Fail on a bad config or an unusable base model before any server starts or stage runs.
-        resolve_base_model(cfg.model)
+        resolve_base_model(cfg.model, cfg.ollama)
     except (ConfigError, BaseModelError) as exc:
         print(redact(str(exc)), file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ class Evaluation(BaseModel):
 def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
     """`model`: the MLflow run id of a finetune run, or `v<N>` for version N of the registered model."""
     cfg = config
-    base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model)
+    base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model, cfg.ollama)
     model_run_id, candidate = trained_model(cfg.tracking, cfg.name, model, cfg.workdir / "evaluate-inputs")
     tags = {"prefect.flow_run_id": str(flow_run.get_id()), "tunepipe.kind": "evaluate",
             "evaluated.model": model, "evaluated.run_id": model_run_id,

@@ -62,7 +62,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     cfg = config
     workdir = cfg.workdir
     # First: a model that cannot be used fails before any stage runs; a hub hiccup is retried.
-    base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model)
+    base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model, cfg.ollama)
     fingerprint = data_fingerprint(cfg.data)
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
@@ -101,7 +101,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
             raise GateFailed(attempts, ended, report_page, run.run_id)
 
         exported = export(trained, base, cfg.export, workdir)
-        measured = parity(exported, checked.eval.clean_path, cfg.data, cfg.eval, workdir)
+        measured = parity(exported, checked.eval.clean_path, checked.train.clean_path, cfg.data, cfg.eval, cfg.ollama,
+                          workdir)
         verdicts = parity_verdicts(measured, report.candidate.metrics, cfg.export)
         run.exported(exported, measured, verdicts)
         serving_plan = plan(exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path)

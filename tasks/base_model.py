@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
@@ -12,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.config import ModelConfig
+from tasks.config import ModelConfig, OllamaConfig
 from tasks.redact import error_line, redact
 
 # Weight files are hashed by size plus their first and last MiB: exact for any edit tools make in practice,
@@ -24,17 +25,38 @@ class BaseModelRef(BaseModel):
     name_or_path: str
     revision: str | None
     fingerprint: str
+    gguf: Path | None = None  # the GGUF the folder `name_or_path` was built from (a .gguf or ollama: base)
 
 
-def resolve_base_model(cfg: ModelConfig) -> BaseModelRef:
+OLLAMA_PREFIX = "ollama:"
+
+
+def resolve_base_model(cfg: ModelConfig, ollama: OllamaConfig | None = None) -> BaseModelRef:
     """Identify `cfg.base` and check it can be trained, before any stage spends time on it.
 
     A local folder is identified by a content hash, a hub id by the commit its revision resolves to (so `main`
-    moving on upstream invalidates the cache). Raises BaseModelError, naming the model, what failed and the
-    fix, for: a folder that is missing or lacks weights, tokenizer or chat template; a hub that cannot be
-    reached; an unknown or gated model; a revision that does not exist.
+    moving on upstream invalidates the cache). A `.gguf` file, or `ollama:NAME[:TAG]` (the GGUF that Ollama at
+    `ollama.host` serves), becomes a transformers folder once (`tasks/real_models.py`), identified by the GGUF.
+    Raises BaseModelError, naming the model, what failed and the fix, for: a folder that is missing or lacks
+    weights, tokenizer or chat template; a hub that cannot be reached; an unknown or gated model; a revision
+    that does not exist; a GGUF that cannot be found or whose tokenizer transformers cannot reproduce.
     """
+    if cfg.base.startswith(OLLAMA_PREFIX):
+        from tasks.ollama.host import ollama_host
+        from tasks.ollama.source import OllamaSourceError, find_ollama_gguf
+
+        host = ollama_host(ollama or OllamaConfig.model_construct(host=None))
+        try:
+            found = find_ollama_gguf(cfg.base.removeprefix(OLLAMA_PREFIX), host)
+        except OllamaSourceError as exc:
+            raise BaseModelError(str(exc)) from exc
+        return _from_gguf(cfg, found.path, found.digest)
     folder = Path(cfg.base).expanduser()
+    if folder.suffix == ".gguf":
+        if not folder.is_file():
+            raise BaseModelError(f"model.base {cfg.base!r}: no such file ({folder.resolve()}). Fix the path (a "
+                                 "relative path is read from the directory you run tunepipe in).")
+        return _from_gguf(cfg, folder.resolve(), "gguf:" + _hash_file(folder))
     if folder.is_dir():
         _check_model_files(cfg, f"the folder {folder.resolve()}", _listing(folder), _json_reader(folder))
         return BaseModelRef(name_or_path=str(folder.resolve()), revision=None, fingerprint=_hash_folder(folder))
@@ -48,9 +70,9 @@ def resolve_base_model(cfg: ModelConfig) -> BaseModelRef:
 
 
 @task(name="resolve_base_model", cache_policy=NO_CACHE)
-def resolve_base(cfg: ModelConfig) -> BaseModelRef:
+def resolve_base(cfg: ModelConfig, ollama: OllamaConfig | None = None) -> BaseModelRef:
     # Never cached: a hub revision such as `main` moves on, and resolving it is what keys every later cache.
-    return resolve_base_model(cfg)
+    return resolve_base_model(cfg, ollama)
 
 
 class BaseModelError(ValueError):
@@ -76,19 +98,42 @@ def load_tokenizer(base: BaseModelRef, chat_template: str | None = None):
     return tokenizer
 
 
+def _from_gguf(cfg: ModelConfig, gguf: Path, fingerprint: str) -> BaseModelRef:
+    """The transformers folder built (once, in the shared cache) from `gguf`, which `fingerprint` identifies."""
+    from tasks.llama_cpp_tools import cache_root
+    from tasks.real_models import BUILD_VERSION, VocabularyMismatch, hf_folder_from_gguf, source_record
+
+    # Keyed by content: the same weights reached as a file and through Ollama share one folder.
+    key = hashlib.sha256(f"{_hash_file(gguf)}\n{cfg.chat_template or ''}\n{BUILD_VERSION}".encode()).hexdigest()[:16]
+    folder = cache_root() / "gguf-models" / key
+    try:
+        hf_folder_from_gguf(gguf, folder, cfg.chat_template)
+    except (VocabularyMismatch, ValueError) as exc:
+        raise BaseModelError(f"model.base {cfg.base!r}: {exc}") from exc
+    if warning := source_record(folder).get("warning"):
+        warnings.warn(f"model.base {cfg.base!r}: {warning}", stacklevel=2)
+    return BaseModelRef(name_or_path=str(folder), revision=None, fingerprint=fingerprint, gguf=gguf)
+
+
 def _hash_folder(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         digest.update(str(path.relative_to(folder)).encode())
-        size = path.stat().st_size
-        digest.update(size.to_bytes(8, "little"))
-        with path.open("rb") as f:
-            if size <= 4 * _SAMPLE:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(_SAMPLE))
-                f.seek(-_SAMPLE, 2)
-                digest.update(f.read(_SAMPLE))
+        digest.update(_hash_file(path).encode())
+    return digest.hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(size.to_bytes(8, "little"))
+    with path.open("rb") as f:
+        if size <= 4 * _SAMPLE:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_SAMPLE))
+            f.seek(-_SAMPLE, 2)
+            digest.update(f.read(_SAMPLE))
     return digest.hexdigest()
 
 

@@ -76,7 +76,11 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    base: str = Field(description="Hugging Face hub id or local folder of the base model.")
+    base: str = Field(
+        description="The base model: a Hugging Face hub id, a local transformers folder, a `.gguf` file, or "
+        "`ollama:NAME[:TAG]` (the GGUF that Ollama at `ollama.host` serves, found through its API or its models "
+        "folder). A GGUF is dequantized into a transformers folder once, with a tokenizer checked against llama.cpp."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     max_seq_length: int = Field(
         1024, ge=16, description="Longest formatted example, in tokens; longer ones are quarantined, not truncated."

@@ -212,10 +212,11 @@ def _base_model(cfg: PipelineConfig) -> list[Check]:
     from tasks.base_model import BaseModelError, resolve_base_model
 
     try:
-        ref = resolve_base_model(cfg.model)
+        ref = resolve_base_model(cfg.model, cfg.ollama)
     except BaseModelError as exc:
         return [Check("model.base", "fail", str(exc))]
-    where = "local folder" if Path(ref.name_or_path).is_dir() else f"commit {ref.fingerprint[:12]}"
+    where = (f"GGUF {ref.gguf}, as transformers folder {ref.name_or_path}" if ref.gguf else
+             "local folder" if Path(ref.name_or_path).is_dir() else f"commit {ref.fingerprint[:12]}")
     return [Check("model.base", "ok", f"{cfg.model.base} ({where})")]
 
 

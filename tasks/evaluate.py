@@ -88,6 +88,7 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
     import torch
 
     from tasks.generation import greedy_answers
+    from tasks.progress import Progress
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -98,7 +99,8 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
         model, tokenizer = _load(spec, device, dtype)
         with torch.inference_mode():
             started = time.perf_counter()
-            answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size)
+            answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size,
+                                     Progress(f"evaluate {spec.name}", len(conversations), "prompts"))
             seconds = time.perf_counter() - started
             loss = mean_answer_loss(model, rows, request.batch_size, tokenizer.pad_token_id)
         print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")

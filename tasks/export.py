@@ -7,6 +7,10 @@ still does the task is the parity stage's question (`tasks/parity.py`), which lo
 
 LoRA training leaves an adapter, merged here into the base; full fine-tuning leaves a whole model folder,
 which is exported as it is (and has no adapter GGUF).
+
+A model trained from a GGUF (`model.base` a .gguf file or `ollama:NAME`) must come back with the source's
+vocabulary: the same tokenizer type, pre-tokenizer, size and special tokens, or the export fails naming what
+differs (llama.cpp would tokenize served prompts differently from training, or not at all).
 """
 
 from __future__ import annotations
@@ -57,8 +61,24 @@ def export_model(trained: TrainResult, base: BaseModelRef, cfg: ExportConfig, ou
                                                       "--outtype", "f16", str(adapter_dir)])
     else:
         merged_dir = trained.adapter_dir  # full fine-tuning saved a whole model (weights + tokenizer) there
-    return ExportResult(merged_dir=merged_dir, adapter_dir=adapter_dir,
-                        ggufs=write_ggufs(merged_dir, cfg.gguf_types, out_dir), adapter_gguf=adapter_gguf)
+    ggufs = write_ggufs(merged_dir, cfg.gguf_types, out_dir)
+    if base.gguf is not None:
+        check_source_vocabulary(base.gguf, ggufs[0].path)
+    return ExportResult(merged_dir=merged_dir, adapter_dir=adapter_dir, ggufs=ggufs, adapter_gguf=adapter_gguf)
+
+
+class VocabularyChanged(RuntimeError):
+    """The exported GGUF's vocabulary is not the source GGUF's."""
+
+
+def check_source_vocabulary(source: Path, exported: Path) -> None:
+    """Raise VocabularyChanged unless `exported` has `source`'s vocabulary (one conversion writes every type's)."""
+    from tasks.real_models import gguf_vocab, read_gguf_metadata
+
+    differences = gguf_vocab(read_gguf_metadata(source)).differences(gguf_vocab(read_gguf_metadata(exported)))
+    if differences:
+        raise VocabularyChanged(f"{exported.name} does not have the vocabulary of the base model's GGUF {source} "
+                                f"(source, then exported): {'; '.join(differences)}")
 
 
 def write_ggufs(model_dir: Path, gguf_types: list[str], out_dir: Path) -> list[GgufFile]:

@@ -45,9 +45,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def greedy_answers(
-    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int, progress=None
 ) -> list[Answer]:
-    """Greedy answers to `conversations`, in their order, decoded up to the first stop token."""
+    """Greedy answers to `conversations`, in their order, decoded up to the first stop token.
+
+    `progress` (a `tasks.progress.Progress`) is advanced by each batch's prompts."""
     prompts = [render_prompt(tokenizer, conversation) for conversation in conversations]
     if not prompts:
         return []
@@ -62,6 +64,8 @@ def greedy_answers(
         batch = [prompts[i] for i in chunk]
         outputs = decoder.run(batch + [batch[0]] * (rows - len(batch)), max_new_tokens)
         generated.update(zip(chunk, outputs))
+        if progress is not None:
+            progress.advance(len(chunk))
     stops = set(stop_ids)
     answers = []
     for i in range(len(prompts)):

@@ -74,7 +74,7 @@ def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: For
 def check_run(cfg: PipelineConfig) -> tuple[CheckedData, RunPlan]:
     """Load, check and format the data, and check the training environment; raises DataFileError,
     DataCheckError or TrainingEnvironmentError when a run would fail."""
-    base = resolve_base_model(cfg.model)
+    base = resolve_base_model(cfg.model, cfg.ollama)
     loaded = load_data.fn(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
     checked = check_data.fn(loaded, cfg.data, base, cfg.model, cfg.workdir)
     formatted = format_data.fn(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)

@@ -25,7 +25,7 @@ from tasks.export import ExportResult, GgufFile
 from tasks.metrics import OutputFormat, parse_json_object, required_keys
 from tasks.ollama.client import OllamaClient, OllamaError
 from tasks.ollama.host import DEFAULT_HOST, ollama_host
-from tasks.ollama.modelfile import ModelfileSpec, modelfile_spec
+from tasks.ollama.modelfile import ModelfileSpec, client_messages, modelfile_spec
 from tasks.parity import ParityVerdict
 from tasks.redact import redact
 
@@ -122,7 +122,7 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
     probes = [SmokeCase(name=f"probe {i}", messages=[{"role": "user", "content": probe}])
               for i, probe in enumerate(cfg.eval.probes)]
     cases = probes + [SmokeCase(name=f"held-out {ex.source}:{ex.line}",
-                                messages=_client_messages(ex.prompt, spec.system))
+                                messages=client_messages(ex.prompt, spec.system))
                       for ex in smoked]
     return ServingPlan(
         run_id=run_id, tracking_uri=cfg.tracking.uri, registered_model=cfg.name,
@@ -131,14 +131,6 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
         retry=cfg.retry,
         required_keys=required_keys(ex.answer for ex in examples) if cfg.data.output_format == "json" else [],
     )
-
-
-def _client_messages(prompt, system: str | None) -> list[dict[str, str]]:
-    """A client sends no system prompt when it is the Modelfile's SYSTEM: Ollama adds that one itself."""
-    messages = [m.model_dump() for m in prompt]
-    if messages and messages[0]["role"] == "system" and messages[0]["content"] == system:
-        messages = messages[1:]
-    return messages
 
 
 def register_candidate(plan: ServingPlan) -> Registration:

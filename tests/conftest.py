@@ -70,6 +70,33 @@ def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     return gguf_file(convert(out / "hf", out / "model-f16.gguf", "f16"))
 
 
+def _real_model(name: str):
+    """A packaged real model's transformers folder, built from its GGUF once (shared cache) and reused; a GGUF
+    without a chat template gets the one its package entry names."""
+    import warnings
+
+    from tasks.base_model import resolve_base_model
+    from tasks.config import ModelConfig
+    from tasks.real_models import PACKAGED, packaged_gguf
+
+    with warnings.catch_warnings():  # its quantization warning has a test of its own
+        warnings.simplefilter("ignore")
+        return resolve_base_model(ModelConfig(base=str(packaged_gguf(name)),
+                                              chat_template=PACKAGED[name].chat_template))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (Llama architecture, byte-level BPE, ChatML) as a BaseModelRef from its Q4_1 GGUF."""
+    return _real_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma 3 270M base (SentencePiece, no chat template, no system role) with the Gemma turn format."""
+    return _real_model("gemma3-270m")
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tasks.demo_data import write_demo_dataset

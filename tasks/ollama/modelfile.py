@@ -120,6 +120,15 @@ def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig, trai
                          parameters={"num_ctx": cfg.num_ctx, "temperature": cfg.temperature})
 
 
+def client_messages(prompt, system: str | None) -> list[dict[str, str]]:
+    """What a client sends for `prompt` (messages): no system prompt when it is the Modelfile's SYSTEM, which
+    Ollama adds itself."""
+    messages = [m.model_dump() for m in prompt]
+    if messages and messages[0]["role"] == "system" and messages[0]["content"] == system:
+        messages = messages[1:]
+    return messages
+
+
 def _read_tokenizer(tokenizer_dir: Path) -> tuple[str | None, str | None]:
     """The chat template and eos token a saved Hugging Face tokenizer folder holds."""
     config_file = tokenizer_dir / "tokenizer_config.json"

@@ -1,0 +1,250 @@
+"""Real pretrained models from GGUF: the packaged files, the transformers folder with a faithful tokenizer,
+`model.base` as a .gguf file or `ollama:NAME`, and the export's vocabulary check, on SmolLM2 and Gemma 3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.base_model import BaseModelError, resolve_base_model
+from tasks.config import ModelConfig, OllamaConfig
+from tasks.examples import Example, write_jsonl
+from tasks.load_data import parse_record
+from tasks.real_models import (
+    SAMPLE_CONVERSATIONS,
+    VocabularyMismatch,
+    compare_token_ids,
+    gguf_vocab,
+    packaged_gguf,
+    read_gguf_metadata,
+)
+
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its package's SHA256SUMS
+
+
+def test_gemma_is_assembled_from_its_four_chunk_packages_into_the_file_its_package_lists() -> None:
+    path = packaged_gguf("gemma3-270m")
+    with path.open("rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == GEMMA_SHA256
+    vocab = gguf_vocab(read_gguf_metadata(path))
+    assert (vocab.model, vocab.pre, vocab.size) == ("llama", "default", 262_144)
+
+
+def test_smollm2_folder_has_the_gguf_vocabulary_and_special_tokens(smollm2) -> None:
+    from transformers import AutoTokenizer
+
+    folder = Path(smollm2.name_or_path)
+    assert json.loads((folder / "tokenizer.json").read_text())["model"]["byte_fallback"] is False
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # transformers' GGUF reader says <|im_start|> for both; the GGUF names ids 1 and 2
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2]
+    conversation = [{"role": "user", "content": "<li>Brand: Acme — 12.50 €</li>"},
+                    {"role": "assistant", "content": '{"brand": "Acme", "price": 12.5}'}]
+    compare_token_ids(tokenizer, smollm2.gguf, [tokenizer.apply_chat_template(conversation, tokenize=False)],
+                      "test")
+
+
+def test_gemma_folder_has_the_gguf_vocabulary_and_the_supplied_turn_format(gemma3) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3.name_or_path)
+    text = tokenizer.apply_chat_template(SAMPLE_CONVERSATIONS[0], tokenize=False)
+    assert text.startswith("<bos><start_of_turn>user\nYou extract product data as JSON.\n\n<div")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn in json.loads((Path(gemma3.name_or_path) / "generation_config.json").read_text())[
+        "eos_token_id"]
+    compare_token_ids(tokenizer, gemma3.gguf, [text], "test")
+
+
+def test_a_quantized_source_warns_that_its_rounding_is_trained(smollm2) -> None:
+    with pytest.warns(UserWarning, match="q4_1, below q8_0"):
+        again = resolve_base_model(ModelConfig(base=str(smollm2.gguf)))
+    assert again == smollm2  # the folder is built once; the warning is given on every run
+
+
+def test_a_tokenizer_llama_cpp_does_not_reproduce_is_refused_naming_the_tokens(smollm2, tiny_gguf) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
+    with pytest.raises(VocabularyMismatch, match=r"check: text 1 .* from token 0 on, llama.cpp with model-f16.gguf "
+                                                 r"gives \[\d+"):
+        compare_token_ids(tokenizer, tiny_gguf, ["<|im_start|>user\nhello<|im_end|>"], "check")
+
+
+def test_export_keeps_the_source_vocabulary_and_a_byte_fallback_tokenizer_is_caught(smollm2, tmp_path) -> None:
+    """What issue 18 found: byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
+    makes llama.cpp abort on the first text, which must come back as a message, not a dead process."""
+    from tasks.export import VocabularyChanged, check_source_vocabulary, convert
+
+    good = convert(Path(smollm2.name_or_path), tmp_path / "good.gguf", "f16")
+    check_source_vocabulary(smollm2.gguf, good)
+
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(smollm2.name_or_path, bad_dir)
+    tokenizer_json = json.loads((bad_dir / "tokenizer.json").read_text())
+    tokenizer_json["model"]["byte_fallback"] = True
+    (bad_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    bad = convert(bad_dir, tmp_path / "bad.gguf", "f16")
+    good.unlink()
+    with pytest.raises(VocabularyChanged, match="model 'gpt2' became 'llama'; pre 'smollm' became 'default'"):
+        check_source_vocabulary(smollm2.gguf, bad)
+
+    from transformers import AutoTokenizer
+
+    with pytest.raises(VocabularyMismatch, match=r"llama.cpp cannot tokenize .*std::out_of_range"):
+        compare_token_ids(AutoTokenizer.from_pretrained(bad_dir), bad, ["<|im_start|>user\nhi<|im_end|>"], "bad")
+
+
+def test_a_missing_gguf_file_is_named(tmp_path) -> None:
+    with pytest.raises(BaseModelError, match=r"model.base '.*nothere.gguf': no such file"):
+        resolve_base_model(ModelConfig(base=str(tmp_path / "nothere.gguf")))
+
+
+# --- ollama:NAME ----------------------------------------------------------------------------------------------
+
+
+def _register(fake_ollama, gguf: Path, name: str) -> str:
+    from tasks.ollama.client import OllamaClient
+
+    client = OllamaClient(fake_ollama.url)
+    digest = client.push_blob(gguf)
+    client.create(name, files={gguf.name: digest}, template="{{ .Prompt }}", system=None, parameters={})
+    return digest
+
+
+def test_ollama_base_is_the_blob_the_api_names(smollm2, fake_ollama, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "empty"))  # only the API can know it
+    digest = _register(fake_ollama, smollm2.gguf, "smollm2:135m")
+    with pytest.warns(UserWarning, match="q4_1"):
+        ref = resolve_base_model(ModelConfig(base="ollama:smollm2:135m"), OllamaConfig(model_name="x",
+                                                                                      host=fake_ollama.url))
+    assert ref.fingerprint == digest
+    assert ref.gguf == fake_ollama.blob_path(digest).resolve()
+    assert ref.name_or_path == smollm2.name_or_path  # same weights, same folder: not built twice
+
+
+def test_ollama_base_is_found_in_the_models_folder_without_a_server(smollm2, monkeypatch, tmp_path) -> None:
+    from conftest import closed_port
+
+    models = tmp_path / "models"
+    with smollm2.gguf.open("rb") as f:
+        digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    (models / "blobs").mkdir(parents=True)
+    (models / "blobs" / digest.replace(":", "-")).symlink_to(smollm2.gguf)
+    manifest = models / "manifests" / "registry.ollama.ai" / "library" / "smollm2" / "135m"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": smollm2.gguf.stat().st_size},
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(models))
+    with pytest.warns(UserWarning):
+        ref = resolve_base_model(ModelConfig(base="ollama:smollm2:135m"),
+                                 OllamaConfig(model_name="x", host=f"http://127.0.0.1:{closed_port()}"))
+    assert (ref.fingerprint, ref.name_or_path) == (digest, smollm2.name_or_path)
+
+
+def test_an_ollama_model_nobody_has_is_an_error_saying_where_it_looked(fake_ollama, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "models"))
+    with pytest.raises(BaseModelError) as caught:
+        resolve_base_model(ModelConfig(base="ollama:acme/chat"), OllamaConfig(model_name="x", host=fake_ollama.url))
+    message = str(caught.value)
+    assert f"the API at {fake_ollama.url} does not know it" in message
+    assert "manifests/registry.ollama.ai/acme/chat/latest" in message
+    assert "ollama pull acme/chat" in message
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "Extract the product from the HTML as a JSON object with name, price, category and manufacturer."
+
+
+def _short_pages(demo_data, root: Path, train_rows: int, eval_rows: int) -> tuple[Path, Path]:
+    """The demo's product pages, few of them: CI's 2 cores train SmolLM2 at seconds per example."""
+    paths = []
+    for source, rows in zip(demo_data, (train_rows, eval_rows)):
+        path = root / source.name
+        path.write_text("".join(source.read_text().splitlines(keepends=True)[:rows]))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
+        smollm2, demo_data, prefect_server, fake_ollama, tmp_path) -> None:
+    """A few LoRA steps on a real instruct model from its Q4_1 GGUF: the base answers the pages in prose, the
+    candidate in JSON; every GGUF keeps SmolLM2's vocabulary, answers through the served path and the
+    Modelfile served by the Ollama stand-in passes the smoke test."""
+    import yaml
+
+    from flows.finetune import finetune
+    from tasks.config import load_config
+
+    train, eval_ = _short_pages(demo_data, tmp_path, 120, 3)
+    config = {
+        "name": "real-smollm2", "workdir": str(tmp_path / "runs"),
+        "data": {"train": str(train), "eval": str(eval_), "system_prompt": SYSTEM_PROMPT, "output_format": "json",
+                 "min_rows": 20},
+        "model": {"base": str(smollm2.gguf), "max_seq_length": 256},
+        "train": {"mode": "lora", "max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 1,
+                  "gradient_checkpointing": False, "save_steps": 100},
+        "eval": {"max_samples": 3, "max_new_tokens": 48},
+        "gate": {"rules": {"valid_json_rate": {"min_improvement_over_base": 0.3}}},
+        "retrain": {"max_attempts": 1},
+        "export": {"gguf_types": ["f16", "q8_0"], "lora_gguf": False},
+        "ollama": {"model_name": "real-smollm2", "host": fake_ollama.url, "smoke_examples": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "real",
+                     "artifact_location": str(tmp_path / "mlartifacts")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.warns(UserWarning, match="q4_1"):
+        state = finetune(load_config(path), return_state=True)
+    assert state.is_completed() and state.name == "Completed", state.message
+    summary = state.result()
+    assert summary.eval.base.metrics["valid_json_rate"] == 0.0
+    assert summary.eval.candidate.metrics["valid_json_rate"] >= 2 / 3
+    for gguf in summary.exported.ggufs:
+        vocab = gguf_vocab(read_gguf_metadata(gguf.path))
+        assert (vocab.model, vocab.pre) == ("gpt2", "smollm")
+    for scores in summary.parity.ggufs:
+        assert scores.vocabulary_problem is None and scores.prompt_mismatches == 0, scores
+    assert summary.serving.served, summary.serving
+
+
+def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_the_served_path(
+        gemma3, demo_data, tmp_path) -> None:
+    """Gemma 3 base with the Gemma turn format supplied: no system role (the SYSTEM opens the first user turn),
+    a SentencePiece vocabulary that must come back as one, and BOS added by the vocabulary, not the template."""
+    from tasks.config import DataConfig, EvalConfig, ExportConfig
+    from tasks.export import export_model
+    from tasks.parity import measure_parity
+    from tasks.train import TrainResult
+
+    trained = TrainResult(adapter_dir=Path(gemma3.name_or_path), kind="full", backend="hf", loss_history=[],
+                          runtime_s=0.0, trainable_params=0, total_params=0, steps=0, device="cpu x1",
+                          precision="fp32", micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0,
+                          resumed_from_step=0)
+    exported = export_model(trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False), tmp_path / "export")
+    vocab = gguf_vocab(read_gguf_metadata(exported.ggufs[0].path))
+    assert (vocab.model, vocab.pre, vocab.special["add_bos_token"]) == ("llama", "default", "true")
+
+    examples = {}
+    for split, source, rows in (("train", demo_data[0], 8), ("eval", demo_data[1], 2)):
+        records = [json.loads(line) for line in source.read_text().splitlines()[:rows]]
+        examples[split] = tmp_path / f"{split}.jsonl"
+        write_jsonl(examples[split], [Example(id=str(i), messages=parse_record(r, system_prompt=SYSTEM_PROMPT),
+                                              source=source.name, line=i + 1) for i, r in enumerate(records)])
+    report = measure_parity(exported, examples["eval"], examples["train"],
+                            DataConfig(train=examples["train"], system_prompt=SYSTEM_PROMPT),
+                            EvalConfig(max_samples=2, max_new_tokens=16), OllamaConfig(model_name="gemma"),
+                            tmp_path / "parity")
+    (scores,) = report.ggufs
+    assert scores.vocabulary_problem is None
+    assert scores.prompt_mismatches == 0  # Go's rendering + llama.cpp's BOS == the chat template + transformers
+    served = [json.loads(line)["served_prompt"] for line in report.samples_path.read_text().splitlines()]
+    assert served[0].startswith(f"<start_of_turn>user\n{SYSTEM_PROMPT}\n\n<")
+    assert served[0].endswith("<end_of_turn>\n<start_of_turn>model\n")
