@@ -211,12 +211,21 @@ def print_run_plan(console, plan) -> None:
                             + " (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.environment.estimate.items()) + ")"),
         ("gradient checkpointing", {True: "on", False: "off", "offload": "on, offloaded to CPU memory"}[
             plan.environment.gradient_checkpointing]),
-        ("time estimate", "none yet: training's environment check estimates memory only"),
+        ("time estimate", _time_estimate(plan)),
     ):
         table.add_row(name, value)
     console.print(table)
     for warning in plan.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
+def _time_estimate(plan) -> str:
+    estimate = plan.time_estimate
+    if estimate is None:
+        return (f"none yet: this base model has not trained on {plan.environment.device} in this workdir; "
+                "the first run's speed sets it")
+    return (f"{estimate.seconds / 60:.1f} min for the steps (model loading not included), at the "
+            f"{estimate.tokens_per_s:,.0f} tokens/s measured in {estimate.measured_in}")
 
 
 def prepare_demo_assets(root: Path) -> None:

@@ -7,6 +7,8 @@ folders the flow uses, so a check costs seconds and its outputs are what the run
 from __future__ import annotations
 
 import math
+import statistics
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -21,6 +23,14 @@ from tasks.training import EnvironmentReport
 MANY_EPOCHS = 50
 
 
+class TimeEstimate(BaseModel):
+    """The training steps' time at the speed an earlier training of the same base model reached here."""
+
+    seconds: float  # the steps only: loading the model comes on top
+    tokens_per_s: float  # the median of that training's logged rates
+    measured_in: Path  # that training's stage folder
+
+
 class RunPlan(BaseModel):
     train_rows: int
     eval_rows: int
@@ -33,14 +43,17 @@ class RunPlan(BaseModel):
     steps: int  # train.max_steps, or train.epochs over the training rows
     epochs: float  # how many times the steps go over the training rows
     environment: EnvironmentReport  # training's own check: device, precision, memory estimate against free memory
+    time_estimate: TimeEstimate | None  # None until this base model has trained on this device in the workdir
     warnings: list[str] = []  # what would not stop the run but is probably not what was meant
 
 
-def plan_run(cfg: PipelineConfig, formatted: FormattedData, environment: EnvironmentReport) -> RunPlan:
+def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
+             environment: EnvironmentReport) -> RunPlan:
     rows = formatted.train.n_rows
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.train.devices
     steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * rows / per_step)  # as the training loop counts
     epochs = steps * per_step / rows
+    tokens_to_train = steps * per_step * formatted.train.n_tokens / rows
     warnings = []
     if epochs > MANY_EPOCHS:
         setting = (f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps
@@ -54,7 +67,30 @@ def plan_run(cfg: PipelineConfig, formatted: FormattedData, environment: Environ
         longest_example_tokens=max(formatted.train.max_tokens, formatted.eval.max_tokens),
         examples_per_step=per_step, steps_per_epoch=max(1, math.ceil(rows / per_step)), steps=steps,
         epochs=epochs, environment=environment, warnings=warnings,
+        time_estimate=estimate_training_time(cfg, base, environment.device, tokens_to_train),
     )
+
+
+def estimate_training_time(cfg: PipelineConfig, base: BaseModelRef, device: str, tokens: float) -> TimeEstimate | None:
+    """`tokens` at the speed of the newest finished training of `base` in the same mode on `device`, read from
+    the train stage folders of `cfg.workdir`; None when there is none."""
+    from tasks.train import TrainRequest, TrainResult
+
+    measured = []
+    for result_path in (cfg.workdir / "train").glob("*/worker-result.json"):
+        try:
+            result = TrainResult.model_validate_json(result_path.read_text())
+            request = TrainRequest.model_validate_json((result_path.parent / "worker-request.json").read_text())
+        except (OSError, ValueError):  # half written, or written by another version of tunepipe
+            continue
+        rates = [point.tokens_per_s for point in result.loss_history if point.tokens_per_s]
+        if (rates and result.device == device and request.base.fingerprint == base.fingerprint
+                and request.cfg.mode == cfg.train.mode):
+            measured.append((result_path.stat().st_mtime, statistics.median(rates), result_path.parent))
+    if not measured:
+        return None
+    _, rate, folder = max(measured)
+    return TimeEstimate(seconds=tokens / rate, tokens_per_s=rate, measured_in=folder)
 
 
 def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData) -> EnvironmentReport:
@@ -78,4 +114,4 @@ def check_run(cfg: PipelineConfig) -> tuple[CheckedData, RunPlan]:
     loaded = load_data.fn(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
     checked = check_data.fn(loaded, cfg.data, base, cfg.model, cfg.workdir)
     formatted = format_data.fn(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
-    return checked, plan_run(cfg, formatted, training_environment(cfg, base, formatted))
+    return checked, plan_run(cfg, base, formatted, training_environment(cfg, base, formatted))

@@ -196,3 +196,52 @@ def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(t
     assert str(train) in file_column and "…" not in data_table
     assert ("warning: train.max_steps=400 goes over the 3 training rows 133 times (more than 50): the model will "
             "likely learn them by heart; use more rows or fewer steps") in out
+
+
+def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(tmp_path: Path,
+                                                                             tiny_model: Path, capsys) -> None:
+    import statistics
+
+    from prefect.logging import disable_run_logger
+
+    from deployments.cli import main
+    from tasks.check_data import check_data
+    from tasks.config import load_config
+    from tasks.format_data import format_data
+    from tasks.load_data import data_fingerprint, load_data
+    from tasks.run_plan import check_run
+    from tasks.train import train
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"input": f"<div>Product {i}</div>", "output": {"name": f"Product {i}"}})
+                            + "\n" for i in range(8)))
+    config = {"name": "t", "workdir": str(tmp_path / "runs"), "ollama": {"model_name": "t"},
+              "model": {"base": str(tiny_model), "max_seq_length": 128},
+              "data": {"train": str(rows), "eval": str(CORPUS / "leak_eval.jsonl"), "min_rows": 1},
+              "train": {"batch_size": 2, "max_steps": 3, "logging_steps": 1}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path)]) == 0
+    plan_table = capsys.readouterr().out.split("run plan")[1]
+    values = " ".join(line.split("│")[2].strip() for line in plan_table.splitlines() if line.startswith("│"))
+    assert ("none yet: this base model has not trained on cpu x1 in this workdir; the first run's speed sets it"
+            in values)
+
+    # One real training on this machine, as the flow's train stage runs it, in the run's workdir.
+    cfg = load_config(path)
+    base = resolve_base_model(cfg.model)
+    loaded = load_data.fn(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
+    checked = check_data.fn(loaded, cfg.data, base, cfg.model, cfg.workdir)
+    formatted = format_data.fn(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
+    with disable_run_logger():
+        trained = train.fn(formatted, base, cfg.model, cfg.lora, cfg.train, cfg.workdir)
+    rate = statistics.median(point.tokens_per_s for point in trained.loss_history)
+
+    longer = load_config(path, ["train.max_steps=300"])
+    _, plan = check_run(longer)
+    assert plan.time_estimate.tokens_per_s == rate and plan.time_estimate.measured_in == trained.adapter_dir.parent
+    assert plan.time_estimate.seconds == pytest.approx(300 * 2 * formatted.train.n_tokens / formatted.train.n_rows
+                                                       / rate)
+    # Another mode is another speed: full fine-tuning has no estimate from a LoRA run.
+    _, full = check_run(load_config(path, ["train.mode=full"]))
+    assert full.time_estimate is None
