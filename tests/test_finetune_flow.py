@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -170,9 +171,8 @@ def test_register_later_removes_a_model_that_fails_the_smoke_test(first_run, con
 
     summary, _ = first_run
     client = mlflow_client(config_path)
-    _point_plan(client, summary.mlflow_run_id, host=fake_ollama.url, max_new_tokens=1)
-
-    state = register_run(summary.mlflow_run_id, summary.mlflow_tracking_uri, return_state=True)
+    with _pointed_plan(client, summary.mlflow_run_id, host=fake_ollama.url, max_new_tokens=1):
+        state = register_run(summary.mlflow_run_id, summary.mlflow_tracking_uri, return_state=True)
 
     assert state.is_failed()
     assert "smoke test of tunepipe-demo:1 failed" in str(state.result(raise_on_failure=False))
@@ -272,9 +272,8 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
 
     summary, _ = first_run
     client = mlflow_client(config_path)
-    _point_plan(client, summary.mlflow_run_id, host=fake_ollama.url, gguf=obedient_gguf, required_keys=[])
-
-    serving = register_run(summary.mlflow_run_id, summary.mlflow_tracking_uri)
+    with _pointed_plan(client, summary.mlflow_run_id, host=fake_ollama.url, gguf=obedient_gguf, required_keys=[]):
+        serving = register_run(summary.mlflow_run_id, summary.mlflow_tracking_uri)
 
     tag = serving.registration.ollama_tag
     assert fake_ollama.bodies("/api/create")[0]["model"] == tag
@@ -284,10 +283,17 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
     assert set(fake_ollama.models) == {tag, "tunepipe-demo:latest"}
 
 
-def _point_plan(client, run_id: str, host: str, **changes) -> None:
-    """Rewrite the run's logged plan: pointed at the stand-in Ollama (the run itself had none), and `changes`."""
+@contextmanager
+def _pointed_plan(client, run_id: str, host: str, **changes):
+    """The run's logged plan rewritten: pointed at the stand-in Ollama (the run itself had none), and `changes`;
+    put back as the run logged it afterwards, so one test's changes never reach the next."""
     from tasks.serve import ServingPlan
 
-    plan = ServingPlan.model_validate_json(Path(client.download_artifacts(run_id, "serving/plan.json")).read_text())
+    logged = Path(client.download_artifacts(run_id, "serving/plan.json")).read_text()
+    plan = ServingPlan.model_validate_json(logged)
     plan = plan.model_copy(update={"ollama": plan.ollama.model_copy(update={"host": host}), **changes})
     client.log_text(run_id, plan.model_dump_json(), "serving/plan.json")
+    try:
+        yield
+    finally:
+        client.log_text(run_id, logged, "serving/plan.json")

@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, SAVE_STEPS = 8, 2  # a checkpoint every 2 steps: room to stop a run twice before it ends
+# Enough steps that a stop lands mid-training on an idle machine too, where the tiny model trains a handful of
+# steps faster than the test can see a checkpoint and signal; a checkpoint every 5: room to stop a run twice.
+STEPS, SAVE_STEPS = 200, 5
 CLI = [sys.executable, "-c", "import sys; from deployments.cli import main; sys.exit(main())"]
 
 
