@@ -46,12 +46,13 @@ def test_real_template_is_served_as_trained_or_refused_with_its_reason(path) -> 
 
 def test_real_models_templates_are_served_as_trained() -> None:
     """SmolLM2-135M-Instruct's ChatML with its default system prompt; Gemma 3's turns, with no system role."""
-    real_models = pytest.importorskip("tasks.real_models", reason="the real models arrive with issue 18")
-    smollm2 = real_models.read_gguf_metadata(real_models.packaged_gguf("smollm2-135m-instruct"))
+    from tasks.real_models import PACKAGED, packaged_gguf, read_gguf_metadata
+
+    smollm2 = read_gguf_metadata(packaged_gguf("smollm2-135m-instruct"))
     smol = ollama_template(transformers_renderer(smollm2["tokenizer.chat_template"], eos_token="<|im_end|>"))
     assert smol.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert smol.stops == ["<|im_end|>"]
-    gemma = ollama_template(transformers_renderer(real_models.PACKAGED["gemma3-270m"].chat_template))
+    gemma = ollama_template(transformers_renderer(PACKAGED["gemma3-270m"].chat_template))
     assert gemma.default_system is None and gemma.stops == ["<end_of_turn>"]
     # No system turn: the system prompt opens the first user turn, as Gemma was trained.
     assert "<start_of_turn>system" not in gemma.template
