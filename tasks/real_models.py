@@ -269,8 +269,7 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     if marker.exists():
         return out_dir
     meta = read_gguf_metadata(gguf)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -294,14 +293,7 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in SAMPLE_CONVERSATIONS]
     compare_token_ids(tokenizer, gguf, texts, f"the tokenizer written for {gguf}")
 
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantized model keeps a GGUF quantization marker that save_pretrained refuses; the same
-    # architecture built from a config without it takes every weight as it is.
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.generation_config = loaded.generation_config
+    model = dequantized_model(gguf)
     # Generation ends where a turn ends: the chat template's end-of-turn token (Gemma's <end_of_turn>, which a
     # base GGUF does not list) besides the eos token.
     model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, *turn_end_ids(tokenizer)})
@@ -312,6 +304,22 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     partial.replace(out_dir)
     marker.write_text(str(gguf) + "\n")
     return out_dir
+
+
+def dequantized_model(gguf: Path):
+    """The GGUF's weights as a float32 transformers model, through transformers' own GGUF reader."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized model keeps a GGUF quantization marker that save_pretrained refuses; the same
+    # architecture built from a config without it takes every weight as it is.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    return model
 
 
 def gguf_special_tokens(tokenizer, meta: dict[str, str]) -> dict[str, str]:
