@@ -33,6 +33,14 @@ IGNORE = -100  # label value the loss skips
 Pieces = list[tuple[list[int], bool]]
 
 
+class FormatRefused(ValueError):
+    """The chat template cannot train this conversation as evaluation and serving read it."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
 class FormattedSplit(BaseModel):
     path: Path  # JSONL rows: {"id", "input_ids", "labels"}
     n_rows: int
@@ -129,10 +137,11 @@ def ids_and_labels(pieces: Pieces, assistant_only: bool = True) -> tuple[list[in
     return input_ids, labels
 
 
-def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512,
-                    chat: ChatContext | None = None) -> Iterator[Pieces]:
+def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512, chat: ChatContext | None = None,
+                    refusals: bool = False) -> Iterator[Pieces | FormatRefused]:
     """Each example's pieces as token ids (rendered with `chat`; None: the template's defaults), with the
-    tokenizer called once per batch of pieces.
+    tokenizer called once per batch of pieces. An example the template cannot train raises FormatRefused,
+    or with `refusals` is answered by it (the data check quarantines such rows).
 
     Each piece of the rendered text (prompt up to the assistant header, then the assistant's turn) is
     tokenized on its own, as at inference, where the prompt ends at the header and the model's tokens
@@ -141,10 +150,23 @@ def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512,
     pieces lets the fast tokenizer work on many at once: the same ids, several times faster.
     """
     for start in range(0, len(examples), batch_size):
-        pieces = [_pieces(tokenizer, example, chat) for example in examples[start : start + batch_size]]
-        ids_of_text = iter(_encode(tokenizer, [text for example_pieces in pieces for text, _ in example_pieces]))
+        pieces = [_pieces_or_refusal(tokenizer, example, chat, refusals)
+                  for example in examples[start : start + batch_size]]
+        texts = [text for example_pieces in pieces if isinstance(example_pieces, list) for text, _ in example_pieces]
+        ids_of_text = iter(_encode(tokenizer, texts))
         for example_pieces in pieces:
-            yield [(next(ids_of_text), trained) for _, trained in example_pieces]
+            yield (example_pieces if isinstance(example_pieces, FormatRefused)
+                   else [(next(ids_of_text), trained) for _, trained in example_pieces])
+
+
+def _pieces_or_refusal(tokenizer, example: Example, chat: ChatContext | None,
+                       refusals: bool) -> list[tuple[str, bool]] | FormatRefused:
+    try:
+        return _pieces(tokenizer, example, chat)
+    except FormatRefused as exc:
+        if not refusals:
+            raise
+        return exc
 
 
 def tokens_line(example: Example, pieces: Pieces) -> str:
@@ -187,7 +209,7 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
     def untrained(text: str) -> None:
         if not text.startswith(rendered):
             dropped = next((field for field, reasoning in answered if reasoning and reasoning not in text), None)
-            raise ValueError(f"{example.where}: " + (
+            raise FormatRefused(example.where, (
                 f"the chat template renders the answer in {dropped} without its reasoning once more turns "
                 "follow (QwQ, DeepSeek-R1), so a conversation with several answers cannot be one training "
                 "sequence; make one row per answer" if dropped else
@@ -204,8 +226,8 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
         try:
             piece = answer_piece(prompt, _render(tokenizer, messages[: turn + 1], False, kwargs), message["content"])
         except AnswerRefused as exc:
-            raise AnswerRefused(f"{example.where}: {exc} ({field}); set model.chat_template to a template that "
-                                "renders it, or change data.reasoning") from exc
+            raise FormatRefused(example.where, f"{exc} ({field}); set model.chat_template to a template that "
+                                               "renders it, or change data.reasoning") from exc
         pieces.append((piece, True))
         rendered = prompt + piece
         answered.append((field, split_reasoning(message["content"])[0]))
