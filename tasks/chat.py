@@ -37,8 +37,11 @@ class ChatContext(BaseModel):
     date: dt.date | None = None  # what `strftime_now` prints; None: the day of rendering (transformers' own)
 
     @classmethod
-    def today(cls, reasoning: Reasoning) -> ChatContext:
-        return cls(reasoning=reasoning, date=dt.datetime.now(dt.timezone.utc).date())
+    def today(cls, reasoning: Reasoning, chat_template: str) -> ChatContext:
+        """The context of a run starting now; the date only where the template prints one, so that a
+        re-run on another day finds the caches of every other template's stages."""
+        printed = "strftime_now" in chat_template
+        return cls(reasoning=reasoning, date=dt.datetime.now(dt.timezone.utc).date() if printed else None)
 
     def template_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"enable_thinking": self.reasoning != "strip"}

@@ -107,7 +107,8 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     """Validate both splits, write clean rows, quarantine, Data Docs and summary; raise if the run may not go on."""
     splits = {"train": list(read_examples(loaded.train_path)), "eval": list(read_examples(loaded.eval_path))}
     tokenizer = load_tokenizer(base, model.chat_template)
-    chat = ChatContext.today(cfg.reasoning)  # every later stage renders with this: training's texts are made here
+    # Every later stage renders with this: training's texts are made here.
+    chat = ChatContext.today(cfg.reasoning, str(tokenizer.chat_template))
     eval_prompts: dict[str, str] = {}
     for example in splits["eval"]:
         eval_prompts.setdefault(chat_suite.prompt_key(example), example.where)

@@ -80,7 +80,8 @@ def format_dataset(
     """Write each split's token ids and labels, rendered with `chat` (None: the data check's, in `tokens`);
     `tokens` (the data check's, for these files) saves tokenizing again, and is used only if it was made with
     this base model's tokenizer, `cfg.chat_template` and `chat`."""
-    chat = chat or (tokens.chat if tokens is not None else ChatContext())
+    if chat is None:
+        chat = tokens.chat if tokens is not None else ChatContext()
     if tokens is not None and tokens.tokenizer != tokenizer_key(base, cfg.chat_template, chat):
         tokens = None
     tokenizer = load_tokenizer(base, cfg.chat_template) if tokens is None else None

@@ -85,6 +85,16 @@ def test_real_models_templates_are_served_as_trained() -> None:
     assert "<start_of_turn>system" not in gemma.template
 
 
+def test_a_date_printing_template_is_served_with_the_date_training_used() -> None:
+    """Llama 3.2 prints today's date into its system preamble: the TEMPLATE carries training's date, not the
+    day it is derived (registration may come days later)."""
+    text = (chat_templates_dir() / "meta-llama-Llama-3.2-3B-Instruct.jinja").read_text(encoding="utf-8")
+    trained = dt.date(2025, 3, 4)
+    served = ollama_template(transformers_renderer(text, eos_token=EOS, chat=ChatContext(date=trained)))
+    assert "Today Date: 04 Mar 2025" in served.template
+    assert dt.date.today().strftime("%d %b %Y") not in served.template
+
+
 def _assert_stops_end_the_trained_answer(render, stops: list[str]) -> None:
     """The stop is what training has the model write right after its answer; without one, the EOS ends it."""
     answer = "ANSWERPROBE"
