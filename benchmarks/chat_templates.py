@@ -45,7 +45,7 @@ def main() -> None:
         text = path.read_text(encoding="utf-8")
         outcomes = []
         for mode in MODES:
-            render = transformers_renderer(text, eos_token="<EOS>", chat=ChatContext(reasoning=mode, date=DATE))
+            render = transformers_renderer(text, eos_token="<EOS>", chat=ChatContext.for_template(mode, text, DATE))
             try:
                 served = ollama_template(render, reasoning=mode)
             except TemplateRefused as exc:

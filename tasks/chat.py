@@ -5,6 +5,8 @@ the data check first tokenizes and carried through the run's formatting output, 
 same text: `enable_thinking` follows `data.reasoning` (off for `strip`, where a template such as Qwen3's or
 SmolLM3's then writes an empty `<think>` block into the generation prompt; on for `keep` and `wrap`), and
 templates that print today's date (`strftime_now`: Llama 3.2, Granite 3.3) print the date training used.
+Templates that read an answer's reasoning from its `reasoning_content` field rather than its text (DeepSeek
+V3.2/V4, Laguna S, Spark) are given it there, when that is what makes the answer train as it is read.
 
 `answer_piece` is the text an assistant turn trains: what the template writes after the generation prompt.
 Templates whose generation prompt opens the reasoning block (QwQ, the DeepSeek-R1 distills) render a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +29,12 @@ from tasks.examples import split_reasoning
 
 Reasoning = Literal["keep", "strip", "wrap"]
 EMPTY_BLOCK = "<think>\n\n</think>\n\n"  # an answer without reasoning after a prompt that opened the block
+# The probe conversation that decides how a template is given reasoning; plain words no template alters.
+PROBE_USER = [{"role": "user", "content": "USERPROBE"}]
+PROBE_REASONED = "<think>\nREASONINGPROBE\n</think>\n\nANSWERPROBE"
+
+# transformers' rendering of a conversation: messages, add_generation_prompt → text.
+ChatRenderer = Callable[[list[dict[str, str]], bool], str]
 
 
 class ChatContext(BaseModel):
@@ -35,13 +44,33 @@ class ChatContext(BaseModel):
 
     reasoning: Reasoning = "keep"  # `data.reasoning`
     date: dt.date | None = None  # what `strftime_now` prints; None: the day of rendering (transformers' own)
+    reasoning_field: bool = False  # an answer's `<think>` block goes to its `reasoning_content`, not its text
+
+    @classmethod
+    def for_template(cls, reasoning: Reasoning, chat_template: str, today: dt.date) -> ChatContext:
+        """The context of a run under `data.reasoning` starting `today`: the date only where the template
+        prints one (a re-run on another day then finds every other template's caches), and the reasoning in
+        `reasoning_content` where only that makes an answer train as evaluation reads it."""
+        inline = cls(reasoning=reasoning, date=today if "strftime_now" in chat_template else None)
+        if reasoning == "strip" or _trains_as_read(chat_template, inline):
+            return inline
+        fielded = inline.model_copy(update={"reasoning_field": True})
+        return fielded if _trains_as_read(chat_template, fielded) else inline
 
     @classmethod
     def today(cls, reasoning: Reasoning, chat_template: str) -> ChatContext:
-        """The context of a run starting now; the date only where the template prints one, so that a
-        re-run on another day finds the caches of every other template's stages."""
-        printed = "strftime_now" in chat_template
-        return cls(reasoning=reasoning, date=dt.datetime.now(dt.timezone.utc).date() if printed else None)
+        return cls.for_template(reasoning, chat_template, dt.datetime.now(dt.timezone.utc).date())
+
+    def messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages as the chat template is given them."""
+        if not self.reasoning_field:
+            return messages
+        given = []
+        for message in messages:
+            reasoning, answer = split_reasoning(message["content"]) if message["role"] == "assistant" else (None, "")
+            given.append(message if reasoning is None else {**message, "content": answer,
+                                                            "reasoning_content": reasoning})
+        return given
 
     def template_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"enable_thinking": self.reasoning != "strip"}
@@ -52,6 +81,43 @@ class ChatContext(BaseModel):
 
 class AnswerRefused(ValueError):
     """The chat template does not train this answer as evaluation and serving read it; the message says how."""
+
+
+def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: str = "",
+                          chat: ChatContext | None = None) -> ChatRenderer:
+    """Render as training does (transformers' own Jinja environment) with these special tokens and the run's
+    `chat` context (None: the template's defaults).
+
+    bos_token defaults to "": llama.cpp adds the BOS the GGUF asks for when Ollama tokenizes the prompt, so a
+    TEMPLATE that also wrote it would double it.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    kwargs = chat.template_kwargs() if chat is not None else {}
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        (text,), _ = render_jinja_template([chat.messages(messages) if chat is not None else messages],
+                                           chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                                           bos_token=bos_token, eos_token=eos_token, **kwargs)
+        return text
+
+    return render
+
+
+def check_probe_answer(render: ChatRenderer, reasoning: Reasoning) -> None:
+    """An answer trained under `reasoning` (with reasoning; under strip without) trains as the model writes
+    it after the generation prompt and evaluation reads it; raises AnswerRefused otherwise."""
+    content = PROBE_REASONED if reasoning != "strip" else PROBE_REASONED.rpartition("\n")[2]
+    prompt = render(PROBE_USER, True)
+    answer_piece(prompt, render([*PROBE_USER, {"role": "assistant", "content": content}], False), content)
+
+
+def _trains_as_read(chat_template: str, chat: ChatContext) -> bool:
+    try:
+        check_probe_answer(transformers_renderer(chat_template, chat=chat), chat.reasoning)
+    except Exception:  # AnswerRefused, or a template that cannot render it: the run's stages say why
+        return False
+    return True
 
 
 def answer_piece(prompt: str, whole: str, content: str) -> str:

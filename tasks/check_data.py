@@ -23,8 +23,8 @@ from pydantic import BaseModel
 
 from data_checks import chat_suite
 from tasks.base_model import BaseModelRef, load_tokenizer
-from tasks.chat import ChatContext
 from tasks.caching import StageCache, stage_dir
+from tasks.chat import ChatContext
 from tasks.config import DataConfig, ModelConfig
 from tasks.examples import Example, Unit, read_examples, write_jsonl
 from tasks.format_data import FormatRefused, TokenizedSplits, tokenize_pieces, tokenizer_key, tokens_line

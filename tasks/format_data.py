@@ -203,7 +203,6 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
     An assistant turn trains what the model writes after the generation prompt (`tasks.chat.answer_piece`).
     """
     messages = [m.model_dump() for m in example.messages]
-    kwargs = chat.template_kwargs() if chat is not None else {}
     pieces: list[tuple[str, bool]] = []
     rendered, answered = "", []  # the text so far; the fields of the answers in it, with their reasoning
 
@@ -221,11 +220,11 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:turn], True, kwargs)
+        prompt = _render(tokenizer, messages[:turn], True, chat)
         untrained(prompt)
         field = f"messages[{turn}].content"
         try:
-            piece = answer_piece(prompt, _render(tokenizer, messages[: turn + 1], False, kwargs), message["content"])
+            piece = answer_piece(prompt, _render(tokenizer, messages[: turn + 1], False, chat), message["content"])
         except AnswerRefused as exc:
             raise FormatRefused(example.where, f"{exc} ({field}); set model.chat_template to a template that "
                                                "renders it, or change data.reasoning") from exc
@@ -233,16 +232,18 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
         rendered = prompt + piece
         answered.append((field, split_reasoning(message["content"])[0]))
     if messages and messages[-1]["role"] != "assistant":
-        untrained(_render(tokenizer, messages, False, kwargs))
+        untrained(_render(tokenizer, messages, False, chat))
     return pieces
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, chat: ChatContext | None) -> str:
     if not messages:
         return ""
     # The template writes every special token itself, so the tokenizer must not add a BOS again.
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **kwargs)
+    if chat is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(chat.messages(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **chat.template_kwargs())
 
 
 def _format_split(

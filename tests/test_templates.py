@@ -34,17 +34,13 @@ REFUSED = {
     "MiniMax-M3": (MARKUP, MARKUP),
     "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
     "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
-    "Spark2.5": (PREFIX, None),
     "deepseek-ai-DeepSeek-V3.1": (DROPS, None),
-    "deepseek-ai-DeepSeek-V3.2": (MARKUP, PREFIX),
-    "deepseek-ai-DeepSeek-V4-Flash-0731": (MARKUP, None),
-    "deepseek-ai-DeepSeek-V4": (MARKUP, None),
+    "deepseek-ai-DeepSeek-V3.2": (None, PREFIX),
     "fireworks-ai-llama-3-firefunction-v2": ("cannot render a user turn: 'functions' is undefined",) * 2,
     "google-gemma-2-2b-it": ("cannot render a system prompt and a user turn: System role not supported",) * 2,
     "meetkai-functionary-medium-v3.2": (MARKUP, MARKUP),
     "muse-glimmer": (MARKUP, MARKUP),
     "openai-gpt-oss-120b": (MARKUP, MARKUP),
-    "poolside-Laguna-S-2.1": (MARKUP, None),
     "upstage-Solar-Open-100B": (MARKUP, MARKUP),
 }
 TEMPLATES = sorted(chat_templates_dir().glob("*.jinja"))
@@ -61,8 +57,9 @@ def test_real_template_is_served_as_trained_or_refused_with_its_reason(path) -> 
     the derived TEMPLATE is proven and an answer trains as the served model writes it, or it is refused with
     its reason. wrap renders exactly as keep does (same variables, same answer with reasoning): not repeated."""
     for mode, reason in zip(("keep", "strip"), REFUSED.get(path.stem, (None, None)), strict=True):
-        render = transformers_renderer(path.read_text(encoding="utf-8"), eos_token=EOS,
-                                       chat=ChatContext(reasoning=mode, date=dt.date(2026, 12, 1)))
+        text = path.read_text(encoding="utf-8")
+        render = transformers_renderer(text, eos_token=EOS,
+                                       chat=ChatContext.for_template(mode, text, dt.date(2026, 12, 1)))
         if reason is not None:
             with pytest.raises(TemplateRefused, match=re.escape(reason)):
                 ollama_template(render, reasoning=mode)
@@ -133,10 +130,12 @@ class _Tokenizer:
 
 THINKING = ["Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "StepFun3.5-Flash",
             "NVIDIA-Nemotron-Nano-v2", "Qwen-QwQ-32B", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
-            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B"]
+            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"]
 
+# Those that read `enable_thinking`.
 SWITCHES = {"Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "Qwen-QwQ-32B",
-            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"}  # those that read `enable_thinking`
+            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"}
+FIELDED = {"deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"}
 
 
 @pytest.mark.parametrize("policy", ["keep", "strip", "wrap"])
@@ -146,14 +145,17 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     and SmolLM3's `enable_thinking` off for strip: an empty `<think>` block in it), the served TEMPLATE's
     (proven), and what the model is trained to write after it splits into the reasoning `data.reasoning` kept
     and the answer they judge, also where the generation prompt opens the block and the template renders a
-    finished answer without its reasoning (QwQ, the DeepSeek-R1 distills)."""
+    finished answer without its reasoning (QwQ, the DeepSeek-R1 distills), and where the template takes the
+    reasoning in the answer's `reasoning_content` field (DeepSeek V4, Laguna S)."""
     from tasks.examples import Example, Message, split_reasoning
     from tasks.format_data import _pieces
     from tasks.generation import render_prompt
     from tasks.load_data import apply_reasoning
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
-    chat = ChatContext(reasoning=policy)
+    chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))
+    # DeepSeek V4 and Laguna S read an answer's reasoning from its `reasoning_content` field.
+    assert chat.reasoning_field == (policy != "strip" and name in FIELDED)
     served = ollama_template(transformers_renderer(template, eos_token=EOS, chat=chat), reasoning=policy)
     trained = apply_reasoning(f"<think>\n{REASONING}\n</think>\n\n{ANSWER}", "messages[1].content", policy)
     example = Example(id="x", source="train.jsonl", line=1, messages=[

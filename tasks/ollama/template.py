@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tasks.chat import AnswerRefused, ChatContext, Reasoning, answer_piece
+from tasks.chat import AnswerRefused, ChatRenderer, Reasoning, check_probe_answer, transformers_renderer
 from tasks.ollama.render import render_served_prompt
 
 SET_INSTEAD = ("Set `ollama.template` in the config to an Ollama Go template for this model "
@@ -27,7 +27,6 @@ SET_INSTEAD = ("Set `ollama.template` in the config to an Ollama Go template for
 
 # Probe contents: plain words no template alters, each unique, so a marker's place in the rendering is certain.
 S, U1, A1, U2 = "SYSPROBE", "USERPROBE1", "ASSISTANTPROBE1", "USERPROBE2"
-REASONING_PROBE = "REASONINGPROBE"
 
 # The fixed conversations of the proof: single and several turns, markup and JSON, newlines, non-ASCII text.
 PROOF_SYSTEM = "You extract product facts as JSON.\nAnswer with one object."
@@ -49,31 +48,6 @@ class ServedTemplate:
     template: str  # Ollama Go TEMPLATE (`.Messages` form)
     stops: list[str]  # the text that ends an assistant turn, as the model was trained to write it
     default_system: str | None  # the system prompt the chat template adds when a conversation has none
-
-
-# transformers' rendering of a conversation: messages, add_generation_prompt → text.
-ChatRenderer = Callable[[list[dict[str, str]], bool], str]
-
-
-def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: str = "",
-                          chat: ChatContext | None = None) -> ChatRenderer:
-    """Render as training does (transformers' own Jinja environment) with these special tokens and the run's
-    `chat` variables (None: the template's defaults).
-
-    bos_token defaults to "": llama.cpp adds the BOS the GGUF asks for when Ollama tokenizes the prompt, so a
-    TEMPLATE that also wrote it would double it.
-    """
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    kwargs = chat.template_kwargs() if chat is not None else {}
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        (text,), _ = render_jinja_template([messages], chat_template=chat_template,
-                                           add_generation_prompt=add_generation_prompt,
-                                           bos_token=bos_token, eos_token=eos_token, **kwargs)
-        return text
-
-    return render
 
 
 def ollama_template(render: ChatRenderer, system_prompt: str | None = None,
@@ -258,14 +232,12 @@ def _prove(render: ChatRenderer, served: ServedTemplate, system_prompt: str | No
 def _check_reasoning(render: ChatRenderer, reasoning: Reasoning) -> None:
     """An answer trained under `reasoning` is one the served model writes after the (proven) generation prompt
     and whose reply evaluation, parity and the smoke test read: reasoning block, then answer."""
-    content = A1 if reasoning == "strip" else f"<think>\n{REASONING_PROBE}\n</think>\n\n{A1}"
-    user = [{"role": "user", "content": U1}]
-    prompt = _rendered(render, user, True, "a user turn")
-    whole = _rendered(render, [*user, {"role": "assistant", "content": content}], False, "an answer")
     try:
-        answer_piece(prompt, whole, content)
+        check_probe_answer(render, reasoning)
     except AnswerRefused as exc:
         raise TemplateRefused(f"with data.reasoning: {reasoning}, {exc}. {SET_INSTEAD}") from exc
+    except Exception as exc:  # a template's raise_exception, say
+        raise TemplateRefused(f"the chat template cannot render an answer: {exc}. {SET_INSTEAD}") from exc
 
 
 def _first_difference(expected: str, got: str, sent: list[dict[str, str]], system: str | None) -> str:
