@@ -31,7 +31,8 @@ Reasoning = Literal["keep", "strip", "wrap"]
 EMPTY_BLOCK = "<think>\n\n</think>\n\n"  # an answer without reasoning after a prompt that opened the block
 # The probe conversation that decides how a template is given reasoning; plain words no template alters.
 PROBE_USER = [{"role": "user", "content": "USERPROBE"}]
-PROBE_REASONED = "<think>\nREASONINGPROBE\n</think>\n\nANSWERPROBE"
+PROBE_ANSWER = "ANSWERPROBE"
+PROBE_REASONED = f"<think>\nREASONINGPROBE\n</think>\n\n{PROBE_ANSWER}"
 
 # transformers' rendering of a conversation: messages, add_generation_prompt → text.
 ChatRenderer = Callable[[list[dict[str, str]], bool], str]
@@ -107,7 +108,7 @@ def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: st
 def check_probe_answer(render: ChatRenderer, reasoning: Reasoning) -> None:
     """An answer trained under `reasoning` (with reasoning; under strip without) trains as the model writes
     it after the generation prompt and evaluation reads it; raises AnswerRefused otherwise."""
-    content = PROBE_REASONED if reasoning != "strip" else PROBE_REASONED.rpartition("\n")[2]
+    content = PROBE_ANSWER if reasoning == "strip" else PROBE_REASONED
     prompt = render(PROBE_USER, True)
     answer_piece(prompt, render([*PROBE_USER, {"role": "assistant", "content": content}], False), content)
 
