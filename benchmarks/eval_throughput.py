@@ -79,6 +79,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.chat import ChatContext
     from tasks.evaluate import GenerationRequest, GenerationResult, ModelToScore
     from tasks.examples import Message
     from tasks.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
@@ -104,7 +105,7 @@ def main() -> None:
     request = GenerationRequest(
         models=[ModelToScore(name="candidate", weights=str(model_dir), tokenizer=str(model_dir))],
         conversations=[[Message(**m) for m in c] for c in prompts], loss_rows=rows_path,
-        max_new_tokens=args.new_tokens, batch_size=args.batch_size,
+        max_new_tokens=args.new_tokens, batch_size=args.batch_size, chat=ChatContext(),
     )
     started = time.perf_counter()
     stage = run_worker("tasks.evaluate:generate_outputs", request, GenerationResult, work / "worker")

@@ -42,6 +42,7 @@ COLUMN_TYPES = {
     "chars": "int64",
     "n_tokens": "Int64",
     "eval_copy": "object",
+    "chat_template": "object",
 }
 EXAMPLES_SHOWN = 5  # unexpected values per expectation in the summary
 DOCS_SITE = "tunepipe"
@@ -76,11 +77,13 @@ def _first_empty_turn(example: Example) -> str | None:
 
 
 def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
-                   eval_copies: Sequence[str | None] | None = None) -> pd.DataFrame:
+                   eval_copies: Sequence[str | None] | None = None,
+                   template_refusals: Sequence[str | None] | None = None) -> pd.DataFrame:
     """One row per example, in order, with the columns the suite checks.
 
-    `n_tokens` is each example's formatted length (None where its roles cannot be formatted; the roles
-    expectation names those rows); `eval_copies` names the eval row with the same prompt, for train rows.
+    `n_tokens` is each example's formatted length (None where its roles cannot be formatted, named by the
+    roles expectation, or where the chat template cannot train it, named by `template_refusals`);
+    `eval_copies` names the eval row with the same prompt, for train rows.
     """
     import pandas as pd
 
@@ -104,6 +107,7 @@ def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
     frame = pd.DataFrame(rows, columns=list(COLUMN_TYPES))
     frame["n_tokens"] = list(n_tokens)
     frame["eval_copy"] = list(eval_copies) if eval_copies is not None else None
+    frame["chat_template"] = list(template_refusals) if template_refusals is not None else None
     # Explicit types so that an empty frame still has string columns for the regex expectations.
     return frame.astype(COLUMN_TYPES)
 
@@ -139,6 +143,10 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
         gxe.ExpectColumnValuesToBeBetween(
             column="n_tokens", min_value=1, max_value=max_seq_length,
             description=f"formatted with the chat template, at most {max_seq_length} tokens (model.max_seq_length)",
+        ),
+        gxe.ExpectColumnValuesToBeNull(
+            column="chat_template", description="the chat template trains every answer as evaluation and serving "
+                                                "read it (data.reasoning)",
         ),
     ]
     if leakage:
@@ -264,6 +272,7 @@ def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples
             "ending with the assistant"),
         ("expect_column_values_to_be_between", "chars"): lambda: f"{value} characters > max_chars {cfg.max_chars}",
         ("expect_column_values_to_be_between", "n_tokens"): lambda: f"{value} tokens > max_seq_length {max_seq_length}",
+        ("expect_column_values_to_be_null", "chat_template"): lambda: value,
         ("expect_column_values_to_be_null", "eval_copy"): lambda: f"leakage: the same prompt is in the eval split "
                                                                   f"({value}); kept there, set aside here",
         ("expect_column_values_to_be_json_parseable", "answer"): lambda: f"answer is not valid JSON: {_short(value)!r}",

@@ -102,10 +102,11 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
 
         exported = export(trained, base, cfg.export, workdir)
         measured = parity(exported, checked.eval.clean_path, checked.train.clean_path, cfg.data, cfg.eval, cfg.ollama,
-                          workdir)
+                          formatted.chat, workdir)
         verdicts = parity_verdicts(measured, report.candidate.metrics, cfg.export)
         run.exported(exported, measured, verdicts)
-        serving_plan = plan(exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path)
+        serving_plan = plan(exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path,
+                            formatted.chat)
         run.planned(serving_plan)
         serving = serve(serving_plan)
 

@@ -24,9 +24,10 @@ from pydantic import BaseModel
 from data_checks import chat_suite
 from tasks.base_model import BaseModelRef, load_tokenizer
 from tasks.caching import StageCache, stage_dir
+from tasks.chat import ChatContext
 from tasks.config import DataConfig, ModelConfig
 from tasks.examples import Example, Unit, read_examples, write_jsonl
-from tasks.format_data import TokenizedSplits, tokenize_pieces, tokenizer_key, tokens_line
+from tasks.format_data import FormatRefused, TokenizedSplits, tokenize_pieces, tokenizer_key, tokens_line
 from tasks.load_data import LoadedData, Rejection
 from tasks.metrics import required_keys
 
@@ -80,18 +81,25 @@ class DataCheckError(ValueError):
         return self.args[0]
 
 
-def formatted_tokens(examples: list[Example], tokenizer) -> tuple[list[int | None], list[str | None]]:
-    """Token count of each example as the format stage will write it, and its token ids as a line of a
-    `TokenizedSplits` file (kept as text: about 8 bytes a token, against 36 as a list of Python ints); None
-    for both where its roles cannot be formatted."""
+def formatted_tokens(examples: list[Example], tokenizer, chat: ChatContext
+                     ) -> tuple[list[int | None], list[str | None], list[str | None]]:
+    """Token count of each example as the format stage will write it, its token ids as a line of a
+    `TokenizedSplits` file (kept as text: about 8 bytes a token, against 36 as a list of Python ints), and
+    why the chat template cannot train it; None for the first two where its roles cannot be formatted or
+    the template refuses it."""
     roles = re.compile(chat_suite.ROLES_REGEX)
     valid = [i for i, e in enumerate(examples) if roles.match(",".join(m.role for m in e.messages))]
     lengths: list[int | None] = [None] * len(examples)
     lines: list[str | None] = [None] * len(examples)
-    for i, pieces in zip(valid, tokenize_pieces(tokenizer, [examples[i] for i in valid]), strict=True):
+    refusals: list[str | None] = [None] * len(examples)
+    found = tokenize_pieces(tokenizer, [examples[i] for i in valid], chat=chat, refusals=True)
+    for i, pieces in zip(valid, found, strict=True):
+        if isinstance(pieces, FormatRefused):
+            refusals[i] = pieces.reason
+            continue
         lengths[i] = sum(len(ids) for ids, _ in pieces)
         lines[i] = tokens_line(examples[i], pieces)
-    return lengths, lines
+    return lengths, lines, refusals
 
 
 def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig,
@@ -99,6 +107,8 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     """Validate both splits, write clean rows, quarantine, Data Docs and summary; raise if the run may not go on."""
     splits = {"train": list(read_examples(loaded.train_path)), "eval": list(read_examples(loaded.eval_path))}
     tokenizer = load_tokenizer(base, model.chat_template)
+    # Every later stage renders with this: training's texts are made here.
+    chat = ChatContext.today(cfg.reasoning, str(tokenizer.chat_template))
     eval_prompts: dict[str, str] = {}
     for example in splits["eval"]:
         eval_prompts.setdefault(chat_suite.prompt_key(example), example.where)
@@ -110,8 +120,8 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     frames, suites, token_lines = {}, {}, {}
     for split, examples in splits.items():
         copies = [eval_prompts.get(chat_suite.prompt_key(e)) for e in examples] if split == "train" else None
-        lengths, token_lines[split] = formatted_tokens(examples, tokenizer)
-        frames[split] = chat_suite.examples_frame(examples, lengths, copies)
+        lengths, token_lines[split], refusals = formatted_tokens(examples, tokenizer, chat)
+        frames[split] = chat_suite.examples_frame(examples, lengths, copies, refusals)
         suites[split] = chat_suite.build_suite(
             f"tunepipe_{split}", cfg, model.max_seq_length, keys[split], leakage=split == "train" and bool(eval_prompts)
         )
@@ -121,7 +131,7 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
 
     reports, set_aside = {}, []
     tokens = TokenizedSplits(train=out_dir / "train_tokens.jsonl", eval=out_dir / "eval_tokens.jsonl",
-                             tokenizer=tokenizer_key(base, model.chat_template))
+                             tokenizer=tokenizer_key(base, model.chat_template, chat), chat=chat)
     for split, examples in splits.items():
         failures = chat_suite.failed_rows(results[split], frames[split], examples, model.max_seq_length, cfg)
         set_aside += [

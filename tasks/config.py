@@ -52,7 +52,9 @@ class DataConfig(Section):
         "same answers. `keep`: answers as written (a leading `<think>…</think>` block stays; a separate "
         "reasoning field is an error, since it would be lost). `strip`: drop `<think>` blocks and reasoning "
         "fields; the model learns to answer directly. `wrap`: write the reasoning (a reasoning field, or a "
-        "`<think>` block already there) as one `<think>\\n…\\n</think>\\n\\n` block before the answer.",
+        "`<think>` block already there) as one `<think>\\n…\\n</think>\\n\\n` block before the answer. It also "
+        "sets the chat template's `enable_thinking` (off for strip, on for keep and wrap) in every stage: "
+        "training, evaluation, parity and the Ollama TEMPLATE.",
     )
     output_format: Literal["json", "text"] = Field(
         "json", description="`json`: the assistant answer must be a JSON object (checked and scored as such)."

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from tasks.base_model import BaseModelRef
 from tasks.caching import StageCache, stable_hash, stage_dir
 from tasks.champion import ChampionRef, download_champion
+from tasks.chat import ChatContext
 from tasks.config import DataConfig, EvalConfig
 from tasks.examples import Message, read_examples
 from tasks.format_data import IGNORE, FormattedData
@@ -67,6 +68,7 @@ class GenerationRequest(BaseModel):
     loss_rows: Path  # formatted held-out rows (input_ids, labels) for the eval loss
     max_new_tokens: int
     batch_size: int
+    chat: ChatContext  # training's: prompts render as training's texts did
 
 
 class ModelOutputs(BaseModel):
@@ -100,7 +102,8 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
         with torch.inference_mode():
             started = time.perf_counter()
             answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size,
-                                     Progress(f"evaluate {spec.name}", len(conversations), "prompts"))
+                                     Progress(f"evaluate {spec.name}", len(conversations), "prompts"),
+                                     request.chat)
             seconds = time.perf_counter() - started
             loss = mean_answer_loss(model, rows, request.batch_size, tokenizer.pad_token_id)
         print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
@@ -164,7 +167,7 @@ def evaluate_models(
                                    tokenizer=candidate.tokenizer)}
     # The reference models' outputs are reused while the model, the eval data, the settings and the code are.
     fingerprint = stable_hash(_file_hash(data.eval.path), _file_hash(eval_examples), cfg.probes,
-                              data_cfg.system_prompt, cfg, _file_hash(Path(__file__)),
+                              data_cfg.system_prompt, data.chat, cfg, _file_hash(Path(__file__)),
                               _file_hash(Path(__file__).with_name("generation.py")))
     reference_keys = {"base": stable_hash("base", base.fingerprint, fingerprint)}
     if champion is not None:
@@ -176,7 +179,7 @@ def evaluate_models(
                if (cached := _read_reference(reference_dir, name, key)) is not None}
     todo = [spec for name, spec in models.items() if name not in outputs]
     request = GenerationRequest(models=todo, conversations=conversations, loss_rows=data.eval.path,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat)
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
         generated = run_worker("tasks.evaluate:generate_outputs", request, GenerationResult,

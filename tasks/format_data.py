@@ -19,8 +19,9 @@ from pydantic import BaseModel
 
 from tasks.base_model import BaseModelRef, load_tokenizer
 from tasks.caching import STAGE_CACHE, stable_hash, stage_dir
+from tasks.chat import AnswerRefused, ChatContext, answer_piece
 from tasks.config import ModelConfig
-from tasks.examples import Example, read_examples, write_jsonl
+from tasks.examples import Example, read_examples, split_reasoning, write_jsonl
 from tasks.load_data import Rejection
 
 if TYPE_CHECKING:  # check_data imports this module: it tokenizes to judge lengths
@@ -30,6 +31,14 @@ IGNORE = -100  # label value the loss skips
 
 # One conversation's token ids, piece by piece (see `_pieces`), each with whether it is an assistant turn.
 Pieces = list[tuple[list[int], bool]]
+
+
+class FormatRefused(ValueError):
+    """The chat template cannot train this conversation as evaluation and serving read it."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
 
 
 class FormattedSplit(BaseModel):
@@ -52,7 +61,8 @@ class TokenizedSplits(BaseModel):
 
     train: Path
     eval: Path
-    tokenizer: str  # `tokenizer_key` of the tokenizer and chat template that made them
+    tokenizer: str  # `tokenizer_key` of the tokenizer, chat template and chat context that made them
+    chat: ChatContext  # what the chat template rendered them with (data.reasoning, the date)
 
 
 class FormattedData(BaseModel):
@@ -60,15 +70,19 @@ class FormattedData(BaseModel):
     eval: FormattedSplit
     quarantine_path: Path  # examples longer than model.max_seq_length
     n_quarantined: int
+    chat: ChatContext  # what training's texts were rendered with: evaluation, parity and serving render so too
 
 
 def format_dataset(
     train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path,
-    assistant_only_loss: bool = True, tokens: TokenizedSplits | None = None,
+    assistant_only_loss: bool = True, tokens: TokenizedSplits | None = None, chat: ChatContext | None = None,
 ) -> FormattedData:
-    """Write each split's token ids and labels; `tokens` (the data check's, for these files) saves tokenizing
-    again, and is used only if it was made with this base model's tokenizer and `cfg.chat_template`."""
-    if tokens is not None and tokens.tokenizer != tokenizer_key(base, cfg.chat_template):
+    """Write each split's token ids and labels, rendered with `chat` (None: the data check's, in `tokens`);
+    `tokens` (the data check's, for these files) saves tokenizing again, and is used only if it was made with
+    this base model's tokenizer, `cfg.chat_template` and `chat`."""
+    if chat is None:
+        chat = tokens.chat if tokens is not None else ChatContext()
+    if tokens is not None and tokens.tokenizer != tokenizer_key(base, cfg.chat_template, chat):
         tokens = None
     tokenizer = load_tokenizer(base, cfg.chat_template) if tokens is None else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +91,7 @@ def format_dataset(
     for name, path, answers_only in (("train", train_examples, assistant_only_loss), ("eval", eval_examples, True)):
         examples = list(read_examples(path))
         pieces = (_read_pieces(getattr(tokens, name), examples) if tokens is not None
-                  else tokenize_pieces(tokenizer, examples))
+                  else tokenize_pieces(tokenizer, examples, chat=chat))
         splits[name], too_long = _format_split(
             examples, pieces, out_dir / f"{name}.jsonl", cfg.max_seq_length, answers_only
         )
@@ -90,26 +104,28 @@ def format_dataset(
                 f"no {name} example fits model.max_seq_length={cfg.max_seq_length} tokens; "
                 f"see {quarantine} for the {n_quarantined} rejected rows"
             )
-    return FormattedData(**splits, quarantine_path=quarantine, n_quarantined=n_quarantined)
+    return FormattedData(**splits, quarantine_path=quarantine, n_quarantined=n_quarantined, chat=chat)
 
 
-def tokenizer_key(base: BaseModelRef, chat_template: str | None) -> str:
-    """Identifies what token ids depend on: the base model's tokenizer files and the chat template."""
-    return stable_hash(base, chat_template)
+def tokenizer_key(base: BaseModelRef, chat_template: str | None, chat: ChatContext) -> str:
+    """Identifies what token ids depend on: the base model's tokenizer files, the chat template and context."""
+    return stable_hash(base, chat_template, chat)
 
 
 def tokenize_conversation(
-    tokenizer, example: Example, assistant_only: bool = True
+    tokenizer, example: Example, assistant_only: bool = True, chat: ChatContext | None = None
 ) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation, and labels that train the assistant turns (or everything)."""
-    return tokenize_conversations(tokenizer, [example], assistant_only)[0]
+    return tokenize_conversations(tokenizer, [example], assistant_only, chat=chat)[0]
 
 
 def tokenize_conversations(
-    tokenizer, examples: list[Example], assistant_only: bool = True, batch_size: int = 512
+    tokenizer, examples: list[Example], assistant_only: bool = True, batch_size: int = 512,
+    chat: ChatContext | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """`tokenize_conversation` for many examples, with the tokenizer called once per batch of pieces."""
-    return [ids_and_labels(pieces, assistant_only) for pieces in tokenize_pieces(tokenizer, examples, batch_size)]
+    return [ids_and_labels(pieces, assistant_only)
+            for pieces in tokenize_pieces(tokenizer, examples, batch_size, chat)]
 
 
 def ids_and_labels(pieces: Pieces, assistant_only: bool = True) -> tuple[list[int], list[int]]:
@@ -122,8 +138,11 @@ def ids_and_labels(pieces: Pieces, assistant_only: bool = True) -> tuple[list[in
     return input_ids, labels
 
 
-def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512) -> Iterator[Pieces]:
-    """Each example's pieces as token ids, with the tokenizer called once per batch of pieces.
+def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512, chat: ChatContext | None = None,
+                    refusals: bool = False) -> Iterator[Pieces | FormatRefused]:
+    """Each example's pieces as token ids (rendered with `chat`; None: the template's defaults), with the
+    tokenizer called once per batch of pieces. An example the template cannot train raises FormatRefused,
+    or with `refusals` is answered by it (the data check quarantines such rows).
 
     Each piece of the rendered text (prompt up to the assistant header, then the assistant's turn) is
     tokenized on its own, as at inference, where the prompt ends at the header and the model's tokens
@@ -132,10 +151,23 @@ def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512) -
     pieces lets the fast tokenizer work on many at once: the same ids, several times faster.
     """
     for start in range(0, len(examples), batch_size):
-        pieces = [_pieces(tokenizer, example) for example in examples[start : start + batch_size]]
-        ids_of_text = iter(_encode(tokenizer, [text for example_pieces in pieces for text, _ in example_pieces]))
+        pieces = [_pieces_or_refusal(tokenizer, example, chat, refusals)
+                  for example in examples[start : start + batch_size]]
+        texts = [text for example_pieces in pieces if isinstance(example_pieces, list) for text, _ in example_pieces]
+        ids_of_text = iter(_encode(tokenizer, texts))
         for example_pieces in pieces:
-            yield [(next(ids_of_text), trained) for _, trained in example_pieces]
+            yield (example_pieces if isinstance(example_pieces, FormatRefused)
+                   else [(next(ids_of_text), trained) for _, trained in example_pieces])
+
+
+def _pieces_or_refusal(tokenizer, example: Example, chat: ChatContext | None,
+                       refusals: bool) -> list[tuple[str, bool]] | FormatRefused:
+    try:
+        return _pieces(tokenizer, example, chat)
+    except FormatRefused as exc:
+        if not refusals:
+            raise
+        return exc
 
 
 def tokens_line(example: Example, pieces: Pieces) -> str:
@@ -163,38 +195,55 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def _pieces(tokenizer, example: Example) -> list[tuple[str, bool]]:
+def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation cut before and after each assistant turn, each piece with whether it is one.
 
     Only those cuts decide the labels, so only those prefixes are rendered: what lies between two answers
     (system and user turns, then the assistant header) is one piece, tokenized as one text as at inference.
+    An assistant turn trains what the model writes after the generation prompt (`tasks.chat.answer_piece`).
     """
     messages = [m.model_dump() for m in example.messages]
-    prefixes: list[tuple[str, bool]] = []
-    for turn, message in enumerate(messages):
-        if message["role"] == "assistant":
-            prefixes += [(_render(tokenizer, messages[:turn], add_generation_prompt=True), False),
-                         (_render(tokenizer, messages[: turn + 1], add_generation_prompt=False), True)]
-    if messages and messages[-1]["role"] != "assistant":
-        prefixes.append((_render(tokenizer, messages, add_generation_prompt=False), False))
     pieces: list[tuple[str, bool]] = []
-    rendered = ""
-    for text, trained in prefixes:
+    rendered, answered = "", []  # the text so far; the fields of the answers in it, with their reasoning
+
+    def untrained(text: str) -> None:
         if not text.startswith(rendered):
-            raise ValueError(
-                f"{example.where}: the chat template renders this conversation's prefix "
-                "differently from the whole; set model.chat_template to one that renders turns incrementally"
-            )
-        pieces.append((text[len(rendered) :], trained))
-        rendered = text
+            dropped = next((field for field, reasoning in answered if reasoning and reasoning not in text), None)
+            raise FormatRefused(example.where, (
+                f"the chat template renders the answer in {dropped} without its reasoning once more turns "
+                "follow (QwQ, DeepSeek-R1), so a conversation with several answers cannot be one training "
+                "sequence; make one row per answer" if dropped else
+                "the chat template renders this conversation's prefix differently from the whole; set "
+                "model.chat_template to one that renders turns incrementally"))
+        pieces.append((text[len(rendered):], False))
+
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:turn], True, chat)
+        untrained(prompt)
+        field = f"messages[{turn}].content"
+        try:
+            piece = answer_piece(prompt, _render(tokenizer, messages[: turn + 1], False, chat), message["content"])
+        except AnswerRefused as exc:
+            raise FormatRefused(example.where, f"{exc} ({field}); set model.chat_template to a template that "
+                                               "renders it, or change data.reasoning") from exc
+        pieces.append((piece, True))
+        rendered = prompt + piece
+        answered.append((field, split_reasoning(message["content"])[0]))
+    if messages and messages[-1]["role"] != "assistant":
+        untrained(_render(tokenizer, messages, False, chat))
     return pieces
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, chat: ChatContext | None) -> str:
     if not messages:
         return ""
     # The template writes every special token itself, so the tokenizer must not add a BOS again.
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if chat is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(chat.messages(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **chat.template_kwargs())
 
 
 def _format_split(

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from tasks.chat import ChatContext
+
 # The decode loop checks whether every row has stopped this often: each check waits for the GPU.
 STOP_CHECK_EVERY = 8
 GROUPED_ATTENTION = "tunepipe_grouped"
@@ -31,9 +33,13 @@ class Answer(NamedTuple):
     stopped: bool  # ended with a stop token, not at the length limit
 
 
-def render_prompt(tokenizer, conversation: list[dict]) -> list[int]:
-    """The conversation as the chat template renders it, up to and including the assistant header."""
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, conversation: list[dict], chat: ChatContext | None = None) -> list[int]:
+    """The conversation as the chat template renders it (with `chat`; None: the template's defaults), up to
+    and including the generation prompt."""
+    if chat is not None:
+        conversation = chat.messages(conversation)
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                         **(chat.template_kwargs() if chat is not None else {}))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -45,12 +51,14 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def greedy_answers(
-    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int, progress=None
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int, progress=None,
+    chat: ChatContext | None = None,
 ) -> list[Answer]:
-    """Greedy answers to `conversations`, in their order, decoded up to the first stop token.
+    """Greedy answers to `conversations` (prompts rendered with `chat`), in their order, decoded up to the
+    first stop token.
 
     `progress` (a `tasks.progress.Progress`) is advanced by each batch's prompts."""
-    prompts = [render_prompt(tokenizer, conversation) for conversation in conversations]
+    prompts = [render_prompt(tokenizer, conversation, chat) for conversation in conversations]
     if not prompts:
         return []
     stop_ids = stop_token_ids(model, tokenizer)

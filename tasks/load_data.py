@@ -182,9 +182,16 @@ def _reasoning_field(obj: dict[str, Any], where: str) -> tuple[str, str | None]:
     return "", None
 
 
-def apply_reasoning(answer: str, reasoning: str | None, policy: str, field: str) -> str:
-    """The assistant text under `data.reasoning` (see DataConfig.reasoning), from an answer and a reasoning field."""
+def apply_reasoning(answer: str, answer_field: str, policy: str, reasoning: str | None = None,
+                    field: str = "") -> str:
+    """The assistant text under `data.reasoning` (see DataConfig.reasoning), from the answer in `answer_field`
+    and a reasoning field `field`, if any."""
     inline, rest = split_reasoning(answer)
+    if inline is not None and not answer.lstrip().startswith("<think>"):
+        # Evaluation would take the text before it for reasoning, and strip would drop it.
+        raise RecordError(answer_field, f'field "{answer_field}" has a </think> with no <think> before it, so the '
+                                        "text before it would be taken for reasoning and not trained as the answer; "
+                                        "open the block with <think> or remove the stray </think>")
     if policy == "strip":
         return rest
     if reasoning is not None:
@@ -227,7 +234,8 @@ class Normaliser:
             prompt = f"{prompt}\n\n{extra}"
         system = _optional_text(record, spec.system)
         field, reasoning = _reasoning_field(record, "")
-        answer = apply_reasoning(_answer_text(record, spec.response), reasoning, self.reasoning, field)
+        answer = apply_reasoning(_answer_text(record, spec.response), spec.response, self.reasoning, reasoning,
+                                 field)
         return [
             *([Message(role="system", content=system)] if system is not None else []),
             *self._history(record, spec.history),
@@ -245,7 +253,7 @@ class Normaliser:
         for i, pair in enumerate(turns):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
                 raise RecordError(f"{key}[{i}]", f'field "{key}[{i}]" must be a [prompt, answer] pair of strings')
-            answer = apply_reasoning(pair[1], None, self.reasoning, f"{key}[{i}]")
+            answer = apply_reasoning(pair[1], f"{key}[{i}][1]", self.reasoning)
             messages += [Message(role="user", content=pair[0]), Message(role="assistant", content=answer)]
         return messages
 
@@ -280,7 +288,8 @@ class Normaliser:
             content = _text(turn, spec.content_tag, f"{where}.{spec.content_tag}")
             if roles[role] == "assistant":
                 reasoning_field, reasoning = _reasoning_field(turn, where)
-                content = apply_reasoning(content, reasoning, self.reasoning, reasoning_field)
+                content = apply_reasoning(content, f"{where}.{spec.content_tag}", self.reasoning, reasoning,
+                                          reasoning_field)
             messages.append(Message(role=roles[role], content=content))
         system = _optional_text(record, spec.system)
         if system is not None and messages[0].role != "system":

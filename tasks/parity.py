@@ -21,9 +21,11 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.chat import ChatContext
 from tasks.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
 from tasks.examples import Example, read_examples
 from tasks.export import ExportResult
+from tasks.generation import render_prompt
 from tasks.llama_cpp_tools import load_gguf
 from tasks.metrics import required_keys, score_answers
 from tasks.ollama.modelfile import client_messages, modelfile_spec
@@ -57,16 +59,16 @@ class ParityVerdict(BaseModel):
 
 
 def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: Path, data_cfg: DataConfig,
-                   cfg: EvalConfig, ollama_cfg: OllamaConfig, out_dir: Path) -> ParityReport:
+                   cfg: EvalConfig, ollama_cfg: OllamaConfig, chat: ChatContext, out_dir: Path) -> ParityReport:
+    """Served-path scores of each GGUF; prompts render with training's `chat` context, as training's did."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported.merged_dir)
-    training_texts = [tokenizer.apply_chat_template([m.model_dump() for m in ex.messages], tokenize=False)
+    training_texts = [tokenizer.apply_chat_template(chat.messages([m.model_dump() for m in ex.messages]),
+                                                    tokenize=False, **chat.template_kwargs())
                       for _, ex in zip(range(VOCAB_CHECK_CONVERSATIONS), read_examples(train_examples))]
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
-    trained_prompts = [tokenizer(tokenizer.apply_chat_template([m.model_dump() for m in ex.prompt], tokenize=False,
-                                                               add_generation_prompt=True),
-                                 add_special_tokens=False)["input_ids"] for ex in examples]
+    trained_prompts = [render_prompt(tokenizer, [m.model_dump() for m in ex.prompt], chat) for ex in examples]
     references = [ex.answer for ex in examples]
     required = required_keys(references) if data_cfg.output_format == "json" else []
 
@@ -78,7 +80,7 @@ def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: 
             results.append(GgufScores(gguf_type=gguf.type, scores={}, vocabulary_problem=str(exc)))
             continue
         # The Modelfile the serving stage writes for this GGUF: same template, system prompt and stops.
-        spec = modelfile_spec(gguf.path, exported.merged_dir, ollama_cfg, data_cfg.system_prompt)
+        spec = modelfile_spec(gguf.path, exported.merged_dir, ollama_cfg, data_cfg.system_prompt, chat=chat)
         served_texts = [render_served_prompt(spec.template, client_messages(ex.prompt, spec.system), spec.system)
                         for ex in examples]
         generated, served_ids = served_answers(gguf.path, served_texts, spec.stops, cfg.max_new_tokens,
@@ -168,6 +170,6 @@ def _write_samples(path: Path, examples: list[Example], served_prompts: list[str
 
 @task(name="parity", cache_policy=STAGE_CACHE, persist_result=True)
 def parity(exported: ExportResult, eval_examples: Path, train_examples: Path, data_cfg: DataConfig,
-           cfg: EvalConfig, ollama_cfg: OllamaConfig, workdir: Path) -> ParityReport:
-    out_dir = stage_dir(workdir, "parity", exported, eval_examples, train_examples, data_cfg, cfg, ollama_cfg)
-    return measure_parity(exported, eval_examples, train_examples, data_cfg, cfg, ollama_cfg, out_dir)
+           cfg: EvalConfig, ollama_cfg: OllamaConfig, chat: ChatContext, workdir: Path) -> ParityReport:
+    out_dir = stage_dir(workdir, "parity", exported, eval_examples, train_examples, data_cfg, cfg, ollama_cfg, chat)
+    return measure_parity(exported, eval_examples, train_examples, data_cfg, cfg, ollama_cfg, chat, out_dir)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, field_serializer
 
 from tasks.base_model import BaseModelRef
 from tasks.champion import ChampionMove, promote as promote_version, register_version, tag_version
+from tasks.chat import ChatContext
 from tasks.config import OllamaConfig, PipelineConfig, RetryConfig
 from tasks.examples import read_examples, split_reasoning
 from tasks.export import ExportResult, GgufFile
@@ -100,8 +101,9 @@ class SmokeTestFailed(RuntimeError):
 
 
 def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: BaseModelRef, cfg: PipelineConfig,
-                 run_id: str, dataset_fingerprint: str, eval_examples: Path) -> ServingPlan:
-    """The GGUF to serve (smallest within the parity limits), its Modelfiles, and the smoke conversations."""
+                 run_id: str, dataset_fingerprint: str, eval_examples: Path, chat: ChatContext) -> ServingPlan:
+    """The GGUF to serve (smallest within the parity limits), its Modelfiles (derived under training's `chat`
+    context), and the smoke conversations."""
     passed = {v.gguf_type for v in verdicts if v.passed}
     if not passed:
         raise ParityFailed(verdicts, run_id)
@@ -112,7 +114,7 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
     smoked = examples[: cfg.ollama.smoke_examples]
     # The conversations the smoke test sends join the proof that Ollama renders them as training did.
     spec = modelfile_spec(gguf.path, exported.merged_dir, cfg.ollama, cfg.data.system_prompt,
-                          examples=[[m.model_dump() for m in ex.prompt] for ex in smoked])
+                          examples=[[m.model_dump() for m in ex.prompt] for ex in smoked], chat=chat)
     modelfile = spec.write(gguf.path.parent / "Modelfile")
     adapter_base = cfg.ollama.adapter_base or (base.name_or_path if Path(base.name_or_path).is_dir() else None)
     if exported.adapter_gguf is not None and adapter_base is not None:
@@ -236,5 +238,5 @@ def promote(plan: ServingPlan, registration: Registration) -> ChampionMove:
 
 @task(name="plan_serving")
 def plan(exported: ExportResult, verdicts: list[ParityVerdict], base: BaseModelRef, cfg: PipelineConfig,
-         run_id: str, dataset_fingerprint: str, eval_examples: Path) -> ServingPlan:
-    return plan_serving(exported, verdicts, base, cfg, run_id, dataset_fingerprint, eval_examples)
+         run_id: str, dataset_fingerprint: str, eval_examples: Path, chat: ChatContext) -> ServingPlan:
+    return plan_serving(exported, verdicts, base, cfg, run_id, dataset_fingerprint, eval_examples, chat)

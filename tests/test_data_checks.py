@@ -104,6 +104,30 @@ def test_reasoning_answers_are_checked_after_the_think_block(tmp_path: Path, tin
     assert answers == [f'<think>\nIt says {i}.\n</think>\n\n{{"name":"Product {i}"}}' for i in range(3)]
 
 
+def test_a_row_the_chat_template_cannot_train_is_quarantined_naming_its_answer(tmp_path: Path,
+                                                                              tiny_model: Path) -> None:
+    """QwQ's template drops an earlier answer's reasoning once more turns follow: that row cannot be one
+    training sequence, so it is set aside (row, answer, reason); the single-answer rows train."""
+    from tasks.llama_cpp_tools import chat_templates_dir
+
+    think = "<think>\nThe heading.\n</think>\n\n"
+    turns = [[{"role": "user", "content": f"<p>Product {i}</p>"},
+              {"role": "assistant", "content": f'{think}{{"name": "Product {i}"}}'}] for i in range(4)]
+    rows = [{"messages": turns[0]}, {"messages": turns[1]}, {"messages": turns[2] + turns[3]}]
+    train = tmp_path / "reasoning.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = DataConfig(train=train, eval=CORPUS / "leak_eval.jsonl", min_rows=1, max_invalid_fraction=1.0)
+    model = ModelConfig(base=str(tiny_model), max_seq_length=256,
+                        chat_template=(chat_templates_dir() / "Qwen-QwQ-32B.jinja").read_text(encoding="utf-8"))
+    checked = check_dataset(load_dataset(cfg, tmp_path / "load"), cfg, resolve_base_model(model), model,
+                            tmp_path / "check")
+    (rejected,) = _quarantine(checked)
+    assert (rejected.stage, rejected.line, rejected.field) == ("check", 3, "chat_template")
+    assert rejected.reason.startswith("the chat template renders the answer in messages[1].content without its "
+                                      "reasoning once more turns follow")
+    assert checked.train.n_passed == 2 and checked.tokens.chat.reasoning == "keep"
+
+
 def test_policy_fraction_fail_and_min_rows(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(DataCheckError) as caught:
         _check(tmp_path / "a", tiny_model, train=ROWS / "truncated.jsonl", eval=CORPUS / "leak_eval.jsonl",

@@ -189,6 +189,19 @@ def test_reasoning_strip_drops_blocks_and_fields() -> None:
     assert parse_record(pair, reasoning="strip")[-1].content == '{"a":1}'
 
 
+@pytest.mark.parametrize("policy", ["keep", "strip", "wrap"])
+def test_a_stray_closing_think_tag_is_an_error_naming_the_field(policy: str) -> None:
+    """Text before a `</think>` nothing opened would be taken for reasoning: stripped, or judged apart."""
+    stray = _chat("user:Q", "assistant:The kettle.</think>\n\n{\"a\": 1}")
+    with pytest.raises(RecordError, match=r'^messages\[1\]\.content: field "messages\[1\]\.content" has a '
+                                          r"</think> with no <think> before it") as excinfo:
+        parse_record(stray, reasoning=policy)
+    assert excinfo.value.field == "messages[1].content"
+    pair = {"input": "Q", "output": "why</think>{}"}
+    with pytest.raises(RecordError, match='field "output" has a </think>'):
+        parse_record(pair, reasoning=policy)
+
+
 def test_reasoning_wrap_writes_one_layout() -> None:
     assert parse_record(FIELD, reasoning="wrap")[-1].content == "<think>\nbecause\n</think>\n\n{}"
     assert parse_record(THINKING, reasoning="wrap")[-1].content == '<think>\nfirst this\n</think>\n\n{"a": 1}'

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.base_model import BaseModelError, resolve_base_model
+from tasks.chat import ChatContext
 from tasks.config import ModelConfig, OllamaConfig
 from tasks.examples import Example, write_jsonl
 from tasks.load_data import parse_record
@@ -241,7 +242,7 @@ def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_th
     report = measure_parity(exported, examples["eval"], examples["train"],
                             DataConfig(train=examples["train"], system_prompt=SYSTEM_PROMPT),
                             EvalConfig(max_samples=2, max_new_tokens=16), OllamaConfig(model_name="gemma"),
-                            tmp_path / "parity")
+                            ChatContext(), tmp_path / "parity")
     (scores,) = report.ggufs
     assert scores.vocabulary_problem is None
     assert scores.prompt_mismatches == 0  # Go's rendering + llama.cpp's BOS == the chat template + transformers

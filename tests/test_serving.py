@@ -11,6 +11,7 @@ from conftest import closed_port, gguf_file
 from fake_ollama import FakeOllama
 
 from tasks.champion import find_champion, rollback
+from tasks.chat import ChatContext
 from tasks.config import OllamaConfig
 from tasks.export import GgufFile
 from tasks.ollama.client import OllamaClient
@@ -237,7 +238,7 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
                 ParityVerdict(gguf_type="q8_0", passed=True, failures=[]),
                 ParityVerdict(gguf_type="q4_k_m", passed=False, failures=["exact_match: drop 0.1 > 0.02"])]
 
-    plan = plan_serving(exported, verdicts, base, cfg, "run-1", "f" * 64, held_out)
+    plan = plan_serving(exported, verdicts, base, cfg, "run-1", "f" * 64, held_out, ChatContext())
 
     assert plan.gguf.type == "q8_0"  # q4_k_m is smaller but over its limit
     assert plan.spec.system == cfg.data.system_prompt
@@ -246,7 +247,7 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
     assert plan.required_keys == ["name", "price", "category", "manufacturer"]
     failing = [v.model_copy(update={"passed": False, "failures": ["stop_rate: drop"]}) for v in verdicts]
     with pytest.raises(ParityFailed, match=r"no GGUF is within the parity limits .*q4_k_m: stop_rate: drop; nothing"):
-        plan_serving(exported, failing, base, cfg, "run-1", "f" * 64, held_out)
+        plan_serving(exported, failing, base, cfg, "run-1", "f" * 64, held_out, ChatContext())
 
 
 # --- the nightly path through the serve flow: retries, and what an Ollama that dies leaves behind -----------

@@ -7,41 +7,65 @@ the renders (tasks/ollama/render.py).
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+
 import pytest
 
+from tasks.chat import ChatContext
 from tasks.llama_cpp_tools import chat_templates_dir
 from tasks.ollama.render import render_served_prompt
 from tasks.ollama.template import TemplateRefused, ollama_template, transformers_renderer
 
 EOS = "<EOS>"  # any text does: templates only place it (after an answer, Mistral and DeepSeek)
 
-# The five that transformers itself cannot render with a system prompt and a user turn.
+# Why a template is refused (under keep and wrap, which render alike, and under strip); unlisted: identical.
+CANNOT_TOOLS = "cannot render a user turn: 'NoneType' object is not iterable"
+PREFIX = "renders this conversation's prefix differently from the whole"
+MARKUP = "has the model write"  # reply markup of its own (channels, recipients) before the answer or reasoning
+DROPS = "drops the reasoning of the answer"
 REFUSED = {
-    "CohereForAI-c4ai-command-r-plus-tool_use.jinja": "cannot render a user turn: 'NoneType' object is not iterable",
-    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja": "cannot render a user turn: 'NoneType' object is not "
-                                                           "iterable",
-    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja": "cannot render a user turn: 'NoneType' object is not "
-                                                         "iterable",
-    "fireworks-ai-llama-3-firefunction-v2.jinja": "cannot render a user turn: 'functions' is undefined",
-    "google-gemma-2-2b-it.jinja": "cannot render a system prompt and a user turn: System role not supported",
+    "Apriel-1.6-15b-Thinker-fixed": (PREFIX, None),
+    "Cohere2MoE": (PREFIX, PREFIX),
+    "CohereForAI-c4ai-command-r-plus-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use": (MARKUP, PREFIX),
+    "Kimi-K2-Thinking": (MARKUP, None),
+    "Kimi-K3": (MARKUP, MARKUP),
+    "MiniMax-M3": (MARKUP, MARKUP),
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
+    "deepseek-ai-DeepSeek-V3.1": (DROPS, None),
+    "deepseek-ai-DeepSeek-V3.2": (None, PREFIX),
+    "fireworks-ai-llama-3-firefunction-v2": ("cannot render a user turn: 'functions' is undefined",) * 2,
+    "google-gemma-2-2b-it": ("cannot render a system prompt and a user turn: System role not supported",) * 2,
+    "meetkai-functionary-medium-v3.2": (MARKUP, MARKUP),
+    "muse-glimmer": (MARKUP, MARKUP),
+    "openai-gpt-oss-120b": (MARKUP, MARKUP),
+    "upstage-Solar-Open-100B": (MARKUP, MARKUP),
 }
 TEMPLATES = sorted(chat_templates_dir().glob("*.jinja"))
 
 
 def test_the_corpus_is_llama_cpps_seventy() -> None:
     assert len(TEMPLATES) == 70
-    assert set(REFUSED) <= {path.name for path in TEMPLATES}
+    assert set(REFUSED) <= {path.stem for path in TEMPLATES}
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda path: path.stem)
 def test_real_template_is_served_as_trained_or_refused_with_its_reason(path) -> None:
-    render = transformers_renderer(path.read_text(encoding="utf-8"), eos_token=EOS)
-    if path.name in REFUSED:
-        with pytest.raises(TemplateRefused, match=REFUSED[path.name].replace("(", r"\(").replace(")", r"\)")):
-            ollama_template(render)
-        return
-    served = ollama_template(render)  # proven, or it raises with the first difference
-    _assert_stops_end_the_trained_answer(render, served.stops)
+    """Under each data.reasoning mode, rendered as the run renders (enable_thinking off for strip, a fixed date):
+    the derived TEMPLATE is proven and an answer trains as the served model writes it, or it is refused with
+    its reason. wrap renders exactly as keep does (same variables, same answer with reasoning): not repeated."""
+    for mode, reason in zip(("keep", "strip"), REFUSED.get(path.stem, (None, None)), strict=True):
+        text = path.read_text(encoding="utf-8")
+        render = transformers_renderer(text, eos_token=EOS,
+                                       chat=ChatContext.for_template(mode, text, dt.date(2026, 12, 1)))
+        if reason is not None:
+            with pytest.raises(TemplateRefused, match=re.escape(reason)):
+                ollama_template(render, reasoning=mode)
+            continue
+        served = ollama_template(render, reasoning=mode)  # proven, or it raises with the first difference
+        _assert_stops_end_the_trained_answer(render, served.stops)
 
 
 def test_real_models_templates_are_served_as_trained() -> None:
@@ -56,6 +80,16 @@ def test_real_models_templates_are_served_as_trained() -> None:
     assert gemma.default_system is None and gemma.stops == ["<end_of_turn>"]
     # No system turn: the system prompt opens the first user turn, as Gemma was trained.
     assert "<start_of_turn>system" not in gemma.template
+
+
+def test_a_date_printing_template_is_served_with_the_date_training_used() -> None:
+    """Llama 3.2 prints today's date into its system preamble: the TEMPLATE carries training's date, not the
+    day it is derived (registration may come days later)."""
+    text = (chat_templates_dir() / "meta-llama-Llama-3.2-3B-Instruct.jinja").read_text(encoding="utf-8")
+    trained = dt.date(2025, 3, 4)
+    served = ollama_template(transformers_renderer(text, eos_token=EOS, chat=ChatContext(date=trained)))
+    assert "Today Date: 04 Mar 2025" in served.template
+    assert dt.date.today().strftime("%d %b %Y") not in served.template
 
 
 def _assert_stops_end_the_trained_answer(render, stops: list[str]) -> None:
@@ -77,52 +111,80 @@ ANSWER = '{"name": "Kettle"}'
 
 
 class _Tokenizer:
-    """What format_data asks of a tokenizer to render a conversation: its chat template, as transformers renders."""
+    """What format_data and evaluation ask of a tokenizer: its chat template rendered as transformers renders it,
+    with the variables the caller passes (the run's ChatContext), and text to ids (one id per character)."""
 
-    def __init__(self, render) -> None:
-        self.render = render
+    def __init__(self, chat_template: str) -> None:
+        self.chat_template = chat_template
 
-    def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool) -> str:
-        return self.render(messages, add_generation_prompt)
+    def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool, **kwargs) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        (text,), _ = render_jinja_template([messages], chat_template=self.chat_template, bos_token="",
+                                           eos_token=EOS, add_generation_prompt=add_generation_prompt, **kwargs)
+        return text
+
+    def __call__(self, text: str, add_special_tokens: bool) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+THINKING = ["Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "StepFun3.5-Flash",
+            "NVIDIA-Nemotron-Nano-v2", "Qwen-QwQ-32B", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"]
+
+# Those that read `enable_thinking`.
+SWITCHES = {"Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "Qwen-QwQ-32B",
+            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"}
+FIELDED = {"deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"}
 
 
 @pytest.mark.parametrize("policy", ["keep", "strip", "wrap"])
-@pytest.mark.parametrize("name", ["Qwen-Qwen3-0.6B", "Qwen3.5-4B", "StepFun3.5-Flash", "NVIDIA-Nemotron-Nano-v2"])
+@pytest.mark.parametrize("name", THINKING)
 def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, policy: str) -> None:
-    """Training, evaluation, parity and the smoke test see one generation prompt (the served TEMPLATE's, proven),
-    and what the model is trained to write after it splits into the reasoning `data.reasoning` kept and the
-    answer they judge, also where the generation prompt itself opens the `<think>` block (Qwen3.5)."""
+    """Training, evaluation, parity and the smoke test see one generation prompt under data.reasoning (Qwen3's
+    and SmolLM3's `enable_thinking` off for strip: an empty `<think>` block in it), the served TEMPLATE's
+    (proven), and what the model is trained to write after it splits into the reasoning `data.reasoning` kept
+    and the answer they judge, also where the generation prompt opens the block and the template renders a
+    finished answer without its reasoning (QwQ, the DeepSeek-R1 distills), and where the template takes the
+    reasoning in the answer's `reasoning_content` field (DeepSeek V4, Laguna S)."""
     from tasks.examples import Example, Message, split_reasoning
     from tasks.format_data import _pieces
+    from tasks.generation import render_prompt
     from tasks.load_data import apply_reasoning
 
-    render = transformers_renderer((chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8"),
-                                   eos_token=EOS)
-    served = ollama_template(render)
-    trained = apply_reasoning(f"<think>\n{REASONING}\n</think>\n\n{ANSWER}", None, policy, "messages[1].content")
+    template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
+    chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))
+    # DeepSeek V4 and Laguna S read an answer's reasoning from its `reasoning_content` field.
+    assert chat.reasoning_field == (policy != "strip" and name in FIELDED)
+    served = ollama_template(transformers_renderer(template, eos_token=EOS, chat=chat), reasoning=policy)
+    trained = apply_reasoning(f"<think>\n{REASONING}\n</think>\n\n{ANSWER}", "messages[1].content", policy)
     example = Example(id="x", source="train.jsonl", line=1, messages=[
         Message(role="user", content="<p>Kettle</p>"), Message(role="assistant", content=trained)])
-    (prompt, _), (completion, is_answer) = _pieces(_Tokenizer(render), example)
-    assert is_answer and prompt == render_served_prompt(served.template, [example.messages[0].model_dump()])
+    (prompt, _), (completion, is_answer) = _pieces(_Tokenizer(template), example, chat)
+    user = [example.messages[0].model_dump()]
+    assert is_answer and prompt == render_served_prompt(served.template, user)
+    assert render_prompt(_Tokenizer(template), user, chat) == [ord(c) for c in prompt]  # evaluation's, parity's
+    # Thinking off: the template closes an empty block in the generation prompt.
+    assert prompt.rstrip().endswith("</think>") == (policy == "strip" and name in SWITCHES)
     reasoning, answer = split_reasoning(completion.split(served.stops[0])[0])
     assert answer.strip() == ANSWER
-    if policy == "strip":  # no reasoning, or the empty block the template writes (Qwen3)
+    if policy == "strip":  # no reasoning, or an empty block (the template's, or closing the one the prompt opened)
         assert not reasoning
     else:
         assert reasoning == REASONING
 
 
 @pytest.mark.parametrize("name", ["Qwen-QwQ-32B", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"])
-def test_template_that_drops_the_trained_reasoning_is_refused_by_formatting(name: str) -> None:
-    """QwQ and the R1 distills open `<think>` in the generation prompt but render a past answer without its
-    reasoning: the prompt is not a prefix of the whole, so formatting refuses rather than train on that."""
+def test_several_answers_where_the_template_drops_earlier_reasoning_are_refused(name: str) -> None:
+    """QwQ and the R1 distills render an earlier answer without its `<think>` block, while the last one trains
+    with it: such a conversation is no single training sequence, and formatting names the row and the answer."""
     from tasks.examples import Example, Message
     from tasks.format_data import _pieces
 
-    render = transformers_renderer((chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8"),
-                                   eos_token=EOS)
+    answer = Message(role="assistant", content=f"<think>\nR\n</think>\n\n{ANSWER}")
     example = Example(id="x", source="train.jsonl", line=3, messages=[
-        Message(role="user", content="q"), Message(role="assistant", content=f"<think>\nR\n</think>\n\n{ANSWER}")])
-    with pytest.raises(ValueError, match=r"train\.jsonl:3: the chat template renders this conversation's prefix "
-                                         r"differently from the whole; set model\.chat_template"):
-        _pieces(_Tokenizer(render), example)
+        Message(role="user", content="q"), answer, Message(role="user", content="again"), answer])
+    template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^train\.jsonl:3: the chat template renders the answer in "
+                                         r"messages\[1\]\.content without its reasoning once more turns follow"):
+        _pieces(_Tokenizer(template), example, ChatContext())

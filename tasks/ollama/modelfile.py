@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.chat import ChatContext
 from tasks.config import OllamaConfig
 from tasks.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
 
@@ -82,9 +83,11 @@ def _bare(value: str) -> bool:
 
 
 def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig, trained_system: str | None = None,
-                   examples: Sequence[Sequence[dict[str, str]]] = ()) -> ModelfileSpec:
+                   examples: Sequence[Sequence[dict[str, str]]] = (), chat: ChatContext = ChatContext()
+                   ) -> ModelfileSpec:
     """Template and stops derived from the tokenizer's chat template and proven (or `cfg.template`), parameters
-    from `cfg`; `examples` (prompts of the run's conversations) join the proof.
+    from `cfg`; `examples` (prompts of the run's conversations) join the proof, which renders the chat
+    template with training's `chat` context (data.reasoning's enable_thinking, training's date).
 
     The stops hold every token the trained model may end a turn with, end-of-turn text first: what the chat
     template has the model write after an answer, the tokenizer's eos token, and generation_config.json's eos
@@ -100,14 +103,14 @@ def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig, trai
             f"{tokenizer_dir}: no chat template (looked for chat_template.jinja and `chat_template` in "
             "tokenizer_config.json); set `ollama.template` in the config to an Ollama Go template."
         )
-    render = transformers_renderer(chat_template, eos_token=eos or "") if chat_template else None
+    render = transformers_renderer(chat_template, eos_token=eos or "", chat=chat) if chat_template else None
     if cfg.template is not None:
         template = cfg.template
         turn_end = end_of_turn(render) if render else None
         stops = [turn_end] if turn_end else []
     else:
         try:
-            served = ollama_template(render, system, examples)
+            served = ollama_template(render, system, examples, chat.reasoning)
         except TemplateRefused as exc:
             raise TemplateRefused(f"{tokenizer_dir}: {exc}") from exc
         template, stops = served.template, served.stops

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tasks.chat import AnswerRefused, ChatRenderer, Reasoning, check_probe_answer, transformers_renderer
 from tasks.ollama.render import render_served_prompt
 
 SET_INSTEAD = ("Set `ollama.template` in the config to an Ollama Go template for this model "
@@ -49,35 +50,16 @@ class ServedTemplate:
     default_system: str | None  # the system prompt the chat template adds when a conversation has none
 
 
-# transformers' rendering of a conversation: messages, add_generation_prompt → text.
-ChatRenderer = Callable[[list[dict[str, str]], bool], str]
-
-
-def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: str = "") -> ChatRenderer:
-    """Render as training does (transformers' own Jinja environment) with these special tokens.
-
-    bos_token defaults to "": llama.cpp adds the BOS the GGUF asks for when Ollama tokenizes the prompt, so a
-    TEMPLATE that also wrote it would double it.
-    """
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        (text,), _ = render_jinja_template([messages], chat_template=chat_template,
-                                           add_generation_prompt=add_generation_prompt,
-                                           bos_token=bos_token, eos_token=eos_token)
-        return text
-
-    return render
-
-
 def ollama_template(render: ChatRenderer, system_prompt: str | None = None,
-                    examples: Sequence[Sequence[dict[str, str]]] = ()) -> ServedTemplate:
+                    examples: Sequence[Sequence[dict[str, str]]] = (), reasoning: Reasoning = "keep") -> ServedTemplate:
     """The Ollama TEMPLATE equivalent to `render`, proven on the fixed conversations and `examples` (prompts
-    ending with a user turn) under `system_prompt`; raises TemplateRefused otherwise."""
+    ending with a user turn) under `system_prompt`, for a model trained under `data.reasoning` `reasoning`
+    (render with the same ChatContext); raises TemplateRefused otherwise."""
     layout = _probe(render)
     served = ServedTemplate(template=layout.go_template(), stops=[layout.end_of_turn] if layout.end_of_turn else [],
                             default_system=layout.default_system)
     _prove(render, served, system_prompt, examples)
+    _check_reasoning(render, reasoning)
     return served
 
 
@@ -245,6 +227,17 @@ def _prove(render: ChatRenderer, served: ServedTemplate, system_prompt: str | No
             got = render_served_prompt(served.template, sent, modelfile_system)
             if got != expected:
                 raise TemplateRefused(_first_difference(expected, got, sent, modelfile_system))
+
+
+def _check_reasoning(render: ChatRenderer, reasoning: Reasoning) -> None:
+    """An answer trained under `reasoning` is one the served model writes after the (proven) generation prompt
+    and whose reply evaluation, parity and the smoke test read: reasoning block, then answer."""
+    try:
+        check_probe_answer(render, reasoning)
+    except AnswerRefused as exc:
+        raise TemplateRefused(f"with data.reasoning: {reasoning}, {exc}. {SET_INSTEAD}") from exc
+    except Exception as exc:  # a template's raise_exception, say
+        raise TemplateRefused(f"the chat template cannot render an answer: {exc}. {SET_INSTEAD}") from exc
 
 
 def _first_difference(expected: str, got: str, sent: list[dict[str, str]], system: str | None) -> str:
