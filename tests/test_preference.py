@@ -226,3 +226,27 @@ def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exac
     # answers stay about as likely.
     assert bad_kto > bad_sft + 0.5, (bad_sft, bad_kto)
     assert good_kto < good_sft + 0.25, (good_sft, good_kto)
+
+
+def test_the_base_is_the_reference_with_the_adapters_disabled(tiny_model, tmp_path) -> None:
+    """`kto`/`dpo` on LoRA: the reference log-probabilities come from the same model with its adapters off."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tasks.preference import reference_logps
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    rows = [{"id": "a", "input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8]},
+            {"id": "b", "input_ids": [9, 10, 11], "labels": [IGNORE, 10, 11]}]
+    with torch.no_grad():
+        expected = sequence_logps(_stepper(base, 0), rows).tolist()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    stepper = _stepper(model, 0)
+    with torch.no_grad():
+        assert sequence_logps(stepper, rows).tolist() != pytest.approx(expected, abs=1e-2)  # the adapter matters
+    cached = tmp_path / "reference_logps.json"
+    assert list(reference_logps(stepper, rows, cached, from_base=True, batch_size=1).values()) == pytest.approx(
+        expected, rel=1e-6)
+    assert model.training  # back to training mode
+    cached.write_text('{"a": 1.0, "b": 2.0}')  # what a killed run kept is reused, not recomputed
+    assert reference_logps(stepper, rows, cached, from_base=True, batch_size=1) == {"a": 1.0, "b": 2.0}
