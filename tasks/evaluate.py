@@ -115,7 +115,8 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
                                      Progress(f"evaluate {spec.name}", len(conversations), "prompts"))
             seconds = time.perf_counter() - started
             loss = mean_answer_loss(model, rows, request.batch_size, tokenizer.pad_token_id)
-            bad_loss = mean_answer_loss(model, bad_rows, request.batch_size, tokenizer.pad_token_id) if bad_rows else None
+            bad_loss = (mean_answer_loss(model, bad_rows, request.batch_size, tokenizer.pad_token_id)
+                        if bad_rows else None)
         print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
         outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
                                           eval_loss=loss, undesirable_loss=bad_loss, device=device, generate_s=seconds)

@@ -241,7 +241,8 @@ class Normaliser:
         """TRL's prompt-completion (with `label`: KTO) and paired (`chosen`/`rejected`: DPO) formats."""
         prompt = record.get("prompt")
         if isinstance(prompt, list):
-            messages = self._chat({"prompt": prompt}, ShapeSpec(shape="openai", **{**OPENAI_TAGS, "messages": "prompt"}))
+            spec = ShapeSpec(shape="openai", **{**OPENAI_TAGS, "messages": "prompt"})
+            messages = self._chat({"prompt": prompt}, spec)
         else:
             messages = [Message(role="user", content=_text(record, "prompt"))]
         paired = "chosen" in record or "rejected" in record

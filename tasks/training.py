@@ -85,7 +85,7 @@ def train_model(request: TrainRequest) -> TrainResult:
     load = _load_unsloth if backend == "unsloth" else _load_hf
     from tasks.preference import phase_rows
 
-    rows, preference_rows = phase_rows(request.data.rows(), cfg.objective)
+    rows, preference_rows = phase_rows(request.data.rows(), cfg.objective)  # before loading: a wrong set fails fast
     model, tokenizer = load(request, env.precision, device, env.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, cfg)
@@ -93,7 +93,8 @@ def train_model(request: TrainRequest) -> TrainResult:
 
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * rank.world
     # SFT's steps, then the preference phase's (`kto` and `dpo` alone have none of SFT's).
-    total_steps = 0 if cfg.objective in ("kto", "dpo") else cfg.max_steps or math.ceil(cfg.epochs * len(rows) / per_step)
+    total_steps = (0 if cfg.objective in ("kto", "dpo")
+                   else cfg.max_steps or math.ceil(cfg.epochs * len(rows) / per_step))
     preference_steps = 0 if cfg.objective == "sft" else cfg.preference.max_steps
     scheduler = get_scheduler(schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)

@@ -263,7 +263,8 @@ def test_preference_rows_are_checked_by_the_same_suite(tmp_path: Path, tiny_mode
     ]) + "\n")
     checked = _check(tmp_path, tiny_model, train=train, eval=CORPUS / "leak_eval.jsonl", output_format="json")
     assert [(r.line, r.field, r.reason) for r in _quarantine(checked)] == [
-        (4, "rejected", "rejected answer is empty"), (5, "rejected", "rejected answer is the same as the chosen answer"),
+        (4, "rejected", "rejected answer is empty"),
+        (5, "rejected", "rejected answer is the same as the chosen answer"),
         (6, "answer", "answer is not valid JSON: 'not json'"),
     ]
     assert [e.answer for e in read_examples(checked.train.clean_path)] == [good, good]

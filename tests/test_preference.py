@@ -222,6 +222,8 @@ def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exac
 
     good_sft, bad_sft = _losses(sft, rated)
     good_kto, bad_kto = _losses(kto, rated)
+    print(f"held-out token loss, good / rated-bad answers: sft {good_sft:.3f} / {bad_sft:.3f}, "
+          f"sft+kto {good_kto:.3f} / {bad_kto:.3f}")
     # On held-out pages, the rated-bad answer is much less likely after KTO (loss per token up), while the good
     # answers stay about as likely.
     assert bad_kto > bad_sft + 0.5, (bad_sft, bad_kto)
