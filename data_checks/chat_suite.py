@@ -45,8 +45,6 @@ COLUMN_TYPES = {
     "kind": "str",
     "rejected": "object",
 }
-# The answer rules (valid JSON, required keys) are what a good answer must meet; a rated-bad one is data too.
-GOOD_ANSWERS = 'kind!="undesirable"'
 EXAMPLES_SHOWN = 5  # unexpected values per expectation in the summary
 DOCS_SITE = "tunepipe"
 
@@ -137,7 +135,10 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
     """The expectations for one split; each `description` says what is expected, for the Data Docs."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
 
+    # The answer rules (valid JSON, required keys) are what a good answer must meet; a rated-bad one is data too.
+    good_answers = Column("kind") != "undesirable"
     expectations = [
         gxe.ExpectColumnValuesToNotBeNull(column="prompt", description="a user turn is present"),
         gxe.ExpectColumnValuesToNotBeNull(column="answer", description="an assistant turn is present"),
@@ -170,18 +171,18 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
         expectations += [
             gxe.ExpectColumnValuesToBeJsonParseable(
                 column="answer", description="the answer is valid JSON (data.output_format: json; not asked of "
-                "rated-bad answers)", row_condition=GOOD_ANSWERS, condition_parser="pandas",
+                "rated-bad answers)", row_condition=good_answers,
             ),
             gxe.ExpectColumnValuesToNotBeNull(
                 column="answer_keys", description="the answer is a JSON object, not an array or a scalar",
-                row_condition=GOOD_ANSWERS, condition_parser="pandas",
+                row_condition=good_answers,
             ),
         ]
         if required_keys:
             expectations.append(gxe.ExpectColumnValuesToMatchRegex(
                 column="answer_keys", regex=keys_regex(required_keys),
                 description=f"the answer carries the keys {', '.join(required_keys)}",
-                row_condition=GOOD_ANSWERS, condition_parser="pandas",
+                row_condition=good_answers,
             ))
     return gx.ExpectationSuite(name=name, expectations=expectations)
 
