@@ -43,6 +43,8 @@ COLUMN_TYPES = {
     "n_tokens": "Int64",
     "eval_copy": "object",
     "chat_template": "object",
+    "kind": "str",
+    "rejected": "object",
 }
 EXAMPLES_SHOWN = 5  # unexpected values per expectation in the summary
 DOCS_SITE = "tunepipe"
@@ -76,6 +78,17 @@ def _first_empty_turn(example: Example) -> str | None:
     return None
 
 
+def _rejected_problem(example: Example) -> str | None:
+    """What is wrong with a DPO row's rejected answer, if anything."""
+    if example.rejected is None:
+        return None
+    if not split_reasoning(example.rejected)[1].strip():
+        return "empty"
+    if _normal(example.rejected) == _normal(example.answer):
+        return "the same as the chosen answer"
+    return None
+
+
 def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
                    eval_copies: Sequence[str | None] | None = None,
                    template_refusals: Sequence[str | None] | None = None) -> pd.DataFrame:
@@ -93,16 +106,19 @@ def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
         answers = [split_reasoning(m.content)[1] for m in example.messages if m.role == "assistant"]
         prompts = [m.content for m in example.messages if m.role == "user"]
         parsed = parse_json_object(answers[-1]) if answers else None
+        preference = [] if example.kind == "sft" else [f"{example.kind}:{_normal(example.rejected or '')}"]
         rows.append({
             "id": example.id,
-            "normalized_id": _digest([f"{m.role}:{_normal(m.content)}" for m in example.messages]),
+            "normalized_id": _digest([f"{m.role}:{_normal(m.content)}" for m in example.messages] + preference),
             "prompt_key": prompt_key(example),
             "roles": ",".join(message.role for message in example.messages),
             "prompt": prompts[-1] if prompts else None,
             "answer": answers[-1] if answers else None,
             "answer_keys": KEY_SEPARATOR.join(parsed) if parsed is not None else None,
             "first_empty_turn": _first_empty_turn(example),
-            "chars": sum(len(message.content) for message in example.messages),
+            "chars": sum(len(message.content) for message in example.messages) + len(example.rejected or ""),
+            "kind": example.kind,
+            "rejected": _rejected_problem(example),
         })
     frame = pd.DataFrame(rows, columns=list(COLUMN_TYPES))
     frame["n_tokens"] = list(n_tokens)
@@ -123,7 +139,10 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
     """The expectations for one split; each `description` says what is expected, for the Data Docs."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
 
+    # The answer rules (valid JSON, required keys) are what a good answer must meet; a rated-bad one is data too.
+    good_answers = Column("kind") != "undesirable"
     expectations = [
         gxe.ExpectColumnValuesToNotBeNull(column="prompt", description="a user turn is present"),
         gxe.ExpectColumnValuesToNotBeNull(column="answer", description="an assistant turn is present"),
@@ -131,6 +150,9 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
         gxe.ExpectColumnValuesToMatchRegex(
             column="roles", regex=ROLES_REGEX,
             description="an optional system message, then user/assistant turns alternating, ending with the assistant",
+        ),
+        gxe.ExpectColumnValuesToBeNull(
+            column="rejected", description="a DPO row's rejected answer has text and differs from the chosen one"
         ),
         gxe.ExpectColumnValuesToBeUnique(column="id", description="no exact duplicate (the first copy is kept)"),
         gxe.ExpectColumnValuesToBeUnique(
@@ -156,16 +178,19 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
     if cfg.output_format == "json":
         expectations += [
             gxe.ExpectColumnValuesToBeJsonParseable(
-                column="answer", description="the answer is valid JSON (data.output_format: json)"
+                column="answer", description="the answer is valid JSON (data.output_format: json; not asked of "
+                "rated-bad answers)", row_condition=good_answers,
             ),
             gxe.ExpectColumnValuesToNotBeNull(
-                column="answer_keys", description="the answer is a JSON object, not an array or a scalar"
+                column="answer_keys", description="the answer is a JSON object, not an array or a scalar",
+                row_condition=good_answers,
             ),
         ]
         if required_keys:
             expectations.append(gxe.ExpectColumnValuesToMatchRegex(
                 column="answer_keys", regex=keys_regex(required_keys),
                 description=f"the answer carries the keys {', '.join(required_keys)}",
+                row_condition=good_answers,
             ))
     return gx.ExpectationSuite(name=name, expectations=expectations)
 
@@ -273,6 +298,7 @@ def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples
         ("expect_column_values_to_be_between", "chars"): lambda: f"{value} characters > max_chars {cfg.max_chars}",
         ("expect_column_values_to_be_between", "n_tokens"): lambda: f"{value} tokens > max_seq_length {max_seq_length}",
         ("expect_column_values_to_be_null", "chat_template"): lambda: value,
+        ("expect_column_values_to_be_null", "rejected"): lambda: f"rejected answer is {value}",
         ("expect_column_values_to_be_null", "eval_copy"): lambda: f"leakage: the same prompt is in the eval split "
                                                                   f"({value}); kept there, set aside here",
         ("expect_column_values_to_be_json_parseable", "answer"): lambda: f"answer is not valid JSON: {_short(value)!r}",

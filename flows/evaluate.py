@@ -44,7 +44,7 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,
-                          cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir)
+                          cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir, checked.eval.undesirable_path)
         decision = gate(report, cfg.gate)
         run.evaluated(report, decision)
     return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)

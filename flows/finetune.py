@@ -87,7 +87,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                 trained = train(formatted, base, cfg.model, attempt.lora, attempt.train, workdir,
                                 init_from=attempt.init_from, mlflow_run=attempt_run.live_ref())
                 report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base,
-                                  champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir)
+                                  champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
+                                  checked.eval.undesirable_path)
                 decision = gate(report, cfg.gate)
                 attempt_run.attempted(trained, report, decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))

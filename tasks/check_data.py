@@ -42,7 +42,11 @@ class DataCheckReport(BaseModel):
     n_passed: int
     n_quarantined: int
     expectations: list[dict[str, Any]]
-    clean_path: Path
+    clean_path: Path  # the rows that passed, but the rated-bad (undesirable) ones
+    # Rated-bad answers that passed (KTO rows with label false): trained away from, never towards, and on the
+    # eval side scored as answers the candidate should no longer give.
+    undesirable_path: Path | None = None
+    n_undesirable: int = 0
 
 
 class FileAccount(BaseModel):
@@ -115,7 +119,8 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     keys = {
         "train": cfg.required_keys,
         # Without configured keys, the eval answers must carry the keys every training answer shares.
-        "eval": cfg.required_keys or required_keys(example.answer for example in splits["train"]),
+        "eval": cfg.required_keys or required_keys(example.answer for example in splits["train"]
+                                                   if example.kind != "undesirable"),
     }
     frames, suites, token_lines = {}, {}, {}
     for split, examples in splits.items():
@@ -142,14 +147,19 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
             )
             for i, row_failures in failures.items()
         ]
-        kept = [i for i in range(len(examples)) if i not in failures]
-        clean = [examples[i] for i in kept]
+        passed = [i for i in range(len(examples)) if i not in failures]
+        kept = [i for i in passed if examples[i].kind != "undesirable"]
+        bad = [examples[i] for i in passed if examples[i].kind == "undesirable"]
+        clean = [examples[i] for i in passed]
         reports[split] = DataCheckReport(
             success=bool(results[split].success), n_checked=len(examples), n_passed=len(clean),
             n_quarantined=len(failures), expectations=chat_suite.expectation_summary(results[split]),
-            clean_path=out_dir / f"{split}_clean.jsonl",
+            clean_path=out_dir / f"{split}_clean.jsonl", n_undesirable=len(bad),
+            undesirable_path=out_dir / f"{split}_undesirable.jsonl" if bad else None,
         )
-        write_jsonl(reports[split].clean_path, clean)
+        write_jsonl(reports[split].clean_path, [examples[i] for i in kept])
+        if bad:
+            write_jsonl(reports[split].undesirable_path, bad)
         # A kept row always has token ids: a row whose roles cannot be formatted fails the roles expectation.
         getattr(tokens, split).write_text("".join(token_lines[split][i] + "\n" for i in kept), encoding="utf-8")
         splits[split] = clean

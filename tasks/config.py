@@ -36,10 +36,11 @@ class DataConfig(Section):
     eval: Path | None = Field(
         None, description="Held-out data, given like `train`; split from train when absent."
     )
-    shape: Literal["auto", "pairs", "alpaca", "sharegpt", "openai"] = Field(
+    shape: Literal["auto", "pairs", "alpaca", "sharegpt", "openai", "trl"] = Field(
         "auto",
         description="Record shape: `auto` detects it per record (`messages`: openai, `conversations`: sharegpt, "
-        "`instruction`: alpaca, `input`/`output`: pairs); naming one quarantines records of any other shape.",
+        "`instruction`: alpaca, `input`/`output`: pairs, `prompt` with `completion` (and `label`: KTO) or "
+        "`chosen`/`rejected` (DPO): trl); naming one quarantines records of any other shape.",
     )
     datasets: list[str] = Field(
         [], description="Entries of a LLaMA-Factory `dataset_info.json` to load; empty loads every entry."
@@ -107,10 +108,40 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r), for large ranks.")
 
 
+class PreferenceConfig(Section):
+    """KTO and DPO (issue 22): the losses as TRL defines them, against reference log-probabilities computed
+    once, by the model as it stands when the preference phase starts (the base with adapters off, or the SFT
+    result for `sft+kto` / `sft+dpo`)."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (TRL's beta).")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable examples' losses.")
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the undesirable examples' losses; TRL advises weights such that "
+        "desirable_weight x desirable rows / (undesirable_weight x undesirable rows) lies in [1, 4/3].",
+    )
+    max_steps: int = Field(
+        50, ge=1, description="Optimizer steps of the preference phase (after SFT's `train.max_steps` when the "
+        "objective is `sft+kto` or `sft+dpo`; instead of them for `kto` or `dpo`).",
+    )
+    learning_rate: float = Field(
+        5e-5, gt=0, description="Learning rate of the preference phase (lower than SFT's: it fine-tunes a "
+        "model that already answers well).",
+    )
+    batch_size: int = Field(
+        8, ge=2, description="Examples (KTO) or pairs (DPO) per step; KTO's KL estimate needs at least two.",
+    )
+
+
 class TrainConfig(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="`auto` uses unsloth when CUDA is available, else transformers + peft."
     )
+    objective: Literal["sft", "kto", "dpo", "sft+kto", "sft+dpo"] = Field(
+        "sft", description="`sft`: learn the good answers (SFT rows, desirable KTO rows, DPO chosen answers). "
+        "`kto`: rated answers, desirable up and undesirable down (unpaired thumbs). `dpo`: chosen over rejected "
+        "answers to the same prompt. `sft+kto` / `sft+dpo`: SFT first, then the preference phase, in one run.",
+    )
+    preference: PreferenceConfig = PreferenceConfig()
     mode: Literal["lora", "qlora", "full"] = Field(
         "lora", description="`lora`: adapter on a 16-bit base; `qlora`: adapter on a 4-bit base (CUDA only); "
         "`full`: train every weight (the output is a whole model, not an adapter).",
@@ -369,7 +400,16 @@ class RagConfig(Section):
         None, description="Where the watermark and the dataset snapshots live; default `<workdir>/rag`. Keep it "
         "on persistent storage: it is what makes ingestion exactly-once.",
     )
-    min_rating: float | None = Field(None, description="Drop rated examples below this rating.")
+    min_rating: float | None = Field(
+        None, description="Drop rated examples below this rating; with `max_bad_rating`, the rows at or above "
+        "it are the desirable (KTO) and chosen (DPO) answers.",
+    )
+    max_bad_rating: float | None = Field(
+        None, description="Keep rows rated at or below this as undesirable answers (KTO; DPO's rejected answer "
+        "where the question also has a good one) instead of dropping them; null: no preference rows. Some of "
+        "the rated questions are held out (data.eval_fraction) so evaluation sees rated-bad answers it never "
+        "trained on.",
+    )
     keep_unrated: bool = Field(True, description="Keep examples without a rating (false: only rated ones).")
     feedback_values: dict[str, float] = Field(
         {"up": 1.0, "down": 0.0, "good": 1.0, "bad": 0.0, "positive": 1.0, "negative": 0.0},
@@ -389,6 +429,13 @@ class RagConfig(Section):
     min_new_examples: int = Field(
         50, ge=1, description="Fewer new (not yet trained on) examples than this: the run ends as nothing to do.",
     )
+
+    @model_validator(mode="after")
+    def _bad_below_good(self) -> RagConfig:
+        if None not in (self.min_rating, self.max_bad_rating) and self.max_bad_rating >= self.min_rating:
+            raise ValueError(f"max_bad_rating ({self.max_bad_rating}) must be below min_rating ({self.min_rating}): "
+                             "a rating cannot be both good and bad")
+        return self
 
 
 class RetryConfig(Section):

@@ -152,12 +152,31 @@ def write_demo_dataset(out_dir: Path, n_train: int = 400, n_eval: int = 48, seed
     return train_path, eval_path
 
 
+def bad_answer(rng: random.Random, page: str, product: dict[str, object]) -> str:
+    """An answer users rate badly, as small models write them: wrong fields, the page's HTML echoed back, or
+    rambling prose around the facts."""
+    kind = rng.randrange(3)
+    if kind == 0:  # a valid JSON object, but with fields that are wrong or missing
+        wrong = dict(product)
+        wrong["price"], wrong["manufacturer"] = wrong["manufacturer"], wrong["price"]
+        wrong.pop(rng.choice(["category", "name"]))
+        return json.dumps(wrong)
+    if kind == 1:
+        return page
+    return (f"Sure! This looks like a {str(product['category']).lower()} product. I think it is called "
+            f"{product['name']}, and it might be made by {product['manufacturer']}, although the page does not "
+            f"say very clearly. The price seems to be around {product['price']}, but please check the page "
+            "itself, as prices change often. Let me know if you need anything else!")
+
+
 def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
     """Append `n` examples "logged by a RAG assistant" to the SQLite table `rag_examples` at `db_path`.
 
     Products come from outside the demo's train and eval sets; ratings (1-5, some unrated) and timestamps are
-    seeded, so the retrain flow's demo and tests have realistic traffic to ingest. Each call adds new rows,
-    like another day of traffic.
+    seeded, so the retrain flow's demo and tests have realistic traffic to ingest. Rows rated 2 hold bad
+    answers (`bad_answer`); after half of them the user asked again and rated the right answer 5, so the log
+    has questions with a good and a bad answer (DPO pairs, issue 22). Each call adds new rows, like another
+    day of traffic.
     """
     import datetime as dt
     import sqlite3
@@ -172,16 +191,25 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
         rng = random.Random(f"{seed}:{start}")  # another call, another day: new values
         # Ratings from a stream of their own: how pages are drawn does not change which rows are rated well.
         ratings = random.Random(f"{seed}:{start}:rating")
+        bad = random.Random(f"{seed}:{start}:bad")  # and the bad answers from a third: neither moves the others
         rows = []
+
+        def log(question: str, answer: str, rating: int | None) -> None:
+            created = dt.datetime(2026, 11, 1) + dt.timedelta(minutes=17 * (start + len(rows)))
+            rows.append((question, None, answer, rating, created.isoformat()))
+
         while len(rows) < n:
             product = (*rng.choice(names), rng.choice(MANUFACTURERS))
             if product in used:
                 continue
             row = _row(rng, *product)
-            i = start + len(rows)
-            created = dt.datetime(2026, 11, 1) + dt.timedelta(minutes=17 * i)
             rating = ratings.choice([None, 2, 4, 5, 5])
-            rows.append((row["input"], None, json.dumps(row["output"]), rating, created.isoformat()))
+            if rating == 2:
+                log(row["input"], bad_answer(bad, row["input"], row["output"]), rating)
+                if bad.random() < 0.5 and len(rows) < n:  # asked again, answered right
+                    log(row["input"], json.dumps(row["output"]), 5)
+            else:
+                log(row["input"], json.dumps(row["output"]), rating)
         db.executemany("insert into rag_examples (question, context, answer, rating, created_at) "
                        "values (?, ?, ?, ?, ?)", rows)
     return db_path

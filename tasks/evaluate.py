@@ -6,6 +6,12 @@ is a GPU. Its answers are scored by `tasks.metrics` (valid JSON, exact match, pe
 required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
 the mean token loss on the held-out assistant tokens, computed exactly as in training.
 
+Held-out rated-bad answers (issue 22), when the data has them, are scored apart: `undesirable_close_rate`,
+how often a model's own answer to such a prompt is close to the answer users rated bad (`metrics.close_to`:
+the same JSON object, or text with a similarity ratio of at least 0.9), and `undesirable_loss`, the mean token
+loss of those bad answers (higher: the model finds them less likely). They are reported and tracked; the gate
+rules do not name them, so the gate decides as before.
+
 The candidate changes with every training; the base model and the champion do not. Their raw outputs
 (answers, stop flags, eval loss, probe answers) are kept in `evaluate/reference/` under a key of the
 model's identity (base fingerprint; champion name, version and run), the eval data, the eval settings and
@@ -30,7 +36,7 @@ from tasks.config import DataConfig, EvalConfig
 from tasks.examples import Message, read_examples
 from tasks.format_data import IGNORE, FormattedData
 from tasks.gpu_slots import gpu_slots
-from tasks.metrics import required_keys, score_answers
+from tasks.metrics import close_to, required_keys, score_answers
 from tasks.train import TrainResult
 from tasks.worker import run_worker
 
@@ -49,6 +55,8 @@ class EvalReport(BaseModel):
     base: ModelScores
     champion: ModelScores | None  # None until a model was promoted
     samples_path: Path  # JSONL per held-out example: id, source, prompt, expected, {model: {answer, stopped, scores}}
+    n_undesirable: int = 0  # held-out rated-bad examples scored
+    undesirable_path: Path | None = None  # JSONL per one: prompt, the rated-bad answer, {model: {answer, close}}
     probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
 
 
@@ -64,8 +72,9 @@ class ModelToScore(BaseModel):
 
 class GenerationRequest(BaseModel):
     models: list[ModelToScore]
-    conversations: list[list[Message]]  # the held-out prompts, then the probes
+    conversations: list[list[Message]]  # the held-out prompts, the probes, then the rated-bad examples' prompts
     loss_rows: Path  # formatted held-out rows (input_ids, labels) for the eval loss
+    undesirable_rows: Path | None = None  # formatted held-out rated-bad answers, for their loss
     max_new_tokens: int
     batch_size: int
     chat: ChatContext  # training's: prompts render as training's texts did
@@ -77,6 +86,7 @@ class ModelOutputs(BaseModel):
     answers: list[str]  # aligned with the request's conversations
     stopped: list[bool]
     eval_loss: float
+    undesirable_loss: float | None = None
     device: str
     generate_s: float  # wall time of generation, CUDA graph capture included
 
@@ -95,6 +105,8 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     rows = [json.loads(line) for line in request.loss_rows.read_text().splitlines()]
+    bad_rows = ([json.loads(line) for line in request.undesirable_rows.read_text().splitlines()]
+                if request.undesirable_rows is not None else [])
     conversations = [[m.model_dump() for m in c] for c in request.conversations]
     outputs = {}
     for spec in request.models:
@@ -106,9 +118,11 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
                                      request.chat)
             seconds = time.perf_counter() - started
             loss = mean_answer_loss(model, rows, request.batch_size, tokenizer.pad_token_id)
+            bad_loss = (mean_answer_loss(model, bad_rows, request.batch_size, tokenizer.pad_token_id)
+                        if bad_rows else None)
         print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
         outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
-                                          eval_loss=loss, device=device, generate_s=seconds)
+                                          eval_loss=loss, undesirable_loss=bad_loss, device=device, generate_s=seconds)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -156,17 +170,19 @@ def mean_answer_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> f
 def evaluate_models(
     data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
     champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, out_dir: Path,
-    reference_dir: Path,
+    reference_dir: Path, undesirable_examples: Path | None = None,
 ) -> EvalReport:
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
+    bad = list(read_examples(undesirable_examples))[: cfg.max_samples] if undesirable_examples else []
     probes = [_probe_conversation(probe, data_cfg.system_prompt) for probe in cfg.probes]
-    conversations = [example.prompt for example in examples] + probes
+    conversations = [example.prompt for example in examples] + probes + [example.prompt for example in bad]
     candidate = _candidate(trained, base)
     models = {"candidate": candidate,
               "base": ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
                                    tokenizer=candidate.tokenizer)}
     # The reference models' outputs are reused while the model, the eval data, the settings and the code are.
     fingerprint = stable_hash(_file_hash(data.eval.path), _file_hash(eval_examples), cfg.probes,
+                              *(_file_hash(path) for path in (undesirable_examples,) if path is not None),
                               data_cfg.system_prompt, data.chat, cfg, _file_hash(Path(__file__)),
                               _file_hash(Path(__file__).with_name("generation.py")))
     reference_keys = {"base": stable_hash("base", base.fingerprint, fingerprint)}
@@ -179,6 +195,7 @@ def evaluate_models(
                if (cached := _read_reference(reference_dir, name, key)) is not None}
     todo = [spec for name, spec in models.items() if name not in outputs]
     request = GenerationRequest(models=todo, conversations=conversations, loss_rows=data.eval.path,
+                                undesirable_rows=data.eval_undesirable.path if bad and data.eval_undesirable else None,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat)
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
@@ -197,6 +214,11 @@ def evaluate_models(
     for name, result in outputs.items():
         means, per_example[name] = score_answers(result.answers[:n], references, result.stopped[:n],
                                                  data_cfg.output_format, required)
+        if bad:
+            own = result.answers[len(conversations) - len(bad):]
+            means["undesirable_close_rate"] = sum(map(close_to, own, (e.answer for e in bad))) / len(bad)
+            if result.undesirable_loss is not None:
+                means["undesirable_loss"] = result.undesirable_loss
         scores[name] = ModelScores(name=name, version=champion.version if name == "champion" else None,
                                    metrics={"eval_loss": result.eval_loss, **means})
 
@@ -210,12 +232,24 @@ def evaluate_models(
                 **{name: {"answer": outputs[name].answers[i], "stopped": outputs[name].stopped[i],
                           "scores": per_example[name][i]} for name in order},
             }, ensure_ascii=False) + "\n")
+    undesirable_path = out_dir / "undesirable.jsonl" if bad else None
+    if bad:
+        with undesirable_path.open("w", encoding="utf-8") as out:
+            for i, example in enumerate(bad, start=len(conversations) - len(bad)):
+                answers = {name: outputs[name].answers[i] for name in order}
+                out.write(json.dumps({
+                    "id": example.id, "source": f"{example.source}:{example.line}",
+                    "prompt": example.prompt[-1].content, "rated_bad_answer": example.answer,
+                    **{name: {"answer": answer, "close": close_to(answer, example.answer)}
+                       for name, answer in answers.items()},
+                }, ensure_ascii=False) + "\n")
     probes_path = out_dir / "probes.jsonl"
     with probes_path.open("w", encoding="utf-8") as out:
         for i, probe in enumerate(cfg.probes, start=n):
             out.write(json.dumps({"prompt": probe, **{name: outputs[name].answers[i] for name in order}},
                                  ensure_ascii=False) + "\n")
-    return EvalReport(n_samples=n, candidate=scores["candidate"], base=scores["base"],
+    return EvalReport(n_samples=n, n_undesirable=len(bad), undesirable_path=undesirable_path,
+                      candidate=scores["candidate"], base=scores["base"],
                       champion=scores.get("champion"), samples_path=samples_path, probes_path=probes_path)
 
 
@@ -254,7 +288,8 @@ def _write_reference(reference_dir: Path, name: str, key: str, outputs: ModelOut
 def evaluate(
     data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
     champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path,
+    undesirable_examples: Path | None = None,
 ) -> EvalReport:
-    out_dir = stage_dir(workdir, "evaluate", data, trained, base, champion, data_cfg, cfg)
+    out_dir = stage_dir(workdir, "evaluate", data, trained, base, champion, data_cfg, cfg, undesirable_examples)
     return evaluate_models(data, eval_examples, train_examples, trained, base, champion, tracking_uri, data_cfg,
-                           cfg, out_dir, Path(workdir) / "evaluate" / "reference")
+                           cfg, out_dir, Path(workdir) / "evaluate" / "reference", undesirable_examples)

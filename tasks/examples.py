@@ -55,6 +55,17 @@ class Example(BaseModel):
     source: str
     line: int
     unit: Unit = "line"
+    # Preference data (issue 22). KTO: whether the final answer is desirable (rated well) or undesirable (rated
+    # badly); DPO: a rejected answer to the same prompt, the final message being the chosen one. Neither: an
+    # SFT example.
+    label: bool | None = None
+    rejected: str | None = None
+
+    @property
+    def kind(self) -> Literal["sft", "desirable", "undesirable", "pair"]:
+        if self.rejected is not None:
+            return "pair"
+        return "sft" if self.label is None else "desirable" if self.label else "undesirable"
 
     @property
     def where(self) -> str:

@@ -4,13 +4,19 @@ Loss masks come from rendering prefixes of the conversation: the tokens added by
 (its content, end-of-turn marker and anything the template appends) are trained; system and user tokens
 and the assistant header are not. This works for any template whose rendering of a prefix is a prefix of
 the full rendering, and we check that instead of assuming it.
+
+Preference rows (issue 22) are formatted the same way and marked with their `kind`: a DPO row also carries
+its rejected answer's ids and labels (`rejected_input_ids`, `rejected_labels`: the same prompt, the other
+answer); rated-bad answers (`undesirable`) join the train split for KTO, and the eval side's are a split of
+their own (`eval_undesirable`), scored apart from the good answers. A preference row's labels always cover
+the answer alone, as TRL scores completions.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from itertools import zip_longest
+from itertools import chain, zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +48,7 @@ class FormatRefused(ValueError):
 
 
 class FormattedSplit(BaseModel):
-    path: Path  # JSONL rows: {"id", "input_ids", "labels"}
+    path: Path  # JSONL rows: {"id", "input_ids", "labels"}; preference rows also "kind" (and a DPO row's rejected)
     n_rows: int
     n_tokens: int
     n_trained_tokens: int
@@ -68,6 +74,7 @@ class TokenizedSplits(BaseModel):
 class FormattedData(BaseModel):
     train: FormattedSplit
     eval: FormattedSplit
+    eval_undesirable: FormattedSplit | None = None  # held-out rated-bad answers, when the data has any
     quarantine_path: Path  # examples longer than model.max_seq_length
     n_quarantined: int
     chat: ChatContext  # what training's texts were rendered with: evaluation, parity and serving render so too
@@ -76,25 +83,41 @@ class FormattedData(BaseModel):
 def format_dataset(
     train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path,
     assistant_only_loss: bool = True, tokens: TokenizedSplits | None = None, chat: ChatContext | None = None,
+    undesirable: tuple[Path | None, Path | None] = (None, None),
 ) -> FormattedData:
     """Write each split's token ids and labels, rendered with `chat` (None: the data check's, in `tokens`);
     `tokens` (the data check's, for these files) saves tokenizing again, and is used only if it was made with
-    this base model's tokenizer, `cfg.chat_template` and `chat`."""
+    this base model's tokenizer, `cfg.chat_template` and `chat`. `undesirable`: the train and eval files of
+    rated-bad answers, if any."""
     if chat is None:
         chat = tokens.chat if tokens is not None else ChatContext()
     if tokens is not None and tokens.tokenizer != tokenizer_key(base, cfg.chat_template, chat):
         tokens = None
-    tokenizer = load_tokenizer(base, cfg.chat_template) if tokens is None else None
+    tokenizer = None
+
+    def tokenized(examples: list[Example]) -> Iterator[Pieces]:
+        nonlocal tokenizer
+        tokenizer = tokenizer or load_tokenizer(base, cfg.chat_template)
+        return tokenize_pieces(tokenizer, examples, chat=chat)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     splits, rejected = {}, []
     # Eval loss always scores the answers alone, so it means the same whatever the training objective.
     for name, path, answers_only in (("train", train_examples, assistant_only_loss), ("eval", eval_examples, True)):
         examples = list(read_examples(path))
-        pieces = (_read_pieces(getattr(tokens, name), examples) if tokens is not None
-                  else tokenize_pieces(tokenizer, examples, chat=chat))
+        pieces = (_read_pieces(getattr(tokens, name), examples) if tokens is not None else tokenized(examples))
+        pairs = [example for example in examples if example.kind == "pair"]
+        bad = list(read_examples(undesirable[0])) if name == "train" and undesirable[0] else []
+        extra = _preference_pieces(pairs, bad, tokenized)
         splits[name], too_long = _format_split(
-            examples, pieces, out_dir / f"{name}.jsonl", cfg.max_seq_length, answers_only
+            examples + bad, chain(pieces, extra.pop("undesirable")), out_dir / f"{name}.jsonl",
+            cfg.max_seq_length, answers_only, extra["rejected"],
         )
+        rejected += too_long
+    held_bad = list(read_examples(undesirable[1])) if undesirable[1] else []
+    if held_bad:
+        splits["eval_undesirable"], too_long = _format_split(
+            held_bad, tokenized(held_bad), out_dir / "eval_undesirable.jsonl", cfg.max_seq_length, True)
         rejected += too_long
     quarantine = out_dir / "quarantine.jsonl"
     n_quarantined = write_jsonl(quarantine, rejected)
@@ -105,6 +128,18 @@ def format_dataset(
                 f"see {quarantine} for the {n_quarantined} rejected rows"
             )
     return FormattedData(**splits, quarantine_path=quarantine, n_quarantined=n_quarantined, chat=chat)
+
+
+def _preference_pieces(pairs: list[Example], bad: list[Example], tokenized) -> dict:
+    """Pieces of the pairs' rejected answers (by example id) and of the rated-bad examples, tokenized here: the
+    data check's token ids cover the good answers only."""
+    if not pairs and not bad:
+        return {"rejected": {}, "undesirable": iter(())}
+    swapped = [example.model_copy(update={"messages": [*example.prompt, example.messages[-1].model_copy(
+        update={"content": example.rejected})]}) for example in pairs]
+    pieces = list(tokenized(swapped + bad))
+    return {"rejected": {example.id: p for example, p in zip(pairs, pieces)},
+            "undesirable": iter(pieces[len(pairs):])}
 
 
 def tokenizer_key(base: BaseModelRef, chat_template: str | None, chat: ChatContext) -> str:
@@ -136,6 +171,12 @@ def ids_and_labels(pieces: Pieces, assistant_only: bool = True) -> tuple[list[in
         input_ids += ids
         labels += ids if trained or not assistant_only else [IGNORE] * len(ids)
     return input_ids, labels
+
+
+def final_answer_only(pieces: Pieces) -> Pieces:
+    """Only the final assistant turn trained: a preference row scores its answer (TRL's completion) alone."""
+    last = max(i for i, (_, trained) in enumerate(pieces) if trained)
+    return [(ids, i == last) for i, (ids, _) in enumerate(pieces)]
 
 
 def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512, chat: ChatContext | None = None,
@@ -247,26 +288,36 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, chat: 
 
 
 def _format_split(
-    examples: list[Example], pieces: Iterator[Pieces], out_path: Path, max_tokens: int, assistant_only: bool
+    examples: list[Example], pieces: Iterator[Pieces], out_path: Path, max_tokens: int, assistant_only: bool,
+    rejected: dict[str, Pieces] | None = None,
 ) -> tuple[FormattedSplit, list[Rejection]]:
     n_rows = n_tokens = n_trained = longest = 0
     too_long: list[Rejection] = []
     with out_path.open("w", encoding="utf-8") as out:
         for example, example_pieces in zip(examples, pieces, strict=True):
-            input_ids, labels = ids_and_labels(example_pieces, assistant_only)
-            if len(input_ids) > max_tokens:
+            preference = example.kind != "sft"
+            input_ids, labels = (ids_and_labels(final_answer_only(example_pieces)) if preference
+                                 else ids_and_labels(example_pieces, assistant_only))
+            row = {"id": example.id, "input_ids": input_ids, "labels": labels}
+            if preference:
+                row["kind"] = example.kind
+            if example.kind == "pair":
+                row["rejected_input_ids"], row["rejected_labels"] = ids_and_labels(
+                    final_answer_only(rejected[example.id]))
+            length = max(len(input_ids), len(row.get("rejected_input_ids", ())))  # both answers must fit
+            if length > max_tokens:
                 # Truncating would cut the answer and its end-of-turn token: the model would learn not to stop.
                 too_long.append(Rejection(
                     source=example.source, line=example.line, unit=example.unit, field="messages",
-                    reason=f"{len(input_ids)} tokens > max_seq_length {max_tokens}",
+                    reason=f"{length} tokens > max_seq_length {max_tokens}",
                     raw=example.model_dump_json(), stage="format",
                 ))
                 continue
-            out.write(json.dumps({"id": example.id, "input_ids": input_ids, "labels": labels}) + "\n")
+            out.write(json.dumps(row) + "\n")
             n_rows += 1
             n_tokens += len(input_ids)
             n_trained += len(labels) - labels.count(IGNORE)
-            longest = max(longest, len(input_ids))
+            longest = max(longest, length)
     split = FormattedSplit(path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained,
                            max_tokens=longest)
     return split, too_long
@@ -278,4 +329,5 @@ def format_data(
 ) -> FormattedData:
     out_dir = stage_dir(workdir, "format_data", checked, base, cfg, assistant_only_loss)
     return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir,
-                          assistant_only_loss, checked.tokens)
+                          assistant_only_loss, checked.tokens,
+                          (checked.train.undesirable_path, checked.eval.undesirable_path))

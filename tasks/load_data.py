@@ -10,7 +10,11 @@ Shapes (detected per record, or named by `data.shape`):
   alpaca    {"instruction": str, "input"?: str, "output": ..., "system"?: str, "history"?: [[q, a], ...]}
   sharegpt  {"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...], "system"?, "tools"?}
   openai    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
-A JSON object or array answer is written compactly with its key order kept.
+  trl       {"prompt": str | [messages], "completion": str | [one assistant message], "label"?: bool} (KTO when
+            labelled), {"prompt": ..., "chosen": ..., "rejected": ...} (DPO): TRL's preference formats
+A JSON object or array answer is written compactly with its key order kept. Preference rows (issue 22) are
+examples too: KTO rows carry `label` (desirable or not), DPO rows `rejected` (the chosen answer is the final
+message); LLaMA-Factory's `kto_tag` column and `ranking: true` datasets (`chosen`/`rejected`) read the same way.
 
 Nothing is dropped silently: a row that cannot be turned into a conversation becomes a `Rejection` naming
 the file, the line (JSON Lines) or row (arrays, CSV, Parquet), the field and the problem, with the original
@@ -42,9 +46,10 @@ CONTAINERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "c
 DATASET_INFO = "dataset_info.json"
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # OpenAI-compatible APIs and most R1-style exports
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-Shape = Literal["pairs", "alpaca", "sharegpt", "openai"]
-SHAPE_KEYS = ("'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca) or "
-              "'input' + 'output' (pairs)")
+Shape = Literal["pairs", "alpaca", "sharegpt", "openai", "trl"]
+SHAPE_KEYS = ("'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), "
+              "'input' + 'output' (pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl)")
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # CSV cells carry booleans as text
 
 
 class DataFileError(ValueError):
@@ -101,6 +106,10 @@ class ShapeSpec(BaseModel):
     system_tag: str = "system"
     observation_tag: str = "observation"
     function_tag: str = "function_call"
+    kto_tag: str | None = None  # LLaMA-Factory: the column saying whether the answer is desirable (KTO)
+    ranking: bool = False  # LLaMA-Factory `ranking: true`: `chosen` and `rejected` answers (DPO)
+    chosen: str = "chosen"
+    rejected: str = "rejected"
 
     @classmethod
     def default(cls, shape: Shape) -> ShapeSpec:
@@ -215,14 +224,68 @@ class Normaliser:
     reasoning: str = "keep"
 
     def messages(self, record: dict[str, Any]) -> list[Message]:
+        return self.parts(record)[0]
+
+    def parts(self, record: dict[str, Any]) -> tuple[list[Message], bool | None, str | None]:
+        """(messages, KTO label, DPO rejected answer) of one record; both None for an SFT record."""
         spec = self.spec or _detect(record)
-        if spec.shape in ("sharegpt", "openai"):
+        label, rejected = None, None
+        if spec.shape == "trl":
+            messages, label, rejected = self._trl(record)
+        elif spec.ranking:
+            messages, rejected = self._ranked(record, spec)
+        elif spec.shape in ("sharegpt", "openai"):
             messages = self._chat(record, spec)
         else:
             messages = self._instruction(record, spec)
+        if spec.kto_tag is not None:
+            label = _label(record, spec.kto_tag)
         if self.system_prompt and messages and messages[0].role != "system":
             messages.insert(0, Message(role="system", content=self.system_prompt))
-        return messages
+        return messages, label, rejected
+
+    def _trl(self, record: dict[str, Any]) -> tuple[list[Message], bool | None, str | None]:
+        """TRL's prompt-completion (with `label`: KTO) and paired (`chosen`/`rejected`: DPO) formats."""
+        prompt = record.get("prompt")
+        if isinstance(prompt, list):
+            spec = ShapeSpec(shape="openai", **{**OPENAI_TAGS, "messages": "prompt"})
+            messages = self._chat({"prompt": prompt}, spec)
+        else:
+            messages = [Message(role="user", content=_text(record, "prompt"))]
+        paired = "chosen" in record or "rejected" in record
+        answer = self._completion(record, "chosen" if paired else "completion")
+        rejected = self._completion(record, "rejected") if paired else None
+        label = _label(record, "label") if not paired and "label" in record else None
+        return [*messages, Message(role="assistant", content=answer)], label, rejected
+
+    def _completion(self, record: dict[str, Any], key: str) -> str:
+        """A TRL completion: a string, or (conversational) a list holding one assistant message."""
+        value = record.get(key)
+        if isinstance(value, list):
+            if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+                raise RecordError(key, f'field "{key}" must be one assistant message ([{{"role": "assistant", '
+                                       '"content": ...}]) or a string')
+            return apply_reasoning(_text(value[0], "content", f"{key}[0].content"), None, self.reasoning, key)
+        return apply_reasoning(_answer_text(record, key), None, self.reasoning, key)
+
+    def _ranked(self, record: dict[str, Any], spec: ShapeSpec) -> tuple[list[Message], str]:
+        """A LLaMA-Factory ranking record: the prompt with the chosen answer, and the rejected answer's text."""
+        for key in (spec.chosen, spec.rejected):
+            if key not in record:
+                raise RecordError(key, f'missing field "{key}" (ranking: true)')
+        if spec.shape in ("sharegpt", "openai"):  # chosen and rejected are one turn each
+            turns = record.get(spec.messages)
+            turns = [*turns, record[spec.chosen]] if isinstance(turns, list) else turns
+            messages = self._chat({**record, spec.messages: turns}, spec)
+            turn = record[spec.rejected]
+            if not isinstance(turn, dict):
+                raise RecordError(spec.rejected, f'field "{spec.rejected}" must be a turn object, got '
+                                                 f"{_json_type(turn)}")
+            rejected = _text(turn, spec.content_tag, f"{spec.rejected}.{spec.content_tag}")
+        else:
+            messages = self._instruction({**record, spec.response: record[spec.chosen]}, spec)
+            rejected = _answer_text(record, spec.rejected)
+        return messages, apply_reasoning(rejected, None, self.reasoning, spec.rejected)
 
     def _instruction(self, record: dict[str, Any], spec: ShapeSpec) -> list[Message]:
         if spec.prompt not in record and spec.response not in record:
@@ -297,6 +360,19 @@ class Normaliser:
         return messages
 
 
+def _label(record: dict[str, Any], key: str) -> bool:
+    """A KTO label: a boolean (or 0/1, or true/false as text, as CSV cells carry it)."""
+    value = record.get(key)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().casefold() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().casefold()]
+    shown = "missing" if key not in record else f"got {json.dumps(value, ensure_ascii=False)}"
+    raise RecordError(key, f'field "{key}" must be true (desirable) or false (undesirable); {shown}')
+
+
 def _keys(record: dict[str, Any]) -> str:
     return ", ".join(json.dumps(key, ensure_ascii=False) for key in record) or "none"
 
@@ -309,6 +385,8 @@ def _detect(record: dict[str, Any]) -> ShapeSpec:
             first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
             openai_turns = "role" in first if "from" in first or "role" in first else shape == "openai"
             return ShapeSpec(shape=shape, **{**(OPENAI_TAGS if openai_turns else {}), "messages": key})
+    if "prompt" in record and any(key in record for key in ("completion", "chosen", "rejected")):
+        return ShapeSpec(shape="trl")
     if "instruction" in record:
         return ShapeSpec.default("alpaca")
     if "input" in record or "output" in record:
@@ -323,9 +401,13 @@ def parse_record(record: dict[str, Any], shape: str = "auto", system_prompt: str
     return Normaliser(spec, system_prompt, reasoning).messages(record)
 
 
-def example_id(messages: list[Message]) -> str:
-    """Content hash of a conversation: equal conversations get equal ids wherever they come from."""
-    canonical = json.dumps([m.model_dump() for m in messages], ensure_ascii=False, separators=(",", ":"))
+def example_id(messages: list[Message], label: bool | None = None, rejected: str | None = None) -> str:
+    """Content hash of a conversation (and of its preference label or rejected answer): equal examples get
+    equal ids wherever they come from."""
+    parts = [m.model_dump() for m in messages]
+    if label is not None or rejected is not None:  # an SFT example's id stays what it always was
+        parts.append({"label": label, "rejected": rejected})
+    canonical = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
@@ -495,14 +577,14 @@ def read_file(source: DataSource, normaliser: Normaliser) -> FileRead:
             if not isinstance(row.value, dict):
                 value_types[_json_type(row.value)] += 1
                 raise RecordError(f"<{unit}>", f"expected a JSON object, got {_json_type(row.value)}", kind="type")
-            messages = normaliser.messages(row.value)
+            messages, label, rejected = normaliser.parts(row.value)
         except RecordError as exc:
             kinds[exc.kind] += 1
             rejections.append(Rejection(source=str(path), line=row.number, unit=unit, field=exc.field,
                                         reason=exc.message, raw=row.raw))
             continue
-        examples.append(Example(id=example_id(messages), messages=messages, source=str(path), line=row.number,
-                                unit=unit))
+        examples.append(Example(id=example_id(messages, label, rejected), messages=messages, source=str(path),
+                                line=row.number, unit=unit, label=label, rejected=rejected))
     if not examples:
         _raise_if_unusable(path, rejections, kinds, value_types)
     count = SourceCount(source=str(path), unit=unit, rows_read=len(examples) + len(rejections),
@@ -576,9 +658,6 @@ def _llama_factory_sources(info_path: Path, names: list[str]) -> list[DataSource
         where = f"{info_path}: dataset {name!r}"
         if not isinstance(entry, dict):
             raise DataFileError(f"{where}: expected an object, got {_json_type(entry)}")
-        if entry.get("ranking"):
-            raise DataFileError(f"{where}: preference data (ranking: true) is for reward modelling or DPO, "
-                                "not supervised fine-tuning")
         if "file_name" not in entry:
             remote = next((k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url") if k in entry), None)
             raise DataFileError(f"{where}: no file_name" + (f" ({remote}: tunepipe reads local files only; "
@@ -591,7 +670,7 @@ def _llama_factory_sources(info_path: Path, names: list[str]) -> list[DataSource
         unknown_keys = set(overrides) - set(ShapeSpec.model_fields)
         if unknown_keys:
             raise DataFileError(f"{where}: columns/tags {', '.join(sorted(unknown_keys))} are not supported")
-        spec = shape.model_copy(update=overrides)
+        spec = shape.model_copy(update={**overrides, "ranking": bool(entry.get("ranking"))})
         target = info_path.parent / entry["file_name"]
         for source in resolve_sources(target, f"{where}: file_name"):
             sources.append(DataSource(path=source.path, spec=spec))
@@ -621,15 +700,30 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> 
 
     Deciding per id (not by position) keeps duplicates on one side and keeps an example's side fixed as
     the data grows, so a retrain never trains on what an earlier run held out. When chance leaves one
-    side empty, the id with the smallest key alone is held out.
+    side empty, the id with the smallest key alone is held out. A preference example is decided by its prompt,
+    so every rated answer to a held-out question is held out with it (never trained on).
     """
-    keys = {example.id: _split_key(seed, example.id) for example in examples}
-    held_out = {id_ for id_, key in keys.items() if key < eval_fraction}
-    if len(keys) >= 2 and (not held_out or held_out == keys.keys()):
-        held_out = {min(keys, key=keys.__getitem__)}
-    train = [example for example in examples if example.id not in held_out]
-    eval_ = [example for example in examples if example.id in held_out]
+    units = [_split_unit(example) for example in examples]
+    keys = {unit: _split_key(seed, unit) for unit in units}
+    kept_out = {unit for unit, key in keys.items() if key < eval_fraction}
+    if len(keys) >= 2 and (not kept_out or kept_out == keys.keys()):
+        kept_out = {min(keys, key=keys.__getitem__)}
+    train = [example for example, unit in zip(examples, units) if unit not in kept_out]
+    eval_ = [example for example, unit in zip(examples, units) if unit in kept_out]
     return train, eval_
+
+
+def _split_unit(example: Example) -> str:
+    return example.id if example.kind == "sft" else prompt_unit(example.prompt)
+
+
+def prompt_unit(prompt: list[Message]) -> str:
+    """What a preference example's side of the split is decided by: its prompt."""
+    return "prompt:" + example_id(prompt)
+
+
+def held_out(unit: str, eval_fraction: float, seed: int) -> bool:
+    return _split_key(seed, unit) < eval_fraction
 
 
 def data_sources(cfg: DataConfig) -> tuple[list[DataSource], list[DataSource]]:

@@ -118,3 +118,21 @@ def _rouge_scorer():
     from rouge_score.rouge_scorer import RougeScorer
 
     return RougeScorer(["rougeL"], use_stemmer=False)
+
+
+# "Close to a rated-bad answer" (issue 22): the same JSON object, or text this similar (difflib's ratio on
+# whitespace-normalised text: 0.9 lets a changed price or a few words through, not another answer).
+CLOSE_RATIO = 0.9
+
+
+def close_to(answer: str, bad: str) -> bool:
+    """Whether `answer` repeats the rated-bad answer `bad`: equal as JSON objects, or nearly equal as text."""
+    from difflib import SequenceMatcher
+
+    from tasks.examples import split_reasoning
+
+    answer, bad = split_reasoning(answer)[1], split_reasoning(bad)[1]
+    parsed, expected = parse_json_object(answer), parse_json_object(bad)
+    if parsed is not None and expected is not None:
+        return parsed == expected
+    return SequenceMatcher(None, " ".join(answer.split()), " ".join(bad.split()), autojunk=False).ratio() >= CLOSE_RATIO

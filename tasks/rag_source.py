@@ -8,6 +8,12 @@ so far) and only then replaces `state.json`, in one atomic rename. A run that di
 old state, so the same rows are read again; rows that arrive while a run is in progress lie beyond the point it
 recorded, so the next run reads them. A snapshot whose training did not finish stays "untrained" and counts
 towards the next run's `min_new_examples`, so a failed run loses nothing either.
+
+Preference rows (issue 22, `rag.max_bad_rating` set): rated rows become KTO rows in TRL's format
+(`prompt`/`completion`/`label`: desirable at or above `min_rating`, undesirable at or below `max_bad_rating`),
+and each snapshot pairs every rated-bad answer with a good answer to the same prompt (a rated-good RAG answer,
+else the base set's) as a DPO row (`prompt`/`chosen`/`rejected`). Rated questions are held out by prompt
+(`data.eval_fraction`) when `data.eval` is given, so evaluation has rated-bad answers it never trained on.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from tasks.config import DataConfig, PipelineConfig, RagConfig
 from tasks.examples import Message
 from tasks.load_data import (
     DataFileError, FileRead, RecordError, Rejection, data_fingerprint, data_normaliser, data_sources, example_id,
-    parse_record, read_sources,
+    held_out, parse_record, prompt_unit, read_sources,
 )
 
 STATE_FILE = "state.json"
@@ -275,18 +281,20 @@ def rag_messages(question: str, context: str | None, answer: str, rag: RagConfig
     return parse_record({"messages": messages}, system_prompt=system_prompt)
 
 
-def _seen_keys(data: DataConfig, rag: RagConfig, snapshot_rag: Path | None) -> set[str]:
+def _seen_keys(data: DataConfig, rag: RagConfig, snapshot_rag: Path | None) -> tuple[set[str], set[str]]:
     """Dedupe keys of the base set (train and eval: a held-out question must never be trained on) and of
-    every example ingested before."""
+    every example ingested before; and those of the base eval set alone."""
     if rag.dedupe == "off":
-        return set()
+        return set(), set()
     train, eval_ = _read_base(data)
-    keys = {_dedupe_key(example.messages[-2].content, example.messages, rag)
-            for read in train + eval_ for example in read.examples}
+    eval_keys = {_dedupe_key(example.messages[-2].content, example.messages, rag)
+                 for read in eval_ for example in read.examples}
+    keys = eval_keys | {_dedupe_key(example.messages[-2].content, example.messages, rag)
+                        for read in train for example in read.examples}
     if snapshot_rag is not None:
         with snapshot_rag.open(encoding="utf-8") as lines:
             keys |= {json.loads(line)["rag"]["key"] for line in lines}
-    return keys
+    return keys, eval_keys
 
 
 def _read_base(data: DataConfig) -> tuple[list[FileRead], list[FileRead]]:
@@ -314,7 +322,17 @@ class Selected(BaseModel):
     rejections: list[Rejection]
 
 
-def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[str]) -> Selected:
+def _preference_label(rating: float | None, rag: RagConfig) -> bool | None:
+    """True: a desirable answer, False: an undesirable one, None: not a preference row."""
+    if rag.max_bad_rating is None or rating is None:
+        return None
+    if rating <= rag.max_bad_rating:
+        return False
+    return True if rag.min_rating is None or rating >= rag.min_rating else None
+
+
+def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[str],
+                eval_keys: set[str] = frozenset()) -> Selected:
     """Validate each row, apply the rating rules and dedupe; every row ends accepted, skipped or rejected."""
     accepted, skipped, rejections = [], [], []
     for row in rows:
@@ -332,11 +350,18 @@ def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[
             ))
             continue
         reason = None
+        label = _preference_label(rating, rag)
         if rating is None and not rag.keep_unrated:
             reason = "unrated"
-        elif rating is not None and rag.min_rating is not None and rating < rag.min_rating:
-            reason = "rating below min_rating"
+        elif label is None and rating is not None and rag.min_rating is not None and rating < rag.min_rating:
+            reason = ("rating between max_bad_rating and min_rating" if rag.max_bad_rating is not None
+                      else "rating below min_rating")
         key = _dedupe_key(question, messages, rag)
+        if label is False:
+            # Each distinct bad answer once; never one to a held-out question (that would train on it).
+            if key in eval_keys:
+                reason = reason or "question in the base eval set"
+            key = f"{key}\x00bad\x00{' '.join(answer.split())}"
         if reason is None and rag.dedupe != "off" and key in seen:
             reason = f"duplicate {rag.dedupe}"
         if reason is not None:
@@ -344,8 +369,12 @@ def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[
             continue
         seen.add(key)
         created_at = row.values.get("created_at")
+        turns = [m.model_dump() for m in messages]
+        # A rated row in TRL's unpaired format (KTO); SFT rows stay `messages` rows as before.
+        example = ({"messages": turns} if label is None else
+                   {"prompt": turns[:-1], "completion": turns[-1:], "label": label})
         accepted.append({
-            "messages": [m.model_dump() for m in messages],
+            **example,
             "rag": {"source": row.source, "ref": row.ref, "id": _jsonable(row.values.get("id")), "key": key,
                     "rating": rating, "created_at": str(created_at) if created_at is not None else None},
         })
@@ -417,7 +446,7 @@ def collect_new_rows(rag: RagConfig, data: DataConfig, folder: Path) -> Collecte
         rows += drop_rows
 
     previous = snapshot_folder(folder, state.version) / "rag.jsonl" if state.version else None
-    selected = select_rows(rows, rag, data, _seen_keys(data, rag, previous))
+    selected = select_rows(rows, rag, data, *_seen_keys(data, rag, previous))
     staging = folder / "staging" / uuid.uuid4().hex
     staging.mkdir(parents=True)
     _write_lines(staging / "new.jsonl", selected.accepted)
@@ -467,11 +496,14 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     if base_rejected and data.on_invalid == "fail":
         raise DataFileError(f"{base_rejected[0].message} (data.on_invalid: fail)")
     train_lines = _base_lines(base_train)
-    _write_lines(building / "train.jsonl", train_lines)
-    with (building / "train.jsonl").open("ab") as out:
-        out.write((building / "rag.jsonl").read_bytes())
+    rag_lines = [json.loads(line) for line in (building / "rag.jsonl").open(encoding="utf-8")]
+    sides = [data.eval is not None and _held_out(line, data) for line in rag_lines]
+    held = [line for line, out in zip(rag_lines, sides) if out]
+    kept = [line for line, out in zip(rag_lines, sides) if not out]
+    pairs = preference_pairs(train_lines, kept)
+    _write_lines(building / "train.jsonl", train_lines + kept + pairs)
     if data.eval is not None:
-        _write_lines(building / "eval.jsonl", _base_lines(base_eval))
+        _write_lines(building / "eval.jsonl", _base_lines(base_eval) + held)
     shutil.copyfile(collected.staging / "skipped.jsonl", building / "skipped.jsonl")
     # Base rows that cannot be used are set aside here, never dropped: the finetune run sees only the snapshot.
     with (building / "quarantine.jsonl").open("w", encoding="utf-8") as out:
@@ -485,6 +517,9 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
         "base_train": str(data.train), "base_eval": str(data.eval) if data.eval is not None else None,
         "rows_by_source": {"base": len(train_lines), **rag_counts}, "new_by_source": dict(new_counts),
         "skipped": collected.skipped, "rejected": collected.n_rejected, "base_rejected": len(base_rejected),
+        "preference": {"desirable": sum(line.get("label") is True for line in rag_lines),
+                       "undesirable": sum(line.get("label") is False for line in rag_lines),
+                       "pairs": len(pairs), "held_out": len(held)},
         "watermark": collected.watermark.model_dump(mode="json"),
     }
     (building / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -500,17 +535,56 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     return load_snapshot(folder, version, data)
 
 
+def _held_out(line: dict[str, Any], data: DataConfig) -> bool:
+    """A rated RAG row whose prompt the split holds out, as `load_data.split_examples` decides it."""
+    if "label" not in line:
+        return False
+    return held_out(prompt_unit(parse_record({"messages": line["prompt"]})), data.eval_fraction, data.seed)
+
+
+def preference_pairs(base_lines: list[dict[str, Any]], rag_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A DPO row for every rated-bad answer whose prompt also has a good one: the first rated-good RAG answer
+    to the same prompt, else the base set's answer to it."""
+    chosen: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for line in base_lines:
+        chosen.setdefault(_prompt_id(line["messages"][:-1]), (line["messages"][-1], {"base": line["base"]}))
+    for line in rag_lines:
+        if line.get("label") is True:  # a rated-good RAG answer beats the base set's, being what users liked
+            prompt = _prompt_id(line["prompt"])
+            if prompt not in chosen or "base" in chosen[prompt][1]:
+                chosen[prompt] = (line["completion"][0], {"ref": line["rag"]["ref"], "source": line["rag"]["source"]})
+    pairs = []
+    for line in rag_lines:
+        good = chosen.get(_prompt_id(line["prompt"])) if line.get("label") is False else None
+        if good is not None:
+            pairs.append({"prompt": line["prompt"], "chosen": [good[0]], "rejected": line["completion"],
+                          "rag": {"source": line["rag"]["source"], "ref": line["rag"]["ref"],
+                                  "version": line["rag"].get("version"), "chosen": good[1]}})
+    return pairs
+
+
+def _prompt_id(turns: list[dict[str, Any]]) -> str:
+    return example_id(parse_record({"messages": turns}))
+
+
 def load_snapshot(folder: Path, version: int, data: DataConfig) -> Snapshot:
     """A committed snapshot, with the pipeline's data section pointed at its merged training file."""
     target = snapshot_folder(folder, version)
     manifest = json.loads((target / "manifest.json").read_text())
-    # Normalised already: `messages` rows, one file each for train and eval (no LLaMA-Factory selection left).
+    # Normalised already: `messages` rows (TRL's preference rows beside them, detected by their keys), one file
+    # each for train and eval (no LLaMA-Factory selection left).
     merged = data.model_copy(update={
-        "train": target / "train.jsonl", "shape": "openai", "datasets": [],
+        "train": target / "train.jsonl", "shape": "openai" if not _has_preference(target) else "auto",
+        "datasets": [],
         "eval": target / "eval.jsonl" if (target / "eval.jsonl").is_file() else None,
     })
     return Snapshot(version=version, folder=target, data=merged, fingerprint=data_fingerprint(merged),
                     rows_by_source=manifest["rows_by_source"], new_by_source=manifest["new_by_source"])
+
+
+def _has_preference(target: Path) -> bool:
+    manifest = json.loads((target / "manifest.json").read_text())
+    return any(manifest.get("preference", {}).values())
 
 
 def mark_trained(folder: Path, snapshot: Snapshot) -> None:

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 
 # Per logged training step: MLflow metric name <- LossPoint field.
 TRAINING_CURVE = {"train_loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-                  "tokens_per_s": "tokens_per_s", "peak_gpu_memory_gib": "peak_gpu_memory_gib"}
+                  "tokens_per_s": "tokens_per_s", "peak_gpu_memory_gib": "peak_gpu_memory_gib",
+                  "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                  "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy", "kl": "kl"}
 
 
 class MlflowRunRef(BaseModel):
@@ -56,8 +58,11 @@ class MlflowRunRef(BaseModel):
 
 def curve_metrics(point: LossPoint | dict, timestamp_ms: int) -> list[Metric]:
     values = point if isinstance(point, dict) else point.model_dump()
+    curve = dict(TRAINING_CURVE)
+    if values.get("phase", "sft") != "sft":  # a KTO or DPO loss is another quantity than SFT's token loss
+        curve[f"train_{values['phase']}_loss"] = curve.pop("train_loss")
     return [Metric(name, float(values[field]), timestamp_ms, values["step"])
-            for name, field in TRAINING_CURVE.items() if values.get(field) is not None]
+            for name, field in curve.items() if values.get(field) is not None]
 
 
 def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict], None]:
@@ -199,6 +204,8 @@ class Tracker:
         self._scores(report)
         self._artifact(report.samples_path, "eval")
         self._artifact(report.probes_path, "eval")
+        if report.undesirable_path is not None:
+            self._artifact(report.undesirable_path, "eval")
         self.client.log_table(self.run_id, data=per_example_table(report.samples_path),
                               artifact_file="eval/examples.json")
         probes = [json.loads(line) for line in report.probes_path.read_text().splitlines() if line.strip()]

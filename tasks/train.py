@@ -35,6 +35,14 @@ class LossPoint(BaseModel):
     tokens_per_s: float | None = None  # non-padding tokens, all devices, since the previous logged step
     peak_gpu_memory_gib: float | None = None  # None on the CPU
     elapsed_s: float  # since training started: step times without model loading
+    # Preference steps (issue 22): `loss` is the KTO or DPO loss; the rewards are beta x (policy - reference)
+    # log-probabilities of the answers, as TRL logs them.
+    phase: Literal["sft", "kto", "dpo"] = "sft"
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    rewards_margin: float | None = None
+    rewards_accuracy: float | None = None  # DPO: share of pairs whose chosen answer has the larger reward
+    kl: float | None = None  # KTO: the batch's estimate of KL(policy || reference), clamped at 0
 
 
 class TrainResult(BaseModel):
@@ -67,7 +75,7 @@ class TrainRequest(BaseModel):
 
 
 # The MLflow run only says where live metrics go; the training itself is in tasks/training.py.
-TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=("tasks.training",))
+TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=("tasks.training", "tasks.preference"))
 
 
 @task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)

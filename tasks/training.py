@@ -16,6 +16,8 @@ torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier versi
 - Several devices: torch's DistributedDataParallel averages the gradients across ranks during the backward
   pass (`tasks/data_parallel.py`), skipping the exchange on all but a step's last micro-batch; rank 0 alone
   writes.
+- Preference tuning (`train.objective` kto, dpo, sft+kto, sft+dpo): the KTO or DPO steps run in this loop's
+  worker after the SFT steps, numbered on from them, with the same checkpoints and resume (`tasks/preference.py`).
 The ML stack is imported inside functions; unsloth is imported first, and only when CUDA is there.
 """
 
@@ -81,23 +83,28 @@ def train_model(request: TrainRequest) -> TrainResult:
     device = torch.device(f"cuda:{rank.local}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     load = _load_unsloth if backend == "unsloth" else _load_hf
+    from tasks.preference import phase_rows
+
+    rows, preference_rows = phase_rows(request.data.rows(), cfg.objective)  # before loading: a wrong set fails fast
     model, tokenizer = load(request, env.precision, device, env.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, cfg)
     from transformers import get_scheduler
 
-    rows = request.data.rows()
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * rank.world
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(rows) / per_step)
-    # transformers' "constant" would skip the warm-up; ours warms up like the others.
-    schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    # SFT's steps, then the preference phase's (`kto` and `dpo` alone have none of SFT's).
+    total_steps = (0 if cfg.objective in ("kto", "dpo")
+                   else cfg.max_steps or math.ceil(cfg.epochs * len(rows) / per_step))
+    preference_steps = 0 if cfg.objective == "sft" else cfg.preference.max_steps
+    scheduler = get_scheduler(schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")
     state = TrainingState(micro_batch_size=cfg.batch_size)
     checkpoints = request.out_dir / "checkpoints"
     resumed_from = _resume(checkpoints, model, optimizer, scheduler, scaler, state)
     if resumed_from:
-        print(f"train: resuming from the checkpoint at step {resumed_from} of {total_steps}", flush=True)
+        print(f"train: resuming from the checkpoint at step {resumed_from} of {total_steps + preference_steps}",
+              flush=True)
         for point in state.history:  # the curve so far, for this flow run's MLflow run
             emit_event("step", **point.model_dump())
 
@@ -138,9 +145,19 @@ def train_model(request: TrainRequest) -> TrainResult:
             state.history.append(point)
             emit_event("step", **point.model_dump())
             tokens_since_log, last_log = 0, now
-        if step % cfg.save_steps == 0 and step < total_steps:
+        # Also at SFT's last step when a preference phase follows: its reference is the model at that point.
+        if step % cfg.save_steps == 0 and step < total_steps or step == total_steps and preference_steps:
             state.elapsed_s = time.perf_counter() - started
             _save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank)
+    if preference_steps:
+        from tasks.preference import PreferenceRun, train_preference
+
+        train_preference(PreferenceRun(
+            cfg=cfg, stepper=stepper, rows=preference_rows, out_dir=request.out_dir, state=state,
+            first_step=total_steps, last_step=total_steps + preference_steps, resumed_from=resumed_from,
+            started=started, from_base=total_steps == 0 and request.init_from is None,
+        ))
+        total_steps += preference_steps
     runtime = time.perf_counter() - started
 
     kind = "full" if cfg.mode == "full" else "lora"
@@ -190,6 +207,11 @@ class ExampleOrder:
 # ---------------------------------------------------------------------------------------------------- setup
 
 
+def schedule_name(cfg) -> str:
+    # transformers' "constant" would skip the warm-up; ours warms up like the others.
+    return "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+
+
 def choose_backend(requested: str, mode: str = "lora", devices: int = 1) -> Backend:
     import torch
 
@@ -226,6 +248,9 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
             f"train.gradient_checkpointing=offload needs the unsloth backend (this run uses {backend}); use true")
     if cfg.optimizer == "adamw_8bit" and not cuda:
         raise TrainingEnvironmentError("train.optimizer=adamw_8bit (bitsandbytes) needs a CUDA GPU; use adamw")
+    if cfg.objective != "sft" and cfg.devices > 1:
+        raise TrainingEnvironmentError(f"train.objective={cfg.objective} trains on one device here; set "
+                                       "train.devices: 1")
     if cuda and cfg.devices > torch.cuda.device_count():
         raise TrainingEnvironmentError(
             f"train.devices={cfg.devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
@@ -505,6 +530,13 @@ def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
     """
     from tasks.head_loss import head_cross_entropy
 
+    hidden, head = loss_hidden(model, batch, backend)
+    total, losses = head_cross_entropy(hidden, head, batch["loss_targets"], head_chunk)
+    return total, losses, batch["loss_example"]
+
+
+def loss_hidden(model, batch: dict, backend: Backend):
+    """(hidden states at the loss-carrying positions, the LM head): the base transformer run once over the batch."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     # No KV cache: transformers detects packed rows (and masks across examples) only without one.
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
@@ -515,9 +547,7 @@ def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
         if backend == "unsloth":
             inputs["packed_seq_lengths"] = batch["packed_seq_lengths"]
     hidden = causal_lm.base_model(**inputs).last_hidden_state
-    total, losses = head_cross_entropy(hidden.flatten(0, 1).index_select(0, batch["loss_at"]),
-                                       causal_lm.get_output_embeddings(), batch["loss_targets"], head_chunk)
-    return total, losses, batch["loss_example"]
+    return hidden.flatten(0, 1).index_select(0, batch["loss_at"]), causal_lm.get_output_embeddings()
 
 
 @dataclass

@@ -138,3 +138,13 @@ def test_committed_schema_matches_the_code() -> None:
     assert committed.read_text() == json_schema(), (
         "configs/tunepipe.schema.json is stale: run `tunepipe schema -o configs/tunepipe.schema.json`"
     )
+
+
+def test_preference_objective_and_ratings(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, {"train": {"objective": "sft+dpo", "preference": {"beta": 0.3}},
+                                        "rag": {"max_bad_rating": 2}}))
+    assert (cfg.train.objective, cfg.train.preference.beta, cfg.rag.max_bad_rating) == ("sft+dpo", 0.3, 2)
+    with pytest.raises(ConfigError, match=r"max_bad_rating \(4.0\) must be below min_rating \(4.0\)"):
+        load_config(_write(tmp_path, {"rag": {"max_bad_rating": 4}}))
+    with pytest.raises(ConfigError, match="train.objective"):
+        load_config(_write(tmp_path, {"train": {"objective": "orpo"}}))

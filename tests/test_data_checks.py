@@ -33,7 +33,8 @@ def test_broken_corpus_every_row_named_and_accounted_for(tmp_path: Path, tiny_mo
     checked = _check(tmp_path, tiny_model, train=ROWS, eval=CORPUS / "leak_eval.jsonl")
 
     unknown = ("unknown shape: keys \"question\", \"answer\"; expected 'messages' (openai), 'conversations' "
-               "(sharegpt), 'instruction' + 'output' (alpaca) or 'input' + 'output' (pairs)")
+               "(sharegpt), 'instruction' + 'output' (alpaca), 'input' + 'output' (pairs) or 'prompt' + "
+               "'completion' / 'chosen' + 'rejected' (trl)")
     assert [(r.stage, r.message) for r in _quarantine(checked)] == [
         ("load", f'{ROWS}/alpaca.json row 2: missing field "output"'),
         ("load", f"{ROWS}/bad_byte.jsonl:2: not valid UTF-8: byte 0xe9 at byte 18 of the line"),
@@ -269,3 +270,26 @@ def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(t
     # Another mode is another speed: full fine-tuning has no estimate from a LoRA run.
     _, full = check_run(load_config(path, ["train.mode=full"]))
     assert full.time_estimate is None
+
+
+def test_preference_rows_are_checked_by_the_same_suite(tmp_path: Path, tiny_model: Path) -> None:
+    """A rated-bad answer need not be JSON (it is what the model must stop writing); a DPO row's rejected answer
+    must have text and differ from the chosen one; both kinds are named by file, line and field."""
+    train = tmp_path / "prefs.jsonl"
+    good = '{"name": "A"}'
+    train.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "p1", "completion": good, "label": True},
+        {"prompt": "p2", "completion": "<b>html echoed</b>", "label": False},
+        {"prompt": "p3", "chosen": good, "rejected": "<i>wrong</i>"},
+        {"prompt": "p4", "chosen": good, "rejected": " "},
+        {"prompt": "p5", "chosen": good, "rejected": good},
+        {"prompt": "p6", "completion": "not json", "label": True},
+    ]) + "\n")
+    checked = _check(tmp_path, tiny_model, train=train, eval=CORPUS / "leak_eval.jsonl", output_format="json")
+    assert [(r.line, r.field, r.reason) for r in _quarantine(checked)] == [
+        (4, "rejected", "rejected answer is empty"),
+        (5, "rejected", "rejected answer is the same as the chosen answer"),
+        (6, "answer", "answer is not valid JSON: 'not json'"),
+    ]
+    assert [e.answer for e in read_examples(checked.train.clean_path)] == [good, good]
+    assert [e.answer for e in read_examples(checked.train.undesirable_path)] == ["<b>html echoed</b>"]

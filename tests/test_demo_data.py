@@ -77,9 +77,19 @@ def test_the_rag_log_holds_products_outside_the_demo_data_set(tmp_path: Path) ->
     db = write_demo_rag_log(tmp_path / "rag.db", n=50)
     write_demo_rag_log(db, n=50)  # another day
     with sqlite3.connect(db) as connection:
-        answers = [json.loads(answer) for (answer,) in connection.execute("select answer from rag_examples")]
-    assert len(answers) == 100
+        logged = list(connection.execute("select question, answer, rating from rag_examples"))
+    assert len(logged) == 100
+    answers = [json.loads(answer) for _, answer, rating in logged if rating != 2]
     assert not {(a["name"], a["manufacturer"]) for a in answers} & products
+    # Rated 2: realistic bad answers (wrong fields, the page echoed back, rambling); some pages were asked again
+    # and answered right, so the log holds questions with a good and a bad answer (issue 22).
+    bad = [(question, answer) for question, answer, rating in logged if rating == 2]
+    assert len(bad) >= 10
+    assert any(answer == question for question, answer in bad)
+    assert any(answer.startswith("Sure!") for _, answer in bad)
+    assert any(answer.startswith("{") and len(json.loads(answer)) == 3 for _, answer in bad)
+    good_questions = {question for question, _, rating in logged if rating == 5}
+    assert sum(question in good_questions for question, _ in bad) >= 3
 
 
 def test_too_many_rows_is_a_clear_error(tmp_path: Path) -> None:

@@ -207,3 +207,44 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     newer = run("new-champion", find_champion(tracking_uri, "shop"))
     assert _models_generated(root / "new-champion") == ["candidate", "champion"]
     assert newer.champion.version == "2"
+
+
+def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
+    """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
+    bad answer is; the gate's metrics and the samples are those of the good answers alone."""
+    from tasks.evaluate import evaluate_models
+    from tasks.examples import read_examples, write_jsonl
+    from tasks.train import TrainResult
+
+    root, data_cfg, loaded, base, _ = eval_inputs
+    cfg = EvalConfig(max_samples=2, max_new_tokens=8, batch_size=4)
+    trained = TrainResult(adapter_dir=tiny_model, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
+                          trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
+                          micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
+    first = evaluate_models(*_formatted(root, base, loaded.eval_path, tiny_model, None), trained, base, None, "",
+                            data_cfg, cfg, root / "plain", root / "reference")
+    own = [json.loads(line)["candidate"]["answer"] for line in first.samples_path.read_text().splitlines()]
+    # Rated bad: the model's own answer to the first page (it still gives it), something else for the second.
+    examples = list(read_examples(loaded.eval_path))[:2]
+    bad = [e.model_copy(update={"label": False, "messages": [*e.prompt, e.messages[-1].model_copy(
+        update={"content": answer})]}) for e, answer in zip(examples, [own[0], "<p>HTML echoed back</p>"])]
+    write_jsonl(root / "bad.jsonl", bad)
+    report = evaluate_models(*_formatted(root, base, loaded.eval_path, tiny_model, root / "bad.jsonl"), trained,
+                             base, None, "", data_cfg, cfg, root / "with-bad", root / "reference", root / "bad.jsonl")
+    assert report.n_undesirable == 2
+    for scores in (report.candidate, report.base):
+        assert scores.metrics["undesirable_close_rate"] == 0.5
+        assert scores.metrics["undesirable_loss"] > 0
+    assert {k: v for k, v in report.candidate.metrics.items() if not k.startswith("undesirable")} == (
+        pytest.approx(first.candidate.metrics))
+    rows = [json.loads(line) for line in report.undesirable_path.read_text().splitlines()]
+    assert [row["candidate"]["close"] for row in rows] == [True, False]
+
+
+def _formatted(root: Path, base, eval_path: Path, tiny_model: Path, bad: Path | None):
+    from tasks.format_data import format_dataset
+
+    out = root / ("formatted-bad" if bad else "formatted-plain")
+    formatted = format_dataset(eval_path, eval_path, base, ModelConfig(base=str(tiny_model), max_seq_length=256),
+                               out, undesirable=(None, bad))
+    return formatted, eval_path, eval_path

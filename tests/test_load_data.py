@@ -12,6 +12,7 @@ from tasks.load_data import (
     Normaliser,
     RecordError,
     Rejection,
+    example_id,
     fingerprint_files,
     load_dataset,
     parse_record,
@@ -111,8 +112,8 @@ def test_system_prompt_added_only_when_missing() -> None:
         ({"input": 5, "output": "A"}, "input", 'field "input" must be a string, got number'),
         ({"input": None, "output": "A"}, "input", 'field "input" is null'),
         ({"question": "Q", "answer": "A"}, "<record>", 'unknown shape: keys "question", "answer"; expected '
-         "'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca) or 'input' + 'output' "
-         "(pairs)"),
+         "'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'input' + 'output' "
+         "(pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl)"),
         ({"messages": "hi"}, "messages", 'field "messages" must be a list of turns, got string'),
         ({"messages": []}, "messages", 'field "messages" must not be empty'),
         (_chat("user:Q", "bot:A"), "messages[1].role",
@@ -328,9 +329,6 @@ def test_llama_factory_entries_that_cannot_be_read_offline(tmp_path: Path) -> No
     info.write_text(json.dumps({"remote": {"hf_hub_url": "someone/data"}}))
     with pytest.raises(DataFileError, match="hf_hub_url: tunepipe reads local files only"):
         load_dataset(DataConfig(train=tmp_path), tmp_path / "out")
-    info.write_text(json.dumps({"dpo": {"file_name": "x.json", "ranking": True}}))
-    with pytest.raises(DataFileError, match=r"preference data \(ranking: true\)"):
-        load_dataset(DataConfig(train=tmp_path), tmp_path / "out")
 
 
 UNUSABLE = {
@@ -340,8 +338,9 @@ UNUSABLE = {
     "latin1.jsonl": "not UTF-8 text (line 1: byte 0xe9 at byte 15 of the line); save it as UTF-8",
     "numbers.json": "a JSON array of numbers and strings; expected JSON objects, one record each",
     "unknown_shape.jsonl": "unknown shape (the first record has keys \"question\", \"answer\"); expected 'messages' "
-                           "(openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca) or 'input' + "
-                           "'output' (pairs), or a LLaMA-Factory dataset_info.json that names the columns",
+                           "(openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'input' + "
+                           "'output' (pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl), or a "
+                           "LLaMA-Factory dataset_info.json that names the columns",
     "utf16.json": "UTF-16 text (byte-order mark FF FE); save it as UTF-8",
 }
 
@@ -425,3 +424,42 @@ def test_fingerprint_changes_with_bytes_and_config(tmp_path: Path) -> None:
     assert fingerprint_files([path], "x") != fingerprint_files([path], "y")
     path.write_bytes(path.read_bytes().replace(b"question 4", b"question 5"))
     assert load_dataset(cfg, tmp_path / "o").fingerprint != before
+
+
+def test_preference_formats_trl_and_llama_factory(tmp_path: Path) -> None:
+    """TRL's paired and unpaired rows, LLaMA-Factory's kto_tag and ranking datasets become preference examples;
+    a bad label names its line and field."""
+    trl = tmp_path / "trl.jsonl"
+    trl.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad"},
+        {"prompt": [{"role": "user", "content": "Q2"}], "completion": [{"role": "assistant", "content": "meh"}],
+         "label": False},
+        {"prompt": "Q3", "completion": "fine", "label": "true"},
+        {"prompt": "Q4", "completion": "fine", "label": "maybe"},
+        {"prompt": "Q5", "completion": "plain"},
+    ]) + "\n")
+    read = read_file(DataSource(path=trl), Normaliser(None, system_prompt="S"))
+    kinds = [(e.messages[-2].content, e.answer, e.kind, e.rejected) for e in read.examples]
+    assert kinds == [("Q1", "good", "pair", "bad"), ("Q2", "meh", "undesirable", None),
+                     ("Q3", "fine", "desirable", None), ("Q5", "plain", "sft", None)]
+    assert read.examples[0].messages[0].content == "S"
+    (bad,) = read.rejections
+    assert (bad.line, bad.field) == (4, "label") and "must be true (desirable) or false" in bad.reason
+    # A preference id differs from the SFT id of the same conversation: both may be in one data set.
+    assert read.examples[2].id != example_id(read.examples[2].messages)
+
+    folder = tmp_path / "lf"
+    folder.mkdir()
+    (folder / "kto.json").write_text(json.dumps([{"instruction": "Q", "output": "A", "kto_tag": False}]))
+    (folder / "dpo.json").write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "Q"}], "chosen": {"from": "gpt", "value": "yes"},
+         "rejected": {"from": "gpt", "value": "no"}}]))
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "kto": {"file_name": "kto.json", "columns": {"kto_tag": "kto_tag"}},
+        "dpo": {"file_name": "dpo.json", "formatting": "sharegpt", "ranking": True,
+                "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    }))
+    loaded = load_dataset(DataConfig(train=folder, eval_fraction=0.5), tmp_path / "out")
+    examples = [*read_examples(loaded.train_path), *read_examples(loaded.eval_path)]
+    assert sorted((e.kind, e.answer, e.rejected) for e in examples) == [
+        ("pair", "yes", "no"), ("undesirable", "A", None)]

@@ -74,3 +74,14 @@ def test_answers_are_scored_after_a_leading_reasoning_block():
     # Qwen3.5, QwQ, DeepSeek-R1: the generation prompt opens the block, the model writes from inside it.
     opened = 'Price first.\n</think>\n\n{"name": "Mini Kite", "price": "$12", "category": "Toys"}'
     assert score_example(opened, reference, True, "json")["exact_match"] == 1.0
+
+
+def test_close_to_a_rated_bad_answer() -> None:
+    from tasks.metrics import close_to
+
+    bad = '{"name": "Lamp", "price": "Acme", "manufacturer": "$5"}'
+    assert close_to('{"manufacturer":"$5","name":"Lamp","price":"Acme"}', bad)  # the same JSON object
+    assert not close_to('{"name": "Lamp", "price": "$5", "manufacturer": "Acme"}', bad)
+    page = '<div itemscope><h2 itemprop="name">Lamp</h2><p>Price: <span itemprop="price">$5</span></p></div>'
+    assert close_to(page.replace("$5", "$6"), page)  # echoed back, one character off
+    assert not close_to('{"name": "Lamp"}', page)

@@ -330,3 +330,54 @@ def test_unusable_sources_fail_with_the_config_key(tmp_path: Path):
         collect_new_rows(bad.rag, bad.data, state_dir(bad))
     with pytest.raises(RagSourceError, match="rag.table: no table 'logs'"):
         collect_new_rows(pipeline(tmp_path, table="logs").rag, cfg.data, state_dir(cfg))
+
+
+def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
+    """max_bad_rating keeps the thumbs-down: KTO rows either side, a DPO pair wherever a prompt has both."""
+    from tasks.load_data import load_dataset
+
+    cfg = pipeline(tmp_path, min_rating=4, max_bad_rating=2, context_mode="omit")
+    make_db(tmp_path / "rag.db", [
+        ("q0", None, "good answer", "5", "2026-11-01T10:00:00"),
+        ("q0", None, "<p>html echoed</p>", "1", "2026-11-01T10:01:00"),
+        ("q0", None, "<p>html  echoed</p>", "down", "2026-11-01T10:02:00"),  # the same bad answer again
+        ("q1", None, "rambling", "2", "2026-11-01T10:03:00"),  # no good answer to pair it with
+        ("q2", None, "so-so", "3", "2026-11-01T10:04:00"),
+        ("base question 0", None, "wrong fields", "1", "2026-11-01T10:05:00"),  # pairs with the base answer
+    ])
+    collected, snapshot = ingest(cfg)
+    assert collected.skipped == {"duplicate question": 1, "rating between max_bad_rating and min_rating": 1}
+    lines = rag_lines(snapshot)
+    assert [(line["rag"]["ref"], line["label"]) for line in lines] == [
+        ("1", True), ("2", False), ("4", False), ("6", False)]
+    assert lines[1]["prompt"][-1] == {"role": "user", "content": "q0"}
+    assert lines[1]["completion"] == [{"role": "assistant", "content": "<p>html echoed</p>"}]
+    manifest = json.loads((snapshot.folder / "manifest.json").read_text())
+    assert manifest["preference"] == {"desirable": 1, "undesirable": 3, "pairs": 2, "held_out": 0}
+
+    loaded = load_dataset(snapshot.data, tmp_path / "loaded")
+    from tasks.examples import read_examples
+
+    examples = [*read_examples(loaded.train_path), *read_examples(loaded.eval_path)]
+    pairs = sorted((e.messages[-2].content, e.answer, e.rejected) for e in examples if e.kind == "pair")
+    assert pairs == [("base question 0", "base answer 0", "wrong fields"), ("q0", "good answer", "<p>html echoed</p>")]
+    assert sorted(e.kind for e in examples) == ["desirable", "pair", "pair", *["sft"] * 4, *["undesirable"] * 3]
+    assert loaded.n_rejected == 0
+
+
+def test_rated_questions_are_held_out_by_prompt_when_eval_is_given(tmp_path: Path):
+    cfg = pipeline(tmp_path, min_rating=4, max_bad_rating=2, context_mode="omit")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"input": "held question", "output": "held answer"}) + "\n")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval": eval_file, "eval_fraction": 0.99})})
+    make_db(tmp_path / "rag.db", [("q0", None, "good", "5", "2026-11-01T10:00:00"),
+                                  ("q0", None, "bad", "1", "2026-11-01T10:01:00"),
+                                  ("held question", None, "bad", "1", "2026-11-01T10:02:00"),
+                                  ("q9", None, "unrated", None, "2026-11-01T10:03:00")])
+    collected, snapshot = ingest(cfg)
+    # A bad answer to a base eval question is never ingested: training away from it would train on it.
+    assert collected.skipped == {"question in the base eval set": 1}
+    held = [json.loads(line) for line in (snapshot.folder / "eval.jsonl").open()][1:]
+    train = [json.loads(line) for line in (snapshot.folder / "train.jsonl").open()]
+    assert [(line["completion"][0]["content"], line["label"]) for line in held] == [("good", True), ("bad", False)]
+    assert not any("label" in line or "chosen" in line for line in train)  # no pair: its prompt is held out

@@ -197,6 +197,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
     ({"backend": "unsloth"}, "unsloth needs a CUDA GPU"),
     ({"optimizer": "adamw_8bit"}, "adamw_8bit .* needs a CUDA GPU"),
     ({"mode": "full", "batch_size": 200_000}, r"needs about [\d.]+ GiB \(weights .*GiB free"),
+    ({"objective": "sft+kto", "devices": 2}, "train.objective=sft\\+kto trains on one device"),
 ])
 def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, train, message):
     from tasks.training import Rank, TrainingEnvironmentError, check_environment, choose_backend
