@@ -330,4 +330,4 @@ def format_data(
     out_dir = stage_dir(workdir, "format_data", checked, base, cfg, assistant_only_loss)
     return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir,
                           assistant_only_loss, checked.tokens,
-                          (checked.train.undesirable_path, checked.eval.undesirable_path))
+                          undesirable=(checked.train.undesirable_path, checked.eval.undesirable_path))

@@ -265,8 +265,8 @@ class Normaliser:
             if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
                 raise RecordError(key, f'field "{key}" must be one assistant message ([{{"role": "assistant", '
                                        '"content": ...}]) or a string')
-            return apply_reasoning(_text(value[0], "content", f"{key}[0].content"), None, self.reasoning, key)
-        return apply_reasoning(_answer_text(record, key), None, self.reasoning, key)
+            return apply_reasoning(_text(value[0], "content", f"{key}[0].content"), f"{key}[0].content", self.reasoning)
+        return apply_reasoning(_answer_text(record, key), key, self.reasoning)
 
     def _ranked(self, record: dict[str, Any], spec: ShapeSpec) -> tuple[list[Message], str]:
         """A LLaMA-Factory ranking record: the prompt with the chosen answer, and the rejected answer's text."""
@@ -285,7 +285,7 @@ class Normaliser:
         else:
             messages = self._instruction({**record, spec.response: record[spec.chosen]}, spec)
             rejected = _answer_text(record, spec.rejected)
-        return messages, apply_reasoning(rejected, None, self.reasoning, spec.rejected)
+        return messages, apply_reasoning(rejected, spec.rejected, self.reasoning)
 
     def _instruction(self, record: dict[str, Any], spec: ShapeSpec) -> list[Message]:
         if spec.prompt not in record and spec.response not in record:
