@@ -19,6 +19,9 @@ masked, so each answer equals the model's one-at-a-time greedy answer (tests/tes
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 # The decode loop checks whether every row has stopped this often: each check waits for the GPU.
@@ -123,8 +126,6 @@ def use_fused_norms(model) -> int:
     A layer is switched only when the fused kernel gives its output on a probe input (within bf16 rounding),
     so a variant with another formula (Gemma's `1 + weight`, say) keeps its own forward.
     """
-    import functools
-
     import torch
 
     switched = 0
@@ -142,6 +143,21 @@ def use_fused_norms(model) -> int:
             else:
                 del module.forward  # back to the class's own
     return switched
+
+
+@contextlib.contextmanager
+def switches_undone(model) -> Iterator[None]:
+    """Put back what `GreedyDecoder` switches (attention implementation, fused norms) when the block ends: for a
+    model that goes on training after answering (the evaluations during training)."""
+    attention = model.config._attn_implementation
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(attention)
+        for module in model.modules():
+            fused = module.__dict__.get("forward")
+            if isinstance(fused, functools.partial) and fused.func is _fused_rms_norm:
+                del module.forward  # back to the class's own
 
 
 def _fused_rms_norm(module, hidden):
