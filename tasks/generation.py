@@ -69,13 +69,13 @@ def greedy_answers(
         generated.update(zip(chunk, outputs))
         if progress is not None:
             progress.advance(len(chunk))
-    stops = set(stop_ids)
-    answers = []
-    for i in range(len(prompts)):
-        tokens = generated[i]
-        end = next((k for k, token in enumerate(tokens) if token in stops), None)
-        answers.append(Answer(tokenizer.decode(tokens[:end], skip_special_tokens=True).strip(), end is not None))
-    return answers
+    return [to_answer(tokenizer, generated[i], stop_ids) for i in range(len(prompts))]
+
+
+def to_answer(tokenizer, tokens: list[int], stop_ids: list[int]) -> Answer:
+    """Generated tokens as an answer: the text up to the first stop token, and whether there was one."""
+    end = next((k for k, token in enumerate(tokens) if token in stop_ids), None)
+    return Answer(tokenizer.decode(tokens[:end], skip_special_tokens=True).strip(), end is not None)
 
 
 def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

@@ -659,8 +659,8 @@ class HeldOutEvaluation:
         from tasks.metrics import required_keys
 
         self.held_out, self.tokenizer, self.stepper = held_out, tokenizer, stepper
-        # Longest first, as the evaluate stage does: similar lengths share a batch.
-        self.rows = sorted(held_out.loss_rows.rows(), key=lambda row: -len(row["input_ids"]))
+        # Sorted by length, as the evaluate stage does: similar lengths share a batch.
+        self.rows = sorted(held_out.loss_rows.rows(), key=lambda row: len(row["input_ids"]))
         examples = list(read_examples(held_out.examples))[:samples] if held_out.metric != "eval_loss" else []
         self.conversations = [[message.model_dump() for message in example.prompt] for example in examples]
         self.references = [example.answer for example in examples]
@@ -701,12 +701,43 @@ class HeldOutEvaluation:
         from tasks.generation import greedy_answers, switches_undone
         from tasks.metrics import score_answers
 
-        with switches_undone(model):  # the decoder's attention and norms must not stay on a model that trains on
-            answers = greedy_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
-                                     self.held_out.batch_size)
+        if self.stepper.backend == "unsloth":
+            answers = _unsloth_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
+                                       self.held_out.batch_size)
+        else:
+            with switches_undone(model):  # the decoder's attention and norms must not stay on a model that trains
+                answers = greedy_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
+                                         self.held_out.batch_size)
         means, _ = score_answers([a.text for a in answers], self.references, [a.stopped for a in answers],
                                  self.held_out.output_format, self.required)
         return means
+
+
+def _unsloth_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int):
+    """Greedy answers from unsloth's model the way unsloth generates in the middle of training: its inference
+    mode around `generate` (its attention is its own, so the evaluate stage's decoder does not apply).
+    Not tested here: there is no CUDA GPU in CI."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    from tasks.generation import render_prompt, stop_token_ids, to_answer
+
+    stops = stop_token_ids(model, tokenizer)
+    prompts = [render_prompt(tokenizer, conversation) for conversation in conversations]
+    answers = []
+    FastLanguageModel.for_inference(model)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            answers += [to_answer(tokenizer, tokens, stops) for tokens in out[:, width:].tolist()]
+    finally:
+        FastLanguageModel.for_training(model)
+    return answers
 
 
 def selection_value(point: EvalPoint, metric: str) -> float | None:

@@ -364,3 +364,24 @@ def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, h
     continued = train_model(request.model_copy(update={"init_from": peaked.adapter_dir}))
     assert [p.step for p in continued.eval_history] == [0, 1]
     assert continued.eval_history[0].eval_loss == pytest.approx(peaked.eval_history[0].eval_loss, rel=1e-5)
+
+
+def test_the_best_evaluation_breaks_ties_by_loss_and_patience_counts_gains_over_min_delta():
+    from tasks.train import EvalPoint
+    from tasks.training import TrainingState, track_best
+
+    state = TrainingState(micro_batch_size=1)
+    scores = [(0.50, 1.0), (0.50, 0.9), (0.52, 1.1), (0.40, 0.5), (0.60, 0.8)]  # (field accuracy, eval loss)
+    new_best, patience = [], []
+    for step, (accuracy, loss) in enumerate(scores, start=1):
+        point = EvalPoint(step=step, eval_loss=loss, metrics={"field_accuracy": accuracy}, elapsed_s=0.0)
+        new_best.append(track_best(state, point, "field_accuracy", min_delta=0.05))
+        patience.append(state.evals_without_gain)
+    # Step 2 ties step 1 with a lower loss; step 3 is better (a best) but by less than min_delta (no gain).
+    assert new_best == [True, True, True, False, True]
+    assert patience == [0, 1, 2, 3, 0]
+    assert state.best.step == 5
+    lower = TrainingState(micro_batch_size=1)
+    for step, loss in enumerate([2.0, 1.5, 1.7], start=1):
+        track_best(lower, EvalPoint(step=step, eval_loss=loss, elapsed_s=0.0), "eval_loss", min_delta=0.0)
+    assert (lower.best.step, lower.evals_without_gain) == (2, 1)
