@@ -105,9 +105,8 @@ def train(
 ) -> TrainResult:
     """Train in a worker process; `mlflow_run` receives the live metrics (and is not part of the cache key).
     `held_out` is needed when `cfg.eval_steps` is set."""
-    if cfg.eval_steps and held_out is None:
-        raise ValueError("train.eval_steps is set but the train stage was given no held-out data")
-    held_out = held_out if cfg.eval_steps else None  # unused otherwise: kept out of the cache key
+    if bool(cfg.eval_steps) != (held_out is not None):  # given only when used: it is part of the cache key
+        raise ValueError("the train stage takes held-out data exactly when train.eval_steps is set")
     out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg, init_from, held_out)
     request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, cfg=cfg, out_dir=out_dir,
                            init_from=init_from, held_out=held_out)
