@@ -26,7 +26,7 @@ from tasks.retrain_plan import Attempt, next_attempt, outcome
 from tasks.retries import network_retries
 from tasks.serve import plan
 from tasks.tracking import tracked_attempt, tracked_run
-from tasks.train import train
+from tasks.train import HeldOut, train
 
 
 class GateFailed(RuntimeError):
@@ -80,12 +80,19 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, workdir)
 
         champion = find_champion(cfg.tracking.uri, cfg.name)
+        # What the evaluations during training (train.eval_steps) measure and choose the best checkpoint by;
+        # given to the train stage only when it evaluates, so eval settings never invalidate other trainings.
+        held_out = HeldOut(loss_rows=formatted.eval, examples=checked.eval.clean_path,
+                           train_examples=checked.train.clean_path, metric=cfg.retrain.metric,
+                           output_format=cfg.data.output_format, max_new_tokens=cfg.eval.max_new_tokens,
+                           batch_size=cfg.eval.batch_size)
         # The bounded retrain loop: train, evaluate and gate until an attempt passes or the plan gives up.
         attempts: list[Attempt] = []
         while attempt := next_attempt(cfg, attempts):
             with tracked_attempt(run, attempt) as attempt_run:
                 trained = train(formatted, base, cfg.model, attempt.lora, attempt.train, workdir,
-                                init_from=attempt.init_from, mlflow_run=attempt_run.live_ref())
+                                init_from=attempt.init_from, held_out=held_out if attempt.train.eval_steps else None,
+                                mlflow_run=attempt_run.live_ref())
                 report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base,
                                   champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
                                   checked.eval.undesirable_path)

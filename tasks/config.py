@@ -132,6 +132,16 @@ class PreferenceConfig(Section):
     )
 
 
+class EarlyStopping(Section):
+    patience: int = Field(
+        ge=1, description="Stop after this many evaluations in a row without an improvement of `retrain.metric`."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="An evaluation improves only when it beats the best so far by more than this "
+        "(the best checkpoint still follows every gain).",
+    )
+
+
 class TrainConfig(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="`auto` uses unsloth when CUDA is available, else transformers + peft."
@@ -189,6 +199,34 @@ class TrainConfig(Section):
     logging_steps: int = Field(
         1, ge=1, description="Log loss, learning rate, grad norm, tokens/s and peak memory every this many steps."
     )
+    eval_steps: int | None = Field(
+        None, ge=1, description="Every this many steps (and at the last), measure the held-out loss on the eval "
+        "split and, when `retrain.metric` is a metric of the answers, that metric on `eval_samples` held-out "
+        "prompts answered greedily; both reach MLflow as curves (`eval_loss`, `eval_<metric>`). null: none.",
+    )
+    eval_samples: int = Field(
+        16, ge=1, description="Held-out prompts (the first ones of the eval split) answered at each evaluation "
+        "during training (train.eval_steps).",
+    )
+    select: Literal["last", "best"] | None = Field(
+        None, description="Which weights the train stage returns, and so what is evaluated, exported and served: "
+        "`last` (the last step) or `best` (the evaluation with the best `retrain.metric`; ties: the lower eval "
+        "loss). null: `best` when `eval_steps` is set, else `last`.",
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop before `max_steps` once `retrain.metric` has stopped improving (needs `eval_steps`)."
+    )
+
+    @property
+    def selection(self) -> Literal["last", "best"]:
+        return self.select or ("best" if self.eval_steps else "last")
+
+    @model_validator(mode="after")
+    def _evaluations_needed(self) -> TrainConfig:
+        if self.eval_steps is None and (self.select == "best" or self.early_stopping is not None):
+            what = "train.select=best" if self.select == "best" else "train.early_stopping"
+            raise ValueError(f"{what} needs held-out evaluations during training: set train.eval_steps")
+        return self
 
 
 class EvalConfig(Section):
@@ -255,6 +293,10 @@ class RetrainChange(Section):
         None, gt=0, description="Passes over the training set instead of a step count (train.epochs with "
         "train.max_steps null).",
     )
+    max_steps_factor: float | None = Field(
+        None, gt=0, description="Train this share of the steps the previous attempt trained (at least one), e.g. "
+        "0.5; instead of max_steps or epochs.",
+    )
     learning_rate_factor: float | None = Field(None, gt=0, description="Multiply the learning rate, e.g. 0.5.")
     lora_r: int | None = Field(
         None, ge=1, description="LoRA rank of this attempt; alpha keeps its ratio to the rank. Not with "
@@ -265,8 +307,8 @@ class RetrainChange(Section):
     def _consistent(self) -> RetrainChange:
         if self.model_dump(exclude_defaults=True) == {}:
             raise ValueError("this step changes nothing: the attempt would repeat the one before it")
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("give max_steps or epochs, not both")
+        if sum(value is not None for value in (self.max_steps, self.epochs, self.max_steps_factor)) > 1:
+            raise ValueError("give one of max_steps, epochs and max_steps_factor")
         if self.continue_training and self.lora_r is not None:
             raise ValueError("continue_training keeps the trained adapter's rank; lora_r cannot change with it")
         return self
@@ -287,6 +329,15 @@ class RetrainConfig(Section):
     min_improvement: float = Field(
         0.0, ge=0, description="An attempt improves when it beats the best earlier attempt on `metric` by more "
         "than this.",
+    )
+    past_best: RetrainChange | None = Field(
+        default_factory=lambda: RetrainChange(continue_training=True, learning_rate_factor=0.5,
+                                              max_steps_factor=0.5),
+        description="Used instead of the plan's step when that step would only train longer (it changes neither "
+        "the learning rate nor the rank) and the previous attempt's held-out curve (train.eval_steps) peaked "
+        "before its last evaluation, so more of the same would go further past the best. The default continues "
+        "from the returned weights (the best checkpoint with train.select best) at half the learning rate for "
+        "half the steps. null: always follow the plan.",
     )
 
 

@@ -19,6 +19,9 @@ masked, so each answer equals the model's one-at-a-time greedy answer (tests/tes
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from tasks.chat import ChatContext
@@ -74,13 +77,13 @@ def greedy_answers(
         generated.update(zip(chunk, outputs))
         if progress is not None:
             progress.advance(len(chunk))
-    stops = set(stop_ids)
-    answers = []
-    for i in range(len(prompts)):
-        tokens = generated[i]
-        end = next((k for k, token in enumerate(tokens) if token in stops), None)
-        answers.append(Answer(tokenizer.decode(tokens[:end], skip_special_tokens=True).strip(), end is not None))
-    return answers
+    return [to_answer(tokenizer, generated[i], stop_ids) for i in range(len(prompts))]
+
+
+def to_answer(tokenizer, tokens: list[int], stop_ids: list[int]) -> Answer:
+    """Generated tokens as an answer: the text up to the first stop token, and whether there was one."""
+    end = next((k for k, token in enumerate(tokens) if token in stop_ids), None)
+    return Answer(tokenizer.decode(tokens[:end], skip_special_tokens=True).strip(), end is not None)
 
 
 def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -131,8 +134,6 @@ def use_fused_norms(model) -> int:
     A layer is switched only when the fused kernel gives its output on a probe input (within bf16 rounding),
     so a variant with another formula (Gemma's `1 + weight`, say) keeps its own forward.
     """
-    import functools
-
     import torch
 
     switched = 0
@@ -150,6 +151,21 @@ def use_fused_norms(model) -> int:
             else:
                 del module.forward  # back to the class's own
     return switched
+
+
+@contextlib.contextmanager
+def switches_undone(model) -> Iterator[None]:
+    """Put back what `GreedyDecoder` switches (attention implementation, fused norms) when the block ends: for a
+    model that goes on training after answering (the evaluations during training)."""
+    attention = model.config._attn_implementation
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(attention)
+        for module in model.modules():
+            fused = module.__dict__.get("forward")
+            if isinstance(fused, functools.partial) and fused.func is _fused_rms_norm:
+                del module.forward  # back to the class's own
 
 
 def _fused_rms_norm(module, hidden):

@@ -35,7 +35,10 @@ def head_cross_entropy(hidden, head: torch.nn.Linear, targets, chunk: int):
     if type(head) is not torch.nn.Linear:
         raise ValueError(f"the LM head must be a plain Linear layer (got {type(head).__name__}): "
                          "adapters on lm_head are not supported; leave it out of lora.target_modules")
-    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
+    weight, bias = head.weight, head.bias
+    if not torch.is_grad_enabled():  # an evaluation: losses only (an autograd Function's inputs still ask for grads)
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return _HeadCrossEntropy.apply(hidden, weight, bias, targets, chunk)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

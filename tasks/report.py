@@ -82,8 +82,9 @@ def _attempts_table(attempts: list[Attempt]) -> list[str]:
     for attempt in attempts:
         plan = attempt.plan
         change = json.dumps(plan.change.model_dump(exclude_defaults=True)) if plan.change else "as configured"
+        change = f"`{change}`" + (f" ({plan.reason})" if plan.reason else "")
         gate = "passed" if attempt.decision.passed else "failed: " + "; ".join(attempt.decision.reasons)
-        rows.append(f"| {plan.number} | `{change}` | {attempt.trained.steps} | {plan.train.learning_rate:g} | "
+        rows.append(f"| {plan.number} | {_cell(change)} | {attempt.trained.steps} | {plan.train.learning_rate:g} | "
                     f"{plan.lora.r} | {'yes' if plan.init_from else 'no'} | {_cell(gate)} |")
     return rows
 

@@ -3,10 +3,13 @@
 The flow trains, evaluates and gates; these plain functions read the attempts so far and the config's
 `retrain` plan. The loop ends when an attempt passes the gate, when `retrain.max_attempts` attempts were
 made, or early, when a failing attempt did not improve `retrain.metric` on the best attempt before it.
+A plan step that only trains longer is replaced by `retrain.past_best` when the attempt before it was
+already past its best on the held-out curve (train.eval_steps): more steps would only go further past it.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -23,6 +26,7 @@ class AttemptPlan(BaseModel):
     train: TrainConfig
     init_from: Path | None  # the earlier attempt's adapter this one continues, None: fresh from the base model
     change: RetrainChange | None  # what differs from the attempt before; None for the first
+    reason: str | None = None  # why `change` is not the plan's own step (retrain.past_best), if it is not
 
 
 class Attempt(BaseModel):
@@ -40,14 +44,29 @@ def next_attempt(cfg: PipelineConfig, attempts: list[Attempt]) -> AttemptPlan | 
     if last.decision.passed or len(attempts) >= cfg.retrain.max_attempts or _stalled(attempts, cfg.retrain):
         return None
     change = cfg.retrain.plan[min(len(attempts), len(cfg.retrain.plan)) - 1]
+    trained = last.trained
+    longer_only = change.learning_rate_factor is None and change.lora_r is None
+    if cfg.retrain.past_best is not None and longer_only and past_its_best(trained):
+        reason = (f"attempt {last.plan.number}'s held-out {cfg.retrain.metric} peaked at step {trained.best_step} "
+                  f"of {trained.eval_history[-1].step}: training longer would go further past it")
+        return apply_change(last, cfg.retrain.past_best).model_copy(update={"reason": reason})
     return apply_change(last, change)
 
 
+def past_its_best(trained: TrainResult) -> bool:
+    """Whether the held-out curve of a training (train.eval_steps) peaked before its last evaluation."""
+    return trained.best_step is not None and trained.best_step < trained.eval_history[-1].step
+
+
 def apply_change(previous: Attempt, change: RetrainChange) -> AttemptPlan:
+    """The next attempt's plan; `continue_training` starts from the weights the previous attempt returned (its
+    best checkpoint under train.select best)."""
     train, lora = previous.plan.train, previous.plan.lora
     length = {}
     if change.max_steps is not None:
         length = {"max_steps": change.max_steps}
+    elif change.max_steps_factor is not None:
+        length = {"max_steps": max(1, math.ceil(previous.trained.steps * change.max_steps_factor))}
     elif change.epochs is not None:
         length = {"max_steps": None, "epochs": change.epochs}
     learning_rate = train.learning_rate * (change.learning_rate_factor or 1.0)

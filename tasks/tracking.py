@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from tasks.parity import ParityReport, ParityVerdict
     from tasks.report import RunReport
     from tasks.retrain_plan import AttemptPlan
-    from tasks.train import LossPoint, TrainResult
+    from tasks.train import EvalPoint, LossPoint, TrainResult
 
 # Per logged training step: MLflow metric name <- LossPoint field.
 TRAINING_CURVE = {"train_loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
@@ -65,6 +65,14 @@ def curve_metrics(point: LossPoint | dict, timestamp_ms: int) -> list[Metric]:
             for name, field in curve.items() if values.get(field) is not None]
 
 
+def eval_curve_metrics(point: EvalPoint | dict, timestamp_ms: int) -> list[Metric]:
+    """A held-out evaluation during training: `eval_loss` and `eval_<metric>` at its step."""
+    values = point if isinstance(point, dict) else point.model_dump()
+    return [Metric("eval_loss", float(values["eval_loss"]), timestamp_ms, values["step"]),
+            *(Metric(f"eval_{name}", float(value), timestamp_ms, values["step"])
+              for name, value in values["metrics"].items())]
+
+
 def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict], None]:
     """An `on_event` handler for the training worker: every logged step goes to MLflow as it happens."""
     client = MlflowClient(tracking_uri=run.tracking_uri)
@@ -74,6 +82,10 @@ def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict]
             client.log_batch(run.run_id, metrics=curve_metrics(event, _now_ms()))
             log.info("step %d: loss %.4f, lr %.2e, grad norm %s, %s tokens/s", event["step"], event["loss"],
                      event["learning_rate"], event.get("grad_norm"), event.get("tokens_per_s"))
+        elif event["event"] == "eval":
+            client.log_batch(run.run_id, metrics=eval_curve_metrics(event, _now_ms()))
+            log.info("step %d: held-out loss %.4f%s", event["step"], event["eval_loss"],
+                     "".join(f", {name} {value:.4g}" for name, value in event["metrics"].items() if "." not in name))
         elif event["event"] == "started":  # what the environment check decided, beside the run's params
             client.log_batch(run.run_id, tags=[
                 RunTag(f"train.environment.{key}", str(event[key]))
@@ -186,7 +198,7 @@ class Tracker:
         child = copy.copy(self)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
             "mlflow.parentRunId": self.run_id, "retrain.attempt": str(plan.number),
-            "retrain.init_from": str(plan.init_from or ""),
+            "retrain.init_from": str(plan.init_from or ""), "retrain.reason": plan.reason or "",
         })
         child.run_id = run.info.run_id
         params = flatten({"train": plan.train.model_dump(mode="json"), "lora": plan.lora.model_dump(mode="json"),
@@ -228,13 +240,18 @@ class Tracker:
             "train.gradient_accumulation_steps": trained.gradient_accumulation_steps,
         })
         # A stage that ran reported its curve live; a cached one did not, so this run gets it from the result.
+        now = _now_ms()
+        history = []
         if not self.client.get_metric_history(self.run_id, "train_loss"):
-            now = _now_ms()
-            history = [metric for point in trained.loss_history for metric in curve_metrics(point, now)]
-            for start in range(0, len(history), 1000):  # MLflow's per-call limit
-                self.client.log_batch(self.run_id, metrics=history[start : start + 1000])
+            history += [metric for point in trained.loss_history for metric in curve_metrics(point, now)]
+        if not self.client.get_metric_history(self.run_id, "eval_loss"):
+            history += [metric for point in trained.eval_history for metric in eval_curve_metrics(point, now)]
+        for start in range(0, len(history), 1000):  # MLflow's per-call limit
+            self.client.log_batch(self.run_id, metrics=history[start : start + 1000])
         self.tags({"train.backend": trained.backend, "train.kind": trained.kind, "train.device": trained.device,
-                   "train.precision": trained.precision})
+                   "train.precision": trained.precision, "train.selection": trained.selection,
+                   "train.selected_step": "" if trained.selected_step is None else str(trained.selected_step),
+                   "train.stopped_early": str(trained.stopped_early).lower()})
 
     def _scores(self, report: EvalReport) -> None:
         for scores in (report.candidate, report.base, report.champion):

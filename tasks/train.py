@@ -45,6 +45,27 @@ class LossPoint(BaseModel):
     kl: float | None = None  # KTO: the batch's estimate of KL(policy || reference), clamped at 0
 
 
+class EvalPoint(BaseModel):
+    """One held-out evaluation during training (train.eval_steps)."""
+
+    step: int  # 0: the weights an attempt continues from, before its first step
+    eval_loss: float  # mean over the eval split's answer tokens, as the evaluate stage measures it
+    metrics: dict[str, float] = {}  # answer metrics (tasks/metrics.py) on the sampled prompts; empty for eval_loss
+    elapsed_s: float  # the evaluation's own wall time
+
+
+class HeldOut(BaseModel):
+    """What the evaluations during training measure, and what the best checkpoint is chosen by."""
+
+    loss_rows: FormattedSplit  # the formatted eval split: the held-out loss
+    examples: Path  # the clean eval examples: prompts to answer and the expected answers
+    train_examples: Path  # the clean train examples: the keys a JSON answer must carry, as the evaluation reads them
+    metric: str  # retrain.metric: `eval_loss`, or an answer metric measured on `train.eval_samples` prompts
+    output_format: Literal["json", "text"]
+    max_new_tokens: int
+    batch_size: int
+
+
 class TrainResult(BaseModel):
     adapter_dir: Path  # kind "lora": PEFT adapter + tokenizer; kind "full": the whole model + tokenizer
     kind: Literal["lora", "full"]
@@ -60,6 +81,11 @@ class TrainResult(BaseModel):
     gradient_accumulation_steps: int
     oom_retries: int
     resumed_from_step: int  # 0 for a run that started from scratch
+    eval_history: list[EvalPoint] = []  # train.eval_steps
+    best_step: int | None = None  # the best evaluation's step (whichever train.select returned)
+    selected_step: int | None = None  # the step whose weights `adapter_dir` holds; None: the last (no selection)
+    selection: str = ""  # why those weights, in words (the MLflow tag `train.selection`)
+    stopped_early: bool = False  # train.early_stopping ended training before max_steps
 
 
 class TrainRequest(BaseModel):
@@ -72,6 +98,7 @@ class TrainRequest(BaseModel):
     cfg: TrainConfig
     out_dir: Path
     init_from: Path | None = None  # an earlier TrainResult.adapter_dir whose weights to start from
+    held_out: HeldOut | None = None  # given when train.eval_steps is set
 
 
 # The MLflow run only says where live metrics go; the training itself is in tasks/training.py.
@@ -81,12 +108,16 @@ TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=("tasks.training", "tas
 @task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)
 def train(
     data: FormattedData, base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig,
-    workdir: Path, init_from: Path | None = None, mlflow_run: MlflowRunRef | None = None,
+    workdir: Path, init_from: Path | None = None, held_out: HeldOut | None = None,
+    mlflow_run: MlflowRunRef | None = None,
 ) -> TrainResult:
-    """Train in a worker process; `mlflow_run` receives the live metrics (and is not part of the cache key)."""
-    out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg, init_from)
+    """Train in a worker process; `mlflow_run` receives the live metrics (and is not part of the cache key).
+    `held_out` is needed when `cfg.eval_steps` is set."""
+    if bool(cfg.eval_steps) != (held_out is not None):  # given only when used: it is part of the cache key
+        raise ValueError("the train stage takes held-out data exactly when train.eval_steps is set")
+    out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg, init_from, held_out)
     request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, cfg=cfg, out_dir=out_dir,
-                           init_from=init_from)
+                           init_from=init_from, held_out=held_out)
     from tasks.tracking import live_training_log
 
     log = get_run_logger()

@@ -16,8 +16,13 @@ torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier versi
 - Several devices: torch's DistributedDataParallel averages the gradients across ranks during the backward
   pass (`tasks/data_parallel.py`), skipping the exchange on all but a step's last micro-batch; rank 0 alone
   writes.
+- The best checkpoint. Every `train.eval_steps` the held-out loss (and, for an answer metric, greedy answers
+  to a few held-out prompts) is measured (`HeldOutEvaluation`); `track_best` keeps the best evaluation's
+  trainable weights (in memory, and beside the newest checkpoint on disk) and counts the evaluations without
+  improvement for early stopping. With `train.select: best` those weights are what the stage returns.
 - Preference tuning (`train.objective` kto, dpo, sft+kto, sft+dpo): the KTO or DPO steps run in this loop's
-  worker after the SFT steps, numbered on from them, with the same checkpoints and resume (`tasks/preference.py`).
+  worker after the SFT steps (from the SFT result `train.select` chose), numbered on from them, with the same
+  checkpoints and resume (`tasks/preference.py`).
 The ML stack is imported inside functions; unsloth is imported first, and only when CUDA is there.
 """
 
@@ -36,7 +41,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from tasks.format_data import IGNORE
-from tasks.train import Backend, LossPoint, TrainRequest, TrainResult
+from tasks.train import Backend, EvalPoint, HeldOut, LossPoint, TrainRequest, TrainResult
 from tasks.worker import emit_event
 
 GIB = 2**30
@@ -44,6 +49,7 @@ GIB = 2**30
 # free memory: on a GPU with room, a LoRA step of Qwen3-0.6B ran about 1.5x faster without (benchmarks/RESULTS.md).
 AUTO_CHECKPOINTING_SHARE = 0.5
 CHECKPOINT = re.compile(r"step-(\d+)")
+BEST = "best-{step:07d}"  # the best evaluation's trainable weights, beside the newest checkpoint
 
 
 class TrainingEnvironmentError(RuntimeError):
@@ -102,11 +108,14 @@ def train_model(request: TrainRequest) -> TrainResult:
     state = TrainingState(micro_batch_size=cfg.batch_size)
     checkpoints = request.out_dir / "checkpoints"
     resumed_from = _resume(checkpoints, model, optimizer, scheduler, scaler, state)
+    best_weights = _load_best(checkpoints, state)
     if resumed_from:
         print(f"train: resuming from the checkpoint at step {resumed_from} of {total_steps + preference_steps}",
               flush=True)
         for point in state.history:  # the curve so far, for this flow run's MLflow run
             emit_event("step", **point.model_dump())
+        for point in state.evals:
+            emit_event("eval", **point.model_dump())
 
     order = ExampleOrder(len(rows), cfg.seed)
     # unsloth 2026.10 masks packed examples only in a single row, and on torch < 2.12 attends one example at
@@ -118,11 +127,16 @@ def train_model(request: TrainRequest) -> TrainResult:
                       packing=packing, row_tokens=request.model_cfg.max_seq_length, pad_id=tokenizer.pad_token_id,
                       head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
                       max_oom_retries=cfg.max_oom_retries, rank=rank)
+    evaluation = (HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper)
+                  if cfg.eval_steps else None)
     model.train()
     started = time.perf_counter() - state.elapsed_s
+    if evaluation and request.init_from and not resumed_from:  # what the attempt continues from: step 0
+        best_weights = _evaluated(evaluation, model, 0, state, cfg, best_weights)
     tokens_since_log, last_log = 0, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    last_step, stop = resumed_from, False
     for step in range(resumed_from + 1, total_steps + 1):
         examples = [rows[i] for i in order.step(step, per_step)]
         local = examples[rank.index :: rank.world]
@@ -145,10 +159,28 @@ def train_model(request: TrainRequest) -> TrainResult:
             state.history.append(point)
             emit_event("step", **point.model_dump())
             tokens_since_log, last_log = 0, now
-        # Also at SFT's last step when a preference phase follows: its reference is the model at that point.
+        last_step = step
+        if evaluation and (step % cfg.eval_steps == 0 or step == total_steps):
+            best_weights = _evaluated(evaluation, model, step, state, cfg, best_weights)
+            stop = (cfg.early_stopping is not None and state.evals_without_gain >= cfg.early_stopping.patience
+                    and step < total_steps)
+        if stop:
+            print(f"train: early stopping at step {step}: {request.held_out.metric} did not improve for "
+                  f"{state.evals_without_gain} evaluations", flush=True)
+            break
+        # Also at SFT's last step when a preference phase follows: its reference is the model at that point. (An
+        # early stop saves none: a resume replays the steps to it, which stop there again.)
         if step % cfg.save_steps == 0 and step < total_steps or step == total_steps and preference_steps:
             state.elapsed_s = time.perf_counter() - started
-            _save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank)
+            _save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank, best_weights)
+    in_preference = resumed_from > total_steps  # resumed inside the preference phase: SFT's result is chosen
+    sft_steps = (state.evals[-1].step if state.evals else total_steps) if in_preference else last_step
+    evaluated = evaluation is not None and state.best is not None  # (`kto` / `dpo` alone have no SFT steps)
+    selected = state.best.step if evaluated and cfg.selection == "best" else sft_steps
+    if selected != sft_steps and not in_preference:  # the SFT result; a preference phase starts from it
+        _load_trainable(model, best_weights)
+    selection = selection_reason(state, cfg.selection, selected, sft_steps, total_steps,
+                                 request.held_out.metric if evaluated else None)
     if preference_steps:
         from tasks.preference import PreferenceRun, train_preference
 
@@ -157,7 +189,8 @@ def train_model(request: TrainRequest) -> TrainResult:
             first_step=total_steps, last_step=total_steps + preference_steps, resumed_from=resumed_from,
             started=started, from_base=total_steps == 0 and request.init_from is None,
         ))
-        total_steps += preference_steps
+        last_step = total_steps + preference_steps
+        selection += f"; then {cfg.objective.removeprefix('sft+')} steps {total_steps + 1}-{last_step} from it"
     runtime = time.perf_counter() - started
 
     kind = "full" if cfg.mode == "full" else "lora"
@@ -169,9 +202,11 @@ def train_model(request: TrainRequest) -> TrainResult:
     return TrainResult(
         adapter_dir=out, kind=kind, backend=backend, loss_history=state.history, runtime_s=round(runtime, 3),
         trainable_params=sum(p.numel() for p in trainable), total_params=sum(p.numel() for p in model.parameters()),
-        steps=total_steps, device=env.device, precision=env.precision, micro_batch_size=state.micro_batch_size,
+        steps=last_step, device=env.device, precision=env.precision, micro_batch_size=state.micro_batch_size,
         gradient_accumulation_steps=math.ceil(per_step / rank.world / state.micro_batch_size),
-        oom_retries=state.oom_retries, resumed_from_step=resumed_from,
+        oom_retries=state.oom_retries, resumed_from_step=resumed_from, eval_history=state.evals,
+        best_step=state.best.step if state.best else None,
+        selected_step=selected if evaluated else None, stopped_early=sft_steps < total_steps, selection=selection,
     )
 
 
@@ -182,6 +217,10 @@ class TrainingState(BaseModel):
     oom_retries: int = 0
     elapsed_s: float = 0.0
     history: list[LossPoint] = []
+    evals: list[EvalPoint] = []
+    best: EvalPoint | None = None  # by `retrain.metric`, ties to the lower eval loss
+    evals_without_gain: int = 0  # in a row, for early stopping: no gain over `gain_reference` by min_delta
+    gain_reference: float | None = None  # the metric value at the last evaluation that counted as a gain
 
 
 class ExampleOrder:
@@ -637,14 +676,200 @@ def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm):
     return norm
 
 
+# ------------------------------------------------------------------------- held-out evaluation, selection
+
+
+class HeldOutEvaluation:
+    """The held-out checks during training (train.eval_steps), on the model as it trains.
+
+    The loss runs over the whole eval split in batches of `eval.batch_size` rows, with the training step's own
+    forward pass and LM head (`token_losses`) and no gradients: the same token-weighted mean the evaluate
+    stage reports. An answer metric (`retrain.metric` other than eval_loss) is scored by `tasks.metrics` on
+    greedy answers (`tasks.generation`, as the evaluate stage decodes) to the first `train.eval_samples`
+    held-out prompts, which are also the first the evaluate stage answers. Every rank measures the same, so
+    all of them take the same early-stopping decision without exchanging it.
+    """
+
+    def __init__(self, held_out: HeldOut, samples: int, tokenizer, stepper: Stepper):
+        from tasks.examples import read_examples
+        from tasks.metrics import required_keys
+
+        self.held_out, self.tokenizer, self.stepper = held_out, tokenizer, stepper
+        # Sorted by length, as the evaluate stage does: similar lengths share a batch.
+        self.rows = sorted(held_out.loss_rows.rows(), key=lambda row: len(row["input_ids"]))
+        examples = list(read_examples(held_out.examples))[:samples] if held_out.metric != "eval_loss" else []
+        self.conversations = [[message.model_dump() for message in example.prompt] for example in examples]
+        self.references = [example.answer for example in examples]
+        self.required = (required_keys(example.answer for example in read_examples(held_out.train_examples))
+                         if examples and held_out.output_format == "json" else [])
+
+    def __call__(self, model, step: int) -> EvalPoint:
+        import torch
+
+        started = time.perf_counter()
+        model.eval()  # no dropout
+        with torch.no_grad():
+            loss = self._loss(model)
+            metrics = self._metrics(model) if self.conversations else {}
+        model.train()
+        point = EvalPoint(step=step, eval_loss=loss, metrics=metrics, elapsed_s=round(time.perf_counter() - started, 3))
+        if selection_value(point, self.held_out.metric) is None:
+            raise ValueError(f"retrain.metric {self.held_out.metric!r} was not measured on the {len(self.references)} "
+                             f"held-out prompts of train.eval_samples (measured: {', '.join(sorted(metrics))})")
+        return point
+
+    def _loss(self, model) -> float:
+        import torch
+
+        stepper, batch_size = self.stepper, self.held_out.batch_size
+        total, count = 0.0, 0
+        for start in range(0, len(self.rows), batch_size):
+            batch = make_batch(self.rows[start : start + batch_size], stepper.packing, stepper.pad_id,
+                               stepper.device, stepper.row_tokens)
+            with torch.autocast(stepper.device.type, dtype=_dtype(stepper.precision),
+                                enabled=stepper.precision != "fp32"):
+                loss_sum, _, _ = stepper.losses(model, batch)
+            total += loss_sum.float()
+            count += len(batch["loss_targets"])
+        return float(total) / max(count, 1)
+
+    def _metrics(self, model) -> dict[str, float]:
+        from tasks.generation import greedy_answers, switches_undone
+        from tasks.metrics import score_answers
+
+        if self.stepper.backend == "unsloth":
+            answers = _unsloth_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
+                                       self.held_out.batch_size)
+        else:
+            with switches_undone(model):  # the decoder's attention and norms must not stay on a model that trains
+                answers = greedy_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
+                                         self.held_out.batch_size)
+        means, _ = score_answers([a.text for a in answers], self.references, [a.stopped for a in answers],
+                                 self.held_out.output_format, self.required)
+        return means
+
+
+def _unsloth_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int):
+    """Greedy answers from unsloth's model the way unsloth generates in the middle of training: its inference
+    mode around `generate` (its attention is its own, so the evaluate stage's decoder does not apply).
+    Not tested here: there is no CUDA GPU in CI."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    from tasks.generation import render_prompt, stop_token_ids, to_answer
+
+    stops = stop_token_ids(model, tokenizer)
+    prompts = [render_prompt(tokenizer, conversation) for conversation in conversations]
+    answers = []
+    FastLanguageModel.for_inference(model)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            answers += [to_answer(tokenizer, tokens, stops) for tokens in out[:, width:].tolist()]
+    finally:
+        FastLanguageModel.for_training(model)
+    return answers
+
+
+def selection_value(point: EvalPoint, metric: str) -> float | None:
+    return point.eval_loss if metric == "eval_loss" else point.metrics.get(metric)
+
+
+def beats(point: EvalPoint, other: EvalPoint | None, metric: str) -> bool:
+    """Whether `point` is a better checkpoint than `other` by `metric`; equal values go to the lower eval loss."""
+    from tasks.gate import improvement
+
+    if other is None:
+        return True
+    gain = improvement(metric, selection_value(point, metric), selection_value(other, metric))
+    return gain > 0 or (gain == 0 and point.eval_loss < other.eval_loss)
+
+
+def track_best(state: TrainingState, point: EvalPoint, metric: str, min_delta: float) -> bool:
+    """Record an evaluation: the best so far and the count of evaluations without a gain of more than
+    `min_delta` (early stopping's patience). Returns whether `point` is the new best."""
+    from tasks.gate import improvement
+
+    state.evals.append(point)
+    value = selection_value(point, metric)
+    if state.gain_reference is None or improvement(metric, value, state.gain_reference) > min_delta:
+        state.gain_reference, state.evals_without_gain = value, 0
+    else:
+        state.evals_without_gain += 1
+    if beats(point, state.best, metric):
+        state.best = point
+        return True
+    return False
+
+
+def _evaluated(evaluation: HeldOutEvaluation, model, step: int, state: TrainingState, cfg,
+               best_weights: dict | None) -> dict | None:
+    """Evaluate at `step`, report it, and return the best weights so far (a CPU copy when this step is it)."""
+    point = evaluation(model, step)
+    min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
+    if track_best(state, point, evaluation.held_out.metric, min_delta):
+        best_weights = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
+                        if p.requires_grad}
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in point.metrics.items() if "." not in name)
+    print(f"train: step {step}: held-out loss {point.eval_loss:.4f}{', ' + shown if shown else ''} "
+          f"({point.elapsed_s:.1f} s); best so far: step {state.best.step}", flush=True)
+    emit_event("eval", **point.model_dump())
+    return best_weights
+
+
+def selection_reason(state: TrainingState, select: str, selected: int, last_step: int, total_steps: int,
+                     metric: str | None) -> str:
+    """Which step's weights the stage returns and why, in one sentence (the `train.selection` tag)."""
+    ended = f"step {last_step} of {total_steps}" + (" (early stopping)" if last_step < total_steps else "")
+    if metric is None:
+        return f"the last step's weights ({ended}); no held-out evaluations (train.eval_steps unset)"
+    best = state.best
+    value = selection_value(best, metric)
+    described = f"{metric} {value:.4g}" + (f", eval loss {best.eval_loss:.4g}" if metric != "eval_loss" else "")
+    steps = f"{len(state.evals)} evaluations, steps {state.evals[0].step}-{state.evals[-1].step}"
+    if select == "last":
+        return (f"train.select=last: the weights of {ended}; the best evaluation was step {best.step} "
+                f"({described}) of {steps}")
+    last = state.evals[-1]
+    if selected == last.step:
+        return f"train.select=best: step {selected} ({described}), the last of {steps}, was the best; {ended}"
+    return (f"train.select=best: step {selected} ({described}) was the best of {steps}; the last, step "
+            f"{last.step}, had {metric} {selection_value(last, metric):.4g}; trained to {ended}")
+
+
+def _load_trainable(model, weights: dict) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(root: Path, step, model, optimizer, scheduler, scaler, state: TrainingState, rank) -> None:
-    """Rank 0 writes `step-N` under a temporary name and renames it: a folder with that name is complete."""
+def _save_checkpoint(root: Path, step, model, optimizer, scheduler, scaler, state: TrainingState, rank,
+                     best_weights: dict | None = None) -> None:
+    """Rank 0 writes `step-N` under a temporary name and renames it: a folder with that name is complete.
+    The best evaluation's weights go into `best-M` (once per best); only it and the newest `step-N` stay."""
     import torch
 
     if rank.index == 0:
+        keep = set()
+        if state.best is not None:
+            best = root / BEST.format(step=state.best.step)
+            keep.add(best)
+            if not best.exists():
+                partial = best.with_suffix(".partial")
+                partial.mkdir(parents=True, exist_ok=True)
+                torch.save(best_weights, partial / "trainable.pt")
+                partial.rename(best)
         partial, final = root / f"step-{step:07d}.partial", root / f"step-{step:07d}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -656,8 +881,8 @@ def _save_checkpoint(root: Path, step, model, optimizer, scheduler, scaler, stat
                    partial / "training.pt")
         (partial / "state.json").write_text(state.model_dump_json())
         partial.rename(final)
-        for older in root.iterdir():  # only the newest is needed to resume
-            if older != final:
+        for older in root.iterdir():  # only the newest (and the best it names) are needed to resume
+            if older != final and older not in keep:
                 shutil.rmtree(older, ignore_errors=True)
     _barrier(rank)
 
@@ -671,11 +896,7 @@ def _resume(root: Path, model, optimizer, scheduler, scaler, state: TrainingStat
     if not found:
         return 0
     step, path = found[-1]
-    weights = torch.load(path / "trainable.pt", map_location="cpu")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    _load_trainable(model, torch.load(path / "trainable.pt", map_location="cpu"))
     training = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
@@ -687,6 +908,15 @@ def _resume(root: Path, model, optimizer, scheduler, scaler, state: TrainingStat
     for field in TrainingState.model_fields:
         setattr(state, field, getattr(saved, field))
     return step
+
+
+def _load_best(root: Path, state: TrainingState) -> dict | None:
+    """The best evaluation's weights that a resumed state names (CPU tensors), or None."""
+    import torch
+
+    if state.best is None:
+        return None
+    return torch.load(root / BEST.format(step=state.best.step) / "trainable.pt", map_location="cpu")
 
 
 def _save_output(model, tokenizer, out: Path, kind: str, request: TrainRequest) -> None:

@@ -24,7 +24,7 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     config.update(workdir=str(root / "runs"))
     config["data"].update(train=str(train), eval=str(eval_))
     config["model"]["base"] = str(tiny_model)
-    config["train"].update(max_steps=20, logging_steps=2)
+    config["train"].update(max_steps=20, logging_steps=2, eval_steps=10)  # held-out loss at steps 10 and 20
     config["eval"] = {"max_samples": 8, "max_new_tokens": 24}
     config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": 1.0}}}
     config["retrain"] = {"max_attempts": 1}  # the loop has its own tests (test_retrain_loop.py)
@@ -132,6 +132,14 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     assert attempt.data.tags["train.environment.gradient_checkpointing"] == "False"
     assert run.data.tags["train.kind"] == "full"
     assert run.data.metrics["candidate.eval_loss"] == pytest.approx(summary.eval.candidate.metrics["eval_loss"])
+    # The held-out curve beside the training loss, and the step whose weights were evaluated: the evaluate
+    # stage measures on them the loss the curve has at that step.
+    curve = {m.step: m.value for m in client.get_metric_history(attempt.info.run_id, "eval_loss")}
+    assert sorted(curve) == [10, 20]
+    selected = int(attempt.data.tags["train.selected_step"])
+    assert selected == min(curve, key=curve.get)
+    assert attempt.data.tags["train.selection"].startswith(f"train.select=best: step {selected} (eval_loss")
+    assert summary.eval.candidate.metrics["eval_loss"] == pytest.approx(curve[selected], rel=1e-4)
     assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.metrics["eval_loss"])
     assert run.data.tags["gate"] == "passed"
     assert len(run.data.tags["dataset.fingerprint"]) == 64

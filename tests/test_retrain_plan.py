@@ -97,7 +97,7 @@ def test_lower_is_better_metrics_improve_downwards(tmp_path: Path):
 def test_plan_steps_must_change_something_consistent(tmp_path: Path):
     config = tmp_path / "c.yaml"
     config.write_text("name: x\ndata: {train: t.jsonl}\nmodel: {base: m}\nollama: {model_name: x}\n")
-    for step, problem in (("{}", "changes nothing"), ("{max_steps: 5, epochs: 1}", "not both"),
+    for step, problem in (("{}", "changes nothing"), ("{max_steps: 5, epochs: 1}", "one of max_steps, epochs"),
                           ("{continue_training: true, lora_r: 32}", "lora_r cannot change")):
         with pytest.raises(ConfigError, match=problem):
             load_config(config, [f"retrain.plan=[{step}]"])
@@ -143,3 +143,38 @@ def test_cli_prints_the_metrics_table_every_failing_reason_and_the_report(tmp_pa
     assert "the evaluation gate failed (all 2 attempts failed the gate)" in printed
     assert "- field_accuracy is 0.375, below the minimum 0.5" in printed
     assert f"report: {written.path}" in printed and "MLflow run: run123" in printed
+
+
+def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_longer(tmp_path: Path):
+    """The default plan (continue for as many steps again) is replaced by retrain.past_best when the held-out
+    curve peaked before its last evaluation; a curve still improving at its end follows the plan."""
+    from tasks.train import EvalPoint
+
+    cfg = _config(max_attempts=3)
+    first = _attempt(tmp_path, next_attempt(cfg, []), 0.25)
+
+    def with_curve(attempt: Attempt, best_step: int) -> Attempt:
+        curve = [EvalPoint(step=s, eval_loss=1.0, elapsed_s=0.1) for s in (20, 40, 60, 80, 100)]
+        trained = attempt.trained.model_copy(update={"eval_history": curve, "best_step": best_step,
+                                                     "selected_step": best_step})
+        return attempt.model_copy(update={"trained": trained})
+
+    still_improving = next_attempt(cfg, [with_curve(first, 100)])
+    assert (still_improving.train.max_steps, still_improving.train.learning_rate) == (100, pytest.approx(1e-3))
+    assert still_improving.reason is None and still_improving.change == RetrainChange(continue_training=True)
+
+    past = next_attempt(cfg, [with_curve(first, 40)])
+    assert past.change == cfg.retrain.past_best
+    assert (past.train.max_steps, past.train.learning_rate) == (50, pytest.approx(5e-4))  # half the steps and rate
+    assert past.init_from == tmp_path / "adapter1"  # the returned weights: the best checkpoint under select best
+    assert past.reason == ("attempt 1's held-out field_accuracy peaked at step 40 of 100: training longer would "
+                           "go further past it")
+    # A plan that already changes the rate is followed; so is every plan with past_best off.
+    gentle = _config(max_attempts=3, plan=[{"continue_training": True, "learning_rate_factor": 0.1}])
+    assert next_attempt(gentle, [with_curve(first, 40)]).train.learning_rate == pytest.approx(1e-4)
+    off = _config(max_attempts=3, past_best=None)
+    assert next_attempt(off, [with_curve(first, 40)]).train.max_steps == 100
+    # Shown in the report's attempts table.
+    second = _attempt(tmp_path, past, 0.3)
+    text = write_report("p", [first, second], "x", tmp_path / "report").path.read_text()
+    assert "(attempt 1's held-out field_accuracy peaked at step 40 of 100" in text

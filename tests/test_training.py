@@ -12,22 +12,25 @@ import pytest
 from tasks.base_model import resolve_base_model
 from tasks.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from tasks.format_data import FormattedData, format_dataset
-from tasks.load_data import load_dataset
-from tasks.train import TrainRequest, TrainResult
+from tasks.load_data import LoadedData, load_dataset
+from tasks.train import HeldOut, TrainRequest, TrainResult
 from tasks.worker import WorkerFailed, run_worker
 
 STEPS, SAVE_STEPS = 8, 3
 
 
 @pytest.fixture(scope="module")
-def formatted(tmp_path_factory, tiny_model: Path, demo_data) -> tuple[FormattedData, ModelConfig]:
-    work = tmp_path_factory.mktemp("training")
+def loaded(tmp_path_factory, demo_data) -> LoadedData:
     train, eval_ = demo_data
-    loaded = load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
-                          work / "loaded")
+    return load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
+                        tmp_path_factory.mktemp("loaded"))
+
+
+@pytest.fixture(scope="module")
+def formatted(tmp_path_factory, tiny_model: Path, loaded) -> tuple[FormattedData, ModelConfig]:
     model_cfg = ModelConfig(base=str(tiny_model), max_seq_length=256)
     data = format_dataset(loaded.train_path, loaded.eval_path, resolve_base_model(model_cfg), model_cfg,
-                          work / "formatted")
+                          tmp_path_factory.mktemp("formatted"))
     return data, model_cfg
 
 
@@ -246,3 +249,140 @@ def test_init_from_continues_from_an_earlier_adapter(formatted, uninterrupted, t
     # Step 1's loss is measured before its update: with the earlier weights it starts where they ended.
     first, last = uninterrupted.loss_history[0].loss, uninterrupted.loss_history[-1].loss
     assert continued.loss_history[0].loss < (first + last) / 2
+
+
+# ------------------------------------------------------------------ held-out evaluations and the best checkpoint
+
+# A rate this high makes the tiny model's held-out loss jump after its first step (11.9, 17.7, 15.4 measured):
+# the best checkpoint is step 1, and two evaluations without a gain stop training at step 3.
+PEAKED = dict(learning_rate=0.3, lr_scheduler="constant", warmup_steps=0, eval_steps=1, max_steps=8, save_steps=2,
+              early_stopping={"patience": 2})
+
+
+@pytest.fixture(scope="module")
+def held_out(formatted, loaded, tmp_path_factory) -> HeldOut:
+    """The first 8 held-out rows (a smaller split keeps each evaluation to a second)."""
+    data, _ = formatted
+    rows = data.eval.path.read_text().splitlines()[:8]
+    path = tmp_path_factory.mktemp("held-out") / "eval.jsonl"
+    path.write_text("".join(row + "\n" for row in rows))
+    return HeldOut(loss_rows=data.eval.model_copy(update={"path": path, "n_rows": len(rows)}),
+                   examples=loaded.eval_path, train_examples=loaded.train_path, metric="eval_loss",
+                   output_format="json", max_new_tokens=8, batch_size=4)
+
+
+def with_held_out(request: TrainRequest, held_out: HeldOut, **update) -> TrainRequest:
+    return request.model_copy(update={"held_out": held_out.model_copy(update=update)})
+
+
+@pytest.fixture(scope="module")
+def peaked(formatted, held_out, tmp_path_factory) -> TrainResult:
+    from tasks.training import train_model
+
+    return train_model(with_held_out(request_for(formatted, tmp_path_factory.mktemp("peaked"), **PEAKED), held_out))
+
+
+def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatted, held_out, peaked, tmp_path):
+    """The held-out loss peaks at step 1; early stopping ends at step 3; the adapter and the exported GGUF are
+    those of a run that stopped at step 1 (constant rate: the same first step)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tasks.config import ExportConfig
+    from tasks.evaluate import mean_answer_loss
+    from tasks.export import export_model
+    from tasks.training import train_model
+
+    losses = [p.eval_loss for p in peaked.eval_history]
+    assert [p.step for p in peaked.eval_history] == [1, 2, 3]
+    assert losses[0] < min(losses[1:])  # a later step is worse
+    assert (peaked.selected_step, peaked.steps, peaked.stopped_early) == (1, 3, True)
+    assert peaked.selection.startswith("train.select=best: step 1 (eval_loss")
+    assert [p.step for p in peaked.loss_history] == [1, 2, 3]
+
+    one_step = train_model(request_for(formatted, tmp_path / "one", **(PEAKED | dict(
+        max_steps=1, eval_steps=None, early_stopping=None))))
+    assert one_step.selected_step is None and one_step.eval_history == []
+    ours, theirs = adapter_weights(peaked), adapter_weights(one_step)
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+    # The curve's value is what the evaluate stage measures on the returned (merged) model.
+    base = request_for(formatted, tmp_path).base
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.name_or_path),
+                                       peaked.adapter_dir).merge_and_unload().eval()
+    with torch.no_grad():
+        assert mean_answer_loss(merged, held_out.loss_rows.rows(), 4, 0) == pytest.approx(losses[0], rel=1e-4)
+    export = ExportConfig(gguf_types=["f16"], lora_gguf=False)
+    ggufs = [export_model(result, base, export, tmp_path / f"export-{name}").ggufs[0]
+             for name, result in (("best", peaked), ("one", one_step))]
+    assert ggufs[0].sha256 == ggufs[1].sha256
+
+
+def test_evaluating_an_answer_metric_does_not_change_the_training(formatted, held_out, tmp_path):
+    """Greedy answers during training (field accuracy on 2 prompts) leave the weights as without them."""
+    from tasks.training import train_model
+
+    short = dict(max_steps=2, save_steps=10)
+    plain = train_model(request_for(formatted, tmp_path / "plain", **short))
+    measured = train_model(with_held_out(request_for(formatted, tmp_path / "measured", eval_steps=1, eval_samples=2,
+                                                     **short), held_out, metric="field_accuracy"))
+    assert [p.step for p in measured.eval_history] == [1, 2]
+    assert {"field_accuracy", "valid_json_rate", "exact_match"} <= measured.eval_history[0].metrics.keys()
+    assert measured.selection.startswith("train.select=best: step ")
+    assert_same_training(measured, plain, atol=0)
+
+
+def test_killed_training_resumes_with_its_best_checkpoint_and_patience(formatted, held_out, peaked, tmp_path):
+    """Killed after step 3 began (a checkpoint at step 2: best step 1, one evaluation without a gain): the
+    resumed run stops at step 3 as the uninterrupted one did, returning step 1's weights."""
+    request = with_held_out(request_for(formatted, tmp_path / "stage", **PEAKED), held_out)
+    pid: list[int] = []
+    checkpoints = tmp_path / "stage" / "checkpoints"
+
+    def kill_at_step_3(event: dict) -> None:
+        if event["event"] == "started":
+            pid.append(event["pid"])
+        elif event["event"] == "step" and event["step"] == 3:
+            os.kill(pid[0], signal.SIGKILL)
+
+    with pytest.raises(WorkerFailed, match="killed by SIGKILL"):
+        train_in_worker(request, kill_at_step_3)
+    # The newest checkpoint and the best weights it names, nothing else.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-0000001", "step-0000002"]
+    events: list[dict] = []
+    resumed = train_in_worker(request, events.append)
+    assert resumed.resumed_from_step == 2
+    assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3]  # the curve so far, then step 3
+    assert (resumed.steps, resumed.selected_step, resumed.stopped_early) == (3, 1, True)
+    assert [p.eval_loss for p in resumed.eval_history] == pytest.approx([p.eval_loss for p in peaked.eval_history])
+    assert_same_training(resumed, peaked, atol=1e-6)
+
+
+def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, held_out, peaked, tmp_path):
+    from tasks.training import train_model
+
+    request = with_held_out(request_for(formatted, tmp_path, **(PEAKED | dict(max_steps=1))), held_out)
+    continued = train_model(request.model_copy(update={"init_from": peaked.adapter_dir}))
+    assert [p.step for p in continued.eval_history] == [0, 1]
+    assert continued.eval_history[0].eval_loss == pytest.approx(peaked.eval_history[0].eval_loss, rel=1e-5)
+
+
+def test_the_best_evaluation_breaks_ties_by_loss_and_patience_counts_gains_over_min_delta():
+    from tasks.train import EvalPoint
+    from tasks.training import TrainingState, track_best
+
+    state = TrainingState(micro_batch_size=1)
+    scores = [(0.50, 1.0), (0.50, 0.9), (0.52, 1.1), (0.40, 0.5), (0.60, 0.8)]  # (field accuracy, eval loss)
+    new_best, patience = [], []
+    for step, (accuracy, loss) in enumerate(scores, start=1):
+        point = EvalPoint(step=step, eval_loss=loss, metrics={"field_accuracy": accuracy}, elapsed_s=0.0)
+        new_best.append(track_best(state, point, "field_accuracy", min_delta=0.05))
+        patience.append(state.evals_without_gain)
+    # Step 2 ties step 1 with a lower loss; step 3 is better (a best) but by less than min_delta (no gain).
+    assert new_best == [True, True, True, False, True]
+    assert patience == [0, 1, 2, 3, 0]
+    assert state.best.step == 5
+    lower = TrainingState(micro_batch_size=1)
+    for step, loss in enumerate([2.0, 1.5, 1.7], start=1):
+        track_best(lower, EvalPoint(step=step, eval_loss=loss, elapsed_s=0.0), "eval_loss", min_delta=0.0)
+    assert (lower.best.step, lower.evals_without_gain) == (2, 1)
