@@ -114,11 +114,12 @@ def use_grouped_attention(model, length: int) -> None:
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError(f"{config.model_type}: soft-capped attention is not supported here")
     sliding = set(getattr(config, "layer_types", None) or ["full_attention"]) - {"full_attention"}
-    if sliding and not (sliding == {"sliding_attention"} and length <= config.sliding_window):
+    window = getattr(config, "sliding_window", None)
+    if sliding and not (sliding == {"sliding_attention"} and window and length <= window):
         raise ValueError(
-            f"{config.model_type}: a prompt and its answer of up to {length} tokens do not fit the "
-            f"{config.sliding_window}-token window of its sliding-window layers ({', '.join(sorted(sliding))}), "
-            "which this decoder treats as full attention: lower eval.max_new_tokens or model.max_seq_length")
+            f"{config.model_type}: {', '.join(sorted(sliding))} layers are decoded here only when a prompt and its "
+            f"answer ({length} tokens here) fit their window ({window}), where they attend to every token: "
+            "lower eval.max_new_tokens or model.max_seq_length")
     AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
     AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)  # the same masks as SDPA
     model.set_attn_implementation(GROUPED_ATTENTION)

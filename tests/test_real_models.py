@@ -295,3 +295,18 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
         end = next((k for k, token in enumerate(tokens) if token in stops), None)
         expected = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
         assert (sample["base"]["answer"], sample["base"]["stopped"]) == (expected, end is not None)
+
+
+def test_a_prompt_and_answer_longer_than_gemmas_window_are_refused_naming_the_fix(gemma3) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from tasks.generation import use_grouped_attention
+
+    config = AutoConfig.from_pretrained(gemma3.name_or_path)
+    config._attn_implementation = "sdpa"
+    model = SimpleNamespace(config=config)  # the refusal comes before any weight is touched
+    with pytest.raises(ValueError, match=r"sliding_attention layers are decoded here only when a prompt and its "
+                                         r"answer \(513 tokens here\) fit their window \(512\).*eval.max_new_tokens"):
+        use_grouped_attention(model, config.sliding_window + 1)
