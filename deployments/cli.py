@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunepipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="fine-tune, gate, export and register the model a config describes")
-    demo = commands.add_parser("demo", help=f"build the tiny model and demo data, then run {DEMO_CONFIG}")
+    demo = commands.add_parser("demo", help=f"write the demo data, then fine-tune SmolLM2-135M as {DEMO_CONFIG} says")
     retrain = commands.add_parser(
         "retrain", help="fold new RAG examples into the data set and retrain when there are enough (rag section)")
     evaluate = commands.add_parser("evaluate", help="score a trained model on the config's held-out split")
@@ -232,10 +233,15 @@ def prepare_demo_assets(root: Path) -> None:
     from rich.console import Console
 
     from tasks.demo_data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
-    from tasks.tiny_model import build_tiny_model
+    from tasks.real_models import DEMO_MODEL, PACKAGED, packaged_gguf
 
-    with Console(stderr=True).status("Building the tiny Qwen3 model and demo data (the first time ~30 s)..."):
-        build_tiny_model(root / "tiny-qwen3")
+    with Console(stderr=True).status("Writing the demo data (the first time a few seconds)..."):
+        # The demo's base model: SmolLM2-135M-Instruct as set-up fetched it, linked under the name the config uses.
+        model = root / PACKAGED[DEMO_MODEL].file_name
+        if not model.exists():
+            model.parent.mkdir(parents=True, exist_ok=True)
+            model.unlink(missing_ok=True)  # a link left pointing at a cache that was cleared
+            model.symlink_to(packaged_gguf(DEMO_MODEL))
         write_demo_dataset(root / "data", *DEMO_ROWS)
         if not (root / "rag.db").exists():  # what `tunepipe retrain configs/demo.yaml` ingests
             write_demo_rag_log(root / "rag.db")
@@ -263,7 +269,7 @@ def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
     if failed:
         console.print(f"[bold red]missing:[/] {', '.join(failed)}" + (f" (needed by {config})" if config else ""))
         if config == DEMO_CONFIG and not DEMO_ASSETS.exists():
-            console.print(f"`tunepipe demo` builds the demo's model and data under {DEMO_ASSETS}/ first.")
+            console.print(f"`tunepipe demo` writes the demo's data and links its model under {DEMO_ASSETS}/ first.")
         return 1
     console.print(f"[green]ready[/]{f' to run {config}' if config else ''}")
     return 0
@@ -451,6 +457,7 @@ class Report:
         from rich.table import Table
 
         self.metrics(summary.eval, summary.gate)
+        self.base_to_candidate(summary.eval, summary.gate)
         table = Table(title="tunepipe run", show_header=False)
         parity = ", ".join(f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop "
                            f"{g.scores.get('stop_rate', 0):.2f}" for g in summary.parity.ggufs)
@@ -475,8 +482,27 @@ class Report:
             "Flow runs: prefect server start (then open http://127.0.0.1:4200)"
         )
 
+    def base_to_candidate(self, report, decision) -> None:
+        """What fine-tuning changed, and one held-out example answered by both: the base's and the candidate's."""
+        from rich.markup import escape
+
+        from tasks.report import base_to_candidate
+
+        changes = base_to_candidate(report, [check.metric for check in decision.checks])
+        self.console.print(f"[bold]base → candidate[/] on {report.n_samples} held-out examples: "
+                           + ", ".join(changes), highlight=False, soft_wrap=True)
+        first = report.samples_path.read_text(encoding="utf-8").partition("\n")[0]
+        if first:
+            sample = json.loads(first)
+            for who in ("base", "candidate"):
+                answer = " ".join(sample[who]["answer"].split())
+                answer = answer if len(answer) <= 160 else answer[:160] + " ..."
+                self.console.print(f"  {who:>9} answered held-out {sample['source']}: {escape(answer)}",
+                                   highlight=False, soft_wrap=True)
+
     def gate(self, error) -> None:
         self.metrics(error.eval, error.decision)
+        self.base_to_candidate(error.eval, error.decision)
         self.console.print(f"[bold yellow]not promoted:[/] the evaluation gate failed ({error.outcome}); nothing "
                            "was exported or registered and the champion is unchanged.")
         for reason in error.decision.reasons:

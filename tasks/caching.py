@@ -12,7 +12,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -63,9 +63,12 @@ class StageCache(CachePolicy):
     # Modules whose code decides the result besides the task's own (a worker's entry point): editing one
     # must miss the cache just as editing the task's module does.
     sources: tuple[str, ...] = ()
+    # Arguments (pydantic models) of which only some fields decide the result: {argument: those fields}.
+    fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
-        inputs = {name: value for name, value in inputs.items() if name not in self.ignore}
+        inputs = {name: value.model_dump(mode="json", include=set(self.fields[name])) if name in self.fields else value
+                  for name, value in inputs.items() if name not in self.ignore}
         paths = [inspect.getsourcefile(task_ctx.task.fn)] + [importlib.util.find_spec(m).origin for m in self.sources]
         code = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
         key = stable_hash(task_ctx.task.name, code, inputs)

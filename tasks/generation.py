@@ -109,18 +109,28 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     return output.reshape(batch, length, heads, dim), None
 
 
-def use_grouped_attention(model) -> None:
-    """Switch `model` to `grouped_attention`; its masks are SDPA's."""
+def use_grouped_attention(model, length: int) -> None:
+    """Switch `model` to `grouped_attention` for sequences of at most `length` tokens; its masks are SDPA's.
+
+    Sliding-window layers (Gemma 3's, 512 tokens) are taken when `length` fits in the window: then every key
+    is within reach of every query, sliding attention is full attention and the static cache's sliding layers
+    never roll, so one mask serves every layer.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = model.config
     if config._attn_implementation not in ("sdpa", GROUPED_ATTENTION):
         raise ValueError(f"greedy decoding needs attn_implementation='sdpa', got {config._attn_implementation!r}")
-    if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"} or getattr(
-        config, "attn_logit_softcapping", None
-    ):
-        raise ValueError(f"{config.model_type}: sliding-window or soft-capped attention is not supported here")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(f"{config.model_type}: soft-capped attention is not supported here")
+    sliding = set(getattr(config, "layer_types", None) or ["full_attention"]) - {"full_attention"}
+    window = getattr(config, "sliding_window", None)
+    if sliding and not (sliding == {"sliding_attention"} and window and length <= window):
+        raise ValueError(
+            f"{config.model_type}: {', '.join(sorted(sliding))} layers are decoded here only when a prompt and its "
+            f"answer ({length} tokens here) fit their window ({window}), where they attend to every token: "
+            "lower eval.max_new_tokens or model.max_seq_length")
     AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
     AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)  # the same masks as SDPA
     model.set_attn_implementation(GROUPED_ATTENTION)
@@ -185,7 +195,7 @@ class GreedyDecoder:
         import torch
         from transformers import StaticCache
 
-        use_grouped_attention(model)
+        use_grouped_attention(model, length)
         use_fused_norms(model)
         device = model.device
         self.model, self.rows, self.length, self.pad_id = model, rows, length, pad_id

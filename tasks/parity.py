@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.caching import STAGE_CACHE, stage_dir
+from tasks.caching import StageCache, stage_dir
 from tasks.chat import ChatContext
 from tasks.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
 from tasks.examples import Example, read_examples
@@ -35,6 +35,10 @@ from tasks.real_models import VocabularyMismatch, compare_token_ids
 
 # Training conversations whose token ids the vocabulary check compares (the first ones of the clean split).
 VOCAB_CHECK_CONVERSATIONS = 32
+# What of the `ollama` section parity depends on: the Modelfile's TEMPLATE and SYSTEM, which render the served
+# prompt. Where Ollama is, how long it may take and the smoke test do not change an answer, nor the key.
+SERVED_PROMPT_FIELDS = ("template", "system")
+PARITY_CACHE = StageCache(fields={"ollama_cfg": SERVED_PROMPT_FIELDS})
 
 
 class GgufScores(BaseModel):
@@ -113,7 +117,11 @@ def served_answers(gguf_path: Path, prompts: list[str], stops: list[str], max_ne
         ids = [vocab_only.tokenize(text.encode(), add_bos=True, special=True) for text in prompts]
     finally:
         vocab_only.close()
-    llm = load_gguf(gguf_path, n_ctx=max(map(len, ids)) + max_new_tokens, n_threads=os.cpu_count())
+    # Half the cores, for prompts and generation alike: llama.cpp's threads spin while they wait for each other,
+    # so one more thread than the cores free (a stage's worker or another job beside it) is ruinous. On the
+    # 2-core machine under load 4-8, 4 answers took 210 s with 2 threads and 11 s with 1 (RESULTS, issue 18).
+    threads = max((os.cpu_count() or 2) // 2, 1)
+    llm = load_gguf(gguf_path, n_ctx=max(map(len, ids)) + max_new_tokens, n_threads=threads, n_threads_batch=threads)
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         results = []
@@ -168,8 +176,9 @@ def _write_samples(path: Path, examples: list[Example], served_prompts: list[str
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-@task(name="parity", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="parity", cache_policy=PARITY_CACHE, persist_result=True)
 def parity(exported: ExportResult, eval_examples: Path, train_examples: Path, data_cfg: DataConfig,
            cfg: EvalConfig, ollama_cfg: OllamaConfig, chat: ChatContext, workdir: Path) -> ParityReport:
-    out_dir = stage_dir(workdir, "parity", exported, eval_examples, train_examples, data_cfg, cfg, ollama_cfg, chat)
+    out_dir = stage_dir(workdir, "parity", exported, eval_examples, train_examples, data_cfg, cfg,
+                        ollama_cfg.model_dump(mode="json", include=set(SERVED_PROMPT_FIELDS)), chat)
     return measure_parity(exported, eval_examples, train_examples, data_cfg, cfg, ollama_cfg, chat, out_dir)

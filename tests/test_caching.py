@@ -15,7 +15,8 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 from pydantic import BaseModel
 
 from tasks.caching import STAGE_CACHE, StageCache, outputs_exist, stable_hash, stage_dir
-from tasks.config import EvalConfig
+from tasks.config import EvalConfig, OllamaConfig
+from tasks.parity import PARITY_CACHE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,3 +175,29 @@ def test_stage_cache_misses_when_a_declared_source_module_changes(prefect_server
         assert (helped_flow(), counter.read_text()) == ("Cached", "1")
         helper.write_text("VERSION = 2\n")
         assert (helped_flow(), counter.read_text()) == ("Completed", "2")
+
+
+def test_parity_is_keyed_on_the_served_prompt_settings_only(prefect_server: None, tmp_path: Path) -> None:
+    """Moving Ollama (host, timeout, smoke test) must not measure parity again; a new TEMPLATE or SYSTEM must."""
+    counter = tmp_path / "executions.txt"
+
+    @task(cache_policy=PARITY_CACHE, persist_result=True)
+    def served(ollama_cfg: OllamaConfig) -> int:
+        runs = int(counter.read_text()) if counter.exists() else 0
+        counter.write_text(str(runs + 1))
+        return runs + 1
+
+    @flow
+    def parity_flow(ollama_cfg: OllamaConfig) -> str:
+        return served(ollama_cfg, return_state=True).name
+
+    first = OllamaConfig(model_name="shop", host="http://127.0.0.1:11434", system="Answer in JSON.")
+    moved = first.model_copy(update={"host": "http://gpu-box:11434", "timeout_s": 60, "smoke_examples": 1,
+                                     "num_ctx": 8192})
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        assert (parity_flow(first), counter.read_text()) == ("Completed", "1")
+        assert (parity_flow(moved), counter.read_text()) == ("Cached", "1")
+        assert (parity_flow(first.model_copy(update={"system": "Answer in YAML."})), counter.read_text()) == (
+            "Completed", "2")
+        assert (parity_flow(first.model_copy(update={"template": "{{ .Prompt }}"})), counter.read_text()) == (
+            "Completed", "3")

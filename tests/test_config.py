@@ -32,13 +32,14 @@ def test_demo_config_loads() -> None:
     cfg = load_config(CONFIGS / "demo.yaml")
     assert isinstance(cfg, PipelineConfig)
     assert cfg.name == "demo-products"
-    assert cfg.train.max_steps == 600 and cfg.train.mode == "full"
+    assert cfg.model.base.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert cfg.train.max_steps == 16 and cfg.train.mode == "lora"
     assert cfg.model.max_seq_length == 256
     assert cfg.gate.rules["valid_json_rate"].min == 0.9
     assert cfg.gate.rules["valid_json_rate"].max is None
-    assert cfg.gate.rules["field_accuracy"].min_improvement_over_base == 0.55
+    assert cfg.gate.rules["field_accuracy"].min_improvement_over_base == 0.6
     assert cfg.retrain.max_attempts == 2
-    assert cfg.retrain.plan[0].continue_training and cfg.retrain.plan[0].max_steps == 200
+    assert cfg.retrain.plan[0].continue_training and cfg.retrain.plan[0].max_steps == 8
 
 
 def test_training_modes_and_adapter_targets(tmp_path: Path) -> None:

@@ -24,7 +24,9 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     config.update(workdir=str(root / "runs"))
     config["data"].update(train=str(train), eval=str(eval_))
     config["model"]["base"] = str(tiny_model)
-    config["train"].update(max_steps=20, logging_steps=2, eval_steps=10)  # held-out loss at steps 10 and 20
+    # The tiny model learns only when every weight trains (the demo itself fine-tunes SmolLM2 with LoRA).
+    config["train"].update(mode="full", max_steps=20, learning_rate=3e-3, lr_scheduler="constant", batch_size=16,
+                           warmup_steps=20, logging_steps=2, eval_steps=10)  # held-out loss at steps 10 and 20
     config["eval"] = {"max_samples": 8, "max_new_tokens": 24}
     config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": 1.0}}}
     config["retrain"] = {"max_attempts": 1}  # the loop has its own tests (test_retrain_loop.py)
@@ -61,7 +63,7 @@ def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
     assert states["serve"] == "Completed"  # the subflow: register found no Ollama, so nothing was asked
     assert summary.gate.passed
     exported = summary.exported
-    # The demo trains every weight (train.mode full): a whole model, no adapter and no adapter GGUF.
+    # Every weight trained (train.mode full): a whole model, no adapter and no adapter GGUF.
     assert exported.adapter_dir is None and exported.adapter_gguf is None
     assert (exported.merged_dir / "model.safetensors").is_file()
     assert (exported.merged_dir / "chat_template.jinja").is_file()

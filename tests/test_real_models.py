@@ -249,3 +249,65 @@ def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_th
     served = [json.loads(line)["served_prompt"] for line in report.samples_path.read_text().splitlines()]
     assert served[0].startswith(f"<start_of_turn>user\n{SYSTEM_PROMPT}\n\n<")
     assert served[0].endswith("<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma3, demo_data, tmp_path) -> None:
+    """The evaluate stage on Gemma 3, whose sliding-window layers it used to refuse: prompt and answer fit the
+    512-token window, where sliding attention is full attention. A LoRA adapter trained a few steps on the
+    product pages is the candidate; the base's batched answers (left-padded, static cache) equal transformers'
+    own greedy generate, one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
+    from tasks.evaluate import evaluate_models
+    from tasks.format_data import format_dataset
+    from tasks.generation import render_prompt, stop_token_ids
+    from tasks.load_data import load_dataset
+    from tasks.train import TrainRequest, TrainResult
+    from tasks.worker import run_worker
+
+    train, eval_ = _short_pages(demo_data, tmp_path, 40, 3)
+    data_cfg = DataConfig(train=train, eval=eval_, system_prompt=SYSTEM_PROMPT, output_format="json", min_rows=20)
+    model_cfg = ModelConfig(base=str(gemma3.gguf), max_seq_length=320)
+    loaded = load_dataset(data_cfg, tmp_path / "loaded")
+    formatted = format_dataset(loaded.train_path, loaded.eval_path, gemma3, model_cfg, tmp_path / "formatted")
+    request = TrainRequest(data=formatted.train, base=gemma3, model_cfg=model_cfg, lora=LoraConfig(r=16, alpha=32),
+                           cfg=TrainConfig(mode="lora", max_steps=4, batch_size=4, learning_rate=2e-3,
+                                           warmup_steps=1, save_steps=100, gradient_checkpointing=False),
+                           out_dir=tmp_path / "train")
+    trained = run_worker("tasks.training:train_model", request, TrainResult, tmp_path / "train")
+    cfg = EvalConfig(max_samples=3, max_new_tokens=24, batch_size=3)
+    report = evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, gemma3, None,
+                             f"sqlite:///{tmp_path}/mlflow.db", data_cfg, cfg, tmp_path / "evaluate",
+                             tmp_path / "reference")
+    assert report.n_samples == 3
+    assert report.candidate.metrics["eval_loss"] < report.base.metrics["eval_loss"]  # it learnt the pages
+
+    samples = [json.loads(line) for line in report.samples_path.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(gemma3.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(gemma3.name_or_path, dtype=torch.float32).eval()
+    stops = stop_token_ids(model, tokenizer)
+    for sample, example in zip(samples, [json.loads(line) for line in loaded.eval_path.read_text().splitlines()]):
+        ids = torch.tensor([render_prompt(tokenizer, example["messages"][:-1])])
+        with torch.inference_mode():
+            tokens = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=stops,
+                                    pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        end = next((k for k, token in enumerate(tokens) if token in stops), None)
+        expected = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
+        assert (sample["base"]["answer"], sample["base"]["stopped"]) == (expected, end is not None)
+
+
+def test_a_prompt_and_answer_longer_than_gemmas_window_are_refused_naming_the_fix(gemma3) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from tasks.generation import use_grouped_attention
+
+    config = AutoConfig.from_pretrained(gemma3.name_or_path)
+    config._attn_implementation = "sdpa"
+    model = SimpleNamespace(config=config)  # the refusal comes before any weight is touched
+    with pytest.raises(ValueError, match=r"sliding_attention layers are decoded here only when a prompt and its "
+                                         r"answer \(513 tokens here\) fit their window \(512\).*eval.max_new_tokens"):
+        use_grouped_attention(model, config.sliding_window + 1)

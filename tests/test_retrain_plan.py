@@ -143,6 +143,12 @@ def test_cli_prints_the_metrics_table_every_failing_reason_and_the_report(tmp_pa
     assert "the evaluation gate failed (all 2 attempts failed the gate)" in printed
     assert "- field_accuracy is 0.375, below the minimum 0.5" in printed
     assert f"report: {written.path}" in printed and "MLflow run: run123" in printed
+    # What fine-tuning changed, gated metric first, and the first held-out example as each model answered it.
+    changes = "field_accuracy 0.000 → 0.375, eval_loss 9.000 → 1.000"
+    assert f"base → candidate on 3 held-out examples: {changes}" in printed
+    assert "     base answered held-out eval.jsonl:1: \n" in printed
+    assert "candidate answered held-out eval.jsonl:1: not json" in printed
+    assert f"Base → candidate on 3 held-out examples: {changes}." in written.path.read_text()
 
 
 def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_longer(tmp_path: Path):
