@@ -62,6 +62,20 @@ def test_gemma_folder_has_the_gguf_vocabulary_and_the_supplied_turn_format(gemma
     compare_token_ids(tokenizer, gemma3.gguf, [text], "test")
 
 
+def test_a_trained_gemma_keeps_the_sentencepiece_model_the_converter_needs(gemma3, tmp_path) -> None:
+    """transformers writes no tokenizer.model back, and without it llama.cpp's converter takes Gemma's
+    SentencePiece vocabulary for BPE and fails: training's output gets the base folder's copy."""
+    from transformers import AutoTokenizer
+
+    from tasks.training import keep_tokenizer_sources
+
+    out = tmp_path / "adapter"
+    AutoTokenizer.from_pretrained(gemma3.name_or_path).save_pretrained(out)
+    assert not (out / "tokenizer.model").exists()
+    keep_tokenizer_sources(gemma3, out)
+    assert (out / "tokenizer.model").read_bytes() == (Path(gemma3.name_or_path) / "tokenizer.model").read_bytes()
+
+
 def test_a_quantized_source_warns_that_its_rounding_is_trained(smollm2) -> None:
     with pytest.warns(UserWarning, match="q4_1, below q8_0"):
         again = resolve_base_model(ModelConfig(base=str(smollm2.gguf)))
