@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from collections.abc import Callable
 from fnmatch import fnmatch
@@ -285,3 +286,20 @@ def _cached_snapshot(cfg: ModelConfig) -> Path | None:
 
     config_file = try_to_load_from_cache(cfg.base, "config.json", revision=cfg.revision)
     return Path(config_file).parent if isinstance(config_file, str) else None
+
+
+# Tokenizer files transformers reads but does not write back; llama.cpp's converter needs them (without
+# `tokenizer.model` it takes a SentencePiece vocabulary such as Gemma's for BPE and fails).
+TOKENIZER_SOURCES = ("tokenizer.model",)
+
+
+def keep_tokenizer_sources(source: str, out: Path, revision: str | None = None) -> None:
+    """Copy the `TOKENIZER_SOURCES` of `source` (a folder or a hub id, from its cache) that `out` lacks into it."""
+    from transformers.utils import cached_file
+
+    for name in TOKENIZER_SOURCES:
+        if (out / name).exists():
+            continue
+        found = cached_file(source, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+        if found is not None:
+            shutil.copy2(found, out / name)

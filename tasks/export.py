@@ -21,7 +21,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.base_model import BaseModelRef
+from tasks.base_model import BaseModelRef, keep_tokenizer_sources
 from tasks.caching import STAGE_CACHE, stage_dir
 from tasks.config import ExportConfig
 from tasks.llama_cpp_tools import run_converter
@@ -108,6 +108,7 @@ def merge_adapter(adapter_dir: Path, base: BaseModelRef, merged_dir: Path) -> Pa
     model.merge_and_unload().save_pretrained(merged_dir)
     # The adapter folder's tokenizer carries the chat template the model was trained with.
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged_dir)
+    keep_tokenizer_sources(str(adapter_dir), merged_dir)
     return merged_dir
 
 

@@ -930,22 +930,6 @@ def _save_output(model, tokenizer, out: Path, kind: str, request: TrainRequest) 
             model.to(base_dtype)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    keep_tokenizer_sources(request.base, out)
+    from tasks.base_model import keep_tokenizer_sources
 
-
-# Tokenizer files transformers reads but does not write back; llama.cpp's converter needs them (without
-# `tokenizer.model` it takes a SentencePiece vocabulary such as Gemma's for BPE and fails).
-TOKENIZER_SOURCES = ("tokenizer.model",)
-
-
-def keep_tokenizer_sources(base, out: Path) -> None:
-    """Copy the base model's `TOKENIZER_SOURCES` that `out` lacks into it (local folder or hub cache)."""
-    from transformers.utils import cached_file
-
-    for name in TOKENIZER_SOURCES:
-        if (out / name).exists():
-            continue
-        source = cached_file(base.name_or_path, name, revision=base.revision,
-                             _raise_exceptions_for_missing_entries=False)
-        if source is not None:
-            shutil.copy2(source, out / name)
+    keep_tokenizer_sources(request.base.name_or_path, out, request.base.revision)

@@ -64,15 +64,15 @@ def test_gemma_folder_has_the_gguf_vocabulary_and_the_supplied_turn_format(gemma
 
 def test_a_trained_gemma_keeps_the_sentencepiece_model_the_converter_needs(gemma3, tmp_path) -> None:
     """transformers writes no tokenizer.model back, and without it llama.cpp's converter takes Gemma's
-    SentencePiece vocabulary for BPE and fails: training's output gets the base folder's copy."""
+    SentencePiece vocabulary for BPE and fails: training's output and export's merged folder get the copy."""
     from transformers import AutoTokenizer
 
-    from tasks.training import keep_tokenizer_sources
+    from tasks.base_model import keep_tokenizer_sources
 
     out = tmp_path / "adapter"
     AutoTokenizer.from_pretrained(gemma3.name_or_path).save_pretrained(out)
     assert not (out / "tokenizer.model").exists()
-    keep_tokenizer_sources(gemma3, out)
+    keep_tokenizer_sources(gemma3.name_or_path, out)
     assert (out / "tokenizer.model").read_bytes() == (Path(gemma3.name_or_path) / "tokenizer.model").read_bytes()
 
 
