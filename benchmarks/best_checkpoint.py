@@ -3,13 +3,13 @@
 A real instruct model, SmolLM2-135M-Instruct (from its packaged GGUF, as `model.base` takes it), learns the
 demo's product extraction with LoRA r=16 on pages of three layouts and is judged on pages of the fourth
 (`<ul>` lists), which training never shows. Two trainings with the same schedule (seed, steps, warm-up, rate),
-each the train stage's worker (`tasks.training`; unsloth on CUDA when installed, transformers + peft elsewhere):
+each the train stage's worker (`tasks.train.loop`; unsloth on CUDA when installed, transformers + peft elsewhere):
 - `last`: `train.select: last`, all --steps, evaluated every --eval-steps: the whole held-out curve, and the
   weights training returned before issue 23;
 - `best`: `train.select: best` with `train.early_stopping` (patience --patience): it stops once field accuracy
   on the sampled prompts stalls and returns its best step. Its steps are the `last` run's first ones, so its
   evaluations repeat the start of that curve.
-The evaluate stage (`tasks.evaluate`) then scores both returned models, and the base, on all held-out pages.
+The evaluate stage (`tasks.evaluate.task`) then scores both returned models, and the base, on all held-out pages.
 
     flock /tmp/tunepipe-cpu.lock .venv/bin/python benchmarks/best_checkpoint.py              # the CPU figures
     .venv/bin/python benchmarks/best_checkpoint.py --steps 250 --batch-size 16 --eval-steps 10 \\
@@ -27,19 +27,19 @@ import time
 import warnings
 from pathlib import Path
 
-from tasks.base_model import resolve_base_model
-from tasks.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig
-from tasks.demo_data import write_demo_dataset
-from tasks.evaluate import evaluate_models
-from tasks.format_data import format_dataset
-from tasks.load_data import load_dataset
-from tasks.real_models import PACKAGED, packaged_gguf
-from tasks.train import HeldOut, TrainRequest, TrainResult
-from tasks.worker import run_worker
+from tasks.model.base import resolve_base_model
+from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig
+from tasks.demo.data import write_demo_dataset
+from tasks.evaluate.task import evaluate_models
+from tasks.data.format import format_dataset
+from tasks.data.load import load_dataset
+from tasks.model.packaged import PACKAGED, packaged_gguf
+from tasks.train.task import HeldOut, TrainRequest, TrainResult
+from tasks.runtime.worker import run_worker
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM_PROMPT = "Extract the product from the HTML as a JSON object with name, price, category and manufacturer."
-HELD_OUT_LAYOUT = "<ul"  # tasks/demo_data.py's fourth layout: a bullet list
+HELD_OUT_LAYOUT = "<ul"  # tasks/demo/data.py's fourth layout: a bullet list
 SHOWN = ("field_accuracy", "exact_match", "valid_json_rate")
 
 
@@ -62,7 +62,7 @@ def train(request: TrainRequest) -> TrainResult:
             print(f"  step {event['step']}: held-out loss {event['eval_loss']:.4f}, {shown} "
                   f"({event['elapsed_s']:.1f} s)", flush=True)
 
-    return run_worker("tasks.training:train_model", request, TrainResult, request.out_dir, on_event=show)
+    return run_worker("tasks.train.loop:train_model", request, TrainResult, request.out_dir, on_event=show)
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ The model has Qwen3-0.6B's shape with random weights (no download); its tokenize
 before it moved to GPT-2's vocabulary; the vocabulary sets the LM head's size). 128 chat prompts of 100-200
 tokens, 64 new tokens each, greedy; random weights never stop early, so every answer is 64 tokens long.
 
-1. The stage: `tasks.evaluate.generate_outputs` run as the evaluate stage runs it, in a worker process
+1. The stage: `tasks.evaluate.task.generate_outputs` run as the evaluate stage runs it, in a worker process
    (process start, imports, model load, CUDA graph capture, answers, eval loss), timed from outside.
-2. Its generation (`tasks.generation.greedy_answers`) in this process: a first call (capture included),
+2. Its generation (`tasks.evaluate.generation.greedy_answers`) in this process: a first call (capture included),
    then a second (steady state); and one batch's prefill and decode-step times.
 3. Baselines in the same run: `model.generate` one prompt at a time (on the first `--baseline-prompts`
    prompts: at about 30 tokens/s all 128 would take minutes), and batched with its default dynamic cache.
@@ -50,7 +50,7 @@ def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
 
 def conversations(tokenizer, n: int, seed: int = 0) -> list[list[dict]]:
     """n chat prompts whose rendered length is uniform in 100-200 tokens."""
-    from tasks.generation import render_prompt
+    from tasks.evaluate.generation import render_prompt
 
     rng = random.Random(seed)
     prompts = []
@@ -79,11 +79,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.chat import ChatContext
-    from tasks.evaluate import GenerationRequest, GenerationResult, ModelToScore
-    from tasks.examples import Message
-    from tasks.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
-    from tasks.worker import run_worker
+    from tasks.data.chat import ChatContext
+    from tasks.evaluate.task import GenerationRequest, GenerationResult, ModelToScore
+    from tasks.data.examples import Message
+    from tasks.evaluate.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
+    from tasks.runtime.worker import run_worker
 
     work = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     model_dir = build_model(args.tokenizer, work / "model")
@@ -108,7 +108,7 @@ def main() -> None:
         max_new_tokens=args.new_tokens, batch_size=args.batch_size, chat=ChatContext(),
     )
     started = time.perf_counter()
-    stage = run_worker("tasks.evaluate:generate_outputs", request, GenerationResult, work / "worker")
+    stage = run_worker("tasks.evaluate.task:generate_outputs", request, GenerationResult, work / "worker")
     stage_s = time.perf_counter() - started
     outputs = stage.outputs["candidate"]
     generated = args.prompts * args.new_tokens

@@ -10,7 +10,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from gpu_train import build_model
 build_model(Path('$tokenizer'), Path('/tmp/q06'))"
-python3 -c "from pathlib import Path; from tasks.demo_data import write_demo_dataset; write_demo_dataset(Path('runs/demo-assets/data'))"
+python3 -c "from pathlib import Path; from tasks.demo.data import write_demo_dataset; write_demo_dataset(Path('runs/demo-assets/data'))"
 sets=(--set model.base=/tmp/q06 --set model.max_seq_length=512 --set train.mode=lora --set "train.backend=$backend"
       --set train.max_steps=60 --set train.learning_rate=2e-4 --set train.lr_scheduler=linear
       --set train.warmup_steps=5 --set train.save_steps=20 --set eval.batch_size=64 --set eval.max_new_tokens=64

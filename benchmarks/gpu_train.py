@@ -1,6 +1,6 @@
 """Training speed on a CUDA GPU through tunepipe's own training worker, against baselines of the same shape.
 
-Every tunepipe run is what the train stage runs: `run_worker("tasks.training:train_model", ...)`, one worker
+Every tunepipe run is what the train stage runs: `run_worker("tasks.train.loop:train_model", ...)`, one worker
 process per configuration (so unsloth's patches never reach the next run); the baselines and levers run in
 worker processes too. The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer
 comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token vocabulary, which sets
@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.train import LossPoint, TrainRequest, TrainResult  # noqa: E402
+from tasks.train.task import LossPoint, TrainRequest, TrainResult  # noqa: E402
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -58,7 +58,7 @@ def train_under_memory_cap(request: TrainRequest) -> TrainResult:
     """The train stage's worker entry point, with this process's GPU memory capped at MEMORY_CAP_GIB."""
     import torch
 
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(MEMORY_CAP_GIB * 2**30 / total)
@@ -157,7 +157,7 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.format_data import IGNORE
+    from tasks.data.format import IGNORE
 
     rows = request.data.rows()
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(t != IGNORE) for t in
@@ -213,19 +213,19 @@ def with_liger(request: TrainRequest) -> TrainResult:
 
     apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False)
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     return train_model(request)
 
 
 def with_liger_head(request: TrainRequest) -> TrainResult:
     """A lever: the worker with Liger's fused linear cross-entropy (Triton) in place of tunepipe's chunked head
-    (`tasks/head_loss.py`). Liger returns the summed loss only: the per-token losses, which the training step
+    (`tasks/train/head_loss.py`). Liger returns the summed loss only: the per-token losses, which the training step
     does not read, come back as NaN here."""
     import torch
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    from tasks import head_loss
+    from tasks.train import head_loss
 
     liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
@@ -234,7 +234,7 @@ def with_liger_head(request: TrainRequest) -> TrainResult:
         return total, torch.full(targets.shape, float("nan"), device=targets.device)
 
     head_loss.head_cross_entropy = head_cross_entropy
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     return train_model(request)
 
@@ -242,7 +242,7 @@ def with_liger_head(request: TrainRequest) -> TrainResult:
 def with_compiled_layers(request: TrainRequest) -> TrainResult:
     """A lever: the worker with each decoder layer compiled by `torch.compile` (regional compilation: one
     graph, compiled once, reused by all 28 layers), fusing the elementwise kernels between the matmuls."""
-    from tasks import training
+    from tasks.train import loop as training
 
     loaders = {name: getattr(training, name) for name in ("_load_hf", "_load_unsloth")}
 
@@ -270,7 +270,7 @@ def with_liger_and_compiled_layers(request: TrainRequest) -> TrainResult:
 
 def profiled_training(request: TrainRequest) -> TrainResult:
     """The train stage's worker under torch's profiler (steps PROFILED): GPU busy time and the top kernels."""
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     return _profiled(train_model, request)
 
@@ -308,7 +308,7 @@ def _profiled(train, request: TrainRequest) -> TrainResult:
 
 def memory_of_training(request: TrainRequest) -> TrainResult:
     """The train stage's worker under the CUDA allocator's history: what is allocated at the peak, by site."""
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     return _memory_at_peak(train_model, request)
 
@@ -370,7 +370,7 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from tasks.tiny_model import chatml_tokenizer
+    from tasks.demo.tiny_model import chatml_tokenizer
 
     tokenizer = (chatml_tokenizer(tokenizer_source) if tokenizer_source.suffix == ".gguf"
                  else AutoTokenizer.from_pretrained(tokenizer_source))
@@ -383,11 +383,11 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
 
 
 def demo_split(model_cfg, work: Path):
-    from tasks.base_model import resolve_base_model
-    from tasks.config import DataConfig
-    from tasks.demo_data import write_demo_dataset
-    from tasks.format_data import format_dataset
-    from tasks.load_data import load_dataset
+    from tasks.model.base import resolve_base_model
+    from tasks.runtime.config import DataConfig
+    from tasks.demo.data import write_demo_dataset
+    from tasks.data.format import format_dataset
+    from tasks.data.load import load_dataset
 
     train, eval_ = write_demo_dataset(work / "data")
     loaded = load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
@@ -398,7 +398,7 @@ def demo_split(model_cfg, work: Path):
 
 def random_split(vocab_size: int, n_rows: int, path: Path):
     """Rows of LONG_TOKENS random tokens, every token trained: a plain language-modelling batch."""
-    from tasks.format_data import FormattedSplit
+    from tasks.data.format import FormattedSplit
 
     rng = random.Random(0)
     with path.open("w") as out:
@@ -426,11 +426,11 @@ def lora_flops_per_token(config, seq: int) -> float:
     return 4 * n + attention
 
 
-def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.training:train_model",
+def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.train.loop:train_model",
         flops_per_token: float | None = None, **train) -> dict:
-    from tasks.base_model import resolve_base_model
-    from tasks.config import LoraConfig, TrainConfig
-    from tasks.worker import WorkerFailed, run_worker
+    from tasks.model.base import resolve_base_model
+    from tasks.runtime.config import LoraConfig, TrainConfig
+    from tasks.runtime.worker import WorkerFailed, run_worker
 
     cfg = TrainConfig(**{"learning_rate": 2e-4, "warmup_steps": 2, "logging_steps": 1, "save_steps": 10_000,
                          **train})
@@ -467,7 +467,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="*", help="names of the runs to make, in this order (default: all)")
     args = parser.parse_args()
-    from tasks.config import ModelConfig
+    from tasks.runtime.config import ModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

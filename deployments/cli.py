@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+    from tasks.runtime.config import PipelineConfig
 
 # Set before Prefect is imported. The ephemeral server's telemetry heartbeat fights the CLI for its SQLite
 # file ("database is locked"); tokenizers' thread pool warns after every fork.
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST or http://127.0.0.1:11434)")
     args = parser.parse_args(argv)
 
-    from tasks.base_model import BaseModelError, resolve_base_model
-    from tasks.config import ConfigError, json_schema, load_config
-    from tasks.redact import redact
+    from tasks.model.base import BaseModelError, resolve_base_model
+    from tasks.runtime.config import ConfigError, json_schema, load_config
+    from tasks.runtime.redact import redact
 
     if args.command == "schema":
         if args.output:
@@ -142,10 +142,10 @@ def run_check(cfg) -> int:
     """`tunepipe check`: the data report and the run plan; 1 when the data would stop a run."""
     from rich.console import Console
 
-    from tasks.check_data import DataCheckError
-    from tasks.load_data import DataFileError
-    from tasks.run_plan import check_run
-    from tasks.training import TrainingEnvironmentError
+    from tasks.data.check import DataCheckError
+    from tasks.data.load import DataFileError
+    from deployments.run_plan import check_run
+    from tasks.train.loop import TrainingEnvironmentError
 
     quiet_environment()
     console = Console()
@@ -232,8 +232,8 @@ def _time_estimate(plan) -> str:
 def prepare_demo_assets(root: Path) -> None:
     from rich.console import Console
 
-    from tasks.demo_data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
-    from tasks.real_models import DEMO_MODEL, PACKAGED, packaged_gguf
+    from tasks.demo.data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
+    from tasks.model.packaged import DEMO_MODEL, PACKAGED, packaged_gguf
 
     with Console(stderr=True).status("Writing the demo data (the first time a few seconds)..."):
         # The demo's base model: SmolLM2-135M-Instruct as set-up fetched it, linked under the name the config uses.
@@ -253,7 +253,7 @@ def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from tasks.doctor import diagnose
+    from deployments.doctor import diagnose
 
     console = Console()
     with console.status("Checking packages, GPU, Prefect, MLflow, Ollama and the hub..."):
@@ -293,7 +293,7 @@ def start_prefect() -> None:
 def failed(report, state) -> int:
     from rich.markup import escape
 
-    from tasks.redact import redact
+    from tasks.runtime.redact import redact
 
     report.console.print(f"[bold red]failed:[/] {escape(redact(str(state.result(raise_on_failure=False))))}")
     return 1
@@ -375,10 +375,10 @@ def run_register(run_id: str, tracking_uri: str) -> int:
 
 
 def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
-    from tasks.champion import rollback
-    from tasks.config import OllamaConfig
-    from tasks.ollama.client import OllamaClient, OllamaError
-    from tasks.ollama.host import ollama_host as resolve_host
+    from tasks.serve.champion import rollback
+    from tasks.runtime.config import OllamaConfig
+    from tasks.serve.ollama.client import OllamaClient, OllamaError
+    from tasks.serve.ollama.host import ollama_host as resolve_host
 
     host = resolve_host(OllamaConfig(model_name=name, host=ollama_host))
     try:
@@ -486,7 +486,7 @@ class Report:
         """What fine-tuning changed, and one held-out example answered by both: the base's and the candidate's."""
         from rich.markup import escape
 
-        from tasks.report import base_to_candidate
+        from tasks.evaluate.report import base_to_candidate
 
         changes = base_to_candidate(report, [check.metric for check in decision.checks])
         self.console.print(f"[bold]base → candidate[/] on {report.n_samples} held-out examples: "
@@ -513,7 +513,7 @@ class Report:
         """Headline metrics of base / champion / candidate, plus every metric a gate rule checked."""
         from rich.table import Table
 
-        from tasks.report import label, models
+        from tasks.evaluate.report import label, models
 
         columns = models(report)
         gated = {check.metric for check in decision.checks}

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.champion import ChampionRef, find_champion
-from tasks.config import PipelineConfig
+from tasks.serve.champion import ChampionRef, find_champion
+from tasks.runtime.config import PipelineConfig
 
 
 class RunLine(BaseModel):
@@ -73,7 +73,7 @@ def _run_line(run) -> RunLine:
 
 
 def gather_status(cfg: PipelineConfig, last: int = 5) -> Status:
-    from tasks.rag_source import count_new_rows, read_state, state_dir
+    from tasks.data.rag_source import count_new_rows, read_state, state_dir
 
     client = _client(cfg)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)

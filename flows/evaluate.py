@@ -8,16 +8,16 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from tasks.base_model import resolve_base
-from tasks.champion import find_champion
-from tasks.check_data import check_data
-from tasks.config import PipelineConfig
-from tasks.evaluate import EvalReport, evaluate
-from tasks.format_data import format_data
-from tasks.gate import GateDecision, gate
-from tasks.load_data import data_fingerprint, load_data
-from tasks.retries import network_retries
-from tasks.tracking import tracked_run, trained_model
+from tasks.model.base import resolve_base
+from tasks.serve.champion import find_champion
+from tasks.data.check import check_data
+from tasks.runtime.config import PipelineConfig
+from tasks.evaluate.task import EvalReport, evaluate
+from tasks.data.format import format_data
+from tasks.evaluate.gate import GateDecision, gate
+from tasks.data.load import data_fingerprint, load_data
+from tasks.runtime.retries import network_retries
+from tasks.runtime.tracking import tracked_run, trained_model
 
 
 class Evaluation(BaseModel):

@@ -10,23 +10,23 @@ from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from flows.serve import Serving, serve
-from tasks.base_model import resolve_base
-from tasks.champion import find_champion
-from tasks.check_data import DataCheckError, check_data
-from tasks.config import PipelineConfig
-from tasks.evaluate import EvalReport, evaluate
-from tasks.export import ExportResult, export
-from tasks.format_data import format_data
-from tasks.gate import GateDecision, gate
-from tasks.load_data import data_fingerprint, load_data
-from tasks.parity import ParityReport, parity, parity_verdicts
-from tasks.redact import redact, redact_logs
-from tasks.report import RunReport, run_report
-from tasks.retrain_plan import Attempt, next_attempt, outcome
-from tasks.retries import network_retries
-from tasks.serve import plan
-from tasks.tracking import tracked_attempt, tracked_run
-from tasks.train import HeldOut, train
+from tasks.model.base import resolve_base
+from tasks.serve.champion import find_champion
+from tasks.data.check import DataCheckError, check_data
+from tasks.runtime.config import PipelineConfig
+from tasks.evaluate.task import EvalReport, evaluate
+from tasks.export.task import ExportResult, export
+from tasks.data.format import format_data
+from tasks.evaluate.gate import GateDecision, gate
+from tasks.data.load import data_fingerprint, load_data
+from tasks.export.parity import ParityReport, parity, parity_verdicts
+from tasks.runtime.redact import redact, redact_logs
+from tasks.evaluate.report import RunReport, run_report
+from tasks.evaluate.retrain_plan import Attempt, next_attempt, outcome
+from tasks.runtime.retries import network_retries
+from tasks.serve.task import plan
+from tasks.runtime.tracking import tracked_attempt, tracked_run
+from tasks.train.task import HeldOut, train
 
 
 class GateFailed(RuntimeError):

@@ -10,11 +10,11 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.finetune import GateFailed, RunSummary, finetune
-from tasks.config import PipelineConfig
-from tasks.rag_source import (
+from tasks.runtime.config import PipelineConfig
+from tasks.data.rag_source import (
     Snapshot, collect_rag_examples, commit_rag_snapshot, discard, mark_trained, retrain_lock, state_dir,
 )
-from tasks.tracking import find_run_of_flow_run, log_dataset_input
+from tasks.runtime.tracking import find_run_of_flow_run, log_dataset_input
 
 
 class RetrainOutcome(BaseModel):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from tasks.champion import ChampionMove
-from tasks.retries import network_retries
-from tasks.serve import Registration, ServingPlan, SmokeReport, load_plan, promote, register, smoke_test
+from tasks.serve.champion import ChampionMove
+from tasks.runtime.retries import network_retries
+from tasks.serve.task import Registration, ServingPlan, SmokeReport, load_plan, promote, register, smoke_test
 
 
 class Serving(BaseModel):

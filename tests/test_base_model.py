@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.base_model import BaseModelError, resolve_base_model
-from tasks.config import ModelConfig
+from tasks.model.base import BaseModelError, resolve_base_model
+from tasks.runtime.config import ModelConfig
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 GRANTED_TOKEN = "hf_grantedgrantedgrantedgrantedgrant"
@@ -168,9 +168,9 @@ def resolve_with_retries(base: str):
     """The finetune flow's hub resolution: the task, with three tries and no waiting."""
     from prefect import flow
 
-    from tasks.base_model import resolve_base
-    from tasks.config import RetryConfig
-    from tasks.retries import network_retries
+    from tasks.model.base import resolve_base
+    from tasks.runtime.config import RetryConfig
+    from tasks.runtime.retries import network_retries
 
     retrying = network_retries(RetryConfig(attempts=3, backoff_s=0))
 
@@ -332,7 +332,7 @@ def test_cli_prints_the_model_error_without_traceback_before_anything_starts(tmp
 
 def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_server, tmp_path: Path, capfd):
     from deployments.cli import run_finetune
-    from tasks.config import load_config
+    from tasks.runtime.config import load_config
 
     folder = model_folder(tmp_path / "model", {"config.json": "{}", "tokenizer.json": "{}"})
     config = {"name": "x", "workdir": str(tmp_path / "runs"), "data": {"train": str(tmp_path / "train.jsonl")},

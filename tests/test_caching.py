@@ -14,9 +14,9 @@ from prefect import flow, task
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import BaseModel
 
-from tasks.caching import STAGE_CACHE, StageCache, outputs_exist, stable_hash, stage_dir
-from tasks.config import EvalConfig, OllamaConfig
-from tasks.parity import PARITY_CACHE
+from tasks.runtime.caching import STAGE_CACHE, StageCache, outputs_exist, stable_hash, stage_dir
+from tasks.runtime.config import EvalConfig, OllamaConfig
+from tasks.export.parity import PARITY_CACHE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_stable_hash_is_sha256_of_canonical_json() -> None:
 
 def test_stable_hash_is_the_same_in_another_process() -> None:
     parts = "('stage', {'b': [1, 2], 'a': 'x'}, EvalConfig(max_new_tokens=7))"
-    code = f"from tasks.caching import stable_hash; from tasks.config import EvalConfig; print(stable_hash{parts})"
+    code = f"from tasks.runtime.caching import stable_hash; from tasks.runtime.config import EvalConfig; print(stable_hash{parts})"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                            check=True).stdout.strip()

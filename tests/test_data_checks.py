@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.base_model import resolve_base_model
-from tasks.check_data import CheckedData, DataCheckError, check_dataset
-from tasks.config import DataConfig, ModelConfig
-from tasks.examples import read_examples
-from tasks.load_data import Rejection, load_dataset
+from tasks.model.base import resolve_base_model
+from tasks.data.check import CheckedData, DataCheckError, check_dataset
+from tasks.runtime.config import DataConfig, ModelConfig
+from tasks.data.examples import read_examples
+from tasks.data.load import Rejection, load_dataset
 
 CORPUS = Path(__file__).parent / "corpus"
 ROWS = CORPUS / "rows"
@@ -109,7 +109,7 @@ def test_a_row_the_chat_template_cannot_train_is_quarantined_naming_its_answer(t
                                                                               tiny_model: Path) -> None:
     """QwQ's template drops an earlier answer's reasoning once more turns follow: that row cannot be one
     training sequence, so it is set aside (row, answer, reason); the single-answer rows train."""
-    from tasks.llama_cpp_tools import chat_templates_dir
+    from tasks.export.llama_cpp import chat_templates_dir
 
     think = "<think>\nThe heading.\n</think>\n\n"
     turns = [[{"role": "user", "content": f"<p>Product {i}</p>"},
@@ -230,12 +230,12 @@ def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(t
     from prefect.logging import disable_run_logger
 
     from deployments.cli import main
-    from tasks.check_data import check_data
-    from tasks.config import load_config
-    from tasks.format_data import format_data
-    from tasks.load_data import data_fingerprint, load_data
-    from tasks.run_plan import check_run
-    from tasks.train import train
+    from tasks.data.check import check_data
+    from tasks.runtime.config import load_config
+    from tasks.data.format import format_data
+    from tasks.data.load import data_fingerprint, load_data
+    from deployments.run_plan import check_run
+    from tasks.train.task import train
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"input": f"<div>Product {i}</div>", "output": {"name": f"Product {i}"}})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base_model import resolve_base_model
-from tasks.config import DataConfig, EvalConfig, ModelConfig
+from tasks.model.base import resolve_base_model
+from tasks.runtime.config import DataConfig, EvalConfig, ModelConfig
 
 PROMPTS = [f"<div><h2>Product: Kettle {'x' * (7 * i)}</h2><p>Price: ${i}</p></div>" for i in range(7)]
 
@@ -34,7 +34,7 @@ def noisy_model(tiny_model: Path):
 def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
     import torch
 
-    from tasks.generation import render_prompt
+    from tasks.evaluate.generation import render_prompt
 
     ids = torch.tensor([render_prompt(tokenizer, conversation)])
     output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
@@ -45,7 +45,7 @@ def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids
 def test_batched_answers_equal_one_at_a_time_greedy_answers(noisy_model):
     import torch
 
-    from tasks.generation import greedy_answers, stop_token_ids
+    from tasks.evaluate.generation import greedy_answers, stop_token_ids
 
     model, tokenizer = noisy_model
     conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
@@ -71,7 +71,7 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.generation import use_fused_norms
+    from tasks.evaluate.generation import use_fused_norms
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -99,8 +99,8 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
 def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
     import torch
 
-    from tasks.evaluate import mean_answer_loss
-    from tasks.format_data import IGNORE
+    from tasks.evaluate.task import mean_answer_loss
+    from tasks.data.format import IGNORE
 
     model, tokenizer = noisy_model
     rows = []
@@ -123,8 +123,8 @@ def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
 
 @pytest.fixture(scope="module")
 def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data: tuple[Path, Path]):
-    from tasks.format_data import format_dataset
-    from tasks.load_data import load_dataset
+    from tasks.data.format import format_dataset
+    from tasks.data.load import load_dataset
 
     root = tmp_path_factory.mktemp("evaluate")
     train, eval_ = demo_data
@@ -140,7 +140,7 @@ def _register_champion(tracking_uri: str, name: str, model_dir: Path, artifacts:
     """What promotion writes: a run holding the merged model under `model`, a version, the alias."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
+    from tasks.serve.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("promotions")
@@ -161,9 +161,9 @@ def _models_generated(out_dir: Path) -> list[str]:
 
 
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
-    from tasks.champion import find_champion
-    from tasks.evaluate import evaluate_models
-    from tasks.train import TrainResult
+    from tasks.serve.champion import find_champion
+    from tasks.evaluate.task import evaluate_models
+    from tasks.train.task import TrainResult
 
     root, data_cfg, loaded, base, formatted = eval_inputs
     tracking_uri = f"sqlite:///{root}/mlflow.db"
@@ -212,9 +212,9 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
     """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
-    from tasks.evaluate import evaluate_models
-    from tasks.examples import read_examples, write_jsonl
-    from tasks.train import TrainResult
+    from tasks.evaluate.task import evaluate_models
+    from tasks.data.examples import read_examples, write_jsonl
+    from tasks.train.task import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs
     cfg = EvalConfig(max_samples=2, max_new_tokens=8, batch_size=4)
@@ -242,7 +242,7 @@ def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Pa
 
 
 def _formatted(root: Path, base, eval_path: Path, tiny_model: Path, bad: Path | None):
-    from tasks.format_data import format_dataset
+    from tasks.data.format import format_dataset
 
     out = root / ("formatted-bad" if bad else "formatted-plain")
     formatted = format_dataset(eval_path, eval_path, base, ModelConfig(base=str(tiny_model), max_seq_length=256),

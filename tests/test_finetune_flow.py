@@ -11,7 +11,7 @@ import yaml
 
 from deployments.cli import stage_states
 from flows.finetune import GateFailed, RunSummary, finetune
-from tasks.config import load_config
+from tasks.runtime.config import load_config
 
 EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export", "parity"}
 
@@ -89,7 +89,7 @@ def test_gguf_greedy_next_token_matches_pytorch(first_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.llama_cpp_tools import load_gguf
+    from tasks.export.llama_cpp import load_gguf
 
     summary, _ = first_run
     tokenizer = AutoTokenizer.from_pretrained(summary.exported.merged_dir)
@@ -177,7 +177,7 @@ def test_train_and_eval_rows_are_the_runs_dataset_inputs(first_run, config_path:
 def test_register_later_removes_a_model_that_fails_the_smoke_test(first_run, config_path: Path, fake_ollama):
     """`tunepipe register RUN_ID` once Ollama answers; one token per answer cannot end by a stop: not promoted."""
     from flows.serve import register_run
-    from tasks.champion import find_champion
+    from tasks.serve.champion import find_champion
 
     summary, _ = first_run
     client = mlflow_client(config_path)
@@ -278,7 +278,7 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
     registered, asked, promoted.
     Last in this module: a champion makes every later run's evaluation score it too (no cache hits)."""
     from flows.serve import register_run
-    from tasks.champion import find_champion
+    from tasks.serve.champion import find_champion
 
     summary, _ = first_run
     client = mlflow_client(config_path)
@@ -297,7 +297,7 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
 def _pointed_plan(client, run_id: str, host: str, **changes):
     """The run's logged plan rewritten: pointed at the stand-in Ollama (the run itself had none), and `changes`;
     put back as the run logged it afterwards, so one test's changes never reach the next."""
-    from tasks.serve import ServingPlan
+    from tasks.serve.task import ServingPlan
 
     logged = Path(client.download_artifacts(run_id, "serving/plan.json")).read_text()
     plan = ServingPlan.model_validate_json(logged)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base_model import BaseModelRef, load_tokenizer, resolve_base_model
-from tasks.config import DataConfig, ModelConfig
-from tasks.examples import Example, Message, write_jsonl
-from tasks.check_data import CheckedData, check_dataset
-from tasks.format_data import IGNORE, FormattedData, format_dataset, tokenize_conversation
-from tasks.load_data import load_dataset
-from tasks.tiny_model import CHATML_TEMPLATE
+from tasks.model.base import BaseModelRef, load_tokenizer, resolve_base_model
+from tasks.runtime.config import DataConfig, ModelConfig
+from tasks.data.examples import Example, Message, write_jsonl
+from tasks.data.check import CheckedData, check_dataset
+from tasks.data.format import IGNORE, FormattedData, format_dataset, tokenize_conversation
+from tasks.data.load import load_dataset
+from tasks.demo.tiny_model import CHATML_TEMPLATE
 
 END_OF_TURN = "<|im_end|>\n"
 # ChatML preceded by the number of messages: a prefix of a conversation renders a different first line.

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from tasks.base_model import resolve_base_model
-from tasks.check_data import check_data
-from tasks.config import PipelineConfig
-from tasks.evaluate import evaluate
-from tasks.format_data import format_data
-from tasks.gpu_slots import GPU_LIMIT
-from tasks.load_data import data_fingerprint, load_data
-from tasks.train import TrainResult, train
+from tasks.model.base import resolve_base_model
+from tasks.data.check import check_data
+from tasks.runtime.config import PipelineConfig
+from tasks.evaluate.task import evaluate
+from tasks.data.format import format_data
+from tasks.runtime.gpu_slots import GPU_LIMIT
+from tasks.data.load import data_fingerprint, load_data
+from tasks.train.task import TrainResult, train
 
 
 def prepared(cfg: PipelineConfig):

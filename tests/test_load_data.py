@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DataConfig
-from tasks.examples import Message, read_examples
-from tasks.load_data import (
+from tasks.runtime.config import DataConfig
+from tasks.data.examples import Message, read_examples
+from tasks.data.load import (
     DataFileError,
     DataSource,
     Normaliser,

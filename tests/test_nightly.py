@@ -14,7 +14,7 @@ import pytest
 from conftest import closed_port
 
 from deployments.cli import stage_states
-from tasks.config import PipelineConfig
+from tasks.runtime.config import PipelineConfig
 
 
 def small(raw: dict) -> dict:
@@ -25,7 +25,7 @@ def small(raw: dict) -> dict:
 def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(tmp_path: Path, fast_config, prefect_server,
                                                                          monkeypatch: pytest.MonkeyPatch):
     from flows.finetune import finetune
-    from tasks.tracking import TrackingUnavailable
+    from tasks.runtime.tracking import TrackingUnavailable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
     raw = small(fast_config(tmp_path))
@@ -42,7 +42,7 @@ def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(tmp_path
 
 def test_two_nightly_triggers_at_once_train_once(tmp_path: Path, fast_config, prefect_server):
     from flows.retrain import retrain
-    from tasks.demo_data import write_demo_rag_log
+    from tasks.demo.data import write_demo_rag_log
 
     raw = small(fast_config(tmp_path))
     raw["rag"].update(sql_url=f"sqlite:///{tmp_path / 'rag.db'}", min_new_examples=3)
@@ -83,7 +83,7 @@ def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(t
     from flows.finetune import finetune
 
     cfg = PipelineConfig.model_validate(small(fast_config(tmp_path)))
-    killer = threading.Thread(target=_kill_child_when_it_runs, args=("tasks.evaluate:generate_outputs",))
+    killer = threading.Thread(target=_kill_child_when_it_runs, args=("tasks.evaluate.task:generate_outputs",))
     killer.start()
     killed = finetune(cfg, return_state=True)
     killer.join()

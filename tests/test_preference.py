@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tasks.format_data import IGNORE
-from tasks.preference import dpo_loss, kl_rows, kto_loss, phase_rows, sequence_logps
+from tasks.data.format import IGNORE
+from tasks.train.preference import dpo_loss, kl_rows, kto_loss, phase_rows, sequence_logps
 
 
 def _policy_and_reference(tiny_model):
@@ -124,11 +124,11 @@ def rated(tmp_path_factory, tiny_model, demo_data):
     HTML echoed back. Held-out pages carry rated-bad answers only."""
     import json
 
-    from tasks.base_model import resolve_base_model
-    from tasks.config import ModelConfig
-    from tasks.examples import read_examples, write_jsonl
-    from tasks.format_data import format_dataset
-    from tasks.load_data import DataSource, Normaliser, read_file
+    from tasks.model.base import resolve_base_model
+    from tasks.runtime.config import ModelConfig
+    from tasks.data.examples import read_examples, write_jsonl
+    from tasks.data.format import format_dataset
+    from tasks.data.load import DataSource, Normaliser, read_file
 
     work = tmp_path_factory.mktemp("rated")
     train, eval_ = ([json.loads(line) for line in path.read_text().splitlines()][:n] for path, n in
@@ -157,10 +157,10 @@ def rated(tmp_path_factory, tiny_model, demo_data):
 
 
 def _train(rated, out_dir, **train):
-    from tasks.base_model import resolve_base_model
-    from tasks.config import LoraConfig, TrainConfig
-    from tasks.train import TrainRequest, TrainResult
-    from tasks.worker import run_worker
+    from tasks.model.base import resolve_base_model
+    from tasks.runtime.config import LoraConfig, TrainConfig
+    from tasks.train.task import TrainRequest, TrainResult
+    from tasks.runtime.worker import run_worker
 
     data, model_cfg = rated
     # The demo's recipe for the tiny model (every weight, constant rate): it cannot learn through an adapter.
@@ -168,7 +168,7 @@ def _train(rated, out_dir, **train):
                       warmup_steps=2, save_steps=SAVE_STEPS, gradient_checkpointing=False, seed=1, **train)
     request = TrainRequest(data=data.train, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
                            lora=LoraConfig(), cfg=cfg, out_dir=out_dir)
-    return lambda on_event=None: run_worker("tasks.training:train_model", request, TrainResult, out_dir,
+    return lambda on_event=None: run_worker("tasks.train.loop:train_model", request, TrainResult, out_dir,
                                             on_event=on_event)
 
 
@@ -178,7 +178,7 @@ def _losses(result, rated) -> tuple[float, float]:
 
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate import mean_answer_loss
+    from tasks.evaluate.task import mean_answer_loss
 
     data, _ = rated
     model = AutoModelForCausalLM.from_pretrained(result.adapter_dir, dtype=torch.float32).eval()
@@ -192,7 +192,7 @@ def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exac
     import os
     import signal
 
-    from tasks.worker import WorkerFailed
+    from tasks.runtime.worker import WorkerFailed
 
     sft = _train(rated, tmp_path / "sft")()
     kto_run = _train(rated, tmp_path / "kto", objective="sft+kto",
@@ -235,7 +235,7 @@ def test_the_base_is_the_reference_with_the_adapters_disabled(tiny_model, tmp_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.preference import reference_logps
+    from tasks.train.preference import reference_logps
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rows = [{"id": "a", "input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8]},

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import PipelineConfig
-from tasks.rag_source import (
+from tasks.runtime.config import PipelineConfig
+from tasks.data.rag_source import (
     ConcurrentIngestion, RagSourceError, collect_new_rows, commit_snapshot, count_new_rows, load_snapshot,
     mark_trained, read_state, state_dir,
 )
@@ -84,7 +84,7 @@ def test_a_run_that_dies_before_the_commit_leaves_the_watermark_and_loses_nothin
         raise OSError("disk full")
 
     # The snapshot folder is written, then the process dies before the state file is replaced.
-    monkeypatch.setattr("tasks.rag_source._write_atomically", crash)
+    monkeypatch.setattr("tasks.data.rag_source._write_atomically", crash)
     with pytest.raises(OSError, match="disk full"):
         commit_snapshot(collected, cfg.data)
     monkeypatch.undo()
@@ -262,7 +262,7 @@ ROW_UNITS = {"csv", "parquet", "json-array"}  # numbered by record; JSON Lines b
 
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_snapshot_holds_the_normalised_base_rows_of_any_container_with_their_origin(tmp_path: Path, container):
-    from tasks.load_data import load_dataset
+    from tasks.data.load import load_dataset
 
     train, origins = CONTAINERS[container](tmp_path / "data")
     cfg = pipeline(tmp_path)
@@ -306,7 +306,7 @@ def test_a_separate_eval_set_is_normalised_into_the_snapshot(tmp_path: Path):
 
 def test_fingerprint_is_of_the_snapshots_content(tmp_path: Path):
     """The snapshot records the `dataset.fingerprint` a finetune run on it computes: a hash of what is on disk."""
-    from tasks.load_data import data_fingerprint
+    from tasks.data.load import data_fingerprint
 
     cfg = pipeline(tmp_path)
     db = make_db(tmp_path / "rag.db", [row(0)])
@@ -334,7 +334,7 @@ def test_unusable_sources_fail_with_the_config_key(tmp_path: Path):
 
 def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     """max_bad_rating keeps the thumbs-down: KTO rows either side, a DPO pair wherever a prompt has both."""
-    from tasks.load_data import load_dataset
+    from tasks.data.load import load_dataset
 
     cfg = pipeline(tmp_path, min_rating=4, max_bad_rating=2, context_mode="omit")
     make_db(tmp_path / "rag.db", [
@@ -356,7 +356,7 @@ def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     assert manifest["preference"] == {"desirable": 1, "undesirable": 3, "pairs": 2, "held_out": 0}
 
     loaded = load_dataset(snapshot.data, tmp_path / "loaded")
-    from tasks.examples import read_examples
+    from tasks.data.examples import read_examples
 
     examples = [*read_examples(loaded.train_path), *read_examples(loaded.eval_path)]
     pairs = sorted((e.messages[-2].content, e.answer, e.rejected) for e in examples if e.kind == "pair")

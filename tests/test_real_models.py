@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base_model import BaseModelError, resolve_base_model
-from tasks.chat import ChatContext
-from tasks.config import ModelConfig, OllamaConfig
-from tasks.examples import Example, write_jsonl
-from tasks.load_data import parse_record
-from tasks.real_models import (
+from tasks.model.base import BaseModelError, resolve_base_model
+from tasks.data.chat import ChatContext
+from tasks.runtime.config import ModelConfig, OllamaConfig
+from tasks.data.examples import Example, write_jsonl
+from tasks.data.load import parse_record
+from tasks.model.packaged import (
     SAMPLE_CONVERSATIONS,
     VocabularyMismatch,
     compare_token_ids,
@@ -67,7 +67,7 @@ def test_a_trained_gemma_keeps_the_sentencepiece_model_the_converter_needs(gemma
     SentencePiece vocabulary for BPE and fails: training's output and export's merged folder get the copy."""
     from transformers import AutoTokenizer
 
-    from tasks.base_model import keep_tokenizer_sources
+    from tasks.model.base import keep_tokenizer_sources
 
     out = tmp_path / "adapter"
     AutoTokenizer.from_pretrained(gemma3.name_or_path).save_pretrained(out)
@@ -94,7 +94,7 @@ def test_a_tokenizer_llama_cpp_does_not_reproduce_is_refused_naming_the_tokens(s
 def test_export_keeps_the_source_vocabulary_and_a_byte_fallback_tokenizer_is_caught(smollm2, tmp_path) -> None:
     """What issue 18 found: byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
     makes llama.cpp abort on the first text, which must come back as a message, not a dead process."""
-    from tasks.export import VocabularyChanged, check_source_vocabulary, convert
+    from tasks.export.task import VocabularyChanged, check_source_vocabulary, convert
 
     good = convert(Path(smollm2.name_or_path), tmp_path / "good.gguf", "f16")
     check_source_vocabulary(smollm2.gguf, good)
@@ -124,7 +124,7 @@ def test_a_missing_gguf_file_is_named(tmp_path) -> None:
 
 
 def _register(fake_ollama, gguf: Path, name: str) -> str:
-    from tasks.ollama.client import OllamaClient
+    from tasks.serve.ollama.client import OllamaClient
 
     client = OllamaClient(fake_ollama.url)
     digest = client.push_blob(gguf)
@@ -196,7 +196,7 @@ def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
     import yaml
 
     from flows.finetune import finetune
-    from tasks.config import load_config
+    from tasks.runtime.config import load_config
 
     train, eval_ = _short_pages(demo_data, tmp_path, 120, 3)
     config = {
@@ -234,10 +234,10 @@ def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_th
         gemma3, demo_data, tmp_path) -> None:
     """Gemma 3 base with the Gemma turn format supplied: no system role (the SYSTEM opens the first user turn),
     a SentencePiece vocabulary that must come back as one, and BOS added by the vocabulary, not the template."""
-    from tasks.config import DataConfig, EvalConfig, ExportConfig
-    from tasks.export import export_model
-    from tasks.parity import measure_parity
-    from tasks.train import TrainResult
+    from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig
+    from tasks.export.task import export_model
+    from tasks.export.parity import measure_parity
+    from tasks.train.task import TrainResult
 
     trained = TrainResult(adapter_dir=Path(gemma3.name_or_path), kind="full", backend="hf", loss_history=[],
                           runtime_s=0.0, trainable_params=0, total_params=0, steps=0, device="cpu x1",
@@ -273,13 +273,13 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
-    from tasks.evaluate import evaluate_models
-    from tasks.format_data import format_dataset
-    from tasks.generation import render_prompt, stop_token_ids
-    from tasks.load_data import load_dataset
-    from tasks.train import TrainRequest, TrainResult
-    from tasks.worker import run_worker
+    from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
+    from tasks.evaluate.task import evaluate_models
+    from tasks.data.format import format_dataset
+    from tasks.evaluate.generation import render_prompt, stop_token_ids
+    from tasks.data.load import load_dataset
+    from tasks.train.task import TrainRequest, TrainResult
+    from tasks.runtime.worker import run_worker
 
     train, eval_ = _short_pages(demo_data, tmp_path, 40, 3)
     data_cfg = DataConfig(train=train, eval=eval_, system_prompt=SYSTEM_PROMPT, output_format="json", min_rows=20)
@@ -290,7 +290,7 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
                            cfg=TrainConfig(mode="lora", max_steps=4, batch_size=4, learning_rate=2e-3,
                                            warmup_steps=1, save_steps=100, gradient_checkpointing=False),
                            out_dir=tmp_path / "train")
-    trained = run_worker("tasks.training:train_model", request, TrainResult, tmp_path / "train")
+    trained = run_worker("tasks.train.loop:train_model", request, TrainResult, tmp_path / "train")
     cfg = EvalConfig(max_samples=3, max_new_tokens=24, batch_size=3)
     report = evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, gemma3, None,
                              f"sqlite:///{tmp_path}/mlflow.db", data_cfg, cfg, tmp_path / "evaluate",
@@ -317,7 +317,7 @@ def test_a_prompt_and_answer_longer_than_gemmas_window_are_refused_naming_the_fi
 
     from transformers import AutoConfig
 
-    from tasks.generation import use_grouped_attention
+    from tasks.evaluate.generation import use_grouped_attention
 
     config = AutoConfig.from_pretrained(gemma3.name_or_path)
     config._attn_implementation = "sdpa"

@@ -12,9 +12,9 @@ import pytest
 from deployments.cli import main, stage_states
 from flows.evaluate import evaluate_model
 from flows.retrain import retrain
-from tasks.config import PipelineConfig
-from tasks.demo_data import write_demo_rag_log
-from tasks.rag_source import read_state, state_dir
+from tasks.runtime.config import PipelineConfig
+from tasks.demo.data import write_demo_rag_log
+from tasks.data.rag_source import read_state, state_dir
 
 
 @pytest.fixture(scope="module")

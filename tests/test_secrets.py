@@ -12,7 +12,7 @@ from uuid import UUID
 import pytest
 import yaml
 
-from tasks.redact import RedactingFilter, redact
+from tasks.runtime.redact import RedactingFilter, redact
 from test_finetune_flow import config_path  # noqa: F401  (the flow tests' config, as a fixture)
 
 HF_TOKEN = "hf_" + secrets.token_hex(17)
@@ -66,7 +66,7 @@ def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, 
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     from deployments.cli import run_finetune
-    from tasks.config import load_config
+    from tasks.runtime.config import load_config
 
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     out = tmp_path / "out"  # everything the run writes; the config (which holds the secrets) stays outside

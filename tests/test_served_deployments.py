@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.demo_data import write_demo_rag_log
+from tasks.demo.data import write_demo_rag_log
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]

@@ -1,4 +1,4 @@
-"""Register, smoke-test, promote and roll back (tasks/serve.py, tasks/champion.py, flows/serve.py) against the
+"""Register, smoke-test, promote and roll back (tasks/serve/task.py, tasks/serve/champion.py, flows/serve.py) against the
 strict stand-in Ollama (tests/fake_ollama.py), whose chat answers from the registered GGUF with llama.cpp, and
 a real MLflow model registry (SQLite)."""
 
@@ -10,13 +10,13 @@ import pytest
 from conftest import closed_port, gguf_file
 from fake_ollama import FakeOllama
 
-from tasks.champion import find_champion, rollback
-from tasks.chat import ChatContext
-from tasks.config import OllamaConfig
-from tasks.export import GgufFile
-from tasks.ollama.client import OllamaClient
-from tasks.ollama.modelfile import modelfile_spec
-from tasks.serve import (
+from tasks.serve.champion import find_champion, rollback
+from tasks.data.chat import ChatContext
+from tasks.runtime.config import OllamaConfig
+from tasks.export.task import GgufFile
+from tasks.serve.ollama.client import OllamaClient
+from tasks.serve.ollama.modelfile import modelfile_spec
+from tasks.serve.task import (
     PLAN_ARTIFACT,
     ServingPlan,
     SmokeCase,
@@ -217,13 +217,13 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
         tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
     import yaml
 
-    from tasks.base_model import BaseModelRef
-    from tasks.config import PipelineConfig
-    from tasks.examples import write_jsonl
-    from tasks.load_data import DataSource, Normaliser, read_file
-    from tasks.export import ExportResult
-    from tasks.parity import ParityVerdict
-    from tasks.serve import ParityFailed, plan_serving
+    from tasks.model.base import BaseModelRef
+    from tasks.runtime.config import PipelineConfig
+    from tasks.data.examples import write_jsonl
+    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.export.task import ExportResult
+    from tasks.export.parity import ParityVerdict
+    from tasks.serve.task import ParityFailed, plan_serving
 
     raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
     raw["ollama"]["smoke_examples"] = 3
@@ -254,7 +254,7 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
 
 
 def _flaky_plan(gguf: GgufFile, name: str, fake: FakeOllama, mlflow_run, tiny_model: Path) -> ServingPlan:
-    from tasks.config import RetryConfig
+    from tasks.runtime.config import RetryConfig
 
     # Three tries, no waiting: the backoff's length is Prefect's business, the outcome is ours.
     return _plan(gguf, name, fake.url, mlflow_run, tiny_model).model_copy(
@@ -326,7 +326,7 @@ def test_ollama_killed_after_moving_latest_is_put_in_step_by_the_retry(
 def test_smoke_test_judges_the_answer_after_the_reasoning_as_the_evaluation_does() -> None:
     from types import SimpleNamespace
 
-    from tasks.serve import _answer_problems
+    from tasks.serve.task import _answer_problems
 
     plan = SimpleNamespace(output_format="json", required_keys=["name"])
     assert _answer_problems('<think>\nThe heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []

@@ -126,14 +126,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fast_config):
 def test_ctrl_c_stops_the_worker_and_the_temporary_server(runs):
     _, _, interrupted, _, _ = runs
     commands = " ".join(interrupted.started.values())
-    assert "tasks.worker" in commands and "uvicorn" in commands  # what there was to stop
+    assert "tasks.runtime.worker" in commands and "uvicorn" in commands  # what there was to stop
     assert (interrupted.returncode, interrupted.still_running) == (130, {})
 
 
 def test_sigterm_stops_the_worker_and_the_temporary_server(runs):
     _, _, _, terminated, _ = runs
     commands = " ".join(terminated.started.values())
-    assert "tasks.worker" in commands and "uvicorn" in commands
+    assert "tasks.runtime.worker" in commands and "uvicorn" in commands
     assert (terminated.returncode, terminated.still_running) == (143, {})
 
 

@@ -1,8 +1,8 @@
 """Every real chat template llama.cpp ships (models/templates), and the real models' own, served as trained.
 
-Each is translated from what it renders (tasks/ollama/template.py) and proven against transformers' rendering
+Each is translated from what it renders (tasks/serve/ollama/template.py) and proven against transformers' rendering
 with Go's own text/template; a refused one must be refused for the reason listed. One Go process serves all
-the renders (tasks/ollama/render.py).
+the renders (tasks/serve/ollama/render.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from tasks.chat import ChatContext
-from tasks.llama_cpp_tools import chat_templates_dir
-from tasks.ollama.render import render_served_prompt
-from tasks.ollama.template import TemplateRefused, ollama_template, transformers_renderer
+from tasks.data.chat import ChatContext
+from tasks.export.llama_cpp import chat_templates_dir
+from tasks.serve.ollama.render import render_served_prompt
+from tasks.serve.ollama.template import TemplateRefused, ollama_template, transformers_renderer
 
 EOS = "<EOS>"  # any text does: templates only place it (after an answer, Mistral and DeepSeek)
 
@@ -70,7 +70,7 @@ def test_real_template_is_served_as_trained_or_refused_with_its_reason(path) -> 
 
 def test_real_models_templates_are_served_as_trained() -> None:
     """SmolLM2-135M-Instruct's ChatML with its default system prompt; Gemma 3's turns, with no system role."""
-    from tasks.real_models import PACKAGED, packaged_gguf, read_gguf_metadata
+    from tasks.model.packaged import PACKAGED, packaged_gguf, read_gguf_metadata
 
     smollm2 = read_gguf_metadata(packaged_gguf("smollm2-135m-instruct"))
     smol = ollama_template(transformers_renderer(smollm2["tokenizer.chat_template"], eos_token="<|im_end|>"))
@@ -147,10 +147,10 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     and the answer they judge, also where the generation prompt opens the block and the template renders a
     finished answer without its reasoning (QwQ, the DeepSeek-R1 distills), and where the template takes the
     reasoning in the answer's `reasoning_content` field (DeepSeek V4, Laguna S)."""
-    from tasks.examples import Example, Message, split_reasoning
-    from tasks.format_data import _pieces
-    from tasks.generation import render_prompt
-    from tasks.load_data import apply_reasoning
+    from tasks.data.examples import Example, Message, split_reasoning
+    from tasks.data.format import _pieces
+    from tasks.evaluate.generation import render_prompt
+    from tasks.data.load import apply_reasoning
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))
@@ -178,8 +178,8 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
 def test_several_answers_where_the_template_drops_earlier_reasoning_are_refused(name: str) -> None:
     """QwQ and the R1 distills render an earlier answer without its `<think>` block, while the last one trains
     with it: such a conversation is no single training sequence, and formatting names the row and the answer."""
-    from tasks.examples import Example, Message
-    from tasks.format_data import _pieces
+    from tasks.data.examples import Example, Message
+    from tasks.data.format import _pieces
 
     answer = Message(role="assistant", content=f"<think>\nR\n</think>\n\n{ANSWER}")
     example = Example(id="x", source="train.jsonl", line=3, messages=[

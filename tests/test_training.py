@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base_model import resolve_base_model
-from tasks.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
-from tasks.format_data import FormattedData, format_dataset
-from tasks.load_data import LoadedData, load_dataset
-from tasks.train import HeldOut, TrainRequest, TrainResult
-from tasks.worker import WorkerFailed, run_worker
+from tasks.model.base import resolve_base_model
+from tasks.runtime.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+from tasks.data.format import FormattedData, format_dataset
+from tasks.data.load import LoadedData, load_dataset
+from tasks.train.task import HeldOut, TrainRequest, TrainResult
+from tasks.runtime.worker import WorkerFailed, run_worker
 
 STEPS, SAVE_STEPS = 8, 3
 
@@ -44,7 +44,7 @@ def request_for(formatted, out_dir: Path, **train) -> TrainRequest:
 
 
 def train_in_worker(request: TrainRequest, on_event=None, devices: int = 1) -> TrainResult:
-    return run_worker("tasks.training:train_model", request, TrainResult, request.out_dir, devices=devices,
+    return run_worker("tasks.train.loop:train_model", request, TrainResult, request.out_dir, devices=devices,
                       on_event=on_event)
 
 
@@ -76,7 +76,7 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks import training
+    from tasks.train import loop as training
 
     data, _ = formatted
     rows = data.train.rows()[:6]
@@ -108,7 +108,7 @@ def test_chunked_head_loss_and_gradients_equal_plain_cross_entropy(with_bias):
     full logits, in fp32: losses, and gradients of the hidden states, the weight and the bias."""
     import torch
 
-    from tasks.head_loss import head_cross_entropy
+    from tasks.train.head_loss import head_cross_entropy
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=with_bias)
@@ -178,7 +178,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
                                                                            monkeypatch):
     import torch
 
-    from tasks import training
+    from tasks.train import loop as training
 
     real_micro = training.Stepper._micro
 
@@ -203,7 +203,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
     ({"objective": "sft+kto", "devices": 2}, "train.objective=sft\\+kto trains on one device"),
 ])
 def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, train, message):
-    from tasks.training import Rank, TrainingEnvironmentError, check_environment, choose_backend
+    from tasks.train.loop import Rank, TrainingEnvironmentError, check_environment, choose_backend
 
     request = request_for(formatted, tmp_path, **train)
     with pytest.raises(TrainingEnvironmentError, match=message):
@@ -214,7 +214,7 @@ def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, t
 def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
     from transformers import AutoConfig
 
-    from tasks.training import estimate_memory
+    from tasks.train.loop import estimate_memory
 
     lora = request_for(formatted, tmp_path)
     full = request_for(formatted, tmp_path, mode="full")
@@ -227,7 +227,7 @@ def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
 def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(formatted, tmp_path, monkeypatch):
     from transformers import AutoConfig
 
-    from tasks import training
+    from tasks.train import loop as training
 
     request = request_for(formatted, tmp_path, gradient_checkpointing="auto", batch_size=64)
     config = AutoConfig.from_pretrained(request.base.name_or_path)
@@ -241,7 +241,7 @@ def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(forma
 
 
 def test_init_from_continues_from_an_earlier_adapter(formatted, uninterrupted, tmp_path):
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     request = request_for(formatted, tmp_path / "stage", max_steps=1).model_copy(
         update={"init_from": uninterrupted.adapter_dir})
@@ -277,7 +277,7 @@ def with_held_out(request: TrainRequest, held_out: HeldOut, **update) -> TrainRe
 
 @pytest.fixture(scope="module")
 def peaked(formatted, held_out, tmp_path_factory) -> TrainResult:
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     return train_model(with_held_out(request_for(formatted, tmp_path_factory.mktemp("peaked"), **PEAKED), held_out))
 
@@ -289,10 +289,10 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.config import ExportConfig
-    from tasks.evaluate import mean_answer_loss
-    from tasks.export import export_model
-    from tasks.training import train_model
+    from tasks.runtime.config import ExportConfig
+    from tasks.evaluate.task import mean_answer_loss
+    from tasks.export.task import export_model
+    from tasks.train.loop import train_model
 
     losses = [p.eval_loss for p in peaked.eval_history]
     assert [p.step for p in peaked.eval_history] == [1, 2, 3]
@@ -320,7 +320,7 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
 
 def test_evaluating_an_answer_metric_does_not_change_the_training(formatted, held_out, tmp_path):
     """Greedy answers during training (field accuracy on 2 prompts) leave the weights as without them."""
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     short = dict(max_steps=2, save_steps=10)
     plain = train_model(request_for(formatted, tmp_path / "plain", **short))
@@ -359,7 +359,7 @@ def test_killed_training_resumes_with_its_best_checkpoint_and_patience(formatted
 
 
 def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, held_out, peaked, tmp_path):
-    from tasks.training import train_model
+    from tasks.train.loop import train_model
 
     request = with_held_out(request_for(formatted, tmp_path, **(PEAKED | dict(max_steps=1))), held_out)
     continued = train_model(request.model_copy(update={"init_from": peaked.adapter_dir}))
@@ -368,8 +368,8 @@ def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, h
 
 
 def test_the_best_evaluation_breaks_ties_by_loss_and_patience_counts_gains_over_min_delta():
-    from tasks.train import EvalPoint
-    from tasks.training import TrainingState, track_best
+    from tasks.train.task import EvalPoint
+    from tasks.train.loop import TrainingState, track_best
 
     state = TrainingState(micro_batch_size=1)
     scores = [(0.50, 1.0), (0.50, 0.9), (0.52, 1.1), (0.40, 0.5), (0.60, 0.8)]  # (field accuracy, eval loss)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tasks.worker import WorkerFailed, run_worker
+from tasks.runtime.worker import WorkerFailed, run_worker
 
 
 class Request(BaseModel):

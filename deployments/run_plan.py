@@ -1,0 +1,117 @@
+"""`tunepipe check`: load, check and format the data exactly as a run would, and say what the run would do.
+
+The stages run as plain functions (no Prefect server, no MLflow run, no model weights) into the same stage
+folders the flow uses, so a check costs seconds and its outputs are what the run will read.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tasks.model.base import BaseModelRef, resolve_base_model
+from tasks.data.check import CheckedData, check_data
+from tasks.runtime.config import PipelineConfig
+from tasks.data.format import FormattedData, format_data
+from tasks.data.load import data_fingerprint, load_data
+from tasks.train.loop import EnvironmentReport
+
+# Going over the same rows more often than this mostly teaches the model to recite them.
+MANY_EPOCHS = 50
+
+
+class TimeEstimate(BaseModel):
+    """The training steps' time at the speed an earlier training of the same base model reached here."""
+
+    seconds: float  # the steps only: loading the model comes on top
+    tokens_per_s: float  # the median of that training's logged rates
+    measured_in: Path  # that training's stage folder
+
+
+class RunPlan(BaseModel):
+    train_rows: int
+    eval_rows: int
+    train_tokens: int
+    train_trained_tokens: int  # tokens that carry the loss (answers only, unless train.assistant_only_loss is off)
+    eval_tokens: int
+    longest_example_tokens: int
+    examples_per_step: int  # train.batch_size × train.gradient_accumulation_steps × train.devices
+    steps_per_epoch: int
+    steps: int  # train.max_steps, or train.epochs over the training rows
+    epochs: float  # how many times the steps go over the training rows
+    environment: EnvironmentReport  # training's own check: device, precision, memory estimate against free memory
+    time_estimate: TimeEstimate | None  # None until this base model has trained on this device in the workdir
+    warnings: list[str] = []  # what would not stop the run but is probably not what was meant
+
+
+def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
+             environment: EnvironmentReport) -> RunPlan:
+    rows = formatted.train.n_rows
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.train.devices
+    steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * rows / per_step)  # as the training loop counts
+    epochs = steps * per_step / rows
+    tokens_to_train = steps * per_step * formatted.train.n_tokens / rows
+    warnings = []
+    if epochs > MANY_EPOCHS:
+        setting = (f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps
+                   else f"train.epochs={cfg.train.epochs}")
+        warnings.append(f"{setting} goes over the {rows} training rows {epochs:.0f} times (more than {MANY_EPOCHS}): "
+                        "the model will likely learn them by heart; use more rows or fewer steps")
+    return RunPlan(
+        train_rows=formatted.train.n_rows, eval_rows=formatted.eval.n_rows,
+        train_tokens=formatted.train.n_tokens, train_trained_tokens=formatted.train.n_trained_tokens,
+        eval_tokens=formatted.eval.n_tokens,
+        longest_example_tokens=max(formatted.train.max_tokens, formatted.eval.max_tokens),
+        examples_per_step=per_step, steps_per_epoch=max(1, math.ceil(rows / per_step)), steps=steps,
+        epochs=epochs, environment=environment, warnings=warnings,
+        time_estimate=estimate_training_time(cfg, base, environment.device, tokens_to_train),
+    )
+
+
+def estimate_training_time(cfg: PipelineConfig, base: BaseModelRef, device: str, tokens: float) -> TimeEstimate | None:
+    """`tokens` at the speed of the newest finished training of `base` in the same mode on `device`, read from
+    the train stage folders of `cfg.workdir`; None when there is none."""
+    from tasks.train.task import TrainRequest, TrainResult
+
+    measured = []
+    for result_path in (cfg.workdir / "train").glob("*/worker-result.json"):
+        try:
+            result = TrainResult.model_validate_json(result_path.read_text())
+            request = TrainRequest.model_validate_json((result_path.parent / "worker-request.json").read_text())
+        except (OSError, ValueError):  # half written, or written by another version of tunepipe
+            continue
+        rates = [point.tokens_per_s for point in result.loss_history if point.tokens_per_s]
+        if (rates and result.device == device and request.base.fingerprint == base.fingerprint
+                and request.cfg.mode == cfg.train.mode):
+            measured.append((result_path.stat().st_mtime, statistics.median(rates), result_path.parent))
+    if not measured:
+        return None
+    _, rate, folder = max(measured)
+    return TimeEstimate(seconds=tokens / rate, tokens_per_s=rate, measured_in=folder)
+
+
+def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData) -> EnvironmentReport:
+    """Training's environment check on this machine, from the model's config alone (no weights are read).
+
+    Raises TrainingEnvironmentError when the run would fail for want of a device or memory.
+    """
+    from tasks.train.task import TrainRequest
+    from tasks.train.loop import Rank, check_environment, choose_backend
+
+    request = TrainRequest(data=formatted.train, base=base, model_cfg=cfg.model, lora=cfg.lora, cfg=cfg.train,
+                           out_dir=cfg.workdir / "train")
+    backend = choose_backend(cfg.train.backend, cfg.train.mode, cfg.train.devices)
+    return check_environment(request, backend, Rank())
+
+
+def check_run(cfg: PipelineConfig) -> tuple[CheckedData, RunPlan]:
+    """Load, check and format the data, and check the training environment; raises DataFileError,
+    DataCheckError or TrainingEnvironmentError when a run would fail."""
+    base = resolve_base_model(cfg.model, cfg.ollama)
+    loaded = load_data.fn(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
+    checked = check_data.fn(loaded, cfg.data, base, cfg.model, cfg.workdir)
+    formatted = format_data.fn(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
+    return checked, plan_run(cfg, base, formatted, training_environment(cfg, base, formatted))

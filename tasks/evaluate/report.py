@@ -1,0 +1,193 @@
+"""The run report: one Markdown page with PNG plots that says what was trained, how it scored and why it
+passed or failed the gate.
+
+Sections: the decision and one line per gate rule; the metrics of base / champion / candidate (table and
+bar chart); every attempt of the retrain loop with its settings and its loss curve; the candidate's worst
+held-out examples with expected and actual answers; the probes answered side by side.
+Cached like the other stages: a re-run with nothing changed does not import matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.runtime.caching import STAGE_CACHE, stage_dir
+from tasks.runtime.config import LOWER_IS_BETTER
+from tasks.evaluate.task import EvalReport, ModelScores
+from tasks.evaluate.retrain_plan import Attempt
+
+WORST_EXAMPLES = 5
+# The per-example score that ranks the worst examples: the first of these the answers were scored on.
+RANKING_METRICS = ("field_accuracy", "rouge_l", "chrf", "exact_match")
+TEXT_LIMIT = 600  # characters of a prompt or answer shown in the report
+# What fine-tuning changed, base → candidate, in the run report's first lines and the CLI's summary (after
+# the metrics the gate checked): the task's own scores first, then whether answers end, then the loss.
+HEADLINE_METRICS = ("valid_json_rate", "field_accuracy", "exact_match", "rouge_l", "chrf", "stop_rate", "eval_loss")
+
+
+class RunReport(BaseModel):
+    folder: Path  # report.md and its PNGs, logged to MLflow as one folder
+    path: Path  # report.md
+
+
+def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Path) -> RunReport:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = attempts[-1]
+    report, decision = final.report, final.decision
+    lines = [
+        f"# Run report: {title}", "",
+        f"**{'Passed' if decision.passed else 'Failed'}**: {outcome}.", "",
+        f"Base → candidate on {report.n_samples} held-out examples: "
+        + ", ".join(base_to_candidate(report, [c.metric for c in decision.checks])) + ".", "",
+        f"## Gate (attempt {final.plan.number})", "",
+        *([f"- {'pass' if c.passed else '**FAIL**'}: {c.reason}" for c in decision.checks]
+          or ["- no rules configured"]),
+        "", "## Metrics", "", *_metrics_table(report), "",
+        f"![metrics of base, champion and candidate]({_plot_metrics(report, out_dir / 'metrics.png').name})", "",
+        "## Attempts", "", *_attempts_table(attempts), "",
+        f"![training loss per attempt]({_plot_losses(attempts, out_dir / 'loss_curves.png').name})", "",
+        *_worst_examples(report.samples_path),
+        *_probes(report.probes_path),
+    ]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return RunReport(folder=out_dir, path=path)
+
+
+def models(report: EvalReport) -> list[ModelScores]:
+    """base, champion (when there is one), candidate: the order every table and plot uses."""
+    return [scores for scores in (report.base, report.champion, report.candidate) if scores is not None]
+
+
+def base_to_candidate(report: EvalReport, gated: list[str]) -> list[str]:
+    """`metric base → candidate` for the gated metrics, then the headline ones, where both models have them."""
+    names = dict.fromkeys([*gated, *HEADLINE_METRICS])
+    return [f"{name} {report.base.metrics[name]:.3f} → {report.candidate.metrics[name]:.3f}" for name in names
+            if name in report.base.metrics and name in report.candidate.metrics]
+
+
+def label(scores: ModelScores) -> str:
+    return scores.name if scores.version is None else f"{scores.name} v{scores.version}"
+
+
+def _metrics_table(report: EvalReport) -> list[str]:
+    columns = models(report)
+    names = sorted({name for scores in columns for name in scores.metrics})
+    rows = ["| metric | " + " | ".join(label(s) for s in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name in names:
+        values = [scores.metrics.get(name) for scores in columns]
+        better = " (lower is better)" if name in LOWER_IS_BETTER else ""
+        rows.append(f"| {name}{better} | " + " | ".join("" if v is None else f"{v:.4g}" for v in values) + " |")
+    return rows
+
+
+def _attempts_table(attempts: list[Attempt]) -> list[str]:
+    rows = ["| attempt | change | steps | learning rate | LoRA r | continued | gate |",
+            "|---:|---|---:|---:|---:|---|---|"]
+    for attempt in attempts:
+        plan = attempt.plan
+        change = json.dumps(plan.change.model_dump(exclude_defaults=True)) if plan.change else "as configured"
+        change = f"`{change}`" + (f" ({plan.reason})" if plan.reason else "")
+        gate = "passed" if attempt.decision.passed else "failed: " + "; ".join(attempt.decision.reasons)
+        rows.append(f"| {plan.number} | {_cell(change)} | {attempt.trained.steps} | {plan.train.learning_rate:g} | "
+                    f"{plan.lora.r} | {'yes' if plan.init_from else 'no'} | {_cell(gate)} |")
+    return rows
+
+
+def _plot_metrics(report: EvalReport, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    columns = models(report)
+    # Rates in [0, 1] share one axis; eval loss gets its own. Per-field accuracies stay in the table.
+    rates = sorted({n for s in columns for n in s.metrics if "." not in n and n not in LOWER_IS_BETTER})
+    fig, (ax_rates, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [4, 1]})
+    width = 0.8 / len(columns)
+    for i, scores in enumerate(columns):
+        ax_rates.bar([x + i * width for x in range(len(rates))], [scores.metrics.get(n, 0.0) for n in rates],
+                     width, label=label(scores))
+        ax_loss.bar(i, scores.metrics.get("eval_loss", 0.0), 0.8, label=label(scores))
+    ax_rates.set_xticks([x + width * (len(columns) - 1) / 2 for x in range(len(rates))], rates, rotation=30,
+                        ha="right")
+    ax_rates.set_ylim(0, 1.05)
+    ax_rates.set_title("task metrics (higher is better)")
+    ax_rates.legend()
+    ax_loss.set_xticks(range(len(columns)), [label(s) for s in columns], rotation=30, ha="right")
+    ax_loss.set_title("eval loss (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_losses(attempts: list[Attempt], path: Path) -> Path:
+    """Train loss of each attempt; an attempt that continued another starts where that one ended."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ends: dict[Path, int] = {}  # adapter folder -> the cumulative step it ended at
+    for attempt in attempts:
+        offset = ends.get(attempt.plan.init_from, 0) if attempt.plan.init_from else 0
+        history = attempt.trained.loss_history
+        ax.plot([offset + p.step for p in history], [p.loss for p in history], marker=".",
+                label=f"attempt {attempt.plan.number}")
+        ends[attempt.trained.adapter_dir] = offset + attempt.trained.steps
+    ax.set_xlabel("step (continued attempts start where they continued from)")
+    ax.set_ylabel("train loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _worst_examples(samples_path: Path) -> list[str]:
+    rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return []
+    ranking = next((m for m in RANKING_METRICS if m in rows[0]["candidate"]["scores"]), None)
+    if ranking is None:
+        return []
+    worst = sorted(rows, key=lambda row: row["candidate"]["scores"][ranking])[:WORST_EXAMPLES]
+    lines = [f"## The {len(worst)} worst held-out examples (candidate's {ranking})", ""]
+    for row in worst:
+        lines += [f"### {row['id']} ({row['source']}): {ranking} {row['candidate']['scores'][ranking]:.3g}", "",
+                  "Prompt:", *_block(row["prompt"]), "Expected:", *_block(row["expected"])]
+        for who in ("candidate", "champion", "base"):
+            if who in row:
+                ending = "" if row[who]["stopped"] else " (cut at the length limit)"
+                lines += [f"{who.capitalize()}{ending}:", *_block(row[who]["answer"])]
+    return lines
+
+
+def _probes(probes_path: Path) -> list[str]:
+    probes = [json.loads(line) for line in probes_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not probes:
+        return []
+    who = [name for name in ("base", "champion", "candidate") if any(name in p for p in probes)]
+    lines = ["## Probes", "", "| prompt | " + " | ".join(who) + " |", "|---|" + "---|" * len(who)]
+    lines += ["| " + " | ".join(_cell(p.get(name) or "") for name in ("prompt", *who)) + " |" for p in probes]
+    return lines + [""]
+
+
+def _block(text: str) -> list[str]:
+    shown = text if len(text) <= TEXT_LIMIT else text[:TEXT_LIMIT] + f" [... {len(text) - TEXT_LIMIT} more characters]"
+    return ["```", shown.replace("```", "'''"), "```", ""]
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell."""
+    shown = text if len(text) <= TEXT_LIMIT else text[:TEXT_LIMIT] + " ..."
+    return shown.replace("|", "\\|").replace("\n", "<br>")
+
+
+@task(name="report", cache_policy=STAGE_CACHE, persist_result=True)
+def run_report(title: str, attempts: list[Attempt], outcome: str, workdir: Path) -> RunReport:
+    return write_report(title, attempts, outcome, stage_dir(workdir, "report", title, attempts, outcome))

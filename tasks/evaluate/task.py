@@ -1,0 +1,295 @@
+"""Score the candidate, the base model and the champion on the same held-out examples with the same metrics.
+
+Each model answers every held-out prompt and every probe greedily (`tasks.evaluate.generation`: batched, static KV
+cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
+is a GPU. Its answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
+required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
+the mean token loss on the held-out assistant tokens, computed exactly as in training.
+
+Held-out rated-bad answers (issue 22), when the data has them, are scored apart: `undesirable_close_rate`,
+how often a model's own answer to such a prompt is close to the answer users rated bad (`metrics.close_to`:
+the same JSON object, or text with a similarity ratio of at least 0.9), and `undesirable_loss`, the mean token
+loss of those bad answers (higher: the model finds them less likely). They are reported and tracked; the gate
+rules do not name them, so the gate decides as before.
+
+The candidate changes with every training; the base model and the champion do not. Their raw outputs
+(answers, stop flags, eval loss, probe answers) are kept in `evaluate/reference/` under a key of the
+model's identity (base fingerprint; champion name, version and run), the eval data, the eval settings and
+this stage's code, so a retrain, or a run against the same champion, generates only the candidate's answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.model.base import BaseModelRef
+from tasks.runtime.caching import StageCache, stable_hash, stage_dir
+from tasks.serve.champion import ChampionRef, download_champion
+from tasks.data.chat import ChatContext
+from tasks.runtime.config import DataConfig, EvalConfig
+from tasks.data.examples import Message, read_examples
+from tasks.data.format import IGNORE, FormattedData
+from tasks.runtime.gpu_slots import gpu_slots
+from tasks.evaluate.metrics import close_to, required_keys, score_answers
+from tasks.train.task import TrainResult
+from tasks.runtime.worker import run_worker
+
+
+class ModelScores(BaseModel):
+    """One model's split scores: `eval_loss`, `stop_rate` and the `tasks.evaluate.metrics` names."""
+
+    name: str  # "candidate" | "base" | "champion"
+    version: str | None = None  # the champion's registry version
+    metrics: dict[str, float]
+
+
+class EvalReport(BaseModel):
+    n_samples: int
+    candidate: ModelScores
+    base: ModelScores
+    champion: ModelScores | None  # None until a model was promoted
+    samples_path: Path  # JSONL per held-out example: id, source, prompt, expected, {model: {answer, stopped, scores}}
+    n_undesirable: int = 0  # held-out rated-bad examples scored
+    undesirable_path: Path | None = None  # JSONL per one: prompt, the rated-bad answer, {model: {answer, close}}
+    probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
+
+
+class ModelToScore(BaseModel):
+    """Where the worker loads one model from."""
+
+    name: str
+    weights: str  # HF folder or hub id
+    revision: str | None = None
+    adapter: Path | None = None  # a PEFT adapter, merged into `weights` before generating
+    tokenizer: str  # folder whose tokenizer and chat template render the prompts
+
+
+class GenerationRequest(BaseModel):
+    models: list[ModelToScore]
+    conversations: list[list[Message]]  # the held-out prompts, the probes, then the rated-bad examples' prompts
+    loss_rows: Path  # formatted held-out rows (input_ids, labels) for the eval loss
+    undesirable_rows: Path | None = None  # formatted held-out rated-bad answers, for their loss
+    max_new_tokens: int
+    batch_size: int
+    chat: ChatContext  # training's: prompts render as training's texts did
+
+
+class ModelOutputs(BaseModel):
+    """One model's raw results, before scoring: what the reference cache keeps."""
+
+    answers: list[str]  # aligned with the request's conversations
+    stopped: list[bool]
+    eval_loss: float
+    undesirable_loss: float | None = None
+    device: str
+    generate_s: float  # wall time of generation, CUDA graph capture included
+
+
+class GenerationResult(BaseModel):
+    outputs: dict[str, ModelOutputs]
+
+
+def generate_outputs(request: GenerationRequest) -> GenerationResult:
+    """Worker entry point: load each model in turn, answer every conversation, measure the eval loss."""
+    import torch
+
+    from tasks.evaluate.generation import greedy_answers
+    from tasks.runtime.progress import Progress
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    rows = [json.loads(line) for line in request.loss_rows.read_text().splitlines()]
+    bad_rows = ([json.loads(line) for line in request.undesirable_rows.read_text().splitlines()]
+                if request.undesirable_rows is not None else [])
+    conversations = [[m.model_dump() for m in c] for c in request.conversations]
+    outputs = {}
+    for spec in request.models:
+        model, tokenizer = _load(spec, device, dtype)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size,
+                                     Progress(f"evaluate {spec.name}", len(conversations), "prompts"),
+                                     request.chat)
+            seconds = time.perf_counter() - started
+            loss = mean_answer_loss(model, rows, request.batch_size, tokenizer.pad_token_id)
+            bad_loss = (mean_answer_loss(model, bad_rows, request.batch_size, tokenizer.pad_token_id)
+                        if bad_rows else None)
+        print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
+        outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
+                                          eval_loss=loss, undesirable_loss=bad_loss, device=device, generate_s=seconds)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return GenerationResult(outputs=outputs)
+
+
+def _load(spec: ModelToScore, device: str, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(spec.weights, revision=spec.revision, dtype=dtype,
+                                                 attn_implementation="sdpa")
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        # Merged, as it is exported and served; also faster than running the adapter beside the weights.
+        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    return model.to(device).eval(), tokenizer
+
+
+def mean_answer_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean cross-entropy over every assistant token of the split (rows sorted by length)."""
+    import torch
+
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(r["input_ids"]) for r in batch)
+        input_ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
+        labels = torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in batch])
+        attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
+        targets = labels[:, 1:].to(model.device)
+        scored = targets != IGNORE
+        # Only the answer positions go to float32: the full logits of a batch would not fit on a small GPU.
+        total += torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored],
+                                                   reduction="sum").item()
+        count += int(scored.sum())
+    return total / count
+
+
+def evaluate_models(
+    data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
+    champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, out_dir: Path,
+    reference_dir: Path, undesirable_examples: Path | None = None,
+) -> EvalReport:
+    examples = list(read_examples(eval_examples))[: cfg.max_samples]
+    bad = list(read_examples(undesirable_examples))[: cfg.max_samples] if undesirable_examples else []
+    probes = [_probe_conversation(probe, data_cfg.system_prompt) for probe in cfg.probes]
+    conversations = [example.prompt for example in examples] + probes + [example.prompt for example in bad]
+    candidate = _candidate(trained, base)
+    models = {"candidate": candidate,
+              "base": ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
+                                   tokenizer=candidate.tokenizer)}
+    # The reference models' outputs are reused while the model, the eval data, the settings and the code are.
+    fingerprint = stable_hash(_file_hash(data.eval.path), _file_hash(eval_examples), cfg.probes,
+                              *(_file_hash(path) for path in (undesirable_examples,) if path is not None),
+                              data_cfg.system_prompt, data.chat, cfg, _file_hash(Path(__file__)),
+                              _file_hash(Path(__file__).with_name("generation.py")))
+    reference_keys = {"base": stable_hash("base", base.fingerprint, fingerprint)}
+    if champion is not None:
+        champion_dir = download_champion(tracking_uri, champion, reference_dir.parent / "champions")
+        models["champion"] = ModelToScore(name="champion", weights=str(champion_dir), tokenizer=str(champion_dir))
+        reference_keys["champion"] = stable_hash("champion", champion.name, champion.version, champion.run_id,
+                                                 champion.source, fingerprint)
+    outputs = {name: cached for name, key in reference_keys.items()
+               if (cached := _read_reference(reference_dir, name, key)) is not None}
+    todo = [spec for name, spec in models.items() if name not in outputs]
+    request = GenerationRequest(models=todo, conversations=conversations, loss_rows=data.eval.path,
+                                undesirable_rows=data.eval_undesirable.path if bad and data.eval_undesirable else None,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
+        generated = run_worker("tasks.evaluate.task:generate_outputs", request, GenerationResult,
+                               out_dir / "worker").outputs
+    for name, result in generated.items():
+        if name in reference_keys:
+            _write_reference(reference_dir, name, reference_keys[name], result)
+    outputs.update(generated)
+
+    required = (required_keys(example.answer for example in read_examples(train_examples))
+                if data_cfg.output_format == "json" else [])
+    references = [example.answer for example in examples]
+    n = len(examples)
+    scores, per_example = {}, {}
+    for name, result in outputs.items():
+        means, per_example[name] = score_answers(result.answers[:n], references, result.stopped[:n],
+                                                 data_cfg.output_format, required)
+        if bad:
+            own = result.answers[len(conversations) - len(bad):]
+            means["undesirable_close_rate"] = sum(map(close_to, own, (e.answer for e in bad))) / len(bad)
+            if result.undesirable_loss is not None:
+                means["undesirable_loss"] = result.undesirable_loss
+        scores[name] = ModelScores(name=name, version=champion.version if name == "champion" else None,
+                                   metrics={"eval_loss": result.eval_loss, **means})
+
+    order = [name for name in ("base", "champion", "candidate") if name in outputs]
+    samples_path = out_dir / "samples.jsonl"
+    with samples_path.open("w", encoding="utf-8") as out:
+        for i, example in enumerate(examples):
+            out.write(json.dumps({
+                "id": example.id, "source": f"{example.source}:{example.line}",
+                "prompt": example.prompt[-1].content, "expected": example.answer,
+                **{name: {"answer": outputs[name].answers[i], "stopped": outputs[name].stopped[i],
+                          "scores": per_example[name][i]} for name in order},
+            }, ensure_ascii=False) + "\n")
+    undesirable_path = out_dir / "undesirable.jsonl" if bad else None
+    if bad:
+        with undesirable_path.open("w", encoding="utf-8") as out:
+            for i, example in enumerate(bad, start=len(conversations) - len(bad)):
+                answers = {name: outputs[name].answers[i] for name in order}
+                out.write(json.dumps({
+                    "id": example.id, "source": f"{example.source}:{example.line}",
+                    "prompt": example.prompt[-1].content, "rated_bad_answer": example.answer,
+                    **{name: {"answer": answer, "close": close_to(answer, example.answer)}
+                       for name, answer in answers.items()},
+                }, ensure_ascii=False) + "\n")
+    probes_path = out_dir / "probes.jsonl"
+    with probes_path.open("w", encoding="utf-8") as out:
+        for i, probe in enumerate(cfg.probes, start=n):
+            out.write(json.dumps({"prompt": probe, **{name: outputs[name].answers[i] for name in order}},
+                                 ensure_ascii=False) + "\n")
+    return EvalReport(n_samples=n, n_undesirable=len(bad), undesirable_path=undesirable_path,
+                      candidate=scores["candidate"], base=scores["base"],
+                      champion=scores.get("champion"), samples_path=samples_path, probes_path=probes_path)
+
+
+def _candidate(trained: TrainResult, base: BaseModelRef) -> ModelToScore:
+    """A LoRA adapter is merged into the base; a full fine-tune is a model folder of its own."""
+    folder = trained.adapter_dir
+    if trained.kind == "lora":
+        return ModelToScore(name="candidate", weights=base.name_or_path, revision=base.revision, adapter=folder,
+                            tokenizer=str(folder))
+    return ModelToScore(name="candidate", weights=str(folder), tokenizer=str(folder))
+
+
+def _probe_conversation(probe: str, system_prompt: str | None) -> list[Message]:
+    # Probes are asked the way training examples were: with the data's system prompt when it sets one.
+    system = [Message(role="system", content=system_prompt)] if system_prompt else []
+    return [*system, Message(role="user", content=probe)]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_reference(reference_dir: Path, name: str, key: str) -> ModelOutputs | None:
+    path = reference_dir / f"{name}-{key[:16]}.json"
+    return ModelOutputs.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def _write_reference(reference_dir: Path, name: str, key: str, outputs: ModelOutputs) -> None:
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    partial = reference_dir / f"{name}-{key[:16]}.partial"
+    partial.write_text(outputs.model_dump_json())
+    partial.replace(partial.with_suffix(".json"))
+
+
+@task(name="evaluate", cache_policy=StageCache(sources=("tasks.evaluate.generation", "tasks.evaluate.metrics")), persist_result=True)
+def evaluate(
+    data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
+    champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path,
+    undesirable_examples: Path | None = None,
+) -> EvalReport:
+    out_dir = stage_dir(workdir, "evaluate", data, trained, base, champion, data_cfg, cfg, undesirable_examples)
+    return evaluate_models(data, eval_examples, train_examples, trained, base, champion, tracking_uri, data_cfg,
+                           cfg, out_dir, Path(workdir) / "evaluate" / "reference", undesirable_examples)

@@ -1,0 +1,150 @@
+"""Run a stage's model work in a process of its own, and read its typed result back.
+
+Training and evaluation load models, CUDA state and (on a GPU) unsloth's patches; none of that may leak into
+the flow's process or into the next stage. So such a stage writes its request as JSON, starts
+`python -m tasks.runtime.worker MODULE:FUNCTION REQUEST RESULT` (or the same under torchrun for several devices),
+streams the worker's output to the log and to `worker.log`, and reads the result JSON back. A worker that
+dies (an exception, SIGKILL, out of memory) fails the stage with its exit status and the tail of its log; a
+stage that is stopped (SIGTERM or Ctrl-C reaching the flow) stops its worker before it ends.
+
+The target is a plain function taking one pydantic model and returning another, so it can also be called
+in-process by tests. While it runs it may report progress with `emit_event` (one JSON line on stdout, rank 0
+only); `run_worker` hands each event to `on_event` as it arrives, e.g. to log live metrics to MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+R = TypeVar("R", bound=BaseModel)
+LOG_TAIL_LINES = 40
+EVENT_PREFIX = "tunepipe-event "
+
+
+class WorkerFailed(RuntimeError):
+    """The worker process ended without a result; the message carries its exit status and log tail."""
+
+    def __init__(self, target: str, returncode: int, log_path: Path, tail: list[str], first_error: list[str] = ()):
+        self.returncode = returncode
+        self.log_path = log_path
+        self.tail = tail
+        if returncode < 0:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+            if returncode == -signal.SIGKILL:
+                how += " (out of host memory, preempted, or stopped by hand)"
+        else:
+            how = f"exited with status {returncode}"
+        # Under torchrun the failing rank's traceback comes first and the launcher's summary last.
+        cause = "" if not first_error or first_error[-1] in tail else "first error:\n" + "".join(first_error)
+        super().__init__(f"{target} {how}; {cause}last lines of {log_path}:\n" + "".join(tail))
+
+
+def run_worker(
+    target: str,
+    request: BaseModel,
+    result_type: type[R],
+    work_dir: Path,
+    devices: int = 1,
+    log: logging.Logger | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> R:
+    """Run `target` ("module:function") on `request` in a new process; `devices` > 1 runs it under torchrun.
+
+    Under torchrun every rank runs the function; rank 0 alone writes the result (see `main`).
+    """
+    log = log or logging.getLogger(__name__)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    request_path, result_path, log_path = (work_dir / name for name in
+                                           ("worker-request.json", "worker-result.json", "worker.log"))
+    request_path.write_text(request.model_dump_json(indent=2))
+    result_path.unlink(missing_ok=True)
+
+    command = [sys.executable, "-m", "tasks.runtime.worker", target, str(request_path), str(result_path)]
+    if devices > 1:
+        command[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+                        "-m", "tasks.runtime.worker"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_pythonpath()}
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    first_error: list[str] = []  # the first traceback, through its exception line
+    log.info("starting worker: %s", " ".join(command[1:]))
+    with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
+    ) as process:
+        try:
+            for line in process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                tail.append(line)
+                _collect_first_traceback(first_error, line)
+                if line.startswith(EVENT_PREFIX) and on_event is not None:
+                    on_event(json.loads(line[len(EVENT_PREFIX) :]))
+                elif line.strip():
+                    log.info("%s", line.rstrip())
+        except BaseException:  # the stage was stopped (SIGTERM, Ctrl-C) or failed: the worker must not outlive it
+            stop_process(process)
+            raise
+    if process.returncode != 0 or not result_path.exists():
+        raise WorkerFailed(target, process.returncode, log_path, list(tail), first_error)
+    return result_type.model_validate_json(result_path.read_text())
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: a worker ends at once (torchrun passes SIGTERM on to its ranks)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _collect_first_traceback(lines: list[str], line: str) -> None:
+    """Append `line` to `lines` from the first "Traceback" line until the unindented exception line after it."""
+    done = len(lines) > 1 and not lines[-1].startswith((" ", "\t"))
+    if done or len(lines) >= LOG_TAIL_LINES:
+        return
+    if lines or line.startswith("Traceback (most recent call last)"):
+        lines.append(line)
+
+
+def emit_event(kind: str, **fields) -> None:
+    """Report progress from inside a worker (rank 0 only): `run_worker` passes it to its `on_event`."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(EVENT_PREFIX + json.dumps({"event": kind, **fields}), flush=True)
+
+
+def _project_pythonpath() -> str:
+    """The folder holding `tasks/` first, so the worker imports the same code as the flow."""
+    root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def main(argv: list[str]) -> None:
+    target, request_path, result_path = argv
+    module_name, _, function_name = target.partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    request_type = next(iter(inspect.signature(function, eval_str=True).parameters.values())).annotation
+    result = function(request_type.model_validate_json(Path(request_path).read_text()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        # Written to a temporary name first: a result file that exists is always complete.
+        partial = Path(result_path).with_suffix(".partial")
+        partial.write_text(result.model_dump_json(indent=2))
+        partial.replace(result_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
