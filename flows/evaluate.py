@@ -17,7 +17,8 @@ from tasks.data.format import format_data
 from tasks.evaluate.gate import GateDecision, gate
 from tasks.data.load import data_fingerprint, load_data
 from tasks.runtime.retries import network_retries
-from tasks.runtime.tracking import tracked_run, trained_model
+from tasks.runtime.tracking import tracked_run
+from tasks.train.task import trained_model
 
 
 class Evaluation(BaseModel):
@@ -40,11 +41,11 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
     with tracked_run(cfg, run_name=f"{cfg.name}-evaluate-{flow_run.get_name()}", tags=tags) as run:
         loaded = load_data(cfg.data, tags["dataset.fingerprint"], cfg.workdir)
         checked = check_data(loaded, cfg.data, base, cfg.model, cfg.workdir)
-        run.data_checked(loaded, checked)  # what it was scored on, as the run's dataset inputs
+        run.record(loaded, checked)  # what it was scored on, as the run's dataset inputs
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,
                           cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir, checked.eval.undesirable_path)
         decision = gate(report, cfg.gate)
-        run.evaluated(report, decision)
+        run.record(report, decision)
     return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)

@@ -19,13 +19,13 @@ from tasks.export.task import ExportResult, export
 from tasks.data.format import format_data
 from tasks.evaluate.gate import GateDecision, gate
 from tasks.data.load import data_fingerprint, load_data
-from tasks.export.parity import ParityReport, parity, parity_verdicts
+from tasks.export.parity import ParityReport, parity, parity_verdicts, verdicts_record
 from tasks.runtime.redact import redact, redact_logs
 from tasks.evaluate.report import RunReport, run_report
 from tasks.evaluate.retrain_plan import Attempt, next_attempt, outcome
 from tasks.runtime.retries import network_retries
 from tasks.serve.task import plan
-from tasks.runtime.tracking import tracked_attempt, tracked_run
+from tasks.runtime.tracking import tracked_child, tracked_run
 from tasks.train.task import HeldOut, train
 
 
@@ -73,9 +73,9 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         try:
             checked = check_data(loaded, cfg.data, base, cfg.model, workdir)
         except DataCheckError as exc:
-            run.data_checked(loaded, exc.checked)  # the Data Docs and the quarantine explain the failure
+            run.record(loaded, exc.checked)  # the Data Docs and the quarantine explain the failure
             raise
-        run.data_checked(loaded, checked)
+        run.record(loaded, checked)
 
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, workdir)
 
@@ -89,7 +89,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         # The bounded retrain loop: train, evaluate and gate until an attempt passes or the plan gives up.
         attempts: list[Attempt] = []
         while attempt := next_attempt(cfg, attempts):
-            with tracked_attempt(run, attempt) as attempt_run:
+            with tracked_child(run, f"attempt-{attempt.number}", attempt) as attempt_run:
                 trained = train(formatted, base, cfg.model, attempt.lora, attempt.train, workdir,
                                 init_from=attempt.init_from, held_out=held_out if attempt.train.eval_steps else None,
                                 mlflow_run=attempt_run.live_ref())
@@ -97,14 +97,12 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                                   champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
                                   checked.eval.undesirable_path)
                 decision = gate(report, cfg.gate)
-                attempt_run.attempted(trained, report, decision)
+                attempt_run.record(trained.curve(), report.scores(), decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))
         ended = outcome(attempts, cfg.retrain)
-        run.trained(formatted, trained)
-        run.evaluated(report, decision)
-        run.retrained(len(attempts), ended)
+        run.record(formatted, trained, report, decision)  # the last attempt's, on the run itself
         report_page = run_report(cfg.name, attempts, ended, workdir)
-        run.reported(report_page)
+        run.record(report_page)
         if not decision.passed:
             raise GateFailed(attempts, ended, report_page, run.run_id)
 
@@ -112,10 +110,10 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         measured = parity(exported, checked.eval.clean_path, checked.train.clean_path, cfg.data, cfg.eval, cfg.ollama,
                           formatted.chat, workdir)
         verdicts = parity_verdicts(measured, report.candidate.metrics, cfg.export)
-        run.exported(exported, measured, verdicts)
+        run.record(exported, measured, verdicts_record(verdicts))
         serving_plan = plan(exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path,
                             formatted.chat)
-        run.planned(serving_plan)
+        run.record(serving_plan)
         serving = serve(serving_plan)
 
     get_run_logger().info("ollama: %s", serving.registration.message)

@@ -14,7 +14,7 @@ from tasks.runtime.config import PipelineConfig
 from tasks.data.rag_source import (
     Snapshot, collect_rag_examples, commit_rag_snapshot, discard, mark_trained, retrain_lock, state_dir,
 )
-from tasks.runtime.tracking import find_run_of_flow_run, log_dataset_input
+from tasks.runtime.tracking import RunWriter, find_run_of_flow_run
 
 
 class RetrainOutcome(BaseModel):
@@ -55,9 +55,7 @@ def _retrain(config: PipelineConfig, logger) -> RetrainOutcome:
     state = finetune(config.model_copy(update={"data": snapshot.data}), return_state=True)
     run_id = find_run_of_flow_run(config.tracking, str(state.state_details.flow_run_id))
     if run_id is not None:
-        log_dataset_input(config.tracking, run_id, f"{config.name}-rag-v{snapshot.version}", snapshot.fingerprint,
-                          snapshot.data.train, snapshot.rows_by_source,
-                          [snapshot.folder / "manifest.json", snapshot.folder / "rag.jsonl"])
+        RunWriter(config.tracking.uri, run_id, config.name).record(snapshot)
 
     outcome = dict(n_new=collected.n_new, n_pending=collected.n_pending, snapshot=snapshot, mlflow_run_id=run_id)
     if state.is_completed():

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from tasks.model.base import resolve_base_model
-from tasks.data.check import CheckedData, DataCheckError, check_dataset
+from tasks.data.check import DataCheckError, check_dataset
+from tasks.data.results import CheckedData
 from tasks.runtime.config import DataConfig, ModelConfig
 from tasks.data.examples import read_examples
 from tasks.data.load import Rejection, load_dataset

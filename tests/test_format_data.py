@@ -10,8 +10,9 @@ import pytest
 from tasks.model.base import BaseModelRef, load_tokenizer, resolve_base_model
 from tasks.runtime.config import DataConfig, ModelConfig
 from tasks.data.examples import Example, Message, write_jsonl
-from tasks.data.check import CheckedData, check_dataset
-from tasks.data.format import IGNORE, FormattedData, format_dataset, tokenize_conversation
+from tasks.data.check import check_dataset
+from tasks.data.results import CheckedData, FormattedData
+from tasks.data.format import IGNORE, format_dataset, tokenize_conversation
 from tasks.data.load import load_dataset
 from tasks.demo.tiny_model import CHATML_TEMPLATE
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tasks.data.format import IGNORE
-from tasks.train.preference import dpo_loss, kl_rows, kto_loss, phase_rows, sequence_logps
+from tasks.train.loop import reference_logps, sequence_logps
+from tasks.train.preference import dpo_loss, kl_rows, kto_loss, phase_rows
 
 
 def _policy_and_reference(tiny_model):
@@ -234,8 +235,6 @@ def test_the_base_is_the_reference_with_the_adapters_disabled(tiny_model, tmp_pa
     """`kto`/`dpo` on LoRA: the reference log-probabilities come from the same model with its adapters off."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from tasks.train.preference import reference_logps
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rows = [{"id": "a", "input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8]},

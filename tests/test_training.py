@@ -11,8 +11,9 @@ import pytest
 
 from tasks.model.base import resolve_base_model
 from tasks.runtime.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
-from tasks.data.format import FormattedData, format_dataset
-from tasks.data.load import LoadedData, load_dataset
+from tasks.data.format import format_dataset
+from tasks.data.results import FormattedData, LoadedData
+from tasks.data.load import load_dataset
 from tasks.train.task import HeldOut, TrainRequest, TrainResult
 from tasks.runtime.worker import WorkerFailed, run_worker
 

@@ -16,62 +16,21 @@ import re
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from prefect import task
-from pydantic import BaseModel
 
 from data_checks import chat_suite
 from tasks.model.base import BaseModelRef, load_tokenizer
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.data.chat import ChatContext
 from tasks.runtime.config import DataConfig, ModelConfig
-from tasks.data.examples import Example, Unit, read_examples, write_jsonl
-from tasks.data.format import FormatRefused, TokenizedSplits, tokenize_pieces, tokenizer_key, tokens_line
-from tasks.data.load import LoadedData, Rejection
+from tasks.data.examples import Example, read_examples, write_jsonl
+from tasks.data.format import FormatRefused, tokenize_pieces, tokenizer_key, tokens_line
+from tasks.data.results import CheckedData, DataCheckReport, FileAccount, LoadedData, TokenizedSplits
+from tasks.data.load import Rejection
 from tasks.evaluate.metrics import required_keys
 
 ROWS_SHOWN = 5  # set-aside rows quoted in a failure message
-
-
-class DataCheckReport(BaseModel):
-    """One split after the check."""
-
-    success: bool  # every expectation passed on every row (nothing set aside by the check)
-    n_checked: int
-    n_passed: int
-    n_quarantined: int
-    expectations: list[dict[str, Any]]
-    clean_path: Path  # the rows that passed, but the rated-bad (undesirable) ones
-    # Rated-bad answers that passed (KTO rows with label false): trained away from, never towards, and on the
-    # eval side scored as answers the candidate should no longer give.
-    undesirable_path: Path | None = None
-    n_undesirable: int = 0
-
-
-class FileAccount(BaseModel):
-    """Where the rows of one input file went: kept_train + kept_eval + quarantined == rows_read."""
-
-    source: str
-    unit: Unit
-    rows_read: int
-    kept_train: int
-    kept_eval: int
-    quarantined: int
-
-
-class CheckedData(BaseModel):
-    train: DataCheckReport
-    eval: DataCheckReport
-    files: list[FileAccount]
-    rows_read: int
-    rows_quarantined: int  # at load and by the check
-    quarantine_path: Path  # every row set aside, with source, line or row, field and reason
-    data_docs: Path  # Great Expectations' Data Docs: index.html
-    summary_path: Path  # machine-readable summary (JSON)
-    tokens: TokenizedSplits  # token ids of the clean examples, which the format stage reads
-    problems: list[str]  # why the run may not go on; empty when it may
-    first_rejections: list[str]  # messages of the first set-aside rows, for the console
 
 
 class DataCheckError(ValueError):
@@ -175,7 +134,7 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
         rows_quarantined=len(rejections), quarantine_path=quarantine_path,
         data_docs=docs_dir / "index.html", summary_path=out_dir / "data_check_summary.json", tokens=tokens,
         problems=policy_problems(cfg, reports, rows_read, len(rejections)),
-        first_rejections=[r.message for r in rejections[:ROWS_SHOWN]],
+        first_rejections=[r.message for r in rejections[:ROWS_SHOWN]], fingerprint=loaded.fingerprint,
     )
     summary = {
         **checked.model_dump(mode="json"),

@@ -18,10 +18,8 @@ import json
 from collections.abc import Iterator
 from itertools import chain, zip_longest
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prefect import task
-from pydantic import BaseModel
 
 from tasks.model.base import BaseModelRef, load_tokenizer
 from tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
@@ -29,9 +27,7 @@ from tasks.data.chat import AnswerRefused, ChatContext, answer_piece
 from tasks.runtime.config import ModelConfig
 from tasks.data.examples import Example, read_examples, split_reasoning, write_jsonl
 from tasks.data.load import Rejection
-
-if TYPE_CHECKING:  # check_data imports this module: it tokenizes to judge lengths
-    from tasks.data.check import CheckedData
+from tasks.data.results import CheckedData, FormattedData, FormattedSplit, TokenizedSplits
 
 IGNORE = -100  # label value the loss skips
 
@@ -45,39 +41,6 @@ class FormatRefused(ValueError):
     def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"{where}: {reason}")
         self.reason = reason
-
-
-class FormattedSplit(BaseModel):
-    path: Path  # JSONL rows: {"id", "input_ids", "labels"}; preference rows also "kind" (and a DPO row's rejected)
-    n_rows: int
-    n_tokens: int
-    n_trained_tokens: int
-    max_tokens: int
-
-    def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()]
-
-
-class TokenizedSplits(BaseModel):
-    """Token ids of a train and an eval examples file, made by the data check as it measured lengths.
-
-    Line i of each file holds example i of its examples file: {"id", "pieces": [[token ids, trained], ...]}.
-    `format_dataset` reads them instead of tokenizing the examples a second time.
-    """
-
-    train: Path
-    eval: Path
-    tokenizer: str  # `tokenizer_key` of the tokenizer, chat template and chat context that made them
-    chat: ChatContext  # what the chat template rendered them with (data.reasoning, the date)
-
-
-class FormattedData(BaseModel):
-    train: FormattedSplit
-    eval: FormattedSplit
-    eval_undesirable: FormattedSplit | None = None  # held-out rated-bad answers, when the data has any
-    quarantine_path: Path  # examples longer than model.max_seq_length
-    n_quarantined: int
-    chat: ChatContext  # what training's texts were rendered with: evaluation, parity and serving render so too
 
 
 def format_dataset(

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import DataConfig
 from tasks.data.examples import Example, Message, Unit, location, split_reasoning, write_jsonl
+from tasks.data.results import LoadedData, SourceCount
 
 CONTAINERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DATASET_INFO = "dataset_info.json"
@@ -129,24 +130,6 @@ class DataSource(BaseModel):
 
     path: Path
     spec: ShapeSpec | None = None
-
-
-class SourceCount(BaseModel):
-    source: str
-    unit: Unit
-    rows_read: int
-    rows_rejected: int  # at load; the data check and formatting may set more aside
-
-
-class LoadedData(BaseModel):
-    train_path: Path
-    eval_path: Path
-    quarantine_path: Path
-    n_train: int
-    n_eval: int
-    n_rejected: int
-    fingerprint: str
-    files: list[SourceCount]
 
 
 def _json_type(value: object) -> str:

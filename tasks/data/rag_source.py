@@ -37,6 +37,7 @@ from pydantic import BaseModel
 
 from tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
 from tasks.data.examples import Message
+from tasks.runtime.records import DatasetRecord, Record
 from tasks.data.load import (
     DataFileError, FileRead, RecordError, Rejection, data_fingerprint, data_normaliser, data_sources, example_id,
     held_out, parse_record, prompt_unit, read_sources,
@@ -107,6 +108,17 @@ class Snapshot(BaseModel):
     fingerprint: str  # equals the finetune run's `dataset.fingerprint`
     rows_by_source: dict[str, int]  # "base" and each RAG source -> rows in the merged training file
     new_by_source: dict[str, int]  # what this version added
+
+    def record(self) -> Record:
+        """The versioned training set as the run's input (MLflow's dataset tracking), with its files."""
+        return Record(
+            datasets=[DatasetRecord(name=f"rag-v{self.version}", digest=self.fingerprint, path=self.data.train,
+                                    context="training", profile={  # the full fingerprint is in the profile
+                                        "num_rows": sum(self.rows_by_source.values()),
+                                        "rows_by_source": self.rows_by_source, "fingerprint": self.fingerprint})],
+            tags={f"dataset.rows.{source}": str(rows) for source, rows in self.rows_by_source.items()},
+            files=[(self.folder / "manifest.json", "dataset"), (self.folder / "rag.jsonl", "dataset")],
+        )
 
 
 # --- reading the sources -----------------------------------------------------------------------------------

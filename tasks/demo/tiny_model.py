@@ -27,9 +27,9 @@ SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_at
              num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 EMBED_STD = 0.25
 # The LM head (tied to the embeddings) is most of a CPU training step. GPT-2's 50,257 tokens make it a third
-# of Qwen2's 151,936 (a demo step: 0.30 s against 0.73), so the demo affords 600 steps where it had 200. StarCoder's
-# 49,152 (digits one by one) learnt names later; deepseek-coder's 32,256, as transformers loads it, hashes to
-# no known pre-tokenizer.
+# of Qwen2's 151,936 (a demo step's time: benchmarks/RESULTS.md, "Demo wall time"), so the demo affords 600
+# steps where it had 200. StarCoder's 49,152 (digits one by one) learnt names later; deepseek-coder's 32,256,
+# as transformers loads it, hashes to no known pre-tokenizer.
 VOCAB = "gpt-2"  # llama.cpp's models/ggml-vocab-<VOCAB>.gguf
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # added where the vocabulary lacks them
 # The folder name the shared cache keeps it under: another vocabulary or shape is another folder, never a

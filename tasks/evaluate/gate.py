@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from tasks.runtime.config import LOWER_IS_BETTER, GateConfig
 from tasks.evaluate.task import EvalReport, ModelScores
+from tasks.runtime.records import Record
 
 # A value that meets its limit exactly must pass despite float rounding (0.3 - 0.2 < 0.1), and a candidate
 # that is the champion, scored again, must not lose to it on the last digit.
@@ -47,6 +48,12 @@ class GateDecision(BaseModel):
         if self.passed:
             return f"passed all {len(self.checks)} rules"
         return f"failed {len(self.reasons)} of {len(self.checks)} rules: " + "; ".join(self.reasons)
+
+    def record(self) -> Record:
+        """The decision; a failed gate ends the run FAILED."""
+        return Record(texts={"eval/gate.json": self.model_dump_json(indent=2)}, gate_failed=not self.passed,
+                      tags={"gate": "passed" if self.passed else "failed", "gate.summary": self.summary()[:5000],
+                            "gate.reasons": "\n".join(self.reasons)[:5000]})
 
 
 def improvement(metric: str, candidate: float, other: float) -> float:

@@ -19,6 +19,7 @@ from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import LOWER_IS_BETTER
 from tasks.evaluate.task import EvalReport, ModelScores
 from tasks.evaluate.retrain_plan import Attempt
+from tasks.runtime.records import Record
 
 WORST_EXAMPLES = 5
 # The per-example score that ranks the worst examples: the first of these the answers were scored on.
@@ -32,6 +33,12 @@ HEADLINE_METRICS = ("valid_json_rate", "field_accuracy", "exact_match", "rouge_l
 class RunReport(BaseModel):
     folder: Path  # report.md and its PNGs, logged to MLflow as one folder
     path: Path  # report.md
+    attempts: int  # of the retrain loop
+    outcome: str  # how the loop ended (retrain_plan.outcome)
+
+    def record(self) -> Record:
+        return Record(metrics={"retrain.attempts": self.attempts}, tags={"retrain.outcome": self.outcome},
+                      files=[(self.folder, "report")])
 
 
 def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Path) -> RunReport:
@@ -58,7 +65,7 @@ def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Pat
     ]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return RunReport(folder=out_dir, path=path)
+    return RunReport(folder=out_dir, path=path, attempts=len(attempts), outcome=outcome)
 
 
 def models(report: EvalReport) -> list[ModelScores]:

@@ -31,6 +31,7 @@ from tasks.evaluate.metrics import required_keys, score_answers
 from tasks.serve.ollama.modelfile import client_messages, modelfile_spec
 from tasks.serve.ollama.render import render_served_prompt
 from tasks.runtime.progress import Progress
+from tasks.runtime.records import Record
 from tasks.model.packaged import VocabularyMismatch, compare_token_ids
 
 # Training conversations whose token ids the vocabulary check compares (the first ones of the clean split).
@@ -54,6 +55,11 @@ class ParityReport(BaseModel):
     n_samples: int
     ggufs: list[GgufScores]  # in the order of `export.gguf_types`
     samples_path: Path  # JSONL: expected answer, served prompt and each GGUF's answer per held-out example
+
+    def record(self) -> Record:
+        return Record(metrics={f"parity.{scores.gguf_type}.{name}": value
+                               for scores in self.ggufs for name, value in scores.scores.items()},
+                      files=[(self.samples_path, "parity")])
 
 
 class ParityVerdict(BaseModel):
@@ -164,6 +170,12 @@ def parity_verdicts(report: ParityReport, reference: dict[str, float | None],
                                 f"(drop {drop:.4f} > {limit})")
         verdicts.append(ParityVerdict(gguf_type=gguf.gguf_type, passed=not failures, failures=failures))
     return verdicts
+
+
+def verdicts_record(verdicts: list[ParityVerdict]) -> Record:
+    """Which GGUFs passed, and why the others did not."""
+    return Record(texts={"parity/verdicts.json": json.dumps([v.model_dump() for v in verdicts], indent=2)},
+                  tags={"parity.passed": ",".join(v.gguf_type for v in verdicts if v.passed) or "none"})
 
 
 def _write_samples(path: Path, examples: list[Example], served_prompts: list[str],

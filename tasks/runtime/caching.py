@@ -25,6 +25,12 @@ def stable_hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps([_jsonable(p) for p in parts], sort_keys=True).encode()).hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file (as Ollama names blobs), hashed in chunks."""
+    with path.open("rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def stage_dir(workdir: Path, stage: str, *inputs: Any) -> Path:
     """Where a stage writes: one folder per distinct input, so re-running it rewrites the same place."""
     return Path(workdir) / stage / stable_hash(*inputs)[:16]

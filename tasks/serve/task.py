@@ -28,6 +28,7 @@ from tasks.serve.ollama.client import OllamaClient, OllamaError
 from tasks.serve.ollama.host import DEFAULT_HOST, ollama_host
 from tasks.serve.ollama.modelfile import ModelfileSpec, client_messages, modelfile_spec
 from tasks.export.parity import ParityVerdict
+from tasks.runtime.records import Record
 from tasks.runtime.redact import redact
 
 PLAN_ARTIFACT = "serving/plan.json"
@@ -55,6 +56,12 @@ class ServingPlan(BaseModel):
     max_new_tokens: int
     smoke_cases: list[SmokeCase]
     retry: RetryConfig = RetryConfig()  # a plan logged before retries existed gets the defaults
+
+    def record(self) -> Record:
+        """The Modelfile, and the plan itself, from which `tunepipe register RUN_ID` finishes a run later."""
+        return Record(files=[(self.modelfile, "ollama")], texts={PLAN_ARTIFACT: self.model_dump_json(indent=2)},
+                      tags={"export.gguf_path": str(self.gguf.path), "gguf.type": self.gguf.type,
+                            "ollama.model": self.ollama.model_name})
 
 
 class Registration(BaseModel):
@@ -213,11 +220,10 @@ def load_plan(tracking_uri: str, run_id: str) -> ServingPlan:
 
 
 def _tag_run(plan: ServingPlan, tags: dict[str, str]) -> None:
-    from mlflow.tracking import MlflowClient
+    """What serving did, on the run that trained the model."""
+    from tasks.runtime.tracking import RunWriter
 
-    client = MlflowClient(tracking_uri=plan.tracking_uri)
-    for key, value in tags.items():
-        client.set_tag(plan.run_id, key, value)
+    RunWriter(plan.tracking_uri, plan.run_id, plan.registered_model).record(Record(tags=tags))
 
 
 # Not cached: each depends on the Ollama server and the model registry, not on our inputs alone.

@@ -6,7 +6,7 @@ torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier versi
   applies it only at positions that carry loss (a few dozen of ~100 tokens in a RAG example), in chunks
   whose gradients are computed on the way (`tasks/train/head_loss.py`), and never materialises the full logits.
   SFTTrainer also computes entropy and token accuracy over the whole vocabulary at every step
-  (shared/gpu/README.md measured the trainer path at a fifth of the raw loop).
+  (measured slower than the raw loop: benchmarks/RESULTS.md, "Figures from code comments (issue 21)").
 - Exact resume. A step's examples depend on the step number alone (a seeded permutation per epoch), so a
   checkpoint of the trainable weights, optimizer, scheduler and RNG resumes to the same result as an
   uninterrupted run; out-of-memory retries re-split the same examples into smaller micro-batches.
@@ -22,13 +22,14 @@ torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier versi
   improvement for early stopping. With `train.select: best` those weights are what the stage returns.
 - Preference tuning (`train.objective` kto, dpo, sft+kto, sft+dpo): the KTO or DPO steps run in this loop's
   worker after the SFT steps (from the SFT result `train.select` chose), numbered on from them, with the same
-  checkpoints and resume (`tasks/train/preference.py`).
+  checkpoints and resume (`train_preference` below; the rows and TRL's losses in `tasks/train/preference.py`).
 The ML stack is imported inside functions; unsloth is imported first, and only when CUDA is there.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -41,12 +42,13 @@ from typing import Literal
 from pydantic import BaseModel
 
 from tasks.data.format import IGNORE
+from tasks.runtime.config import TrainConfig
 from tasks.train.task import Backend, EvalPoint, HeldOut, LossPoint, TrainRequest, TrainResult
 from tasks.runtime.worker import emit_event
 
 GIB = 2**30
 # `gradient_checkpointing: auto` recomputes only when a step's activations would not fit in this share of the
-# free memory: on a GPU with room, a LoRA step of Qwen3-0.6B ran about 1.5x faster without (benchmarks/RESULTS.md).
+# free memory: on a GPU with room, a step is faster without (benchmarks/RESULTS.md, issue 7 and issue 21).
 AUTO_CHECKPOINTING_SHARE = 0.5
 CHECKPOINT = re.compile(r"step-(\d+)")
 BEST = "best-{step:07d}"  # the best evaluation's trainable weights, beside the newest checkpoint
@@ -119,7 +121,7 @@ def train_model(request: TrainRequest) -> TrainResult:
 
     order = ExampleOrder(len(rows), cfg.seed)
     # unsloth 2026.10 masks packed examples only in a single row, and on torch < 2.12 attends one example at
-    # a time (measured on an H100: 4,675 tokens/s packed against 9,386 for hf): it gets length-sorted padding.
+    # a time (slower than hf's packing: benchmarks/RESULTS.md, issue 21): it gets length-sorted padding.
     packing = cfg.packing and backend == "hf"
     if cfg.packing and not packing:
         print("train: unsloth backend: micro-batches are padded (sorted by length), not packed", flush=True)
@@ -182,8 +184,6 @@ def train_model(request: TrainRequest) -> TrainResult:
     selection = selection_reason(state, cfg.selection, selected, sft_steps, total_steps,
                                  request.held_out.metric if evaluated else None)
     if preference_steps:
-        from tasks.train.preference import PreferenceRun, train_preference
-
         train_preference(PreferenceRun(
             cfg=cfg, stepper=stepper, rows=preference_rows, out_dir=request.out_dir, state=state,
             first_step=total_steps, last_step=total_steps + preference_steps, resumed_from=resumed_from,
@@ -933,3 +933,136 @@ def _save_output(model, tokenizer, out: Path, kind: str, request: TrainRequest) 
     from tasks.model.base import keep_tokenizer_sources
 
     keep_tokenizer_sources(request.base.name_or_path, out, request.base.revision)
+
+
+# ------------------------------------------------------------------------------------- the preference phase
+
+
+def sequence_logps(stepper, rows: list[dict]):
+    """Summed log-probability of each row's labelled tokens (its answer), differentiable where grad is on.
+
+    The base transformer runs once over the batch (packed as in SFT); the LM head runs at the answer positions
+    only, a chunk at a time, each chunk's logits recomputed in the backward pass instead of kept.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from tasks.train.preference import HEAD_CHUNK, chunk_logps
+
+    batch = make_batch(rows, stepper.packing, stepper.pad_id, stepper.device, stepper.row_tokens)
+    with torch.autocast(stepper.device.type, dtype=_dtype(stepper.precision), enabled=stepper.precision != "fp32"):
+        hidden, head = loss_hidden(stepper.model, batch, stepper.backend)
+        targets = batch["loss_targets"]
+        parts = []
+        for start in range(0, len(targets), HEAD_CHUNK):
+            part = slice(start, start + HEAD_CHUNK)
+            args = (hidden[part], head.weight, head.bias, targets[part])
+            parts.append(checkpoint(chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_logps(*args))
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return token_logps.new_zeros(len(rows)).index_add(0, batch["loss_example"], token_logps)
+
+
+def reference_logps(stepper, sequences: list[dict], path: Path, from_base: bool, batch_size: int) -> dict[str, float]:
+    """Log-probability of every sequence under the reference, by sequence id; what `path` holds is reused."""
+    import contextlib
+
+    import torch
+
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [row for row in sequences if row["id"] not in cached]
+    if missing:
+        model = stepper.model
+        model.eval()
+        # The base as reference: the same weights with the adapters off, no second copy of the model.
+        off = model.disable_adapter() if from_base and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                cached.update(zip((row["id"] for row in chunk), sequence_logps(stepper, chunk).tolist()))
+        model.train()
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(cached))
+        os.replace(partial, path)
+        print(f"train: reference log-probabilities of {len(missing)} answers computed "
+              f"({'base, adapters off' if from_base else 'the model as the phase starts'}), kept in {path}", flush=True)
+    return {row["id"]: cached[row["id"]] for row in sequences}
+
+
+@dataclass
+class PreferenceRun:
+    """What the phase shares with the SFT steps before it: the worker's model (in `stepper`), state, checkpoints."""
+
+    cfg: TrainConfig
+    stepper: Stepper
+    rows: list[dict]  # the preference rows (phase_rows)
+    out_dir: Path
+    state: TrainingState
+    first_step: int  # steps before the phase (SFT's)
+    last_step: int
+    resumed_from: int
+    started: float  # perf_counter at training start, less the time of earlier runs (resume)
+    from_base: bool  # the reference is the base: adapters disabled
+
+
+def train_preference(run: PreferenceRun) -> None:
+    """The preference steps `run.first_step + 1` … `run.last_step`, resumed from a checkpoint in that range."""
+    import torch
+    from transformers import get_scheduler
+
+    from tasks.train.preference import dpo_loss, kl_rows, kto_loss, rejected_row
+
+    cfg, pref, stepper = run.cfg, run.cfg.preference, run.stepper
+    method = cfg.objective.removeprefix("sft+")
+    model, rows, checkpoints = stepper.model, run.rows, run.out_dir / "checkpoints"
+    optimizer = _optimizer(model, cfg.model_copy(update={"learning_rate": pref.learning_rate}))
+    n_steps = run.last_step - run.first_step
+    scheduler = get_scheduler(schedule_name(cfg), optimizer, num_warmup_steps=min(cfg.warmup_steps, n_steps // 10),
+                              num_training_steps=n_steps)
+    if run.resumed_from > run.first_step:  # the checkpoint holds this phase's optimizer and schedule
+        _resume(checkpoints, model, optimizer, scheduler, stepper.scaler, run.state)
+
+    if method == "kto":
+        others = kl_rows(rows)
+    else:  # chosen and rejected share the row's id: the rejected one is cached under its own
+        others = [{**rejected_row(row), "id": row["id"] + "|rejected"} for row in rows]
+    reference = reference_logps(stepper, rows + others, run.out_dir / "reference_logps.json", run.from_base,
+                                pref.batch_size)
+    partner = dict(zip((row["id"] for row in rows), others))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    order = ExampleOrder(len(rows), cfg.seed)
+    model.train()
+    tokens_since_log, last_log = 0, time.perf_counter()
+    for step in range(max(run.resumed_from, run.first_step) + 1, run.last_step + 1):
+        picked = [rows[i] for i in order.step(step - run.first_step, pref.batch_size)]
+        matched = [partner[row["id"]] for row in picked]
+        ref = torch.tensor([reference[row["id"]] for row in picked], device=stepper.device)
+        ref_matched = torch.tensor([reference[row["id"]] for row in matched], device=stepper.device)
+        if method == "kto":
+            logps = sequence_logps(stepper, picked)
+            with torch.no_grad():  # TRL computes the KL samples' log-probabilities without gradient
+                kl_logps = sequence_logps(stepper, matched)
+            desirable = torch.tensor([row["kind"] == "desirable" for row in picked], device=stepper.device)
+            loss, metrics = kto_loss(logps, ref, desirable, kl_logps, ref_matched, pref.beta, pref.desirable_weight,
+                                     pref.undesirable_weight)
+        else:
+            chosen, rejected = sequence_logps(stepper, picked + matched).split(len(picked))
+            loss, metrics = dpo_loss(chosen, rejected, ref, ref_matched, pref.beta)
+        stepper.scaler.scale(loss).backward()
+        grad_norm = _finish_step(trainable, optimizer, scheduler, stepper.scaler, cfg.max_grad_norm)
+        tokens_since_log += sum(len(row["input_ids"]) for row in picked + matched)
+        if step % cfg.logging_steps == 0 or step == run.last_step:
+            now = time.perf_counter()
+            cuda = stepper.device.type == "cuda"
+            point = LossPoint(
+                step=step, loss=float(loss), learning_rate=scheduler.get_last_lr()[0],
+                grad_norm=round(float(grad_norm), 6), tokens_per_s=round(tokens_since_log / (now - last_log), 1),
+                peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(stepper.device) / 2**30, 3) if cuda else None,
+                elapsed_s=round(now - run.started, 3), phase=method, **metrics,
+            )
+            run.state.history.append(point)
+            emit_event("step", **point.model_dump())
+            tokens_since_log, last_log = 0, now
+        if step % cfg.save_steps == 0 and step < run.last_step:
+            run.state.elapsed_s = time.perf_counter() - run.started
+            _save_checkpoint(checkpoints, step, model, optimizer, scheduler, stepper.scaler, run.state, stepper.rank)

@@ -8,23 +8,30 @@ after a kill resumes by itself; its live metrics reach the flow's MLflow run whi
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from tasks.model.base import BaseModelRef
 from tasks.runtime.caching import StageCache, stage_dir
-from tasks.runtime.config import LoraConfig, ModelConfig, TrainConfig
-from tasks.data.format import FormattedData, FormattedSplit
+from tasks.runtime.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
+from tasks.data.results import FormattedData, FormattedSplit
 from tasks.runtime.gpu_slots import gpu_slots
+from tasks.runtime.records import MlflowRunRef, Point, Record
 from tasks.runtime.worker import run_worker
 
-if TYPE_CHECKING:  # the worker imports this module, and needs neither MLflow nor its start-up time
-    from tasks.runtime.tracking import MlflowRunRef
-
 Backend = Literal["hf", "unsloth"]
+# Per logged training step: MLflow metric name <- LossPoint field.
+TRAINING_CURVE = {"train_loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+                  "tokens_per_s": "tokens_per_s", "peak_gpu_memory_gib": "peak_gpu_memory_gib",
+                  "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                  "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy", "kl": "kl"}
 
 
 class LossPoint(BaseModel):
@@ -87,6 +94,32 @@ class TrainResult(BaseModel):
     selection: str = ""  # why those weights, in words (the MLflow tag `train.selection`)
     stopped_early: bool = False  # train.early_stopping ended training before max_steps
 
+    def curve(self) -> Record:
+        """How training went: each attempt's run shows it. A stage that ran reported its curve live; a cached
+        one did not, so the curve is also here, for the runs that lack it."""
+        return Record(
+            metrics={"train.runtime_s": self.runtime_s, "train.trainable_params": self.trainable_params,
+                     "train.oom_retries": self.oom_retries, "train.micro_batch_size": self.micro_batch_size,
+                     "train.gradient_accumulation_steps": self.gradient_accumulation_steps},
+            backfill=[p for point in self.loss_history for p in curve_points(point.model_dump())]
+            + [p for point in self.eval_history for p in eval_points(point.model_dump())],
+            tags={"train.backend": self.backend, "train.kind": self.kind, "train.device": self.device,
+                  "train.precision": self.precision, "train.selection": self.selection,
+                  "train.selected_step": "" if self.selected_step is None else str(self.selected_step),
+                  "train.stopped_early": str(self.stopped_early).lower()},
+        )
+
+    def record(self) -> Record:
+        """The curve, and the trained weights with this result beside them, so the evaluate flow can score
+        the run's model later (`trained_model`)."""
+        from tasks.serve.champion import MODEL_ARTIFACT
+
+        if self.kind == "lora":
+            files, folder = [(self.adapter_dir, "adapter")], "adapter"
+        else:  # the weights of a whole model are logged by export (the `model` artifact); its config says which
+            files, folder = [(self.adapter_dir / "config.json", MODEL_ARTIFACT)], MODEL_ARTIFACT
+        return self.curve() + Record(files=files, texts={f"{folder}/train_result.json": self.model_dump_json(indent=2)})
+
 
 class TrainRequest(BaseModel):
     """Everything the worker needs; written as JSON into the stage's folder."""
@@ -118,9 +151,94 @@ def train(
     out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg, init_from, held_out)
     request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, cfg=cfg, out_dir=out_dir,
                            init_from=init_from, held_out=held_out)
-    from tasks.runtime.tracking import live_training_log
-
     log = get_run_logger()
     with gpu_slots(cfg.devices):  # inside the task, so a cache hit never waits for another run's training
         return run_worker("tasks.train.loop:train_model", request, TrainResult, out_dir, devices=cfg.devices,
                           log=log, on_event=live_training_log(mlflow_run, log) if mlflow_run else None)
+
+
+def curve_points(values: dict) -> list[Point]:
+    """A logged training step (a LossPoint, or the worker's `step` event) as MLflow metrics at its step."""
+    curve = dict(TRAINING_CURVE)
+    if values.get("phase", "sft") != "sft":  # a KTO or DPO loss is another quantity than SFT's token loss
+        curve[f"train_{values['phase']}_loss"] = curve.pop("train_loss")
+    return [Point(name=name, value=float(values[field]), step=values["step"])
+            for name, field in curve.items() if values.get(field) is not None]
+
+
+def eval_points(values: dict) -> list[Point]:
+    """A held-out evaluation during training: `eval_loss` and `eval_<metric>` at its step."""
+    return [Point(name="eval_loss", value=float(values["eval_loss"]), step=values["step"]),
+            *(Point(name=f"eval_{name}", value=float(value), step=values["step"])
+              for name, value in values["metrics"].items())]
+
+
+def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict], None]:
+    """An `on_event` handler for the training worker: every logged step goes to MLflow as it happens."""
+    from tasks.runtime.tracking import RunWriter
+
+    writer = RunWriter(run.tracking_uri, run.run_id, pipeline="")
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "step":
+            writer.record(Record(points=curve_points(event)))
+            log.info("step %d: loss %.4f, lr %.2e, grad norm %s, %s tokens/s", event["step"], event["loss"],
+                     event["learning_rate"], event.get("grad_norm"), event.get("tokens_per_s"))
+        elif event["event"] == "eval":
+            writer.record(Record(points=eval_points(event)))
+            log.info("step %d: held-out loss %.4f%s", event["step"], event["eval_loss"],
+                     "".join(f", {name} {value:.4g}" for name, value in event["metrics"].items() if "." not in name))
+        elif event["event"] == "started":  # what the environment check decided, beside the run's params
+            writer.record(Record(tags={
+                f"train.environment.{key}": str(event[key])
+                for key in ("backend", "device", "precision", "gradient_checkpointing", "estimate_gib", "free_gib")
+            }))
+        elif event["event"] == "oom_retry":
+            log.warning("%s", event["message"])
+            writer.record(Record(points=[
+                Point(name="train.oom_retries", value=event["retries"], step=event["step"]),
+                Point(name="train.micro_batch_size", value=event["micro_batch_size"], step=event["step"]),
+            ], tags={"train.oom": event["message"]}))
+
+    return on_event
+
+
+def trained_model(cfg: TrackingConfig, registered_name: str, model: str, dest: Path) -> tuple[str, TrainResult]:
+    """The run id of a finished run, and what its train stage returned with the model fetched once into `dest`.
+
+    `model` is that MLflow run's id, or `v<N>` for version N of the registered model. A LoRA run's adapter is
+    an artifact of the run. A full fine-tune's weights are the run's `model` artifact once it was exported;
+    before that (the gate failed) they are only in the train stage's folder, used while it exists.
+    """
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    from tasks.serve.champion import MODEL_ARTIFACT
+
+    client = MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
+    version = re.fullmatch(r"v(\d+)", model)
+    run_id = client.get_model_version(registered_name, version[1]).run_id if version else model
+    run = client.get_run(run_id)
+    folder = dest / run_id
+    artifact = "adapter" if run.data.tags.get("train.kind", "lora") == "lora" else MODEL_ARTIFACT
+
+    def fetch(path: str) -> Path:  # once: downloaded under a temporary name, so a path that exists is complete
+        target = folder / path
+        if not target.exists():
+            partial = folder / ".partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(partial),
+                                                        tracking_uri=cfg.uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Path(local).rename(target)
+        return target
+
+    if artifact == "adapter" or "export.merged_dir" in run.data.tags:  # the run logged the whole folder
+        local = fetch(artifact)
+        trained = TrainResult.model_validate_json((local / "train_result.json").read_text())
+        return run_id, trained.model_copy(update={"adapter_dir": local})
+    trained = TrainResult.model_validate_json(fetch(f"{artifact}/train_result.json").read_text())
+    if not (trained.adapter_dir / "config.json").is_file():
+        raise ValueError(f"run {run_id} trained every weight (train.mode: full) and was not exported, so MLflow "
+                         f"holds no weights of it, and its train stage folder {trained.adapter_dir} is gone")
+    return run_id, trained

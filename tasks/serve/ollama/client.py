@@ -13,7 +13,6 @@ Every failure is raised as OllamaError; OllamaConnectionError when no HTTP answe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import httpx
 import ollama
+
+from tasks.runtime.caching import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,6 @@ class OllamaError(RuntimeError):
 
 class OllamaConnectionError(OllamaError):
     """No HTTP answer: nothing listens, the connection broke off or timed out, or the peer does not speak HTTP."""
-
-
-def file_digest(path: Path) -> str:
-    """`sha256:<hex>` of a file, as Ollama names blobs; hashed in chunks."""
-    with path.open("rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class OllamaClient:
