@@ -14,7 +14,7 @@ parity and the served TEMPLATE ends with it, so the model writes only the answer
 
 `answer_piece` is the text an assistant turn trains: what the template writes after the generation prompt.
 Templates whose generation prompt opens the reasoning block (QwQ, the DeepSeek-R1 distills) render a
-finished answer without its reasoning; the answer is then trained as the model writes it after that
+finished answer without its reasoning (DeepSeek V3.1: with the block emptied); the answer is then trained as the model writes it after that
 prompt: the rest of its `<think>` block (an empty one when it has none), the answer, the template's end.
 Whatever the template writes, the trained text must split (`split_reasoning`) into the reasoning the answer
 kept and the answer that evaluation, parity and the smoke test judge, or the answer is refused.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -56,13 +57,14 @@ class ChatContext(BaseModel):
     def for_template(cls, reasoning: Reasoning, chat_template: str, today: dt.date) -> ChatContext:
         """The context of a run under `data.reasoning` starting `today`: the date only where the template
         prints one (a re-run on another day then finds every other template's caches), and the reasoning in
-        `reasoning_content` where only that makes an answer train as evaluation reads it."""
+        `reasoning_content` where only that makes an answer train as evaluation reads it, and a reply prefix
+        where only that does."""
         inline = cls(reasoning=reasoning, date=today if "strftime_now" in chat_template else None)
-        candidates = [inline] if reasoning == "strip" else [inline, inline.model_copy(update={"reasoning_field": True})]
-        # A reply prefix only where the template needs one: moving text to the prompt changes what is trained.
-        candidates += [chat.model_copy(update={"reply_prefix": prefix}) for chat in candidates
-                       if (prefix := _reply_prefix(chat_template, chat))]
-        return next((chat for chat in candidates if _trains_as_read(chat_template, chat)), inline)
+        plain = [inline] if reasoning == "strip" else [inline, inline.model_copy(update={"reasoning_field": True})]
+        # A reply prefix only where the template needs one (probed lazily): it changes what is trained.
+        prefixed = (chat.model_copy(update={"reply_prefix": prefix}) for chat in plain
+                    if (prefix := _reply_prefix(chat_template, chat)))
+        return next((chat for chat in chain(plain, prefixed) if _trains_as_read(chat_template, chat)), inline)
 
     @classmethod
     def today(cls, reasoning: Reasoning, chat_template: str) -> ChatContext:
@@ -171,10 +173,11 @@ def answer_piece(prompt: str, whole: str, content: str) -> str:
     if whole.startswith(prompt):
         piece = whole[len(prompt):]
         reasoning, answer = split_reasoning(content)
-        if reasoning and prompt.endswith("<think>") and split_reasoning(piece) == ("", piece[piece.find(answer):]):
+        got_reasoning, got_answer = split_reasoning(piece)
+        if reasoning and prompt.endswith("<think>") and got_reasoning == "" and got_answer.startswith(answer):
             # The template empties the block its prompt opened (DeepSeek V3.1, every answer): the model writes
             # the reasoning there, as after the prompts of QwQ and the R1 distills.
-            piece = content.lstrip().removeprefix("<think>") + piece[piece.find(answer) + len(answer):]
+            piece = content.lstrip().removeprefix("<think>") + got_answer[len(answer):]
     else:
         common = _whole_tags(os.path.commonprefix([prompt, whole]))
         opened, rest = prompt[len(common):], whole[len(common):]
