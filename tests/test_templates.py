@@ -196,3 +196,25 @@ def test_several_answers_where_the_template_drops_earlier_reasoning_are_refused(
     with pytest.raises(ValueError, match=r"^train\.jsonl:3: the chat template renders the answer in "
                                          r"messages\[1\]\.content without its reasoning once more turns follow"):
         _pieces(_Tokenizer(template), example, ChatContext())
+
+
+@pytest.mark.parametrize("name", ["upstage-Solar-Open-100B", "openai-gpt-oss-120b"])
+def test_several_answers_behind_a_reply_prefix_train_each_or_are_refused(name: str) -> None:
+    """Each answer of a conversation trains after the generation prompt that ends with the reply prefix (Solar);
+    gpt-oss renders an earlier answer ending `<|end|>` where the last one trained `<|return|>`, so such a row is
+    no single training sequence and formatting names it."""
+    from tasks.examples import Example, Message
+    from tasks.format_data import FormatRefused, _pieces
+
+    template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
+    chat = ChatContext.for_template("strip", template, dt.date(2026, 12, 1))
+    example = Example(id="x", source="train.jsonl", line=2, messages=[
+        Message(role="user", content="q"), Message(role="assistant", content="A1"),
+        Message(role="user", content="again"), Message(role="assistant", content="A2")])
+    if name == "openai-gpt-oss-120b":
+        with pytest.raises(FormatRefused, match=r"^train\.jsonl:2: the chat template renders this conversation's"):
+            _pieces(_Tokenizer(template), example, chat)
+        return
+    pieces = _pieces(_Tokenizer(template), example, chat)
+    assert [text for text, trained in pieces if trained] == ["A1<|end|>", "A2<|end|>"]
+    assert all(text.endswith(chat.reply_prefix) for text, trained in pieces if not trained)
