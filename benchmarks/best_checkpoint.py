@@ -77,11 +77,12 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=48, help="held-out pages the evaluate stage answers")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--backend", default="auto", choices=["auto", "hf", "unsloth"])
+    parser.add_argument("--base", help="SmolLM2's transformers folder or GGUF (default: the packaged GGUF)")
     parser.add_argument("--out", type=Path, default=Path("runs-best-checkpoint"))
     args = parser.parse_args()
 
     out = args.out.resolve()
-    model_cfg = ModelConfig(base=str(packaged_gguf(MODEL)), chat_template=PACKAGED[MODEL].chat_template,
+    model_cfg = ModelConfig(base=args.base or str(packaged_gguf(MODEL)), chat_template=PACKAGED[MODEL].chat_template,
                             max_seq_length=384)
     with warnings.catch_warnings():  # "q4_1: the rounding is trained": known, the model ships only so
         warnings.simplefilter("ignore")

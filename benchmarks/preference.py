@@ -12,7 +12,8 @@ Like for like: one SFT run, then KTO and DPO each continue from its adapter (`in
 `dpo`): the same as `sft+kto` / `sft+dpo` in one run (the reference is the SFT model in both), without
 training the SFT steps three times. The same held-out pages, prompts and greedy decoding for all.
 
-    python benchmarks/preference.py [--train 120] [--eval 24] [--sft-steps 20] [--steps 10] [--json out.json]
+    python benchmarks/preference.py [--train 120] [--eval 24] [--sft-steps 20] [--steps 10] [--batch-size 8]
+        [--eval-batch-size 8] [--base FOLDER_OR_GGUF] [--json out.json]
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=24)
     parser.add_argument("--sft-steps", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10, help="KTO and DPO steps after SFT")
+    parser.add_argument("--batch-size", type=int, default=8, help="SFT, KTO and DPO micro-batch")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--base", help="SmolLM2's transformers folder or GGUF (default: the packaged GGUF)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -88,7 +92,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="preference-bench-"))
     examples = split_examples(write_data(work, args.train, args.eval), work)
-    model_cfg = ModelConfig(base=str(packaged_gguf("smollm2-135m-instruct")), max_seq_length=768)
+    model_cfg = ModelConfig(base=args.base or str(packaged_gguf("smollm2-135m-instruct")), max_seq_length=768)
     base = resolve_base_model(model_cfg)
     data = format_dataset(examples["train"], examples["eval"], base, model_cfg, work / "formatted",
                           undesirable=(examples["train_bad"], examples["eval_bad"]))
@@ -96,10 +100,10 @@ def main() -> None:
           f"{data.eval_undesirable.n_rows} held-out rated-bad; {data.n_quarantined} too long", flush=True)
     lora = LoraConfig(r=16, alpha=32)
     # The recipe of shared/notes/real-models.md for SmolLM2 on this task; the preference phase at a lower rate.
-    sft_cfg = dict(mode="lora", batch_size=8, learning_rate=1e-3, warmup_steps=2, save_steps=1000,
+    sft_cfg = dict(mode="lora", batch_size=args.batch_size, learning_rate=1e-3, warmup_steps=2, save_steps=1000,
                    gradient_checkpointing=False, seed=0)
-    preference = PreferenceConfig(max_steps=args.steps, learning_rate=2e-4, batch_size=8, beta=0.1)
-    eval_cfg = EvalConfig(max_samples=args.eval, max_new_tokens=64, batch_size=8)
+    preference = PreferenceConfig(max_steps=args.steps, learning_rate=2e-4, batch_size=args.batch_size, beta=0.1)
+    eval_cfg = EvalConfig(max_samples=args.eval, max_new_tokens=64, batch_size=args.eval_batch_size)
     data_cfg = DataConfig(train=examples["train"], system_prompt=SYSTEM, output_format="json")
 
     def train(name: str, init_from: Path | None = None, **cfg) -> TrainResult:

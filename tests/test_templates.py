@@ -22,26 +22,16 @@ EOS = "<EOS>"  # any text does: templates only place it (after an answer, Mistra
 # Why a template is refused (under keep and wrap, which render alike, and under strip); unlisted: identical.
 CANNOT_TOOLS = "cannot render a user turn: 'NoneType' object is not iterable"
 PREFIX = "renders this conversation's prefix differently from the whole"
-MARKUP = "has the model write"  # reply markup of its own (channels, recipients) before the answer or reasoning
-DROPS = "drops the reasoning of the answer"
+MARKUP = "has the model write"  # markup of its own before the answer or reasoning that is no constant prefix
 REFUSED = {
     "Apriel-1.6-15b-Thinker-fixed": (PREFIX, None),
-    "Cohere2MoE": (PREFIX, PREFIX),
+    "Cohere2MoE": (PREFIX, None),
     "CohereForAI-c4ai-command-r-plus-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
-    "CohereForAI-c4ai-command-r7b-12-2024-tool_use": (MARKUP, PREFIX),
     "Kimi-K2-Thinking": (MARKUP, None),
-    "Kimi-K3": (MARKUP, MARKUP),
-    "MiniMax-M3": (MARKUP, MARKUP),
     "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
     "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": (CANNOT_TOOLS, CANNOT_TOOLS),
-    "deepseek-ai-DeepSeek-V3.1": (DROPS, None),
-    "deepseek-ai-DeepSeek-V3.2": (None, PREFIX),
     "fireworks-ai-llama-3-firefunction-v2": ("cannot render a user turn: 'functions' is undefined",) * 2,
     "google-gemma-2-2b-it": ("cannot render a system prompt and a user turn: System role not supported",) * 2,
-    "meetkai-functionary-medium-v3.2": (MARKUP, MARKUP),
-    "muse-glimmer": (MARKUP, MARKUP),
-    "openai-gpt-oss-120b": (MARKUP, MARKUP),
-    "upstage-Solar-Open-100B": (MARKUP, MARKUP),
 }
 TEMPLATES = sorted(chat_templates_dir().glob("*.jinja"))
 
@@ -130,23 +120,39 @@ class _Tokenizer:
 
 THINKING = ["Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "StepFun3.5-Flash",
             "NVIDIA-Nemotron-Nano-v2", "Qwen-QwQ-32B", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
-            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"]
+            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1",
+            "deepseek-ai-DeepSeek-V3.2", "deepseek-ai-DeepSeek-V3.1"]
 
 # Those that read `enable_thinking`.
 SWITCHES = {"Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "Qwen-QwQ-32B",
-            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"}
-FIELDED = {"deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1"}
+            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1",
+            "deepseek-ai-DeepSeek-V3.2", "deepseek-ai-DeepSeek-V3.1"}
+FIELDED = {"deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1", "deepseek-ai-DeepSeek-V3.2"}
+# Templates whose every reply opens with markup of their own: the probes find it as the reply prefix, which
+# ends the generation prompt (by data.reasoning where it differs: keep, strip).
+PREFIXED = {
+    "openai-gpt-oss-120b": ("<|channel|>final<|message|>",) * 2,
+    "upstage-Solar-Open-100B": ("<|content|>",) * 2,
+    "meetkai-functionary-medium-v3.2": ("all\n",) * 2,
+    "muse-glimmer": (" to=user<|message|>",) * 2,
+    "Kimi-K3": ("<|close|>think<|sep|><|open|>response<|sep|>",) * 2,
+    "MiniMax-M3": ("</mm:think>",) * 2,
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use": ("<|START_RESPONSE|>",) * 2,
+}
 
 
 @pytest.mark.parametrize("policy", ["keep", "strip", "wrap"])
-@pytest.mark.parametrize("name", THINKING)
+@pytest.mark.parametrize("name", [*THINKING, *PREFIXED])
 def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, policy: str) -> None:
     """Training, evaluation, parity and the smoke test see one generation prompt under data.reasoning (Qwen3's
     and SmolLM3's `enable_thinking` off for strip: an empty `<think>` block in it), the served TEMPLATE's
     (proven), and what the model is trained to write after it splits into the reasoning `data.reasoning` kept
     and the answer they judge, also where the generation prompt opens the block and the template renders a
-    finished answer without its reasoning (QwQ, the DeepSeek-R1 distills), and where the template takes the
-    reasoning in the answer's `reasoning_content` field (DeepSeek V4, Laguna S)."""
+    finished answer without its reasoning (QwQ, the DeepSeek-R1 distills) or with an emptied block (DeepSeek
+    V3.1), and where the template takes the reasoning in the answer's `reasoning_content` field (DeepSeek V4,
+    Laguna S). Where every reply opens with markup of the template's own (gpt-oss's final channel, Solar,
+    functionary, Kimi K3, Command R7B), the generation prompt ends with it and the model is trained to write only
+    what follows: all Ollama returns up to the stop."""
     from tasks.data.examples import Example, Message, split_reasoning
     from tasks.data.format import _pieces
     from tasks.evaluate.generation import render_prompt
@@ -156,6 +162,7 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))
     # DeepSeek V4 and Laguna S read an answer's reasoning from its `reasoning_content` field.
     assert chat.reasoning_field == (policy != "strip" and name in FIELDED)
+    assert chat.reply_prefix == PREFIXED.get(name, ("", ""))[policy == "strip"]
     served = ollama_template(transformers_renderer(template, eos_token=EOS, chat=chat), reasoning=policy)
     trained = apply_reasoning(f"<think>\n{REASONING}\n</think>\n\n{ANSWER}", "messages[1].content", policy)
     example = Example(id="x", source="train.jsonl", line=1, messages=[
@@ -163,6 +170,7 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     (prompt, _), (completion, is_answer) = _pieces(_Tokenizer(template), example, chat)
     user = [example.messages[0].model_dump()]
     assert is_answer and prompt == render_served_prompt(served.template, user)
+    assert prompt.endswith(chat.reply_prefix)
     assert render_prompt(_Tokenizer(template), user, chat) == [ord(c) for c in prompt]  # evaluation's, parity's
     # Thinking off: the template closes an empty block in the generation prompt.
     assert prompt.rstrip().endswith("</think>") == (policy == "strip" and name in SWITCHES)
@@ -188,3 +196,25 @@ def test_several_answers_where_the_template_drops_earlier_reasoning_are_refused(
     with pytest.raises(ValueError, match=r"^train\.jsonl:3: the chat template renders the answer in "
                                          r"messages\[1\]\.content without its reasoning once more turns follow"):
         _pieces(_Tokenizer(template), example, ChatContext())
+
+
+@pytest.mark.parametrize("name", ["upstage-Solar-Open-100B", "openai-gpt-oss-120b"])
+def test_several_answers_behind_a_reply_prefix_train_each_or_are_refused(name: str) -> None:
+    """Each answer of a conversation trains after the generation prompt that ends with the reply prefix (Solar);
+    gpt-oss renders an earlier answer ending `<|end|>` where the last one trained `<|return|>`, so such a row is
+    no single training sequence and formatting names it."""
+    from tasks.data.examples import Example, Message
+    from tasks.data.format import FormatRefused, _pieces
+
+    template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
+    chat = ChatContext.for_template("strip", template, dt.date(2026, 12, 1))
+    example = Example(id="x", source="train.jsonl", line=2, messages=[
+        Message(role="user", content="q"), Message(role="assistant", content="A1"),
+        Message(role="user", content="again"), Message(role="assistant", content="A2")])
+    if name == "openai-gpt-oss-120b":
+        with pytest.raises(FormatRefused, match=r"^train\.jsonl:2: the chat template renders this conversation's"):
+            _pieces(_Tokenizer(template), example, chat)
+        return
+    pieces = _pieces(_Tokenizer(template), example, chat)
+    assert [text for text, trained in pieces if trained] == ["A1<|end|>", "A2<|end|>"]
+    assert all(text.endswith(chat.reply_prefix) for text, trained in pieces if not trained)

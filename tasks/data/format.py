@@ -246,8 +246,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, chat: 
     # The template writes every special token itself, so the tokenizer must not add a BOS again.
     if chat is None:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer.apply_chat_template(chat.messages(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **chat.template_kwargs())
+    return chat.render(tokenizer, messages, add_generation_prompt)
 
 
 def _format_split(

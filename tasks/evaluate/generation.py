@@ -38,11 +38,9 @@ class Answer(NamedTuple):
 
 def render_prompt(tokenizer, conversation: list[dict], chat: ChatContext | None = None) -> list[int]:
     """The conversation as the chat template renders it (with `chat`; None: the template's defaults), up to
-    and including the generation prompt."""
-    if chat is not None:
-        conversation = chat.messages(conversation)
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
-                                         **(chat.template_kwargs() if chat is not None else {}))
+    and including the generation prompt (and the reply prefix the run moved into it)."""
+    text = (chat.render(tokenizer, conversation, True) if chat is not None
+            else tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -74,8 +74,7 @@ def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported.merged_dir)
-    training_texts = [tokenizer.apply_chat_template(chat.messages([m.model_dump() for m in ex.messages]),
-                                                    tokenize=False, **chat.template_kwargs())
+    training_texts = [chat.render(tokenizer, [m.model_dump() for m in ex.messages], False)
                       for _, ex in zip(range(VOCAB_CHECK_CONVERSATIONS), read_examples(train_examples))]
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
     trained_prompts = [render_prompt(tokenizer, [m.model_dump() for m in ex.prompt], chat) for ex in examples]
