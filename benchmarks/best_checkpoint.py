@@ -34,7 +34,8 @@ from tasks.evaluate.task import evaluate_models
 from tasks.data.format import format_dataset
 from tasks.data.load import load_dataset
 from tasks.model.packaged import PACKAGED, packaged_gguf
-from tasks.train.task import HeldOut, TrainRequest, TrainResult
+from tasks.train.task import TrainRequest
+from tasks.train.results import HeldOut, TrainResult
 from tasks.runtime.worker import run_worker
 
 MODEL = "smollm2-135m-instruct"

@@ -45,7 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.train.task import LossPoint, TrainRequest, TrainResult  # noqa: E402
+from tasks.train.task import TrainRequest
+from tasks.train.results import LossPoint, TrainResult
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)

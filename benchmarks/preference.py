@@ -87,7 +87,8 @@ def main() -> None:
     from tasks.evaluate.task import evaluate_models
     from tasks.data.format import format_dataset
     from tasks.model.packaged import packaged_gguf
-    from tasks.train.task import TrainRequest, TrainResult
+    from tasks.train.task import TrainRequest
+    from tasks.train.results import TrainResult
     from tasks.runtime.worker import run_worker
 
     work = Path(tempfile.mkdtemp(prefix="preference-bench-"))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.model.base import BaseModelRef, resolve_base_model
+from tasks.model.base import resolve_base_model
+from tasks.model.results import BaseModelRef
 from tasks.data.check import check_data
 from tasks.data.results import CheckedData, FormattedData
 from tasks.runtime.config import PipelineConfig
@@ -75,7 +76,8 @@ def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
 def estimate_training_time(cfg: PipelineConfig, base: BaseModelRef, device: str, tokens: float) -> TimeEstimate | None:
     """`tokens` at the speed of the newest finished training of `base` in the same mode on `device`, read from
     the train stage folders of `cfg.workdir`; None when there is none."""
-    from tasks.train.task import TrainRequest, TrainResult
+    from tasks.train.task import TrainRequest
+    from tasks.train.results import TrainResult
 
     measured = []
     for result_path in (cfg.workdir / "train").glob("*/worker-result.json"):

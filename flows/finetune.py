@@ -14,19 +14,22 @@ from tasks.model.base import resolve_base
 from tasks.serve.champion import find_champion
 from tasks.data.check import DataCheckError, check_data
 from tasks.runtime.config import PipelineConfig
-from tasks.evaluate.task import EvalReport, evaluate
-from tasks.export.task import ExportResult, export
+from tasks.evaluate.task import evaluate
+from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
+from tasks.export.task import export
+from tasks.export.results import ExportResult, ParityReport, verdicts_record
 from tasks.data.format import format_data
-from tasks.evaluate.gate import GateDecision, gate
+from tasks.evaluate.gate import gate
 from tasks.data.load import data_fingerprint, load_data
-from tasks.export.parity import ParityReport, parity, parity_verdicts, verdicts_record
+from tasks.export.parity import parity, parity_verdicts
 from tasks.runtime.redact import redact, redact_logs
-from tasks.evaluate.report import RunReport, run_report
-from tasks.evaluate.retrain_plan import Attempt, next_attempt, outcome
+from tasks.evaluate.report import run_report
+from tasks.evaluate.retrain_plan import next_attempt, outcome
 from tasks.runtime.retries import network_retries
 from tasks.serve.task import plan
 from tasks.runtime.tracking import tracked_child, tracked_run
-from tasks.train.task import HeldOut, train
+from tasks.train.task import train
+from tasks.train.results import HeldOut
 
 
 class GateFailed(RuntimeError):

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 from tasks.serve.champion import ChampionMove
 from tasks.runtime.retries import network_retries
-from tasks.serve.task import Registration, ServingPlan, SmokeReport, load_plan, promote, register, smoke_test
+from tasks.serve.task import load_plan, promote, register, smoke_test
+from tasks.serve.results import Registration, ServingPlan, SmokeReport
 
 
 class Serving(BaseModel):

@@ -31,7 +31,7 @@ def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def gguf_file(path: Path):
     """An f16 GGUF file as the export stage describes it."""
-    from tasks.export.task import GgufFile
+    from tasks.export.results import GgufFile
     from tasks.runtime.caching import file_digest
 
     return GgufFile(type="f16", path=path, bytes=path.stat().st_size, sha256=file_digest(path).split(":")[1])

@@ -163,7 +163,7 @@ def _models_generated(out_dir: Path) -> list[str]:
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
     from tasks.serve.champion import find_champion
     from tasks.evaluate.task import evaluate_models
-    from tasks.train.task import TrainResult
+    from tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, formatted = eval_inputs
     tracking_uri = f"sqlite:///{root}/mlflow.db"
@@ -214,7 +214,7 @@ def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Pa
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
     from tasks.evaluate.task import evaluate_models
     from tasks.data.examples import read_examples, write_jsonl
-    from tasks.train.task import TrainResult
+    from tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs
     cfg = EvalConfig(max_samples=2, max_new_tokens=8, batch_size=4)

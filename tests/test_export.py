@@ -9,8 +9,9 @@ import pytest
 
 from tasks.runtime.config import ExportConfig
 from tasks.export.task import export_model
-from tasks.export.parity import GgufScores, ParityReport, parity_verdicts
-from tasks.train.task import TrainResult
+from tasks.export.parity import parity_verdicts
+from tasks.export.results import GgufScores, ParityReport
+from tasks.train.results import TrainResult
 
 PROMPT = "<|im_start|>user\n<div>Smart Kettle, $25</div><|im_end|>\n<|im_start|>assistant\n"
 
@@ -55,7 +56,7 @@ def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
         lora_adapter: Path, tiny_model: Path, tiny_gguf: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from tasks.model.base import BaseModelRef
+    from tasks.model.results import BaseModelRef
 
     base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")
     exported = export_model(_trained(lora_adapter), base, ExportConfig(gguf_types=["f16", "q8_0"]), tmp_path)
@@ -75,7 +76,7 @@ def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
 
 
 def test_full_fine_tuning_exports_the_model_folder_without_an_adapter(tiny_model: Path, tmp_path: Path) -> None:
-    from tasks.model.base import BaseModelRef
+    from tasks.model.results import BaseModelRef
 
     full = shutil.copytree(tiny_model, tmp_path / "trained" / "model")
     base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")

@@ -297,7 +297,7 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
 def _pointed_plan(client, run_id: str, host: str, **changes):
     """The run's logged plan rewritten: pointed at the stand-in Ollama (the run itself had none), and `changes`;
     put back as the run logged it afterwards, so one test's changes never reach the next."""
-    from tasks.serve.task import ServingPlan
+    from tasks.serve.results import ServingPlan
 
     logged = Path(client.download_artifacts(run_id, "serving/plan.json")).read_text()
     plan = ServingPlan.model_validate_json(logged)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model.base import BaseModelRef, load_tokenizer, resolve_base_model
+from tasks.model.base import load_tokenizer, resolve_base_model
+from tasks.model.results import BaseModelRef
 from tasks.runtime.config import DataConfig, ModelConfig
 from tasks.data.examples import Example, Message, write_jsonl
 from tasks.data.check import check_dataset

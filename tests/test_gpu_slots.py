@@ -16,7 +16,8 @@ from tasks.evaluate.task import evaluate
 from tasks.data.format import format_data
 from tasks.runtime.gpu_slots import GPU_LIMIT
 from tasks.data.load import data_fingerprint, load_data
-from tasks.train.task import TrainResult, train
+from tasks.train.task import train
+from tasks.train.results import TrainResult
 
 
 def prepared(cfg: PipelineConfig):

@@ -160,7 +160,8 @@ def rated(tmp_path_factory, tiny_model, demo_data):
 def _train(rated, out_dir, **train):
     from tasks.model.base import resolve_base_model
     from tasks.runtime.config import LoraConfig, TrainConfig
-    from tasks.train.task import TrainRequest, TrainResult
+    from tasks.train.task import TrainRequest
+    from tasks.train.results import TrainResult
     from tasks.runtime.worker import run_worker
 
     data, model_cfg = rated

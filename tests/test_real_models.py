@@ -237,7 +237,7 @@ def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_th
     from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig
     from tasks.export.task import export_model
     from tasks.export.parity import measure_parity
-    from tasks.train.task import TrainResult
+    from tasks.train.results import TrainResult
 
     trained = TrainResult(adapter_dir=Path(gemma3.name_or_path), kind="full", backend="hf", loss_history=[],
                           runtime_s=0.0, trainable_params=0, total_params=0, steps=0, device="cpu x1",
@@ -278,7 +278,8 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
     from tasks.data.format import format_dataset
     from tasks.evaluate.generation import render_prompt, stop_token_ids
     from tasks.data.load import load_dataset
-    from tasks.train.task import TrainRequest, TrainResult
+    from tasks.train.task import TrainRequest
+    from tasks.train.results import TrainResult
     from tasks.runtime.worker import run_worker
 
     train, eval_ = _short_pages(demo_data, tmp_path, 40, 3)

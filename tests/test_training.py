@@ -14,7 +14,8 @@ from tasks.runtime.config import DataConfig, LoraConfig, ModelConfig, TrainConfi
 from tasks.data.format import format_dataset
 from tasks.data.results import FormattedData, LoadedData
 from tasks.data.load import load_dataset
-from tasks.train.task import HeldOut, TrainRequest, TrainResult
+from tasks.train.task import TrainRequest
+from tasks.train.results import HeldOut, TrainResult
 from tasks.runtime.worker import WorkerFailed, run_worker
 
 STEPS, SAVE_STEPS = 8, 3
@@ -369,7 +370,7 @@ def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, h
 
 
 def test_the_best_evaluation_breaks_ties_by_loss_and_patience_counts_gains_over_min_delta():
-    from tasks.train.task import EvalPoint
+    from tasks.train.results import EvalPoint
     from tasks.train.loop import TrainingState, track_best
 
     state = TrainingState(micro_batch_size=1)

@@ -20,7 +20,8 @@ from pathlib import Path
 from prefect import task
 
 from data_checks import chat_suite
-from tasks.model.base import BaseModelRef, load_tokenizer
+from tasks.model.base import load_tokenizer
+from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.data.chat import ChatContext
 from tasks.runtime.config import DataConfig, ModelConfig

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.model.base import BaseModelRef, load_tokenizer
+from tasks.model.base import load_tokenizer
+from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
 from tasks.data.chat import AnswerRefused, ChatContext, answer_piece
 from tasks.runtime.config import ModelConfig

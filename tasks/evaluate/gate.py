@@ -13,47 +13,13 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import task
-from pydantic import BaseModel
 
 from tasks.runtime.config import LOWER_IS_BETTER, GateConfig
-from tasks.evaluate.task import EvalReport, ModelScores
-from tasks.runtime.records import Record
+from tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores
 
 # A value that meets its limit exactly must pass despite float rounding (0.3 - 0.2 < 0.1), and a candidate
 # that is the champion, scored again, must not lose to it on the last digit.
 SLACK = 1e-6
-
-
-class Check(BaseModel):
-    metric: str
-    kind: Literal["min", "max", "over_base", "over_champion"]
-    value: float | None  # the candidate's value, or its improvement over base / champion; None: not measured
-    limit: float
-    passed: bool
-    reason: str  # what was checked and how it came out, in words
-
-
-class GateDecision(BaseModel):
-    passed: bool
-    checks: list[Check]
-
-    @property
-    def reasons(self) -> list[str]:
-        """One sentence per failing rule."""
-        return [check.reason for check in self.checks if not check.passed]
-
-    def summary(self) -> str:
-        if not self.checks:
-            return "passed (no rules configured)"
-        if self.passed:
-            return f"passed all {len(self.checks)} rules"
-        return f"failed {len(self.reasons)} of {len(self.checks)} rules: " + "; ".join(self.reasons)
-
-    def record(self) -> Record:
-        """The decision; a failed gate ends the run FAILED."""
-        return Record(texts={"eval/gate.json": self.model_dump_json(indent=2)}, gate_failed=not self.passed,
-                      tags={"gate": "passed" if self.passed else "failed", "gate.summary": self.summary()[:5000],
-                            "gate.reasons": "\n".join(self.reasons)[:5000]})
 
 
 def improvement(metric: str, candidate: float, other: float) -> float:

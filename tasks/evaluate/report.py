@@ -13,13 +13,10 @@ import json
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel
 
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import LOWER_IS_BETTER
-from tasks.evaluate.task import EvalReport, ModelScores
-from tasks.evaluate.retrain_plan import Attempt
-from tasks.runtime.records import Record
+from tasks.evaluate.results import Attempt, EvalReport, ModelScores, RunReport
 
 WORST_EXAMPLES = 5
 # The per-example score that ranks the worst examples: the first of these the answers were scored on.
@@ -28,17 +25,6 @@ TEXT_LIMIT = 600  # characters of a prompt or answer shown in the report
 # What fine-tuning changed, base → candidate, in the run report's first lines and the CLI's summary (after
 # the metrics the gate checked): the task's own scores first, then whether answers end, then the loss.
 HEADLINE_METRICS = ("valid_json_rate", "field_accuracy", "exact_match", "rouge_l", "chrf", "stop_rate", "eval_loss")
-
-
-class RunReport(BaseModel):
-    folder: Path  # report.md and its PNGs, logged to MLflow as one folder
-    path: Path  # report.md
-    attempts: int  # of the retrain loop
-    outcome: str  # how the loop ended (retrain_plan.outcome)
-
-    def record(self) -> Record:
-        return Record(metrics={"retrain.attempts": self.attempts}, tags={"retrain.outcome": self.outcome},
-                      files=[(self.folder, "report")])
 
 
 def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Path) -> RunReport:

@@ -10,41 +10,12 @@ already past its best on the held-out curve (train.eval_steps): more steps would
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
-from pydantic import BaseModel
-
-from tasks.runtime.config import LoraConfig, PipelineConfig, RetrainChange, RetrainConfig, TrainConfig
-from tasks.evaluate.task import EvalReport
-from tasks.evaluate.gate import GateDecision, improvement
-from tasks.runtime.records import Record, flatten
-from tasks.train.task import TrainResult
 
 
-class AttemptPlan(BaseModel):
-    number: int  # 1 for the first attempt
-    lora: LoraConfig
-    train: TrainConfig
-    init_from: Path | None  # the earlier attempt's adapter this one continues, None: fresh from the base model
-    change: RetrainChange | None  # what differs from the attempt before; None for the first
-    reason: str | None = None  # why `change` is not the plan's own step (retrain.past_best), if it is not
-
-    def record(self) -> Record:
-        """An attempt's own run: which attempt, and the settings it trains with."""
-        change = self.change.model_dump(mode="json", exclude_defaults=True) if self.change else {}
-        return Record(
-            tags={"retrain.attempt": str(self.number), "retrain.init_from": str(self.init_from or ""),
-                  "retrain.reason": self.reason or ""},
-            params=flatten({"train": self.train.model_dump(mode="json"), "lora": self.lora.model_dump(mode="json"),
-                            "change": change}),
-        )
-
-
-class Attempt(BaseModel):
-    plan: AttemptPlan
-    trained: TrainResult
-    report: EvalReport
-    decision: GateDecision
+from tasks.runtime.config import PipelineConfig, RetrainChange, RetrainConfig
+from tasks.evaluate.gate import improvement
+from tasks.train.results import TrainResult
+from tasks.evaluate.results import Attempt, AttemptPlan
 
 
 def next_attempt(cfg: PipelineConfig, attempts: list[Attempt]) -> AttemptPlan | None:

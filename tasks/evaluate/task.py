@@ -28,7 +28,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.model.base import BaseModelRef
+from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import StageCache, stable_hash, stage_dir
 from tasks.serve.champion import ChampionRef, download_champion
 from tasks.data.chat import ChatContext
@@ -38,62 +38,9 @@ from tasks.data.format import IGNORE
 from tasks.data.results import FormattedData
 from tasks.runtime.gpu_slots import gpu_slots
 from tasks.evaluate.metrics import close_to, required_keys, score_answers
-from tasks.runtime.records import Record
-from tasks.train.task import TrainResult
+from tasks.train.results import TrainResult
 from tasks.runtime.worker import run_worker
-
-
-class ModelScores(BaseModel):
-    """One model's split scores: `eval_loss`, `stop_rate` and the `tasks.evaluate.metrics` names."""
-
-    name: str  # "candidate" | "base" | "champion"
-    version: str | None = None  # the champion's registry version
-    metrics: dict[str, float]
-
-
-class EvalReport(BaseModel):
-    n_samples: int
-    candidate: ModelScores
-    base: ModelScores
-    champion: ModelScores | None  # None until a model was promoted
-    samples_path: Path  # JSONL per held-out example: id, source, prompt, expected, {model: {answer, stopped, scores}}
-    n_undesirable: int = 0  # held-out rated-bad examples scored
-    undesirable_path: Path | None = None  # JSONL per one: prompt, the rated-bad answer, {model: {answer, close}}
-    probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
-
-    def scores(self) -> Record:
-        """Each model's metrics (`candidate.<metric>`, `base.<metric>`, `champion.<metric>`)."""
-        models = [scores for scores in (self.candidate, self.base, self.champion) if scores is not None]
-        return Record(metrics={f"{scores.name}.{name}": value
-                               for scores in models for name, value in scores.metrics.items()},
-                      tags={"champion.version": self.champion.version or ""} if self.champion is not None else {})
-
-    def record(self) -> Record:
-        """The scores, and the per-example answers and probes as files and as MLflow tables."""
-        probes = [json.loads(line) for line in self.probes_path.read_text().splitlines() if line.strip()]
-        tables = {"eval/examples.json": per_example_table(self.samples_path)}
-        if probes:
-            tables["eval/probes.json"] = {column: [probe.get(column) for probe in probes]
-                                          for column in ("prompt", "base", "champion", "candidate")}
-        files = [(self.samples_path, "eval"), (self.probes_path, "eval")]
-        if self.undesirable_path is not None:
-            files.append((self.undesirable_path, "eval"))
-        return self.scores() + Record(files=files, tables=tables)
-
-
-def per_example_table(samples_path: Path) -> dict[str, list]:
-    """The per-example JSONL as columns: id, source, prompt, expected, then answer, stopped and each score per model."""
-    rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    models = [who for who in ("base", "champion", "candidate") if rows and who in rows[0]]
-    scores = {who: sorted({name for row in rows for name in row[who]["scores"]}) for who in models}
-    columns = [("id", lambda row: row["id"]), ("source", lambda row: row["source"]),
-               ("prompt", lambda row: row["prompt"]), ("expected", lambda row: row["expected"])]
-    for who in models:
-        columns += [(f"{who}.answer", lambda row, who=who: row[who]["answer"]),
-                    (f"{who}.stopped", lambda row, who=who: row[who]["stopped"])]
-        columns += [(f"{who}.{name}", lambda row, who=who, name=name: row[who]["scores"].get(name))
-                    for name in scores[who]]
-    return {name: [value(row) for row in rows] for name, value in columns}
+from tasks.evaluate.results import EvalReport, ModelScores
 
 
 class ModelToScore(BaseModel):

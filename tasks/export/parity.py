@@ -18,20 +18,18 @@ import os
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel
 
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.data.chat import ChatContext
 from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
 from tasks.data.examples import Example, read_examples
-from tasks.export.task import ExportResult
+from tasks.export.results import ExportResult, GgufScores, ParityReport, ParityVerdict
 from tasks.evaluate.generation import render_prompt
 from tasks.export.llama_cpp import load_gguf
 from tasks.evaluate.metrics import required_keys, score_answers
 from tasks.serve.ollama.modelfile import client_messages, modelfile_spec
 from tasks.serve.ollama.render import render_served_prompt
 from tasks.runtime.progress import Progress
-from tasks.runtime.records import Record
 from tasks.model.packaged import VocabularyMismatch, compare_token_ids
 
 # Training conversations whose token ids the vocabulary check compares (the first ones of the clean split).
@@ -40,32 +38,6 @@ VOCAB_CHECK_CONVERSATIONS = 32
 # prompt. Where Ollama is, how long it may take and the smoke test do not change an answer, nor the key.
 SERVED_PROMPT_FIELDS = ("template", "system")
 PARITY_CACHE = StageCache(fields={"ollama_cfg": SERVED_PROMPT_FIELDS})
-
-
-class GgufScores(BaseModel):
-    gguf_type: str
-    scores: dict[str, float]  # split means, named as in tasks/evaluate/metrics.py; empty when the vocabulary check failed
-    vocabulary_problem: str | None = None  # why the vocabulary check failed
-    # Held-out prompts whose served token ids (Modelfile TEMPLATE + SYSTEM, GGUF vocabulary) differ from the ones
-    # training rendered with the chat template: the served model then sees text it was not trained on.
-    prompt_mismatches: int = 0
-
-
-class ParityReport(BaseModel):
-    n_samples: int
-    ggufs: list[GgufScores]  # in the order of `export.gguf_types`
-    samples_path: Path  # JSONL: expected answer, served prompt and each GGUF's answer per held-out example
-
-    def record(self) -> Record:
-        return Record(metrics={f"parity.{scores.gguf_type}.{name}": value
-                               for scores in self.ggufs for name, value in scores.scores.items()},
-                      files=[(self.samples_path, "parity")])
-
-
-class ParityVerdict(BaseModel):
-    gguf_type: str
-    passed: bool
-    failures: list[str]  # one line per metric over its limit, or the vocabulary check's message
 
 
 def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: Path, data_cfg: DataConfig,
@@ -169,12 +141,6 @@ def parity_verdicts(report: ParityReport, reference: dict[str, float | None],
                                 f"(drop {drop:.4f} > {limit})")
         verdicts.append(ParityVerdict(gguf_type=gguf.gguf_type, passed=not failures, failures=failures))
     return verdicts
-
-
-def verdicts_record(verdicts: list[ParityVerdict]) -> Record:
-    """Which GGUFs passed, and why the others did not."""
-    return Record(texts={"parity/verdicts.json": json.dumps([v.model_dump() for v in verdicts], indent=2)},
-                  tags={"parity.passed": ",".join(v.gguf_type for v in verdicts if v.passed) or "none"})
 
 
 def _write_samples(path: Path, examples: list[Example], served_prompts: list[str],

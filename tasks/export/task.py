@@ -19,38 +19,18 @@ import shutil
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel
 
-from tasks.model.base import BaseModelRef, keep_tokenizer_sources
+from tasks.model.base import keep_tokenizer_sources
+from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import STAGE_CACHE, file_digest, stage_dir
 from tasks.runtime.config import ExportConfig
 from tasks.export.llama_cpp import run_converter
-from tasks.runtime.records import Record
-from tasks.serve.champion import MODEL_ARTIFACT
-from tasks.train.task import TrainResult
+from tasks.train.results import TrainResult
+from tasks.export.results import ExportResult, GgufFile
 
 # llama.cpp's `llama_ftype` values for the quantizations we offer (llama.h).
 FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 FLOAT_TYPES = ("f16", "bf16")
-
-
-class GgufFile(BaseModel):
-    type: str
-    path: Path
-    bytes: int
-    sha256: str  # hex digest; Ollama names the blob `sha256:<this>`
-
-
-class ExportResult(BaseModel):
-    merged_dir: Path  # HF model + tokenizer: the merged LoRA model, or the fully fine-tuned one
-    adapter_dir: Path | None  # None after full fine-tuning
-    ggufs: list[GgufFile]  # in the order of `export.gguf_types`
-    adapter_gguf: Path | None  # the LoRA adapter as GGUF, when LoRA-trained and `export.lora_gguf`
-
-    def record(self) -> Record:
-        """GGUF sizes; the merged model as the `model` artifact the registry points at."""
-        return Record(metrics={f"export.{gguf.type}.bytes": gguf.bytes for gguf in self.ggufs},
-                      files=[(self.merged_dir, MODEL_ARTIFACT)], tags={"export.merged_dir": str(self.merged_dir)})
 
 
 def export_model(trained: TrainResult, base: BaseModelRef, cfg: ExportConfig, out_dir: Path) -> ExportResult:

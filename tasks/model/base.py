@@ -12,21 +12,14 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.runtime.config import ModelConfig, OllamaConfig
 from tasks.runtime.redact import error_line, redact
+from tasks.model.results import BaseModelRef
 
 # Weight files are hashed by size plus their first and last MiB: exact for any edit tools make in practice,
 # and seconds instead of minutes for a multi-GB local checkpoint.
 _SAMPLE = 1 << 20
-
-
-class BaseModelRef(BaseModel):
-    name_or_path: str
-    revision: str | None
-    fingerprint: str
-    gguf: Path | None = None  # the GGUF the folder `name_or_path` was built from (a .gguf or ollama: base)
 
 
 OLLAMA_PREFIX = "ollama:"

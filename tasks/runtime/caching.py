@@ -2,8 +2,9 @@
 
 Prefect's default policy includes the flow run id and so never hits across runs; and a cache hit does not
 notice that the folder a result points at was deleted (see shared/notes/prefect-caching.md). `StageCache`
-fixes both: the key hashes the task's inputs (fingerprints, config sections, paths), its module's source and
-the source of the modules that do its work in a worker process, and a record whose files are gone is passed over, so the stage runs again and writes them back.
+fixes both: the key hashes the task's inputs (fingerprints, config sections, paths), its module's source, its
+result type's module's and the source of the modules that do its work in a worker process, and a record
+whose files are gone is passed over, so the stage runs again and writes them back.
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ class StageCache(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         inputs = {name: value.model_dump(mode="json", include=set(self.fields[name])) if name in self.fields else value
                   for name, value in inputs.items() if name not in self.ignore}
-        paths = [inspect.getsourcefile(task_ctx.task.fn)] + [importlib.util.find_spec(m).origin for m in self.sources]
+        # The task's module, its result type's (a result of the type's old shape must not come back), and
+        # `sources`.
+        returned = inspect.signature(task_ctx.task.fn, eval_str=True).return_annotation
+        paths = [inspect.getsourcefile(task_ctx.task.fn), *([inspect.getsourcefile(returned)] if isinstance(
+            returned, type) and issubclass(returned, BaseModel) else []),
+            *(importlib.util.find_spec(m).origin for m in self.sources)]
         code = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
         key = stable_hash(task_ctx.task.name, code, inputs)
         store = task_ctx.result_store

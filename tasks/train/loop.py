@@ -43,7 +43,8 @@ from pydantic import BaseModel
 
 from tasks.data.format import IGNORE
 from tasks.runtime.config import TrainConfig
-from tasks.train.task import Backend, EvalPoint, HeldOut, LossPoint, TrainRequest, TrainResult
+from tasks.train.task import TrainRequest
+from tasks.train.results import Backend, EvalPoint, HeldOut, LossPoint, TrainResult
 from tasks.runtime.worker import emit_event
 
 GIB = 2**30

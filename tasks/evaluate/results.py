@@ -1,0 +1,138 @@
+"""What the evaluation stages hand on: the scores, the gate's decision, the retrain loop's attempts, the report.
+
+Plain models that import no stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from tasks.runtime.config import LoraConfig, RetrainChange, TrainConfig
+from tasks.runtime.records import Record, flatten
+from tasks.train.results import TrainResult
+
+
+class ModelScores(BaseModel):
+    """One model's split scores: `eval_loss`, `stop_rate` and the `tasks.evaluate.metrics` names."""
+
+    name: str  # "candidate" | "base" | "champion"
+    version: str | None = None  # the champion's registry version
+    metrics: dict[str, float]
+
+
+class EvalReport(BaseModel):
+    n_samples: int
+    candidate: ModelScores
+    base: ModelScores
+    champion: ModelScores | None  # None until a model was promoted
+    samples_path: Path  # JSONL per held-out example: id, source, prompt, expected, {model: {answer, stopped, scores}}
+    n_undesirable: int = 0  # held-out rated-bad examples scored
+    undesirable_path: Path | None = None  # JSONL per one: prompt, the rated-bad answer, {model: {answer, close}}
+    probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
+
+    def scores(self) -> Record:
+        """Each model's metrics (`candidate.<metric>`, `base.<metric>`, `champion.<metric>`)."""
+        models = [scores for scores in (self.candidate, self.base, self.champion) if scores is not None]
+        return Record(metrics={f"{scores.name}.{name}": value
+                               for scores in models for name, value in scores.metrics.items()},
+                      tags={"champion.version": self.champion.version or ""} if self.champion is not None else {})
+
+    def record(self) -> Record:
+        """The scores, and the per-example answers and probes as files and as MLflow tables."""
+        probes = [json.loads(line) for line in self.probes_path.read_text().splitlines() if line.strip()]
+        tables = {"eval/examples.json": per_example_table(self.samples_path)}
+        if probes:
+            tables["eval/probes.json"] = {column: [probe.get(column) for probe in probes]
+                                          for column in ("prompt", "base", "champion", "candidate")}
+        files = [(self.samples_path, "eval"), (self.probes_path, "eval")]
+        if self.undesirable_path is not None:
+            files.append((self.undesirable_path, "eval"))
+        return self.scores() + Record(files=files, tables=tables)
+
+
+def per_example_table(samples_path: Path) -> dict[str, list]:
+    """The per-example JSONL as columns: id, source, prompt, expected, then answer, stopped and each score per model."""
+    rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    models = [who for who in ("base", "champion", "candidate") if rows and who in rows[0]]
+    scores = {who: sorted({name for row in rows for name in row[who]["scores"]}) for who in models}
+    columns = [("id", lambda row: row["id"]), ("source", lambda row: row["source"]),
+               ("prompt", lambda row: row["prompt"]), ("expected", lambda row: row["expected"])]
+    for who in models:
+        columns += [(f"{who}.answer", lambda row, who=who: row[who]["answer"]),
+                    (f"{who}.stopped", lambda row, who=who: row[who]["stopped"])]
+        columns += [(f"{who}.{name}", lambda row, who=who, name=name: row[who]["scores"].get(name))
+                    for name in scores[who]]
+    return {name: [value(row) for row in rows] for name, value in columns}
+
+
+class Check(BaseModel):
+    metric: str
+    kind: Literal["min", "max", "over_base", "over_champion"]
+    value: float | None  # the candidate's value, or its improvement over base / champion; None: not measured
+    limit: float
+    passed: bool
+    reason: str  # what was checked and how it came out, in words
+
+
+class GateDecision(BaseModel):
+    passed: bool
+    checks: list[Check]
+
+    @property
+    def reasons(self) -> list[str]:
+        """One sentence per failing rule."""
+        return [check.reason for check in self.checks if not check.passed]
+
+    def summary(self) -> str:
+        if not self.checks:
+            return "passed (no rules configured)"
+        if self.passed:
+            return f"passed all {len(self.checks)} rules"
+        return f"failed {len(self.reasons)} of {len(self.checks)} rules: " + "; ".join(self.reasons)
+
+    def record(self) -> Record:
+        """The decision; a failed gate ends the run FAILED."""
+        return Record(texts={"eval/gate.json": self.model_dump_json(indent=2)}, gate_failed=not self.passed,
+                      tags={"gate": "passed" if self.passed else "failed", "gate.summary": self.summary()[:5000],
+                            "gate.reasons": "\n".join(self.reasons)[:5000]})
+
+
+class AttemptPlan(BaseModel):
+    number: int  # 1 for the first attempt
+    lora: LoraConfig
+    train: TrainConfig
+    init_from: Path | None  # the earlier attempt's adapter this one continues, None: fresh from the base model
+    change: RetrainChange | None  # what differs from the attempt before; None for the first
+    reason: str | None = None  # why `change` is not the plan's own step (retrain.past_best), if it is not
+
+    def record(self) -> Record:
+        """An attempt's own run: which attempt, and the settings it trains with."""
+        change = self.change.model_dump(mode="json", exclude_defaults=True) if self.change else {}
+        return Record(
+            tags={"retrain.attempt": str(self.number), "retrain.init_from": str(self.init_from or ""),
+                  "retrain.reason": self.reason or ""},
+            params=flatten({"train": self.train.model_dump(mode="json"), "lora": self.lora.model_dump(mode="json"),
+                            "change": change}),
+        )
+
+
+class Attempt(BaseModel):
+    plan: AttemptPlan
+    trained: TrainResult
+    report: EvalReport
+    decision: GateDecision
+
+
+class RunReport(BaseModel):
+    folder: Path  # report.md and its PNGs, logged to MLflow as one folder
+    path: Path  # report.md
+    attempts: int  # of the retrain loop
+    outcome: str  # how the loop ended (retrain_plan.outcome)
+
+    def record(self) -> Record:
+        return Record(metrics={"retrain.attempts": self.attempts}, tags={"retrain.outcome": self.outcome},
+                      files=[(self.folder, "report")])
