@@ -291,15 +291,30 @@ def _cached_snapshot(cfg: ModelConfig) -> Path | None:
 # Tokenizer files transformers reads but does not write back; llama.cpp's converter needs them (without
 # `tokenizer.model` it takes a SentencePiece vocabulary such as Gemma's for BPE and fails).
 TOKENIZER_SOURCES = ("tokenizer.model",)
+# tokenizer_config.json flags transformers 5 drops: with a tokenizer.json it ignores them on load (the
+# post-processor decides) and save_pretrained does not write them. llama.cpp's converter reads them when the
+# post-processor adds no special token, as in the folders built from a GGUF (`tasks/real_models.make_faithful`):
+# there the chat template writes BOS for transformers, and llama.cpp adds it to the prompts Ollama renders.
+TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
 
 
 def keep_tokenizer_sources(source: str, out: Path, revision: str | None = None) -> None:
-    """Copy the `TOKENIZER_SOURCES` of `source` (a folder or a hub id, from its cache) that `out` lacks into it."""
+    """Put into the tokenizer that `out` holds (just written by save_pretrained) what transformers did not write
+    back from `source` (a folder or a hub id, from its cache): the `TOKENIZER_SOURCES` files `out` lacks, and
+    the `TOKENIZER_FLAGS` of its tokenizer_config.json."""
     from transformers.utils import cached_file
 
+    def find(name: str) -> str | None:
+        return cached_file(source, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+
     for name in TOKENIZER_SOURCES:
-        if (out / name).exists():
-            continue
-        found = cached_file(source, name, revision=revision, _raise_exceptions_for_missing_entries=False)
-        if found is not None:
+        if not (out / name).exists() and (found := find(name)) is not None:
             shutil.copy2(found, out / name)
+    config_file = out / "tokenizer_config.json"
+    if (found := find("tokenizer_config.json")) is None or not config_file.exists():
+        return
+    source_config = json.loads(Path(found).read_text(encoding="utf-8"))
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    missing = {key: source_config[key] for key in TOKENIZER_FLAGS if key in source_config and key not in config}
+    if missing:
+        config_file.write_text(json.dumps(config | missing, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
