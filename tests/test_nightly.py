@@ -96,3 +96,33 @@ def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(t
                                                "export")} == {
         "load_data": "Cached", "check_data": "Cached", "format_data": "Cached", "train": "Cached",
         "evaluate": "Completed", "export": "Completed"}
+
+
+def test_nightly_with_a_preference_objective_trains_kto_on_the_rated_bad_answers(tmp_path: Path, fast_config,
+                                                                                   prefect_server):
+    """`train.objective: sft+kto` in the nightly flow: the RAG log's rated-bad answers (rated 2, at or below
+    `max_bad_rating`) become undesirable rows of the snapshot, and training's KTO phase runs on them after SFT."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.retrain import retrain
+    from tasks.demo.data import write_demo_rag_log
+
+    raw = small(fast_config(tmp_path))
+    raw["rag"].update(sql_url=f"sqlite:///{tmp_path / 'rag.db'}", min_new_examples=3, max_bad_rating=2)
+    raw["train"].update(objective="sft+kto", preference={"max_steps": 2, "batch_size": 8})
+    write_demo_rag_log(tmp_path / "rag.db", n=20)
+
+    outcome = retrain(PipelineConfig.model_validate(raw))
+
+    assert outcome.status == "kept_champion", outcome.reason  # trained and gated; no Ollama to serve it
+    preference = json.loads((outcome.snapshot.folder / "manifest.json").read_text())["preference"]
+    assert preference["undesirable"] > 0 and preference["desirable"] > 0, preference
+    client = MlflowClient(tracking_uri=raw["tracking"]["uri"])
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.data.params["train.objective"] == "sft+kto"
+    steps = lambda name: [m.step for m in client.get_metric_history(run.info.run_id, name)]  # noqa: E731
+    assert (steps("train_loss"), steps("train_kto_loss")) == ([1, 2], [3, 4])  # 2 SFT steps, then 2 of KTO
+    # The undesirable answers' KTO rewards: logged only for steps whose batch held rated-bad rows.
+    assert client.get_metric_history(run.info.run_id, "rewards/rejected")

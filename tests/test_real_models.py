@@ -13,8 +13,6 @@ import pytest
 from tasks.model.base import BaseModelError, resolve_base_model
 from tasks.data.chat import ChatContext
 from tasks.runtime.config import ModelConfig, OllamaConfig
-from tasks.data.examples import Example, write_jsonl
-from tasks.data.load import parse_record
 from tasks.model.packaged import (
     SAMPLE_CONVERSATIONS,
     VocabularyMismatch,
@@ -62,18 +60,25 @@ def test_gemma_folder_has_the_gguf_vocabulary_and_the_supplied_turn_format(gemma
     compare_token_ids(tokenizer, gemma3.gguf, [text], "test")
 
 
-def test_a_trained_gemma_keeps_the_sentencepiece_model_the_converter_needs(gemma3, tmp_path) -> None:
-    """transformers writes no tokenizer.model back, and without it llama.cpp's converter takes Gemma's
-    SentencePiece vocabulary for BPE and fails: training's output and export's merged folder get the copy."""
+def test_a_trained_gemma_keeps_what_the_converter_needs_and_transformers_does_not_save(gemma3, tmp_path) -> None:
+    """transformers writes back no tokenizer.model (without it llama.cpp's converter takes Gemma's SentencePiece
+    vocabulary for BPE and fails), no add_bos_token (without it the GGUF does not say to add the BOS the served
+    prompts need) and no added_tokens_decoder (without it the converter types Gemma's user-defined tokens
+    normal, and llama.cpp splits them): training's output and export's merged folder get them back."""
     from transformers import AutoTokenizer
 
     from tasks.model.base import keep_tokenizer_sources
 
     out = tmp_path / "adapter"
     AutoTokenizer.from_pretrained(gemma3.name_or_path).save_pretrained(out)
-    assert not (out / "tokenizer.model").exists()
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert not (out / "tokenizer.model").exists() and not {"add_bos_token", "added_tokens_decoder"} & saved.keys()
     keep_tokenizer_sources(gemma3.name_or_path, out)
     assert (out / "tokenizer.model").read_bytes() == (Path(gemma3.name_or_path) / "tokenizer.model").read_bytes()
+    base = json.loads((Path(gemma3.name_or_path) / "tokenizer_config.json").read_text())
+    kept = json.loads((out / "tokenizer_config.json").read_text())
+    assert kept == saved | {key: base[key] for key in ("add_bos_token", "add_eos_token", "added_tokens_decoder")}
+    assert (kept["add_bos_token"], kept["added_tokens_decoder"]["107"]["content"]) == (True, "\n")
 
 
 def test_a_quantized_source_warns_that_its_rounding_is_trained(smollm2) -> None:
@@ -230,33 +235,52 @@ def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
     assert summary.serving.served, summary.serving
 
 
-def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_the_served_path(
-        gemma3, demo_data, tmp_path) -> None:
-    """Gemma 3 base with the Gemma turn format supplied: no system role (the SYSTEM opens the first user turn),
-    a SentencePiece vocabulary that must come back as one, and BOS added by the vocabulary, not the template."""
-    from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig
+@pytest.fixture(scope="module")
+def gemma3_lora(gemma3, demo_data, tmp_path_factory):
+    """Gemma 3 LoRA-trained 4 steps on a few product pages on the CPU (the training worker, as a run does):
+    the candidate of the evaluate and export tests below."""
+    from types import SimpleNamespace
+
+    from tasks.runtime.config import DataConfig, LoraConfig, TrainConfig
+    from tasks.data.format import format_dataset
+    from tasks.data.load import load_dataset
+    from tasks.train.task import TrainRequest
+    from tasks.train.results import TrainResult
+    from tasks.runtime.worker import run_worker
+
+    root = tmp_path_factory.mktemp("gemma3-lora")
+    train, eval_ = _short_pages(demo_data, root, 40, 3)
+    data_cfg = DataConfig(train=train, eval=eval_, system_prompt=SYSTEM_PROMPT, output_format="json", min_rows=20)
+    model_cfg = ModelConfig(base=str(gemma3.gguf), max_seq_length=320)
+    loaded = load_dataset(data_cfg, root / "loaded")
+    formatted = format_dataset(loaded.train_path, loaded.eval_path, gemma3, model_cfg, root / "formatted")
+    request = TrainRequest(data=formatted.train, base=gemma3, model_cfg=model_cfg, lora=LoraConfig(r=16, alpha=32),
+                           cfg=TrainConfig(mode="lora", max_steps=4, batch_size=4, learning_rate=2e-3,
+                                           warmup_steps=1, save_steps=100, gradient_checkpointing=False),
+                           out_dir=root / "train")
+    trained = run_worker("tasks.train.loop:train_model", request, TrainResult, root / "train")
+    return SimpleNamespace(data_cfg=data_cfg, loaded=loaded, formatted=formatted, trained=trained)
+
+
+def test_a_lora_trained_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_the_served_path(
+        gemma3, gemma3_lora, tmp_path) -> None:
+    """Gemma 3 base with the Gemma turn format supplied, LoRA-trained and merged: no system role (the SYSTEM
+    opens the first user turn), a SentencePiece vocabulary that must come back as one (export checks it against
+    the source GGUF's), and BOS added by the vocabulary, not the template."""
+    from tasks.runtime.config import EvalConfig, ExportConfig
     from tasks.export.task import export_model
     from tasks.export.parity import measure_parity
-    from tasks.train.results import TrainResult
 
-    trained = TrainResult(adapter_dir=Path(gemma3.name_or_path), kind="full", backend="hf", loss_history=[],
-                          runtime_s=0.0, trainable_params=0, total_params=0, steps=0, device="cpu x1",
-                          precision="fp32", micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0,
-                          resumed_from_step=0)
-    exported = export_model(trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False), tmp_path / "export")
+    assert gemma3_lora.trained.kind == "lora"
+    exported = export_model(gemma3_lora.trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False),
+                            tmp_path / "export")
     vocab = gguf_vocab(read_gguf_metadata(exported.ggufs[0].path))
+    assert vocab == gguf_vocab(read_gguf_metadata(gemma3.gguf))
     assert (vocab.model, vocab.pre, vocab.special["add_bos_token"]) == ("llama", "default", "true")
 
-    examples = {}
-    for split, source, rows in (("train", demo_data[0], 8), ("eval", demo_data[1], 2)):
-        records = [json.loads(line) for line in source.read_text().splitlines()[:rows]]
-        examples[split] = tmp_path / f"{split}.jsonl"
-        write_jsonl(examples[split], [Example(id=str(i), messages=parse_record(r, system_prompt=SYSTEM_PROMPT),
-                                              source=source.name, line=i + 1) for i, r in enumerate(records)])
-    report = measure_parity(exported, examples["eval"], examples["train"],
-                            DataConfig(train=examples["train"], system_prompt=SYSTEM_PROMPT),
-                            EvalConfig(max_samples=2, max_new_tokens=16), OllamaConfig(model_name="gemma"),
-                            ChatContext(), tmp_path / "parity")
+    report = measure_parity(exported, gemma3_lora.loaded.eval_path, gemma3_lora.loaded.train_path,
+                            gemma3_lora.data_cfg, EvalConfig(max_samples=2, max_new_tokens=16),
+                            OllamaConfig(model_name="gemma"), ChatContext(), tmp_path / "parity")
     (scores,) = report.ggufs
     assert scores.vocabulary_problem is None
     assert scores.prompt_mismatches == 0  # Go's rendering + llama.cpp's BOS == the chat template + transformers
@@ -265,36 +289,22 @@ def test_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_th
     assert served[0].endswith("<end_of_turn>\n<start_of_turn>model\n")
 
 
-def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma3, demo_data, tmp_path) -> None:
+def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma3, gemma3_lora, tmp_path) -> None:
     """The evaluate stage on Gemma 3, whose sliding-window layers it used to refuse: prompt and answer fit the
-    512-token window, where sliding attention is full attention. A LoRA adapter trained a few steps on the
-    product pages is the candidate; the base's batched answers (left-padded, static cache) equal transformers'
-    own greedy generate, one prompt at a time."""
+    512-token window, where sliding attention is full attention. The LoRA adapter `gemma3_lora` is the
+    candidate; the base's batched answers (left-padded, static cache) equal transformers' own greedy generate,
+    one prompt at a time."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
+    from tasks.runtime.config import EvalConfig
     from tasks.evaluate.task import evaluate_models
-    from tasks.data.format import format_dataset
     from tasks.evaluate.generation import render_prompt, stop_token_ids
-    from tasks.data.load import load_dataset
-    from tasks.train.task import TrainRequest
-    from tasks.train.results import TrainResult
-    from tasks.runtime.worker import run_worker
 
-    train, eval_ = _short_pages(demo_data, tmp_path, 40, 3)
-    data_cfg = DataConfig(train=train, eval=eval_, system_prompt=SYSTEM_PROMPT, output_format="json", min_rows=20)
-    model_cfg = ModelConfig(base=str(gemma3.gguf), max_seq_length=320)
-    loaded = load_dataset(data_cfg, tmp_path / "loaded")
-    formatted = format_dataset(loaded.train_path, loaded.eval_path, gemma3, model_cfg, tmp_path / "formatted")
-    request = TrainRequest(data=formatted.train, base=gemma3, model_cfg=model_cfg, lora=LoraConfig(r=16, alpha=32),
-                           cfg=TrainConfig(mode="lora", max_steps=4, batch_size=4, learning_rate=2e-3,
-                                           warmup_steps=1, save_steps=100, gradient_checkpointing=False),
-                           out_dir=tmp_path / "train")
-    trained = run_worker("tasks.train.loop:train_model", request, TrainResult, tmp_path / "train")
+    loaded, formatted, trained = gemma3_lora.loaded, gemma3_lora.formatted, gemma3_lora.trained
     cfg = EvalConfig(max_samples=3, max_new_tokens=24, batch_size=3)
     report = evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, gemma3, None,
-                             f"sqlite:///{tmp_path}/mlflow.db", data_cfg, cfg, tmp_path / "evaluate",
+                             f"sqlite:///{tmp_path}/mlflow.db", gemma3_lora.data_cfg, cfg, tmp_path / "evaluate",
                              tmp_path / "reference")
     assert report.n_samples == 3
     assert report.candidate.metrics["eval_loss"] < report.base.metrics["eval_loss"]  # it learnt the pages

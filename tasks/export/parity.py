@@ -7,7 +7,7 @@ evaluation stage used the way Ollama's /api/chat will: the Modelfile's TEMPLATE 
 text (Go's own text/template, `tasks/serve/ollama/render.py`), llama.cpp tokenizes that text with the GGUF's
 vocabulary (special tokens parsed, BOS as the vocabulary asks), decoding is greedy, and generation ends at an
 end-of-generation token or the first Modelfile stop string, within the evaluation's token budget. Answers are
-scored by `tasks/metrics.score_answers`, like the evaluation stage's. Measuring is cached; which GGUFs are
+scored by `tasks.evaluate.metrics.score_answers`, like the evaluation stage's. Measuring is cached; which GGUFs are
 within `export.max_drop` of the PyTorch model is decided uncached, like the gate.
 """
 

@@ -92,9 +92,10 @@ def merge_adapter(adapter_dir: Path, base: BaseModelRef, merged_dir: Path) -> Pa
 
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto")
     model.merge_and_unload().save_pretrained(merged_dir)
-    # The adapter folder's tokenizer carries the chat template the model was trained with.
+    # The adapter folder's tokenizer carries the chat template the model was trained with; what transformers
+    # does not save comes from the base, so an adapter trained before that was kept still exports right.
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged_dir)
-    keep_tokenizer_sources(str(adapter_dir), merged_dir)
+    keep_tokenizer_sources(base.name_or_path, merged_dir, base.revision)
     return merged_dir
 
 

@@ -284,18 +284,41 @@ def _cached_snapshot(cfg: ModelConfig) -> Path | None:
 # Tokenizer files transformers reads but does not write back; llama.cpp's converter needs them (without
 # `tokenizer.model` it takes a SentencePiece vocabulary such as Gemma's for BPE and fails).
 TOKENIZER_SOURCES = ("tokenizer.model",)
+# What transformers 5 no longer writes into tokenizer_config.json and llama.cpp's converter still reads there.
+# The flags: with a tokenizer.json transformers ignores them on load (the post-processor decides) and does not
+# save them; the converter reads them when the post-processor adds no special token, as in the folders built
+# from a GGUF (`tasks.model.packaged.make_faithful`), where the chat template writes BOS for transformers and
+# llama.cpp adds it to the prompts Ollama renders. `added_tokens_decoder` (kept in tokenizer.json instead) is
+# where the converter's SentencePiece path finds user-defined and control tokens; without it Gemma's "<span>",
+# "\n\n", ... become normal pieces that llama.cpp splits.
+TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
 
 
 def keep_tokenizer_sources(source: str, out: Path, revision: str | None = None) -> None:
-    """Copy the `TOKENIZER_SOURCES` of `source` (a folder or a hub id, from its cache) that `out` lacks into it."""
+    """Put into the tokenizer that `out` holds (just written by save_pretrained) what llama.cpp's converter needs
+    and transformers did not write: the `TOKENIZER_SOURCES` files of `source` (a folder or a hub id, from its
+    cache) that `out` lacks, the `TOKENIZER_FLAGS` of its tokenizer_config.json, and `out`'s own added tokens."""
     from transformers.utils import cached_file
 
+    def find(name: str) -> str | None:
+        return cached_file(source, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+
     for name in TOKENIZER_SOURCES:
-        if (out / name).exists():
-            continue
-        found = cached_file(source, name, revision=revision, _raise_exceptions_for_missing_entries=False)
-        if found is not None:
+        if not (out / name).exists() and (found := find(name)) is not None:
             shutil.copy2(found, out / name)
+    config_file, tokenizer_file = out / "tokenizer_config.json", out / "tokenizer.json"
+    if not config_file.exists():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    missing = {}
+    if (found := find("tokenizer_config.json")) is not None:
+        source_config = json.loads(Path(found).read_text(encoding="utf-8"))
+        missing = {key: source_config[key] for key in TOKENIZER_FLAGS if key in source_config and key not in config}
+    if "added_tokens_decoder" not in config and tokenizer_file.exists():
+        added = json.loads(tokenizer_file.read_text(encoding="utf-8"))["added_tokens"]
+        missing["added_tokens_decoder"] = {str(token.pop("id")): token for token in added}
+    if missing:
+        config_file.write_text(json.dumps(config | missing, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main() -> None:
