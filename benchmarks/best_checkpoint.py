@@ -27,16 +27,16 @@ import time
 import warnings
 from pathlib import Path
 
-from tasks.model.base import resolve_base_model
-from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig
-from tasks.demo.data import write_demo_dataset
-from tasks.evaluate.task import evaluate_models
 from tasks.data.format import format_dataset
 from tasks.data.load import load_dataset
+from tasks.demo.data import write_demo_dataset
+from tasks.evaluate.task import evaluate_models
+from tasks.model.base import resolve_base_model
 from tasks.model.packaged import PACKAGED, packaged_gguf
-from tasks.train.task import TrainRequest
-from tasks.train.results import HeldOut, TrainResult
+from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig
 from tasks.runtime.worker import run_worker
+from tasks.train.results import HeldOut, TrainResult
+from tasks.train.task import TrainRequest
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM_PROMPT = "Extract the product from the HTML as a JSON object with name, price, category and manufacturer."

@@ -24,8 +24,8 @@ MANIFEST = "carry.json"
 
 def pack(name: str, out: Path, part_mib: int) -> None:
     from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import ModelConfig
     from tasks.model.packaged import packaged_gguf
+    from tasks.runtime.config import ModelConfig
 
     gguf = packaged_gguf(name)
     folder = Path(resolve_base_model(ModelConfig(base=str(gguf))).name_or_path)

@@ -80,9 +80,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.data.chat import ChatContext
-    from tasks.evaluate.task import GenerationRequest, GenerationResult, ModelToScore
     from tasks.data.examples import Message
     from tasks.evaluate.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
+    from tasks.evaluate.task import GenerationRequest, GenerationResult, ModelToScore
     from tasks.runtime.worker import run_worker
 
     work = Path(tempfile.mkdtemp(prefix="eval-bench-"))

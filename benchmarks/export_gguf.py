@@ -40,8 +40,8 @@ def build_model(out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from tasks.export.llama_cpp import cache_root
     from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
+    from tasks.export.llama_cpp import cache_root
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(cache_root() / CACHE_NAME))
     torch.manual_seed(0)

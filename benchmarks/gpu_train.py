@@ -45,8 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.train.task import TrainRequest
 from tasks.train.results import LossPoint, TrainResult
+from tasks.train.task import TrainRequest
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -144,7 +144,6 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
 
     import torch
     from unsloth import FastLanguageModel  # before transformers and TRL: it patches them on import
-
     from datasets import Dataset
 
     cfg, lora = request.cfg, request.lora
@@ -384,11 +383,11 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
 
 
 def demo_split(model_cfg, work: Path):
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import DataConfig
-    from tasks.demo.data import write_demo_dataset
     from tasks.data.format import format_dataset
     from tasks.data.load import load_dataset
+    from tasks.demo.data import write_demo_dataset
+    from tasks.model.base import resolve_base_model
+    from tasks.runtime.config import DataConfig
 
     train, eval_ = write_demo_dataset(work / "data")
     loaded = load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),

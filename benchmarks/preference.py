@@ -82,14 +82,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, PreferenceConfig, TrainConfig
-    from tasks.evaluate.task import evaluate_models
     from tasks.data.format import format_dataset
+    from tasks.evaluate.task import evaluate_models
+    from tasks.model.base import resolve_base_model
     from tasks.model.packaged import packaged_gguf
-    from tasks.train.task import TrainRequest
-    from tasks.train.results import TrainResult
+    from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, PreferenceConfig, TrainConfig
     from tasks.runtime.worker import run_worker
+    from tasks.train.results import TrainResult
+    from tasks.train.task import TrainRequest
 
     work = Path(tempfile.mkdtemp(prefix="preference-bench-"))
     examples = split_examples(write_data(work, args.train, args.eval), work)

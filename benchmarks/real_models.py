@@ -39,10 +39,10 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict:
     """One `finetune` run of packaged model `name`; what it measured."""
     from deployments.cli import stage_states
     from flows.finetune import finetune
-    from tasks.runtime.config import PipelineConfig
     from tasks.demo.data import write_demo_dataset
     from tasks.export.parity import parity_verdicts
     from tasks.model.packaged import PACKAGED, packaged_gguf
+    from tasks.runtime.config import PipelineConfig
 
     train, eval_ = write_demo_dataset(root / "data", args.train_rows, args.eval_rows)
     cfg = PipelineConfig.model_validate({

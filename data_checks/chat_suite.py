@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tasks.runtime.config import DataConfig
 from tasks.data.examples import Example, split_reasoning
 from tasks.evaluate.metrics import parse_json_object
+from tasks.runtime.config import DataConfig
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -142,9 +142,9 @@ def run_check(cfg) -> int:
     """`tunepipe check`: the data report and the run plan; 1 when the data would stop a run."""
     from rich.console import Console
 
+    from deployments.run_plan import check_run
     from tasks.data.check import DataCheckError
     from tasks.data.load import DataFileError
-    from deployments.run_plan import check_run
     from tasks.train.loop import TrainingEnvironmentError
 
     quiet_environment()
@@ -375,8 +375,8 @@ def run_register(run_id: str, tracking_uri: str) -> int:
 
 
 def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
-    from tasks.serve.champion import rollback
     from tasks.runtime.config import OllamaConfig
+    from tasks.serve.champion import rollback
     from tasks.serve.ollama.client import OllamaClient, OllamaError
     from tasks.serve.ollama.host import ollama_host as resolve_host
 

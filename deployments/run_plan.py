@@ -12,13 +12,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.model.base import resolve_base_model
-from tasks.model.results import BaseModelRef
 from tasks.data.check import check_data
-from tasks.data.results import CheckedData, FormattedData
-from tasks.runtime.config import PipelineConfig
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
+from tasks.data.results import CheckedData, FormattedData
+from tasks.model.base import resolve_base_model
+from tasks.model.results import BaseModelRef
+from tasks.runtime.config import PipelineConfig
 from tasks.train.loop import EnvironmentReport
 
 # Going over the same rows more often than this mostly teaches the model to recite them.
@@ -76,8 +76,8 @@ def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
 def estimate_training_time(cfg: PipelineConfig, base: BaseModelRef, device: str, tokens: float) -> TimeEstimate | None:
     """`tokens` at the speed of the newest finished training of `base` in the same mode on `device`, read from
     the train stage folders of `cfg.workdir`; None when there is none."""
-    from tasks.train.task import TrainRequest
     from tasks.train.results import TrainResult
+    from tasks.train.task import TrainRequest
 
     measured = []
     for result_path in (cfg.workdir / "train").glob("*/worker-result.json"):
@@ -101,8 +101,8 @@ def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: For
 
     Raises TrainingEnvironmentError when the run would fail for want of a device or memory.
     """
-    from tasks.train.task import TrainRequest
     from tasks.train.loop import Rank, check_environment, choose_backend
+    from tasks.train.task import TrainRequest
 
     request = TrainRequest(data=formatted.train, base=base, model_cfg=cfg.model, lora=cfg.lora, cfg=cfg.train,
                            out_dir=cfg.workdir / "train")

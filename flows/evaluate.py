@@ -8,17 +8,17 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from tasks.model.base import resolve_base
-from tasks.serve.champion import find_champion
 from tasks.data.check import check_data
-from tasks.runtime.config import PipelineConfig
-from tasks.evaluate.task import evaluate
-from tasks.evaluate.results import EvalReport, GateDecision
 from tasks.data.format import format_data
-from tasks.evaluate.gate import gate
 from tasks.data.load import data_fingerprint, load_data
+from tasks.evaluate.gate import gate
+from tasks.evaluate.results import EvalReport, GateDecision
+from tasks.evaluate.task import evaluate
+from tasks.model.base import resolve_base
+from tasks.runtime.config import PipelineConfig
 from tasks.runtime.retries import network_retries
 from tasks.runtime.tracking import tracked_run
+from tasks.serve.champion import find_champion
 from tasks.train.task import trained_model
 
 

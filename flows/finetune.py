@@ -10,26 +10,26 @@ from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from flows.serve import Serving, serve
-from tasks.model.base import resolve_base
-from tasks.serve.champion import find_champion
 from tasks.data.check import DataCheckError, check_data
-from tasks.runtime.config import PipelineConfig
-from tasks.evaluate.task import evaluate
-from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
-from tasks.export.task import export
-from tasks.export.results import ExportResult, ParityReport, verdicts_record
 from tasks.data.format import format_data
-from tasks.evaluate.gate import gate
 from tasks.data.load import data_fingerprint, load_data
-from tasks.export.parity import parity, parity_verdicts
-from tasks.runtime.redact import redact, redact_logs
+from tasks.evaluate.gate import gate
 from tasks.evaluate.report import run_report
+from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
 from tasks.evaluate.retrain_plan import next_attempt, outcome
+from tasks.evaluate.task import evaluate
+from tasks.export.parity import parity, parity_verdicts
+from tasks.export.results import ExportResult, ParityReport, verdicts_record
+from tasks.export.task import export
+from tasks.model.base import resolve_base
+from tasks.runtime.config import PipelineConfig
+from tasks.runtime.redact import redact, redact_logs
 from tasks.runtime.retries import network_retries
-from tasks.serve.task import plan
 from tasks.runtime.tracking import tracked_child, tracked_run
-from tasks.train.task import train
+from tasks.serve.champion import find_champion
+from tasks.serve.task import plan
 from tasks.train.results import HeldOut
+from tasks.train.task import train
 
 
 class GateFailed(RuntimeError):

@@ -10,10 +10,16 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.finetune import GateFailed, RunSummary, finetune
-from tasks.runtime.config import PipelineConfig
 from tasks.data.rag_source import (
-    Snapshot, collect_rag_examples, commit_rag_snapshot, discard, mark_trained, retrain_lock, state_dir,
+    Snapshot,
+    collect_rag_examples,
+    commit_rag_snapshot,
+    discard,
+    mark_trained,
+    retrain_lock,
+    state_dir,
 )
+from tasks.runtime.config import PipelineConfig
 from tasks.runtime.tracking import RunWriter, find_run_of_flow_run
 
 

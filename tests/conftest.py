@@ -15,8 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from tasks.export.llama_cpp import cache_root
     from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
+    from tasks.export.llama_cpp import cache_root
 
     return build_tiny_model(cache_root() / CACHE_NAME)
 
@@ -76,8 +76,8 @@ def _real_model(name: str):
     import warnings
 
     from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import ModelConfig
     from tasks.model.packaged import PACKAGED, packaged_gguf
+    from tasks.runtime.config import ModelConfig
 
     with warnings.catch_warnings():  # its quantization warning has a test of its own
         warnings.simplefilter("ignore")

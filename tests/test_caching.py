@@ -14,9 +14,9 @@ from prefect import flow, task
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import BaseModel
 
+from tasks.export.parity import PARITY_CACHE
 from tasks.runtime.caching import STAGE_CACHE, StageCache, outputs_exist, stable_hash, stage_dir
 from tasks.runtime.config import EvalConfig, OllamaConfig
-from tasks.export.parity import PARITY_CACHE
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.model.base import resolve_base_model
 from tasks.data.check import DataCheckError, check_dataset
-from tasks.data.results import CheckedData
-from tasks.runtime.config import DataConfig, ModelConfig
 from tasks.data.examples import read_examples
 from tasks.data.load import Rejection, load_dataset
+from tasks.data.results import CheckedData
+from tasks.model.base import resolve_base_model
+from tasks.runtime.config import DataConfig, ModelConfig
 
 CORPUS = Path(__file__).parent / "corpus"
 ROWS = CORPUS / "rows"
@@ -231,11 +231,11 @@ def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(t
     from prefect.logging import disable_run_logger
 
     from deployments.cli import main
+    from deployments.run_plan import check_run
     from tasks.data.check import check_data
-    from tasks.runtime.config import load_config
     from tasks.data.format import format_data
     from tasks.data.load import data_fingerprint, load_data
-    from deployments.run_plan import check_run
+    from tasks.runtime.config import load_config
     from tasks.train.task import train
 
     rows = tmp_path / "rows.jsonl"

@@ -99,8 +99,8 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
 def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
     import torch
 
-    from tasks.evaluate.task import mean_answer_loss
     from tasks.data.format import IGNORE
+    from tasks.evaluate.task import mean_answer_loss
 
     model, tokenizer = noisy_model
     rows = []
@@ -161,8 +161,8 @@ def _models_generated(out_dir: Path) -> list[str]:
 
 
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
-    from tasks.serve.champion import find_champion
     from tasks.evaluate.task import evaluate_models
+    from tasks.serve.champion import find_champion
     from tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, formatted = eval_inputs
@@ -212,8 +212,8 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
     """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
-    from tasks.evaluate.task import evaluate_models
     from tasks.data.examples import read_examples, write_jsonl
+    from tasks.evaluate.task import evaluate_models
     from tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs

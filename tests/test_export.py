@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime.config import ExportConfig
-from tasks.export.task import export_model
 from tasks.export.parity import parity_verdicts
 from tasks.export.results import GgufScores, ParityReport
+from tasks.export.task import export_model
+from tasks.runtime.config import ExportConfig
 from tasks.train.results import TrainResult
 
 PROMPT = "<|im_start|>user\n<div>Smart Kettle, $25</div><|im_end|>\n<|im_start|>assistant\n"

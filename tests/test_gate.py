@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime.config import ConfigError, GateConfig, MetricRule, load_config
-from tasks.evaluate.results import EvalReport, GateDecision, ModelScores
 from tasks.evaluate.gate import decide
+from tasks.evaluate.results import EvalReport, GateDecision, ModelScores
+from tasks.runtime.config import ConfigError, GateConfig, MetricRule, load_config
 
 # Values exactly representable in binary floating point, so "at the boundary" means equal, not close.
 CANDIDATE = {"eval_loss": 2.5, "valid_json_rate": 0.75, "exact_match": 0.5, "field_accuracy": 0.625,

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from tasks.model.base import resolve_base_model
 from tasks.data.check import check_data
-from tasks.runtime.config import PipelineConfig
-from tasks.evaluate.task import evaluate
 from tasks.data.format import format_data
-from tasks.runtime.gpu_slots import GPU_LIMIT
 from tasks.data.load import data_fingerprint, load_data
-from tasks.train.task import train
+from tasks.evaluate.task import evaluate
+from tasks.model.base import resolve_base_model
+from tasks.runtime.config import PipelineConfig
+from tasks.runtime.gpu_slots import GPU_LIMIT
 from tasks.train.results import TrainResult
+from tasks.train.task import train
 
 
 def prepared(cfg: PipelineConfig):

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime.config import DataConfig
 from tasks.data.examples import Message, read_examples
 from tasks.data.load import (
     DataFileError,
@@ -18,6 +17,7 @@ from tasks.data.load import (
     parse_record,
     read_file,
 )
+from tasks.runtime.config import DataConfig
 
 CORPUS = Path(__file__).parent / "corpus"
 

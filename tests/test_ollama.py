@@ -9,16 +9,16 @@ import re
 from pathlib import Path
 
 import pytest
-from fake_ollama import FakeOllama
 from conftest import closed_port
+from fake_ollama import FakeOllama
 
+from tasks.demo.tiny_model import CHATML_TEMPLATE
 from tasks.runtime.config import OllamaConfig
 from tasks.serve.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
 from tasks.serve.ollama.host import ollama_host
 from tasks.serve.ollama.modelfile import modelfile_spec
 from tasks.serve.ollama.render import render_served_prompt
 from tasks.serve.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
-from tasks.demo.tiny_model import CHATML_TEMPLATE
 
 # Meta-Llama-3-8B-Instruct's chat template, as published.
 LLAMA3_TEMPLATE = (

@@ -43,10 +43,9 @@ def _stepper(model, pad_id: int):
 
 
 def _trainer(kind: str, tiny_model, tmp_path, rows: list[dict], **args):
+    import trl
     from datasets import Dataset
     from transformers import AutoTokenizer
-
-    import trl
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     policy, reference = _policy_and_reference(tiny_model)
@@ -125,11 +124,11 @@ def rated(tmp_path_factory, tiny_model, demo_data):
     HTML echoed back. Held-out pages carry rated-bad answers only."""
     import json
 
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import ModelConfig
     from tasks.data.examples import read_examples, write_jsonl
     from tasks.data.format import format_dataset
     from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.model.base import resolve_base_model
+    from tasks.runtime.config import ModelConfig
 
     work = tmp_path_factory.mktemp("rated")
     train, eval_ = ([json.loads(line) for line in path.read_text().splitlines()][:n] for path, n in
@@ -160,9 +159,9 @@ def rated(tmp_path_factory, tiny_model, demo_data):
 def _train(rated, out_dir, **train):
     from tasks.model.base import resolve_base_model
     from tasks.runtime.config import LoraConfig, TrainConfig
-    from tasks.train.task import TrainRequest
-    from tasks.train.results import TrainResult
     from tasks.runtime.worker import run_worker
+    from tasks.train.results import TrainResult
+    from tasks.train.task import TrainRequest
 
     data, model_cfg = rated
     # The demo's recipe for the tiny model (every weight, constant rate): it cannot learn through an adapter.

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime.config import PipelineConfig
 from tasks.data.rag_source import (
-    ConcurrentIngestion, RagSourceError, collect_new_rows, commit_snapshot, count_new_rows, load_snapshot,
-    mark_trained, read_state, state_dir,
+    ConcurrentIngestion,
+    RagSourceError,
+    collect_new_rows,
+    commit_snapshot,
+    count_new_rows,
+    load_snapshot,
+    mark_trained,
+    read_state,
+    state_dir,
 )
+from tasks.runtime.config import PipelineConfig
 
 BASE = [{"input": f"base question {i}", "output": f"base answer {i}"} for i in range(4)]
 

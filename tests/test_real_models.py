@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model.base import BaseModelError, resolve_base_model
 from tasks.data.chat import ChatContext
-from tasks.runtime.config import ModelConfig, OllamaConfig
+from tasks.model.base import BaseModelError, resolve_base_model
 from tasks.model.packaged import (
     SAMPLE_CONVERSATIONS,
     VocabularyMismatch,
@@ -21,6 +20,7 @@ from tasks.model.packaged import (
     packaged_gguf,
     read_gguf_metadata,
 )
+from tasks.runtime.config import ModelConfig, OllamaConfig
 
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its package's SHA256SUMS
 
@@ -241,12 +241,12 @@ def gemma3_lora(gemma3, demo_data, tmp_path_factory):
     the candidate of the evaluate and export tests below."""
     from types import SimpleNamespace
 
-    from tasks.runtime.config import DataConfig, LoraConfig, TrainConfig
     from tasks.data.format import format_dataset
     from tasks.data.load import load_dataset
-    from tasks.train.task import TrainRequest
-    from tasks.train.results import TrainResult
+    from tasks.runtime.config import DataConfig, LoraConfig, TrainConfig
     from tasks.runtime.worker import run_worker
+    from tasks.train.results import TrainResult
+    from tasks.train.task import TrainRequest
 
     root = tmp_path_factory.mktemp("gemma3-lora")
     train, eval_ = _short_pages(demo_data, root, 40, 3)
@@ -267,9 +267,9 @@ def test_a_lora_trained_gemma3_exports_with_its_sentencepiece_vocabulary_and_ans
     """Gemma 3 base with the Gemma turn format supplied, LoRA-trained and merged: no system role (the SYSTEM
     opens the first user turn), a SentencePiece vocabulary that must come back as one (export checks it against
     the source GGUF's), and BOS added by the vocabulary, not the template."""
-    from tasks.runtime.config import EvalConfig, ExportConfig
-    from tasks.export.task import export_model
     from tasks.export.parity import measure_parity
+    from tasks.export.task import export_model
+    from tasks.runtime.config import EvalConfig, ExportConfig
 
     assert gemma3_lora.trained.kind == "lora"
     exported = export_model(gemma3_lora.trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False),
@@ -297,9 +297,9 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.runtime.config import EvalConfig
-    from tasks.evaluate.task import evaluate_models
     from tasks.evaluate.generation import render_prompt, stop_token_ids
+    from tasks.evaluate.task import evaluate_models
+    from tasks.runtime.config import EvalConfig
 
     loaded, formatted, trained = gemma3_lora.loaded, gemma3_lora.formatted, gemma3_lora.trained
     cfg = EvalConfig(max_samples=3, max_new_tokens=24, batch_size=3)

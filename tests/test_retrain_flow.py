@@ -12,9 +12,9 @@ import pytest
 from deployments.cli import main, stage_states
 from flows.evaluate import evaluate_model
 from flows.retrain import retrain
-from tasks.runtime.config import PipelineConfig
-from tasks.demo.data import write_demo_rag_log
 from tasks.data.rag_source import read_state, state_dir
+from tasks.demo.data import write_demo_rag_log
+from tasks.runtime.config import PipelineConfig
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runtime.config import ConfigError, GateConfig, MetricRule, PipelineConfig, RetrainChange, load_config
-from tasks.evaluate.results import Attempt, AttemptPlan, EvalReport, ModelScores
 from tasks.evaluate.gate import decide
 from tasks.evaluate.report import write_report
+from tasks.evaluate.results import Attempt, AttemptPlan, EvalReport, ModelScores
 from tasks.evaluate.retrain_plan import apply_change, next_attempt, outcome
+from tasks.runtime.config import ConfigError, GateConfig, MetricRule, PipelineConfig, RetrainChange, load_config
 from tasks.train.results import LossPoint, TrainResult
 
 GATE = GateConfig(rules={"field_accuracy": MetricRule(min=0.5)})

@@ -11,9 +11,9 @@ from uuid import UUID
 
 import pytest
 import yaml
+from test_finetune_flow import config_path  # noqa: F401  (the flow tests' config, as a fixture)
 
 from tasks.runtime.redact import RedactingFilter, redact
-from test_finetune_flow import config_path  # noqa: F401  (the flow tests' config, as a fixture)
 
 HF_TOKEN = "hf_" + secrets.token_hex(17)
 URL_TOKEN = "tok-" + secrets.token_hex(8)

@@ -10,14 +10,14 @@ import pytest
 from conftest import closed_port, gguf_file
 from fake_ollama import FakeOllama
 
-from tasks.serve.champion import find_champion, rollback
 from tasks.data.chat import ChatContext
-from tasks.runtime.config import OllamaConfig
 from tasks.export.results import GgufFile
+from tasks.runtime.config import OllamaConfig
+from tasks.serve.champion import find_champion, rollback
 from tasks.serve.ollama.client import OllamaClient
 from tasks.serve.ollama.modelfile import modelfile_spec
-from tasks.serve.task import SmokeTestFailed, promote_candidate, register_candidate, smoke_test_model
 from tasks.serve.results import PLAN_ARTIFACT, ServingPlan, SmokeCase
+from tasks.serve.task import SmokeTestFailed, promote_candidate, register_candidate, smoke_test_model
 
 SYSTEM = "Extract the product as JSON."
 QUESTIONS = ["<div>Kettle, $25</div>", "<div>Lamp, $12</div>"]
@@ -210,12 +210,11 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
         tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
     import yaml
 
-    from tasks.model.results import BaseModelRef
-    from tasks.runtime.config import PipelineConfig
     from tasks.data.examples import write_jsonl
     from tasks.data.load import DataSource, Normaliser, read_file
-    from tasks.export.results import ExportResult
-    from tasks.export.results import ParityVerdict
+    from tasks.export.results import ExportResult, ParityVerdict
+    from tasks.model.results import BaseModelRef
+    from tasks.runtime.config import PipelineConfig
     from tasks.serve.task import ParityFailed, plan_serving
 
     raw = yaml.safe_load(Path("configs/demo.yaml").read_text())

@@ -155,8 +155,8 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     what follows: all Ollama returns up to the stop."""
     from tasks.data.examples import Example, Message, split_reasoning
     from tasks.data.format import _pieces
-    from tasks.evaluate.generation import render_prompt
     from tasks.data.load import apply_reasoning
+    from tasks.evaluate.generation import render_prompt
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))

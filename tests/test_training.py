@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from tasks.data.format import format_dataset
+from tasks.data.load import load_dataset
+from tasks.data.results import FormattedData, LoadedData
 from tasks.model.base import resolve_base_model
 from tasks.runtime.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
-from tasks.data.format import format_dataset
-from tasks.data.results import FormattedData, LoadedData
-from tasks.data.load import load_dataset
-from tasks.train.task import TrainRequest
-from tasks.train.results import HeldOut, TrainResult
 from tasks.runtime.worker import WorkerFailed, run_worker
+from tasks.train.results import HeldOut, TrainResult
+from tasks.train.task import TrainRequest
 
 STEPS, SAVE_STEPS = 8, 3
 
@@ -291,9 +291,9 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.runtime.config import ExportConfig
     from tasks.evaluate.task import mean_answer_loss
     from tasks.export.task import export_model
+    from tasks.runtime.config import ExportConfig
     from tasks.train.loop import train_model
 
     losses = [p.eval_loss for p in peaked.eval_history]
@@ -370,8 +370,8 @@ def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, h
 
 
 def test_the_best_evaluation_breaks_ties_by_loss_and_patience_counts_gains_over_min_delta():
-    from tasks.train.results import EvalPoint
     from tasks.train.loop import TrainingState, track_best
+    from tasks.train.results import EvalPoint
 
     state = TrainingState(micro_batch_size=1)
     scores = [(0.50, 1.0), (0.50, 0.9), (0.52, 1.1), (0.40, 0.5), (0.60, 0.8)]  # (field accuracy, eval loss)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.model.base import load_tokenizer
-from tasks.model.results import BaseModelRef
-from tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
 from tasks.data.chat import AnswerRefused, ChatContext, answer_piece
-from tasks.runtime.config import ModelConfig
 from tasks.data.examples import Example, read_examples, split_reasoning, write_jsonl
 from tasks.data.load import Rejection
 from tasks.data.results import CheckedData, FormattedData, FormattedSplit, TokenizedSplits
+from tasks.model.base import load_tokenizer
+from tasks.model.results import BaseModelRef
+from tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
+from tasks.runtime.config import ModelConfig
 
 IGNORE = -100  # label value the loss skips
 

@@ -38,10 +38,10 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from tasks.runtime.caching import STAGE_CACHE, stage_dir
-from tasks.runtime.config import DataConfig
 from tasks.data.examples import Example, Message, Unit, location, split_reasoning, write_jsonl
 from tasks.data.results import LoadedData, SourceCount
+from tasks.runtime.caching import STAGE_CACHE, stage_dir
+from tasks.runtime.config import DataConfig
 
 CONTAINERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DATASET_INFO = "dataset_info.json"

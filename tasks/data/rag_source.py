@@ -35,13 +35,23 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
 from tasks.data.examples import Message
-from tasks.runtime.records import DatasetRecord, Record
 from tasks.data.load import (
-    DataFileError, FileRead, RecordError, Rejection, data_fingerprint, data_normaliser, data_sources, example_id,
-    held_out, parse_record, prompt_unit, read_sources,
+    DataFileError,
+    FileRead,
+    RecordError,
+    Rejection,
+    data_fingerprint,
+    data_normaliser,
+    data_sources,
+    example_id,
+    held_out,
+    parse_record,
+    prompt_unit,
+    read_sources,
 )
+from tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
+from tasks.runtime.records import DatasetRecord, Record
 
 STATE_FILE = "state.json"
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 from prefect import task
 
-from tasks.runtime.config import LOWER_IS_BETTER, GateConfig
 from tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores
+from tasks.runtime.config import LOWER_IS_BETTER, GateConfig
 
 # A value that meets its limit exactly must pass despite float rounding (0.3 - 0.2 < 0.1), and a candidate
 # that is the champion, scored again, must not lose to it on the last digit.

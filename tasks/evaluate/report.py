@@ -14,9 +14,9 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.evaluate.results import Attempt, EvalReport, ModelScores, RunReport
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import LOWER_IS_BETTER
-from tasks.evaluate.results import Attempt, EvalReport, ModelScores, RunReport
 
 WORST_EXAMPLES = 5
 # The per-example score that ranks the worst examples: the first of these the answers were scored on.

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 
-
-from tasks.runtime.config import PipelineConfig, RetrainChange, RetrainConfig
 from tasks.evaluate.gate import improvement
-from tasks.train.results import TrainResult
 from tasks.evaluate.results import Attempt, AttemptPlan
+from tasks.runtime.config import PipelineConfig, RetrainChange, RetrainConfig
+from tasks.train.results import TrainResult
 
 
 def next_attempt(cfg: PipelineConfig, attempts: list[Attempt]) -> AttemptPlan | None:

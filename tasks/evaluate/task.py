@@ -28,19 +28,19 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.model.results import BaseModelRef
-from tasks.runtime.caching import StageCache, stable_hash, stage_dir
-from tasks.serve.champion import ChampionRef, download_champion
 from tasks.data.chat import ChatContext
-from tasks.runtime.config import DataConfig, EvalConfig
 from tasks.data.examples import Message, read_examples
 from tasks.data.format import IGNORE
 from tasks.data.results import FormattedData
-from tasks.runtime.gpu_slots import gpu_slots
 from tasks.evaluate.metrics import close_to, required_keys, score_answers
-from tasks.train.results import TrainResult
-from tasks.runtime.worker import run_worker
 from tasks.evaluate.results import EvalReport, ModelScores
+from tasks.model.results import BaseModelRef
+from tasks.runtime.caching import StageCache, stable_hash, stage_dir
+from tasks.runtime.config import DataConfig, EvalConfig
+from tasks.runtime.gpu_slots import gpu_slots
+from tasks.runtime.worker import run_worker
+from tasks.serve.champion import ChampionRef, download_champion
+from tasks.train.results import TrainResult
 
 
 class ModelToScore(BaseModel):

@@ -19,18 +19,18 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.runtime.caching import StageCache, stage_dir
 from tasks.data.chat import ChatContext
-from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
 from tasks.data.examples import Example, read_examples
-from tasks.export.results import ExportResult, GgufScores, ParityReport, ParityVerdict
 from tasks.evaluate.generation import render_prompt
-from tasks.export.llama_cpp import load_gguf
 from tasks.evaluate.metrics import required_keys, score_answers
+from tasks.export.llama_cpp import load_gguf
+from tasks.export.results import ExportResult, GgufScores, ParityReport, ParityVerdict
+from tasks.model.packaged import VocabularyMismatch, compare_token_ids
+from tasks.runtime.caching import StageCache, stage_dir
+from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
+from tasks.runtime.progress import Progress
 from tasks.serve.ollama.modelfile import client_messages, modelfile_spec
 from tasks.serve.ollama.render import render_served_prompt
-from tasks.runtime.progress import Progress
-from tasks.model.packaged import VocabularyMismatch, compare_token_ids
 
 # Training conversations whose token ids the vocabulary check compares (the first ones of the clean split).
 VOCAB_CHECK_CONVERSATIONS = 32

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.export.llama_cpp import run_converter
+from tasks.export.results import ExportResult, GgufFile
 from tasks.model.base import keep_tokenizer_sources
 from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import STAGE_CACHE, file_digest, stage_dir
 from tasks.runtime.config import ExportConfig
-from tasks.export.llama_cpp import run_converter
 from tasks.train.results import TrainResult
-from tasks.export.results import ExportResult, GgufFile
 
 # llama.cpp's `llama_ftype` values for the quantizations we offer (llama.h).
 FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}

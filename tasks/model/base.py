@@ -13,9 +13,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.model.results import BaseModelRef
 from tasks.runtime.config import ModelConfig, OllamaConfig
 from tasks.runtime.redact import error_line, redact
-from tasks.model.results import BaseModelRef
 
 # Weight files are hashed by size plus their first and last MiB: exact for any edit tools make in practice,
 # and seconds instead of minutes for a multi-GB local checkpoint.

@@ -17,7 +17,6 @@ from tasks.runtime.records import Record
 from tasks.runtime.redact import redact
 from tasks.serve.ollama.modelfile import ModelfileSpec
 
-
 PLAN_ARTIFACT = "serving/plan.json"
 
 

@@ -15,17 +15,18 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.model.results import BaseModelRef
-from tasks.serve.champion import ChampionMove, promote as promote_version, register_version, tag_version
 from tasks.data.chat import ChatContext
-from tasks.runtime.config import PipelineConfig
 from tasks.data.examples import read_examples, split_reasoning
-from tasks.export.results import ExportResult, ParityVerdict
 from tasks.evaluate.metrics import parse_json_object, required_keys
+from tasks.export.results import ExportResult, ParityVerdict
+from tasks.model.results import BaseModelRef
+from tasks.runtime.config import PipelineConfig
+from tasks.runtime.records import Record
+from tasks.serve.champion import ChampionMove, register_version, tag_version
+from tasks.serve.champion import promote as promote_version
 from tasks.serve.ollama.client import OllamaClient, OllamaError
 from tasks.serve.ollama.host import DEFAULT_HOST, ollama_host
 from tasks.serve.ollama.modelfile import client_messages, modelfile_spec
-from tasks.runtime.records import Record
 from tasks.serve.results import PLAN_ARTIFACT, Registration, ServingPlan, SmokeCase, SmokeReport, SmokeResult
 
 

@@ -43,9 +43,9 @@ from pydantic import BaseModel
 
 from tasks.data.format import IGNORE
 from tasks.runtime.config import TrainConfig
-from tasks.train.task import TrainRequest
-from tasks.train.results import Backend, EvalPoint, HeldOut, LossPoint, TrainResult
 from tasks.runtime.worker import emit_event
+from tasks.train.results import Backend, EvalPoint, HeldOut, LossPoint, TrainResult
+from tasks.train.task import TrainRequest
 
 GIB = 2**30
 # `gradient_checkpointing: auto` recomputes only when a step's activations would not fit in this share of the

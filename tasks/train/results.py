@@ -13,7 +13,6 @@ from pydantic import BaseModel
 from tasks.data.results import FormattedSplit
 from tasks.runtime.records import Point, Record
 
-
 Backend = Literal["hf", "unsloth"]
 
 # Per logged training step: MLflow metric name <- LossPoint field.

@@ -17,10 +17,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
+from tasks.data.results import FormattedData, FormattedSplit
 from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.runtime.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
-from tasks.data.results import FormattedData, FormattedSplit
 from tasks.runtime.gpu_slots import gpu_slots
 from tasks.runtime.records import MlflowRunRef, Point, Record
 from tasks.runtime.worker import run_worker
