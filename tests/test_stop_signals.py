@@ -78,8 +78,11 @@ def stop_while_training(config: Path, env: dict[str, str], sig: signal.Signals, 
     workdir = Path(yaml.safe_load(config.read_text())["workdir"])
     before = newest_checkpoint(workdir)
     with log.open("w") as out:
+        # SIGINT as a terminal's process group has it: a shell starts background jobs (`nohup ... &`, some CI
+        # runners) with it ignored, and Python then never raises KeyboardInterrupt.
         process = subprocess.Popen([*CLI, "run", str(config)], cwd=REPO, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while newest_checkpoint(workdir) <= before:
