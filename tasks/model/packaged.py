@@ -337,12 +337,15 @@ def gguf_special_tokens(tokenizer, meta: dict[str, str]) -> dict[str, str]:
 
 def turn_end_ids(tokenizer) -> list[int]:
     """The id of the chat template's end-of-turn marker when it is one token (ChatML's <|im_end|>, ...)."""
-    from tasks.serve.ollama.template import detect_chat_format
+    from tasks.data.chat import transformers_renderer
+    from tasks.serve.ollama.template import end_of_turn
 
-    fmt = detect_chat_format(tokenizer.chat_template)
-    if fmt is None:
+    if not tokenizer.chat_template:
         return []
-    ids = tokenizer(fmt.stop, add_special_tokens=False)["input_ids"]
+    stop = end_of_turn(transformers_renderer(tokenizer.chat_template, eos_token=tokenizer.eos_token or ""))
+    if not stop:
+        return []
+    ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
     return ids if len(ids) == 1 else []
 
 
