@@ -26,10 +26,11 @@ from tasks.runtime.config import PipelineConfig
 from tasks.runtime.redact import redact, redact_logs
 from tasks.runtime.retries import network_retries
 from tasks.runtime.tracking import tracked_child, tracked_run
+from tasks.runtime.worker import spare_workers
 from tasks.serve.champion import find_champion
 from tasks.serve.task import plan
 from tasks.train.results import HeldOut
-from tasks.train.task import train
+from tasks.train.task import prestart_training, train
 
 
 class GateFailed(RuntimeError):
@@ -71,7 +72,10 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
         "dataset.fingerprint": fingerprint, "base_model": cfg.model.base, "base_model.fingerprint": base.fingerprint,
     }
-    with tracked_run(cfg, run_name=f"{cfg.name}-{flow_run.get_name()}", tags=tags) as run:
+    with tracked_run(cfg, run_name=f"{cfg.name}-{flow_run.get_name()}", tags=tags) as run, spare_workers():
+        # Starting a worker is mostly importing the ML stack: the training worker's imports overlap the data
+        # stages (a worker not needed, as on a cached re-run, is stopped at the end).
+        prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)
         loaded = load_data(cfg.data, fingerprint, workdir)
         try:
             checked = check_data(loaded, cfg.data, base, cfg.model, workdir)

@@ -1,4 +1,5 @@
-"""The worker process: a typed result comes back; a crash or a kill fails with the worker's own log tail."""
+"""The worker process: a typed result comes back; a crash or a kill fails with the worker's own log tail; a worker
+started early (a spare) takes the next request for its target after importing its module's stack."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tasks.runtime.worker import WorkerFailed, run_worker
+from tasks.runtime import worker
+from tasks.runtime.worker import WorkerFailed, prestart_worker, run_worker, spare_workers
 
 
 class Request(BaseModel):
@@ -40,6 +42,13 @@ def target(request: Request) -> Result:
     if request.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     return Result(text=request.text.upper(), pid=os.getpid())
+
+
+def warm_up(settings: str) -> None:
+    """Run by a spare before its request: says who warmed up, or dies as a broken import would."""
+    if settings == "die":
+        raise ImportError("a broken stack")
+    print(f"warmed up with {settings!r} in {os.getpid()}")
 
 
 @pytest.fixture(autouse=True)
@@ -73,3 +82,38 @@ def test_first_traceback_is_kept_when_the_tail_is_noise(tmp_path):
     message = str(failure.value)
     assert "first error:" in message and "ValueError: the root cause" in message
     assert "launcher summary line 99" in message and "launcher summary line 0\n" not in message
+
+
+def _spare_processes():
+    return [spare.process for spare in worker._spares]
+
+
+def test_a_spare_takes_the_request_after_its_warm_up(tmp_path):
+    with spare_workers():
+        prestart_worker("test_worker:target", "fast")
+        prestart_worker("test_worker:target", "fast")  # one spare per target and environment
+        (spare,) = _spare_processes()
+        result = run_worker("test_worker:target", Request(text="hi"), Result, tmp_path)
+    assert result == Result(text="HI", pid=spare.pid)
+    log = (tmp_path / "worker.log").read_text()
+    assert f"warmed up with 'fast' in {spare.pid}" in log and "worker got 'hi'" in log
+    assert spare.returncode == 0 and not _spare_processes()
+
+
+def test_a_spare_from_another_environment_is_not_used_and_is_stopped_unused(tmp_path, monkeypatch):
+    with spare_workers():
+        prestart_worker("test_worker:target", "fast")
+        (spare,) = _spare_processes()
+        monkeypatch.setenv("TUNEPIPE_TEST_SETTING", "changed after the spare started")
+        result = run_worker("test_worker:target", Request(text="hi"), Result, tmp_path)
+        assert result.pid != spare.pid and spare.poll() is None
+    assert spare.poll() is not None and not _spare_processes()
+
+
+def test_a_spare_that_died_warming_up_gives_way_to_a_fresh_worker(tmp_path):
+    with spare_workers():
+        prestart_worker("test_worker:target", "die")
+        (spare,) = _spare_processes()
+        spare.wait(60)
+        result = run_worker("test_worker:target", Request(text="hi"), Result, tmp_path)
+    assert spare.returncode != 0 and result.pid != spare.pid and result.text == "HI"

@@ -78,6 +78,9 @@ class GenerationResult(BaseModel):
     outputs: dict[str, ModelOutputs]
 
 
+EVALUATE_WORKER = "tasks.evaluate.task:generate_outputs"
+
+
 def generate_outputs(request: GenerationRequest) -> GenerationResult:
     """Worker entry point: load each model in turn, answer every conversation, measure the eval loss."""
     import torch
@@ -110,6 +113,13 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
         if device == "cuda":
             torch.cuda.empty_cache()
     return GenerationResult(outputs=outputs)
+
+
+def warm_up(_: str) -> None:
+    """What an evaluation worker started early (`tasks.runtime.worker.prestart_worker`) imports before its
+    request comes: what `generate_outputs` loads every model with."""
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
 def _load(spec: ModelToScore, device: str, dtype):
@@ -182,7 +192,7 @@ def evaluate_models(
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat)
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
-        generated = run_worker("tasks.evaluate.task:generate_outputs", request, GenerationResult,
+        generated = run_worker(EVALUATE_WORKER, request, GenerationResult,
                                out_dir / "worker").outputs
     for name, result in generated.items():
         if name in reference_keys:

@@ -10,10 +10,19 @@ stage that is stopped (SIGTERM or Ctrl-C reaching the flow) stops its worker bef
 The target is a plain function taking one pydantic model and returning another, so it can also be called
 in-process by tests. While it runs it may report progress with `emit_event` (one JSON line on stdout, rank 0
 only); `run_worker` hands each event to `on_event` as it arrives, e.g. to log live metrics to MLflow.
+
+Starting such a process is mostly importing the ML stack (torch, transformers, unsloth's patches: half a
+minute on a GPU machine), so a stage that knows which worker comes next may start it early:
+`prestart_worker(target, warm_up)` starts a process that imports the target's module, calls the module's
+`warm_up(arg)` and then waits for its request on stdin. `run_worker` hands its request to such a spare when
+one is waiting for the same target in the same environment and folder, else it starts a process as before;
+each request still gets a process of its own. `spare_workers()` stops the spares nobody took.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import inspect
 import json
@@ -22,8 +31,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -71,18 +83,26 @@ def run_worker(
                                            ("worker-request.json", "worker-result.json", "worker.log"))
     request_path.write_text(request.model_dump_json(indent=2))
     result_path.unlink(missing_ok=True)
+    job = [str(request_path.resolve()), str(result_path.resolve())]
 
-    command = [sys.executable, "-m", "tasks.runtime.worker", target, str(request_path), str(result_path)]
-    if devices > 1:
-        command[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-                        "-m", "tasks.runtime.worker"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_pythonpath()}
+    spare = _take_spare(target) if devices == 1 else None
+    if spare is not None:
+        log.info("worker for %s: started %.1f s ago, its imports done while the stage before ran", target,
+                 spare.age_s())
+        process = spare.process
+        process.stdin.write(json.dumps(job) + "\n")
+        process.stdin.close()
+    else:
+        command = [sys.executable, "-m", "tasks.runtime.worker", target, *job]
+        if devices > 1:
+            command[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+                            "-m", "tasks.runtime.worker"]
+        log.info("starting worker: %s", " ".join(command[1:]))
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_worker_env(),
+                                   text=True, errors="replace")
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     first_error: list[str] = []  # the first traceback, through its exception line
-    log.info("starting worker: %s", " ".join(command[1:]))
-    with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
-    ) as process:
+    with log_path.open("w", encoding="utf-8") as log_file, process:
         try:
             for line in process.stdout:
                 log_file.write(line)
@@ -121,19 +141,99 @@ def _collect_first_traceback(lines: list[str], line: str) -> None:
         lines.append(line)
 
 
+@dataclass
+class _Spare:
+    target: str
+    process: subprocess.Popen
+    env: dict[str, str]
+    cwd: str
+    started: float
+
+    def age_s(self) -> float:
+        return time.monotonic() - self.started
+
+
+_spares: list[_Spare] = []
+_spares_lock = threading.Lock()
+
+
+def prestart_worker(target: str, warm_up: str = "") -> None:
+    """Start a worker for `target` now, to take the next `run_worker(target, ...)` request: it imports the
+    target's module and runs the module's `warm_up(warm_up)` (when it has one) while the caller goes on."""
+    env = _worker_env()
+    with _spares_lock:
+        if any(s.target == target and s.env == env and s.cwd == os.getcwd() for s in _spares):
+            return
+        command = [sys.executable, "-m", "tasks.runtime.worker", "--wait", target, warm_up]
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   env=env, text=True, errors="replace")
+        _spares.append(_Spare(target, process, env, os.getcwd(), time.monotonic()))
+
+
+def _take_spare(target: str) -> _Spare | None:
+    """A waiting, living spare for `target` started in this environment and folder (removed from the spares)."""
+    env, cwd = _worker_env(), os.getcwd()
+    with _spares_lock:
+        for spare in list(_spares):
+            if spare.target == target and spare.env == env and spare.cwd == cwd:
+                _spares.remove(spare)
+                if spare.process.poll() is None:
+                    return spare
+                _close(spare.process)  # it died while warming up: the request gets a fresh process
+    return None
+
+
+def stop_spares() -> None:
+    """Stop every spare worker nobody took (a stage that was cached, a run that failed before it)."""
+    with _spares_lock:
+        spares = list(_spares)
+        _spares.clear()
+    for spare in spares:
+        stop_process(spare.process, grace_s=1)
+        _close(spare.process)
+
+
+def _close(process: subprocess.Popen) -> None:
+    process.stdin.close()
+    process.stdout.close()
+    process.wait()
+
+
+atexit.register(stop_spares)
+
+
+@contextlib.contextmanager
+def spare_workers() -> Iterator[None]:
+    """A block (a flow run) whose unused spare workers stop when it ends, however it ends."""
+    try:
+        yield
+    finally:
+        stop_spares()
+
+
 def emit_event(kind: str, **fields) -> None:
     """Report progress from inside a worker (rank 0 only): `run_worker` passes it to its `on_event`."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(EVENT_PREFIX + json.dumps({"event": kind, **fields}), flush=True)
 
 
-def _project_pythonpath() -> str:
-    """The folder holding `tasks/` first, so the worker imports the same code as the flow."""
+def _worker_env() -> dict[str, str]:
+    # The folder holding `tasks/` first on the path, so the worker imports the same code as the flow.
     root = str(Path(__file__).resolve().parents[2])
-    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 
 
 def main(argv: list[str]) -> None:
+    if argv[0] == "--wait":  # a spare: import now, then wait for the request (EOF: nobody needs it)
+        target, warm_up = argv[1:]
+        module = importlib.import_module(target.partition(":")[0])
+        if hasattr(module, "warm_up"):
+            module.warm_up(warm_up)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        argv = [target, *json.loads(line)]
     target, request_path, result_path = argv
     module_name, _, function_name = target.partition(":")
     function = getattr(importlib.import_module(module_name), function_name)

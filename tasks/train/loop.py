@@ -252,6 +252,20 @@ def schedule_name(cfg) -> str:
     return "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
 
 
+def warm_up(settings: str) -> None:
+    """What a training worker started early (`tasks.runtime.worker.prestart_worker`) imports before its request
+    comes; `settings` is "BACKEND MODE" (train.backend, train.mode). Unsloth only where it will train: it
+    patches transformers on import, so it comes first."""
+    backend, mode = settings.split()
+    try:
+        if choose_backend(backend, mode) == "unsloth":
+            import unsloth  # noqa: F401
+    except TrainingEnvironmentError:  # the request fails with it, as it would in a fresh process
+        return
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
 def choose_backend(requested: str, mode: str = "lora", devices: int = 1) -> Backend:
     import torch
 

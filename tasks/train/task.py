@@ -18,12 +18,13 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from tasks.data.results import FormattedData, FormattedSplit
+from tasks.evaluate.task import EVALUATE_WORKER
 from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.runtime.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
 from tasks.runtime.gpu_slots import gpu_slots
 from tasks.runtime.records import MlflowRunRef, Point, Record
-from tasks.runtime.worker import run_worker
+from tasks.runtime.worker import prestart_worker, run_worker
 from tasks.train.results import HeldOut, TrainResult, curve_points, eval_points
 
 
@@ -38,6 +39,16 @@ class TrainRequest(BaseModel):
     out_dir: Path
     init_from: Path | None = None  # an earlier TrainResult.adapter_dir whose weights to start from
     held_out: HeldOut | None = None  # given when train.eval_steps is set
+
+
+TRAIN_WORKER = "tasks.train.loop:train_model"
+
+
+def prestart_training(backend: str, mode: str, devices: int) -> None:
+    """Start the training worker now (train.backend, train.mode, train.devices), so that its imports overlap
+    the stages before it; under torchrun (several devices) each rank starts when training does."""
+    if devices == 1:
+        prestart_worker(TRAIN_WORKER, f"{backend} {mode}")
 
 
 # The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py.
@@ -58,8 +69,9 @@ def train(
     request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, cfg=cfg, out_dir=out_dir,
                            init_from=init_from, held_out=held_out)
     log = get_run_logger()
+    prestart_worker(EVALUATE_WORKER)  # the evaluate stage follows: its worker imports while this one trains
     with gpu_slots(cfg.devices):  # inside the task, so a cache hit never waits for another run's training
-        return run_worker("tasks.train.loop:train_model", request, TrainResult, out_dir, devices=cfg.devices,
+        return run_worker(TRAIN_WORKER, request, TrainResult, out_dir, devices=cfg.devices,
                           log=log, on_event=live_training_log(mlflow_run, log) if mlflow_run else None)
 
 
