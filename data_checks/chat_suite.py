@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tasks.data.examples import Example, split_reasoning
 from tasks.evaluate.metrics import parse_json_object
-from tasks.runtime.config import DataConfig
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -134,9 +133,12 @@ def keys_regex(keys: Sequence[str]) -> str:
     return "^" + "".join(f"(?=(?:.*{sep})?{re.escape(key)}(?:{sep}|$))" for key in keys)
 
 
-def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: Sequence[str],
+def build_suite(name: str, max_chars: int, max_seq_length: int, json_answers: bool, required_keys: Sequence[str],
                 leakage: bool) -> ExpectationSuite:
-    """The expectations for one split; each `description` says what is expected, for the Data Docs."""
+    """The expectations for one split; each `description` says what is expected, for the Data Docs.
+
+    `max_chars` is data.max_chars; `json_answers` says data.output_format is json.
+    """
     import great_expectations as gx
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
@@ -159,8 +161,8 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
             column="normalized_id", description="no duplicate up to case and whitespace (the first copy is kept)"
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="chars", min_value=1, max_value=cfg.max_chars,
-            description=f"all messages together at most {cfg.max_chars} characters (data.max_chars)",
+            column="chars", min_value=1, max_value=max_chars,
+            description=f"all messages together at most {max_chars} characters (data.max_chars)",
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="n_tokens", min_value=1, max_value=max_seq_length,
@@ -175,7 +177,7 @@ def build_suite(name: str, cfg: DataConfig, max_seq_length: int, required_keys: 
         expectations.append(gxe.ExpectColumnValuesToBeNull(
             column="eval_copy", description="the prompt does not also appear in the eval split (leakage)"
         ))
-    if cfg.output_format == "json":
+    if json_answers:
         expectations += [
             gxe.ExpectColumnValuesToBeJsonParseable(
                 column="answer", description="the answer is valid JSON (data.output_format: json; not asked of "
@@ -246,7 +248,7 @@ def _short(value: object, limit: int = 80) -> object:
 
 
 def failed_rows(result: ExpectationSuiteValidationResult, frame: pd.DataFrame, examples: list[Example],
-                max_seq_length: int, cfg: DataConfig) -> dict[int, list[Failure]]:
+                max_chars: int, max_seq_length: int) -> dict[int, list[Failure]]:
     """Row index → its failures, each with a message a user can act on; of duplicates the first copy stays."""
     failures: dict[int, list[Failure]] = defaultdict(list)
     first_copy: dict[str, dict[str, int]] = {}
@@ -266,14 +268,14 @@ def failed_rows(result: ExpectationSuiteValidationResult, frame: pd.DataFrame, e
         for i in indices:
             if column == "normalized_id" and any(f.column == "id" for f in failures[i]):
                 continue  # an exact duplicate is named once
-            reason = _reason(config.type, column, i, frame, examples, first_copy, max_seq_length, cfg)
+            reason = _reason(config.type, column, i, frame, examples, first_copy, max_chars, max_seq_length)
             if reason is not None:
                 failures[i].append(Failure(column, config.type, reason))
     return {i: row_failures for i, row_failures in sorted(failures.items()) if row_failures}
 
 
 def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples: list[Example],
-            first_copy: dict[str, dict[str, int]], max_seq_length: int, cfg: DataConfig) -> str | None:
+            first_copy: dict[str, dict[str, int]], max_chars: int, max_seq_length: int) -> str | None:
     value = frame.at[i, column]
     if column == "answer_keys" or expectation == "expect_column_values_to_be_json_parseable":
         # One JSON complaint per answer, and none for a missing or empty one (named as such already).
@@ -295,7 +297,7 @@ def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples
         ("expect_column_values_to_match_regex", "roles"): lambda: (
             f"roles {value}: expected an optional system message, then user/assistant turns alternating, "
             "ending with the assistant"),
-        ("expect_column_values_to_be_between", "chars"): lambda: f"{value} characters > max_chars {cfg.max_chars}",
+        ("expect_column_values_to_be_between", "chars"): lambda: f"{value} characters > max_chars {max_chars}",
         ("expect_column_values_to_be_between", "n_tokens"): lambda: f"{value} tokens > max_seq_length {max_seq_length}",
         ("expect_column_values_to_be_null", "chat_template"): lambda: value,
         ("expect_column_values_to_be_null", "rejected"): lambda: f"rejected answer is {value}",

@@ -375,12 +375,11 @@ def run_register(run_id: str, tracking_uri: str) -> int:
 
 
 def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
-    from tasks.runtime.config import OllamaConfig
     from tasks.serve.champion import rollback
     from tasks.serve.ollama.client import OllamaClient, OllamaError
     from tasks.serve.ollama.host import ollama_host as resolve_host
 
-    host = resolve_host(OllamaConfig(model_name=name, host=ollama_host))
+    host = resolve_host(ollama_host)
     try:
         move = rollback(tracking_uri, name, OllamaClient(host, timeout_s=60))
     except (ValueError, OllamaError) as exc:

@@ -184,7 +184,7 @@ def _ollama(cfg: OllamaConfig) -> list[Check]:
     from tasks.serve.ollama.client import OllamaClient
     from tasks.serve.ollama.host import ollama_host
 
-    host = ollama_host(cfg)
+    host = ollama_host(cfg.host)
     try:
         version = OllamaClient(host, timeout_s=PROBE_TIMEOUT_S).version(timeout_s=PROBE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001  (any failure means the same thing here)

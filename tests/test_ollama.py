@@ -85,7 +85,7 @@ def test_host_resolution(configured: str | None, env: str | None, expected: str,
         monkeypatch.delenv("OLLAMA_HOST", raising=False)
     else:
         monkeypatch.setenv("OLLAMA_HOST", env)
-    assert ollama_host(OllamaConfig(model_name="demo", host=configured)) == expected
+    assert ollama_host(configured) == expected
 
 
 # --- Template -------------------------------------------------------------------------------------------------
@@ -139,8 +139,8 @@ def test_template_that_alters_contents_is_refused_with_the_first_difference() ->
 
 
 def test_modelfile_for_chatml_tokenizer(chatml_tokenizer: Path, gguf: Path) -> None:
-    cfg = OllamaConfig(model_name="demo", num_ctx=2048, temperature=0.2)
-    path = modelfile_spec(gguf, chatml_tokenizer, cfg).write(gguf.parent / "Modelfile")
+    settings = OllamaConfig(model_name="demo", num_ctx=2048, temperature=0.2).modelfile_settings()
+    path = modelfile_spec(gguf, chatml_tokenizer, **settings).write(gguf.parent / "Modelfile")
 
     template = derived(CHATML_TEMPLATE, "<|endoftext|>").template
     assert path.read_text() == (
@@ -160,7 +160,7 @@ def test_modelfile_reads_tokenizer_config_and_points_at_a_gguf_elsewhere(tmp_pat
         "chat_template": LLAMA3_TEMPLATE,
         "eos_token": {"content": "<|eot_id|>", "special": True},  # an AddedToken, as older savers wrote it
     }))
-    path = modelfile_spec(gguf, tokenizer, OllamaConfig(model_name="demo")).write(tmp_path / "elsewhere" / "Modelfile")
+    path = modelfile_spec(gguf, tokenizer).write(tmp_path / "elsewhere" / "Modelfile")
 
     text = path.read_text()
     assert text.startswith(f"FROM {gguf.resolve()}\n")
@@ -180,11 +180,11 @@ def test_stops_include_generation_config_eos_ids_and_no_other_special_token(tmp_
         {"id": 151645, "content": "<|im_end|>", "special": True},
     ]}))
 
-    spec = modelfile_spec(gguf, folder, OllamaConfig(model_name="demo"))
+    spec = modelfile_spec(gguf, folder)
     assert spec.stops == ["<|im_end|>", "<|endoftext|>"]  # end of turn first, each once, no <|im_start|>
 
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))  # a single id
-    assert modelfile_spec(gguf, folder, OllamaConfig(model_name="demo")).stops == ["<|im_end|>", "<|endoftext|>"]
+    assert modelfile_spec(gguf, folder).stops == ["<|im_end|>", "<|endoftext|>"]
 
 
 def test_system_prompt_default_from_template_and_from_config(tmp_path: Path, gguf: Path) -> None:
@@ -193,22 +193,22 @@ def test_system_prompt_default_from_template_and_from_config(tmp_path: Path, ggu
     (tokenizer / "chat_template.jinja").write_text(QWEN25_TEMPLATE)
     (tokenizer / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
 
-    default = modelfile_spec(gguf, tokenizer, OllamaConfig(model_name="demo"))
+    default = modelfile_spec(gguf, tokenizer)
     assert default.system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    configured = modelfile_spec(gguf, tokenizer, OllamaConfig(model_name="demo", system='Answer in "JSON".\nOnly.'))
+    configured = modelfile_spec(gguf, tokenizer, system='Answer in "JSON".\nOnly.')
     text = configured.render(gguf.parent)
     assert 'SYSTEM """Answer in "JSON".\nOnly."""\n' in text
 
 
 def test_triple_quotes_cannot_go_into_a_modelfile(chatml_tokenizer: Path, gguf: Path) -> None:
-    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo", system='Say """hi""".'))
+    spec = modelfile_spec(gguf, chatml_tokenizer, system='Say """hi""".')
     with pytest.raises(ValueError, match="system prompt contains"):
         spec.write(gguf.parent / "Modelfile")
 
 
 def test_configured_template_keeps_stops(chatml_tokenizer: Path, gguf: Path) -> None:
     custom = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo", template=custom))
+    spec = modelfile_spec(gguf, chatml_tokenizer, template=custom)
     assert spec.template == custom
     assert spec.stops == ["<|im_end|>", "<|endoftext|>"]
 
@@ -312,7 +312,7 @@ def test_http_error_carries_the_server_message(fake_ollama: FakeOllama) -> None:
 
 # --- A real Ollama, when one answers -------------------------------------------------------------------------
 
-LIVE = OllamaClient(ollama_host(OllamaConfig(model_name="tunepipe-live-test")), timeout_s=600)
+LIVE = OllamaClient(ollama_host(None), timeout_s=600)
 
 
 def _real_ollama_answers() -> bool:
@@ -334,7 +334,7 @@ def test_live_version() -> None:
 @pytest.mark.skipif(not os.environ.get("TUNEPIPE_TEST_GGUF"), reason="set TUNEPIPE_TEST_GGUF to a ChatML GGUF")
 def test_live_create_chat_copy_delete(chatml_tokenizer: Path) -> None:
     gguf = Path(os.environ["TUNEPIPE_TEST_GGUF"])
-    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="tunepipe-live-test"), "Be brief.")
+    spec = modelfile_spec(gguf, chatml_tokenizer, trained_system="Be brief.")
     LIVE.create("tunepipe-live-test:1", files={gguf.name: LIVE.push_blob(gguf)}, template=spec.template,
                 system=spec.system, parameters=spec.api_parameters())
     try:
@@ -370,7 +370,7 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
     input_ids, labels = tokenize_conversation(tokenizer, example)
     trained_prompt = input_ids[: next(i for i, label in enumerate(labels) if label != IGNORE)]
 
-    spec = modelfile_spec(tiny_model / "model.gguf", tiny_model, OllamaConfig(model_name="demo"), system_prompt)
+    spec = modelfile_spec(tiny_model / "model.gguf", tiny_model, trained_system=system_prompt)
     user_turn = [m.model_dump() for m in example.prompt if m.role != "system"]
     served = render_served_prompt(spec.template, user_turn, spec.system)
     assert spec.system == system_prompt
@@ -382,13 +382,13 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
 
 
 def test_configured_system_prompt_wins_over_the_trained_one(chatml_tokenizer: Path, gguf: Path) -> None:
-    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo", system="Be terse."), "Trained.")
+    spec = modelfile_spec(gguf, chatml_tokenizer, system="Be terse.", trained_system="Trained.")
     assert spec.system == "Be terse."
-    assert modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo"), "Trained.").system == "Trained."
+    assert modelfile_spec(gguf, chatml_tokenizer, trained_system="Trained.").system == "Trained."
 
 
 def test_adapter_modelfile_is_from_base_with_adapter(chatml_tokenizer: Path, gguf: Path) -> None:
-    spec = modelfile_spec(gguf, chatml_tokenizer, OllamaConfig(model_name="demo"), "Trained.")
+    spec = modelfile_spec(gguf, chatml_tokenizer, trained_system="Trained.")
     adapter = gguf.parent / "adapter.gguf"
     text = spec.model_copy(update={"adapter": adapter, "base": "qwen2.5:0.5b-instruct"}).render(gguf.parent)
     assert text.startswith('FROM qwen2.5:0.5b-instruct\nADAPTER ./adapter.gguf\nTEMPLATE """')

@@ -47,7 +47,7 @@ def mlflow_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def _plan(gguf: GgufFile, name: str, host: str, mlflow_run: tuple[str, str], tokenizer_dir: Path) -> ServingPlan:
     uri, run_id = mlflow_run
     cfg = OllamaConfig(model_name=name, host=host, num_ctx=512)
-    spec = modelfile_spec(gguf.path, tokenizer_dir, cfg, SYSTEM)
+    spec = modelfile_spec(gguf.path, tokenizer_dir, **cfg.modelfile_settings(), trained_system=SYSTEM)
     return ServingPlan(
         run_id=run_id, tracking_uri=uri, registered_model=f"pipeline-{name}", dataset_fingerprint="f" * 64,
         gguf=gguf, spec=spec, modelfile=spec.write(gguf.path.parent / "Modelfile"), ollama=cfg,

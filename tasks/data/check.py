@@ -88,7 +88,8 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
         lengths, token_lines[split], refusals = formatted_tokens(examples, tokenizer, chat)
         frames[split] = chat_suite.examples_frame(examples, lengths, copies, refusals)
         suites[split] = chat_suite.build_suite(
-            f"tunepipe_{split}", cfg, model.max_seq_length, keys[split], leakage=split == "train" and bool(eval_prompts)
+            f"tunepipe_{split}", cfg.max_chars, model.max_seq_length, cfg.output_format == "json", keys[split],
+            leakage=split == "train" and bool(eval_prompts),
         )
     docs_dir = out_dir / "data_docs"
     shutil.rmtree(docs_dir, ignore_errors=True)  # Data Docs list every validation in the folder: this run's only
@@ -98,7 +99,8 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     tokens = TokenizedSplits(train=out_dir / "train_tokens.jsonl", eval=out_dir / "eval_tokens.jsonl",
                              tokenizer=tokenizer_key(base, model.chat_template, chat), chat=chat)
     for split, examples in splits.items():
-        failures = chat_suite.failed_rows(results[split], frames[split], examples, model.max_seq_length, cfg)
+        failures = chat_suite.failed_rows(results[split], frames[split], examples, cfg.max_chars,
+                                          model.max_seq_length)
         set_aside += [
             Rejection(
                 source=examples[i].source, line=examples[i].line, unit=examples[i].unit,

@@ -61,7 +61,8 @@ def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: 
             results.append(GgufScores(gguf_type=gguf.type, scores={}, vocabulary_problem=str(exc)))
             continue
         # The Modelfile the serving stage writes for this GGUF: same template, system prompt and stops.
-        spec = modelfile_spec(gguf.path, exported.merged_dir, ollama_cfg, data_cfg.system_prompt, chat=chat)
+        spec = modelfile_spec(gguf.path, exported.merged_dir, **ollama_cfg.modelfile_settings(),
+                              trained_system=data_cfg.system_prompt, chat=chat)
         served_texts = [render_served_prompt(spec.template, client_messages(ex.prompt, spec.system), spec.system)
                         for ex in examples]
         generated, served_ids = served_answers(gguf.path, served_texts, spec.stops, cfg.max_new_tokens,

@@ -39,7 +39,7 @@ def resolve_base_model(cfg: ModelConfig, ollama: OllamaConfig | None = None) -> 
         from tasks.serve.ollama.host import ollama_host
         from tasks.serve.ollama.source import OllamaSourceError, find_ollama_gguf
 
-        host = ollama_host(ollama or OllamaConfig.model_construct(host=None))
+        host = ollama_host(ollama.host if ollama else None)
         try:
             found = find_ollama_gguf(cfg.base.removeprefix(OLLAMA_PREFIX), host)
         except OllamaSourceError as exc:

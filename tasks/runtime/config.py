@@ -408,6 +408,11 @@ class OllamaConfig(Section):
                           "path); defaults to the base model's local folder, which Ollama imports as safetensors.",
     )
 
+    def modelfile_settings(self) -> dict[str, Any]:
+        """What the Modelfile takes from this section, as `modelfile_spec`'s keywords."""
+        return {"template": self.template, "system": self.system,
+                "parameters": {"num_ctx": self.num_ctx, "temperature": self.temperature}}
+
 
 class TrackingConfig(Section):
     uri: str = Field("sqlite:///runs/mlflow.db", description="MLflow tracking URI.")

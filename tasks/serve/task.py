@@ -58,8 +58,8 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
     examples = list(read_examples(eval_examples))
     smoked = examples[: cfg.ollama.smoke_examples]
     # The conversations the smoke test sends join the proof that Ollama renders them as training did.
-    spec = modelfile_spec(gguf.path, exported.merged_dir, cfg.ollama, cfg.data.system_prompt,
-                          examples=[[m.model_dump() for m in ex.prompt] for ex in smoked], chat=chat)
+    spec = modelfile_spec(gguf.path, exported.merged_dir, **cfg.ollama.modelfile_settings(),
+                          trained_system=cfg.data.system_prompt, examples=[[m.model_dump() for m in ex.prompt] for ex in smoked], chat=chat)
     modelfile = spec.write(gguf.path.parent / "Modelfile")
     adapter_base = cfg.ollama.adapter_base or (base.name_or_path if Path(base.name_or_path).is_dir() else None)
     if exported.adapter_gguf is not None and adapter_base is not None:
@@ -82,7 +82,7 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
 
 def register_candidate(plan: ServingPlan) -> Registration:
     """A new MLflow model version and `NAME:VERSION` in Ollama; nothing at all when Ollama does not answer."""
-    host = ollama_host(plan.ollama)
+    host = ollama_host(plan.ollama.host)
     client = OllamaClient(host, plan.ollama.timeout_s)
     if not client.reachable():
         env = "" if host == DEFAULT_HOST else f"OLLAMA_HOST={shlex.quote(host)} "

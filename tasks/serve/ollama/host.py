@@ -6,19 +6,18 @@ import ipaddress
 import os
 import urllib.parse
 
-from tasks.runtime.config import OllamaConfig
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
 
 
-def ollama_host(cfg: OllamaConfig) -> str:
-    """Base URL of the Ollama server: `cfg.host`, else $OLLAMA_HOST, else http://127.0.0.1:11434.
+def ollama_host(configured: str | None) -> str:
+    """Base URL of the Ollama server: `configured` (`ollama.host`), else $OLLAMA_HOST, else http://127.0.0.1:11434.
 
     Both accept Ollama's own forms (`host`, `host:port`, `scheme://host:port/path`); a bind-all address such as
     0.0.0.0 (how servers are often told to listen) is replaced by loopback, since a client cannot connect to it.
     """
-    raw = (cfg.host or os.environ.get("OLLAMA_HOST", "")).strip().strip("\"'")
+    raw = (configured or os.environ.get("OLLAMA_HOST", "")).strip().strip("\"'")
     if not raw:
         return DEFAULT_HOST
     scheme, sep, rest = raw.partition("://")

@@ -16,7 +16,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from tasks.data.chat import ChatContext
-from tasks.runtime.config import OllamaConfig
 from tasks.serve.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
 
 log = logging.getLogger(__name__)
@@ -82,30 +81,31 @@ def _bare(value: str) -> bool:
     return bool(value) and not any(c.isspace() or c == '"' for c in value)
 
 
-def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig, trained_system: str | None = None,
+def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, *, template: str | None = None, system: str | None = None,
+                   trained_system: str | None = None, parameters: dict[str, int | float] | None = None,
                    examples: Sequence[Sequence[dict[str, str]]] = (), chat: ChatContext = ChatContext()
                    ) -> ModelfileSpec:
-    """Template and stops derived from the tokenizer's chat template and proven (or `cfg.template`), parameters
-    from `cfg`; `examples` (prompts of the run's conversations) join the proof, which renders the chat
-    template with training's `chat` context (data.reasoning's enable_thinking, training's date).
+    """Template and stops derived from the tokenizer's chat template and proven (or the given `template`: the
+    config's `ollama.template`), with these PARAMETERs; `examples` (prompts of the run's conversations) join the
+    proof, which renders the chat template with training's `chat` context (data.reasoning's enable_thinking,
+    training's date). `OllamaConfig.modelfile_settings()` gives `template`, `system` and `parameters`.
 
     The stops hold every token the trained model may end a turn with, end-of-turn text first: what the chat
     template has the model write after an answer, the tokenizer's eos token, and generation_config.json's eos
     ids (a Qwen fine-tune ending turns with <|endoftext|> rambled past <|im_end|>). No other special token:
     those cut answers short. The system prompt is what training put before every conversation, so a client
-    that sends none gets the prompt the model learned under: `cfg.system` when set, else `trained_system`
+    that sends none gets the prompt the model learned under: `system` (`ollama.system`) when set, else `trained_system`
     (`data.system_prompt`), else (for a derived template) the one the chat template adds by default.
     """
     chat_template, eos = _read_tokenizer(tokenizer_dir)
-    system = cfg.system if cfg.system is not None else trained_system
-    if chat_template is None and cfg.template is None:
+    system = system if system is not None else trained_system
+    if chat_template is None and template is None:
         raise ValueError(
             f"{tokenizer_dir}: no chat template (looked for chat_template.jinja and `chat_template` in "
             "tokenizer_config.json); set `ollama.template` in the config to an Ollama Go template."
         )
     render = transformers_renderer(chat_template, eos_token=eos or "", chat=chat) if chat_template else None
-    if cfg.template is not None:
-        template = cfg.template
+    if template is not None:
         turn_end = end_of_turn(render) if render else None
         stops = [turn_end] if turn_end else []
     else:
@@ -120,7 +120,7 @@ def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, cfg: OllamaConfig, trai
     # dict.fromkeys drops repeats and keeps the first occurrence's place: the end-of-turn text stays first.
     stops = list(dict.fromkeys([*stops, *end_tokens, *_generation_eos_tokens(tokenizer_dir)]))
     return ModelfileSpec(gguf=gguf_path, template=template, stops=stops, system=system,
-                         parameters={"num_ctx": cfg.num_ctx, "temperature": cfg.temperature})
+                         parameters=parameters or {})
 
 
 def client_messages(prompt, system: str | None) -> list[dict[str, str]]:
