@@ -85,6 +85,16 @@ def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
     assert summary.data_docs.name == "index.html" and summary.data_docs.is_file()
 
 
+def test_training_and_evaluation_ran_in_workers_started_before_their_stages(first_run, config_path: Path):
+    """The training worker starts with the flow, the evaluation worker with training: each took its request
+    after importing its stack, so the stages did not wait for it (tasks/runtime/worker.py, spares)."""
+    workdir = Path(yaml.safe_load(config_path.read_text())["workdir"])
+    logs = [*workdir.glob("train/*/worker.log"), *workdir.glob("evaluate/*/worker/worker.log")]
+    assert len(logs) == 2
+    for log in logs:
+        assert "(prestart_worker), its imports done while the stages before ran" in log.read_text().splitlines()[0]
+
+
 def test_gguf_greedy_next_token_matches_pytorch(first_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

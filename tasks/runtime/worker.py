@@ -87,8 +87,8 @@ def run_worker(
 
     spare = _take_spare(target) if devices == 1 else None
     if spare is not None:
-        log.info("worker for %s: started %.1f s ago, its imports done while the stage before ran", target,
-                 spare.age_s())
+        log.info("%s", started_early := f"worker for {target}: started {spare.age_s():.1f} s before its request "
+                                         "(prestart_worker), its imports done while the stages before ran")
         process = spare.process
         process.stdin.write(json.dumps(job) + "\n")
         process.stdin.close()
@@ -103,6 +103,8 @@ def run_worker(
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     first_error: list[str] = []  # the first traceback, through its exception line
     with log_path.open("w", encoding="utf-8") as log_file, process:
+        if spare is not None:
+            log_file.write(started_early + "\n")
         try:
             for line in process.stdout:
                 log_file.write(line)
