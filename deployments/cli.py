@@ -300,6 +300,10 @@ def failed(report, state) -> int:
 
 
 def run_finetune(cfg, unserved_status: int) -> int:
+    from tasks.train.task import prestart_training
+
+    quiet_environment()
+    prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)  # its imports overlap the server's boot
     start_prefect()
     from flows.finetune import GateFailed, finetune
 

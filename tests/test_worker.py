@@ -101,6 +101,7 @@ def test_a_spare_takes_the_request_after_its_warm_up(tmp_path):
 
 
 def test_a_spare_from_another_environment_is_not_used_and_is_stopped_unused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_TEST_SETTING", "as the spare starts")
     with spare_workers():
         prestart_worker("test_worker:target", "fast")
         (spare,) = _spare_processes()
@@ -108,6 +109,16 @@ def test_a_spare_from_another_environment_is_not_used_and_is_stopped_unused(tmp_
         result = run_worker("test_worker:target", Request(text="hi"), Result, tmp_path)
         assert result.pid != spare.pid and spare.poll() is None
     assert spare.poll() is not None and not _spare_processes()
+
+
+def test_a_variable_a_library_adds_after_the_spare_started_does_not_keep_it_from_the_request(tmp_path, monkeypatch):
+    """Importing torch in the flow's process (the data check's tokenizer) sets KMP_DUPLICATE_LIB_OK and others."""
+    monkeypatch.delenv("TUNEPIPE_TEST_ADDED", raising=False)
+    with spare_workers():
+        prestart_worker("test_worker:target", "fast")
+        (spare,) = _spare_processes()
+        monkeypatch.setenv("TUNEPIPE_TEST_ADDED", "True")
+        assert run_worker("test_worker:target", Request(text="hi"), Result, tmp_path).pid == spare.pid
 
 
 def test_a_spare_that_died_warming_up_gives_way_to_a_fresh_worker(tmp_path):

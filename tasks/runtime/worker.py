@@ -15,8 +15,9 @@ Starting such a process is mostly importing the ML stack (torch, transformers, u
 minute on a GPU machine), so a stage that knows which worker comes next may start it early:
 `prestart_worker(target, warm_up)` starts a process that imports the target's module, calls the module's
 `warm_up(arg)` and then waits for its request on stdin. `run_worker` hands its request to such a spare when
-one is waiting for the same target in the same environment and folder, else it starts a process as before;
-each request still gets a process of its own. `spare_workers()` stops the spares nobody took.
+one is waiting for the same target in the same folder, started with the environment the request would get,
+else it starts a process as before; each request still gets a process of its own. `spare_workers()` stops the
+spares nobody took.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def prestart_worker(target: str, warm_up: str = "") -> None:
     target's module and runs the module's `warm_up(warm_up)` (when it has one) while the caller goes on."""
     env = _worker_env()
     with _spares_lock:
-        if any(s.target == target and s.env == env and s.cwd == os.getcwd() for s in _spares):
+        if any(_serves(spare, target, env) for spare in _spares):
             return
         command = [sys.executable, "-m", "tasks.runtime.worker", "--wait", target, warm_up]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -172,12 +173,21 @@ def prestart_worker(target: str, warm_up: str = "") -> None:
         _spares.append(_Spare(target, process, env, os.getcwd(), time.monotonic()))
 
 
+def _serves(spare: _Spare, target: str, env: dict[str, str]) -> bool:
+    """Whether `spare` may take a request for `target` that would run under `env` in this folder: every variable
+    it was started with still has its value. Variables added since are allowed: they are what the libraries
+    imported in the meantime set for themselves (importing torch sets KMP_DUPLICATE_LIB_OK, ...), which the
+    spare's own imports set too."""
+    return (spare.target == target and spare.cwd == os.getcwd()
+            and all(env.get(name) == value for name, value in spare.env.items()))
+
+
 def _take_spare(target: str) -> _Spare | None:
-    """A waiting, living spare for `target` started in this environment and folder (removed from the spares)."""
-    env, cwd = _worker_env(), os.getcwd()
+    """A waiting, living spare that serves a request for `target` now (removed from the spares)."""
+    env = _worker_env()
     with _spares_lock:
         for spare in list(_spares):
-            if spare.target == target and spare.env == env and spare.cwd == cwd:
+            if _serves(spare, target, env):
                 _spares.remove(spare)
                 if spare.process.poll() is None:
                     return spare
