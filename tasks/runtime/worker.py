@@ -88,11 +88,16 @@ def run_worker(
 
     spare = _take_spare(target) if devices == 1 else None
     if spare is not None:
+        try:
+            spare.process.stdin.write(json.dumps(job) + "\n")
+            spare.process.stdin.close()
+        except OSError:  # it died after _take_spare looked (a broken pipe): the request gets a fresh process
+            _close(spare.process)
+            spare = None
+    if spare is not None:
         log.info("%s", started_early := f"worker for {target}: started {spare.age_s():.1f} s before its request "
                                          "(prestart_worker), its imports done while the stages before ran")
         process = spare.process
-        process.stdin.write(json.dumps(job) + "\n")
-        process.stdin.close()
     else:
         command = [sys.executable, "-m", "tasks.runtime.worker", target, *job]
         if devices > 1:
@@ -206,7 +211,8 @@ def stop_spares() -> None:
 
 
 def _close(process: subprocess.Popen) -> None:
-    process.stdin.close()
+    with contextlib.suppress(OSError):  # closing flushes: a dead process's pipe is broken
+        process.stdin.close()
     process.stdout.close()
     process.wait()
 

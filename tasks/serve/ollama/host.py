@@ -6,7 +6,6 @@ import ipaddress
 import os
 import urllib.parse
 
-
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
 
