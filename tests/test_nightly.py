@@ -60,9 +60,13 @@ def test_two_nightly_triggers_at_once_train_once(tmp_path: Path, fast_config, pr
     assert sorted(state.result().status for state in states.values()) == ["kept_champion", "nothing_to_do"]
 
 
-def _kill_child_when_it_runs(marker: str, timeout_s: float = 300) -> None:
-    """SIGKILL the first child process of this test whose command line holds `marker` (a worker we started)."""
+def _kill_child_when_it_runs(marker: str, log_glob: str, root: Path, timeout_s: float = 300) -> None:
+    """SIGKILL the first child process of this test whose command line holds `marker` (a worker we started),
+    once a file matching `log_glob` under `root` exists: the stage's worker.log, opened when the worker has its
+    request (a spare started early for the stage waits before that, and is not the one to kill)."""
     deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not any(root.glob(log_glob)):
+        time.sleep(0.05)
     while time.monotonic() < deadline:
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -83,7 +87,8 @@ def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(t
     from flows.finetune import finetune
 
     cfg = PipelineConfig.model_validate(small(fast_config(tmp_path)))
-    killer = threading.Thread(target=_kill_child_when_it_runs, args=("tasks.evaluate.task:generate_outputs",))
+    killer = threading.Thread(target=_kill_child_when_it_runs, args=(
+        "tasks.evaluate.task:generate_outputs", "**/evaluate/*/worker/worker.log", tmp_path))
     killer.start()
     killed = finetune(cfg, return_state=True)
     killer.join()
