@@ -86,14 +86,7 @@ def run_worker(
     result_path.unlink(missing_ok=True)
     job = [str(request_path.resolve()), str(result_path.resolve())]
 
-    spare = _take_spare(target) if devices == 1 else None
-    if spare is not None:
-        try:
-            spare.process.stdin.write(json.dumps(job) + "\n")
-            spare.process.stdin.close()
-        except OSError:  # it died after _take_spare looked (a broken pipe): the request gets a fresh process
-            _close(spare.process)
-            spare = None
+    spare = _hand_to_spare(target, job) if devices == 1 else None
     if spare is not None:
         log.info("%s", started_early := f"worker for {target}: started {spare.age_s():.1f} s before its request "
                                          "(prestart_worker), its imports done while the stages before ran")
@@ -187,16 +180,20 @@ def _serves(spare: _Spare, target: str, env: dict[str, str]) -> bool:
             and all(env.get(name) == value for name, value in spare.env.items()))
 
 
-def _take_spare(target: str) -> _Spare | None:
-    """A waiting, living spare that serves a request for `target` now (removed from the spares)."""
+def _hand_to_spare(target: str, job: list[str]) -> _Spare | None:
+    """The waiting spare that serves a request for `target` now, given `job` (removed from the spares); None
+    when there is none, or it died while warming up: the request then gets a fresh process."""
     env = _worker_env()
     with _spares_lock:
         for spare in list(_spares):
             if _serves(spare, target, env):
                 _spares.remove(spare)
-                if spare.process.poll() is None:
+                try:
+                    spare.process.stdin.write(json.dumps(job) + "\n")
+                    spare.process.stdin.close()
                     return spare
-                _close(spare.process)  # it died while warming up: the request gets a fresh process
+                except OSError:  # a broken pipe: it has exited
+                    _close(spare.process)
     return None
 
 
