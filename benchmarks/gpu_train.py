@@ -16,7 +16,8 @@ the LM head's size).
 - short: the demo's product-extraction data formatted by tunepipe's format stage (~115 tokens an example, loss
   on the answers): the guides' recipe as the guides run it (`sft_recipe`: TRL's SFTTrainer on unsloth, batch 2,
   accumulation 4, lr 2e-4, LoRA r=16), tunepipe's loop at that batch, then micro-batches of 64 examples (hf:
-  packed rows; unsloth: length-sorted padding); tokens/s counts non-padding tokens.
+  packed rows of at most 512 tokens; unsloth: one packed row through torch's varlen attention, or length-sorted
+  padding with `packing: false`); tokens/s counts non-padding tokens.
 - data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
   the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
@@ -445,7 +446,7 @@ def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.train.loop:
         return {"name": name, "failed": str(failure)[-2000:]}
     rates = [p.tokens_per_s for p in result.loss_history[WARMUP:]] or [result.loss_history[-1].tokens_per_s]
     row = {
-        "name": name, "backend": result.backend, "mode": cfg.mode, "packed": cfg.packing and result.backend == "hf",
+        "name": name, "backend": result.backend, "mode": cfg.mode, "packed": result.packed,
         "batch": f"{cfg.batch_size}x{cfg.gradient_accumulation_steps}", "steps": result.steps,
         "tokens_per_s": round(statistics.median(rates)), "peak_gib": result.loss_history[-1].peak_gpu_memory_gib,
         "seconds": result.runtime_s, "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
@@ -534,7 +535,8 @@ def main() -> None:
                                                           gradient_accumulation_steps=4, seed=3407, entry=sft)),
             ("short-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
                                                             gradient_accumulation_steps=4, packing=False)),
-            ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),
+            ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),  # unsloth, packed on Ampere+
+            ("short-padded-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=64, packing=False)),
             ("short-packed-hf", short, short_cfg, dict(backend="hf", batch_size=64)),
             ("short-qlora-unsloth", short, short_cfg, dict(backend="unsloth", mode="qlora", batch_size=64,
                                                            max_steps=8)),

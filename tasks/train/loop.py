@@ -121,13 +121,15 @@ def train_model(request: TrainRequest) -> TrainResult:
             emit_event("eval", **point.model_dump())
 
     order = ExampleOrder(len(rows), cfg.seed)
-    # unsloth 2026.10 masks packed examples only in a single row, and on torch < 2.12 attends one example at
-    # a time (slower than hf's packing: benchmarks/RESULTS.md, issue 21): it gets length-sorted padding.
-    packing = cfg.packing and backend == "hf"
+    packing = cfg.packing and (backend == "hf" or unsloth_packs(device))
     if cfg.packing and not packing:
-        print("train: unsloth backend: micro-batches are padded (sorted by length), not packed", flush=True)
+        print("train: unsloth backend without torch's varlen attention on this GPU: micro-batches are padded "
+              "(sorted by length), not packed", flush=True)
+    # hf masks packed rows with a dense block-diagonal mask, so its rows stay short; unsloth masks packed
+    # examples only in a one-row batch, through a varlen kernel that costs nothing per masked pair.
+    row_tokens = request.model_cfg.max_seq_length if backend == "hf" else None
     stepper = Stepper(model=model, scaler=scaler, device=device, precision=env.precision, backend=backend,
-                      packing=packing, row_tokens=request.model_cfg.max_seq_length, pad_id=tokenizer.pad_token_id,
+                      packing=packing, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id,
                       head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
                       max_oom_retries=cfg.max_oom_retries, rank=rank)
     evaluation = (HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper)
@@ -208,6 +210,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         oom_retries=state.oom_retries, resumed_from_step=resumed_from, eval_history=state.evals,
         best_step=state.best.step if state.best else None,
         selected_step=selected if evaluated else None, stopped_early=sft_steps < total_steps, selection=selection,
+        packed=packing,
     )
 
 
@@ -480,6 +483,48 @@ def _load_unsloth(request: TrainRequest, precision: str, device, checkpointing: 
     return model, tokenizer
 
 
+def unsloth_packs(device) -> bool:
+    """Whether unsloth attends within packed examples in one kernel call: torch's `varlen_attn` (flash) on an
+    Ampere or newer GPU. Otherwise unsloth 2026.10 would attend one run of equal example lengths at a time,
+    slower than padding (benchmarks/RESULTS.md, issue 20 item 3), and the loop pads instead.
+
+    unsloth takes `varlen_attn` from torch >= 2.12, whose kernel groups K / V heads itself (`enable_gqa`); on
+    torch 2.11, which has the kernel without that argument, it is handed `_varlen_attn_repeating_kv`."""
+    import torch
+    from unsloth.utils import attention_dispatch
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    if attention_dispatch._TORCH_VARLEN_ATTN is None:
+        attention_dispatch._TORCH_VARLEN_ATTN = _varlen_attn_repeating_kv()
+    return attention_dispatch._TORCH_VARLEN_ATTN is not None
+
+
+def _varlen_attn_repeating_kv():
+    """torch 2.11's `varlen_attn` behind torch 2.12's signature: with `enable_gqa` each K / V head is repeated
+    for the query heads of its group (query head h reads K / V head h // group), as SDPA does without it."""
+    import inspect
+
+    import torch
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if "window_size" not in inspect.signature(varlen_attn).parameters:
+        return None
+    if not torch.backends.cuda.is_flash_attention_available():
+        return None
+
+    def attend(query, key, value, *args, enable_gqa: bool = False, **kwargs):  # (tokens, heads, head_dim)
+        if enable_gqa:
+            group = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        return varlen_attn(query, key, value, *args, **kwargs)
+
+    return attend
+
+
 def _load_adapter_weights(model, init_from: Path | None) -> None:
     if init_from is None:
         return
@@ -615,7 +660,7 @@ class Stepper:
     precision: str
     backend: Backend
     packing: bool
-    row_tokens: int  # longest packed row
+    row_tokens: int | None  # longest packed row (None: a micro-batch is one row)
     head_chunk: int  # positions per LM-head chunk (tasks/train/head_loss.py)
     pad_id: int
     max_oom_retries: int

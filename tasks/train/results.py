@@ -81,6 +81,7 @@ class TrainResult(BaseModel):
     selected_step: int | None = None  # the step whose weights `adapter_dir` holds; None: the last (no selection)
     selection: str = ""  # why those weights, in words (the MLflow tag `train.selection`)
     stopped_early: bool = False  # train.early_stopping ended training before max_steps
+    packed: bool = False  # micro-batches were packed (train.packing, where the backend packs on this device)
 
     def curve(self) -> Record:
         """How training went: each attempt's run shows it. A stage that ran reported its curve live; a cached
@@ -94,7 +95,7 @@ class TrainResult(BaseModel):
             tags={"train.backend": self.backend, "train.kind": self.kind, "train.device": self.device,
                   "train.precision": self.precision, "train.selection": self.selection,
                   "train.selected_step": "" if self.selected_step is None else str(self.selected_step),
-                  "train.stopped_early": str(self.stopped_early).lower()},
+                  "train.stopped_early": str(self.stopped_early).lower(), "train.packed": str(self.packed).lower()},
         )
 
     def record(self) -> Record:
