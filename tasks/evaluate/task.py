@@ -95,8 +95,16 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
                 if request.undesirable_rows is not None else [])
     conversations = [[m.model_dump() for m in c] for c in request.conversations]
     outputs = {}
-    for spec in request.models:
-        model, tokenizer = _load(spec, device, dtype)
+    # Plain weights first, those an adapter goes on last among them: the candidate then takes its adapter on
+    # the base's weights already on the device, instead of reading them again.
+    adapter_bases = {(spec.weights, spec.revision) for spec in request.models if spec.adapter is not None}
+    order = sorted(request.models, key=lambda spec: (spec.adapter is not None,
+                                                     (spec.weights, spec.revision) in adapter_bases))
+    plain = None  # ((weights, revision), model) of the last model loaded without an adapter
+    for spec in order:
+        reusable = plain[1] if plain and spec.adapter is not None and plain[0] == (spec.weights, spec.revision) \
+            else None
+        model, tokenizer = _load(spec, device, dtype, reusable)
         with torch.inference_mode():
             started = time.perf_counter()
             answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size,
@@ -109,8 +117,9 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
         print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
         outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
                                           eval_loss=loss, undesirable_loss=bad_loss, device=device, generate_s=seconds)
+        plain = ((spec.weights, spec.revision), model) if spec.adapter is None else None
         del model
-        if device == "cuda":
+        if device == "cuda" and plain is None:
             torch.cuda.empty_cache()
     return GenerationResult(outputs=outputs)
 
@@ -122,20 +131,22 @@ def warm_up(_: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
-def _load(spec: ModelToScore, device: str, dtype):
+def _load(spec: ModelToScore, device: str, dtype, loaded=None):
+    """The model `spec` names, on `device`; `loaded`: its weights already there (they take the adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(spec.weights, revision=spec.revision, dtype=dtype,
-                                                 attn_implementation="sdpa")
+    # Read straight onto the device: no copy in host memory first.
+    model = loaded if loaded is not None else AutoModelForCausalLM.from_pretrained(
+        spec.weights, revision=spec.revision, dtype=dtype, attn_implementation="sdpa", device_map=device)
     if spec.adapter is not None:
         from peft import PeftModel
 
         # Merged, as it is exported and served; also faster than running the adapter beside the weights.
         model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def mean_answer_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
