@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -280,10 +282,11 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def start_prefect() -> None:
-    """Quiet Prefect, and import the flows while its temporary API server boots (when none is configured)."""
+def start_prefect(early: ServerProcess | None = None) -> None:
+    """Quiet Prefect, and import the flows while its temporary API server boots (when none is configured);
+    `early`: the server's process, started before the caller's own imports."""
     quiet_environment()
-    server_boot = start_prefect_api_in_background()
+    server_boot = start_prefect_api_in_background(early or spawn_temporary_server())
     import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
 
     if server_boot is not None:
@@ -300,11 +303,12 @@ def failed(report, state) -> int:
 
 
 def run_finetune(cfg, unserved_status: int) -> int:
+    quiet_environment()
+    early = spawn_temporary_server()  # first: its boot overlaps all that follows
     from tasks.train.task import prestart_training
 
-    quiet_environment()
     prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)  # its imports overlap the server's boot
-    start_prefect()
+    start_prefect(early)
     from flows.finetune import GateFailed, finetune
 
     state = finetune(cfg, return_state=True)
@@ -394,24 +398,60 @@ def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
     return 0
 
 
-def start_prefect_api_in_background() -> threading.Thread | None:
-    """Boot Prefect's temporary API server (when no PREFECT_API_URL is set) while the pipeline imports.
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
 
-    Prefect would start the same server on the flow's first API call; the server is its own process, so
-    starting it seconds earlier overlaps its boot with our imports instead of adding to them.
-    """
+
+def spawn_temporary_server() -> ServerProcess | None:
+    """Start the process of Prefect's temporary API server now, when no Prefect API is configured, so that its
+    boot overlaps the CLI's imports (Prefect's server module and the flows) instead of following them;
+    `start_prefect_api_in_background` hands it to Prefect, which waits for it and stops it at exit."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return None
+    with socket.socket() as probe:  # a free port; should it be taken meanwhile, Prefect picks another
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args, env = server_command(port)
+    early = ServerProcess(server_process(args, env), port)
+    atexit.register(lambda: early.process.poll() is None and early.process.terminate())  # should Prefect never get it
+    return early
+
+
+def server_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment Prefect 3.9's `SubprocessASGIServer._run_uvicorn_command` starts its
+    temporary server with (tests/test_stop_signals.py holds the two equal)."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+            "error", "--lifespan", "on"]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    return args, env
+
+
+def server_process(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The server in a process group of its own, so that Ctrl-C (which the terminal sends to its whole
+    foreground group) reaches the run but not the server: the run reports its Crashed state to the server,
+    then the exit handlers stop it. In the terminal's group the server would die first and the run would
+    retry its last report against nothing for minutes."""
+    return subprocess.Popen(args, env=env, process_group=0)
+
+
+def start_prefect_api_in_background(early: ServerProcess | None) -> threading.Thread | None:
+    """Wait, in the background, for the temporary server `spawn_temporary_server` started (None: a Prefect API
+    is configured), as Prefect's own `SubprocessASGIServer`: the instance made here is the one Prefect's
+    client finds (it keeps one server per port key), so it is also the one that stops the server at exit."""
+    if early is None:
+        return None
     import prefect.server.api.server as prefect_server
 
     class TemporaryServer(prefect_server.SubprocessASGIServer):
-        """Prefect's temporary server in a process group of its own, so that Ctrl-C (which the terminal sends
-        to its whole foreground group) reaches the run but not the server: the run reports its Crashed state
-        to the server, then the exit handlers stop it. In the terminal's group the server would die first
-        and the run would retry its last report against nothing for minutes."""
-
         def start(self, timeout: int | None = None) -> None:
             try:
                 super().start(timeout or SERVER_STARTUP_TIMEOUT_S)
@@ -420,16 +460,15 @@ def start_prefect_api_in_background() -> threading.Thread | None:
                 raise
 
         def _run_uvicorn_command(self):
-            real = prefect_server.subprocess  # the one place Prefect starts it: its Popen, in a group of its own
-            prefect_server.subprocess = SimpleNamespace(**{**vars(real), "Popen": partial(real.Popen,
-                                                                                          process_group=0)})
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                prefect_server.subprocess = real
+            nonlocal early
+            if early is not None and early.port == self.port:  # the process already booting
+                process, early = early.process, None
+                return process
+            return server_process(*server_command(self.port))  # Prefect moved to another port
 
-    # Prefect keeps one server per port; the instance made here is the one its client starts and stops too.
-    boot = threading.Thread(target=TemporaryServer().start, daemon=True)
+    server = TemporaryServer()
+    server.port = early.port
+    boot = threading.Thread(target=server.start, daemon=True)
     boot.start()
     return boot
 

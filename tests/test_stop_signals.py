@@ -171,3 +171,19 @@ def test_the_next_run_resumes_training_from_the_stopped_runs_checkpoint(runs):
     assert not interrupted.resumed and terminated.resumed
     (worker_log,) = Path(config["workdir"]).glob("train/*/worker.log")
     assert "train: resuming from the checkpoint" in worker_log.read_text()
+
+
+def test_the_early_temporary_server_is_started_as_prefect_starts_it(monkeypatch):
+    """`tunepipe run` starts Prefect's temporary server itself, before its imports (deployments/cli.py:
+    `spawn_temporary_server`): with the command and environment Prefect's own `SubprocessASGIServer` uses."""
+    import prefect.server.api.server as prefect_server
+
+    from deployments.cli import server_command
+
+    started = {}
+    monkeypatch.setattr(prefect_server.subprocess, "Popen", lambda args, env: started.update(args=args, env=env))
+    try:
+        prefect_server.SubprocessASGIServer(port=8765)._run_uvicorn_command()
+    finally:
+        prefect_server.SubprocessASGIServer._instances.pop(8765, None)
+    assert server_command(8765) == (started["args"], started["env"])
