@@ -209,6 +209,40 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     assert newer.champion.version == "2"
 
 
+def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_alone(eval_inputs, tiny_model: Path,
+                                                                                    tmp_path: Path):
+    """The worker reads the base's weights once and merges the candidate's adapter into them after the base is
+    scored: the candidate's answers and loss are those of a load of its own."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.data.examples import read_examples
+    from tasks.evaluate.task import GenerationRequest, ModelToScore, generate_outputs
+
+    _, _, loaded, _, formatted = eval_inputs
+    torch.manual_seed(0)
+    adapter = tmp_path / "adapter"  # random, non-zero adapter weights: the candidate differs from the base
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   PeftLoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+                   ).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(adapter)
+    candidate = ModelToScore(name="candidate", weights=str(tiny_model), adapter=adapter, tokenizer=str(adapter))
+    base = ModelToScore(name="base", weights=str(tiny_model), tokenizer=str(adapter))
+    conversations = [example.prompt for example in list(read_examples(loaded.eval_path))[:4]]
+
+    def outputs(models: list[ModelToScore]):
+        return generate_outputs(GenerationRequest(models=models, conversations=conversations,
+                                                  loss_rows=formatted.eval.path, max_new_tokens=8, batch_size=4,
+                                                  chat=formatted.chat)).outputs
+
+    both, alone = outputs([candidate, base]), outputs([candidate])
+    assert both["candidate"].answers == alone["candidate"].answers
+    assert both["candidate"].eval_loss == pytest.approx(alone["candidate"].eval_loss, abs=1e-6)
+    assert abs(both["candidate"].eval_loss - both["base"].eval_loss) > 0.01  # the adapter was merged
+
+
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
     """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""

@@ -102,8 +102,8 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
                                                      (spec.weights, spec.revision) in adapter_bases))
     plain = None  # ((weights, revision), model) of the last model loaded without an adapter
     for spec in order:
-        reusable = plain[1] if plain and spec.adapter is not None and plain[0] == (spec.weights, spec.revision) \
-            else None
+        source = (spec.weights, spec.revision)
+        reusable = plain[1] if spec.adapter is not None and plain and plain[0] == source else None
         model, tokenizer = _load(spec, device, dtype, reusable)
         with torch.inference_mode():
             started = time.perf_counter()
@@ -117,7 +117,7 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
         print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
         outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
                                           eval_loss=loss, undesirable_loss=bad_loss, device=device, generate_s=seconds)
-        plain = ((spec.weights, spec.revision), model) if spec.adapter is None else None
+        plain = (source, model) if spec.adapter is None else None
         del model
         if device == "cuda" and plain is None:
             torch.cuda.empty_cache()
