@@ -305,13 +305,15 @@ def failed(report, state) -> int:
 def run_finetune(cfg, unserved_status: int) -> int:
     quiet_environment()
     early = spawn_temporary_server()  # first: its boot overlaps all that follows
+    from tasks.runtime.worker import spare_workers
     from tasks.train.task import prestart_training
 
-    prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)  # its imports overlap the server's boot
-    start_prefect(early)
-    from flows.finetune import GateFailed, finetune
+    with spare_workers():  # the training spare stops with the run, even one that fails before its flow starts
+        prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)  # imports overlap the server's boot
+        start_prefect(early)
+        from flows.finetune import GateFailed, finetune
 
-    state = finetune(cfg, return_state=True)
+        state = finetune(cfg, return_state=True)
     report = Report(state.state_details.flow_run_id)
     report.stages()
     if state.is_completed():

@@ -128,3 +128,26 @@ def test_a_spare_that_died_warming_up_gives_way_to_a_fresh_worker(tmp_path):
         spare.wait(60)
         result = run_worker("test_worker:target", Request(text="hi"), Result, tmp_path)
     assert spare.returncode != 0 and result.pid != spare.pid and result.text == "HI"
+
+
+def test_tunepipe_run_stops_its_training_spare_when_the_run_fails_before_the_flow(monkeypatch):
+    import tasks.train.task
+    from deployments import cli
+    from tasks.runtime.config import load_config
+
+    def no_server(early):
+        raise RuntimeError("the Prefect server did not come up")
+
+    monkeypatch.setattr(cli, "spawn_temporary_server", lambda: None)
+    monkeypatch.setattr(cli, "start_prefect", no_server)
+    started = []
+
+    def prestart_training(*settings):
+        prestart_worker("test_worker:target", "fast")
+        started.extend(_spare_processes())
+
+    monkeypatch.setattr(tasks.train.task, "prestart_training", prestart_training)
+    with pytest.raises(RuntimeError, match="did not come up"):
+        cli.run_finetune(load_config("configs/demo.yaml"), unserved_status=0)
+    assert started and not _spare_processes()
+    assert all(process.poll() is not None for process in started)  # stopped, not only forgotten
