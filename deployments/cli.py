@@ -282,11 +282,10 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def start_prefect(early: ServerProcess | None = None) -> None:
-    """Quiet Prefect, and import the flows while its temporary API server boots (when none is configured);
-    `early`: the server's process, started before the caller's own imports."""
-    quiet_environment()
-    server_boot = start_prefect_api_in_background(early or spawn_temporary_server())
+def start_prefect(early: ServerProcess | None) -> None:
+    """Import the flows while Prefect's temporary API server boots; `early`: the server's process, from
+    `spawn_temporary_server` (which also quiets Prefect; None: a Prefect API is configured)."""
+    server_boot = start_prefect_api_in_background(early)
     import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
 
     if server_boot is not None:
@@ -303,7 +302,6 @@ def failed(report, state) -> int:
 
 
 def run_finetune(cfg, unserved_status: int) -> int:
-    quiet_environment()
     early = spawn_temporary_server()  # first: its boot overlaps all that follows
     from tasks.runtime.worker import spare_workers
     from tasks.train.task import prestart_training
@@ -328,7 +326,7 @@ def run_finetune(cfg, unserved_status: int) -> int:
 
 
 def run_retrain(cfg) -> int:
-    start_prefect()
+    start_prefect(spawn_temporary_server())
     from flows.retrain import retrain
 
     state = retrain(cfg, return_state=True)
@@ -348,7 +346,7 @@ def run_retrain(cfg) -> int:
 
 
 def run_evaluate(cfg, model: str) -> int:
-    start_prefect()
+    start_prefect(spawn_temporary_server())
     from flows.evaluate import evaluate_model
 
     state = evaluate_model(cfg, model, return_state=True)
@@ -410,6 +408,7 @@ def spawn_temporary_server() -> ServerProcess | None:
     """Start the process of Prefect's temporary API server now, when no Prefect API is configured, so that its
     boot overlaps the CLI's imports (Prefect's server module and the flows) instead of following them;
     `start_prefect_api_in_background` hands it to Prefect, which waits for it and stops it at exit."""
+    quiet_environment()  # the server inherits it
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
