@@ -544,8 +544,14 @@ def main() -> None:
                                                             batch_size=64, learning_rate=1e-5, max_steps=8)),
         ]
         rows = []
-        if args.only:  # in the order given: what matters most first, in case a time limit cuts the call short
-            plan = sorted((run for run in plan if run[0] in args.only), key=lambda run: args.only.index(run[0]))
+        if args.only:  # in the order given, repeats allowed (A/B in alternating order): what matters most first,
+            # in case a time limit cuts the call short
+            by_name = {run[0]: run for run in plan}
+            unknown = [name for name in args.only if name not in by_name]
+            if unknown:
+                parser.error(f"unknown runs: {', '.join(unknown)} (known: {', '.join(by_name)})")
+            plan = [(f"{name}#{args.only[:i].count(name) + 1}" if args.only.count(name) > 1 else name,
+                     *by_name[name][1:]) for i, name in enumerate(args.only)]
         for name, split, model_cfg, train in plan:
             flops = lora_flops_per_token(config, LONG_TOKENS) if split is long else None
             rows.append(run(name, split, model_cfg, work, flops_per_token=flops, **{"max_steps": args.steps, **train}))
