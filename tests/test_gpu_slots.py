@@ -138,3 +138,40 @@ def test_an_evaluation_waits_for_another_runs_training(tmp_path: Path, fast_conf
     evaluation_started = task_started(states["evaluate"].state_details.flow_run_id, "evaluate")
     # The evaluation began while the other run trained, and got the GPU only once that training let go.
     assert evaluation_started < training_slot[1] <= evaluation_slot[0]
+
+
+def test_without_the_limit_a_stage_asks_for_no_slot_and_says_so(prefect_server, monkeypatch, caplog):
+    """No `gpu` limit: one read finds none and the stage runs, without the acquisition (a write the API's SQLite
+    can refuse as busy right after a stage, which Prefect's client retries only after a back-off)."""
+    import prefect.concurrency.sync
+
+    from tasks.runtime.gpu_slots import gpu_slots
+
+    def no_acquisition(*args, **kwargs):
+        raise AssertionError("a slot was requested from a limit that does not exist")
+
+    monkeypatch.setattr(prefect.concurrency.sync, "concurrency", no_acquisition)
+    ran = []
+
+    @flow
+    def stage():
+        with gpu_slots():
+            ran.append(True)
+
+    stage()
+    assert ran == [True]
+    assert any("no concurrency limit 'gpu'" in record.getMessage() for record in caplog.records)
+
+
+def test_with_the_limit_a_stage_holds_a_slot_while_it_runs(prefect_server, gpu_limit):
+    from tasks.runtime.gpu_slots import gpu_slots
+
+    held = []
+
+    @flow
+    def stage():
+        with gpu_slots():
+            held.append(active_slots())
+
+    stage()
+    assert held == [1] and active_slots() == 0
