@@ -177,6 +177,30 @@ def test_stage_cache_misses_when_a_declared_source_module_changes(prefect_server
         assert (helped_flow(), counter.read_text()) == ("Completed", "2")
 
 
+def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_imports() -> None:
+    """Editing any module the training worker runs from tasks/train/ (a kernel, the head, data parallel) must
+    retrain: each one the loop imports, directly or through another, is a declared source of the train stage.
+    The task's module and its result type's are hashed by the cache itself."""
+    import ast
+    import importlib.util
+
+    from tasks.train.task import TRAIN_CACHE
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith(("tasks.train.", "tasks.model."))}
+
+    reached, todo = set(), ["tasks.train.loop"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += imported(module) - {"tasks.train.task", "tasks.train.results"}
+    assert "tasks.train.head_kernel" in reached  # the walk follows imports made inside functions
+    assert reached - {"tasks.model.results"} <= set(TRAIN_CACHE.sources)
+
+
 def test_parity_is_keyed_on_the_served_prompt_settings_only(prefect_server: None, tmp_path: Path) -> None:
     """Moving Ollama (host, timeout, smoke test) must not measure parity again; a new TEMPLATE or SYSTEM must."""
     counter = tmp_path / "executions.txt"

@@ -51,8 +51,11 @@ def prestart_training(backend: str, mode: str, devices: int) -> None:
         prestart_worker(TRAIN_WORKER, f"{backend} {mode}")
 
 
-# The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py.
-TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=("tasks.train.loop", "tasks.train.preference"))
+# The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py and the
+# modules beside it that it runs, and the base model is read by tasks/model/base.py.
+TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=(
+    "tasks.train.loop", "tasks.train.preference", "tasks.train.head_loss", "tasks.train.head_kernel",
+    "tasks.train.data_parallel", "tasks.model.base", "tasks.model.packaged"))
 
 
 @task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)

@@ -1,0 +1,97 @@
+"""The LM head's cross-entropy alone on a CUDA GPU: the Triton kernel (`tasks/train/head_kernel.py`) against the
+torch form it replaced (`head_loss.torch_losses_and_gradient`), at the training benchmark's shape.
+
+- kernel: one chunk of bf16 logits (positions x 151,936) through `cross_entropy_in_place`, for each
+  (columns a block, warps) tried, against the torch form on the same chunk: losses and gradient.
+- head: `head_cross_entropy` forward + backward over 8,192 positions of width 1,024 in the training loop's
+  chunks (`chunk_positions`), a frozen bf16 weight (LoRA), each form: what the head costs a step.
+
+Milliseconds are the median of REPEATS, each timed with CUDA events after WARMUP calls.
+
+    python benchmarks/head_loss.py [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VOCAB, WIDTH, POSITIONS = 151_936, 1024, 8192
+WARMUP, REPEATS = 3, 20
+CONFIGS = [(32768, 32), (16384, 16), (8192, 8), (4096, 4), (8192, 16), (16384, 32)]  # (columns a block, warps)
+
+
+def milliseconds(fn) -> float:
+    import torch
+
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(statistics.median(times), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    import torch
+
+    from tasks.train import head_loss
+    from tasks.train.head_kernel import cross_entropy_in_place
+
+    torch.manual_seed(0)
+    chunk = head_loss.chunk_positions(VOCAB, memory_is_tight=False)
+    logits = torch.randn(chunk, VOCAB, device="cuda", dtype=torch.bfloat16) * 4
+    targets = torch.randint(0, VOCAB, (chunk,), device="cuda")
+    work = logits.clone()
+    rows = [{"run": "torch form, one chunk", "positions": chunk,
+             "ms": milliseconds(lambda: head_loss.torch_losses_and_gradient(logits, targets, True))}]
+    expected, expected_grad = head_loss.torch_losses_and_gradient(logits, targets, True)
+    for block, warps in CONFIGS:
+        ms = milliseconds(lambda b=block, w=warps: cross_entropy_in_place(work.copy_(logits), targets, True, b, w))
+        copy_ms = milliseconds(lambda: work.copy_(logits))
+        losses = cross_entropy_in_place(work.copy_(logits), targets, True, block, warps)
+        rows.append({"run": f"kernel, block {block}, {warps} warps, one chunk", "positions": chunk,
+                     "ms": round(ms - copy_ms, 3),
+                     "max_loss_diff": float((losses - expected).abs().max()),
+                     "max_grad_diff": float((work.float() - expected_grad.float()).abs().max())})
+    gbytes = 3 * chunk * VOCAB * 2 / 1e9  # two reads and a write of the bf16 chunk
+    for row in rows[1:]:
+        row["gb_per_s"] = round(gbytes / (row["ms"] / 1000))
+
+    weight = torch.randn(VOCAB, WIDTH, device="cuda", dtype=torch.bfloat16) * 0.02
+    head = torch.nn.Linear(WIDTH, VOCAB, bias=False, device="cuda", dtype=torch.bfloat16)
+    head.weight.data.copy_(weight)
+    head.weight.requires_grad_(False)
+    hidden = torch.randn(POSITIONS, WIDTH, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    all_targets = torch.randint(0, VOCAB, (POSITIONS,), device="cuda")
+
+    def step():
+        total, _ = head_loss.head_cross_entropy(hidden, head, all_targets, chunk)
+        total.backward()
+
+    kernel_form = head_loss._losses_and_gradient
+    rows.append({"run": "head forward + backward, kernel", "positions": POSITIONS, "ms": milliseconds(step)})
+    head_loss._losses_and_gradient = head_loss.torch_losses_and_gradient
+    rows.append({"run": "head forward + backward, torch form", "positions": POSITIONS, "ms": milliseconds(step)})
+    head_loss._losses_and_gradient = kernel_form
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
