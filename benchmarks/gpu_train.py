@@ -12,8 +12,8 @@ the LM head's size).
   chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and unsloth's offloaded one
   (`*-offload`). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak.
 - levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
-  the head, each decoder layer compiled by `torch.compile`, and the head's softmax in torch's ops instead of
-  its Triton kernel (`*-torch-head`, the form before it); the worker otherwise unchanged.
+  the head, each decoder layer compiled by `torch.compile`, and each head chunk's softmax and gradient in one
+  Triton kernel (`*-head-kernel`, benchmarks/head_kernel.py); the worker otherwise unchanged.
 - short: the demo's product-extraction data formatted by tunepipe's format stage (~115 tokens an example, loss
   on the answers): the guides' recipe as the guides run it (`sft_recipe`: TRL's SFTTrainer on unsloth, batch 2,
   accumulation 4, lr 2e-4, LoRA r=16), tunepipe's loop at that batch, then micro-batches of 64 examples (hf:
@@ -241,12 +241,13 @@ def with_liger_head(request: TrainRequest) -> TrainResult:
     return train_model(request)
 
 
-def with_torch_head(request: TrainRequest) -> TrainResult:
-    """The worker as it was before the head's Triton kernel: each chunk's softmax and gradient in torch's ops on
-    an fp32 copy of the logits (`head_loss.torch_losses_and_gradient`), for an A/B in one call."""
+def with_head_kernel(request: TrainRequest) -> TrainResult:
+    """A lever: the worker with each LM-head chunk's losses and gradient from one Triton kernel over the 16-bit
+    logits, in place (`benchmarks/head_kernel.py`), instead of torch's ops on an fp32 copy."""
+    from benchmarks import head_kernel
     from tasks.train import head_loss
 
-    head_loss._losses_and_gradient = head_loss.torch_losses_and_gradient
+    head_loss.chunk_losses_and_gradient = head_kernel.losses_and_gradient
     from tasks.train.loop import train_model
 
     return train_model(request)
@@ -521,8 +522,8 @@ def main() -> None:
                                                             entry=lever("liger_and_compiled_layers"))),
             ("long-unsloth-liger-head", long, long_cfg, dict(**u4, gradient_checkpointing=False,
                                                              entry=lever("liger_head"))),
-            ("long-unsloth-torch-head", long, long_cfg, dict(**u4, entry=lever("torch_head"))),  # the head before
-            # its Triton kernel, against `long-unsloth` in alternating order
+            ("long-unsloth-head-kernel", long, long_cfg, dict(**u4, entry=lever("head_kernel"))),  # against
+            # `long-unsloth` in alternating order
             ("long-unsloth-compiled", long, long_cfg, dict(**u4, gradient_checkpointing=False,
                                                            entry=lever("compiled_layers"))),
             # Profiles and memory at the peak.
@@ -551,8 +552,8 @@ def main() -> None:
             ("short-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
                                                             gradient_accumulation_steps=4, packing=False)),
             ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),  # unsloth, packed on Ampere+
-            ("short-auto-torch-head", short, short_cfg, dict(backend="auto", batch_size=64,
-                                                             entry=lever("torch_head"))),
+            ("short-auto-head-kernel", short, short_cfg, dict(backend="auto", batch_size=64,
+                                                              entry=lever("head_kernel"))),
             ("short-padded-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=64, packing=False)),
             ("short-packed-hf", short, short_cfg, dict(backend="hf", batch_size=64)),
             ("short-qlora-unsloth", short, short_cfg, dict(backend="unsloth", mode="qlora", batch_size=64,

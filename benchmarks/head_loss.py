@@ -1,12 +1,14 @@
-"""The LM head's cross-entropy alone on a CUDA GPU: the Triton kernel (`tasks/train/head_kernel.py`) against the
-torch form it replaced (`head_loss.torch_losses_and_gradient`), at the training benchmark's shape.
+"""The LM head's cross-entropy alone on a CUDA GPU: the Triton kernel lever (`benchmarks/head_kernel.py`) against
+the training loop's torch form (`head_loss.chunk_losses_and_gradient`), at the training benchmark's shape.
 
 - kernel: one chunk of bf16 logits (positions x 151,936) through `cross_entropy_in_place`, for each
   (columns a block, warps) tried, against the torch form on the same chunk: losses and gradient.
 - head: `head_cross_entropy` forward + backward over 8,192 positions of width 1,024 in the training loop's
   chunks (`chunk_positions`), a frozen bf16 weight (LoRA), each form: what the head costs a step.
 
-Milliseconds are the median of REPEATS, each timed with CUDA events after WARMUP calls.
+Milliseconds are the median of REPEATS, each timed with CUDA events after WARMUP calls; for the head, also
+the host's milliseconds to issue one call (timed from a synchronised start to the call's return: about the
+GPU's time if the call waits for the GPU) and whether it synchronises (`torch.cuda.set_sync_debug_mode`).
 
     python benchmarks/head_loss.py [--json results.json]
 """
@@ -42,14 +44,45 @@ def milliseconds(fn) -> float:
     return round(statistics.median(times), 3)
 
 
+def host_milliseconds(fn) -> float:
+    import time
+
+    import torch
+
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - started))
+    torch.cuda.synchronize()
+    return round(statistics.median(times), 3)
+
+
+def synchronises(fn) -> str | None:
+    """The first operation in `fn` that makes the host wait for the GPU, or None."""
+    import torch
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as error:
+        return str(error).splitlines()[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     import torch
 
+    from benchmarks.head_kernel import cross_entropy_in_place, losses_and_gradient
     from tasks.train import head_loss
-    from tasks.train.head_kernel import cross_entropy_in_place
 
     torch.manual_seed(0)
     chunk = head_loss.chunk_positions(VOCAB, memory_is_tight=False)
@@ -57,8 +90,8 @@ def main() -> None:
     targets = torch.randint(0, VOCAB, (chunk,), device="cuda")
     work = logits.clone()
     rows = [{"run": "torch form, one chunk", "positions": chunk,
-             "ms": milliseconds(lambda: head_loss.torch_losses_and_gradient(logits, targets, True))}]
-    expected, expected_grad = head_loss.torch_losses_and_gradient(logits, targets, True)
+             "ms": milliseconds(lambda: head_loss.chunk_losses_and_gradient(logits, targets, True))}]
+    expected, expected_grad = head_loss.chunk_losses_and_gradient(logits, targets, True)
     for block, warps in CONFIGS:
         ms = milliseconds(lambda b=block, w=warps: cross_entropy_in_place(work.copy_(logits), targets, True, b, w))
         copy_ms = milliseconds(lambda: work.copy_(logits))
@@ -82,11 +115,12 @@ def main() -> None:
         total, _ = head_loss.head_cross_entropy(hidden, head, all_targets, chunk)
         total.backward()
 
-    kernel_form = head_loss._losses_and_gradient
-    rows.append({"run": "head forward + backward, kernel", "positions": POSITIONS, "ms": milliseconds(step)})
-    head_loss._losses_and_gradient = head_loss.torch_losses_and_gradient
-    rows.append({"run": "head forward + backward, torch form", "positions": POSITIONS, "ms": milliseconds(step)})
-    head_loss._losses_and_gradient = kernel_form
+    torch_form = head_loss.chunk_losses_and_gradient
+    for form, name in ((losses_and_gradient, "kernel"), (torch_form, "torch form")):
+        head_loss.chunk_losses_and_gradient = form
+        rows.append({"run": f"head forward + backward, {name}", "positions": POSITIONS, "ms": milliseconds(step),
+                     "host_ms": host_milliseconds(step), "synchronises": synchronises(step)})
+    head_loss.chunk_losses_and_gradient = torch_form
     for row in rows:
         print(json.dumps(row), flush=True)
     if args.json:

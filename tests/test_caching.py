@@ -178,7 +178,7 @@ def test_stage_cache_misses_when_a_declared_source_module_changes(prefect_server
 
 
 def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_imports() -> None:
-    """Editing any module the training worker runs from tasks/train/ (a kernel, the head, data parallel) must
+    """Editing any module the training worker runs from tasks/train/ (the head, data parallel) must
     retrain: each one the loop imports, directly or through another, is a declared source of the train stage.
     The task's module and its result type's are hashed by the cache itself."""
     import ast
@@ -197,7 +197,7 @@ def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_
         if module not in reached:
             reached.add(module)
             todo += imported(module) - {"tasks.train.task", "tasks.train.results"}
-    assert "tasks.train.head_kernel" in reached  # the walk follows imports made inside functions
+    assert "tasks.train.head_loss" in reached  # the walk follows imports made inside functions
     assert reached - {"tasks.model.results"} <= set(TRAIN_CACHE.sources)
 
 

@@ -6,10 +6,8 @@ of positions at a time (`chunk_positions`); each chunk's logits give its losses 
 one-hot target), which is turned into the gradients of the hidden states (and of the head's weight when it
 is trained) before the chunk's logits are freed. The backward pass then only scales those gradients. So the
 head's matmul runs once per step instead of twice (a checkpointed head recomputes it), and at most one chunk
-of logits exists at a time. On a GPU a chunk's losses and gradient come from one Triton kernel that overwrites
-the 16-bit logits (`tasks/train/head_kernel.py`); elsewhere from torch's ops on an fp32 copy. unsloth's fused
-cross-entropy and Liger's fused linear cross-entropy work the same way; this one serves both backends and
-every model, with chunks large enough that a small model's step is not bound by their launches.
+of logits exists at a time. unsloth's fused cross-entropy and Liger's fused linear cross-entropy work the same
+way; this one serves both backends and every model.
 
 The differentiable output is the sum of the losses: every token's gradient is scaled by the same number in
 the backward pass, which is what lets the forward pass finish the weight's gradient. The per-token losses
@@ -22,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-BYTES_PER_LOGIT = 6  # torch's form: fp32 logits, then their 16-bit gradient beside them (the kernel's: 2)
+BYTES_PER_LOGIT = 6  # fp32 logits, then their 16-bit gradient beside them
 
 
 def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
@@ -61,7 +59,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 h, t = hidden[part].to(dtype), targets[part]
                 # What the head itself computes (nn.Linear: the bias added inside the matmul).
                 logits = h @ w.T if bias is None else torch.addmm(bias.to(dtype), h, w.T)
-                losses[part], grad = _losses_and_gradient(logits, t, want_hidden or want_weight or want_bias)
+                losses[part], grad = chunk_losses_and_gradient(logits, t, want_hidden or want_weight or want_bias)
                 if grad is None:
                     continue
                 if want_bias:
@@ -86,18 +84,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 scaled(grad_bias, ctx.weight_dtype), None, None)
 
 
-def _losses_and_gradient(logits, targets, want_gradient: bool):
-    """(each position's loss in fp32, the gradient of their sum in the logits' dtype, or None): on a GPU one
-    Triton kernel that overwrites the logits with it (`tasks/train/head_kernel.py`), elsewhere torch's ops."""
-    if not logits.is_cuda:
-        return torch_losses_and_gradient(logits, targets, want_gradient)
-    from tasks.train.head_kernel import cross_entropy_in_place
-
-    return cross_entropy_in_place(logits, targets, want_gradient), logits if want_gradient else None
-
-
-def torch_losses_and_gradient(logits, targets, want_gradient: bool):
-    """`_losses_and_gradient` in torch's ops, on an fp32 copy of the logits."""
+def chunk_losses_and_gradient(logits, targets, want_gradient: bool):
+    """(each position's loss in fp32, the gradient of their sum in the logits' dtype, or None), computed on an
+    fp32 copy of the chunk's logits."""
     full = logits.float()
     lse = full.logsumexp(-1)
     losses = lse - full.gather(1, targets[:, None])[:, 0]

@@ -1,13 +1,16 @@
-"""One Triton kernel for the LM head's cross-entropy on a GPU: each position's loss from its 16-bit logits, and
-the logits overwritten by their gradient (softmax minus the one-hot target), in one launch per chunk.
+"""A lever, measured and not made the default: one Triton kernel for each chunk of the LM head's cross-entropy
+(`tasks/train/head_loss.py: chunk_losses_and_gradient`): each position's loss from its 16-bit logits, and the
+logits overwritten by their gradient (softmax minus the one-hot target), in one launch per chunk.
 
-The plain torch form (`tasks/train/head_loss.py`) makes an fp32 copy of a chunk's logits and passes over it
-four more times (logsumexp, subtract, exp, cast back); with a 151,936-token vocabulary those passes cost more
-GPU time than the head's matmuls. This kernel reads each row twice (its log-sum-exp, then the gradient) in
-fp32 registers and writes the gradient once, in place, as unsloth's and Liger's cross-entropy kernels do.
+The training loop's torch form makes an fp32 copy of a chunk's logits and passes over it four more times
+(logsumexp, subtract, exp, cast back). This kernel reads each row twice (its log-sum-exp, then the gradient) in
+fp32 registers and writes the gradient once, in place, as unsloth's and Liger's cross-entropy kernels do. On the
+H200 it cut the head's GPU time and the step's peak memory but made whole training steps slower
+(benchmarks/RESULTS.md, issue 20 item 2): `benchmarks/head_loss.py` times it alone, `gpu_train.py`'s
+`*-head-kernel` rows in the worker.
 
-Imported only where CUDA is (Triton ships with torch's CUDA builds); with `TRITON_INTERPRET=1` it also runs on
-CPU tensors, slowly, which is how it can be checked without a GPU.
+Needs CUDA (Triton ships with torch's CUDA builds); with `TRITON_INTERPRET=1` it also runs on CPU tensors,
+slowly, which is how it can be checked without a GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def cross_entropy_in_place(logits: torch.Tensor, targets: torch.Tensor, want_gra
                                             WANT_GRAD=want_grad, BLOCK=min(block, triton.next_power_of_2(n_cols)),
                                             num_warps=num_warps)
     return losses
+
+
+def losses_and_gradient(logits: torch.Tensor, targets: torch.Tensor, want_gradient: bool):
+    """`head_loss.chunk_losses_and_gradient` through the kernel: the gradient is the logits, overwritten."""
+    return cross_entropy_in_place(logits, targets, want_gradient), logits if want_gradient else None
 
 
 @triton.jit
