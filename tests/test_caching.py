@@ -180,7 +180,8 @@ def test_stage_cache_misses_when_a_declared_source_module_changes(prefect_server
 def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_imports() -> None:
     """Editing any module the training worker runs from tasks/train/ (the head, data parallel) must
     retrain: each one the loop imports, directly or through another, is a declared source of the train stage.
-    The task's module and its result type's are hashed by the cache itself."""
+    The task's module and its result type's are hashed by the cache itself; the base model's reference
+    (tasks/model/results.py) is an input, hashed by value."""
     import ast
     import importlib.util
 
