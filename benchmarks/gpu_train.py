@@ -253,6 +253,15 @@ def with_head_kernel(request: TrainRequest) -> TrainResult:
     return train_model(request)
 
 
+def with_repeated_kv_heads(request: TrainRequest) -> TrainResult:
+    """A lever, the loop before it handed grouped K / V heads to flash attention as they are: unsloth's packed
+    rows attend with each K / V head repeated for its group of query heads (`loop._varlen_attn_with_gqa`)."""
+    from tasks.train import loop as training
+
+    training._kernel_groups_kv_heads = lambda varlen_attn, device: False
+    return training.train_model(request)
+
+
 def with_compiled_layers(request: TrainRequest) -> TrainResult:
     """A lever: the worker with each decoder layer compiled by `torch.compile` (regional compilation: one
     graph, compiled once, reused by all 28 layers), fusing the elementwise kernels between the matmuls."""
@@ -524,6 +533,8 @@ def main() -> None:
                                                              entry=lever("liger_head"))),
             ("long-unsloth-head-kernel", long, long_cfg, dict(**u4, entry=lever("head_kernel"))),  # against
             # `long-unsloth` in alternating order
+            ("long-unsloth-repeated-kv", long, long_cfg, dict(**u4, entry=lever("repeated_kv_heads"))),  # against
+            # `long-unsloth` in alternating order
             ("long-unsloth-compiled", long, long_cfg, dict(**u4, gradient_checkpointing=False,
                                                            entry=lever("compiled_layers"))),
             # Profiles and memory at the peak.
@@ -533,6 +544,10 @@ def main() -> None:
                                                          entry="benchmarks.gpu_train:profiled_raw_loop")),
             ("raw-unsloth-memory", long, long_cfg, dict(**u4, gradient_checkpointing="offload", max_steps=6,
                                                         entry="benchmarks.gpu_train:memory_of_raw_loop")),
+            ("raw-unsloth-none-memory", long, long_cfg, dict(**u4, gradient_checkpointing=False, max_steps=6,
+                                                             entry="benchmarks.gpu_train:memory_of_raw_loop")),
+            ("long-unsloth-memory", long, long_cfg, dict(**u4, max_steps=6,
+                                                         entry="benchmarks.gpu_train:memory_of_training")),
             ("long-unsloth-offload-memory", long, long_cfg, dict(**u4, max_steps=6, gradient_checkpointing="offload",
                                                                  entry="benchmarks.gpu_train:memory_of_training")),
             # QLoRA (4-bit base), no recomputation on either side.

@@ -100,6 +100,9 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     assert max(abs(a - b) for a, b in zip(packed, alone)) < 1e-5
     # Unpadded rows go without an attention mask (the causal kernels), and lose nothing by it.
     assert "attention_mask" not in training.make_batch(rows[:1] * 2, False, 0, torch.device("cpu"))
+    # Examples of one length are not packed, even when packing is asked for: there is no padding to remove.
+    same = training.make_batch(rows[:1] * 3, True, 0, torch.device("cpu"), row_tokens)
+    assert same["input_ids"].shape[0] == 3 and "position_ids" not in same and "attention_mask" not in same
     alone_unpacked = [per_example([row], False)[0] for row in rows]
     assert max(abs(a - b) for a, b in zip(packed, alone_unpacked)) < 1e-5
 
@@ -169,7 +172,9 @@ def test_two_processes_match_one_and_only_rank_0_writes(formatted, uninterrupted
     request = request_for(formatted, tmp_path / "stage", batch_size=2, devices=2)  # 2 x 2 = the same 4 a step
     result = train_in_worker(request, events.append, devices=2)
     assert result.device == "cpu x2"
-    assert_same_training(result, uninterrupted, atol=1e-5)
+    # Two ranks' gradients are summed in another order than one process's: fp32 rounding, as in the
+    # out-of-memory test below (1.3e-5 seen on one weight); a wrongly scaled step is off by ~lr.
+    assert_same_training(result, uninterrupted, atol=5e-5)
     # Rank 0 alone reports and writes: one event per step, one adapter, and only its files in the stage folder.
     assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == sorted(

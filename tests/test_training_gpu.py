@@ -99,3 +99,38 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
         start += n
     print(f"packed vs leaky: {max(abs(a - b) for a, b in zip(packed, leaky)):.4f}")
     assert max(abs(a - b) for a, b in zip(packed, leaky)) > LEAK_AT_LEAST
+
+
+def test_varlen_kernel_given_grouped_kv_heads_attends_as_with_repeated_heads(cuda_with_unsloth):
+    """Where `_varlen_attn_with_gqa` hands grouped K / V heads to flash attention as they are, its outputs and
+    gradients (K / V's summed over each group) are those of the same heads repeated."""
+    import torch
+
+    from tasks.train import loop as training
+
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    device = cuda_with_unsloth
+    attend = training._varlen_attn_with_gqa(device)
+    if attend is None or not training._kernel_groups_kv_heads(varlen.varlen_attn, device):
+        pytest.skip("this torch's varlen_attn is missing or refuses grouped K / V heads: attend repeats them")
+    torch.manual_seed(0)
+    query = torch.randn(211, 16, 128, device=device, dtype=torch.bfloat16)  # Qwen3-0.6B's heads: 16 / 8
+    key, value = (torch.randn(211, 8, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    bounds = torch.tensor([0, 37, 127, 140, 211], dtype=torch.int32, device=device)
+    grad_out = torch.randn_like(query)
+
+    def attention_and_grads(grouped: bool):
+        q, k, v = (x.clone().requires_grad_() for x in (query, key, value))
+        if grouped:
+            out = attend(q, k, v, bounds, bounds, 90, 90, window_size=(-1, 0), enable_gqa=True)
+        else:
+            out = varlen.varlen_attn(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), bounds, bounds,
+                                     90, 90, window_size=(-1, 0))
+        out.backward(grad_out)
+        return out, q.grad, k.grad, v.grad
+
+    for name, grouped, repeated in zip(("out", "dq", "dk", "dv"), attention_and_grads(True),
+                                       attention_and_grads(False)):
+        error = float((grouped.float() - repeated.float()).abs().max() / repeated.float().abs().max())
+        print(f"{name}: {error:.2e} of its largest value")
+        assert error < 1e-2, name

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-BYTES_PER_LOGIT = 6  # fp32 logits, then their 16-bit gradient beside them
+BYTES_PER_LOGIT = 6  # a chunk's 16-bit logits and their fp32 copy
 
 
 def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
@@ -60,14 +60,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 # What the head itself computes (nn.Linear: the bias added inside the matmul).
                 logits = h @ w.T if bias is None else torch.addmm(bias.to(dtype), h, w.T)
                 losses[part], grad = chunk_losses_and_gradient(logits, t, want_hidden or want_weight or want_bias)
-                if grad is None:
-                    continue
-                if want_bias:
-                    grad_bias += grad.sum(0, dtype=torch.float32)
-                if want_hidden:
-                    grad_hidden[part] = grad @ w
-                if want_weight:
-                    grad_weight += grad.T @ h
+                if grad is not None:
+                    if want_bias:
+                        grad_bias += grad.sum(0, dtype=torch.float32)
+                    if want_hidden:
+                        grad_hidden[part] = grad @ w
+                    if want_weight:
+                        grad_weight += grad.T @ h
+                del logits, grad  # before the next chunk's logits: one chunk's at a time, not two
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(losses)
@@ -85,13 +85,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 
 def chunk_losses_and_gradient(logits, targets, want_gradient: bool):
-    """(each position's loss in fp32, the gradient of their sum in the logits' dtype, or None), computed on an
-    fp32 copy of the chunk's logits."""
+    """(each position's loss in fp32, the gradient of their sum or None): computed in place on one fp32 copy of
+    the chunk's logits, and the gradient written over `logits`, in their dtype (no other chunk-sized tensor)."""
     full = logits.float()
-    lse = full.logsumexp(-1)
-    losses = lse - full.gather(1, targets[:, None])[:, 0]
+    target_logits = full.gather(1, targets[:, None])
+    peak = full.amax(-1, keepdim=True)
+    sums = full.sub_(peak).exp_().sum(-1, keepdim=True)  # exp(logit - max), in place
+    losses = (peak + sums.log() - target_logits)[:, 0]  # log-sum-exp minus the target's logit
     if not want_gradient:
         return losses, None
-    grad = full.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
-    grad[torch.arange(len(targets), device=targets.device), targets] -= 1
-    return losses, grad.to(logits.dtype)
+    full.div_(sums)  # softmax
+    full[torch.arange(len(targets), device=targets.device), targets] -= 1
+    return losses, logits.copy_(full)

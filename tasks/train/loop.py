@@ -488,21 +488,24 @@ def unsloth_packs(device) -> bool:
     Ampere or newer GPU. Otherwise unsloth 2026.10 would attend one run of equal example lengths at a time,
     slower than padding (benchmarks/RESULTS.md, issue 20 item 3), and the loop pads instead.
 
-    unsloth takes `varlen_attn` from torch >= 2.12, whose kernel groups K / V heads itself (`enable_gqa`); on
-    torch 2.11, which has the kernel without that argument, it is handed `_varlen_attn_repeating_kv`."""
+    unsloth takes `varlen_attn` from torch >= 2.12, whose signature has `enable_gqa`; on torch 2.11, which has
+    the kernel without that argument, it is handed `_varlen_attn_with_gqa(device)`."""
     import torch
     from unsloth.utils import attention_dispatch
 
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
         return False
     if attention_dispatch._TORCH_VARLEN_ATTN is None:
-        attention_dispatch._TORCH_VARLEN_ATTN = _varlen_attn_repeating_kv()
+        attention_dispatch._TORCH_VARLEN_ATTN = _varlen_attn_with_gqa(device)
     return attention_dispatch._TORCH_VARLEN_ATTN is not None
 
 
-def _varlen_attn_repeating_kv():
-    """torch 2.11's `varlen_attn` behind torch 2.12's signature: with `enable_gqa` each K / V head is repeated
-    for the query heads of its group (query head h reads K / V head h // group), as SDPA does without it."""
+def _varlen_attn_with_gqa(device):
+    """torch 2.11's `varlen_attn` behind torch 2.12's signature. Flash attention groups K / V heads itself (query
+    head h reads K / V head h // group, forward and backward), so grouped K / V go to the kernel as they are
+    where this torch's wrapper lets them through and the kernel gives what repeated heads give; elsewhere each
+    K / V head is repeated for its group, as SDPA does without `enable_gqa` (a copy of K and V a layer, kept for
+    the backward pass)."""
     import inspect
 
     import torch
@@ -515,14 +518,33 @@ def _varlen_attn_repeating_kv():
         return None
     if not torch.backends.cuda.is_flash_attention_available():
         return None
+    groups_kv_heads = _kernel_groups_kv_heads(varlen_attn, device)
 
     def attend(query, key, value, *args, enable_gqa: bool = False, **kwargs):  # (tokens, heads, head_dim)
-        if enable_gqa:
+        if enable_gqa and not groups_kv_heads:
             group = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         return varlen_attn(query, key, value, *args, **kwargs)
 
     return attend
+
+
+def _kernel_groups_kv_heads(varlen_attn, device) -> bool:
+    """Whether `varlen_attn` takes half as many K / V heads as query heads and attends as with each repeated:
+    one call on two short causal sequences."""
+    import torch
+
+    generator = torch.Generator(device).manual_seed(0)
+    query, key, value = (torch.randn(8, heads, 64, generator=generator, device=device, dtype=torch.bfloat16)
+                         for heads in (4, 2, 2))
+    bounds = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    try:
+        grouped = varlen_attn(query, key, value, bounds, bounds, 5, 5, window_size=(-1, 0))
+    except (RuntimeError, ValueError):  # a wrapper that checks the head counts
+        return False
+    repeated = varlen_attn(query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), bounds, bounds,
+                           5, 5, window_size=(-1, 0))
+    return torch.allclose(grouped, repeated, rtol=0, atol=1e-2)
 
 
 def _load_adapter_weights(model, init_from: Path | None) -> None:
@@ -563,13 +585,15 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
     attention stays block-diagonal (transformers reads the blocks from the positions). Bounded rows keep the
     dense attention mask small: one row of 64 short examples wastes most of its attention on masked pairs.
     Unpacked: one example a row, right-padded, with an attention mask only where a row is padded: rows of
-    equal length need none, and without one attention stays on the causal kernels (flash / varlen).
+    equal length need none, and without one attention stays on the causal kernels (flash / varlen). So
+    examples of one length are never packed: packing would remove no padding and cost a block mask or, on
+    unsloth, a copy of every layer's attention output.
     """
     import torch
 
     targets = [row["labels"][1:] + [IGNORE] for row in rows]
     lengths = [len(row["input_ids"]) for row in rows]
-    if packing:
+    if packing and len(set(lengths)) > 1:
         bins: list[list[int]] = []
         for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
             fits = next((b for b in bins if row_tokens is None or sum(lengths[j] for j in b) + lengths[i]
