@@ -94,8 +94,8 @@ def test_kto_loss_matches_trl(tiny_model, tmp_path) -> None:
                                  batch["ref_KL_logps"], 0.3, 1.0, 1.5)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     logged = trainer._metrics["eval"]  # the policy is in eval mode: no dropout
-    # The KL term is a difference of whole sequences' log-probabilities (-196 to -335 here, an fp32 ulp of 1.5e-5 to 3e-5):
-    # summed in another order it moves by about an ulp (2.3e-5 seen on an AMD EPYC host).
+    # The KL term is a difference of whole sequences' log-probabilities (-196 to -335 here, an fp32 ulp
+    # of 1.5e-5 to 3e-5): summed in another order it moves by about an ulp (2.3e-5 seen on an AMD EPYC).
     assert metrics["kl"] == pytest.approx(logged["kl"][-1], abs=1e-4)
     assert metrics["rewards_chosen"] == pytest.approx(logged["rewards/chosen"][-1], abs=1e-5)
 
