@@ -25,8 +25,10 @@ BYTES_PER_LOGIT = 6  # a chunk's 16-bit logits and their fp32 copy
 
 def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
     """Positions per chunk: about 64 MiB of temporaries when memory is tight (activations are being
-    recomputed), 1 GiB when it is not: fewer, larger kernels (a small model's step is bound by launches)."""
-    budget = 2**26 if memory_is_tight else 2**30
+    recomputed), 512 MiB when it is not: no more than unsloth's own fused cross-entropy holds at the peak
+    (benchmarks/RESULTS.md, issue 20 item 2), in chunks few enough that their launches stay a small part of a
+    step (a small model's step is bound by launches)."""
+    budget = 2**26 if memory_is_tight else 2**29
     return max(16, budget // (vocab_size * BYTES_PER_LOGIT))
 
 

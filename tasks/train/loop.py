@@ -381,7 +381,7 @@ def estimate_memory(config, request: TrainRequest, precision: str, four_bit: boo
         "gradients": trainable * 4 / GIB,
         "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
         "activations": activations / GIB,
-        # One LM-head chunk at a time, at loss positions only: fp32 logits and their 16-bit gradient; and the
+        # One LM-head chunk at a time, at loss positions only: 16-bit logits and their fp32 copy; and the
         # gradient of every loss position's hidden state (tasks/train/head_loss.py).
         "logits": (min(loss_tokens, chunk_positions(config.vocab_size, bool(checkpointing))) * config.vocab_size
                    * BYTES_PER_LOGIT + loss_tokens * hidden * act_bytes) / GIB,
