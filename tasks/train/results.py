@@ -81,7 +81,7 @@ class TrainResult(BaseModel):
     selected_step: int | None = None  # the step whose weights `adapter_dir` holds; None: the last (no selection)
     selection: str = ""  # why those weights, in words (the MLflow tag `train.selection`)
     stopped_early: bool = False  # train.early_stopping ended training before max_steps
-    packed: bool = False  # micro-batches were packed (train.packing, where the backend packs on this device)
+    packed: bool = False  # micro-batches of mixed lengths were packed (train.packing, where the backend packs here)
 
     def curve(self) -> Record:
         """How training went: each attempt's run shows it. A stage that ran reported its curve live; a cached
