@@ -29,6 +29,7 @@ The ML stack is imported inside functions; unsloth is imported first, and only w
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -607,10 +608,10 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
         blocks = []
         for b in bins:
             pad = width - sum(lengths[j] for j in b)
-            batch["input_ids"].append(sum((rows[j]["input_ids"] for j in b), []) + [pad_id] * pad)
-            batch["position_ids"].append(sum((list(range(lengths[j])) for j in b), []) + list(range(pad)))
-            batch["targets"].append(sum((targets[j] for j in b), []) + [IGNORE] * pad)
-            batch["example"].append(sum(([j] * lengths[j] for j in b), []) + [-1] * pad)
+            batch["input_ids"].append(_joined(rows[j]["input_ids"] for j in b) + [pad_id] * pad)
+            batch["position_ids"].append(_joined(range(lengths[j]) for j in b) + list(range(pad)))
+            batch["targets"].append(_joined(targets[j] for j in b) + [IGNORE] * pad)
+            batch["example"].append(_joined([j] * lengths[j] for j in b) + [-1] * pad)
             blocks += [lengths[j] for j in b] + ([pad] if pad else [])
         tensors = _to_device(batch, device)
         tensors["packed_seq_lengths"] = torch.tensor(blocks, dtype=torch.int32)
@@ -627,6 +628,11 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
     return _to_device(batch, device)
 
 
+def _joined(parts) -> list[int]:
+    """One list of the parts' items, in linear time (`sum(parts, [])` copies the list so far at every part)."""
+    return list(itertools.chain.from_iterable(parts))
+
+
 def _to_device(batch: dict[str, list[list[int]]], device) -> dict:
     """The model inputs as tensors, and where the loss is, in place of the per-token `targets` and `example`
     lists: the flat positions that carry a target, their targets and their examples (`loss_at`, `loss_targets`,
@@ -634,7 +640,7 @@ def _to_device(batch: dict[str, list[list[int]]], device) -> dict:
     mask would wait for the forward pass to finish)."""
     import torch
 
-    targets, examples = sum(batch.pop("targets"), []), sum(batch.pop("example"), [])
+    targets, examples = _joined(batch.pop("targets")), _joined(batch.pop("example"))
     loss_at = [i for i, target in enumerate(targets) if target != IGNORE]
     batch |= {"loss_at": loss_at, "loss_targets": [targets[i] for i in loss_at],
               "loss_example": [examples[i] for i in loss_at]}
