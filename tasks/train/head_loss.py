@@ -66,7 +66,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     if want_bias:
                         grad_bias += grad.sum(0, dtype=torch.float32)
                     if want_hidden:
-                        grad_hidden[part] = grad @ w
+                        torch.matmul(grad, w, out=grad_hidden[part])  # straight into its rows
                     if want_weight:
                         grad_weight += grad.T @ h
                 del logits, grad  # before the next chunk's logits: one chunk's at a time, not two
