@@ -95,6 +95,33 @@ def test_training_and_evaluation_ran_in_workers_started_before_their_stages(firs
         assert "(prestart_worker), its imports done while the stages before ran" in log.read_text().splitlines()[0]
 
 
+def test_the_workers_lines_reach_the_runs_log(first_run, config_path: Path):
+    """What the training and evaluation workers print is in the flow run's log (the Prefect UI), not only in
+    their worker.log files: each model's evaluation, its answers and seconds, among it."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    summary, _ = first_run
+    APILogHandler().flush()
+    flow_run_id = UUID(mlflow_client(config_path).get_run(summary.mlflow_run_id).data.tags["prefect.flow_run_id"])
+    messages, page = [], 200  # the API's most logs a read
+    with get_client(sync_client=True) as client:
+        while len(messages) % page == 0:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=page,
+                                    offset=len(messages))
+            messages += [log.message for log in logs]
+            if not logs:
+                break
+    for worker in ("tasks.train.loop:train_model", "tasks.evaluate.task:generate_outputs"):
+        assert any(m.startswith(f"worker for {worker}: started") for m in messages), worker
+    assert any(m.startswith("train: ") for m in messages)
+    for model in ("candidate", "base"):
+        assert any(m.startswith(f"evaluate: {model}: ") and " answers in " in m for m in messages), model
+
+
 def test_gguf_greedy_next_token_matches_pytorch(first_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

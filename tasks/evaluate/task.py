@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from tasks.data.chat import ChatContext
@@ -174,8 +175,10 @@ def mean_answer_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> f
 def evaluate_models(
     data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
     champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, out_dir: Path,
-    reference_dir: Path, undesirable_examples: Path | None = None,
+    reference_dir: Path, undesirable_examples: Path | None = None, log: logging.Logger | None = None,
 ) -> EvalReport:
+    """Score the candidate, the base and the champion; `log` receives the worker's lines (the stage's own
+    logger, so they show in the run's log)."""
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
     bad = list(read_examples(undesirable_examples))[: cfg.max_samples] if undesirable_examples else []
     probes = [_probe_conversation(probe, data_cfg.system_prompt) for probe in cfg.probes]
@@ -203,8 +206,7 @@ def evaluate_models(
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat)
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
-        generated = run_worker(EVALUATE_WORKER, request, GenerationResult,
-                               out_dir / "worker").outputs
+        generated = run_worker(EVALUATE_WORKER, request, GenerationResult, out_dir / "worker", log=log).outputs
     for name, result in generated.items():
         if name in reference_keys:
             _write_reference(reference_dir, name, reference_keys[name], result)
@@ -296,4 +298,5 @@ def evaluate(
 ) -> EvalReport:
     out_dir = stage_dir(workdir, "evaluate", data, trained, base, champion, data_cfg, cfg, undesirable_examples)
     return evaluate_models(data, eval_examples, train_examples, trained, base, champion, tracking_uri, data_cfg,
-                           cfg, out_dir, Path(workdir) / "evaluate" / "reference", undesirable_examples)
+                           cfg, out_dir, Path(workdir) / "evaluate" / "reference", undesirable_examples,
+                           log=get_run_logger())
