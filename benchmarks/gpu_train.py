@@ -10,7 +10,8 @@ the LM head's size).
   bf16: the shape of shared/gpu/README.md's raw loops. Like for like: `raw_loop` (each library's own model and
   loss, AdamW) and the worker run in groups of the same recomputation: none (`*-none`; the worker's `auto`
   chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and unsloth's offloaded one
-  (`*-offload`). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak.
+  (`*-offload`). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its
+  transformer from CUDA graphs on these rows (`train.cuda_graphs`, on by default); `*-eager` rows run it without.
 - levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
   the head, each decoder layer compiled by `torch.compile`, and each head chunk's softmax and gradient in one
   Triton kernel (`*-head-kernel`, benchmarks/head_kernel.py); the worker otherwise unchanged.
@@ -29,7 +30,9 @@ the LM head's size).
   it fits and train on with the same effective batch.
 
 tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
-torch.cuda.max_memory_allocated in the worker; seconds is the whole training loop including warm-up.
+torch.cuda.max_memory_allocated in the worker, reserved GiB torch.cuda.max_memory_reserved (what the allocator
+held: it counts a CUDA graph's memory pool, whose tensors the allocated figure sees only while capturing);
+seconds is the whole training loop including warm-up.
 
     python benchmarks/gpu_train.py --tokenizer ggml-vocab-qwen2.gguf [--steps 30] [--json results.json] [--only ...]
 """
@@ -124,6 +127,7 @@ def raw_loop(request: TrainRequest) -> TrainResult:
         history.append(LossPoint(step=step, loss=float(loss), learning_rate=cfg.learning_rate,
                                  tokens_per_s=round(ids.numel() / (now - step_started), 1),
                                  peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                                 peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
                                  elapsed_s=round(now - started, 3)))
     backend = "unsloth" if cfg.backend == "unsloth" else "hf"
     return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=backend, loss_history=history,
@@ -183,6 +187,7 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
                     step=state.global_step, loss=logs["loss"], learning_rate=logs.get("learning_rate", 0.0),
                     grad_norm=logs.get("grad_norm"), tokens_per_s=round(self.tokens_per_s, 1),
                     peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                    peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
                     elapsed_s=round(self.now - started, 3)))
 
     trainer = SFTTrainer(
@@ -471,6 +476,7 @@ def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.train.loop:
         "name": name, "backend": result.backend, "mode": cfg.mode, "packed": result.packed,
         "batch": f"{cfg.batch_size}x{cfg.gradient_accumulation_steps}", "steps": result.steps,
         "tokens_per_s": round(statistics.median(rates)), "peak_gib": result.loss_history[-1].peak_gpu_memory_gib,
+        "peak_reserved_gib": result.loss_history[-1].peak_gpu_reserved_gib,
         "seconds": result.runtime_s, "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
         "device": result.device, "precision": result.precision, "devices": cfg.devices,
         "oom_retries": result.oom_retries, "micro_batch_after": result.micro_batch_size,
@@ -513,6 +519,8 @@ def main() -> None:
             ("raw-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=raw)),
             ("long-unsloth", long, long_cfg, dict(**u4)),  # the default: auto
             ("long-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False)),
+            ("long-unsloth-eager", long, long_cfg, dict(**u4, cuda_graphs=False)),  # the default without graphs
+            ("long-hf-eager", long, long_cfg, dict(**h4, gradient_checkpointing=False, cuda_graphs=False)),
             ("long-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False)),
             # Plain recomputation (on the GPU):
             ("raw-unsloth-plain", long, long_cfg, dict(**u4, gradient_checkpointing=True, entry=raw)),
@@ -594,12 +602,13 @@ def main() -> None:
                     shutil.copy(path, args.json.with_name(f"{name}-{report}.txt"))
             if args.json:  # after every run: a run cut short by a time limit keeps what finished
                 args.json.write_text(json.dumps(rows, indent=2))
-    print(f"{'run':<24}{'backend':<9}{'batch':>7}{'tokens/s':>10}{'peak GiB':>10}{'seconds':>9}  loss")
+    print(f"{'run':<28}{'backend':<9}{'batch':>7}{'tokens/s':>10}{'peak GiB':>10}{'reserved':>10}{'seconds':>9}  loss")
     for r in rows:
         if "failed" in r:
-            print(f"{r['name']:<24}FAILED")
+            print(f"{r['name']:<28}FAILED")
             continue
-        print(f"{r['name']:<24}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
+        print(f"{r['name']:<28}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
+              f"{r['peak_reserved_gib']:>10}"
               f"{r['seconds']:>9}  {r['loss']}")
 
 

@@ -1,5 +1,6 @@
-"""The training loop's unsloth path on a CUDA GPU (skipped elsewhere: unsloth imports only where CUDA is):
-packed micro-batches attend within their examples only, like the hf path's test in test_training.py."""
+"""The training loop on a CUDA GPU (skipped elsewhere: unsloth imports only where CUDA is): unsloth's
+packed micro-batches attend within their examples only, like the hf path's test in test_training.py, and steps
+replayed from CUDA graphs train as eager steps do."""
 
 from __future__ import annotations
 
@@ -134,3 +135,76 @@ def test_varlen_kernel_given_grouped_kv_heads_attends_as_with_repeated_heads(cud
         error = float((grouped.float() - repeated.float()).abs().max() / repeated.float().abs().max())
         print(f"{name}: {error:.2e} of its largest value")
         assert error < 1e-2, name
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["no-recomputation", "plain-recomputation"])
+def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth, tmp_path, backend, recompute):
+    """Four steps of two micro-batches each (so gradients accumulate over graph replays), from the same start,
+    with the transformer replayed from CUDA graphs and without: the same losses and weights after every step.
+    Plain SGD keeps the weights' differences proportional to the gradients' (Adam's first steps move every
+    weight by about the learning rate whatever its gradient's size); a replay whose gradient replaced the
+    accumulated one, instead of adding to it, would move them by about as much as a step does."""
+    import torch
+
+    from tasks.train import loop as training
+
+    device = cuda_with_unsloth
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    path = str(small_gqa_model(tmp_path / "model"))
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=1024, dtype=torch.bfloat16,
+                                                     load_in_4bit=False)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=recompute,
+                                                 target_modules=targets)
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+        if recompute:  # as the loop's hf path asks for it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model.to(device), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    model.train()
+    start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    rng = random.Random(1)
+    steps = []
+    for _ in range(4):  # four rows of one length a step: no padding, nothing packed
+        ids = [[rng.randrange(2, 512) for _ in range(64)] for _ in range(4)]
+        steps.append([{"input_ids": row, "labels": [IGNORE] * 16 + row[16:]} for row in ids])
+
+    def train(cuda_graphs: bool):
+        training._load_trainable(model, start)
+        model.zero_grad(set_to_none=True)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        stepper = training.Stepper(model=model, scaler=scaler, device=device, precision="bf16", backend=backend,
+                                   packing=True, row_tokens=None, head_chunk=64, pad_id=0, max_oom_retries=0,
+                                   rank=training.Rank(), cuda_graphs=cuda_graphs)
+        state = training.TrainingState(micro_batch_size=2)
+        losses, weights = [], []
+        for step, rows in enumerate(steps, 1):
+            tokens = sum(training._n_loss_tokens(row) for row in rows)
+            losses.append(float(stepper.run(rows, tokens, state, step)))
+            training._finish_step(trainable, optimizer, scheduler, scaler, None,
+                                  set_to_none=not stepper.gradients_in_graphs)
+            weights.append({name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
+        return losses, weights, stepper
+
+    eager_losses, eager_weights, _ = train(False)
+    graphed_losses, graphed_weights, stepper = train(True)
+    if not training.graphs_capture(backend, recompute):  # unsloth's reentrant recomputation: the loop asks for no
+        assert stepper.graphs.failed  # graphs, as the capture fails (should it stop failing, graphs_capture may say yes)
+        return
+    assert stepper.graphs.shape == (2, 64)  # the second micro-batch of step 1 was captured
+    moved = max(float((eager_weights[-1][name] - value).abs().max()) for name, value in start.items())
+    print(f"{backend}, recompute {recompute}: losses eager {eager_losses}, graphed {graphed_losses}; largest weight move {moved:.3e}")
+    assert graphed_losses == pytest.approx(eager_losses, rel=5e-3)
+    for step, (graphed, eager) in enumerate(zip(graphed_weights, eager_weights), 1):
+        for name in start:
+            difference = float((graphed[name] - eager[name]).abs().max())
+            assert difference <= 2e-2 * moved, f"step {step}, {name}: {difference:.3e} (moved {moved:.3e})"

@@ -13,6 +13,9 @@ torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier versi
 - Packing without leaks. A micro-batch's examples are concatenated into one row with positions restarting
   at 0; transformers turns that into a block-diagonal mask (`find_packed_sequence_indices`), unsloth into its
   varlen attention (`packed_seq_lengths`); next-token targets never cross an example's end.
+- Fewer launches. A small model's step is bound by the host launching kernels; where micro-batches repeat one
+  unpadded, unpacked shape, the transformer's forward and backward replay from two CUDA graphs
+  (`tasks/train/graphs.py`, `train.cuda_graphs`).
 - Several devices: torch's DistributedDataParallel averages the gradients across ranks during the backward
   pass (`tasks/train/data_parallel.py`), skipping the exchange on all but a step's last micro-batch; rank 0 alone
   writes.
@@ -132,7 +135,9 @@ def train_model(request: TrainRequest) -> TrainResult:
     stepper = Stepper(model=model, scaler=scaler, device=device, precision=env.precision, backend=backend,
                       packing=packing, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id,
                       head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
-                      max_oom_retries=cfg.max_oom_retries, rank=rank)
+                      max_oom_retries=cfg.max_oom_retries, rank=rank,
+                      cuda_graphs=(cfg.cuda_graphs and device.type == "cuda"
+                                   and graphs_capture(backend, env.gradient_checkpointing)))
     evaluation = (HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper)
                   if cfg.eval_steps else None)
     model.train()
@@ -149,7 +154,8 @@ def train_model(request: TrainRequest) -> TrainResult:
         loss_tokens = sum(_n_loss_tokens(row) for row in examples)
         # Loss and gradient norm stay on the device until a logging step reads them: no wait for the GPU between.
         loss_sum = stepper.run(local, loss_tokens, state, step)
-        grad_norm = _finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm)
+        grad_norm = _finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm,
+                                 set_to_none=not stepper.gradients_in_graphs)
         tokens_since_log += sum(len(row["input_ids"]) for row in examples)
         if step % cfg.logging_steps == 0 or step == total_steps:
             if rank.world > 1:
@@ -160,6 +166,8 @@ def train_model(request: TrainRequest) -> TrainResult:
                 grad_norm=round(float(grad_norm), 6), tokens_per_s=round(tokens_since_log / (now - last_log), 1),
                 peak_gpu_memory_gib=(round(torch.cuda.max_memory_allocated(device) / GIB, 3)
                                      if device.type == "cuda" else None),
+                peak_gpu_reserved_gib=(round(torch.cuda.max_memory_reserved(device) / GIB, 3)
+                                       if device.type == "cuda" else None),
                 elapsed_s=round(now - started, 3),
             )
             state.history.append(point)
@@ -484,6 +492,13 @@ def _load_unsloth(request: TrainRequest, precision: str, device, checkpointing: 
     return model, tokenizer
 
 
+def graphs_capture(backend: Backend, checkpointing: bool | Literal["offload"]) -> bool:
+    """Whether `tasks/train/graphs.py` can capture the transformer's step: without recomputation, or with hf's
+    plain (non-reentrant) checkpointing. unsloth's checkpointing is reentrant, which hides the weights from the
+    graph's backward pass (the capture fails: GPU test), and the offloaded one copies to the host."""
+    return not checkpointing or backend == "hf" and checkpointing is True
+
+
 def unsloth_packs(device) -> bool:
     """Whether unsloth attends within packed examples in one kernel call: torch's `varlen_attn` (flash) on an
     Ampere or newer GPU. Otherwise unsloth 2026.10 would attend one run of equal example lengths at a time,
@@ -650,22 +665,23 @@ def _to_device(batch: dict[str, list[list[int]]], device) -> dict:
     return {key: tensor.pin_memory().to(device, non_blocking=True) for key, tensor in tensors.items()}
 
 
-def token_losses(model, batch: dict, backend: Backend, head_chunk: int):
+def token_losses(model, batch: dict, backend: Backend, head_chunk: int, transformer=None):
     """Cross-entropy of every loss-carrying token, with the LM head applied at those positions only, in chunks
     that never keep more than one chunk's logits (`tasks/train/head_loss.py`).
 
     Returns (sum of the losses, differentiable; each token's loss, detached; example index of each loss);
-    the base transformer runs once over the whole batch.
+    the base transformer runs once over the whole batch (through `transformer` when given: CUDA graphs).
     """
     from tasks.train.head_loss import head_cross_entropy
 
-    hidden, head = loss_hidden(model, batch, backend)
+    hidden, head = loss_hidden(model, batch, backend, transformer)
     total, losses = head_cross_entropy(hidden, head, batch["loss_targets"], head_chunk)
     return total, losses, batch["loss_example"]
 
 
-def loss_hidden(model, batch: dict, backend: Backend):
-    """(hidden states at the loss-carrying positions, the LM head): the base transformer run once over the batch."""
+def loss_hidden(model, batch: dict, backend: Backend, transformer=None):
+    """(hidden states at the loss-carrying positions, the LM head): the base transformer run once over the batch,
+    by `transformer(inputs)` when given (`tasks/train/graphs.py`)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     # No KV cache: transformers detects packed rows (and masks across examples) only without one.
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
@@ -675,7 +691,7 @@ def loss_hidden(model, batch: dict, backend: Backend):
         inputs["position_ids"] = batch["position_ids"]
         if backend == "unsloth":
             inputs["packed_seq_lengths"] = batch["packed_seq_lengths"]
-    hidden = causal_lm.base_model(**inputs).last_hidden_state
+    hidden = transformer(inputs) if transformer else causal_lm.base_model(**inputs).last_hidden_state
     return hidden.flatten(0, 1).index_select(0, batch["loss_at"]), causal_lm.get_output_embeddings()
 
 
@@ -695,16 +711,30 @@ class Stepper:
     pad_id: int
     max_oom_retries: int
     rank: Rank
+    cuda_graphs: bool = False  # replay the transformer from CUDA graphs where a shape repeats (one device)
 
     def __post_init__(self):
         from functools import partial
 
-        self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk)
+        self.graphs = None
+        if self.cuda_graphs and self.rank.world == 1:
+            from tasks.train.graphs import TransformerGraphs
+
+            causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.graphs = TransformerGraphs(causal_lm.base_model)
+        self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk,
+                              transformer=self.graphs)
         self.parallel = None
         if self.rank.world > 1:
             from tasks.train.data_parallel import data_parallel
 
             self.parallel = data_parallel(self.model, self.losses, self.device)
+
+    @property
+    def gradients_in_graphs(self) -> bool:
+        """Whether a captured graph writes the gradients: then they stay allocated between steps (zeroed, not
+        set to None; tasks/train/graphs.py)."""
+        return self.graphs is not None and self.graphs.graphed is not None
 
     def run(self, rows: list[dict], loss_tokens: int, state: TrainingState, step: int):
         """Accumulate the gradients of `rows`; returns their summed token loss (a detached tensor). On CUDA
@@ -744,7 +774,9 @@ class Stepper:
         # Gradients are exchanged once a step: with the last micro-batch's backward pass.
         sync = contextlib.nullcontext() if self.parallel is None or last else self.parallel.no_sync()
         with sync:
-            with torch.autocast(self.device.type, dtype=_dtype(self.precision), enabled=self.precision != "fp32"):
+            # No autocast cache: CUDA graphs cannot capture it, and bf16 / fp16 weights are not cast anyway.
+            with torch.autocast(self.device.type, dtype=_dtype(self.precision), enabled=self.precision != "fp32",
+                                cache_enabled=False):
                 loss_sum, _, _ = self.parallel(batch) if self.parallel else self.losses(self.model, batch)
             # Scaled to the whole step's mean token loss over all micro-batches and ranks; DDP averages the
             # ranks' gradients, so each rank's share is scaled up by their number to make that a sum.
@@ -752,7 +784,7 @@ class Stepper:
         return loss_sum.detach()
 
 
-def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm):
+def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm, set_to_none: bool = True):
     """Clip, step the optimizer and the schedule (the gradients are already the same on every rank); returns
     the gradient norm (a tensor)."""
     import torch
@@ -762,7 +794,7 @@ def _finish_step(trainable, optimizer, scheduler, scaler, max_grad_norm):
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
     return norm
 
 
@@ -1139,7 +1171,8 @@ def train_preference(run: PreferenceRun) -> None:
             chosen, rejected = sequence_logps(stepper, picked + matched).split(len(picked))
             loss, metrics = dpo_loss(chosen, rejected, ref, ref_matched, pref.beta)
         stepper.scaler.scale(loss).backward()
-        grad_norm = _finish_step(trainable, optimizer, scheduler, stepper.scaler, cfg.max_grad_norm)
+        grad_norm = _finish_step(trainable, optimizer, scheduler, stepper.scaler, cfg.max_grad_norm,
+                                 set_to_none=not stepper.gradients_in_graphs)
         tokens_since_log += sum(len(row["input_ids"]) for row in picked + matched)
         if step % cfg.logging_steps == 0 or step == run.last_step:
             now = time.perf_counter()
@@ -1148,6 +1181,7 @@ def train_preference(run: PreferenceRun) -> None:
                 step=step, loss=float(loss), learning_rate=scheduler.get_last_lr()[0],
                 grad_norm=round(float(grad_norm), 6), tokens_per_s=round(tokens_since_log / (now - last_log), 1),
                 peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(stepper.device) / 2**30, 3) if cuda else None,
+                peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved(stepper.device) / 2**30, 3) if cuda else None,
                 elapsed_s=round(now - run.started, 3), phase=method, **metrics,
             )
             run.state.history.append(point)

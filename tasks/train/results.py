@@ -18,6 +18,7 @@ Backend = Literal["hf", "unsloth"]
 # Per logged training step: MLflow metric name <- LossPoint field.
 TRAINING_CURVE = {"train_loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
                   "tokens_per_s": "tokens_per_s", "peak_gpu_memory_gib": "peak_gpu_memory_gib",
+                  "peak_gpu_reserved_gib": "peak_gpu_reserved_gib",
                   "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
                   "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy", "kl": "kl"}
 
@@ -29,6 +30,7 @@ class LossPoint(BaseModel):
     grad_norm: float | None = None  # before clipping
     tokens_per_s: float | None = None  # non-padding tokens, all devices, since the previous logged step
     peak_gpu_memory_gib: float | None = None  # None on the CPU
+    peak_gpu_reserved_gib: float | None = None  # what the allocator held, CUDA graphs' memory pool included
     elapsed_s: float  # since training started: step times without model loading
     # Preference steps (issue 22): `loss` is the KTO or DPO loss; the rewards are beta x (policy - reference)
     # log-probabilities of the answers, as TRL logs them.
