@@ -1,5 +1,6 @@
-"""The worker process: a typed result comes back; a crash or a kill fails with the worker's own log tail; a worker
-started early (a spare) takes the next request for its target after importing its module's stack."""
+"""The worker process: a typed result comes back, and the worker leaves without its teardown; a crash or a kill
+fails with the worker's own log tail; a worker started early (a spare) takes the next request for its target after
+importing its module's stack."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def target(request: Request) -> Result:
         sys.exit(1)
     if request.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if request.action == "exit-hook":  # an exit hook, as torch and the other libraries register them
+        import atexit
+
+        atexit.register(Path(request.text).write_text, "the hook ran")
     return Result(text=request.text.upper(), pid=os.getpid())
 
 
@@ -60,6 +65,14 @@ def test_result_comes_back_from_another_process(tmp_path):
     result = run_worker("test_worker:target", Request(text="hi"), Result, tmp_path)
     assert result.text == "HI" and result.pid != os.getpid()
     assert "worker got 'hi'" in (tmp_path / "worker.log").read_text()
+
+
+def test_the_worker_leaves_without_the_interpreters_teardown_once_its_result_is_written(tmp_path):
+    """The stage does not wait for the worker's teardown (seconds, once a model was loaded): exit hooks don't run."""
+    hook_ran = tmp_path / "exit-hook-ran"
+    result = run_worker("test_worker:target", Request(text=str(hook_ran), action="exit-hook"), Result, tmp_path)
+    assert result.text == str(hook_ran).upper()
+    assert not hook_ran.exists()
 
 
 def test_exception_fails_with_traceback_tail(tmp_path):
