@@ -38,12 +38,12 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     seconds: dict[str, list[float]] = {"teardown": [], "without-teardown": []}
     for _ in range(args.repeats):
-        for how in seconds:
+        for how, times in seconds.items():
             child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.model_dir), how], cwd=root,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             done = float(child.stdout.read().split()[-1])
             child.wait()
-            seconds[how].append(round(time.time() - done, 3))
+            times.append(round(time.time() - done, 3))
     for how, values in seconds.items():
         print(f"{how}: median {statistics.median(values):.3f} s of {values}")
 

@@ -12,6 +12,8 @@ Imported by the training worker only (it imports torch at module level).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -26,6 +28,7 @@ class TransformerGraphs:
         self.graphed = None  # the captured forward, for `shape`
         self.shape = None
         self.last_shape = None
+        self.addresses: list[int] = []  # of every weight and buffer, at the capture
         self.failed = False
 
     def __call__(self, inputs: dict):
@@ -34,7 +37,8 @@ class TransformerGraphs:
             if self.graphed is None and not self.failed and ids.shape == self.last_shape:
                 self._capture(ids)
             self.last_shape = ids.shape
-            if self.graphed is not None and ids.shape == self.shape:
+            if self.graphed is not None and ids.shape == self.shape and self._weights_in_place():
+                self._allocate_gradients()
                 return self.graphed(ids)
         return self.transformer(**inputs).last_hidden_state
 
@@ -42,12 +46,30 @@ class TransformerGraphs:
         return (set(inputs) == {"input_ids", "use_cache"} and inputs["input_ids"].is_cuda
                 and torch.is_grad_enabled() and self.transformer.training)
 
-    def _capture(self, ids) -> None:
+    def _allocate_gradients(self) -> None:
         # Replayed gradients land in the graph's own buffers: accumulated into existing `.grad` tensors they are
         # added; into none, autograd would keep the buffer itself as `.grad`, which the next replay overwrites.
         for param in self.transformer.parameters():
             if param.requires_grad and param.grad is None:
                 param.grad = torch.zeros_like(param)
+
+    def _weights_in_place(self) -> bool:
+        """Whether every weight (and buffer) is where the capture saw it: a graph reads the addresses it was
+        captured with, so a weight replaced since (not copied into) would silently stop taking part. Otherwise the
+        graphs are dropped."""
+        if self._addresses() == self.addresses:
+            return True
+        self.graphed, self.failed = None, True
+        print("train: CUDA graphs off, a weight of the transformer was replaced since the capture; eager steps",
+              flush=True)
+        return False
+
+    def _addresses(self) -> list[int]:
+        return [tensor.data_ptr() for tensor in itertools.chain(self.transformer.parameters(),
+                                                                 self.transformer.buffers())]
+
+    def _capture(self, ids) -> None:
+        self._allocate_gradients()
         # The eager pass of this shape just before warmed up every kernel (autotuning, cuBLAS): no warm-up runs.
         # Its memory goes back to the device first, so that the graphs' private pool can take it, rather than
         # sit cached beside it.
@@ -62,6 +84,7 @@ class TransformerGraphs:
                   flush=True)
             return
         self.shape = ids.shape
+        self.addresses = self._addresses()
         print(f"train: the transformer's forward and backward captured as CUDA graphs for micro-batches of "
               f"{ids.shape[0]} x {ids.shape[1]} tokens", flush=True)
 
