@@ -197,12 +197,15 @@ def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth,
 
     eager_losses, eager_weights, _ = train(False)
     graphed_losses, graphed_weights, stepper = train(True)
-    if not training.graphs_capture(backend, recompute):  # unsloth's reentrant recomputation: the loop asks for no
-        assert stepper.graphs.failed  # graphs, as the capture fails (should it stop failing, graphs_capture may say yes)
+    if not training.graphs_capture(backend, recompute):
+        # unsloth's reentrant recomputation: the loop asks for no graphs there, as the capture fails (should it
+        # stop failing, graphs_capture may say yes)
+        assert stepper.graphs.failed
         return
     assert stepper.graphs.shape == (2, 64)  # the second micro-batch of step 1 was captured
     moved = max(float((eager_weights[-1][name] - value).abs().max()) for name, value in start.items())
-    print(f"{backend}, recompute {recompute}: losses eager {eager_losses}, graphed {graphed_losses}; largest weight move {moved:.3e}")
+    print(f"{backend}, recompute {recompute}: losses eager {eager_losses}, graphed {graphed_losses}; "
+          f"largest weight move {moved:.3e}")
     assert graphed_losses == pytest.approx(eager_losses, rel=5e-3)
     for step, (graphed, eager) in enumerate(zip(graphed_weights, eager_weights), 1):
         for name in start:

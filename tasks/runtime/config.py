@@ -189,8 +189,8 @@ class TrainConfig(Section):
         "GPU anyway below 512 tokens of `model.max_seq_length`, where offloading does not pay.",
     )
     cuda_graphs: bool = Field(
-        True, description="On one CUDA device, without recomputation (or with hf's plain one): replay the transformer's forward and backward "
-        "from CUDA graphs for unpadded, unpacked micro-batches of one repeating shape (a shape is captured when it "
+        True, description="LoRA on a 16-bit base, one CUDA device, without recomputation (or with hf's plain "
+        "one): replay the transformer's forward and backward from CUDA graphs for unpadded, unpacked micro-batches of one repeating shape (a shape is captured when it "
         "comes twice in a row), so a step launches two graphs instead of thousands of kernels. Other micro-batches "
         "run as before; a capture that fails is reported and training goes on without graphs.",
     )

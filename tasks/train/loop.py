@@ -137,7 +137,8 @@ def train_model(request: TrainRequest) -> TrainResult:
                       head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
                       max_oom_retries=cfg.max_oom_retries, rank=rank,
                       cuda_graphs=(cfg.cuda_graphs and device.type == "cuda"
-                                   and graphs_capture(backend, env.gradient_checkpointing)))
+                                   and graphs_capture(backend, env.gradient_checkpointing, cfg.mode,
+                                                      request.model_cfg.load_in_4bit)))
     evaluation = (HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper)
                   if cfg.eval_steps else None)
     model.train()
@@ -492,10 +493,14 @@ def _load_unsloth(request: TrainRequest, precision: str, device, checkpointing: 
     return model, tokenizer
 
 
-def graphs_capture(backend: Backend, checkpointing: bool | Literal["offload"]) -> bool:
-    """Whether `tasks/train/graphs.py` can capture the transformer's step: without recomputation, or with hf's
+def graphs_capture(backend: Backend, checkpointing: bool | Literal["offload"], mode: str = "lora",
+                   load_in_4bit: bool = False) -> bool:
+    """Whether `tasks/train/graphs.py` captures the transformer's step: LoRA on a 16-bit base (what the GPU tests
+    prove; QLoRA's 4-bit kernels and full fine-tuning are not proven yet), without recomputation or with hf's
     plain (non-reentrant) checkpointing. unsloth's checkpointing is reentrant, which hides the weights from the
     graph's backward pass (the capture fails: GPU test), and the offloaded one copies to the host."""
+    if mode != "lora" or load_in_4bit:
+        return False
     return not checkpointing or backend == "hf" and checkpointing is True
 
 
@@ -1181,7 +1186,8 @@ def train_preference(run: PreferenceRun) -> None:
                 step=step, loss=float(loss), learning_rate=scheduler.get_last_lr()[0],
                 grad_norm=round(float(grad_norm), 6), tokens_per_s=round(tokens_since_log / (now - last_log), 1),
                 peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated(stepper.device) / 2**30, 3) if cuda else None,
-                peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved(stepper.device) / 2**30, 3) if cuda else None,
+                peak_gpu_reserved_gib=(round(torch.cuda.max_memory_reserved(stepper.device) / 2**30, 3)
+                                       if cuda else None),
                 elapsed_s=round(now - run.started, 3), phase=method, **metrics,
             )
             run.state.history.append(point)
