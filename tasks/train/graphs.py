@@ -3,7 +3,7 @@
 A LoRA step on a small model is bound by the host launching kernels, thousands a step (benchmarks/RESULTS.md,
 issue 20), not by the GPU. Captured once as two CUDA graphs (the transformer's forward, and its backward to the
 trainable weights) by `torch.cuda.make_graphed_callables`, a later micro-batch of the same shape launches two
-graphs instead. Only micro-batches whose layers see nothing but the token ids qualify: unpadded, unpacked rows
+graphs instead of those kernels. Only micro-batches whose layers see nothing but the token ids qualify: unpadded, unpacked rows
 (a padding mask or packed positions change what attention does, and their lengths change from step to step).
 Everything else, and the LM head (its positions vary), runs as before.
 
