@@ -277,8 +277,7 @@ def with_compiled_layers(request: TrainRequest) -> TrainResult:
     def compiled(load):
         def load_and_compile(*args, **kwargs):
             model, tokenizer = load(*args, **kwargs)
-            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-            for layer in causal_lm.model.layers:
+            for layer in training.causal_lm_of(model).model.layers:
                 layer.compile()
             return model, tokenizer
         return load_and_compile

@@ -190,9 +190,10 @@ class TrainConfig(Section):
     )
     cuda_graphs: bool = Field(
         True, description="LoRA on a 16-bit base, one CUDA device, without recomputation (or with hf's plain "
-        "one): replay the transformer's forward and backward from CUDA graphs for unpadded, unpacked micro-batches of one repeating shape (a shape is captured when it "
-        "comes twice in a row), so a step launches two graphs instead of thousands of kernels. Other micro-batches "
-        "run as before; a capture that fails is reported and training goes on without graphs.",
+        "one): replay the transformer's forward and backward from CUDA graphs for unpadded, unpacked "
+        "micro-batches of one repeating shape (a shape is captured when it comes twice in a row), so a step "
+        "launches two graphs instead of thousands of kernels. Other micro-batches run as before; a capture that "
+        "fails is reported and training goes on without graphs.",
     )
     save_steps: int = Field(
         50, ge=1, description="Write a checkpoint every this many steps; a killed run resumes from the newest."

@@ -3,8 +3,9 @@
 A LoRA step on a small model is bound by the host launching kernels, thousands a step (benchmarks/RESULTS.md,
 issue 20), not by the GPU. Captured once as two CUDA graphs (the transformer's forward, and its backward to the
 trainable weights) by `torch.cuda.make_graphed_callables`, a later micro-batch of the same shape launches two
-graphs instead of those kernels. Only micro-batches whose layers see nothing but the token ids qualify: unpadded, unpacked rows
-(a padding mask or packed positions change what attention does, and their lengths change from step to step).
+graphs instead of those kernels. Only micro-batches whose layers see nothing but the token ids qualify:
+unpadded, unpacked rows (a padding mask or packed positions change what attention does, and their lengths
+change from step to step).
 Everything else, and the LM head (its positions vary), runs as before.
 
 Imported by the training worker only (it imports torch at module level).
@@ -69,7 +70,6 @@ class TransformerGraphs:
                                                                  self.transformer.buffers())]
 
     def _capture(self, ids) -> None:
-        self._allocate_gradients()
         # The eager pass of this shape just before warmed up every kernel (autotuning, cuBLAS): no warm-up runs.
         # Its memory goes back to the device first, so that the graphs' private pool can take it, rather than
         # sit cached beside it.

@@ -684,10 +684,15 @@ def token_losses(model, batch: dict, backend: Backend, head_chunk: int, transfor
     return total, losses, batch["loss_example"]
 
 
+def causal_lm_of(model):
+    """The causal LM inside a peft model (its LoRA layers in place), or the model itself (full fine-tuning)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def loss_hidden(model, batch: dict, backend: Backend, transformer=None):
     """(hidden states at the loss-carrying positions, the LM head): the base transformer run once over the batch,
     by `transformer(inputs)` when given (`tasks/train/graphs.py`)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     # No KV cache: transformers detects packed rows (and masks across examples) only without one.
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "attention_mask" in batch:
@@ -725,8 +730,7 @@ class Stepper:
         if self.cuda_graphs and self.rank.world == 1:
             from tasks.train.graphs import TransformerGraphs
 
-            causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self.graphs = TransformerGraphs(causal_lm.base_model)
+            self.graphs = TransformerGraphs(causal_lm_of(self.model).base_model)
         self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk,
                               transformer=self.graphs)
         self.parallel = None
