@@ -9,8 +9,8 @@ the LM head's size).
 - long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
   bf16: the shape of shared/gpu/README.md's raw loops. Like for like: `raw_loop` (each library's own model and
   loss, AdamW) and the worker run in groups of the same recomputation: none (`*-none`; the worker's `auto`
-  chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and unsloth's offloaded one
-  (`*-offload`). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its
+  chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and offloaded to host memory
+  (`*-offload`: unsloth's own in the raw loop, tunepipe's `tasks/train/recompute.py` in the worker). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its
   transformer from CUDA graphs on these rows (`train.cuda_graphs`, on by default); `*-eager` rows run it without.
 - levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
   the head, each decoder layer compiled by `torch.compile`, and each head chunk's softmax and gradient in one
@@ -526,7 +526,7 @@ def main() -> None:
             ("raw-hf-plain", long, long_cfg, dict(**h4, gradient_checkpointing=True, entry=raw)),
             ("long-unsloth-checkpointing", long, long_cfg, dict(**u4, gradient_checkpointing=True)),
             ("long-hf-checkpointing", long, long_cfg, dict(**h4, gradient_checkpointing=True)),
-            # unsloth's offloaded recomputation (its default):
+            # Offloaded recomputation (the raw loop: unsloth's own, its default):
             ("raw-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload",
                                                          entry=raw)),
             ("long-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload")),

@@ -185,12 +185,11 @@ class TrainConfig(Section):
     gradient_checkpointing: bool | Literal["auto", "offload"] = Field(
         "auto", description="Recompute activations in the backward pass: much less memory, slower steps. `auto`: "
         "only when a step's activations would not fit in half the free memory (the environment check's estimate). "
-        "`offload` (unsloth backend) also keeps each layer's saved input in CPU memory; unsloth keeps them on the "
-        "GPU anyway below 512 tokens of `model.max_seq_length`, where offloading does not pay.",
+        "`offload` also keeps each layer's saved input in pinned CPU memory (on a GPU; on the CPU it is `true`).",
     )
     cuda_graphs: bool = Field(
-        True, description="LoRA on a 16-bit base, one CUDA device, without recomputation (or with hf's plain "
-        "one): replay the transformer's forward and backward from CUDA graphs for unpadded, unpacked "
+        True, description="LoRA on a 16-bit base, one CUDA device, with or without recomputation: replay the "
+        "transformer's forward and backward from CUDA graphs for unpadded, unpacked "
         "micro-batches of one repeating shape (a shape is captured when it comes twice in a row), so a step "
         "launches two graphs instead of thousands of kernels. Other micro-batches run as before; a capture that "
         "fails is reported and training goes on without graphs.",

@@ -137,8 +137,7 @@ def train_model(request: TrainRequest) -> TrainResult:
                       head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
                       max_oom_retries=cfg.max_oom_retries, rank=rank,
                       cuda_graphs=(cfg.cuda_graphs and device.type == "cuda"
-                                   and graphs_capture(backend, env.gradient_checkpointing, cfg.mode,
-                                                      request.model_cfg.load_in_4bit)))
+                                   and graphs_capture(cfg.mode, request.model_cfg.load_in_4bit)))
     evaluation = (HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper)
                   if cfg.eval_steps else None)
     model.train()
@@ -310,9 +309,6 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
         raise TrainingEnvironmentError(
             "train.mode=qlora (a 4-bit base, bitsandbytes) needs a CUDA GPU and this machine has none; "
             "use train.mode: lora")
-    if cfg.gradient_checkpointing == "offload" and backend != "unsloth":
-        raise TrainingEnvironmentError(
-            f"train.gradient_checkpointing=offload needs the unsloth backend (this run uses {backend}); use true")
     if cfg.optimizer == "adamw_8bit" and not cuda:
         raise TrainingEnvironmentError("train.optimizer=adamw_8bit (bitsandbytes) needs a CUDA GPU; use adamw")
     if cfg.objective != "sft" and cfg.devices > 1:
@@ -434,7 +430,7 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def _load_hf(request: TrainRequest, precision: str, device, checkpointing: bool):
+def _load_hf(request: TrainRequest, precision: str, device, checkpointing: bool | Literal["offload"]):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -459,6 +455,9 @@ def _load_hf(request: TrainRequest, precision: str, device, checkpointing: bool)
         model.to(device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from tasks.train.recompute import checkpoint_layers
+
+        checkpoint_layers(model, checkpointing)
     if not full:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -480,28 +479,25 @@ def _load_unsloth(request: TrainRequest, precision: str, device, checkpointing: 
         max_seq_length=request.model_cfg.max_seq_length, dtype=_dtype(precision),
         load_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
     )
-    # Plain (on-GPU) checkpointing unless asked: unsloth's default offloads to the CPU.
-    checkpointing = "unsloth" if checkpointing == "offload" else checkpointing
     model = FastLanguageModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         bias=lora.bias, use_rslora=lora.use_rslora, random_state=cfg.seed,
-        use_gradient_checkpointing=checkpointing,
+        use_gradient_checkpointing=bool(checkpointing),
     )
+    if checkpointing:  # unsloth turned it on; the layers' recomputation is ours (tasks/train/recompute.py)
+        from tasks.train.recompute import checkpoint_layers
+
+        checkpoint_layers(model, checkpointing)
     _load_adapter_weights(model, request.init_from)
     if request.model_cfg.chat_template:
         tokenizer.chat_template = request.model_cfg.chat_template
     return model, tokenizer
 
 
-def graphs_capture(backend: Backend, checkpointing: bool | Literal["offload"], mode: str = "lora",
-                   load_in_4bit: bool = False) -> bool:
-    """Whether `tasks/train/graphs.py` captures the transformer's step: LoRA on a 16-bit base (what the GPU tests
-    prove; QLoRA's 4-bit kernels and full fine-tuning are not proven yet), without recomputation or with hf's
-    plain (non-reentrant) checkpointing. unsloth's checkpointing is reentrant, which hides the weights from the
-    graph's backward pass (the capture fails: GPU test), and the offloaded one copies to the host."""
-    if mode != "lora" or load_in_4bit:
-        return False
-    return not checkpointing or backend == "hf" and checkpointing is True
+def graphs_capture(mode: str = "lora", load_in_4bit: bool = False) -> bool:
+    """Whether `tasks/train/graphs.py` captures the transformer's step: LoRA on a 16-bit base, with or without
+    recomputation (what the GPU tests prove; QLoRA's 4-bit kernels and full fine-tuning are not proven yet)."""
+    return mode == "lora" and not load_in_4bit
 
 
 def unsloth_packs(device) -> bool:

@@ -55,7 +55,7 @@ def prestart_training(backend: str, mode: str, devices: int) -> None:
 # modules beside it that it runs, and the base model is read by tasks/model/base.py.
 TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=(
     "tasks.train.loop", "tasks.train.preference", "tasks.train.head_loss", "tasks.train.data_parallel",
-    "tasks.train.graphs", "tasks.model.base", "tasks.model.packaged"))
+    "tasks.train.graphs", "tasks.train.recompute", "tasks.model.base", "tasks.model.packaged"))
 
 
 @task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)
