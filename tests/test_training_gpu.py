@@ -226,13 +226,22 @@ def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth,
 
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
 def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_alike(cuda_with_unsloth, tmp_path,
-                                                                                     backend):
-    """After the forward pass, recomputation holds each layer's input on the GPU and its offloaded form holds
-    none: the difference is exactly the two layers' inputs. The losses and LoRA gradients agree."""
+                                                                                     backend, monkeypatch):
+    """After the forward pass, the offloaded form has moved each layer's input to the host and holds less on the
+    GPU than recomputation does (by at least a layer's input); the losses and LoRA gradients agree."""
     import torch
 
     from tasks.train import loop as training
+    from tasks.train import recompute
 
+    moved = []
+    on_host = recompute._OnHost.__init__
+
+    def record(self, tensor, buffers):
+        moved.append((tuple(tensor.shape), tensor.requires_grad))
+        on_host(self, tensor, buffers)
+
+    monkeypatch.setattr(recompute._OnHost, "__init__", record)
     device = cuda_with_unsloth
     path = str(small_gqa_model(tmp_path / "model"))
     rng = random.Random(2)
@@ -240,6 +249,7 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
     ids = torch.tensor(rows, device=device)
     held, results = {}, {}
     for recompute in (True, "offload"):
+        torch.manual_seed(0)  # the same LoRA initialisation (peft draws it from torch's generator)
         model = lora_model(path, backend, recompute, device)
         model.train()
         torch.cuda.synchronize()
@@ -256,8 +266,9 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
         torch.cuda.empty_cache()
     layer_input = ids.numel() * 128 * 2  # tokens x hidden size x bf16
     print(f"{backend}: held after the forward pass, recomputation {held[True]} bytes, offloaded "
-          f"{held['offload']} bytes; a layer's input {layer_input}")
-    assert held[True] - held["offload"] == 2 * layer_input
+          f"{held['offload']} bytes; a layer's input {layer_input}; moved to the host {moved}")
+    assert len(moved) == 2  # each layer's input
+    assert held[True] - held["offload"] >= layer_input
     (plain_loss, plain_grads), (offload_loss, offload_grads) = results[True], results["offload"]
     assert offload_loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in plain_grads.items():
