@@ -45,7 +45,7 @@ class _OnHost:
     """A layer input copied to a lent host buffer; the buffer goes back to the pool when this is dropped."""
 
     def __init__(self, tensor: torch.Tensor, buffers: HostBuffers):
-        self.device, self.dtype, self.shape = tensor.device, tensor.dtype, tensor.shape
+        self.device = tensor.device
         nbytes = tensor.numel() * tensor.element_size()
         buffer = buffers.lend(nbytes)
         self.view = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
