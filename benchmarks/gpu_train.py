@@ -10,8 +10,8 @@ the LM head's size).
   bf16: the shape of shared/gpu/README.md's raw loops. Like for like: `raw_loop` (each library's own model and
   loss, AdamW) and the worker run in groups of the same recomputation: none (`*-none`; the worker's `auto`
   chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and offloaded to host memory
-  (`*-offload`: unsloth's own in the raw loop, tunepipe's `tasks/train/recompute.py` in the worker). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its
-  transformer from CUDA graphs on these rows (`train.cuda_graphs`, on by default); `*-eager` rows run it without.
+  (`*-offload`: unsloth's own in the raw loop, tunepipe's `tasks/train/recompute.py` in the worker).
+  MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its transformer from CUDA graphs on these rows (`train.cuda_graphs`, on by default); `*-eager` rows run it without.
 - levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
   the head, each decoder layer compiled by `torch.compile`, and each head chunk's softmax and gradient in one
   Triton kernel (`*-head-kernel`, benchmarks/head_kernel.py); the worker otherwise unchanged.

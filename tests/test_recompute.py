@@ -26,7 +26,7 @@ def tiny_qwen3(recompute):
 
 
 @pytest.mark.parametrize("recompute", [True, "offload"])
-def test_layers_recomputed_through_our_checkpoint_give_the_gradients_of_a_run_without(recompute, monkeypatch):
+def test_layers_recomputed_through_our_checkpoint_give_the_gradients_of_a_run_without(recompute):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     grads = {}
     for mode in (False, recompute):

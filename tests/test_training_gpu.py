@@ -149,8 +149,8 @@ def lora_model(path: str, backend: str, recompute, device):
 
         model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=1024, dtype=torch.bfloat16,
                                                      load_in_4bit=False)
-        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=bool(recompute),
-                                                 target_modules=targets)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=targets,
+                                                 use_gradient_checkpointing=bool(recompute))
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -248,9 +248,9 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
     rows = [[rng.randrange(2, 512) for _ in range(256)] for _ in range(4)]
     ids = torch.tensor(rows, device=device)
     held, results = {}, {}
-    for recompute in (True, "offload"):
+    for mode in (True, "offload"):
         torch.manual_seed(0)  # the same LoRA initialisation (peft draws it from torch's generator)
-        model = lora_model(path, backend, recompute, device)
+        model = lora_model(path, backend, mode, device)
         model.train()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -258,9 +258,9 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
             hidden = training.causal_lm_of(model).base_model(input_ids=ids, use_cache=False).last_hidden_state
         loss = hidden.float().pow(2).mean()
         torch.cuda.synchronize()
-        held[recompute] = torch.cuda.memory_allocated() - before
+        held[mode] = torch.cuda.memory_allocated() - before
         loss.backward()
-        results[recompute] = (float(loss), {name: p.grad.float().clone() for name, p in model.named_parameters()
+        results[mode] = (float(loss), {name: p.grad.float().clone() for name, p in model.named_parameters()
                                             if p.requires_grad})
         del model, hidden, loss
         torch.cuda.empty_cache()
