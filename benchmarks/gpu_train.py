@@ -11,15 +11,17 @@ the LM head's size).
   loss, AdamW) and the worker run in groups of the same recomputation: none (`*-none`; the worker's `auto`
   chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and offloaded to host memory
   (`*-offload`: unsloth's own in the raw loop, tunepipe's `tasks/train/recompute.py` in the worker).
-  MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its transformer from CUDA graphs on these rows (`train.cuda_graphs`, on by default); `*-eager` rows run it without.
+  MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its transformer from CUDA
+  graphs on these rows (`train.cuda_graphs`, on by default); `*-eager` rows run it without.
 - levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
   the head, each decoder layer compiled by `torch.compile`, and each head chunk's softmax and gradient in one
   Triton kernel (`*-head-kernel`, benchmarks/head_kernel.py); the worker otherwise unchanged.
 - short: the demo's product-extraction data formatted by tunepipe's format stage (~115 tokens an example, loss
   on the answers): the guides' recipe as the guides run it (`sft_recipe`: TRL's SFTTrainer on unsloth, batch 2,
   accumulation 4, lr 2e-4, LoRA r=16), tunepipe's loop at that batch, then micro-batches of 64 examples (hf:
-  packed rows of at most 512 tokens; unsloth: one packed row through torch's varlen attention, or length-sorted
-  padding with `packing: false`); tokens/s counts non-padding tokens.
+  packed rows of at most 512 tokens; unsloth: one packed row through torch's varlen attention, in the run's one
+  packed layout, replayed from CUDA graphs (`short-auto-eager`: without), or length-sorted padding with
+  `packing: false`); tokens/s counts non-padding tokens.
 - data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
   the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
@@ -574,6 +576,7 @@ def main() -> None:
             ("short-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
                                                             gradient_accumulation_steps=4, packing=False)),
             ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),  # unsloth, packed on Ampere+
+            ("short-auto-eager", short, short_cfg, dict(backend="auto", batch_size=64, cuda_graphs=False)),
             ("short-auto-head-kernel", short, short_cfg, dict(backend="auto", batch_size=64,
                                                               entry=lever("head_kernel"))),
             ("short-padded-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=64, packing=False)),

@@ -107,6 +107,50 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     assert max(abs(a - b) for a, b in zip(packed, alone_unpacked)) < 1e-5
 
 
+def test_packed_layout_holds_every_micro_batch_in_one_shape_or_declines_when_padding_would_dominate():
+    from tasks.train import loop as training
+
+    layout = training.packed_layout([[30, 50, 20], [60, 60], [10, 40, 5, 5]])
+    assert layout == training.PackedLayout(width=100, segments=5, longest=50)  # [60, 60] is not packed
+    assert layout.blocks([30, 50, 20]) == [30, 50, 20, 0, 0]
+    assert layout.blocks([10, 40, 5, 5]) == [10, 40, 5, 5, 40]  # the padding is a block of its own
+    assert layout.blocks([5, 5]) == [5, 5, 50, 40, 0]  # no block longer than the longest example
+    assert layout.blocks([60, 30]) is None  # an example longer than the layout's longest
+    assert layout.blocks([50, 50, 10]) is None  # too wide
+    assert layout.blocks([1, 1, 1, 1, 1]) is None  # 95 of padding: seven blocks
+    # One packed micro-batch needs no layout; padding every one to the widest must not cost over a quarter.
+    assert training.packed_layout([[60, 60], [10, 40]]) is None
+    assert training.packed_layout([[10, 20], [100, 200]]) is None  # 45% of the tokens would be padding
+    assert training.packed_layout([[10, 20], [100, 200]], max_padding=0.5) is not None
+
+
+def test_a_row_of_the_packed_layout_gives_every_example_its_own_loss(formatted, tiny_model):
+    """A layout's row (the examples, padding in blocks, empty blocks) trains as the examples do unpacked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.train import loop as training
+
+    data, _ = formatted
+    rows = data.train.rows()[:6]
+    lengths = [len(row["input_ids"]) for row in rows]
+    layout = training.packed_layout([lengths, lengths[:3]], max_padding=1.0)
+    batch = training.make_batch(rows[:3], True, 0, torch.device("cpu"), layout=layout)
+    blocks = batch["packed_seq_lengths"].tolist()
+    assert batch["input_ids"].shape == (1, layout.width) and len(blocks) == layout.segments
+    assert blocks[:3] == lengths[:3] and sum(blocks) == layout.width and max(blocks) <= layout.longest
+    assert len([n for n in blocks[3:] if n]) > 1  # the padding took more than one block
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+
+    def per_example(batch: dict, n: int) -> list[float]:
+        with torch.no_grad():
+            _, losses, owner = training.token_losses(model, batch, "hf", head_chunk=64)
+        return [float(losses[owner == i].mean()) for i in range(n)]
+
+    unpacked = per_example(training.make_batch(rows[:3], False, 0, torch.device("cpu")), 3)
+    assert per_example(batch, 3) == pytest.approx(unpacked, abs=1e-5)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_head_loss_and_gradients_equal_plain_cross_entropy(with_bias):
     """The fused head (gradients computed in the forward pass, chunk by chunk) against autograd through the

@@ -168,20 +168,55 @@ RECOMPUTE = pytest.mark.parametrize("recompute", [False, True, "offload"],
                                     ids=["no-recomputation", "recomputation", "offloaded-recomputation"])
 
 
-@pytest.mark.parametrize("backend", ["unsloth", "hf"])
-@RECOMPUTE
-def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth, tmp_path, backend, recompute):
-    """Four steps of two micro-batches each (so gradients accumulate over graph replays), from the same start,
-    with the transformer replayed from CUDA graphs and without: the same losses and weights after every step.
-    Plain SGD keeps the weights' differences proportional to the gradients' (Adam's first steps move every
-    weight by about the learning rate whatever its gradient's size); a replay whose gradient replaced the
-    accumulated one, instead of adding to it, would move them by about as much as a step does."""
+def train_steps(model, steps: list[list[dict]], backend: str, cuda_graphs: bool, layout=None):
+    """SGD steps of two micro-batches each from the model's current weights: the losses, the trainable weights
+    after every step, and the stepper."""
     import torch
 
     from tasks.train import loop as training
 
-    device = cuda_with_unsloth
-    model = lora_model(str(small_gqa_model(tmp_path / "model")), backend, recompute, device)
+    model.zero_grad(set_to_none=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    stepper = training.Stepper(model=model, scaler=scaler, device=torch.device("cuda"), precision="bf16",
+                               backend=backend, packing=True, row_tokens=None, head_chunk=64, pad_id=0,
+                               max_oom_retries=0, rank=training.Rank(), cuda_graphs=cuda_graphs,
+                               packed_layout=layout)
+    state = training.TrainingState(micro_batch_size=2)
+    losses, weights = [], []
+    for step, rows in enumerate(steps, 1):
+        tokens = sum(training._n_loss_tokens(row) for row in rows)
+        losses.append(float(stepper.run(rows, tokens, state, step)))
+        training._finish_step(trainable, optimizer, scheduler, scaler, None,
+                              set_to_none=not stepper.gradients_in_graphs)
+        weights.append({name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
+    return losses, weights, stepper
+
+
+def assert_trained_alike(graphed, eager, start: dict, label: str) -> None:
+    """Plain SGD keeps the weights' differences proportional to the gradients' (Adam's first steps move every
+    weight by about the learning rate whatever its gradient's size); a replay whose gradient replaced the
+    accumulated one, instead of adding to it, would move them by about as much as a step does."""
+    (graphed_losses, graphed_weights, _), (eager_losses, eager_weights, _) = graphed, eager
+    moved = max(float((eager_weights[-1][name] - value).abs().max()) for name, value in start.items())
+    print(f"{label}: losses eager {eager_losses}, graphed {graphed_losses}; largest weight move {moved:.3e}")
+    assert graphed_losses == pytest.approx(eager_losses, rel=5e-3)
+    for step, (graphed_step, eager_step) in enumerate(zip(graphed_weights, eager_weights), 1):
+        for name in start:
+            difference = float((graphed_step[name] - eager_step[name]).abs().max())
+            assert difference <= 2e-2 * moved, f"step {step}, {name}: {difference:.3e} (moved {moved:.3e})"
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+@RECOMPUTE
+def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth, tmp_path, backend, recompute):
+    """Four steps of two micro-batches each (so gradients accumulate over graph replays), from the same start,
+    with the transformer replayed from CUDA graphs and without: the same losses and weights after every step."""
+    from tasks.train import loop as training
+
+    model = lora_model(str(small_gqa_model(tmp_path / "model")), backend, recompute, cuda_with_unsloth)
     model.train()
     start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     rng = random.Random(1)
@@ -189,39 +224,40 @@ def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth,
     for _ in range(4):  # four rows of one length a step: no padding, nothing packed
         ids = [[rng.randrange(2, 512) for _ in range(64)] for _ in range(4)]
         steps.append([{"input_ids": row, "labels": [IGNORE] * 16 + row[16:]} for row in ids])
-
-    def train(cuda_graphs: bool):
-        training._load_trainable(model, start)
-        model.zero_grad(set_to_none=True)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(trainable, lr=0.5)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        stepper = training.Stepper(model=model, scaler=scaler, device=device, precision="bf16", backend=backend,
-                                   packing=True, row_tokens=None, head_chunk=64, pad_id=0, max_oom_retries=0,
-                                   rank=training.Rank(), cuda_graphs=cuda_graphs)
-        state = training.TrainingState(micro_batch_size=2)
-        losses, weights = [], []
-        for step, rows in enumerate(steps, 1):
-            tokens = sum(training._n_loss_tokens(row) for row in rows)
-            losses.append(float(stepper.run(rows, tokens, state, step)))
-            training._finish_step(trainable, optimizer, scheduler, scaler, None,
-                                  set_to_none=not stepper.gradients_in_graphs)
-            weights.append({name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
-        return losses, weights, stepper
-
-    eager_losses, eager_weights, _ = train(False)
-    graphed_losses, graphed_weights, stepper = train(True)
+    eager = train_steps(model, steps, backend, cuda_graphs=False)
+    training._load_trainable(model, start)
+    graphed = train_steps(model, steps, backend, cuda_graphs=True)
+    stepper = graphed[2]
     assert not stepper.graphs.failed
     assert stepper.graphs.shape == (2, 64)  # the second micro-batch of step 1 was captured
-    moved = max(float((eager_weights[-1][name] - value).abs().max()) for name, value in start.items())
-    print(f"{backend}, recompute {recompute}: losses eager {eager_losses}, graphed {graphed_losses}; "
-          f"largest weight move {moved:.3e}")
-    assert graphed_losses == pytest.approx(eager_losses, rel=5e-3)
-    for step, (graphed, eager) in enumerate(zip(graphed_weights, eager_weights), 1):
-        for name in start:
-            difference = float((graphed[name] - eager[name]).abs().max())
-            assert difference <= 2e-2 * moved, f"step {step}, {name}: {difference:.3e} (moved {moved:.3e})"
+    assert_trained_alike(graphed, eager, start, f"{backend}, recompute {recompute}")
+
+
+@RECOMPUTE
+def test_packed_rows_replayed_from_cuda_graphs_train_as_eager_packed_rows(cuda_with_unsloth, tmp_path, recompute):
+    """unsloth's packed micro-batches in the run's one layout (padding blocks, empty blocks), replayed from CUDA
+    graphs, train as the same examples packed eagerly into rows of their own width, which attend within each
+    example (test_unsloth_packed_loss_equals_unpacked_loss_for_every_example)."""
+    from tasks.train import loop as training
+
+    model = lora_model(str(small_gqa_model(tmp_path / "model")), "unsloth", recompute, cuda_with_unsloth)
+    assert training.unsloth_packs(cuda_with_unsloth)  # as the loop asks before it packs
+    model.train()
+    start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    rng = random.Random(2)
+    steps = []
+    for _ in range(4):  # four examples of 20-90 tokens a step: two packed micro-batches of two
+        rows = [[rng.randrange(2, 512) for _ in range(rng.randint(20, 90))] for _ in range(4)]
+        steps.append([{"input_ids": row, "labels": [IGNORE] * 8 + row[8:]} for row in rows])
+    layout = training.packed_layout([[len(row["input_ids"]) for row in rows[start : start + 2]]
+                                     for rows in steps for start in (0, 2)], max_padding=1.0)
+    eager = train_steps(model, steps, "unsloth", cuda_graphs=False)
+    training._load_trainable(model, start)
+    graphed = train_steps(model, steps, "unsloth", cuda_graphs=True, layout=layout)
+    stepper = graphed[2]
+    assert not stepper.graphs.failed
+    assert stepper.graphs.shape == (1, layout.width)  # the second micro-batch of step 1 was captured
+    assert_trained_alike(graphed, eager, start, f"packed, recompute {recompute}, {layout}")
 
 
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])

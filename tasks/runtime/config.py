@@ -190,7 +190,8 @@ class TrainConfig(Section):
     cuda_graphs: bool = Field(
         True, description="LoRA on a 16-bit base, one CUDA device, with or without recomputation: replay the "
         "transformer's forward and backward from CUDA graphs for unpadded, unpacked "
-        "micro-batches of one repeating shape (a shape is captured when it comes twice in a row), so a step "
+        "micro-batches of one repeating shape (a shape is captured when it comes twice in a row), and for "
+        "unsloth's packed micro-batches, laid out in one shape for the run (padding included), so a step "
         "launches two graphs instead of thousands of kernels. Other micro-batches run as before; a capture that "
         "fails is reported and training goes on without graphs.",
     )

@@ -3,10 +3,11 @@
 A LoRA step on a small model is bound by the host launching kernels, thousands a step (benchmarks/RESULTS.md,
 issue 20), not by the GPU. Captured once as two CUDA graphs (the transformer's forward, and its backward to the
 trainable weights) by `torch.cuda.make_graphed_callables`, a later micro-batch of the same shape launches two
-graphs instead of those kernels. Only micro-batches whose layers see nothing but the token ids qualify:
-unpadded, unpacked rows (a padding mask or packed positions change what attention does, and their lengths
-change from step to step).
-Everything else, and the LM head (its positions vary), runs as before.
+graphs instead of those kernels. Two kinds of micro-batch qualify: unpadded, unpacked rows (their layers see
+nothing but the token ids), and unsloth's packed rows laid out in the run's one `PackedLayout` (one row of a
+fixed width and number of blocks; `tasks/train/loop.py`), whose example boundaries the graphs read from
+buffers on the GPU (`PackedBoundaries`). Everything else (padded rows, hf's packed rows, whose block mask is
+built on the host) and the LM head (its positions vary) runs as before.
 
 Imported by the training worker only (it imports torch at module level).
 """
@@ -24,8 +25,12 @@ class TransformerGraphs:
     for a capture; a capture that fails (an op that waits for the host, a kernel capture does not take) is
     reported once and the run goes on eagerly."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, layout=None):
         self.transformer = transformer
+        self.layout = layout  # of unsloth's packed rows (tasks/train/loop.py: PackedLayout), or None
+        device = next(transformer.parameters()).device
+        self.boundaries = PackedBoundaries(layout, device) if layout is not None else None
+        self.forward = _Forward(transformer, self.boundaries)
         self.graphed = None  # the captured forward, for `shape`
         self.shape = None
         self.last_shape = None
@@ -33,19 +38,33 @@ class TransformerGraphs:
         self.failed = False
 
     def __call__(self, inputs: dict):
-        ids = inputs["input_ids"]
-        if self._graphable(inputs):
-            if self.graphed is None and not self.failed and ids.shape == self.last_shape:
-                self._capture(ids)
-            self.last_shape = ids.shape
-            if self.graphed is not None and ids.shape == self.shape and self._weights_in_place():
+        args = self._graph_args(inputs)
+        if args is not None:
+            shape = args[0].shape
+            if self.graphed is None and shape == self.last_shape:
+                self._capture(args)
+            self.last_shape = shape
+            if self.graphed is not None and shape == self.shape and self._weights_in_place():
                 self._allocate_gradients()
-                return self.graphed(ids)
+                return self.graphed(*args)
         return self.transformer(**inputs).last_hidden_state
 
-    def _graphable(self, inputs: dict) -> bool:
-        return (set(inputs) == {"input_ids", "use_cache"} and inputs["input_ids"].is_cuda
-                and torch.is_grad_enabled() and self.transformer.training)
+    def _graph_args(self, inputs: dict) -> tuple | None:
+        """The tensors a graph takes for this micro-batch, or None when it does not qualify. A packed row of the
+        layout has its boundaries loaded where a capture or a replay reads them."""
+        if self.failed or not self._training_on_gpu(inputs["input_ids"]):
+            return None
+        if set(inputs) == {"input_ids", "use_cache"}:
+            return (inputs["input_ids"],)
+        packed = {"input_ids", "use_cache", "position_ids", "packed_seq_lengths"}
+        if (self.layout is not None and set(inputs) == packed and inputs["input_ids"].shape == (1, self.layout.width)
+                and len(inputs["packed_seq_lengths"]) == self.layout.segments):
+            self.boundaries.load(inputs["packed_seq_lengths"])
+            return inputs["input_ids"], inputs["position_ids"]
+        return None
+
+    def _training_on_gpu(self, ids) -> bool:
+        return ids.is_cuda and torch.is_grad_enabled() and self.transformer.training
 
     def _allocate_gradients(self) -> None:
         # Replayed gradients land in the graph's own buffers: accumulated into existing `.grad` tensors they are
@@ -60,41 +79,107 @@ class TransformerGraphs:
         graphs are dropped."""
         if self._addresses() == self.addresses:
             return True
-        self.graphed, self.failed = None, True
-        print("train: CUDA graphs off, a weight of the transformer was replaced since the capture; eager steps",
-              flush=True)
+        self.graphed = None
+        self._off("a weight of the transformer was replaced since the capture")
         return False
+
+    def _off(self, reason: str) -> None:
+        self.failed = True
+        print(f"train: CUDA graphs off, {reason}; eager steps", flush=True)
 
     def _addresses(self) -> list[int]:
         return [tensor.data_ptr() for tensor in itertools.chain(self.transformer.parameters(),
                                                                  self.transformer.buffers())]
 
-    def _capture(self, ids) -> None:
-        # The eager pass of this shape just before warmed up every kernel (autotuning, cuBLAS): no warm-up runs.
-        # Its memory goes back to the device first, so that the graphs' private pool can take it, rather than
-        # sit cached beside it.
+    def _capture(self, args: tuple) -> None:
+        # The eager pass of this shape just before warmed up every kernel (autotuning, cuBLAS). A packed row
+        # runs once more with `PackedBoundaries.key`, so that unsloth computes and caches what it derives from
+        # the boundaries (reading them back from the GPU, which a capture cannot) before the capture. The memory
+        # goes back to the device first, so that the graphs' private pool can take it, rather than sit cached
+        # beside it.
+        packed = len(args) > 1
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         try:
-            self.graphed = torch.cuda.make_graphed_callables(_Forward(self.transformer), (ids.clone(),),
-                                                             num_warmup_iters=0)
+            graphed = torch.cuda.make_graphed_callables(self.forward, tuple(arg.clone() for arg in args),
+                                                        num_warmup_iters=1 if packed else 0)
         except Exception as error:  # noqa: BLE001  (whatever the capture refuses, eager steps still train)
-            self.failed = True
-            print(f"train: CUDA graphs off, the capture failed ({type(error).__name__}: {error}); eager steps",
-                  flush=True)
+            self._off(f"the capture failed ({type(error).__name__}: {error})")
             return
-        self.shape = ids.shape
+        if packed and self.forward.varlen_calls != self.transformer.config.num_hidden_layers:
+            # Any other route (one attention call per run of equal lengths, a block mask) would keep this row's
+            # boundaries in the graph; only the varlen kernel reads them from the buffers.
+            self._off(f"{self.forward.varlen_calls} of {self.transformer.config.num_hidden_layers} layers attended "
+                      f"to the packed row through the varlen kernel")
+            return
+        self.graphed = graphed
+        self.shape = args[0].shape
         self.addresses = self._addresses()
-        print(f"train: the transformer's forward and backward captured as CUDA graphs for micro-batches of "
-              f"{ids.shape[0]} x {ids.shape[1]} tokens", flush=True)
+        kind = "packed rows" if packed else "micro-batches"
+        print(f"train: the transformer's forward and backward captured as CUDA graphs for {kind} of "
+              f"{self.shape[0]} x {self.shape[1]} tokens", flush=True)
 
 
 class _Forward(torch.nn.Module):
-    """The transformer's call with its tensor argument alone, as make_graphed_callables takes it."""
+    """The transformer's call with tensor arguments alone, as make_graphed_callables takes it: the token ids and,
+    for a packed row of the layout, its positions (its boundaries are those `boundaries.key` stands for; the
+    calls of the varlen kernel the pass made are counted in `varlen_calls`)."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, boundaries):
         super().__init__()
         self.transformer = transformer
+        self.boundaries = boundaries
+        self.varlen_calls = 0
 
-    def forward(self, input_ids):
-        return self.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids, position_ids=None):
+        if position_ids is None:
+            return self.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+        before = self.boundaries.varlen_calls()
+        hidden = self.transformer(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                  packed_seq_lengths=self.boundaries.key).last_hidden_state
+        self.varlen_calls = self.boundaries.varlen_calls() - before
+        return hidden
+
+
+class PackedBoundaries:
+    """A packed row's example boundaries on the GPU, where captured graphs read them.
+
+    unsloth turns a packed row's `packed_seq_lengths` into boundaries by copying them to the GPU and reading the
+    longest back, neither of which a capture takes, and keeps the result per device for that tensor object. So
+    the captured pass is given one fixed tensor, `key`, and unsloth's entry for it is set to buffers on the GPU
+    that every row's lengths are copied into before the graphs replay, with the layout's longest block as the
+    longest length (flash attention takes any bound at least that long). Eager passes keep their own lengths.
+    """
+
+    def __init__(self, layout, device):
+        from unsloth.utils import attention_dispatch, packing
+
+        self.cache = packing._PACKED_INFO_CACHE  # {device: {"seq_lengths": tensor, "result": (...)}}
+        kernel = attention_dispatch._TORCH_VARLEN_ATTN  # None: unsloth never attends through varlen here
+        if kernel is not None and not isinstance(kernel, _CountedKernel):
+            kernel = attention_dispatch._TORCH_VARLEN_ATTN = _CountedKernel(kernel)
+        self.kernel = kernel
+        self.key = torch.zeros(layout.segments, dtype=torch.int32)
+        self.lengths = torch.zeros(layout.segments, dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.zeros(layout.segments + 1, dtype=torch.int32, device=device)
+        self.entry = {"seq_lengths": self.key, "result": (self.lengths, self.cu_seqlens, layout.longest)}
+
+    def load(self, lengths) -> None:
+        self.key.copy_(lengths)  # what unsloth would compute the boundaries from, were its entry dropped
+        self.lengths.copy_(lengths, non_blocking=True)
+        torch.cumsum(self.lengths, 0, dtype=torch.int32, out=self.cu_seqlens[1:])
+        self.cache[self.lengths.device] = self.entry
+
+    def varlen_calls(self) -> int:
+        return self.kernel.calls if self.kernel is not None else 0
+
+
+class _CountedKernel:
+    """unsloth's varlen attention kernel (installed once per process), counting its calls."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.kernel(*args, **kwargs)

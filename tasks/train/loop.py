@@ -14,8 +14,8 @@ torchrun. Why a loop of our own and not TRL's SFTTrainer (which an earlier versi
   at 0; transformers turns that into a block-diagonal mask (`find_packed_sequence_indices`), unsloth into its
   varlen attention (`packed_seq_lengths`); next-token targets never cross an example's end.
 - Fewer launches. A small model's step is bound by the host launching kernels; where micro-batches repeat one
-  unpadded, unpacked shape, the transformer's forward and backward replay from two CUDA graphs
-  (`tasks/train/graphs.py`, `train.cuda_graphs`).
+  unpadded, unpacked shape, or unsloth's packed rows take the run's one `PackedLayout`, the transformer's
+  forward and backward replay from two CUDA graphs (`tasks/train/graphs.py`, `train.cuda_graphs`).
 - Several devices: torch's DistributedDataParallel averages the gradients across ranks during the backward
   pass (`tasks/train/data_parallel.py`), skipping the exchange on all but a step's last micro-batch; rank 0 alone
   writes.
@@ -132,12 +132,20 @@ def train_model(request: TrainRequest) -> TrainResult:
     # hf masks packed rows with a dense block-diagonal mask, so its rows stay short; unsloth masks packed
     # examples only in a one-row batch, through a varlen kernel that costs nothing per masked pair.
     row_tokens = request.model_cfg.max_seq_length if backend == "hf" else None
+    cuda_graphs = (cfg.cuda_graphs and device.type == "cuda" and rank.world == 1
+                   and graphs_capture(cfg.mode, request.model_cfg.load_in_4bit))
+    layout = None
+    if cuda_graphs and packing and backend == "unsloth":
+        layout = packed_layout(micro_batch_lengths(rows, order, range(resumed_from + 1, total_steps + 1), per_step,
+                                                   state.micro_batch_size))
+        if layout:
+            print(f"train: packed micro-batches laid out as one row of {layout.width} tokens in {layout.segments} "
+                  f"blocks (padding included), so that CUDA graphs replay them", flush=True)
     stepper = Stepper(model=model, scaler=scaler, device=device, precision=env.precision, backend=backend,
                       packing=packing, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id,
                       head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
-                      max_oom_retries=cfg.max_oom_retries, rank=rank,
-                      cuda_graphs=(cfg.cuda_graphs and device.type == "cuda"
-                                   and graphs_capture(cfg.mode, request.model_cfg.load_in_4bit)))
+                      max_oom_retries=cfg.max_oom_retries, rank=rank, cuda_graphs=cuda_graphs,
+                      packed_layout=layout)
     evaluation = (HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper)
                   if cfg.eval_steps else None)
     model.train()
@@ -254,6 +262,17 @@ class ExampleOrder:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self.epochs = {epoch: torch.randperm(self.n_rows, generator=generator).tolist()}
         return self.epochs[epoch][index]
+
+
+def micro_batch_lengths(rows: list[dict], order: ExampleOrder, steps: range, per_step: int,
+                       micro_batch_size: int) -> list[list[int]]:
+    """The example lengths of every micro-batch these steps will run (one device; packed micro-batches keep the
+    step's order), for the packed layout."""
+    lengths = []
+    for step in steps:
+        examples = [len(rows[i]["input_ids"]) for i in order.step(step, per_step)]
+        lengths += [examples[start : start + micro_batch_size] for start in range(0, per_step, micro_batch_size)]
+    return lengths
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -594,13 +613,50 @@ def _n_loss_tokens(row: dict) -> int:
     return sum(label != IGNORE for label in row["labels"][1:])
 
 
-def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens: int | None = None) -> dict:
+@dataclass(frozen=True)
+class PackedLayout:
+    """One shape for every packed micro-batch of a run, so that CUDA graphs can replay them
+    (`tasks/train/graphs.py`): one row of `width` tokens in `segments` blocks, none longer than `longest`. A
+    micro-batch's examples come first, then its padding in blocks of at most `longest` tokens (the attention
+    kernel is told no block is longer), then empty blocks up to `segments`."""
+
+    width: int
+    segments: int
+    longest: int
+
+    def blocks(self, lengths: list[int]) -> list[int] | None:
+        """The row's block lengths for these examples, or None when they do not fit."""
+        pad = self.width - sum(lengths)
+        if pad < 0 or max(lengths) > self.longest:
+            return None
+        blocks = lengths + [self.longest] * (pad // self.longest) + ([pad % self.longest] if pad % self.longest else [])
+        return blocks + [0] * (self.segments - len(blocks)) if len(blocks) <= self.segments else None
+
+
+def packed_layout(micro_batches: list[list[int]], max_padding: float = 0.25) -> PackedLayout | None:
+    """The layout that holds every one of a run's packed micro-batches (their example lengths), or None when
+    padding them all to the widest would cost more than `max_padding` of the tokens the transformer runs
+    (replaying a graph saves less than that on launches), or when fewer than two micro-batches are packed."""
+    packed = [lengths for lengths in micro_batches if len(set(lengths)) > 1]  # make_batch packs these alone
+    if len(packed) < 2:
+        return None
+    width = max(sum(lengths) for lengths in packed)
+    if 1 - sum(sum(lengths) for lengths in packed) / (width * len(packed)) > max_padding:
+        return None
+    longest = max(max(lengths) for lengths in packed)
+    segments = max(len(lengths) + math.ceil((width - sum(lengths)) / longest) for lengths in packed)
+    return PackedLayout(width=width, segments=segments, longest=longest)
+
+
+def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens: int | None = None,
+               layout: PackedLayout | None = None) -> dict:
     """Model inputs and next-token targets; targets never cross an example's end (IGNORE there).
 
     Packed: examples are placed first-fit (longest first) into rows of at most `row_tokens` tokens (one row
     when None), positions restart at 0 for every example, and a row's padding is a block of its own, so
     attention stays block-diagonal (transformers reads the blocks from the positions). Bounded rows keep the
     dense attention mask small: one row of 64 short examples wastes most of its attention on masked pairs.
+    With a `layout` the examples that fit it make one row of its shape instead, whatever their lengths.
     Unpacked: one example a row, right-padded, with an attention mask only where a row is padded: rows of
     equal length need none, and without one attention stays on the causal kernels (flash / varlen). So
     examples of one length are never packed: packing would remove no padding and cost a block mask or, on
@@ -610,6 +666,19 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
 
     targets = [row["labels"][1:] + [IGNORE] for row in rows]
     lengths = [len(row["input_ids"]) for row in rows]
+    blocks = layout.blocks(lengths) if packing and layout else None
+    if blocks is not None and len(set(lengths)) > 1:
+        pad = layout.width - sum(lengths)
+        batch = {
+            "input_ids": [_joined(row["input_ids"] for row in rows) + [pad_id] * pad],
+            "position_ids": [_joined(range(n) for n in blocks)],
+            "targets": [_joined(targets) + [IGNORE] * pad],
+            "example": [_joined([i] * n for i, n in enumerate(lengths)) + [-1] * pad],
+        }
+        tensors = _to_device(batch, device)
+        lengths_tensor = torch.tensor(blocks, dtype=torch.int32)  # pinned: copied to the GPU without a wait
+        tensors["packed_seq_lengths"] = lengths_tensor.pin_memory() if device.type == "cuda" else lengths_tensor
+        return tensors
     if packing and len(set(lengths)) > 1:
         bins: list[list[int]] = []
         for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
@@ -718,6 +787,7 @@ class Stepper:
     max_oom_retries: int
     rank: Rank
     cuda_graphs: bool = False  # replay the transformer from CUDA graphs where a shape repeats (one device)
+    packed_layout: PackedLayout | None = None  # unsloth's packed micro-batches in one shape, for the graphs
 
     def __post_init__(self):
         from functools import partial
@@ -726,7 +796,7 @@ class Stepper:
         if self.cuda_graphs and self.rank.world == 1:
             from tasks.train.graphs import TransformerGraphs
 
-            self.graphs = TransformerGraphs(causal_lm_of(self.model).base_model)
+            self.graphs = TransformerGraphs(causal_lm_of(self.model).base_model, self.packed_layout)
         self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk,
                               transformer=self.graphs)
         self.parallel = None
@@ -775,7 +845,9 @@ class Stepper:
 
         import torch
 
-        batch = make_batch(rows, self.packing, self.pad_id, self.device, self.row_tokens)
+        # The layout's padding buys nothing once the graphs are off.
+        layout = self.packed_layout if self.graphs is not None and not self.graphs.failed else None
+        batch = make_batch(rows, self.packing, self.pad_id, self.device, self.row_tokens, layout)
         # Gradients are exchanged once a step: with the last micro-batch's backward pass.
         sync = contextlib.nullcontext() if self.parallel is None or last else self.parallel.no_sync()
         with sync:
