@@ -126,9 +126,9 @@ def main() -> None:
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported anywhere: every stage on the CPU
-    from deployments.cli import start_prefect
+    from deployments.cli import spawn_temporary_server, start_prefect
 
-    start_prefect()  # a temporary Prefect server, as `tunepipe run` starts one
+    start_prefect(spawn_temporary_server())  # a temporary Prefect server, as `tunepipe run` starts one
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

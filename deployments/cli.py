@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,15 @@ SERVER_STARTUP_TIMEOUT_S = 120  # Prefect's temporary server; its own default (2
 
 
 def main(argv: list[str] | None = None) -> int:
+    status = command(argv)
+    if argv is None:
+        # `tunepipe` itself, which exits next: the interpreter's teardown would otherwise collect every object
+        # of the run's libraries (seconds); the exit handlers still run, and so do finalizers freed by refcount.
+        gc.freeze()
+    return status
+
+
+def command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="tunepipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="fine-tune, gate, export and register the model a config describes")
@@ -283,13 +293,14 @@ def quiet_environment() -> None:
 
 
 def start_prefect(early: ServerProcess | None) -> None:
-    """Import the flows while Prefect's temporary API server boots; `early`: the server's process, from
-    `spawn_temporary_server` (which also quiets Prefect; None: a Prefect API is configured)."""
-    server_boot = start_prefect_api_in_background(early)
+    """Import the flows while Prefect's temporary API server boots, then point Prefect at it once it answers;
+    `early`: the server's process, from `spawn_temporary_server` (which also quiets Prefect; None: a Prefect API
+    is configured)."""
     import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
 
-    if server_boot is not None:
-        server_boot.join()
+    if early is not None:
+        early.wait_until_up()
+        use_temporary_server(early)
 
 
 def failed(report, state) -> int:
@@ -303,11 +314,13 @@ def failed(report, state) -> int:
 
 def run_finetune(cfg, unserved_status: int) -> int:
     early = spawn_temporary_server()  # first: its boot overlaps all that follows
+    from tasks.runtime.tracking import open_store
     from tasks.runtime.worker import spare_workers
     from tasks.train.task import prestart_training
 
     with spare_workers():  # the training spare stops with the run, even one that fails before its flow starts
         prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)  # imports overlap the server's boot
+        open_store(cfg.tracking)  # so does opening MLflow's store, which the flow's first stage would wait for
         start_prefect(early)
         from flows.finetune import GateFailed, finetune
 
@@ -403,23 +416,69 @@ class ServerProcess:
     process: subprocess.Popen
     port: int
 
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def wait_until_up(self, timeout_s: float = SERVER_STARTUP_TIMEOUT_S) -> None:
+        """Wait for the server's health check, as Prefect's `SubprocessASGIServer.start` does: a server whose
+        port was taken meanwhile (uvicorn's exit status 3) starts again on another."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() == 3:
+                    self.port = free_port()
+                    self.process = server_process(*server_command(self.port))
+                elif self.process.poll() is not None:
+                    raise RuntimeError(f"Prefect's temporary server exited with status {self.process.returncode}")
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                except httpx.ConnectError:
+                    pass
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            server_logger().info("Stopping temporary server on %s", self.api_url.removesuffix("/api"))
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def server_logger():
+    from prefect.logging import get_logger
+
+    return get_logger()  # the logger Prefect's own temporary server reports on
+
 
 def spawn_temporary_server() -> ServerProcess | None:
     """Start the process of Prefect's temporary API server now, when no Prefect API is configured, so that its
-    boot overlaps the CLI's imports (Prefect's server module and the flows) instead of following them;
-    `start_prefect_api_in_background` hands it to Prefect, which waits for it and stops it at exit."""
+    boot overlaps the CLI's imports (the flows) instead of following them; `start_prefect` waits for it. The
+    run stops it at exit, after Prefect's own exit handlers have sent the run's last states and events."""
     quiet_environment()  # the server inherits it
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return None
-    with socket.socket() as probe:  # a free port; should it be taken meanwhile, Prefect picks another
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args, env = server_command(port)
-    early = ServerProcess(server_process(args, env), port)
-    atexit.register(lambda: early.process.poll() is None and early.process.terminate())  # should Prefect never get it
+    port = free_port()
+    server_logger().info("Starting temporary server on http://127.0.0.1:%d", port)
+    early = ServerProcess(server_process(*server_command(port)), port)
+    atexit.register(early.stop)  # registered before Prefect's handlers, so it runs after them
     return early
+
+
+def free_port() -> int:
+    with socket.socket() as probe:  # should it be taken before the server binds it, the server starts again
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def server_command(port: int) -> tuple[list[str], dict[str, str]]:
@@ -444,34 +503,15 @@ def server_process(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, process_group=0)
 
 
-def start_prefect_api_in_background(early: ServerProcess | None) -> threading.Thread | None:
-    """Wait, in the background, for the temporary server `spawn_temporary_server` started (None: a Prefect API
-    is configured), as Prefect's own `SubprocessASGIServer`: the instance made here is the one Prefect's
-    client finds (it keeps one server per port key), so it is also the one that stops the server at exit."""
-    if early is None:
-        return None
-    import prefect.server.api.server as prefect_server
+def use_temporary_server(server: ServerProcess) -> None:
+    """Point this process's Prefect clients (and the workers it starts) at the temporary server, as a configured
+    `PREFECT_API_URL` would: Prefect's own `SubprocessASGIServer` would otherwise be imported only to wait
+    for it, and that import is Prefect's whole server (seconds). The UI is off there: no UI links are logged."""
+    from prefect.context import refresh_global_settings_context
 
-    class TemporaryServer(prefect_server.SubprocessASGIServer):
-        def start(self, timeout: int | None = None) -> None:
-            try:
-                super().start(timeout or SERVER_STARTUP_TIMEOUT_S)
-            except Exception:
-                self.stop()  # Prefect forgets a server that was slow to answer: stop it rather than leak it
-                raise
-
-        def _run_uvicorn_command(self):
-            nonlocal early
-            if early is not None and early.port == self.port:  # the process already booting
-                process, early = early.process, None
-                return process
-            return server_process(*server_command(self.port))  # Prefect moved to another port
-
-    server = TemporaryServer()
-    server.port = early.port
-    boot = threading.Thread(target=server.start, daemon=True)
-    boot.start()
-    return boot
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ.setdefault("PREFECT_UI_URL", "")
+    refresh_global_settings_context()
 
 
 class Report:

@@ -26,7 +26,7 @@ from tasks.runtime.config import PipelineConfig
 from tasks.runtime.redact import redact, redact_logs
 from tasks.runtime.retries import network_retries
 from tasks.runtime.tracking import tracked_child, tracked_run
-from tasks.runtime.worker import spare_workers
+from tasks.runtime.worker import spare_workers, stop_spares
 from tasks.serve.champion import find_champion
 from tasks.serve.task import plan
 from tasks.train.results import HeldOut
@@ -106,6 +106,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                 decision = gate(report, cfg.gate)
                 attempt_run.record(trained.curve(), report.scores(), decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))
+        stop_spares()  # no stage after the loop trains or evaluates: a spare left waiting (stages cached) takes CPU
         ended = outcome(attempts, cfg.retrain)
         run.record(formatted, trained, report, decision)  # the last attempt's, on the run itself
         report_page = run_report(cfg.name, attempts, ended, workdir)

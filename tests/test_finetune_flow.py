@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from deployments.cli import stage_states
-from flows.finetune import GateFailed, RunSummary, finetune
+from flows.finetune import GateFailed, RunSummary, finetune, outcome
 from tasks.runtime.config import load_config
 
 EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export", "parity"}
@@ -227,10 +227,19 @@ def test_register_later_removes_a_model_that_fails_the_smoke_test(first_run, con
     assert find_champion(summary.mlflow_tracking_uri, "demo-products") is None and fake_ollama.models == {}
 
 
-def test_same_config_again_is_all_cache_hits(first_run, config_path: Path):
+def test_same_config_again_is_all_cache_hits(first_run, config_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import flows.finetune
+    from tasks.runtime import worker
+
+    # The training spare the flow started went unused (train was cached): stopped once the retrain loop ends,
+    # before the stages after it, not when the flow ends.
+    spares_after_the_loop = []
+    monkeypatch.setattr(flows.finetune, "outcome", lambda *args: spares_after_the_loop.append(
+        [spare.target for spare in worker._spares]) or outcome(*args))
     state = finetune(load_config(config_path), return_state=True)
     states = states_by_stage(state)
     assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Cached" for stage in EXPENSIVE}
+    assert spares_after_the_loop == [[]]
     assert state.result().gguf_path == first_run[0].gguf_path
     # The new MLflow run shows the whole training curve although nothing trained.
     losses = mlflow_client(config_path).get_metric_history(state.result().mlflow_run_id, "train_loss")

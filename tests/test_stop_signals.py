@@ -187,3 +187,47 @@ def test_the_early_temporary_server_is_started_as_prefect_starts_it(monkeypatch)
     finally:
         prefect_server.SubprocessASGIServer._instances.pop(8765, None)
     assert server_command(8765) == (started["args"], started["env"])
+
+
+def test_the_run_waits_for_its_temporary_server_and_points_prefect_at_it_without_prefects_server_module(tmp_path):
+    """`tunepipe run` waits for the temporary server itself and hands its URL to Prefect's clients (deployments/
+    cli.py: `start_prefect`), since Prefect's own `SubprocessASGIServer` lives in its server module, whose import
+    takes seconds. A flow runs against it, and the server stops when the run's process exits."""
+    script = (
+        "import sys\n"
+        "from deployments import cli\n"
+        "server = cli.spawn_temporary_server()\n"
+        "server.wait_until_up()\n"
+        "cli.use_temporary_server(server)\n"
+        "from prefect import flow, task\n"
+        "@task\n"
+        "def one(): return 1\n"
+        "@flow\n"
+        "def hello(): return one()\n"
+        "state = hello(return_state=True)\n"
+        "print(server.process.pid, state.name, 'prefect.server.api.server' in sys.modules)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    pid, state, imported = done.stdout.split()
+    assert (state, imported, alive({int(pid): command_line(int(pid))})) == ("Completed", "False", {})
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        assert db.execute("select state_name from flow_run").fetchall() == [("Completed",)]
+
+
+def test_the_tunepipe_command_skips_the_interpreters_collection_at_exit_and_a_caller_of_main_keeps_its_own():
+    """`tunepipe` (main() without arguments, as its script calls it) freezes the objects it made before it exits,
+    so the interpreter's teardown does not collect them all; a program calling main(argv) is left as it was."""
+    import gc
+
+    from deployments.cli import main
+
+    frozen = gc.get_freeze_count()
+    assert main(["schema", "-o", os.devnull]) == 0 and gc.get_freeze_count() == frozen
+    script = "import gc, sys; from deployments.cli import main; status = main(); print(gc.get_freeze_count() > 0)"
+    done = subprocess.run([sys.executable, "-c", script, "schema", "-o", os.devnull], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout.split()) == (0, ["True"]), done.stderr[-4000:]
