@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 
 from tasks.train import graphs
 
+VARLEN_CALLS = []  # the packed rows that attended through the varlen kernel (counted as unsloth's call counts)
+
 
 class TinyTransformer(torch.nn.Module):
     def __init__(self):
@@ -19,7 +21,6 @@ class TinyTransformer(torch.nn.Module):
         self.embed = torch.nn.Embedding(16, 4)
         self.embed.weight.requires_grad_(False)  # frozen, as a LoRA base is
         self.adapter = torch.nn.Linear(4, 4)
-
         self.config = SimpleNamespace(num_hidden_layers=1)
         self.varlen = True  # whether a packed row's attention takes the varlen kernel (unsloth decides)
 
@@ -28,9 +29,6 @@ class TinyTransformer(torch.nn.Module):
         if packed_seq_lengths is not None and self.varlen:
             VARLEN_CALLS.append(packed_seq_lengths)
         return SimpleNamespace(last_hidden_state=self.adapter(self.embed(input_ids)))
-
-
-VARLEN_CALLS = []
 
 
 class RecordedBoundaries:
