@@ -246,6 +246,30 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
     assert_same_training(result, uninterrupted, atol=5e-5)
 
 
+def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_larger_micro_batches(monkeypatch):
+    import torch
+
+    from tasks.train import loop as training
+
+    class Model:
+        def zero_grad(self, set_to_none):
+            pass
+
+    def micro_that_fits_two(self, rows, loss_tokens, **kwargs):
+        if len(rows) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.tensor(float(len(rows)))
+
+    monkeypatch.setattr(training.Stepper, "_micro", micro_that_fits_two)
+    stepper = training.Stepper(model=Model(), scaler=None, device=torch.device("cpu"), precision="fp32",
+                               backend="unsloth", packing=True, row_tokens=None, head_chunk=64, pad_id=0,
+                               max_oom_retries=1, rank=training.Rank(),
+                               packed_layout=training.PackedLayout(width=300, segments=6, longest=90))
+    state = training.TrainingState(micro_batch_size=4)
+    assert float(stepper.run([{"input_ids": [1] * n} for n in (50, 60, 70, 80)], 1, state, step=1)) == 4
+    assert state.micro_batch_size == 2 and stepper.packed_layout is None
+
+
 @pytest.mark.parametrize(("train", "message"), [
     ({"mode": "qlora"}, "qlora .* needs a CUDA GPU"),
     ({"backend": "unsloth"}, "unsloth needs a CUDA GPU"),

@@ -833,6 +833,7 @@ class Stepper:
                 before = state.micro_batch_size
                 state.micro_batch_size = before // 2
                 state.oom_retries += 1
+                self.packed_layout = None  # its rows are as wide as the larger micro-batches': no memory saved
                 message = (f"CUDA out of memory at step {step} with micro-batch {before}: retrying with "
                            f"micro-batch {state.micro_batch_size} and twice the accumulation (same effective "
                            f"batch; retry {state.oom_retries} of at most {self.max_oom_retries})")
