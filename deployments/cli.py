@@ -320,7 +320,7 @@ def run_finetune(cfg, unserved_status: int) -> int:
 
     with spare_workers():  # the training spare stops with the run, even one that fails before its flow starts
         prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)  # imports overlap the server's boot
-        open_store(cfg.tracking)  # so does opening MLflow's store, which the flow's first stage would wait for
+        open_store(cfg.tracking)  # so does opening MLflow's store (a re-run's), which the first stage would wait for
         start_prefect(early)
         from flows.finetune import GateFailed, finetune
 

@@ -40,20 +40,29 @@ def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(tmp_path
         True, True, ["resolve_base_model"])
 
 
-def test_a_store_opened_ahead_of_the_run_is_made_and_an_unusable_one_is_left_to_the_run(tmp_path: Path):
-    """`tunepipe run` opens a SQLite tracking store while Prefect's server boots (tasks/runtime/tracking.py:
-    `open_store`): it makes the store, and a store that cannot be used raises nothing there: `RunWriter.start`
-    fails the run with TrackingUnavailable (the test above)."""
+def test_a_store_is_opened_ahead_of_the_run_only_where_it_exists_and_an_unusable_one_is_left_to_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`tunepipe run` opens an existing SQLite tracking store while Prefect's server boots (tasks/runtime/
+    tracking.py: `open_store`); a new one is left to the run (one that fails before any stage writes nothing),
+    and one that cannot be used raises nothing there: `RunWriter.start` fails the run with TrackingUnavailable
+    (the test above)."""
     from mlflow.tracking import MlflowClient
 
+    from tasks.runtime import tracking
     from tasks.runtime.config import TrackingConfig
-    from tasks.runtime.tracking import open_store
 
     uri = f"sqlite:///{tmp_path}/new/mlflow.db"
-    open_store(TrackingConfig(uri=uri, experiment="e"))
-    assert (tmp_path / "new" / "mlflow.db").is_file() and MlflowClient(uri).search_experiments()
-    (tmp_path / "a-file").write_text("")
-    open_store(TrackingConfig(uri=f"sqlite:///{tmp_path}/a-file/mlflow.db", experiment="e"))
+    tracking.open_store(TrackingConfig(uri=uri, experiment="e"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "new").mkdir()
+    MlflowClient(uri).search_experiments()  # the store a run made
+    opened = []
+    monkeypatch.setattr(tracking, "MlflowClient", lambda tracking_uri: opened.append(tracking_uri) or MlflowClient(
+        tracking_uri=tracking_uri))
+    tracking.open_store(TrackingConfig(uri=uri, experiment="e"))
+    assert opened == [uri]
+    (tmp_path / "broken.db").write_text("not a database")
+    tracking.open_store(TrackingConfig(uri=f"sqlite:///{tmp_path}/broken.db", experiment="e"))
 
 
 def test_two_nightly_triggers_at_once_train_once(tmp_path: Path, fast_config, prefect_server):

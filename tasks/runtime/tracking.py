@@ -45,7 +45,8 @@ class RunWriter:
         """A new run in the config's experiment (made if missing), the whole config as its params."""
         client = MlflowClient(tracking_uri=cfg.tracking.uri)
         try:
-            _make_sqlite_folder(cfg.tracking.uri)
+            if cfg.tracking.uri.startswith("sqlite:///"):
+                Path(cfg.tracking.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(
                 cfg.tracking.experiment, artifact_location=Path(cfg.tracking.artifact_location).resolve().as_uri())
@@ -147,19 +148,14 @@ def _ends(writer: RunWriter) -> Iterator[None]:
 
 
 def open_store(cfg: TrackingConfig) -> None:
-    """Open a SQLite tracking store ahead of the run, e.g. while Prefect's temporary server boots: MLflow keeps
-    one store per URI and process, and opening it (the engine, the schema check) is what starting the first run
-    waits for otherwise. A store that cannot be used is reported by `RunWriter.start`, not here."""
-    if not cfg.uri.startswith("sqlite:///"):  # a tracking server: nothing local to open
+    """Open an existing SQLite tracking store ahead of the run, e.g. while Prefect's temporary server boots: MLflow
+    keeps one store per URI and process, and opening it (the engine, the schema check) is what starting the run
+    waits for otherwise. A store not there yet is left to the run, which makes it only once a stage runs (a run
+    that fails before writes nothing); one that cannot be used is reported by `RunWriter.start`, not here."""
+    if not (cfg.uri.startswith("sqlite:///") and Path(cfg.uri.removeprefix("sqlite:///")).is_file()):
         return
     with contextlib.suppress(Exception):
-        _make_sqlite_folder(cfg.uri)
         MlflowClient(tracking_uri=cfg.uri).get_experiment_by_name(cfg.experiment)
-
-
-def _make_sqlite_folder(uri: str) -> None:
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _as_record(item: Record | Recorded) -> Record:
