@@ -162,4 +162,3 @@ def test_a_failed_capture_is_reported_and_the_step_runs_eagerly(transformer_grap
     hidden = run(batch(4, 8))
     assert hidden.shape == (4, 8, 4) and run.failed and run.graphed is None
     assert "CUDA graphs off, the capture failed (RuntimeError" in capsys.readouterr().out
-

@@ -132,10 +132,9 @@ def train_model(request: TrainRequest) -> TrainResult:
     # hf masks packed rows with a dense block-diagonal mask, so its rows stay short; unsloth masks packed
     # examples only in a one-row batch, through a varlen kernel that costs nothing per masked pair.
     row_tokens = request.model_cfg.max_seq_length if backend == "hf" else None
-    cuda_graphs = (cfg.cuda_graphs and device.type == "cuda" and rank.world == 1
-                   and graphs_capture(cfg.mode, request.model_cfg.load_in_4bit))
+    cuda_graphs = cfg.cuda_graphs and device.type == "cuda" and graphs_capture(cfg.mode, request.model_cfg.load_in_4bit)
     layout = None
-    if cuda_graphs and packing and backend == "unsloth":
+    if cuda_graphs and rank.world == 1 and packing and backend == "unsloth":  # (graphs run on one device only)
         layout = packed_layout(micro_batch_lengths(rows, order, range(resumed_from + 1, total_steps + 1), per_step,
                                                    state.micro_batch_size))
         if layout:
@@ -666,40 +665,33 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
 
     targets = [row["labels"][1:] + [IGNORE] for row in rows]
     lengths = [len(row["input_ids"]) for row in rows]
-    blocks = layout.blocks(lengths) if packing and layout else None
-    if blocks is not None and len(set(lengths)) > 1:
-        pad = layout.width - sum(lengths)
-        batch = {
-            "input_ids": [_joined(row["input_ids"] for row in rows) + [pad_id] * pad],
-            "position_ids": [_joined(range(n) for n in blocks)],
-            "targets": [_joined(targets) + [IGNORE] * pad],
-            "example": [_joined([i] * n for i, n in enumerate(lengths)) + [-1] * pad],
-        }
+    if packing and len(set(lengths)) > 1:
+        blocks = layout.blocks(lengths) if layout else None
+        if blocks is not None:  # one row of the layout's shape: the examples in order, then its padding blocks
+            bins, width, paddings = [list(range(len(rows)))], layout.width, [blocks[len(rows):]]
+        else:
+            bins: list[list[int]] = []
+            for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+                fits = next((b for b in bins if row_tokens is None or sum(lengths[j] for j in b) + lengths[i]
+                             <= row_tokens), None)
+                if fits is None:
+                    bins.append([i])
+                else:
+                    fits.append(i)
+            width = max(sum(lengths[j] for j in b) for b in bins)
+            paddings = [[pad] if (pad := width - sum(lengths[j] for j in b)) else [] for b in bins]
+        batch = {key: [] for key in ("input_ids", "position_ids", "targets", "example")}
+        blocks = []
+        for b, padding in zip(bins, paddings):
+            pad = sum(padding)
+            batch["input_ids"].append(_joined(rows[j]["input_ids"] for j in b) + [pad_id] * pad)
+            batch["position_ids"].append(_joined(range(n) for n in [lengths[j] for j in b] + padding))
+            batch["targets"].append(_joined(targets[j] for j in b) + [IGNORE] * pad)
+            batch["example"].append(_joined([j] * lengths[j] for j in b) + [-1] * pad)
+            blocks += [lengths[j] for j in b] + padding
         tensors = _to_device(batch, device)
         lengths_tensor = torch.tensor(blocks, dtype=torch.int32)  # pinned: copied to the GPU without a wait
         tensors["packed_seq_lengths"] = lengths_tensor.pin_memory() if device.type == "cuda" else lengths_tensor
-        return tensors
-    if packing and len(set(lengths)) > 1:
-        bins: list[list[int]] = []
-        for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
-            fits = next((b for b in bins if row_tokens is None or sum(lengths[j] for j in b) + lengths[i]
-                         <= row_tokens), None)
-            if fits is None:
-                bins.append([i])
-            else:
-                fits.append(i)
-        width = max(sum(lengths[j] for j in b) for b in bins)
-        batch = {key: [] for key in ("input_ids", "position_ids", "targets", "example")}
-        blocks = []
-        for b in bins:
-            pad = width - sum(lengths[j] for j in b)
-            batch["input_ids"].append(_joined(rows[j]["input_ids"] for j in b) + [pad_id] * pad)
-            batch["position_ids"].append(_joined(range(lengths[j]) for j in b) + list(range(pad)))
-            batch["targets"].append(_joined(targets[j] for j in b) + [IGNORE] * pad)
-            batch["example"].append(_joined([j] * lengths[j] for j in b) + [-1] * pad)
-            blocks += [lengths[j] for j in b] + ([pad] if pad else [])
-        tensors = _to_device(batch, device)
-        tensors["packed_seq_lengths"] = torch.tensor(blocks, dtype=torch.int32)
         return tensors
     width = max(lengths)
     pad = [width - n for n in lengths]
