@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu_flow.sh BACKEND TOKENIZER_DIR [OUT_DIR]     # BACKEND: auto | hf | unsloth
 # TOKENIZER_DIR: a tokenizer folder (e.g. the tiny model's); nothing is downloaded. The gate is set so it cannot
 # pass: the runs stop before export, for machines without llama-cpp-python. Evaluation asks each model 128
-# prompts (126 held-out pages and the demo's 2 probes) in one batch, 64 new tokens each.
+# prompts (126 held-out pages and the demo's 2 probes) in one batch, 64 new tokens each. On a machine whose
+# packages have no bytecode (PYTHONDONTWRITEBYTECODE=1, as the lent GPU image), compile them first as pip would
+# (`python3 -m compileall`, RESULTS.md): every process would otherwise compile torch's sources again.
 set -u
 backend=$1 tokenizer=$2 out=${3:-runs-gpu-flow}
 mkdir -p "$out"

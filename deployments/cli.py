@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import importlib.util
 import json
 import os
 import signal
@@ -78,7 +79,6 @@ def command(argv: list[str] | None) -> int:
     rollback.add_argument("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST or http://127.0.0.1:11434)")
     args = parser.parse_args(argv)
 
-    from tasks.model.base import BaseModelError, resolve_base_model
     from tasks.runtime.config import ConfigError, json_schema, load_config
     from tasks.runtime.redact import redact
 
@@ -108,19 +108,19 @@ def command(argv: list[str] | None) -> int:
             from deployments.status import print_status, print_trace
 
             return print_status(cfg) if args.command == "status" else print_trace(cfg, args.tag, args.rows)
-        # Fail on a bad config or an unusable base model before any server starts or stage runs.
-        resolve_base_model(cfg.model, cfg.ollama)
-    except (ConfigError, BaseModelError) as exc:
+    except ConfigError as exc:
         print(redact(str(exc)), file=sys.stderr)
+        return 2
+    if args.command in ("run", "demo"):
+        # The demo runs where no Ollama may be: an unserved model is reported, not an error.
+        return until_stopped(lambda: run_finetune(cfg, unserved_status=0 if args.command == "demo" else UNSERVED))
+    if not usable_base_model(cfg):
         return 2
     if args.command == "check":
         return run_check(cfg)
     if args.command == "retrain":
         return until_stopped(lambda: run_retrain(cfg))
-    if args.command == "evaluate":
-        return until_stopped(lambda: run_evaluate(cfg, args.model))
-    # The demo runs where no Ollama may be: an unserved model is reported, not an error.
-    return until_stopped(lambda: run_finetune(cfg, unserved_status=0 if args.command == "demo" else UNSERVED))
+    return until_stopped(lambda: run_evaluate(cfg, args.model))
 
 
 class Terminated(SystemExit):
@@ -287,6 +287,19 @@ def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
     return 0
 
 
+def usable_base_model(cfg) -> bool:
+    """Whether the config's base model resolves (it fails before any stage runs); if not, say why."""
+    from tasks.model.base import BaseModelError, resolve_base_model
+    from tasks.runtime.redact import redact
+
+    try:
+        resolve_base_model(cfg.model, cfg.ollama)
+    except BaseModelError as exc:
+        print(redact(str(exc)), file=sys.stderr)
+        return False
+    return True
+
+
 def quiet_environment() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -295,10 +308,15 @@ def quiet_environment() -> None:
 def start_prefect(early: ServerProcess | None) -> None:
     """Import the flows while Prefect's temporary API server boots, then point Prefect at it once it answers;
     `early`: the server's process, from `spawn_temporary_server` (which also quiets Prefect; None: a Prefect API
-    is configured)."""
+    is set in the environment). An API configured elsewhere (a Prefect profile, prefect.toml), which only
+    Prefect's settings know, is used instead, and the temporary server is stopped unused."""
     import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
+    from prefect.settings import PREFECT_API_URL
 
-    if early is not None:
+    if early is not None and PREFECT_API_URL.value():
+        early.discard()
+    elif early is not None:
+        server_logger().info("Starting temporary server on %s", early.api_url.removesuffix("/api"))
         early.wait_until_up()
         use_temporary_server(early)
 
@@ -313,14 +331,21 @@ def failed(report, state) -> int:
 
 
 def run_finetune(cfg, unserved_status: int) -> int:
-    early = spawn_temporary_server()  # first: its boot overlaps all that follows
-    from tasks.runtime.tracking import open_store
+    # Both before anything imports Prefect (seconds): the server's boot and the training worker's imports
+    # (unsloth's, on a GPU) overlap all that follows, the base model's check included.
+    early = spawn_temporary_server()
     from tasks.runtime.worker import spare_workers
-    from tasks.train.task import prestart_training
+    from tasks.train.prestart import prestart_training
 
     with spare_workers():  # the training spare stops with the run, even one that fails before its flow starts
-        prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)  # imports overlap the server's boot
-        open_store(cfg.tracking)  # so does opening MLflow's store (a re-run's), which the first stage would wait for
+        prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)
+        if not usable_base_model(cfg):
+            if early is not None:
+                early.discard()
+            return 2
+        from tasks.runtime.tracking import open_store
+
+        open_store(cfg.tracking)  # while the server boots: a re-run's first stage would wait for it
         start_prefect(early)
         from flows.finetune import GateFailed, finetune
 
@@ -442,6 +467,11 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s")
 
+    def discard(self) -> None:
+        """Stop a server nobody used, without a word (it was never announced)."""
+        self.process.kill()
+        self.process.wait()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             server_logger().info("Stopping temporary server on %s", self.api_url.removesuffix("/api"))
@@ -460,16 +490,14 @@ def server_logger():
 
 
 def spawn_temporary_server() -> ServerProcess | None:
-    """Start the process of Prefect's temporary API server now, when no Prefect API is configured, so that its
-    boot overlaps the CLI's imports (the flows) instead of following them; `start_prefect` waits for it. The
-    run stops it at exit, after Prefect's own exit handlers have sent the run's last states and events."""
+    """Start the process of Prefect's temporary API server now, unless `PREFECT_API_URL` is set, so that its
+    boot overlaps the CLI's imports (Prefect's own and the flows') instead of following them; `start_prefect`
+    waits for it. The run stops it at exit, after Prefect's own exit handlers have sent the run's last states
+    and events."""
     quiet_environment()  # the server inherits it
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
+    if os.environ.get("PREFECT_API_URL"):
         return None
     port = free_port()
-    server_logger().info("Starting temporary server on http://127.0.0.1:%d", port)
     early = ServerProcess(server_process(*server_command(port)), port)
     atexit.register(early.stop)  # registered before Prefect's handlers, so it runs after them
     return early
@@ -483,15 +511,14 @@ def free_port() -> int:
 
 def server_command(port: int) -> tuple[list[str], dict[str, str]]:
     """The command and environment Prefect 3.9's `SubprocessASGIServer._run_uvicorn_command` starts its
-    temporary server with (tests/test_stop_signals.py holds the two equal)."""
-    import prefect
-    from prefect.settings import get_current_settings
-
-    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+    temporary server with, without importing Prefect (seconds): Prefect also passes its settings as environment
+    variables, which the server reads for itself from the same environment, folder and profile
+    (tests/test_stop_signals.py holds the two equal)."""
+    prefect_package = Path(importlib.util.find_spec("prefect").origin).parent
+    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_package.parent), "--factory",
             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
             "error", "--lifespan", "on"]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     return args, env
 
 

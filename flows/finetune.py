@@ -29,8 +29,9 @@ from tasks.runtime.tracking import tracked_child, tracked_run
 from tasks.runtime.worker import spare_workers, stop_spares
 from tasks.serve.champion import find_champion
 from tasks.serve.task import plan
+from tasks.train.prestart import prestart_training
 from tasks.train.results import HeldOut
-from tasks.train.task import prestart_training, train
+from tasks.train.task import train
 
 
 class GateFailed(RuntimeError):

@@ -5,6 +5,7 @@ the next run resumes training from the checkpoint the stopped one left."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -173,20 +174,33 @@ def test_the_next_run_resumes_training_from_the_stopped_runs_checkpoint(runs):
     assert "train: resuming from the checkpoint" in worker_log.read_text()
 
 
-def test_the_early_temporary_server_is_started_as_prefect_starts_it(monkeypatch):
-    """`tunepipe run` starts Prefect's temporary server itself, before its imports (deployments/cli.py:
-    `spawn_temporary_server`): with the command and environment Prefect's own `SubprocessASGIServer` uses."""
-    import prefect.server.api.server as prefect_server
-
-    from deployments.cli import server_command
-
-    started = {}
-    monkeypatch.setattr(prefect_server.subprocess, "Popen", lambda args, env: started.update(args=args, env=env))
-    try:
-        prefect_server.SubprocessASGIServer(port=8765)._run_uvicorn_command()
-    finally:
-        prefect_server.SubprocessASGIServer._instances.pop(8765, None)
-    assert server_command(8765) == (started["args"], started["env"])
+def test_the_early_temporary_server_is_started_as_prefect_starts_it(tmp_path):
+    """`tunepipe run` starts Prefect's temporary server itself, before it imports Prefect (deployments/cli.py:
+    `spawn_temporary_server`): with the command Prefect's own `SubprocessASGIServer` uses, and an environment
+    from which the server reads the settings Prefect would have passed it, a profile's included."""
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('active = "team"\n[profiles.team]\nPREFECT_API_REQUEST_TIMEOUT = 17.5\n')
+    script = (
+        "import json, subprocess, sys\n"
+        "import prefect.server.api.server as prefect_server\n"
+        "from deployments.cli import server_command\n"
+        "started, popen = {}, subprocess.Popen\n"
+        "prefect_server.subprocess.Popen = lambda args, env: started.update(args=args, env=env)\n"
+        "prefect_server.SubprocessASGIServer(port=8765)._run_uvicorn_command()\n"
+        "subprocess.Popen = popen\n"
+        "args, env = server_command(8765)\n"
+        "read = 'from prefect.settings import get_current_settings; print(get_current_settings().model_dump_json())'\n"
+        "settings = [subprocess.run([sys.executable, '-c', read], env=e, capture_output=True, text=True,\n"
+        "                           check=True).stdout for e in (started['env'], env)]\n"
+        "print(json.dumps([args == started['args'], settings[0] == settings[1], json.loads(settings[1])]))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(profiles), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    same_args, same_settings, settings = json.loads(done.stdout.splitlines()[-1])
+    assert same_args and same_settings and settings["api"]["request_timeout"] == 17.5
 
 
 def test_the_run_waits_for_its_temporary_server_and_points_prefect_at_it_without_prefects_server_module(tmp_path):

@@ -144,7 +144,7 @@ def test_a_spare_that_died_warming_up_gives_way_to_a_fresh_worker(tmp_path):
 
 
 def test_tunepipe_run_stops_its_training_spare_when_the_run_fails_before_the_flow(monkeypatch):
-    import tasks.train.task
+    import tasks.train.prestart
     from deployments import cli
     from tasks.runtime.config import load_config
 
@@ -152,6 +152,7 @@ def test_tunepipe_run_stops_its_training_spare_when_the_run_fails_before_the_flo
         raise RuntimeError("the Prefect server did not come up")
 
     monkeypatch.setattr(cli, "spawn_temporary_server", lambda: None)
+    monkeypatch.setattr(cli, "usable_base_model", lambda cfg: True)
     monkeypatch.setattr(cli, "start_prefect", no_server)
     started = []
 
@@ -159,7 +160,7 @@ def test_tunepipe_run_stops_its_training_spare_when_the_run_fails_before_the_flo
         prestart_worker("test_worker:target", "fast")
         started.extend(_spare_processes())
 
-    monkeypatch.setattr(tasks.train.task, "prestart_training", prestart_training)
+    monkeypatch.setattr(tasks.train.prestart, "prestart_training", prestart_training)
     with pytest.raises(RuntimeError, match="did not come up"):
         cli.run_finetune(load_config("configs/demo.yaml"), unserved_status=0)
     assert started and not _spare_processes()

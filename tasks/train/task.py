@@ -25,6 +25,7 @@ from tasks.runtime.config import LoraConfig, ModelConfig, TrackingConfig, TrainC
 from tasks.runtime.gpu_slots import gpu_slots
 from tasks.runtime.records import MlflowRunRef, Point, Record
 from tasks.runtime.worker import prestart_worker, run_worker
+from tasks.train.prestart import TRAIN_WORKER
 from tasks.train.results import HeldOut, TrainResult, curve_points, eval_points
 
 
@@ -39,16 +40,6 @@ class TrainRequest(BaseModel):
     out_dir: Path
     init_from: Path | None = None  # an earlier TrainResult.adapter_dir whose weights to start from
     held_out: HeldOut | None = None  # given when train.eval_steps is set
-
-
-TRAIN_WORKER = "tasks.train.loop:train_model"
-
-
-def prestart_training(backend: str, mode: str, devices: int) -> None:
-    """Start the training worker now (train.backend, train.mode, train.devices), so that its imports overlap
-    the stages before it; under torchrun (several devices) each rank starts when training does."""
-    if devices == 1:
-        prestart_worker(TRAIN_WORKER, f"{backend} {mode}")
 
 
 # The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py and the
