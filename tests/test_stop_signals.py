@@ -232,6 +232,27 @@ def test_the_run_waits_for_its_temporary_server_and_points_prefect_at_it_without
         assert db.execute("select state_name from flow_run").fetchall() == [("Completed",)]
 
 
+def test_an_api_set_only_in_a_prefect_profile_is_used_and_the_early_server_stopped_unannounced(tmp_path):
+    """The CLI starts the temporary server before Prefect can say whether a profile configures an API; once
+    Prefect is imported, the profile's API wins and the server is stopped without a word."""
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    script = (
+        "from deployments import cli\n"
+        "server = cli.spawn_temporary_server()\n"
+        "cli.start_prefect(server)\n"
+        "from prefect.settings import PREFECT_API_URL\n"
+        "print(server.process.returncode is not None, PREFECT_API_URL.value())\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(profiles), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["True", "http://127.0.0.1:9/api"]
+    assert "temporary server" not in done.stderr
+
+
 def test_the_tunepipe_command_skips_the_interpreters_collection_at_exit_and_a_caller_of_main_keeps_its_own():
     """`tunepipe` (main() without arguments, as its script calls it) freezes the objects it made before it exits,
     so the interpreter's teardown does not collect them all; a program calling main(argv) is left as it was."""
