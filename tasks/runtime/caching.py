@@ -85,11 +85,15 @@ class StageCache(CachePolicy):
         code = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
         key = stable_hash(task_ctx.task.name, code, inputs)
         store = task_ctx.result_store
-        # Walk key, key-rerun-1, ... to the first slot that is empty or holds a result whose files exist.
+        # Walk key, key-rerun-1, ... to the newest record: a hit when the files it names all exist, else the empty
+        # slot after it (a re-run). Every slot names the same stage folder, and a re-run rewrites an older
+        # record's files too: only the newest record describes the files there now.
+        newest = None
         for attempt in count():
             candidate = key if attempt == 0 else f"{key}-rerun-{attempt}"
-            if not store.exists(candidate) or outputs_exist(store.read(candidate).result):
-                return candidate
+            if not store.exists(candidate):
+                return newest if newest and outputs_exist(store.read(newest).result) else candidate
+            newest = candidate
 
 
 STAGE_CACHE = StageCache()
