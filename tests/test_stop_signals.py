@@ -174,12 +174,22 @@ def test_the_next_run_resumes_training_from_the_stopped_runs_checkpoint(runs):
     assert "train: resuming from the checkpoint" in worker_log.read_text()
 
 
+def in_profile(tmp_path: Path, settings: str, script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python whose active Prefect profile sets `settings` (TOML lines)."""
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'active = "team"\n[profiles.team]\n{settings}\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(profiles), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
 def test_the_early_temporary_server_is_started_as_prefect_starts_it(tmp_path):
     """`tunepipe run` starts Prefect's temporary server itself, before it imports Prefect (deployments/cli.py:
     `spawn_temporary_server`): with the command Prefect's own `SubprocessASGIServer` uses, and an environment
     from which the server reads the settings Prefect would have passed it, a profile's included."""
-    profiles = tmp_path / "profiles.toml"
-    profiles.write_text('active = "team"\n[profiles.team]\nPREFECT_API_REQUEST_TIMEOUT = 17.5\n')
     script = (
         "import json, subprocess, sys\n"
         "import prefect.server.api.server as prefect_server\n"
@@ -194,11 +204,7 @@ def test_the_early_temporary_server_is_started_as_prefect_starts_it(tmp_path):
         "                           check=True).stdout for e in (started['env'], env)]\n"
         "print(json.dumps([args == started['args'], settings[0] == settings[1], json.loads(settings[1])]))\n"
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(profiles), PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = in_profile(tmp_path, "PREFECT_API_REQUEST_TIMEOUT = 17.5", script)
     same_args, same_settings, settings = json.loads(done.stdout.splitlines()[-1])
     assert same_args and same_settings and settings["api"]["request_timeout"] == 17.5
 
@@ -235,8 +241,6 @@ def test_the_run_waits_for_its_temporary_server_and_points_prefect_at_it_without
 def test_an_api_set_only_in_a_prefect_profile_is_used_and_the_early_server_stopped_unannounced(tmp_path):
     """The CLI starts the temporary server before Prefect can say whether a profile configures an API; once
     Prefect is imported, the profile's API wins and the server is stopped without a word."""
-    profiles = tmp_path / "profiles.toml"
-    profiles.write_text('active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
     script = (
         "from deployments import cli\n"
         "server = cli.spawn_temporary_server()\n"
@@ -244,11 +248,7 @@ def test_an_api_set_only_in_a_prefect_profile_is_used_and_the_early_server_stopp
         "from prefect.settings import PREFECT_API_URL\n"
         "print(server.process.returncode is not None, PREFECT_API_URL.value())\n"
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(profiles), PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = in_profile(tmp_path, 'PREFECT_API_URL = "http://127.0.0.1:9/api"', script)
     assert done.stdout.split() == ["True", "http://127.0.0.1:9/api"]
     assert "temporary server" not in done.stderr
 
