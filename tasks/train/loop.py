@@ -666,9 +666,9 @@ def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens:
     targets = [row["labels"][1:] + [IGNORE] for row in rows]
     lengths = [len(row["input_ids"]) for row in rows]
     if packing and len(set(lengths)) > 1:
-        blocks = layout.blocks(lengths) if layout else None
-        if blocks is not None:  # one row of the layout's shape: the examples in order, then its padding blocks
-            bins, width, paddings = [list(range(len(rows)))], layout.width, [blocks[len(rows):]]
+        layout_row = layout.blocks(lengths) if layout else None
+        if layout_row is not None:  # one row of the layout's shape: the examples in order, then its padding blocks
+            bins, width, paddings = [list(range(len(rows)))], layout.width, [layout_row[len(rows):]]
         else:
             bins: list[list[int]] = []
             for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
