@@ -95,7 +95,7 @@ def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
 
     `n_tokens` is each example's formatted length (None where its roles cannot be formatted, named by the
     roles expectation, or where the chat template cannot train it, named by `template_refusals`);
-    `eval_copies` names the eval row with the same prompt, for train rows.
+    `eval_copies` names the row of a later held-out split (validation, test) with the same prompt.
     """
     import pandas as pd
 
@@ -175,7 +175,7 @@ def build_suite(name: str, max_chars: int, max_seq_length: int, json_answers: bo
     ]
     if leakage:
         expectations.append(gxe.ExpectColumnValuesToBeNull(
-            column="eval_copy", description="the prompt does not also appear in the eval split (leakage)"
+            column="eval_copy", description="the prompt does not also appear in a later held-out split (leakage)"
         ))
     if json_answers:
         expectations += [
@@ -301,7 +301,7 @@ def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples
         ("expect_column_values_to_be_between", "n_tokens"): lambda: f"{value} tokens > max_seq_length {max_seq_length}",
         ("expect_column_values_to_be_null", "chat_template"): lambda: value,
         ("expect_column_values_to_be_null", "rejected"): lambda: f"rejected answer is {value}",
-        ("expect_column_values_to_be_null", "eval_copy"): lambda: f"leakage: the same prompt is in the eval split "
+        ("expect_column_values_to_be_null", "eval_copy"): lambda: f"leakage: the same prompt is in a held-out split "
                                                                   f"({value}); kept there, set aside here",
         ("expect_column_values_to_be_json_parseable", "answer"): lambda: f"answer is not valid JSON: {_short(value)!r}",
         ("expect_column_values_to_not_be_null", "answer_keys"): lambda: (

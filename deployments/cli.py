@@ -47,7 +47,7 @@ def command(argv: list[str] | None) -> int:
     demo = commands.add_parser("demo", help=f"write the demo data, then fine-tune SmolLM2-135M as {DEMO_CONFIG} says")
     retrain = commands.add_parser(
         "retrain", help="fold new RAG examples into the data set and retrain when there are enough (rag section)")
-    evaluate = commands.add_parser("evaluate", help="score a trained model on the config's held-out split")
+    evaluate = commands.add_parser("evaluate", help="score a trained model on the config's test split")
     status = commands.add_parser("status", help="champion, last runs, pending registrations, RAG watermark")
     trace = commands.add_parser("trace", help="from an Ollama tag NAME:VERSION to its MLflow run and training rows")
     trace.add_argument("tag", help="Ollama model tag, e.g. tunepipe-demo:3 (NAME:latest means the champion)")
@@ -184,12 +184,14 @@ def print_data_report(console, checked) -> None:
 
     files = Table(title="data files (kept + quarantined = read)")
     files.add_column("file", overflow="fold")  # a path wraps onto more lines, never cut
-    for column in ("read", "kept train", "kept eval", "quarantined"):
+    for column in ("read", "kept train", "kept validation", "kept test", "quarantined"):
         files.add_column(column, justify="right")
     for f in checked.files:
-        files.add_row(f.source, str(f.rows_read), str(f.kept_train), str(f.kept_eval), str(f.quarantined))
+        files.add_row(f.source, str(f.rows_read), str(f.kept_train), str(f.kept_validation), str(f.kept_eval),
+                      str(f.quarantined))
     console.print(files)
-    failed = [(split, e) for split, report in (("train", checked.train), ("eval", checked.eval))
+    failed = [(split, e) for split, report in (("train", checked.train), ("validation", checked.validation),
+                                               ("test", checked.eval))
               for e in report.expectations if not e["success"]]
     if failed:
         table = Table(title="failed expectations (Great Expectations)")
@@ -211,8 +213,8 @@ def print_run_plan(console, plan) -> None:
 
     table = Table(title="run plan", show_header=False)
     for name, value in (
-        ("rows (train / eval)", f"{plan.train_rows} / {plan.eval_rows}"),
-        ("tokens (train / eval)", f"{plan.train_tokens} / {plan.eval_tokens}"),
+        ("rows (train / validation / test)", f"{plan.train_rows} / {plan.validation_rows} / {plan.eval_rows}"),
+        ("tokens (train / validation / test)", f"{plan.train_tokens} / {plan.validation_tokens} / {plan.eval_tokens}"),
         ("trained tokens (carry the loss)", str(plan.train_trained_tokens)),
         ("longest example", f"{plan.longest_example_tokens} tokens"),
         ("examples per step", str(plan.examples_per_step)),
@@ -566,7 +568,7 @@ class Report:
     def summary(self, summary) -> None:
         from rich.table import Table
 
-        self.metrics(summary.eval, summary.gate)
+        self.metrics(summary.eval, summary.gate, summary.validation)
         self.base_to_candidate(summary.eval, summary.gate)
         table = Table(title="tunepipe run", show_header=False)
         parity = ", ".join(f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop "
@@ -576,7 +578,7 @@ class Report:
             ("GGUF parity", parity),
             ("merged model", str(summary.exported.merged_dir)),
             ("LoRA adapter", str(summary.exported.adapter_dir or "none (full fine-tuning)")),
-            ("gate", summary.gate.summary()),
+            ("gate (test split)", summary.gate.summary()),
             ("attempts", f"{summary.attempts}: {summary.retrain_outcome}"),
             ("report", str(summary.report.path)),
             ("data checks (GX Data Docs)", f"{summary.data_docs} (MLflow: data_checks/data_docs/index.html)"),
@@ -593,13 +595,13 @@ class Report:
         )
 
     def base_to_candidate(self, report, decision) -> None:
-        """What fine-tuning changed, and one held-out example answered by both: the base's and the candidate's."""
+        """What fine-tuning changed, and one test example answered by both: the base's and the candidate's."""
         from rich.markup import escape
 
         from tasks.evaluate.report import base_to_candidate
 
         changes = base_to_candidate(report, [check.metric for check in decision.checks])
-        self.console.print(f"[bold]base → candidate[/] on {report.n_samples} held-out examples: "
+        self.console.print(f"[bold]base → candidate[/] on {report.n_samples} {report.split} examples: "
                            + ", ".join(changes), highlight=False, soft_wrap=True)
         first = report.samples_path.read_text(encoding="utf-8").partition("\n")[0]
         if first:
@@ -607,36 +609,40 @@ class Report:
             for who in ("base", "candidate"):
                 answer = " ".join(sample[who]["answer"].split())
                 answer = answer if len(answer) <= 160 else answer[:160] + " ..."
-                self.console.print(f"  {who:>9} answered held-out {sample['source']}: {escape(answer)}",
+                self.console.print(f"  {who:>9} answered {report.split} {sample['source']}: {escape(answer)}",
                                    highlight=False, soft_wrap=True)
 
     def gate(self, error) -> None:
-        self.metrics(error.eval, error.decision)
+        self.metrics(error.eval, error.decision, error.validation)
         self.base_to_candidate(error.eval, error.decision)
-        self.console.print(f"[bold yellow]not promoted:[/] the evaluation gate failed ({error.outcome}); nothing "
-                           "was exported or registered and the champion is unchanged.")
+        self.console.print(f"[bold yellow]not promoted:[/] the evaluation gate failed on the test split (retrain "
+                           f"loop: {error.outcome}); nothing was exported or registered and the champion is unchanged.")
         for reason in error.decision.reasons:
             self.console.print(f"  [red]-[/] {reason}")
         self.console.print(f"report: {error.report.path}   MLflow run: {error.mlflow_run_id}")
 
-    def metrics(self, report, decision) -> None:
-        """Headline metrics of base / champion / candidate, plus every metric a gate rule checked."""
+    def metrics(self, report, decision, validation=None) -> None:
+        """Headline metrics of base / champion / candidate on `report`'s split, beside their `validation` scores
+        when given, plus every metric a gate rule checked."""
         from rich.table import Table
 
         from tasks.evaluate.report import label, models
 
-        columns = models(report)
+        splits = [r for r in (validation, report) if r is not None]
+        columns = [(r, scores) for scores in models(report) for r in splits]
         gated = {check.metric for check in decision.checks}
-        names = sorted({n for s in columns for n in s.metrics if "." not in n} | gated)
-        table = Table(title=f"held-out metrics ({report.n_samples} examples)")
+        names = sorted({n for r in splits for s in models(r) for n in s.metrics if "." not in n} | gated)
+        title = ", ".join(f"{r.split}: {r.n_samples} examples" for r in splits)
+        table = Table(title=f"metrics ({title})")
         table.add_column("metric")
-        for scores in columns:
-            table.add_column(label(scores), justify="right")
+        for r, scores in columns:
+            table.add_column(f"{label(scores)} {r.split}", justify="right")
         for name in names:
-            values = [scores.metrics.get(name) for scores in columns]
+            values = [next((s.metrics.get(name) for s in models(r) if s.name == scores.name), None)
+                      for r, scores in columns]
             table.add_row(name + (" *" if name in gated else ""), *("-" if v is None else f"{v:.3f}" for v in values))
         self.console.print(table)
-        self.console.print("* checked by the gate")
+        self.console.print(f"* checked by the gate (on {report.split})")
 
 
 def stage_states(flow_run_id) -> list[tuple[str, str, float]]:

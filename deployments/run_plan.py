@@ -35,9 +35,11 @@ class TimeEstimate(BaseModel):
 
 class RunPlan(BaseModel):
     train_rows: int
-    eval_rows: int
+    validation_rows: int
+    eval_rows: int  # the test split's
     train_tokens: int
     train_trained_tokens: int  # tokens that carry the loss (answers only, unless train.assistant_only_loss is off)
+    validation_tokens: int
     eval_tokens: int
     longest_example_tokens: int
     examples_per_step: int  # train.batch_size × train.gradient_accumulation_steps × train.devices
@@ -63,10 +65,11 @@ def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
         warnings.append(f"{setting} goes over the {rows} training rows {epochs:.0f} times (more than {MANY_EPOCHS}): "
                         "the model will likely learn them by heart; use more rows or fewer steps")
     return RunPlan(
-        train_rows=formatted.train.n_rows, eval_rows=formatted.eval.n_rows,
+        train_rows=formatted.train.n_rows, validation_rows=formatted.validation.n_rows, eval_rows=formatted.eval.n_rows,
         train_tokens=formatted.train.n_tokens, train_trained_tokens=formatted.train.n_trained_tokens,
-        eval_tokens=formatted.eval.n_tokens,
-        longest_example_tokens=max(formatted.train.max_tokens, formatted.eval.max_tokens),
+        validation_tokens=formatted.validation.n_tokens, eval_tokens=formatted.eval.n_tokens,
+        longest_example_tokens=max(formatted.train.max_tokens, formatted.validation.max_tokens,
+                                   formatted.eval.max_tokens),
         examples_per_step=per_step, steps_per_epoch=max(1, math.ceil(rows / per_step)), steps=steps,
         epochs=epochs, environment=environment, warnings=warnings,
         time_estimate=estimate_training_time(cfg, base, environment.device, tokens_to_train),

@@ -1,6 +1,6 @@
-"""The evaluate flow: score one trained model on the config's held-out split with the evaluation stage and
-the gate, as the finetune flow would, without training or exporting anything. Started by the `evaluate`
-deployment (prefect.yaml) or `tunepipe evaluate`."""
+"""The evaluate flow: score one trained model on the config's test split with the evaluation stage and the
+gate, as the finetune flow's final evaluation does, without training or exporting anything. Started by the
+`evaluate` deployment (prefect.yaml) or `tunepipe evaluate`."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         run.record(loaded, checked)  # what it was scored on, as the run's dataset inputs
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
-        report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,
-                          cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir, checked.eval.undesirable_path)
+        report = evaluate(formatted, checked, candidate, base, champion, cfg.tracking.uri, cfg.data, cfg.eval,
+                          cfg.workdir, split="test")
         decision = gate(report, cfg.gate)
         run.record(report, decision)
     return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)

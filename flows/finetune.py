@@ -35,21 +35,25 @@ from tasks.train.task import train
 
 
 class GateFailed(RuntimeError):
-    """The last attempt failed the gate: nothing was exported or registered and the champion did not move."""
+    """The final candidate failed the gate on the test split: nothing was exported or registered and the champion
+    did not move."""
 
-    def __init__(self, attempts: list[Attempt], outcome: str, report: RunReport, mlflow_run_id: str):
+    def __init__(self, attempts: list[Attempt], tested: EvalReport, decision: GateDecision, outcome: str,
+                 report: RunReport, mlflow_run_id: str):
         self.attempts, self.outcome, self.report, self.mlflow_run_id = attempts, outcome, report, mlflow_run_id
-        self.eval, self.decision = attempts[-1].report, attempts[-1].decision
-        reasons = "".join(f"\n  - {reason}" for reason in self.decision.reasons)
-        super().__init__(f"evaluation gate failed ({outcome}); nothing exported or registered, the champion is "
-                         f"unchanged. Failing rules:{reasons}\nReport: {report.path} (MLflow run {mlflow_run_id})")
+        self.eval, self.decision, self.validation = tested, decision, attempts[-1].report
+        reasons = "".join(f"\n  - {reason}" for reason in decision.reasons)
+        super().__init__(f"evaluation gate failed on the test split ({outcome}); nothing exported or registered, "
+                         f"the champion is unchanged. Failing rules:{reasons}\nReport: {report.path} "
+                         f"(MLflow run {mlflow_run_id})")
 
 
 class RunSummary(BaseModel):
     mlflow_run_id: str
     mlflow_tracking_uri: str
-    eval: EvalReport
+    eval: EvalReport  # the final candidate on the test split: what the gate decided on
     gate: GateDecision
+    validation: EvalReport  # the same candidate on the validation split, which the retrain loop chose it by
     attempts: int
     retrain_outcome: str
     report: RunReport
@@ -88,32 +92,38 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, workdir)
 
         champion = find_champion(cfg.tracking.uri, cfg.name)
-        # What the evaluations during training (train.eval_steps) measure and choose the best checkpoint by;
-        # given to the train stage only when it evaluates, so eval settings never invalidate other trainings.
-        held_out = HeldOut(loss_rows=formatted.eval, examples=checked.eval.clean_path,
+        # What the evaluations during training (train.eval_steps) measure and choose the best checkpoint by: the
+        # validation split; given to the train stage only when it evaluates, so eval settings never invalidate
+        # other trainings.
+        held_out = HeldOut(loss_rows=formatted.validation, examples=checked.validation.clean_path,
                            train_examples=checked.train.clean_path, metric=cfg.retrain.metric,
                            output_format=cfg.data.output_format, max_new_tokens=cfg.eval.max_new_tokens,
                            batch_size=cfg.eval.batch_size)
-        # The bounded retrain loop: train, evaluate and gate until an attempt passes or the plan gives up.
+        # The bounded retrain loop: train, then score on validation and apply the gate's rules there, until an
+        # attempt passes them or the plan gives up. Nothing in the loop reads the test split.
         attempts: list[Attempt] = []
         while attempt := next_attempt(cfg, attempts):
             with tracked_child(run, f"attempt-{attempt.number}", attempt) as attempt_run:
                 trained = train(formatted, base, cfg.model, attempt.lora, attempt.train, workdir,
                                 init_from=attempt.init_from, held_out=held_out if attempt.train.eval_steps else None,
                                 mlflow_run=attempt_run.live_ref())
-                report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base,
-                                  champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
-                                  checked.eval.undesirable_path)
-                decision = gate(report, cfg.gate)
-                attempt_run.record(trained.curve(), report.scores(), decision)
-            attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))
-        stop_spares()  # no stage after the loop trains or evaluates: a spare left waiting (stages cached) takes CPU
+                validated = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data,
+                                     cfg.eval, workdir, split="validation")
+                attempt_decision = gate(validated, cfg.gate)
+                attempt_run.record(trained.curve(), validated.scores(), attempt_decision)
+            attempts.append(Attempt(plan=attempt, trained=trained, report=validated, decision=attempt_decision))
         ended = outcome(attempts, cfg.retrain)
-        run.record(formatted, trained, report, decision)  # the last attempt's, on the run itself
-        report_page = run_report(cfg.name, attempts, ended, workdir)
+        # The one look at the test split: the loop's final candidate, scored once (base and champion come from
+        # the reference cache on a re-run). Only this report reaches the gate; its failure ends the run.
+        report = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
+                          split="test")
+        stop_spares()  # no stage after this trains or evaluates: a spare left waiting (stages cached) takes CPU
+        decision = gate(report, cfg.gate)
+        run.record(formatted, trained, validated, report, decision)
+        report_page = run_report(cfg.name, attempts, report, decision, ended, workdir)
         run.record(report_page)
         if not decision.passed:
-            raise GateFailed(attempts, ended, report_page, run.run_id)
+            raise GateFailed(attempts, report, decision, ended, report_page, run.run_id)
 
         exported = export(trained, base, cfg.export, workdir)
         measured = parity(exported, checked.eval.clean_path, checked.train.clean_path, cfg.data, cfg.eval, cfg.ollama,
@@ -128,7 +138,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     get_run_logger().info("ollama: %s", serving.registration.message)
     summary = RunSummary(
         mlflow_run_id=run.run_id, mlflow_tracking_uri=redact(cfg.tracking.uri), eval=report, gate=decision,
-        attempts=len(attempts), retrain_outcome=ended, report=report_page, exported=exported, parity=measured,
+        validation=validated, attempts=len(attempts), retrain_outcome=ended, report=report_page, exported=exported, parity=measured,
         gguf_path=serving_plan.gguf.path, serving=serving, data_docs=checked.data_docs,
     )
     if not serving.served:  # trained and exported, but not served: say so in the run's final state

@@ -20,7 +20,10 @@ ROLES_EXPECTED = "expected an optional system message, then user/assistant turns
 
 
 def _check(tmp_path: Path, tiny_model: Path, max_seq_length: int = 128, **data: object) -> CheckedData:
-    cfg = DataConfig(**{"min_rows": 1, "max_invalid_fraction": 1.0, **data})
+    """The check of `data`; with a test split (data.eval) given, the validation split is given too, so that the
+    few rows of a corpus file all train."""
+    given = {"validation": CORPUS / "leak_validation.jsonl"} if "eval" in data else {}
+    cfg = DataConfig(**{"min_rows": 1, "max_invalid_fraction": 1.0, **given, **data})
     model = ModelConfig(base=str(tiny_model), max_seq_length=max_seq_length)
     loaded = load_dataset(cfg, tmp_path / "load")
     return check_dataset(loaded, cfg, resolve_base_model(model), model, tmp_path / "check")
@@ -60,26 +63,53 @@ def test_broken_corpus_every_row_named_and_accounted_for(tmp_path: Path, tiny_mo
         ("check", f"{ROWS}/roles.jsonl:3: roles user,user,assistant: {ROLES_EXPECTED}"),
         ("check", f"{ROWS}/roles.jsonl:4: empty turn: messages[1] (assistant) has no text"),
     ]
-    # The invariant, per file: every row read is kept (train or eval) or quarantined, never both, never lost.
-    by_file = {Path(f.source).name: (f.rows_read, f.kept_train + f.kept_eval, f.quarantined) for f in checked.files}
+    # The invariant, per file: every row read is kept (train, validation or test) or quarantined, never both,
+    # never lost.
+    by_file = {Path(f.source).name: (f.rows_read, f.kept_train + f.kept_validation + f.kept_eval, f.quarantined)
+               for f in checked.files}
     assert by_file == {
         "alpaca.json": (3, 2, 1), "bad_byte.jsonl": (3, 2, 1), "chat.parquet": (3, 2, 1),
         "duplicates.jsonl": (4, 2, 2), "json_targets.jsonl": (4, 2, 2), "mixed_shapes.jsonl": (5, 4, 1),
         "nulls_and_types.jsonl": (7, 2, 5), "overlong.jsonl": (3, 2, 1), "pairs.csv": (3, 2, 1),
-        "roles.jsonl": (5, 1, 4), "truncated.jsonl": (5, 3, 2), "leak_eval.jsonl": (2, 2, 0),
+        "roles.jsonl": (5, 1, 4), "truncated.jsonl": (5, 3, 2), "leak_validation.jsonl": (2, 2, 0),
+        "leak_eval.jsonl": (2, 2, 0),
     }
-    kept = [*read_examples(checked.train.clean_path), *read_examples(checked.eval.clean_path)]
-    assert len(kept) + len(_quarantine(checked)) == checked.rows_read == 47
+    assert {Path(f.source).name: (f.kept_validation, f.kept_eval) for f in checked.files
+            if f.kept_validation or f.kept_eval} == {"leak_validation.jsonl": (2, 0), "leak_eval.jsonl": (0, 2)}
+    kept = [*read_examples(checked.train.clean_path), *read_examples(checked.validation.clean_path),
+            *read_examples(checked.eval.clean_path)]
+    assert len(kept) + len(_quarantine(checked)) == checked.rows_read == 49
     assert {e.where for e in kept}.isdisjoint(r.message.rsplit(": ", 1)[0] for r in _quarantine(checked))
 
 
 def test_leakage_sets_the_train_copy_aside(tmp_path: Path, tiny_model: Path) -> None:
     checked = _check(tmp_path, tiny_model, train=CORPUS / "leak_train.jsonl", eval=CORPUS / "leak_eval.jsonl")
     assert [r.message for r in _quarantine(checked)] == [
-        f"{CORPUS}/leak_train.jsonl:7: leakage: the same prompt is in the eval split ({CORPUS}/leak_eval.jsonl:1); "
-        "kept there, set aside here"
+        f"{CORPUS}/leak_train.jsonl:7: leakage: the same prompt is in a held-out split (test: "
+        f"{CORPUS}/leak_eval.jsonl:1); kept there, set aside here"
     ]
-    assert (checked.train.n_passed, checked.eval.n_passed) == (6, 2)
+    assert (checked.train.n_passed, checked.validation.n_passed, checked.eval.n_passed) == (6, 2, 2)
+
+
+def test_leakage_into_validation_sets_the_train_copy_aside_and_test_wins_over_validation(tmp_path: Path,
+                                                                                          tiny_model: Path) -> None:
+    """A validation question in train would make the choices on validation optimistic; a test question in
+    validation would let them see the test split. The earlier split's copy is set aside."""
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps({"input": f"<p>Product {i}</p>",
+                                              "output": {"name": f"Product {i}", "price": i}}) + "\n"
+                                  for i in (200, 300, 400)))
+    checked = _check(tmp_path, tiny_model, train=CORPUS / "leak_train.jsonl", eval=CORPUS / "leak_eval.jsonl",
+                     validation=validation)
+    assert sorted(r.message for r in _quarantine(checked)) == [
+        f"{CORPUS}/leak_train.jsonl:1: leakage: the same prompt is in a held-out split (validation: {validation}:1); "
+        "kept there, set aside here",
+        f"{CORPUS}/leak_train.jsonl:7: leakage: the same prompt is in a held-out split (test: "
+        f"{CORPUS}/leak_eval.jsonl:1); kept there, set aside here",
+        f"{validation}:2: leakage: the same prompt is in a held-out split (test: {CORPUS}/leak_eval.jsonl:1); "
+        "kept there, set aside here",
+    ]
+    assert (checked.train.n_passed, checked.validation.n_passed, checked.eval.n_passed) == (5, 2, 2)
 
 
 def test_required_keys_and_text_answers(tmp_path: Path, tiny_model: Path) -> None:
@@ -135,12 +165,12 @@ def test_policy_fraction_fail_and_min_rows(tmp_path: Path, tiny_model: Path) -> 
         _check(tmp_path / "a", tiny_model, train=ROWS / "truncated.jsonl", eval=CORPUS / "leak_eval.jsonl",
                max_invalid_fraction=0.05)
     message = str(caught.value)
-    assert message.startswith("data check failed: 2 of 7 rows (28.6%) were set aside, more than "
+    assert message.startswith("data check failed: 2 of 9 rows (22.2%) were set aside, more than "
                               "data.max_invalid_fraction 5.0%.\nFirst rows set aside:\n"
                               f"  {ROWS}/truncated.jsonl:3: invalid JSON: Expecting ',' delimiter (column 62)\n")
     assert str(caught.value.checked.quarantine_path) in message and str(caught.value.checked.data_docs) in message
 
-    with pytest.raises(DataCheckError, match="1 of 5 rows are invalid and data.on_invalid is fail"):
+    with pytest.raises(DataCheckError, match="1 of 7 rows are invalid and data.on_invalid is fail"):
         _check(tmp_path / "b", tiny_model, train=ROWS / "overlong.jsonl", eval=CORPUS / "leak_eval.jsonl",
                on_invalid="fail")
     with pytest.raises(DataCheckError, match="2 training rows passed, data.min_rows is 20"):
@@ -151,13 +181,14 @@ def test_data_docs_and_summary(tmp_path: Path, tiny_model: Path) -> None:
     checked = _check(tmp_path, tiny_model, train=ROWS / "overlong.jsonl", eval=CORPUS / "leak_eval.jsonl")
     docs = checked.data_docs.parent
     assert checked.data_docs.name == "index.html" and checked.data_docs.is_file()
-    assert {p.name for p in (docs / "validations").iterdir()} == {"tunepipe_train", "tunepipe_eval"}
+    assert {p.name for p in (docs / "validations").iterdir()} == {"tunepipe_train", "tunepipe_validation",
+                                                                    "tunepipe_eval"}
     page = next((docs / "validations" / "tunepipe_train").rglob("*.html")).read_text()
     assert "n_tokens" in page and "at most 128 tokens (model.max_seq_length)" in page
     summary = json.loads(checked.summary_path.read_text())
-    assert summary["rows_read"] == 5 and summary["rows_quarantined"] == 1
+    assert summary["rows_read"] == 7 and summary["rows_quarantined"] == 1
     assert summary["files"][0] == {"source": str(ROWS / "overlong.jsonl"), "unit": "line", "rows_read": 3,
-                                   "kept_train": 2, "kept_eval": 0, "quarantined": 1}
+                                   "kept_train": 2, "kept_validation": 0, "kept_eval": 0, "quarantined": 1}
     gx_train = summary["great_expectations"]["train"]
     assert gx_train["success"] is False and len(gx_train["results"]) == len(checked.train.expectations)
 
@@ -167,20 +198,22 @@ def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, 
 
     config = {"name": "t", "workdir": str(tmp_path / "runs"), "ollama": {"model_name": "t"},
               "model": {"base": str(tiny_model), "max_seq_length": 128},
-              "data": {"train": str(ROWS / "overlong.jsonl"), "eval": str(CORPUS / "leak_eval.jsonl"), "min_rows": 1},
+              "data": {"train": str(ROWS / "overlong.jsonl"), "eval": str(CORPUS / "leak_eval.jsonl"),
+                       "validation": str(CORPUS / "leak_validation.jsonl"), "min_rows": 1},
               "train": {"batch_size": 1, "max_steps": 4}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    assert main(["check", str(path)]) == 1  # 1 of 5 rows set aside: above 5%
+    assert main(["check", str(path)]) == 1  # 1 of 7 rows set aside: above 5%
     out = capsys.readouterr().out
     assert f"set aside: {ROWS}/overlong.jsonl:2: 386 tokens > max_seq_length 128" in out
-    assert "a run would fail: data check failed: 1 of 5 rows (20.0%) were set aside" in out
+    assert "a run would fail: data check failed: 1 of 7 rows (14.3%) were set aside" in out
 
     assert main(["check", str(path), "--set", "data.max_invalid_fraction=0.25"]) == 0
     out = capsys.readouterr().out
     assert "Data Docs: " in out and "index.html" in out
     assert "steps per epoch" in out and "│ 2 " in out and "4 (2.00 epochs)" in out
+    assert re.search(r"rows \(train / validation / test\) +│ 2 / 2 / 2 ", out)
     assert "memory estimate" in out and "GiB free (weights" in out and "cpu x1, fp32" in out
     assert re.search(r"gradient checkpointing +│ off ", out)  # auto: the tiny model fits in memory
 
@@ -196,8 +229,9 @@ def test_a_one_row_file_is_too_small_to_hold_out_an_evaluation_split(tmp_path: P
     with pytest.raises(DataCheckError) as caught:
         _check(tmp_path, tiny_model, train=one)
     assert caught.value.checked.problems == [
-        "too few rows to hold out an evaluation split: 1 valid row(s) reached the split (data.eval_fraction 0.1, "
-        "at least 2 distinct rows needed); add rows, or give held-out rows as data.eval"]
+        f"too few rows to hold out a {name} split: 1 valid row(s) reached the split (data.{key}_fraction 0.1, at "
+        f"least 3 distinct rows needed for train, validation and test); add rows, or give held-out rows as data.{key}"
+        for name, key in (("validation", "validation"), ("test", "eval"))]
 
 
 def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(tmp_path: Path, tiny_model: Path,
@@ -210,7 +244,8 @@ def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(t
                              + "\n" for i in range(3)))
     config = {"name": "t", "workdir": str(tmp_path / "runs"), "ollama": {"model_name": "t"},
               "model": {"base": str(tiny_model), "max_seq_length": 128},
-              "data": {"train": str(train), "eval": str(CORPUS / "leak_eval.jsonl"), "min_rows": 1},
+              "data": {"train": str(train), "eval": str(CORPUS / "leak_eval.jsonl"),
+                       "validation": str(CORPUS / "leak_validation.jsonl"), "min_rows": 1},
               "train": {"batch_size": 1, "max_steps": 400}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -16,6 +16,7 @@ from tasks.data.load import (
     load_dataset,
     parse_record,
     read_file,
+    split_band,
 )
 from tasks.runtime.config import DataConfig
 
@@ -365,8 +366,10 @@ def test_load_dataset_writes_train_eval_and_quarantine(tmp_path: Path) -> None:
     cfg = DataConfig(train=train, eval=eval_, system_prompt="Answer in JSON.")
     loaded = load_dataset(cfg, tmp_path / "out")
 
-    assert (loaded.n_train, loaded.n_eval, loaded.n_rejected) == (30, 3, 2)
-    written = list(read_examples(loaded.train_path))
+    # The test split is the eval file; validation is split off the training rows.
+    assert (loaded.n_train + loaded.n_validation, loaded.n_eval, loaded.n_rejected) == (30, 3, 2)
+    assert loaded.n_validation >= 1
+    written = list(read_examples(loaded.train_path)) + list(read_examples(loaded.validation_path))
     assert len(written) == 30 and written[0].messages[0].content == "Answer in JSON."
     assert len(list(read_examples(loaded.eval_path))) == 3
     quarantined = [Rejection.model_validate_json(line) for line in loaded.quarantine_path.read_text().splitlines()]
@@ -402,18 +405,56 @@ def test_split_is_deterministic_and_independent_of_file_order(tmp_path: Path) ->
     def ids(path: Path) -> set[str]:
         return {e.id for e in read_examples(path)}
 
-    assert ids(a.eval_path) == ids(b.eval_path)
-    assert ids(a.train_path) == ids(b.train_path)
+    for path in ("train_path", "validation_path", "eval_path"):
+        assert ids(getattr(a, path)) == ids(getattr(b, path))
     assert not ids(a.eval_path) & ids(a.train_path)
-    assert a.n_train + a.n_eval == 200 and 20 <= a.n_eval <= 60
+    assert not ids(a.validation_path) & (ids(a.train_path) | ids(a.eval_path))
+    assert a.n_train + a.n_validation + a.n_eval == 200 and 20 <= a.n_eval <= 60 and 5 <= a.n_validation <= 40
     other_seed = load_dataset(DataConfig(train=tmp_path / "a.jsonl", eval_fraction=0.2, seed=7), tmp_path / "c")
     assert ids(other_seed.eval_path) != ids(a.eval_path)
 
 
+def test_a_questions_side_is_its_hash_band_whichever_splits_are_given(tmp_path: Path) -> None:
+    """Test below eval_fraction, validation in the band above it, train beyond; a band whose split comes as
+    files trains instead, so giving data.eval never moves a validation row."""
+    lines = _pairs(300)
+    train = _write_lines(tmp_path / "t.jsonl", lines)
+    test_file = _write_lines(tmp_path / "test.jsonl", [json.dumps({"input": "test q", "output": {"a": 0}})])
+    valid_file = _write_lines(tmp_path / "valid.jsonl", [json.dumps({"input": "valid q", "output": {"a": 0}})])
+    ids = {line: example_id(parse_record(json.loads(line))) for line in lines}
+    bands = {line: split_band(ids[line], DataConfig(train=train, eval_fraction=0.2, validation_fraction=0.3))
+             for line in lines}
+    assert {band: sum(b == band for b in bands.values()) > 30 for band in ("train", "validation", "test")} == {
+        "train": True, "validation": True, "test": True}
+
+    def sides(**given) -> dict[str, str]:
+        loaded = load_dataset(DataConfig(train=train, eval_fraction=0.2, validation_fraction=0.3, **given),
+                              tmp_path / str(sorted(given)))
+        found = {}
+        for side, path in (("train", loaded.train_path), ("validation", loaded.validation_path),
+                           ("test", loaded.eval_path)):
+            found |= {e.messages[-2].content: side for e in read_examples(path)}
+        return found
+
+    def expected(taken: set[str]) -> dict[str, str]:
+        return {json.loads(line)["input"]: band if band in taken else "train" for line, band in bands.items()}
+
+    assert sides() == expected({"train", "validation", "test"})
+    assert sides(eval=test_file) == expected({"train", "validation"}) | {"test q": "test"}
+    assert sides(validation=valid_file) == expected({"train", "test"}) | {"valid q": "validation"}
+
+
 def test_split_never_leaves_a_side_empty(tmp_path: Path) -> None:
-    cfg = DataConfig(train=_write_lines(tmp_path / "t.jsonl", _pairs(2)), eval_fraction=0.01)
+    cfg = DataConfig(train=_write_lines(tmp_path / "t.jsonl", _pairs(3)), eval_fraction=0.01,
+                     validation_fraction=0.01)
     loaded = load_dataset(cfg, tmp_path / "o")
-    assert (loaded.n_train, loaded.n_eval) == (1, 1)
+    assert (loaded.n_train, loaded.n_validation, loaded.n_eval) == (1, 1, 1)
+
+
+def test_fractions_must_leave_training_rows() -> None:
+    with pytest.raises(ValueError, match="leave no training rows"):
+        DataConfig(train="t.jsonl", eval_fraction=0.5, validation_fraction=0.5)
+    DataConfig(train="t.jsonl", eval_fraction=0.5, validation_fraction=0.5, validation="v.jsonl")
 
 
 def test_fingerprint_changes_with_bytes_and_config(tmp_path: Path) -> None:

@@ -383,8 +383,51 @@ def test_rated_questions_are_held_out_by_prompt_when_eval_is_given(tmp_path: Pat
                                   ("q9", None, "unrated", None, "2026-11-01T10:03:00")])
     collected, snapshot = ingest(cfg)
     # A bad answer to a base eval question is never ingested: training away from it would train on it.
-    assert collected.skipped == {"question in the base eval set": 1}
+    assert collected.skipped == {"question in the base validation or test set": 1}
     held = [json.loads(line) for line in (snapshot.folder / "eval.jsonl").open()][1:]
     train = [json.loads(line) for line in (snapshot.folder / "train.jsonl").open()]
     assert [(line["completion"][0]["content"], line["label"]) for line in held] == [("good", True), ("bad", False)]
     assert not any("label" in line or "chosen" in line for line in train)  # no pair: its prompt is held out
+
+
+def test_every_question_keeps_its_side_across_snapshots(tmp_path: Path):
+    """Night after night the training set grows, and each question stays where the split first put it: a test
+    question is never trained on later, and the champion of an earlier night never trained on today's test."""
+    from tasks.data.examples import read_examples
+    from tasks.data.load import load_dataset
+
+    cfg = pipeline(tmp_path)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_fraction": 0.3,
+                                                                     "validation_fraction": 0.3})})
+    db = make_db(tmp_path / "rag.db", [row(i) for i in range(20)])
+
+    def sides(snapshot) -> dict[str, str]:
+        loaded = load_dataset(snapshot.data, tmp_path / f"loaded-{snapshot.version}")
+        found = {}
+        for side, path in (("train", loaded.train_path), ("validation", loaded.validation_path),
+                           ("test", loaded.eval_path)):
+            found |= {e.messages[-2].content.splitlines()[-1]: side for e in read_examples(path)}
+        return found
+
+    _, first = ingest(cfg)
+    insert(db, [row(i) for i in range(20, 60)])
+    _, second = ingest(cfg)
+    night1, night2 = sides(first), sides(second)
+    assert len(night1) == 24 and len(night2) == 64  # the 4 base rows and every RAG question, once each
+    assert {side: list(night1.values()).count(side) > 0 for side in ("train", "validation", "test")} == {
+        "train": True, "validation": True, "test": True}
+    assert {question: night2[question] for question in night1} == night1
+    assert not {q for q, side in night1.items() if side == "train"} & {q for q, side in night2.items() if side == "test"}
+
+
+def test_a_separate_validation_set_is_normalised_into_the_snapshot(tmp_path: Path):
+    cfg = pipeline(tmp_path)
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(json.dumps({"input": "validation question", "output": "validation answer"}) + "\n")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"validation": validation})})
+    make_db(tmp_path / "rag.db", [row(0), ("validation question", "passage", "rag answer", "5", "2026-11-01T10:00")])
+    collected, snapshot = ingest(cfg)
+    assert collected.skipped == {"duplicate question": 1}  # a validation question is never trained on
+    (line,) = [json.loads(line) for line in snapshot.data.validation.open()]
+    assert (line["messages"][-2]["content"], line["base"]) == (
+        "validation question", {"source": str(validation), "line": 1, "unit": "line"})

@@ -1,10 +1,11 @@
-"""Check both splits with the Great Expectations suite; rows that fail go to quarantine, not to training.
+"""Check the three splits with the Great Expectations suite; rows that fail go to quarantine, not to training.
 
 The check formats every example with the real tokenizer and chat template to judge its length (and hands
 the clean examples' token ids to the format stage, so nothing is tokenized twice), compares
-the splits for leakage (the same prompt on both sides: the train copy is set aside, so the eval set stays
-comparable across runs), writes GX's Data Docs and a machine-readable summary, and accounts for every row
-read: per file, rows kept + rows quarantined = rows read. Then `data.on_invalid`, `data.max_invalid_fraction`
+the splits for leakage (the same prompt in train and a held-out split: the train copy is set aside, so the
+held-out sets stay comparable across runs; in validation and test: the validation copy, so nothing chosen on
+validation has seen a test question), writes GX's Data Docs and a machine-readable summary, and accounts for
+every row read: per file, rows kept + rows quarantined = rows read. Then `data.on_invalid`, `data.max_invalid_fraction`
 and `data.min_rows` decide whether the run may go on; when it may not, `DataCheckError` says why and where
 every set-aside row is, before any model is loaded.
 """
@@ -32,6 +33,7 @@ from tasks.runtime.caching import StageCache, stage_dir
 from tasks.runtime.config import DataConfig, ModelConfig
 
 ROWS_SHOWN = 5  # set-aside rows quoted in a failure message
+SPLIT_NAMES = {"train": "train", "validation": "validation", "eval": "test"}  # `eval` holds the test split
 
 
 class DataCheckError(ValueError):
@@ -68,36 +70,42 @@ def formatted_tokens(examples: list[Example], tokenizer, chat: ChatContext
 
 def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig,
                   out_dir: Path) -> CheckedData:
-    """Validate both splits, write clean rows, quarantine, Data Docs and summary; raise if the run may not go on."""
-    splits = {"train": list(read_examples(loaded.train_path)), "eval": list(read_examples(loaded.eval_path))}
+    """Validate the splits, write clean rows, quarantine, Data Docs and summary; raise if the run may not go on."""
+    splits = {"train": list(read_examples(loaded.train_path)),
+              "validation": list(read_examples(loaded.validation_path)), "eval": list(read_examples(loaded.eval_path))}
     tokenizer = load_tokenizer(base, model.chat_template)
     # Every later stage renders with this: training's texts are made here.
     chat = ChatContext.today(cfg.reasoning, str(tokenizer.chat_template))
-    eval_prompts: dict[str, str] = {}
-    for example in splits["eval"]:
-        eval_prompts.setdefault(chat_suite.prompt_key(example), example.where)
-    keys = {
-        "train": cfg.required_keys,
-        # Without configured keys, the eval answers must carry the keys every training answer shares.
-        "eval": cfg.required_keys or required_keys(example.answer for example in splits["train"]
-                                                   if example.kind != "undesirable"),
-    }
+    # Where a split's prompts are kept when they also appear in a split later in `splits`: test over all,
+    # validation over train.
+    later = {"train": ("validation", "eval"), "validation": ("eval",), "eval": ()}
+    prompts: dict[str, dict[str, str]] = {split: {} for split in splits}
+    for split, examples in splits.items():
+        for example in examples:
+            prompts[split].setdefault(chat_suite.prompt_key(example), f"{SPLIT_NAMES[split]}: {example.where}")
+    # Without configured keys, the held-out answers must carry the keys every training answer shares.
+    held_out_keys = cfg.required_keys or required_keys(example.answer for example in splits["train"]
+                                                       if example.kind != "undesirable")
+    keys = {"train": cfg.required_keys, "validation": held_out_keys, "eval": held_out_keys}
     frames, suites, token_lines = {}, {}, {}
     for split, examples in splits.items():
-        copies = [eval_prompts.get(chat_suite.prompt_key(e)) for e in examples] if split == "train" else None
+        kept_there = [prompts[other] for other in reversed(later[split]) if prompts[other]]
+        copies = ([next((where[key] for where in kept_there if key in where), None)
+                   for key in map(chat_suite.prompt_key, examples)] if kept_there else None)
         lengths, token_lines[split], refusals = formatted_tokens(examples, tokenizer, chat)
         frames[split] = chat_suite.examples_frame(examples, lengths, copies, refusals)
         suites[split] = chat_suite.build_suite(
             f"tunepipe_{split}", cfg.max_chars, model.max_seq_length, cfg.output_format == "json", keys[split],
-            leakage=split == "train" and bool(eval_prompts),
+            leakage=bool(kept_there),
         )
     docs_dir = out_dir / "data_docs"
     shutil.rmtree(docs_dir, ignore_errors=True)  # Data Docs list every validation in the folder: this run's only
     results = chat_suite.validate(frames, suites, docs_dir)
 
     reports, set_aside = {}, []
-    tokens = TokenizedSplits(train=out_dir / "train_tokens.jsonl", eval=out_dir / "eval_tokens.jsonl",
-                             tokenizer=tokenizer_key(base, model.chat_template, chat), chat=chat)
+    tokens = TokenizedSplits(train=out_dir / "train_tokens.jsonl", validation=out_dir / "validation_tokens.jsonl",
+                             eval=out_dir / "eval_tokens.jsonl", tokenizer=tokenizer_key(base, model.chat_template, chat),
+                             chat=chat)
     for split, examples in splits.items():
         failures = chat_suite.failed_rows(results[split], frames[split], examples, cfg.max_chars,
                                           model.max_seq_length)
@@ -130,10 +138,11 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     rejections = [Rejection.model_validate_json(line) for line in loaded_rejections] + set_aside
     quarantine_path = out_dir / "quarantine.jsonl"
     write_jsonl(quarantine_path, rejections)
-    files = account_for_rows(loaded, splits["train"], splits["eval"], rejections)
+    files = account_for_rows(loaded, splits, rejections)
     rows_read = sum(f.rows_read for f in files)
     checked = CheckedData(
-        train=reports["train"], eval=reports["eval"], files=files, rows_read=rows_read,
+        train=reports["train"], validation=reports["validation"], eval=reports["eval"], files=files,
+        rows_read=rows_read,
         rows_quarantined=len(rejections), quarantine_path=quarantine_path,
         data_docs=docs_dir / "index.html", summary_path=out_dir / "data_check_summary.json", tokens=tokens,
         problems=policy_problems(cfg, reports, rows_read, len(rejections)),
@@ -150,19 +159,20 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     return checked
 
 
-def account_for_rows(loaded: LoadedData, train: list[Example], eval_: list[Example],
+def account_for_rows(loaded: LoadedData, splits: dict[str, list[Example]],
                      rejections: list[Rejection]) -> list[FileAccount]:
-    """Per input file, where its rows went; a row counted twice or lost is a bug, so it raises."""
-    kept_train = Counter(e.source for e in train)
-    kept_eval = Counter(e.source for e in eval_)
+    """Per input file, where its rows went (`splits`: the kept rows of train, validation and eval); a row
+    counted twice or lost is a bug, so it raises."""
+    kept = {split: Counter(e.source for e in examples) for split, examples in splits.items()}
     quarantined = Counter(r.source for r in rejections)
     files = [
-        FileAccount(source=f.source, unit=f.unit, rows_read=f.rows_read, kept_train=kept_train[f.source],
-                    kept_eval=kept_eval[f.source], quarantined=quarantined[f.source])
+        FileAccount(source=f.source, unit=f.unit, rows_read=f.rows_read, kept_train=kept["train"][f.source],
+                    kept_validation=kept["validation"][f.source], kept_eval=kept["eval"][f.source],
+                    quarantined=quarantined[f.source])
         for f in loaded.files
     ]
     for f in files:
-        if f.kept_train + f.kept_eval + f.quarantined != f.rows_read:
+        if f.kept_train + f.kept_validation + f.kept_eval + f.quarantined != f.rows_read:
             raise RuntimeError(f"{f.source}: rows do not add up: {f.model_dump()}")
     return files
 
@@ -180,12 +190,16 @@ def policy_problems(cfg: DataConfig, reports: dict[str, DataCheckReport], rows_r
         )
     if reports["train"].n_passed < cfg.min_rows:
         problems.append(f"{reports['train'].n_passed} training rows passed, data.min_rows is {cfg.min_rows}")
-    if cfg.eval is None and reports["eval"].n_checked == 0:  # the split held out nothing: say why
-        problems.append(f"too few rows to hold out an evaluation split: {reports['train'].n_checked} valid row(s) "
-                        f"reached the split (data.eval_fraction {cfg.eval_fraction}, at least 2 distinct rows "
-                        "needed); add rows, or give held-out rows as data.eval")
-    elif reports["eval"].n_passed < 1:
-        problems.append("no eval row passed")
+    for split, key, fraction in (("validation", "validation", cfg.validation_fraction),
+                                 ("eval", "eval", cfg.eval_fraction)):
+        name = SPLIT_NAMES[split]
+        if getattr(cfg, key) is None and reports[split].n_checked == 0:  # the split held out nothing: say why
+            problems.append(
+                f"too few rows to hold out a {name} split: {reports['train'].n_checked} valid row(s) reached the "
+                f"split (data.{key}_fraction {fraction}, at least 3 distinct rows needed for train, validation "
+                f"and test); add rows, or give held-out rows as data.{key}")
+        elif reports[split].n_passed < 1:
+            problems.append(f"no {name} row passed")
     return problems
 
 

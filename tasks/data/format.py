@@ -7,8 +7,8 @@ the full rendering, and we check that instead of assuming it.
 
 Preference rows (issue 22) are formatted the same way and marked with their `kind`: a DPO row also carries
 its rejected answer's ids and labels (`rejected_input_ids`, `rejected_labels`: the same prompt, the other
-answer); rated-bad answers (`undesirable`) join the train split for KTO, and the eval side's are a split of
-their own (`eval_undesirable`), scored apart from the good answers. A preference row's labels always cover
+answer); rated-bad answers (`undesirable`) join the train split for KTO, and each held-out split's are a split
+of their own (`validation_undesirable`, `eval_undesirable`), scored apart from the good answers. A preference row's labels always cover
 the answer alone, as TRL scores completions.
 """
 
@@ -47,12 +47,13 @@ class FormatRefused(ValueError):
 def format_dataset(
     train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path,
     assistant_only_loss: bool = True, tokens: TokenizedSplits | None = None, chat: ChatContext | None = None,
-    undesirable: tuple[Path | None, Path | None] = (None, None),
+    undesirable: tuple[Path | None, Path | None] = (None, None), validation_examples: Path | None = None,
+    validation_undesirable: Path | None = None,
 ) -> FormattedData:
     """Write each split's token ids and labels, rendered with `chat` (None: the data check's, in `tokens`);
     `tokens` (the data check's, for these files) saves tokenizing again, and is used only if it was made with
-    this base model's tokenizer, `cfg.chat_template` and `chat`. `undesirable`: the train and eval files of
-    rated-bad answers, if any."""
+    this base model's tokenizer, `cfg.chat_template` and `chat`. `undesirable`: the train and eval (test) files
+    of rated-bad answers, if any; `validation_undesirable`: the validation split's."""
     if chat is None:
         chat = tokens.chat if tokens is not None else ChatContext()
     if tokens is not None and tokens.tokenizer != tokenizer_key(base, cfg.chat_template, chat):
@@ -67,7 +68,9 @@ def format_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     splits, rejected = {}, []
     # Eval loss always scores the answers alone, so it means the same whatever the training objective.
-    for name, path, answers_only in (("train", train_examples, assistant_only_loss), ("eval", eval_examples, True)):
+    named = [("train", train_examples, assistant_only_loss), ("validation", validation_examples, True),
+             ("eval", eval_examples, True)]
+    for name, path, answers_only in [split for split in named if split[1] is not None]:
         examples = list(read_examples(path))
         pieces = (_read_pieces(getattr(tokens, name), examples) if tokens is not None else tokenized(examples))
         pairs = [example for example in examples if example.kind == "pair"]
@@ -78,11 +81,12 @@ def format_dataset(
             cfg.max_seq_length, answers_only, extra["rejected"],
         )
         rejected += too_long
-    held_bad = list(read_examples(undesirable[1])) if undesirable[1] else []
-    if held_bad:
-        splits["eval_undesirable"], too_long = _format_split(
-            held_bad, tokenized(held_bad), out_dir / "eval_undesirable.jsonl", cfg.max_seq_length, True)
-        rejected += too_long
+    for name, path in (("validation_undesirable", validation_undesirable), ("eval_undesirable", undesirable[1])):
+        held_bad = list(read_examples(path)) if path else []
+        if held_bad:
+            splits[name], too_long = _format_split(
+                held_bad, tokenized(held_bad), out_dir / f"{name}.jsonl", cfg.max_seq_length, True)
+            rejected += too_long
     quarantine = out_dir / "quarantine.jsonl"
     n_quarantined = write_jsonl(quarantine, rejected)
     for name, split in splits.items():
@@ -293,4 +297,6 @@ def format_data(
     out_dir = stage_dir(workdir, "format_data", checked, base, cfg, assistant_only_loss)
     return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir,
                           assistant_only_loss, checked.tokens,
-                          undesirable=(checked.train.undesirable_path, checked.eval.undesirable_path))
+                          undesirable=(checked.train.undesirable_path, checked.eval.undesirable_path),
+                          validation_examples=checked.validation.clean_path,
+                          validation_undesirable=checked.validation.undesirable_path)

@@ -39,7 +39,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from tasks.data.examples import Example, Message, Unit, location, split_reasoning, write_jsonl
-from tasks.data.results import LoadedData, SourceCount
+from tasks.data.results import LoadedData, Side, SourceCount
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import DataConfig
 
@@ -600,7 +600,7 @@ def _has_glob(text: str) -> bool:
 
 
 def resolve_sources(spec: Path, key: str, datasets: Iterable[str] = ()) -> list[DataSource]:
-    """The files `data.train`/`data.eval` name: a file, a folder (or LLaMA-Factory folder) or a glob."""
+    """The files `data.train`/`data.validation`/`data.eval` name: a file, a folder (or LLaMA-Factory folder) or a glob."""
     if spec.is_dir():
         if (spec / DATASET_INFO).is_file():
             return _llama_factory_sources(spec / DATASET_INFO, list(datasets))
@@ -678,22 +678,48 @@ def _split_key(seed: int, id_: str) -> float:
     return int(hashlib.sha256(f"{seed}:{id_}".encode()).hexdigest()[:16], 16) / 2**64
 
 
-def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out each distinct conversation with probability `eval_fraction`, decided by its id alone.
+def split_side(unit: str, cfg: DataConfig) -> Side:
+    """The split a question belongs to, from its stable key alone: below `eval_fraction` test, in the band of
+    `validation_fraction` above it validation, else train. A band whose split is given as files
+    (`data.eval`, `data.validation`) stays train. The key depends on the seed and the question only, so a
+    question keeps its side on every run and every RAG snapshot: a test question is never trained on later."""
+    band = split_band(unit, cfg)
+    return band if band == "train" or held_out_files(cfg, band) is None else "train"
+
+
+def split_band(unit: str, cfg: DataConfig) -> Side:
+    """The split whose band of the key `unit` falls in, whether or not that split is taken from train."""
+    key = _split_key(cfg.seed, unit)
+    if key < cfg.eval_fraction:
+        return "test"
+    return "validation" if key < cfg.eval_fraction + cfg.validation_fraction else "train"
+
+
+def held_out_files(cfg: DataConfig, split: Side) -> Path | None:
+    """The files a held-out split is given as (`data.validation`, `data.eval` for test); None: taken from train."""
+    return cfg.validation if split == "validation" else cfg.eval
+
+
+def split_examples(examples: list[Example], cfg: DataConfig) -> dict[Side, list[Example]]:
+    """Train, validation and test examples, each distinct conversation's side decided by its id alone.
 
     Deciding per id (not by position) keeps duplicates on one side and keeps an example's side fixed as
-    the data grows, so a retrain never trains on what an earlier run held out. When chance leaves one
-    side empty, the id with the smallest key alone is held out. A preference example is decided by its prompt,
-    so every rated answer to a held-out question is held out with it (never trained on).
+    the data grows, so a retrain never trains on what an earlier run held out. When chance leaves a split
+    empty, the training id with the smallest key alone goes to it (and when it leaves training empty, the id
+    with the largest key alone trains). A preference example is decided by its prompt, so every rated answer
+    to a held-out question is held out with it (never trained on).
     """
     units = [_split_unit(example) for example in examples]
-    keys = {unit: _split_key(seed, unit) for unit in units}
-    kept_out = {unit for unit, key in keys.items() if key < eval_fraction}
-    if len(keys) >= 2 and (not kept_out or kept_out == keys.keys()):
-        kept_out = {min(keys, key=keys.__getitem__)}
-    train = [example for example, unit in zip(examples, units) if unit not in kept_out]
-    eval_ = [example for example, unit in zip(examples, units) if unit in kept_out]
-    return train, eval_
+    keys = {unit: _split_key(cfg.seed, unit) for unit in units}
+    sides = {unit: split_side(unit, cfg) for unit in keys}
+    if len(sides) >= 2 and "train" not in sides.values():
+        sides[max(keys, key=keys.__getitem__)] = "train"
+    for split in ("test", "validation"):
+        training = [unit for unit, side in sides.items() if side == "train"]
+        if held_out_files(cfg, split) is None and split not in sides.values() and len(training) >= 2:
+            sides[min(training, key=keys.__getitem__)] = split
+    return {split: [example for example, unit in zip(examples, units) if sides[unit] == split]
+            for split in ("train", "validation", "test")}
 
 
 def _split_unit(example: Example) -> str:
@@ -705,21 +731,18 @@ def prompt_unit(prompt: list[Message]) -> str:
     return "prompt:" + example_id(prompt)
 
 
-def held_out(unit: str, eval_fraction: float, seed: int) -> bool:
-    return _split_key(seed, unit) < eval_fraction
-
-
-def data_sources(cfg: DataConfig) -> tuple[list[DataSource], list[DataSource]]:
-    """The train and eval files the config names (eval empty when it is split from train)."""
+def data_sources(cfg: DataConfig) -> tuple[list[DataSource], list[DataSource], list[DataSource]]:
+    """The train, validation and test (`data.eval`) files the config names; a split that is taken from train
+    has none."""
     train = resolve_sources(cfg.train, "data.train", cfg.datasets)
-    eval_ = [] if cfg.eval is None else resolve_sources(cfg.eval, "data.eval", cfg.datasets)
-    return train, eval_
+    validation = [] if cfg.validation is None else resolve_sources(cfg.validation, "data.validation", cfg.datasets)
+    test = [] if cfg.eval is None else resolve_sources(cfg.eval, "data.eval", cfg.datasets)
+    return train, validation, test
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
     """Content hash of the configured data files, their shapes and the data section: the dataset's identity."""
-    train, eval_ = data_sources(cfg)
-    sources = [*train, *eval_]
+    sources = [source for split in data_sources(cfg) for source in split]
     extra = json.dumps([cfg.model_dump(mode="json"), [s.model_dump(mode="json") for s in sources]])
     return fingerprint_files([s.path for s in sources], extra)
 
@@ -744,33 +767,32 @@ def data_normaliser(cfg: DataConfig) -> Normaliser:
 
 
 def load_dataset(cfg: DataConfig, out_dir: Path) -> LoadedData:
-    """Read the configured files, normalise them and write train, eval and quarantine JSONL under `out_dir`."""
+    """Read the configured files, normalise them and write train, validation, eval (test) and quarantine JSONL
+    under `out_dir`."""
     fingerprint = data_fingerprint(cfg)
-    train_sources, eval_sources = data_sources(cfg)
     normaliser = data_normaliser(cfg)
-    train_reads = read_sources(train_sources, normaliser)
-    eval_reads = read_sources(eval_sources, normaliser)
-
-    train = [example for read in train_reads for example in read.examples]
-    eval_ = [example for read in eval_reads for example in read.examples]
-    if cfg.eval is None:
-        train, eval_ = split_examples(train, cfg.eval_fraction, cfg.seed)
-    rejections = [rejection for read in (*train_reads, *eval_reads) for rejection in read.rejections]
+    reads = [read_sources(sources, normaliser) for sources in data_sources(cfg)]
+    train, validation, test = ([example for read in split for example in read.examples] for split in reads)
+    if cfg.eval is None or cfg.validation is None:
+        taken = split_examples(train, cfg)
+        train, validation, test = taken["train"], validation + taken["validation"], test + taken["test"]
+    rejections = [rejection for split in reads for read in split for rejection in read.rejections]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_path, eval_path, quarantine_path = (out_dir / f"{name}.jsonl" for name in ("train", "eval", "quarantine"))
-    write_jsonl(train_path, train)
-    write_jsonl(eval_path, eval_)
-    write_jsonl(quarantine_path, rejections)
+    paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "validation", "eval", "quarantine")}
+    for name, rows in (("train", train), ("validation", validation), ("eval", test), ("quarantine", rejections)):
+        write_jsonl(paths[name], rows)
     return LoadedData(
-        train_path=train_path,
-        eval_path=eval_path,
-        quarantine_path=quarantine_path,
+        train_path=paths["train"],
+        validation_path=paths["validation"],
+        eval_path=paths["eval"],
+        quarantine_path=paths["quarantine"],
         n_train=len(train),
-        n_eval=len(eval_),
+        n_validation=len(validation),
+        n_eval=len(test),
         n_rejected=len(rejections),
         fingerprint=fingerprint,
-        files=[read.count for read in (*train_reads, *eval_reads)],
+        files=[read.count for split in reads for read in split],
     )
 
 

@@ -13,7 +13,8 @@ Preference rows (issue 22, `rag.max_bad_rating` set): rated rows become KTO rows
 (`prompt`/`completion`/`label`: desirable at or above `min_rating`, undesirable at or below `max_bad_rating`),
 and each snapshot pairs every rated-bad answer with a good answer to the same prompt (a rated-good RAG answer,
 else the base set's) as a DPO row (`prompt`/`chosen`/`rejected`). Rated questions are held out by prompt
-(`data.eval_fraction`) when `data.eval` is given, so evaluation has rated-bad answers it never trained on.
+(the split bands of `data.eval_fraction` and `data.validation_fraction`) into the test and validation files when
+those are given, so evaluation has rated-bad answers it never trained on.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from tasks.data.load import (
     data_normaliser,
     data_sources,
     example_id,
-    held_out,
+    held_out_files,
     parse_record,
     prompt_unit,
     read_sources,
+    split_band,
 )
 from tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
 from tasks.runtime.records import DatasetRecord, Record
@@ -304,13 +306,13 @@ def rag_messages(question: str, context: str | None, answer: str, rag: RagConfig
 
 
 def _seen_keys(data: DataConfig, rag: RagConfig, snapshot_rag: Path | None) -> tuple[set[str], set[str]]:
-    """Dedupe keys of the base set (train and eval: a held-out question must never be trained on) and of
-    every example ingested before; and those of the base eval set alone."""
+    """Dedupe keys of the base set (train, validation and test: a held-out question must never be trained on)
+    and of every example ingested before; and those of the base's held-out sets alone."""
     if rag.dedupe == "off":
         return set(), set()
-    train, eval_ = _read_base(data)
+    train, validation, test = _read_base(data)
     eval_keys = {_dedupe_key(example.messages[-2].content, example.messages, rag)
-                 for read in eval_ for example in read.examples}
+                 for read in validation + test for example in read.examples}
     keys = eval_keys | {_dedupe_key(example.messages[-2].content, example.messages, rag)
                         for read in train for example in read.examples}
     if snapshot_rag is not None:
@@ -319,11 +321,12 @@ def _seen_keys(data: DataConfig, rag: RagConfig, snapshot_rag: Path | None) -> t
     return keys, eval_keys
 
 
-def _read_base(data: DataConfig) -> tuple[list[FileRead], list[FileRead]]:
-    """The base train and eval sets read as the finetune flow reads them: any container, normalised."""
-    train_sources, eval_sources = data_sources(data)
+def _read_base(data: DataConfig) -> tuple[list[FileRead], list[FileRead], list[FileRead]]:
+    """The base train, validation and test sets read as the finetune flow reads them: any container,
+    normalised."""
     normaliser = data_normaliser(data)
-    return read_sources(train_sources, normaliser), read_sources(eval_sources, normaliser)
+    train, validation, test = (read_sources(sources, normaliser) for sources in data_sources(data))
+    return train, validation, test
 
 
 def _base_lines(reads: list[FileRead]) -> list[dict[str, Any]]:
@@ -382,7 +385,7 @@ def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[
         if label is False:
             # Each distinct bad answer once; never one to a held-out question (that would train on it).
             if key in eval_keys:
-                reason = reason or "question in the base eval set"
+                reason = reason or "question in the base validation or test set"
             key = f"{key}\x00bad\x00{' '.join(answer.split())}"
         if reason is None and rag.dedupe != "off" and key in seen:
             reason = f"duplicate {rag.dedupe}"
@@ -513,19 +516,21 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
             out.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
     # The base set as loaded and normalised (whatever its containers), so the snapshot is one JSON Lines
     # dataset of `messages`; each line keeps the file and line or row it came from.
-    base_train, base_eval = _read_base(data)
-    base_rejected = [r for read in base_train + base_eval for r in read.rejections]
+    base_train, base_validation, base_test = _read_base(data)
+    base_rejected = [r for read in base_train + base_validation + base_test for r in read.rejections]
     if base_rejected and data.on_invalid == "fail":
         raise DataFileError(f"{base_rejected[0].message} (data.on_invalid: fail)")
     train_lines = _base_lines(base_train)
     rag_lines = [json.loads(line) for line in (building / "rag.jsonl").open(encoding="utf-8")]
-    sides = [data.eval is not None and _held_out(line, data) for line in rag_lines]
-    held = [line for line, out in zip(rag_lines, sides) if out]
-    kept = [line for line, out in zip(rag_lines, sides) if not out]
+    sides = [_held_out_side(line, data) for line in rag_lines]
+    held = [line for line, side in zip(rag_lines, sides) if side != "train"]
+    kept = [line for line, side in zip(rag_lines, sides) if side == "train"]
     pairs = preference_pairs(train_lines, kept)
     _write_lines(building / "train.jsonl", train_lines + kept + pairs)
-    if data.eval is not None:
-        _write_lines(building / "eval.jsonl", _base_lines(base_eval) + held)
+    for split, name, base_reads in (("validation", "validation", base_validation), ("test", "eval", base_test)):
+        if held_out_files(data, split) is not None:
+            _write_lines(building / f"{name}.jsonl", _base_lines(base_reads)
+                         + [line for line, side in zip(rag_lines, sides) if side == split])
     shutil.copyfile(collected.staging / "skipped.jsonl", building / "skipped.jsonl")
     # Base rows that cannot be used are set aside here, never dropped: the finetune run sees only the snapshot.
     with (building / "quarantine.jsonl").open("w", encoding="utf-8") as out:
@@ -537,6 +542,7 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     manifest = {
         "version": version, "committed_at": dt.datetime.now(dt.UTC).isoformat(),
         "base_train": str(data.train), "base_eval": str(data.eval) if data.eval is not None else None,
+        "base_validation": str(data.validation) if data.validation is not None else None,
         "rows_by_source": {"base": len(train_lines), **rag_counts}, "new_by_source": dict(new_counts),
         "skipped": collected.skipped, "rejected": collected.n_rejected, "base_rejected": len(base_rejected),
         "preference": {"desirable": sum(line.get("label") is True for line in rag_lines),
@@ -557,11 +563,13 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     return load_snapshot(folder, version, data)
 
 
-def _held_out(line: dict[str, Any], data: DataConfig) -> bool:
-    """A rated RAG row whose prompt the split holds out, as `load_data.split_examples` decides it."""
+def _held_out_side(line: dict[str, Any], data: DataConfig) -> str:
+    """Where a rated RAG row goes when its prompt's band (`load.split_band`, as the finetune run splits) is a
+    split given as files: that split's file; any other row trains, or is split off by the run itself."""
     if "label" not in line:
-        return False
-    return held_out(prompt_unit(parse_record({"messages": line["prompt"]})), data.eval_fraction, data.seed)
+        return "train"
+    band = split_band(prompt_unit(parse_record({"messages": line["prompt"]})), data)
+    return band if band != "train" and held_out_files(data, band) is not None else "train"
 
 
 def preference_pairs(base_lines: list[dict[str, Any]], rag_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -594,11 +602,12 @@ def load_snapshot(folder: Path, version: int, data: DataConfig) -> Snapshot:
     target = snapshot_folder(folder, version)
     manifest = json.loads((target / "manifest.json").read_text())
     # Normalised already: `messages` rows (TRL's preference rows beside them, detected by their keys), one file
-    # each for train and eval (no LLaMA-Factory selection left).
+    # each for train, validation and test (no LLaMA-Factory selection left).
     merged = data.model_copy(update={
         "train": target / "train.jsonl", "shape": "openai" if not _has_preference(target) else "auto",
         "datasets": [],
         "eval": target / "eval.jsonl" if (target / "eval.jsonl").is_file() else None,
+        "validation": target / "validation.jsonl" if (target / "validation.jsonl").is_file() else None,
     })
     return Snapshot(version=version, folder=target, data=merged, fingerprint=data_fingerprint(merged),
                     rows_by_source=manifest["rows_by_source"], new_by_source=manifest["new_by_source"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -16,6 +16,13 @@ from tasks.data.chat import ChatContext
 from tasks.data.examples import Unit
 from tasks.runtime.caching import file_digest
 from tasks.runtime.records import DatasetRecord, Record
+
+
+# The three splits: training rows; validation, which every choice before the gate reads (best checkpoint, early
+# stop, another attempt); test (`data.eval`, called `eval` in the stages' results), which only the gate, the
+# champion comparison, the report's headline and parity read.
+Side = Literal["train", "validation", "test"]
+HeldOutSplit = Literal["validation", "test"]
 
 
 class SourceCount(BaseModel):
@@ -27,9 +34,11 @@ class SourceCount(BaseModel):
 
 class LoadedData(BaseModel):
     train_path: Path
-    eval_path: Path
+    validation_path: Path
+    eval_path: Path  # the test split
     quarantine_path: Path
     n_train: int
+    n_validation: int
     n_eval: int
     n_rejected: int
     fingerprint: str
@@ -37,17 +46,20 @@ class LoadedData(BaseModel):
 
     def record(self) -> Record:
         return Record(metrics={"data.rows_loaded_train": self.n_train, "data.rows_loaded_eval": self.n_eval,
+                               "data.rows_loaded_validation": self.n_validation,
                                "data.rows_rejected_at_load": self.n_rejected})
 
 
 class TokenizedSplits(BaseModel):
-    """Token ids of a train and an eval examples file, made by the data check as it measured lengths.
+    """Token ids of the train, validation and eval (test) examples files, made by the data check as it
+    measured lengths.
 
     Line i of each file holds example i of its examples file: {"id", "pieces": [[token ids, trained], ...]}.
     `format_dataset` reads them instead of tokenizing the examples a second time.
     """
 
     train: Path
+    validation: Path
     eval: Path
     tokenizer: str  # `tokenizer_key` of the tokenizer, chat template and chat context that made them
     chat: ChatContext  # what the chat template rendered them with (data.reasoning, the date)
@@ -69,19 +81,21 @@ class DataCheckReport(BaseModel):
 
 
 class FileAccount(BaseModel):
-    """Where the rows of one input file went: kept_train + kept_eval + quarantined == rows_read."""
+    """Where the rows of one input file went: kept_train + kept_validation + kept_eval + quarantined == rows_read."""
 
     source: str
     unit: Unit
     rows_read: int
     kept_train: int
-    kept_eval: int
+    kept_validation: int
+    kept_eval: int  # the test split's
     quarantined: int
 
 
 class CheckedData(BaseModel):
     train: DataCheckReport
-    eval: DataCheckReport
+    validation: DataCheckReport
+    eval: DataCheckReport  # the test split
     files: list[FileAccount]
     rows_read: int
     rows_quarantined: int  # at load and by the check
@@ -97,11 +111,11 @@ class CheckedData(BaseModel):
         """Row counts, the quarantine and the Data Docs; and the rows the run trains and is judged on, as
         MLflow dataset inputs ("Datasets" in the UI): each split's own digest, the data set's fingerprint (the
         `dataset.fingerprint` tag) in its profile."""
-        splits = (("train", self.train, "training"), ("eval", self.eval, "evaluation"))
+        splits = (("train", self.train, "training"), ("validation", self.validation, "validation"),
+                  ("eval", self.eval, "evaluation"))
         return Record(
-            metrics={"data.rows_quarantined_train": self.train.n_quarantined,
-                     "data.rows_quarantined_eval": self.eval.n_quarantined,
-                     "data.rows_clean_train": self.train.n_passed, "data.rows_clean_eval": self.eval.n_passed,
+            metrics={**{f"data.rows_quarantined_{split}": report.n_quarantined for split, report, _ in splits},
+                     **{f"data.rows_clean_{split}": report.n_passed for split, report, _ in splits},
                      "data.rows_read": self.rows_read, "data.rows_quarantined": self.rows_quarantined},
             files=[(self.quarantine_path, "quarantine"), (self.summary_path, "data_checks"),
                    (self.data_docs.parent, "data_checks/data_docs")],
@@ -112,6 +126,9 @@ class CheckedData(BaseModel):
                                         "rows_by_file": {f.source: getattr(f, f"kept_{split}") for f in self.files}})
                       for split, report, context in splits],
         )
+
+    def held_out(self, split: HeldOutSplit) -> DataCheckReport:
+        return self.validation if split == "validation" else self.eval
 
 
 class FormattedSplit(BaseModel):
@@ -127,8 +144,10 @@ class FormattedSplit(BaseModel):
 
 class FormattedData(BaseModel):
     train: FormattedSplit
-    eval: FormattedSplit
+    validation: FormattedSplit | None = None  # None only where no validation examples were given to format
+    eval: FormattedSplit  # the test split
     eval_undesirable: FormattedSplit | None = None  # held-out rated-bad answers, when the data has any
+    validation_undesirable: FormattedSplit | None = None
     quarantine_path: Path  # examples longer than model.max_seq_length
     n_quarantined: int
     chat: ChatContext  # what training's texts were rendered with: evaluation, parity and serving render so too
@@ -138,3 +157,9 @@ class FormattedData(BaseModel):
                                "format.train_trained_tokens": self.train.n_trained_tokens,
                                "format.rows_too_long": self.n_quarantined},
                       files=[(self.quarantine_path, "quarantine")])
+
+    def held_out(self, split: HeldOutSplit) -> tuple[FormattedSplit, FormattedSplit | None]:
+        """A held-out split's formatted rows (its loss), and its rated-bad answers' if it has any."""
+        if split == "validation":
+            return self.validation, self.validation_undesirable
+        return self.eval, self.eval_undesirable

@@ -1,9 +1,10 @@
 """The run report: one Markdown page with PNG plots that says what was trained, how it scored and why it
 passed or failed the gate.
 
-Sections: the decision and one line per gate rule; the metrics of base / champion / candidate (table and
-bar chart); every attempt of the retrain loop with its settings and its loss curve; the candidate's worst
-held-out examples with expected and actual answers; the probes answered side by side.
+Sections: the decision on the test split and one line per gate rule; the metrics of base / champion /
+candidate on validation and on test side by side (table; bar chart of test); every attempt of the retrain loop
+with its settings, its loss curve and its gate rules on validation; the candidate's worst test examples with
+expected and actual answers; the probes answered side by side.
 Cached like the other stages: a re-run with nothing changed does not import matplotlib.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.evaluate.results import Attempt, EvalReport, ModelScores, RunReport
+from tasks.evaluate.results import Attempt, EvalReport, GateDecision, ModelScores, RunReport
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import LOWER_IS_BETTER
 
@@ -27,22 +28,29 @@ TEXT_LIMIT = 600  # characters of a prompt or answer shown in the report
 HEADLINE_METRICS = ("valid_json_rate", "field_accuracy", "exact_match", "rouge_l", "chrf", "stop_rate", "eval_loss")
 
 
-def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Path) -> RunReport:
+def write_report(title: str, attempts: list[Attempt], report: EvalReport, decision: GateDecision, outcome: str,
+                 out_dir: Path) -> RunReport:
+    """`report` and `decision`: the final candidate on the test split and the gate's verdict on it; each attempt
+    carries its own validation report and the gate's rules applied to it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     out_dir.mkdir(parents=True, exist_ok=True)
     final = attempts[-1]
-    report, decision = final.report, final.decision
     lines = [
         f"# Run report: {title}", "",
-        f"**{'Passed' if decision.passed else 'Failed'}**: {outcome}.", "",
-        f"Base → candidate on {report.n_samples} held-out examples: "
+        f"**{'Passed' if decision.passed else 'Failed'}** the gate on the test split; the retrain loop: {outcome}.",
+        "",
+        f"Base → candidate on {report.n_samples} test examples: "
         + ", ".join(base_to_candidate(report, [c.metric for c in decision.checks])) + ".", "",
-        f"## Gate (attempt {final.plan.number})", "",
+        f"## Gate on the test split (attempt {final.plan.number}'s candidate)", "",
         *([f"- {'pass' if c.passed else '**FAIL**'}: {c.reason}" for c in decision.checks]
           or ["- no rules configured"]),
-        "", "## Metrics", "", *_metrics_table(report), "",
+        "", "## Metrics", "",
+        f"Validation ({final.report.n_samples} examples) chose the checkpoint and the attempt; test "
+        f"({report.n_samples} examples) was read once, by the gate. A validation score above the test score is "
+        "what choosing on validation adds to it.", "",
+        *_metrics_table(final.report, report), "",
         f"![metrics of base, champion and candidate]({_plot_metrics(report, out_dir / 'metrics.png').name})", "",
         "## Attempts", "", *_attempts_table(attempts), "",
         f"![training loss per attempt]({_plot_losses(attempts, out_dir / 'loss_curves.png').name})", "",
@@ -70,19 +78,27 @@ def label(scores: ModelScores) -> str:
     return scores.name if scores.version is None else f"{scores.name} v{scores.version}"
 
 
-def _metrics_table(report: EvalReport) -> list[str]:
-    columns = models(report)
-    names = sorted({name for scores in columns for name in scores.metrics})
-    rows = ["| metric | " + " | ".join(label(s) for s in columns) + " |", "|---|" + "---:|" * len(columns)]
+def _metrics_table(validation: EvalReport, test: EvalReport) -> list[str]:
+    """Each model's metrics on validation and on test, side by side."""
+    columns = [scores for test_scores in models(test) for scores in (_same_model(validation, test_scores), test_scores)]
+    header = [f"{label(scores)} {split}" for scores in models(test) for split in ("validation", "test")]
+    names = sorted({name for scores in columns if scores is not None for name in scores.metrics})
+    rows = ["| metric | " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
     for name in names:
-        values = [scores.metrics.get(name) for scores in columns]
+        values = [None if scores is None else scores.metrics.get(name) for scores in columns]
         better = " (lower is better)" if name in LOWER_IS_BETTER else ""
         rows.append(f"| {name}{better} | " + " | ".join("" if v is None else f"{v:.4g}" for v in values) + " |")
     return rows
 
 
+def _same_model(report: EvalReport, scores: ModelScores) -> ModelScores | None:
+    """The scores of the model `scores` belongs to in another report (another split), if it has them."""
+    return next((other for other in models(report) if (other.name, other.version) == (scores.name, scores.version)),
+                None)
+
+
 def _attempts_table(attempts: list[Attempt]) -> list[str]:
-    rows = ["| attempt | change | steps | learning rate | LoRA r | continued | gate |",
+    rows = ["| attempt | change | steps | learning rate | LoRA r | continued | gate's rules on validation |",
             "|---:|---|---:|---:|---:|---|---|"]
     for attempt in attempts:
         plan = attempt.plan
@@ -149,7 +165,7 @@ def _worst_examples(samples_path: Path) -> list[str]:
     if ranking is None:
         return []
     worst = sorted(rows, key=lambda row: row["candidate"]["scores"][ranking])[:WORST_EXAMPLES]
-    lines = [f"## The {len(worst)} worst held-out examples (candidate's {ranking})", ""]
+    lines = [f"## The {len(worst)} worst test examples (candidate's {ranking})", ""]
     for row in worst:
         lines += [f"### {row['id']} ({row['source']}): {ranking} {row['candidate']['scores'][ranking]:.3g}", "",
                   "Prompt:", *_block(row["prompt"]), "Expected:", *_block(row["expected"])]
@@ -182,5 +198,7 @@ def _cell(text: str) -> str:
 
 
 @task(name="report", cache_policy=STAGE_CACHE, persist_result=True)
-def run_report(title: str, attempts: list[Attempt], outcome: str, workdir: Path) -> RunReport:
-    return write_report(title, attempts, outcome, stage_dir(workdir, "report", title, attempts, outcome))
+def run_report(title: str, attempts: list[Attempt], report: EvalReport, decision: GateDecision, outcome: str,
+               workdir: Path) -> RunReport:
+    return write_report(title, attempts, report, decision, outcome,
+                        stage_dir(workdir, "report", title, attempts, report, decision, outcome))

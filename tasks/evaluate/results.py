@@ -25,6 +25,9 @@ class ModelScores(BaseModel):
 
 
 class EvalReport(BaseModel):
+    # Which held-out split was scored: `validation` (the retrain loop's choices) or `test` (the gate, the champion
+    # comparison, the headline, parity). MLflow keeps the test scores under the names they always had.
+    split: Literal["validation", "test"] = "test"
     n_samples: int
     candidate: ModelScores
     base: ModelScores
@@ -34,23 +37,31 @@ class EvalReport(BaseModel):
     undesirable_path: Path | None = None  # JSONL per one: prompt, the rated-bad answer, {model: {answer, close}}
     probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
 
+    @property
+    def prefix(self) -> str:
+        """What MLflow names start with: nothing for test (`candidate.<metric>`, as always), `validation.` else."""
+        return "" if self.split == "test" else f"{self.split}."
+
     def scores(self) -> Record:
-        """Each model's metrics (`candidate.<metric>`, `base.<metric>`, `champion.<metric>`)."""
+        """Each model's metrics (`candidate.<metric>`, `base.<metric>`, `champion.<metric>`; on validation
+        `validation.candidate.<metric>` ...)."""
         models = [scores for scores in (self.candidate, self.base, self.champion) if scores is not None]
-        return Record(metrics={f"{scores.name}.{name}": value
+        return Record(metrics={f"{self.prefix}{scores.name}.{name}": value
                                for scores in models for name, value in scores.metrics.items()},
                       tags={"champion.version": self.champion.version or ""} if self.champion is not None else {})
 
     def record(self) -> Record:
-        """The scores, and the per-example answers and probes as files and as MLflow tables."""
+        """The scores, and the per-example answers and probes as files and as MLflow tables (under `eval/`, the
+        validation split's under `eval/validation/`)."""
+        folder = "eval" if self.split == "test" else f"eval/{self.split}"
         probes = [json.loads(line) for line in self.probes_path.read_text().splitlines() if line.strip()]
-        tables = {"eval/examples.json": per_example_table(self.samples_path)}
+        tables = {f"{folder}/examples.json": per_example_table(self.samples_path)}
         if probes:
-            tables["eval/probes.json"] = {column: [probe.get(column) for probe in probes]
-                                          for column in ("prompt", "base", "champion", "candidate")}
-        files = [(self.samples_path, "eval"), (self.probes_path, "eval")]
+            tables[f"{folder}/probes.json"] = {column: [probe.get(column) for probe in probes]
+                                               for column in ("prompt", "base", "champion", "candidate")}
+        files = [(self.samples_path, folder), (self.probes_path, folder)]
         if self.undesirable_path is not None:
-            files.append((self.undesirable_path, "eval"))
+            files.append((self.undesirable_path, folder))
         return self.scores() + Record(files=files, tables=tables)
 
 
@@ -123,8 +134,8 @@ class AttemptPlan(BaseModel):
 class Attempt(BaseModel):
     plan: AttemptPlan
     trained: TrainResult
-    report: EvalReport
-    decision: GateDecision
+    report: EvalReport  # on the validation split: what the retrain loop decides by
+    decision: GateDecision  # the gate's rules applied to `report`: whether to try again, never whether to promote
 
 
 class RunReport(BaseModel):

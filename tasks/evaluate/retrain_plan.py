@@ -1,10 +1,12 @@
 """The bounded retrain loop's decisions: what the next attempt trains with, and when the loop is over.
 
-The flow trains, evaluates and gates; these plain functions read the attempts so far and the config's
-`retrain` plan. The loop ends when an attempt passes the gate, when `retrain.max_attempts` attempts were
-made, or early, when a failing attempt did not improve `retrain.metric` on the best attempt before it.
-A plan step that only trains longer is replaced by `retrain.past_best` when the attempt before it was
-already past its best on the held-out curve (train.eval_steps): more steps would only go further past it.
+The flow trains, evaluates and gates each attempt on the validation split; these plain functions read the
+attempts so far (their validation reports and decisions) and the config's `retrain` plan. The loop ends when an
+attempt passes the gate's rules on validation, when `retrain.max_attempts` attempts were made, or early, when a
+failing attempt did not improve `retrain.metric` on the best attempt before it. A plan step that only trains
+longer is replaced by `retrain.past_best` when the attempt before it was already past its best on the
+validation curve (train.eval_steps): more steps would only go further past it. The test split decides after
+the loop, once; nothing here reads it.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ def next_attempt(cfg: PipelineConfig, attempts: list[Attempt]) -> AttemptPlan | 
     trained = last.trained
     longer_only = change.learning_rate_factor is None and change.lora_r is None
     if cfg.retrain.past_best is not None and longer_only and past_its_best(trained):
-        reason = (f"attempt {last.plan.number}'s held-out {cfg.retrain.metric} peaked at step {trained.best_step} "
+        reason = (f"attempt {last.plan.number}'s validation {cfg.retrain.metric} peaked at step {trained.best_step} "
                   f"of {trained.eval_history[-1].step}: training longer would go further past it")
         return apply_change(last, cfg.retrain.past_best).model_copy(update={"reason": reason})
     return apply_change(last, change)
 
 
 def past_its_best(trained: TrainResult) -> bool:
-    """Whether the held-out curve of a training (train.eval_steps) peaked before its last evaluation."""
+    """Whether the validation curve of a training (train.eval_steps) peaked before its last evaluation."""
     return trained.best_step is not None and trained.best_step < trained.eval_history[-1].step
 
 
@@ -62,19 +64,20 @@ def apply_change(previous: Attempt, change: RetrainChange) -> AttemptPlan:
 
 
 def outcome(attempts: list[Attempt], cfg: RetrainConfig) -> str:
-    """How the loop ended, in one sentence."""
+    """How the loop ended, in one sentence (its decisions are the gate's rules on the validation split)."""
     last, limit = attempts[-1], cfg.max_attempts
     if last.decision.passed:
-        return f"attempt {last.plan.number} of at most {limit} passed the gate"
+        return f"attempt {last.plan.number} of at most {limit} passed the gate on validation"
     if stalled := _stalled(attempts, cfg):
-        return f"stopped after attempt {last.plan.number} of {limit}: {stalled}"
+        return f"stopped after attempt {last.plan.number} of {limit}: validation {stalled}"
     if limit == 1:
-        return "the only attempt failed the gate (retrain.max_attempts is 1)"
-    return f"all {limit} attempts failed the gate"
+        return "the only attempt failed the gate on validation (retrain.max_attempts is 1)"
+    return f"all {limit} attempts failed the gate on validation"
 
 
 def _stalled(attempts: list[Attempt], cfg: RetrainConfig) -> str | None:
-    """Why the last attempt counts as no improvement on the best before it, or None when it improved."""
+    """Why the last attempt counts as no improvement on the best before it (on validation), or None when it
+    improved."""
     if len(attempts) < 2:
         return None
     metric = cfg.metric

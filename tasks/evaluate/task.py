@@ -1,5 +1,9 @@
 """Score the candidate, the base model and the champion on the same held-out examples with the same metrics.
 
+Either held-out split: each attempt of the retrain loop is scored on validation, which the loop's choices read;
+the final candidate once on test, which only the gate, the champion comparison, the headline and parity read.
+The probes are asked on test only: they are shown in the report, and no choice reads them.
+
 Each model answers every held-out prompt and every probe greedily (`tasks.evaluate.generation`: batched, static KV
 cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
 is a GPU. Its answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
@@ -32,7 +36,7 @@ from pydantic import BaseModel
 from tasks.data.chat import ChatContext
 from tasks.data.examples import Message, read_examples
 from tasks.data.format import IGNORE
-from tasks.data.results import FormattedData
+from tasks.data.results import CheckedData, FormattedData, HeldOutSplit
 from tasks.evaluate.metrics import close_to, required_keys, score_answers
 from tasks.evaluate.results import EvalReport, ModelScores
 from tasks.model.results import BaseModelRef
@@ -176,19 +180,22 @@ def evaluate_models(
     data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
     champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, out_dir: Path,
     reference_dir: Path, undesirable_examples: Path | None = None, log: logging.Logger | None = None,
+    split: HeldOutSplit = "test",
 ) -> EvalReport:
-    """Score the candidate, the base and the champion; `log` receives the worker's lines (the stage's own
-    logger, so they show in the run's log)."""
+    """Score the candidate, the base and the champion on `split`, whose examples are `eval_examples`; `log`
+    receives the worker's lines (the stage's own logger, so they show in the run's log)."""
+    loss_rows, bad_rows = data.held_out(split)
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
     bad = list(read_examples(undesirable_examples))[: cfg.max_samples] if undesirable_examples else []
-    probes = [_probe_conversation(probe, data_cfg.system_prompt) for probe in cfg.probes]
+    asked = cfg.probes if split == "test" else []
+    probes = [_probe_conversation(probe, data_cfg.system_prompt) for probe in asked]
     conversations = [example.prompt for example in examples] + probes + [example.prompt for example in bad]
     candidate = _candidate(trained, base)
     models = {"candidate": candidate,
               "base": ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
                                    tokenizer=candidate.tokenizer)}
     # The reference models' outputs are reused while the model, the eval data, the settings and the code are.
-    fingerprint = stable_hash(_file_hash(data.eval.path), _file_hash(eval_examples), cfg.probes,
+    fingerprint = stable_hash(_file_hash(loss_rows.path), _file_hash(eval_examples), asked,
                               *(_file_hash(path) for path in (undesirable_examples,) if path is not None),
                               data_cfg.system_prompt, data.chat, cfg, _file_hash(Path(__file__)),
                               _file_hash(Path(__file__).with_name("generation.py")))
@@ -201,8 +208,8 @@ def evaluate_models(
     outputs = {name: cached for name, key in reference_keys.items()
                if (cached := _read_reference(reference_dir, name, key)) is not None}
     todo = [spec for name, spec in models.items() if name not in outputs]
-    request = GenerationRequest(models=todo, conversations=conversations, loss_rows=data.eval.path,
-                                undesirable_rows=data.eval_undesirable.path if bad and data.eval_undesirable else None,
+    request = GenerationRequest(models=todo, conversations=conversations, loss_rows=loss_rows.path,
+                                undesirable_rows=bad_rows.path if bad and bad_rows else None,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat)
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
@@ -251,10 +258,10 @@ def evaluate_models(
                 }, ensure_ascii=False) + "\n")
     probes_path = out_dir / "probes.jsonl"
     with probes_path.open("w", encoding="utf-8") as out:
-        for i, probe in enumerate(cfg.probes, start=n):
+        for i, probe in enumerate(asked, start=n):
             out.write(json.dumps({"prompt": probe, **{name: outputs[name].answers[i] for name in order}},
                                  ensure_ascii=False) + "\n")
-    return EvalReport(n_samples=n, n_undesirable=len(bad), undesirable_path=undesirable_path,
+    return EvalReport(split=split, n_samples=n, n_undesirable=len(bad), undesirable_path=undesirable_path,
                       candidate=scores["candidate"], base=scores["base"],
                       champion=scores.get("champion"), samples_path=samples_path, probes_path=probes_path)
 
@@ -292,11 +299,13 @@ def _write_reference(reference_dir: Path, name: str, key: str, outputs: ModelOut
 
 @task(name="evaluate", cache_policy=StageCache(sources=("tasks.evaluate.generation", "tasks.evaluate.metrics")), persist_result=True)
 def evaluate(
-    data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
-    champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path,
-    undesirable_examples: Path | None = None,
+    data: FormattedData, checked: CheckedData, trained: TrainResult, base: BaseModelRef, champion: ChampionRef | None,
+    tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path, *, split: HeldOutSplit,
 ) -> EvalReport:
-    out_dir = stage_dir(workdir, "evaluate", data, trained, base, champion, data_cfg, cfg, undesirable_examples)
-    return evaluate_models(data, eval_examples, train_examples, trained, base, champion, tracking_uri, data_cfg,
-                           cfg, out_dir, Path(workdir) / "evaluate" / "reference", undesirable_examples,
-                           log=get_run_logger())
+    """Score on `split`: `validation` for the choices before the gate, `test` once, for the gate."""
+    held_out = checked.held_out(split)
+    out_dir = stage_dir(workdir, "evaluate", split, data, held_out.clean_path, checked.train.clean_path, trained,
+                        base, champion, data_cfg, cfg, held_out.undesirable_path)
+    return evaluate_models(data, held_out.clean_path, checked.train.clean_path, trained, base, champion, tracking_uri,
+                           data_cfg, cfg, out_dir, Path(workdir) / "evaluate" / "reference", held_out.undesirable_path,
+                           log=get_run_logger(), split=split)

@@ -34,7 +34,14 @@ class DataConfig(Section):
         "(`data/*.jsonl`), or a LLaMA-Factory data folder described by its `dataset_info.json`."
     )
     eval: Path | None = Field(
-        None, description="Held-out data, given like `train`; split from train when absent."
+        None, description="The test split, given like `train`: read only by the gate, the champion comparison, "
+        "the report's headline and the served model's parity check; split from train when absent "
+        "(`eval_fraction`).",
+    )
+    validation: Path | None = Field(
+        None, description="The validation split, given like `train`: every choice before the gate reads it (best "
+        "checkpoint, early stopping, the retrain loop's next attempt); split from train when absent "
+        "(`validation_fraction`).",
     )
     shape: Literal["auto", "pairs", "alpaca", "sharegpt", "openai", "trl"] = Field(
         "auto",
@@ -45,7 +52,15 @@ class DataConfig(Section):
     datasets: list[str] = Field(
         [], description="Entries of a LLaMA-Factory `dataset_info.json` to load; empty loads every entry."
     )
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when `eval` is not given.")
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Test share of the training rows when `eval` is not given: each question "
+        "whose stable hash (of `seed` and the question) falls below it, the same on every run and snapshot.",
+    )
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Validation share of the training rows when `validation` is not given: the "
+        "questions whose hash falls in the band just above `eval_fraction`'s, so a question keeps its side (train, "
+        "validation or test) for good as the data grows.",
+    )
     system_prompt: str | None = Field(None, description="System message added to examples that have none.")
     reasoning: Literal["keep", "strip", "wrap"] = Field(
         "keep",
@@ -76,6 +91,13 @@ class DataConfig(Section):
     min_rows: int = Field(20, ge=1, description="Fewer valid training rows than this fails the data check.")
     max_chars: int = Field(20_000, ge=1, description="Longest allowed example (all messages), in characters.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> DataConfig:
+        if self.validation is None and self.eval_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"data.eval_fraction {self.eval_fraction} + data.validation_fraction "
+                             f"{self.validation_fraction} leave no training rows: together they must stay below 1")
+        return self
 
 
 class ModelConfig(Section):
@@ -207,12 +229,12 @@ class TrainConfig(Section):
         1, ge=1, description="Log loss, learning rate, grad norm, tokens/s and peak memory every this many steps."
     )
     eval_steps: int | None = Field(
-        None, ge=1, description="Every this many steps (and at the last), measure the held-out loss on the eval "
-        "split and, when `retrain.metric` is a metric of the answers, that metric on `eval_samples` held-out "
+        None, ge=1, description="Every this many steps (and at the last), measure the loss on the validation "
+        "split and, when `retrain.metric` is a metric of the answers, that metric on `eval_samples` validation "
         "prompts answered greedily; both reach MLflow as curves (`eval_loss`, `eval_<metric>`). null: none.",
     )
     eval_samples: int = Field(
-        16, ge=1, description="Held-out prompts (the first ones of the eval split) answered at each evaluation "
+        16, ge=1, description="Validation prompts (the first ones of the split) answered at each evaluation "
         "during training (train.eval_steps).",
     )
     select: Literal["last", "best"] | None = Field(
@@ -237,7 +259,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    max_samples: int = Field(64, ge=1, description="Held-out examples used for generation metrics.")
+    max_samples: int = Field(64, ge=1, description="Examples of each split (validation, test) used for generation metrics.")
     max_new_tokens: int = Field(128, ge=1, description="Longest answer generated; one cut here has not stopped.")
     batch_size: int = Field(
         16, ge=1, description="Prompts answered at once (and rows per eval-loss batch); on a GPU 64-128 is fastest."
