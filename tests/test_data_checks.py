@@ -101,14 +101,14 @@ def test_leakage_into_validation_sets_the_train_copy_aside_and_test_wins_over_va
                                   for i in (200, 300, 400)))
     checked = _check(tmp_path, tiny_model, train=CORPUS / "leak_train.jsonl", eval=CORPUS / "leak_eval.jsonl",
                      validation=validation)
-    assert sorted(r.message for r in _quarantine(checked)) == [
+    assert {r.message for r in _quarantine(checked)} == {
         f"{CORPUS}/leak_train.jsonl:1: leakage: the same prompt is in a held-out split (validation: {validation}:1); "
         "kept there, set aside here",
         f"{CORPUS}/leak_train.jsonl:7: leakage: the same prompt is in a held-out split (test: "
         f"{CORPUS}/leak_eval.jsonl:1); kept there, set aside here",
         f"{validation}:2: leakage: the same prompt is in a held-out split (test: {CORPUS}/leak_eval.jsonl:1); "
         "kept there, set aside here",
-    ]
+    }
     assert (checked.train.n_passed, checked.validation.n_passed, checked.eval.n_passed) == (5, 2, 2)
 
 
@@ -148,7 +148,8 @@ def test_a_row_the_chat_template_cannot_train_is_quarantined_naming_its_answer(t
     rows = [{"messages": turns[0]}, {"messages": turns[1]}, {"messages": turns[2] + turns[3]}]
     train = tmp_path / "reasoning.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    cfg = DataConfig(train=train, eval=CORPUS / "leak_eval.jsonl", min_rows=1, max_invalid_fraction=1.0)
+    cfg = DataConfig(train=train, eval=CORPUS / "leak_eval.jsonl", validation=CORPUS / "leak_validation.jsonl",
+                     min_rows=1, max_invalid_fraction=1.0)
     model = ModelConfig(base=str(tiny_model), max_seq_length=256,
                         chat_template=(chat_templates_dir() / "Qwen-QwQ-32B.jinja").read_text(encoding="utf-8"))
     checked = check_dataset(load_dataset(cfg, tmp_path / "load"), cfg, resolve_base_model(model), model,

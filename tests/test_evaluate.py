@@ -275,6 +275,46 @@ def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Pa
     assert [row["candidate"]["close"] for row in rows] == [True, False]
 
 
+def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_inputs, tiny_model: Path):
+    """The retrain loop's evaluation reads validation alone: its examples, its loss rows; the probes, which no
+    choice reads, are asked on test only. The base's outputs are kept per split."""
+    from tasks.data.format import format_dataset
+    from tasks.evaluate.task import evaluate_models
+    from tasks.train.results import TrainResult
+
+    root, data_cfg, loaded, base, _ = eval_inputs
+    formatted = format_dataset(loaded.train_path, loaded.eval_path, base, ModelConfig(base=str(tiny_model),
+                               max_seq_length=256), root / "formatted-3", validation_examples=loaded.validation_path)
+    cfg = EvalConfig(max_samples=3, max_new_tokens=8, batch_size=4, probes=["hello"])
+    trained = TrainResult(adapter_dir=tiny_model, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
+                          trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
+                          micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
+
+    def run(split: str, examples: Path):
+        return evaluate_models(formatted, examples, loaded.train_path, trained, base, None, "", data_cfg, cfg,
+                               root / f"split-{split}", root / "reference-splits", split=split)
+
+    validation, test = run("validation", loaded.validation_path), run("test", loaded.eval_path)
+    assert (validation.split, test.split) == ("validation", "test")
+
+    def ids(report) -> list[str]:
+        return [json.loads(line)["id"] for line in report.samples_path.read_text().splitlines()]
+
+    from tasks.data.examples import read_examples
+
+    assert ids(validation) == [e.id for e in read_examples(loaded.validation_path)][:3]
+    assert ids(test) == [e.id for e in read_examples(loaded.eval_path)][:3]
+    assert not set(ids(validation)) & set(ids(test))
+    request = json.loads((root / "split-validation" / "worker" / "worker-request.json").read_text())
+    assert request["loss_rows"] == str(formatted.validation.path) and len(request["conversations"]) == 3
+    assert validation.probes_path.read_text() == "" and len(test.probes_path.read_text().splitlines()) == 1
+    assert validation.candidate.metrics["eval_loss"] != pytest.approx(test.candidate.metrics["eval_loss"])
+    # MLflow: test under the names dashboards know, validation beside them.
+    assert set(test.scores().metrics) == {f"{m}.{k}" for m in ("candidate", "base") for k in test.candidate.metrics}
+    assert set(validation.scores().metrics) == {f"validation.{name}" for name in test.scores().metrics}
+    assert _models_generated(root / "split-test") == ["candidate", "base"]  # the base of another split: not reused
+
+
 def _formatted(root: Path, base, eval_path: Path, tiny_model: Path, bad: Path | None):
     from tasks.data.format import format_dataset
 

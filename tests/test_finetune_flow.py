@@ -87,9 +87,13 @@ def test_first_run_executes_every_stage_and_writes_every_artifact(first_run):
 
 def test_training_and_evaluation_ran_in_workers_started_before_their_stages(first_run, config_path: Path):
     """The training worker starts with the flow, the evaluation worker with training: each took its request
-    after importing its stack, so the stages did not wait for it (tasks/runtime/worker.py, spares)."""
+    after importing its stack, so the stages did not wait for it (tasks/runtime/worker.py, spares). The test
+    split's evaluation, after the loop, starts its own."""
+    summary, _ = first_run
     workdir = Path(yaml.safe_load(config_path.read_text())["workdir"])
-    logs = [*workdir.glob("train/*/worker.log"), *workdir.glob("evaluate/*/worker/worker.log")]
+    assert len([*workdir.glob("evaluate/*/worker/worker.log")]) == 2  # on validation, then on test
+    # The evaluation on validation follows training: its worker is the one training started.
+    logs = [*workdir.glob("train/*/worker.log"), summary.validation.samples_path.parent / "worker" / "worker.log"]
     assert len(logs) == 2
     for log in logs:
         assert "(prestart_worker), its imports done while the stages before ran" in log.read_text().splitlines()[0]
@@ -178,8 +182,16 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     selected = int(attempt.data.tags["train.selected_step"])
     assert selected == min(curve, key=curve.get)
     assert attempt.data.tags["train.selection"].startswith(f"train.select=best: step {selected} (eval_loss")
-    assert summary.eval.candidate.metrics["eval_loss"] == pytest.approx(curve[selected], rel=1e-4)
+    assert summary.validation.candidate.metrics["eval_loss"] == pytest.approx(curve[selected], rel=1e-4)
     assert run.data.metrics["base.eval_loss"] == pytest.approx(summary.eval.base.metrics["eval_loss"])
+    # Validation beside test: the test scores under the names they always had.
+    assert (summary.validation.split, summary.eval.split) == ("validation", "test")
+    for who in ("base", "candidate"):
+        assert run.data.metrics[f"validation.{who}.eval_loss"] == pytest.approx(
+            getattr(summary.validation, who).metrics["eval_loss"])
+    assert summary.validation.candidate.metrics["eval_loss"] != pytest.approx(summary.eval.candidate.metrics["eval_loss"])
+    assert "| metric | base validation | base test | candidate validation | candidate test |" in (
+        summary.report.path.read_text())
     assert run.data.tags["gate"] == "passed"
     assert len(run.data.tags["dataset.fingerprint"]) == 64
     assert run.data.tags["prefect.flow_run_id"]
@@ -189,9 +201,29 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     logged = {a.path for folder in ("config", "data_checks", "ollama", "eval", "model", "parity", "serving",
                                     "report") for a in client.list_artifacts(summary.mlflow_run_id, folder)}
     assert {"config/resolved.json", "data_checks/data_check_summary.json", "data_checks/data_docs",
-            "ollama/Modelfile", "eval/samples.jsonl", "eval/examples.json", "eval/gate.json", "model/config.json",
+            "ollama/Modelfile", "eval/samples.jsonl", "eval/examples.json", "eval/gate.json", "eval/validation", "model/config.json",
             "model/chat_template.jinja", "parity/samples.jsonl", "parity/verdicts.json", "serving/plan.json",
             "report/report.md", "report/loss_curves.png", "report/metrics.png"} <= logged
+
+
+def test_the_test_split_is_read_by_the_final_evaluation_alone(first_run, config_path: Path):
+    """Training chose its checkpoint on validation and the attempt was judged there; the test rows reached one
+    evaluation, the final one, whose report is the one the gate decided on."""
+    from tasks.data.examples import read_examples
+
+    summary, _ = first_run
+    workdir = Path(yaml.safe_load(config_path.read_text())["workdir"])
+    checked = summary.data_docs.parent.parent  # the check stage's folder
+    validation = {e.id for e in read_examples(checked / "validation_clean.jsonl")}
+    test = {e.id for e in read_examples(checked / "eval_clean.jsonl")}
+    assert validation and test and not validation & test
+    (request,) = [json.loads(p.read_text()) for p in (workdir / "train").glob("*/worker-request.json")]
+    assert request["held_out"]["examples"] == str(checked / "validation_clean.jsonl")
+    answered = {path: {json.loads(line)["id"] for line in path.read_text().splitlines()}
+                for path in (workdir / "evaluate").glob("*/samples.jsonl")}
+    assert [path for path, ids in answered.items() if ids & test] == [summary.eval.samples_path]
+    assert answered[summary.validation.samples_path] <= validation
+    assert len(answered) == 2
 
 
 def test_train_and_eval_rows_are_the_runs_dataset_inputs(first_run, config_path: Path):
@@ -202,8 +234,10 @@ def test_train_and_eval_rows_are_the_runs_dataset_inputs(first_run, config_path:
     run = mlflow_client(config_path).get_run(summary.mlflow_run_id)
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
-    assert contexts == {"demo-products-train": "training", "demo-products-eval": "evaluation"}
-    for split, d in (("train", inputs["demo-products-train"]), ("eval", inputs["demo-products-eval"])):
+    assert contexts == {"demo-products-train": "training", "demo-products-validation": "validation",
+                        "demo-products-eval": "evaluation"}
+    for split in ("train", "validation", "eval"):
+        d = inputs[f"demo-products-{split}"]
         profile = json.loads(d.dataset.profile)
         assert profile["fingerprint"] == run.data.tags["dataset.fingerprint"]
         assert profile["num_rows"] == run.data.metrics[f"data.rows_clean_{split}"]

@@ -37,8 +37,8 @@ def train_once(cfg: PipelineConfig, seed: int):
 @flow
 def evaluate_once(cfg: PipelineConfig, trained: TrainResult):
     base, checked, formatted = prepared(cfg)
-    return evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base, None,
-                    cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir)
+    return evaluate(formatted, checked, trained, base, None, cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir,
+                    split="test")
 
 
 @pytest.fixture

@@ -308,7 +308,7 @@ def test_folder_glob_and_llama_factory_folder(tmp_path: Path) -> None:
     assert [(f.source, f.rows_read) for f in by_folder.files] == [
         (str(folder / "a.jsonl"), 3), (str(folder / "b.json"), 1), (str(folder / "b.json"), 1)]
     by_glob = load_dataset(DataConfig(train=folder / "*.jsonl", eval=folder / "b.json"), tmp_path / "o2")
-    assert (by_glob.n_train, by_glob.n_eval) == (3, 1)
+    assert (by_glob.n_train + by_glob.n_validation, by_glob.n_eval) == (3, 1)
 
     llama_factory = load_dataset(DataConfig(train=CORPUS / "llama_factory", eval_fraction=0.5), tmp_path / "o3")
     examples = [*read_examples(llama_factory.train_path), *read_examples(llama_factory.eval_path)]
@@ -455,6 +455,7 @@ def test_fractions_must_leave_training_rows() -> None:
     with pytest.raises(ValueError, match="leave no training rows"):
         DataConfig(train="t.jsonl", eval_fraction=0.5, validation_fraction=0.5)
     DataConfig(train="t.jsonl", eval_fraction=0.5, validation_fraction=0.5, validation="v.jsonl")
+    DataConfig(train="t.jsonl", eval_fraction=0.5, validation_fraction=0.5, eval="e.jsonl")
 
 
 def test_fingerprint_changes_with_bytes_and_config(tmp_path: Path) -> None:

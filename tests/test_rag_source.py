@@ -286,7 +286,7 @@ def test_snapshot_holds_the_normalised_base_rows_of_any_container_with_their_ori
     assert snapshot.rows_by_source == {"base": 4, "sql:rag_examples": 1}
     # The finetune flow loads the snapshot as it is configured: every row, none rejected.
     loaded = load_dataset(snapshot.data, tmp_path / "loaded")
-    assert (loaded.n_train + loaded.n_eval, loaded.n_rejected) == (5, 0)
+    assert (loaded.n_train + loaded.n_validation + loaded.n_eval, loaded.n_rejected) == (5, 0)
 
 
 def test_base_rows_that_cannot_be_used_go_to_the_snapshot_quarantine(tmp_path: Path):
@@ -365,7 +365,8 @@ def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     loaded = load_dataset(snapshot.data, tmp_path / "loaded")
     from tasks.data.examples import read_examples
 
-    examples = [*read_examples(loaded.train_path), *read_examples(loaded.eval_path)]
+    examples = [*read_examples(loaded.train_path), *read_examples(loaded.validation_path),
+                *read_examples(loaded.eval_path)]
     pairs = sorted((e.messages[-2].content, e.answer, e.rejected) for e in examples if e.kind == "pair")
     assert pairs == [("base question 0", "base answer 0", "wrong fields"), ("q0", "good answer", "<p>html echoed</p>")]
     assert sorted(e.kind for e in examples) == ["desirable", "pair", "pair", *["sft"] * 4, *["undesirable"] * 3]

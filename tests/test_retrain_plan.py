@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ def _config(**retrain) -> PipelineConfig:
                           gate=GATE, retrain={"metric": "field_accuracy", **retrain})
 
 
-def _attempt(tmp_path: Path, plan: AttemptPlan, field_accuracy: float) -> Attempt:
-    samples, probes = tmp_path / f"samples{plan.number}.jsonl", tmp_path / "probes.jsonl"
+def _report(tmp_path: Path, name: str, field_accuracy: float, split: str = "validation") -> EvalReport:
+    """A report of 3 examples on `split`: the candidate answers the first wrongly, the base answers none."""
+    samples, probes = tmp_path / f"samples-{name}.jsonl", tmp_path / "probes.jsonl"
     rows = [{"id": f"ex{i}", "source": f"eval.jsonl:{i + 1}", "prompt": f"<p>page {i}</p>",
              "expected": '{"name": "Kettle"}',
              "candidate": {"answer": "not json" if i == 0 else '{"name": "Kettle"}', "stopped": i != 0,
@@ -32,12 +34,17 @@ def _attempt(tmp_path: Path, plan: AttemptPlan, field_accuracy: float) -> Attemp
              "base": {"answer": "", "stopped": False, "scores": {"field_accuracy": 0.0}}} for i in range(3)]
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
     probes.write_text(json.dumps({"prompt": "What is 2+2?", "base": "", "candidate": "4"}) + "\n")
-    report = EvalReport(
-        n_samples=3,
+    return EvalReport(
+        split=split, n_samples=3,
         candidate=ModelScores(name="candidate", metrics={"eval_loss": 1.0, "field_accuracy": field_accuracy}),
         base=ModelScores(name="base", metrics={"eval_loss": 9.0, "field_accuracy": 0.0}), champion=None,
         samples_path=samples, probes_path=probes,
     )
+
+
+def _attempt(tmp_path: Path, plan: AttemptPlan, field_accuracy: float) -> Attempt:
+    """An attempt as the loop sees it: its validation report and the gate's rules applied to it."""
+    report = _report(tmp_path, f"attempt{plan.number}", field_accuracy)
     adapter = tmp_path / f"adapter{plan.number}"
     steps = plan.train.max_steps or 100
     history = [LossPoint(step=s, loss=5.0 / s, learning_rate=1e-3, elapsed_s=s) for s in range(1, steps + 1, 10)]
@@ -64,14 +71,14 @@ def test_the_plan_applies_in_order_and_its_last_change_repeats(tmp_path: Path):
     assert [p.train.learning_rate for p in plans] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
     assert [(p.lora.r, p.lora.alpha) for p in plans] == [(8, 16), (8, 16), (16, 32), (16, 32)]
     assert [p.init_from for p in plans] == [None, tmp_path / "adapter1", None, None]
-    assert outcome(attempts, cfg.retrain) == "all 4 attempts failed the gate"
+    assert outcome(attempts, cfg.retrain) == "all 4 attempts failed the gate on validation"
 
 
 def test_the_loop_ends_at_the_first_passing_attempt(tmp_path: Path):
     cfg = _config(max_attempts=5)
     attempts = _run(cfg, tmp_path, [0.25, 0.5, 0.75])
     assert len(attempts) == 2
-    assert outcome(attempts, cfg.retrain) == "attempt 2 of at most 5 passed the gate"
+    assert outcome(attempts, cfg.retrain) == "attempt 2 of at most 5 passed the gate on validation"
 
 
 def test_an_attempt_that_does_not_improve_stops_the_loop_early(tmp_path: Path):
@@ -79,7 +86,7 @@ def test_an_attempt_that_does_not_improve_stops_the_loop_early(tmp_path: Path):
     attempts = _run(cfg, tmp_path, [0.25, 0.375, 0.40625, 0.9])  # attempt 3 gains only 0.03125
     assert len(attempts) == 3
     assert outcome(attempts, cfg.retrain) == (
-        "stopped after attempt 3 of 5: field_accuracy 0.4062 did not improve on attempt 2's 0.375 by more than 0.05"
+        "stopped after attempt 3 of 5: validation field_accuracy 0.4062 did not improve on attempt 2's 0.375 by more than 0.05"
     )
 
 
@@ -106,14 +113,21 @@ def test_plan_steps_must_change_something_consistent(tmp_path: Path):
 def test_report_has_plots_attempts_worst_examples_and_probes(tmp_path: Path):
     cfg = _config(max_attempts=2)
     attempts = _run(cfg, tmp_path, [0.25, 0.375])
-    written = write_report("p", attempts, outcome(attempts, cfg.retrain), tmp_path / "report")
+    tested = _report(tmp_path, "test", 0.3, split="test")
+    written = write_report("p", attempts, tested, decide(tested, GATE), outcome(attempts, cfg.retrain),
+                           tmp_path / "report")
     text = written.path.read_text()
     for png in ("metrics.png", "loss_curves.png"):
         assert (written.folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in text
-    assert "**Failed**: all 2 attempts failed the gate." in text
-    assert "- **FAIL**: field_accuracy is 0.375, below the minimum 0.5" in text
-    assert "| field_accuracy | 0 | 0.375 |" in text  # base, candidate
+    assert ("**Failed** the gate on the test split; the retrain loop: all 2 attempts failed the gate on "
+            "validation.") in text
+    # The gate's lines are the test split's; the attempts table holds each attempt's rules on validation.
+    assert "- **FAIL**: field_accuracy is 0.3, below the minimum 0.5" in text
+    assert "| 2 | `{\"continue_training\": true}` | 100 | 0.001 | 8 | yes | failed: field_accuracy is 0.375" in text
+    # Validation and test side by side, per model: the last attempt's validation scores beside the test scores.
+    assert "| metric | base validation | base test | candidate validation | candidate test |" in text
+    assert "| field_accuracy | 0 | 0 | 0.375 | 0.3 |" in text
     assert '| 2 | `{"continue_training": true}` | 100 |' in text
     # The worst example first, with its expected and actual answers.
     worst = text.index("### ex0 (eval.jsonl:1): field_accuracy 0")
@@ -132,23 +146,28 @@ def test_cli_prints_the_metrics_table_every_failing_reason_and_the_report(tmp_pa
 
     cfg = _config(max_attempts=2)
     attempts = _run(cfg, tmp_path, [0.25, 0.375])
-    written = write_report("p", attempts, outcome(attempts, cfg.retrain), tmp_path / "report")
-    error = GateFailed(attempts, outcome(attempts, cfg.retrain), written, "run123")
+    tested = _report(tmp_path, "test", 0.3, split="test")
+    decision = decide(tested, GATE)
+    written = write_report("p", attempts, tested, decision, outcome(attempts, cfg.retrain), tmp_path / "report")
+    error = GateFailed(attempts, tested, decision, outcome(attempts, cfg.retrain), written, "run123")
     cli = Report(flow_run_id=None)
     cli.console = Console(file=io.StringIO(), width=200)
     cli.gate(error)
     printed = cli.console.file.getvalue()
-    assert "│ field_accuracy * │ 0.000 │     0.375 │" in printed  # base, candidate; * = checked by the gate
-    assert "eval_loss" in printed and "held-out metrics (3 examples)" in printed
-    assert "the evaluation gate failed (all 2 attempts failed the gate)" in printed
-    assert "- field_accuracy is 0.375, below the minimum 0.5" in printed
+    # base and candidate, each on validation then test; * = checked by the gate
+    assert re.search(r"│ field_accuracy \* │ +0\.000 │ +0\.000 │ +0\.375 │ +0\.300 │", printed)
+    assert re.search(r"┃ metric +┃ base validation ┃ base test ┃ candidate validation ┃ candidate test ┃", printed)
+    assert "eval_loss" in printed and "metrics (validation: 3 examples, test: 3 examples)" in printed
+    assert ("the evaluation gate failed on the test split (retrain loop: all 2 attempts failed the gate on "
+            "validation)") in printed
+    assert "- field_accuracy is 0.3, below the minimum 0.5" in printed
     assert f"report: {written.path}" in printed and "MLflow run: run123" in printed
-    # What fine-tuning changed, gated metric first, and the first held-out example as each model answered it.
-    changes = "field_accuracy 0.000 → 0.375, eval_loss 9.000 → 1.000"
-    assert f"base → candidate on 3 held-out examples: {changes}" in printed
-    assert "     base answered held-out eval.jsonl:1: \n" in printed
-    assert "candidate answered held-out eval.jsonl:1: not json" in printed
-    assert f"Base → candidate on 3 held-out examples: {changes}." in written.path.read_text()
+    # What fine-tuning changed, gated metric first, and the first test example as each model answered it.
+    changes = "field_accuracy 0.000 → 0.300, eval_loss 9.000 → 1.000"
+    assert f"base → candidate on 3 test examples: {changes}" in printed
+    assert "     base answered test eval.jsonl:1: \n" in printed
+    assert "candidate answered test eval.jsonl:1: not json" in printed
+    assert f"Base → candidate on 3 test examples: {changes}." in written.path.read_text()
 
 
 def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_longer(tmp_path: Path):
@@ -173,7 +192,7 @@ def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_l
     assert past.change == cfg.retrain.past_best
     assert (past.train.max_steps, past.train.learning_rate) == (50, pytest.approx(5e-4))  # half the steps and rate
     assert past.init_from == tmp_path / "adapter1"  # the returned weights: the best checkpoint under select best
-    assert past.reason == ("attempt 1's held-out field_accuracy peaked at step 40 of 100: training longer would "
+    assert past.reason == ("attempt 1's validation field_accuracy peaked at step 40 of 100: training longer would "
                            "go further past it")
     # A plan that already changes the rate is followed; so is every plan with past_best off.
     gentle = _config(max_attempts=3, plan=[{"continue_training": True, "learning_rate_factor": 0.1}])
@@ -182,5 +201,6 @@ def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_l
     assert next_attempt(off, [with_curve(first, 40)]).train.max_steps == 100
     # Shown in the report's attempts table.
     second = _attempt(tmp_path, past, 0.3)
-    text = write_report("p", [first, second], "x", tmp_path / "report").path.read_text()
-    assert "(attempt 1's held-out field_accuracy peaked at step 40 of 100" in text
+    tested = _report(tmp_path, "test", 0.3, split="test")
+    text = write_report("p", [first, second], tested, decide(tested, GATE), "x", tmp_path / "report").path.read_text()
+    assert "(attempt 1's validation field_accuracy peaked at step 40 of 100" in text

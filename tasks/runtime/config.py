@@ -94,7 +94,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _room_for_training(self) -> DataConfig:
-        if self.validation is None and self.eval_fraction + self.validation_fraction >= 1:
+        if self.eval is None and self.validation is None and self.eval_fraction + self.validation_fraction >= 1:
             raise ValueError(f"data.eval_fraction {self.eval_fraction} + data.validation_fraction "
                              f"{self.validation_fraction} leave no training rows: together they must stay below 1")
         return self
