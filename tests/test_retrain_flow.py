@@ -78,8 +78,9 @@ def test_the_merged_dataset_is_the_mlflow_runs_input(runs, setup):
     run = mlflow_client(cfg).get_run(outcome.mlflow_run_id)
     assert run.data.tags["dataset.fingerprint"] == outcome.snapshot.fingerprint
     assert run.data.params["data.train"] == str(outcome.snapshot.data.train)
-    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # beside the finetune run's train and eval
-    assert set(inputs) == {"demo-products-rag-v2", "demo-products-train", "demo-products-eval"}
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # beside the finetune run's three splits
+    assert set(inputs) == {"demo-products-rag-v2", "demo-products-train", "demo-products-validation",
+                           "demo-products-eval"}
     dataset_input = inputs["demo-products-rag-v2"]
     profile = json.loads(dataset_input.dataset.profile)
     assert dataset_input.dataset.name == "demo-products-rag-v2"

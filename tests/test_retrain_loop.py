@@ -6,6 +6,8 @@ Both flow tests share one work folder: the second one's first two attempts are t
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,10 @@ def _states(state) -> dict[str, str]:
     return {name: state_name for name, state_name, _ in stage_states(state.state_details.flow_run_id)}
 
 
+def _states_named(state, stage: str) -> int:
+    return sum(name == stage for name, _, _ in stage_states(state.state_details.flow_run_id))
+
+
 def _attempt_runs(client, parent_run_id: str) -> list:
     runs = client.search_runs(
         [client.get_run(parent_run_id).info.experiment_id],
@@ -72,7 +78,7 @@ def test_failing_first_attempt_is_retrained_and_a_later_attempt_passes(prefect_s
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary.attempts == 2
-    assert summary.retrain_outcome == "attempt 2 of at most 3 passed the gate"
+    assert summary.retrain_outcome == "attempt 2 of at most 3 passed the gate on validation"
     assert _states(state)["export"] == "Completed"
 
     client = _client(config_path)
@@ -88,9 +94,14 @@ def test_failing_first_attempt_is_retrained_and_a_later_attempt_passes(prefect_s
     assert len(client.get_metric_history(first.info.run_id, "train_loss")) == FIRST_STEPS
     curve = client.get_metric_history(second.info.run_id, "train_loss")
     assert [m.step for m in curve] == list(range(1, MORE_STEPS + 1))
-    improvement = [run.data.metrics["base.eval_loss"] - run.data.metrics["candidate.eval_loss"]
+    # The loop judged each attempt on validation: that is all an attempt's run holds.
+    improvement = [run.data.metrics["validation.base.eval_loss"] - run.data.metrics["validation.candidate.eval_loss"]
                    for run in (first, second)]
     assert improvement[0] < REQUIRED_IMPROVEMENT <= improvement[1]
+    assert not any(name.startswith(("candidate.", "base.")) for run in (first, second) for name in run.data.metrics)
+    assert [a.split for a in (summary.validation, summary.eval)] == ["validation", "test"]
+    # The gate decided on test, once, after the loop: the run's gate tag and metrics are the test split's.
+    assert _states_named(state, "evaluate") == 3  # two attempts on validation, the final candidate on test
 
     # The report, its plots and the per-example table are in the flow's run.
     parent = client.get_run(summary.mlflow_run_id)
@@ -99,8 +110,8 @@ def test_failing_first_attempt_is_retrained_and_a_later_attempt_passes(prefect_s
     assert {"report/report.md", "report/loss_curves.png", "report/metrics.png", "eval/examples.json",
             "eval/gate.json"} <= logged
     report = summary.report.path.read_text()
-    assert "attempt 2 of at most 3 passed the gate" in report and "| 2 | `{" in report
-    assert "worst held-out examples" in report
+    assert "attempt 2 of at most 3 passed the gate on validation" in report and "| 2 | `{" in report
+    assert "worst test examples" in report
 
 
 def test_hopeless_config_fails_after_max_attempts_and_leaves_the_champion(prefect_server, config_path: Path,
@@ -119,7 +130,8 @@ def test_hopeless_config_fails_after_max_attempts_and_leaves_the_champion(prefec
     error = state.result(raise_on_failure=False)
     assert isinstance(error, GateFailed)
     assert [attempt.plan.number for attempt in error.attempts] == [1, 2, 3]
-    assert error.outcome == "all 3 attempts failed the gate"
+    assert error.outcome == "all 3 attempts failed the gate on validation"
+    assert error.eval.split == "test" and error.validation.split == "validation"
     reason = next(r for r in error.decision.reasons if "above the maximum 0.01" in r)
     assert reason in state.message  # the Prefect flow run's state says why
     # The names come from the tasks themselves, so a renamed task cannot make this pass by accident.
@@ -131,3 +143,29 @@ def test_hopeless_config_fails_after_max_attempts_and_leaves_the_champion(prefec
     assert parent.info.status == "FAILED" and reason in parent.data.tags["gate.reasons"]
     assert str(client.get_model_version_by_alias("retrain-test", CHAMPION_ALIAS).version) == "1"
     assert [str(v.version) for v in client.search_model_versions("name='retrain-test'")] == ["1"]
+
+
+def test_a_candidate_that_passes_on_validation_and_fails_on_test_is_not_promoted_nor_retried(
+        prefect_server, config_path: Path, tmp_path: Path):
+    """Validation decides whether to try again, test whether to ship: a test split of pages in another script,
+    whose answers training made no likelier, fails the gate after the loop passed on validation, and the run ends
+    there: trying again on test would make it a split that choices were made on."""
+    rng = random.Random(0)
+
+    def junk() -> str:
+        return "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(12))
+
+    test = tmp_path / "other-script.jsonl"
+    test.write_text("".join(json.dumps({"input": f"<p>{junk()}</p>", "output": {key: junk() for key in (
+        "name", "price", "category", "manufacturer")}}, ensure_ascii=False) + "\n" for _ in range(8)))
+    state = finetune(load_config(config_path, [f"data.eval={test}"]), return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, GateFailed)
+    assert [attempt.plan.number for attempt in error.attempts] == [1, 2]  # the loop stopped when it passed
+    assert error.attempts[-1].decision.passed and error.outcome == "attempt 2 of at most 3 passed the gate on validation"
+    assert not error.decision.passed and error.eval.split == "test"
+    assert error.validation.candidate.metrics["eval_loss"] < error.eval.candidate.metrics["eval_loss"]
+    assert "failed on the test split" in str(error) and export.name not in _states(state)
+    parent = _client(config_path).get_run(error.mlflow_run_id)
+    assert parent.data.tags["gate"] == "failed" and parent.info.status == "FAILED"

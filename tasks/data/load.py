@@ -39,7 +39,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from tasks.data.examples import Example, Message, Unit, location, split_reasoning, write_jsonl
-from tasks.data.results import LoadedData, Side, SourceCount
+from tasks.data.results import HeldOutSplit, LoadedData, Side, SourceCount
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import DataConfig
 
@@ -684,7 +684,7 @@ def split_side(unit: str, cfg: DataConfig) -> Side:
     (`data.eval`, `data.validation`) stays train. The key depends on the seed and the question only, so a
     question keeps its side on every run and every RAG snapshot: a test question is never trained on later."""
     band = split_band(unit, cfg)
-    return band if band == "train" or held_out_files(cfg, band) is None else "train"
+    return band if band != "train" and held_out_files(cfg, band) is None else "train"
 
 
 def split_band(unit: str, cfg: DataConfig) -> Side:
@@ -695,7 +695,7 @@ def split_band(unit: str, cfg: DataConfig) -> Side:
     return "validation" if key < cfg.eval_fraction + cfg.validation_fraction else "train"
 
 
-def held_out_files(cfg: DataConfig, split: Side) -> Path | None:
+def held_out_files(cfg: DataConfig, split: HeldOutSplit) -> Path | None:
     """The files a held-out split is given as (`data.validation`, `data.eval` for test); None: taken from train."""
     return cfg.validation if split == "validation" else cfg.eval
 
