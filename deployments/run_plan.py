@@ -16,9 +16,9 @@ from tasks.data.check import check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.data.results import CheckedData, FormattedData
+from tasks.evaluate.paired import POWER, detectable_difference
 from tasks.model.base import resolve_base_model
 from tasks.model.results import BaseModelRef
-from tasks.evaluate.paired import POWER, detectable_difference
 from tasks.runtime.config import GateConfig, PipelineConfig
 from tasks.train.loop import EnvironmentReport
 

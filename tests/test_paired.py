@@ -101,7 +101,8 @@ def test_eval_loss_is_lower_is_better_and_token_weighted():
 def test_the_difference_is_said_in_plain_words():
     interval = PairedDifference(metric="field_accuracy", versus="champion", n=200, difference=0.07, low=0.03,
                                 high=0.11, confidence=0.95, method="bootstrap")
-    assert interval.statement("the champion") == "field_accuracy +0.07 [+0.03, +0.11] over the champion on 200 test examples"
+    assert interval.statement("the champion") == ("field_accuracy +0.07 [+0.03, +0.11] over the champion on 200 test "
+                                                  "examples")
     assert interval.statement("the base", "validation examples").endswith("over the base on 200 validation examples")
 
 

@@ -64,7 +64,8 @@ class PairedDifference(BaseModel):
         if self.metric in LOWER_IS_BETTER:
             return (f"{self.metric} {-self.difference:+.3f} [{-self.high:+.3f}, {-self.low:+.3f}] against {who} on "
                     f"{self.n} {examples} (lower is better)")
-        return f"{self.metric} {self.difference:+.2f} [{self.low:+.2f}, {self.high:+.2f}] over {who} on {self.n} {examples}"
+        return (f"{self.metric} {self.difference:+.2f} [{self.low:+.2f}, {self.high:+.2f}] over {who} on {self.n} "
+                f"{examples}")
 
 
 class MeanInterval(BaseModel):
