@@ -19,7 +19,7 @@ from tasks.data.results import CheckedData, FormattedData
 from tasks.evaluate.paired import POWER, detectable_difference
 from tasks.model.base import resolve_base_model
 from tasks.model.results import BaseModelRef
-from tasks.runtime.config import GateConfig, PipelineConfig
+from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, PipelineConfig
 from tasks.train.loop import EnvironmentReport
 
 # Going over the same rows more often than this mostly teaches the model to recite them.
@@ -89,7 +89,8 @@ def detection_warnings(gate: GateConfig, n_test: int) -> list[str]:
     (`tasks.evaluate.paired.detectable_difference`: the numbers of the gate-power benchmark)."""
     by_margin: dict[float, list[str]] = {}
     for metric, margin in gate.champion_margins().items():
-        by_margin.setdefault(margin, []).append(metric)
+        if metric not in LOWER_IS_BETTER:  # a loss is on another scale than a share of right answers
+            by_margin.setdefault(margin, []).append(metric)
     how = (f"at {gate.confidence:.0%} confidence, if candidate and champion disagree on {DISAGREEMENT:.0%} of the "
            "examples of a right/wrong metric")
     warnings = []

@@ -146,6 +146,7 @@ def test_the_detectable_difference_is_where_the_gate_passes_80_percent_of_the_ti
 def test_the_run_plan_warns_when_the_test_split_cannot_detect_the_margin():
     gated = GateConfig(rules={"exact_match": MetricRule(min=0.5)}, must_beat_champion_by={"valid_json_rate": 0.01})
     assert detection_warnings(GateConfig(), 16) == []  # no rule, no champion rule
+    assert detection_warnings(GateConfig(rules={"eval_loss": MetricRule(max=2.0)}), 16) == []  # not a share
     few = detection_warnings(gated, 16)
     assert few == [
         "the test split's 16 examples are too few for the champion rule on exact_match (margin 0): no candidate "
