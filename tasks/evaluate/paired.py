@@ -18,7 +18,8 @@ values:
 
 eval_loss is lower-is-better and token-weighted: the split's eval_loss is the mean over every answer token, so
 with `weights` (each example's answer tokens) the difference and each resample's difference are token-weighted
-means too, the same mean the reported eval_loss is.
+means too, the mean the reported eval_loss is (the gate's interval covers the examples samples.jsonl holds, the
+first eval.max_samples; the reported value every test row).
 
 A difference is in the metric's better direction: positive means the candidate is better (for eval_loss, the
 other's loss minus the candidate's).
@@ -131,7 +132,9 @@ def mean_interval(metric: str, values: Sequence[float], *, confidence: float, se
 def clears(interval: PairedDifference, margin: float) -> bool:
     """The gate's rule: the interval's lower end is above `margin`. A positive margin: the candidate is better by
     more than it (superiority); 0 or negative: it is not worse than |margin| (non-inferiority), so at margin 0
-    it must be shown better, and a candidate of equal quality passes at most (1 − confidence) / 2 of the time."""
+    it must be shown better, and a candidate of equal quality passes at most (1 − confidence) / 2 of the time.
+    Strictly above: "at least 0" would pass every candidate that answers as the champion does ([0, 0]), which on
+    few examples is most equal ones (on 16 examples disagreeing on 10% of them, 0.9 ** 16 = 19%)."""
     return interval.low > margin + SLACK
 
 
