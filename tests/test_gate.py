@@ -241,6 +241,15 @@ def test_the_decision_reaches_mlflow_and_the_run_summary_in_words(tmp_path: Path
         "exact_match +0.02 [-0.07, +0.10] over the champion v3 on 100 test examples: not shown better than the "
         "champion v3 at 95% confidence")
     assert json.loads(record.texts["eval/gate.json"])["checks"][1]["interval"]["wins"] == 10
+    # As the run writer logs it: a table in a real MLflow store.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("gate", (tmp_path / "artifacts").as_uri())).info.run_id
+    client.log_table(run_id, data=record.tables["eval/regressions.json"], artifact_file="eval/regressions.json")
+    logged = json.loads(Path(client.download_artifacts(run_id, "eval/regressions.json", str(tmp_path))).read_text())
+    assert logged["columns"][:2] == ["id", "source"] and [row[0] for row in logged["data"]] == [
+        f"page-{i}" for i in range(8)]
 
     Report(None).checks(decision)
     printed = " ".join(capsys.readouterr().out.split())
