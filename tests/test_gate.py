@@ -212,6 +212,7 @@ def test_a_rule_without_per_example_values_cannot_pass(tmp_path: Path):
     assert not decision.passed
     assert decision.reasons == ["exact_match has no per-example values of both the candidate and the champion v3 "
                                 "in the evaluation's samples, so the rule cannot pass"]
+    assert not decide(report, GateConfig(max_regressions=3)).passed
 
 
 def test_unmeasured_metric_fails_its_rule_and_says_so(tmp_path: Path):

@@ -142,6 +142,10 @@ def _versus(rows: list[dict], metric: str, kind: Literal["over_base", "over_cham
 
 def _regressions(regressions: list[Regression], allowed: int | float, n: int, who: str, examples: str) -> Check:
     most = allowed if isinstance(allowed, int) else math.floor(allowed * n)
+    if not n:
+        return Check(metric="regressions", kind="regressions", value=None, limit=most, passed=False, n=0,
+                     reason="the evaluation's samples hold no per-example answers, so the max_regressions rule "
+                     "cannot pass")
     passed = len(regressions) <= most
     fields = Counter(field for regression in regressions for field in regression.fields)
     detail = f"{sum(r.exact for r in regressions)} no longer exactly right"
