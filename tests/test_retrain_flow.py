@@ -133,7 +133,11 @@ def test_evaluate_flow_scores_a_registered_version(runs, setup):
     state = evaluate_model(cfg, "v1", return_state=True)
     evaluation = state.result()
     assert evaluation.model_run_id == outcome.mlflow_run_id
-    assert evaluation.eval.n_samples == 2 and evaluation.gate.passed
+    # v1 is the champion (promoted by hand above): its own rule passes, but scored against itself it is not shown
+    # better than the champion, so the gate would keep the champion.
+    assert evaluation.eval.n_samples == 2
+    assert [(c.kind, c.passed) for c in evaluation.gate.checks] == [("min", True), ("over_champion", False)]
+    assert "not shown better than the champion v1" in evaluation.gate.reasons[0]
     run = mlflow_client(cfg).get_run(evaluation.mlflow_run_id)
     assert run.data.tags["evaluated.run_id"] == outcome.mlflow_run_id
     assert run.data.metrics["candidate.eval_loss"] == pytest.approx(evaluation.eval.candidate.metrics["eval_loss"])

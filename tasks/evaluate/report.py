@@ -1,10 +1,11 @@
 """The run report: one Markdown page with PNG plots that says what was trained, how it scored and why it
 passed or failed the gate.
 
-Sections: the decision on the test split and one line per gate rule; the metrics of base / champion /
-candidate on validation and on test side by side (table; bar chart of test); every attempt of the retrain loop
-with its settings, its loss curve and its gate rules on validation; the candidate's worst test examples with
-expected and actual answers; the probes answered side by side.
+Sections: the decision on the test split and one line per gate rule (differences with their intervals and n); the
+metrics of base / champion / candidate on validation and on test side by side (table; bar chart of test); every
+attempt of the retrain loop with its settings, its loss curve and its gate rules on validation; the regressions
+(test examples the champion, else the base, had right and the candidate has wrong); the candidate's worst test
+examples with expected and actual answers; the probes answered side by side.
 Cached like the other stages: a re-run with nothing changed does not import matplotlib.
 """
 
@@ -20,6 +21,7 @@ from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import LOWER_IS_BETTER
 
 WORST_EXAMPLES = 5
+REGRESSIONS_SHOWN = 20  # all of them are in MLflow's eval/regressions.json
 # The per-example score that ranks the worst examples: the first of these the answers were scored on.
 RANKING_METRICS = ("field_accuracy", "rouge_l", "chrf", "exact_match")
 TEXT_LIMIT = 600  # characters of a prompt or answer shown in the report
@@ -54,6 +56,7 @@ def write_report(title: str, attempts: list[Attempt], report: EvalReport, decisi
         f"![metrics of base, champion and candidate]({_plot_metrics(report, out_dir / 'metrics.png').name})", "",
         "## Attempts", "", *_attempts_table(attempts), "",
         f"![training loss per attempt]({_plot_losses(attempts, out_dir / 'loss_curves.png').name})", "",
+        *_regressions(report, decision),
         *_worst_examples(report.samples_path),
         *_probes(report.probes_path),
     ]
@@ -155,6 +158,26 @@ def _plot_losses(attempts: list[Attempt], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _regressions(report: EvalReport, decision: GateDecision) -> list[str]:
+    reference = report.champion or report.base
+    found = decision.regressions
+    lines = [f"## Regressions against {label(reference)}: {len(found)} of {report.n_samples} examples", ""]
+    if not found:
+        return lines + [f"None: the candidate has right every example and field {label(reference)} had right.", ""]
+    lines += [f"Examples {label(reference)} matched exactly that the candidate does not, or whose JSON fields it had "
+              "right that the candidate has wrong."
+              + (f" The first {REGRESSIONS_SHOWN}; all are in MLflow's eval/regressions.json."
+                 if len(found) > REGRESSIONS_SHOWN else ""), ""]
+    for regression in found[:REGRESSIONS_SHOWN]:
+        broken = (["no longer exactly right"] if regression.exact else []) + (
+            [f"fields now wrong: {', '.join(regression.fields)}"] if regression.fields else [])
+        lines += [f"### {regression.id} ({regression.source}): {'; '.join(broken)}", "",
+                  "Prompt:", *_block(regression.prompt), "Expected:", *_block(regression.expected),
+                  f"{label(reference).capitalize()}:", *_block(regression.reference_answer),
+                  "Candidate:", *_block(regression.answer)]
+    return lines
 
 
 def _worst_examples(samples_path: Path) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from tasks.evaluate.paired import MeanInterval, PairedDifference
 from tasks.runtime.config import LoraConfig, RetrainChange, TrainConfig
 from tasks.runtime.records import Record, flatten
 from tasks.train.results import TrainResult
@@ -81,17 +82,38 @@ def per_example_table(samples_path: Path) -> dict[str, list]:
 
 
 class Check(BaseModel):
-    metric: str
-    kind: Literal["min", "max", "over_base", "over_champion"]
-    value: float | None  # the candidate's value, or its improvement over base / champion; None: not measured
-    limit: float
+    metric: str  # "regressions" for the max_regressions rule
+    kind: Literal["min", "max", "over_base", "over_champion", "regressions"]
+    # The candidate's value, its improvement over base / champion (the paired mean difference), or the number of
+    # regressions; None: not measured.
+    value: float | None
+    limit: float  # the limit, the required margin, or the most regressions allowed
     passed: bool
     reason: str  # what was checked and how it came out, in words
+    # over_base / over_champion: the paired difference with its interval, which decides; min / max: the interval
+    # of the candidate's value, which is reported (the value decides).
+    interval: PairedDifference | MeanInterval | None = None
+    n: int | None = None  # the test examples the check read
+
+
+class Regression(BaseModel):
+    """A test example the reference model (the champion, else the base) had right and the candidate now has wrong."""
+
+    id: str
+    source: str
+    prompt: str
+    expected: str
+    versus: str  # "champion" | "base"
+    reference_answer: str  # the reference model's answer
+    answer: str  # the candidate's
+    exact: bool  # the reference's answer matched exactly (exact_match 1), the candidate's does not
+    fields: list[str]  # JSON fields the reference had right (field_accuracy.<key> 1) that the candidate has wrong
 
 
 class GateDecision(BaseModel):
     passed: bool
     checks: list[Check]
+    regressions: list[Regression] = []  # against the champion, else the base; gated by gate.max_regressions
 
     @property
     def reasons(self) -> list[str]:
@@ -107,9 +129,19 @@ class GateDecision(BaseModel):
 
     def record(self) -> Record:
         """The decision; a failed gate ends the run FAILED."""
+        tables = {"eval/regressions.json": regressions_table(self.regressions)} if self.regressions else {}
         return Record(texts={"eval/gate.json": self.model_dump_json(indent=2)}, gate_failed=not self.passed,
+                      metrics={"gate.regressions": len(self.regressions)}, tables=tables,
                       tags={"gate": "passed" if self.passed else "failed", "gate.summary": self.summary()[:5000],
-                            "gate.reasons": "\n".join(self.reasons)[:5000]})
+                            "gate.reasons": "\n".join(self.reasons)[:5000],
+                            "gate.checks": "\n".join(check.reason for check in self.checks)[:5000]})
+
+
+def regressions_table(regressions: list[Regression]) -> dict[str, list]:
+    """The regressions as columns (MLflow's table view): one row per example, the broken fields joined."""
+    columns = ("id", "source", "prompt", "expected", "versus", "reference_answer", "answer", "exact", "fields")
+    return {column: [", ".join(r.fields) if column == "fields" else getattr(r, column) for r in regressions]
+            for column in columns}
 
 
 class AttemptPlan(BaseModel):

@@ -8,7 +8,9 @@ Each model answers every held-out prompt and every probe greedily (`tasks.evalua
 cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
 is a GPU. Its answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
 required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
-the mean token loss on the held-out assistant tokens, computed exactly as in training.
+the mean token loss on the held-out assistant tokens, computed exactly as in training. samples.jsonl keeps every
+score per example, each example's own eval loss (the mean over its answer tokens) and its number of answer
+tokens, so the gate's intervals of eval_loss are token-weighted as the split's value is.
 
 Held-out rated-bad answers (issue 22), when the data has them, are scored apart: `undesirable_close_rate`,
 how often a model's own answer to such a prompt is close to the answer users rated bad (`metrics.close_to`:
@@ -74,6 +76,8 @@ class ModelOutputs(BaseModel):
     answers: list[str]  # aligned with the request's conversations
     stopped: list[bool]
     eval_loss: float
+    # Per held-out row, by id: (summed token loss, answer tokens); eval_loss is their token-weighted mean.
+    example_losses: dict[str, tuple[float, int]] = {}
     undesirable_loss: float | None = None
     device: str
     generate_s: float  # wall time of generation, CUDA graph capture included
@@ -116,12 +120,14 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
                                      Progress(f"evaluate {spec.name}", len(conversations), "prompts"),
                                      request.chat)
             seconds = time.perf_counter() - started
-            loss = mean_answer_loss(model, rows, request.batch_size, tokenizer.pad_token_id)
-            bad_loss = (mean_answer_loss(model, bad_rows, request.batch_size, tokenizer.pad_token_id)
+            losses = answer_losses(model, rows, request.batch_size, tokenizer.pad_token_id)
+            loss = mean_answer_loss(losses)
+            bad_loss = (mean_answer_loss(answer_losses(model, bad_rows, request.batch_size, tokenizer.pad_token_id))
                         if bad_rows else None)
         print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
         outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
-                                          eval_loss=loss, undesirable_loss=bad_loss, device=device, generate_s=seconds)
+                                          eval_loss=loss, example_losses=losses, undesirable_loss=bad_loss,
+                                          device=device, generate_s=seconds)
         plain = (source, model) if spec.adapter is None else None
         del model
         if device == "cuda" and plain is None:
@@ -154,12 +160,18 @@ def _load(spec: ModelToScore, device: str, dtype, loaded=None):
     return model.eval(), tokenizer
 
 
-def mean_answer_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean cross-entropy over every assistant token of the split (rows sorted by length)."""
+def mean_answer_loss(losses: dict[str, tuple[float, int]]) -> float:
+    """Token-weighted mean cross-entropy over every assistant token of the split."""
+    return sum(total for total, _ in losses.values()) / sum(count for _, count in losses.values())
+
+
+def answer_losses(model, rows: list[dict], batch_size: int, pad_id: int) -> dict[str, tuple[float, int]]:
+    """Each row's summed cross-entropy over its assistant tokens and their number, by row id (rows are batched
+    sorted by length)."""
     import torch
 
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
-    total, count = 0.0, 0
+    losses = {}
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         width = max(len(r["input_ids"]) for r in batch)
@@ -170,10 +182,14 @@ def mean_answer_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> f
         targets = labels[:, 1:].to(model.device)
         scored = targets != IGNORE
         # Only the answer positions go to float32: the full logits of a batch would not fit on a small GPU.
-        total += torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored],
-                                                   reduction="sum").item()
-        count += int(scored.sum())
-    return total / count
+        token_losses = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored],
+                                                         reduction="none")
+        row_of_token = scored.nonzero()[:, 0]
+        sums = torch.zeros(len(batch), device=token_losses.device).index_add_(0, row_of_token, token_losses)
+        for row, total, count in zip(batch, sums.tolist(), scored.sum(dim=1).tolist()):
+            before = losses.get(str(row["id"]), (0.0, 0))  # a duplicated row counts as often as it is there
+            losses[str(row["id"])] = (before[0] + total, before[1] + int(count))
+    return losses
 
 
 def evaluate_models(
@@ -227,6 +243,11 @@ def evaluate_models(
     for name, result in outputs.items():
         means, per_example[name] = score_answers(result.answers[:n], references, result.stopped[:n],
                                                  data_cfg.output_format, required)
+        # Each example's own eval loss (the mean over its answer tokens), for the gate's paired intervals.
+        for example, example_scores in zip(examples, per_example[name]):
+            if example.id in result.example_losses:
+                total, count = result.example_losses[example.id]
+                example_scores["eval_loss"] = total / count
         if bad:
             own = result.answers[len(conversations) - len(bad):]
             means["undesirable_close_rate"] = sum(map(close_to, own, (e.answer for e in bad))) / len(bad)
@@ -237,11 +258,14 @@ def evaluate_models(
 
     order = [name for name in ("base", "champion", "candidate") if name in outputs]
     samples_path = out_dir / "samples.jsonl"
+    tokens = outputs["candidate"].example_losses
     with samples_path.open("w", encoding="utf-8") as out:
         for i, example in enumerate(examples):
             out.write(json.dumps({
                 "id": example.id, "source": f"{example.source}:{example.line}",
                 "prompt": example.prompt[-1].content, "expected": example.answer,
+                # What weighs the example in the token-weighted eval_loss (the same tokens for every model).
+                **({"answer_tokens": tokens[example.id][1]} if example.id in tokens else {}),
                 **{name: {"answer": outputs[name].answers[i], "stopped": outputs[name].stopped[i],
                           "scores": per_example[name][i]} for name in order},
             }, ensure_ascii=False) + "\n")
