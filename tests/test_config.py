@@ -37,7 +37,7 @@ def test_demo_config_loads() -> None:
     assert cfg.model.max_seq_length == 256
     assert cfg.gate.rules["valid_json_rate"].min == 0.9
     assert cfg.gate.rules["valid_json_rate"].max is None
-    assert cfg.gate.rules["field_accuracy"].min_improvement_over_base == 0.6
+    assert cfg.gate.rules["field_accuracy"].min_improvement_over_base == 0.5
     assert cfg.retrain.max_attempts == 2
     assert cfg.retrain.plan[0].continue_training and cfg.retrain.plan[0].max_steps == 8
 
