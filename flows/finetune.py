@@ -9,13 +9,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
+from flows.artifacts import report_markdown, show_run, show_served
 from flows.serve import Serving, serve
 from tasks.data.check import DataCheckError, check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
+from tasks.evaluate.general_prompts import read_prompts
 from tasks.evaluate.report import run_report
 from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
+from tasks.evaluate.retention import retention
 from tasks.evaluate.retrain_plan import next_attempt, outcome
 from tasks.evaluate.task import evaluate
 from tasks.export.parity import parity, parity_verdicts
@@ -104,6 +107,9 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                 report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base,
                                   champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
                                   checked.eval.undesirable_path)
+                retained = retention(trained, base, formatted.chat, read_prompts(cfg.eval.retention),
+                                     cfg.eval.retention, cfg.eval.batch_size, workdir)
+                report = report.model_copy(update={"retention": retained})
                 decision = gate(report, cfg.gate)
                 attempt_run.record(trained.curve(), report.scores(), decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))
@@ -112,6 +118,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         run.record(formatted, trained, report, decision)  # the last attempt's, on the run itself
         report_page = run_report(cfg.name, attempts, ended, workdir)
         run.record(report_page)
+        show_run(cfg.name, "finetune", report_markdown(report_page), report, cfg.tracking, run.run_id)
         if not decision.passed:
             raise GateFailed(attempts, ended, report_page, run.run_id)
 
@@ -124,6 +131,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                             formatted.chat)
         run.record(serving_plan)
         serving = serve(serving_plan)
+        show_served(cfg.name, "finetune", serving, serving_plan.gguf.path)
 
     get_run_logger().info("ollama: %s", serving.registration.message)
     summary = RunSummary(

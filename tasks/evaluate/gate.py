@@ -1,21 +1,24 @@
 """The evaluation gate: check the candidate's measured scores against the config's rules. Cheap, so never cached.
 
-Three kinds of rule, each one check with one human-readable reason when it fails:
+Four kinds of rule, each one check with one human-readable reason when it fails:
 - `min` / `max`: limits on the candidate's value of a metric;
 - `min_improvement_over_base`: the candidate beats the base model by at least this much;
 - `must_beat_champion_by`: when a champion exists, the candidate beats it by at least this margin (0 by
   default for every metric with a rule: never ship a model worse than the one serving).
+- `retention`: the candidate's loss on the base's own answers to general prompts outside the task may rise at most
+  this much above the base's (what fine-tuning made it forget).
 "Beat" and "improvement" follow the metric's better direction: lower for eval_loss, higher for the rest.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from prefect import task
 
-from tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores
-from tasks.runtime.config import LOWER_IS_BETTER, GateConfig
+from tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores, RetentionScores
+from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, RetentionRule
 
 # A value that meets its limit exactly must pass despite float rounding (0.3 - 0.2 < 0.1), and a candidate
 # that is the champion, scored again, must not lose to it on the last digit.
@@ -40,6 +43,8 @@ def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
     if report.champion is not None:
         for metric, margin in cfg.champion_margins().items():
             checks.append(_versus(metric, "over_champion", report.candidate, report.champion, margin))
+    if cfg.retention is not None:
+        checks.append(retention_check(report.retention, cfg.retention))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)
 
 
@@ -68,6 +73,28 @@ def _versus(metric: str, kind: Literal["over_base", "over_champion"], candidate:
               f"{'better' if gained >= 0 else 'worse'}, "
               f"{'meeting' if passed else 'short of'} the required {margin:g} {direction}")
     return Check(metric=metric, kind=kind, value=gained, limit=margin, passed=passed, reason=reason)
+
+
+def retention_check(scores: RetentionScores | None, rule: RetentionRule) -> Check:
+    """The candidate's loss on the base's own answers to general prompts may rise at most `max_loss_increase`
+    nats per token above the base's: more, and it has forgotten how to answer outside its task."""
+    metric, limit = "retention.loss_increase", rule.max_loss_increase
+    if scores is None:
+        return Check(metric=metric, kind="max", value=None, limit=limit, passed=False,
+                     reason="retention was not measured (no general prompts were answered), so the retention rule "
+                            "cannot pass")
+    rise = scores.loss_increase
+    passed = rise <= limit + SLACK
+    measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
+                f"at most +{limit:g} allowed)")
+    if passed:
+        reason = (f"the candidate kept the base's general ability: its loss on the base's answers to "
+                  f"{scores.n_prompts} general prompts went from {measured}")
+    else:
+        reason = (f"the candidate forgot how to chat: its loss on the base's answers to {scores.n_prompts} general "
+                  f"prompts rose from {measured}; it finds what the base would say {math.exp(rise):.1f} times less "
+                  "likely per token")
+    return Check(metric=metric, kind="max", value=rise, limit=limit, passed=passed, reason=reason)
 
 
 def _not_measured(metric: str, kind: str, limit: float, scores: ModelScores) -> Check:

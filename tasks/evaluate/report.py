@@ -3,18 +3,20 @@ passed or failed the gate.
 
 Sections: the decision and one line per gate rule; the metrics of base / champion / candidate (table and
 bar chart); every attempt of the retrain loop with its settings and its loss curve; the candidate's worst
-held-out examples with expected and actual answers; the probes answered side by side.
+held-out examples with expected and actual answers; the probes answered side by side; retention: the general
+prompts outside the task answered by base and candidate, with their losses on the base's answers.
 Cached like the other stages: a re-run with nothing changed does not import matplotlib.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from prefect import task
 
-from tasks.evaluate.results import Attempt, EvalReport, ModelScores, RunReport
+from tasks.evaluate.results import Attempt, EvalReport, ModelScores, RetentionScores, RunReport
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import LOWER_IS_BETTER
 
@@ -48,6 +50,7 @@ def write_report(title: str, attempts: list[Attempt], outcome: str, out_dir: Pat
         f"![training loss per attempt]({_plot_losses(attempts, out_dir / 'loss_curves.png').name})", "",
         *_worst_examples(report.samples_path),
         *_probes(report.probes_path),
+        *retention_section(report.retention),
     ]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -167,6 +170,26 @@ def _probes(probes_path: Path) -> list[str]:
     who = [name for name in ("base", "champion", "candidate") if any(name in p for p in probes)]
     lines = ["## Probes", "", "| prompt | " + " | ".join(who) + " |", "|---|" + "---|" * len(who)]
     lines += ["| " + " | ".join(_cell(p.get(name) or "") for name in ("prompt", *who)) + " |" for p in probes]
+    return lines + [""]
+
+
+def retention_section(scores: RetentionScores | None) -> list[str]:
+    """The general prompts outside the task: both models' answers side by side, and their loss on the base's."""
+    if scores is None:
+        return []
+    rows = [json.loads(line) for line in scores.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = ["## Retention: general prompts outside the task", "",
+             f"Mean token loss on the base's own greedy answers to {scores.n_prompts} general prompts: base "
+             f"{scores.base_loss:.3f}, candidate {scores.candidate_loss:.3f} nats per token "
+             f"({scores.loss_increase:+.3f}: the candidate finds what the base would say "
+             f"{math.exp(scores.loss_increase):.2f} times {'less' if scores.loss_increase >= 0 else 'more'} likely "
+             "per token, where the base's figure is 1).", "",
+             "| prompt | base | candidate | base loss | candidate loss |", "|---|---|---|---:|---:|"]
+    for row in rows:
+        cut = {who: "" if row[who]["stopped"] else " *(cut at the length limit)*" for who in ("base", "candidate")}
+        lines.append(f"| {_cell(row['prompt'])} | {_cell(row['base']['answer'])}{cut['base']} | "
+                     f"{_cell(row['candidate']['answer'])}{cut['candidate']} | {row['base']['loss']:.3f} | "
+                     f"{row['candidate']['loss']:.3f} |")
     return lines + [""]
 
 

@@ -236,7 +236,36 @@ class TrainConfig(Section):
         return self
 
 
+class RetentionConfig(Section):
+    """General prompts outside the task, to measure what fine-tuning made the model forget: the base answers them
+    greedily, and the candidate's loss on those answers is set against the base's own (tasks/evaluate/retention.py)."""
+
+    builtin: int = Field(
+        16, ge=0, description="How many of the built-in general prompts to ask, in their order, which changes language "
+        "from one to the next (English, French, German, Spanish, Chinese, ...: general chat, instructions, a little "
+        "arithmetic and knowledge); 0: none.",
+    )
+    prompts: Path | None = Field(
+        None, description="Your own general prompts, asked after the built-in ones: JSONL, one per line, "
+        '`{"prompt": "..."}` or `{"messages": [...]}` ending with a user turn (an `id` and a `language` may be given).',
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="Longest answer the base and the candidate give to a general prompt.",
+    )
+
+    @model_validator(mode="after")
+    def _prompts_readable(self) -> RetentionConfig:
+        # A bad prompts file fails when the config loads, before any training, naming its file and line.
+        from tasks.evaluate.general_prompts import read_prompts
+
+        read_prompts(self)
+        return self
+
+
 class EvalConfig(Section):
+    # Retention is a stage of its own: its prompts decide nothing the evaluate stage writes.
+    cache_exclude: ClassVar[set[str]] = {"retention"}
+
     max_samples: int = Field(64, ge=1, description="Held-out examples used for generation metrics.")
     max_new_tokens: int = Field(128, ge=1, description="Longest answer generated; one cut here has not stopped.")
     batch_size: int = Field(
@@ -245,6 +274,10 @@ class EvalConfig(Section):
     probes: list[str] = Field(
         [], description="Fixed user prompts (the data's system prompt is added) answered by base, champion and "
         "candidate side by side, written to the evaluation's probes.jsonl.",
+    )
+    retention: RetentionConfig = Field(
+        RetentionConfig(), description="General prompts outside the task, answered by base and candidate: what "
+        "the candidate forgot (gate.retention decides on it).",
     )
 
 
@@ -268,6 +301,16 @@ class MetricRule(Section):
     )
 
 
+class RetentionRule(Section):
+    """The candidate must still find the base's answers to general prompts about as likely as the base does."""
+
+    max_loss_increase: float = Field(
+        0.5, ge=0, description="Largest rise allowed, in nats per token, of the candidate's mean token loss on the "
+        "base's own greedy answers to the general prompts over the base's loss on them. A rise of d means the "
+        "candidate finds what the base would say exp(d) times less likely per token (0.5: about 1.6 times).",
+    )
+
+
 class GateConfig(Section):
     """What a candidate must reach to be exported: rules on its metrics and, once a champion exists, on it."""
 
@@ -282,6 +325,12 @@ class GateConfig(Section):
         description="When a champion exists, the candidate must beat it by this margin on each metric named here "
         "and on every metric that has a rule (margin 0 for those not named: at least as good). Beating means "
         "higher, except for eval_loss (lower). A negative margin tolerates that much regression.",
+    )
+
+    retention: RetentionRule | None = Field(
+        RetentionRule(),
+        description="What the candidate may forget of the base's general ability (eval.retention's prompts); "
+        "null: no rule.",
     )
 
     def champion_margins(self) -> dict[str, float]:
@@ -545,6 +594,14 @@ class PipelineConfig(Section):
             if metric not in known and not per_field:
                 raise ValueError(f"{where}: unknown metric {metric!r} for {self.data.output_format} answers; "
                                  f"known: {', '.join(sorted(known))}, field_accuracy.<key>")
+        return self
+
+
+    @model_validator(mode="after")
+    def _retention_rule_has_prompts(self) -> PipelineConfig:
+        if self.gate.retention is not None and self.eval.retention.builtin == 0 and self.eval.retention.prompts is None:
+            raise ValueError("gate.retention needs general prompts to decide on: set eval.retention.builtin above 0 "
+                             "or eval.retention.prompts, or set gate.retention to null")
         return self
 
 
