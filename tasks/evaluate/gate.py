@@ -81,8 +81,8 @@ def retention_check(scores: RetentionScores | None, rule: RetentionRule) -> Chec
     metric, limit = "retention.loss_increase", rule.max_loss_increase
     if scores is None:
         return Check(metric=metric, kind="max", value=None, limit=limit, passed=False,
-                     reason="retention was not measured (no general prompts were answered), so the retention rule "
-                            "cannot pass")
+                     reason="retention was not measured (no general prompt was answered with a word to score), so the "
+                            "retention rule cannot pass")
     rise = scores.loss_increase
     passed = rise <= limit + SLACK
     measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "

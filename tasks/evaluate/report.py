@@ -188,9 +188,13 @@ def retention_section(scores: RetentionScores | None) -> list[str]:
     for row in rows:
         cut = {who: "" if row[who]["stopped"] else " *(cut at the length limit)*" for who in ("base", "candidate")}
         lines.append(f"| {_cell(row['prompt'])} | {_cell(row['base']['answer'])}{cut['base']} | "
-                     f"{_cell(row['candidate']['answer'])}{cut['candidate']} | {row['base']['loss']:.3f} | "
-                     f"{row['candidate']['loss']:.3f} |")
+                     f"{_cell(row['candidate']['answer'])}{cut['candidate']} | {_loss(row['base']['loss'])} | "
+                     f"{_loss(row['candidate']['loss'])} |")
     return lines + [""]
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"  # None: an empty answer cut at the limit, nothing to score
 
 
 def _block(text: str) -> list[str]:

@@ -53,15 +53,16 @@ class RetentionOutputs(BaseModel):
 
     answers: list[str]
     stopped: list[bool]
-    losses: list[float]  # per prompt: mean token loss on the base's answer
+    losses: list[float | None]  # per prompt: mean token loss on the base's answer; None: it said nothing to score
     tokens: list[int]  # per prompt: the answer tokens that loss averages
     device: str
     generate_s: float
 
     @property
-    def mean_loss(self) -> float:
+    def mean_loss(self) -> float | None:
         """Token-weighted over the prompts, as the eval loss is over examples."""
-        return sum(loss * n for loss, n in zip(self.losses, self.tokens)) / sum(self.tokens)
+        scored = [(loss, n) for loss, n in zip(self.losses, self.tokens) if n]
+        return sum(loss * n for loss, n in scored) / sum(n for _, n in scored) if scored else None
 
 
 class RetentionRequest(BaseModel):
@@ -100,12 +101,13 @@ def answer_general_prompts(request: RetentionRequest) -> RetentionResult:
             if answers is None:  # the base: scored on what it just said
                 answers, stopped = [a.text for a in own], [a.stopped for a in own]
             rows = answer_rows(tokenizer, request.conversations, answers, stopped, request.chat)
-            losses = [mean_answer_loss(model, [row], 1, tokenizer.pad_token_id) for row in rows]
-        tokens = [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
+            tokens = [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
+            losses = [mean_answer_loss(model, [row], 1, tokenizer.pad_token_id) if n else None
+                      for row, n in zip(rows, tokens)]
         outputs = RetentionOutputs(answers=[a.text for a in own], stopped=[a.stopped for a in own], losses=losses,
                                    tokens=tokens, device=device, generate_s=seconds)
         print(f"retention: {name}: {len(own)} answers in {seconds:.1f} s on {device}, "
-              f"loss on the base's answers {outputs.mean_loss:.4f}")
+              f"loss on the base's answers {outputs.mean_loss}")
         return outputs
 
     base, loaded = request.base_outputs, None
@@ -130,8 +132,7 @@ def answer_rows(tokenizer, conversations: list[list[Message]], answers: list[str
     for pieces, answer, ended in zip(tokenize_pieces(tokenizer, examples, chat=chat), answers, stopped, strict=True):
         if not ended:  # cut at the length limit: only what the model said, not the template's end of turn
             *before, (ids, trained) = pieces
-            said = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-            pieces = [*before, (ids[: max(1, said)], trained)]
+            pieces = [*before, (ids[: len(tokenizer(answer, add_special_tokens=False)["input_ids"])], trained)]
         input_ids, labels = ids_and_labels(pieces)
         rows.append({"input_ids": input_ids, "labels": labels})
     return rows
@@ -160,6 +161,11 @@ def measure_retention(
         result = run_worker(RETENTION_WORKER, request, RetentionResult, out_dir / "worker", log=log)
     if kept is None:
         _write_reference(reference_dir, "retention-base", key, result.base)
+    if result.base.mean_loss is None:  # only answers cut before a word: there is nothing the base would say
+        (log or logging.getLogger(__name__)).warning(
+            "retention: the base's answers to the %d general prompts are all empty and cut at the length limit: "
+            "nothing to measure forgetting on", len(prompts))
+        return None
 
     path = out_dir / "retention.jsonl"
     with path.open("w", encoding="utf-8") as out:
