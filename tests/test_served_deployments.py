@@ -86,7 +86,7 @@ class Served:
         for artifact in found:  # a table's rows are stored as JSON text
             if artifact["type"] == "table" and isinstance(artifact["data"], str):
                 artifact["data"] = json.loads(artifact["data"])
-        return {artifact["key"]: artifact for artifact in found}
+        return {artifact["key"]: artifact for artifact in found if artifact["key"]}  # keyless: Prefect's result records
 
     def start(self, *args: str, log: str) -> subprocess.Popen:
         return subprocess.Popen([*PREFECT, *args], cwd=REPO, env=self.env, stdout=(self.logs / log).open("w"),
