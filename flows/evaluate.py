@@ -8,11 +8,14 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.artifacts import evaluation_markdown, show_run
 from tasks.data.check import check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
+from tasks.evaluate.general_prompts import read_prompts
 from tasks.evaluate.results import EvalReport, GateDecision
+from tasks.evaluate.retention import retention
 from tasks.evaluate.task import evaluate
 from tasks.model.base import resolve_base
 from tasks.runtime.config import PipelineConfig
@@ -47,6 +50,10 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked, candidate, base, champion, cfg.tracking.uri, cfg.data, cfg.eval,
                           cfg.workdir, split="test")
+        retained = retention(candidate, base, formatted.chat, read_prompts(cfg.eval.retention), cfg.eval.retention,
+                             cfg.eval.batch_size, cfg.workdir)
+        report = report.model_copy(update={"retention": retained})
         decision = gate(report, cfg.gate)
         run.record(report, decision)
+        show_run(cfg.name, "evaluate", evaluation_markdown(model, report, decision), report, cfg.tracking, run.run_id)
     return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)

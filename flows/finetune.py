@@ -9,13 +9,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
+from flows.artifacts import report_markdown, show_run, show_served
 from flows.serve import Serving, serve
 from tasks.data.check import DataCheckError, check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
+from tasks.evaluate.general_prompts import read_prompts
 from tasks.evaluate.report import run_report
 from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
+from tasks.evaluate.retention import retention
 from tasks.evaluate.retrain_plan import next_attempt, outcome
 from tasks.evaluate.task import evaluate
 from tasks.export.parity import parity, parity_verdicts
@@ -109,6 +112,11 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                                 mlflow_run=attempt_run.live_ref())
                 validated = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data,
                                      cfg.eval, workdir, split="validation")
+                # What the candidate forgot outside its task: general prompts, neither split; the attempt's gate
+                # reads it, and the test report carries the final attempt's.
+                retained = retention(trained, base, formatted.chat, read_prompts(cfg.eval.retention),
+                                     cfg.eval.retention, cfg.eval.batch_size, workdir)
+                validated = validated.model_copy(update={"retention": retained})
                 attempt_decision = gate(validated, cfg.gate)
                 attempt_run.record(trained.curve(), validated.scores(), attempt_decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=validated, decision=attempt_decision))
@@ -116,12 +124,13 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         # The one look at the test split: the loop's final candidate, scored once (base and champion come from
         # the reference cache on a re-run). Only this report reaches the gate; its failure ends the run.
         report = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
-                          split="test")
+                          split="test").model_copy(update={"retention": retained})
         stop_spares()  # no stage after this trains or evaluates: a spare left waiting (stages cached) takes CPU
         decision = gate(report, cfg.gate)
         run.record(formatted, trained, validated, report, decision)
         report_page = run_report(cfg.name, attempts, report, decision, ended, workdir)
         run.record(report_page)
+        show_run(cfg.name, "finetune", report_markdown(report_page), report, cfg.tracking, run.run_id)
         if not decision.passed:
             raise GateFailed(attempts, report, decision, ended, report_page, run.run_id)
 
@@ -134,6 +143,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                             formatted.chat)
         run.record(serving_plan)
         serving = serve(serving_plan)
+        show_served(cfg.name, "finetune", serving, serving_plan.gguf.path)
 
     get_run_logger().info("ollama: %s", serving.registration.message)
     summary = RunSummary(

@@ -9,6 +9,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from flows.artifacts import report_markdown, show_outcome, show_run, show_served
 from flows.finetune import GateFailed, RunSummary, finetune
 from tasks.data.rag_source import (
     Snapshot,
@@ -40,7 +41,12 @@ def retrain(config: PipelineConfig) -> RetrainOutcome:
         raise ValueError("retrain needs a `rag` section in the config: where the logged RAG examples are")
 
     with retrain_lock(state_dir(config), logger):  # a second trigger waits, then finds what is left to do
-        return _retrain(config, logger)
+        ended = _retrain(config, logger)
+    snapshot = f"dataset v{ended.snapshot.version} ({ended.snapshot.fingerprint[:12]})" if ended.snapshot else "none"
+    show_outcome(config.name, "retrain-from-rag", f"Nightly retrain: {ended.status.replace('_', ' ')}",
+                 [ended.reason, "", f"- new examples: {ended.n_new}; pending: {ended.n_pending}",
+                  f"- snapshot: {snapshot}", f"- MLflow run: {ended.mlflow_run_id or 'none'}"])
+    return ended
 
 
 def _retrain(config: PipelineConfig, logger) -> RetrainOutcome:
@@ -64,6 +70,12 @@ def _retrain(config: PipelineConfig, logger) -> RetrainOutcome:
         RunWriter(config.tracking.uri, run_id, config.name).record(snapshot)
 
     outcome = dict(n_new=collected.n_new, n_pending=collected.n_pending, snapshot=snapshot, mlflow_run_id=run_id)
+    # The finetune run's report, metrics and links on this run's page too: the run a schedule started.
+    ran = state.result(raise_on_failure=False)
+    if isinstance(ran, (RunSummary, GateFailed)):
+        show_run(config.name, "retrain-from-rag", report_markdown(ran.report), ran.eval, config.tracking, run_id)
+    if isinstance(ran, RunSummary):
+        show_served(config.name, "retrain-from-rag", ran.serving, ran.gguf_path)
     if state.is_completed():
         mark_trained(state_dir(config), snapshot)
         summary = state.result()

@@ -150,10 +150,11 @@ def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
         config["model"]["base"] = str(tiny_model)
         # LoRA: the common case (the finetune flow's own test trains every weight, as the demo does)
         config["train"].update(mode="lora", max_steps=2, batch_size=2, logging_steps=1)
-        config["eval"] = {"max_samples": 2, "max_new_tokens": 8}
+        config["eval"] = {"max_samples": 2, "max_new_tokens": 8, "retention": {"builtin": 2, "max_new_tokens": 8}}
         # A gate every model passes, one attempt: these runs test ingestion, flows and serving, not quality
-        # (the gate and the retrain loop have their own tests).
-        config["gate"] = {"rules": {"stop_rate": {"min": 0.0}}}
+        # (the gate and the retrain loop have their own tests). The tiny model says no word retention could
+        # score: it is measured, not gated.
+        config["gate"] = {"rules": {"stop_rate": {"min": 0.0}}, "retention": None}
         config["retrain"] = {"max_attempts": 1}
         config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fast",
                               "artifact_location": str(root / "mlartifacts")}

@@ -27,8 +27,9 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     # The tiny model learns only when every weight trains (the demo itself fine-tunes SmolLM2 with LoRA).
     config["train"].update(mode="full", max_steps=20, learning_rate=3e-3, lr_scheduler="constant", batch_size=16,
                            warmup_steps=20, logging_steps=2, eval_steps=10)  # held-out loss at steps 10 and 20
-    config["eval"] = {"max_samples": 8, "max_new_tokens": 24}
-    config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": 1.0}}}
+    config["eval"] = {"max_samples": 8, "max_new_tokens": 24, "retention": {"builtin": 2, "max_new_tokens": 8}}
+    # The tiny model says no word retention could score (tests/test_retention.py measures it): not gated here.
+    config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": 1.0}}, "retention": None}
     config["retrain"] = {"max_attempts": 1}  # the loop has its own tests (test_retrain_loop.py)
     config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "e2e",
                           "artifact_location": str(root / "mlartifacts")}

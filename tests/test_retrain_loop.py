@@ -38,8 +38,8 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     # LoRA, decaying from 5e-3: the setting the step counts above were measured with.
     config["train"].update(mode="lora", max_steps=FIRST_STEPS, batch_size=2, learning_rate=5e-3,
                            lr_scheduler="linear", warmup_steps=0, logging_steps=1)
-    config["eval"] = {"max_samples": 4, "max_new_tokens": 16}
-    config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": REQUIRED_IMPROVEMENT}}}
+    config["eval"] = {"max_samples": 4, "max_new_tokens": 16, "retention": {"builtin": 0}}
+    config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": REQUIRED_IMPROVEMENT}}, "retention": None}
     config["retrain"] = {"max_attempts": 3, "metric": "eval_loss",
                          "plan": [{"continue_training": True, "max_steps": MORE_STEPS}]}
     config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "retrain",

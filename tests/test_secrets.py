@@ -73,8 +73,9 @@ def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, 
     config = yaml.safe_load(config_path.read_text())
     config.update(workdir=str(out / "runs"))
     config["train"].update(max_steps=2)
-    config["eval"] = {"max_samples": 2, "max_new_tokens": 8}
-    config["gate"] = {"rules": {"stop_rate": {"min": 0.0}}}  # a 2-step model must get through the whole flow
+    config["eval"] = {"max_samples": 2, "max_new_tokens": 8, "retention": {"builtin": 0}}
+    # a 2-step model must get through the whole flow
+    config["gate"] = {"rules": {"stop_rate": {"min": 0.0}}, "retention": None}
     tracking_uri = f"sqlite:///{out}/mlflow.db?access_token={URL_TOKEN}"
     config["tracking"] = {"uri": tracking_uri, "experiment": "secrets", "artifact_location": str(out / "artifacts")}
     config["ollama"]["host"] = f"http://ops:{PASSWORD}@127.0.0.1:9"

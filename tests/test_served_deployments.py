@@ -1,6 +1,6 @@
 """The deployments for real: a local Prefect server, `prefect deploy` of each deployment and `prefect deployment
-ls` (the README's steps, each exiting 0), a process worker, and a `retrain-from-rag` run triggered with `prefect
-deployment run`, on the tiny model. The slowest tests; every wait has a limit and the server and worker are
+ls` (the README's steps, each exiting 0), a process worker, and runs of `retrain-from-rag`, `finetune` and
+`evaluate` triggered with `prefect deployment run`, on the tiny model, with the artifacts each leaves on its page. The slowest tests; every wait has a limit and the server and worker are
 killed whatever happens."""
 
 from __future__ import annotations
@@ -63,11 +63,30 @@ class Served:
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env, self.logs = root, env, root / "logs"
 
-    def prefect(self, *args: str, timeout_s: float = 120) -> str:
+    def prefect(self, *args: str, timeout_s: float = 120, check: bool = True) -> str:
         done = subprocess.run([*PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
                               timeout=timeout_s)
-        assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0 or not check, (
+            f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done.stdout
+
+    def api(self, path: str, body: dict) -> list[dict]:
+        """POST to the server's REST API (the UI's own calls)."""
+        request = urllib.request.Request(self.env["PREFECT_API_URL"] + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def flow_runs(self, deployment: str) -> list[dict]:
+        return self.api("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}})
+
+    def artifacts(self, flow_run_id: str) -> dict[str, dict]:
+        """The artifacts a flow run left, by key: what its Artifacts tab shows."""
+        found = self.api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+        for artifact in found:  # a table's rows are stored as JSON text
+            if artifact["type"] == "table" and isinstance(artifact["data"], str):
+                artifact["data"] = json.loads(artifact["data"])
+        return {artifact["key"]: artifact for artifact in found if artifact["key"]}  # keyless: Prefect's result records
 
     def start(self, *args: str, log: str) -> subprocess.Popen:
         return subprocess.Popen([*PREFECT, *args], cwd=REPO, env=self.env, stdout=(self.logs / log).open("w"),
@@ -137,3 +156,60 @@ def test_retrain_from_rag_runs_through_a_deployment_and_a_process_worker(served:
     state = json.loads((root / "runs" / "rag" / "state.json").read_text())
     assert state["version"] == 1 and state["watermark"]["sql_key"] == [8]
     assert state["n_rag_trained"] == state["n_rag"] >= 5
+
+    # The nightly run's page shows how it ended, the finetune run's report, metrics and links.
+    (run,) = served.flow_runs("retrain-from-rag")
+    shown = served.artifacts(run["id"])
+    prefix = "demo-products-retrain-from-rag-"
+    assert set(shown) == {prefix + what for what in ("outcome", "report", "metrics", "mlflow-run", "served")}
+    assert shown[prefix + "outcome"]["data"].startswith("# Nightly retrain: kept champion")
+    assert "## Gate (attempt 1)" in shown[prefix + "report"]["data"]
+    assert {row["metric"] for row in shown[prefix + "metrics"]["data"]} >= {"stop_rate", "eval_loss (lower is better)"}
+    assert "not served" in shown[prefix + "served"]["data"] and ".gguf" in shown[prefix + "served"]["data"]
+    finetune_runs = served.api("/artifacts/filter", {"artifacts": {"key": {"any_": ["demo-products-finetune-report"]}}})
+    assert len(finetune_runs) == 1 and finetune_runs[0]["flow_run_id"] != run["id"]  # the finetune subflow's own
+
+
+def test_a_finetune_run_that_fails_its_gate_shows_why_in_prefect_and_evaluate_runs_show_theirs(served: Served,
+                                                                                            fast_config):
+    """The UI's Run button on `finetune`: a run the gate stops ends Failed, with its report (the failing rule),
+    metrics table and MLflow link on its page; an `evaluate` run of that model shows its own."""
+    root = served.root / "gated"
+    config = fast_config(root)
+    config["gate"]["rules"] = {"eval_loss": {"max": 0.0}}  # no model reaches it
+    worker = None
+    try:
+        for name in ("finetune", "evaluate"):
+            served.prefect("--no-prompt", "deploy", "--name", name)
+        worker = served.start("worker", "start", "--pool", "tunepipe", "--limit", "1", log="worker-gated.log")
+        served.prefect("deployment", "run", "finetune/finetune", "--params", json.dumps({"config": config}),
+                       "--watch", "--watch-timeout", "480", timeout_s=500, check=False)
+        (run,) = served.flow_runs("finetune")
+        assert run["state"]["type"] == "FAILED", run["state"]
+        shown = served.artifacts(run["id"])
+        prefix = "demo-products-finetune-"
+        assert set(shown) == {prefix + what for what in ("report", "metrics", "mlflow-run")}  # nothing served
+        report = shown[prefix + "report"]["data"]
+        assert "**Failed**" in report and "**FAIL**: eval_loss is" in report and "above the maximum 0" in report
+        assert "![" not in report  # the plots are named: the UI cannot load report.md's PNGs
+        metrics = {row["metric"]: row for row in shown[prefix + "metrics"]["data"]}
+        assert set(metrics["stop_rate"]) == {"metric", "base", "candidate"}
+        mlflow_link = shown[prefix + "mlflow-run"]["data"]
+        mlflow_run_id = mlflow_link.split("(")[1].split(")")[0]
+        assert len(mlflow_run_id) == 32 and "/artifacts" in mlflow_link
+
+        served.prefect("deployment", "run", "evaluate/evaluate",
+                       "--params", json.dumps({"config": config, "model": mlflow_run_id}),
+                       "--watch", "--watch-timeout", "300", timeout_s=320)
+        (evaluation,) = served.flow_runs("evaluate")
+        shown = served.artifacts(evaluation["id"])
+        prefix = "demo-products-evaluate-"
+        assert set(shown) == {prefix + what for what in ("report", "metrics", "mlflow-run")}
+        assert shown[prefix + "report"]["data"].startswith(f"# Evaluation of {mlflow_run_id}")
+        assert "**FAIL**: eval_loss is" in shown[prefix + "report"]["data"]
+    except BaseException:
+        served.print_logs()
+        raise
+    finally:
+        if worker is not None:
+            stop(worker)

@@ -1,13 +1,15 @@
 """The evaluation gate: check the candidate against the config's rules, on the test examples' per-example scores
 (the evaluation's samples.jsonl). Cheap, so never cached.
 
-Four kinds of rule, each one check with one sentence in words, pass or fail:
+Five kinds of rule, each one check with one sentence in words, pass or fail:
 - `min` / `max`: limits on the candidate's value of a metric; the value decides, its interval is reported;
 - `min_improvement_over_base`: the candidate beats the base model by more than this;
 - `must_beat_champion_by`: when a champion exists, the candidate beats it by more than this margin (0 by default
   for every metric with a rule);
 - `max_regressions`: at most this many test examples that the champion (the base before the first promotion)
-  had right and the candidate has wrong.
+  had right and the candidate has wrong;
+- `retention`: the candidate's loss on the base's own answers to general prompts outside the task may rise at most
+  this much above the base's (what fine-tuning made it forget).
 "Beat" is decided on the paired interval of candidate − other (`tasks.evaluate.paired`): its lower end must be
 above the margin (`paired.clears`). At margin 0 the candidate must be shown better, not merely not shown worse: a
 mean that is not lower lets a worse model through whenever the sample favours it, and swaps an equal one in on
@@ -25,8 +27,8 @@ from typing import Literal
 from prefect import task
 
 from tasks.evaluate.paired import SLACK, clears, mean_interval, paired_difference
-from tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores, Regression
-from tasks.runtime.config import LOWER_IS_BETTER, GateConfig
+from tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores, Regression, RetentionScores
+from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, RetentionRule
 
 # Metrics whose split value is a mean over answer tokens, not over examples: their intervals weigh each example
 # by its answer tokens (samples.jsonl's `answer_tokens`), so they are intervals of the reported value.
@@ -58,6 +60,8 @@ def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
     regressions = find_regressions(rows, reference.name)
     if cfg.max_regressions is not None:
         checks.append(_regressions(regressions, cfg.max_regressions, len(rows), _who(reference), examples))
+    if cfg.retention is not None:
+        checks.append(retention_check(report.retention, cfg.retention))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks, regressions=regressions)
 
 
@@ -160,6 +164,28 @@ def _regressions(regressions: list[Regression], allowed: int | float, n: int, wh
 
 def _who(scores: ModelScores) -> str:
     return f"the {scores.name}" if scores.version is None else f"the {scores.name} v{scores.version}"
+
+
+def retention_check(scores: RetentionScores | None, rule: RetentionRule) -> Check:
+    """The candidate's loss on the base's own answers to general prompts may rise at most `max_loss_increase`
+    nats per token above the base's: more, and it has forgotten how to answer outside its task."""
+    metric, limit = "retention.loss_increase", rule.max_loss_increase
+    if scores is None:
+        return Check(metric=metric, kind="max", value=None, limit=limit, passed=False,
+                     reason="retention was not measured (no general prompt was answered with a word to score), so the "
+                            "retention rule cannot pass")
+    rise = scores.loss_increase
+    passed = rise <= limit + SLACK
+    measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
+                f"at most +{limit:g} allowed)")
+    if passed:
+        reason = (f"the candidate kept the base's general ability: its loss on the base's answers to "
+                  f"{scores.n_prompts} general prompts went from {measured}")
+    else:
+        reason = (f"the candidate forgot how to chat: its loss on the base's answers to {scores.n_prompts} general "
+                  f"prompts rose from {measured}; it finds what the base would say {math.exp(rise):.1f} times less "
+                  "likely per token")
+    return Check(metric=metric, kind="max", value=rise, limit=limit, passed=passed, reason=reason)
 
 
 def _not_measured(metric: str, kind: str, limit: float, scores: ModelScores) -> Check:

@@ -5,18 +5,20 @@ Sections: the decision on the test split and one line per gate rule (differences
 metrics of base / champion / candidate on validation and on test side by side (table; bar chart of test); every
 attempt of the retrain loop with its settings, its loss curve and its gate rules on validation; the regressions
 (test examples the champion, else the base, had right and the candidate has wrong); the candidate's worst test
-examples with expected and actual answers; the probes answered side by side.
+examples with expected and actual answers; the probes answered side by side; retention: the
+general prompts outside the task answered by base and candidate, with their losses on the base's answers.
 Cached like the other stages: a re-run with nothing changed does not import matplotlib.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from prefect import task
 
-from tasks.evaluate.results import Attempt, EvalReport, GateDecision, ModelScores, RunReport
+from tasks.evaluate.results import Attempt, EvalReport, GateDecision, ModelScores, RetentionScores, RunReport
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import LOWER_IS_BETTER
 
@@ -59,6 +61,7 @@ def write_report(title: str, attempts: list[Attempt], report: EvalReport, decisi
         *_regressions(report, decision),
         *_worst_examples(report.samples_path),
         *_probes(report.probes_path),
+        *retention_section(report.retention),
     ]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -207,6 +210,30 @@ def _probes(probes_path: Path) -> list[str]:
     lines = ["## Probes", "", "| prompt | " + " | ".join(who) + " |", "|---|" + "---|" * len(who)]
     lines += ["| " + " | ".join(_cell(p.get(name) or "") for name in ("prompt", *who)) + " |" for p in probes]
     return lines + [""]
+
+
+def retention_section(scores: RetentionScores | None) -> list[str]:
+    """The general prompts outside the task: both models' answers side by side, and their loss on the base's."""
+    if scores is None:
+        return []
+    rows = [json.loads(line) for line in scores.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = ["## Retention: general prompts outside the task", "",
+             f"Mean token loss on the base's own greedy answers to {scores.n_prompts} general prompts: base "
+             f"{scores.base_loss:.3f}, candidate {scores.candidate_loss:.3f} nats per token "
+             f"({scores.loss_increase:+.3f}: the candidate finds what the base would say "
+             f"{math.exp(scores.loss_increase):.2f} times {'less' if scores.loss_increase >= 0 else 'more'} likely "
+             "per token, where the base's figure is 1).", "",
+             "| prompt | base | candidate | base loss | candidate loss |", "|---|---|---|---:|---:|"]
+    for row in rows:
+        cut = {who: "" if row[who]["stopped"] else " *(cut at the length limit)*" for who in ("base", "candidate")}
+        lines.append(f"| {_cell(row['prompt'])} | {_cell(row['base']['answer'])}{cut['base']} | "
+                     f"{_cell(row['candidate']['answer'])}{cut['candidate']} | {_loss(row['base']['loss'])} | "
+                     f"{_loss(row['candidate']['loss'])} |")
+    return lines + [""]
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"  # None: an empty answer cut at the limit, nothing to score
 
 
 def _block(text: str) -> list[str]:

@@ -25,6 +25,33 @@ class ModelScores(BaseModel):
     metrics: dict[str, float]
 
 
+class RetentionScores(BaseModel):
+    """What the candidate kept of the base's general ability: the mean token loss of both models on the base's own
+    greedy answers to general prompts outside the task (eval.retention); the candidate's rising above the base's
+    is what it forgot."""
+
+    n_prompts: int
+    base_loss: float  # nats per answer token, token-weighted over the prompts
+    candidate_loss: float
+    path: Path  # JSONL per prompt: id, source, language, prompt, tokens, {base, candidate: {answer, stopped, loss}}
+
+    @property
+    def loss_increase(self) -> float:
+        return self.candidate_loss - self.base_loss
+
+    def scores(self) -> Record:
+        return Record(metrics={"base.retention_loss": self.base_loss, "candidate.retention_loss": self.candidate_loss,
+                               "retention.loss_increase": self.loss_increase})
+
+    def record(self) -> Record:
+        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        columns = {"id": [r["id"] for r in rows], "language": [r["language"] for r in rows],
+                   "prompt": [r["prompt"] for r in rows], "tokens": [r["tokens"] for r in rows]}
+        for who in ("base", "candidate"):
+            columns |= {f"{who}.{field}": [r[who][field] for r in rows] for field in ("answer", "stopped", "loss")}
+        return self.scores() + Record(files=[(self.path, "eval")], tables={"eval/retention.json": columns})
+
+
 class EvalReport(BaseModel):
     # Which held-out split was scored: `validation` (the retrain loop's choices) or `test` (the gate, the champion
     # comparison, the headline, parity). MLflow keeps the test scores under the names they always had.
@@ -37,6 +64,7 @@ class EvalReport(BaseModel):
     n_undesirable: int = 0  # held-out rated-bad examples scored
     undesirable_path: Path | None = None  # JSONL per one: prompt, the rated-bad answer, {model: {answer, close}}
     probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
+    retention: RetentionScores | None = None  # general prompts outside the task; None: not measured
 
     @property
     def prefix(self) -> str:
@@ -49,7 +77,8 @@ class EvalReport(BaseModel):
         models = [scores for scores in (self.candidate, self.base, self.champion) if scores is not None]
         return Record(metrics={f"{self.prefix}{scores.name}.{name}": value
                                for scores in models for name, value in scores.metrics.items()},
-                      tags={"champion.version": self.champion.version or ""} if self.champion is not None else {})
+                      tags={"champion.version": self.champion.version or ""} if self.champion is not None else {}
+                      ) + (self.retention.scores() if self.retention is not None else Record())
 
     def record(self) -> Record:
         """The scores, and the per-example answers and probes as files and as MLflow tables (under `eval/`, the
@@ -63,7 +92,8 @@ class EvalReport(BaseModel):
         files = [(self.samples_path, folder), (self.probes_path, folder)]
         if self.undesirable_path is not None:
             files.append((self.undesirable_path, folder))
-        return self.scores() + Record(files=files, tables=tables)
+        retention = self.retention.record() if self.retention is not None else Record()
+        return self.scores() + Record(files=files, tables=tables) + retention
 
 
 def per_example_table(samples_path: Path) -> dict[str, list]:

@@ -45,7 +45,7 @@ from tasks.model.results import BaseModelRef
 from tasks.runtime.caching import StageCache, stable_hash, stage_dir
 from tasks.runtime.config import DataConfig, EvalConfig
 from tasks.runtime.gpu_slots import gpu_slots
-from tasks.runtime.worker import run_worker
+from tasks.runtime.worker import prestart_worker, run_worker
 from tasks.serve.champion import ChampionRef, download_champion
 from tasks.train.results import TrainResult
 
@@ -97,8 +97,7 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
     from tasks.evaluate.generation import greedy_answers
     from tasks.runtime.progress import Progress
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    device, dtype = device_and_dtype()
     rows = [json.loads(line) for line in request.loss_rows.read_text().splitlines()]
     bad_rows = ([json.loads(line) for line in request.undesirable_rows.read_text().splitlines()]
                 if request.undesirable_rows is not None else [])
@@ -133,6 +132,14 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
         if device == "cuda" and plain is None:
             torch.cuda.empty_cache()
     return GenerationResult(outputs=outputs)
+
+
+def device_and_dtype():
+    """Where a worker puts the models it scores: CUDA in bf16 where there is a GPU, else the CPU in float32."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def warm_up(_: str) -> None:
@@ -309,12 +316,12 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _read_reference(reference_dir: Path, name: str, key: str) -> ModelOutputs | None:
+def _read_reference(reference_dir: Path, name: str, key: str, kind: type[BaseModel] = ModelOutputs):
     path = reference_dir / f"{name}-{key[:16]}.json"
-    return ModelOutputs.model_validate_json(path.read_text()) if path.is_file() else None
+    return kind.model_validate_json(path.read_text()) if path.is_file() else None
 
 
-def _write_reference(reference_dir: Path, name: str, key: str, outputs: ModelOutputs) -> None:
+def _write_reference(reference_dir: Path, name: str, key: str, outputs: BaseModel) -> None:
     reference_dir.mkdir(parents=True, exist_ok=True)
     partial = reference_dir / f"{name}-{key[:16]}.partial"
     partial.write_text(outputs.model_dump_json())
@@ -330,6 +337,10 @@ def evaluate(
     held_out = checked.held_out(split)
     out_dir = stage_dir(workdir, "evaluate", split, data, held_out.clean_path, checked.train.clean_path, trained,
                         base, champion, data_cfg, cfg, held_out.undesirable_path)
+    if split == "validation" and (cfg.retention.builtin or cfg.retention.prompts):
+        from tasks.evaluate.retention import RETENTION_WORKER
+
+        prestart_worker(RETENTION_WORKER)  # the retention stage follows: its worker imports while this one answers
     return evaluate_models(data, held_out.clean_path, checked.train.clean_path, trained, base, champion, tracking_uri,
                            data_cfg, cfg, out_dir, Path(workdir) / "evaluate" / "reference", held_out.undesirable_path,
                            log=get_run_logger(), split=split)

@@ -258,7 +258,36 @@ class TrainConfig(Section):
         return self
 
 
+class RetentionConfig(Section):
+    """General prompts outside the task, to measure what fine-tuning made the model forget: the base answers them
+    greedily, and the candidate's loss on those answers is set against the base's own (tasks/evaluate/retention.py)."""
+
+    builtin: int = Field(
+        16, ge=0, description="How many of the built-in general prompts to ask, in their order, which changes language "
+        "from one to the next (English, French, German, Spanish, Chinese, ...: general chat, instructions, a little "
+        "arithmetic and knowledge); 0: none.",
+    )
+    prompts: Path | None = Field(
+        None, description="Your own general prompts, asked after the built-in ones: JSONL, one per line, "
+        '`{"prompt": "..."}` or `{"messages": [...]}` ending with a user turn (an `id` and a `language` may be given).',
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="Longest answer the base and the candidate give to a general prompt.",
+    )
+
+    @model_validator(mode="after")
+    def _prompts_readable(self) -> RetentionConfig:
+        # A bad prompts file fails when the config loads, before any training, naming its file and line.
+        from tasks.evaluate.general_prompts import read_prompts
+
+        read_prompts(self)
+        return self
+
+
 class EvalConfig(Section):
+    # Retention is a stage of its own: its prompts decide nothing the evaluate stage writes.
+    cache_exclude: ClassVar[set[str]] = {"retention"}
+
     max_samples: int = Field(64, ge=1, description="Examples of each split (validation, test) used for generation metrics.")
     max_new_tokens: int = Field(128, ge=1, description="Longest answer generated; one cut here has not stopped.")
     batch_size: int = Field(
@@ -267,6 +296,10 @@ class EvalConfig(Section):
     probes: list[str] = Field(
         [], description="Fixed user prompts (the data's system prompt is added) answered by base, champion and "
         "candidate side by side, written to the evaluation's probes.jsonl.",
+    )
+    retention: RetentionConfig = Field(
+        RetentionConfig(), description="General prompts outside the task, answered by base and candidate: what "
+        "the candidate forgot (gate.retention decides on it).",
     )
 
 
@@ -288,6 +321,16 @@ class MetricRule(Section):
         None, description="The candidate must beat the base model by more than this, in the metric's better "
         "direction (for eval_loss, base loss minus candidate loss; for the others, candidate minus base): the lower "
         "end of the paired interval (`gate.confidence`) of the per-example differences must be above it.",
+    )
+
+
+class RetentionRule(Section):
+    """The candidate must still find the base's answers to general prompts about as likely as the base does."""
+
+    max_loss_increase: float = Field(
+        0.5, ge=0, description="Largest rise allowed, in nats per token, of the candidate's mean token loss on the "
+        "base's own greedy answers to the general prompts over the base's loss on them. A rise of d means the "
+        "candidate finds what the base would say exp(d) times less likely per token (0.5: about 1.6 times).",
     )
 
 
@@ -326,6 +369,12 @@ class GateConfig(Section):
             raise ValueError(f"max_regressions: {allowed} is neither a count (a whole number, at least 0) nor a share "
                              "of the test examples (a number between 0 and 1)")
         return self
+
+    retention: RetentionRule | None = Field(
+        RetentionRule(),
+        description="What the candidate may forget of the base's general ability (eval.retention's prompts); "
+        "null: no rule.",
+    )
 
     def champion_margins(self) -> dict[str, float]:
         return {**{metric: 0.0 for metric in self.rules}, **self.must_beat_champion_by}
@@ -588,6 +637,14 @@ class PipelineConfig(Section):
             if metric not in known and not per_field:
                 raise ValueError(f"{where}: unknown metric {metric!r} for {self.data.output_format} answers; "
                                  f"known: {', '.join(sorted(known))}, field_accuracy.<key>")
+        return self
+
+
+    @model_validator(mode="after")
+    def _retention_rule_has_prompts(self) -> PipelineConfig:
+        if self.gate.retention is not None and self.eval.retention.builtin == 0 and self.eval.retention.prompts is None:
+            raise ValueError("gate.retention needs general prompts to decide on: set eval.retention.builtin above 0 "
+                             "or eval.retention.prompts, or set gate.retention to null")
         return self
 
 
