@@ -3,7 +3,7 @@
 The base model answers the general prompts (`tasks.evaluate.general_prompts`: a built-in set in several
 languages, and the user's own) greedily, as the evaluate stage generates. Each answer is formatted as training
 formats an assistant turn, and both models' mean token loss on those answers is measured with the evaluate
-stage's `mean_answer_loss`: the base's own loss is the baseline, and the candidate's rising above it says how much
+stage's `answer_losses`: the base's own loss is the baseline, and the candidate's rising above it says how much
 less likely the candidate finds what the base would say. The candidate also answers the prompts, for the report's
 side-by-side view. An answer cut at the length limit is scored without the end of turn the template would add:
 the model never said it.
@@ -34,8 +34,8 @@ from tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started
     _load,
     _read_reference,
     _write_reference,
+    answer_losses,
     device_and_dtype,
-    mean_answer_loss,
     warm_up,
 )
 from tasks.model.results import BaseModelRef
@@ -102,8 +102,9 @@ def answer_general_prompts(request: RetentionRequest) -> RetentionResult:
                 answers, stopped = [a.text for a in own], [a.stopped for a in own]
             rows = answer_rows(tokenizer, request.conversations, answers, stopped, request.chat)
             tokens = [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
-            losses = [mean_answer_loss(model, [row], 1, tokenizer.pad_token_id) if n else None
-                      for row, n in zip(rows, tokens)]
+            summed = answer_losses(model, [{**row, "id": str(i)} for i, (row, n) in enumerate(zip(rows, tokens)) if n],
+                                   request.batch_size, tokenizer.pad_token_id)
+            losses = [summed[str(i)][0] / n if n else None for i, n in enumerate(tokens)]
         outputs = RetentionOutputs(answers=[a.text for a in own], stopped=[a.stopped for a in own], losses=losses,
                                    tokens=tokens, device=device, generate_s=seconds)
         print(f"retention: {name}: {len(own)} answers in {seconds:.1f} s on {device}, "
