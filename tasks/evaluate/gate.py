@@ -43,7 +43,9 @@ def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
     if report.champion is not None:
         for metric, margin in cfg.champion_margins().items():
             checks.append(_versus(metric, "over_champion", report.candidate, report.champion, margin))
-    if cfg.retention is not None:
+    # Retention is measured on the report the final decision reads; one without it (nothing the base said could
+    # be scored) has no such check.
+    if cfg.retention is not None and report.retention is not None:
         checks.append(retention_check(report.retention, cfg.retention))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)
 
@@ -75,14 +77,10 @@ def _versus(metric: str, kind: Literal["over_base", "over_champion"], candidate:
     return Check(metric=metric, kind=kind, value=gained, limit=margin, passed=passed, reason=reason)
 
 
-def retention_check(scores: RetentionScores | None, rule: RetentionRule) -> Check:
+def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
     """The candidate's loss on the base's own answers to general prompts may rise at most `max_loss_increase`
     nats per token above the base's: more, and it has forgotten how to answer outside its task."""
     metric, limit = "retention.loss_increase", rule.max_loss_increase
-    if scores is None:
-        return Check(metric=metric, kind="max", value=None, limit=limit, passed=False,
-                     reason="retention was not measured (no general prompt was answered with a word to score), so the "
-                            "retention rule cannot pass")
     rise = scores.loss_increase
     passed = rise <= limit + SLACK
     measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
