@@ -78,7 +78,9 @@ class Served:
             return json.loads(response.read())
 
     def flow_runs(self, deployment: str) -> list[dict]:
-        return self.api("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}})
+        """The runs of a deployment that ended (not those its schedule has lined up)."""
+        return self.api("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}, "flow_runs": {
+            "state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}})
 
     def artifacts(self, flow_run_id: str) -> dict[str, dict]:
         """The artifacts a flow run left, by key: what its Artifacts tab shows."""

@@ -60,7 +60,8 @@ def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
     regressions = find_regressions(rows, reference.name)
     if cfg.max_regressions is not None:
         checks.append(_regressions(regressions, cfg.max_regressions, len(rows), _who(reference), examples))
-    if cfg.retention is not None:
+    # A report without retention (nothing the base said to the general prompts could be scored) has no such check.
+    if cfg.retention is not None and report.retention is not None:
         checks.append(retention_check(report.retention, cfg.retention))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks, regressions=regressions)
 
@@ -166,14 +167,10 @@ def _who(scores: ModelScores) -> str:
     return f"the {scores.name}" if scores.version is None else f"the {scores.name} v{scores.version}"
 
 
-def retention_check(scores: RetentionScores | None, rule: RetentionRule) -> Check:
+def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
     """The candidate's loss on the base's own answers to general prompts may rise at most `max_loss_increase`
     nats per token above the base's: more, and it has forgotten how to answer outside its task."""
     metric, limit = "retention.loss_increase", rule.max_loss_increase
-    if scores is None:
-        return Check(metric=metric, kind="max", value=None, limit=limit, passed=False,
-                     reason="retention was not measured (no general prompt was answered with a word to score), so the "
-                            "retention rule cannot pass")
     rise = scores.loss_increase
     passed = rise <= limit + SLACK
     measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
