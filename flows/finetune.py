@@ -14,6 +14,7 @@ from tasks.data.check import DataCheckError, check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
+from tasks.evaluate.judge import judge
 from tasks.evaluate.report import run_report
 from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
 from tasks.evaluate.retrain_plan import next_attempt, outcome
@@ -104,6 +105,10 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                 report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base,
                                   champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
                                   checked.eval.undesirable_path)
+                if cfg.eval.judge is not None:
+                    # A second model judges the answers; its metric joins the report the gate reads.
+                    report = judge.with_options(**network_retries(cfg.retry))(
+                        report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, workdir)
                 decision = gate(report, cfg.gate)
                 attempt_run.record(trained.curve(), report.scores(), decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))
