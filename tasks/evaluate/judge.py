@@ -353,14 +353,13 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
         questions=calls, asked=asked, restated=restated, unparsed=unread, seconds=seconds,
         wins=results.count("win"), ties=results.count("tie"), losses=results.count("loss"),
         order_flips=results.count("flip"), judgments_path=out_dir / "judgments.jsonl")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with summary.judgments_path.open("w", encoding="utf-8") as out:
+        out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     if calls and unread / calls > cfg.max_unparsed + 1e-9:
         raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict could not be read in {unread} of "
                          f"{calls} replies, even with the format restated (eval.judge.max_unparsed {cfg.max_unparsed:g})"
                          f"; its replies are in {summary.judgments_path}")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with summary.judgments_path.open("w", encoding="utf-8") as out:
-        out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     samples_path = out_dir / "samples.jsonl"
     with samples_path.open("w", encoding="utf-8") as out:
         for row, value in zip(rows, values):
