@@ -12,6 +12,7 @@ from tasks.data.check import check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
+from tasks.evaluate.judge import judge
 from tasks.evaluate.results import EvalReport, GateDecision
 from tasks.evaluate.task import evaluate
 from tasks.model.base import resolve_base
@@ -47,6 +48,10 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,
                           cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir, checked.eval.undesirable_path)
+        if cfg.eval.judge is not None:
+            # A second model judges the answers; its metric joins the report the gate reads.
+            report = judge.with_options(**network_retries(cfg.retry))(
+                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, cfg.workdir)
         decision = gate(report, cfg.gate)
         run.record(report, decision)
     return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)
