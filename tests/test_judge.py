@@ -317,3 +317,35 @@ def test_gate_rule_on_the_judge_metric_fails_when_it_was_not_measured(tmp_path: 
     report, _ = _evaluated(tmp_path / "eval", {"candidate": _answers(1), "base": [WRONG]})
     check = decide(report, GateConfig(rules={"judge_win_rate": MetricRule(min=0.5)})).checks[0]
     assert not check.passed and "judge_win_rate was not measured" in check.reason
+
+
+def test_the_finetune_flow_gates_on_the_judge_and_keeps_its_verdicts(
+        prefect_server, fast_config, fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.finetune import GateFailed, finetune
+    from tasks.runtime.config import PipelineConfig
+
+    raw = fast_config(tmp_path)
+    raw["eval"]["judge"] = {"model": ollama_judge, "base_url": fake_ollama.url, "structured": True, "max_tokens": 12}
+    raw["gate"] = {"rules": {"judge_win_rate": {"min": 1.01}}}  # out of reach: the run stops at the gate
+    state = finetune(PipelineConfig.model_validate(raw), return_state=True)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, GateFailed), state.message
+    judged = error.eval
+    assert len(fake_ollama.bodies("/api/chat")) == 4 and judged.judge.n == 2  # eval.max_samples, both orders
+    assert f"judge_win_rate is {judged.candidate.metrics['judge_win_rate']:.4g}, below the minimum 1.01" in str(error)
+    client = MlflowClient(tracking_uri=raw["tracking"]["uri"])
+    run = client.get_run(error.mlflow_run_id)
+    assert run.data.tags["judge.model"] == "smollm2-judge:135m" and run.data.tags["judge.digest"].startswith("sha256:")
+    assert run.data.metrics["candidate.judge_win_rate"] == judged.candidate.metrics["judge_win_rate"]
+    assert "judgments.jsonl" in {Path(f.path).name for f in client.list_artifacts(error.mlflow_run_id, "eval")}
+    report = error.report.path.read_text()
+    assert "## Examples the judge says the candidate lost" in report and "smollm2-judge:135m" in report
+
+
+def test_the_prose_config_is_judged_by_a_packaged_gguf() -> None:
+    cfg = load_config("configs/rag-prose.yaml")
+    assert (cfg.eval.judge.kind, cfg.data.output_format) == ("gguf", "text")
+    assert Path(cfg.eval.judge.model).expanduser().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "judge_win_rate" in cfg.gate.rules

@@ -325,7 +325,9 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
             else:
                 questions.append([(who, rubric_messages(question, row["expected"], row[who]["answer"], cfg.rubric,
                                                         cfg.structured)) for who in ("candidate", opponent)])
-        judgments, asked, seconds = _judgments(questions, cfg, (model, digest), ollama_host, out_dir, cache_dir, log)
+        # Keyed by the weights where the judge names them; else by the name and where it answers.
+        identity = (model, digest or where)
+        judgments, asked, seconds = _judgments(questions, cfg, identity, ollama_host, out_dir, cache_dir, log)
     except Exception as exc:
         raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: {exc}") from exc
 
@@ -376,7 +378,7 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
 
 
 def _judgments(questions: list[list[tuple[str, list[dict[str, str]]]]], cfg: JudgeConfig,
-               identity: tuple[str, str | None], ollama_host: str | None, out_dir: Path, cache_dir: Path,
+               identity: tuple[str, str], ollama_host: str | None, out_dir: Path, cache_dir: Path,
                log: logging.Logger | logging.LoggerAdapter) -> tuple[list[list[tuple[Judgment, bool]]], int, float]:
     """Per example, (judgment, from the cache) per question; how many were asked now, and the seconds that took."""
     keys = [[stable_hash(*identity, cfg.mode, cfg.structured, cfg.max_tokens, messages) for _, messages in asked]
