@@ -87,7 +87,7 @@ def main() -> None:
                             samples_path=root / "samples.jsonl", probes_path=root / "probes.jsonl")
         for structured in (False, True):
             judge = JudgeConfig(model=args.judge, structured=structured, max_tokens=16 if structured else args.max_tokens,
-                                context_length=2048, max_unparsed=1.0)
+                                context_length=2048, max_unparsed=1.0, max_order_flips=1.0)
             started = time.perf_counter()
             judged = judge_report(report, judge, root / "eval.jsonl", None, GateConfig(), root / f"judge-{structured}",
                                   root / "cache")

@@ -140,7 +140,8 @@ def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
         fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
     right = _answers()
     report, examples = _evaluated(tmp_path / "eval", {"candidate": [right[0], WRONG], "base": [WRONG, right[1]]})
-    cfg = JudgeConfig(model=ollama_judge, base_url=fake_ollama.url, structured=True, max_tokens=12)
+    # At 135M the judge may prefer a position whatever stands there: flips are allowed, to see them counted.
+    cfg = JudgeConfig(model=ollama_judge, base_url=fake_ollama.url, structured=True, max_tokens=12, max_order_flips=1)
     cache = tmp_path / "cache"
     judged = judge_report(report, cfg, examples, None, GATE, tmp_path / "judge", cache)
 
@@ -182,6 +183,18 @@ def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
     assert section.startswith(f"## Examples the judge says the candidate lost ({judged.judge.losses} of 2)")
     assert "smollm2-judge:135m" in section
 
+    # A judge whose verdicts flip with the order more often than allowed measures nothing (from the cache: the
+    # limit decides on the verdicts, it does not change them).
+    strict = cfg.model_copy(update={"max_order_flips": 0.0})
+    fake_ollama.requests.clear()
+    if judged.judge.order_flips:
+        with pytest.raises(JudgeError, match=rf"so gate.rules.judge_win_rate cannot be decided\): the judge's verdict "
+                                             rf"changed with the order of the answers on {judged.judge.order_flips} of 2"):
+            judge_report(report, strict, examples, None, GATE, tmp_path / "strict", cache)
+    else:
+        assert judge_report(report, strict, examples, None, GATE, tmp_path / "strict", cache).judge.asked == 0
+    assert "POST /api/chat" not in fake_ollama.calls
+
     # A re-run, with another gate and against a champion that answered as the base did: nothing is asked again.
     fake_ollama.requests.clear()
     again, _ = _evaluated(tmp_path / "eval2", {"candidate": [right[0], WRONG], "base": [WRONG, WRONG],
@@ -190,6 +203,19 @@ def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
     assert fake_ollama.calls == ["GET /api/tags"] and rejudged.judge.asked == 0
     assert rejudged.judge.opponent == "champion" and rejudged.champion.metrics["judge_win_rate"] == 1 - mean
     assert "judge_win_rate" not in rejudged.base.metrics and rejudged.candidate.metrics["judge_win_rate"] == mean
+
+
+def test_identical_answers_tie_without_asking(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tasks.model.packaged import packaged_gguf
+
+    same = _answers(1)
+    report, examples = _evaluated(tmp_path / "eval", {"candidate": same, "base": same})
+    cfg = JudgeConfig(model=str(packaged_gguf("smollm2-135m-instruct")))
+    caplog.set_level(logging.INFO)
+    judged = judge_report(report, cfg, examples, None, GATE, tmp_path / "judge", tmp_path / "cache")
+    assert (judged.judge.identical, judged.judge.questions, judged.judge.asked) == (1, 0, 0)
+    assert judged.candidate.metrics["judge_win_rate"] == judged.base.metrics["judge_win_rate"] == 0.5
+    assert "started llama-cpp-python's server" not in caplog.text  # nothing to ask: no server
 
 
 def _between(text: str) -> list[str]:
@@ -258,7 +284,7 @@ def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_
     from tasks.runtime.retries import network_retries
 
     report, examples = _evaluated(tmp_path / "eval", {"candidate": _answers(1), "base": [WRONG]})
-    cfg = JudgeConfig(model=ollama_judge, base_url=fake_ollama.url, structured=True, max_tokens=12)
+    cfg = JudgeConfig(model=ollama_judge, base_url=fake_ollama.url, structured=True, max_tokens=12, max_order_flips=1)
     fake_ollama.fail("/api/chat", "restarting")  # the first question meets Ollama restarting (HTTP 503)
 
     @flow
@@ -281,7 +307,7 @@ def test_a_gguf_judge_is_served_by_llama_cpp_python_for_the_judging_only(
     key = "sk-judge-test-0123456789"
     monkeypatch.setenv("TUNEPIPE_TEST_JUDGE_KEY", key)
     cfg = JudgeConfig(model=str(packaged_gguf("smollm2-135m-instruct")), api_key_env="TUNEPIPE_TEST_JUDGE_KEY",
-                      structured=True, max_tokens=12, context_length=1024)
+                      structured=True, max_tokens=12, context_length=1024, max_order_flips=1)
     caplog.set_level(logging.INFO)
     judged = judge_report(report, cfg, examples, None, GATE, tmp_path / "judge", tmp_path / "cache",
                           logging.getLogger("judge-test"))
@@ -327,7 +353,8 @@ def test_the_finetune_flow_gates_on_the_judge_and_keeps_its_verdicts(
     from tasks.runtime.config import PipelineConfig
 
     raw = fast_config(tmp_path)
-    raw["eval"]["judge"] = {"model": ollama_judge, "base_url": fake_ollama.url, "structured": True, "max_tokens": 12}
+    raw["eval"]["judge"] = {"model": ollama_judge, "base_url": fake_ollama.url, "structured": True, "max_tokens": 12,
+                            "max_order_flips": 1.0}
     raw["gate"] = {"rules": {"judge_win_rate": {"min": 1.01}}}  # out of reach: the run stops at the gate
     state = finetune(PipelineConfig.model_validate(raw), return_state=True)
     error = state.result(raise_on_failure=False)

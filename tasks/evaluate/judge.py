@@ -11,7 +11,8 @@ prompt and retrieved context included), the reference answer and two answers, th
 opponent's (the champion's; the base's for a first model), and is asked twice, with the answers in both
 orders. A verdict that holds in both orders counts (win 1, tie 0.5, loss 0); one that changes with the order
 (the judge preferred a position, not an answer) counts as a tie, and the share of such order flips is
-reported. The candidate's per-example `judge_win_rate` is that value and its opponent's is 1 minus it, so the
+reported; more than `max_order_flips` of them, and the judge's metric counts as not measured. Two identical
+answers tie without asking. The candidate's per-example `judge_win_rate` is that value and its opponent's is 1 minus it, so the
 gate's paired comparison reads them as any per-example metric. Rubric (G-Eval style): each of the two answers
 is scored 1-5 against the reference under `eval.judge.rubric`; `judge_score` is (score - 1) / 4.
 
@@ -318,7 +319,9 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
                 raise JudgeError(f"example {row['id']} of {report.samples_path} is not in {eval_examples}")
             question = question_text(prompts[row["id"]])
             mine, theirs = row["candidate"]["answer"], row[opponent]["answer"]
-            if cfg.mode == "pairwise":
+            if cfg.mode == "pairwise" and mine.strip() == theirs.strip():
+                questions.append([])  # the same answer cannot beat itself: a tie, nothing to ask
+            elif cfg.mode == "pairwise":
                 questions.append([
                     ("candidate as A", pairwise_messages(question, row["expected"], mine, theirs, cfg.structured)),
                     ("candidate as B", pairwise_messages(question, row["expected"], theirs, mine, cfg.structured))])
@@ -331,14 +334,14 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
     except Exception as exc:
         raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: {exc}") from exc
 
-    n, calls = len(rows), sum(map(len, questions))
+    n, calls = len(rows), sum(map(len, judgments))
     unread = sum(j.verdict is None for per_example in judgments for j, _ in per_example)
     restated = sum(len(j.replies) > 1 for per_example in judgments for j, _ in per_example)
     records, values = [], []
     for row, per_example in zip(rows, judgments):
         verdicts = [j.verdict for j, _ in per_example]
         if cfg.mode == "pairwise":
-            result, value = pairwise_result(*verdicts)
+            result, value = pairwise_result(*verdicts) if verdicts else ("identical", OUTCOME["tie"])
             values.append({"candidate": value, opponent: 1 - value})
             summary = {"result": result, "candidate_value": value}
         else:
@@ -354,7 +357,8 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
         model=model, digest=digest, endpoint=where, mode=cfg.mode, metric=cfg.metric, opponent=opponent, n=n,
         questions=calls, asked=asked, restated=restated, unparsed=unread, seconds=seconds,
         wins=results.count("win"), ties=results.count("tie"), losses=results.count("loss"),
-        order_flips=results.count("flip"), judgments_path=out_dir / "judgments.jsonl")
+        order_flips=results.count("flip"), identical=results.count("identical"),
+        judgments_path=out_dir / "judgments.jsonl")
     out_dir.mkdir(parents=True, exist_ok=True)
     with summary.judgments_path.open("w", encoding="utf-8") as out:
         out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
@@ -362,6 +366,11 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
         raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict could not be read in {unread} of "
                          f"{calls} replies, even with the format restated (eval.judge.max_unparsed {cfg.max_unparsed:g})"
                          f"; its replies are in {summary.judgments_path}")
+    if (flips := summary.order_flip_rate) is not None and flips > cfg.max_order_flips + 1e-9:
+        raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict changed with the order of the answers on "
+                         f"{summary.order_flips} of {summary.order_flips + summary.wins + summary.ties + summary.losses} "
+                         f"examples (eval.judge.max_order_flips {cfg.max_order_flips:g}): it judged positions, not "
+                         f"answers; its replies are in {summary.judgments_path}")
     samples_path = out_dir / "samples.jsonl"
     with samples_path.open("w", encoding="utf-8") as out:
         for row, value in zip(rows, values):
@@ -385,7 +394,9 @@ def _judgments(questions: list[list[tuple[str, list[dict[str, str]]]]], cfg: Jud
             for asked in questions]
     cached = {key: Judgment.model_validate_json(path.read_text()) for per_example in keys for key in per_example
               if (path := cache_dir / f"{key}.json").is_file()}
-    todo = [(i, j) for i, per_example in enumerate(keys) for j, key in enumerate(per_example) if key not in cached]
+    # Each distinct question once (two models may have given the same answer).
+    todo = list({key: (i, j) for i, per_example in enumerate(keys) for j, key in enumerate(per_example)
+                 if key not in cached}.values())
     seconds = 0.0
     if todo:
         log.info("judge: asking %s %d of %d questions (%d cached)", identity[0], len(todo),
@@ -399,9 +410,8 @@ def _judgments(questions: list[list[tuple[str, list[dict[str, str]]]]], cfg: Jud
                 partial.write_text(judgment.model_dump_json())
                 partial.replace(partial.with_suffix(".json"))  # whole or absent, even when the run is killed
                 cached[keys[i][j]] = judgment
-    fresh = set(todo)
-    return ([[(cached[key], (i, j) not in fresh) for j, key in enumerate(per_example)]
-             for i, per_example in enumerate(keys)], len(todo), seconds)
+    fresh = {keys[i][j] for i, j in todo}
+    return ([[(cached[key], key not in fresh) for key in per_example] for per_example in keys], len(todo), seconds)
 
 
 def _unmeasured(cfg: JudgeConfig, gate_cfg: GateConfig) -> str:

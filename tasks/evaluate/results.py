@@ -43,6 +43,7 @@ class JudgeSummary(BaseModel):
     ties: int = 0
     losses: int = 0
     order_flips: int = 0  # the verdict changed with the order of the answers: counted as a tie
+    identical: int = 0  # both models gave the same answer: a tie, the judge not asked
     judgments_path: Path  # JSONL per example: both answers, and per judgment the messages, raw replies, verdict
 
     @property
@@ -55,7 +56,7 @@ class JudgeSummary(BaseModel):
         """One sentence: who judged, and how."""
         who = f"{self.model} ({self.digest[:19] if self.digest else 'no digest'}) at {self.endpoint}"
         outcome = (f"candidate against {self.opponent}: {self.wins} won, {self.ties} tied, {self.losses} lost, "
-                   f"{self.order_flips} flipped with the order" if self.mode == "pairwise"
+                   f"{self.order_flips} flipped with the order, {self.identical} identical" if self.mode == "pairwise"
                    else f"candidate and {self.opponent} scored on the rubric")
         return (f"{who}, {self.mode}, {self.n} examples: {outcome}; {self.questions} judgments ({self.asked} asked now, "
                 f"{self.restated} restated, {self.unparsed} unreadable)")

@@ -289,6 +289,12 @@ class JudgeConfig(Section):
         "the gate rules that could not be measured.",
     )
 
+    max_order_flips: float = Field(
+        0.5, ge=0, le=1, description="Pairwise: largest share of examples (of those with both verdicts read) whose "
+        "verdict changes with the order of the answers; more, and the judge is judging positions, not answers: its "
+        "metric counts as not measured and the run fails naming the gate rules that could not be measured.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _model_only(cls, raw: Any) -> Any:
