@@ -14,6 +14,7 @@ from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
 from tasks.evaluate.general_prompts import read_prompts
+from tasks.evaluate.judge import judge
 from tasks.evaluate.results import EvalReport, GateDecision
 from tasks.evaluate.retention import retention
 from tasks.evaluate.task import evaluate
@@ -53,6 +54,10 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         retained = retention(candidate, base, formatted.chat, read_prompts(cfg.eval.retention), cfg.eval.retention,
                              cfg.eval.batch_size, cfg.workdir)
         report = report.model_copy(update={"retention": retained})
+        if cfg.eval.judge is not None:
+            # A second model judges the answers; its metric joins the report the gate reads.
+            report = judge.with_options(**network_retries(cfg.retry))(
+                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, cfg.workdir)
         decision = gate(report, cfg.gate)
         run.record(report, decision)
         show_run(cfg.name, "evaluate", evaluation_markdown(model, report, decision), report, cfg.tracking, run.run_id)

@@ -16,6 +16,7 @@ from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
 from tasks.evaluate.general_prompts import read_prompts
+from tasks.evaluate.judge import judge
 from tasks.evaluate.report import run_report
 from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
 from tasks.evaluate.retention import retention
@@ -112,6 +113,10 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                                 mlflow_run=attempt_run.live_ref())
                 validated = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data,
                                      cfg.eval, workdir, split="validation")
+                if cfg.eval.judge is not None:
+                    # A second model judges the answers; its metric joins the report the gate reads.
+                    validated = judge.with_options(**network_retries(cfg.retry))(
+                        validated, cfg.eval.judge, checked.validation.clean_path, cfg.ollama.host, cfg.gate, workdir)
                 # What the candidate forgot outside its task: general prompts, neither split; the attempt's gate
                 # reads it, and the test report carries the final attempt's.
                 retained = retention(trained, base, formatted.chat, read_prompts(cfg.eval.retention),
@@ -125,6 +130,9 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         # the reference cache on a re-run). Only this report reaches the gate; its failure ends the run.
         report = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
                           split="test").model_copy(update={"retention": retained})
+        if cfg.eval.judge is not None:
+            report = judge.with_options(**network_retries(cfg.retry))(
+                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, workdir)
         stop_spares()  # no stage after this trains or evaluates: a spare left waiting (stages cached) takes CPU
         decision = gate(report, cfg.gate)
         run.record(formatted, trained, validated, report, decision)

@@ -6,7 +6,8 @@ after the stream started, like Ollama), show/copy/delete/chat answer 404 for unk
 from the registered GGUF with llama-cpp-python: the prompt is the model's TEMPLATE rendered the way Ollama
 renders it (Go's own text/template, through tasks/serve/ollama/render.py), the Modelfile's SYSTEM added when the request has none, decoding greedy,
 stopped by a `stop` string or the end-of-generation token (`done_reason: stop`) or by `num_predict`
-(`done_reason: length`). Every request is recorded (method, path, JSON body) so tests can assert them exactly.
+(`done_reason: length`); a `format` (a JSON schema, or "json") constrains the reply through llama.cpp's grammar
+made from it, as Ollama's structured outputs do. Every request is recorded (method, path, JSON body) so tests can assert them exactly.
 
 Faults, for the nightly paths (`fail`): the next requests to a path can find Ollama restarting (HTTP 503,
 nothing done), killed before the request took effect (the connection closes; a create dies after its stream
@@ -241,7 +242,7 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
                                       [{"role": m["role"], "content": m["content"]} for m in messages],
                                       model.get("system"), think if isinstance(think, bool) else None)
         (digest,) = model["files"].values()
-        content, done_reason = self._generate(digest, prompt, options)
+        content, done_reason = self._generate(digest, prompt, options, request.get("format"))
         reply = {"model": request["model"], "created_at": _now(),
                  "message": {"role": "assistant", "content": content}, "done": True, "done_reason": done_reason,
                  "total_duration": 1, "eval_count": 1}
@@ -252,15 +253,21 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
         else:
             self._json(200, reply)
 
-    def _generate(self, digest: str, prompt: str, options: dict[str, Any]) -> tuple[str, str]:
+    def _generate(self, digest: str, prompt: str, options: dict[str, Any], format: Any = None) -> tuple[str, str]:
         """Greedy decoding from the GGUF, stopped as Ollama stops: a stop string, end of generation, num_predict."""
+        from llama_cpp import LlamaGrammar
+
         llm = self.server.llm(digest)
         stops = options.get("stop", [])
         num_predict = options.get("num_predict", -1)
+        grammar = None
+        if format:
+            schema = {"type": "object"} if format == "json" else format
+            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         with self.server._llm_lock:
             tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
             generated: list[int] = []
-            for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
+            for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True, grammar=grammar):
                 if token == llm.token_eos():
                     return _text(llm, generated), "stop"
                 generated.append(token)

@@ -5,7 +5,8 @@ Sections: the decision on the test split and one line per gate rule (differences
 metrics of base / champion / candidate on validation and on test side by side (table; bar chart of test); every
 attempt of the retrain loop with its settings, its loss curve and its gate rules on validation; the regressions
 (test examples the champion, else the base, had right and the candidate has wrong); the candidate's worst test
-examples with expected and actual answers; the probes answered side by side; retention: the
+examples with expected and actual answers; with a judge (eval.judge), the examples it says the candidate lost, with the
+judge's replies; the probes answered side by side; retention: the
 general prompts outside the task answered by base and candidate, with their losses on the base's answers.
 Cached like the other stages: a re-run with nothing changed does not import matplotlib.
 """
@@ -60,6 +61,7 @@ def write_report(title: str, attempts: list[Attempt], report: EvalReport, decisi
         f"![training loss per attempt]({_plot_losses(attempts, out_dir / 'loss_curves.png').name})", "",
         *_regressions(report, decision),
         *_worst_examples(report.samples_path),
+        *_judge_losses(report),
         *_probes(report.probes_path),
         *retention_section(report.retention),
     ]
@@ -199,6 +201,34 @@ def _worst_examples(samples_path: Path) -> list[str]:
             if who in row:
                 ending = "" if row[who]["stopped"] else " (cut at the length limit)"
                 lines += [f"{who.capitalize()}{ending}:", *_block(row[who]["answer"])]
+    return lines
+
+
+def _judge_losses(report: EvalReport) -> list[str]:
+    """Who judged and how it went, then the examples the judge says the candidate lost (pairwise), or those it
+    scored below its opponent (rubric), each with both answers and the judge's raw replies."""
+    judge = report.judge
+    if judge is None:
+        return []
+    rows = [json.loads(line) for line in judge.judgments_path.read_text(encoding="utf-8").splitlines() if line]
+    if judge.mode == "pairwise":
+        lost = [row for row in rows if row["result"] == "loss"]
+        title = f"## Examples the judge says the candidate lost ({len(lost)} of {judge.n})"
+    else:
+        lost = [row for row in rows if (row["ratings"]["candidate"] or 3) < (row["ratings"][judge.opponent] or 3)]
+        title = f"## Examples the judge scores the candidate below {judge.opponent} ({len(lost)} of {judge.n})"
+    flips = judge.order_flip_rate
+    lines = [title, "", f"Judge: {judge.line()}.",
+             *([f"Order flips: {flips:.0%} of the examples with both verdicts read (counted as ties; a judge that "
+                "flips often is not judging the answers)."] if flips is not None else []), ""]
+    for row in lost[:WORST_EXAMPLES]:
+        lines += [f"### {row['id']} ({row['source']})", "", "Prompt:", *_block(row["prompt"]),
+                  "Expected:", *_block(row["expected"]), "Candidate:", *_block(row["candidate"]),
+                  f"{judge.opponent.capitalize()}:", *_block(row[judge.opponent])]
+        for judgment in row["judgments"]:
+            lines += [f"Judge, {judgment['asked']} (verdict {judgment['verdict']}):", *_block(judgment["replies"][-1])]
+    if len(lost) > WORST_EXAMPLES:
+        lines += [f"The other {len(lost) - WORST_EXAMPLES}: eval/{judge.judgments_path.name} in MLflow.", ""]
     return lines
 
 

@@ -52,6 +52,58 @@ class RetentionScores(BaseModel):
         return self.scores() + Record(files=[(self.path, "eval")], tables={"eval/retention.json": columns})
 
 
+class JudgeSummary(BaseModel):
+    """What the judge (eval.judge) did: who judged, how often it was asked, how its verdicts came out."""
+
+    model: str
+    digest: str | None  # `sha256:…` of its weights; None where the endpoint names none (an OpenAI-compatible API)
+    endpoint: str  # where it answered (credentials masked)
+    mode: Literal["pairwise", "rubric"]
+    metric: str  # judge_win_rate | judge_score
+    opponent: str  # the model the candidate is compared with: champion, else base
+    n: int  # test examples judged
+    questions: int  # judgments in all (pairwise: two per example, one per order)
+    asked: int  # of them asked in this run; the rest came from the cache
+    restated: int  # judgments whose first reply had no readable verdict, so the format was restated once
+    unparsed: int  # judgments without a readable verdict even then (counted as neutral)
+    seconds: float  # spent asking, in this run
+    wins: int = 0  # pairwise, per example: the same verdict in both orders
+    ties: int = 0
+    losses: int = 0
+    order_flips: int = 0  # the verdict changed with the order of the answers: counted as a tie
+    identical: int = 0  # both models gave the same answer: a tie, the judge not asked
+    judgments_path: Path  # JSONL per example: both answers, and per judgment the messages, raw replies, verdict
+
+    @property
+    def order_flip_rate(self) -> float | None:
+        """Share of examples whose two verdicts disagree, among those where both were read."""
+        read = self.wins + self.ties + self.losses + self.order_flips
+        return self.order_flips / read if self.mode == "pairwise" and read else None
+
+    def line(self) -> str:
+        """One sentence: who judged, and how."""
+        who = f"{self.model} ({self.digest[:19] if self.digest else 'no digest'}) at {self.endpoint}"
+        outcome = (f"candidate against {self.opponent}: {self.wins} won, {self.ties} tied, {self.losses} lost, "
+                   f"{self.order_flips} flipped with the order, {self.identical} identical" if self.mode == "pairwise"
+                   else f"candidate and {self.opponent} scored on the rubric")
+        return (f"{who}, {self.mode}, {self.n} examples: {outcome}; {self.questions} judgments ({self.asked} asked now, "
+                f"{self.restated} restated, {self.unparsed} unreadable)")
+
+    def record(self) -> Record:
+        rows = [json.loads(line) for line in self.judgments_path.read_text(encoding="utf-8").splitlines() if line]
+        table = {"id": [r["id"] for r in rows],
+                 "result": [r.get("result") or json.dumps(r.get("ratings")) for r in rows],
+                 "verdicts": [json.dumps([j["verdict"] for j in r["judgments"]]) for r in rows],
+                 "replies": [json.dumps([j["replies"] for j in r["judgments"]], ensure_ascii=False) for r in rows]}
+        return Record(
+            metrics={"judge.order_flip_rate": self.order_flip_rate, "judge.unparsed": self.unparsed,
+                     "judge.restated": self.restated, "judge.questions": self.questions, "judge.asked": self.asked,
+                     "judge.seconds_per_asked": self.seconds / self.asked if self.asked else None},
+            tags={"judge.model": self.model, "judge.digest": self.digest or "", "judge.mode": self.mode,
+                  "judge.endpoint": self.endpoint, "judge.opponent": self.opponent},
+            files=[(self.judgments_path, "eval")], tables={"eval/judge.json": table})
+
+
 class EvalReport(BaseModel):
     # Which held-out split was scored: `validation` (the retrain loop's choices) or `test` (the gate, the champion
     # comparison, the headline, parity). MLflow keeps the test scores under the names they always had.
@@ -65,6 +117,7 @@ class EvalReport(BaseModel):
     undesirable_path: Path | None = None  # JSONL per one: prompt, the rated-bad answer, {model: {answer, close}}
     probes_path: Path  # JSONL per probe: prompt and the answer of base / champion / candidate
     retention: RetentionScores | None = None  # general prompts outside the task; None: not measured
+    judge: JudgeSummary | None = None  # eval.judge's verdicts, when a judge was configured
 
     @property
     def prefix(self) -> str:
@@ -93,7 +146,8 @@ class EvalReport(BaseModel):
         if self.undesirable_path is not None:
             files.append((self.undesirable_path, folder))
         retention = self.retention.record() if self.retention is not None else Record()
-        return self.scores() + Record(files=files, tables=tables) + retention
+        judged = self.judge.record() if self.judge is not None else Record()
+        return self.scores() + Record(files=files, tables=tables) + retention + judged
 
 
 def per_example_table(samples_path: Path) -> dict[str, list]:

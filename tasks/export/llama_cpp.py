@@ -10,6 +10,7 @@ code is committed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +88,17 @@ _LOAD_LOCK = threading.Lock()
 
 
 def load_gguf(path: Path, **kwargs: Any):
-    """`llama_cpp.Llama` for `path`, with llama.cpp's extra CPU buffer types (AMX, repacked weights) off.
+    """`llama_cpp.Llama` for `path`, with llama.cpp's extra CPU buffer types (AMX, repacked weights) off
+    (`extra_buffer_types_off`)."""
+    from llama_cpp import Llama
+
+    with extra_buffer_types_off():
+        return Llama(model_path=str(path), verbose=False, **kwargs)
+
+
+@contextlib.contextmanager
+def extra_buffer_types_off() -> Iterator[None]:
+    """Models loaded inside load without llama.cpp's extra CPU buffer types (AMX, repacked weights).
 
     On a CPU with Intel AMX, ggml's AMX matmul segfaults on the q8_0 tensors of a small model such as the
     demo's (seen with llama-cpp-python 0.3.36 on a Sapphire Rapids-class machine: llama_decode crashes inside
@@ -94,7 +106,6 @@ def load_gguf(path: Path, **kwargs: Any):
     swapped for the duration of the load; the plain CPU kernels give the same tokens.
     """
     import llama_cpp.llama_cpp as low
-    from llama_cpp import Llama
 
     defaults = low.llama_model_default_params
 
@@ -106,7 +117,7 @@ def load_gguf(path: Path, **kwargs: Any):
     with _LOAD_LOCK:
         low.llama_model_default_params = without_extra_buffer_types
         try:
-            return Llama(model_path=str(path), verbose=False, **kwargs)
+            yield
         finally:
             low.llama_model_default_params = defaults
 

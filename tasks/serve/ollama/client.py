@@ -108,10 +108,19 @@ class OllamaClient:
         with self._call("listing models"):
             return [model.model for model in self._api.list().models]
 
-    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any]) -> ollama.ChatResponse:
-        """One non-streamed chat completion: `message.content`, `done_reason` (`stop` or `length`), timings."""
+    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any],
+             format: dict[str, Any] | None = None) -> ollama.ChatResponse:
+        """One non-streamed chat completion: `message.content`, `done_reason` (`stop` or `length`), timings;
+        `format`: a JSON schema the reply must follow."""
         with self._call(f"chat with {name!r}"):
-            return self._api.chat(name, messages=messages, options=options, stream=False)
+            return self._api.chat(name, messages=messages, options=options, format=format, stream=False)
+
+    def digest(self, name: str) -> str | None:
+        """`sha256:<hex>` of model `name` as the server lists it; None when it holds no such model."""
+        wanted = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+        with self._call("listing models"):
+            listed = {model.model: model.digest for model in self._api.list().models}
+        return f"sha256:{listed[wanted]}" if listed.get(wanted) else None
 
     @contextlib.contextmanager
     def _call(self, what: str) -> Iterator[None]:
