@@ -228,6 +228,14 @@ def print_run_plan(console, plan) -> None:
     ):
         table.add_row(name, value)
     console.print(table)
+    if plan.memory is not None:
+        stages = Table(title=f"memory plan ({escape(plan.memory.gpu)})")
+        for column in ("stage", "needs", "of", "available", "note"):
+            stages.add_column(column)
+        for stage in plan.memory.stages:
+            available = "unknown" if stage.available_gib is None else f"{stage.available_gib:.1f} GiB"
+            stages.add_row(stage.stage, f"{stage.need_gib:.1f} GiB", stage.resource, available, escape(stage.note))
+        console.print(stages)
     for warning in plan.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 

@@ -23,6 +23,7 @@ from tasks.export.results import ExportResult, ParityReport, verdicts_record
 from tasks.export.task import export
 from tasks.model.base import resolve_base
 from tasks.runtime.config import PipelineConfig
+from tasks.runtime.memory_plan import run_memory_plan
 from tasks.runtime.redact import redact, redact_logs
 from tasks.runtime.retries import network_retries
 from tasks.runtime.tracking import tracked_child, tracked_run
@@ -68,6 +69,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     workdir = cfg.workdir
     # First: a model that cannot be used fails before any stage runs; a hub hiccup is retried.
     base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model, cfg.ollama)
+    # A run that cannot fit this machine (GPU memory, host memory, disk) is refused before any stage runs.
+    run_memory_plan(cfg, base, cfg.model.max_seq_length, loss_share=1.0).check()
     fingerprint = data_fingerprint(cfg.data)
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
@@ -103,7 +106,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                                 mlflow_run=attempt_run.live_ref())
                 report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, trained, base,
                                   champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
-                                  checked.eval.undesirable_path)
+                                  checked.eval.undesirable_path, gpu_memory_gib=cfg.model.gpu_memory_gib)
                 decision = gate(report, cfg.gate)
                 attempt_run.record(trained.curve(), report.scores(), decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=report, decision=decision))

@@ -89,6 +89,9 @@ def train_model(request: TrainRequest) -> TrainResult:
     backend = choose_backend(cfg.backend, cfg.mode, cfg.devices)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first, before transformers: it patches transformers on import)
+    from tasks.runtime.memory_plan import cap_gpu_memory
+
+    cap_gpu_memory(request.model_cfg.gpu_memory_gib, rank.local)
     env = check_environment(request, backend, rank)
     emit_event("started", pid=os.getpid(), backend=backend, **env.model_dump())
     print(f"train: {backend} backend, {cfg.mode} on {env.device}, {env.precision}; memory estimate "
@@ -226,7 +229,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         oom_retries=state.oom_retries, resumed_from_step=resumed_from, eval_history=state.evals,
         best_step=state.best.step if state.best else None,
         selected_step=selected if evaluated else None, stopped_early=sft_steps < total_steps, selection=selection,
-        packed=packing,
+        packed=packing, base_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
     )
 
 
@@ -343,7 +346,9 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 
     config = AutoConfig.from_pretrained(request.base.name_or_path, revision=request.base.revision)
     if cuda:
-        free = torch.cuda.mem_get_info(rank.local)[0] / GIB
+        from tasks.runtime.memory_plan import free_gpu_bytes
+
+        free = free_gpu_bytes(rank.local, model_cfg.gpu_memory_gib) / GIB
         device = f"cuda ({torch.cuda.get_device_name(rank.local)}) x{rank.world}"
     else:
         free = _available_host_memory_gib()
@@ -370,17 +375,24 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool,
                     checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
+    data = request.data
+    return training_memory(config, request.cfg, request.lora, request.cfg.batch_size * data.max_tokens,
+                           data.n_trained_tokens / max(data.n_tokens, 1), precision, four_bit, checkpointing)
+
+
+def training_memory(config, cfg: TrainConfig, lora, tokens: int, loss_share: float, precision: str, four_bit: bool,
+                    checkpointing: bool | Literal["offload"]) -> dict[str, float]:
+    """GiB by part of a training step over `tokens` tokens a micro-batch, `loss_share` of them carrying the loss."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tasks.runtime.memory_plan import model_shape, weights_bytes
     from tasks.train.head_loss import BYTES_PER_LOGIT, chunk_positions
 
-    cfg, lora = request.cfg, request.lora
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in skeleton.parameters())
     if cfg.mode == "full":
-        trainable = n_params
+        trainable = sum(p.numel() for p in skeleton.parameters())
     else:
         targets = lora.target_modules
         trainable = sum(
@@ -390,18 +402,18 @@ def estimate_memory(config, request: TrainRequest, precision: str, four_bit: boo
             and (targets == "all-linear" or name.split(".")[-1] in targets)
         )
     half = precision in ("bf16", "fp16")
-    weight_bytes = 4 if cfg.mode == "full" else (0.56 if four_bit else (2 if half else 4))
     act_bytes = 2 if half else 4
     hidden = config.hidden_size
     layers = config.num_hidden_layers
     inner = getattr(config, "intermediate_size", 4 * hidden)
-    tokens = cfg.batch_size * request.data.max_tokens
     per_layer = tokens * (10 * hidden + 4 * inner) * act_bytes  # inputs kept for the backward pass
     kept = {True: tokens * hidden * act_bytes * layers, "offload": 0}  # each layer's input, if on the GPU
     activations = kept[checkpointing] + per_layer if checkpointing else per_layer * layers
-    loss_tokens = tokens * request.data.n_trained_tokens / max(request.data.n_tokens, 1)
+    loss_tokens = tokens * loss_share
+    # Full fine-tuning keeps fp32 master weights; QLoRA's base is 4-bit but for its embeddings and LM head.
+    weights = weights_bytes(model_shape(config), four_bit, 4 if cfg.mode == "full" or not half else 2)
     return {
-        "weights": n_params * weight_bytes / GIB,
+        "weights": weights / GIB,
         "gradients": trainable * 4 / GIB,
         "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
         "activations": activations / GIB,
@@ -887,6 +899,7 @@ class HeldOutEvaluation:
         from tasks.evaluate.metrics import required_keys
 
         self.held_out, self.tokenizer, self.stepper = held_out, tokenizer, stepper
+        self.batch_size = held_out.batch_size  # halved on out-of-memory
         # Sorted by length, as the evaluate stage does: similar lengths share a batch.
         self.rows = sorted(held_out.loss_rows.rows(), key=lambda row: len(row["input_ids"]))
         examples = list(read_examples(held_out.examples))[:samples] if held_out.metric != "eval_loss" else []
@@ -901,19 +914,37 @@ class HeldOutEvaluation:
         started = time.perf_counter()
         model.eval()  # no dropout
         with torch.no_grad():
-            loss = self._loss(model)
-            metrics = self._metrics(model) if self.conversations else {}
+            loss, metrics = self._measured(model)
         model.train()
-        point = EvalPoint(step=step, eval_loss=loss, metrics=metrics, elapsed_s=round(time.perf_counter() - started, 3))
+        peak = (round(torch.cuda.max_memory_allocated(self.stepper.device) / GIB, 3)
+                if self.stepper.device.type == "cuda" else None)
+        point = EvalPoint(step=step, eval_loss=loss, metrics=metrics, elapsed_s=round(time.perf_counter() - started, 3),
+                          peak_gpu_memory_gib=peak)
         if selection_value(point, self.held_out.metric) is None:
             raise ValueError(f"retrain.metric {self.held_out.metric!r} was not measured on the {len(self.references)} "
                              f"held-out prompts of train.eval_samples (measured: {', '.join(sorted(metrics))})")
         return point
 
+    def _measured(self, model) -> tuple[float, dict[str, float]]:
+        """The loss and the answer metrics; on CUDA out-of-memory (the optimizer state is still on the device),
+        again at half the batch, kept for the later evaluations."""
+        import torch
+
+        while True:
+            try:
+                return self._loss(model), self._metrics(model) if self.conversations else {}
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+            torch.cuda.empty_cache()  # after the except block: the failed batch's tensors are released by then
+            self.batch_size //= 2
+            print(f"train: CUDA out of memory in the held-out evaluation: batches of {self.batch_size} from now on",
+                  flush=True)
+
     def _loss(self, model) -> float:
         import torch
 
-        stepper, batch_size = self.stepper, self.held_out.batch_size
+        stepper, batch_size = self.stepper, self.batch_size
         total, count = 0.0, 0
         for start in range(0, len(self.rows), batch_size):
             batch = make_batch(self.rows[start : start + batch_size], stepper.packing, stepper.pad_id,
@@ -931,11 +962,11 @@ class HeldOutEvaluation:
 
         if self.stepper.backend == "unsloth":
             answers = _unsloth_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
-                                       self.held_out.batch_size)
+                                       self.batch_size)
         else:
             with switches_undone(model):  # the decoder's attention and norms must not stay on a model that trains
                 answers = greedy_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
-                                         self.held_out.batch_size)
+                                         self.batch_size)
         means, _ = score_answers([a.text for a in answers], self.references, [a.stopped for a in answers],
                                  self.held_out.output_format, self.required)
         return means
