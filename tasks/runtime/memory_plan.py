@@ -50,9 +50,13 @@ class ModelShape(BaseModel):
 
 
 def model_shape(config) -> ModelShape:
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    config = copy.deepcopy(config)
+    config.__dict__.pop("quantization_config", None)  # a loaded 4-bit model's: the skeleton is the plain model's
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     text = config.get_text_config()
