@@ -141,8 +141,10 @@ class StageNeed(BaseModel):
 
     def problem(self) -> str:
         parts = ", ".join(f"{name} {gib:.1f}" for name, gib in self.parts.items())
+        usable = self.available_gib * (1 - HEADROOM)
         return (f"will not fit: {self.stage} needs about {self.need_gib:.1f} GiB of {self.resource} ({parts}) and "
-                f"{self.available_gib:.1f} GiB is available: set {self.setting}")
+                f"{usable:.1f} GiB of {self.available_gib:.1f} is usable (a tenth is left to the allocator): set "
+                f"{self.setting}")
 
 
 class MemoryPlan(BaseModel):
@@ -183,8 +185,9 @@ def this_machine(workdir: Path, gpu_memory_gib: float | None) -> Machine:
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     if gpu_memory_gib is not None:
+        name = (f"{name}, capped at {gpu_memory_gib:g} GiB (model.gpu_memory_gib)" if gpu is not None else
+                f"a GPU of {gpu_memory_gib:g} GiB (model.gpu_memory_gib; none on this machine)")
         gpu = gpu_memory_gib if gpu is None else min(gpu, gpu_memory_gib)
-        name += f", capped at {gpu_memory_gib:g} GiB (model.gpu_memory_gib)"
     folder = Path(workdir).resolve()
     while not folder.exists():
         folder = folder.parent
@@ -207,11 +210,9 @@ def plan_memory(cfg, config, machine: Machine, longest_tokens: int, loss_share: 
     stages = []
 
     # Training, at the smallest micro-batch its out-of-memory retries reach, with recomputation when `auto`
-    # would turn it on.
+    # would turn it on (it does when memory is short).
     smallest = max(1, train.batch_size >> train.max_oom_retries)
-    checkpointing = train.gradient_checkpointing
-    if checkpointing == "auto":
-        checkpointing = True if not on_gpu else "offload"
+    checkpointing = True if train.gradient_checkpointing == "auto" else train.gradient_checkpointing
     parts = training_estimate(smallest, checkpointing)
     stages.append(StageNeed(
         stage="train", resource=resource, need_gib=sum(parts.values()), parts=parts, available_gib=gpu_budget,
