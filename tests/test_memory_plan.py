@@ -194,3 +194,17 @@ def test_shard_merge_refuses_an_adapter_for_another_base(tiny_model: Path, tmp_p
               adapter / "adapter_model.safetensors")
     with pytest.raises(MergeError, match=r"names tensors the base .* does not have: .*layers\.9\.self_attn\.q_proj"):
         merge_shards(adapter, base, tmp_path / "merged")
+
+
+def test_the_flow_refuses_a_run_that_cannot_fit_before_any_stage(prefect_server, seven_b, tmp_path, demo_data):
+    from deployments.cli import stage_states
+    from flows.finetune import finetune
+
+    cfg = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 16}, train={"mode": "lora"},
+                  tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    state = finetune(cfg, return_state=True)
+    assert state.is_failed()
+    assert "will not fit: train needs about" in state.message and "set train.mode: qlora" in state.message
+    stages = [name for name, _, _ in stage_states(state.state_details.flow_run_id)]
+    assert stages == ["resolve_base_model"]  # identifying the base is all that ran
+    assert not (tmp_path / "runs").exists()
