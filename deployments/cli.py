@@ -157,6 +157,7 @@ def run_check(cfg) -> int:
     from deployments.run_plan import check_run
     from tasks.data.check import DataCheckError
     from tasks.data.load import DataFileError
+    from tasks.runtime.memory_plan import WillNotFit
     from tasks.train.loop import TrainingEnvironmentError
 
     quiet_environment()
@@ -171,7 +172,7 @@ def run_check(cfg) -> int:
         print_data_report(console, exc.checked)
         console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
-    except TrainingEnvironmentError as exc:
+    except (TrainingEnvironmentError, WillNotFit) as exc:
         console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
     print_data_report(console, checked)

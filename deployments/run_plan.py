@@ -114,7 +114,7 @@ def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: For
 
 def check_run(cfg: PipelineConfig) -> tuple[CheckedData, RunPlan]:
     """Load, check and format the data, and check every stage's needs against this machine; raises
-    DataFileError, DataCheckError or TrainingEnvironmentError (WillNotFit: a stage's memory or disk) when a run
+    DataFileError, DataCheckError, WillNotFit (a stage's memory or disk) or TrainingEnvironmentError when a run
     would fail."""
     base = resolve_base_model(cfg.model, cfg.ollama)
     loaded = load_data.fn(cfg.data, data_fingerprint(cfg.data), cfg.workdir)

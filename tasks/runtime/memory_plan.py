@@ -13,6 +13,7 @@ it for a QLoRA run, else 16-bit (bf16, or fp16 on a GPU without bf16).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.train.loop import TrainingEnvironmentError
+from tasks.runtime.config import TrainConfig
 
 GIB = 2**30
 # NF4 with double quantization: 4 bits a weight, one 8-bit scale per 64 weights and their fp32 scales per 256
@@ -32,12 +33,12 @@ HEADROOM = 0.1
 GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k_m": 0.69, "q4_k_m": 0.61}
 
 
-class WillNotFit(TrainingEnvironmentError):
+class WillNotFit(RuntimeError):
     """A stage of the run needs more than the machine has; raised before any stage runs."""
 
 
 class ModelShape(BaseModel):
-    """The sizes the estimates need, from the model's config."""
+    """The sizes the estimates need, from the model's transformers config."""
 
     params: int
     linear_params: int  # in the decoder layers' linear layers: what 4-bit quantizes
@@ -49,17 +50,17 @@ class ModelShape(BaseModel):
     kv_per_token: int  # cached key and value elements per token, all layers
 
 
-def model_shape(config) -> ModelShape:
+def model_shape(hf_config) -> ModelShape:
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(config)
-    config.__dict__.pop("quantization_config", None)  # a loaded 4-bit model's: the skeleton is the plain model's
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.__dict__.pop("quantization_config", None)  # a loaded 4-bit model's: the skeleton is the plain model's
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    text = config.get_text_config()
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    text = hf_config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -170,11 +171,62 @@ class Machine(BaseModel):
     disk_gib: float | None  # free under the workdir
 
 
+def available_host_memory_gib() -> float | None:
+    """MemAvailable of /proc/meminfo: what the host can give without swapping; None where there is none."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+    return int(match.group(1)) / 2**20 if match else None
+
+
+def training_memory(hf_config, cfg: TrainConfig, lora, tokens: int, loss_share: float, precision: str, four_bit: bool,
+                    checkpointing: bool | Literal["offload"]) -> dict[str, float]:
+    """GiB by part of a training step over `tokens` tokens a micro-batch, `loss_share` of them carrying the loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.train.head_loss import BYTES_PER_LOGIT, chunk_positions
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    if cfg.mode == "full":
+        trainable = sum(p.numel() for p in skeleton.parameters())
+    else:
+        targets = lora.target_modules
+        trainable = sum(
+            lora.r * (module.in_features + module.out_features)
+            for name, module in skeleton.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
+            and (targets == "all-linear" or name.split(".")[-1] in targets)
+        )
+    half = precision in ("bf16", "fp16")
+    act_bytes = 2 if half else 4
+    hidden = hf_config.hidden_size
+    layers = hf_config.num_hidden_layers
+    inner = getattr(hf_config, "intermediate_size", 4 * hidden)
+    per_layer = tokens * (10 * hidden + 4 * inner) * act_bytes  # inputs kept for the backward pass
+    kept = {True: tokens * hidden * act_bytes * layers, "offload": 0}  # each layer's input, if on the GPU
+    activations = kept[checkpointing] + per_layer if checkpointing else per_layer * layers
+    loss_tokens = tokens * loss_share
+    # Full fine-tuning keeps fp32 master weights; QLoRA's base is 4-bit but for its embeddings and LM head.
+    weights = weights_bytes(model_shape(hf_config), four_bit, 4 if cfg.mode == "full" or not half else 2)
+    return {
+        "weights": weights / GIB,
+        "gradients": trainable * 4 / GIB,
+        "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
+        "activations": activations / GIB,
+        # One LM-head chunk at a time, at loss positions only: 16-bit logits and their fp32 copy; and the
+        # gradient of every loss position's hidden state (tasks/train/head_loss.py).
+        "logits": (min(loss_tokens, chunk_positions(hf_config.vocab_size, bool(checkpointing))) * hf_config.vocab_size
+                   * BYTES_PER_LOGIT + loss_tokens * hidden * act_bytes) / GIB,
+    }
+
+
 def this_machine(workdir: Path, gpu_memory_gib: float | None) -> Machine:
     """GPU memory from `nvidia-smi` (no CUDA context in this process: it would take memory from the stages'
     workers), capped at `gpu_memory_gib`; host memory and the workdir's free disk."""
-    from tasks.train.loop import _available_host_memory_gib
-
     gpu, name, bf16 = None, "no CUDA GPU", True
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.free,compute_cap",
@@ -191,16 +243,16 @@ def this_machine(workdir: Path, gpu_memory_gib: float | None) -> Machine:
     folder = Path(workdir).resolve()
     while not folder.exists():
         folder = folder.parent
-    return Machine(gpu_gib=gpu, gpu_name=name, bf16=bf16, host_gib=_available_host_memory_gib(),
+    return Machine(gpu_gib=gpu, gpu_name=name, bf16=bf16, host_gib=available_host_memory_gib(),
                    disk_gib=shutil.disk_usage(folder).free / GIB)
 
 
-def plan_memory(cfg, config, machine: Machine, longest_tokens: int, loss_share: float,
+def plan_memory(cfg, hf_config, machine: Machine, longest_tokens: int, loss_share: float,
                 training_estimate) -> MemoryPlan:
-    """Each stage's need against `machine`. `config`: the base's transformers config; `longest_tokens`: the
+    """Each stage's need against `machine`. `hf_config`: the base's transformers config; `longest_tokens`: the
     longest row (prompt and answer); `loss_share`: the share of tokens that carry the loss;
     `training_estimate(batch_size, checkpointing) -> {part: GiB}` is the train stage's own estimate."""
-    shape = model_shape(config)
+    shape = model_shape(hf_config)
     train, ev = cfg.train, cfg.eval
     four_bit = train.mode == "qlora" or cfg.model.load_in_4bit
     on_gpu = machine.gpu_gib is not None
@@ -280,9 +332,7 @@ def run_memory_plan(cfg, base, longest_tokens: int, loss_share: float) -> Memory
     no weights. Before the data is formatted, `longest_tokens` is `model.max_seq_length` and `loss_share` 1."""
     from transformers import AutoConfig
 
-    from tasks.train.loop import training_memory
-
-    config = AutoConfig.from_pretrained(base.name_or_path, revision=base.revision)
+    hf_config = AutoConfig.from_pretrained(base.name_or_path, revision=base.revision)
     machine = this_machine(cfg.workdir, cfg.model.gpu_memory_gib)
     precision = cfg.train.precision
     if precision == "auto":
@@ -290,7 +340,7 @@ def run_memory_plan(cfg, base, longest_tokens: int, loss_share: float) -> Memory
     four_bit = cfg.train.mode == "qlora" or cfg.model.load_in_4bit
 
     def training_estimate(batch_size: int, checkpointing) -> dict[str, float]:
-        return training_memory(config, cfg.train, cfg.lora, batch_size * longest_tokens, loss_share, precision,
+        return training_memory(hf_config, cfg.train, cfg.lora, batch_size * longest_tokens, loss_share, precision,
                                four_bit, checkpointing)
 
-    return plan_memory(cfg, config, machine, longest_tokens, loss_share, training_estimate)
+    return plan_memory(cfg, hf_config, machine, longest_tokens, loss_share, training_estimate)

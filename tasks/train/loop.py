@@ -47,6 +47,7 @@ from pydantic import BaseModel
 
 from tasks.data.format import IGNORE
 from tasks.runtime.config import TrainConfig
+from tasks.runtime.memory_plan import available_host_memory_gib
 from tasks.runtime.worker import emit_event
 from tasks.train.results import Backend, EvalPoint, HeldOut, LossPoint, TrainResult
 from tasks.train.task import TrainRequest
@@ -351,7 +352,7 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
         free = free_gpu_bytes(rank.local, model_cfg.gpu_memory_gib) / GIB
         device = f"cuda ({torch.cuda.get_device_name(rank.local)}) x{rank.world}"
     else:
-        free = _available_host_memory_gib()
+        free = available_host_memory_gib()
         device = f"cpu x{rank.world}"
     checkpointing = cfg.gradient_checkpointing
     auto = checkpointing == "auto"
@@ -375,62 +376,11 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool,
                     checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
+    from tasks.runtime.memory_plan import training_memory
+
     data = request.data
     return training_memory(config, request.cfg, request.lora, request.cfg.batch_size * data.max_tokens,
                            data.n_trained_tokens / max(data.n_tokens, 1), precision, four_bit, checkpointing)
-
-
-def training_memory(config, cfg: TrainConfig, lora, tokens: int, loss_share: float, precision: str, four_bit: bool,
-                    checkpointing: bool | Literal["offload"]) -> dict[str, float]:
-    """GiB by part of a training step over `tokens` tokens a micro-batch, `loss_share` of them carrying the loss."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tasks.runtime.memory_plan import model_shape, weights_bytes
-    from tasks.train.head_loss import BYTES_PER_LOGIT, chunk_positions
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    if cfg.mode == "full":
-        trainable = sum(p.numel() for p in skeleton.parameters())
-    else:
-        targets = lora.target_modules
-        trainable = sum(
-            lora.r * (module.in_features + module.out_features)
-            for name, module in skeleton.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
-            and (targets == "all-linear" or name.split(".")[-1] in targets)
-        )
-    half = precision in ("bf16", "fp16")
-    act_bytes = 2 if half else 4
-    hidden = config.hidden_size
-    layers = config.num_hidden_layers
-    inner = getattr(config, "intermediate_size", 4 * hidden)
-    per_layer = tokens * (10 * hidden + 4 * inner) * act_bytes  # inputs kept for the backward pass
-    kept = {True: tokens * hidden * act_bytes * layers, "offload": 0}  # each layer's input, if on the GPU
-    activations = kept[checkpointing] + per_layer if checkpointing else per_layer * layers
-    loss_tokens = tokens * loss_share
-    # Full fine-tuning keeps fp32 master weights; QLoRA's base is 4-bit but for its embeddings and LM head.
-    weights = weights_bytes(model_shape(config), four_bit, 4 if cfg.mode == "full" or not half else 2)
-    return {
-        "weights": weights / GIB,
-        "gradients": trainable * 4 / GIB,
-        "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
-        "activations": activations / GIB,
-        # One LM-head chunk at a time, at loss positions only: 16-bit logits and their fp32 copy; and the
-        # gradient of every loss position's hidden state (tasks/train/head_loss.py).
-        "logits": (min(loss_tokens, chunk_positions(config.vocab_size, bool(checkpointing))) * config.vocab_size
-                   * BYTES_PER_LOGIT + loss_tokens * hidden * act_bytes) / GIB,
-    }
-
-
-def _available_host_memory_gib() -> float | None:
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    match = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
-    return int(match.group(1)) / 2**20 if match else None
 
 
 def _init_distributed() -> Rank:
