@@ -48,6 +48,7 @@ class ModelShape(BaseModel):
     intermediate: int
     vocab: int
     kv_per_token: int  # cached key and value elements per token, all layers
+    linear_widths: dict[str, int]  # by module name (q_proj, ...): in + out features summed over the layers
 
 
 def model_shape(hf_config) -> ModelShape:
@@ -64,9 +65,13 @@ def model_shape(hf_config) -> ModelShape:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    linear = sum(module.weight.numel() for name, module in skeleton.named_modules()
-                 if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"))
-    return ModelShape(params=sum(p.numel() for p in skeleton.parameters()), linear_params=linear,
+    linears = [(name.split(".")[-1], module) for name, module in skeleton.named_modules()
+               if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
+    widths: dict[str, int] = {}
+    for short, module in linears:
+        widths[short] = widths.get(short, 0) + module.in_features + module.out_features
+    return ModelShape(linear_widths=widths, params=sum(p.numel() for p in skeleton.parameters()),
+                      linear_params=sum(module.weight.numel() for _, module in linears),
                       largest_tensor=max(p.numel() for p in skeleton.parameters()), layers=text.num_hidden_layers,
                       hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                       vocab=text.vocab_size, kv_per_token=2 * text.num_hidden_layers * kv_heads * head_dim)
@@ -181,37 +186,38 @@ def available_host_memory_gib() -> float | None:
     return int(match.group(1)) / 2**20 if match else None
 
 
-def training_memory(hf_config, cfg: TrainConfig, lora, tokens: int, loss_share: float, precision: str, four_bit: bool,
-                    checkpointing: bool | Literal["offload"]) -> dict[str, float]:
+# The LM head's loss runs in chunks of positions (tasks/train/head_loss.py): a chunk's 16-bit logits and their
+# fp32 copy.
+BYTES_PER_LOGIT = 6
+
+
+def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
+    """Positions per LM-head chunk: about 64 MiB of temporaries when memory is tight (activations are being
+    recomputed), 512 MiB when it is not: no more than unsloth's own fused cross-entropy holds at the peak
+    (benchmarks/RESULTS.md, issue 20 item 2), in chunks few enough that their launches stay a small part of a
+    step (a small model's step is bound by launches)."""
+    budget = 2**26 if memory_is_tight else 2**29
+    return max(16, budget // (vocab_size * BYTES_PER_LOGIT))
+
+
+def training_memory(shape: ModelShape, cfg: TrainConfig, lora, tokens: int, loss_share: float, precision: str,
+                    four_bit: bool, checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part of a training step over `tokens` tokens a micro-batch, `loss_share` of them carrying the loss."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tasks.train.head_loss import BYTES_PER_LOGIT, chunk_positions
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
     if cfg.mode == "full":
-        trainable = sum(p.numel() for p in skeleton.parameters())
+        trainable = shape.params
     else:
         targets = lora.target_modules
-        trainable = sum(
-            lora.r * (module.in_features + module.out_features)
-            for name, module in skeleton.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
-            and (targets == "all-linear" or name.split(".")[-1] in targets)
-        )
+        trainable = lora.r * sum(width for name, width in shape.linear_widths.items()
+                                 if targets == "all-linear" or name in targets)
     half = precision in ("bf16", "fp16")
     act_bytes = 2 if half else 4
-    hidden = hf_config.hidden_size
-    layers = hf_config.num_hidden_layers
-    inner = getattr(hf_config, "intermediate_size", 4 * hidden)
+    hidden, layers, inner = shape.hidden, shape.layers, shape.intermediate
     per_layer = tokens * (10 * hidden + 4 * inner) * act_bytes  # inputs kept for the backward pass
     kept = {True: tokens * hidden * act_bytes * layers, "offload": 0}  # each layer's input, if on the GPU
     activations = kept[checkpointing] + per_layer if checkpointing else per_layer * layers
     loss_tokens = tokens * loss_share
     # Full fine-tuning keeps fp32 master weights; QLoRA's base is 4-bit but for its embeddings and LM head.
-    weights = weights_bytes(model_shape(hf_config), four_bit, 4 if cfg.mode == "full" or not half else 2)
+    weights = weights_bytes(shape, four_bit, 4 if cfg.mode == "full" or not half else 2)
     return {
         "weights": weights / GIB,
         "gradients": trainable * 4 / GIB,
@@ -219,7 +225,7 @@ def training_memory(hf_config, cfg: TrainConfig, lora, tokens: int, loss_share: 
         "activations": activations / GIB,
         # One LM-head chunk at a time, at loss positions only: 16-bit logits and their fp32 copy; and the
         # gradient of every loss position's hidden state (tasks/train/head_loss.py).
-        "logits": (min(loss_tokens, chunk_positions(hf_config.vocab_size, bool(checkpointing))) * hf_config.vocab_size
+        "logits": (min(loss_tokens, chunk_positions(shape.vocab, bool(checkpointing))) * shape.vocab
                    * BYTES_PER_LOGIT + loss_tokens * hidden * act_bytes) / GIB,
     }
 
@@ -247,12 +253,11 @@ def this_machine(workdir: Path, gpu_memory_gib: float | None) -> Machine:
                    disk_gib=shutil.disk_usage(folder).free / GIB)
 
 
-def plan_memory(cfg, hf_config, machine: Machine, longest_tokens: int, loss_share: float,
+def plan_memory(cfg, shape: ModelShape, machine: Machine, longest_tokens: int, loss_share: float,
                 training_estimate) -> MemoryPlan:
-    """Each stage's need against `machine`. `hf_config`: the base's transformers config; `longest_tokens`: the
-    longest row (prompt and answer); `loss_share`: the share of tokens that carry the loss;
-    `training_estimate(batch_size, checkpointing) -> {part: GiB}` is the train stage's own estimate."""
-    shape = model_shape(hf_config)
+    """Each stage's need against `machine`. `longest_tokens`: the longest row (prompt and answer); `loss_share`:
+    the share of tokens that carry the loss; `training_estimate(batch_size, checkpointing) -> {part: GiB}` is the
+    train stage's own estimate."""
     train, ev = cfg.train, cfg.eval
     four_bit = train.mode == "qlora" or cfg.model.load_in_4bit
     on_gpu = machine.gpu_gib is not None
@@ -327,12 +332,31 @@ def plan_memory(cfg, hf_config, machine: Machine, longest_tokens: int, loss_shar
                                           for s in stages])
 
 
+def base_shape(base) -> ModelShape:
+    """The shape of the base model `base` (a BaseModelRef) from its config, kept in the shared cache under its
+    fingerprint: a re-run plans without importing torch or transformers' models."""
+    import hashlib
+
+    from tasks.export.llama_cpp import cache_root
+
+    key = hashlib.sha256(f"{base.fingerprint}\n{base.revision}".encode()).hexdigest()[:24]
+    path = cache_root() / "model-shapes" / f"{key}.json"
+    if path.is_file():
+        return ModelShape.model_validate_json(path.read_text())
+    from transformers import AutoConfig
+
+    shape = model_shape(AutoConfig.from_pretrained(base.name_or_path, revision=base.revision))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(shape.model_dump_json())
+    partial.replace(path)
+    return shape
+
+
 def run_memory_plan(cfg, base, longest_tokens: int, loss_share: float) -> MemoryPlan:
     """The plan of `cfg`'s run on this machine for the base model `base` (a BaseModelRef): its config is read,
     no weights. Before the data is formatted, `longest_tokens` is `model.max_seq_length` and `loss_share` 1."""
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(base.name_or_path, revision=base.revision)
+    shape = base_shape(base)
     machine = this_machine(cfg.workdir, cfg.model.gpu_memory_gib)
     precision = cfg.train.precision
     if precision == "auto":
@@ -340,7 +364,7 @@ def run_memory_plan(cfg, base, longest_tokens: int, loss_share: float) -> Memory
     four_bit = cfg.train.mode == "qlora" or cfg.model.load_in_4bit
 
     def training_estimate(batch_size: int, checkpointing) -> dict[str, float]:
-        return training_memory(hf_config, cfg.train, cfg.lora, batch_size * longest_tokens, loss_share, precision,
+        return training_memory(shape, cfg.train, cfg.lora, batch_size * longest_tokens, loss_share, precision,
                                four_bit, checkpointing)
 
-    return plan_memory(cfg, hf_config, machine, longest_tokens, loss_share, training_estimate)
+    return plan_memory(cfg, shape, machine, longest_tokens, loss_share, training_estimate)

@@ -83,7 +83,7 @@ class Rank:
 def train_model(request: TrainRequest) -> TrainResult:
     import torch
 
-    from tasks.train.head_loss import chunk_positions
+    from tasks.runtime.memory_plan import chunk_positions
 
     cfg = request.cfg
     rank = _init_distributed()
@@ -376,10 +376,10 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool,
                     checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
-    from tasks.runtime.memory_plan import training_memory
+    from tasks.runtime.memory_plan import model_shape, training_memory
 
     data = request.data
-    return training_memory(config, request.cfg, request.lora, request.cfg.batch_size * data.max_tokens,
+    return training_memory(model_shape(config), request.cfg, request.lora, request.cfg.batch_size * data.max_tokens,
                            data.n_trained_tokens / max(data.n_tokens, 1), precision, four_bit, checkpointing)
 
 
