@@ -235,7 +235,7 @@ def print_run_plan(console, plan) -> None:
             stages.add_column(column)
         for stage in plan.memory.stages:
             available = "unknown" if stage.available_gib is None else f"{stage.available_gib:.1f} GiB"
-            stages.add_row(stage.stage, f"{stage.need_gib:.1f} GiB", stage.resource, available, escape(stage.note))
+            stages.add_row(stage.stage, f"{stage.need_gib:.2f} GiB", stage.resource, available, escape(stage.note))
         console.print(stages)
     for warning in plan.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
