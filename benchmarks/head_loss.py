@@ -82,10 +82,11 @@ def main() -> None:
     import torch
 
     from benchmarks.head_kernel import cross_entropy_in_place, losses_and_gradient
+    from tasks.runtime.memory_plan import chunk_positions
     from tasks.train import head_loss
 
     torch.manual_seed(0)
-    chunk = head_loss.chunk_positions(VOCAB, memory_is_tight=False)
+    chunk = chunk_positions(VOCAB, memory_is_tight=False)
     logits = torch.randn(chunk, VOCAB, device="cuda", dtype=torch.bfloat16) * 4
     targets = torch.randint(0, VOCAB, (chunk,), device="cuda")
     work = logits.clone()

@@ -157,6 +157,7 @@ def run_check(cfg) -> int:
     from deployments.run_plan import check_run
     from tasks.data.check import DataCheckError
     from tasks.data.load import DataFileError
+    from tasks.runtime.memory_plan import WillNotFit
     from tasks.train.loop import TrainingEnvironmentError
 
     quiet_environment()
@@ -171,7 +172,7 @@ def run_check(cfg) -> int:
         print_data_report(console, exc.checked)
         console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
-    except TrainingEnvironmentError as exc:
+    except (TrainingEnvironmentError, WillNotFit) as exc:
         console.print(f"[bold red]a run would fail:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
     print_data_report(console, checked)
@@ -230,6 +231,14 @@ def print_run_plan(console, plan) -> None:
     ):
         table.add_row(name, value)
     console.print(table)
+    if plan.memory is not None:
+        stages = Table(title=f"memory plan ({escape(plan.memory.gpu)})")
+        for column in ("stage", "needs", "of", "available", "note"):
+            stages.add_column(column)
+        for stage in plan.memory.stages:
+            available = "unknown" if stage.available_gib is None else f"{stage.available_gib:.1f} GiB"
+            stages.add_row(stage.stage, f"{stage.need_gib:.2f} GiB", stage.resource, available, escape(stage.note))
+        console.print(stages)
     for warning in plan.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 

@@ -20,6 +20,7 @@ from tasks.evaluate.paired import POWER, detectable_difference
 from tasks.model.base import resolve_base_model
 from tasks.model.results import BaseModelRef
 from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, PipelineConfig
+from tasks.runtime.memory_plan import MemoryPlan, run_memory_plan
 from tasks.train.loop import EnvironmentReport
 
 # Going over the same rows more often than this mostly teaches the model to recite them.
@@ -54,6 +55,7 @@ class RunPlan(BaseModel):
     epochs: float  # how many times the steps go over the training rows
     environment: EnvironmentReport  # training's own check: device, precision, memory estimate against free memory
     time_estimate: TimeEstimate | None  # None until this base model has trained on this device in the workdir
+    memory: MemoryPlan | None = None  # every stage's GPU memory, host memory and disk against this machine's
     warnings: list[str] = []  # what would not stop the run but is probably not what was meant
 
 
@@ -148,10 +150,15 @@ def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: For
 
 
 def check_run(cfg: PipelineConfig) -> tuple[CheckedData, RunPlan]:
-    """Load, check and format the data, and check the training environment; raises DataFileError,
-    DataCheckError or TrainingEnvironmentError when a run would fail."""
+    """Load, check and format the data, and check every stage's needs against this machine; raises
+    DataFileError, DataCheckError, WillNotFit (a stage's memory or disk) or TrainingEnvironmentError when a run
+    would fail."""
     base = resolve_base_model(cfg.model, cfg.ollama)
     loaded = load_data.fn(cfg.data, data_fingerprint(cfg.data), cfg.workdir)
     checked = check_data.fn(loaded, cfg.data, base, cfg.model, cfg.workdir)
     formatted = format_data.fn(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
-    return checked, plan_run(cfg, base, formatted, training_environment(cfg, base, formatted))
+    longest = max(formatted.train.max_tokens, formatted.eval.max_tokens)
+    loss_share = formatted.train.n_trained_tokens / max(formatted.train.n_tokens, 1)
+    memory = run_memory_plan(cfg, base, longest, loss_share).check()  # every stage, before training's own check
+    plan = plan_run(cfg, base, formatted, training_environment(cfg, base, formatted))
+    return checked, plan.model_copy(update={"memory": memory})

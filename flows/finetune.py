@@ -27,6 +27,7 @@ from tasks.export.results import ExportResult, ParityReport, verdicts_record
 from tasks.export.task import export
 from tasks.model.base import resolve_base
 from tasks.runtime.config import PipelineConfig
+from tasks.runtime.memory_plan import run_memory_plan
 from tasks.runtime.redact import redact, redact_logs
 from tasks.runtime.retries import network_retries
 from tasks.runtime.tracking import tracked_child, tracked_run
@@ -76,6 +77,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     workdir = cfg.workdir
     # First: a model that cannot be used fails before any stage runs; a hub hiccup is retried.
     base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model, cfg.ollama)
+    # A run that cannot fit this machine (GPU memory, host memory, disk) is refused before any stage runs.
+    run_memory_plan(cfg, base, cfg.model.max_seq_length, loss_share=1.0).check()
     fingerprint = data_fingerprint(cfg.data)
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
@@ -112,7 +115,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                                 init_from=attempt.init_from, held_out=held_out if attempt.train.eval_steps else None,
                                 mlflow_run=attempt_run.live_ref())
                 validated = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data,
-                                     cfg.eval, workdir, split="validation")
+                                     cfg.eval, workdir, split="validation",
+                                     gpu_memory_gib=cfg.model.gpu_memory_gib)
                 if cfg.eval.judge is not None:
                     # A second model judges the answers; its metric joins the report the gate reads.
                     validated = judge.with_options(**network_retries(cfg.retry))(
@@ -129,7 +133,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         # The one look at the test split: the loop's final candidate, scored once (base and champion come from
         # the reference cache on a re-run). Only this report reaches the gate; its failure ends the run.
         report = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
-                          split="test").model_copy(update={"retention": retained})
+                          split="test", gpu_memory_gib=cfg.model.gpu_memory_gib)
+        report = report.model_copy(update={"retention": retained})
         if cfg.eval.judge is not None:
             report = judge.with_options(**network_retries(cfg.retry))(
                 report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, workdir)

@@ -309,7 +309,7 @@ def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(forma
     with_, without = (sum(training.estimate_memory(config, request, "fp32", False, c).values()) for c in (True, False))
     assert with_ < without
     for free, expected in ((4 * without, False), ((with_ + without / training.AUTO_CHECKPOINTING_SHARE) / 2, True)):
-        monkeypatch.setattr(training, "_available_host_memory_gib", lambda: free)
+        monkeypatch.setattr(training, "available_host_memory_gib", lambda: free)
         report = training.check_environment(request, "hf", training.Rank())
         assert report.gradient_checkpointing is expected
         assert report.estimate_gib == pytest.approx(with_ if expected else without, abs=0.01)

@@ -204,7 +204,14 @@ class GreedyDecoder:
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.attends = torch.zeros(rows, length, dtype=torch.bool, device=device)  # cache slots a row may see
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.graph = self._capture() if device.type == "cuda" else None
+        self.graph = None
+        if device.type == "cuda":
+            try:
+                self.graph = self._capture()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:  # a kernel that cannot be captured (a quantized layer's, say): eager steps
+                print(f"evaluate: decoding without a CUDA graph ({str(exc).splitlines()[0]})", flush=True)
 
     def _step(self) -> None:
         """Feed every row's last token, pick the next one; a row that has stopped keeps emitting padding."""

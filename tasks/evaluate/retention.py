@@ -146,12 +146,14 @@ def measure_retention(
     """Base and candidate on the general prompts; None when there are none."""
     if not prompts:
         return None
-    candidate = _candidate(trained, base)
+    # Loaded as the evaluate stage loads them: in 4-bit after a QLoRA training, as the base was trained.
+    four_bit = trained.base_in_4bit
+    candidate = _candidate(trained, base).model_copy(update={"load_in_4bit": four_bit})
     base_spec = ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
-                             tokenizer=candidate.tokenizer)
+                             tokenizer=candidate.tokenizer, load_in_4bit=four_bit)
     conversations = [prompt.messages for prompt in prompts]
     here = Path(__file__)
-    key = stable_hash("retention", base.fingerprint, conversations, chat, cfg.max_new_tokens,
+    key = stable_hash("retention", base.fingerprint, four_bit, conversations, chat, cfg.max_new_tokens,
                       *(_file_hash(here.with_name(name)) for name in ("retention.py", "task.py", "generation.py")),
                       _file_hash(here.parents[1] / "data" / "format.py"))
     kept = _read_reference(reference_dir, "retention-base", key, RetentionOutputs)

@@ -6,7 +6,9 @@ The probes are asked on test only: they are shown in the report, and no choice r
 
 Each model answers every held-out prompt and every probe greedily (`tasks.evaluate.generation`: batched, static KV
 cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
-is a GPU. Its answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
+is a GPU (fp16 where it has no bf16), one model at a time, in batches the memory left beside the weights holds.
+After QLoRA every model is loaded in 4-bit as training loaded the base, the adapter beside it (unmerged); the
+exported GGUF is the adapter merged into the 16-bit base, and parity measures what separates the two. Its answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
 required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
 the mean token loss on the held-out assistant tokens, computed exactly as in training. samples.jsonl keeps every
 score per example, each example's own eval loss (the mean over its answer tokens) and its number of answer
@@ -56,8 +58,9 @@ class ModelToScore(BaseModel):
     name: str
     weights: str  # HF folder or hub id
     revision: str | None = None
-    adapter: Path | None = None  # a PEFT adapter, merged into `weights` before generating
+    adapter: Path | None = None  # a PEFT adapter, merged into `weights` before generating (beside a 4-bit base)
     tokenizer: str  # folder whose tokenizer and chat template render the prompts
+    load_in_4bit: bool = False  # NF4, as QLoRA's training loaded the base (CUDA only)
 
 
 class GenerationRequest(BaseModel):
@@ -68,6 +71,7 @@ class GenerationRequest(BaseModel):
     max_new_tokens: int
     batch_size: int
     chat: ChatContext  # training's: prompts render as training's texts did
+    gpu_memory_gib: float | None = None  # model.gpu_memory_gib: the worker's CUDA allocator is capped there
 
 
 class ModelOutputs(BaseModel):
@@ -95,9 +99,11 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
     import torch
 
     from tasks.evaluate.generation import greedy_answers
+    from tasks.runtime.memory_plan import cap_gpu_memory
     from tasks.runtime.progress import Progress
 
     device, dtype = device_and_dtype()
+    cap_gpu_memory(request.gpu_memory_gib)
     rows = [json.loads(line) for line in request.loss_rows.read_text().splitlines()]
     bad_rows = ([json.loads(line) for line in request.undesirable_rows.read_text().splitlines()]
                 if request.undesirable_rows is not None else [])
@@ -113,17 +119,28 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
         source = (spec.weights, spec.revision)
         reusable = plain[1] if spec.adapter is not None and plain and plain[0] == source else None
         model, tokenizer = _load(spec, device, dtype, reusable)
-        with torch.inference_mode():
-            started = time.perf_counter()
-            answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size,
-                                     Progress(f"evaluate {spec.name}", len(conversations), "prompts"),
-                                     request.chat)
-            seconds = time.perf_counter() - started
-            losses = answer_losses(model, rows, request.batch_size, tokenizer.pad_token_id)
-            loss = mean_answer_loss(losses)
-            bad_loss = (mean_answer_loss(answer_losses(model, bad_rows, request.batch_size, tokenizer.pad_token_id))
-                        if bad_rows else None)
-        print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}")
+        batch_size = _batch_that_fits(model, request, rows, dtype, device, spec.name)
+        while True:
+            try:
+                with torch.inference_mode():
+                    started = time.perf_counter()
+                    answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, batch_size,
+                                             Progress(f"evaluate {spec.name}", len(conversations), "prompts"),
+                                             request.chat)
+                    seconds = time.perf_counter() - started
+                    losses = answer_losses(model, rows, batch_size, tokenizer.pad_token_id)
+                    loss = mean_answer_loss(losses)
+                    bad_loss = (mean_answer_loss(answer_losses(model, bad_rows, batch_size, tokenizer.pad_token_id))
+                                if bad_rows else None)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+            torch.cuda.empty_cache()  # after the except block: the failed batch's cache and graph are released
+            batch_size //= 2
+            print(f"evaluate: {spec.name}: CUDA out of memory; again in batches of {batch_size}", flush=True)
+        print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}"
+              + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else ""))
         outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
                                           eval_loss=loss, example_losses=losses, undesirable_loss=bad_loss,
                                           device=device, generate_s=seconds)
@@ -135,11 +152,14 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
 
 
 def device_and_dtype():
-    """Where a worker puts the models it scores: CUDA in bf16 where there is a GPU, else the CPU in float32."""
+    """Where a worker puts the models it scores: CUDA in bf16 where there is a GPU (fp16 on one without bf16, a T4,
+    as training computes there: fp32 would double the weights), else the CPU in float32."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if device == "cpu":
+        return device, torch.float32
+    return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def warm_up(_: str) -> None:
@@ -151,20 +171,51 @@ def warm_up(_: str) -> None:
 
 def _load(spec: ModelToScore, device: str, dtype, loaded=None):
     """The model `spec` names, on `device`; `loaded`: its weights already there (they take the adapter)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The 4-bit layout QLoRA trained on (tasks/train/loop.py), so the adapter meets the weights it learnt against.
+    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=dtype) if spec.load_in_4bit else None)
     # Read straight onto the device: no copy in host memory first.
     model = loaded if loaded is not None else AutoModelForCausalLM.from_pretrained(
-        spec.weights, revision=spec.revision, dtype=dtype, attn_implementation="sdpa", device_map=device)
+        spec.weights, revision=spec.revision, dtype=dtype, attn_implementation="sdpa", device_map=device,
+        quantization_config=quantization)
     if spec.adapter is not None:
         from peft import PeftModel
 
-        # Merged, as it is exported and served; also faster than running the adapter beside the weights.
-        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, spec.adapter)
+        # Merged into a 16-bit base, as it is exported and served, and faster than beside it; a 4-bit base keeps
+        # it beside (merging would round the delta into the 4-bit blocks).
+        if not spec.load_in_4bit:
+            model = model.merge_and_unload()
     return model.eval(), tokenizer
+
+
+def _batch_that_fits(model, request: GenerationRequest, rows: list[dict], dtype, device: str, name: str) -> int:
+    """`request.batch_size`, or fewer rows where the KV cache and logits of that many would not fit the GPU
+    memory left beside the weights (an out-of-memory error still halves it)."""
+    import torch
+
+    from tasks.runtime.memory_plan import (
+        free_gpu_bytes, generation_row_bytes, loss_row_bytes, model_shape, rows_that_fit)
+
+    if device != "cuda" or not rows:
+        return request.batch_size
+    shape = model_shape(model.config)
+    longest = max(len(row["input_ids"]) for row in rows)
+    answer_share = sum(sum(t != IGNORE for t in row["labels"]) for row in rows) / sum(len(r["labels"]) for r in rows)
+    width = dtype.itemsize
+    row = max(generation_row_bytes(shape, longest + request.max_new_tokens, width),
+              loss_row_bytes(shape, longest, width, answer_share))
+    fitting = max(1, rows_that_fit(free_gpu_bytes(torch.cuda.current_device(), request.gpu_memory_gib), 0, row,
+                                   request.batch_size))
+    if fitting < request.batch_size:
+        print(f"evaluate: {name}: batches of {fitting} (eval.batch_size {request.batch_size}): the GPU memory left "
+              f"beside the weights holds that many rows of {longest + request.max_new_tokens} tokens", flush=True)
+    return fitting
 
 
 def mean_answer_loss(losses: dict[str, tuple[float, int]]) -> float:
@@ -185,8 +236,14 @@ def answer_losses(model, rows: list[dict], batch_size: int, pad_id: int) -> dict
         input_ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
         labels = torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in batch])
         attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
-        targets = labels[:, 1:].to(model.device)
+        # Logits from the batch's first scored position on: the prompts' would only take memory.
+        positions = (labels[:, 1:] != IGNORE).any(0).nonzero()
+        if not len(positions):
+            continue
+        first = int(positions[0])
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                       logits_to_keep=width - first).logits
+        targets = labels[:, first + 1 :].to(model.device)
         scored = targets != IGNORE
         # Only the answer positions go to float32: the full logits of a batch would not fit on a small GPU.
         token_losses = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored],
@@ -203,29 +260,33 @@ def evaluate_models(
     data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
     champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, out_dir: Path,
     reference_dir: Path, undesirable_examples: Path | None = None, log: logging.Logger | None = None,
-    split: HeldOutSplit = "test",
+    split: HeldOutSplit = "test", gpu_memory_gib: float | None = None,
 ) -> EvalReport:
     """Score the candidate, the base and the champion on `split`, whose examples are `eval_examples`; `log`
-    receives the worker's lines (the stage's own logger, so they show in the run's log)."""
+    receives the worker's lines (the stage's own logger, so they show in the run's log). After a QLoRA training
+    every model is loaded in 4-bit, as training loaded the base: like for like, and within the card that trained
+    it."""
     loss_rows, bad_rows = data.held_out(split)
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
     bad = list(read_examples(undesirable_examples))[: cfg.max_samples] if undesirable_examples else []
     asked = cfg.probes if split == "test" else []
     probes = [_probe_conversation(probe, data_cfg.system_prompt) for probe in asked]
     conversations = [example.prompt for example in examples] + probes + [example.prompt for example in bad]
-    candidate = _candidate(trained, base)
+    four_bit = trained.base_in_4bit
+    candidate = _candidate(trained, base).model_copy(update={"load_in_4bit": four_bit})
     models = {"candidate": candidate,
               "base": ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
-                                   tokenizer=candidate.tokenizer)}
+                                   tokenizer=candidate.tokenizer, load_in_4bit=four_bit)}
     # The reference models' outputs are reused while the model, the eval data, the settings and the code are.
     fingerprint = stable_hash(_file_hash(loss_rows.path), _file_hash(eval_examples), asked,
                               *(_file_hash(path) for path in (undesirable_examples,) if path is not None),
                               data_cfg.system_prompt, data.chat, cfg, _file_hash(Path(__file__)),
-                              _file_hash(Path(__file__).with_name("generation.py")))
+                              _file_hash(Path(__file__).with_name("generation.py")), four_bit)
     reference_keys = {"base": stable_hash("base", base.fingerprint, fingerprint)}
     if champion is not None:
         champion_dir = download_champion(tracking_uri, champion, reference_dir.parent / "champions")
-        models["champion"] = ModelToScore(name="champion", weights=str(champion_dir), tokenizer=str(champion_dir))
+        models["champion"] = ModelToScore(name="champion", weights=str(champion_dir), tokenizer=str(champion_dir),
+                                          load_in_4bit=four_bit)
         reference_keys["champion"] = stable_hash("champion", champion.name, champion.version, champion.run_id,
                                                  champion.source, fingerprint)
     outputs = {name: cached for name, key in reference_keys.items()
@@ -233,7 +294,8 @@ def evaluate_models(
     todo = [spec for name, spec in models.items() if name not in outputs]
     request = GenerationRequest(models=todo, conversations=conversations, loss_rows=loss_rows.path,
                                 undesirable_rows=bad_rows.path if bad and bad_rows else None,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat)
+                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat,
+                                gpu_memory_gib=gpu_memory_gib)
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
         generated = run_worker(EVALUATE_WORKER, request, GenerationResult, out_dir / "worker", log=log).outputs
@@ -332,6 +394,7 @@ def _write_reference(reference_dir: Path, name: str, key: str, outputs: BaseMode
 def evaluate(
     data: FormattedData, checked: CheckedData, trained: TrainResult, base: BaseModelRef, champion: ChampionRef | None,
     tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path, *, split: HeldOutSplit,
+    gpu_memory_gib: float | None = None,
 ) -> EvalReport:
     """Score on `split`: `validation` for the choices before the gate, `test` once, for the gate."""
     held_out = checked.held_out(split)
@@ -343,4 +406,5 @@ def evaluate(
         prestart_worker(RETENTION_WORKER)  # the retention stage follows: its worker imports while this one answers
     return evaluate_models(data, held_out.clean_path, checked.train.clean_path, trained, base, champion, tracking_uri,
                            data_cfg, cfg, out_dir, Path(workdir) / "evaluate" / "reference", held_out.undesirable_path,
-                           log=get_run_logger(), split=split)
+                           log=get_run_logger(), split=split,
+                           gpu_memory_gib=gpu_memory_gib)

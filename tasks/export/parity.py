@@ -9,6 +9,10 @@ vocabulary (special tokens parsed, BOS as the vocabulary asks), decoding is gree
 end-of-generation token or the first Modelfile stop string, within the evaluation's token budget. Answers are
 scored by `tasks.evaluate.metrics.score_answers`, like the evaluation stage's. Measuring is cached; which GGUFs are
 within `export.max_drop` of the PyTorch model is decided uncached, like the gate.
+
+After QLoRA the two sides differ by construction: the evaluation scored the 4-bit base with the adapter beside it
+(what training optimised), the GGUF is the adapter merged into the 16-bit base, then quantized. The drop of each
+GGUF against the evaluation's scores is what that difference (and the GGUF's own quantization) costs the task.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Every GGUF comes from llama.cpp's own tools, taken from the installed llama-cpp-
 and `convert_lora_to_gguf.py` writes the adapter for Ollama's FROM base + ADAPTER route. Whether each GGUF
 still does the task is the parity stage's question (`tasks/export/parity.py`), which loads every one of them.
 
-LoRA training leaves an adapter, merged here into the base; full fine-tuning leaves a whole model folder,
-which is exported as it is (and has no adapter GGUF).
+LoRA training leaves an adapter, merged here into the 16-bit base one tensor at a time (`tasks/export/merge.py`:
+host memory near the largest tensor, not the model twice); for QLoRA that is the 16-bit base that training
+quantized. Full fine-tuning leaves a whole model folder, which is exported as it is (and has no adapter GGUF).
 
 A model trained from a GGUF (`model.base` a .gguf file or `ollama:NAME`) must come back with the source's
 vocabulary: the same tokenizer type, pre-tokenizer, size and special tokens, or the export fails naming what
@@ -21,6 +22,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.export.llama_cpp import run_converter
+from tasks.export.merge import merge_shards
 from tasks.export.results import ExportResult, GgufFile
 from tasks.model.base import keep_tokenizer_sources
 from tasks.model.results import BaseModelRef
@@ -86,17 +88,25 @@ def write_ggufs(model_dir: Path, gguf_types: list[str], out_dir: Path) -> list[G
 
 
 def merge_adapter(adapter_dir: Path, base: BaseModelRef, merged_dir: Path) -> Path:
-    """Fold the LoRA weights into the base model (in its own precision) and save it with the tokenizer."""
-    from peft import AutoPeftModelForCausalLM
+    """Fold the LoRA weights into the 16-bit base model (in its own precision; for QLoRA the base it quantized),
+    shard by shard (`tasks/export/merge.py`), and save it with the tokenizer."""
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype="auto")
-    model.merge_and_unload().save_pretrained(merged_dir)
+    merge_shards(adapter_dir, base_folder(base), merged_dir)
     # The adapter folder's tokenizer carries the chat template the model was trained with; what transformers
     # does not save comes from the base, so an adapter trained before that was kept still exports right.
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged_dir)
     keep_tokenizer_sources(base.name_or_path, merged_dir, base.revision)
     return merged_dir
+
+
+def base_folder(base: BaseModelRef) -> Path:
+    """The base's local folder: itself, or its hub snapshot (from the cache training filled)."""
+    if Path(base.name_or_path).is_dir():
+        return Path(base.name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base.name_or_path, revision=base.revision, allow_patterns=["*.json", "*.safetensors"]))
 
 
 def convert(model_dir: Path, target: Path, float_type: str) -> Path:

@@ -2,7 +2,7 @@
 
 With a 151,936-token vocabulary the LM head dominates a small model's step, in time and in memory: the logits
 of 8,192 positions are 2.5 GB in bf16 and twice that in fp32. `head_cross_entropy` runs the head over a chunk
-of positions at a time (`chunk_positions`); each chunk's logits give its losses and, at once, their gradient (softmax minus the
+of positions at a time (`tasks.runtime.memory_plan.chunk_positions`); each chunk's logits give its losses and, at once, their gradient (softmax minus the
 one-hot target), which is turned into the gradients of the hidden states (and of the head's weight when it
 is trained) before the chunk's logits are freed. The backward pass then only scales those gradients. So the
 head's matmul runs once per step instead of twice (a checkpointed head recomputes it), and at most one chunk
@@ -19,17 +19,6 @@ Imported by the training worker only (it imports torch at module level).
 from __future__ import annotations
 
 import torch
-
-BYTES_PER_LOGIT = 6  # a chunk's 16-bit logits and their fp32 copy
-
-
-def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
-    """Positions per chunk: about 64 MiB of temporaries when memory is tight (activations are being
-    recomputed), 512 MiB when it is not: no more than unsloth's own fused cross-entropy holds at the peak
-    (benchmarks/RESULTS.md, issue 20 item 2), in chunks few enough that their launches stay a small part of a
-    step (a small model's step is bound by launches)."""
-    budget = 2**26 if memory_is_tight else 2**29
-    return max(16, budget // (vocab_size * BYTES_PER_LOGIT))
 
 
 def head_cross_entropy(hidden, head: torch.nn.Linear, targets, chunk: int):

@@ -47,6 +47,7 @@ from pydantic import BaseModel
 
 from tasks.data.format import IGNORE
 from tasks.runtime.config import TrainConfig
+from tasks.runtime.memory_plan import available_host_memory_gib
 from tasks.runtime.worker import emit_event
 from tasks.train.results import Backend, EvalPoint, HeldOut, LossPoint, TrainResult
 from tasks.train.task import TrainRequest
@@ -82,13 +83,16 @@ class Rank:
 def train_model(request: TrainRequest) -> TrainResult:
     import torch
 
-    from tasks.train.head_loss import chunk_positions
+    from tasks.runtime.memory_plan import chunk_positions
 
     cfg = request.cfg
     rank = _init_distributed()
     backend = choose_backend(cfg.backend, cfg.mode, cfg.devices)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (first, before transformers: it patches transformers on import)
+    from tasks.runtime.memory_plan import cap_gpu_memory
+
+    cap_gpu_memory(request.model_cfg.gpu_memory_gib, rank.local)
     env = check_environment(request, backend, rank)
     emit_event("started", pid=os.getpid(), backend=backend, **env.model_dump())
     print(f"train: {backend} backend, {cfg.mode} on {env.device}, {env.precision}; memory estimate "
@@ -226,7 +230,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         oom_retries=state.oom_retries, resumed_from_step=resumed_from, eval_history=state.evals,
         best_step=state.best.step if state.best else None,
         selected_step=selected if evaluated else None, stopped_early=sft_steps < total_steps, selection=selection,
-        packed=packing,
+        packed=packing, base_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
     )
 
 
@@ -343,10 +347,12 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 
     config = AutoConfig.from_pretrained(request.base.name_or_path, revision=request.base.revision)
     if cuda:
-        free = torch.cuda.mem_get_info(rank.local)[0] / GIB
+        from tasks.runtime.memory_plan import free_gpu_bytes
+
+        free = free_gpu_bytes(rank.local, model_cfg.gpu_memory_gib) / GIB
         device = f"cuda ({torch.cuda.get_device_name(rank.local)}) x{rank.world}"
     else:
-        free = _available_host_memory_gib()
+        free = available_host_memory_gib()
         device = f"cpu x{rank.world}"
     checkpointing = cfg.gradient_checkpointing
     auto = checkpointing == "auto"
@@ -370,55 +376,11 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool,
                     checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from tasks.runtime.memory_plan import model_shape, training_memory
 
-    from tasks.train.head_loss import BYTES_PER_LOGIT, chunk_positions
-
-    cfg, lora = request.cfg, request.lora
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in skeleton.parameters())
-    if cfg.mode == "full":
-        trainable = n_params
-    else:
-        targets = lora.target_modules
-        trainable = sum(
-            lora.r * (module.in_features + module.out_features)
-            for name, module in skeleton.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
-            and (targets == "all-linear" or name.split(".")[-1] in targets)
-        )
-    half = precision in ("bf16", "fp16")
-    weight_bytes = 4 if cfg.mode == "full" else (0.56 if four_bit else (2 if half else 4))
-    act_bytes = 2 if half else 4
-    hidden = config.hidden_size
-    layers = config.num_hidden_layers
-    inner = getattr(config, "intermediate_size", 4 * hidden)
-    tokens = cfg.batch_size * request.data.max_tokens
-    per_layer = tokens * (10 * hidden + 4 * inner) * act_bytes  # inputs kept for the backward pass
-    kept = {True: tokens * hidden * act_bytes * layers, "offload": 0}  # each layer's input, if on the GPU
-    activations = kept[checkpointing] + per_layer if checkpointing else per_layer * layers
-    loss_tokens = tokens * request.data.n_trained_tokens / max(request.data.n_tokens, 1)
-    return {
-        "weights": n_params * weight_bytes / GIB,
-        "gradients": trainable * 4 / GIB,
-        "optimizer": trainable * (2 if cfg.optimizer == "adamw_8bit" else 8) / GIB,
-        "activations": activations / GIB,
-        # One LM-head chunk at a time, at loss positions only: 16-bit logits and their fp32 copy; and the
-        # gradient of every loss position's hidden state (tasks/train/head_loss.py).
-        "logits": (min(loss_tokens, chunk_positions(config.vocab_size, bool(checkpointing))) * config.vocab_size
-                   * BYTES_PER_LOGIT + loss_tokens * hidden * act_bytes) / GIB,
-    }
-
-
-def _available_host_memory_gib() -> float | None:
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    match = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
-    return int(match.group(1)) / 2**20 if match else None
+    data = request.data
+    return training_memory(model_shape(config), request.cfg, request.lora, request.cfg.batch_size * data.max_tokens,
+                           data.n_trained_tokens / max(data.n_tokens, 1), precision, four_bit, checkpointing)
 
 
 def _init_distributed() -> Rank:
@@ -887,6 +849,7 @@ class HeldOutEvaluation:
         from tasks.evaluate.metrics import required_keys
 
         self.held_out, self.tokenizer, self.stepper = held_out, tokenizer, stepper
+        self.batch_size = held_out.batch_size  # halved on out-of-memory
         # Sorted by length, as the evaluate stage does: similar lengths share a batch.
         self.rows = sorted(held_out.loss_rows.rows(), key=lambda row: len(row["input_ids"]))
         examples = list(read_examples(held_out.examples))[:samples] if held_out.metric != "eval_loss" else []
@@ -901,19 +864,37 @@ class HeldOutEvaluation:
         started = time.perf_counter()
         model.eval()  # no dropout
         with torch.no_grad():
-            loss = self._loss(model)
-            metrics = self._metrics(model) if self.conversations else {}
+            loss, metrics = self._measured(model)
         model.train()
-        point = EvalPoint(step=step, eval_loss=loss, metrics=metrics, elapsed_s=round(time.perf_counter() - started, 3))
+        peak = (round(torch.cuda.max_memory_allocated(self.stepper.device) / GIB, 3)
+                if self.stepper.device.type == "cuda" else None)
+        point = EvalPoint(step=step, eval_loss=loss, metrics=metrics, elapsed_s=round(time.perf_counter() - started, 3),
+                          peak_gpu_memory_gib=peak)
         if selection_value(point, self.held_out.metric) is None:
             raise ValueError(f"retrain.metric {self.held_out.metric!r} was not measured on the {len(self.references)} "
                              f"held-out prompts of train.eval_samples (measured: {', '.join(sorted(metrics))})")
         return point
 
+    def _measured(self, model) -> tuple[float, dict[str, float]]:
+        """The loss and the answer metrics; on CUDA out-of-memory (the optimizer state is still on the device),
+        again at half the batch, kept for the later evaluations."""
+        import torch
+
+        while True:
+            try:
+                return self._loss(model), self._metrics(model) if self.conversations else {}
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+            torch.cuda.empty_cache()  # after the except block: the failed batch's tensors are released by then
+            self.batch_size //= 2
+            print(f"train: CUDA out of memory in the held-out evaluation: batches of {self.batch_size} from now on",
+                  flush=True)
+
     def _loss(self, model) -> float:
         import torch
 
-        stepper, batch_size = self.stepper, self.held_out.batch_size
+        stepper, batch_size = self.stepper, self.batch_size
         total, count = 0.0, 0
         for start in range(0, len(self.rows), batch_size):
             batch = make_batch(self.rows[start : start + batch_size], stepper.packing, stepper.pad_id,
@@ -931,11 +912,11 @@ class HeldOutEvaluation:
 
         if self.stepper.backend == "unsloth":
             answers = _unsloth_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
-                                       self.held_out.batch_size)
+                                       self.batch_size)
         else:
             with switches_undone(model):  # the decoder's attention and norms must not stay on a model that trains
                 answers = greedy_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
-                                         self.held_out.batch_size)
+                                         self.batch_size)
         means, _ = score_answers([a.text for a in answers], self.references, [a.stopped for a in answers],
                                  self.held_out.output_format, self.required)
         return means

@@ -49,6 +49,7 @@ class EvalPoint(BaseModel):
     eval_loss: float  # mean over the eval split's answer tokens, as the evaluate stage measures it
     metrics: dict[str, float] = {}  # answer metrics (tasks/evaluate/metrics.py) on the sampled prompts; empty for eval_loss
     elapsed_s: float  # the evaluation's own wall time
+    peak_gpu_memory_gib: float | None = None  # training's and its evaluations' peak so far; None on the CPU
 
 
 class HeldOut(BaseModel):
@@ -84,6 +85,7 @@ class TrainResult(BaseModel):
     selection: str = ""  # why those weights, in words (the MLflow tag `train.selection`)
     stopped_early: bool = False  # train.early_stopping ended training before max_steps
     packed: bool = False  # micro-batches of mixed lengths were packed (train.packing, where the backend packs here)
+    base_in_4bit: bool = False  # the frozen base was loaded in 4-bit (QLoRA): the evaluation loads it so too
 
     def curve(self) -> Record:
         """How training went: each attempt's run shows it. A stage that ran reported its curve live; a cached

@@ -82,8 +82,10 @@ def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict]
                      event["learning_rate"], event.get("grad_norm"), event.get("tokens_per_s"))
         elif event["event"] == "eval":
             writer.record(Record(points=eval_points(event)))
-            log.info("step %d: held-out loss %.4f%s", event["step"], event["eval_loss"],
-                     "".join(f", {name} {value:.4g}" for name, value in event["metrics"].items() if "." not in name))
+            log.info("step %d: held-out loss %.4f%s%s", event["step"], event["eval_loss"],
+                     "".join(f", {name} {value:.4g}" for name, value in event["metrics"].items() if "." not in name),
+                     f" (peak GPU memory so far {event['peak_gpu_memory_gib']} GiB)"
+                     if event.get("peak_gpu_memory_gib") is not None else "")
         elif event["event"] == "started":  # what the environment check decided, beside the run's params
             writer.record(Record(tags={
                 f"train.environment.{key}": str(event[key])
