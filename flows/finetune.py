@@ -129,6 +129,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                 attempt_decision = gate(validated, cfg.gate)
                 attempt_run.record(trained.curve(), validated.scores(), attempt_decision)
             attempts.append(Attempt(plan=attempt, trained=trained, report=validated, decision=attempt_decision))
+        stop_spares()  # no stage after the loop trains: a spare left waiting (stages cached) takes CPU
         ended = outcome(attempts, cfg.retrain)
         # The one look at the test split: the loop's final candidate, scored once (base and champion come from
         # the reference cache on a re-run). Only this report reaches the gate; its failure ends the run.
@@ -138,7 +139,6 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         if cfg.eval.judge is not None:
             report = judge.with_options(**network_retries(cfg.retry))(
                 report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, workdir)
-        stop_spares()  # no stage after this trains or evaluates: a spare left waiting (stages cached) takes CPU
         decision = gate(report, cfg.gate)
         run.record(formatted, trained, validated, report, decision)
         report_page = run_report(cfg.name, attempts, report, decision, ended, workdir)

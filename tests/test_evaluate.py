@@ -100,15 +100,15 @@ def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
     import torch
 
     from tasks.data.format import IGNORE
-    from tasks.evaluate.task import mean_answer_loss
+    from tasks.evaluate.task import answer_losses, mean_answer_loss
 
     model, tokenizer = noisy_model
     rows = []
     for i, n in enumerate((9, 14, 5)):
         ids = list(range(100 + i, 100 + i + n))
-        rows.append({"input_ids": ids, "labels": [IGNORE] * 3 + ids[3:]})
+        rows.append({"id": str(i), "input_ids": ids, "labels": [IGNORE] * 3 + ids[3:]})
     with torch.inference_mode():
-        batched = mean_answer_loss(model, rows, batch_size=2, pad_id=tokenizer.pad_token_id)
+        batched = mean_answer_loss(answer_losses(model, rows, batch_size=2, pad_id=tokenizer.pad_token_id))
         total = count = 0.0
         for row in rows:
             logits = model(torch.tensor([row["input_ids"]])).logits[0, :-1]

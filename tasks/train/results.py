@@ -46,17 +46,18 @@ class EvalPoint(BaseModel):
     """One held-out evaluation during training (train.eval_steps)."""
 
     step: int  # 0: the weights an attempt continues from, before its first step
-    eval_loss: float  # mean over the eval split's answer tokens, as the evaluate stage measures it
+    eval_loss: float  # mean over the validation split's answer tokens, as the evaluate stage measures it
     metrics: dict[str, float] = {}  # answer metrics (tasks/evaluate/metrics.py) on the sampled prompts; empty for eval_loss
     elapsed_s: float  # the evaluation's own wall time
     peak_gpu_memory_gib: float | None = None  # training's and its evaluations' peak so far; None on the CPU
 
 
 class HeldOut(BaseModel):
-    """What the evaluations during training measure, and what the best checkpoint is chosen by."""
+    """What the evaluations during training measure, and what the best checkpoint is chosen by: the validation
+    split, never the test split."""
 
-    loss_rows: FormattedSplit  # the formatted eval split: the held-out loss
-    examples: Path  # the clean eval examples: prompts to answer and the expected answers
+    loss_rows: FormattedSplit  # the formatted validation split: the held-out loss
+    examples: Path  # the clean validation examples: prompts to answer and the expected answers
     train_examples: Path  # the clean train examples: the keys a JSON answer must carry, as the evaluation reads them
     metric: str  # retrain.metric: `eval_loss`, or an answer metric measured on `train.eval_samples` prompts
     output_format: Literal["json", "text"]
