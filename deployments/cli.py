@@ -623,10 +623,11 @@ class Report:
         """Headline metrics of base / champion / candidate, plus every metric a gate rule checked."""
         from rich.table import Table
 
+        from tasks.evaluate.gate import RETENTION_CHECK
         from tasks.evaluate.report import label, models
 
         columns = models(report)
-        gated = {check.metric for check in decision.checks}
+        gated = {check.metric for check in decision.checks} - {RETENTION_CHECK}
         names = sorted({n for s in columns for n in s.metrics if "." not in n} | gated)
         table = Table(title=f"held-out metrics ({report.n_samples} examples)")
         table.add_column("metric")
@@ -637,6 +638,11 @@ class Report:
             table.add_row(name + (" *" if name in gated else ""), *("-" if v is None else f"{v:.3f}" for v in values))
         self.console.print(table)
         self.console.print("* checked by the gate")
+        if (kept := report.retention) is not None:
+            self.console.print(f"retention on {kept.n_prompts} general prompts: loss on the base's answers base "
+                               f"{kept.base_loss:.3f} → candidate {kept.candidate_loss:.3f} ({kept.loss_increase:+.3f} "
+                               f"nats per token){' *' if RETENTION_CHECK in {c.metric for c in decision.checks} else ''}",
+                               highlight=False)
 
 
 def stage_states(flow_run_id) -> list[tuple[str, str, float]]:

@@ -23,6 +23,7 @@ from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, RetentionRule
 # A value that meets its limit exactly must pass despite float rounding (0.3 - 0.2 < 0.1), and a candidate
 # that is the champion, scored again, must not lose to it on the last digit.
 SLACK = 1e-6
+RETENTION_CHECK = "retention.loss_increase"  # the retention rule's check: not a metric of the held-out split
 
 
 def improvement(metric: str, candidate: float, other: float) -> float:
@@ -80,7 +81,7 @@ def _versus(metric: str, kind: Literal["over_base", "over_champion"], candidate:
 def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
     """The candidate's loss on the base's own answers to general prompts may rise at most `max_loss_increase`
     nats per token above the base's: more, and it has forgotten how to answer outside its task."""
-    metric, limit = "retention.loss_increase", rule.max_loss_increase
+    metric, limit = RETENTION_CHECK, rule.max_loss_increase
     rise = scores.loss_increase
     passed = rise <= limit + SLACK
     measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
