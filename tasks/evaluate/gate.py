@@ -87,8 +87,8 @@ def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
     measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
                 f"at most +{limit:g} allowed)")
     if passed:
-        reason = (f"the candidate kept the base's general ability: its loss on the base's answers to "
-                  f"{scores.n_prompts} general prompts went from {measured}")
+        reason = (f"retention within its limit: the candidate's loss on the base's answers to {scores.n_prompts} "
+                  f"general prompts went from {measured}")
     else:
         reason = (f"the candidate forgot how to chat: its loss on the base's answers to {scores.n_prompts} general "
                   f"prompts rose from {measured}; it finds what the base would say {math.exp(rise):.1f} times less "
