@@ -645,11 +645,12 @@ class Report:
         when given, plus every metric a gate rule checked."""
         from rich.table import Table
 
+        from tasks.evaluate.gate import RETENTION_CHECK
         from tasks.evaluate.report import label, models
 
         splits = [r for r in (validation, report) if r is not None]
         columns = [(r, scores) for scores in models(report) for r in splits]
-        gated = {check.metric for check in decision.checks}
+        gated = {check.metric for check in decision.checks} - {RETENTION_CHECK, "regressions"}
         names = sorted({n for r in splits for s in models(r) for n in s.metrics if "." not in n} | gated)
         title = ", ".join(f"{r.split}: {r.n_samples} examples" for r in splits)
         table = Table(title=f"metrics ({title})")
@@ -662,6 +663,11 @@ class Report:
             table.add_row(name + (" *" if name in gated else ""), *("-" if v is None else f"{v:.3f}" for v in values))
         self.console.print(table)
         self.console.print(f"* checked by the gate (on {report.split})")
+        if (kept := report.retention) is not None:
+            self.console.print(f"retention on {kept.n_prompts} general prompts: loss on the base's answers base "
+                               f"{kept.base_loss:.3f} → candidate {kept.candidate_loss:.3f} ({kept.loss_increase:+.3f} "
+                               f"nats per token){' *' if RETENTION_CHECK in {c.metric for c in decision.checks} else ''}",
+                               highlight=False)
 
 
 def stage_states(flow_run_id) -> list[tuple[str, str, float]]:

@@ -88,7 +88,9 @@ def test_a_candidate_that_forgot_how_to_chat_fails_the_gate_saying_so(tmp_path: 
     cfg = GateConfig.model_validate({"retention": {"max_loss_increase": 0.5}})
     kept = decide(_report(tmp_path, _scores(tmp_path, 1.1, 1.6)), cfg)  # exactly at the limit
     assert kept.passed and kept.checks[0].metric == "retention.loss_increase"
-    assert "kept the base's general ability" in kept.checks[0].reason
+    assert kept.checks[0].reason == ("retention within its limit: the candidate's loss on the base's answers to 16 "
+                                     "general prompts went from 1.100 to 1.600 nats per token (+0.500; at most +0.5 "
+                                     "allowed)")
 
     forgot = decide(_report(tmp_path, _scores(tmp_path, 1.1, 2.9)), cfg)
     assert not forgot.passed

@@ -33,6 +33,7 @@ from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, RetentionRule
 # Metrics whose split value is a mean over answer tokens, not over examples: their intervals weigh each example
 # by its answer tokens (samples.jsonl's `answer_tokens`), so they are intervals of the reported value.
 TOKEN_WEIGHTED = {"eval_loss"}
+RETENTION_CHECK = "retention.loss_increase"  # the retention rule's check: not a metric of the held-out split
 
 
 def improvement(metric: str, candidate: float, other: float) -> float:
@@ -170,14 +171,14 @@ def _who(scores: ModelScores) -> str:
 def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
     """The candidate's loss on the base's own answers to general prompts may rise at most `max_loss_increase`
     nats per token above the base's: more, and it has forgotten how to answer outside its task."""
-    metric, limit = "retention.loss_increase", rule.max_loss_increase
+    metric, limit = RETENTION_CHECK, rule.max_loss_increase
     rise = scores.loss_increase
     passed = rise <= limit + SLACK
     measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
                 f"at most +{limit:g} allowed)")
     if passed:
-        reason = (f"the candidate kept the base's general ability: its loss on the base's answers to "
-                  f"{scores.n_prompts} general prompts went from {measured}")
+        reason = (f"retention within its limit: the candidate's loss on the base's answers to {scores.n_prompts} "
+                  f"general prompts went from {measured}")
     else:
         reason = (f"the candidate forgot how to chat: its loss on the base's answers to {scores.n_prompts} general "
                   f"prompts rose from {measured}; it finds what the base would say {math.exp(rise):.1f} times less "
