@@ -103,7 +103,7 @@ def main() -> None:
                 "server_start_and_stop_s": wall - s.seconds, "wins": s.wins, "ties": s.ties, "losses": s.losses,
                 "order_flips": s.order_flips, "restated": s.restated, "unparsed": s.unparsed,
                 "exact_match_decides": len(decided), "agreement_with_exact_match": agree / len(decided), "candidate_judge_win_rate": judged.candidate.metrics[s.metric],
-                "first_replies": [r["judgments"][0]["replies"][0][:80] for r in records[:3]]}
+                "first_replies": [r["judgments"][0]["replies"][0][:80] for r in records if r["judgments"]][:3]}
             print(json.dumps(results, indent=2), flush=True)
 
 
