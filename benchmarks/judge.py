@@ -86,8 +86,9 @@ def main() -> None:
                             base=ModelScores(name="base", metrics={}), champion=None,
                             samples_path=root / "samples.jsonl", probes_path=root / "probes.jsonl")
         for structured in (False, True):
-            judge = JudgeConfig(model=args.judge, structured=structured, max_tokens=16 if structured else args.max_tokens,
-                                context_length=2048, max_unparsed=1.0, max_order_flips=1.0)
+            judge = JudgeConfig(model=args.judge, structured=structured,
+                                max_tokens=16 if structured else args.max_tokens, context_length=2048,
+                                max_unparsed=1.0, max_order_flips=1.0)
             started = time.perf_counter()
             judged = judge_report(report, judge, root / "eval.jsonl", None, GateConfig(), root / f"judge-{structured}",
                                   root / "cache")
@@ -102,8 +103,9 @@ def main() -> None:
                 "examples": s.n, "calls_per_example": calls / s.n, "asking_s_per_example": s.seconds / s.n,
                 "server_start_and_stop_s": wall - s.seconds, "wins": s.wins, "ties": s.ties, "losses": s.losses,
                 "order_flips": s.order_flips, "restated": s.restated, "unparsed": s.unparsed,
-                "exact_match_decides": len(decided), "agreement_with_exact_match": agree / len(decided), "candidate_judge_win_rate": judged.candidate.metrics[s.metric],
-                "first_replies": [r["judgments"][0]["replies"][0][:80] for r in records[:3]]}
+                "exact_match_decides": len(decided), "agreement_with_exact_match": agree / len(decided),
+                "candidate_judge_win_rate": judged.candidate.metrics[s.metric],
+                "first_replies": [r["judgments"][0]["replies"][0][:80] for r in records if r["judgments"]][:3]}
             print(json.dumps(results, indent=2), flush=True)
 
 

@@ -7,14 +7,14 @@ which tunepipe serves for the judging with llama-cpp-python's own OpenAI-compati
 (`tasks/evaluate/judge_server.py`) and stops after.
 
 Pairwise (MT-Bench's protocol): for each test example the judge sees the question as the models saw it (system
-prompt and retrieved context included), the reference answer and two answers, the candidate's and its
-opponent's (the champion's; the base's for a first model), and is asked twice, with the answers in both
-orders. A verdict that holds in both orders counts (win 1, tie 0.5, loss 0); one that changes with the order
-(the judge preferred a position, not an answer) counts as a tie, and the share of such order flips is
-reported; more than `max_order_flips` of them, and the judge's metric counts as not measured. Two identical
-answers tie without asking. The candidate's per-example `judge_win_rate` is that value and its opponent's is 1 minus it, so the
-gate's paired comparison reads them as any per-example metric. Rubric (G-Eval style): each of the two answers
-is scored 1-5 against the reference under `eval.judge.rubric`; `judge_score` is (score - 1) / 4.
+prompt and retrieved context included), the reference answer and two answers, the candidate's and its opponent's
+(the champion's; the base's for a first model), and is asked twice, with the answers in both orders. A verdict that
+holds in both orders counts (win 1, tie 0.5, loss 0); one that changes with the order (the judge preferred a
+position, not an answer) counts as a tie, and the share of such order flips is reported; more than `max_order_flips`
+of them, and the judge's metric counts as not measured. Two identical answers tie without asking. The candidate's
+per-example `judge_win_rate` is that value and its opponent's is 1 minus it, so the gate's paired comparison reads
+them as any per-example metric. Rubric (G-Eval style): each of the two answers is scored 1-5 against the reference
+under `eval.judge.rubric`; `judge_score` is (score - 1) / 4.
 
 A reply whose verdict cannot be read is asked again once with the format restated; one still unreadable counts
 as neutral (a tie; the rubric's middle) and is counted; more than `max_unparsed` of them, and the judge's
@@ -81,7 +81,8 @@ SCHEMAS = {
 }
 BRACKETED = {"pairwise": re.compile(r"\[\[\s*([ABC])\s*\]\]", re.IGNORECASE),
              "rubric": re.compile(r"\[\[\s*([1-5])\s*\]\]")}
-BARE = {"pairwise": re.compile(r"\W*(?:assistant\s+)?([ABC])\W*", re.IGNORECASE), "rubric": re.compile(r"\W*([1-5])\W*")}
+BARE = {"pairwise": re.compile(r"\W*(?:assistant\s+)?([ABC])\W*", re.IGNORECASE),
+        "rubric": re.compile(r"\W*([1-5])\W*")}
 # Per example and order, the candidate's result: a verdict naming the candidate's position is a win.
 OUTCOME = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 SERVER_START_S = 300  # a .gguf judge's server: loading the model, on a busy CPU
@@ -206,7 +207,8 @@ def judge_endpoint(cfg: JudgeConfig, ollama_host: str | None, server_log: Path,
         from tasks.serve.ollama.client import OllamaClient
         from tasks.serve.ollama.host import ollama_host as resolve_host
 
-        client, name = OllamaClient(resolve_host(cfg.base_url or ollama_host), cfg.timeout_s), cfg.model.removeprefix("ollama:")
+        client = OllamaClient(resolve_host(cfg.base_url or ollama_host), cfg.timeout_s)
+        name = cfg.model.removeprefix("ollama:")
 
         def ask(messages: list[dict[str, str]], schema: dict[str, Any] | None) -> str:
             reply = client.chat(name, messages, {"temperature": 0, "num_predict": cfg.max_tokens}, format=schema)
@@ -265,7 +267,8 @@ def local_judge_server(gguf: Path, context_length: int, key: str | None, server_
     # Half the cores, as for parity: llama.cpp's threads spin while they wait, so more than the free cores is ruinous.
     threads = str(max((os.cpu_count() or 2) // 2, 1))
     command = [sys.executable, "-m", "tasks.evaluate.judge_server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(context_length), "--n_threads", threads, "--n_threads_batch", threads]
+               "--port", str(port), "--n_ctx", str(context_length), "--n_threads", threads,
+               "--n_threads_batch", threads]
     env = {**os.environ, "API_KEY": key} if key else {k: v for k, v in os.environ.items() if k != "API_KEY"}
     server_log.parent.mkdir(parents=True, exist_ok=True)
     with server_log.open("wb") as out:
@@ -346,7 +349,8 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
             summary = {"result": result, "candidate_value": value}
         else:
             ratings = [int(v) if v is not None else None for v in verdicts]
-            values.append({who: ((r if r is not None else 3) - 1) / 4 for who, r in zip(("candidate", opponent), ratings)})
+            values.append({who: ((r if r is not None else 3) - 1) / 4
+                           for who, r in zip(("candidate", opponent), ratings)})
             summary = {"ratings": dict(zip(("candidate", opponent), ratings))}
         records.append({"id": row["id"], "source": row["source"], "prompt": row["prompt"], "expected": row["expected"],
                         "candidate": row["candidate"]["answer"], opponent: row[opponent]["answer"], **summary,
@@ -364,11 +368,12 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
         out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     if calls and unread / calls > cfg.max_unparsed + 1e-9:
         raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict could not be read in {unread} of "
-                         f"{calls} replies, even with the format restated (eval.judge.max_unparsed {cfg.max_unparsed:g})"
-                         f"; its replies are in {summary.judgments_path}")
+                         f"{calls} replies, even with the format restated "
+                         f"(eval.judge.max_unparsed {cfg.max_unparsed:g}); its replies are in {summary.judgments_path}")
     if (flips := summary.order_flip_rate) is not None and flips > cfg.max_order_flips + 1e-9:
         raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict changed with the order of the answers on "
-                         f"{summary.order_flips} of {summary.order_flips + summary.wins + summary.ties + summary.losses} "
+                         f"{summary.order_flips} of "
+                         f"{summary.order_flips + summary.wins + summary.ties + summary.losses} "
                          f"examples (eval.judge.max_order_flips {cfg.max_order_flips:g}): it judged positions, not "
                          f"answers; its replies are in {summary.judgments_path}")
     samples_path = out_dir / "samples.jsonl"

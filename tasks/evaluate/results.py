@@ -86,8 +86,8 @@ class JudgeSummary(BaseModel):
         outcome = (f"candidate against {self.opponent}: {self.wins} won, {self.ties} tied, {self.losses} lost, "
                    f"{self.order_flips} flipped with the order, {self.identical} identical" if self.mode == "pairwise"
                    else f"candidate and {self.opponent} scored on the rubric")
-        return (f"{who}, {self.mode}, {self.n} examples: {outcome}; {self.questions} judgments ({self.asked} asked now, "
-                f"{self.restated} restated, {self.unparsed} unreadable)")
+        return (f"{who}, {self.mode}, {self.n} examples: {outcome}; {self.questions} judgments "
+                f"({self.asked} asked now, {self.restated} restated, {self.unparsed} unreadable)")
 
     def record(self) -> Record:
         rows = [json.loads(line) for line in self.judgments_path.read_text(encoding="utf-8").splitlines() if line]
