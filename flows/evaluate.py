@@ -46,7 +46,8 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked.eval.clean_path, checked.train.clean_path, candidate, base, champion,
-                          cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir, checked.eval.undesirable_path)
+                          cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir, checked.eval.undesirable_path,
+                          gpu_memory_gib=cfg.model.gpu_memory_gib)
         decision = gate(report, cfg.gate)
         run.record(report, decision)
     return Evaluation(model=model, model_run_id=model_run_id, mlflow_run_id=run.run_id, eval=report, gate=decision)
