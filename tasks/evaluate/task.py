@@ -4,7 +4,8 @@ Each model answers every held-out prompt and every probe greedily (`tasks.evalua
 cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
 is a GPU (fp16 where it has no bf16), one model at a time, in batches the memory left beside the weights holds.
 After QLoRA every model is loaded in 4-bit as training loaded the base, the adapter beside it (unmerged); the
-exported GGUF is the adapter merged into the 16-bit base, and parity measures what separates the two. Its answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
+exported GGUF is the adapter merged into the 16-bit base, and parity measures what separates the two. Its
+answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
 required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
 the mean token loss on the held-out assistant tokens, computed exactly as in training.
 
@@ -91,9 +92,8 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
     import torch
 
     from tasks.evaluate.generation import greedy_answers
-    from tasks.runtime.progress import Progress
-
     from tasks.runtime.memory_plan import cap_gpu_memory
+    from tasks.runtime.progress import Progress
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # A GPU without bf16 (a T4) computes in fp16, as training did there: fp32 would double the weights.
