@@ -28,6 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tasks.train.task import TrainRequest  # noqa: E402  (the worker reads the request type off the annotation)
+from tasks.train.results import TrainResult  # noqa: E402
+
 QWEN2_5_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                   num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
                   rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -62,7 +65,7 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def raw_loop_capped(request):
+def raw_loop_capped(request: TrainRequest) -> TrainResult:
     """gpu_train's plain Unsloth loop with the process's GPU memory capped as a tunepipe worker caps its own."""
     from benchmarks.gpu_train import raw_loop
     from tasks.runtime.memory_plan import cap_gpu_memory

@@ -50,7 +50,7 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
         report = evaluate(formatted, checked, candidate, base, champion, cfg.tracking.uri, cfg.data, cfg.eval,
-                          cfg.workdir, split="test")
+                          cfg.workdir, split="test", gpu_memory_gib=cfg.model.gpu_memory_gib)
         retained = retention(candidate, base, formatted.chat, read_prompts(cfg.eval.retention), cfg.eval.retention,
                              cfg.eval.batch_size, cfg.workdir)
         report = report.model_copy(update={"retention": retained})

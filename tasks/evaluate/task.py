@@ -8,7 +8,8 @@ Each model answers every held-out prompt and every probe greedily (`tasks.evalua
 cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
 is a GPU (fp16 where it has no bf16), one model at a time, in batches the memory left beside the weights holds.
 After QLoRA every model is loaded in 4-bit as training loaded the base, the adapter beside it (unmerged); the
-exported GGUF is the adapter merged into the 16-bit base, and parity measures what separates the two. Its answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
+exported GGUF is the adapter merged into the 16-bit base, and parity measures what separates the two. Its
+answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
 required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
 the mean token loss on the held-out assistant tokens, computed exactly as in training. samples.jsonl keeps every
 score per example, each example's own eval loss (the mean over its answer tokens) and its number of answer

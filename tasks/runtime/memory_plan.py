@@ -84,10 +84,11 @@ def weights_bytes(shape: ModelShape, four_bit: bool, dtype_bytes: int = 2) -> fl
     return shape.params * dtype_bytes
 
 
-def adapter_bytes(shape: ModelShape, r: int) -> float:
-    """A LoRA adapter on every linear layer of the decoder, fp32 (an upper bound for fewer targets)."""
-    per_layer_dims = shape.linear_params / max(shape.hidden, 1)  # sum of (in x out) / hidden ~ sum of widths
-    return r * 2 * per_layer_dims * 4
+def lora_params(shape: ModelShape, lora) -> int:
+    """The parameters of a LoRA adapter (`lora`: the config's section) on the model: r x (in + out) a module."""
+    targets = lora.target_modules
+    return lora.r * sum(width for name, width in shape.linear_widths.items()
+                        if targets == "all-linear" or name in targets)
 
 
 def generation_row_bytes(shape: ModelShape, length: int, dtype_bytes: int) -> float:
@@ -203,12 +204,7 @@ def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
 def training_memory(shape: ModelShape, cfg: TrainConfig, lora, tokens: int, loss_share: float, precision: str,
                     four_bit: bool, checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part of a training step over `tokens` tokens a micro-batch, `loss_share` of them carrying the loss."""
-    if cfg.mode == "full":
-        trainable = shape.params
-    else:
-        targets = lora.target_modules
-        trainable = lora.r * sum(width for name, width in shape.linear_widths.items()
-                                 if targets == "all-linear" or name in targets)
+    trainable = shape.params if cfg.mode == "full" else lora_params(shape, lora)
     half = precision in ("bf16", "fp16")
     act_bytes = 2 if half else 4
     hidden, layers, inner = shape.hidden, shape.layers, shape.intermediate
@@ -291,7 +287,7 @@ def plan_memory(cfg, shape: ModelShape, machine: Machine, longest_tokens: int, l
 
     # The evaluate stage: one model at a time, loaded as training loaded the base.
     weights = weights_bytes(shape, four_bit, dtype_bytes) / GIB
-    adapter = adapter_bytes(shape, cfg.lora.r) / GIB if train.mode != "full" else 0.0
+    adapter = lora_params(shape, cfg.lora) * 4 / GIB if train.mode != "full" else 0.0  # fp32, as peft keeps it
     row_bytes = max(generation_row_bytes(shape, longest_tokens + ev.max_new_tokens, dtype_bytes),
                     loss_row_bytes(shape, longest_tokens, dtype_bytes, loss_share))
     fitting = (rows_that_fit(gpu_budget * GIB, (weights + adapter) * GIB, row_bytes, ev.batch_size)
@@ -304,18 +300,19 @@ def plan_memory(cfg, shape: ModelShape, machine: Machine, longest_tokens: int, l
         "a shorter eval.max_new_tokens or model.max_seq_length",
         note=f"batch of {fitting} of eval.batch_size {ev.batch_size}" if fitting < ev.batch_size else ""))
 
-    # Export on the host: the merge reads and writes one tensor at a time; the GGUF converter maps its input.
-    sixteen_bit = shape.params * 2 / GIB
-    largest = shape.largest_tensor * 2 / GIB
-    merge_parts = {"largest tensor, read and merged": 2 * largest, "adapter": adapter}
-    stages.append(StageNeed(stage="export (merge)", resource="host memory", need_gib=sum(merge_parts.values()),
-                            parts=merge_parts, available_gib=machine.host_gib, setting="a machine with more memory"))
+    # Export on the host: an adapter's merge reads and writes one tensor at a time (a full fine-tune is exported
+    # from its own folder); the GGUF converter maps its input.
     types = cfg.export.gguf_types
     float_source = "bf16" if "bf16" in types and "f16" not in types else "f16"
-    files = {"merged model (16-bit)": sixteen_bit,
-             **{f"GGUF {t}": shape.params * GGUF_BYTES[t] / GIB for t in dict.fromkeys([float_source, *types])}}
-    if train.mode != "full" and cfg.export.lora_gguf:
-        files["adapter GGUF"] = adapter / 2
+    files = {f"GGUF {t}": shape.params * GGUF_BYTES[t] / GIB for t in dict.fromkeys([float_source, *types])}
+    if train.mode != "full":
+        merge_parts = {"largest tensor, read and merged": 2 * shape.largest_tensor * 2 / GIB, "adapter": adapter}
+        stages.append(StageNeed(stage="export (merge)", resource="host memory", need_gib=sum(merge_parts.values()),
+                                parts=merge_parts, available_gib=machine.host_gib,
+                                setting="a machine with more memory"))
+        files = {"merged model (16-bit)": shape.params * 2 / GIB, **files}
+        if cfg.export.lora_gguf:
+            files["adapter GGUF"] = adapter / 2
     stages.append(StageNeed(stage="export (files)", resource="disk", need_gib=sum(files.values()), parts=files,
                             available_gib=machine.disk_gib,
                             setting="fewer export.gguf_types, or a workdir on a larger disk"))
