@@ -139,7 +139,9 @@ def test_format_dataset_on_the_demo_data(
         assert split.n_trained_tokens == sum(label != IGNORE for row in rows for label in row["labels"])
         assert 0 < split.n_trained_tokens < split.n_tokens
         assert all(len(row["labels"]) == len(row["input_ids"]) for row in rows)
-    assert (formatted.train.n_rows, formatted.eval.n_rows) == (400, 48)
+    # data.validation_fraction of the 400 training pages is held out as validation; the test split is the file.
+    assert loaded.n_validation > 0
+    assert (formatted.train.n_rows + loaded.n_validation, formatted.eval.n_rows) == (400, 48)
 
 
 @pytest.fixture(scope="module")

@@ -181,13 +181,14 @@ def _losses(result, rated) -> tuple[float, float]:
 
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.task import mean_answer_loss
+    from tasks.evaluate.task import answer_losses, mean_answer_loss
 
     data, _ = rated
     model = AutoModelForCausalLM.from_pretrained(result.adapter_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
-        return tuple(mean_answer_loss(model, [json.loads(line) for line in split.path.read_text().splitlines()],
-                                      16, 0) for split in (data.eval, data.eval_undesirable))
+        return tuple(mean_answer_loss(answer_losses(model, [json.loads(line) for line in
+                                                            split.path.read_text().splitlines()], 16, 0))
+                     for split in (data.eval, data.eval_undesirable))
 
 
 def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exactly(rated, tmp_path) -> None:

@@ -364,7 +364,7 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.task import mean_answer_loss
+    from tasks.evaluate.task import answer_losses, mean_answer_loss
     from tasks.export.task import export_model
     from tasks.runtime.config import ExportConfig
     from tasks.train.loop import train_model
@@ -386,7 +386,8 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.name_or_path),
                                        peaked.adapter_dir).merge_and_unload().eval()
     with torch.no_grad():
-        assert mean_answer_loss(merged, held_out.loss_rows.rows(), 4, 0) == pytest.approx(losses[0], rel=1e-4)
+        assert mean_answer_loss(answer_losses(merged, held_out.loss_rows.rows(), 4, 0)) == pytest.approx(losses[0],
+                                                                                            rel=1e-4)
     export = ExportConfig(gguf_types=["f16"], lora_gguf=False)
     ggufs = [export_model(result, base, export, tmp_path / f"export-{name}").ggufs[0]
              for name, result in (("best", peaked), ("one", one_step))]

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from tasks.data.examples import Message
 
-if TYPE_CHECKING:
-    from tasks.runtime.config import RetentionConfig
+
+class PromptsConfig(Protocol):
+    """What `read_prompts` reads of `eval.retention` (tasks.runtime.config.RetentionConfig, which calls it)."""
+
+    builtin: int
+    prompts: Path | None
+
 
 BUILTIN = Path(__file__).with_name("general_prompts.jsonl")
 
@@ -61,7 +66,7 @@ class GeneralPromptsError(ValueError):
     """A prompts file with lines that cannot be asked; the message names each by file and line."""
 
 
-def read_prompts(cfg: RetentionConfig) -> list[GeneralPrompt]:
+def read_prompts(cfg: PromptsConfig) -> list[GeneralPrompt]:
     """The first `cfg.builtin` built-in prompts, then every line of `cfg.prompts`."""
     builtin = read_file(BUILTIN)
     if cfg.builtin > len(builtin):

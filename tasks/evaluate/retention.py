@@ -28,6 +28,7 @@ from tasks.data.format import IGNORE, ids_and_labels, tokenize_pieces
 from tasks.evaluate.general_prompts import GeneralPrompt
 from tasks.evaluate.results import RetentionScores
 from tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started early imports)
+    RETENTION_WORKER,
     ModelToScore,
     _candidate,
     _file_hash,
@@ -44,8 +45,6 @@ from tasks.runtime.config import RetentionConfig
 from tasks.runtime.gpu_slots import gpu_slots
 from tasks.runtime.worker import run_worker
 from tasks.train.results import TrainResult
-
-RETENTION_WORKER = "tasks.evaluate.retention:answer_general_prompts"
 
 
 class RetentionOutputs(BaseModel):

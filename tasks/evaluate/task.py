@@ -93,6 +93,8 @@ class GenerationResult(BaseModel):
 
 
 EVALUATE_WORKER = "tasks.evaluate.task:generate_outputs"
+# The retention stage's worker (tasks/evaluate/retention.py), named here so this stage can start it early.
+RETENTION_WORKER = "tasks.evaluate.retention:answer_general_prompts"
 
 
 def generate_outputs(request: GenerationRequest) -> GenerationResult:
@@ -402,8 +404,6 @@ def evaluate(
     out_dir = stage_dir(workdir, "evaluate", split, data, held_out.clean_path, checked.train.clean_path, trained,
                         base, champion, data_cfg, cfg, held_out.undesirable_path)
     if split == "validation" and (cfg.retention.builtin or cfg.retention.prompts):
-        from tasks.evaluate.retention import RETENTION_WORKER
-
         prestart_worker(RETENTION_WORKER)  # the retention stage follows: its worker imports while this one answers
     return evaluate_models(data, held_out.clean_path, checked.train.clean_path, trained, base, champion, tracking_uri,
                            data_cfg, cfg, out_dir, Path(workdir) / "evaluate" / "reference", held_out.undesirable_path,
