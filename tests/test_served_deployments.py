@@ -165,7 +165,7 @@ def test_retrain_from_rag_runs_through_a_deployment_and_a_process_worker(served:
     prefix = "demo-products-retrain-from-rag-"
     assert set(shown) == {prefix + what for what in ("outcome", "report", "metrics", "mlflow-run", "served")}
     assert shown[prefix + "outcome"]["data"].startswith("# Nightly retrain: kept champion")
-    assert "## Gate (attempt 1)" in shown[prefix + "report"]["data"]
+    assert "## Gate on the test split (attempt 1's candidate)" in shown[prefix + "report"]["data"]
     assert {row["metric"] for row in shown[prefix + "metrics"]["data"]} >= {"stop_rate", "eval_loss (lower is better)"}
     assert "not served" in shown[prefix + "served"]["data"] and ".gguf" in shown[prefix + "served"]["data"]
     finetune_runs = served.api("/artifacts/filter", {"artifacts": {"key": {"any_": ["demo-products-finetune-report"]}}})
