@@ -161,7 +161,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     get_run_logger().info("ollama: %s", serving.registration.message)
     summary = RunSummary(
         mlflow_run_id=run.run_id, mlflow_tracking_uri=redact(cfg.tracking.uri), eval=report, gate=decision,
-        validation=validated, attempts=len(attempts), retrain_outcome=ended, report=report_page, exported=exported, parity=measured,
+        validation=validated, attempts=len(attempts), retrain_outcome=ended, report=report_page, exported=exported,
+        parity=measured,
         gguf_path=serving_plan.gguf.path, serving=serving, data_docs=checked.data_docs,
     )
     if not serving.served:  # trained and exported, but not served: say so in the run's final state

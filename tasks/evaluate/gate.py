@@ -13,7 +13,7 @@ Five kinds of rule, each one check with one sentence in words, pass or fail:
 "Beat" is decided on the paired interval of candidate − other (`tasks.evaluate.paired`): its lower end must be
 above the margin (`paired.clears`). At margin 0 the candidate must be shown better, not merely not shown worse: a
 mean that is not lower lets a worse model through whenever the sample favours it, and swaps an equal one in on
-noise (benchmarks/RESULTS.md, gate power). "Better" follows the metric's direction: lower for eval_loss.
+noise (benchmarks/RESULTS.md, "The gate's power"). "Better" follows the metric's direction: lower for eval_loss.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def improvement(metric: str, candidate: float, other: float) -> float:
 def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
     rows = read_samples(report.samples_path)
     # The gate decides on the test split; the retrain loop may also gate its attempts on the validation split.
-    examples = f"{getattr(report, 'split', 'test')} examples"
+    examples = f"{report.split} examples"
     checks: list[Check] = []
     for metric, rule in cfg.rules.items():
         for kind, limit in (("min", rule.min), ("max", rule.max)):
