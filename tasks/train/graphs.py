@@ -1,13 +1,13 @@
 """The base transformer's forward and backward replayed from CUDA graphs, for rows of one repeating shape.
 
-A LoRA step on a small model is bound by the host launching kernels, thousands a step (benchmarks/RESULTS.md,
-issue 20), not by the GPU. Captured once as two CUDA graphs (the transformer's forward, and its backward to the
-trainable weights) by `torch.cuda.make_graphed_callables`, a later micro-batch of the same shape launches two
-graphs instead of those kernels. Two kinds of micro-batch qualify: unpadded, unpacked rows (their layers see
-nothing but the token ids), and unsloth's packed rows laid out in the run's one `PackedLayout` (one row of a
-fixed width and number of blocks; `tasks/train/loop.py`), whose example boundaries the graphs read from
-buffers on the GPU (`PackedBoundaries`). Everything else (padded rows, hf's packed rows, whose block mask is
-built on the host) and the LM head (its positions vary) runs as before.
+A LoRA step on a small model is bound by the host launching kernels, thousands a step, not by the GPU
+(benchmarks/RESULTS.md, training speed). Captured once as two CUDA graphs (the transformer's forward, and its
+backward to the trainable weights) by `torch.cuda.make_graphed_callables`, a later micro-batch of the same shape
+launches two graphs instead of those kernels. Two kinds of micro-batch qualify: unpadded, unpacked rows (their
+layers see nothing but the token ids), and unsloth's packed rows laid out in the run's one `PackedLayout` (one
+row of a fixed width and number of blocks; `tasks/train/batching.py`), whose example boundaries the graphs read
+from buffers on the GPU (`tasks.patches.unsloth.PackedBoundaries`). Everything else (padded rows, hf's packed
+rows, whose block mask is built on the host) and the LM head (its positions vary) runs as before.
 
 Imported by the training worker only (it imports torch at module level).
 """
@@ -18,6 +18,14 @@ import itertools
 
 import torch
 
+from tasks.patches.unsloth import PackedBoundaries  # (unsloth itself is imported only when one is made)
+
+
+def graphs_capture(mode: str = "lora", load_in_4bit: bool = False) -> bool:
+    """Whether the transformer's step is captured: LoRA on a 16-bit base, with or without recomputation (what
+    the GPU tests prove; QLoRA's 4-bit kernels and full fine-tuning are not proven yet)."""
+    return mode == "lora" and not load_in_4bit
+
 
 class TransformerGraphs:
     """Runs the transformer (`causal_lm.base_model`) for `loss_hidden`: from graphs for the one shape captured,
@@ -27,7 +35,7 @@ class TransformerGraphs:
 
     def __init__(self, transformer, layout=None):
         self.transformer = transformer
-        self.layout = layout  # of unsloth's packed rows (tasks/train/loop.py: PackedLayout), or None
+        self.layout = layout  # of unsloth's packed rows (tasks/train/batching.py: PackedLayout), or None
         device = next(transformer.parameters()).device
         self.boundaries = PackedBoundaries(layout, device) if layout is not None else None
         self.forward = _Forward(transformer, self.boundaries)
@@ -139,47 +147,3 @@ class _Forward(torch.nn.Module):
                                   packed_seq_lengths=self.boundaries.key).last_hidden_state
         self.varlen_calls = self.boundaries.varlen_calls() - before
         return hidden
-
-
-class PackedBoundaries:
-    """A packed row's example boundaries on the GPU, where captured graphs read them.
-
-    unsloth turns a packed row's `packed_seq_lengths` into boundaries by copying them to the GPU and reading the
-    longest back, neither of which a capture takes, and keeps the result per device for that tensor object. So
-    the captured pass is given one fixed tensor, `key`, and unsloth's entry for it is set to buffers on the GPU
-    that every row's lengths are copied into before the graphs replay, with the layout's longest block as the
-    longest length (flash attention takes any bound at least that long). Eager passes keep their own lengths.
-    """
-
-    def __init__(self, layout, device):
-        from unsloth.utils import attention_dispatch, packing
-
-        self.cache = packing._PACKED_INFO_CACHE  # {device: {"seq_lengths": tensor, "result": (...)}}
-        kernel = attention_dispatch._TORCH_VARLEN_ATTN  # None: unsloth never attends through varlen here
-        if kernel is not None and not isinstance(kernel, _CountedKernel):
-            kernel = attention_dispatch._TORCH_VARLEN_ATTN = _CountedKernel(kernel)
-        self.kernel = kernel
-        self.key = torch.zeros(layout.segments, dtype=torch.int32)
-        self.lengths = torch.zeros(layout.segments, dtype=torch.int32, device=device)
-        self.cu_seqlens = torch.zeros(layout.segments + 1, dtype=torch.int32, device=device)
-        self.entry = {"seq_lengths": self.key, "result": (self.lengths, self.cu_seqlens, layout.longest)}
-
-    def load(self, lengths) -> None:
-        self.key.copy_(lengths)  # what unsloth would compute the boundaries from, were its entry dropped
-        self.lengths.copy_(lengths, non_blocking=True)
-        torch.cumsum(self.lengths, 0, dtype=torch.int32, out=self.cu_seqlens[1:])
-        self.cache[self.lengths.device] = self.entry
-
-    def varlen_calls(self) -> int:
-        return self.kernel.calls if self.kernel is not None else 0
-
-
-class _CountedKernel:
-    """unsloth's varlen attention kernel (installed once per process), counting its calls."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.kernel(*args, **kwargs)

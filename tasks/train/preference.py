@@ -1,4 +1,4 @@
-"""Preference tuning in the training worker (issue 22): KTO and DPO steps after (or instead of) the SFT steps.
+"""Preference tuning in the training worker: KTO and DPO steps after (or instead of) the SFT steps.
 
 The losses are TRL's (`KTOTrainer`, loss_type "kto"; `DPOTrainer`, loss_type "sigmoid"), on the summed
 log-probabilities of each answer (its final assistant turn: TRL's completion), and tests/test_preference.py
@@ -15,17 +15,27 @@ answer is its KL sample), so a resumed run reuses them instead of needing the re
 KTO's KL term follows TRL: each prompt is paired with the answer of the row before it (data order) and
 KL = mean(policy - reference log-probabilities of those mismatched pairs), detached and clamped at 0.
 
-This module holds the rows and the losses; the phase's steps are in the training loop
-(tasks/train/loop.py: `train_preference`), which shares its batches, checkpoints and resume with SFT.
-Imported by the training worker only (it imports torch at module level).
+This module holds the rows, the losses and the phase's steps (`train_preference`), which share the SFT steps'
+batches, checkpoints and resume. Imported by the training worker only (it imports torch at module level).
 """
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tasks.data.format import IGNORE
+from tasks.runtime.config import TrainConfig
+from tasks.train.batching import ExampleOrder
+from tasks.train.checkpoints import TrainingState, resume, save_checkpoint
+from tasks.train.progress import LossLog
+from tasks.train.stepper import Stepper, finish_step, loss_hidden, make_optimizer, make_scheduler
 
 HEAD_CHUNK = 1024  # answer positions whose logits exist at once (each chunk's are recomputed in the backward pass)
 
@@ -122,3 +132,115 @@ def kl_rows(rows: list[dict]) -> list[dict]:
         out.append({"id": f"{row['id']}|kl:{rows[i - 1]['id']}", "input_ids": prompt + answer,
                     "labels": [IGNORE] * len(prompt) + answer})
     return out
+
+
+def sequence_logps(stepper: Stepper, rows: list[dict]):
+    """Summed log-probability of each row's labelled tokens (its answer), differentiable where grad is on.
+
+    The base transformer runs once over the batch (packed as in SFT); the LM head runs at the answer positions
+    only, a chunk at a time, each chunk's logits recomputed in the backward pass instead of kept.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    batch = stepper.batch(rows)
+    with stepper.autocast():
+        hidden, head = loss_hidden(stepper.model, batch, stepper.backend)
+        targets = batch["loss_targets"]
+        parts = []
+        for start in range(0, len(targets), HEAD_CHUNK):
+            part = slice(start, start + HEAD_CHUNK)
+            args = (hidden[part], head.weight, head.bias, targets[part])
+            parts.append(checkpoint(chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_logps(*args))
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return token_logps.new_zeros(len(rows)).index_add(0, batch["loss_example"], token_logps)
+
+
+def reference_logps(stepper: Stepper, sequences: list[dict], path: Path, from_base: bool,
+                    batch_size: int) -> dict[str, float]:
+    """Log-probability of every sequence under the reference, by sequence id; what `path` holds is reused."""
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [row for row in sequences if row["id"] not in cached]
+    if missing:
+        model = stepper.model
+        model.eval()
+        # The base as reference: the same weights with the adapters off, no second copy of the model.
+        off = model.disable_adapter() if from_base and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                cached.update(zip((row["id"] for row in chunk), sequence_logps(stepper, chunk).tolist()))
+        model.train()
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(cached))
+        os.replace(partial, path)
+        print(f"train: reference log-probabilities of {len(missing)} answers computed "
+              f"({'base, adapters off' if from_base else 'the model as the phase starts'}), kept in {path}", flush=True)
+    return {row["id"]: cached[row["id"]] for row in sequences}
+
+
+# ----------------------------------------------------------------------------------------------- the phase
+
+
+@dataclass
+class PreferenceRun:
+    """What the phase shares with the SFT steps before it: the worker's model (in `stepper`), state, checkpoints."""
+
+    cfg: TrainConfig
+    stepper: Stepper
+    rows: list[dict]  # the preference rows (phase_rows)
+    out_dir: Path
+    state: TrainingState
+    first_step: int  # steps before the phase (SFT's)
+    last_step: int
+    resumed_from: int
+    started: float  # perf_counter at training start, less the time of earlier runs (resume)
+    from_base: bool  # the reference is the base: adapters disabled
+
+
+def train_preference(run: PreferenceRun) -> None:
+    """The preference steps `run.first_step + 1` … `run.last_step`, resumed from a checkpoint in that range."""
+    cfg, pref, stepper = run.cfg, run.cfg.preference, run.stepper
+    method = cfg.objective.removeprefix("sft+")
+    model, rows, checkpoints = stepper.model, run.rows, run.out_dir / "checkpoints"
+    optimizer = make_optimizer(model, cfg.model_copy(update={"learning_rate": pref.learning_rate}))
+    n_steps = run.last_step - run.first_step
+    scheduler = make_scheduler(cfg, optimizer, min(cfg.warmup_steps, n_steps // 10), n_steps)
+    if run.resumed_from > run.first_step:  # the checkpoint holds this phase's optimizer and schedule
+        resume(checkpoints, model, optimizer, scheduler, stepper.scaler, run.state)
+
+    if method == "kto":
+        others = kl_rows(rows)
+    else:  # chosen and rejected share the row's id: the rejected one is cached under its own
+        others = [{**rejected_row(row), "id": row["id"] + "|rejected"} for row in rows]
+    reference = reference_logps(stepper, rows + others, run.out_dir / "reference_logps.json", run.from_base,
+                                pref.batch_size)
+    partner = dict(zip((row["id"] for row in rows), others))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    order = ExampleOrder(len(rows), cfg.seed)
+    model.train()
+    log = LossLog(run.state, stepper.device, run.started)
+    for step in range(max(run.resumed_from, run.first_step) + 1, run.last_step + 1):
+        picked = [rows[i] for i in order.step(step - run.first_step, pref.batch_size)]
+        matched = [partner[row["id"]] for row in picked]
+        ref = torch.tensor([reference[row["id"]] for row in picked], device=stepper.device)
+        ref_matched = torch.tensor([reference[row["id"]] for row in matched], device=stepper.device)
+        if method == "kto":
+            logps = sequence_logps(stepper, picked)
+            with torch.no_grad():  # TRL computes the KL samples' log-probabilities without gradient
+                kl_logps = sequence_logps(stepper, matched)
+            desirable = torch.tensor([row["kind"] == "desirable" for row in picked], device=stepper.device)
+            loss, metrics = kto_loss(logps, ref, desirable, kl_logps, ref_matched, pref.beta, pref.desirable_weight,
+                                     pref.undesirable_weight)
+        else:
+            chosen, rejected = sequence_logps(stepper, picked + matched).split(len(picked))
+            loss, metrics = dpo_loss(chosen, rejected, ref, ref_matched, pref.beta)
+        stepper.scaler.scale(loss).backward()
+        grad_norm = finish_step(trainable, optimizer, scheduler, stepper.scaler, cfg.max_grad_norm,
+                                set_to_none=not stepper.gradients_in_graphs)
+        log.count(picked + matched)
+        if step % cfg.logging_steps == 0 or step == run.last_step:
+            log.record(step, loss, scheduler.get_last_lr()[0], grad_norm, phase=method, **metrics)
+        if step % cfg.save_steps == 0 and step < run.last_step:
+            run.state.elapsed_s = log.elapsed()
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler, stepper.scaler, run.state, stepper.rank)
