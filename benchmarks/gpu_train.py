@@ -262,31 +262,34 @@ def with_head_kernel(request: TrainRequest) -> TrainResult:
 
 def with_repeated_kv_heads(request: TrainRequest) -> TrainResult:
     """A lever, the loop before it handed grouped K / V heads to flash attention as they are: unsloth's packed
-    rows attend with each K / V head repeated for its group of query heads (`loop._varlen_attn_with_gqa`)."""
-    from tasks.train import loop as training
+    rows attend with each K / V head repeated for its group of query heads (`tasks.patches.torch`)."""
+    from tasks.patches import torch as torch_patches
+    from tasks.train.loop import train_model
 
-    training._kernel_groups_kv_heads = lambda varlen_attn, device: False
-    return training.train_model(request)
+    torch_patches.kernel_groups_kv_heads = lambda varlen_attn, device: False
+    return train_model(request)
 
 
 def with_compiled_layers(request: TrainRequest) -> TrainResult:
     """A lever: the worker with each decoder layer compiled by `torch.compile` (regional compilation: one
     graph, compiled once, reused by all 28 layers), fusing the elementwise kernels between the matmuls."""
-    from tasks.train import loop as training
+    from tasks.train import loading
+    from tasks.train.loop import train_model
+    from tasks.train.stepper import causal_lm_of
 
-    loaders = {name: getattr(training, name) for name in ("_load_hf", "_load_unsloth")}
+    loaders = {name: getattr(loading, name) for name in ("load_hf", "load_unsloth")}
 
     def compiled(load):
         def load_and_compile(*args, **kwargs):
             model, tokenizer = load(*args, **kwargs)
-            for layer in training.causal_lm_of(model).model.layers:
+            for layer in causal_lm_of(model).model.layers:
                 layer.compile()
             return model, tokenizer
         return load_and_compile
 
     for name, load in loaders.items():
-        setattr(training, name, compiled(load))
-    return training.train_model(request)
+        setattr(loading, name, compiled(load))
+    return train_model(request)
 
 
 def with_liger_and_compiled_layers(request: TrainRequest) -> TrainResult:

@@ -2,7 +2,7 @@
 
 Unsloth's Qwen3-0.6B-shaped model (random weights, `gpu_train.build_model`) with LoRA r=16 on all seven
 projections, the demo's first 64 formatted examples as one micro-batch; packed (one row, torch's varlen
-attention through `tasks.train.loop.unsloth_packs`) and padded (length-sorted) in turn, each 3 warm-up and
+attention through `tasks.patches.unsloth.unsloth_packs`) and padded (length-sorted) in turn, each 3 warm-up and
 10 timed forward + backward passes through `token_losses` (the training loop's head and loss; no optimizer
 step). Counts how unsloth dispatched attention (varlen calls, per-segment SDPA, dense masks), then one pass of
 each under torch's profiler. CUDA and unsloth only.
@@ -26,7 +26,9 @@ from unsloth.utils import attention_dispatch  # noqa: E402
 
 from gpu_train import build_model, demo_split  # noqa: E402
 from tasks.runtime.config import ModelConfig  # noqa: E402
-from tasks.train import loop as training  # noqa: E402
+from tasks.patches.unsloth import unsloth_packs  # noqa: E402
+from tasks.train.batching import make_batch  # noqa: E402
+from tasks.train.stepper import token_losses  # noqa: E402
 
 work = Path(tempfile.mkdtemp())
 folder = build_model(Path(sys.argv[1]), work / "model")
@@ -37,7 +39,7 @@ model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradien
                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"])
 device = torch.device("cuda")
-print("packs:", training.unsloth_packs(device))
+print("packs:", unsloth_packs(device))
 
 counts = {"varlen": 0, "segments": 0, "sdpa_mask": 0}
 
@@ -63,9 +65,9 @@ print("tokens", sum(lengths), "longest", max(lengths), "distinct lengths", len(s
 
 def forward_backward(packing: bool) -> None:
     ordered = rows if packing else sorted(rows, key=lambda row: len(row["input_ids"]))
-    batch = training.make_batch(ordered, packing, tokenizer.pad_token_id, device)
+    batch = make_batch(ordered, packing, tokenizer.pad_token_id, device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        total, _, _ = training.token_losses(model, batch, "unsloth", head_chunk=1177)
+        total, _, _ = token_losses(model, batch, "unsloth", head_chunk=1177)
     total.backward()
 
 

@@ -158,7 +158,7 @@ def run_check(cfg) -> int:
     from tasks.data.check import DataCheckError
     from tasks.data.load import DataFileError
     from tasks.runtime.memory_plan import WillNotFit
-    from tasks.train.loop import TrainingEnvironmentError
+    from tasks.train.environment import TrainingEnvironmentError
 
     quiet_environment()
     console = Console()

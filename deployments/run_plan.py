@@ -21,7 +21,7 @@ from tasks.model.base import resolve_base_model
 from tasks.model.results import BaseModelRef
 from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, PipelineConfig
 from tasks.runtime.memory_plan import MemoryPlan, run_memory_plan
-from tasks.train.loop import EnvironmentReport
+from tasks.train.environment import EnvironmentReport
 
 # Going over the same rows more often than this mostly teaches the model to recite them.
 MANY_EPOCHS = 50
@@ -140,7 +140,7 @@ def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: For
 
     Raises TrainingEnvironmentError when the run would fail for want of a device or memory.
     """
-    from tasks.train.loop import Rank, check_environment, choose_backend
+    from tasks.train.environment import Rank, check_environment, choose_backend
     from tasks.train.task import TrainRequest
 
     request = TrainRequest(data=formatted.train, base=base, model_cfg=cfg.model, lora=cfg.lora, cfg=cfg.train,

@@ -78,7 +78,7 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.train import loop as training
+    from tasks.train import batching, stepper
 
     data, _ = formatted
     rows = data.train.rows()[:6]
@@ -86,32 +86,32 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
 
     def per_example(batch_rows: list[dict], packing: bool) -> list[float]:
-        batch = training.make_batch(batch_rows, packing, 0, torch.device("cpu"), row_tokens)
-        total, losses, owner = training.token_losses(model, batch, "hf", head_chunk=7)  # many LM-head chunks
+        batch = batching.make_batch(batch_rows, packing, 0, torch.device("cpu"), row_tokens)
+        total, losses, owner = stepper.token_losses(model, batch, "hf", head_chunk=7)  # many LM-head chunks
         total.backward()  # the chunked head's backward runs too
         return [float(losses[owner == i].mean()) for i in range(len(batch_rows))]
 
     packed, unpacked = per_example(rows, True), per_example(rows, False)
     if row_tokens:
-        assert training.make_batch(rows, True, 0, torch.device("cpu"), row_tokens)["input_ids"].shape[0] > 1
+        assert batching.make_batch(rows, True, 0, torch.device("cpu"), row_tokens)["input_ids"].shape[0] > 1
     assert max(abs(a - b) for a, b in zip(packed, unpacked)) < 1e-5
     # Each example alone gives the same loss too: nothing leaks across an example's boundaries.
     alone = [per_example([row], True)[0] for row in rows]
     assert max(abs(a - b) for a, b in zip(packed, alone)) < 1e-5
     # Unpadded rows go without an attention mask (the causal kernels), and lose nothing by it.
-    assert "attention_mask" not in training.make_batch(rows[:1] * 2, False, 0, torch.device("cpu"))
+    assert "attention_mask" not in batching.make_batch(rows[:1] * 2, False, 0, torch.device("cpu"))
     # Examples of one length are not packed, even when packing is asked for: there is no padding to remove.
-    same = training.make_batch(rows[:1] * 3, True, 0, torch.device("cpu"), row_tokens)
+    same = batching.make_batch(rows[:1] * 3, True, 0, torch.device("cpu"), row_tokens)
     assert same["input_ids"].shape[0] == 3 and "position_ids" not in same and "attention_mask" not in same
     alone_unpacked = [per_example([row], False)[0] for row in rows]
     assert max(abs(a - b) for a, b in zip(packed, alone_unpacked)) < 1e-5
 
 
 def test_packed_layout_holds_every_micro_batch_in_one_shape_or_declines_when_padding_would_dominate():
-    from tasks.train import loop as training
+    from tasks.train import batching
 
-    layout = training.packed_layout([[30, 50, 20], [60, 60], [10, 40, 5, 5]])
-    assert layout == training.PackedLayout(width=100, segments=5, longest=50)  # [60, 60] is not packed
+    layout = batching.packed_layout([[30, 50, 20], [60, 60], [10, 40, 5, 5]])
+    assert layout == batching.PackedLayout(width=100, segments=5, longest=50)  # [60, 60] is not packed
     assert layout.blocks([30, 50, 20]) == [30, 50, 20, 0, 0]
     assert layout.blocks([10, 40, 5, 5]) == [10, 40, 5, 5, 40]  # the padding is a block of its own
     assert layout.blocks([5, 5]) == [5, 5, 50, 40, 0]  # no block longer than the longest example
@@ -119,9 +119,9 @@ def test_packed_layout_holds_every_micro_batch_in_one_shape_or_declines_when_pad
     assert layout.blocks([50, 50, 10]) is None  # too wide
     assert layout.blocks([1, 1, 1, 1, 1]) is None  # 95 of padding: seven blocks
     # One packed micro-batch needs no layout; padding every one to the widest must not cost over a quarter.
-    assert training.packed_layout([[60, 60], [10, 40]]) is None
-    assert training.packed_layout([[10, 20], [100, 200]]) is None  # 45% of the tokens would be padding
-    assert training.packed_layout([[10, 20], [100, 200]], max_padding=0.5) is not None
+    assert batching.packed_layout([[60, 60], [10, 40]]) is None
+    assert batching.packed_layout([[10, 20], [100, 200]]) is None  # 45% of the tokens would be padding
+    assert batching.packed_layout([[10, 20], [100, 200]], max_padding=0.5) is not None
 
 
 def test_a_row_of_the_packed_layout_gives_every_example_its_own_loss(formatted, tiny_model):
@@ -129,13 +129,13 @@ def test_a_row_of_the_packed_layout_gives_every_example_its_own_loss(formatted, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.train import loop as training
+    from tasks.train import batching, stepper
 
     data, _ = formatted
     rows = data.train.rows()[:6]
     lengths = [len(row["input_ids"]) for row in rows]
-    layout = training.packed_layout([lengths, lengths[:3]], max_padding=1.0)
-    batch = training.make_batch(rows[:3], True, 0, torch.device("cpu"), layout=layout)
+    layout = batching.packed_layout([lengths, lengths[:3]], max_padding=1.0)
+    batch = batching.make_batch(rows[:3], True, 0, torch.device("cpu"), layout=layout)
     blocks = batch["packed_seq_lengths"].tolist()
     assert batch["input_ids"].shape == (1, layout.width) and len(blocks) == layout.segments
     assert blocks[:3] == lengths[:3] and sum(blocks) == layout.width and max(blocks) <= layout.longest
@@ -144,10 +144,10 @@ def test_a_row_of_the_packed_layout_gives_every_example_its_own_loss(formatted, 
 
     def per_example(batch: dict, n: int) -> list[float]:
         with torch.no_grad():
-            _, losses, owner = training.token_losses(model, batch, "hf", head_chunk=64)
+            _, losses, owner = stepper.token_losses(model, batch, "hf", head_chunk=64)
         return [float(losses[owner == i].mean()) for i in range(n)]
 
-    unpacked = per_example(training.make_batch(rows[:3], False, 0, torch.device("cpu")), 3)
+    unpacked = per_example(batching.make_batch(rows[:3], False, 0, torch.device("cpu")), 3)
     assert per_example(batch, 3) == pytest.approx(unpacked, abs=1e-5)
 
 
@@ -229,17 +229,17 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
                                                                            monkeypatch):
     import torch
 
-    from tasks.train import loop as training
+    from tasks.train import loop, stepper
 
-    real_micro = training.Stepper._micro
+    real_micro = stepper.Stepper._micro
 
     def micro_that_fits_two(self, rows, loss_tokens, **kwargs):
         if len(rows) > 2:  # what a too-small GPU does: fail the larger micro-batch, fit the smaller
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_micro(self, rows, loss_tokens, **kwargs)
 
-    monkeypatch.setattr(training.Stepper, "_micro", micro_that_fits_two)
-    result = training.train_model(request_for(formatted, tmp_path / "stage"))
+    monkeypatch.setattr(stepper.Stepper, "_micro", micro_that_fits_two)
+    result = loop.train_model(request_for(formatted, tmp_path / "stage"))
     assert (result.oom_retries, result.micro_batch_size, result.gradient_accumulation_steps) == (1, 2, 2)
     # Two micro-batches of 2 sum in another order than one of 4: fp32 rounding, which Adam's normalised update
     # magnifies where a gradient is near zero (1.2e-5 seen on one weight); a wrongly scaled step is off by ~lr.
@@ -249,7 +249,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
 def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_larger_micro_batches(monkeypatch):
     import torch
 
-    from tasks.train import loop as training
+    from tasks.train.batching import PackedLayout
+    from tasks.train.checkpoints import TrainingState
+    from tasks.train.environment import Rank
+    from tasks.train.stepper import Stepper
 
     class Model:
         def zero_grad(self, set_to_none):
@@ -260,12 +263,12 @@ def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_lar
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return torch.tensor(float(len(rows)))
 
-    monkeypatch.setattr(training.Stepper, "_micro", micro_that_fits_two)
-    stepper = training.Stepper(model=Model(), scaler=None, device=torch.device("cpu"), precision="fp32",
-                               backend="unsloth", packing=True, row_tokens=None, head_chunk=64, pad_id=0,
-                               max_oom_retries=1, rank=training.Rank(),
-                               packed_layout=training.PackedLayout(width=300, segments=6, longest=90))
-    state = training.TrainingState(micro_batch_size=4)
+    monkeypatch.setattr(Stepper, "_micro", micro_that_fits_two)
+    stepper = Stepper(model=Model(), scaler=None, device=torch.device("cpu"), precision="fp32",
+                      backend="unsloth", packing=True, row_tokens=None, head_chunk=64, pad_id=0,
+                      max_oom_retries=1, rank=Rank(),
+                      packed_layout=PackedLayout(width=300, segments=6, longest=90))
+    state = TrainingState(micro_batch_size=4)
     assert float(stepper.run([{"input_ids": [1] * n} for n in (50, 60, 70, 80)], 1, state, step=1)) == 4
     assert state.micro_batch_size == 2 and stepper.packed_layout is None
 
@@ -278,7 +281,12 @@ def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_lar
     ({"objective": "sft+kto", "devices": 2}, "train.objective=sft\\+kto trains on one device"),
 ])
 def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, train, message):
-    from tasks.train.loop import Rank, TrainingEnvironmentError, check_environment, choose_backend
+    from tasks.train.environment import (
+        Rank,
+        TrainingEnvironmentError,
+        check_environment,
+        choose_backend,
+    )
 
     request = request_for(formatted, tmp_path, **train)
     with pytest.raises(TrainingEnvironmentError, match=message):
@@ -289,7 +297,7 @@ def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, t
 def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
     from transformers import AutoConfig
 
-    from tasks.train.loop import estimate_memory
+    from tasks.train.environment import estimate_memory
 
     lora = request_for(formatted, tmp_path)
     full = request_for(formatted, tmp_path, mode="full")
@@ -302,15 +310,17 @@ def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
 def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(formatted, tmp_path, monkeypatch):
     from transformers import AutoConfig
 
-    from tasks.train import loop as training
+    from tasks.train import environment
 
     request = request_for(formatted, tmp_path, gradient_checkpointing="auto", batch_size=64)
     config = AutoConfig.from_pretrained(request.base.name_or_path)
-    with_, without = (sum(training.estimate_memory(config, request, "fp32", False, c).values()) for c in (True, False))
+    with_, without = (sum(environment.estimate_memory(config, request, "fp32", False, c).values())
+                      for c in (True, False))
     assert with_ < without
-    for free, expected in ((4 * without, False), ((with_ + without / training.AUTO_CHECKPOINTING_SHARE) / 2, True)):
-        monkeypatch.setattr(training, "available_host_memory_gib", lambda: free)
-        report = training.check_environment(request, "hf", training.Rank())
+    between = (with_ + without / environment.AUTO_CHECKPOINTING_SHARE) / 2
+    for free, expected in ((4 * without, False), (between, True)):
+        monkeypatch.setattr(environment, "available_host_memory_gib", lambda: free)
+        report = environment.check_environment(request, "hf", environment.Rank())
         assert report.gradient_checkpointing is expected
         assert report.estimate_gib == pytest.approx(with_ if expected else without, abs=0.01)
 
@@ -444,8 +454,9 @@ def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, h
 
 
 def test_the_best_evaluation_breaks_ties_by_loss_and_patience_counts_gains_over_min_delta():
-    from tasks.train.loop import TrainingState, track_best
+    from tasks.train.checkpoints import TrainingState
     from tasks.train.results import EvalPoint
+    from tasks.train.selection import track_best
 
     state = TrainingState(micro_batch_size=1)
     scores = [(0.50, 1.0), (0.50, 0.9), (0.52, 1.1), (0.40, 0.5), (0.60, 0.8)]  # (field accuracy, eval loss)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.train.loop import IGNORE
+from tasks.data.format import IGNORE
 
 LENGTHS = (37, 90, 12, 64, 90, 25)  # two equal lengths: unsloth's per-segment fallback would group them
 BF16_TOLERANCE = 2e-2  # the same example's mean loss over different batch layouts in bf16
@@ -51,14 +51,15 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
     from unsloth import FastLanguageModel
     from unsloth.utils import attention_dispatch
 
-    from tasks.train import loop as training
+    from tasks.patches import unsloth as unsloth_patches
+    from tasks.train import batching, stepper
 
     device = cuda_with_unsloth
     model, _ = FastLanguageModel.from_pretrained(model_name=str(small_gqa_model(tmp_path / "model")),
                                                  max_seq_length=1024, dtype=torch.bfloat16, load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    assert training.unsloth_packs(device)
+    assert unsloth_patches.unsloth_packs(device)
     kernel, varlen_calls = attention_dispatch._TORCH_VARLEN_ATTN, []
 
     def counted(*args, **kwargs):
@@ -73,9 +74,9 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
         rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
 
     def per_example(batch_rows: list[dict], packing: bool) -> list[float]:
-        batch = training.make_batch(batch_rows, packing, 0, device)  # packed: one row, as the loop packs unsloth's
+        batch = batching.make_batch(batch_rows, packing, 0, device)  # packed: one row, as the loop packs unsloth's
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            total, losses, owner = training.token_losses(model, batch, "unsloth", head_chunk=64)
+            total, losses, owner = stepper.token_losses(model, batch, "unsloth", head_chunk=64)
         total.backward()  # the varlen kernel's backward runs too
         return [float(losses[owner == i].mean()) for i in range(len(batch_rows))]
 
@@ -90,9 +91,9 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
 
     # The check sees a leak: the same examples as one plain causal sequence move the losses well past it.
     joined = {"input_ids": sum((r["input_ids"] for r in rows), []), "labels": sum((r["labels"] for r in rows), [])}
-    batch = training.make_batch([joined], False, 0, device)
+    batch = batching.make_batch([joined], False, 0, device)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        _, losses, _ = training.token_losses(model, batch, "unsloth", head_chunk=64)
+        _, losses, _ = stepper.token_losses(model, batch, "unsloth", head_chunk=64)
     leaky, start = [], 0
     for row in rows:  # every example starts with a prompt, so no loss crosses into the next one
         n = sum(label != IGNORE for label in row["labels"][1:])
@@ -107,12 +108,12 @@ def test_varlen_kernel_given_grouped_kv_heads_attends_as_with_repeated_heads(cud
     gradients (K / V's summed over each group) are those of the same heads repeated."""
     import torch
 
-    from tasks.train import loop as training
+    from tasks.patches import torch as torch_patches
 
     varlen = pytest.importorskip("torch.nn.attention.varlen")
     device = cuda_with_unsloth
-    attend = training._varlen_attn_with_gqa(device)
-    if attend is None or not training._kernel_groups_kv_heads(varlen.varlen_attn, device):
+    attend = torch_patches.varlen_attn_with_gqa(device)
+    if attend is None or not torch_patches.kernel_groups_kv_heads(varlen.varlen_attn, device):
         pytest.skip("this torch's varlen_attn is missing or refuses grouped K / V heads: attend repeats them")
     torch.manual_seed(0)
     query = torch.randn(211, 16, 128, device=device, dtype=torch.bfloat16)  # Qwen3-0.6B's heads: 16 / 8
@@ -173,24 +174,27 @@ def train_steps(model, steps: list[list[dict]], backend: str, cuda_graphs: bool,
     after every step, and the stepper."""
     import torch
 
-    from tasks.train import loop as training
+    from tasks.train.batching import n_loss_tokens
+    from tasks.train.checkpoints import TrainingState
+    from tasks.train.environment import Rank
+    from tasks.train.stepper import Stepper, finish_step
 
     model.zero_grad(set_to_none=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    stepper = training.Stepper(model=model, scaler=scaler, device=torch.device("cuda"), precision="bf16",
-                               backend=backend, packing=True, row_tokens=None, head_chunk=64, pad_id=0,
-                               max_oom_retries=0, rank=training.Rank(), cuda_graphs=cuda_graphs,
-                               packed_layout=layout)
-    state = training.TrainingState(micro_batch_size=2)
+    stepper = Stepper(model=model, scaler=scaler, device=torch.device("cuda"), precision="bf16",
+                      backend=backend, packing=True, row_tokens=None, head_chunk=64, pad_id=0,
+                      max_oom_retries=0, rank=Rank(), cuda_graphs=cuda_graphs,
+                      packed_layout=layout)
+    state = TrainingState(micro_batch_size=2)
     losses, weights = [], []
     for step, rows in enumerate(steps, 1):
-        tokens = sum(training._n_loss_tokens(row) for row in rows)
+        tokens = sum(n_loss_tokens(row) for row in rows)
         losses.append(float(stepper.run(rows, tokens, state, step)))
-        training._finish_step(trainable, optimizer, scheduler, scaler, None,
-                              set_to_none=not stepper.gradients_in_graphs)
+        finish_step(trainable, optimizer, scheduler, scaler, None,
+                    set_to_none=not stepper.gradients_in_graphs)
         weights.append({name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
     return losses, weights, stepper
 
@@ -214,7 +218,7 @@ def assert_trained_alike(graphed, eager, start: dict, label: str) -> None:
 def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth, tmp_path, backend, recompute):
     """Four steps of two micro-batches each (so gradients accumulate over graph replays), from the same start,
     with the transformer replayed from CUDA graphs and without: the same losses and weights after every step."""
-    from tasks.train import loop as training
+    from tasks.train import checkpoints
 
     model = lora_model(str(small_gqa_model(tmp_path / "model")), backend, recompute, cuda_with_unsloth)
     model.train()
@@ -225,7 +229,7 @@ def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth,
         ids = [[rng.randrange(2, 512) for _ in range(64)] for _ in range(4)]
         steps.append([{"input_ids": row, "labels": [IGNORE] * 16 + row[16:]} for row in ids])
     eager = train_steps(model, steps, backend, cuda_graphs=False)
-    training._load_trainable(model, start)
+    checkpoints.load_trainable(model, start)
     graphed = train_steps(model, steps, backend, cuda_graphs=True)
     stepper = graphed[2]
     assert not stepper.graphs.failed
@@ -238,10 +242,11 @@ def test_packed_rows_replayed_from_cuda_graphs_train_as_eager_packed_rows(cuda_w
     """unsloth's packed micro-batches in the run's one layout (padding blocks, empty blocks), replayed from CUDA
     graphs, train as the same examples packed eagerly into rows of their own width, which attend within each
     example (test_unsloth_packed_loss_equals_unpacked_loss_for_every_example)."""
-    from tasks.train import loop as training
+    from tasks.patches import unsloth as unsloth_patches
+    from tasks.train import batching, checkpoints
 
     model = lora_model(str(small_gqa_model(tmp_path / "model")), "unsloth", recompute, cuda_with_unsloth)
-    assert training.unsloth_packs(cuda_with_unsloth)  # as the loop asks before it packs
+    assert unsloth_patches.unsloth_packs(cuda_with_unsloth)  # as the loop asks before it packs
     model.train()
     start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     rng = random.Random(2)
@@ -249,10 +254,10 @@ def test_packed_rows_replayed_from_cuda_graphs_train_as_eager_packed_rows(cuda_w
     for _ in range(4):  # four examples of 20-90 tokens a step: two packed micro-batches of two
         rows = [[rng.randrange(2, 512) for _ in range(rng.randint(20, 90))] for _ in range(4)]
         steps.append([{"input_ids": row, "labels": [IGNORE] * 8 + row[8:]} for row in rows])
-    layout = training.packed_layout([[len(row["input_ids"]) for row in rows[start : start + 2]]
+    layout = batching.packed_layout([[len(row["input_ids"]) for row in rows[start : start + 2]]
                                      for rows in steps for start in (0, 2)], max_padding=1.0)
     eager = train_steps(model, steps, "unsloth", cuda_graphs=False)
-    training._load_trainable(model, start)
+    checkpoints.load_trainable(model, start)
     graphed = train_steps(model, steps, "unsloth", cuda_graphs=True, layout=layout)
     stepper = graphed[2]
     assert not stepper.graphs.failed
@@ -267,8 +272,7 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
     GPU than recomputation does (by at least a layer's input); the losses and LoRA gradients agree."""
     import torch
 
-    from tasks.train import loop as training
-    from tasks.train import recompute
+    from tasks.train import recompute, stepper
 
     moved = []
     on_host = recompute._OnHost.__init__
@@ -291,7 +295,7 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            hidden = training.causal_lm_of(model).base_model(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = stepper.causal_lm_of(model).base_model(input_ids=ids, use_cache=False).last_hidden_state
         loss = hidden.float().pow(2).mean()
         torch.cuda.synchronize()
         held[mode] = torch.cuda.memory_allocated() - before

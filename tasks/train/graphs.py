@@ -18,7 +18,9 @@ import itertools
 
 import torch
 
-from tasks.patches.unsloth import PackedBoundaries  # (unsloth itself is imported only when one is made)
+from tasks.patches.unsloth import (
+    PackedBoundaries,  # (unsloth itself is imported only when one is made)
+)
 
 
 def graphs_capture(mode: str = "lora", load_in_4bit: bool = False) -> bool:

@@ -21,14 +21,34 @@ import math
 import time
 
 from tasks.runtime.memory_plan import chunk_positions
-from tasks.train import checkpoints as ckpt
-from tasks.train.batching import ExampleOrder, n_loss_tokens, packs, row_tokens, run_layout, step_counts
+from tasks.train.batching import (
+    ExampleOrder,
+    n_loss_tokens,
+    packs,
+    row_tokens,
+    run_layout,
+    step_counts,
+)
+from tasks.train.checkpoints import (
+    TrainingState,
+    load_best,
+    report_resume,
+    resume,
+    save_checkpoint,
+    save_output,
+)
 from tasks.train.environment import TrainingEnvironmentError, choose_backend, set_up
 from tasks.train.loading import load_model
 from tasks.train.progress import LossLog
 from tasks.train.results import TrainResult
 from tasks.train.selection import HeldOutEvaluation, Selection
-from tasks.train.stepper import Stepper, finish_step, make_optimizer, make_scheduler, summed_over_ranks
+from tasks.train.stepper import (
+    Stepper,
+    finish_step,
+    make_optimizer,
+    make_scheduler,
+    summed_over_ranks,
+)
 from tasks.train.task import TrainRequest
 
 
@@ -52,10 +72,10 @@ def train_model(request: TrainRequest) -> TrainResult:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(cfg, optimizer, cfg.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=env.precision == "fp16")
-    state = ckpt.TrainingState(micro_batch_size=cfg.batch_size)
+    state = TrainingState(micro_batch_size=cfg.batch_size)
     checkpoints = request.out_dir / "checkpoints"
-    resumed_from = ckpt.resume(checkpoints, model, optimizer, scheduler, scaler, state)
-    ckpt.report_resume(state, resumed_from, total_steps + preference_steps)
+    resumed_from = resume(checkpoints, model, optimizer, scheduler, scaler, state)
+    report_resume(state, resumed_from, total_steps + preference_steps)
 
     # Batch: packed where the backend attends within examples; one packed layout where CUDA graphs replay it.
     order = ExampleOrder(len(rows), cfg.seed)
@@ -69,7 +89,7 @@ def train_model(request: TrainRequest) -> TrainResult:
                       head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
                       cuda_graphs=cuda_graphs, packed_layout=layout)
     evaluation = HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper) if cfg.eval_steps else None
-    selection = Selection(evaluation, cfg, state, ckpt.load_best(checkpoints, state))
+    selection = Selection(evaluation, cfg, state, load_best(checkpoints, state))
 
     # Step, evaluate on the validation split, checkpoint.
     model.train()
@@ -96,7 +116,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         # early stop saves none: a resume replays the steps to it, which stop there again.)
         if step % cfg.save_steps == 0 and step < total_steps or step == total_steps and preference_steps:
             state.elapsed_s = log.elapsed()
-            ckpt.save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank,
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank,
                                  selection.best_weights)
 
     # Select the SFT result, then the preference phase from it.
@@ -114,7 +134,7 @@ def train_model(request: TrainRequest) -> TrainResult:
     # Finish: the output replaces the checkpoints.
     runtime = log.elapsed()
     kind = "full" if cfg.mode == "full" else "lora"
-    out = ckpt.save_output(model, tokenizer, checkpoints, kind, request, rank)
+    out = save_output(model, tokenizer, checkpoints, kind, request, rank)
     return TrainResult(
         adapter_dir=out, kind=kind, backend=backend, loss_history=state.history, runtime_s=round(runtime, 3),
         trainable_params=sum(p.numel() for p in trainable), total_params=sum(p.numel() for p in model.parameters()),

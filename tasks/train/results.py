@@ -32,7 +32,7 @@ class LossPoint(BaseModel):
     peak_gpu_memory_gib: float | None = None  # None on the CPU
     peak_gpu_reserved_gib: float | None = None  # what the allocator held, CUDA graphs' memory pool included
     elapsed_s: float  # since training started: step times without model loading
-    # Preference steps (issue 22): `loss` is the KTO or DPO loss; the rewards are beta x (policy - reference)
+    # Preference steps: `loss` is the KTO or DPO loss; the rewards are beta x (policy - reference)
     # log-probabilities of the answers, as TRL logs them.
     phase: Literal["sft", "kto", "dpo"] = "sft"
     rewards_chosen: float | None = None
@@ -47,7 +47,8 @@ class EvalPoint(BaseModel):
 
     step: int  # 0: the weights an attempt continues from, before its first step
     eval_loss: float  # mean over the validation split's answer tokens, as the evaluate stage measures it
-    metrics: dict[str, float] = {}  # answer metrics (tasks/evaluate/metrics.py) on the sampled prompts; empty for eval_loss
+    # Answer metrics (tasks/evaluate/metrics.py) on the sampled prompts; empty for eval_loss.
+    metrics: dict[str, float] = {}
     elapsed_s: float  # the evaluation's own wall time
     peak_gpu_memory_gib: float | None = None  # training's and its evaluations' peak so far; None on the CPU
 

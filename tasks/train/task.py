@@ -42,11 +42,14 @@ class TrainRequest(BaseModel):
     held_out: HeldOut | None = None  # given when train.eval_steps is set
 
 
-# The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py and the
-# modules beside it that it runs, and the base model is read by tasks/model/base.py.
+# The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py (the recipe)
+# and the modules beside it that it runs, and the base model is read by tasks/model/base.py.
 TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=(
-    "tasks.train.loop", "tasks.train.preference", "tasks.train.head_loss", "tasks.train.data_parallel",
-    "tasks.train.graphs", "tasks.train.recompute", "tasks.model.base", "tasks.model.packaged"))
+    "tasks.train.loop", "tasks.train.environment", "tasks.train.loading", "tasks.train.batching",
+    "tasks.train.stepper", "tasks.train.selection", "tasks.train.checkpoints", "tasks.train.progress",
+    "tasks.train.preference", "tasks.train.head_loss", "tasks.train.data_parallel", "tasks.train.graphs",
+    "tasks.train.recompute", "tasks.patches.unsloth", "tasks.patches.torch", "tasks.model.base",
+    "tasks.model.packaged"))
 
 
 @task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)
