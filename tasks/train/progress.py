@@ -44,11 +44,10 @@ class LossLog:
         device only here; `extra`: a preference step's phase and rewards."""
         now = time.perf_counter()
         point = LossPoint(
-            step=step, loss=float(loss) / max(loss_tokens, 1), learning_rate=learning_rate, grad_norm=round(float(grad_norm), 6),
-            tokens_per_s=round(self.tokens / (now - self.since), 1),
-            peak_gpu_memory_gib=peak_gpu_gib(self.device), peak_gpu_reserved_gib=peak_gpu_gib(self.device, reserved=True),
-            elapsed_s=round(now - self.started, 3),
-            **extra,
+            step=step, loss=float(loss) / max(loss_tokens, 1), learning_rate=learning_rate,
+            grad_norm=round(float(grad_norm), 6), tokens_per_s=round(self.tokens / (now - self.since), 1),
+            peak_gpu_memory_gib=peak_gpu_gib(self.device), peak_gpu_reserved_gib=peak_gpu_gib(self.device, True),
+            elapsed_s=round(now - self.started, 3), **extra,
         )
         self.state.history.append(point)
         emit_event("step", **point.model_dump())
