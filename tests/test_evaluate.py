@@ -71,7 +71,7 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.generation import use_fused_norms
+    from tasks.patches.transformers import use_fused_norms
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -1,15 +1,14 @@
 """Batched greedy answers: a static KV cache, fixed shapes, and on CUDA the decode step replayed as a CUDA graph.
 
-Why not `model.generate`: on the H100 (shared/gpu/README.md) its dynamic cache is bound by per-step overhead
-(1,490 generated tokens/s at batch 128), and its static cache reaches 9,460 only after a torch.compile that
-takes 41-56 s, longer than a whole evaluation. Here the decode step (one token for every row) is captured
-once as a CUDA graph of the eager kernels: no compiler, the capture costs a few forward passes, and each
-step is then one launch.
+Why not `model.generate`: its dynamic cache is bound by per-step overhead, and its static cache is fast only after
+a torch.compile that takes longer than a whole evaluation (benchmarks/RESULTS.md, evaluation). Here the decode step
+(one token for every row) is captured once as a CUDA graph of the eager kernels: no compiler, the capture costs a
+few forward passes, and each step is then one launch.
 
-Attention is our own (`grouped_attention`, registered with transformers as `GROUPED_ATTENTION`): given a
-mask, transformers' SDPA path copies every key/value head once per query head and falls back to a slower
-kernel: on the H100 at batch 128 a decode step took about 19 ms that way and 8.9 ms grouped
-(benchmarks/RESULTS.md).
+Attention is our own (`grouped_attention`, registered with transformers as `GROUPED_ATTENTION`): given a mask,
+transformers' SDPA path copies every key/value head once per query head and falls back to a slower kernel. It and
+the fused norms rely on transformers' internals, so they come through `tasks.patches.transformers`; with those
+patches off the decoder runs the model's own SDPA attention and norms, to the same answers.
 
 Shapes are fixed per call so one graph serves every batch: `rows` sequences (the last batch is filled up
 with copies) and a cache as long as the longest prompt plus `max_new_tokens`. Prompts are sorted by length
@@ -20,11 +19,11 @@ masked, so each answer equals the model's one-at-a-time greedy answer (tests/tes
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from tasks.data.chat import ChatContext
+from tasks.patches.transformers import attention_implementation, unfuse_norms, use_fused_norms
 
 # The decode loop checks whether every row has stopped this often: each check waits for the GPU.
 STOP_CHECK_EVERY = 8
@@ -107,8 +106,10 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     return output.reshape(batch, length, heads, dim), None
 
 
-def use_grouped_attention(model, length: int) -> None:
-    """Switch `model` to `grouped_attention` for sequences of at most `length` tokens; its masks are SDPA's.
+def use_grouped_attention(model, length: int) -> bool:
+    """Switch `model` to `grouped_attention` for sequences of at most `length` tokens (its masks are SDPA's);
+    returns whether it was switched: not with `tasks.patches.transformers` off, where the model keeps the SDPA
+    attention it was loaded with.
 
     Sliding-window layers (Gemma 3's, 512 tokens) are taken when `length` fits in the window: then every key
     is within reach of every query, sliding attention is full attention and the static cache's sliding layers
@@ -118,8 +119,9 @@ def use_grouped_attention(model, length: int) -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = model.config
-    if config._attn_implementation not in ("sdpa", GROUPED_ATTENTION):
-        raise ValueError(f"greedy decoding needs attn_implementation='sdpa', got {config._attn_implementation!r}")
+    attention = attention_implementation(model)
+    if attention not in ("sdpa", GROUPED_ATTENTION, None):
+        raise ValueError(f"greedy decoding needs attn_implementation='sdpa', got {attention!r}")
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError(f"{config.model_type}: soft-capped attention is not supported here")
     sliding = set(getattr(config, "layer_types", None) or ["full_attention"]) - {"full_attention"}
@@ -129,57 +131,25 @@ def use_grouped_attention(model, length: int) -> None:
             f"{config.model_type}: {', '.join(sorted(sliding))} layers are decoded here only when a prompt and its "
             f"answer ({length} tokens here) fit their window ({window}), where they attend to every token: "
             "lower eval.max_new_tokens or model.max_seq_length")
+    if attention is None:
+        return False
     AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
     AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)  # the same masks as SDPA
     model.set_attn_implementation(GROUPED_ATTENTION)
-
-
-def use_fused_norms(model) -> int:
-    """Run the model's RMSNorm layers as torch's one-kernel `rms_norm`; returns how many were switched.
-
-    transformers' RMSNorm is about eight small kernels (upcast, square, mean, rsqrt, multiplies, downcast);
-    a Qwen3 layer has four of them, so in a decode step of 128 rows they are a third of all kernel launches.
-    A layer is switched only when the fused kernel gives its output on a probe input (within bf16 rounding),
-    so a variant with another formula (Gemma's `1 + weight`, say) keeps its own forward.
-    """
-    import torch
-
-    switched = 0
-    for module in model.modules():
-        weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-        if not type(module).__name__.endswith("RMSNorm") or weight is None or weight.ndim != 1 or eps is None:
-            continue
-        with torch.no_grad():
-            seeded = torch.Generator(weight.device).manual_seed(0)  # leaves the global RNG alone
-            probe = torch.randn(4, weight.shape[0], generator=seeded, device=weight.device).to(weight.dtype)
-            expected = module(probe)
-            module.forward = functools.partial(_fused_rms_norm, module)
-            if torch.allclose(module(probe), expected, rtol=2e-2, atol=2e-2):
-                switched += 1
-            else:
-                del module.forward  # back to the class's own
-    return switched
+    return True
 
 
 @contextlib.contextmanager
 def switches_undone(model) -> Iterator[None]:
     """Put back what `GreedyDecoder` switches (attention implementation, fused norms) when the block ends: for a
     model that goes on training after answering (the evaluations during training)."""
-    attention = model.config._attn_implementation
+    attention = attention_implementation(model)  # None: patches off, the decoder switches nothing
     try:
         yield
     finally:
-        model.set_attn_implementation(attention)
-        for module in model.modules():
-            fused = module.__dict__.get("forward")
-            if isinstance(fused, functools.partial) and fused.func is _fused_rms_norm:
-                del module.forward  # back to the class's own
-
-
-def _fused_rms_norm(module, hidden):
-    import torch
-
-    return torch.nn.functional.rms_norm(hidden, module.weight.shape, module.weight, module.variance_epsilon)
+        if attention is not None:
+            model.set_attn_implementation(attention)
+        unfuse_norms(model)
 
 
 class GreedyDecoder:
