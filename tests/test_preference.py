@@ -8,14 +8,7 @@ import pytest
 import torch
 
 from tasks.data.format import IGNORE
-from tasks.train.preference import (
-    dpo_loss,
-    kl_rows,
-    kto_loss,
-    phase_rows,
-    reference_logps,
-    sequence_logps,
-)
+from tasks.train.preference import dpo_loss, kl_rows, kto_loss, phase_rows, reference_logps, sequence_logps
 
 
 def _policy_and_reference(tiny_model):

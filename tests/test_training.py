@@ -281,12 +281,7 @@ def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_lar
     ({"objective": "sft+kto", "devices": 2}, "train.objective=sft\\+kto trains on one device"),
 ])
 def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, train, message):
-    from tasks.train.environment import (
-        Rank,
-        TrainingEnvironmentError,
-        check_environment,
-        choose_backend,
-    )
+    from tasks.train.environment import Rank, TrainingEnvironmentError, check_environment, choose_backend
 
     request = request_for(formatted, tmp_path, **train)
     with pytest.raises(TrainingEnvironmentError, match=message):

@@ -21,34 +21,14 @@ import math
 import time
 
 from tasks.runtime.memory_plan import chunk_positions
-from tasks.train.batching import (
-    ExampleOrder,
-    n_loss_tokens,
-    packs,
-    row_tokens,
-    run_layout,
-    step_counts,
-)
-from tasks.train.checkpoints import (
-    TrainingState,
-    load_best,
-    report_resume,
-    resume,
-    save_checkpoint,
-    save_output,
-)
+from tasks.train.batching import ExampleOrder, n_loss_tokens, packs, row_tokens, run_layout, step_counts
+from tasks.train.checkpoints import TrainingState, load_best, report_resume, resume, save_checkpoint, save_output
 from tasks.train.environment import TrainingEnvironmentError, choose_backend, set_up
 from tasks.train.loading import load_model
 from tasks.train.progress import LossLog
 from tasks.train.results import TrainResult
 from tasks.train.selection import HeldOutEvaluation, Selection
-from tasks.train.stepper import (
-    Stepper,
-    finish_step,
-    make_optimizer,
-    make_scheduler,
-    summed_over_ranks,
-)
+from tasks.train.stepper import Stepper, finish_step, make_optimizer, make_scheduler, summed_over_ranks
 from tasks.train.task import TrainRequest
 
 

@@ -35,13 +35,7 @@ from tasks.runtime.config import TrainConfig
 from tasks.train.batching import ExampleOrder
 from tasks.train.checkpoints import TrainingState, resume, save_checkpoint
 from tasks.train.progress import LossLog
-from tasks.train.stepper import (
-    Stepper,
-    finish_step,
-    loss_hidden,
-    make_optimizer,
-    make_scheduler,
-)
+from tasks.train.stepper import Stepper, finish_step, loss_hidden, make_optimizer, make_scheduler
 
 HEAD_CHUNK = 1024  # answer positions whose logits exist at once (each chunk's are recomputed in the backward pass)
 
