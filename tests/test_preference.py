@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -37,8 +35,11 @@ def _rows(batch: dict, tokenizer) -> list[dict]:
 
 
 def _stepper(model, pad_id: int):
-    return SimpleNamespace(model=model, packing=True, pad_id=pad_id, device=torch.device("cpu"), row_tokens=None,
-                           precision="fp32", backend="hf")
+    from tasks.train.environment import Rank
+    from tasks.train.stepper import Stepper
+
+    return Stepper(model=model, scaler=None, device=torch.device("cpu"), precision="fp32", backend="hf", packing=True,
+                   row_tokens=None, head_chunk=64, pad_id=pad_id, max_oom_retries=0, rank=Rank())
 
 
 def _trainer(kind: str, tiny_model, tmp_path, rows: list[dict], **args):
