@@ -2,9 +2,9 @@
 
 Every tunepipe run is what the train stage runs: `run_worker("tasks.train.loop:train_model", ...)`, one worker
 process per configuration (so unsloth's patches never reach the next run); the levers run in worker processes
-too, the baselines in processes of their own (below). The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer
-comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token vocabulary, which sets
-the LM head's size).
+too, the baselines in processes of their own (below). The model has Qwen3-0.6B's shape with random weights (no
+download); its tokenizer comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token
+vocabulary, which sets the LM head's size).
 
 - long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
   bf16: the shape of shared/gpu/README.md's raw loops. The baseline (`raw-*`) is the loop each library's users
@@ -94,11 +94,11 @@ def raw_arguments(request: TrainRequest) -> dict:
     recompute = {False: "none", True: "plain", "offload": "offload"}.get(cfg.gradient_checkpointing)
     if recompute is None:
         raise ValueError("the raw loop needs gradient_checkpointing false, true or offload: a like-for-like pair")
-    return dict(model_dir=request.base.name_or_path, rows_path=str(request.data.path),
-                backend="unsloth" if cfg.backend == "unsloth" else "hf", recompute=recompute,
-                batch=cfg.batch_size, steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-                max_seq_length=request.model_cfg.max_seq_length, load_in_4bit=cfg.mode == "qlora",
-                r=lora.r, alpha=lora.alpha, seed=cfg.seed)
+    return {"model_dir": request.base.name_or_path, "rows_path": str(request.data.path),
+            "backend": "unsloth" if cfg.backend == "unsloth" else "hf", "recompute": recompute,
+            "batch": cfg.batch_size, "steps": cfg.max_steps, "learning_rate": cfg.learning_rate,
+            "max_seq_length": request.model_cfg.max_seq_length, "load_in_4bit": cfg.mode == "qlora",
+            "r": lora.r, "alpha": lora.alpha, "seed": cfg.seed}
 
 
 def raw_result(request: TrainRequest, trained: dict) -> TrainResult:
@@ -129,7 +129,8 @@ def run_raw_script(request: TrainRequest) -> TrainResult:
     request.out_dir.mkdir(parents=True, exist_ok=True)
     output, log = request.out_dir / "raw_loop.json", request.out_dir / "raw_loop.log"
     with log.open("w") as sink:
-        code = subprocess.run([*command, "--json", str(output)], stdout=sink, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([*command, "--json", str(output)], stdout=sink, stderr=subprocess.STDOUT,
+                              check=False).returncode
     if code != 0 or not output.exists():
         raise RuntimeError(f"{' '.join(command)} exited with status {code}:\n"
                            + "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]))
@@ -612,6 +613,14 @@ def main() -> None:
         print(f"{r['name']:<28}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
               f"{r['peak_reserved_gib']:>10}"
               f"{r['seconds']:>9}  {r['loss']}")
+    # A run's speed moves between processes: repeated runs (`name#k`) are summed up by their median.
+    repeats: dict[str, list[int]] = {}
+    for r in rows:
+        if "#" in r["name"] and "failed" not in r:
+            repeats.setdefault(r["name"].split("#")[0], []).append(r["tokens_per_s"])
+    for name, rates in repeats.items():
+        print(f"{name:<28}median of {len(rates)} runs: {round(statistics.median(rates))} tokens/s "
+              f"({', '.join(map(str, rates))})")
 
 
 if __name__ == "__main__":
