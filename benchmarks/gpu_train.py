@@ -1,18 +1,21 @@
 """Training speed on a CUDA GPU through tunepipe's own training worker, against baselines of the same shape.
 
 Every tunepipe run is what the train stage runs: `run_worker("tasks.train.loop:train_model", ...)`, one worker
-process per configuration (so unsloth's patches never reach the next run); the baselines and levers run in
-worker processes too. The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer
-comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token vocabulary, which sets
-the LM head's size).
+process per configuration (so unsloth's patches never reach the next run); the levers run in worker processes
+too, the baselines in processes of their own (below). The model has Qwen3-0.6B's shape with random weights (no
+download); its tokenizer comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token
+vocabulary, which sets the LM head's size).
 
 - long: 4 sequences of 2,048 random tokens a step, loss on every token, LoRA r=16 on all seven projections,
-  bf16: the shape of shared/gpu/README.md's raw loops. Like for like: `raw_loop` (each library's own model and
-  loss, AdamW) and the worker run in groups of the same recomputation: none (`*-none`; the worker's `auto`
-  chooses none when there is room), plain (`*-plain`, `*-checkpointing`) and offloaded to host memory
-  (`*-offload`: unsloth's own in the raw loop, tunepipe's `tasks/train/recompute.py` in the worker).
-  MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The worker replays its transformer from CUDA
-  graphs on these rows (`train.cuda_graphs`, on by default); `*-eager` rows run it without.
+  bf16: the shape of shared/gpu/README.md's raw loops. The baseline (`raw-*`) is the loop each library's users
+  write, `benchmarks/raw_loop.py` (the library's own model and loss, AdamW), run as a script of its own: no
+  tunepipe module in its process; `raw-unsloth-none-worker` runs the same loop inside tunepipe's worker process,
+  for what that process costs. Like for like, the raw loop and the worker run in groups of the same
+  recomputation: none (`*-none`; the worker's `auto` chooses none when there is room), plain (`*-plain`,
+  `*-checkpointing`) and offloaded to host memory (`*-offload`: unsloth's own in the raw loop, tunepipe's
+  `tasks/train/recompute.py` in the worker). MFU = tokens/s x `lora_flops_per_token` / the dense bf16 peak. The
+  worker replays its transformer from CUDA graphs on these rows (`train.cuda_graphs`, on by default); `*-eager`
+  rows run it without.
 - levers (`with_*`): Liger's fused RMSNorm / RoPE / SwiGLU kernels (hf), Liger's fused linear cross-entropy as
   the head, each decoder layer compiled by `torch.compile`, and each head chunk's softmax and gradient in one
   Triton kernel (`*-head-kernel`, benchmarks/head_kernel.py); the worker otherwise unchanged.
@@ -31,17 +34,18 @@ the LM head's size).
   MEMORY_CAP_GIB (`torch.cuda.set_per_process_memory_fraction`): the worker must halve the micro-batch until
   it fits and train on with the same effective batch.
 
-tokens/s is the median over logged steps after the first WARMUP steps (compilation, autotuning); peak GiB is
-torch.cuda.max_memory_allocated in the worker, reserved GiB torch.cuda.max_memory_reserved (what the allocator
+tokens/s is the median over the steps after the first WARMUP (compilation, autotuning); peak GiB is
+torch.cuda.max_memory_allocated in the run's process, reserved GiB torch.cuda.max_memory_reserved (what the allocator
 held: it counts a CUDA graph's memory pool, whose tensors the allocated figure sees only while capturing);
 seconds is the whole training loop including warm-up.
 
-    python benchmarks/gpu_train.py --tokenizer ggml-vocab-qwen2.gguf [--steps 30] [--json results.json] [--only ...]
+    python benchmarks/gpu_train.py --tokenizer ggml-vocab-qwen2.gguf [--steps 20] [--json results.json] [--only ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shutil
@@ -59,6 +63,7 @@ QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
 WARMUP = 5
 LONG_TOKENS = 2048
+RAW_SCRIPT = "benchmarks/raw_loop.py"  # a `run` entry: the raw loop as a script of its own, not in a worker
 MEMORY_CAP_GIB = 3.0
 
 
@@ -74,71 +79,62 @@ def train_under_memory_cap(request: TrainRequest) -> TrainResult:
 
 
 def raw_loop(request: TrainRequest) -> TrainResult:
-    """The baseline of shared/gpu/README.md: the library's own model, loss and checkpointing
-    (`model(input_ids, labels=input_ids).loss`), AdamW, bf16; rows of the split in order, `batch_size` a step;
-    each step timed to a CUDA synchronisation. `train.gradient_checkpointing` picks the recomputation, so each
-    raw row pairs with the worker row of the same setting: false none, true the library's plain checkpointing,
-    "offload" unsloth's offloaded one (its default)."""
-    import time
+    """`benchmarks/raw_loop.py`'s loop inside this worker process (the profiled, memory and capped rows, and
+    `raw-unsloth-none-worker`); the `raw-*` rows run it as a script of its own (`run_raw_script`)."""
+    from benchmarks.raw_loop import train
 
-    import torch
+    return raw_result(request, train(**raw_arguments(request)))
 
+
+def raw_arguments(request: TrainRequest) -> dict:
+    """The request's settings in `raw_loop.train`'s terms: `train.gradient_checkpointing` picks the
+    recomputation, so each raw row pairs with the worker row of the same setting: false none, true the
+    library's plain recomputation, "offload" unsloth's offloaded one (its default)."""
     cfg, lora = request.cfg, request.lora
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    recompute = cfg.gradient_checkpointing
-    if recompute == "auto":
-        raise ValueError("raw_loop needs gradient_checkpointing false, true or offload: a like-for-like pair")
-    if cfg.backend == "unsloth":
-        from unsloth import FastLanguageModel
+    recompute = {False: "none", True: "plain", "offload": "offload"}.get(cfg.gradient_checkpointing)
+    if recompute is None:
+        raise ValueError("the raw loop needs gradient_checkpointing false, true or offload: a like-for-like pair")
+    return {"model_dir": request.base.name_or_path, "rows_path": str(request.data.path),
+            "backend": "unsloth" if cfg.backend == "unsloth" else "hf", "recompute": recompute,
+            "batch": cfg.batch_size, "steps": cfg.max_steps, "learning_rate": cfg.learning_rate,
+            "max_seq_length": request.model_cfg.max_seq_length, "load_in_4bit": cfg.mode == "qlora",
+            "r": lora.r, "alpha": lora.alpha, "seed": cfg.seed}
 
-        # unsloth loads a 4-bit base unless told otherwise: the same base as the worker's, for the same mode.
-        model, _ = FastLanguageModel.from_pretrained(request.base.name_or_path, dtype=torch.bfloat16,
-                                                     max_seq_length=request.model_cfg.max_seq_length,
-                                                     load_in_4bit=cfg.mode == "qlora")
-        model = FastLanguageModel.get_peft_model(
-            model, r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
-            use_gradient_checkpointing="unsloth" if recompute == "offload" else recompute)
-    else:
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
 
-        if recompute == "offload":
-            raise ValueError("offloaded recomputation is unsloth's; the hf raw loop has false or true")
-        model = AutoModelForCausalLM.from_pretrained(request.base.name_or_path, dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa").cuda()
-        if recompute:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
-    model.train()  # from_pretrained leaves eval mode, in which neither library checkpoints
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    rows, history = request.data.rows(), []
-    torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
-        ids = torch.tensor([r["input_ids"] for r in rows[(step - 1) * cfg.batch_size : step * cfg.batch_size]],
-                           device="cuda")
-        step_started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        now = time.perf_counter()
-        history.append(LossPoint(step=step, loss=float(loss), learning_rate=cfg.learning_rate,
-                                 tokens_per_s=round(ids.numel() / (now - step_started), 1),
-                                 peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                                 peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
-                                 elapsed_s=round(now - started, 3)))
-    backend = "unsloth" if cfg.backend == "unsloth" else "hf"
-    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=backend, loss_history=history,
-                       runtime_s=round(time.perf_counter() - started, 3),
-                       trainable_params=sum(p.numel() for p in trainable),
-                       total_params=sum(p.numel() for p in model.parameters()), steps=cfg.max_steps,
-                       device=f"cuda ({torch.cuda.get_device_name()}) x1", precision="bf16",
-                       micro_batch_size=cfg.batch_size, gradient_accumulation_steps=1, oom_retries=0,
-                       resumed_from_step=0)
+def raw_result(request: TrainRequest, trained: dict) -> TrainResult:
+    history = [LossPoint(step=p["step"], loss=p["loss"], learning_rate=request.cfg.learning_rate,
+                         tokens_per_s=p["tokens_per_s"], peak_gpu_memory_gib=p["peak_gib"],
+                         peak_gpu_reserved_gib=p["reserved_gib"], elapsed_s=p["elapsed_s"])
+               for p in trained["history"]]
+    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=trained["backend"], loss_history=history,
+                       runtime_s=trained["runtime_s"], trainable_params=trained["trainable_params"],
+                       total_params=trained["total_params"], steps=len(history), device=trained["device"],
+                       precision="bf16", micro_batch_size=trained["batch"], gradient_accumulation_steps=1,
+                       oom_retries=0, resumed_from_step=0)
+
+
+def run_raw_script(request: TrainRequest) -> TrainResult:
+    """`benchmarks/raw_loop.py` as a user runs it: `python benchmarks/raw_loop.py ...`, its output in
+    `raw_loop.log` beside the result."""
+    import subprocess
+
+    arguments = raw_arguments(request)
+    command = [sys.executable, str(Path(__file__).with_name("raw_loop.py")), arguments.pop("model_dir"),
+               arguments.pop("rows_path")]
+    for name, value in arguments.items():
+        if isinstance(value, bool):
+            command += [f"--{name.replace('_', '-')}"] if value else []
+        else:
+            command += [f"--{name.replace('_', '-')}", str(value)]
+    request.out_dir.mkdir(parents=True, exist_ok=True)
+    output, log = request.out_dir / "raw_loop.json", request.out_dir / "raw_loop.log"
+    with log.open("w") as sink:
+        code = subprocess.run([*command, "--json", str(output)], stdout=sink, stderr=subprocess.STDOUT,
+                              check=False).returncode
+    if code != 0 or not output.exists():
+        raise RuntimeError(f"{' '.join(command)} exited with status {code}:\n"
+                           + "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]))
+    return raw_result(request, json.loads(output.read_text()))
 
 
 def sft_recipe(request: TrainRequest) -> TrainResult:
@@ -448,8 +444,7 @@ PEAK_BF16_FLOPS = 989e12
 def lora_flops_per_token(config, seq: int) -> float:
     """The work a LoRA step does per token: forward 2N and the backward's input gradients 2N for the N weights of
     the linear layers and the head (frozen weights get no weight gradient; the adapters' own are negligible),
-    plus causal attention (QK^T and AV, half the square, forward and two backward matmuls each). Qwen3-0.6B
-    at 2,048 tokens: about 3.1 GFLOP."""
+    plus causal attention (QK^T and AV, half the square, forward and two backward matmuls each)."""
     attn = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     per_layer = config.hidden_size * (2 * attn + 2 * kv) + 3 * config.hidden_size * config.intermediate_size
@@ -470,9 +465,12 @@ def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.train.loop:
                            lora=LoraConfig(r=16, alpha=16), cfg=cfg, out_dir=work / name)
     started: dict = {}  # the worker's environment report: what `auto` resolved to
     try:
-        result = run_worker(entry, request, TrainResult, request.out_dir, devices=cfg.devices,
-                            on_event=lambda e: started.update(e) if e["event"] == "started" else None)
-    except WorkerFailed as failure:
+        if entry == RAW_SCRIPT:
+            result = run_raw_script(request)
+        else:
+            result = run_worker(entry, request, TrainResult, request.out_dir, devices=cfg.devices,
+                                on_event=lambda e: started.update(e) if e["event"] == "started" else None)
+    except (WorkerFailed, RuntimeError) as failure:
         print(f"{name} failed: {failure}", file=sys.stderr)
         return {"name": name, "failed": str(failure)[-2000:]}
     rates = [p.tokens_per_s for p in result.loss_history[WARMUP:]] or [result.loss_history[-1].tokens_per_s]
@@ -497,7 +495,7 @@ def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.train.loop:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="*", help="names of the runs to make, in this order (default: all)")
     args = parser.parse_args()
@@ -512,14 +510,17 @@ def main() -> None:
 
         config = AutoConfig.from_pretrained(model)
         long = random_split(config.vocab_size, 8 * args.steps, work / "long.jsonl")
-        short = demo_split(short_cfg, work)
-        raw, sft = "benchmarks.gpu_train:raw_loop", "benchmarks.gpu_train:sft_recipe"
+        short = "short"  # the demo's rows, formatted when the first short row runs
+        demo = functools.cache(lambda: demo_split(short_cfg, work))
+        raw, sft = RAW_SCRIPT, "benchmarks.gpu_train:sft_recipe"
         lever = "benchmarks.gpu_train:with_{}".format
         u4, h4 = dict(backend="unsloth", batch_size=4), dict(backend="hf", batch_size=4)  # the long batch
         plan = [
             # Like for like, long rows: each group shares its recomputation, precision and batch.
             # No recomputation (what `auto` chooses with room):
             ("raw-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False, entry=raw)),
+            ("raw-unsloth-none-worker", long, long_cfg, dict(**u4, gradient_checkpointing=False,
+                                                             entry="benchmarks.gpu_train:raw_loop")),
             ("raw-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=raw)),
             ("long-unsloth", long, long_cfg, dict(**u4)),  # the default: auto
             ("long-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False)),
@@ -543,10 +544,9 @@ def main() -> None:
                                                             entry=lever("liger_and_compiled_layers"))),
             ("long-unsloth-liger-head", long, long_cfg, dict(**u4, gradient_checkpointing=False,
                                                              entry=lever("liger_head"))),
-            ("long-unsloth-head-kernel", long, long_cfg, dict(**u4, entry=lever("head_kernel"))),  # against
-            # `long-unsloth` in alternating order
-            ("long-unsloth-repeated-kv", long, long_cfg, dict(**u4, entry=lever("repeated_kv_heads"))),  # against
-            # `long-unsloth` in alternating order
+            # The next two against `long-unsloth`, in alternating order.
+            ("long-unsloth-head-kernel", long, long_cfg, dict(**u4, entry=lever("head_kernel"))),
+            ("long-unsloth-repeated-kv", long, long_cfg, dict(**u4, entry=lever("repeated_kv_heads"))),
             ("long-unsloth-compiled", long, long_cfg, dict(**u4, gradient_checkpointing=False,
                                                            entry=lever("compiled_layers"))),
             # Profiles and memory at the peak.
@@ -600,6 +600,7 @@ def main() -> None:
                      *by_name[name][1:]) for i, name in enumerate(args.only)]
         for name, split, model_cfg, train in plan:
             flops = lora_flops_per_token(config, LONG_TOKENS) if split is long else None
+            split = demo() if split is short else split
             rows.append(run(name, split, model_cfg, work, flops_per_token=flops, **{"max_steps": args.steps, **train}))
             for report in ("profile", "memory"):
                 path = work / name / f"{report}.txt"
@@ -615,6 +616,14 @@ def main() -> None:
         print(f"{r['name']:<28}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
               f"{r['peak_reserved_gib']:>10}"
               f"{r['seconds']:>9}  {r['loss']}")
+    # A run's speed moves between processes: repeated runs (`name#k`) are summed up by their median.
+    repeats: dict[str, list[int]] = {}
+    for r in rows:
+        if "#" in r["name"] and "failed" not in r:
+            repeats.setdefault(r["name"].split("#")[0], []).append(r["tokens_per_s"])
+    for name, rates in repeats.items():
+        print(f"{name:<28}median of {len(rates)} runs: {round(statistics.median(rates))} tokens/s "
+              f"({', '.join(map(str, rates))})")
 
 
 if __name__ == "__main__":
