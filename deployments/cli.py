@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import gc
-import importlib.util
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tasks.patches.prefect import TemporaryServer
     from tasks.runtime.config import PipelineConfig
 
 # Set before Prefect is imported. The ephemeral server's telemetry heartbeat fights the CLI for its SQLite
@@ -28,7 +23,6 @@ DEMO_CONFIG = Path("configs/demo.yaml")
 DEMO_ASSETS = Path("runs/demo-assets")
 UNSERVED = 4  # exit status of `run`: trained, gated and exported, but not served; finish with `register`
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # TrackingConfig's default, without importing the config here
-SERVER_STARTUP_TIMEOUT_S = 120  # Prefect's temporary server; its own default (20 s) is short on a busy machine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,20 +310,22 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def start_prefect(early: ServerProcess | None) -> None:
-    """Import the flows while Prefect's temporary API server boots, then point Prefect at it once it answers;
-    `early`: the server's process, from `spawn_temporary_server` (which also quiets Prefect; None: a Prefect API
-    is set in the environment). An API configured elsewhere (a Prefect profile, prefect.toml), which only
-    Prefect's settings know, is used instead, and the temporary server is stopped unused."""
-    import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
-    from prefect.settings import PREFECT_API_URL
+def spawn_temporary_server() -> TemporaryServer | None:
+    """Quiet Prefect (the server inherits the environment), then start its temporary server early when the
+    Prefect patch allows (tasks/patches/prefect.py)."""
+    from tasks.patches.prefect import start_temporary_server
 
-    if early is not None and PREFECT_API_URL.value():
-        early.discard()
-    elif early is not None:
-        server_logger().info("Starting temporary server on %s", early.api_url.removesuffix("/api"))
-        early.wait_until_up()
-        use_temporary_server(early)
+    quiet_environment()
+    return start_temporary_server()
+
+
+def start_prefect(early: TemporaryServer | None) -> None:
+    """Import the flows while Prefect's temporary server boots, then point Prefect at it once it answers;
+    `early`: from `spawn_temporary_server` (None: an API is set, or Prefect starts its own server)."""
+    import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
+    from tasks.patches.prefect import use_temporary_server
+
+    use_temporary_server(early)
 
 
 def failed(report, state) -> int:
@@ -446,111 +442,6 @@ def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
     print(f"{name}: champion moved back from v{move.previous} to v{move.version} "
           f"({move.ollama_tag} is now {move.ollama_tag.rsplit(':', 1)[0]}:latest)")
     return 0
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    port: int
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def wait_until_up(self, timeout_s: float = SERVER_STARTUP_TIMEOUT_S) -> None:
-        """Wait for the server's health check, as Prefect's `SubprocessASGIServer.start` does: a server whose
-        port was taken meanwhile (uvicorn's exit status 3) starts again on another."""
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client() as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() == 3:
-                    self.port = free_port()
-                    self.process = server_process(*server_command(self.port))
-                elif self.process.poll() is not None:
-                    raise RuntimeError(f"Prefect's temporary server exited with status {self.process.returncode}")
-                try:
-                    if client.get(f"{self.api_url}/health").status_code == 200:
-                        return
-                except httpx.ConnectError:
-                    pass
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s")
-
-    def discard(self) -> None:
-        """Stop a server nobody used, without a word (it was never announced)."""
-        self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            server_logger().info("Stopping temporary server on %s", self.api_url.removesuffix("/api"))
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def server_logger():
-    from prefect.logging import get_logger
-
-    return get_logger()  # the logger Prefect's own temporary server reports on
-
-
-def spawn_temporary_server() -> ServerProcess | None:
-    """Start the process of Prefect's temporary API server now, unless `PREFECT_API_URL` is set, so that its
-    boot overlaps the CLI's imports (Prefect's own and the flows') instead of following them; `start_prefect`
-    waits for it. The run stops it at exit, after Prefect's own exit handlers have sent the run's last states
-    and events."""
-    quiet_environment()  # the server inherits it
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    port = free_port()
-    early = ServerProcess(server_process(*server_command(port)), port)
-    atexit.register(early.stop)  # registered before Prefect's handlers, so it runs after them
-    return early
-
-
-def free_port() -> int:
-    with socket.socket() as probe:  # should it be taken before the server binds it, the server starts again
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def server_command(port: int) -> tuple[list[str], dict[str, str]]:
-    """The command and environment Prefect 3.9's `SubprocessASGIServer._run_uvicorn_command` starts its
-    temporary server with, without importing Prefect (seconds): Prefect also passes its settings as environment
-    variables, which the server reads for itself from the same environment, folder and profile
-    (tests/test_stop_signals.py holds the two equal)."""
-    prefect_package = Path(importlib.util.find_spec("prefect").origin).parent
-    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_package.parent), "--factory",
-            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
-            "error", "--lifespan", "on"]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    return args, env
-
-
-def server_process(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """The server in a process group of its own, so that Ctrl-C (which the terminal sends to its whole
-    foreground group) reaches the run but not the server: the run reports its Crashed state to the server,
-    then the exit handlers stop it. In the terminal's group the server would die first and the run would
-    retry its last report against nothing for minutes."""
-    return subprocess.Popen(args, env=env, process_group=0)
-
-
-def use_temporary_server(server: ServerProcess) -> None:
-    """Point this process's Prefect clients (and the workers it starts) at the temporary server, as a configured
-    `PREFECT_API_URL` would: Prefect's own `SubprocessASGIServer` would otherwise be imported only to wait
-    for it, and that import is Prefect's whole server (seconds). The UI is off there: no UI links are logged."""
-    from prefect.context import refresh_global_settings_context
-
-    os.environ["PREFECT_API_URL"] = server.api_url
-    os.environ.setdefault("PREFECT_UI_URL", "")
-    refresh_global_settings_context()
 
 
 class Report:
