@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import signal
 import sys
@@ -148,6 +147,7 @@ def run_check(cfg) -> int:
     """`tunepipe check`: the data report and the run plan; 1 when the data would stop a run."""
     from rich.console import Console
 
+    from deployments.output import print_data_report, print_run_plan
     from deployments.run_plan import check_run
     from tasks.data.check import DataCheckError
     from tasks.data.load import DataFileError
@@ -174,78 +174,6 @@ def run_check(cfg) -> int:
     return 0
 
 
-def print_data_report(console, checked) -> None:
-    from rich.table import Table
-
-    files = Table(title="data files (kept + quarantined = read)")
-    files.add_column("file", overflow="fold")  # a path wraps onto more lines, never cut
-    for column in ("read", "kept train", "kept validation", "kept test", "quarantined"):
-        files.add_column(column, justify="right")
-    for f in checked.files:
-        files.add_row(f.source, str(f.rows_read), str(f.kept_train), str(f.kept_validation), str(f.kept_eval),
-                      str(f.quarantined))
-    console.print(files)
-    failed = [(split, e) for split, report in (("train", checked.train), ("validation", checked.validation),
-                                               ("test", checked.eval))
-              for e in report.expectations if not e["success"]]
-    if failed:
-        table = Table(title="failed expectations (Great Expectations)")
-        for column in ("split", "expectation", "column", "rows"):
-            table.add_column(column)
-        for split, e in failed:
-            table.add_row(split, e["expected"], e["column"], str(e["unexpected_count"]))
-        console.print(table)
-    for message in checked.first_rejections:
-        console.print(f"  set aside: {message}", highlight=False, soft_wrap=True)
-    console.print(f"{checked.rows_quarantined} of {checked.rows_read} rows set aside: {checked.quarantine_path}\n"
-                  f"Data Docs: {checked.data_docs}\nSummary (JSON): {checked.summary_path}", highlight=False,
-                  soft_wrap=True)
-
-
-def print_run_plan(console, plan) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="run plan", show_header=False)
-    for name, value in (
-        ("rows (train / validation / test)", f"{plan.train_rows} / {plan.validation_rows} / {plan.eval_rows}"),
-        ("tokens (train / validation / test)", f"{plan.train_tokens} / {plan.validation_tokens} / {plan.eval_tokens}"),
-        ("trained tokens (carry the loss)", str(plan.train_trained_tokens)),
-        ("longest example", f"{plan.longest_example_tokens} tokens"),
-        ("examples per step", str(plan.examples_per_step)),
-        ("steps per epoch", str(plan.steps_per_epoch)),
-        ("steps", f"{plan.steps} ({plan.epochs:.2f} epochs)"),
-        ("device", f"{plan.environment.device}, {plan.environment.precision}"),
-        ("memory estimate", f"{plan.environment.estimate_gib:.2f} GiB"
-                            + (f" of {plan.environment.free_gib:.1f} GiB free" if plan.environment.free_gib else "")
-                            + " (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.environment.estimate.items()) + ")"),
-        ("gradient checkpointing", {True: "on", False: "off", "offload": "on, offloaded to CPU memory"}[
-            plan.environment.gradient_checkpointing]),
-        ("time estimate", _time_estimate(plan)),
-    ):
-        table.add_row(name, value)
-    console.print(table)
-    if plan.memory is not None:
-        stages = Table(title=f"memory plan ({escape(plan.memory.gpu)})")
-        for column in ("stage", "needs", "of", "available", "note"):
-            stages.add_column(column)
-        for stage in plan.memory.stages:
-            available = "unknown" if stage.available_gib is None else f"{stage.available_gib:.1f} GiB"
-            stages.add_row(stage.stage, f"{stage.need_gib:.2f} GiB", stage.resource, available, escape(stage.note))
-        console.print(stages)
-    for warning in plan.warnings:
-        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-
-
-def _time_estimate(plan) -> str:
-    estimate = plan.time_estimate
-    if estimate is None:
-        return (f"none yet: this base model has not trained on {plan.environment.device} in this workdir; "
-                "the first run's speed sets it")
-    return (f"{estimate.seconds / 60:.1f} min for the steps (model loading not included), at the "
-            f"{estimate.tokens_per_s:,.0f} tokens/s measured in {estimate.measured_in}")
-
-
 def prepare_demo_assets(root: Path) -> None:
     from rich.console import Console
 
@@ -267,21 +195,14 @@ def prepare_demo_assets(root: Path) -> None:
 def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
     """One screen: each check's status and detail; 1 when something `config` needs is missing."""
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
     from deployments.doctor import diagnose
+    from deployments.output import print_checks
 
     console = Console()
     with console.status("Checking packages, GPU, Prefect, MLflow, Ollama and the hub..."):
         checks = diagnose(cfg)
-    table = Table(title=f"tunepipe doctor{f' for {config}' if config else ''}", show_lines=False)
-    for column in ("check", "status", "detail"):
-        table.add_column(column, overflow="fold")
-    style = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
-    for check in checks:
-        table.add_row(check.name, f"[{style[check.status]}]{check.status}[/]", escape(check.detail))
-    console.print(table)
+    print_checks(console, checks, config)
     failed = [check.name for check in checks if check.status == "fail"]
     if failed:
         console.print(f"[bold red]missing:[/] {', '.join(failed)}" + (f" (needed by {config})" if config else ""))
@@ -333,7 +254,8 @@ def failed(report, state) -> int:
 
     from tasks.runtime.redact import redact
 
-    report.console.print(f"[bold red]failed:[/] {escape(redact(str(state.result(raise_on_failure=False))))}")
+    report.console.print(f"[bold red]failed:[/] {escape(redact(str(state.result(raise_on_failure=False))))}",
+                         soft_wrap=True)
     return 1
 
 
@@ -341,6 +263,7 @@ def run_finetune(cfg, unserved_status: int) -> int:
     # Both before anything imports Prefect (seconds): the server's boot and the training worker's imports
     # (unsloth's, on a GPU) overlap all that follows, the base model's check included.
     early = spawn_temporary_server()
+    from deployments.output import Report
     from tasks.runtime.worker import spare_workers
     from tasks.train.prestart import prestart_training
 
@@ -372,6 +295,7 @@ def run_finetune(cfg, unserved_status: int) -> int:
 
 def run_retrain(cfg) -> int:
     start_prefect(spawn_temporary_server())
+    from deployments.output import Report
     from flows.retrain import retrain
 
     state = retrain(cfg, return_state=True)
@@ -384,7 +308,7 @@ def run_retrain(cfg) -> int:
     if outcome.snapshot is not None:
         snapshot = outcome.snapshot
         report.console.print(f"dataset v{snapshot.version} {snapshot.fingerprint[:12]}: {snapshot.rows_by_source} "
-                             f"({snapshot.folder})")
+                             f"({snapshot.folder})", soft_wrap=True)
     color = {"promoted": "green", "kept_champion": "yellow", "nothing_to_do": "cyan"}[outcome.status]
     report.console.print(f"[bold {color}]{outcome.status.replace('_', ' ')}:[/] {outcome.reason}")
     return 0
@@ -392,6 +316,7 @@ def run_retrain(cfg) -> int:
 
 def run_evaluate(cfg, model: str) -> int:
     start_prefect(spawn_temporary_server())
+    from deployments.output import Report
     from flows.evaluate import evaluate_model
 
     state = evaluate_model(cfg, model, return_state=True)
@@ -400,15 +325,16 @@ def run_evaluate(cfg, model: str) -> int:
     if not state.is_completed():
         return failed(report, state)
     evaluation = state.result()
-    report.console.print(f"{model} (run {evaluation.model_run_id})")
+    report.console.print(f"{model} (run {evaluation.model_run_id})", soft_wrap=True)
     report.metrics(evaluation.eval, evaluation.gate)
     report.checks(evaluation.gate)
-    report.console.print(f"gate {evaluation.gate.summary()}\nMLflow run {evaluation.mlflow_run_id}")
+    report.console.print(f"gate {evaluation.gate.summary()}\nMLflow run {evaluation.mlflow_run_id}", soft_wrap=True)
     return 0 if evaluation.gate.passed else 3
 
 
 def run_register(run_id: str, tracking_uri: str) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     quiet_environment()
     from flows.serve import register_run
@@ -416,15 +342,16 @@ def run_register(run_id: str, tracking_uri: str) -> int:
     state = register_run(run_id, tracking_uri, return_state=True)
     console = Console()
     if not state.is_completed():
-        console.print(f"[bold red]failed:[/] {state.result(raise_on_failure=False)}")
+        console.print(f"[bold red]failed:[/] {escape(str(state.result(raise_on_failure=False)))}", soft_wrap=True)
         return 1
     serving = state.result()
-    console.print(serving.registration.message)
+    console.print(serving.registration.message, markup=False, soft_wrap=True)
     if not serving.served:
         return UNSERVED
-    console.print(f"smoke test: {serving.smoke.summary()}")
+    console.print(f"smoke test: {serving.smoke.summary()}", markup=False, soft_wrap=True)
     console.print(f"champion: {serving.promotion.name} v{serving.promotion.version} "
-                  f"({serving.promotion.ollama_tag}, also {serving.promotion.ollama_tag.rsplit(':', 1)[0]}:latest)")
+                  f"({serving.promotion.ollama_tag}, also {serving.promotion.ollama_tag.rsplit(':', 1)[0]}:latest)",
+                  soft_wrap=True)
     return 0
 
 
@@ -442,135 +369,3 @@ def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
     print(f"{name}: champion moved back from v{move.previous} to v{move.version} "
           f"({move.ollama_tag} is now {move.ollama_tag.rsplit(':', 1)[0]}:latest)")
     return 0
-
-
-class Report:
-    """What the CLI prints after a run: each stage's state, then where everything is."""
-
-    def __init__(self, flow_run_id):
-        from rich.console import Console
-
-        self.console = Console()
-        self.flow_run_id = flow_run_id
-
-    def stages(self) -> None:
-        from rich.table import Table
-
-        states = stage_states(self.flow_run_id)
-        if not states:  # the run failed before its first stage: the error says why, an empty table says nothing
-            return
-        table = Table(title="stages")
-        for column in ("stage", "state", "seconds"):
-            table.add_column(column)
-        for name, state, seconds in states:
-            table.add_row(name, state, f"{seconds:.1f}")
-        self.console.print(table)
-
-    def summary(self, summary) -> None:
-        from rich.table import Table
-
-        self.metrics(summary.eval, summary.gate, summary.validation)
-        self.base_to_candidate(summary.eval, summary.gate)
-        self.checks(summary.gate)
-        table = Table(title="tunepipe run", show_header=False)
-        parity = ", ".join(f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop "
-                           f"{g.scores.get('stop_rate', 0):.2f}" for g in summary.parity.ggufs)
-        rows = [
-            ("GGUF served", str(summary.gguf_path)),
-            ("GGUF parity", parity),
-            ("merged model", str(summary.exported.merged_dir)),
-            ("LoRA adapter", str(summary.exported.adapter_dir or "none (full fine-tuning)")),
-            ("gate (test split)", summary.gate.summary()),
-            ("attempts", f"{summary.attempts}: {summary.retrain_outcome}"),
-            ("report", str(summary.report.path)),
-            ("data checks (GX Data Docs)", f"{summary.data_docs} (MLflow: data_checks/data_docs/index.html)"),
-            ("MLflow run", summary.mlflow_run_id),
-            ("Ollama", summary.serving.registration.message),
-            ("champion", f"v{summary.serving.promotion.version}" if summary.serving.served else "unchanged"),
-        ]
-        for name, value in rows:
-            table.add_row(name, value)
-        self.console.print(table)
-        self.console.print(
-            f"Browse runs: mlflow ui --backend-store-uri {summary.mlflow_tracking_uri}   "
-            "Flow runs: prefect server start (then open http://127.0.0.1:4200)"
-        )
-
-    def base_to_candidate(self, report, decision) -> None:
-        """What fine-tuning changed, and one test example answered by both: the base's and the candidate's."""
-        from rich.markup import escape
-
-        from tasks.evaluate.report import base_to_candidate
-
-        changes = base_to_candidate(report, [check.metric for check in decision.checks])
-        self.console.print(f"[bold]base → candidate[/] on {report.n_samples} {report.split} examples: "
-                           + ", ".join(changes), highlight=False, soft_wrap=True)
-        first = report.samples_path.read_text(encoding="utf-8").partition("\n")[0]
-        if first:
-            sample = json.loads(first)
-            for who in ("base", "candidate"):
-                answer = " ".join(sample[who]["answer"].split())
-                answer = answer if len(answer) <= 160 else answer[:160] + " ..."
-                self.console.print(f"  {who:>9} answered {report.split} {sample['source']}: {escape(answer)}",
-                                   highlight=False, soft_wrap=True)
-
-    def checks(self, decision) -> None:
-        """Each gate rule in words: the differences to base and champion with their intervals and n."""
-        from rich.markup import escape
-
-        for check in decision.checks:
-            mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
-            self.console.print(f"  {mark} {escape(check.reason)}", highlight=False, soft_wrap=True)
-
-    def gate(self, error) -> None:
-        self.metrics(error.eval, error.decision, error.validation)
-        self.base_to_candidate(error.eval, error.decision)
-        self.console.print(f"[bold yellow]not promoted:[/] the evaluation gate failed on the test split (retrain "
-                           f"loop: {error.outcome}); nothing was exported or registered and the champion is unchanged.")
-        for reason in error.decision.reasons:
-            self.console.print(f"  [red]-[/] {reason}")
-        self.console.print(f"report: {error.report.path}   MLflow run: {error.mlflow_run_id}")
-
-    def metrics(self, report, decision, validation=None) -> None:
-        """Headline metrics of base / champion / candidate on `report`'s split, beside their `validation` scores
-        when given, plus every metric a gate rule checked."""
-        from rich.table import Table
-
-        from tasks.evaluate.gate import RETENTION_CHECK
-        from tasks.evaluate.report import label, models
-
-        splits = [r for r in (validation, report) if r is not None]
-        columns = [(r, scores) for scores in models(report) for r in splits]
-        gated = {check.metric for check in decision.checks} - {RETENTION_CHECK, "regressions"}
-        names = sorted({n for r in splits for s in models(r) for n in s.metrics if "." not in n} | gated)
-        title = ", ".join(f"{r.split}: {r.n_samples} examples" for r in splits)
-        table = Table(title=f"metrics ({title})")
-        table.add_column("metric")
-        for r, scores in columns:
-            table.add_column(f"{label(scores)} {r.split}", justify="right")
-        for name in names:
-            values = [next((s.metrics.get(name) for s in models(r) if s.name == scores.name), None)
-                      for r, scores in columns]
-            table.add_row(name + (" *" if name in gated else ""), *("-" if v is None else f"{v:.3f}" for v in values))
-        self.console.print(table)
-        self.console.print(f"* checked by the gate (on {report.split})")
-        if (kept := report.retention) is not None:
-            self.console.print(f"retention on {kept.n_prompts} general prompts: loss on the base's answers base "
-                               f"{kept.base_loss:.3f} → candidate {kept.candidate_loss:.3f} ({kept.loss_increase:+.3f} "
-                               f"nats per token){' *' if RETENTION_CHECK in {c.metric for c in decision.checks} else ''}",
-                               highlight=False)
-
-
-def stage_states(flow_run_id) -> list[tuple[str, str, float]]:
-    """(task name, final state name, seconds) for every task run of a flow run, in start order."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100,
-        )
-    # Task run names carry a random suffix ("train-3b9"); the stage is the part before it.
-    return [(r.name.rsplit("-", 1)[0], r.state_name or "?", r.total_run_time.total_seconds()) for r in runs]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.cli import stage_states
+from deployments.output import stage_states
 from flows.finetune import GateFailed, RunSummary, finetune, outcome
 from tasks.runtime.config import load_config
 

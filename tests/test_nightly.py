@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import closed_port
 
-from deployments.cli import stage_states
+from deployments.output import stage_states
 from tasks.runtime.config import PipelineConfig
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.cli import stage_states
+from deployments.output import stage_states
 from flows.finetune import GateFailed, finetune
 from flows.serve import serve
 from tasks.export.parity import parity
