@@ -213,7 +213,7 @@ def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, 
     assert main(["check", str(path), "--set", "data.max_invalid_fraction=0.25"]) == 0
     out = capsys.readouterr().out
     assert "Data Docs: " in out and "index.html" in out
-    assert re.search(r"steps per epoch[ │]+2 ", out) and "4 (2.00 epochs)" in out
+    assert re.search(r"steps per epoch[ │]+2\b", out) and "4 (2.00 epochs)" in out
     assert re.search(r"rows \(train / validation / test\)[ │]+2 / 2 / 2", out)
     assert "memory estimate" in out and "GiB free (weights" in out and "cpu x1, fp32" in out
     assert re.search(r"gradient checkpointing[ │]+off", out)  # auto: the tiny model fits in memory

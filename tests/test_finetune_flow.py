@@ -13,6 +13,8 @@ from deployments.output import stage_states
 from flows.finetune import GateFailed, RunSummary, finetune, outcome
 from tasks.runtime.config import load_config
 
+pytestmark = pytest.mark.slow  # runs the finetune flow end to end
+
 EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export", "parity"}
 
 

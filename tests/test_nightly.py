@@ -16,6 +16,8 @@ from conftest import closed_port
 from deployments.output import stage_states
 from tasks.runtime.config import PipelineConfig
 
+pytestmark = pytest.mark.slow  # runs the nightly flows against a Prefect server
+
 
 def small(raw: dict) -> dict:
     raw["export"].update(gguf_types=["f16"], lora_gguf=False)  # one conversion: these tests are about the loop

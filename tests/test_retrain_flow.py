@@ -15,6 +15,8 @@ from tasks.data.rag_source import read_state, state_dir
 from tasks.demo.data import write_demo_rag_log
 from tasks.runtime.config import PipelineConfig
 
+pytestmark = pytest.mark.slow  # runs the retrain flow
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, fast_config, prefect_server):

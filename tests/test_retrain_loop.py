@@ -22,6 +22,8 @@ from tasks.runtime.config import load_config
 from tasks.serve.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
 from tasks.serve.task import register
 
+pytestmark = pytest.mark.slow  # runs the retrain loop, training for real
+
 # One step barely moves the eval loss; eight more move it far (on the 4 x 128 tiny model from 31.6: by 1.4 and 21.6).
 # The gate sits in between.
 FIRST_STEPS, MORE_STEPS, REQUIRED_IMPROVEMENT = 1, 8, 5.0

@@ -27,7 +27,7 @@ from pathlib import Path
 from tasks.patches import enabled
 
 PROVEN = "==3.9.1"
-# Prefect's own default (20 s) is short on a busy machine; the same limit holds on the public path.
+# Prefect's own default wait is short on a busy machine; the public path gets the same limit.
 STARTUP_TIMEOUT_S = 120
 
 
