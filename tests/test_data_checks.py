@@ -262,6 +262,7 @@ def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(t
             "candidate passes it 80% of the time, however good") in " ".join(out.split())
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(tmp_path: Path,
                                                                              tiny_model: Path, capsys) -> None:
     import statistics
