@@ -167,11 +167,10 @@ class Report:
         self.console = Console()
         self.flow_run_id = flow_run_id
 
-    def stages(self, states: list[tuple[str, str, float]] | None = None) -> None:
-        """Each stage's final state and seconds (`states`: read from Prefect when not given)."""
+    def stages(self) -> None:
         from rich.table import Table
 
-        states = stage_states(self.flow_run_id) if states is None else states
+        states = stage_states(self.flow_run_id)
         if not states:  # the run failed before its first stage: the error says why, an empty table says nothing
             return
         table = Table(title="stages")

@@ -112,8 +112,12 @@ def test_doctor_prints_whole_paths():
     assert str(home) in out and f"sqlite:///{LONG}/mlflow.db" in out and str(LONG / "configs") in out
 
 
-def test_a_runs_report_prints_whole_paths_and_ids():
+def test_a_runs_report_prints_whole_paths_and_ids(monkeypatch):
+    from deployments import output
     from tasks.evaluate.gate import RETENTION_CHECK
+
+    monkeypatch.setattr(output, "stage_states", lambda flow_run_id: [
+        ("check_data", "Completed", 2.5), ("train", "Completed", 312.25), ("export_gguf", "Cached", 0.0)])
 
     mlflow_run_id = uuid.uuid4().hex
     summary = SimpleNamespace(
@@ -134,7 +138,7 @@ def test_a_runs_report_prints_whole_paths_and_ids():
     decision = SimpleNamespace(checks=[SimpleNamespace(metric="exact_match"), SimpleNamespace(metric=RETENTION_CHECK)])
     report = Report(flow_run_id=None)
     report.console = console()
-    report.stages([("check_data", "Completed", 2.5), ("train", "Completed", 312.25), ("export_gguf", "Cached", 0.0)])
+    report.stages()
     report.metrics(test, decision, validation)
     report.where(summary)
     out = printed(report.console)
