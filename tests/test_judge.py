@@ -136,6 +136,7 @@ def ollama_judge(fake_ollama: FakeOllama, smollm2) -> str:
     return "ollama:smollm2-judge:135m"
 
 
+@pytest.mark.slow  # a real model judges through llama.cpp
 def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
         fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
     right = _answers()
