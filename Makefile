@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 LOGS := $(VENV)/setup-logs
 STEP := bash scripts/setup-step.sh
 
-.PHONY: demo test setup
+.PHONY: demo test test-fast lint setup
 
 setup: $(VENV)/.installed
 
@@ -62,3 +62,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The inner loop: every test but those marked slow (whole flows, real models, servers, workers, compiling).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(VENV)/.step-tunepipe
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

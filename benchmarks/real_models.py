@@ -37,7 +37,7 @@ SHOWN = ("valid_json_rate", "field_accuracy", "exact_match", "stop_rate", "eval_
 
 def run_model(name: str, args: argparse.Namespace, root: Path) -> dict:
     """One `finetune` run of packaged model `name`; what it measured."""
-    from deployments.cli import stage_states
+    from deployments.output import stage_states
     from flows.finetune import finetune
     from tasks.demo.data import write_demo_dataset
     from tasks.export.parity import parity_verdicts

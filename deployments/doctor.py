@@ -2,7 +2,8 @@
 
 Every check is quick (network probes time out after PROBE_TIMEOUT_S, the base model's hub lookup after
 base_model.HUB_TIMEOUT_S, and all run side by side), imports nothing heavier than torch, and never imports
-unsloth or bitsandbytes: they are looked up, not loaded, so the doctor is safe on any machine. A check is `fail` only when the config cannot run without it; missing extras are `warn`.
+unsloth or bitsandbytes: they are looked up, not loaded, so the doctor is safe on any machine. A check is `fail`
+only when the config cannot run without it; missing extras are `warn`.
 """
 
 from __future__ import annotations
@@ -169,9 +170,11 @@ def _mlflow(cfg: TrackingConfig) -> list[Check]:
         existing = next(p for p in (path, *path.absolute().parents) if p.exists())
         if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
             return [Check("MLflow tracking", "fail", f"{shown}: {existing} is not writable")]
-        return [Check("MLflow tracking", "ok", f"{shown} ({'exists' if path.exists() else 'created on the first run'})")]
+        state = "exists" if path.exists() else "created on the first run"
+        return [Check("MLflow tracking", "ok", f"{shown} ({state})")]
     if scheme in ("http", "https"):  # MLflow's server answers /health; credentials are not needed for it
-        problem = _http_problem(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health")
+        health = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health"
+        problem = _http_problem(health)
     elif scheme.split("+")[0] in DB_PORTS:
         problem = _tcp_problem(parts.hostname or "localhost", parts.port or DB_PORTS[scheme.split("+")[0]])
     else:

@@ -25,6 +25,10 @@ class RunLine(BaseModel):
     dataset: str
 
 
+# Never wrapped: an id, a run's name, a date, a fingerprint.
+WHOLE = ("run_id", "name", "started", "dataset")
+
+
 class RagStatus(BaseModel):
     state_dir: Path
     snapshot_version: int
@@ -92,7 +96,7 @@ def gather_status(cfg: PipelineConfig, last: int = 5) -> Status:
         new_rows, error = None, None
         try:
             new_rows = count_new_rows(cfg.rag, folder)
-        except Exception as exc:  # a source that cannot be read is part of the status, not a crash of it
+        except Exception as exc:  # noqa: BLE001  (a source that cannot be read is part of the status)
             error = f"{type(exc).__name__}: {exc}"
         rag = RagStatus(state_dir=folder, snapshot_version=state.version, examples_ingested=state.n_rag,
                         examples_untrained=state.n_rag - state.n_rag_trained,
@@ -152,45 +156,56 @@ def gather_trace(cfg: PipelineConfig, tag: str, rows: int) -> Trace:
 
 def print_status(cfg: PipelineConfig) -> int:
     from rich.console import Console
+
+    show_status(Console(), cfg.name, gather_status(cfg))
+    return 0
+
+
+def show_status(console, name: str, status: Status) -> None:
+    """The champion, the last runs, the pending registrations and the RAG state; ids, names and dates whole at
+    any terminal width (the run ids are what `tunepipe register` takes)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
-    status = gather_status(cfg)
+    from deployments.output import print_fitted
+
     champion = status.champion
-    console.print(f"champion of {cfg.name!r}: " + (
+    console.print(f"champion of {name!r}: " + (
         f"v{champion.version} (run {champion.run_id}, Ollama {champion.tags.get('ollama.tag', '?')}, "
-        f"dataset {champion.tags.get('dataset.fingerprint', '?')[:12]})" if champion else "none promoted yet"))
+        f"dataset {champion.tags.get('dataset.fingerprint', '?')[:12]})" if champion else "none promoted yet"),
+        markup=False, soft_wrap=True)
     for title, lines in (("last runs", status.last_runs), ("pending registrations (gate passed, not in Ollama)",
                                                             status.pending_registrations)):
         table = Table(title=title)
         for column in RunLine.model_fields:
-            table.add_column(column)
+            table.add_column(column, no_wrap=column in WHOLE, overflow="fold")
         for line in lines:
-            table.add_row(*(str(v) for v in line.model_dump().values()))
-        console.print(table)
+            table.add_row(*(escape(str(v)) for v in line.model_dump().values()))
+        print_fitted(console, table)
     if status.rag is not None:
         rag = status.rag
         waiting = rag.error or f"{rag.new_rows} new rows beyond the watermark"
         console.print(f"RAG ({rag.state_dir}): snapshot v{rag.snapshot_version}, {rag.examples_ingested} examples "
                       f"ingested, {rag.examples_untrained} not yet trained on; {waiting}; "
-                      f"watermark {json.dumps(rag.watermark)}")
-    return 0
+                      f"watermark {json.dumps(rag.watermark)}", markup=False, soft_wrap=True)
 
 
 def print_trace(cfg: PipelineConfig, tag: str, rows: int) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console()
     try:
         trace = gather_trace(cfg, tag, rows)
     except TraceError as exc:
-        console.print(f"[bold red]{exc}[/]")
+        console.print(f"[bold red]{escape(str(exc))}[/]", soft_wrap=True)
         return 1
     console.print(f"{trace.tag} = {cfg.name} v{trace.version}, MLflow run {trace.run_id} ({trace.run_name}, "
-                  f"{trace.run_status})\ndataset fingerprint {trace.dataset_fingerprint}\ntrain file {trace.train_file}")
+                  f"{trace.run_status})\ndataset fingerprint {trace.dataset_fingerprint}\n"
+                  f"train file {trace.train_file}", markup=False, soft_wrap=True)
     for dataset in trace.datasets:
         rows = dataset.get("rows_by_source") or dataset.get("rows_by_file", {})  # a RAG snapshot, or a split
-        console.print(f"input {dataset['name']} ({dataset['digest']}): {rows}")
+        console.print(f"input {dataset['name']} ({dataset['digest']}): {rows}", markup=False, soft_wrap=True)
     for row in trace.source_rows:
-        console.print(json.dumps(row, ensure_ascii=False))
+        console.print(json.dumps(row, ensure_ascii=False), markup=False, soft_wrap=True)
     return 0

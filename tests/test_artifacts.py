@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from prefect import flow
 
 from flows.artifacts import artifact_key, report_markdown, show_run, show_served
@@ -28,6 +29,7 @@ def test_keys_are_prefects_alphabet():
     assert artifact_key("Demo_Products v2", "retrain-from-rag", "mlflow-run") == "demo-products-v2-retrain-from-rag-mlflow-run"
 
 
+@pytest.mark.slow
 def test_a_flow_run_shows_its_report_metrics_and_links(prefect_server, tmp_path: Path):
     from mlflow.tracking import MlflowClient
 

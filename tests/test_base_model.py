@@ -181,11 +181,13 @@ def resolve_with_retries(base: str):
     return resolve(return_state=True)
 
 
+@pytest.mark.slow
 def test_a_hub_that_fails_its_first_answers_is_retried_until_it_resolves(fake_hub, prefect_server):
     fake_hub.unavailable = 2
     assert resolve_with_retries("acme/chat").result().fingerprint == COMMIT
 
 
+@pytest.mark.slow
 def test_a_definite_hub_answer_is_not_retried(fake_hub, prefect_server):
     state = resolve_with_retries("acme/missing")
     assert (state.is_failed(), fake_hub.info_requests) == (True, 1)
@@ -315,6 +317,7 @@ def test_complete_local_folder_resolves_to_a_content_hash(tmp_path: Path):
 # --- What the user sees ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_prints_the_model_error_without_traceback_before_any_stage(tmp_path: Path):
     config = {"name": "x", "data": {"train": str(tmp_path / "train.jsonl")},
               "model": {"base": "acme/chat"}, "ollama": {"model_name": "x"}}
@@ -331,6 +334,7 @@ def test_cli_prints_the_model_error_without_traceback_before_any_stage(tmp_path:
     assert "temporary server" not in done.stderr  # started with the run, stopped without a word
 
 
+@pytest.mark.slow
 def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_server, tmp_path: Path, capfd,
                                                                         monkeypatch):
     from deployments import cli

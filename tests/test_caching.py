@@ -123,6 +123,7 @@ def stage_flow(out_dir: Path, counter: Path, text: str) -> tuple[str, Written]:
     return state.name, state.result()
 
 
+@pytest.mark.slow
 def test_stage_cache_across_flow_runs_and_after_deletion(prefect_server: None, tmp_path: Path) -> None:
     out_dir, counter = tmp_path / "out", tmp_path / "executions.txt"
 
@@ -153,6 +154,7 @@ def test_stage_cache_across_flow_runs_and_after_deletion(prefect_server: None, t
         assert any((tmp_path / "results").iterdir())  # results were stored in this test's folder
 
 
+@pytest.mark.slow
 def test_stage_cache_misses_when_a_declared_source_module_changes(prefect_server: None, tmp_path: Path,
                                                                   monkeypatch) -> None:
     """A stage whose work is done by another module (a worker's entry point) re-runs when that module changes."""
@@ -203,6 +205,7 @@ def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_
     assert reached - {"tasks.model.results"} <= set(TRAIN_CACHE.sources)
 
 
+@pytest.mark.slow
 def test_parity_is_keyed_on_the_served_prompt_settings_only(prefect_server: None, tmp_path: Path) -> None:
     """Moving Ollama (host, timeout, smoke test) must not measure parity again; a new TEMPLATE or SYSTEM must."""
     counter = tmp_path / "executions.txt"

@@ -213,10 +213,10 @@ def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, 
     assert main(["check", str(path), "--set", "data.max_invalid_fraction=0.25"]) == 0
     out = capsys.readouterr().out
     assert "Data Docs: " in out and "index.html" in out
-    assert "steps per epoch" in out and "│ 2 " in out and "4 (2.00 epochs)" in out
-    assert re.search(r"rows \(train / validation / test\) +│ 2 / 2 / 2 ", out)
+    assert re.search(r"steps per epoch[ │]+2\b", out) and "4 (2.00 epochs)" in out
+    assert re.search(r"rows \(train / validation / test\)[ │]+2 / 2 / 2", out)
     assert "memory estimate" in out and "GiB free (weights" in out and "cpu x1, fp32" in out
-    assert re.search(r"gradient checkpointing +│ off ", out)  # auto: the tiny model fits in memory
+    assert re.search(r"gradient checkpointing[ │]+off", out)  # auto: the tiny model fits in memory
 
     config["data"]["train"] = str(CORPUS / "unusable" / "numbers.json")
     path.write_text(yaml.safe_dump(config))
@@ -254,8 +254,7 @@ def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(t
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     data_table = out.split("rows set aside")[0]
-    file_column = "".join(line.split("│")[1].strip() for line in data_table.splitlines() if line.startswith("│"))
-    assert str(train) in file_column and "…" not in data_table
+    assert str(train) in data_table and "…" not in data_table
     assert ("warning: train.max_steps=400 goes over the 3 training rows 133 times (more than 50): the model will "
             "likely learn them by heart; use more rows or fewer steps") in out
     # 2 test rows can show no candidate better than a champion.
@@ -263,6 +262,7 @@ def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(t
             "candidate passes it 80% of the time, however good") in " ".join(out.split())
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(tmp_path: Path,
                                                                              tiny_model: Path, capsys) -> None:
     import statistics
@@ -288,7 +288,7 @@ def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(t
     path.write_text(yaml.safe_dump(config))
     assert main(["check", str(path)]) == 0
     plan_table = capsys.readouterr().out.split("run plan")[1]
-    values = " ".join(line.split("│")[2].strip() for line in plan_table.splitlines() if line.startswith("│"))
+    values = " ".join(plan_table.split())
     assert ("none yet: this base model has not trained on cpu x1 in this workdir; the first run's speed sets it"
             in values)
 

@@ -42,6 +42,7 @@ def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids
     return output[0, ids.shape[1] :].tolist()
 
 
+@pytest.mark.slow  # generates with a trained model
 def test_batched_answers_equal_one_at_a_time_greedy_answers(noisy_model):
     import torch
 
@@ -160,6 +161,7 @@ def _models_generated(out_dir: Path) -> list[str]:
     return [model["name"] for model in request["models"]]
 
 
+@pytest.mark.slow  # evaluates in worker processes
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
     from tasks.evaluate.task import evaluate_models
     from tasks.serve.champion import find_champion
@@ -213,6 +215,7 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     assert newer.champion.version == "2"
 
 
+@pytest.mark.slow  # evaluates in worker processes
 def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_alone(eval_inputs, tiny_model: Path,
                                                                                     tmp_path: Path):
     """The worker reads the base's weights once and merges the candidate's adapter into them after the base is
@@ -268,6 +271,7 @@ def test_each_rows_eval_loss_is_the_same_batched_with_longer_rows_as_alone(eval_
     assert len(set(per_row)) > 1 and min(per_row) < mean_answer_loss(batched) < max(per_row)
 
 
+@pytest.mark.slow  # evaluates in worker processes
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
     """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
@@ -300,6 +304,7 @@ def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Pa
     assert [row["candidate"]["close"] for row in rows] == [True, False]
 
 
+@pytest.mark.slow  # evaluates in worker processes
 def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_inputs, tiny_model: Path):
     """The retrain loop's evaluation reads validation alone: its examples, its loss rows; the probes, which no
     choice reads, are asked on test only. The base's outputs are kept per split."""

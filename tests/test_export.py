@@ -52,6 +52,7 @@ def _next_token_logits(gguf: Path, lora: Path | None = None):
     return logits
 
 
+@pytest.mark.slow
 def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
         lora_adapter: Path, tiny_model: Path, tiny_gguf: Path, tmp_path: Path) -> None:
     import numpy as np

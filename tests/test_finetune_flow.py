@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.cli import stage_states
+from deployments.output import stage_states
 from flows.finetune import GateFailed, RunSummary, finetune, outcome
 from tasks.runtime.config import load_config
+
+pytestmark = pytest.mark.slow  # runs the finetune flow end to end
 
 EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export", "parity"}
 

@@ -229,7 +229,7 @@ def test_no_rules_passes(tmp_path: Path):
 
 
 def test_the_decision_reaches_mlflow_and_the_run_summary_in_words(tmp_path: Path, capsys):
-    from deployments.cli import Report
+    from deployments.output import Report
     from tasks.evaluate.report import _regressions
 
     candidate, champion, base = _fixes_10_breaks_8()

@@ -19,6 +19,8 @@ from tasks.runtime.gpu_slots import GPU_LIMIT
 from tasks.train.results import TrainResult
 from tasks.train.task import train
 
+pytestmark = pytest.mark.slow  # runs flows against a Prefect server
+
 
 def prepared(cfg: PipelineConfig):
     base = resolve_base_model(cfg.model)

@@ -136,6 +136,7 @@ def ollama_judge(fake_ollama: FakeOllama, smollm2) -> str:
     return "ollama:smollm2-judge:135m"
 
 
+@pytest.mark.slow  # a real model judges through llama.cpp
 def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
         fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
     right = _answers()
@@ -275,6 +276,7 @@ def test_an_unreachable_judge_fails_naming_the_rule_and_is_retried_as_a_network_
     assert is_transient(failed.value)
 
 
+@pytest.mark.slow
 def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_ollama: FakeOllama, ollama_judge: str,
                                                            tmp_path: Path) -> None:
     from prefect import flow
@@ -298,6 +300,7 @@ def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_
     assert result.candidate.metrics["judge_win_rate"] in (0.0, 0.5, 1.0)
 
 
+@pytest.mark.slow
 def test_a_gguf_judge_is_served_by_llama_cpp_python_for_the_judging_only(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from tasks.model.packaged import packaged_gguf
@@ -345,6 +348,7 @@ def test_gate_rule_on_the_judge_metric_fails_when_it_was_not_measured(tmp_path: 
     assert not check.passed and "judge_win_rate was not measured" in check.reason
 
 
+@pytest.mark.slow
 def test_the_finetune_flow_gates_on_the_judge_and_keeps_its_verdicts(
         prefect_server, fast_config, fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient

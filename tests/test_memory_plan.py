@@ -196,8 +196,9 @@ def test_shard_merge_refuses_an_adapter_for_another_base(tiny_model: Path, tmp_p
         merge_shards(adapter, base, tmp_path / "merged")
 
 
+@pytest.mark.slow
 def test_the_flow_refuses_a_run_that_cannot_fit_before_any_stage(prefect_server, seven_b, tmp_path, demo_data):
-    from deployments.cli import stage_states
+    from deployments.output import stage_states
     from flows.finetune import finetune
 
     cfg = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 16}, train={"mode": "lora"},

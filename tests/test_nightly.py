@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import closed_port
 
-from deployments.cli import stage_states
+from deployments.output import stage_states
 from tasks.runtime.config import PipelineConfig
+
+pytestmark = pytest.mark.slow  # runs the nightly flows against a Prefect server
 
 
 def small(raw: dict) -> dict:

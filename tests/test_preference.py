@@ -191,6 +191,7 @@ def _losses(result, rated) -> tuple[float, float]:
                      for split in (data.eval, data.eval_undesirable))
 
 
+@pytest.mark.slow
 def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exactly(rated, tmp_path) -> None:
     """SFT alone against SFT + KTO on the same pages; the KTO run is killed in its KTO phase and resumed."""
     import os

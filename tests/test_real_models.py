@@ -22,6 +22,8 @@ from tasks.model.packaged import (
 )
 from tasks.runtime.config import ModelConfig, OllamaConfig
 
+pytestmark = pytest.mark.slow  # loads, trains and exports real models
+
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its package's SHA256SUMS
 
 

@@ -150,6 +150,7 @@ def _request(out_dir: Path) -> dict:
     return json.loads((out_dir / "worker" / "worker-request.json").read_text())
 
 
+@pytest.mark.slow  # trains and scores in workers
 def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty_model: Path, forgetful_model: Path,
                                                                          tmp_path: Path):
     from tasks.data.chat import ChatContext
@@ -208,6 +209,7 @@ def test_an_answer_cut_at_the_limit_is_scored_without_the_end_of_turn(tiny_model
     assert ended[: len(said)] == said and tokenizer.convert_tokens_to_ids("<|im_end|>") in ended[len(said):]
 
 
+@pytest.mark.slow  # answers in a worker
 def test_empty_answers_cut_at_the_limit_leave_nothing_to_measure(tiny_model: Path, tmp_path: Path):
     """The tiny model's greedy token decodes to nothing: no word of the base's to score, so no retention."""
     from tasks.data.chat import ChatContext

@@ -8,12 +8,15 @@ import sqlite3
 
 import pytest
 
-from deployments.cli import main, stage_states
+from deployments.cli import main
+from deployments.output import stage_states
 from flows.evaluate import evaluate_model
 from flows.retrain import retrain
 from tasks.data.rag_source import read_state, state_dir
 from tasks.demo.data import write_demo_rag_log
 from tasks.runtime.config import PipelineConfig
+
+pytestmark = pytest.mark.slow  # runs the retrain flow
 
 
 @pytest.fixture(scope="module")

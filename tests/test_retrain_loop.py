@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.cli import stage_states
+from deployments.output import stage_states
 from flows.finetune import GateFailed, finetune
 from flows.serve import serve
 from tasks.export.parity import parity
@@ -21,6 +21,8 @@ from tasks.export.task import export
 from tasks.runtime.config import load_config
 from tasks.serve.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
 from tasks.serve.task import register
+
+pytestmark = pytest.mark.slow  # runs the retrain loop, training for real
 
 # One step barely moves the eval loss; eight more move it far (on the 4 x 128 tiny model from 31.6: by 1.4 and 21.6).
 # The gate sits in between.

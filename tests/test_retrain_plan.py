@@ -141,7 +141,7 @@ def test_cli_prints_the_metrics_table_every_failing_reason_and_the_report(tmp_pa
 
     from rich.console import Console
 
-    from deployments.cli import Report
+    from deployments.output import Report
     from flows.finetune import GateFailed
 
     cfg = _config(max_attempts=2)

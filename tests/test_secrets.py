@@ -57,6 +57,7 @@ def test_log_filter_redacts_message_arguments_and_traceback():
     assert "hunter2" not in text and "b4cdef" not in text and "u:***@db" in text and "a:***@h" in text
 
 
+@pytest.mark.slow
 def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, tmp_path: Path,  # noqa: F811
                                              monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture):
     from mlflow.tracking import MlflowClient

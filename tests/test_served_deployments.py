@@ -21,6 +21,8 @@ import yaml
 
 from tasks.demo.data import write_demo_rag_log
 
+pytestmark = pytest.mark.slow  # starts a Prefect server and a process worker
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 

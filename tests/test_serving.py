@@ -19,6 +19,8 @@ from tasks.serve.ollama.modelfile import modelfile_spec
 from tasks.serve.results import PLAN_ARTIFACT, ServingPlan, SmokeCase
 from tasks.serve.task import SmokeTestFailed, promote_candidate, register_candidate, smoke_test_model
 
+pytestmark = pytest.mark.slow  # serves GGUF models through the stand-in Ollama
+
 SYSTEM = "Extract the product as JSON."
 QUESTIONS = ["<div>Kettle, $25</div>", "<div>Lamp, $12</div>"]
 

@@ -5,7 +5,6 @@ the next run resumes training from the checkpoint the stopped one left."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -127,6 +126,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fast_config):
     return root, config, interrupted, terminated, finished
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_worker_and_the_temporary_server(runs):
     _, _, interrupted, _, _ = runs
     commands = " ".join(interrupted.started.values())
@@ -134,6 +134,7 @@ def test_ctrl_c_stops_the_worker_and_the_temporary_server(runs):
     assert (interrupted.returncode, interrupted.still_running) == (130, {})
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_worker_and_the_temporary_server(runs):
     _, _, _, terminated, _ = runs
     commands = " ".join(terminated.started.values())
@@ -141,6 +142,7 @@ def test_sigterm_stops_the_worker_and_the_temporary_server(runs):
     assert (terminated.returncode, terminated.still_running) == (143, {})
 
 
+@pytest.mark.slow
 def test_each_stopped_run_is_marked_crashed_in_prefect(runs):
     root, _, _, _, _ = runs
     with sqlite3.connect(root / "prefect-home" / "prefect.db") as db:
@@ -153,6 +155,7 @@ def test_each_stopped_run_is_marked_crashed_in_prefect(runs):
     assert flows == ["Crashed", "Crashed", "Unserved"] and trains == ["Crashed", "Crashed", "Completed"]
 
 
+@pytest.mark.slow
 def test_each_stopped_run_ends_failed_in_mlflow_with_the_reason(runs):
     from mlflow.tracking import MlflowClient
 
@@ -166,91 +169,13 @@ def test_each_stopped_run_ends_failed_in_mlflow_with_the_reason(runs):
         "KeyboardInterrupt", "TerminationSignal"]
 
 
+@pytest.mark.slow
 def test_the_next_run_resumes_training_from_the_stopped_runs_checkpoint(runs):
     _, config, interrupted, terminated, finished = runs
     assert finished.returncode == 4, finished.stdout[-4000:] + finished.stderr[-4000:]  # trained, not served
     assert not interrupted.resumed and terminated.resumed
     (worker_log,) = Path(config["workdir"]).glob("train/*/worker.log")
     assert "train: resuming from the checkpoint" in worker_log.read_text()
-
-
-def in_profile(tmp_path: Path, settings: str, script: str) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh Python whose active Prefect profile sets `settings` (TOML lines)."""
-    profiles = tmp_path / "profiles.toml"
-    profiles.write_text(f'active = "team"\n[profiles.team]\n{settings}\n')
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(profiles), PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
-
-
-def test_the_early_temporary_server_is_started_as_prefect_starts_it(tmp_path):
-    """`tunepipe run` starts Prefect's temporary server itself, before it imports Prefect (deployments/cli.py:
-    `spawn_temporary_server`): with the command Prefect's own `SubprocessASGIServer` uses, and an environment
-    from which the server reads the settings Prefect would have passed it, a profile's included."""
-    script = (
-        "import json, subprocess, sys\n"
-        "import prefect.server.api.server as prefect_server\n"
-        "from deployments.cli import server_command\n"
-        "started, popen = {}, subprocess.Popen\n"
-        "prefect_server.subprocess.Popen = lambda args, env: started.update(args=args, env=env)\n"
-        "prefect_server.SubprocessASGIServer(port=8765)._run_uvicorn_command()\n"
-        "subprocess.Popen = popen\n"
-        "args, env = server_command(8765)\n"
-        "read = 'from prefect.settings import get_current_settings; print(get_current_settings().model_dump_json())'\n"
-        "settings = [subprocess.run([sys.executable, '-c', read], env=e, capture_output=True, text=True,\n"
-        "                           check=True).stdout for e in (started['env'], env)]\n"
-        "print(json.dumps([args == started['args'], settings[0] == settings[1], json.loads(settings[1])]))\n"
-    )
-    done = in_profile(tmp_path, "PREFECT_API_REQUEST_TIMEOUT = 17.5", script)
-    same_args, same_settings, settings = json.loads(done.stdout.splitlines()[-1])
-    assert same_args and same_settings and settings["api"]["request_timeout"] == 17.5
-
-
-def test_the_run_waits_for_its_temporary_server_and_points_prefect_at_it_without_prefects_server_module(tmp_path):
-    """`tunepipe run` waits for the temporary server itself and hands its URL to Prefect's clients (deployments/
-    cli.py: `start_prefect`), since Prefect's own `SubprocessASGIServer` lives in its server module, whose import
-    takes seconds. A flow runs against it, and the server stops when the run's process exits."""
-    script = (
-        "import sys\n"
-        "from deployments import cli\n"
-        "server = cli.spawn_temporary_server()\n"
-        "server.wait_until_up()\n"
-        "cli.use_temporary_server(server)\n"
-        "from prefect import flow, task\n"
-        "@task\n"
-        "def one(): return 1\n"
-        "@flow\n"
-        "def hello(): return one()\n"
-        "state = hello(return_state=True)\n"
-        "print(server.process.pid, state.name, 'prefect.server.api.server' in sys.modules)\n"
-    )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    pid, state, imported = done.stdout.split()
-    assert (state, imported, alive({int(pid): command_line(int(pid))})) == ("Completed", "False", {})
-    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
-        assert db.execute("select state_name from flow_run").fetchall() == [("Completed",)]
-
-
-def test_an_api_set_only_in_a_prefect_profile_is_used_and_the_early_server_stopped_unannounced(tmp_path):
-    """The CLI starts the temporary server before Prefect can say whether a profile configures an API; once
-    Prefect is imported, the profile's API wins and the server is stopped without a word."""
-    script = (
-        "from deployments import cli\n"
-        "server = cli.spawn_temporary_server()\n"
-        "cli.start_prefect(server)\n"
-        "from prefect.settings import PREFECT_API_URL\n"
-        "print(server.process.returncode is not None, PREFECT_API_URL.value())\n"
-    )
-    done = in_profile(tmp_path, 'PREFECT_API_URL = "http://127.0.0.1:9/api"', script)
-    assert done.stdout.split() == ["True", "http://127.0.0.1:9/api"]
-    assert "temporary server" not in done.stderr
 
 
 def test_the_tunepipe_command_skips_the_interpreters_collection_at_exit_and_a_caller_of_main_keeps_its_own():

@@ -73,6 +73,7 @@ def test_tokenizer_speaks_chatml(tiny_model: Path) -> None:
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == 2
 
 
+@pytest.mark.slow
 def test_llama_cpp_tokenizes_chat_text_exactly_as_transformers(tiny_model: Path, tiny_gguf: Path,
                                                                 demo_data: tuple[Path, Path]) -> None:
     """The GGUF (llama.cpp's converter, which must recognise the vocabulary's pre-tokenizer) gives the token ids

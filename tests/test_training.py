@@ -18,6 +18,8 @@ from tasks.runtime.worker import WorkerFailed, run_worker
 from tasks.train.results import HeldOut, TrainResult
 from tasks.train.task import TrainRequest
 
+pytestmark = pytest.mark.slow  # trains the tiny model in worker processes
+
 STEPS, SAVE_STEPS = 8, 3
 
 

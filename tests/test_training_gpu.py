@@ -12,6 +12,8 @@ import pytest
 
 from tasks.data.format import IGNORE
 
+pytestmark = pytest.mark.slow  # trains on a GPU
+
 LENGTHS = (37, 90, 12, 64, 90, 25)  # two equal lengths: unsloth's per-segment fallback would group them
 BF16_TOLERANCE = 2e-2  # the same example's mean loss over different batch layouts in bf16
 LEAK_AT_LEAST = 5 * BF16_TOLERANCE  # a leak moves some example's loss by this much (0.06-0.2 at fp32 on the CPU)

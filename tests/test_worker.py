@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from tasks.runtime import worker
 from tasks.runtime.worker import WorkerFailed, prestart_worker, run_worker, spare_workers
 
+pytestmark = pytest.mark.slow  # starts worker processes
+
 
 class Request(BaseModel):
     text: str
