@@ -321,8 +321,9 @@ def start_prefect(early: ServerProcess | None) -> None:
     `early`: the server's process, from `spawn_temporary_server` (which also quiets Prefect; None: a Prefect API
     is set in the environment). An API configured elsewhere (a Prefect profile, prefect.toml), which only
     Prefect's settings know, is used instead, and the temporary server is stopped unused."""
-    import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
     from prefect.settings import PREFECT_API_URL
+
+    import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
 
     if early is not None and PREFECT_API_URL.value():
         early.discard()
@@ -433,9 +434,9 @@ def run_register(run_id: str, tracking_uri: str) -> int:
 
 
 def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
-    from tasks.serve.champion import rollback
-    from tasks.serve.ollama.client import OllamaClient, OllamaError
-    from tasks.serve.ollama.host import ollama_host as resolve_host
+    from tasks.integrations.model_registry import rollback
+    from tasks.integrations.ollama.client import OllamaClient, OllamaError
+    from tasks.integrations.ollama.host import ollama_host as resolve_host
 
     host = resolve_host(ollama_host)
     try:

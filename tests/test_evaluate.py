@@ -34,7 +34,7 @@ def noisy_model(tiny_model: Path):
 def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
     import torch
 
-    from tasks.evaluate.generation import render_prompt
+    from tasks.chat.generation import render_prompt
 
     ids = torch.tensor([render_prompt(tokenizer, conversation)])
     output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
@@ -45,7 +45,7 @@ def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids
 def test_batched_answers_equal_one_at_a_time_greedy_answers(noisy_model):
     import torch
 
-    from tasks.evaluate.generation import greedy_answers, stop_token_ids
+    from tasks.chat.generation import greedy_answers, stop_token_ids
 
     model, tokenizer = noisy_model
     conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
@@ -71,7 +71,7 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.generation import use_fused_norms
+    from tasks.chat.generation import use_fused_norms
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -140,7 +140,7 @@ def _register_champion(tracking_uri: str, name: str, model_dir: Path, artifacts:
     """What promotion writes: a run holding the merged model under `model`, a version, the alias."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.serve.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
+    from tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("promotions")
@@ -162,7 +162,7 @@ def _models_generated(out_dir: Path) -> list[str]:
 
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
     from tasks.evaluate.task import evaluate_models
-    from tasks.serve.champion import find_champion
+    from tasks.integrations.model_registry import find_champion
     from tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, formatted = eval_inputs
@@ -222,7 +222,7 @@ def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_a
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.data.examples import read_examples
+    from tasks.chat.examples import read_examples
     from tasks.evaluate.task import GenerationRequest, ModelToScore, generate_outputs
 
     _, _, loaded, _, formatted = eval_inputs
@@ -271,7 +271,7 @@ def test_each_rows_eval_loss_is_the_same_batched_with_longer_rows_as_alone(eval_
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
     """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
-    from tasks.data.examples import read_examples, write_jsonl
+    from tasks.chat.examples import read_examples, write_jsonl
     from tasks.evaluate.task import evaluate_models
     from tasks.train.results import TrainResult
 
@@ -325,7 +325,7 @@ def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_
     def ids(report) -> list[str]:
         return [json.loads(line)["id"] for line in report.samples_path.read_text().splitlines()]
 
-    from tasks.data.examples import read_examples
+    from tasks.chat.examples import read_examples
 
     assert ids(validation) == [e.id for e in read_examples(loaded.validation_path)][:3]
     assert ids(test) == [e.id for e in read_examples(loaded.eval_path)][:3]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.examples import Message, read_examples
+from tasks.chat.examples import Message, read_examples
 from tasks.data.load import (
     DataFileError,
     DataSource,

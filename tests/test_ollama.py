@@ -1,4 +1,4 @@
-"""tasks/serve/ollama/ (host, template, Modelfile, client) against a strict local server that implements Ollama's
+"""tasks/integrations/ollama/ (host, template, Modelfile, client) against a strict local server that implements Ollama's
 documented HTTP API (tests/fake_ollama.py; Ollama itself cannot be installed here), and against a real Ollama
 when one answers at $OLLAMA_HOST."""
 
@@ -13,12 +13,12 @@ from conftest import closed_port
 from fake_ollama import FakeOllama
 
 from tasks.demo.tiny_model import CHATML_TEMPLATE
+from tasks.integrations.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
+from tasks.integrations.ollama.host import ollama_host
+from tasks.integrations.ollama.modelfile import modelfile_spec
+from tasks.integrations.ollama.render import render_served_prompt
+from tasks.integrations.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
 from tasks.runtime.config import OllamaConfig
-from tasks.serve.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
-from tasks.serve.ollama.host import ollama_host
-from tasks.serve.ollama.modelfile import modelfile_spec
-from tasks.serve.ollama.render import render_served_prompt
-from tasks.serve.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
 
 # Meta-Llama-3-8B-Instruct's chat template, as published.
 LLAMA3_TEMPLATE = (

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from tasks.data.examples import Example, Message, Unit, location, split_reasoning, write_jsonl
+from tasks.chat.examples import Example, Message, Unit, location, split_reasoning, write_jsonl
 from tasks.data.results import HeldOutSplit, LoadedData, Side, SourceCount
 from tasks.runtime.caching import STAGE_CACHE, stage_dir
 from tasks.runtime.config import DataConfig

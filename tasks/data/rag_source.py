@@ -36,7 +36,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.data.examples import Message
+from tasks.chat.examples import Message
 from tasks.data.load import (
     DataFileError,
     FileRead,

@@ -372,7 +372,7 @@ class RetentionConfig(Section):
     @model_validator(mode="after")
     def _prompts_readable(self) -> RetentionConfig:
         # A bad prompts file fails when the config loads, before any training, naming its file and line.
-        from tasks.evaluate.general_prompts import read_prompts
+        from tasks.chat.general_prompts import read_prompts
 
         read_prompts(self)
         return self
@@ -403,7 +403,7 @@ class EvalConfig(Section):
     )
 
 
-# Metrics the evaluate stage reports (tasks/evaluate/metrics.py), by the name a gate rule uses. Checked when the config
+# Metrics the evaluate stage reports (tasks/chat/metrics.py), by the name a gate rule uses. Checked when the config
 # loads, so a typo fails before training, not after it.
 JSON_METRICS = {"valid_json_rate", "exact_match", "field_accuracy", "key_precision", "key_recall", "key_f1",
                 "required_keys_rate"}
@@ -560,7 +560,7 @@ class ExportConfig(Section):
     )
     max_drop: dict[str, float] = Field(
         {"exact_match": 0.02, "valid_json_rate": 0.02, "stop_rate": 0.02},
-        description="Parity: the largest drop of each metric (tasks/evaluate/metrics.py names) a GGUF may show against "
+        description="Parity: the largest drop of each metric (tasks/chat/metrics.py names) a GGUF may show against "
                     "the PyTorch model on the held-out examples; a GGUF over any limit is not registered.",
     )
     max_drop_by_type: dict[GgufType, dict[str, float]] = Field(

@@ -24,7 +24,7 @@ import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from tasks.data.chat import ChatContext
+from tasks.chat.template import ChatContext
 
 # The decode loop checks whether every row has stopped this often: each check waits for the GPU.
 STOP_CHECK_EVERY = 8
