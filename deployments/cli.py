@@ -156,7 +156,7 @@ def run_check(cfg) -> int:
 
     from deployments.run_plan import check_run
     from tasks.data.check import DataCheckError
-    from tasks.data.load import DataFileError
+    from tasks.data.containers import DataFileError
     from tasks.runtime.memory_plan import WillNotFit
     from tasks.train.loop import TrainingEnvironmentError
 

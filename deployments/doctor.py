@@ -222,7 +222,8 @@ def _base_model(cfg: PipelineConfig) -> list[Check]:
 
 def _data_files(cfg: PipelineConfig) -> list[Check]:
     """Whether data.train/eval name files the loader can find (a file, folder, glob or LLaMA-Factory folder)."""
-    from tasks.data.load import DataFileError, resolve_sources
+    from tasks.data.containers import DataFileError
+    from tasks.data.files import resolve_sources
 
     checks = []
     for field, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):

@@ -9,7 +9,8 @@ import yaml
 
 from tasks.chat.examples import read_examples
 from tasks.data.check import DataCheckError, check_dataset
-from tasks.data.load import Rejection, load_dataset
+from tasks.data.files import Rejection
+from tasks.data.load import load_dataset
 from tasks.data.results import CheckedData
 from tasks.model.base import resolve_base_model
 from tasks.runtime.config import DataConfig, ModelConfig

@@ -75,7 +75,8 @@ def test_an_import_of_a_higher_floor_is_named_with_its_file_and_line(tmp_path):
     (tmp_path / "flows" / "finetune.py").write_text("from tasks.serve.task import plan\n")
 
     assert upward_imports(tmp_path) == [
-        "tasks/elsewhere/__init__.py: tasks.elsewhere is on no floor: add its package to FLOORS in tests/test_floors.py",
+        "tasks/elsewhere/__init__.py: tasks.elsewhere is on no floor: add its package to FLOORS in "
+        "tests/test_floors.py",
         "tasks/runtime/config.py:2: tasks.runtime.config (ground) imports tasks.data.load (data), a floor above it",
         "tasks/serve/task.py:2: tasks.serve.task (serve) imports flows.finetune (flows), a floor above it",
     ]

@@ -361,8 +361,10 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
     import yaml
     from transformers import AutoTokenizer
 
+    from tasks.data.containers import DataSource
+    from tasks.data.files import read_file
     from tasks.data.format import IGNORE, tokenize_conversation
-    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.data.shapes import Normaliser
 
     system_prompt = yaml.safe_load(Path("configs/demo.yaml").read_text())["data"]["system_prompt"]
     example = read_file(DataSource(path=demo_data[1]), Normaliser(None, system_prompt)).examples[0]

@@ -127,8 +127,10 @@ def rated(tmp_path_factory, tiny_model, demo_data):
     import json
 
     from tasks.chat.examples import read_examples, write_jsonl
+    from tasks.data.containers import DataSource
+    from tasks.data.files import read_file
     from tasks.data.format import format_dataset
-    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.data.shapes import Normaliser
     from tasks.model.base import resolve_base_model
     from tasks.runtime.config import ModelConfig
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.data.rag_logs import RagSourceError
 from tasks.data.rag_source import (
     ConcurrentIngestion,
-    RagSourceError,
     collect_new_rows,
     commit_snapshot,
     count_new_rows,

@@ -211,7 +211,9 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
     import yaml
 
     from tasks.chat.examples import write_jsonl
-    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.data.containers import DataSource
+    from tasks.data.files import read_file
+    from tasks.data.shapes import Normaliser
     from tasks.export.results import ExportResult, ParityVerdict
     from tasks.runtime.base_model import BaseModelRef
     from tasks.runtime.config import PipelineConfig

@@ -156,7 +156,7 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     from tasks.chat.examples import Example, Message, split_reasoning
     from tasks.chat.generation import render_prompt
     from tasks.data.format import _pieces
-    from tasks.data.load import apply_reasoning
+    from tasks.data.shapes import apply_reasoning
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))

@@ -23,7 +23,7 @@ from prefect import task
 
 from tasks.chat.examples import Example, read_examples, split_reasoning, write_jsonl
 from tasks.chat.template import AnswerRefused, ChatContext, answer_piece
-from tasks.data.load import Rejection
+from tasks.data.files import Rejection
 from tasks.data.results import CheckedData, FormattedData, FormattedSplit, TokenizedSplits
 from tasks.runtime.base_model import BaseModelRef, load_tokenizer
 from tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
