@@ -7,9 +7,8 @@ import pytest
 from tasks.chat.examples import Message, read_examples
 from tasks.data.containers import DataFileError, DataSource
 from tasks.data.files import Rejection, fingerprint_files, read_file
-from tasks.data.load import load_dataset
+from tasks.data.load import load_dataset, split_band
 from tasks.data.shapes import Normaliser, RecordError, example_id, parse_record
-from tasks.data.split import split_band
 from tasks.runtime.config import DataConfig
 
 CORPUS = Path(__file__).parent / "corpus"

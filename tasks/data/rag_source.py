@@ -37,11 +37,10 @@ from pydantic import BaseModel
 
 from tasks.data.containers import DataFileError
 from tasks.data.files import Rejection
-from tasks.data.load import data_fingerprint
+from tasks.data.load import data_fingerprint, held_out_files, prompt_unit, split_band
 from tasks.data.rag_logs import RagRow, RagSourceError, Watermark, read_jsonl_drops, read_sql_rows
 from tasks.data.rag_selection import base_lines, read_base, seen_keys, select_rows
 from tasks.data.shapes import example_id, parse_record
-from tasks.data.split import held_out_files, prompt_unit, split_band
 from tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
 from tasks.runtime.records import DatasetRecord, Record
 
