@@ -41,13 +41,13 @@ $(VENV)/.step-tunepipe: $(VENV)/.step-llama-cpp pyproject.toml
 
 $(VENV)/.step-converter: $(VENV)/.step-tunepipe
 	@$(STEP) 5/7 $(LOGS)/5-converter.log "Fetching llama.cpp's GGUF converter and its real chat templates once, from the llama-cpp-python source package (77 MB), so runs need no network" \
-		$(BIN)/python -m tasks.export.llama_cpp
+		$(BIN)/python -m tasks.integrations.llama_cpp
 	@touch $@
 
 # Tests render Ollama templates with Go's own text/template, as Ollama's server does.
-$(VENV)/.step-go: $(VENV)/.step-converter tasks/serve/ollama/gotemplate/main.go
+$(VENV)/.step-go: $(VENV)/.step-converter tasks/integrations/ollama/gotemplate/main.go
 	@$(STEP) 6/7 $(LOGS)/6-go.log "Installing Go (Debian's golang-go, when no go is on PATH) and building the Ollama template harness" \
-		sh -c 'bash scripts/install-go.sh && $(BIN)/python -m tasks.serve.ollama.render'
+		sh -c 'bash scripts/install-go.sh && $(BIN)/python -m tasks.integrations.ollama.render'
 	@touch $@
 
 # Real pretrained models for the demo and the tests (issue 18): GGUFs that ship inside PyPI wheels.

@@ -33,14 +33,15 @@ from deployments.cli import QUIET_ENV  # noqa: E402
 
 os.environ.update(QUIET_ENV)  # as `tunepipe run` and `tunepipe check` set it (tokenizers on one thread)
 
+from tasks.chat.examples import read_examples  # noqa: E402
 from tasks.data.check import check_dataset  # noqa: E402
-from tasks.data.examples import read_examples  # noqa: E402
 from tasks.data.format import _pieces, format_dataset, tokenize_conversations  # noqa: E402
 from tasks.data.load import load_dataset  # noqa: E402
 from tasks.demo.data import MANUFACTURERS, _names, _row  # noqa: E402
 from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model  # noqa: E402
-from tasks.export.llama_cpp import cache_root  # noqa: E402
-from tasks.model.base import load_tokenizer, resolve_base_model  # noqa: E402
+from tasks.integrations.llama_cpp import cache_root  # noqa: E402
+from tasks.model.base import resolve_base_model  # noqa: E402
+from tasks.runtime.base_model import load_tokenizer  # noqa: E402
 from tasks.runtime.config import DataConfig, ModelConfig  # noqa: E402
 
 BROKEN_EVERY = 100  # one line in a hundred is truncated JSON

@@ -7,7 +7,7 @@ tokens, 64 new tokens each, greedy; random weights never stop early, so every an
 
 1. The stage: `tasks.evaluate.task.generate_outputs` run as the evaluate stage runs it, in a worker process
    (process start, imports, model load, CUDA graph capture, answers, eval loss), timed from outside.
-2. Its generation (`tasks.evaluate.generation.greedy_answers`) in this process: a first call (capture included),
+2. Its generation (`tasks.chat.generation.greedy_answers`) in this process: a first call (capture included),
    then a second (steady state); and one batch's prefill and decode-step times.
 3. Baselines in the same run: `model.generate` one prompt at a time (on the first `--baseline-prompts`
    prompts: at about 30 tokens/s all 128 would take minutes), and batched with its default dynamic cache.
@@ -50,7 +50,7 @@ def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
 
 def conversations(tokenizer, n: int, seed: int = 0) -> list[list[dict]]:
     """n chat prompts whose rendered length is uniform in 100-200 tokens."""
-    from tasks.evaluate.generation import render_prompt
+    from tasks.chat.generation import render_prompt
 
     rng = random.Random(seed)
     prompts = []
@@ -79,9 +79,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.data.chat import ChatContext
-    from tasks.data.examples import Message
-    from tasks.evaluate.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
+    from tasks.chat.examples import Message
+    from tasks.chat.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
+    from tasks.chat.template import ChatContext
     from tasks.evaluate.task import GenerationRequest, GenerationResult, ModelToScore
     from tasks.runtime.worker import run_worker
 

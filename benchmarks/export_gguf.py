@@ -41,7 +41,7 @@ def build_model(out_dir: Path) -> Path:
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
-    from tasks.export.llama_cpp import cache_root
+    from tasks.integrations.llama_cpp import cache_root
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(cache_root() / CACHE_NAME))
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def baseline(model_dir: Path, out_dir: Path) -> Path:
     quantizer through llama-cpp-python's binding of `llama_model_quantize`."""
     import llama_cpp
 
-    from tasks.export.llama_cpp import llama_cpp_source
+    from tasks.integrations.llama_cpp import llama_cpp_source
 
     source = llama_cpp_source()  # where the converter script was unpacked (llama.cpp's own files)
     f16, q4 = out_dir / "model-f16.gguf", out_dir / "model-q4_k_m.gguf"

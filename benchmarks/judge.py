@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.data.examples import Example, Message  # noqa: E402
+from tasks.chat.examples import Example, Message  # noqa: E402
 from tasks.evaluate.judge import judge_report  # noqa: E402
 from tasks.evaluate.results import EvalReport, ModelScores  # noqa: E402
 from tasks.runtime.config import GateConfig, JudgeConfig, load_config  # noqa: E402

@@ -58,8 +58,10 @@ def write_data(work: Path, n_train: int, n_eval: int) -> dict[str, Path]:
 
 def split_examples(paths: dict[str, Path], work: Path) -> dict[str, Path]:
     """The examples files the format stage reads, as the data check writes them: good answers apart from bad."""
-    from tasks.data.examples import write_jsonl
-    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.chat.examples import write_jsonl
+    from tasks.data.containers import DataSource
+    from tasks.data.files import read_file
+    from tasks.data.shapes import Normaliser
 
     read = {name: read_file(DataSource(path=path), Normaliser(None, SYSTEM)).examples for name, path in paths.items()}
     out = {"train": [e for e in read["train"] if e.kind != "undesirable"],

@@ -150,7 +150,7 @@ def run_check(cfg) -> int:
     from deployments.output import print_data_report, print_run_plan
     from deployments.run_plan import check_run
     from tasks.data.check import DataCheckError
-    from tasks.data.load import DataFileError
+    from tasks.data.containers import DataFileError
     from tasks.runtime.memory_plan import WillNotFit
     from tasks.train.environment import TrainingEnvironmentError
 
@@ -356,9 +356,9 @@ def run_register(run_id: str, tracking_uri: str) -> int:
 
 
 def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
-    from tasks.serve.champion import rollback
-    from tasks.serve.ollama.client import OllamaClient, OllamaError
-    from tasks.serve.ollama.host import ollama_host as resolve_host
+    from tasks.integrations.model_registry import rollback
+    from tasks.integrations.ollama.client import OllamaClient, OllamaError
+    from tasks.integrations.ollama.host import ollama_host as resolve_host
 
     host = resolve_host(ollama_host)
     try:

@@ -18,7 +18,7 @@ from tasks.data.load import data_fingerprint, load_data
 from tasks.data.results import CheckedData, FormattedData
 from tasks.evaluate.paired import POWER, detectable_difference
 from tasks.model.base import resolve_base_model
-from tasks.model.results import BaseModelRef
+from tasks.runtime.base_model import BaseModelRef
 from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, PipelineConfig
 from tasks.runtime.memory_plan import MemoryPlan, run_memory_plan
 from tasks.train.environment import EnvironmentReport

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks.integrations.model_registry import ChampionRef, find_champion
 from tasks.runtime.config import PipelineConfig
-from tasks.serve.champion import ChampionRef, find_champion
 
 
 class RunLine(BaseModel):

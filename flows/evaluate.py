@@ -9,20 +9,20 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.artifacts import evaluation_markdown, show_run
+from tasks.chat.general_prompts import read_prompts
 from tasks.data.check import check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
-from tasks.evaluate.general_prompts import read_prompts
 from tasks.evaluate.judge import judge
 from tasks.evaluate.results import EvalReport, GateDecision
 from tasks.evaluate.retention import retention
 from tasks.evaluate.task import evaluate
+from tasks.integrations.model_registry import find_champion
 from tasks.model.base import resolve_base
 from tasks.runtime.config import PipelineConfig
 from tasks.runtime.retries import network_retries
 from tasks.runtime.tracking import tracked_run
-from tasks.serve.champion import find_champion
 from tasks.train.task import trained_model
 
 

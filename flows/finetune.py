@@ -11,11 +11,11 @@ from pydantic import BaseModel
 
 from flows.artifacts import report_markdown, show_run, show_served
 from flows.serve import Serving, serve
+from tasks.chat.general_prompts import read_prompts
 from tasks.data.check import DataCheckError, check_data
 from tasks.data.format import format_data
 from tasks.data.load import data_fingerprint, load_data
 from tasks.evaluate.gate import gate
-from tasks.evaluate.general_prompts import read_prompts
 from tasks.evaluate.judge import judge
 from tasks.evaluate.report import run_report
 from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
@@ -25,6 +25,7 @@ from tasks.evaluate.task import evaluate
 from tasks.export.parity import parity, parity_verdicts
 from tasks.export.results import ExportResult, ParityReport, verdicts_record
 from tasks.export.task import export
+from tasks.integrations.model_registry import find_champion
 from tasks.model.base import resolve_base
 from tasks.runtime.config import PipelineConfig
 from tasks.runtime.memory_plan import run_memory_plan
@@ -32,7 +33,6 @@ from tasks.runtime.redact import redact, redact_logs
 from tasks.runtime.retries import network_retries
 from tasks.runtime.tracking import tracked_child, tracked_run
 from tasks.runtime.worker import spare_workers, stop_spares
-from tasks.serve.champion import find_champion
 from tasks.serve.task import plan
 from tasks.train.prestart import prestart_training
 from tasks.train.results import HeldOut

@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
+from tasks.integrations.model_registry import ChampionMove
 from tasks.runtime.retries import network_retries
-from tasks.serve.champion import ChampionMove
 from tasks.serve.results import Registration, ServingPlan, SmokeReport
 from tasks.serve.task import load_plan, promote, register, smoke_test
 

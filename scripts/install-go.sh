@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Go's own text/template renders Ollama templates in the tests (tasks/serve/ollama/render.py): install Debian's
+# Go's own text/template renders Ollama templates in the tests (tasks/integrations/ollama/render.py): install Debian's
 # golang-go when no `go` is on PATH; a machine that has Go already keeps its own.
 set -euo pipefail
 if command -v go >/dev/null; then

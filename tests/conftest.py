@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
-    from tasks.export.llama_cpp import cache_root
+    from tasks.integrations.llama_cpp import cache_root
 
     return build_tiny_model(cache_root() / CACHE_NAME)
 

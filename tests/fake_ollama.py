@@ -4,7 +4,7 @@
 Blobs are checked against their digest, create refuses unknown blobs and non-GGUF files (as an error line
 after the stream started, like Ollama), show/copy/delete/chat answer 404 for unknown models, and chat answers
 from the registered GGUF with llama-cpp-python: the prompt is the model's TEMPLATE rendered the way Ollama
-renders it (Go's own text/template, through tasks/serve/ollama/render.py), the Modelfile's SYSTEM added when the request has none, decoding greedy,
+renders it (Go's own text/template, through tasks/integrations/ollama/render.py), the Modelfile's SYSTEM added when the request has none, decoding greedy,
 stopped by a `stop` string or the end-of-generation token (`done_reason: stop`) or by `num_predict`
 (`done_reason: length`); a `format` (a JSON schema, or "json") constrains the reply through llama.cpp's grammar
 made from it, as Ollama's structured outputs do. Every request is recorded (method, path, JSON body) so tests can assert them exactly.
@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tasks.serve.ollama.render import render_served_prompt
+from tasks.integrations.ollama.render import render_served_prompt
 
 BLOB_PATH = re.compile(r"/api/blobs/(?P<digest>[^/]*)")
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -79,7 +79,7 @@ class FakeOllama(ThreadingHTTPServer):
         return self.blob_dir / digest.replace(":", "-")
 
     def llm(self, digest: str):
-        from tasks.export.llama_cpp import load_gguf
+        from tasks.integrations.llama_cpp import load_gguf
 
         with self._llm_lock:
             if digest not in self._llms:

@@ -121,7 +121,7 @@ def test_no_import_circles():
 # are not followed.
 #
 # "Handed the config" means handed a config object: the whole config or one of its sections (a class of
-# tasks/runtime/config.py, or any `...Config`), alone or inside an expression (`ollama or default`, a method of
+# tasks/runtime/config/, or any `...Config`), alone or inside an expression (`ollama or default`, a method of
 # it such as `model_dump()`). A plain value read from it (`cfg.model.max_seq_length`, `cfg.serve.host`) is data,
 # not the config: a helper given plain values does not depend on the config's shape. The type of `cfg.a.b` is
 # read from the config classes' field annotations; a parameter named `cfg` / `config` without an annotation is
@@ -160,7 +160,7 @@ def _bindings(name: str, path: Path, tree: ast.Module, modules: dict[str, Path])
 
 
 class ConfigTypes:
-    """The config classes (tasks/runtime/config.py) and their members' annotations, to type `cfg.a.b` chains."""
+    """The config classes (tasks/runtime/config/) and their members' annotations, to type `cfg.a.b` chains."""
 
     def __init__(self, tree: ast.Module | None):
         classes = [node for node in (tree.body if tree else []) if isinstance(node, ast.ClassDef)]
@@ -247,7 +247,10 @@ def config_walk(root: Path = REPO) -> list[str]:
     trees = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in modules.items()}
     functions = {name: _functions(tree) for name, tree in trees.items()}
     bindings = {name: _bindings(name, modules[name], trees[name], modules) for name in modules}
-    types = ConfigTypes(trees.get(CONFIG_MODULE))
+    # The config is a module or a package of one module per section: its classes, from every one of them.
+    config_trees = [tree for name, tree in sorted(trees.items())
+                    if name == CONFIG_MODULE or name.startswith(CONFIG_MODULE + ".")]
+    types = ConfigTypes(ast.Module(body=[node for tree in config_trees for node in tree.body], type_ignores=[]))
     walked: set[tuple[str, str]] = set()
     sequence: list[str] = []
 

@@ -184,7 +184,7 @@ def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_
     """Editing any module the training worker runs from tasks/train/ (the head, data parallel) must
     retrain: each one the loop imports, directly or through another, is a declared source of the train stage.
     The task's module and its result type's are hashed by the cache itself; the base model's reference
-    (tasks/model/results.py) is an input, hashed by value."""
+    (tasks/runtime/base_model.py) is an input, hashed by value."""
     import ast
     import importlib.util
 
@@ -202,7 +202,7 @@ def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_
             reached.add(module)
             todo += imported(module) - {"tasks.train.task", "tasks.train.results"}
     assert "tasks.train.head_loss" in reached  # the walk follows imports made inside functions
-    assert reached - {"tasks.model.results"} <= set(TRAIN_CACHE.sources)
+    assert reached - {"tasks.runtime.base_model"} <= set(TRAIN_CACHE.sources)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from rich.console import Console
 from deployments.doctor import Check
 from deployments.output import Report, print_checks, print_data_report, print_run_plan
 from deployments.status import RagStatus, RunLine, Status, show_status
-from tasks.serve.champion import ChampionRef
+from tasks.integrations.model_registry import ChampionRef
 
 LONG = Path("/home/ml-engineer/projects/customer-support-assistant/runs/2026-12-07-nightly-retrain")
 

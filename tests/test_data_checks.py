@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.chat.examples import read_examples
 from tasks.data.check import DataCheckError, check_dataset
-from tasks.data.examples import read_examples
-from tasks.data.load import Rejection, load_dataset
+from tasks.data.files import Rejection
+from tasks.data.load import load_dataset
 from tasks.data.results import CheckedData
 from tasks.model.base import resolve_base_model
 from tasks.runtime.config import DataConfig, ModelConfig
@@ -140,7 +141,7 @@ def test_a_row_the_chat_template_cannot_train_is_quarantined_naming_its_answer(t
                                                                               tiny_model: Path) -> None:
     """QwQ's template drops an earlier answer's reasoning once more turns follow: that row cannot be one
     training sequence, so it is set aside (row, answer, reason); the single-answer rows train."""
-    from tasks.export.llama_cpp import chat_templates_dir
+    from tasks.integrations.llama_cpp import chat_templates_dir
 
     think = "<think>\nThe heading.\n</think>\n\n"
     turns = [[{"role": "user", "content": f"<p>Product {i}</p>"},

@@ -34,7 +34,7 @@ def noisy_model(tiny_model: Path):
 def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
     import torch
 
-    from tasks.evaluate.generation import render_prompt
+    from tasks.chat.generation import render_prompt
 
     ids = torch.tensor([render_prompt(tokenizer, conversation)])
     output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
@@ -46,7 +46,7 @@ def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids
 def test_batched_answers_equal_one_at_a_time_greedy_answers(noisy_model):
     import torch
 
-    from tasks.evaluate.generation import greedy_answers, stop_token_ids
+    from tasks.chat.generation import greedy_answers, stop_token_ids
 
     model, tokenizer = noisy_model
     conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
@@ -141,7 +141,7 @@ def _register_champion(tracking_uri: str, name: str, model_dir: Path, artifacts:
     """What promotion writes: a run holding the merged model under `model`, a version, the alias."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.serve.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
+    from tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("promotions")
@@ -164,7 +164,7 @@ def _models_generated(out_dir: Path) -> list[str]:
 @pytest.mark.slow  # evaluates in worker processes
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
     from tasks.evaluate.task import evaluate_models
-    from tasks.serve.champion import find_champion
+    from tasks.integrations.model_registry import find_champion
     from tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, formatted = eval_inputs
@@ -225,7 +225,7 @@ def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_a
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.data.examples import read_examples
+    from tasks.chat.examples import read_examples
     from tasks.evaluate.task import GenerationRequest, ModelToScore, generate_outputs
 
     _, _, loaded, _, formatted = eval_inputs
@@ -275,7 +275,7 @@ def test_each_rows_eval_loss_is_the_same_batched_with_longer_rows_as_alone(eval_
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
     """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
-    from tasks.data.examples import read_examples, write_jsonl
+    from tasks.chat.examples import read_examples, write_jsonl
     from tasks.evaluate.task import evaluate_models
     from tasks.train.results import TrainResult
 
@@ -330,7 +330,7 @@ def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_
     def ids(report) -> list[str]:
         return [json.loads(line)["id"] for line in report.samples_path.read_text().splitlines()]
 
-    from tasks.data.examples import read_examples
+    from tasks.chat.examples import read_examples
 
     assert ids(validation) == [e.id for e in read_examples(loaded.validation_path)][:3]
     assert ids(test) == [e.id for e in read_examples(loaded.eval_path)][:3]

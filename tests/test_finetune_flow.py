@@ -133,7 +133,7 @@ def test_gguf_greedy_next_token_matches_pytorch(first_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.export.llama_cpp import load_gguf
+    from tasks.integrations.llama_cpp import load_gguf
 
     summary, _ = first_run
     tokenizer = AutoTokenizer.from_pretrained(summary.exported.merged_dir)
@@ -212,7 +212,7 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
 def test_the_test_split_is_read_by_the_final_evaluation_alone(first_run, config_path: Path):
     """Training chose its checkpoint on validation and the attempt was judged there; the test rows reached one
     evaluation, the final one, whose report is the one the gate decided on."""
-    from tasks.data.examples import read_examples
+    from tasks.chat.examples import read_examples
 
     summary, _ = first_run
     workdir = Path(yaml.safe_load(config_path.read_text())["workdir"])
@@ -251,7 +251,7 @@ def test_train_and_eval_rows_are_the_runs_dataset_inputs(first_run, config_path:
 def test_register_later_removes_a_model_that_fails_the_smoke_test(first_run, config_path: Path, fake_ollama):
     """`tunepipe register RUN_ID` once Ollama answers; one token per answer cannot end by a stop: not promoted."""
     from flows.serve import register_run
-    from tasks.serve.champion import find_champion
+    from tasks.integrations.model_registry import find_champion
 
     summary, _ = first_run
     client = mlflow_client(config_path)
@@ -361,7 +361,7 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
     registered, asked, promoted.
     Last in this module: a champion makes every later run's evaluation score it too (no cache hits)."""
     from flows.serve import register_run
-    from tasks.serve.champion import find_champion
+    from tasks.integrations.model_registry import find_champion
 
     summary, _ = first_run
     client = mlflow_client(config_path)

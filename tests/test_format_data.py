@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tasks.chat.examples import Example, Message, write_jsonl
 from tasks.data.check import check_dataset
-from tasks.data.examples import Example, Message, write_jsonl
 from tasks.data.format import IGNORE, format_dataset, tokenize_conversation
 from tasks.data.load import load_dataset
 from tasks.data.results import CheckedData, FormattedData
 from tasks.demo.tiny_model import CHATML_TEMPLATE
-from tasks.model.base import load_tokenizer, resolve_base_model
-from tasks.model.results import BaseModelRef
+from tasks.model.base import resolve_base_model
+from tasks.runtime.base_model import BaseModelRef, load_tokenizer
 from tasks.runtime.config import DataConfig, ModelConfig
 
 END_OF_TURN = "<|im_end|>\n"

@@ -15,7 +15,7 @@ import pytest
 from conftest import closed_port
 from fake_ollama import FakeOllama
 
-from tasks.data.examples import Example, Message
+from tasks.chat.examples import Example, Message
 from tasks.evaluate.gate import decide
 from tasks.evaluate.judge import (
     PAIRWISE_RESTATED,
@@ -124,9 +124,9 @@ def _answers(n: int = 2) -> list[str]:
 def ollama_judge(fake_ollama: FakeOllama, smollm2) -> str:
     """SmolLM2-135M-Instruct registered in the stand-in Ollama as a user's `ollama create` would: its GGUF with the
     TEMPLATE derived from its chat template."""
+    from tasks.integrations.ollama.client import OllamaClient
+    from tasks.integrations.ollama.modelfile import modelfile_spec
     from tasks.model.packaged import packaged_gguf
-    from tasks.serve.ollama.client import OllamaClient
-    from tasks.serve.ollama.modelfile import modelfile_spec
 
     gguf = packaged_gguf("smollm2-135m-instruct")
     spec = modelfile_spec(gguf, Path(smollm2.name_or_path))

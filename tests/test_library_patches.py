@@ -96,7 +96,7 @@ def test_transformers_off_leaves_norms_and_attention_alone_and_answers_the_same(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.evaluate.generation import GROUPED_ATTENTION, greedy_answers, switches_undone
+    from tasks.chat.generation import GROUPED_ATTENTION, greedy_answers, switches_undone
     from tasks.patches.transformers import attention_implementation, use_fused_norms
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

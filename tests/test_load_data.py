@@ -4,20 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.examples import Message, read_examples
-from tasks.data.load import (
-    DataFileError,
-    DataSource,
-    Normaliser,
-    RecordError,
-    Rejection,
-    example_id,
-    fingerprint_files,
-    load_dataset,
-    parse_record,
-    read_file,
-    split_band,
-)
+from tasks.chat.examples import Message, read_examples
+from tasks.data.containers import DataFileError, DataSource
+from tasks.data.files import Rejection, fingerprint_files, read_file
+from tasks.data.load import load_dataset, split_band
+from tasks.data.shapes import Normaliser, RecordError, example_id, parse_record
 from tasks.runtime.config import DataConfig
 
 CORPUS = Path(__file__).parent / "corpus"

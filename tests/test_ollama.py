@@ -1,4 +1,4 @@
-"""tasks/serve/ollama/ (host, template, Modelfile, client) against a strict local server that implements Ollama's
+"""tasks/integrations/ollama/ (host, template, Modelfile, client) against a strict local server that implements Ollama's
 documented HTTP API (tests/fake_ollama.py; Ollama itself cannot be installed here), and against a real Ollama
 when one answers at $OLLAMA_HOST."""
 
@@ -13,12 +13,12 @@ from conftest import closed_port
 from fake_ollama import FakeOllama
 
 from tasks.demo.tiny_model import CHATML_TEMPLATE
+from tasks.integrations.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
+from tasks.integrations.ollama.host import ollama_host
+from tasks.integrations.ollama.modelfile import modelfile_spec
+from tasks.integrations.ollama.render import render_served_prompt
+from tasks.integrations.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
 from tasks.runtime.config import OllamaConfig
-from tasks.serve.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
-from tasks.serve.ollama.host import ollama_host
-from tasks.serve.ollama.modelfile import modelfile_spec
-from tasks.serve.ollama.render import render_served_prompt
-from tasks.serve.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
 
 # Meta-Llama-3-8B-Instruct's chat template, as published.
 LLAMA3_TEMPLATE = (
@@ -361,8 +361,10 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
     import yaml
     from transformers import AutoTokenizer
 
+    from tasks.data.containers import DataSource
+    from tasks.data.files import read_file
     from tasks.data.format import IGNORE, tokenize_conversation
-    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.data.shapes import Normaliser
 
     system_prompt = yaml.safe_load(Path("configs/demo.yaml").read_text())["data"]["system_prompt"]
     example = read_file(DataSource(path=demo_data[1]), Normaliser(None, system_prompt)).examples[0]

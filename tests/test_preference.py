@@ -126,9 +126,11 @@ def rated(tmp_path_factory, tiny_model, demo_data):
     HTML echoed back. Held-out pages carry rated-bad answers only."""
     import json
 
-    from tasks.data.examples import read_examples, write_jsonl
+    from tasks.chat.examples import read_examples, write_jsonl
+    from tasks.data.containers import DataSource
+    from tasks.data.files import read_file
     from tasks.data.format import format_dataset
-    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.data.shapes import Normaliser
     from tasks.model.base import resolve_base_model
     from tasks.runtime.config import ModelConfig
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.data.rag_logs import RagSourceError
 from tasks.data.rag_source import (
     ConcurrentIngestion,
-    RagSourceError,
     collect_new_rows,
     commit_snapshot,
     count_new_rows,
@@ -363,7 +363,7 @@ def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     assert manifest["preference"] == {"desirable": 1, "undesirable": 3, "pairs": 2, "held_out": 0}
 
     loaded = load_dataset(snapshot.data, tmp_path / "loaded")
-    from tasks.data.examples import read_examples
+    from tasks.chat.examples import read_examples
 
     examples = [*read_examples(loaded.train_path), *read_examples(loaded.validation_path),
                 *read_examples(loaded.eval_path)]
@@ -394,7 +394,7 @@ def test_rated_questions_are_held_out_by_prompt_when_eval_is_given(tmp_path: Pat
 def test_every_question_keeps_its_side_across_snapshots(tmp_path: Path):
     """Night after night the training set grows, and each question stays where the split first put it: a test
     question is never trained on later, and the champion of an earlier night never trained on today's test."""
-    from tasks.data.examples import read_examples
+    from tasks.chat.examples import read_examples
     from tasks.data.load import load_dataset
 
     cfg = pipeline(tmp_path)

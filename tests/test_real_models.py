@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.chat import ChatContext
+from tasks.chat.template import ChatContext
 from tasks.model.base import BaseModelError, resolve_base_model
 from tasks.model.packaged import (
     SAMPLE_CONVERSATIONS,
@@ -131,7 +131,7 @@ def test_a_missing_gguf_file_is_named(tmp_path) -> None:
 
 
 def _register(fake_ollama, gguf: Path, name: str) -> str:
-    from tasks.serve.ollama.client import OllamaClient
+    from tasks.integrations.ollama.client import OllamaClient
 
     client = OllamaClient(fake_ollama.url)
     digest = client.push_blob(gguf)
@@ -300,7 +300,7 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.evaluate.generation import render_prompt, stop_token_ids
+    from tasks.chat.generation import render_prompt, stop_token_ids
     from tasks.evaluate.task import evaluate_models
     from tasks.runtime.config import EvalConfig
 
@@ -331,7 +331,7 @@ def test_a_prompt_and_answer_longer_than_gemmas_window_are_refused_naming_the_fi
 
     from transformers import AutoConfig
 
-    from tasks.evaluate.generation import use_grouped_attention
+    from tasks.chat.generation import use_grouped_attention
 
     config = AutoConfig.from_pretrained(gemma3.name_or_path)
     config._attn_implementation = "sdpa"

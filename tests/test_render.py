@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.serve.ollama import render
-from tasks.serve.ollama.render import render_served_prompt
+from tasks.integrations.ollama import render
+from tasks.integrations.ollama.render import render_served_prompt
 
 LIST = "{{ if .System }}[S]{{ .System }}{{ end }}{{ range .Messages }}[{{ .Role }}]{{ .Content }}{{ end }}"
 USER = [{"role": "user", "content": "hi"}]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.chat.general_prompts import GeneralPromptsError, read_file, read_prompts
 from tasks.evaluate.gate import decide
-from tasks.evaluate.general_prompts import GeneralPromptsError, read_file, read_prompts
 from tasks.evaluate.results import EvalReport, ModelScores, RetentionScores
 from tasks.runtime.config import ConfigError, GateConfig, RetentionConfig, load_config
 
@@ -153,7 +153,7 @@ def _request(out_dir: Path) -> dict:
 @pytest.mark.slow  # trains and scores in workers
 def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty_model: Path, forgetful_model: Path,
                                                                          tmp_path: Path):
-    from tasks.data.chat import ChatContext
+    from tasks.chat.template import ChatContext
     from tasks.evaluate.report import retention_section
     from tasks.evaluate.retention import measure_retention
     from tasks.model.base import resolve_base_model
@@ -193,8 +193,8 @@ def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty
 def test_an_answer_cut_at_the_limit_is_scored_without_the_end_of_turn(tiny_model: Path):
     from transformers import AutoTokenizer
 
-    from tasks.data.chat import ChatContext
-    from tasks.data.examples import Message
+    from tasks.chat.examples import Message
+    from tasks.chat.template import ChatContext
     from tasks.data.format import IGNORE
     from tasks.evaluate.retention import answer_rows
 
@@ -212,7 +212,7 @@ def test_an_answer_cut_at_the_limit_is_scored_without_the_end_of_turn(tiny_model
 @pytest.mark.slow  # answers in a worker
 def test_empty_answers_cut_at_the_limit_leave_nothing_to_measure(tiny_model: Path, tmp_path: Path):
     """The tiny model's greedy token decodes to nothing: no word of the base's to score, so no retention."""
-    from tasks.data.chat import ChatContext
+    from tasks.chat.template import ChatContext
     from tasks.evaluate.retention import measure_retention
     from tasks.model.base import resolve_base_model
     from tasks.runtime.config import ModelConfig

@@ -18,8 +18,8 @@ from flows.finetune import GateFailed, finetune
 from flows.serve import serve
 from tasks.export.parity import parity
 from tasks.export.task import export
+from tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT
 from tasks.runtime.config import load_config
-from tasks.serve.champion import CHAMPION_ALIAS, MODEL_ARTIFACT
 from tasks.serve.task import register
 
 pytestmark = pytest.mark.slow  # runs the retrain loop, training for real

@@ -1,4 +1,4 @@
-"""Register, smoke-test, promote and roll back (tasks/serve/task.py, tasks/serve/champion.py, flows/serve.py) against the
+"""Register, smoke-test, promote and roll back (tasks/serve/task.py, tasks/integrations/model_registry.py, flows/serve.py) against the
 strict stand-in Ollama (tests/fake_ollama.py), whose chat answers from the registered GGUF with llama.cpp, and
 a real MLflow model registry (SQLite)."""
 
@@ -10,12 +10,12 @@ import pytest
 from conftest import closed_port, gguf_file
 from fake_ollama import FakeOllama
 
-from tasks.data.chat import ChatContext
+from tasks.chat.template import ChatContext
 from tasks.export.results import GgufFile
+from tasks.integrations.model_registry import find_champion, rollback
+from tasks.integrations.ollama.client import OllamaClient
+from tasks.integrations.ollama.modelfile import modelfile_spec
 from tasks.runtime.config import OllamaConfig
-from tasks.serve.champion import find_champion, rollback
-from tasks.serve.ollama.client import OllamaClient
-from tasks.serve.ollama.modelfile import modelfile_spec
 from tasks.serve.results import PLAN_ARTIFACT, ServingPlan, SmokeCase
 from tasks.serve.task import SmokeTestFailed, promote_candidate, register_candidate, smoke_test_model
 
@@ -212,10 +212,12 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
         tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
     import yaml
 
-    from tasks.data.examples import write_jsonl
-    from tasks.data.load import DataSource, Normaliser, read_file
+    from tasks.chat.examples import write_jsonl
+    from tasks.data.containers import DataSource
+    from tasks.data.files import read_file
+    from tasks.data.shapes import Normaliser
     from tasks.export.results import ExportResult, ParityVerdict
-    from tasks.model.results import BaseModelRef
+    from tasks.runtime.base_model import BaseModelRef
     from tasks.runtime.config import PipelineConfig
     from tasks.serve.task import ParityFailed, plan_serving
 

@@ -1,8 +1,8 @@
 """Every real chat template llama.cpp ships (models/templates), and the real models' own, served as trained.
 
-Each is translated from what it renders (tasks/serve/ollama/template.py) and proven against transformers' rendering
+Each is translated from what it renders (tasks/integrations/ollama/template.py) and proven against transformers' rendering
 with Go's own text/template; a refused one must be refused for the reason listed. One Go process serves all
-the renders (tasks/serve/ollama/render.py).
+the renders (tasks/integrations/ollama/render.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from tasks.data.chat import ChatContext
-from tasks.export.llama_cpp import chat_templates_dir
-from tasks.serve.ollama.render import render_served_prompt
-from tasks.serve.ollama.template import TemplateRefused, ollama_template, transformers_renderer
+from tasks.chat.template import ChatContext
+from tasks.integrations.llama_cpp import chat_templates_dir
+from tasks.integrations.ollama.render import render_served_prompt
+from tasks.integrations.ollama.template import TemplateRefused, ollama_template, transformers_renderer
 
 EOS = "<EOS>"  # any text does: templates only place it (after an answer, Mistral and DeepSeek)
 
@@ -153,10 +153,10 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     Laguna S). Where every reply opens with markup of the template's own (gpt-oss's final channel, Solar,
     functionary, Kimi K3, Command R7B), the generation prompt ends with it and the model is trained to write only
     what follows: all Ollama returns up to the stop."""
-    from tasks.data.examples import Example, Message, split_reasoning
+    from tasks.chat.examples import Example, Message, split_reasoning
+    from tasks.chat.generation import render_prompt
     from tasks.data.format import _pieces
-    from tasks.data.load import apply_reasoning
-    from tasks.evaluate.generation import render_prompt
+    from tasks.data.shapes import apply_reasoning
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))
@@ -186,7 +186,7 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
 def test_several_answers_where_the_template_drops_earlier_reasoning_are_refused(name: str) -> None:
     """QwQ and the R1 distills render an earlier answer without its `<think>` block, while the last one trains
     with it: such a conversation is no single training sequence, and formatting names the row and the answer."""
-    from tasks.data.examples import Example, Message
+    from tasks.chat.examples import Example, Message
     from tasks.data.format import _pieces
 
     answer = Message(role="assistant", content=f"<think>\nR\n</think>\n\n{ANSWER}")
@@ -203,7 +203,7 @@ def test_several_answers_behind_a_reply_prefix_train_each_or_are_refused(name: s
     """Each answer of a conversation trains after the generation prompt that ends with the reply prefix (Solar);
     gpt-oss renders an earlier answer ending `<|end|>` where the last one trained `<|return|>`, so such a row is
     no single training sequence and formatting names it."""
-    from tasks.data.examples import Example, Message
+    from tasks.chat.examples import Example, Message
     from tasks.data.format import FormatRefused, _pieces
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")

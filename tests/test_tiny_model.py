@@ -81,7 +81,7 @@ def test_llama_cpp_tokenizes_chat_text_exactly_as_transformers(tiny_model: Path,
     from transformers import AutoTokenizer
 
     from tasks.demo.tiny_model import VOCAB
-    from tasks.export.llama_cpp import load_gguf
+    from tasks.integrations.llama_cpp import load_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     rows = [json.loads(line) for line in demo_data[1].read_text().splitlines()[:16]]

@@ -21,14 +21,13 @@ from pathlib import Path
 from prefect import task
 
 from data_checks import chat_suite
-from tasks.data.chat import ChatContext
-from tasks.data.examples import Example, read_examples, write_jsonl
+from tasks.chat.examples import Example, read_examples, write_jsonl
+from tasks.chat.metrics import required_keys
+from tasks.chat.template import ChatContext
+from tasks.data.files import Rejection
 from tasks.data.format import FormatRefused, tokenize_pieces, tokenizer_key, tokens_line
-from tasks.data.load import Rejection
 from tasks.data.results import CheckedData, DataCheckReport, FileAccount, LoadedData, TokenizedSplits
-from tasks.evaluate.metrics import required_keys
-from tasks.model.base import load_tokenizer
-from tasks.model.results import BaseModelRef
+from tasks.runtime.base_model import BaseModelRef, load_tokenizer
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.runtime.config import DataConfig, ModelConfig
 

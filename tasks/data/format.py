@@ -21,12 +21,11 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.data.chat import AnswerRefused, ChatContext, answer_piece
-from tasks.data.examples import Example, read_examples, split_reasoning, write_jsonl
-from tasks.data.load import Rejection
+from tasks.chat.examples import Example, read_examples, split_reasoning, write_jsonl
+from tasks.chat.template import AnswerRefused, ChatContext, answer_piece
+from tasks.data.files import Rejection
 from tasks.data.results import CheckedData, FormattedData, FormattedSplit, TokenizedSplits
-from tasks.model.base import load_tokenizer
-from tasks.model.results import BaseModelRef
+from tasks.runtime.base_model import BaseModelRef, load_tokenizer
 from tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
 from tasks.runtime.config import ModelConfig
 
@@ -209,7 +208,7 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
 
     Only those cuts decide the labels, so only those prefixes are rendered: what lies between two answers
     (system and user turns, then the assistant header) is one piece, tokenized as one text as at inference.
-    An assistant turn trains what the model writes after the generation prompt (`tasks.data.chat.answer_piece`).
+    An assistant turn trains what the model writes after the generation prompt (`tasks.chat.template.answer_piece`).
     """
     messages = [m.model_dump() for m in example.messages]
     pieces: list[tuple[str, bool]] = []

@@ -28,7 +28,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -36,50 +35,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.data.examples import Message
-from tasks.data.load import (
-    DataFileError,
-    FileRead,
-    RecordError,
-    Rejection,
-    data_fingerprint,
-    data_normaliser,
-    data_sources,
-    example_id,
-    held_out_files,
-    parse_record,
-    prompt_unit,
-    read_sources,
-    split_band,
-)
+from tasks.data.containers import DataFileError
+from tasks.data.files import Rejection
+from tasks.data.load import data_fingerprint, held_out_files, prompt_unit, split_band
+from tasks.data.rag_logs import RagRow, RagSourceError, Watermark, read_jsonl_drops, read_sql_rows
+from tasks.data.rag_selection import base_lines, read_base, seen_keys, select_rows
+from tasks.data.shapes import example_id, parse_record
 from tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
 from tasks.runtime.records import DatasetRecord, Record
 
 STATE_FILE = "state.json"
 
 
-class RagSourceError(ValueError):
-    """The RAG source cannot be read as configured (missing table or column, a drop file that shrank...)."""
-
-
 class ConcurrentIngestion(RuntimeError):
     """Another run committed a snapshot between this run's collect and commit; this run's rows are not used."""
-
-
-class RagRow(BaseModel):
-    """One logged example as read from its source, before validation and selection."""
-
-    source: str  # "sql:<table>" or "jsonl:<file name>"
-    ref: str  # the row's id (SQL) or "<file>:<line>" (JSONL): where to find it again
-    line: int = 0  # 1-based line of a JSONL drop; 0 for a table row
-    values: dict[str, Any]  # field name (as in RagColumns) -> raw value
-
-
-class Watermark(BaseModel):
-    """How far each source has been consumed."""
-
-    sql_key: list[Any] | None = None  # JSON form of the last consumed row's (watermark value, id)
-    jsonl: dict[str, list[int]] = {}  # drop file name -> [bytes consumed, lines consumed]
 
 
 class RagState(BaseModel):
@@ -131,282 +100,6 @@ class Snapshot(BaseModel):
             tags={f"dataset.rows.{source}": str(rows) for source, rows in self.rows_by_source.items()},
             files=[(self.folder / "manifest.json", "dataset"), (self.folder / "rag.jsonl", "dataset")],
         )
-
-
-# --- reading the sources -----------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dt.datetime | dt.date):
-        return {"$" + type(value).__name__: value.isoformat()}
-    if isinstance(value, Decimal):
-        return float(value)
-    return value
-
-
-def _from_jsonable(value: Any) -> Any:
-    if isinstance(value, dict) and len(value) == 1:
-        (kind, text), = value.items()
-        if kind == "$datetime":
-            return dt.datetime.fromisoformat(text)
-        if kind == "$date":
-            return dt.date.fromisoformat(text)
-    return value
-
-
-def _shown_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def _sql_table(rag: RagConfig):
-    from sqlalchemy import MetaData, Table, create_engine
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import NoSuchTableError
-
-    url = make_url(rag.sql_url)
-    # SQLite creates a missing file on connect: a typo in the path must not look like an empty table.
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        if not Path(url.database).is_file():
-            raise RagSourceError(f"rag.sql_url: no SQLite database at {url.database}")
-    engine = create_engine(url)
-    try:
-        table = Table(rag.table, MetaData(), autoload_with=engine)
-    except NoSuchTableError:
-        engine.dispose()
-        raise RagSourceError(f"rag.table: no table {rag.table!r} in {_shown_url(rag.sql_url)}") from None
-    mapped = {field: name for field, name in rag.columns.model_dump().items() if name is not None}
-    missing = {field: name for field, name in mapped.items() if name not in table.c}
-    if missing:
-        engine.dispose()
-        problems = ", ".join(f"rag.columns.{field}: no column {name!r}" for field, name in missing.items())
-        raise RagSourceError(f"{problems} in table {rag.table!r} (columns: {', '.join(table.c.keys())}); "
-                             "map the right names under rag.columns, or null for an optional field")
-    return engine, table, mapped
-
-
-def read_sql_rows(rag: RagConfig, after: list[Any] | None) -> Iterator[tuple[RagRow, list[Any]]]:
-    """Rows beyond `after` in watermark order, each with its own watermark key (JSON form)."""
-    from sqlalchemy import and_, or_, select
-
-    engine, table, mapped = _sql_table(rag)
-    id_col = table.c[mapped["id"]]
-    order = [id_col] if rag.watermark_on == "id" else [table.c[mapped["created_at"]], id_col]
-    query = select(*(table.c[name].label(field) for field, name in mapped.items())).order_by(*order)
-    if after is not None:
-        last = [_from_jsonable(v) for v in after]
-        query = query.where(id_col > last[0] if rag.watermark_on == "id" else
-                            or_(order[0] > last[0], and_(order[0] == last[0], id_col > last[1])))
-    try:
-        with engine.connect() as connection:
-            for row in connection.execute(query):
-                values = row._asdict()
-                key = [values["id"]] if rag.watermark_on == "id" else [values["created_at"], values["id"]]
-                yield (RagRow(source=f"sql:{rag.table}", ref=str(values["id"]), values=values),
-                       [_jsonable(v) for v in key])
-    finally:
-        engine.dispose()
-
-
-def read_jsonl_drops(rag: RagConfig, consumed: dict[str, list[int]]) -> tuple[list[RagRow], list[Rejection],
-                                                                               dict[str, list[int]]]:
-    """Complete lines past each drop file's consumed bytes; returns rows, unparsable lines, new positions."""
-    folder = rag.jsonl_dir
-    if not folder.is_dir():
-        raise RagSourceError(f"rag.jsonl_dir: not a folder: {folder}")
-    rows: list[RagRow] = []
-    rejections: list[Rejection] = []
-    positions = dict(consumed)
-    fields = {field: name for field, name in rag.columns.model_dump().items() if name is not None}
-    for path in sorted(folder.glob("*.jsonl")):
-        done_bytes, done_lines = consumed.get(path.name, [0, 0])
-        size = path.stat().st_size
-        if size < done_bytes:
-            raise RagSourceError(f"{path}: {size} bytes, but {done_bytes} were already consumed; drop files may "
-                                 "only grow (write a new file instead of rewriting one)")
-        with path.open("rb") as data:
-            data.seek(done_bytes)
-            chunk = data.read(size - done_bytes)
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next run
-        lines = complete.split(b"\n")[:-1]
-        for number, raw_bytes in enumerate(lines, start=done_lines + 1):
-            raw = raw_bytes.decode("utf-8", "backslashreplace")
-            if not raw.strip():
-                continue
-            ref = f"{path.name}:{number}"
-            try:
-                record = json.loads(raw_bytes)
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                rejections.append(Rejection(source=str(path), line=number, field="<line>", reason=str(exc), raw=raw))
-                continue
-            values = {field: record.get(name) for field, name in fields.items()}
-            rows.append(RagRow(source=f"jsonl:{path.name}", ref=ref, line=number, values=values))
-        if complete:
-            positions[path.name] = [done_bytes + len(complete), done_lines + len(lines)]
-    return rows, rejections, positions
-
-
-# --- selection ---------------------------------------------------------------------------------------------
-
-
-def _text_field(values: dict[str, Any], field: str, required: bool) -> str | None:
-    value = values.get(field)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if required:
-            raise RecordError(field, "missing or empty")
-        return None
-    if isinstance(value, list) and field == "context" and all(isinstance(p, str) for p in value):
-        return "\n\n".join(value)  # retrieved passages logged as a list
-    if isinstance(value, dict | list) and field == "answer":
-        return json.dumps(value, ensure_ascii=False)  # a JSON column holding the structured answer
-    if not isinstance(value, str):
-        raise RecordError(field, f"must be a string, got {type(value).__name__}")
-    return value
-
-
-def parse_rating(value: Any, feedback_values: dict[str, float]) -> float | None:
-    """A number, a boolean, a numeric string or a feedback word as a rating; None when unrated."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float | Decimal):
-        return float(value)
-    if isinstance(value, str):
-        words = {word.casefold(): rating for word, rating in feedback_values.items()}
-        if value.strip().casefold() in words:
-            return words[value.strip().casefold()]
-        try:
-            return float(value)
-        except ValueError:
-            pass
-        raise RecordError("rating", f"{value!r} is neither a number nor one of rag.feedback_values "
-                                    f"({', '.join(feedback_values)})")
-    raise RecordError("rating", f"must be a number, boolean or feedback word, got {type(value).__name__}")
-
-
-def rag_messages(question: str, context: str | None, answer: str, rag: RagConfig,
-                 system_prompt: str | None) -> list[Message]:
-    """The training conversation for one logged example, with the context placed as `rag.context_mode` says."""
-    user = question
-    system = system_prompt
-    if context and rag.context_mode != "omit":
-        block = rag.context_template.replace("{context}", context)
-        if rag.context_mode == "user":
-            user = f"{block}\n\n{question}"
-        else:
-            system = f"{system_prompt}\n\n{block}" if system_prompt else block
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    if system:
-        messages.insert(0, {"role": "system", "content": system})
-    return parse_record({"messages": messages}, system_prompt=system_prompt)
-
-
-def _seen_keys(data: DataConfig, rag: RagConfig, snapshot_rag: Path | None) -> tuple[set[str], set[str]]:
-    """Dedupe keys of the base set (train, validation and test: a held-out question must never be trained on)
-    and of every example ingested before; and those of the base's held-out sets alone."""
-    if rag.dedupe == "off":
-        return set(), set()
-    train, validation, test = _read_base(data)
-    eval_keys = {_dedupe_key(example.messages[-2].content, example.messages, rag)
-                 for read in validation + test for example in read.examples}
-    keys = eval_keys | {_dedupe_key(example.messages[-2].content, example.messages, rag)
-                        for read in train for example in read.examples}
-    if snapshot_rag is not None:
-        with snapshot_rag.open(encoding="utf-8") as lines:
-            keys |= {json.loads(line)["rag"]["key"] for line in lines}
-    return keys, eval_keys
-
-
-def _read_base(data: DataConfig) -> tuple[list[FileRead], list[FileRead], list[FileRead]]:
-    """The base train, validation and test sets read as the finetune flow reads them: any container,
-    normalised."""
-    normaliser = data_normaliser(data)
-    train, validation, test = (read_sources(sources, normaliser) for sources in data_sources(data))
-    return train, validation, test
-
-
-def _base_lines(reads: list[FileRead]) -> list[dict[str, Any]]:
-    """Snapshot lines of the base set: normalised messages, and the file and line or row each came from."""
-    return [{"messages": [m.model_dump() for m in example.messages],
-             "base": {"source": example.source, "line": example.line, "unit": example.unit}}
-            for read in reads for example in read.examples]
-
-
-def _dedupe_key(question: str, messages: list[Message], rag: RagConfig) -> str:
-    """The whole conversation's id, or the question as asked (whatever context was placed around it)."""
-    return example_id(messages) if rag.dedupe == "conversation" else " ".join(question.split()).casefold()
-
-
-class Selected(BaseModel):
-    accepted: list[dict[str, Any]]  # {"messages": [...], "rag": {...provenance}} lines of rag.jsonl
-    skipped: list[dict[str, Any]]  # {"source", "ref", "reason"}
-    rejections: list[Rejection]
-
-
-def _preference_label(rating: float | None, rag: RagConfig) -> bool | None:
-    """True: a desirable answer, False: an undesirable one, None: not a preference row."""
-    if rag.max_bad_rating is None or rating is None:
-        return None
-    if rating <= rag.max_bad_rating:
-        return False
-    return True if rag.min_rating is None or rating >= rag.min_rating else None
-
-
-def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[str],
-                eval_keys: set[str] = frozenset()) -> Selected:
-    """Validate each row, apply the rating rules and dedupe; every row ends accepted, skipped or rejected."""
-    accepted, skipped, rejections = [], [], []
-    for row in rows:
-        try:
-            question = _text_field(row.values, "question", required=True)
-            answer = _text_field(row.values, "answer", required=True)
-            context = _text_field(row.values, "context", required=False)
-            rating = parse_rating(row.values.get("rating"), rag.feedback_values)
-            messages = rag_messages(question, context, answer, rag, data.system_prompt)
-        except RecordError as exc:
-            rejections.append(Rejection(
-                source=row.source, line=row.line, field=exc.field,
-                reason=f"row {row.ref}: {exc.message}",
-                raw=json.dumps(row.values, default=str, ensure_ascii=False),
-            ))
-            continue
-        reason = None
-        label = _preference_label(rating, rag)
-        if rating is None and not rag.keep_unrated:
-            reason = "unrated"
-        elif label is None and rating is not None and rag.min_rating is not None and rating < rag.min_rating:
-            reason = ("rating between max_bad_rating and min_rating" if rag.max_bad_rating is not None
-                      else "rating below min_rating")
-        key = _dedupe_key(question, messages, rag)
-        if label is False:
-            # Each distinct bad answer once; never one to a held-out question (that would train on it).
-            if key in eval_keys:
-                reason = reason or "question in the base validation or test set"
-            key = f"{key}\x00bad\x00{' '.join(answer.split())}"
-        if reason is None and rag.dedupe != "off" and key in seen:
-            reason = f"duplicate {rag.dedupe}"
-        if reason is not None:
-            skipped.append({"source": row.source, "ref": row.ref, "reason": reason})
-            continue
-        seen.add(key)
-        created_at = row.values.get("created_at")
-        turns = [m.model_dump() for m in messages]
-        # A rated row in TRL's unpaired format (KTO); SFT rows stay `messages` rows as before.
-        example = ({"messages": turns} if label is None else
-                   {"prompt": turns[:-1], "completion": turns[-1:], "label": label})
-        accepted.append({
-            **example,
-            "rag": {"source": row.source, "ref": row.ref, "id": _jsonable(row.values.get("id")), "key": key,
-                    "rating": rating, "created_at": str(created_at) if created_at is not None else None},
-        })
-    return Selected(accepted=accepted, skipped=skipped, rejections=rejections)
-
-
-# --- state, collect, commit --------------------------------------------------------------------------------
 
 
 def state_dir(cfg: PipelineConfig) -> Path:
@@ -471,7 +164,7 @@ def collect_new_rows(rag: RagConfig, data: DataConfig, folder: Path) -> Collecte
         rows += drop_rows
 
     previous = snapshot_folder(folder, state.version) / "rag.jsonl" if state.version else None
-    selected = select_rows(rows, rag, data, *_seen_keys(data, rag, previous))
+    selected = select_rows(rows, rag, data, *seen_keys(data, rag, previous))
     staging = folder / "staging" / uuid.uuid4().hex
     staging.mkdir(parents=True)
     _write_lines(staging / "new.jsonl", selected.accepted)
@@ -516,11 +209,11 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
             out.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
     # The base set as loaded and normalised (whatever its containers), so the snapshot is one JSON Lines
     # dataset of `messages`; each line keeps the file and line or row it came from.
-    base_train, base_validation, base_test = _read_base(data)
+    base_train, base_validation, base_test = read_base(data)
     base_rejected = [r for read in base_train + base_validation + base_test for r in read.rejections]
     if base_rejected and data.on_invalid == "fail":
         raise DataFileError(f"{base_rejected[0].message} (data.on_invalid: fail)")
-    train_lines = _base_lines(base_train)
+    train_lines = base_lines(base_train)
     rag_lines = [json.loads(line) for line in (building / "rag.jsonl").open(encoding="utf-8")]
     sides = [_held_out_side(line, data) for line in rag_lines]
     held = [line for line, side in zip(rag_lines, sides) if side != "train"]
@@ -529,7 +222,7 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     _write_lines(building / "train.jsonl", train_lines + kept + pairs)
     for split, name, base_reads in (("validation", "validation", base_validation), ("test", "eval", base_test)):
         if held_out_files(data, split) is not None:
-            _write_lines(building / f"{name}.jsonl", _base_lines(base_reads)
+            _write_lines(building / f"{name}.jsonl", base_lines(base_reads)
                          + [line for line, side in zip(rag_lines, sides) if side == split])
     shutil.copyfile(collected.staging / "skipped.jsonl", building / "skipped.jsonl")
     # Base rows that cannot be used are set aside here, never dropped: the finetune run sees only the snapshot.
@@ -652,4 +345,3 @@ def collect_rag_examples(cfg: PipelineConfig) -> Collected:
 @task(name="commit_rag_snapshot", cache_policy=NO_CACHE)
 def commit_rag_snapshot(collected: Collected, cfg: PipelineConfig) -> Snapshot:
     return commit_snapshot(collected, cfg.data)
-

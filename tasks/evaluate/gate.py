@@ -36,11 +36,6 @@ TOKEN_WEIGHTED = {"eval_loss"}
 RETENTION_CHECK = "retention.loss_increase"  # the retention rule's check: not a metric of the held-out split
 
 
-def improvement(metric: str, candidate: float, other: float) -> float:
-    """How much better the candidate is than `other` on `metric` (negative: worse)."""
-    return other - candidate if metric in LOWER_IS_BETTER else candidate - other
-
-
 def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
     rows = read_samples(report.samples_path)
     # The gate decides on the test split; the retrain loop may also gate its attempts on the validation split.

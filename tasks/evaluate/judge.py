@@ -47,7 +47,7 @@ import httpx
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.data.examples import Message, read_examples
+from tasks.chat.examples import Message, read_examples
 from tasks.evaluate.results import EvalReport, JudgeSummary, ModelScores
 from tasks.runtime.caching import file_digest, stable_hash, stage_dir
 from tasks.runtime.config import GateConfig, JudgeConfig
@@ -184,8 +184,8 @@ def judge_identity(cfg: JudgeConfig, ollama_host: str | None) -> tuple[str, str 
     if cfg.kind == "openai":
         # An OpenAI-compatible API names no weights digest: verdicts are keyed by model name and endpoint.
         return cfg.model.removeprefix("openai:"), None, redact(cfg.base_url or "")
-    from tasks.serve.ollama.client import OllamaClient, OllamaError
-    from tasks.serve.ollama.host import ollama_host as resolve_host
+    from tasks.integrations.ollama.client import OllamaClient, OllamaError
+    from tasks.integrations.ollama.host import ollama_host as resolve_host
 
     host, name = resolve_host(cfg.base_url or ollama_host), cfg.model.removeprefix("ollama:")
     try:
@@ -204,8 +204,8 @@ def judge_endpoint(cfg: JudgeConfig, ollama_host: str | None, server_log: Path,
     returns its reply; a .gguf judge's server runs while the context is open."""
     key = _api_key(cfg)
     if cfg.kind == "ollama":
-        from tasks.serve.ollama.client import OllamaClient
-        from tasks.serve.ollama.host import ollama_host as resolve_host
+        from tasks.integrations.ollama.client import OllamaClient
+        from tasks.integrations.ollama.host import ollama_host as resolve_host
 
         client = OllamaClient(resolve_host(cfg.base_url or ollama_host), cfg.timeout_s)
         name = cfg.model.removeprefix("ollama:")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import runpy
 
-from tasks.export.llama_cpp import extra_buffer_types_off
+from tasks.integrations.llama_cpp import extra_buffer_types_off
 
 if __name__ == "__main__":
     with extra_buffer_types_off():

@@ -18,7 +18,7 @@ from tasks.train.results import TrainResult
 
 
 class ModelScores(BaseModel):
-    """One model's split scores: `eval_loss`, `stop_rate` and the `tasks.evaluate.metrics` names."""
+    """One model's split scores: `eval_loss`, `stop_rate` and the `tasks.chat.metrics` names."""
 
     name: str  # "candidate" | "base" | "champion"
     version: str | None = None  # the champion's registry version

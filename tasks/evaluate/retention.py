@@ -1,6 +1,6 @@
 """Retention: what fine-tuning made the model forget, on general prompts outside the task.
 
-The base model answers the general prompts (`tasks.evaluate.general_prompts`: a built-in set in several
+The base model answers the general prompts (`tasks.chat.general_prompts`: a built-in set in several
 languages, and the user's own) greedily, as the evaluate stage generates. Each answer is formatted as training
 formats an assistant turn, and both models' mean token loss on those answers is measured with the evaluate
 stage's `answer_losses`: the base's own loss is the baseline, and the candidate's rising above it says how much
@@ -22,10 +22,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.data.chat import ChatContext
-from tasks.data.examples import Example, Message
+from tasks.chat.examples import Example, Message
+from tasks.chat.general_prompts import GeneralPrompt
+from tasks.chat.template import ChatContext
 from tasks.data.format import IGNORE, ids_and_labels, tokenize_pieces
-from tasks.evaluate.general_prompts import GeneralPrompt
 from tasks.evaluate.results import RetentionScores
 from tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started early imports)
     RETENTION_WORKER,
@@ -39,7 +39,7 @@ from tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started
     device_and_dtype,
     warm_up,
 )
-from tasks.model.results import BaseModelRef
+from tasks.runtime.base_model import BaseModelRef
 from tasks.runtime.caching import StageCache, stable_hash, stage_dir
 from tasks.runtime.config import RetentionConfig
 from tasks.runtime.gpu_slots import gpu_slots
@@ -89,7 +89,7 @@ def answer_general_prompts(request: RetentionRequest) -> RetentionResult:
     conversations = [[m.model_dump() for m in c] for c in request.conversations]
 
     def run(model, tokenizer, name: str, answers: list[str] | None, stopped: list[bool] | None) -> RetentionOutputs:
-        from tasks.evaluate.generation import greedy_answers
+        from tasks.chat.generation import greedy_answers
         from tasks.runtime.progress import Progress
 
         with torch.inference_mode():
@@ -153,8 +153,8 @@ def measure_retention(
     conversations = [prompt.messages for prompt in prompts]
     here = Path(__file__)
     key = stable_hash("retention", base.fingerprint, four_bit, conversations, chat, cfg.max_new_tokens,
-                      *(_file_hash(here.with_name(name)) for name in ("retention.py", "task.py", "generation.py")),
-                      _file_hash(here.parents[1] / "data" / "format.py"))
+                      *(_file_hash(here.with_name(name)) for name in ("retention.py", "task.py")),
+                      *(_file_hash(here.parents[1] / path) for path in ("chat/generation.py", "data/format.py")))
     kept = _read_reference(reference_dir, "retention-base", key, RetentionOutputs)
     request = RetentionRequest(base=base_spec, candidate=candidate, conversations=conversations, base_outputs=kept,
                                max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, chat=chat)
@@ -182,7 +182,7 @@ def measure_retention(
                            candidate_loss=result.candidate.mean_loss, path=path)
 
 
-@task(name="retention", cache_policy=StageCache(sources=("tasks.evaluate.task", "tasks.evaluate.generation")),
+@task(name="retention", cache_policy=StageCache(sources=("tasks.evaluate.task", "tasks.chat.generation")),
       persist_result=True)
 def retention(
     trained: TrainResult, base: BaseModelRef, chat: ChatContext, prompts: list[GeneralPrompt], cfg: RetentionConfig,

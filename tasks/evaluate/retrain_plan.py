@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from tasks.evaluate.gate import improvement
+from tasks.chat.metrics import improvement
 from tasks.evaluate.results import Attempt, AttemptPlan
 from tasks.runtime.config import PipelineConfig, RetrainChange, RetrainConfig
 from tasks.train.results import TrainResult

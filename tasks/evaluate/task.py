@@ -4,12 +4,12 @@ Either held-out split: each attempt of the retrain loop is scored on validation,
 the final candidate once on test, which only the gate, the champion comparison, the headline and parity read.
 The probes are asked on test only: they are shown in the report, and no choice reads them.
 
-Each model answers every held-out prompt and every probe greedily (`tasks.evaluate.generation`: batched, static KV
+Each model answers every held-out prompt and every probe greedily (`tasks.chat.generation`: batched, static KV
 cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
 is a GPU (fp16 where it has no bf16), one model at a time, in batches the memory left beside the weights holds.
 After QLoRA every model is loaded in 4-bit as training loaded the base, the adapter beside it (unmerged); the
 exported GGUF is the adapter merged into the 16-bit base, and parity measures what separates the two. Its
-answers are scored by `tasks.evaluate.metrics` (valid JSON, exact match, per-field accuracy, key F1,
+answers are scored by `tasks.chat.metrics` (valid JSON, exact match, per-field accuracy, key F1,
 required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
 the mean token loss on the held-out assistant tokens, computed exactly as in training. samples.jsonl keeps every
 score per example, each example's own eval loss (the mean over its answer tokens) and its number of answer
@@ -38,18 +38,18 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.data.chat import ChatContext
-from tasks.data.examples import Message, read_examples
+from tasks.chat.examples import Message, read_examples
+from tasks.chat.metrics import close_to, required_keys, score_answers
+from tasks.chat.template import ChatContext
 from tasks.data.format import IGNORE
 from tasks.data.results import CheckedData, FormattedData, HeldOutSplit
-from tasks.evaluate.metrics import close_to, required_keys, score_answers
 from tasks.evaluate.results import EvalReport, ModelScores
-from tasks.model.results import BaseModelRef
+from tasks.integrations.model_registry import ChampionRef, download_champion
+from tasks.runtime.base_model import BaseModelRef
 from tasks.runtime.caching import StageCache, stable_hash, stage_dir
 from tasks.runtime.config import DataConfig, EvalConfig
 from tasks.runtime.gpu_slots import gpu_slots
-from tasks.runtime.worker import prestart_worker, run_worker
-from tasks.serve.champion import ChampionRef, download_champion
+from tasks.runtime.worker import EVALUATE_WORKER, prestart_worker, run_worker
 from tasks.train.results import TrainResult
 
 
@@ -92,7 +92,6 @@ class GenerationResult(BaseModel):
     outputs: dict[str, ModelOutputs]
 
 
-EVALUATE_WORKER = "tasks.evaluate.task:generate_outputs"
 # The retention stage's worker (tasks/evaluate/retention.py), named here so this stage can start it early.
 RETENTION_WORKER = "tasks.evaluate.retention:answer_general_prompts"
 
@@ -101,7 +100,7 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
     """Worker entry point: load each model in turn, answer every conversation, measure the eval loss."""
     import torch
 
-    from tasks.evaluate.generation import greedy_answers
+    from tasks.chat.generation import greedy_answers
     from tasks.runtime.memory_plan import cap_gpu_memory
     from tasks.runtime.progress import Progress
 
@@ -203,7 +202,12 @@ def _batch_that_fits(model, request: GenerationRequest, rows: list[dict], dtype,
     import torch
 
     from tasks.runtime.memory_plan import (
-        free_gpu_bytes, generation_row_bytes, loss_row_bytes, model_shape, rows_that_fit)
+        free_gpu_bytes,
+        generation_row_bytes,
+        loss_row_bytes,
+        model_shape,
+        rows_that_fit,
+    )
 
     if device != "cuda" or not rows:
         return request.batch_size
@@ -284,7 +288,7 @@ def evaluate_models(
     fingerprint = stable_hash(_file_hash(loss_rows.path), _file_hash(eval_examples), asked,
                               *(_file_hash(path) for path in (undesirable_examples,) if path is not None),
                               data_cfg.system_prompt, data.chat, cfg, _file_hash(Path(__file__)),
-                              _file_hash(Path(__file__).with_name("generation.py")), four_bit)
+                              _file_hash(Path(__file__).parents[1] / "chat" / "generation.py"), four_bit)
     reference_keys = {"base": stable_hash("base", base.fingerprint, fingerprint)}
     if champion is not None:
         champion_dir = download_champion(tracking_uri, champion, reference_dir.parent / "champions")
@@ -393,7 +397,7 @@ def _write_reference(reference_dir: Path, name: str, key: str, outputs: BaseMode
     partial.replace(partial.with_suffix(".json"))
 
 
-@task(name="evaluate", cache_policy=StageCache(sources=("tasks.evaluate.generation", "tasks.evaluate.metrics")), persist_result=True)
+@task(name="evaluate", cache_policy=StageCache(sources=("tasks.chat.generation", "tasks.chat.metrics")), persist_result=True)
 def evaluate(
     data: FormattedData, checked: CheckedData, trained: TrainResult, base: BaseModelRef, champion: ChampionRef | None,
     tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path, *, split: HeldOutSplit,

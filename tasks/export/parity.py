@@ -4,10 +4,10 @@ Each exported GGUF first passes a vocabulary check: llama.cpp, with the GGUF's o
 trained tokenizer's token ids for rendered training conversations (a GGUF whose converter took the wrong
 tokenizer path fails here, naming the first tokens that differ). Then it answers the held-out examples the
 evaluation stage used the way Ollama's /api/chat will: the Modelfile's TEMPLATE and SYSTEM render the prompt
-text (Go's own text/template, `tasks/serve/ollama/render.py`), llama.cpp tokenizes that text with the GGUF's
+text (Go's own text/template, `tasks/integrations/ollama/render.py`), llama.cpp tokenizes that text with the GGUF's
 vocabulary (special tokens parsed, BOS as the vocabulary asks), decoding is greedy, and generation ends at an
 end-of-generation token or the first Modelfile stop string, within the evaluation's token budget. Answers are
-scored by `tasks.evaluate.metrics.score_answers`, like the evaluation stage's. Measuring is cached; which GGUFs are
+scored by `tasks.chat.metrics.score_answers`, like the evaluation stage's. Measuring is cached; which GGUFs are
 within `export.max_drop` of the PyTorch model is decided uncached, like the gate.
 
 After QLoRA the two sides differ by construction: the evaluation scored the 4-bit base with the adapter beside it
@@ -23,18 +23,18 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.data.chat import ChatContext
-from tasks.data.examples import Example, read_examples
-from tasks.evaluate.generation import render_prompt
-from tasks.evaluate.metrics import required_keys, score_answers
-from tasks.export.llama_cpp import load_gguf
+from tasks.chat.examples import Example, read_examples
+from tasks.chat.generation import render_prompt
+from tasks.chat.metrics import required_keys, score_answers
+from tasks.chat.template import ChatContext
 from tasks.export.results import ExportResult, GgufScores, ParityReport, ParityVerdict
+from tasks.integrations.llama_cpp import load_gguf
+from tasks.integrations.ollama.modelfile import client_messages, modelfile_spec
+from tasks.integrations.ollama.render import render_served_prompt
 from tasks.model.packaged import VocabularyMismatch, compare_token_ids
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
 from tasks.runtime.progress import Progress
-from tasks.serve.ollama.modelfile import client_messages, modelfile_spec
-from tasks.serve.ollama.render import render_served_prompt
 
 # Training conversations whose token ids the vocabulary check compares (the first ones of the clean split).
 VOCAB_CHECK_CONVERSATIONS = 32

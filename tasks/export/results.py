@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from tasks.integrations.model_registry import MODEL_ARTIFACT
 from tasks.runtime.records import Record
-from tasks.serve.champion import MODEL_ARTIFACT
 
 
 class GgufFile(BaseModel):
@@ -35,7 +35,7 @@ class ExportResult(BaseModel):
 
 class GgufScores(BaseModel):
     gguf_type: str
-    scores: dict[str, float]  # split means, named as in tasks/evaluate/metrics.py; empty when the vocabulary check failed
+    scores: dict[str, float]  # split means, named as in tasks/chat/metrics.py; empty when the vocabulary check failed
     vocabulary_problem: str | None = None  # why the vocabulary check failed
     # Held-out prompts whose served token ids (Modelfile TEMPLATE + SYSTEM, GGUF vocabulary) differ from the ones
     # training rendered with the chat template: the served model then sees text it was not trained on.

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.export.llama_cpp import run_converter
 from tasks.export.merge import merge_shards
 from tasks.export.results import ExportResult, GgufFile
+from tasks.integrations.llama_cpp import run_converter
 from tasks.model.base import keep_tokenizer_sources
-from tasks.model.results import BaseModelRef
+from tasks.runtime.base_model import BaseModelRef
 from tasks.runtime.caching import STAGE_CACHE, file_digest, stage_dir
 from tasks.runtime.config import ExportConfig
 from tasks.train.results import TrainResult

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.model.results import BaseModelRef
+from tasks.runtime.base_model import BaseModelRef
 from tasks.runtime.config import ModelConfig, OllamaConfig
 from tasks.runtime.redact import error_line, redact
 
@@ -36,8 +36,8 @@ def resolve_base_model(cfg: ModelConfig, ollama: OllamaConfig | None = None) -> 
     that does not exist; a GGUF that cannot be found or whose tokenizer transformers cannot reproduce.
     """
     if cfg.base.startswith(OLLAMA_PREFIX):
-        from tasks.serve.ollama.host import ollama_host
-        from tasks.serve.ollama.source import OllamaSourceError, find_ollama_gguf
+        from tasks.integrations.ollama.host import ollama_host
+        from tasks.integrations.ollama.source import OllamaSourceError, find_ollama_gguf
 
         host = ollama_host(ollama.host if ollama else None)
         try:
@@ -76,25 +76,9 @@ class BaseModelError(ValueError):
         super().__init__(redact(message))  # it quotes URLs (HF_ENDPOINT) that may carry credentials
 
 
-def load_tokenizer(base: BaseModelRef, chat_template: str | None = None):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base.name_or_path, revision=base.revision)
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    if tokenizer.chat_template is None:
-        raise ValueError(
-            f"{base.name_or_path} has no chat template: set model.chat_template in the config "
-            "(a base model needs one chosen for it before fine-tuning)"
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _from_gguf(cfg: ModelConfig, gguf: Path, fingerprint: str) -> BaseModelRef:
     """The transformers folder built (once, in the shared cache) from `gguf`, which `fingerprint` identifies."""
-    from tasks.export.llama_cpp import cache_root
+    from tasks.integrations.llama_cpp import cache_root
     from tasks.model.packaged import BUILD_VERSION, VocabularyMismatch, hf_folder_from_gguf, source_record
 
     # Keyed by content: the same weights reached as a file and through Ollama share one folder.

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.export.llama_cpp import cache_root, load_gguf
+from tasks.integrations.llama_cpp import cache_root, load_gguf
 
 # llama.cpp's `general.file_type` values (llama.h) that keep at least 8 bits per weight.
 HIGH_PRECISION_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
@@ -337,8 +337,8 @@ def gguf_special_tokens(tokenizer, meta: dict[str, str]) -> dict[str, str]:
 
 def turn_end_ids(tokenizer) -> list[int]:
     """The id of the chat template's end-of-turn marker when it is one token (ChatML's <|im_end|>, ...)."""
-    from tasks.data.chat import transformers_renderer
-    from tasks.serve.ollama.template import end_of_turn
+    from tasks.chat.template import transformers_renderer
+    from tasks.integrations.ollama.template import end_of_turn
 
     if not tokenizer.chat_template:
         return []

@@ -1,5 +1,5 @@
 """transformers' private names and version-specific layers, for evaluation's greedy decoder
-(`tasks/evaluate/generation.py`).
+(`tasks/chat/generation.py`).
 
 - `attention_implementation`: the model's attention implementation as transformers records it. transformers 5.17
   has a public setter (`set_attn_implementation`) but no public getter, only `config._attn_implementation`;

@@ -334,7 +334,7 @@ def base_shape(base) -> ModelShape:
     fingerprint: a re-run plans without importing torch or transformers' models."""
     import hashlib
 
-    from tasks.export.llama_cpp import cache_root
+    from tasks.integrations.llama_cpp import cache_root
 
     key = hashlib.sha256(f"{base.fingerprint}\n{base.revision}".encode()).hexdigest()[:24]
     path = cache_root() / "model-shapes" / f"{key}.json"

@@ -4,7 +4,7 @@ A nightly run meets a hub hiccup, an Ollama restart or an MLflow server blip; ea
 (`retry.attempts`, waits of `retry.backoff_s` doubling each time, with jitter) when its failure was transient:
 no HTTP answer (refused, cut off, timed out) or HTTP 429/5xx. A definite answer (a missing model, a failed
 smoke test, a gated repo) fails at once. Every such task is idempotent, so a retry after a half-done attempt
-finishes it instead of doing it twice (see tasks/serve/task.py and tasks/serve/champion.py).
+finishes it instead of doing it twice (see tasks/serve/task.py and tasks/integrations/model_registry.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def is_transient(exc: BaseException | None) -> bool:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from tasks.serve.ollama.client import OllamaConnectionError, OllamaError
+    from tasks.integrations.ollama.client import OllamaConnectionError, OllamaError
 
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:

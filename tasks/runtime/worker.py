@@ -45,6 +45,9 @@ from pydantic import BaseModel
 R = TypeVar("R", bound=BaseModel)
 LOG_TAIL_LINES = 40
 EVENT_PREFIX = "tunepipe-event "
+# A worker that the stage before its own starts early, named here so that the earlier stage (train) need not
+# import the later one's module.
+EVALUATE_WORKER = "tasks.evaluate.task:generate_outputs"
 
 
 class WorkerFailed(RuntimeError):

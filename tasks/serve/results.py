@@ -10,12 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, field_serializer
 
-from tasks.evaluate.metrics import OutputFormat
+from tasks.chat.metrics import OutputFormat
 from tasks.export.results import GgufFile
+from tasks.integrations.ollama.modelfile import ModelfileSpec
 from tasks.runtime.config import OllamaConfig, RetryConfig
 from tasks.runtime.records import Record
 from tasks.runtime.redact import redact
-from tasks.serve.ollama.modelfile import ModelfileSpec
 
 PLAN_ARTIFACT = "serving/plan.json"
 

@@ -5,7 +5,7 @@ adapter route's, and gathers the smoke-test conversations; the plan is logged to
 (`serving/plan.json`), so a run that found no Ollama can be finished later with `tunepipe register RUN_ID`.
 Then: `register` makes a new MLflow model version and `NAME:VERSION` in Ollama; `smoke_test` asks it the
 smoke conversations (each answer must parse as the task demands and end by a stop, not the length limit);
-only then `promote` moves `NAME:latest` and the alias `champion` together (tasks/serve/champion.py).
+only then `promote` moves `NAME:latest` and the alias `champion` together (tasks/integrations/model_registry.py).
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.data.chat import ChatContext
-from tasks.data.examples import read_examples, split_reasoning
-from tasks.evaluate.metrics import parse_json_object, required_keys
+from tasks.chat.examples import read_examples, split_reasoning
+from tasks.chat.metrics import parse_json_object, required_keys
+from tasks.chat.template import ChatContext
 from tasks.export.results import ExportResult, ParityVerdict
-from tasks.model.results import BaseModelRef
+from tasks.integrations.model_registry import ChampionMove, register_version, tag_version
+from tasks.integrations.model_registry import promote as promote_version
+from tasks.integrations.ollama.client import OllamaClient, OllamaError
+from tasks.integrations.ollama.host import DEFAULT_HOST, ollama_host
+from tasks.integrations.ollama.modelfile import client_messages, modelfile_spec
+from tasks.runtime.base_model import BaseModelRef
 from tasks.runtime.config import PipelineConfig
 from tasks.runtime.records import Record
-from tasks.serve.champion import ChampionMove, register_version, tag_version
-from tasks.serve.champion import promote as promote_version
-from tasks.serve.ollama.client import OllamaClient, OllamaError
-from tasks.serve.ollama.host import DEFAULT_HOST, ollama_host
-from tasks.serve.ollama.modelfile import client_messages, modelfile_spec
 from tasks.serve.results import PLAN_ARTIFACT, Registration, ServingPlan, SmokeCase, SmokeReport, SmokeResult
 
 

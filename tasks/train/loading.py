@@ -22,7 +22,7 @@ def load_hf(request: TrainRequest, precision: str, device, checkpointing: bool |
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tasks.model.base import load_tokenizer
+    from tasks.runtime.base_model import load_tokenizer
 
     cfg, lora = request.cfg, request.lora
     four_bit = cfg.mode == "qlora" or request.model_cfg.load_in_4bit

@@ -47,7 +47,7 @@ class EvalPoint(BaseModel):
 
     step: int  # 0: the weights an attempt continues from, before its first step
     eval_loss: float  # mean over the validation split's answer tokens, as the evaluate stage measures it
-    # Answer metrics (tasks/evaluate/metrics.py) on the sampled prompts; empty for eval_loss.
+    # Answer metrics (tasks/chat/metrics.py) on the sampled prompts; empty for eval_loss.
     metrics: dict[str, float] = {}
     elapsed_s: float  # the evaluation's own wall time
     peak_gpu_memory_gib: float | None = None  # training's and its evaluations' peak so far; None on the CPU
@@ -107,7 +107,7 @@ class TrainResult(BaseModel):
     def record(self) -> Record:
         """The curve, and the trained weights with this result beside them, so the evaluate flow can score
         the run's model later (`trained_model`)."""
-        from tasks.serve.champion import MODEL_ARTIFACT
+        from tasks.integrations.model_registry import MODEL_ARTIFACT
 
         if self.kind == "lora":
             files, folder = [(self.adapter_dir, "adapter")], "adapter"

@@ -25,15 +25,15 @@ class HeldOutEvaluation:
 
     The loss runs over the whole eval split in batches of `eval.batch_size` rows, with the training step's own
     forward pass and LM head (`token_losses`) and no gradients: the same token-weighted mean the evaluate
-    stage reports. An answer metric (`retrain.metric` other than eval_loss) is scored by `tasks.evaluate.metrics` on
-    greedy answers (`tasks.evaluate.generation`, as the evaluate stage decodes) to the first `train.eval_samples`
+    stage reports. An answer metric (`retrain.metric` other than eval_loss) is scored by `tasks.chat.metrics` on
+    greedy answers (`tasks.chat.generation`, as the evaluate stage decodes) to the first `train.eval_samples`
     held-out prompts, which are also the first the evaluate stage answers. Every rank measures the same, so
     all of them take the same early-stopping decision without exchanging it.
     """
 
     def __init__(self, held_out: HeldOut, samples: int, tokenizer, stepper: Stepper):
-        from tasks.data.examples import read_examples
-        from tasks.evaluate.metrics import required_keys
+        from tasks.chat.examples import read_examples
+        from tasks.chat.metrics import required_keys
 
         self.held_out, self.tokenizer, self.stepper = held_out, tokenizer, stepper
         self.batch_size = held_out.batch_size  # halved on out-of-memory
@@ -88,8 +88,8 @@ class HeldOutEvaluation:
         return float(total) / max(count, 1)
 
     def _metrics(self, model) -> dict[str, float]:
-        from tasks.evaluate.generation import greedy_answers, switches_undone
-        from tasks.evaluate.metrics import score_answers
+        from tasks.chat.generation import greedy_answers, switches_undone
+        from tasks.chat.metrics import score_answers
 
         if self.stepper.backend == "unsloth":
             answers = unsloth_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
@@ -110,7 +110,7 @@ def unsloth_answers(model, tokenizer, conversations: list[list[dict]], max_new_t
     import torch
     from unsloth import FastLanguageModel
 
-    from tasks.evaluate.generation import render_prompt, stop_token_ids, to_answer
+    from tasks.chat.generation import render_prompt, stop_token_ids, to_answer
 
     stops = stop_token_ids(model, tokenizer)
     prompts = [render_prompt(tokenizer, conversation) for conversation in conversations]
@@ -136,7 +136,7 @@ def selection_value(point: EvalPoint, metric: str) -> float | None:
 
 def beats(point: EvalPoint, other: EvalPoint | None, metric: str) -> bool:
     """Whether `point` is a better checkpoint than `other` by `metric`; equal values go to the lower eval loss."""
-    from tasks.evaluate.gate import improvement
+    from tasks.chat.metrics import improvement
 
     if other is None:
         return True
@@ -147,7 +147,7 @@ def beats(point: EvalPoint, other: EvalPoint | None, metric: str) -> bool:
 def track_best(state: TrainingState, point: EvalPoint, metric: str, min_delta: float) -> bool:
     """Record an evaluation: the best so far and the count of evaluations without a gain of more than
     `min_delta` (early stopping's patience). Returns whether `point` is the new best."""
-    from tasks.evaluate.gate import improvement
+    from tasks.chat.metrics import improvement
 
     state.evals.append(point)
     value = selection_value(point, metric)

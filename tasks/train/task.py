@@ -18,13 +18,12 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from tasks.data.results import FormattedData, FormattedSplit
-from tasks.evaluate.task import EVALUATE_WORKER
-from tasks.model.results import BaseModelRef
+from tasks.runtime.base_model import BaseModelRef
 from tasks.runtime.caching import StageCache, stage_dir
 from tasks.runtime.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
 from tasks.runtime.gpu_slots import gpu_slots
 from tasks.runtime.records import MlflowRunRef, Point, Record
-from tasks.runtime.worker import prestart_worker, run_worker
+from tasks.runtime.worker import EVALUATE_WORKER, prestart_worker, run_worker
 from tasks.train.prestart import TRAIN_WORKER
 from tasks.train.results import HeldOut, TrainResult, curve_points, eval_points
 
@@ -114,7 +113,7 @@ def trained_model(cfg: TrackingConfig, registered_name: str, model: str, dest: P
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
-    from tasks.serve.champion import MODEL_ARTIFACT
+    from tasks.integrations.model_registry import MODEL_ARTIFACT
 
     client = MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
     version = re.fullmatch(r"v(\d+)", model)

@@ -8,7 +8,7 @@ The system prompt either precedes the conversation (its own turn, or the start o
 opens the last user turn (Mistral); anything else is refused.
 
 The translation is accepted only when Ollama's rendering (Go's own text/template, filled as Ollama's server
-fills it: tasks/serve/ollama/render.py) equals transformers' for a fixed set of conversations plus the run's own
+fills it: tasks/integrations/ollama/render.py) equals transformers' for a fixed set of conversations plus the run's own
 system prompt and examples; otherwise it is refused with the first difference and what to set instead.
 """
 
@@ -19,8 +19,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tasks.data.chat import AnswerRefused, ChatRenderer, Reasoning, check_probe_answer, transformers_renderer
-from tasks.serve.ollama.render import render_served_prompt
+from tasks.chat.template import AnswerRefused, ChatRenderer, Reasoning, check_probe_answer, transformers_renderer
+from tasks.integrations.ollama.render import render_served_prompt
 
 SET_INSTEAD = ("Set `ollama.template` in the config to an Ollama Go template for this model "
                "(https://github.com/ollama/ollama/blob/main/docs/template.mdx).")

@@ -22,7 +22,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from tasks.data.chat import ChatContext
+from tasks.chat.template import ChatContext
 from tasks.patches.transformers import attention_implementation, unfuse_norms, use_fused_norms
 
 # The decode loop checks whether every row has stopped this often: each check waits for the GPU.

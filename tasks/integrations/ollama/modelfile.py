@@ -1,6 +1,6 @@
 """What the Modelfile says, as data: written to disk and sent to /api/create alike, so they cannot differ.
 
-Template and stops come from the trained model's tokenizer folder (derived and proven: tasks/serve/ollama/template.py);
+Template and stops come from the trained model's tokenizer folder (derived and proven: tasks/integrations/ollama/template.py);
 the system prompt is the one the model was trained with (`ollama.system`, else `data.system_prompt`, else the
 chat template's own default).
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.data.chat import ChatContext
-from tasks.serve.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
+from tasks.chat.template import ChatContext
+from tasks.integrations.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Literal
 
-from tasks.data.examples import split_reasoning
+from tasks.chat.examples import split_reasoning
+from tasks.runtime.config import LOWER_IS_BETTER
 
 OutputFormat = Literal["json", "text"]
 
@@ -45,6 +46,11 @@ def required_keys(reference_answers: Iterable[str]) -> list[str]:
         order = order or list(parsed)
         common = set(parsed) if common is None else common & set(parsed)
     return [key for key in order if key in (common or set())]
+
+
+def improvement(metric: str, candidate: float, other: float) -> float:
+    """How much better the candidate is than `other` on `metric` (negative: worse)."""
+    return other - candidate if metric in LOWER_IS_BETTER else candidate - other
 
 
 def score_example(
@@ -129,7 +135,7 @@ def close_to(answer: str, bad: str) -> bool:
     """Whether `answer` repeats the rated-bad answer `bad`: equal as JSON objects, or nearly equal as text."""
     from difflib import SequenceMatcher
 
-    from tasks.data.examples import split_reasoning
+    from tasks.chat.examples import split_reasoning
 
     answer, bad = split_reasoning(answer)[1], split_reasoning(bad)[1]
     parsed, expected = parse_json_object(answer), parse_json_object(bad)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from tasks.data.examples import Message
+from tasks.chat.examples import Message
 
 
 class PromptsConfig(Protocol):
