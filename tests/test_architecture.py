@@ -126,7 +126,7 @@ def test_no_import_circles():
 # not the config: a helper given plain values does not depend on the config's shape. The type of `cfg.a.b` is
 # read from the config classes' field annotations; a parameter named `cfg` / `config` without an annotation is
 # taken to be a config object whose fields are all config objects (so an unknown shape is followed, not missed).
-CLIMBS_TARGET = 6  # issue 21
+CLIMBS_TARGET = 6
 
 FLOW = ("flows.finetune", "finetune")
 CONFIG_MODULE = "tasks.runtime.config"

@@ -97,7 +97,7 @@ def test_a_tokenizer_llama_cpp_does_not_reproduce_is_refused_naming_the_tokens(s
 
 
 def test_export_keeps_the_source_vocabulary_and_a_byte_fallback_tokenizer_is_caught(smollm2, tmp_path) -> None:
-    """What issue 18 found: byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
+    """A tokenizer with byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
     makes llama.cpp abort on the first text, which must come back as a message, not a dead process."""
     from tasks.export.task import VocabularyChanged, check_source_vocabulary, convert
 
