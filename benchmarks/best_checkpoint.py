@@ -15,7 +15,8 @@ The evaluate stage (`tasks.evaluate.task`) then scores both returned models, and
     .venv/bin/python benchmarks/best_checkpoint.py --steps 250 --batch-size 16 --eval-steps 10 \\
         --eval-batch-size 64 --out runs-best-checkpoint-gpu                                 # on a GPU
 
-Prints the curve and both models' metrics as Markdown tables (benchmarks/RESULTS.md, "Best checkpoint") and writes them to OUT/results.json.
+Prints the curve and both models' metrics as Markdown tables (benchmarks/RESULTS.md, "Real models") and writes
+them to OUT/results.json.
 """
 
 from __future__ import annotations
