@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_config_loads(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     own = readme.split("## Your own data and model", 1)[1]
-    block = re.search(r"```yaml\n(.*?)```", own, re.S).group(1)
+    block = re.search(r"```yaml\n(.*?)```", own, re.DOTALL).group(1)
     path = tmp_path / "my.yaml"
     path.write_text(block)
     cfg = load_config(path)

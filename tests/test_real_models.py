@@ -291,7 +291,7 @@ def test_a_lora_trained_gemma3_exports_with_its_sentencepiece_vocabulary_and_ans
 
 
 def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma3, gemma3_lora, tmp_path) -> None:
-    """The evaluate stage on Gemma 3, whose sliding-window layers it used to refuse: prompt and answer fit the
+    """The evaluate stage on Gemma 3 and its sliding-window layers: prompt and answer fit the
     512-token window, where sliding attention is full attention. The LoRA adapter `gemma3_lora` is the
     candidate; the base's batched answers (left-padded, static cache) equal transformers' own greedy generate,
     one prompt at a time."""

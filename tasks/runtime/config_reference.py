@@ -43,9 +43,16 @@ def render() -> str:
     return "\n".join(sections)
 
 
-def _section(model: type[BaseModel], title: str, path: str, out: list[str], level: int = 2) -> None:
-    """One heading and table for `model`, then a heading for each nested section, in field order."""
+def _section(model: type[BaseModel], title: str, path: str, out: list[str], level: int = 2,
+             seen: dict[type[BaseModel], str] | None = None) -> None:
+    """One heading and table for `model`, then a heading for each nested section, in field order. A section
+    model met before (the retrain plan's steps and `past_best`) points at its first table."""
+    seen = {} if seen is None else seen
     out.append(f"{'#' * level} {title}\n")
+    if model in seen:
+        out.append(f"The same keys as `{seen[model]}`.\n")
+        return
+    seen[model] = path.rstrip(".")
     if model.__doc__ and model is not PipelineConfig and model.__doc__ != BaseModel.__doc__:
         out.append(" ".join(model.__doc__.split()) + "\n")
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
@@ -57,10 +64,10 @@ def _section(model: type[BaseModel], title: str, path: str, out: list[str], leve
             model_type, suffix = inner
             nested.append((model_type, key + suffix))
         rows.append(f"| `{key}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | "
-                    f"{_cell(_description(field, inner))} |")
+                    f"{_cell(_description(field, inner))}{_long_default(field)} |")
     out.append("\n".join(rows) + "\n")
     for model_type, key in nested:
-        _section(model_type, f"`{key}`", key + ".", out, level=min(level + 1, 4) if path else level)
+        _section(model_type, f"`{key}`", key + ".", out, min(level + 1, 4) if path else level, seen)
 
 
 def _nested_model(annotation: Any) -> tuple[type[BaseModel], str] | None:
@@ -104,8 +111,8 @@ def _default(field: FieldInfo) -> str:
         return "**required**"
     value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
-        dumped = {name: getattr(value, name) for name, field in type(value).model_fields.items()
-                  if getattr(value, name) != field.get_default(call_default_factory=True)}
+        dumped = {name: getattr(value, name) for name, spec in type(value).model_fields.items()
+                  if getattr(value, name) != spec.get_default(call_default_factory=True)}
         dumped = {name: str(item) if isinstance(item, Path) else item for name, item in dumped.items()}
         return "(section defaults)" if not dumped else f"`{json.dumps(dumped)}`"
     if isinstance(value, list) and value and isinstance(value[0], BaseModel):
@@ -122,27 +129,32 @@ def _description(field: FieldInfo, inner: tuple[type[BaseModel], str] | None) ->
         text = f"{text} ({limits})" if text else limits
     if inner is not None and not text:
         text = "See its section below."
-    value = field.default
-    if isinstance(value, str) and "\n" in value:
-        text += "<br>Default:<br>" + "<br>".join(line.replace("|", "\\|") for line in value.splitlines())
     return text
+
+
+def _long_default(field: FieldInfo) -> str:
+    """A default of several lines (the judge's rubric), line by line inside its table cell."""
+    value = field.default
+    if not (isinstance(value, str) and "\n" in value):
+        return ""
+    return "<br>Default:<br>" + "<br>".join(_cell(line) for line in value.splitlines())
 
 
 def _limits(field: FieldInfo) -> str:
     """Bounds a value must keep, from the field's constraints."""
-    words = {annotated_types.Gt: ">", annotated_types.Ge: "≥", annotated_types.Lt: "<", annotated_types.Le: "≤",
-             annotated_types.MinLen: "at least items:"}
-    found = []
-    for item in field.metadata:
-        for kind, word in words.items():
-            if isinstance(item, kind):
-                found.append(f"{word} {dataclasses.astuple(item)[0]}")
-    return ", ".join(found)
+    words = {annotated_types.Gt: "> {}", annotated_types.Ge: "≥ {}", annotated_types.Lt: "< {}",
+             annotated_types.Le: "≤ {}", annotated_types.MinLen: "at least {} item(s)"}
+    return ", ".join(word.format(dataclasses.astuple(item)[0])
+                     for item in field.metadata for kind, word in words.items() if isinstance(item, kind))
 
 
 def _cell(text: str) -> str:
-    # A pipe inside a table cell ends the cell unless escaped; bare newlines end the row.
-    return text.replace("\n", " ") if "\\|" in text else text.replace("|", "\\|").replace("\n", " ")
+    # A pipe inside a table cell ends the cell unless escaped, a bare newline ends the row, and outside code
+    # spans `<key>` would be read as an HTML tag.
+    if "\\|" not in text:
+        text = text.replace("|", "\\|")
+    spans = text.replace("\n", " ").split("`")
+    return "`".join(span if i % 2 else span.replace("<", "&lt;").replace(">", "&gt;") for i, span in enumerate(spans))
 
 
 def main(argv: list[str] | None = None) -> int:
