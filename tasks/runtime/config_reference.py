@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -32,7 +33,8 @@ Unknown keys and wrong types fail when the config loads, naming the key's YAML p
 on the command line (`tunepipe run CONFIG --set train.max_steps=20`), and `tunepipe schema` prints the JSON
 schema for editor completion (`configs/tunepipe.schema.json`).
 
-Generated from the config model (`tasks.runtime.config.PipelineConfig`) by `{COMMAND}`: do not edit by hand.
+Generated from the config model (`tasks.runtime.config.PipelineConfig`) by `{COMMAND}`:
+do not edit by hand.
 """
 
 
@@ -54,7 +56,7 @@ def _section(model: type[BaseModel], title: str, path: str, out: list[str], leve
         return
     seen[model] = path.rstrip(".")
     if model.__doc__ and model is not PipelineConfig and model.__doc__ != BaseModel.__doc__:
-        out.append(" ".join(model.__doc__.split()) + "\n")
+        out.append(textwrap.fill(" ".join(model.__doc__.split()), width=120) + "\n")
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     nested: list[tuple[type[BaseModel], str]] = []
     for name, field in model.model_fields.items():
