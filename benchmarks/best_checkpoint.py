@@ -1,11 +1,11 @@
-"""Best checkpoint (issue 23): the held-out curve, the step chosen, and the final metrics against the last step.
+"""Best checkpoint: the held-out curve, the step chosen, and the final metrics against the last step.
 
 A real instruct model, SmolLM2-135M-Instruct (from its packaged GGUF, as `model.base` takes it), learns the
 demo's product extraction with LoRA r=16 on pages of three layouts and is judged on pages of the fourth
 (`<ul>` lists), which training never shows. Two trainings with the same schedule (seed, steps, warm-up, rate),
 each the train stage's worker (`tasks.train.loop`; unsloth on CUDA when installed, transformers + peft elsewhere):
 - `last`: `train.select: last`, all --steps, evaluated every --eval-steps: the whole held-out curve, and the
-  weights training returned before issue 23;
+  last step's weights;
 - `best`: `train.select: best` with `train.early_stopping` (patience --patience): it stops once field accuracy
   on the sampled prompts stalls and returns its best step. Its steps are the `last` run's first ones, so its
   evaluations repeat the start of that curve.
@@ -15,8 +15,8 @@ The evaluate stage (`tasks.evaluate.task`) then scores both returned models, and
     .venv/bin/python benchmarks/best_checkpoint.py --steps 250 --batch-size 16 --eval-steps 10 \\
         --eval-batch-size 64 --out runs-best-checkpoint-gpu                                 # on a GPU
 
-Prints the curve and both models' metrics as Markdown tables (benchmarks/RESULTS.md, "Best checkpoint
-(issue 23)") and writes them to OUT/results.json.
+Prints the curve and both models' metrics as Markdown tables (benchmarks/RESULTS.md, "Real models") and writes
+them to OUT/results.json.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ tokens, 64 new tokens each, greedy; random weights never stop early, so every an
 2. Its generation (`tasks.chat.generation.greedy_answers`) in this process: a first call (capture included),
    then a second (steady state); and one batch's prefill and decode-step times.
 3. Baselines in the same run: `model.generate` one prompt at a time (on the first `--baseline-prompts`
-   prompts: at about 30 tokens/s all 128 would take minutes), and batched with its default dynamic cache.
+   prompts: one at a time, all of them would take too long), and batched with its default dynamic cache.
 
     python benchmarks/eval_throughput.py --tokenizer .gpu/tok [--out results.json] [--profile]
 """

@@ -6,7 +6,7 @@ The training loop's torch form makes an fp32 copy of a chunk's logits and passes
 (logsumexp, subtract, exp, cast back). This kernel reads each row twice (its log-sum-exp, then the gradient) in
 fp32 registers and writes the gradient once, in place, as unsloth's and Liger's cross-entropy kernels do. On the
 H200 it cut the head's GPU time and the step's peak memory but made whole training steps slower
-(benchmarks/RESULTS.md, issue 20 item 2): `benchmarks/head_loss.py` times it alone, `gpu_train.py`'s
+(benchmarks/RESULTS.md, "Training speed"): `benchmarks/head_loss.py` times it alone, `gpu_train.py`'s
 `*-head-kernel` rows in the worker.
 
 Needs CUDA (Triton ships with torch's CUDA builds); with `TRITON_INTERPRET=1` it also runs on CPU tensors,

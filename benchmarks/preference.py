@@ -1,4 +1,4 @@
-"""SFT against SFT + KTO and SFT + DPO on held-out metrics, with a real pretrained model (issue 22).
+"""SFT against SFT + KTO and SFT + DPO on held-out metrics, with a real pretrained model.
 
 SmolLM2-135M-Instruct (the packaged GGUF, tasks/model/packaged.py) learns the demo's product extraction with LoRA
 through tunepipe's own stages: the format stage, the training worker (`tasks.train.loop:train_model`) and the

@@ -1,4 +1,4 @@
-"""Real pretrained models end to end (issue 18): per model, base against candidate on held-out pages,
+"""Real pretrained models end to end: per model, base against candidate on held-out pages,
 served-path parity per GGUF type, and seconds per stage.
 
 Each model runs through tunepipe's own `finetune` flow, as `tunepipe run` runs it: a temporary Prefect

@@ -1,5 +1,5 @@
 """How long a model worker takes to end once its work is done: the interpreter's normal teardown against
-`tasks.runtime.worker.exit_without_teardown`, in alternating order (benchmarks/RESULTS.md, issue 20 item 4).
+`tasks.runtime.worker.exit_without_teardown`, in alternating order.
 
 Each child process imports torch and transformers, loads a causal LM from MODEL_DIR, runs one forward pass,
 prints the time and ends; the parent measures from that line to the child's exit, as `run_worker` waits for it.

@@ -117,7 +117,7 @@ def test_no_import_circles():
 # make a sequence: entering a function of another file appends that file, finishing it appends the caller's file
 # again. The flow's own file is left out (it is the hub: every stage is entered from it). A move is a change of
 # file along the sequence; a climb back up is a move into a file the walk had already been in and left (a
-# helper's return to the stage that called it counts, as in the issue's count). Method calls (`run.record(...)`)
+# helper's return to the stage that called it counts). Method calls (`run.record(...)`)
 # are not followed.
 #
 # "Handed the config" means handed a config object: the whole config or one of its sections (a class of
@@ -126,7 +126,7 @@ def test_no_import_circles():
 # not the config: a helper given plain values does not depend on the config's shape. The type of `cfg.a.b` is
 # read from the config classes' field annotations; a parameter named `cfg` / `config` without an annotation is
 # taken to be a config object whose fields are all config objects (so an unknown shape is followed, not missed).
-CLIMBS_TARGET = 6  # issue 21
+CLIMBS_TARGET = 6
 
 FLOW = ("flows.finetune", "finetune")
 CONFIG_MODULE = "tasks.runtime.config"

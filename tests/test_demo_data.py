@@ -82,7 +82,7 @@ def test_the_rag_log_holds_products_outside_the_demo_data_set(tmp_path: Path) ->
     answers = [json.loads(answer) for _, answer, rating in logged if rating != 2]
     assert not {(a["name"], a["manufacturer"]) for a in answers} & products
     # Rated 2: realistic bad answers (wrong fields, the page echoed back, rambling); some pages were asked again
-    # and answered right, so the log holds questions with a good and a bad answer (issue 22).
+    # and answered right, so the log holds questions with a good and a bad answer.
     bad = [(question, answer) for question, answer, rating in logged if rating == 2]
     assert len(bad) >= 10
     assert any(answer == question for question, answer in bad)

@@ -1,4 +1,4 @@
-"""Preference tuning (issue 22): the KTO and DPO losses against TRL's trainers, and a KTO run on the CPU."""
+"""Preference tuning: the KTO and DPO losses against TRL's trainers, and a KTO run on the CPU."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_a_tokenizer_llama_cpp_does_not_reproduce_is_refused_naming_the_tokens(s
 
 
 def test_export_keeps_the_source_vocabulary_and_a_byte_fallback_tokenizer_is_caught(smollm2, tmp_path) -> None:
-    """What issue 18 found: byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
+    """A tokenizer with byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
     makes llama.cpp abort on the first text, which must come back as a message, not a dead process."""
     from tasks.export.task import VocabularyChanged, check_source_vocabulary, convert
 
@@ -293,7 +293,7 @@ def test_a_lora_trained_gemma3_exports_with_its_sentencepiece_vocabulary_and_ans
 
 
 def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma3, gemma3_lora, tmp_path) -> None:
-    """The evaluate stage on Gemma 3, whose sliding-window layers it used to refuse: prompt and answer fit the
+    """The evaluate stage on Gemma 3 and its sliding-window layers: prompt and answer fit the
     512-token window, where sliding attention is full attention. The LoRA adapter `gemma3_lora` is the
     candidate; the base's batched answers (left-padded, static cache) equal transformers' own greedy generate,
     one prompt at a time."""

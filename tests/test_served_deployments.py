@@ -1,5 +1,5 @@
 """The deployments for real: a local Prefect server, `prefect deploy` of each deployment and `prefect deployment
-ls` (the README's steps, each exiting 0), a process worker, and runs of `retrain-from-rag`, `finetune` and
+ls` (docs/retraining.md's steps, each exiting 0), a process worker, and runs of `retrain-from-rag`, `finetune` and
 `evaluate` triggered with `prefect deployment run`, on the tiny model, with the artifacts each leaves on its page. The slowest tests; every wait has a limit and the server and worker are
 killed whatever happens."""
 
@@ -60,7 +60,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 class Served:
-    """A local `prefect server start` with the work pool and the `gpu` limit the README creates."""
+    """A local `prefect server start` with the work pool and the `gpu` limit docs/retraining.md creates."""
 
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env, self.logs = root, env, root / "logs"
@@ -128,7 +128,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def test_every_deployment_deploys_and_is_listed(served: Served):
-    """The README's deployment steps, each exiting 0: `prefect deploy` per deployment, then `deployment ls`."""
+    """docs/retraining.md's deployment steps, each exiting 0: `prefect deploy` per deployment, then `deployment ls`."""
     names = [d["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]]
     for name in names:
         assert "successfully created" in served.prefect("--no-prompt", "deploy", "--name", name)

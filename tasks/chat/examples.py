@@ -55,7 +55,7 @@ class Example(BaseModel):
     source: str
     line: int
     unit: Unit = "line"
-    # Preference data (issue 22). KTO: whether the final answer is desirable (rated well) or undesirable (rated
+    # Preference data. KTO: whether the final answer is desirable (rated well) or undesirable (rated
     # badly); DPO: a rejected answer to the same prompt, the final message being the chosen one. Neither: an
     # SFT example.
     label: bool | None = None

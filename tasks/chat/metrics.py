@@ -126,7 +126,7 @@ def _rouge_scorer():
     return RougeScorer(["rougeL"], use_stemmer=False)
 
 
-# "Close to a rated-bad answer" (issue 22): the same JSON object, or text this similar (difflib's ratio on
+# "Close to a rated-bad answer": the same JSON object, or text this similar (difflib's ratio on
 # whitespace-normalised text: 0.9 lets a changed price or a few words through, not another answer).
 CLOSE_RATIO = 0.9
 

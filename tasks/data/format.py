@@ -5,7 +5,7 @@ Loss masks come from rendering prefixes of the conversation: the tokens added by
 and the assistant header are not. This works for any template whose rendering of a prefix is a prefix of
 the full rendering, and we check that instead of assuming it.
 
-Preference rows (issue 22) are formatted the same way and marked with their `kind`: a DPO row also carries
+Preference rows are formatted the same way and marked with their `kind`: a DPO row also carries
 its rejected answer's ids and labels (`rejected_input_ids`, `rejected_labels`: the same prompt, the other
 answer); rated-bad answers (`undesirable`) join the train split for KTO, and each held-out split's are a split
 of their own (`validation_undesirable`, `eval_undesirable`), scored apart from the good answers. A preference row's labels always cover

@@ -12,7 +12,7 @@ Shapes (detected per record, or named by `data.shape`):
   openai    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
   trl       {"prompt": str | [messages], "completion": str | [one assistant message], "label"?: bool} (KTO when
             labelled), {"prompt": ..., "chosen": ..., "rejected": ...} (DPO): TRL's preference formats
-A JSON object or array answer is written compactly with its key order kept. Preference rows (issue 22) are
+A JSON object or array answer is written compactly with its key order kept. Preference rows are
 examples too: KTO rows carry `label` (desirable or not), DPO rows `rejected` (the chosen answer is the final
 message); LLaMA-Factory's `kto_tag` column and `ranking: true` datasets (`chosen`/`rejected`) read the same way.
 

@@ -9,7 +9,7 @@ old state, so the same rows are read again; rows that arrive while a run is in p
 recorded, so the next run reads them. A snapshot whose training did not finish stays "untrained" and counts
 towards the next run's `min_new_examples`, so a failed run loses nothing either.
 
-Preference rows (issue 22, `rag.max_bad_rating` set): rated rows become KTO rows in TRL's format
+Preference rows (`rag.max_bad_rating` set): rated rows become KTO rows in TRL's format
 (`prompt`/`completion`/`label`: desirable at or above `min_rating`, undesirable at or below `max_bad_rating`),
 and each snapshot pairs every rated-bad answer with a good answer to the same prompt (a rated-good RAG answer,
 else the base set's) as a DPO row (`prompt`/`chosen`/`rejected`). Rated questions are held out by prompt

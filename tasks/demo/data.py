@@ -175,7 +175,7 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
     Products come from outside the demo's train and eval sets; ratings (1-5, some unrated) and timestamps are
     seeded, so the retrain flow's demo and tests have realistic traffic to ingest. Rows rated 2 hold bad
     answers (`bad_answer`); after half of them the user asked again and rated the right answer 5, so the log
-    has questions with a good and a bad answer (DPO pairs, issue 22). Each call adds new rows, like another
+    has questions with a good and a bad answer (DPO pairs). Each call adds new rows, like another
     day of traffic.
     """
     import datetime as dt

@@ -20,16 +20,15 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-# 4 layers of width 128: it reads the category off unseen product pages by step 200 and copies names and
-# manufacturers from step 350-400 on, where 2 layers of width 64 were still at chance on the category at step
-# 200; width 192 took longer steps and more of them (benchmarks/RESULTS.md, "Demo wall time").
+# 4 layers of width 128: it learns to read the category off unseen product pages and then to copy names and
+# manufacturers within the steps a test affords, where 2 layers of width 64 stayed at chance on the category;
+# a wider model took longer steps and more of them.
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 EMBED_STD = 0.25
-# The LM head (tied to the embeddings) is most of a CPU training step. GPT-2's 50,257 tokens make it a third
-# of Qwen2's 151,936 (a demo step's time: benchmarks/RESULTS.md, "Demo wall time"), so the demo affords 600
-# steps where it had 200. StarCoder's 49,152 (digits one by one) learnt names later; deepseek-coder's 32,256,
-# as transformers loads it, hashes to no known pre-tokenizer.
+# The LM head (tied to the embeddings) is most of a CPU training step, so the vocabulary is a small one: GPT-2's.
+# StarCoder's (digits one by one) learnt names later; deepseek-coder's, as transformers loads it, hashes to no
+# known pre-tokenizer.
 VOCAB = "gpt-2"  # llama.cpp's models/ggml-vocab-<VOCAB>.gguf
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # added where the vocabulary lacks them
 # The folder name the shared cache keeps it under: another vocabulary or shape is another folder, never a

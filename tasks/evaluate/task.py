@@ -15,7 +15,7 @@ the mean token loss on the held-out assistant tokens, computed exactly as in tra
 score per example, each example's own eval loss (the mean over its answer tokens) and its number of answer
 tokens, so the gate's intervals of eval_loss are token-weighted as the split's value is.
 
-Held-out rated-bad answers (issue 22), when the data has them, are scored apart: `undesirable_close_rate`,
+Held-out rated-bad answers, when the data has them, are scored apart: `undesirable_close_rate`,
 how often a model's own answer to such a prompt is close to the answer users rated bad (`metrics.close_to`:
 the same JSON object, or text with a similarity ratio of at least 0.9), and `undesirable_loss`, the mean token
 loss of those bad answers (higher: the model finds them less likely). They are reported and tracked; the gate

@@ -100,8 +100,7 @@ def served_answers(gguf_path: Path, prompts: list[str], stops: list[str], max_ne
     finally:
         vocab_only.close()
     # Half the cores, for prompts and generation alike: llama.cpp's threads spin while they wait for each other,
-    # so one more thread than the cores free (a stage's worker or another job beside it) is ruinous. On the
-    # 2-core machine under load 4-8, 4 answers took 210 s with 2 threads and 11 s with 1 (RESULTS, issue 18).
+    # so one more thread than the cores free (a stage's worker or another job beside it) is ruinous.
     threads = max((os.cpu_count() or 2) // 2, 1)
     llm = load_gguf(gguf_path, n_ctx=max(map(len, ids)) + max_new_tokens, n_threads=threads, n_threads_batch=threads)
     try:

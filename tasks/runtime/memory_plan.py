@@ -195,7 +195,7 @@ BYTES_PER_LOGIT = 6
 def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
     """Positions per LM-head chunk: about 64 MiB of temporaries when memory is tight (activations are being
     recomputed), 512 MiB when it is not: no more than unsloth's own fused cross-entropy holds at the peak
-    (benchmarks/RESULTS.md, issue 20 item 2), in chunks few enough that their launches stay a small part of a
+    (`benchmarks/head_loss.py` measures both), in chunks few enough that their launches stay a small part of a
     step (a small model's step is bound by launches)."""
     budget = 2**26 if memory_is_tight else 2**29
     return max(16, budget // (vocab_size * BYTES_PER_LOGIT))

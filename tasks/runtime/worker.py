@@ -267,7 +267,7 @@ def main(argv: list[str]) -> None:
 def exit_without_teardown() -> None:
     """End the process now: the result is written, and the interpreter's teardown (collecting torch's and the
     model's objects, the libraries' exit hooks) takes longer than a small model's last steps, with the stage
-    waiting for it (benchmarks/RESULTS.md, issue 20 item 4). Output is flushed first. Ranks under torchrun end
+    waiting for it (`benchmarks/worker_exit.py` measures both). Output is flushed first. Ranks under torchrun end
     the normal way, which also ends their process group."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return

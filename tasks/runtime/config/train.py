@@ -10,7 +10,7 @@ from tasks.runtime.config.section import Section
 
 
 class PreferenceConfig(Section):
-    """KTO and DPO (issue 22): the losses as TRL defines them, against reference log-probabilities computed
+    """KTO and DPO: the losses as TRL defines them, against reference log-probabilities computed
     once, by the model as it stands when the preference phase starts (the base with adapters off, or the SFT
     result for `sft+kto` / `sft+dpo`)."""
 
