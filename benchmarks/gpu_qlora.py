@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.train.task import TrainRequest  # noqa: E402  (the worker reads the request type off the annotation)
-from tasks.train.results import TrainResult  # noqa: E402
+from tunepipe.tasks.train.task import TrainRequest  # noqa: E402  (the worker reads the request type off the annotation)
+from tunepipe.tasks.train.results import TrainResult  # noqa: E402
 
 QWEN2_5_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                   num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
@@ -47,7 +47,7 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tasks.demo.tiny_model import chatml_tokenizer
+    from tunepipe.tasks.demo.tiny_model import chatml_tokenizer
 
     marker = out_dir / ".complete"
     if marker.exists():
@@ -68,7 +68,7 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
 def raw_loop_capped(request: TrainRequest) -> TrainResult:
     """gpu_train's plain Unsloth loop with the process's GPU memory capped as a tunepipe worker caps its own."""
     from benchmarks.gpu_train import raw_loop
-    from tasks.runtime.memory_plan import cap_gpu_memory
+    from tunepipe.tasks.runtime.memory_plan import cap_gpu_memory
 
     cap_gpu_memory(request.model_cfg.gpu_memory_gib)
     return raw_loop(request)
@@ -77,7 +77,7 @@ def raw_loop_capped(request: TrainRequest) -> TrainResult:
 def flow(model: Path, cap: float, out: Path) -> dict:
     workdir = Path(f"runs-cap{cap:g}")
     sets = [*FLOW_SETTINGS, f"model.base={model}", f"model.gpu_memory_gib={cap:g}", f"workdir={workdir}"]
-    command = [sys.executable, "-c", "import sys; from deployments.cli import main; sys.exit(main())", "run",
+    command = [sys.executable, "-c", "import sys; from tunepipe.deployments.cli import main; sys.exit(main())", "run",
                "configs/demo.yaml", *(arg for s in sets for arg in ("--set", s))]
     started = time.perf_counter()
     log = out / f"flow-{cap:g}.log"
@@ -107,7 +107,7 @@ def flow(model: Path, cap: float, out: Path) -> dict:
 def bench(model: Path, cap: float, work: Path) -> list[dict]:
     """tunepipe's training worker and the plain Unsloth loop, QLoRA, 2 x 2,048 random tokens, plain recomputation."""
     from benchmarks.gpu_train import random_split, run
-    from tasks.runtime.config import ModelConfig
+    from tunepipe.tasks.runtime.config import ModelConfig
 
     model_cfg = ModelConfig(base=str(model), max_seq_length=2048, gpu_memory_gib=cap)
     split = random_split(QWEN2_5_7B["vocab_size"] - 512, BENCH_BATCH * BENCH_STEPS, work / "long.jsonl")
@@ -115,7 +115,7 @@ def bench(model: Path, cap: float, work: Path) -> list[dict]:
                 max_steps=BENCH_STEPS)
     rows = []
     for name, entry in (("raw-unsloth-qlora", "benchmarks.gpu_qlora:raw_loop_capped"),
-                        ("tunepipe-qlora", "tasks.train.loop:train_model")):
+                        ("tunepipe-qlora", "tunepipe.tasks.train.loop:train_model")):
         row = run(f"{name}-{cap:g}", split, model_cfg, work, entry=entry, **same)
         rows.append({"what": "bench", "cap_gib": cap, **{k: row.get(k) for k in (
             "name", "tokens_per_s", "peak_gib", "peak_reserved_gib", "seconds", "oom_retries", "micro_batch_after",
@@ -145,7 +145,7 @@ def main() -> None:
                     f"build_model(Path('{args.tokenizer}'), Path('{args.model}'))"], check=True)
     record({"what": "build", "seconds": round(time.perf_counter() - started, 1),
             "bytes": sum(p.stat().st_size for p in args.model.glob("*.safetensors"))})
-    from tasks.demo.data import write_demo_dataset
+    from tunepipe.tasks.demo.data import write_demo_dataset
 
     write_demo_dataset(Path("runs/demo-assets/data"), n_eval=126)
     for cap in args.caps:

@@ -1,6 +1,6 @@
 """Training speed on a CUDA GPU through tunepipe's own training worker, against baselines of the same shape.
 
-Every tunepipe run is what the train stage runs: `run_worker("tasks.train.loop:train_model", ...)`, one worker
+Every tunepipe run is what the train stage runs: `run_worker("tunepipe.tasks.train.loop:train_model", ...)`, one worker
 process per configuration (so unsloth's patches never reach the next run); the levers run in worker processes
 too, the baselines in processes of their own (below). The model has Qwen3-0.6B's shape with random weights (no
 download); its tokenizer comes from a folder, or from llama.cpp's `ggml-vocab-qwen2.gguf` (Qwen's 151,936-token
@@ -56,8 +56,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.train.results import LossPoint, TrainResult
-from tasks.train.task import TrainRequest
+from tunepipe.tasks.train.results import LossPoint, TrainResult
+from tunepipe.tasks.train.task import TrainRequest
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -71,7 +71,7 @@ def train_under_memory_cap(request: TrainRequest) -> TrainResult:
     """The train stage's worker entry point, with this process's GPU memory capped at MEMORY_CAP_GIB."""
     import torch
 
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(MEMORY_CAP_GIB * 2**30 / total)
@@ -161,7 +161,7 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.data.format import IGNORE
+    from tunepipe.tasks.data.format import IGNORE
 
     rows = request.data.rows()
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(t != IGNORE) for t in
@@ -218,7 +218,7 @@ def with_liger(request: TrainRequest) -> TrainResult:
 
     apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False)
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     return train_model(request)
 
@@ -230,7 +230,7 @@ def with_liger_head(request: TrainRequest) -> TrainResult:
     import torch
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    from tasks.train import head_loss
+    from tunepipe.tasks.train import head_loss
 
     liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
@@ -239,7 +239,7 @@ def with_liger_head(request: TrainRequest) -> TrainResult:
         return total, torch.full(targets.shape, float("nan"), device=targets.device)
 
     head_loss.head_cross_entropy = head_cross_entropy
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     return train_model(request)
 
@@ -248,19 +248,19 @@ def with_head_kernel(request: TrainRequest) -> TrainResult:
     """A lever: the worker with each LM-head chunk's losses and gradient from one Triton kernel over the 16-bit
     logits, in place (`benchmarks/head_kernel.py`), instead of torch's ops on an fp32 copy."""
     from benchmarks import head_kernel
-    from tasks.train import head_loss
+    from tunepipe.tasks.train import head_loss
 
     head_loss.chunk_losses_and_gradient = head_kernel.losses_and_gradient
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     return train_model(request)
 
 
 def with_repeated_kv_heads(request: TrainRequest) -> TrainResult:
     """A lever, the loop before it handed grouped K / V heads to flash attention as they are: unsloth's packed
-    rows attend with each K / V head repeated for its group of query heads (`tasks.patches.torch`)."""
-    from tasks.patches import torch as torch_patches
-    from tasks.train.loop import train_model
+    rows attend with each K / V head repeated for its group of query heads (`tunepipe.tasks.patches.torch`)."""
+    from tunepipe.tasks.patches import torch as torch_patches
+    from tunepipe.tasks.train.loop import train_model
 
     torch_patches.kernel_groups_kv_heads = lambda varlen_attn, device: False
     return train_model(request)
@@ -269,9 +269,9 @@ def with_repeated_kv_heads(request: TrainRequest) -> TrainResult:
 def with_compiled_layers(request: TrainRequest) -> TrainResult:
     """A lever: the worker with each decoder layer compiled by `torch.compile` (regional compilation: one
     graph, compiled once, reused by all 28 layers), fusing the elementwise kernels between the matmuls."""
-    from tasks.train import loading
-    from tasks.train.loop import train_model
-    from tasks.train.stepper import causal_lm_of
+    from tunepipe.tasks.train import loading
+    from tunepipe.tasks.train.loop import train_model
+    from tunepipe.tasks.train.stepper import causal_lm_of
 
     loaders = {name: getattr(loading, name) for name in ("load_hf", "load_unsloth")}
 
@@ -298,7 +298,7 @@ def with_liger_and_compiled_layers(request: TrainRequest) -> TrainResult:
 
 def profiled_training(request: TrainRequest) -> TrainResult:
     """The train stage's worker under torch's profiler (steps PROFILED): GPU busy time and the top kernels."""
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     return _profiled(train_model, request)
 
@@ -336,7 +336,7 @@ def _profiled(train, request: TrainRequest) -> TrainResult:
 
 def memory_of_training(request: TrainRequest) -> TrainResult:
     """The train stage's worker under the CUDA allocator's history: what is allocated at the peak, by site."""
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     return _memory_at_peak(train_model, request)
 
@@ -398,7 +398,7 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from tasks.demo.tiny_model import chatml_tokenizer
+    from tunepipe.tasks.demo.tiny_model import chatml_tokenizer
 
     tokenizer = (chatml_tokenizer(tokenizer_source) if tokenizer_source.suffix == ".gguf"
                  else AutoTokenizer.from_pretrained(tokenizer_source))
@@ -411,11 +411,11 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
 
 
 def demo_split(model_cfg, work: Path):
-    from tasks.data.format import format_dataset
-    from tasks.data.load import load_dataset
-    from tasks.demo.data import write_demo_dataset
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import DataConfig
+    from tunepipe.tasks.data.format import format_dataset
+    from tunepipe.tasks.data.load import load_dataset
+    from tunepipe.tasks.demo.data import write_demo_dataset
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.config import DataConfig
 
     train, eval_ = write_demo_dataset(work / "data")
     loaded = load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
@@ -426,7 +426,7 @@ def demo_split(model_cfg, work: Path):
 
 def random_split(vocab_size: int, n_rows: int, path: Path):
     """Rows of LONG_TOKENS random tokens, every token trained: a plain language-modelling batch."""
-    from tasks.data.results import FormattedSplit
+    from tunepipe.tasks.data.results import FormattedSplit
 
     rng = random.Random(0)
     with path.open("w") as out:
@@ -453,11 +453,11 @@ def lora_flops_per_token(config, seq: int) -> float:
     return 4 * n + attention
 
 
-def run(name: str, split, model_cfg, work: Path, entry: str = "tasks.train.loop:train_model",
+def run(name: str, split, model_cfg, work: Path, entry: str = "tunepipe.tasks.train.loop:train_model",
         flops_per_token: float | None = None, **train) -> dict:
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import LoraConfig, TrainConfig
-    from tasks.runtime.worker import WorkerFailed, run_worker
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.config import LoraConfig, TrainConfig
+    from tunepipe.tasks.runtime.worker import WorkerFailed, run_worker
 
     cfg = TrainConfig(**{"learning_rate": 2e-4, "warmup_steps": 2, "logging_steps": 1, "save_steps": 10_000,
                          **train})
@@ -499,7 +499,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="*", help="names of the runs to make, in this order (default: all)")
     args = parser.parse_args()
-    from tasks.runtime.config import ModelConfig
+    from tunepipe.tasks.runtime.config import ModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

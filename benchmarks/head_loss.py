@@ -82,8 +82,8 @@ def main() -> None:
     import torch
 
     from benchmarks.head_kernel import cross_entropy_in_place, losses_and_gradient
-    from tasks.runtime.memory_plan import chunk_positions
-    from tasks.train import head_loss
+    from tunepipe.tasks.runtime.memory_plan import chunk_positions
+    from tunepipe.tasks.train import head_loss
 
     torch.manual_seed(0)
     chunk = chunk_positions(VOCAB, memory_is_tight=False)

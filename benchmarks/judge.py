@@ -6,7 +6,7 @@ the reference itself (exact match 1), and the same sentence with the fact taken 
 passage, about another product (exact match 0: the typical RAG slip, fluent and wrong). Which one is the
 candidate alternates by example. The judge (`--judge`, default the packaged SmolLM2-135M-Instruct GGUF) is
 served by llama-cpp-python's server exactly as `eval.judge: <file>.gguf` serves it, and asked pairwise in both
-orders, free text ([[A]]/[[B]]/[[C]]) and structured (a JSON verdict), by `tasks.evaluate.judge.judge_report`.
+orders, free text ([[A]]/[[B]]/[[C]]) and structured (a JSON verdict), by `tunepipe.tasks.evaluate.judge.judge_report`.
 
 Reported per format: judge calls per example (both orders, plus restated formats), seconds per judged example
 (asking only: the server's start is given apart), order flips, unreadable verdicts, and agreement: among the
@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.chat.examples import Example, Message  # noqa: E402
-from tasks.evaluate.judge import judge_report  # noqa: E402
-from tasks.evaluate.results import EvalReport, ModelScores  # noqa: E402
-from tasks.runtime.config import GateConfig, JudgeConfig, load_config  # noqa: E402
+from tunepipe.tasks.chat.examples import Example, Message  # noqa: E402
+from tunepipe.tasks.evaluate.judge import judge_report  # noqa: E402
+from tunepipe.tasks.evaluate.results import EvalReport, ModelScores  # noqa: E402
+from tunepipe.tasks.runtime.config import GateConfig, JudgeConfig, load_config  # noqa: E402
 
 CONFIG = Path("configs/rag-prose.yaml")
 

@@ -52,7 +52,7 @@ def build(shape: str, work: Path) -> tuple[Path, Path]:
 
 
 def shard_merge(base: str, adapter: str, out: str) -> None:
-    from tasks.export.merge import merge_shards
+    from tunepipe.tasks.export.merge import merge_shards
 
     merge_shards(Path(adapter), Path(base), Path(out))
 

@@ -1,10 +1,10 @@
 """SFT against SFT + KTO and SFT + DPO on held-out metrics, with a real pretrained model.
 
 SmolLM2-135M-Instruct (the packaged GGUF, tasks/model/packaged.py) learns the demo's product extraction with LoRA
-through tunepipe's own stages: the format stage, the training worker (`tasks.train.loop:train_model`) and the
-evaluate stage (`tasks.evaluate.task.evaluate_models`: generation, the metrics, and the held-out rated-bad answers'
+through tunepipe's own stages: the format stage, the training worker (`tunepipe.tasks.train.loop:train_model`) and the
+evaluate stage (`tunepipe.tasks.evaluate.task.evaluate_models`: generation, the metrics, and the held-out rated-bad answers'
 `undesirable_close_rate` and `undesirable_loss`). The data: demo pages with their JSON answers; for every other
-training page and every held-out page also an answer users rated bad, as `tasks.demo.data.bad_answer` writes
+training page and every held-out page also an answer users rated bad, as `tunepipe.tasks.demo.data.bad_answer` writes
 them (wrong fields, the page's HTML echoed back, rambling). KTO trains on the rated rows (desirable and
 undesirable), DPO on the pairs (the good answer over the bad one for the same page).
 
@@ -35,7 +35,7 @@ METRICS = ("eval_loss", "valid_json_rate", "exact_match", "field_accuracy", "und
 
 def write_data(work: Path, n_train: int, n_eval: int) -> dict[str, Path]:
     """TRL-format files: good (labelled desirable) and rated-bad rows, pairs, and the held-out sides."""
-    from tasks.demo.data import bad_answer, write_demo_dataset
+    from tunepipe.tasks.demo.data import bad_answer, write_demo_dataset
 
     train_path, eval_path = write_demo_dataset(work / "demo", n_train, n_eval)
     rng = random.Random(0)
@@ -58,10 +58,10 @@ def write_data(work: Path, n_train: int, n_eval: int) -> dict[str, Path]:
 
 def split_examples(paths: dict[str, Path], work: Path) -> dict[str, Path]:
     """The examples files the format stage reads, as the data check writes them: good answers apart from bad."""
-    from tasks.chat.examples import write_jsonl
-    from tasks.data.containers import DataSource
-    from tasks.data.files import read_file
-    from tasks.data.shapes import Normaliser
+    from tunepipe.tasks.chat.examples import write_jsonl
+    from tunepipe.tasks.data.containers import DataSource
+    from tunepipe.tasks.data.files import read_file
+    from tunepipe.tasks.data.shapes import Normaliser
 
     read = {name: read_file(DataSource(path=path), Normaliser(None, SYSTEM)).examples for name, path in paths.items()}
     out = {"train": [e for e in read["train"] if e.kind != "undesirable"],
@@ -84,14 +84,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from tasks.data.format import format_dataset
-    from tasks.evaluate.task import evaluate_models
-    from tasks.model.base import resolve_base_model
-    from tasks.model.packaged import packaged_gguf
-    from tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, PreferenceConfig, TrainConfig
-    from tasks.runtime.worker import run_worker
-    from tasks.train.results import TrainResult
-    from tasks.train.task import TrainRequest
+    from tunepipe.tasks.data.format import format_dataset
+    from tunepipe.tasks.evaluate.task import evaluate_models
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.model.packaged import packaged_gguf
+    from tunepipe.tasks.runtime.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, PreferenceConfig, TrainConfig
+    from tunepipe.tasks.runtime.worker import run_worker
+    from tunepipe.tasks.train.results import TrainResult
+    from tunepipe.tasks.train.task import TrainRequest
 
     work = Path(tempfile.mkdtemp(prefix="preference-bench-"))
     examples = split_examples(write_data(work, args.train, args.eval), work)
@@ -114,7 +114,7 @@ def main() -> None:
         request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, out_dir=out,
                                cfg=TrainConfig(**sft_cfg, preference=preference, **cfg), init_from=init_from)
         started = time.perf_counter()
-        result = run_worker("tasks.train.loop:train_model", request, TrainResult, out)
+        result = run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, out)
         print(f"{name}: {result.steps} steps in {time.perf_counter() - started:.0f} s on {result.device}", flush=True)
         return result
 

@@ -37,12 +37,12 @@ SHOWN = ("valid_json_rate", "field_accuracy", "exact_match", "stop_rate", "eval_
 
 def run_model(name: str, args: argparse.Namespace, root: Path) -> dict:
     """One `finetune` run of packaged model `name`; what it measured."""
-    from deployments.output import stage_states
-    from flows.finetune import finetune
-    from tasks.demo.data import write_demo_dataset
-    from tasks.export.parity import parity_verdicts
-    from tasks.model.packaged import PACKAGED, packaged_gguf
-    from tasks.runtime.config import PipelineConfig
+    from tunepipe.deployments.output import stage_states
+    from tunepipe.flows.finetune import finetune
+    from tunepipe.tasks.demo.data import write_demo_dataset
+    from tunepipe.tasks.export.parity import parity_verdicts
+    from tunepipe.tasks.model.packaged import PACKAGED, packaged_gguf
+    from tunepipe.tasks.runtime.config import PipelineConfig
 
     train, eval_ = write_demo_dataset(root / "data", args.train_rows, args.eval_rows)
     cfg = PipelineConfig.model_validate({
@@ -104,7 +104,7 @@ def print_model(name: str, measured: dict) -> None:
 
 
 def main() -> None:
-    from tasks.model.packaged import PACKAGED
+    from tunepipe.tasks.model.packaged import PACKAGED
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(PACKAGED), choices=list(PACKAGED))
@@ -126,7 +126,7 @@ def main() -> None:
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported anywhere: every stage on the CPU
-    from deployments.cli import spawn_temporary_server, start_prefect
+    from tunepipe.deployments.cli import spawn_temporary_server, start_prefect
 
     start_prefect(spawn_temporary_server())  # a temporary Prefect server, as `tunepipe run` starts one
     import torch

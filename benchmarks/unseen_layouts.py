@@ -23,7 +23,7 @@ HELD_OUT_LAYOUT = "<ul"  # tasks/demo/data.py's fourth layout: a bullet list
 
 def write_data(out: Path, train_rows: int, validation_rows: int, test_rows: int) -> dict[str, Path]:
     """Train on three layouts; validation and test are distinct pages (and products) of the fourth."""
-    from tasks.demo.data import write_demo_dataset
+    from tunepipe.tasks.demo.data import write_demo_dataset
 
     train, held = write_demo_dataset(out / "all", n_train=train_rows * 2, n_eval=(validation_rows + test_rows) * 5)
     train_lines = [line for line in train.read_text().splitlines()
@@ -50,8 +50,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs-unseen-layouts"))
     args = parser.parse_args()
 
-    from deployments.cli import main as tunepipe
-    from tasks.model.packaged import DEMO_MODEL, packaged_gguf
+    from tunepipe.deployments.cli import main as tunepipe
+    from tunepipe.tasks.model.packaged import DEMO_MODEL, packaged_gguf
 
     out = args.out.resolve()
     paths = write_data(out / "data", args.train_rows, args.validation_rows, args.test_rows)

@@ -2,7 +2,7 @@
 
 Unsloth's Qwen3-0.6B-shaped model (random weights, `gpu_train.build_model`) with LoRA r=16 on all seven
 projections, the demo's first 64 formatted examples as one micro-batch; packed (one row, torch's varlen
-attention through `tasks.patches.unsloth.unsloth_packs`) and padded (length-sorted) in turn, each 3 warm-up and
+attention through `tunepipe.tasks.patches.unsloth.unsloth_packs`) and padded (length-sorted) in turn, each 3 warm-up and
 10 timed forward + backward passes through `token_losses` (the training loop's head and loss; no optimizer
 step). Counts how unsloth dispatched attention (varlen calls, per-segment SDPA, dense masks), then one pass of
 each under torch's profiler. CUDA and unsloth only.
@@ -25,10 +25,10 @@ from unsloth import FastLanguageModel  # noqa: E402
 from unsloth.utils import attention_dispatch  # noqa: E402
 
 from gpu_train import build_model, demo_split  # noqa: E402
-from tasks.runtime.config import ModelConfig  # noqa: E402
-from tasks.patches.unsloth import unsloth_packs  # noqa: E402
-from tasks.train.batching import make_batch  # noqa: E402
-from tasks.train.stepper import token_losses  # noqa: E402
+from tunepipe.tasks.runtime.config import ModelConfig  # noqa: E402
+from tunepipe.tasks.patches.unsloth import unsloth_packs  # noqa: E402
+from tunepipe.tasks.train.batching import make_batch  # noqa: E402
+from tunepipe.tasks.train.stepper import token_losses  # noqa: E402
 
 work = Path(tempfile.mkdtemp())
 folder = build_model(Path(sys.argv[1]), work / "model")

@@ -1,5 +1,5 @@
 """How long a model worker takes to end once its work is done: the interpreter's normal teardown against
-`tasks.runtime.worker.exit_without_teardown`, in alternating order.
+`tunepipe.tasks.runtime.worker.exit_without_teardown`, in alternating order.
 
 Each child process imports torch and transformers, loads a causal LM from MODEL_DIR, runs one forward pass,
 prints the time and ends; the parent measures from that line to the child's exit, as `run_worker` waits for it.
@@ -20,7 +20,7 @@ CHILD = r"""
 import sys, time
 import torch
 from transformers import AutoModelForCausalLM
-from tasks.runtime.worker import exit_without_teardown
+from tunepipe.tasks.runtime.worker import exit_without_teardown
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 with torch.inference_mode():
     model(torch.tensor([[1, 2, 3]]))

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tasks.chat.examples import Example, split_reasoning
-from tasks.chat.metrics import parse_json_object
+from tunepipe.tasks.chat.examples import Example, split_reasoning
+from tunepipe.tasks.chat.metrics import parse_json_object
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.patches.prefect import TemporaryServer
-    from tasks.runtime.config import PipelineConfig
+    from tunepipe.tasks.patches.prefect import TemporaryServer
+    from tunepipe.tasks.runtime.config import PipelineConfig
 
 # Set before Prefect is imported. The ephemeral server's telemetry heartbeat fights the CLI for its SQLite
 # file ("database is locked"); tokenizers' thread pool warns after every fork.
@@ -72,8 +72,8 @@ def command(argv: list[str] | None) -> int:
     rollback.add_argument("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST or http://127.0.0.1:11434)")
     args = parser.parse_args(argv)
 
-    from tasks.runtime.config import ConfigError, json_schema, load_config
-    from tasks.runtime.redact import redact
+    from tunepipe.tasks.runtime.config import ConfigError, json_schema, load_config
+    from tunepipe.tasks.runtime.redact import redact
 
     if args.command == "schema":
         if args.output:
@@ -98,7 +98,7 @@ def command(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command in ("status", "trace"):  # they read what runs recorded; no model needed
-            from deployments.status import print_status, print_trace
+            from tunepipe.deployments.status import print_status, print_trace
 
             return print_status(cfg) if args.command == "status" else print_trace(cfg, args.tag, args.rows)
     except ConfigError as exc:
@@ -147,12 +147,12 @@ def run_check(cfg) -> int:
     """`tunepipe check`: the data report and the run plan; 1 when the data would stop a run."""
     from rich.console import Console
 
-    from deployments.output import print_data_report, print_run_plan
-    from deployments.run_plan import check_run
-    from tasks.data.check import DataCheckError
-    from tasks.data.containers import DataFileError
-    from tasks.runtime.memory_plan import WillNotFit
-    from tasks.train.environment import TrainingEnvironmentError
+    from tunepipe.deployments.output import print_data_report, print_run_plan
+    from tunepipe.deployments.run_plan import check_run
+    from tunepipe.tasks.data.check import DataCheckError
+    from tunepipe.tasks.data.containers import DataFileError
+    from tunepipe.tasks.runtime.memory_plan import WillNotFit
+    from tunepipe.tasks.train.environment import TrainingEnvironmentError
 
     quiet_environment()
     console = Console()
@@ -177,8 +177,8 @@ def run_check(cfg) -> int:
 def prepare_demo_assets(root: Path) -> None:
     from rich.console import Console
 
-    from tasks.demo.data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
-    from tasks.model.packaged import DEMO_MODEL, PACKAGED, packaged_gguf
+    from tunepipe.tasks.demo.data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
+    from tunepipe.tasks.model.packaged import DEMO_MODEL, PACKAGED, packaged_gguf
 
     with Console(stderr=True).status("Writing the demo data (the first time a few seconds)..."):
         # The demo's base model: SmolLM2-135M-Instruct as set-up fetched it, linked under the name the config uses.
@@ -196,8 +196,8 @@ def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
     """One screen: each check's status and detail; 1 when something `config` needs is missing."""
     from rich.console import Console
 
-    from deployments.doctor import diagnose
-    from deployments.output import print_checks
+    from tunepipe.deployments.doctor import diagnose
+    from tunepipe.deployments.output import print_checks
 
     console = Console()
     with console.status("Checking packages, GPU, Prefect, MLflow, Ollama and the hub..."):
@@ -215,8 +215,8 @@ def print_doctor(cfg: PipelineConfig | None, config: Path | None) -> int:
 
 def usable_base_model(cfg) -> bool:
     """Whether the config's base model resolves (it fails before any stage runs); if not, say why."""
-    from tasks.model.base import BaseModelError, resolve_base_model
-    from tasks.runtime.redact import redact
+    from tunepipe.tasks.model.base import BaseModelError, resolve_base_model
+    from tunepipe.tasks.runtime.redact import redact
 
     try:
         resolve_base_model(cfg.model, cfg.ollama)
@@ -234,7 +234,7 @@ def quiet_environment() -> None:
 def spawn_temporary_server() -> TemporaryServer | None:
     """Quiet Prefect (the server inherits the environment), then start its temporary server early when the
     Prefect patch allows (tasks/patches/prefect.py)."""
-    from tasks.patches.prefect import start_temporary_server
+    from tunepipe.tasks.patches.prefect import start_temporary_server
 
     quiet_environment()
     return start_temporary_server()
@@ -243,8 +243,8 @@ def spawn_temporary_server() -> TemporaryServer | None:
 def start_prefect(early: TemporaryServer | None) -> None:
     """Import the flows while Prefect's temporary server boots, then point Prefect at it once it answers;
     `early`: from `spawn_temporary_server` (None: an API is set, or Prefect starts its own server)."""
-    import flows.finetune  # noqa: F401  (the imports overlap the server's boot)
-    from tasks.patches.prefect import use_temporary_server
+    import tunepipe.flows.finetune  # noqa: F401  (the imports overlap the server's boot)
+    from tunepipe.tasks.patches.prefect import use_temporary_server
 
     use_temporary_server(early)
 
@@ -252,7 +252,7 @@ def start_prefect(early: TemporaryServer | None) -> None:
 def failed(report, state) -> int:
     from rich.markup import escape
 
-    from tasks.runtime.redact import redact
+    from tunepipe.tasks.runtime.redact import redact
 
     report.console.print(f"[bold red]failed:[/] {escape(redact(str(state.result(raise_on_failure=False))))}",
                          soft_wrap=True)
@@ -263,9 +263,9 @@ def run_finetune(cfg, unserved_status: int) -> int:
     # Both before anything imports Prefect (seconds): the server's boot and the training worker's imports
     # (unsloth's, on a GPU) overlap all that follows, the base model's check included.
     early = spawn_temporary_server()
-    from deployments.output import Report
-    from tasks.runtime.worker import spare_workers
-    from tasks.train.prestart import prestart_training
+    from tunepipe.deployments.output import Report
+    from tunepipe.tasks.runtime.worker import spare_workers
+    from tunepipe.tasks.train.prestart import prestart_training
 
     with spare_workers():  # the training spare stops with the run, even one that fails before its flow starts
         prestart_training(cfg.train.backend, cfg.train.mode, cfg.train.devices)
@@ -273,11 +273,11 @@ def run_finetune(cfg, unserved_status: int) -> int:
             if early is not None:
                 early.discard()
             return 2
-        from tasks.runtime.tracking import open_store
+        from tunepipe.tasks.runtime.tracking import open_store
 
         open_store(cfg.tracking)  # while the server boots: a re-run's first stage would wait for it
         start_prefect(early)
-        from flows.finetune import GateFailed, finetune
+        from tunepipe.flows.finetune import GateFailed, finetune
 
         state = finetune(cfg, return_state=True)
     report = Report(state.state_details.flow_run_id)
@@ -295,8 +295,8 @@ def run_finetune(cfg, unserved_status: int) -> int:
 
 def run_retrain(cfg) -> int:
     start_prefect(spawn_temporary_server())
-    from deployments.output import Report
-    from flows.retrain import retrain
+    from tunepipe.deployments.output import Report
+    from tunepipe.flows.retrain import retrain
 
     state = retrain(cfg, return_state=True)
     report = Report(state.state_details.flow_run_id)
@@ -316,8 +316,8 @@ def run_retrain(cfg) -> int:
 
 def run_evaluate(cfg, model: str) -> int:
     start_prefect(spawn_temporary_server())
-    from deployments.output import Report
-    from flows.evaluate import evaluate_model
+    from tunepipe.deployments.output import Report
+    from tunepipe.flows.evaluate import evaluate_model
 
     state = evaluate_model(cfg, model, return_state=True)
     report = Report(state.state_details.flow_run_id)
@@ -337,7 +337,7 @@ def run_register(run_id: str, tracking_uri: str) -> int:
     from rich.markup import escape
 
     quiet_environment()
-    from flows.serve import register_run
+    from tunepipe.flows.serve import register_run
 
     state = register_run(run_id, tracking_uri, return_state=True)
     console = Console()
@@ -356,9 +356,9 @@ def run_register(run_id: str, tracking_uri: str) -> int:
 
 
 def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
-    from tasks.integrations.model_registry import rollback
-    from tasks.integrations.ollama.client import OllamaClient, OllamaError
-    from tasks.integrations.ollama.host import ollama_host as resolve_host
+    from tunepipe.tasks.integrations.model_registry import rollback
+    from tunepipe.tasks.integrations.ollama.client import OllamaClient, OllamaError
+    from tunepipe.tasks.integrations.ollama.host import ollama_host as resolve_host
 
     host = resolve_host(ollama_host)
     try:

@@ -21,8 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from tasks.runtime.config import OllamaConfig, PipelineConfig, TrackingConfig
-from tasks.runtime.redact import error_line, redact
+from tunepipe.tasks.runtime.config import OllamaConfig, PipelineConfig, TrackingConfig
+from tunepipe.tasks.runtime.redact import error_line, redact
 
 PROBE_TIMEOUT_S = 2.0
 PACKAGES = ("torch", "transformers", "peft", "trl", "prefect", "mlflow", "great_expectations", "llama-cpp-python")
@@ -123,7 +123,7 @@ def _extra(package: str, missing: Status, consequence: str) -> Check:
 
 
 def _llama_cpp_converter() -> list[Check]:
-    from tasks.integrations.llama_cpp import converter_dir
+    from tunepipe.tasks.integrations.llama_cpp import converter_dir
 
     try:
         folder = converter_dir()
@@ -132,14 +132,14 @@ def _llama_cpp_converter() -> list[Check]:
     if (folder / ".complete").exists():
         return [Check("llama.cpp converter", "ok", str(folder))]
     return [Check("llama.cpp converter", "fail",
-                  f"not fetched yet ({folder}): run `python -m tasks.integrations.llama_cpp` once (needs PyPI)")]
+                  f"not fetched yet ({folder}): run `python -m tunepipe.tasks.integrations.llama_cpp` once (needs PyPI)")]
 
 
 def _go_template() -> list[Check]:
     """Registration proves the Ollama TEMPLATE with Go's text/template (tasks/integrations/ollama/render.py)."""
     import shutil
 
-    from tasks.integrations.ollama.render import GO_MISSING, harness_path
+    from tunepipe.tasks.integrations.ollama.render import GO_MISSING, harness_path
 
     if harness_path().exists():
         return [Check("Go template harness", "ok", str(harness_path()))]
@@ -184,8 +184,8 @@ def _mlflow(cfg: TrackingConfig) -> list[Check]:
 
 
 def _ollama(cfg: OllamaConfig) -> list[Check]:
-    from tasks.integrations.ollama.client import OllamaClient
-    from tasks.integrations.ollama.host import ollama_host
+    from tunepipe.tasks.integrations.ollama.client import OllamaClient
+    from tunepipe.tasks.integrations.ollama.host import ollama_host
 
     host = ollama_host(cfg.host)
     try:
@@ -212,7 +212,7 @@ def _hub() -> list[Check]:
 
 def _base_model(cfg: PipelineConfig) -> list[Check]:
     """The run's own preflight (tasks/model/base.py): the same message the run would stop with."""
-    from tasks.model.base import BaseModelError, resolve_base_model
+    from tunepipe.tasks.model.base import BaseModelError, resolve_base_model
 
     try:
         ref = resolve_base_model(cfg.model, cfg.ollama)
@@ -225,8 +225,8 @@ def _base_model(cfg: PipelineConfig) -> list[Check]:
 
 def _data_files(cfg: PipelineConfig) -> list[Check]:
     """Whether data.train/eval name files the loader can find (a file, folder, glob or LLaMA-Factory folder)."""
-    from tasks.data.containers import DataFileError
-    from tasks.data.files import resolve_sources
+    from tunepipe.tasks.data.containers import DataFileError
+    from tunepipe.tasks.data.files import resolve_sources
 
     checks = []
     for field, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):

@@ -220,7 +220,7 @@ class Report:
         """What fine-tuning changed, and one test example answered by both: the base's and the candidate's."""
         from rich.markup import escape
 
-        from tasks.evaluate.report import base_to_candidate
+        from tunepipe.tasks.evaluate.report import base_to_candidate
 
         changes = base_to_candidate(report, [check.metric for check in decision.checks])
         self.console.print(f"[bold]base → candidate[/] on {report.n_samples} {report.split} examples: "
@@ -259,8 +259,8 @@ class Report:
         when given, plus every metric a gate rule checked."""
         from rich.table import Table
 
-        from tasks.evaluate.gate import RETENTION_CHECK
-        from tasks.evaluate.report import label, models
+        from tunepipe.tasks.evaluate.gate import RETENTION_CHECK
+        from tunepipe.tasks.evaluate.report import label, models
 
         splits = [r for r in (validation, report) if r is not None]
         gated = {check.metric for check in decision.checks} - {RETENTION_CHECK, "regressions"}

@@ -12,16 +12,16 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.data.check import check_data
-from tasks.data.format import format_data
-from tasks.data.load import data_fingerprint, load_data
-from tasks.data.results import CheckedData, FormattedData
-from tasks.evaluate.paired import POWER, detectable_difference
-from tasks.model.base import resolve_base_model
-from tasks.runtime.base_model import BaseModelRef
-from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, PipelineConfig
-from tasks.runtime.memory_plan import MemoryPlan, run_memory_plan
-from tasks.train.environment import EnvironmentReport
+from tunepipe.tasks.data.check import check_data
+from tunepipe.tasks.data.format import format_data
+from tunepipe.tasks.data.load import data_fingerprint, load_data
+from tunepipe.tasks.data.results import CheckedData, FormattedData
+from tunepipe.tasks.evaluate.paired import POWER, detectable_difference
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.runtime.base_model import BaseModelRef
+from tunepipe.tasks.runtime.config import LOWER_IS_BETTER, GateConfig, PipelineConfig
+from tunepipe.tasks.runtime.memory_plan import MemoryPlan, run_memory_plan
+from tunepipe.tasks.train.environment import EnvironmentReport
 
 # Going over the same rows more often than this mostly teaches the model to recite them.
 MANY_EPOCHS = 50
@@ -91,7 +91,7 @@ def detection_warnings(gate: GateConfig, n_test: int) -> list[str]:
     FINE_DIFFERENCE) to be promoted.
 
     The true gain needed is the one the gate's exact interval shows `POWER` of the time on a right/wrong metric
-    (`tasks.evaluate.paired.detectable_difference`: the numbers of the gate-power benchmark)."""
+    (`tunepipe.tasks.evaluate.paired.detectable_difference`: the numbers of the gate-power benchmark)."""
     by_margin: dict[float, list[str]] = {}
     for metric, margin in gate.champion_margins().items():
         if metric not in LOWER_IS_BETTER:  # a loss is on another scale than a share of right answers
@@ -115,8 +115,8 @@ def detection_warnings(gate: GateConfig, n_test: int) -> list[str]:
 def estimate_training_time(cfg: PipelineConfig, base: BaseModelRef, device: str, tokens: float) -> TimeEstimate | None:
     """`tokens` at the speed of the newest finished training of `base` in the same mode on `device`, read from
     the train stage folders of `cfg.workdir`; None when there is none."""
-    from tasks.train.results import TrainResult
-    from tasks.train.task import TrainRequest
+    from tunepipe.tasks.train.results import TrainResult
+    from tunepipe.tasks.train.task import TrainRequest
 
     measured = []
     for result_path in (cfg.workdir / "train").glob("*/worker-result.json"):
@@ -140,8 +140,8 @@ def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: For
 
     Raises TrainingEnvironmentError when the run would fail for want of a device or memory.
     """
-    from tasks.train.environment import Rank, check_environment, choose_backend
-    from tasks.train.task import TrainRequest
+    from tunepipe.tasks.train.environment import Rank, check_environment, choose_backend
+    from tunepipe.tasks.train.task import TrainRequest
 
     request = TrainRequest(data=formatted.train, base=base, model_cfg=cfg.model, lora=cfg.lora, cfg=cfg.train,
                            out_dir=cfg.workdir / "train")

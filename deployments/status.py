@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.integrations.model_registry import ChampionRef, find_champion
-from tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.integrations.model_registry import ChampionRef, find_champion
+from tunepipe.tasks.runtime.config import PipelineConfig
 
 
 class RunLine(BaseModel):
@@ -77,7 +77,7 @@ def _run_line(run) -> RunLine:
 
 
 def gather_status(cfg: PipelineConfig, last: int = 5) -> Status:
-    from tasks.data.rag_source import count_new_rows, read_state, state_dir
+    from tunepipe.tasks.data.rag_source import count_new_rows, read_state, state_dir
 
     client = _client(cfg)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -167,7 +167,7 @@ def show_status(console, name: str, status: Status) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from deployments.output import print_fitted
+    from tunepipe.deployments.output import print_fitted
 
     champion = status.champion
     console.print(f"champion of {name!r}: " + (

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from tasks.evaluate.report import label, models, retention_section
-from tasks.evaluate.results import EvalReport, GateDecision, RunReport
-from tasks.runtime.config import LOWER_IS_BETTER, TrackingConfig
-from tasks.runtime.redact import redact
+from tunepipe.tasks.evaluate.report import label, models, retention_section
+from tunepipe.tasks.evaluate.results import EvalReport, GateDecision, RunReport
+from tunepipe.tasks.runtime.config import LOWER_IS_BETTER, TrackingConfig
+from tunepipe.tasks.runtime.redact import redact
 
 if TYPE_CHECKING:
-    from flows.serve import Serving
+    from tunepipe.flows.serve import Serving
 
 # A Markdown image names a PNG next to report.md, which the UI cannot reach: the plots stay in MLflow.
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")

@@ -8,22 +8,22 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows.artifacts import evaluation_markdown, show_run
-from tasks.chat.general_prompts import read_prompts
-from tasks.data.check import check_data
-from tasks.data.format import format_data
-from tasks.data.load import data_fingerprint, load_data
-from tasks.evaluate.gate import gate
-from tasks.evaluate.judge import judge
-from tasks.evaluate.results import EvalReport, GateDecision
-from tasks.evaluate.retention import retention
-from tasks.evaluate.task import evaluate
-from tasks.integrations.model_registry import find_champion
-from tasks.model.base import resolve_base
-from tasks.runtime.config import PipelineConfig
-from tasks.runtime.retries import network_retries
-from tasks.runtime.tracking import tracked_run
-from tasks.train.task import trained_model
+from tunepipe.flows.artifacts import evaluation_markdown, show_run
+from tunepipe.tasks.chat.general_prompts import read_prompts
+from tunepipe.tasks.data.check import check_data
+from tunepipe.tasks.data.format import format_data
+from tunepipe.tasks.data.load import data_fingerprint, load_data
+from tunepipe.tasks.evaluate.gate import gate
+from tunepipe.tasks.evaluate.judge import judge
+from tunepipe.tasks.evaluate.results import EvalReport, GateDecision
+from tunepipe.tasks.evaluate.retention import retention
+from tunepipe.tasks.evaluate.task import evaluate
+from tunepipe.tasks.integrations.model_registry import find_champion
+from tunepipe.tasks.model.base import resolve_base
+from tunepipe.tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.runtime.retries import network_retries
+from tunepipe.tasks.runtime.tracking import tracked_run
+from tunepipe.tasks.train.task import trained_model
 
 
 class Evaluation(BaseModel):

@@ -9,34 +9,34 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
-from flows.artifacts import report_markdown, show_run, show_served
-from flows.serve import Serving, serve
-from tasks.chat.general_prompts import read_prompts
-from tasks.data.check import DataCheckError, check_data
-from tasks.data.format import format_data
-from tasks.data.load import data_fingerprint, load_data
-from tasks.evaluate.gate import gate
-from tasks.evaluate.judge import judge
-from tasks.evaluate.report import run_report
-from tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
-from tasks.evaluate.retention import retention
-from tasks.evaluate.retrain_plan import next_attempt, outcome
-from tasks.evaluate.task import evaluate
-from tasks.export.parity import parity, parity_verdicts
-from tasks.export.results import ExportResult, ParityReport, verdicts_record
-from tasks.export.task import export
-from tasks.integrations.model_registry import find_champion
-from tasks.model.base import resolve_base
-from tasks.runtime.config import PipelineConfig
-from tasks.runtime.memory_plan import run_memory_plan
-from tasks.runtime.redact import redact, redact_logs
-from tasks.runtime.retries import network_retries
-from tasks.runtime.tracking import tracked_child, tracked_run
-from tasks.runtime.worker import spare_workers, stop_spares
-from tasks.serve.task import plan
-from tasks.train.prestart import prestart_training
-from tasks.train.results import HeldOut
-from tasks.train.task import train
+from tunepipe.flows.artifacts import report_markdown, show_run, show_served
+from tunepipe.flows.serve import Serving, serve
+from tunepipe.tasks.chat.general_prompts import read_prompts
+from tunepipe.tasks.data.check import DataCheckError, check_data
+from tunepipe.tasks.data.format import format_data
+from tunepipe.tasks.data.load import data_fingerprint, load_data
+from tunepipe.tasks.evaluate.gate import gate
+from tunepipe.tasks.evaluate.judge import judge
+from tunepipe.tasks.evaluate.report import run_report
+from tunepipe.tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
+from tunepipe.tasks.evaluate.retention import retention
+from tunepipe.tasks.evaluate.retrain_plan import next_attempt, outcome
+from tunepipe.tasks.evaluate.task import evaluate
+from tunepipe.tasks.export.parity import parity, parity_verdicts
+from tunepipe.tasks.export.results import ExportResult, ParityReport, verdicts_record
+from tunepipe.tasks.export.task import export
+from tunepipe.tasks.integrations.model_registry import find_champion
+from tunepipe.tasks.model.base import resolve_base
+from tunepipe.tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.runtime.memory_plan import run_memory_plan
+from tunepipe.tasks.runtime.redact import redact, redact_logs
+from tunepipe.tasks.runtime.retries import network_retries
+from tunepipe.tasks.runtime.tracking import tracked_child, tracked_run
+from tunepipe.tasks.runtime.worker import spare_workers, stop_spares
+from tunepipe.tasks.serve.task import plan
+from tunepipe.tasks.train.prestart import prestart_training
+from tunepipe.tasks.train.results import HeldOut
+from tunepipe.tasks.train.task import train
 
 
 class GateFailed(RuntimeError):

@@ -9,9 +9,9 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from flows.artifacts import report_markdown, show_outcome, show_run, show_served
-from flows.finetune import GateFailed, RunSummary, finetune
-from tasks.data.rag_source import (
+from tunepipe.flows.artifacts import report_markdown, show_outcome, show_run, show_served
+from tunepipe.flows.finetune import GateFailed, RunSummary, finetune
+from tunepipe.tasks.data.rag_source import (
     Snapshot,
     collect_rag_examples,
     commit_rag_snapshot,
@@ -20,8 +20,8 @@ from tasks.data.rag_source import (
     retrain_lock,
     state_dir,
 )
-from tasks.runtime.config import PipelineConfig
-from tasks.runtime.tracking import RunWriter, find_run_of_flow_run
+from tunepipe.tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.runtime.tracking import RunWriter, find_run_of_flow_run
 
 
 class RetrainOutcome(BaseModel):

@@ -9,10 +9,10 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from tasks.integrations.model_registry import ChampionMove
-from tasks.runtime.retries import network_retries
-from tasks.serve.results import Registration, ServingPlan, SmokeReport
-from tasks.serve.task import load_plan, promote, register, smoke_test
+from tunepipe.tasks.integrations.model_registry import ChampionMove
+from tunepipe.tasks.runtime.retries import network_retries
+from tunepipe.tasks.serve.results import Registration, ServingPlan, SmokeReport
+from tunepipe.tasks.serve.task import load_plan, promote, register, smoke_test
 
 
 class Serving(BaseModel):

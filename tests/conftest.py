@@ -15,8 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
-    from tasks.integrations.llama_cpp import cache_root
+    from tunepipe.tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
+    from tunepipe.tasks.integrations.llama_cpp import cache_root
 
     return build_tiny_model(cache_root() / CACHE_NAME)
 
@@ -24,15 +24,15 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The untrained tiny model as an f16 GGUF, converted once per session."""
-    from tasks.export.task import convert
+    from tunepipe.tasks.export.task import convert
 
     return convert(tiny_model, tmp_path_factory.mktemp("tiny-gguf") / "model-f16.gguf", "f16")
 
 
 def gguf_file(path: Path):
     """An f16 GGUF file as the export stage describes it."""
-    from tasks.export.results import GgufFile
-    from tasks.runtime.caching import file_digest
+    from tunepipe.tasks.export.results import GgufFile
+    from tunepipe.tasks.runtime.caching import file_digest
 
     return GgufFile(type="f16", path=path, bytes=path.stat().st_size, sha256=file_digest(path).split(":")[1])
 
@@ -48,7 +48,7 @@ def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.export.task import convert
+    from tunepipe.tasks.export.task import convert
 
     out = tmp_path_factory.mktemp("obedient")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -75,9 +75,9 @@ def _real_model(name: str):
     without a chat template gets the one its package entry names."""
     import warnings
 
-    from tasks.model.base import resolve_base_model
-    from tasks.model.packaged import PACKAGED, packaged_gguf
-    from tasks.runtime.config import ModelConfig
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.model.packaged import PACKAGED, packaged_gguf
+    from tunepipe.tasks.runtime.config import ModelConfig
 
     with warnings.catch_warnings():  # its quantization warning has a test of its own
         warnings.simplefilter("ignore")
@@ -99,7 +99,7 @@ def gemma3():
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from tasks.demo.data import write_demo_dataset
+    from tunepipe.tasks.demo.data import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo-data"))
 

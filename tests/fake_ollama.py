@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tasks.integrations.ollama.render import render_served_prompt
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt
 
 BLOB_PATH = re.compile(r"/api/blobs/(?P<digest>[^/]*)")
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -79,7 +79,7 @@ class FakeOllama(ThreadingHTTPServer):
         return self.blob_dir / digest.replace(":", "-")
 
     def llm(self, digest: str):
-        from tasks.integrations.llama_cpp import load_gguf
+        from tunepipe.tasks.integrations.llama_cpp import load_gguf
 
         with self._llm_lock:
             if digest not in self._llms:
@@ -194,7 +194,7 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
         model = self._model(request.get("model"))
         if model is None:
             return
-        from tasks.model.packaged import read_gguf_metadata
+        from tunepipe.tasks.model.packaged import read_gguf_metadata
 
         parameters = [f"{name:<30} {json.dumps(v) if isinstance(v, str) else v}"
                       for name, value in model.get("parameters", {}).items()

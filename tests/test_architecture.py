@@ -23,7 +23,7 @@ def project_modules(root: Path = REPO) -> dict[str, Path]:
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             parts = path.relative_to(root).with_suffix("").parts
-            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            modules[".".join(("tunepipe", *(parts[:-1] if parts[-1] == "__init__" else parts)))] = path
     return modules
 
 
@@ -39,12 +39,12 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> dict[st
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, *([base] if base else [])])
-            # `from tasks.train import loop` imports the module tasks.train.loop; `from x import name`, module x.
+            # `from tunepipe.tasks.train import loop` imports the module tunepipe.tasks.train.loop; `from x import name`, module x.
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
             continue
         for target in targets:
-            # `import tasks.a.b` names the module itself; fall back to its closest project package.
+            # `import tunepipe.tasks.a.b` names the module itself; fall back to its closest project package.
             while target and target not in modules:
                 target = target.rpartition(".")[0]
             if target and target != name:
@@ -91,13 +91,13 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
     for folder in ("tasks", "flows", "deployments", "data_checks"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
-    (tmp_path / "tasks" / "a.py").write_text("def f():\n    from tasks.b import g\n")
+    (tmp_path / "tasks" / "a.py").write_text("def f():\n    from tunepipe.tasks.b import g\n")
     (tmp_path / "tasks" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n")
-    (tmp_path / "tasks" / "c.py").write_text("import tasks.a\n")
+    (tmp_path / "tasks" / "c.py").write_text("import tunepipe.tasks.a\n")
     graph = import_graph(tmp_path)
-    assert graph["tasks.a"] == {"tasks.b": 2} and graph["tasks.b"] == {"tasks.c": 3}
-    assert graph["tasks.c"] == {"tasks.a": 1}
-    assert find_cycle(graph) == ["tasks.a", "tasks.b", "tasks.c", "tasks.a"]
+    assert graph["tunepipe.tasks.a"] == {"tunepipe.tasks.b": 2} and graph["tunepipe.tasks.b"] == {"tunepipe.tasks.c": 3}
+    assert graph["tunepipe.tasks.c"] == {"tunepipe.tasks.a": 1}
+    assert find_cycle(graph) == ["tunepipe.tasks.a", "tunepipe.tasks.b", "tunepipe.tasks.c", "tunepipe.tasks.a"]
 
 
 def test_no_import_circles():
@@ -128,8 +128,8 @@ def test_no_import_circles():
 # taken to be a config object whose fields are all config objects (so an unknown shape is followed, not missed).
 CLIMBS_TARGET = 6
 
-FLOW = ("flows.finetune", "finetune")
-CONFIG_MODULE = "tasks.runtime.config"
+FLOW = ("tunepipe.flows.finetune", "finetune")
+CONFIG_MODULE = "tunepipe.tasks.runtime.config"
 ANY_CONFIG = "?"  # a config object of unknown class
 
 
@@ -311,21 +311,21 @@ def test_the_walk_follows_the_config_and_counts_the_climbs(tmp_path):
         "class Rule(Section):\n    min: float\n"
         "class PipelineConfig(Section):\n    data: DataConfig\n")
     (tmp_path / "flows" / "finetune.py").write_text(
-        "from tasks.a import first\nfrom tasks.b import second\n"
+        "from tunepipe.tasks.a import first\nfrom tunepipe.tasks.b import second\n"
         "def finetune(config: PipelineConfig):\n    first(config.data)\n    second(config)\n    second(config)\n"
         "    first(1)\n")
     (tmp_path / "tasks" / "a.py").write_text(
-        "from tasks import c\n"
+        "from tunepipe.tasks import c\n"
         "def first(cfg: DataConfig):\n    c.plain(cfg.path.upper())\n    c.helper(cfg.rules)\n    c.other(0)\n")
-    (tmp_path / "tasks" / "b.py").write_text("from tasks.a import first\n"
+    (tmp_path / "tasks" / "b.py").write_text("from tunepipe.tasks.a import first\n"
                                              "def second(cfg):\n    data = cfg.data\n    first(data)\n")
     (tmp_path / "tasks" / "c.py").write_text("def helper(rules):\n    pass\ndef other(n):\n    pass\n"
                                              "def plain(path):\n    pass\n")
     sequence = config_walk(tmp_path)
     # a (from the flow), c for the rules (a section; the plain path and the 0 are not followed), back to a;
     # b; a is walked already
-    assert sequence == ["tasks.a", "tasks.c", "tasks.a", "tasks.b"]
-    assert climbs(sequence) == (3, [("tasks.c", "tasks.a")])
+    assert sequence == ["tunepipe.tasks.a", "tunepipe.tasks.c", "tunepipe.tasks.a", "tunepipe.tasks.b"]
+    assert climbs(sequence) == (3, [("tunepipe.tasks.c", "tunepipe.tasks.a")])
 
 
 def test_the_config_climbs_back_up_no_more_than_measured():

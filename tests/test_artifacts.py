@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from flows.artifacts import artifact_key, report_markdown, show_run, show_served
-from tasks.evaluate.results import EvalReport, ModelScores, RetentionScores, RunReport
-from tasks.runtime.config import TrackingConfig
+from tunepipe.flows.artifacts import artifact_key, report_markdown, show_run, show_served
+from tunepipe.tasks.evaluate.results import EvalReport, ModelScores, RetentionScores, RunReport
+from tunepipe.tasks.runtime.config import TrackingConfig
 
 
 def artifacts_of(flow_run_id) -> dict[str, object]:
@@ -33,8 +33,8 @@ def test_keys_are_prefects_alphabet():
 def test_a_flow_run_shows_its_report_metrics_and_links(prefect_server, tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
-    from flows.serve import Serving
-    from tasks.serve.results import Registration
+    from tunepipe.flows.serve import Serving
+    from tunepipe.tasks.serve.results import Registration
 
     tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "artifacts"))
     client = MlflowClient(tracking_uri=tracking.uri)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.model.base import BaseModelError, resolve_base_model
-from tasks.runtime.config import ModelConfig
+from tunepipe.tasks.model.base import BaseModelError, resolve_base_model
+from tunepipe.tasks.runtime.config import ModelConfig
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 GRANTED_TOKEN = "hf_grantedgrantedgrantedgrantedgrant"
@@ -168,9 +168,9 @@ def resolve_with_retries(base: str):
     """The finetune flow's hub resolution: the task, with three tries and no waiting."""
     from prefect import flow
 
-    from tasks.model.base import resolve_base
-    from tasks.runtime.config import RetryConfig
-    from tasks.runtime.retries import network_retries
+    from tunepipe.tasks.model.base import resolve_base
+    from tunepipe.tasks.runtime.config import RetryConfig
+    from tunepipe.tasks.runtime.retries import network_retries
 
     retrying = network_retries(RetryConfig(attempts=3, backoff_s=0))
 
@@ -326,7 +326,7 @@ def test_cli_prints_the_model_error_without_traceback_before_any_stage(tmp_path:
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(tmp_path / "hf"),
            "PYTHONPATH": str(Path.cwd())}
     env.pop("HF_HUB_OFFLINE", None)
-    done = subprocess.run([sys.executable, "-c", "import sys; from deployments.cli import main; sys.exit(main())",
+    done = subprocess.run([sys.executable, "-c", "import sys; from tunepipe.deployments.cli import main; sys.exit(main())",
                            "run", str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "model.base 'acme/chat': cannot reach the Hugging Face hub" in done.stderr
@@ -337,8 +337,8 @@ def test_cli_prints_the_model_error_without_traceback_before_any_stage(tmp_path:
 @pytest.mark.slow
 def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_server, tmp_path: Path, capfd,
                                                                         monkeypatch):
-    from deployments import cli
-    from tasks.runtime.config import load_config
+    from tunepipe.deployments import cli
+    from tunepipe.tasks.runtime.config import load_config
 
     # The CLI checks the base model before the flow; the flow's own check is what a model that changed
     # in between (or a hub that failed in between) meets.

@@ -14,9 +14,9 @@ from prefect import flow, task
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import BaseModel
 
-from tasks.export.parity import PARITY_CACHE
-from tasks.runtime.caching import STAGE_CACHE, StageCache, outputs_exist, stable_hash, stage_dir
-from tasks.runtime.config import EvalConfig, OllamaConfig
+from tunepipe.tasks.export.parity import PARITY_CACHE
+from tunepipe.tasks.runtime.caching import STAGE_CACHE, StageCache, outputs_exist, stable_hash, stage_dir
+from tunepipe.tasks.runtime.config import EvalConfig, OllamaConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_stable_hash_is_sha256_of_canonical_json() -> None:
 
 def test_stable_hash_is_the_same_in_another_process() -> None:
     parts = "('stage', {'b': [1, 2], 'a': 'x'}, EvalConfig(max_new_tokens=7))"
-    code = f"from tasks.runtime.caching import stable_hash; from tasks.runtime.config import EvalConfig; print(stable_hash{parts})"
+    code = f"from tunepipe.tasks.runtime.caching import stable_hash; from tunepipe.tasks.runtime.config import EvalConfig; print(stable_hash{parts})"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                            check=True).stdout.strip()
@@ -188,21 +188,21 @@ def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_
     import ast
     import importlib.util
 
-    from tasks.train.task import TRAIN_CACHE
+    from tunepipe.tasks.train.task import TRAIN_CACHE
 
     def imported(module: str) -> set[str]:
         tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and (node.module or "").startswith(("tasks.train.", "tasks.model."))}
+                and (node.module or "").startswith(("tunepipe.tasks.train.", "tunepipe.tasks.model."))}
 
-    reached, todo = set(), ["tasks.train.loop"]
+    reached, todo = set(), ["tunepipe.tasks.train.loop"]
     while todo:
         module = todo.pop()
         if module not in reached:
             reached.add(module)
-            todo += imported(module) - {"tasks.train.task", "tasks.train.results"}
-    assert "tasks.train.head_loss" in reached  # the walk follows imports made inside functions
-    assert reached - {"tasks.runtime.base_model"} <= set(TRAIN_CACHE.sources)
+            todo += imported(module) - {"tunepipe.tasks.train.task", "tunepipe.tasks.train.results"}
+    assert "tunepipe.tasks.train.head_loss" in reached  # the walk follows imports made inside functions
+    assert reached - {"tunepipe.tasks.runtime.base_model"} <= set(TRAIN_CACHE.sources)
 
 
 @pytest.mark.slow

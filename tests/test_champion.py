@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT, download_champion, find_champion
+from tunepipe.tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT, download_champion, find_champion
 
 
 def _store(tmp_path):

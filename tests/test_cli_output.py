@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from deployments.doctor import Check
-from deployments.output import Report, print_checks, print_data_report, print_run_plan
-from deployments.status import RagStatus, RunLine, Status, show_status
-from tasks.integrations.model_registry import ChampionRef
+from tunepipe.deployments.doctor import Check
+from tunepipe.deployments.output import Report, print_checks, print_data_report, print_run_plan
+from tunepipe.deployments.status import RagStatus, RunLine, Status, show_status
+from tunepipe.tasks.integrations.model_registry import ChampionRef
 
 LONG = Path("/home/ml-engineer/projects/customer-support-assistant/runs/2026-12-07-nightly-retrain")
 
@@ -113,8 +113,8 @@ def test_doctor_prints_whole_paths():
 
 
 def test_a_runs_report_prints_whole_paths_and_ids(monkeypatch):
-    from deployments import output
-    from tasks.evaluate.gate import RETENTION_CHECK
+    from tunepipe.deployments import output
+    from tunepipe.tasks.evaluate.gate import RETENTION_CHECK
 
     monkeypatch.setattr(output, "stage_states", lambda flow_run_id: [
         ("check_data", "Completed", 2.5), ("train", "Completed", 312.25), ("export_gguf", "Cached", 0.0)])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.runtime.config import ConfigError, PipelineConfig, json_schema, load_config
+from tunepipe.tasks.runtime.config import ConfigError, PipelineConfig, json_schema, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

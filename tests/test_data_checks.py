@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.chat.examples import read_examples
-from tasks.data.check import DataCheckError, check_dataset
-from tasks.data.files import Rejection
-from tasks.data.load import load_dataset
-from tasks.data.results import CheckedData
-from tasks.model.base import resolve_base_model
-from tasks.runtime.config import DataConfig, ModelConfig
+from tunepipe.tasks.chat.examples import read_examples
+from tunepipe.tasks.data.check import DataCheckError, check_dataset
+from tunepipe.tasks.data.files import Rejection
+from tunepipe.tasks.data.load import load_dataset
+from tunepipe.tasks.data.results import CheckedData
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.runtime.config import DataConfig, ModelConfig
 
 CORPUS = Path(__file__).parent / "corpus"
 ROWS = CORPUS / "rows"
@@ -141,7 +141,7 @@ def test_a_row_the_chat_template_cannot_train_is_quarantined_naming_its_answer(t
                                                                               tiny_model: Path) -> None:
     """QwQ's template drops an earlier answer's reasoning once more turns follow: that row cannot be one
     training sequence, so it is set aside (row, answer, reason); the single-answer rows train."""
-    from tasks.integrations.llama_cpp import chat_templates_dir
+    from tunepipe.tasks.integrations.llama_cpp import chat_templates_dir
 
     think = "<think>\nThe heading.\n</think>\n\n"
     turns = [[{"role": "user", "content": f"<p>Product {i}</p>"},
@@ -196,7 +196,7 @@ def test_data_docs_and_summary(tmp_path: Path, tiny_model: Path) -> None:
 
 
 def test_check_command_prints_report_and_plan(tmp_path: Path, tiny_model: Path, capsys) -> None:
-    from deployments.cli import main
+    from tunepipe.deployments.cli import main
 
     config = {"name": "t", "workdir": str(tmp_path / "runs"), "ollama": {"model_name": "t"},
               "model": {"base": str(tiny_model), "max_seq_length": 128},
@@ -238,7 +238,7 @@ def test_a_one_row_file_is_too_small_to_hold_out_an_evaluation_split(tmp_path: P
 
 def test_check_command_prints_whole_paths_and_warns_when_steps_repeat_the_data(tmp_path: Path, tiny_model: Path,
                                                                              capsys) -> None:
-    from deployments.cli import main
+    from tunepipe.deployments.cli import main
 
     train = tmp_path / "a-folder-name-long-enough-to-wrap-the-file-column" / "products_training_rows_2026-11.jsonl"
     train.parent.mkdir()
@@ -270,13 +270,13 @@ def test_run_plan_estimates_training_time_from_the_speed_training_reached_here(t
 
     from prefect.logging import disable_run_logger
 
-    from deployments.cli import main
-    from deployments.run_plan import check_run
-    from tasks.data.check import check_data
-    from tasks.data.format import format_data
-    from tasks.data.load import data_fingerprint, load_data
-    from tasks.runtime.config import load_config
-    from tasks.train.task import train
+    from tunepipe.deployments.cli import main
+    from tunepipe.deployments.run_plan import check_run
+    from tunepipe.tasks.data.check import check_data
+    from tunepipe.tasks.data.format import format_data
+    from tunepipe.tasks.data.load import data_fingerprint, load_data
+    from tunepipe.tasks.runtime.config import load_config
+    from tunepipe.tasks.train.task import train
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"input": f"<div>Product {i}</div>", "output": {"name": f"Product {i}"}})

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo.data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
+from tunepipe.tasks.demo.data import DEMO_ROWS, write_demo_dataset, write_demo_rag_log
 
 
 def _rows(path: Path) -> list[dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from tasks.runtime.config import PipelineConfig, load_config
+from tunepipe.tasks.runtime.config import PipelineConfig, load_config
 
 
 def deployments() -> dict[str, dict]:

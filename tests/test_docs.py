@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tasks.runtime import config_reference
-from tasks.runtime.config import load_config
+from tunepipe.tasks.runtime import config_reference
+from tunepipe.tasks.runtime.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

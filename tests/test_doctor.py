@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.cli import main
+from tunepipe.deployments.cli import main
 
 OLLAMA_VERSION = "0.12.6"
 
@@ -121,7 +121,7 @@ def test_unreachable_tracking_server_fails_without_showing_its_password(tmp_path
 def test_missing_go_fails_with_the_install_command(monkeypatch, tmp_path):
     import shutil
 
-    from deployments.doctor import _go_template
+    from tunepipe.deployments.doctor import _go_template
 
     monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no harness built there
     monkeypatch.setattr(shutil, "which", lambda name: None)

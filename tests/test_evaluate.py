@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model.base import resolve_base_model
-from tasks.runtime.config import DataConfig, EvalConfig, ModelConfig
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.runtime.config import DataConfig, EvalConfig, ModelConfig
 
 PROMPTS = [f"<div><h2>Product: Kettle {'x' * (7 * i)}</h2><p>Price: ${i}</p></div>" for i in range(7)]
 
@@ -34,7 +34,7 @@ def noisy_model(tiny_model: Path):
 def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
     import torch
 
-    from tasks.chat.generation import render_prompt
+    from tunepipe.tasks.chat.generation import render_prompt
 
     ids = torch.tensor([render_prompt(tokenizer, conversation)])
     output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
@@ -46,7 +46,7 @@ def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids
 def test_batched_answers_equal_one_at_a_time_greedy_answers(noisy_model):
     import torch
 
-    from tasks.chat.generation import greedy_answers, stop_token_ids
+    from tunepipe.tasks.chat.generation import greedy_answers, stop_token_ids
 
     model, tokenizer = noisy_model
     conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
@@ -72,7 +72,7 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.patches.transformers import use_fused_norms
+    from tunepipe.tasks.patches.transformers import use_fused_norms
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -100,8 +100,8 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
 def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
     import torch
 
-    from tasks.data.format import IGNORE
-    from tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.data.format import IGNORE
+    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
 
     model, tokenizer = noisy_model
     rows = []
@@ -124,8 +124,8 @@ def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
 
 @pytest.fixture(scope="module")
 def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data: tuple[Path, Path]):
-    from tasks.data.format import format_dataset
-    from tasks.data.load import load_dataset
+    from tunepipe.tasks.data.format import format_dataset
+    from tunepipe.tasks.data.load import load_dataset
 
     root = tmp_path_factory.mktemp("evaluate")
     train, eval_ = demo_data
@@ -141,7 +141,7 @@ def _register_champion(tracking_uri: str, name: str, model_dir: Path, artifacts:
     """What promotion writes: a run holding the merged model under `model`, a version, the alias."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT
+    from tunepipe.tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("promotions")
@@ -163,9 +163,9 @@ def _models_generated(out_dir: Path) -> list[str]:
 
 @pytest.mark.slow  # evaluates in worker processes
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
-    from tasks.evaluate.task import evaluate_models
-    from tasks.integrations.model_registry import find_champion
-    from tasks.train.results import TrainResult
+    from tunepipe.tasks.evaluate.task import evaluate_models
+    from tunepipe.tasks.integrations.model_registry import find_champion
+    from tunepipe.tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, formatted = eval_inputs
     tracking_uri = f"sqlite:///{root}/mlflow.db"
@@ -225,8 +225,8 @@ def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_a
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.chat.examples import read_examples
-    from tasks.evaluate.task import GenerationRequest, ModelToScore, generate_outputs
+    from tunepipe.tasks.chat.examples import read_examples
+    from tunepipe.tasks.evaluate.task import GenerationRequest, ModelToScore, generate_outputs
 
     _, _, loaded, _, formatted = eval_inputs
     torch.manual_seed(0)
@@ -256,7 +256,7 @@ def test_each_rows_eval_loss_is_the_same_batched_with_longer_rows_as_alone(eval_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
 
     *_, formatted = eval_inputs
     rows = [json.loads(line) for line in formatted.eval.path.read_text().splitlines()][:6]
@@ -275,9 +275,9 @@ def test_each_rows_eval_loss_is_the_same_batched_with_longer_rows_as_alone(eval_
 def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Path):
     """How often a model still answers a held-out prompt close to what users rated bad, and how likely that
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
-    from tasks.chat.examples import read_examples, write_jsonl
-    from tasks.evaluate.task import evaluate_models
-    from tasks.train.results import TrainResult
+    from tunepipe.tasks.chat.examples import read_examples, write_jsonl
+    from tunepipe.tasks.evaluate.task import evaluate_models
+    from tunepipe.tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs
     cfg = EvalConfig(max_samples=2, max_new_tokens=8, batch_size=4)
@@ -308,9 +308,9 @@ def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Pa
 def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_inputs, tiny_model: Path):
     """The retrain loop's evaluation reads validation alone: its examples, its loss rows; the probes, which no
     choice reads, are asked on test only. The base's outputs are kept per split."""
-    from tasks.data.format import format_dataset
-    from tasks.evaluate.task import evaluate_models
-    from tasks.train.results import TrainResult
+    from tunepipe.tasks.data.format import format_dataset
+    from tunepipe.tasks.evaluate.task import evaluate_models
+    from tunepipe.tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs
     formatted = format_dataset(loaded.train_path, loaded.eval_path, base, ModelConfig(base=str(tiny_model),
@@ -330,7 +330,7 @@ def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_
     def ids(report) -> list[str]:
         return [json.loads(line)["id"] for line in report.samples_path.read_text().splitlines()]
 
-    from tasks.chat.examples import read_examples
+    from tunepipe.tasks.chat.examples import read_examples
 
     assert ids(validation) == [e.id for e in read_examples(loaded.validation_path)][:3]
     assert ids(test) == [e.id for e in read_examples(loaded.eval_path)][:3]
@@ -346,7 +346,7 @@ def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_
 
 
 def _formatted(root: Path, base, eval_path: Path, tiny_model: Path, bad: Path | None):
-    from tasks.data.format import format_dataset
+    from tunepipe.tasks.data.format import format_dataset
 
     out = root / ("formatted-bad" if bad else "formatted-plain")
     formatted = format_dataset(eval_path, eval_path, base, ModelConfig(base=str(tiny_model), max_seq_length=256),

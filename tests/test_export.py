@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.export.parity import parity_verdicts
-from tasks.export.results import GgufScores, ParityReport
-from tasks.export.task import export_model
-from tasks.runtime.config import ExportConfig
-from tasks.train.results import TrainResult
+from tunepipe.tasks.export.parity import parity_verdicts
+from tunepipe.tasks.export.results import GgufScores, ParityReport
+from tunepipe.tasks.export.task import export_model
+from tunepipe.tasks.runtime.config import ExportConfig
+from tunepipe.tasks.train.results import TrainResult
 
 PROMPT = "<|im_start|>user\n<div>Smart Kettle, $25</div><|im_end|>\n<|im_start|>assistant\n"
 
@@ -42,7 +42,7 @@ def lora_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _next_token_logits(gguf: Path, lora: Path | None = None):
-    from tasks.integrations.llama_cpp import load_gguf
+    from tunepipe.tasks.integrations.llama_cpp import load_gguf
 
     llm = load_gguf(gguf, lora_path=str(lora) if lora else None, n_ctx=256, logits_all=True)
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
@@ -57,7 +57,7 @@ def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
         lora_adapter: Path, tiny_model: Path, tiny_gguf: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from tasks.runtime.base_model import BaseModelRef
+    from tunepipe.tasks.runtime.base_model import BaseModelRef
 
     base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")
     exported = export_model(_trained(lora_adapter), base, ExportConfig(gguf_types=["f16", "q8_0"]), tmp_path)
@@ -77,7 +77,7 @@ def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
 
 
 def test_full_fine_tuning_exports_the_model_folder_without_an_adapter(tiny_model: Path, tmp_path: Path) -> None:
-    from tasks.runtime.base_model import BaseModelRef
+    from tunepipe.tasks.runtime.base_model import BaseModelRef
 
     full = shutil.copytree(tiny_model, tmp_path / "trained" / "model")
     base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.output import stage_states
-from flows.finetune import GateFailed, RunSummary, finetune, outcome
-from tasks.runtime.config import load_config
+from tunepipe.deployments.output import stage_states
+from tunepipe.flows.finetune import GateFailed, RunSummary, finetune, outcome
+from tunepipe.tasks.runtime.config import load_config
 
 pytestmark = pytest.mark.slow  # runs the finetune flow end to end
 
@@ -122,7 +122,7 @@ def test_the_workers_lines_reach_the_runs_log(first_run, config_path: Path):
             messages += [log.message for log in logs]
             if len(logs) < page:
                 break
-    for worker in ("tasks.train.loop:train_model", "tasks.evaluate.task:generate_outputs"):
+    for worker in ("tunepipe.tasks.train.loop:train_model", "tunepipe.tasks.evaluate.task:generate_outputs"):
         assert any(m.startswith(f"worker for {worker}: started") for m in messages), worker
     assert any(m.startswith("train: ") for m in messages)
     for model in ("candidate", "base"):
@@ -133,7 +133,7 @@ def test_gguf_greedy_next_token_matches_pytorch(first_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.integrations.llama_cpp import load_gguf
+    from tunepipe.tasks.integrations.llama_cpp import load_gguf
 
     summary, _ = first_run
     tokenizer = AutoTokenizer.from_pretrained(summary.exported.merged_dir)
@@ -212,7 +212,7 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
 def test_the_test_split_is_read_by_the_final_evaluation_alone(first_run, config_path: Path):
     """Training chose its checkpoint on validation and the attempt was judged there; the test rows reached one
     evaluation, the final one, whose report is the one the gate decided on."""
-    from tasks.chat.examples import read_examples
+    from tunepipe.tasks.chat.examples import read_examples
 
     summary, _ = first_run
     workdir = Path(yaml.safe_load(config_path.read_text())["workdir"])
@@ -250,8 +250,8 @@ def test_train_and_eval_rows_are_the_runs_dataset_inputs(first_run, config_path:
 
 def test_register_later_removes_a_model_that_fails_the_smoke_test(first_run, config_path: Path, fake_ollama):
     """`tunepipe register RUN_ID` once Ollama answers; one token per answer cannot end by a stop: not promoted."""
-    from flows.serve import register_run
-    from tasks.integrations.model_registry import find_champion
+    from tunepipe.flows.serve import register_run
+    from tunepipe.tasks.integrations.model_registry import find_champion
 
     summary, _ = first_run
     client = mlflow_client(config_path)
@@ -265,13 +265,13 @@ def test_register_later_removes_a_model_that_fails_the_smoke_test(first_run, con
 
 
 def test_same_config_again_is_all_cache_hits(first_run, config_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import flows.finetune
-    from tasks.runtime import worker
+    import tunepipe.flows.finetune
+    from tunepipe.tasks.runtime import worker
 
     # The training spare the flow started went unused (train was cached): stopped once the retrain loop ends,
     # before the stages after it, not when the flow ends.
     spares_after_the_loop = []
-    monkeypatch.setattr(flows.finetune, "outcome", lambda *args: spares_after_the_loop.append(
+    monkeypatch.setattr(tunepipe.flows.finetune, "outcome", lambda *args: spares_after_the_loop.append(
         [spare.target for spare in worker._spares]) or outcome(*args))
     state = finetune(load_config(config_path), return_state=True)
     states = states_by_stage(state)
@@ -337,7 +337,7 @@ def test_changing_a_parity_limit_re_decides_without_re_exporting(first_run, conf
 
 def test_evaluate_flow_scores_the_fully_fine_tuned_run(first_run, config_path: Path):
     """`tunepipe evaluate CONFIG RUN` on an exported full fine-tune: its weights come from the run's `model`."""
-    from flows.evaluate import evaluate_model
+    from tunepipe.flows.evaluate import evaluate_model
 
     summary, _ = first_run
     evaluation = evaluate_model(load_config(config_path), summary.mlflow_run_id)
@@ -346,7 +346,7 @@ def test_evaluate_flow_scores_the_fully_fine_tuned_run(first_run, config_path: P
 
 
 def test_evaluate_flow_scores_an_unexported_full_run_from_its_train_folder(first_run, config_path: Path):
-    from flows.evaluate import evaluate_model
+    from tunepipe.flows.evaluate import evaluate_model
 
     summary, _ = first_run
     failed = finetune(load_config(config_path, ["gate.rules.exact_match.min=1.0"]), return_state=True)
@@ -360,8 +360,8 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
     """The run's logged plan, its GGUF swapped for one that answers `{}` and stops (so no keys are asked of it):
     registered, asked, promoted.
     Last in this module: a champion makes every later run's evaluation score it too (no cache hits)."""
-    from flows.serve import register_run
-    from tasks.integrations.model_registry import find_champion
+    from tunepipe.flows.serve import register_run
+    from tunepipe.tasks.integrations.model_registry import find_champion
 
     summary, _ = first_run
     client = mlflow_client(config_path)
@@ -380,7 +380,7 @@ def test_register_later_serves_the_run(first_run, config_path: Path, fake_ollama
 def _pointed_plan(client, run_id: str, host: str, **changes):
     """The run's logged plan rewritten: pointed at the stand-in Ollama (the run itself had none), and `changes`;
     put back as the run logged it afterwards, so one test's changes never reach the next."""
-    from tasks.serve.results import ServingPlan
+    from tunepipe.tasks.serve.results import ServingPlan
 
     logged = Path(client.download_artifacts(run_id, "serving/plan.json")).read_text()
     plan = ServingPlan.model_validate_json(logged)

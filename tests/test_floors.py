@@ -20,22 +20,23 @@ from test_architecture import REPO, imported_modules, project_modules
 
 # Bottom to top, each floor with its packages.
 FLOORS = (
-    ("ground", ("tasks.runtime", "tasks.patches", "tasks.integrations", "tasks.chat")),
-    ("data", ("tasks.data", "data_checks")),
-    ("model", ("tasks.model",)),
-    ("train", ("tasks.train",)),
-    ("evaluate", ("tasks.evaluate",)),
-    ("export", ("tasks.export",)),
-    ("serve", ("tasks.serve",)),
-    ("demo", ("tasks.demo",)),
-    ("flows", ("flows",)),
-    ("deployments", ("deployments",)),
+    ("ground", ("tunepipe.tasks.runtime", "tunepipe.tasks.patches", "tunepipe.tasks.integrations",
+                "tunepipe.tasks.chat")),
+    ("data", ("tunepipe.tasks.data", "tunepipe.data_checks")),
+    ("model", ("tunepipe.tasks.model",)),
+    ("train", ("tunepipe.tasks.train",)),
+    ("evaluate", ("tunepipe.tasks.evaluate",)),
+    ("export", ("tunepipe.tasks.export",)),
+    ("serve", ("tunepipe.tasks.serve",)),
+    ("demo", ("tunepipe.tasks.demo",)),
+    ("flows", ("tunepipe.flows",)),
+    ("deployments", ("tunepipe.deployments",)),
 )
 
 
 def floor_of(module: str) -> int | None:
     """The floor's number (0: ground), or None for a module of a package no floor names."""
-    if module == "tasks":  # the top package itself, empty
+    if module == "tunepipe.tasks":  # the top package itself, empty
         return 0
     for number, (_, packages) in enumerate(FLOORS):
         if any(module == package or module.startswith(package + ".") for package in packages):
@@ -67,15 +68,18 @@ def test_an_import_of_a_higher_floor_is_named_with_its_file_and_line(tmp_path):
                    "deployments", "data_checks"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
-    (tmp_path / "tasks" / "runtime" / "config.py").write_text("def load():\n    from tasks.data import load\n")
-    (tmp_path / "tasks" / "data" / "load.py").write_text("from tasks.runtime.config import load\n")
-    (tmp_path / "tasks" / "serve" / "task.py").write_text("import tasks.data.load\nfrom flows import finetune\n")
-    (tmp_path / "flows" / "finetune.py").write_text("from tasks.serve.task import plan\n")
+    (tmp_path / "tasks" / "runtime" / "config.py").write_text("def load():\n    from tunepipe.tasks.data import load\n")
+    (tmp_path / "tasks" / "data" / "load.py").write_text("from tunepipe.tasks.runtime.config import load\n")
+    (tmp_path / "tasks" / "serve" / "task.py").write_text("import tunepipe.tasks.data.load\n"
+                                                          "from tunepipe.flows import finetune\n")
+    (tmp_path / "flows" / "finetune.py").write_text("from tunepipe.tasks.serve.task import plan\n")
 
     assert upward_imports(tmp_path) == [
-        "tasks/elsewhere/__init__.py: tasks.elsewhere is on no floor: add its package to FLOORS",
-        "tasks/runtime/config.py:2: tasks.runtime.config (ground) imports tasks.data.load (data), a floor above it",
-        "tasks/serve/task.py:2: tasks.serve.task (serve) imports flows.finetune (flows), a floor above it",
+        "tasks/elsewhere/__init__.py: tunepipe.tasks.elsewhere is on no floor: add its package to FLOORS",
+        "tasks/runtime/config.py:2: tunepipe.tasks.runtime.config (ground) imports tunepipe.tasks.data.load (data),"
+        " a floor above it",
+        "tasks/serve/task.py:2: tunepipe.tasks.serve.task (serve) imports tunepipe.flows.finetune (flows),"
+        " a floor above it",
     ]
 
 

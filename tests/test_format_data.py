@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chat.examples import Example, Message, write_jsonl
-from tasks.data.check import check_dataset
-from tasks.data.format import IGNORE, format_dataset, tokenize_conversation
-from tasks.data.load import load_dataset
-from tasks.data.results import CheckedData, FormattedData
-from tasks.demo.tiny_model import CHATML_TEMPLATE
-from tasks.model.base import resolve_base_model
-from tasks.runtime.base_model import BaseModelRef, load_tokenizer
-from tasks.runtime.config import DataConfig, ModelConfig
+from tunepipe.tasks.chat.examples import Example, Message, write_jsonl
+from tunepipe.tasks.data.check import check_dataset
+from tunepipe.tasks.data.format import IGNORE, format_dataset, tokenize_conversation
+from tunepipe.tasks.data.load import load_dataset
+from tunepipe.tasks.data.results import CheckedData, FormattedData
+from tunepipe.tasks.demo.tiny_model import CHATML_TEMPLATE
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.runtime.base_model import BaseModelRef, load_tokenizer
+from tunepipe.tasks.runtime.config import DataConfig, ModelConfig
 
 END_OF_TURN = "<|im_end|>\n"
 # ChatML preceded by the number of messages: a prefix of a conversation renders a different first line.

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate.gate import decide
-from tasks.evaluate.paired import paired_difference
-from tasks.evaluate.results import EvalReport, GateDecision, ModelScores
-from tasks.runtime.config import ConfigError, GateConfig, MetricRule, load_config
+from tunepipe.tasks.evaluate.gate import decide
+from tunepipe.tasks.evaluate.paired import paired_difference
+from tunepipe.tasks.evaluate.results import EvalReport, GateDecision, ModelScores
+from tunepipe.tasks.runtime.config import ConfigError, GateConfig, MetricRule, load_config
 
 # Per example, for 8 examples: values exactly representable in binary floating point, so "at the boundary" means
 # equal, not close. Means: valid_json_rate 0.75, exact_match 0.5, field_accuracy 0.625, stop_rate 1.0.
@@ -229,8 +229,8 @@ def test_no_rules_passes(tmp_path: Path):
 
 
 def test_the_decision_reaches_mlflow_and_the_run_summary_in_words(tmp_path: Path, capsys):
-    from deployments.output import Report
-    from tasks.evaluate.report import _regressions
+    from tunepipe.deployments.output import Report
+    from tunepipe.tasks.evaluate.report import _regressions
 
     candidate, champion, base = _fixes_10_breaks_8()
     report = _report(tmp_path, candidate=candidate, champion=champion, base=base, tokens=[1] * 100)

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from tasks.data.check import check_data
-from tasks.data.format import format_data
-from tasks.data.load import data_fingerprint, load_data
-from tasks.evaluate.task import evaluate
-from tasks.model.base import resolve_base_model
-from tasks.runtime.config import PipelineConfig
-from tasks.runtime.gpu_slots import GPU_LIMIT
-from tasks.train.results import TrainResult
-from tasks.train.task import train
+from tunepipe.tasks.data.check import check_data
+from tunepipe.tasks.data.format import format_data
+from tunepipe.tasks.data.load import data_fingerprint, load_data
+from tunepipe.tasks.evaluate.task import evaluate
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.runtime.gpu_slots import GPU_LIMIT
+from tunepipe.tasks.train.results import TrainResult
+from tunepipe.tasks.train.task import train
 
 pytestmark = pytest.mark.slow  # runs flows against a Prefect server
 
@@ -147,7 +147,7 @@ def test_without_the_limit_a_stage_asks_for_no_slot_and_says_so(prefect_server, 
     can refuse as busy right after a stage, which Prefect's client retries only after a back-off)."""
     import prefect.concurrency.sync
 
-    from tasks.runtime.gpu_slots import gpu_slots
+    from tunepipe.tasks.runtime.gpu_slots import gpu_slots
 
     def no_acquisition(*args, **kwargs):
         raise AssertionError("a slot was requested from a limit that does not exist")
@@ -166,7 +166,7 @@ def test_without_the_limit_a_stage_asks_for_no_slot_and_says_so(prefect_server, 
 
 
 def test_with_the_limit_a_stage_holds_a_slot_while_it_runs(prefect_server, gpu_limit):
-    from tasks.runtime.gpu_slots import gpu_slots
+    from tunepipe.tasks.runtime.gpu_slots import gpu_slots
 
     held = []
 

@@ -15,9 +15,9 @@ import pytest
 from conftest import closed_port
 from fake_ollama import FakeOllama
 
-from tasks.chat.examples import Example, Message
-from tasks.evaluate.gate import decide
-from tasks.evaluate.judge import (
+from tunepipe.tasks.chat.examples import Example, Message
+from tunepipe.tasks.evaluate.gate import decide
+from tunepipe.tasks.evaluate.judge import (
     PAIRWISE_RESTATED,
     SCHEMAS,
     JudgeError,
@@ -25,11 +25,11 @@ from tasks.evaluate.judge import (
     pairwise_result,
     parse_verdict,
 )
-from tasks.evaluate.report import _judge_losses
-from tasks.evaluate.results import EvalReport, ModelScores
-from tasks.runtime.caching import stable_hash
-from tasks.runtime.config import ConfigError, EvalConfig, GateConfig, JudgeConfig, MetricRule, load_config
-from tasks.runtime.retries import is_transient
+from tunepipe.tasks.evaluate.report import _judge_losses
+from tunepipe.tasks.evaluate.results import EvalReport, ModelScores
+from tunepipe.tasks.runtime.caching import stable_hash
+from tunepipe.tasks.runtime.config import ConfigError, EvalConfig, GateConfig, JudgeConfig, MetricRule, load_config
+from tunepipe.tasks.runtime.retries import is_transient
 
 SYSTEM = "Answer the customer's question in one sentence, from the context only."
 WRONG = "I am not sure, please contact support."
@@ -124,9 +124,9 @@ def _answers(n: int = 2) -> list[str]:
 def ollama_judge(fake_ollama: FakeOllama, smollm2) -> str:
     """SmolLM2-135M-Instruct registered in the stand-in Ollama as a user's `ollama create` would: its GGUF with the
     TEMPLATE derived from its chat template."""
-    from tasks.integrations.ollama.client import OllamaClient
-    from tasks.integrations.ollama.modelfile import modelfile_spec
-    from tasks.model.packaged import packaged_gguf
+    from tunepipe.tasks.integrations.ollama.client import OllamaClient
+    from tunepipe.tasks.integrations.ollama.modelfile import modelfile_spec
+    from tunepipe.tasks.model.packaged import packaged_gguf
 
     gguf = packaged_gguf("smollm2-135m-instruct")
     spec = modelfile_spec(gguf, Path(smollm2.name_or_path))
@@ -207,7 +207,7 @@ def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
 
 
 def test_identical_answers_tie_without_asking(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from tasks.model.packaged import packaged_gguf
+    from tunepipe.tasks.model.packaged import packaged_gguf
 
     same = _answers(1)
     report, examples = _evaluated(tmp_path / "eval", {"candidate": same, "base": same})
@@ -281,9 +281,9 @@ def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_
                                                            tmp_path: Path) -> None:
     from prefect import flow
 
-    from tasks.evaluate.judge import judge
-    from tasks.runtime.config import RetryConfig
-    from tasks.runtime.retries import network_retries
+    from tunepipe.tasks.evaluate.judge import judge
+    from tunepipe.tasks.runtime.config import RetryConfig
+    from tunepipe.tasks.runtime.retries import network_retries
 
     report, examples = _evaluated(tmp_path / "eval", {"candidate": _answers(1), "base": [WRONG]})
     cfg = JudgeConfig(model=ollama_judge, base_url=fake_ollama.url, structured=True, max_tokens=12, max_order_flips=1)
@@ -303,7 +303,7 @@ def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_
 @pytest.mark.slow
 def test_a_gguf_judge_is_served_by_llama_cpp_python_for_the_judging_only(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from tasks.model.packaged import packaged_gguf
+    from tunepipe.tasks.model.packaged import packaged_gguf
 
     right = _answers()
     report, examples = _evaluated(tmp_path / "eval", {"candidate": [right[0], WRONG], "base": [WRONG, right[1]]})
@@ -353,8 +353,8 @@ def test_the_finetune_flow_gates_on_the_judge_and_keeps_its_verdicts(
         prefect_server, fast_config, fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from flows.finetune import GateFailed, finetune
-    from tasks.runtime.config import PipelineConfig
+    from tunepipe.flows.finetune import GateFailed, finetune
+    from tunepipe.tasks.runtime.config import PipelineConfig
 
     raw = fast_config(tmp_path)
     raw["eval"]["judge"] = {"model": ollama_judge, "base_url": fake_ollama.url, "structured": True, "max_tokens": 12,

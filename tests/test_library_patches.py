@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import patches
+from tunepipe.tasks import patches
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +49,8 @@ def fake_unsloth(monkeypatch):
 
 
 def test_unsloth_off_pads_without_reading_unsloths_private_names(monkeypatch, gpu, capsys):
-    from tasks.patches.unsloth import unsloth_packs
-    from tasks.train.batching import packs
+    from tunepipe.tasks.patches.unsloth import unsloth_packs
+    from tunepipe.tasks.train.batching import packs
 
     installed_as(monkeypatch, {"unsloth": "2026.11.2"})
     assert "unsloth" not in sys.modules
@@ -61,8 +61,8 @@ def test_unsloth_off_pads_without_reading_unsloths_private_names(monkeypatch, gp
 
 
 def test_unsloth_on_hands_it_the_torch_bridge(monkeypatch, gpu, fake_unsloth):
-    from tasks.patches import torch as torch_patches
-    from tasks.patches.unsloth import unsloth_packs
+    from tunepipe.tasks.patches import torch as torch_patches
+    from tunepipe.tasks.patches.unsloth import unsloth_packs
 
     bridge = object()
     monkeypatch.setattr(torch_patches, "varlen_attn_with_gqa", lambda device: bridge)
@@ -72,7 +72,7 @@ def test_unsloth_on_hands_it_the_torch_bridge(monkeypatch, gpu, fake_unsloth):
 
 
 def test_the_off_switch_turns_unsloth_off_on_its_proven_version(monkeypatch, gpu, fake_unsloth):
-    from tasks.patches.unsloth import unsloth_packs
+    from tunepipe.tasks.patches.unsloth import unsloth_packs
 
     installed_as(monkeypatch, {"unsloth": "2026.10.5"})
     monkeypatch.setenv(patches.OFF_SWITCH, "unsloth")
@@ -84,7 +84,7 @@ def test_the_off_switch_turns_unsloth_off_on_its_proven_version(monkeypatch, gpu
 def test_the_varlen_bridge_is_made_on_torch_2_11_alone(monkeypatch, version, bridged):
     import torch
 
-    from tasks.patches import torch as torch_patches
+    from tunepipe.tasks.patches import torch as torch_patches
 
     installed_as(monkeypatch, {"torch": version})
     monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
@@ -96,8 +96,8 @@ def test_transformers_off_leaves_norms_and_attention_alone_and_answers_the_same(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.chat.generation import GROUPED_ATTENTION, greedy_answers, switches_undone
-    from tasks.patches.transformers import attention_implementation, use_fused_norms
+    from tunepipe.tasks.chat.generation import GROUPED_ATTENTION, greedy_answers, switches_undone
+    from tunepipe.tasks.patches.transformers import attention_implementation, use_fused_norms
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chat.examples import Message, read_examples
-from tasks.data.containers import DataFileError, DataSource
-from tasks.data.files import Rejection, fingerprint_files, read_file
-from tasks.data.load import load_dataset, split_band
-from tasks.data.shapes import Normaliser, RecordError, example_id, parse_record
-from tasks.runtime.config import DataConfig
+from tunepipe.tasks.chat.examples import Message, read_examples
+from tunepipe.tasks.data.containers import DataFileError, DataSource
+from tunepipe.tasks.data.files import Rejection, fingerprint_files, read_file
+from tunepipe.tasks.data.load import load_dataset, split_band
+from tunepipe.tasks.data.shapes import Normaliser, RecordError, example_id, parse_record
+from tunepipe.tasks.runtime.config import DataConfig
 
 CORPUS = Path(__file__).parent / "corpus"
 

@@ -31,7 +31,7 @@ def seven_b(tiny_model: Path, tmp_path: Path) -> Path:
 
 
 def _config(base: Path, tmp_path: Path, demo_data, **sections):
-    from tasks.runtime.config import PipelineConfig
+    from tunepipe.tasks.runtime.config import PipelineConfig
 
     train, eval_ = demo_data
     raw = {"name": "plan", "workdir": str(tmp_path / "runs"), "data": {"train": str(train), "eval": str(eval_)},
@@ -44,7 +44,7 @@ def _config(base: Path, tmp_path: Path, demo_data, **sections):
 def test_model_shape_counts_qwen2_5_7b_as_published():
     from transformers import AutoConfig
 
-    from tasks.runtime.memory_plan import model_shape, weights_bytes
+    from tunepipe.tasks.runtime.memory_plan import model_shape, weights_bytes
 
     shape = model_shape(AutoConfig.for_model(**QWEN2_5_7B))
     assert shape.params == 7_615_616_512  # the model card's 7.61B
@@ -57,7 +57,7 @@ def test_estimates_match_what_transformers_allocates(tiny_model: Path):
     import torch
     from transformers import AutoModelForCausalLM, StaticCache
 
-    from tasks.runtime.memory_plan import model_shape, weights_bytes
+    from tunepipe.tasks.runtime.memory_plan import model_shape, weights_bytes
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
     shape = model_shape(model.config)
@@ -70,7 +70,7 @@ def test_estimates_match_what_transformers_allocates(tiny_model: Path):
 
 
 def test_rows_that_fit_leave_headroom():
-    from tasks.runtime.memory_plan import HEADROOM, rows_that_fit
+    from tunepipe.tasks.runtime.memory_plan import HEADROOM, rows_that_fit
 
     assert rows_that_fit(100, 0, 1, 1000) == int(100 * (1 - HEADROOM))
     assert rows_that_fit(100, 50, 10, 16) == 4
@@ -79,8 +79,8 @@ def test_rows_that_fit_leave_headroom():
 
 
 def test_plan_refuses_a_run_that_cannot_fit_naming_the_stage_and_the_setting(seven_b, tmp_path, demo_data):
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.memory_plan import WillNotFit, run_memory_plan
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.memory_plan import WillNotFit, run_memory_plan
 
     # A 16 GB card (a T4): LoRA on a 16-bit 7B base cannot train or evaluate there.
     lora = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 16}, train={"mode": "lora"})
@@ -110,8 +110,8 @@ def test_plan_refuses_a_run_that_cannot_fit_naming_the_stage_and_the_setting(sev
 
 
 def test_check_refuses_before_training_and_names_the_setting(seven_b, tmp_path, demo_data):
-    from deployments.run_plan import check_run
-    from tasks.runtime.memory_plan import WillNotFit
+    from tunepipe.deployments.run_plan import check_run
+    from tunepipe.tasks.runtime.memory_plan import WillNotFit
 
     cfg = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 16}, train={"mode": "lora"})
     with pytest.raises(WillNotFit, match="set train.mode: qlora"):
@@ -119,8 +119,8 @@ def test_check_refuses_before_training_and_names_the_setting(seven_b, tmp_path, 
 
 
 def test_export_plan_counts_disk_for_each_gguf_and_host_memory_for_one_tensor(seven_b, tmp_path, demo_data):
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.memory_plan import run_memory_plan
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.memory_plan import run_memory_plan
 
     cfg = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 24}, train={"mode": "qlora"},
                   export={"gguf_types": ["q8_0", "q4_k_m"]})
@@ -142,7 +142,7 @@ def test_shard_merge_equals_peft_merge_and_unload(tiny_model: Path, tmp_path: Pa
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from tasks.export.merge import merge_shards
+    from tunepipe.tasks.export.merge import merge_shards
 
     base = tmp_path / "base"
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
@@ -182,7 +182,7 @@ def test_shard_merge_refuses_an_adapter_for_another_base(tiny_model: Path, tmp_p
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from tasks.export.merge import MergeError, merge_shards
+    from tunepipe.tasks.export.merge import MergeError, merge_shards
 
     base = tmp_path / "base"
     AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(base)
@@ -198,8 +198,8 @@ def test_shard_merge_refuses_an_adapter_for_another_base(tiny_model: Path, tmp_p
 
 @pytest.mark.slow
 def test_the_flow_refuses_a_run_that_cannot_fit_before_any_stage(prefect_server, seven_b, tmp_path, demo_data):
-    from deployments.output import stage_states
-    from flows.finetune import finetune
+    from tunepipe.deployments.output import stage_states
+    from tunepipe.flows.finetune import finetune
 
     cfg = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 16}, train={"mode": "lora"},
                   tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})

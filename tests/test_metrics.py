@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.chat.metrics import aggregate, required_keys, score_answers, score_example
+from tunepipe.tasks.chat.metrics import aggregate, required_keys, score_answers, score_example
 
 REFERENCE = '{"name": "Mini Kite", "price": "$12", "category": "Toys"}'
 
@@ -77,7 +77,7 @@ def test_answers_are_scored_after_a_leading_reasoning_block():
 
 
 def test_close_to_a_rated_bad_answer() -> None:
-    from tasks.chat.metrics import close_to
+    from tunepipe.tasks.chat.metrics import close_to
 
     bad = '{"name": "Lamp", "price": "Acme", "manufacturer": "$5"}'
     assert close_to('{"manufacturer":"$5","name":"Lamp","price":"Acme"}', bad)  # the same JSON object

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import closed_port
 
-from deployments.output import stage_states
-from tasks.runtime.config import PipelineConfig
+from tunepipe.deployments.output import stage_states
+from tunepipe.tasks.runtime.config import PipelineConfig
 
 pytestmark = pytest.mark.slow  # runs the nightly flows against a Prefect server
 
@@ -26,8 +26,8 @@ def small(raw: dict) -> dict:
 
 def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(tmp_path: Path, fast_config, prefect_server,
                                                                          monkeypatch: pytest.MonkeyPatch):
-    from flows.finetune import finetune
-    from tasks.runtime.tracking import TrackingUnavailable
+    from tunepipe.flows.finetune import finetune
+    from tunepipe.tasks.runtime.tracking import TrackingUnavailable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
     raw = small(fast_config(tmp_path))
@@ -50,8 +50,8 @@ def test_a_store_is_opened_ahead_of_the_run_only_where_it_exists_and_an_unusable
     (the test above)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.runtime import tracking
-    from tasks.runtime.config import TrackingConfig
+    from tunepipe.tasks.runtime import tracking
+    from tunepipe.tasks.runtime.config import TrackingConfig
 
     uri = f"sqlite:///{tmp_path}/new/mlflow.db"
     tracking.open_store(TrackingConfig(uri=uri, experiment="e"))
@@ -68,8 +68,8 @@ def test_a_store_is_opened_ahead_of_the_run_only_where_it_exists_and_an_unusable
 
 
 def test_two_nightly_triggers_at_once_train_once(tmp_path: Path, fast_config, prefect_server):
-    from flows.retrain import retrain
-    from tasks.demo.data import write_demo_rag_log
+    from tunepipe.flows.retrain import retrain
+    from tunepipe.tasks.demo.data import write_demo_rag_log
 
     raw = small(fast_config(tmp_path))
     raw["rag"].update(sql_url=f"sqlite:///{tmp_path / 'rag.db'}", min_new_examples=3)
@@ -111,11 +111,11 @@ def _kill_child_when_it_runs(marker: str, log_glob: str, root: Path, timeout_s: 
 
 def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(tmp_path: Path, fast_config,
                                                                                 prefect_server):
-    from flows.finetune import finetune
+    from tunepipe.flows.finetune import finetune
 
     cfg = PipelineConfig.model_validate(small(fast_config(tmp_path)))
     killer = threading.Thread(target=_kill_child_when_it_runs, args=(
-        "tasks.evaluate.task:generate_outputs", "**/evaluate/*/worker/worker.log", tmp_path))
+        "tunepipe.tasks.evaluate.task:generate_outputs", "**/evaluate/*/worker/worker.log", tmp_path))
     killer.start()
     killed = finetune(cfg, return_state=True)
     killer.join()
@@ -138,8 +138,8 @@ def test_nightly_with_a_preference_objective_trains_kto_on_the_rated_bad_answers
 
     from mlflow.tracking import MlflowClient
 
-    from flows.retrain import retrain
-    from tasks.demo.data import write_demo_rag_log
+    from tunepipe.flows.retrain import retrain
+    from tunepipe.tasks.demo.data import write_demo_rag_log
 
     raw = small(fast_config(tmp_path))
     raw["rag"].update(sql_url=f"sqlite:///{tmp_path / 'rag.db'}", min_new_examples=3, max_bad_rating=2)

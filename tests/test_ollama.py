@@ -12,13 +12,13 @@ import pytest
 from conftest import closed_port
 from fake_ollama import FakeOllama
 
-from tasks.demo.tiny_model import CHATML_TEMPLATE
-from tasks.integrations.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
-from tasks.integrations.ollama.host import ollama_host
-from tasks.integrations.ollama.modelfile import modelfile_spec
-from tasks.integrations.ollama.render import render_served_prompt
-from tasks.integrations.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
-from tasks.runtime.config import OllamaConfig
+from tunepipe.tasks.demo.tiny_model import CHATML_TEMPLATE
+from tunepipe.tasks.integrations.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
+from tunepipe.tasks.integrations.ollama.host import ollama_host
+from tunepipe.tasks.integrations.ollama.modelfile import modelfile_spec
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt
+from tunepipe.tasks.integrations.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
+from tunepipe.tasks.runtime.config import OllamaConfig
 
 # Meta-Llama-3-8B-Instruct's chat template, as published.
 LLAMA3_TEMPLATE = (
@@ -361,10 +361,10 @@ def test_served_prompt_has_the_training_token_ids(tiny_model: Path, demo_data: t
     import yaml
     from transformers import AutoTokenizer
 
-    from tasks.data.containers import DataSource
-    from tasks.data.files import read_file
-    from tasks.data.format import IGNORE, tokenize_conversation
-    from tasks.data.shapes import Normaliser
+    from tunepipe.tasks.data.containers import DataSource
+    from tunepipe.tasks.data.files import read_file
+    from tunepipe.tasks.data.format import IGNORE, tokenize_conversation
+    from tunepipe.tasks.data.shapes import Normaliser
 
     system_prompt = yaml.safe_load(Path("configs/demo.yaml").read_text())["data"]["system_prompt"]
     example = read_file(DataSource(path=demo_data[1]), Normaliser(None, system_prompt)).examples[0]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from deployments.run_plan import detection_warnings
-from tasks.evaluate.paired import (
+from tunepipe.deployments.run_plan import detection_warnings
+from tunepipe.tasks.evaluate.paired import (
     PairedDifference,
     clears,
     detectable_difference,
@@ -17,7 +17,7 @@ from tasks.evaluate.paired import (
     paired_difference,
     promotion_probability,
 )
-from tasks.runtime.config import GateConfig, MetricRule
+from tunepipe.tasks.runtime.config import GateConfig, MetricRule
 
 
 def _binary(wins: int, losses: int, n: int, both_right: int = 0) -> tuple[list[float], list[float]]:

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from tasks import patches
+from tunepipe.tasks import patches
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import patches
-from tasks.patches import prefect as prefect_patch
+from tunepipe.tasks import patches
+from tunepipe.tasks.patches import prefect as prefect_patch
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO_FLOW = (
@@ -100,7 +100,7 @@ def test_the_early_temporary_server_is_started_as_prefect_starts_it(tmp_path):
     script = (
         "import json, subprocess, sys\n"
         "import prefect.server.api.server as prefect_server\n"
-        "from tasks.patches.prefect import server_command\n"
+        "from tunepipe.tasks.patches.prefect import server_command\n"
         "started, popen = {}, subprocess.Popen\n"
         "prefect_server.subprocess.Popen = lambda args, env: started.update(args=args, env=env)\n"
         "prefect_server.SubprocessASGIServer(port=8765)._run_uvicorn_command()\n"
@@ -123,7 +123,7 @@ def test_a_flow_runs_on_the_early_server_without_prefects_server_module(tmp_path
     run's process exits."""
     script = (
         "import sys\n"
-        "from tasks.patches.prefect import start_temporary_server, use_temporary_server\n"
+        "from tunepipe.tasks.patches.prefect import start_temporary_server, use_temporary_server\n"
         "server = start_temporary_server()\n"
         "use_temporary_server(server)\n"
         f"{HELLO_FLOW}"
@@ -144,7 +144,7 @@ def test_with_the_patch_off_a_flow_runs_on_prefects_own_temporary_server(tmp_pat
     """TUNEPIPE_PATCHES=prefect: nothing starts early, one line says so, and Prefect starts its own server."""
     script = (
         "import sys\n"
-        "from tasks.patches.prefect import start_temporary_server, use_temporary_server\n"
+        "from tunepipe.tasks.patches.prefect import start_temporary_server, use_temporary_server\n"
         "server = start_temporary_server()\n"
         "use_temporary_server(server)\n"
         f"{HELLO_FLOW}"
@@ -165,7 +165,7 @@ def test_an_api_set_only_in_a_prefect_profile_is_used_and_the_early_server_stopp
     """The server starts before Prefect can say whether a profile configures an API; once Prefect is imported,
     the profile's API wins and the server is stopped without a word."""
     script = (
-        "from tasks.patches.prefect import start_temporary_server, use_temporary_server\n"
+        "from tunepipe.tasks.patches.prefect import start_temporary_server, use_temporary_server\n"
         "server = start_temporary_server()\n"
         "use_temporary_server(server)\n"
         "from prefect.settings import PREFECT_API_URL\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.data.format import IGNORE
-from tasks.train.preference import dpo_loss, kl_rows, kto_loss, phase_rows, reference_logps, sequence_logps
+from tunepipe.tasks.data.format import IGNORE
+from tunepipe.tasks.train.preference import dpo_loss, kl_rows, kto_loss, phase_rows, reference_logps, sequence_logps
 
 
 def _policy_and_reference(tiny_model):
@@ -35,8 +35,8 @@ def _rows(batch: dict, tokenizer) -> list[dict]:
 
 
 def _stepper(model, pad_id: int):
-    from tasks.train.environment import Rank
-    from tasks.train.stepper import Stepper
+    from tunepipe.tasks.train.environment import Rank
+    from tunepipe.tasks.train.stepper import Stepper
 
     return Stepper(model=model, scaler=None, device=torch.device("cpu"), precision="fp32", backend="hf", packing=True,
                    row_tokens=None, head_chunk=64, pad_id=pad_id, max_oom_retries=0, rank=Rank())
@@ -126,13 +126,13 @@ def rated(tmp_path_factory, tiny_model, demo_data):
     HTML echoed back. Held-out pages carry rated-bad answers only."""
     import json
 
-    from tasks.chat.examples import read_examples, write_jsonl
-    from tasks.data.containers import DataSource
-    from tasks.data.files import read_file
-    from tasks.data.format import format_dataset
-    from tasks.data.shapes import Normaliser
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import ModelConfig
+    from tunepipe.tasks.chat.examples import read_examples, write_jsonl
+    from tunepipe.tasks.data.containers import DataSource
+    from tunepipe.tasks.data.files import read_file
+    from tunepipe.tasks.data.format import format_dataset
+    from tunepipe.tasks.data.shapes import Normaliser
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.config import ModelConfig
 
     work = tmp_path_factory.mktemp("rated")
     train, eval_ = ([json.loads(line) for line in path.read_text().splitlines()][:n] for path, n in
@@ -161,11 +161,11 @@ def rated(tmp_path_factory, tiny_model, demo_data):
 
 
 def _train(rated, out_dir, **train):
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import LoraConfig, TrainConfig
-    from tasks.runtime.worker import run_worker
-    from tasks.train.results import TrainResult
-    from tasks.train.task import TrainRequest
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.config import LoraConfig, TrainConfig
+    from tunepipe.tasks.runtime.worker import run_worker
+    from tunepipe.tasks.train.results import TrainResult
+    from tunepipe.tasks.train.task import TrainRequest
 
     data, model_cfg = rated
     # The demo's recipe for the tiny model (every weight, constant rate): it cannot learn through an adapter.
@@ -173,7 +173,7 @@ def _train(rated, out_dir, **train):
                       warmup_steps=2, save_steps=SAVE_STEPS, gradient_checkpointing=False, seed=1, **train)
     request = TrainRequest(data=data.train, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
                            lora=LoraConfig(), cfg=cfg, out_dir=out_dir)
-    return lambda on_event=None: run_worker("tasks.train.loop:train_model", request, TrainResult, out_dir,
+    return lambda on_event=None: run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, out_dir,
                                             on_event=on_event)
 
 
@@ -183,7 +183,7 @@ def _losses(result, rated) -> tuple[float, float]:
 
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
 
     data, _ = rated
     model = AutoModelForCausalLM.from_pretrained(result.adapter_dir, dtype=torch.float32).eval()
@@ -199,7 +199,7 @@ def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exac
     import os
     import signal
 
-    from tasks.runtime.worker import WorkerFailed
+    from tunepipe.tasks.runtime.worker import WorkerFailed
 
     sft = _train(rated, tmp_path / "sft")()
     kto_run = _train(rated, tmp_path / "kto", objective="sft+kto",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.rag_logs import RagSourceError
-from tasks.data.rag_source import (
+from tunepipe.tasks.data.rag_logs import RagSourceError
+from tunepipe.tasks.data.rag_source import (
     ConcurrentIngestion,
     collect_new_rows,
     commit_snapshot,
@@ -19,7 +19,7 @@ from tasks.data.rag_source import (
     read_state,
     state_dir,
 )
-from tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.runtime.config import PipelineConfig
 
 BASE = [{"input": f"base question {i}", "output": f"base answer {i}"} for i in range(4)]
 
@@ -91,7 +91,7 @@ def test_a_run_that_dies_before_the_commit_leaves_the_watermark_and_loses_nothin
         raise OSError("disk full")
 
     # The snapshot folder is written, then the process dies before the state file is replaced.
-    monkeypatch.setattr("tasks.data.rag_source._write_atomically", crash)
+    monkeypatch.setattr("tunepipe.tasks.data.rag_source._write_atomically", crash)
     with pytest.raises(OSError, match="disk full"):
         commit_snapshot(collected, cfg.data)
     monkeypatch.undo()
@@ -269,7 +269,7 @@ ROW_UNITS = {"csv", "parquet", "json-array"}  # numbered by record; JSON Lines b
 
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_snapshot_holds_the_normalised_base_rows_of_any_container_with_their_origin(tmp_path: Path, container):
-    from tasks.data.load import load_dataset
+    from tunepipe.tasks.data.load import load_dataset
 
     train, origins = CONTAINERS[container](tmp_path / "data")
     cfg = pipeline(tmp_path)
@@ -313,7 +313,7 @@ def test_a_separate_eval_set_is_normalised_into_the_snapshot(tmp_path: Path):
 
 def test_fingerprint_is_of_the_snapshots_content(tmp_path: Path):
     """The snapshot records the `dataset.fingerprint` a finetune run on it computes: a hash of what is on disk."""
-    from tasks.data.load import data_fingerprint
+    from tunepipe.tasks.data.load import data_fingerprint
 
     cfg = pipeline(tmp_path)
     db = make_db(tmp_path / "rag.db", [row(0)])
@@ -341,7 +341,7 @@ def test_unusable_sources_fail_with_the_config_key(tmp_path: Path):
 
 def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     """max_bad_rating keeps the thumbs-down: KTO rows either side, a DPO pair wherever a prompt has both."""
-    from tasks.data.load import load_dataset
+    from tunepipe.tasks.data.load import load_dataset
 
     cfg = pipeline(tmp_path, min_rating=4, max_bad_rating=2, context_mode="omit")
     make_db(tmp_path / "rag.db", [
@@ -363,7 +363,7 @@ def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     assert manifest["preference"] == {"desirable": 1, "undesirable": 3, "pairs": 2, "held_out": 0}
 
     loaded = load_dataset(snapshot.data, tmp_path / "loaded")
-    from tasks.chat.examples import read_examples
+    from tunepipe.tasks.chat.examples import read_examples
 
     examples = [*read_examples(loaded.train_path), *read_examples(loaded.validation_path),
                 *read_examples(loaded.eval_path)]
@@ -394,8 +394,8 @@ def test_rated_questions_are_held_out_by_prompt_when_eval_is_given(tmp_path: Pat
 def test_every_question_keeps_its_side_across_snapshots(tmp_path: Path):
     """Night after night the training set grows, and each question stays where the split first put it: a test
     question is never trained on later, and the champion of an earlier night never trained on today's test."""
-    from tasks.chat.examples import read_examples
-    from tasks.data.load import load_dataset
+    from tunepipe.tasks.chat.examples import read_examples
+    from tunepipe.tasks.data.load import load_dataset
 
     cfg = pipeline(tmp_path)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_fraction": 0.3,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chat.template import ChatContext
-from tasks.model.base import BaseModelError, resolve_base_model
-from tasks.model.packaged import (
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.model.base import BaseModelError, resolve_base_model
+from tunepipe.tasks.model.packaged import (
     SAMPLE_CONVERSATIONS,
     VocabularyMismatch,
     compare_token_ids,
@@ -20,7 +20,7 @@ from tasks.model.packaged import (
     packaged_gguf,
     read_gguf_metadata,
 )
-from tasks.runtime.config import ModelConfig, OllamaConfig
+from tunepipe.tasks.runtime.config import ModelConfig, OllamaConfig
 
 pytestmark = pytest.mark.slow  # loads, trains and exports real models
 
@@ -69,7 +69,7 @@ def test_a_trained_gemma_keeps_what_the_converter_needs_and_transformers_does_no
     normal, and llama.cpp splits them): training's output and export's merged folder get them back."""
     from transformers import AutoTokenizer
 
-    from tasks.model.base import keep_tokenizer_sources
+    from tunepipe.tasks.model.base import keep_tokenizer_sources
 
     out = tmp_path / "adapter"
     AutoTokenizer.from_pretrained(gemma3.name_or_path).save_pretrained(out)
@@ -101,7 +101,7 @@ def test_a_tokenizer_llama_cpp_does_not_reproduce_is_refused_naming_the_tokens(s
 def test_export_keeps_the_source_vocabulary_and_a_byte_fallback_tokenizer_is_caught(smollm2, tmp_path) -> None:
     """A tokenizer with byte_fallback sends the converter down the SentencePiece path; the GGUF it writes
     makes llama.cpp abort on the first text, which must come back as a message, not a dead process."""
-    from tasks.export.task import VocabularyChanged, check_source_vocabulary, convert
+    from tunepipe.tasks.export.task import VocabularyChanged, check_source_vocabulary, convert
 
     good = convert(Path(smollm2.name_or_path), tmp_path / "good.gguf", "f16")
     check_source_vocabulary(smollm2.gguf, good)
@@ -131,7 +131,7 @@ def test_a_missing_gguf_file_is_named(tmp_path) -> None:
 
 
 def _register(fake_ollama, gguf: Path, name: str) -> str:
-    from tasks.integrations.ollama.client import OllamaClient
+    from tunepipe.tasks.integrations.ollama.client import OllamaClient
 
     client = OllamaClient(fake_ollama.url)
     digest = client.push_blob(gguf)
@@ -202,8 +202,8 @@ def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
     Modelfile served by the Ollama stand-in passes the smoke test."""
     import yaml
 
-    from flows.finetune import finetune
-    from tasks.runtime.config import load_config
+    from tunepipe.flows.finetune import finetune
+    from tunepipe.tasks.runtime.config import load_config
 
     train, eval_ = _short_pages(demo_data, tmp_path, 120, 3)
     config = {
@@ -244,12 +244,12 @@ def gemma3_lora(gemma3, demo_data, tmp_path_factory):
     the candidate of the evaluate and export tests below."""
     from types import SimpleNamespace
 
-    from tasks.data.format import format_dataset
-    from tasks.data.load import load_dataset
-    from tasks.runtime.config import DataConfig, LoraConfig, TrainConfig
-    from tasks.runtime.worker import run_worker
-    from tasks.train.results import TrainResult
-    from tasks.train.task import TrainRequest
+    from tunepipe.tasks.data.format import format_dataset
+    from tunepipe.tasks.data.load import load_dataset
+    from tunepipe.tasks.runtime.config import DataConfig, LoraConfig, TrainConfig
+    from tunepipe.tasks.runtime.worker import run_worker
+    from tunepipe.tasks.train.results import TrainResult
+    from tunepipe.tasks.train.task import TrainRequest
 
     root = tmp_path_factory.mktemp("gemma3-lora")
     train, eval_ = _short_pages(demo_data, root, 40, 3)
@@ -261,7 +261,7 @@ def gemma3_lora(gemma3, demo_data, tmp_path_factory):
                            cfg=TrainConfig(mode="lora", max_steps=4, batch_size=4, learning_rate=2e-3,
                                            warmup_steps=1, save_steps=100, gradient_checkpointing=False),
                            out_dir=root / "train")
-    trained = run_worker("tasks.train.loop:train_model", request, TrainResult, root / "train")
+    trained = run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, root / "train")
     return SimpleNamespace(data_cfg=data_cfg, loaded=loaded, formatted=formatted, trained=trained)
 
 
@@ -270,9 +270,9 @@ def test_a_lora_trained_gemma3_exports_with_its_sentencepiece_vocabulary_and_ans
     """Gemma 3 base with the Gemma turn format supplied, LoRA-trained and merged: no system role (the SYSTEM
     opens the first user turn), a SentencePiece vocabulary that must come back as one (export checks it against
     the source GGUF's), and BOS added by the vocabulary, not the template."""
-    from tasks.export.parity import measure_parity
-    from tasks.export.task import export_model
-    from tasks.runtime.config import EvalConfig, ExportConfig
+    from tunepipe.tasks.export.parity import measure_parity
+    from tunepipe.tasks.export.task import export_model
+    from tunepipe.tasks.runtime.config import EvalConfig, ExportConfig
 
     assert gemma3_lora.trained.kind == "lora"
     exported = export_model(gemma3_lora.trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False),
@@ -300,9 +300,9 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.chat.generation import render_prompt, stop_token_ids
-    from tasks.evaluate.task import evaluate_models
-    from tasks.runtime.config import EvalConfig
+    from tunepipe.tasks.chat.generation import render_prompt, stop_token_ids
+    from tunepipe.tasks.evaluate.task import evaluate_models
+    from tunepipe.tasks.runtime.config import EvalConfig
 
     loaded, formatted, trained = gemma3_lora.loaded, gemma3_lora.formatted, gemma3_lora.trained
     cfg = EvalConfig(max_samples=3, max_new_tokens=24, batch_size=3)
@@ -331,7 +331,7 @@ def test_a_prompt_and_answer_longer_than_gemmas_window_are_refused_naming_the_fi
 
     from transformers import AutoConfig
 
-    from tasks.chat.generation import use_grouped_attention
+    from tunepipe.tasks.chat.generation import use_grouped_attention
 
     config = AutoConfig.from_pretrained(gemma3.name_or_path)
     config._attn_implementation = "sdpa"

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tasks.train.recompute import HostBuffers, LayerCheckpoint, _OnHost, checkpoint_layers
+from tunepipe.tasks.train.recompute import HostBuffers, LayerCheckpoint, _OnHost, checkpoint_layers
 
 
 def tiny_qwen3(recompute):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.integrations.ollama import render
-from tasks.integrations.ollama.render import render_served_prompt
+from tunepipe.tasks.integrations.ollama import render
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt
 
 LIST = "{{ if .System }}[S]{{ .System }}{{ end }}{{ range .Messages }}[{{ .Role }}]{{ .Content }}{{ end }}"
 USER = [{"role": "user", "content": "hi"}]

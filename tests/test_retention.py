@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chat.general_prompts import GeneralPromptsError, read_file, read_prompts
-from tasks.evaluate.gate import decide
-from tasks.evaluate.results import EvalReport, ModelScores, RetentionScores
-from tasks.runtime.config import ConfigError, GateConfig, RetentionConfig, load_config
+from tunepipe.tasks.chat.general_prompts import GeneralPromptsError, read_file, read_prompts
+from tunepipe.tasks.evaluate.gate import decide
+from tunepipe.tasks.evaluate.results import EvalReport, ModelScores, RetentionScores
+from tunepipe.tasks.runtime.config import ConfigError, GateConfig, RetentionConfig, load_config
 
 
 def test_builtin_prompts_change_language_from_one_to_the_next():
@@ -139,7 +139,7 @@ def forgetful_model(chatty_model: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def _full(folder: Path):
-    from tasks.train.results import TrainResult
+    from tunepipe.tasks.train.results import TrainResult
 
     return TrainResult(adapter_dir=folder, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
                        trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
@@ -153,11 +153,11 @@ def _request(out_dir: Path) -> dict:
 @pytest.mark.slow  # trains and scores in workers
 def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty_model: Path, forgetful_model: Path,
                                                                          tmp_path: Path):
-    from tasks.chat.template import ChatContext
-    from tasks.evaluate.report import retention_section
-    from tasks.evaluate.retention import measure_retention
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import ModelConfig
+    from tunepipe.tasks.chat.template import ChatContext
+    from tunepipe.tasks.evaluate.report import retention_section
+    from tunepipe.tasks.evaluate.retention import measure_retention
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.config import ModelConfig
 
     base = resolve_base_model(ModelConfig(base=str(chatty_model)))
     cfg = RetentionConfig(builtin=4, max_new_tokens=6)
@@ -193,10 +193,10 @@ def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty
 def test_an_answer_cut_at_the_limit_is_scored_without_the_end_of_turn(tiny_model: Path):
     from transformers import AutoTokenizer
 
-    from tasks.chat.examples import Message
-    from tasks.chat.template import ChatContext
-    from tasks.data.format import IGNORE
-    from tasks.evaluate.retention import answer_rows
+    from tunepipe.tasks.chat.examples import Message
+    from tunepipe.tasks.chat.template import ChatContext
+    from tunepipe.tasks.data.format import IGNORE
+    from tunepipe.tasks.evaluate.retention import answer_rows
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     conversation = [Message(role="user", content="Say something.")]
@@ -212,10 +212,10 @@ def test_an_answer_cut_at_the_limit_is_scored_without_the_end_of_turn(tiny_model
 @pytest.mark.slow  # answers in a worker
 def test_empty_answers_cut_at_the_limit_leave_nothing_to_measure(tiny_model: Path, tmp_path: Path):
     """The tiny model's greedy token decodes to nothing: no word of the base's to score, so no retention."""
-    from tasks.chat.template import ChatContext
-    from tasks.evaluate.retention import measure_retention
-    from tasks.model.base import resolve_base_model
-    from tasks.runtime.config import ModelConfig
+    from tunepipe.tasks.chat.template import ChatContext
+    from tunepipe.tasks.evaluate.retention import measure_retention
+    from tunepipe.tasks.model.base import resolve_base_model
+    from tunepipe.tasks.runtime.config import ModelConfig
 
     base = resolve_base_model(ModelConfig(base=str(tiny_model)))
     cfg = RetentionConfig(builtin=2, max_new_tokens=4)

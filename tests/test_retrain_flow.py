@@ -8,13 +8,13 @@ import sqlite3
 
 import pytest
 
-from deployments.cli import main
-from deployments.output import stage_states
-from flows.evaluate import evaluate_model
-from flows.retrain import retrain
-from tasks.data.rag_source import read_state, state_dir
-from tasks.demo.data import write_demo_rag_log
-from tasks.runtime.config import PipelineConfig
+from tunepipe.deployments.cli import main
+from tunepipe.deployments.output import stage_states
+from tunepipe.flows.evaluate import evaluate_model
+from tunepipe.flows.retrain import retrain
+from tunepipe.tasks.data.rag_source import read_state, state_dir
+from tunepipe.tasks.demo.data import write_demo_rag_log
+from tunepipe.tasks.runtime.config import PipelineConfig
 
 pytestmark = pytest.mark.slow  # runs the retrain flow
 
@@ -105,7 +105,7 @@ def test_status_and_trace_follow_an_ollama_tag_to_its_run_and_rows(runs, setup, 
                                                 "dataset.fingerprint": outcome.snapshot.fingerprint})
     client.set_registered_model_alias(cfg.name, "champion", version.version)
 
-    from deployments.status import gather_status, gather_trace
+    from tunepipe.deployments.status import gather_status, gather_trace
 
     trace = gather_trace(cfg, "tunepipe-demo:1", rows=3)
     assert trace.run_id == outcome.mlflow_run_id and trace.dataset_fingerprint == outcome.snapshot.fingerprint

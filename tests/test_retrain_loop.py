@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.output import stage_states
-from flows.finetune import GateFailed, finetune
-from flows.serve import serve
-from tasks.export.parity import parity
-from tasks.export.task import export
-from tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT
-from tasks.runtime.config import load_config
-from tasks.serve.task import register
+from tunepipe.deployments.output import stage_states
+from tunepipe.flows.finetune import GateFailed, finetune
+from tunepipe.flows.serve import serve
+from tunepipe.tasks.export.parity import parity
+from tunepipe.tasks.export.task import export
+from tunepipe.tasks.integrations.model_registry import CHAMPION_ALIAS, MODEL_ARTIFACT
+from tunepipe.tasks.runtime.config import load_config
+from tunepipe.tasks.serve.task import register
 
 pytestmark = pytest.mark.slow  # runs the retrain loop, training for real
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate.gate import decide
-from tasks.evaluate.report import write_report
-from tasks.evaluate.results import Attempt, AttemptPlan, EvalReport, ModelScores
-from tasks.evaluate.retrain_plan import apply_change, next_attempt, outcome
-from tasks.runtime.config import ConfigError, GateConfig, MetricRule, PipelineConfig, RetrainChange, load_config
-from tasks.train.results import LossPoint, TrainResult
+from tunepipe.tasks.evaluate.gate import decide
+from tunepipe.tasks.evaluate.report import write_report
+from tunepipe.tasks.evaluate.results import Attempt, AttemptPlan, EvalReport, ModelScores
+from tunepipe.tasks.evaluate.retrain_plan import apply_change, next_attempt, outcome
+from tunepipe.tasks.runtime.config import ConfigError, GateConfig, MetricRule, PipelineConfig, RetrainChange, load_config
+from tunepipe.tasks.train.results import LossPoint, TrainResult
 
 GATE = GateConfig(rules={"field_accuracy": MetricRule(min=0.5)})
 
@@ -141,8 +141,8 @@ def test_cli_prints_the_metrics_table_every_failing_reason_and_the_report(tmp_pa
 
     from rich.console import Console
 
-    from deployments.output import Report
-    from flows.finetune import GateFailed
+    from tunepipe.deployments.output import Report
+    from tunepipe.flows.finetune import GateFailed
 
     cfg = _config(max_attempts=2)
     attempts = _run(cfg, tmp_path, [0.25, 0.375])
@@ -173,7 +173,7 @@ def test_cli_prints_the_metrics_table_every_failing_reason_and_the_report(tmp_pa
 def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_longer(tmp_path: Path):
     """The default plan (continue for as many steps again) is replaced by retrain.past_best when the held-out
     curve peaked before its last evaluation; a curve still improving at its end follows the plan."""
-    from tasks.train.results import EvalPoint
+    from tunepipe.tasks.train.results import EvalPoint
 
     cfg = _config(max_attempts=3)
     first = _attempt(tmp_path, next_attempt(cfg, []), 0.25)

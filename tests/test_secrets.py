@@ -13,7 +13,7 @@ import pytest
 import yaml
 from test_finetune_flow import config_path  # noqa: F401  (the flow tests' config, as a fixture)
 
-from tasks.runtime.redact import RedactingFilter, redact
+from tunepipe.tasks.runtime.redact import RedactingFilter, redact
 
 HF_TOKEN = "hf_" + secrets.token_hex(17)
 URL_TOKEN = "tok-" + secrets.token_hex(8)
@@ -66,8 +66,8 @@ def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, 
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
-    from deployments.cli import run_finetune
-    from tasks.runtime.config import load_config
+    from tunepipe.deployments.cli import run_finetune
+    from tunepipe.tasks.runtime.config import load_config
 
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     out = tmp_path / "out"  # everything the run writes; the config (which holds the secrets) stays outside

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.demo.data import write_demo_rag_log
+from tunepipe.tasks.demo.data import write_demo_rag_log
 
 pytestmark = pytest.mark.slow  # starts a Prefect server and a process worker
 

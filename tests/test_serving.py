@@ -10,14 +10,14 @@ import pytest
 from conftest import closed_port, gguf_file
 from fake_ollama import FakeOllama
 
-from tasks.chat.template import ChatContext
-from tasks.export.results import GgufFile
-from tasks.integrations.model_registry import find_champion, rollback
-from tasks.integrations.ollama.client import OllamaClient
-from tasks.integrations.ollama.modelfile import modelfile_spec
-from tasks.runtime.config import OllamaConfig
-from tasks.serve.results import PLAN_ARTIFACT, ServingPlan, SmokeCase
-from tasks.serve.task import SmokeTestFailed, promote_candidate, register_candidate, smoke_test_model
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.export.results import GgufFile
+from tunepipe.tasks.integrations.model_registry import find_champion, rollback
+from tunepipe.tasks.integrations.ollama.client import OllamaClient
+from tunepipe.tasks.integrations.ollama.modelfile import modelfile_spec
+from tunepipe.tasks.runtime.config import OllamaConfig
+from tunepipe.tasks.serve.results import PLAN_ARTIFACT, ServingPlan, SmokeCase
+from tunepipe.tasks.serve.task import SmokeTestFailed, promote_candidate, register_candidate, smoke_test_model
 
 pytestmark = pytest.mark.slow  # serves GGUF models through the stand-in Ollama
 
@@ -142,7 +142,7 @@ def test_rollback_refuses_when_the_previous_model_left_ollama(
 
 def test_rollback_command(fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path,
                           capsys: pytest.CaptureFixture) -> None:
-    from deployments.cli import main
+    from tunepipe.deployments.cli import main
 
     uri, _ = mlflow_run
     plan = _plan(obedient_gguf, "cli", fake_ollama.url, mlflow_run, tiny_model)
@@ -196,7 +196,7 @@ def test_register_command_finishes_a_logged_plan(prefect_server, fake_ollama: Fa
     """`tunepipe register RUN_ID`: the serve flow from the plan the run logged, through to promotion."""
     from mlflow.tracking import MlflowClient
 
-    from deployments.cli import main
+    from tunepipe.deployments.cli import main
 
     uri, run_id = mlflow_run
     plan = _plan(obedient_gguf, "later", fake_ollama.url, mlflow_run, tiny_model)
@@ -212,14 +212,14 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
         tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
     import yaml
 
-    from tasks.chat.examples import write_jsonl
-    from tasks.data.containers import DataSource
-    from tasks.data.files import read_file
-    from tasks.data.shapes import Normaliser
-    from tasks.export.results import ExportResult, ParityVerdict
-    from tasks.runtime.base_model import BaseModelRef
-    from tasks.runtime.config import PipelineConfig
-    from tasks.serve.task import ParityFailed, plan_serving
+    from tunepipe.tasks.chat.examples import write_jsonl
+    from tunepipe.tasks.data.containers import DataSource
+    from tunepipe.tasks.data.files import read_file
+    from tunepipe.tasks.data.shapes import Normaliser
+    from tunepipe.tasks.export.results import ExportResult, ParityVerdict
+    from tunepipe.tasks.runtime.base_model import BaseModelRef
+    from tunepipe.tasks.runtime.config import PipelineConfig
+    from tunepipe.tasks.serve.task import ParityFailed, plan_serving
 
     raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
     raw["ollama"]["smoke_examples"] = 3
@@ -250,7 +250,7 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
 
 
 def _flaky_plan(gguf: GgufFile, name: str, fake: FakeOllama, mlflow_run, tiny_model: Path) -> ServingPlan:
-    from tasks.runtime.config import RetryConfig
+    from tunepipe.tasks.runtime.config import RetryConfig
 
     # Three tries, no waiting: the backoff's length is Prefect's business, the outcome is ours.
     return _plan(gguf, name, fake.url, mlflow_run, tiny_model).model_copy(
@@ -268,7 +268,7 @@ def test_serve_flow_rides_out_ollama_faults_and_registers_once(
         prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from flows.serve import serve
+    from tunepipe.flows.serve import serve
 
     uri, _ = mlflow_run
     plan = _flaky_plan(obedient_gguf, "flaky", fake_ollama, mlflow_run, tiny_model)
@@ -289,7 +289,7 @@ def test_serve_flow_rides_out_ollama_faults_and_registers_once(
 def test_ollama_killed_for_good_mid_serve_leaves_the_champion_and_latest_in_step(
         prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path,
         path: str, step: str) -> None:
-    from flows.serve import serve
+    from tunepipe.flows.serve import serve
 
     uri, _ = mlflow_run
     name = f"down-{step.replace('_', '-')}"
@@ -305,7 +305,7 @@ def test_ollama_killed_for_good_mid_serve_leaves_the_champion_and_latest_in_step
 
 def test_ollama_killed_after_moving_latest_is_put_in_step_by_the_retry(
         prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
-    from flows.serve import serve
+    from tunepipe.flows.serve import serve
 
     uri, _ = mlflow_run
     first = _flaky_plan(obedient_gguf, "moved", fake_ollama, mlflow_run, tiny_model)
@@ -322,7 +322,7 @@ def test_ollama_killed_after_moving_latest_is_put_in_step_by_the_retry(
 def test_smoke_test_judges_the_answer_after_the_reasoning_as_the_evaluation_does() -> None:
     from types import SimpleNamespace
 
-    from tasks.serve.task import _answer_problems
+    from tunepipe.tasks.serve.task import _answer_problems
 
     plan = SimpleNamespace(output_format="json", required_keys=["name"])
     assert _answer_problems('<think>\nThe heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Enough steps that a stop lands mid-training on an idle machine too, where the tiny model trains a handful of
 # steps faster than the test can see a checkpoint and signal; a checkpoint every 5: room to stop a run twice.
 STEPS, SAVE_STEPS = 200, 5
-CLI = [sys.executable, "-c", "import sys; from deployments.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-c", "import sys; from tunepipe.deployments.cli import main; sys.exit(main())"]
 
 
 class Stopped:
@@ -130,7 +130,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fast_config):
 def test_ctrl_c_stops_the_worker_and_the_temporary_server(runs):
     _, _, interrupted, _, _ = runs
     commands = " ".join(interrupted.started.values())
-    assert "tasks.runtime.worker" in commands and "uvicorn" in commands  # what there was to stop
+    assert "tunepipe.tasks.runtime.worker" in commands and "uvicorn" in commands  # what there was to stop
     assert (interrupted.returncode, interrupted.still_running) == (130, {})
 
 
@@ -138,7 +138,7 @@ def test_ctrl_c_stops_the_worker_and_the_temporary_server(runs):
 def test_sigterm_stops_the_worker_and_the_temporary_server(runs):
     _, _, _, terminated, _ = runs
     commands = " ".join(terminated.started.values())
-    assert "tasks.runtime.worker" in commands and "uvicorn" in commands
+    assert "tunepipe.tasks.runtime.worker" in commands and "uvicorn" in commands
     assert (terminated.returncode, terminated.still_running) == (143, {})
 
 
@@ -183,11 +183,11 @@ def test_the_tunepipe_command_skips_the_interpreters_collection_at_exit_and_a_ca
     so the interpreter's teardown does not collect them all; a program calling main(argv) is left as it was."""
     import gc
 
-    from deployments.cli import main
+    from tunepipe.deployments.cli import main
 
     frozen = gc.get_freeze_count()
     assert main(["schema", "-o", os.devnull]) == 0 and gc.get_freeze_count() == frozen
-    script = "import gc, sys; from deployments.cli import main; status = main(); print(gc.get_freeze_count() > 0)"
+    script = "import gc, sys; from tunepipe.deployments.cli import main; status = main(); print(gc.get_freeze_count() > 0)"
     done = subprocess.run([sys.executable, "-c", script, "schema", "-o", os.devnull], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert (done.returncode, done.stdout.split()) == (0, ["True"]), done.stderr[-4000:]

@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from tasks.chat.template import ChatContext
-from tasks.integrations.llama_cpp import chat_templates_dir
-from tasks.integrations.ollama.render import render_served_prompt
-from tasks.integrations.ollama.template import TemplateRefused, ollama_template, transformers_renderer
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.integrations.llama_cpp import chat_templates_dir
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt
+from tunepipe.tasks.integrations.ollama.template import TemplateRefused, ollama_template, transformers_renderer
 
 EOS = "<EOS>"  # any text does: templates only place it (after an answer, Mistral and DeepSeek)
 
@@ -60,7 +60,7 @@ def test_real_template_is_served_as_trained_or_refused_with_its_reason(path) -> 
 
 def test_real_models_templates_are_served_as_trained() -> None:
     """SmolLM2-135M-Instruct's ChatML with its default system prompt; Gemma 3's turns, with no system role."""
-    from tasks.model.packaged import PACKAGED, packaged_gguf, read_gguf_metadata
+    from tunepipe.tasks.model.packaged import PACKAGED, packaged_gguf, read_gguf_metadata
 
     smollm2 = read_gguf_metadata(packaged_gguf("smollm2-135m-instruct"))
     smol = ollama_template(transformers_renderer(smollm2["tokenizer.chat_template"], eos_token="<|im_end|>"))
@@ -153,10 +153,10 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     Laguna S). Where every reply opens with markup of the template's own (gpt-oss's final channel, Solar,
     functionary, Kimi K3, Command R7B), the generation prompt ends with it and the model is trained to write only
     what follows: all Ollama returns up to the stop."""
-    from tasks.chat.examples import Example, Message, split_reasoning
-    from tasks.chat.generation import render_prompt
-    from tasks.data.format import _pieces
-    from tasks.data.shapes import apply_reasoning
+    from tunepipe.tasks.chat.examples import Example, Message, split_reasoning
+    from tunepipe.tasks.chat.generation import render_prompt
+    from tunepipe.tasks.data.format import _pieces
+    from tunepipe.tasks.data.shapes import apply_reasoning
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     chat = ChatContext.for_template(policy, template, dt.date(2026, 12, 1))
@@ -186,8 +186,8 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
 def test_several_answers_where_the_template_drops_earlier_reasoning_are_refused(name: str) -> None:
     """QwQ and the R1 distills render an earlier answer without its `<think>` block, while the last one trains
     with it: such a conversation is no single training sequence, and formatting names the row and the answer."""
-    from tasks.chat.examples import Example, Message
-    from tasks.data.format import _pieces
+    from tunepipe.tasks.chat.examples import Example, Message
+    from tunepipe.tasks.data.format import _pieces
 
     answer = Message(role="assistant", content=f"<think>\nR\n</think>\n\n{ANSWER}")
     example = Example(id="x", source="train.jsonl", line=3, messages=[
@@ -203,8 +203,8 @@ def test_several_answers_behind_a_reply_prefix_train_each_or_are_refused(name: s
     """Each answer of a conversation trains after the generation prompt that ends with the reply prefix (Solar);
     gpt-oss renders an earlier answer ending `<|end|>` where the last one trained `<|return|>`, so such a row is
     no single training sequence and formatting names it."""
-    from tasks.chat.examples import Example, Message
-    from tasks.data.format import FormatRefused, _pieces
+    from tunepipe.tasks.chat.examples import Example, Message
+    from tunepipe.tasks.data.format import FormatRefused, _pieces
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     chat = ChatContext.for_template("strip", template, dt.date(2026, 12, 1))

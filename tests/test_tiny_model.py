@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo.tiny_model import EMBED_STD, SHAPE, build_tiny_model
+from tunepipe.tasks.demo.tiny_model import EMBED_STD, SHAPE, build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_llama_cpp_tokenizes_chat_text_exactly_as_transformers(tiny_model: Path,
     training used, on whole chat-formatted demo conversations: markup, prices, names, JSON, whitespace."""
     from transformers import AutoTokenizer
 
-    from tasks.demo.tiny_model import VOCAB
-    from tasks.integrations.llama_cpp import load_gguf
+    from tunepipe.tasks.demo.tiny_model import VOCAB
+    from tunepipe.tasks.integrations.llama_cpp import load_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     rows = [json.loads(line) for line in demo_data[1].read_text().splitlines()[:16]]

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.format import format_dataset
-from tasks.data.load import load_dataset
-from tasks.data.results import FormattedData, LoadedData
-from tasks.model.base import resolve_base_model
-from tasks.runtime.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
-from tasks.runtime.worker import WorkerFailed, run_worker
-from tasks.train.results import HeldOut, TrainResult
-from tasks.train.task import TrainRequest
+from tunepipe.tasks.data.format import format_dataset
+from tunepipe.tasks.data.load import load_dataset
+from tunepipe.tasks.data.results import FormattedData, LoadedData
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.runtime.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+from tunepipe.tasks.runtime.worker import WorkerFailed, run_worker
+from tunepipe.tasks.train.results import HeldOut, TrainResult
+from tunepipe.tasks.train.task import TrainRequest
 
 pytestmark = pytest.mark.slow  # trains the tiny model in worker processes
 
@@ -48,7 +48,7 @@ def request_for(formatted, out_dir: Path, **train) -> TrainRequest:
 
 
 def train_in_worker(request: TrainRequest, on_event=None, devices: int = 1) -> TrainResult:
-    return run_worker("tasks.train.loop:train_model", request, TrainResult, request.out_dir, devices=devices,
+    return run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, request.out_dir, devices=devices,
                       on_event=on_event)
 
 
@@ -80,7 +80,7 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.train import batching, stepper
+    from tunepipe.tasks.train import batching, stepper
 
     data, _ = formatted
     rows = data.train.rows()[:6]
@@ -110,7 +110,7 @@ def test_packed_loss_equals_unpacked_loss_for_every_example(formatted, tiny_mode
 
 
 def test_packed_layout_holds_every_micro_batch_in_one_shape_or_declines_when_padding_would_dominate():
-    from tasks.train import batching
+    from tunepipe.tasks.train import batching
 
     layout = batching.packed_layout([[30, 50, 20], [60, 60], [10, 40, 5, 5]])
     assert layout == batching.PackedLayout(width=100, segments=5, longest=50)  # [60, 60] is not packed
@@ -131,7 +131,7 @@ def test_a_row_of_the_packed_layout_gives_every_example_its_own_loss(formatted, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.train import batching, stepper
+    from tunepipe.tasks.train import batching, stepper
 
     data, _ = formatted
     rows = data.train.rows()[:6]
@@ -159,7 +159,7 @@ def test_chunked_head_loss_and_gradients_equal_plain_cross_entropy(with_bias):
     full logits, in fp32: losses, and gradients of the hidden states, the weight and the bias."""
     import torch
 
-    from tasks.train.head_loss import head_cross_entropy
+    from tunepipe.tasks.train.head_loss import head_cross_entropy
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=with_bias)
@@ -231,7 +231,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
                                                                            monkeypatch):
     import torch
 
-    from tasks.train import loop, stepper
+    from tunepipe.tasks.train import loop, stepper
 
     real_micro = stepper.Stepper._micro
 
@@ -251,10 +251,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(form
 def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_larger_micro_batches(monkeypatch):
     import torch
 
-    from tasks.train.batching import PackedLayout
-    from tasks.train.checkpoints import TrainingState
-    from tasks.train.environment import Rank
-    from tasks.train.stepper import Stepper
+    from tunepipe.tasks.train.batching import PackedLayout
+    from tunepipe.tasks.train.checkpoints import TrainingState
+    from tunepipe.tasks.train.environment import Rank
+    from tunepipe.tasks.train.stepper import Stepper
 
     class Model:
         def zero_grad(self, set_to_none):
@@ -283,7 +283,7 @@ def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_lar
     ({"objective": "sft+kto", "devices": 2}, "train.objective=sft\\+kto trains on one device"),
 ])
 def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, train, message):
-    from tasks.train.environment import Rank, TrainingEnvironmentError, check_environment, choose_backend
+    from tunepipe.tasks.train.environment import Rank, TrainingEnvironmentError, check_environment, choose_backend
 
     request = request_for(formatted, tmp_path, **train)
     with pytest.raises(TrainingEnvironmentError, match=message):
@@ -294,7 +294,7 @@ def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, t
 def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
     from transformers import AutoConfig
 
-    from tasks.train.environment import estimate_memory
+    from tunepipe.tasks.train.environment import estimate_memory
 
     lora = request_for(formatted, tmp_path)
     full = request_for(formatted, tmp_path, mode="full")
@@ -307,7 +307,7 @@ def test_memory_estimate_counts_what_the_mode_trains(formatted, tmp_path):
 def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(formatted, tmp_path, monkeypatch):
     from transformers import AutoConfig
 
-    from tasks.train import environment
+    from tunepipe.tasks.train import environment
 
     request = request_for(formatted, tmp_path, gradient_checkpointing="auto", batch_size=64)
     config = AutoConfig.from_pretrained(request.base.name_or_path)
@@ -323,7 +323,7 @@ def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(forma
 
 
 def test_init_from_continues_from_an_earlier_adapter(formatted, uninterrupted, tmp_path):
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     request = request_for(formatted, tmp_path / "stage", max_steps=1).model_copy(
         update={"init_from": uninterrupted.adapter_dir})
@@ -359,7 +359,7 @@ def with_held_out(request: TrainRequest, held_out: HeldOut, **update) -> TrainRe
 
 @pytest.fixture(scope="module")
 def peaked(formatted, held_out, tmp_path_factory) -> TrainResult:
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     return train_model(with_held_out(request_for(formatted, tmp_path_factory.mktemp("peaked"), **PEAKED), held_out))
 
@@ -371,10 +371,10 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.task import answer_losses, mean_answer_loss
-    from tasks.export.task import export_model
-    from tasks.runtime.config import ExportConfig
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.export.task import export_model
+    from tunepipe.tasks.runtime.config import ExportConfig
+    from tunepipe.tasks.train.loop import train_model
 
     losses = [p.eval_loss for p in peaked.eval_history]
     assert [p.step for p in peaked.eval_history] == [1, 2, 3]
@@ -403,7 +403,7 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
 
 def test_evaluating_an_answer_metric_does_not_change_the_training(formatted, held_out, tmp_path):
     """Greedy answers during training (field accuracy on 2 prompts) leave the weights as without them."""
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     short = dict(max_steps=2, save_steps=10)
     plain = train_model(request_for(formatted, tmp_path / "plain", **short))
@@ -442,7 +442,7 @@ def test_killed_training_resumes_with_its_best_checkpoint_and_patience(formatted
 
 
 def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, held_out, peaked, tmp_path):
-    from tasks.train.loop import train_model
+    from tunepipe.tasks.train.loop import train_model
 
     request = with_held_out(request_for(formatted, tmp_path, **(PEAKED | dict(max_steps=1))), held_out)
     continued = train_model(request.model_copy(update={"init_from": peaked.adapter_dir}))
@@ -451,9 +451,9 @@ def test_continuing_an_attempt_evaluates_the_weights_it_starts_from(formatted, h
 
 
 def test_the_best_evaluation_breaks_ties_by_loss_and_patience_counts_gains_over_min_delta():
-    from tasks.train.checkpoints import TrainingState
-    from tasks.train.results import EvalPoint
-    from tasks.train.selection import track_best
+    from tunepipe.tasks.train.checkpoints import TrainingState
+    from tunepipe.tasks.train.results import EvalPoint
+    from tunepipe.tasks.train.selection import track_best
 
     state = TrainingState(micro_batch_size=1)
     scores = [(0.50, 1.0), (0.50, 0.9), (0.52, 1.1), (0.40, 0.5), (0.60, 0.8)]  # (field accuracy, eval loss)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.format import IGNORE
+from tunepipe.tasks.data.format import IGNORE
 
 pytestmark = pytest.mark.slow  # trains on a GPU
 
@@ -53,8 +53,8 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
     from unsloth import FastLanguageModel
     from unsloth.utils import attention_dispatch
 
-    from tasks.patches import unsloth as unsloth_patches
-    from tasks.train import batching, stepper
+    from tunepipe.tasks.patches import unsloth as unsloth_patches
+    from tunepipe.tasks.train import batching, stepper
 
     device = cuda_with_unsloth
     model, _ = FastLanguageModel.from_pretrained(model_name=str(small_gqa_model(tmp_path / "model")),
@@ -110,7 +110,7 @@ def test_varlen_kernel_given_grouped_kv_heads_attends_as_with_repeated_heads(cud
     gradients (K / V's summed over each group) are those of the same heads repeated."""
     import torch
 
-    from tasks.patches import torch as torch_patches
+    from tunepipe.tasks.patches import torch as torch_patches
 
     varlen = pytest.importorskip("torch.nn.attention.varlen")
     device = cuda_with_unsloth
@@ -144,7 +144,7 @@ def lora_model(path: str, backend: str, recompute, device):
     """The small model with LoRA on all seven projections, recomputation as the loop sets it up."""
     import torch
 
-    from tasks.train.recompute import checkpoint_layers
+    from tunepipe.tasks.train.recompute import checkpoint_layers
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if backend == "unsloth":
@@ -176,10 +176,10 @@ def train_steps(model, steps: list[list[dict]], backend: str, cuda_graphs: bool,
     after every step, and the stepper."""
     import torch
 
-    from tasks.train.batching import n_loss_tokens
-    from tasks.train.checkpoints import TrainingState
-    from tasks.train.environment import Rank
-    from tasks.train.stepper import Stepper, finish_step
+    from tunepipe.tasks.train.batching import n_loss_tokens
+    from tunepipe.tasks.train.checkpoints import TrainingState
+    from tunepipe.tasks.train.environment import Rank
+    from tunepipe.tasks.train.stepper import Stepper, finish_step
 
     model.zero_grad(set_to_none=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -220,7 +220,7 @@ def assert_trained_alike(graphed, eager, start: dict, label: str) -> None:
 def test_steps_replayed_from_cuda_graphs_train_as_eager_steps(cuda_with_unsloth, tmp_path, backend, recompute):
     """Four steps of two micro-batches each (so gradients accumulate over graph replays), from the same start,
     with the transformer replayed from CUDA graphs and without: the same losses and weights after every step."""
-    from tasks.train import checkpoints
+    from tunepipe.tasks.train import checkpoints
 
     model = lora_model(str(small_gqa_model(tmp_path / "model")), backend, recompute, cuda_with_unsloth)
     model.train()
@@ -244,8 +244,8 @@ def test_packed_rows_replayed_from_cuda_graphs_train_as_eager_packed_rows(cuda_w
     """unsloth's packed micro-batches in the run's one layout (padding blocks, empty blocks), replayed from CUDA
     graphs, train as the same examples packed eagerly into rows of their own width, which attend within each
     example (test_unsloth_packed_loss_equals_unpacked_loss_for_every_example)."""
-    from tasks.patches import unsloth as unsloth_patches
-    from tasks.train import batching, checkpoints
+    from tunepipe.tasks.patches import unsloth as unsloth_patches
+    from tunepipe.tasks.train import batching, checkpoints
 
     model = lora_model(str(small_gqa_model(tmp_path / "model")), "unsloth", recompute, cuda_with_unsloth)
     assert unsloth_patches.unsloth_packs(cuda_with_unsloth)  # as the loop asks before it packs
@@ -274,7 +274,7 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
     GPU than recomputation does (by at least a layer's input); the losses and LoRA gradients agree."""
     import torch
 
-    from tasks.train import recompute, stepper
+    from tunepipe.tasks.train import recompute, stepper
 
     moved = []
     on_host = recompute._OnHost.__init__

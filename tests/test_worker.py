@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tasks.runtime import worker
-from tasks.runtime.worker import WorkerFailed, prestart_worker, run_worker, spare_workers
+from tunepipe.tasks.runtime import worker
+from tunepipe.tasks.runtime.worker import WorkerFailed, prestart_worker, run_worker, spare_workers
 
 pytestmark = pytest.mark.slow  # starts worker processes
 
@@ -146,9 +146,9 @@ def test_a_spare_that_died_warming_up_gives_way_to_a_fresh_worker(tmp_path):
 
 
 def test_tunepipe_run_stops_its_training_spare_when_the_run_fails_before_the_flow(monkeypatch):
-    import tasks.train.prestart
-    from deployments import cli
-    from tasks.runtime.config import load_config
+    import tunepipe.tasks.train.prestart
+    from tunepipe.deployments import cli
+    from tunepipe.tasks.runtime.config import load_config
 
     def no_server(early):
         raise RuntimeError("the Prefect server did not come up")
@@ -162,7 +162,7 @@ def test_tunepipe_run_stops_its_training_spare_when_the_run_fails_before_the_flo
         prestart_worker("test_worker:target", "fast")
         started.extend(_spare_processes())
 
-    monkeypatch.setattr(tasks.train.prestart, "prestart_training", prestart_training)
+    monkeypatch.setattr(tunepipe.tasks.train.prestart, "prestart_training", prestart_training)
     with pytest.raises(RuntimeError, match="did not come up"):
         cli.run_finetune(load_config("configs/demo.yaml"), unserved_status=0)
     assert started and not _spare_processes()

@@ -16,7 +16,7 @@ Unit = Literal["line", "row"]
 # A reasoning block as reasoning models write it (Qwen3, DeepSeek-R1), at the start of an answer. The opening
 # tag may be missing from a model's reply: templates whose generation prompt opens the block (Qwen3.5, QwQ,
 # DeepSeek-R1) have the model write only the reasoning and `</think>`. Training data must open it
-# (`tasks.data.shapes.apply_reasoning` refuses a stray `</think>`).
+# (`tunepipe.tasks.data.shapes.apply_reasoning` refuses a stray `</think>`).
 THINK_BLOCK = re.compile(r"^\s*(?:<think>)?(.*?)</think>\s*", re.DOTALL)
 
 

@@ -14,11 +14,11 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from tasks.chat.examples import Message
+from tunepipe.tasks.chat.examples import Message
 
 
 class PromptsConfig(Protocol):
-    """What `read_prompts` reads of `eval.retention` (tasks.runtime.config.RetentionConfig, which calls it)."""
+    """What `read_prompts` reads of `eval.retention` (tunepipe.tasks.runtime.config.RetentionConfig, which calls it)."""
 
     builtin: int
     prompts: Path | None

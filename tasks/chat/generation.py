@@ -7,7 +7,7 @@ few forward passes, and each step is then one launch.
 
 Attention is our own (`grouped_attention`, registered with transformers as `GROUPED_ATTENTION`): given a mask,
 transformers' SDPA path copies every key/value head once per query head and falls back to a slower kernel. It and
-the fused norms rely on transformers' internals, so they come through `tasks.patches.transformers`; with those
+the fused norms rely on transformers' internals, so they come through `tunepipe.tasks.patches.transformers`; with those
 patches off the decoder runs the model's own SDPA attention and norms, to the same answers.
 
 Shapes are fixed per call so one graph serves every batch: `rows` sequences (the last batch is filled up
@@ -22,8 +22,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from tasks.chat.template import ChatContext
-from tasks.patches.transformers import attention_implementation, unfuse_norms, use_fused_norms
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.patches.transformers import attention_implementation, unfuse_norms, use_fused_norms
 
 # The decode loop checks whether every row has stopped this often: each check waits for the GPU.
 STOP_CHECK_EVERY = 8
@@ -57,7 +57,7 @@ def greedy_answers(
     """Greedy answers to `conversations` (prompts rendered with `chat`), in their order, decoded up to the
     first stop token.
 
-    `progress` (a `tasks.runtime.progress.Progress`) is advanced by each batch's prompts."""
+    `progress` (a `tunepipe.tasks.runtime.progress.Progress`) is advanced by each batch's prompts."""
     prompts = [render_prompt(tokenizer, conversation, chat) for conversation in conversations]
     if not prompts:
         return []
@@ -108,7 +108,7 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
 
 def use_grouped_attention(model, length: int) -> bool:
     """Switch `model` to `grouped_attention` for sequences of at most `length` tokens (its masks are SDPA's);
-    returns whether it was switched: not with `tasks.patches.transformers` off, where the model keeps the SDPA
+    returns whether it was switched: not with `tunepipe.tasks.patches.transformers` off, where the model keeps the SDPA
     attention it was loaded with.
 
     Sliding-window layers (Gemma 3's, 512 tokens) are taken when `length` fits in the window: then every key

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Literal
 
-from tasks.chat.examples import split_reasoning
-from tasks.runtime.config import LOWER_IS_BETTER
+from tunepipe.tasks.chat.examples import split_reasoning
+from tunepipe.tasks.runtime.config import LOWER_IS_BETTER
 
 OutputFormat = Literal["json", "text"]
 
@@ -135,7 +135,7 @@ def close_to(answer: str, bad: str) -> bool:
     """Whether `answer` repeats the rated-bad answer `bad`: equal as JSON objects, or nearly equal as text."""
     from difflib import SequenceMatcher
 
-    from tasks.chat.examples import split_reasoning
+    from tunepipe.tasks.chat.examples import split_reasoning
 
     answer, bad = split_reasoning(answer)[1], split_reasoning(bad)[1]
     parsed, expected = parse_json_object(answer), parse_json_object(bad)

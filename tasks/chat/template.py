@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.chat.examples import split_reasoning
+from tunepipe.tasks.chat.examples import split_reasoning
 
 Reasoning = Literal["keep", "strip", "wrap"]
 EMPTY_BLOCK = "<think>\n\n</think>\n\n"  # an answer without reasoning after a prompt that opened the block

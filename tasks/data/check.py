@@ -20,16 +20,16 @@ from pathlib import Path
 
 from prefect import task
 
-from data_checks import chat_suite
-from tasks.chat.examples import Example, read_examples, write_jsonl
-from tasks.chat.metrics import required_keys
-from tasks.chat.template import ChatContext
-from tasks.data.files import Rejection
-from tasks.data.format import FormatRefused, tokenize_pieces, tokenizer_key, tokens_line
-from tasks.data.results import CheckedData, DataCheckReport, FileAccount, LoadedData, TokenizedSplits
-from tasks.runtime.base_model import BaseModelRef, load_tokenizer
-from tasks.runtime.caching import StageCache, stage_dir
-from tasks.runtime.config import DataConfig, ModelConfig
+from tunepipe.data_checks import chat_suite
+from tunepipe.tasks.chat.examples import Example, read_examples, write_jsonl
+from tunepipe.tasks.chat.metrics import required_keys
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.data.files import Rejection
+from tunepipe.tasks.data.format import FormatRefused, tokenize_pieces, tokenizer_key, tokens_line
+from tunepipe.tasks.data.results import CheckedData, DataCheckReport, FileAccount, LoadedData, TokenizedSplits
+from tunepipe.tasks.runtime.base_model import BaseModelRef, load_tokenizer
+from tunepipe.tasks.runtime.caching import StageCache, stage_dir
+from tunepipe.tasks.runtime.config import DataConfig, ModelConfig
 
 ROWS_SHOWN = 5  # set-aside rows quoted in a failure message
 SPLIT_NAMES = {"train": "train", "validation": "validation", "eval": "test"}  # `eval` holds the test split
@@ -213,7 +213,7 @@ def failure_message(checked: CheckedData) -> str:
 
 
 # The suite and the tokenization (the token ids handed to the format stage) decide the result as much as this module.
-@task(name="check_data", cache_policy=StageCache(sources=("data_checks.chat_suite", "tasks.data.format")),
+@task(name="check_data", cache_policy=StageCache(sources=("tunepipe.data_checks.chat_suite", "tunepipe.tasks.data.format")),
       persist_result=True)
 def check_data(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig,
                workdir: Path) -> CheckedData:

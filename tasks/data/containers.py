@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.chat.examples import Unit
-from tasks.data.shapes import RecordError, ShapeSpec
+from tunepipe.tasks.chat.examples import Unit
+from tunepipe.tasks.data.shapes import RecordError, ShapeSpec
 
 CONTAINERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -15,10 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.chat.examples import Example, Unit, location
-from tasks.data.containers import CONTAINERS, DataFileError, DataSource, file_rows
-from tasks.data.results import SourceCount
-from tasks.data.shapes import SHAPE_KEYS, Normaliser, RecordError, ShapeSpec, example_id, json_type, record_keys
+from tunepipe.tasks.chat.examples import Example, Unit, location
+from tunepipe.tasks.data.containers import CONTAINERS, DataFileError, DataSource, file_rows
+from tunepipe.tasks.data.results import SourceCount
+from tunepipe.tasks.data.shapes import SHAPE_KEYS, Normaliser, RecordError, ShapeSpec, example_id, json_type, record_keys
 
 DATASET_INFO = "dataset_info.json"
 

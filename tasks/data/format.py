@@ -21,13 +21,13 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.chat.examples import Example, read_examples, split_reasoning, write_jsonl
-from tasks.chat.template import AnswerRefused, ChatContext, answer_piece
-from tasks.data.files import Rejection
-from tasks.data.results import CheckedData, FormattedData, FormattedSplit, TokenizedSplits
-from tasks.runtime.base_model import BaseModelRef, load_tokenizer
-from tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
-from tasks.runtime.config import ModelConfig
+from tunepipe.tasks.chat.examples import Example, read_examples, split_reasoning, write_jsonl
+from tunepipe.tasks.chat.template import AnswerRefused, ChatContext, answer_piece
+from tunepipe.tasks.data.files import Rejection
+from tunepipe.tasks.data.results import CheckedData, FormattedData, FormattedSplit, TokenizedSplits
+from tunepipe.tasks.runtime.base_model import BaseModelRef, load_tokenizer
+from tunepipe.tasks.runtime.caching import STAGE_CACHE, stable_hash, stage_dir
+from tunepipe.tasks.runtime.config import ModelConfig
 
 IGNORE = -100  # label value the loss skips
 
@@ -208,7 +208,7 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
 
     Only those cuts decide the labels, so only those prefixes are rendered: what lies between two answers
     (system and user turns, then the assistant header) is one piece, tokenized as one text as at inference.
-    An assistant turn trains what the model writes after the generation prompt (`tasks.chat.template.answer_piece`).
+    An assistant turn trains what the model writes after the generation prompt (`tunepipe.tasks.chat.template.answer_piece`).
     """
     messages = [m.model_dump() for m in example.messages]
     pieces: list[tuple[str, bool]] = []

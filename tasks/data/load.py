@@ -30,13 +30,13 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.chat.examples import Example, Message, write_jsonl
-from tasks.data.containers import DataFileError, DataSource
-from tasks.data.files import FileRead, fingerprint_files, read_file, resolve_sources
-from tasks.data.results import HeldOutSplit, LoadedData, Side
-from tasks.data.shapes import Normaliser, ShapeSpec, example_id
-from tasks.runtime.caching import STAGE_CACHE, stage_dir
-from tasks.runtime.config import DataConfig
+from tunepipe.tasks.chat.examples import Example, Message, write_jsonl
+from tunepipe.tasks.data.containers import DataFileError, DataSource
+from tunepipe.tasks.data.files import FileRead, fingerprint_files, read_file, resolve_sources
+from tunepipe.tasks.data.results import HeldOutSplit, LoadedData, Side
+from tunepipe.tasks.data.shapes import Normaliser, ShapeSpec, example_id
+from tunepipe.tasks.runtime.caching import STAGE_CACHE, stage_dir
+from tunepipe.tasks.runtime.config import DataConfig
 
 
 def _split_key(seed: int, id_: str) -> float:

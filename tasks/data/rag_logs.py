@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.data.files import Rejection
-from tasks.runtime.config import RagConfig
+from tunepipe.tasks.data.files import Rejection
+from tunepipe.tasks.runtime.config import RagConfig
 
 
 class RagSourceError(ValueError):

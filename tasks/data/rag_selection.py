@@ -11,12 +11,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.chat.examples import Message
-from tasks.data.files import FileRead, Rejection
-from tasks.data.load import data_normaliser, data_sources, read_sources
-from tasks.data.rag_logs import RagRow, jsonable
-from tasks.data.shapes import RecordError, example_id, parse_record
-from tasks.runtime.config import DataConfig, RagConfig
+from tunepipe.tasks.chat.examples import Message
+from tunepipe.tasks.data.files import FileRead, Rejection
+from tunepipe.tasks.data.load import data_normaliser, data_sources, read_sources
+from tunepipe.tasks.data.rag_logs import RagRow, jsonable
+from tunepipe.tasks.data.shapes import RecordError, example_id, parse_record
+from tunepipe.tasks.runtime.config import DataConfig, RagConfig
 
 
 def _text_field(values: dict[str, Any], field: str, required: bool) -> str | None:

@@ -35,14 +35,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.data.containers import DataFileError
-from tasks.data.files import Rejection
-from tasks.data.load import data_fingerprint, held_out_files, prompt_unit, split_band
-from tasks.data.rag_logs import RagRow, RagSourceError, Watermark, read_jsonl_drops, read_sql_rows
-from tasks.data.rag_selection import base_lines, read_base, seen_keys, select_rows
-from tasks.data.shapes import example_id, parse_record
-from tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
-from tasks.runtime.records import DatasetRecord, Record
+from tunepipe.tasks.data.containers import DataFileError
+from tunepipe.tasks.data.files import Rejection
+from tunepipe.tasks.data.load import data_fingerprint, held_out_files, prompt_unit, split_band
+from tunepipe.tasks.data.rag_logs import RagRow, RagSourceError, Watermark, read_jsonl_drops, read_sql_rows
+from tunepipe.tasks.data.rag_selection import base_lines, read_base, seen_keys, select_rows
+from tunepipe.tasks.data.shapes import example_id, parse_record
+from tunepipe.tasks.runtime.config import DataConfig, PipelineConfig, RagConfig
+from tunepipe.tasks.runtime.records import DatasetRecord, Record
 
 STATE_FILE = "state.json"
 

@@ -12,10 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tasks.chat.examples import Unit
-from tasks.chat.template import ChatContext
-from tasks.runtime.caching import file_digest
-from tasks.runtime.records import DatasetRecord, Record
+from tunepipe.tasks.chat.examples import Unit
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.runtime.caching import file_digest
+from tunepipe.tasks.runtime.records import DatasetRecord, Record
 
 # The three splits: training rows; validation, which every choice before the gate reads (best checkpoint, early
 # stop, another attempt); test (`data.eval`, called `eval` in the stages' results), which only the gate, the

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.chat.examples import Message, split_reasoning
+from tunepipe.tasks.chat.examples import Message, split_reasoning
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # OpenAI-compatible APIs and most R1-style exports
 

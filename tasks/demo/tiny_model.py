@@ -48,7 +48,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from tasks.integrations.llama_cpp import llama_cpp_source
+    from tunepipe.tasks.integrations.llama_cpp import llama_cpp_source
 
     tokenizer = chatml_tokenizer(llama_cpp_source() / "models" / f"ggml-vocab-{VOCAB}.gguf")
 

@@ -10,7 +10,7 @@ Five kinds of rule, each one check with one sentence in words, pass or fail:
   had right and the candidate has wrong;
 - `retention`: the candidate's loss on the base's own answers to general prompts outside the task may rise at most
   this much above the base's (what fine-tuning made it forget).
-"Beat" is decided on the paired interval of candidate − other (`tasks.evaluate.paired`): its lower end must be
+"Beat" is decided on the paired interval of candidate − other (`tunepipe.tasks.evaluate.paired`): its lower end must be
 above the margin (`paired.clears`). At margin 0 the candidate must be shown better, not merely not shown worse: a
 mean that is not lower lets a worse model through whenever the sample favours it, and swaps an equal one in on
 noise (benchmarks/RESULTS.md, "The gate's power"). "Better" follows the metric's direction: lower for eval_loss.
@@ -26,9 +26,9 @@ from typing import Literal
 
 from prefect import task
 
-from tasks.evaluate.paired import SLACK, clears, mean_interval, paired_difference
-from tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores, Regression, RetentionScores
-from tasks.runtime.config import LOWER_IS_BETTER, GateConfig, RetentionRule
+from tunepipe.tasks.evaluate.paired import SLACK, clears, mean_interval, paired_difference
+from tunepipe.tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores, Regression, RetentionScores
+from tunepipe.tasks.runtime.config import LOWER_IS_BETTER, GateConfig, RetentionRule
 
 # Metrics whose split value is a mean over answer tokens, not over examples: their intervals weigh each example
 # by its answer tokens (samples.jsonl's `answer_tokens`), so they are intervals of the reported value.

@@ -47,11 +47,11 @@ import httpx
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.chat.examples import Message, read_examples
-from tasks.evaluate.results import EvalReport, JudgeSummary, ModelScores
-from tasks.runtime.caching import file_digest, stable_hash, stage_dir
-from tasks.runtime.config import GateConfig, JudgeConfig
-from tasks.runtime.redact import redact
+from tunepipe.tasks.chat.examples import Message, read_examples
+from tunepipe.tasks.evaluate.results import EvalReport, JudgeSummary, ModelScores
+from tunepipe.tasks.runtime.caching import file_digest, stable_hash, stage_dir
+from tunepipe.tasks.runtime.config import GateConfig, JudgeConfig
+from tunepipe.tasks.runtime.redact import redact
 
 PAIRWISE_SYSTEM = (
     "You are an impartial judge of the answers two AI assistants gave to the same question. You are also given a "
@@ -184,8 +184,8 @@ def judge_identity(cfg: JudgeConfig, ollama_host: str | None) -> tuple[str, str 
     if cfg.kind == "openai":
         # An OpenAI-compatible API names no weights digest: verdicts are keyed by model name and endpoint.
         return cfg.model.removeprefix("openai:"), None, redact(cfg.base_url or "")
-    from tasks.integrations.ollama.client import OllamaClient, OllamaError
-    from tasks.integrations.ollama.host import ollama_host as resolve_host
+    from tunepipe.tasks.integrations.ollama.client import OllamaClient, OllamaError
+    from tunepipe.tasks.integrations.ollama.host import ollama_host as resolve_host
 
     host, name = resolve_host(cfg.base_url or ollama_host), cfg.model.removeprefix("ollama:")
     try:
@@ -204,8 +204,8 @@ def judge_endpoint(cfg: JudgeConfig, ollama_host: str | None, server_log: Path,
     returns its reply; a .gguf judge's server runs while the context is open."""
     key = _api_key(cfg)
     if cfg.kind == "ollama":
-        from tasks.integrations.ollama.client import OllamaClient
-        from tasks.integrations.ollama.host import ollama_host as resolve_host
+        from tunepipe.tasks.integrations.ollama.client import OllamaClient
+        from tunepipe.tasks.integrations.ollama.host import ollama_host as resolve_host
 
         client = OllamaClient(resolve_host(cfg.base_url or ollama_host), cfg.timeout_s)
         name = cfg.model.removeprefix("ollama:")
@@ -266,7 +266,7 @@ def local_judge_server(gguf: Path, context_length: int, key: str | None, server_
         port = probe.getsockname()[1]
     # Half the cores, as for parity: llama.cpp's threads spin while they wait, so more than the free cores is ruinous.
     threads = str(max((os.cpu_count() or 2) // 2, 1))
-    command = [sys.executable, "-m", "tasks.evaluate.judge_server", "--model", str(gguf), "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "tunepipe.tasks.evaluate.judge_server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(context_length), "--n_threads", threads,
                "--n_threads_batch", threads]
     env = {**os.environ, "API_KEY": key} if key else {k: v for k, v in os.environ.items() if k != "API_KEY"}

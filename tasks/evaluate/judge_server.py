@@ -1,12 +1,12 @@
 """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`, same arguments), for a .gguf
-judge: started by `tasks.evaluate.judge.local_judge_server`, with its model loaded as every GGUF here is
+judge: started by `tunepipe.tasks.evaluate.judge.local_judge_server`, with its model loaded as every GGUF here is
 (`extra_buffer_types_off`: llama.cpp's AMX kernels crash on small quantized models)."""
 
 from __future__ import annotations
 
 import runpy
 
-from tasks.integrations.llama_cpp import extra_buffer_types_off
+from tunepipe.tasks.integrations.llama_cpp import extra_buffer_types_off
 
 if __name__ == "__main__":
     with extra_buffer_types_off():

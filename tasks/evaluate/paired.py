@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.runtime.config import LOWER_IS_BETTER
+from tunepipe.tasks.runtime.config import LOWER_IS_BETTER
 
 RESAMPLES = 10_000
 # Bootstrap resamples are drawn in blocks of at most this many indices (memory stays flat at any n).

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.evaluate.results import Attempt, EvalReport, GateDecision, ModelScores, RetentionScores, RunReport
-from tasks.runtime.caching import STAGE_CACHE, stage_dir
-from tasks.runtime.config import LOWER_IS_BETTER
+from tunepipe.tasks.evaluate.results import Attempt, EvalReport, GateDecision, ModelScores, RetentionScores, RunReport
+from tunepipe.tasks.runtime.caching import STAGE_CACHE, stage_dir
+from tunepipe.tasks.runtime.config import LOWER_IS_BETTER
 
 WORST_EXAMPLES = 5
 REGRESSIONS_SHOWN = 20  # all of them are in MLflow's eval/regressions.json

@@ -11,14 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.evaluate.paired import MeanInterval, PairedDifference
-from tasks.runtime.config import LoraConfig, RetrainChange, TrainConfig
-from tasks.runtime.records import Record, flatten
-from tasks.train.results import TrainResult
+from tunepipe.tasks.evaluate.paired import MeanInterval, PairedDifference
+from tunepipe.tasks.runtime.config import LoraConfig, RetrainChange, TrainConfig
+from tunepipe.tasks.runtime.records import Record, flatten
+from tunepipe.tasks.train.results import TrainResult
 
 
 class ModelScores(BaseModel):
-    """One model's split scores: `eval_loss`, `stop_rate` and the `tasks.chat.metrics` names."""
+    """One model's split scores: `eval_loss`, `stop_rate` and the `tunepipe.tasks.chat.metrics` names."""
 
     name: str  # "candidate" | "base" | "champion"
     version: str | None = None  # the champion's registry version

@@ -1,6 +1,6 @@
 """Retention: what fine-tuning made the model forget, on general prompts outside the task.
 
-The base model answers the general prompts (`tasks.chat.general_prompts`: a built-in set in several
+The base model answers the general prompts (`tunepipe.tasks.chat.general_prompts`: a built-in set in several
 languages, and the user's own) greedily, as the evaluate stage generates. Each answer is formatted as training
 formats an assistant turn, and both models' mean token loss on those answers is measured with the evaluate
 stage's `answer_losses`: the base's own loss is the baseline, and the candidate's rising above it says how much
@@ -22,12 +22,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.chat.examples import Example, Message
-from tasks.chat.general_prompts import GeneralPrompt
-from tasks.chat.template import ChatContext
-from tasks.data.format import IGNORE, ids_and_labels, tokenize_pieces
-from tasks.evaluate.results import RetentionScores
-from tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started early imports)
+from tunepipe.tasks.chat.examples import Example, Message
+from tunepipe.tasks.chat.general_prompts import GeneralPrompt
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.data.format import IGNORE, ids_and_labels, tokenize_pieces
+from tunepipe.tasks.evaluate.results import RetentionScores
+from tunepipe.tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started early imports)
     RETENTION_WORKER,
     ModelToScore,
     _candidate,
@@ -39,12 +39,12 @@ from tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started
     device_and_dtype,
     warm_up,
 )
-from tasks.runtime.base_model import BaseModelRef
-from tasks.runtime.caching import StageCache, stable_hash, stage_dir
-from tasks.runtime.config import RetentionConfig
-from tasks.runtime.gpu_slots import gpu_slots
-from tasks.runtime.worker import run_worker
-from tasks.train.results import TrainResult
+from tunepipe.tasks.runtime.base_model import BaseModelRef
+from tunepipe.tasks.runtime.caching import StageCache, stable_hash, stage_dir
+from tunepipe.tasks.runtime.config import RetentionConfig
+from tunepipe.tasks.runtime.gpu_slots import gpu_slots
+from tunepipe.tasks.runtime.worker import run_worker
+from tunepipe.tasks.train.results import TrainResult
 
 
 class RetentionOutputs(BaseModel):
@@ -89,8 +89,8 @@ def answer_general_prompts(request: RetentionRequest) -> RetentionResult:
     conversations = [[m.model_dump() for m in c] for c in request.conversations]
 
     def run(model, tokenizer, name: str, answers: list[str] | None, stopped: list[bool] | None) -> RetentionOutputs:
-        from tasks.chat.generation import greedy_answers
-        from tasks.runtime.progress import Progress
+        from tunepipe.tasks.chat.generation import greedy_answers
+        from tunepipe.tasks.runtime.progress import Progress
 
         with torch.inference_mode():
             started = time.perf_counter()
@@ -182,7 +182,7 @@ def measure_retention(
                            candidate_loss=result.candidate.mean_loss, path=path)
 
 
-@task(name="retention", cache_policy=StageCache(sources=("tasks.evaluate.task", "tasks.chat.generation")),
+@task(name="retention", cache_policy=StageCache(sources=("tunepipe.tasks.evaluate.task", "tunepipe.tasks.chat.generation")),
       persist_result=True)
 def retention(
     trained: TrainResult, base: BaseModelRef, chat: ChatContext, prompts: list[GeneralPrompt], cfg: RetentionConfig,

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 
-from tasks.chat.metrics import improvement
-from tasks.evaluate.results import Attempt, AttemptPlan
-from tasks.runtime.config import PipelineConfig, RetrainChange, RetrainConfig
-from tasks.train.results import TrainResult
+from tunepipe.tasks.chat.metrics import improvement
+from tunepipe.tasks.evaluate.results import Attempt, AttemptPlan
+from tunepipe.tasks.runtime.config import PipelineConfig, RetrainChange, RetrainConfig
+from tunepipe.tasks.train.results import TrainResult
 
 
 def next_attempt(cfg: PipelineConfig, attempts: list[Attempt]) -> AttemptPlan | None:

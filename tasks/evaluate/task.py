@@ -4,12 +4,12 @@ Either held-out split: each attempt of the retrain loop is scored on validation,
 the final candidate once on test, which only the gate, the champion comparison, the headline and parity read.
 The probes are asked on test only: they are shown in the report, and no choice reads them.
 
-Each model answers every held-out prompt and every probe greedily (`tasks.chat.generation`: batched, static KV
+Each model answers every held-out prompt and every probe greedily (`tunepipe.tasks.chat.generation`: batched, static KV
 cache, a CUDA graph per decode step on a GPU) in a worker process of its own, on CUDA in bf16 when there
 is a GPU (fp16 where it has no bf16), one model at a time, in batches the memory left beside the weights holds.
 After QLoRA every model is loaded in 4-bit as training loaded the base, the adapter beside it (unmerged); the
 exported GGUF is the adapter merged into the 16-bit base, and parity measures what separates the two. Its
-answers are scored by `tasks.chat.metrics` (valid JSON, exact match, per-field accuracy, key F1,
+answers are scored by `tunepipe.tasks.chat.metrics` (valid JSON, exact match, per-field accuracy, key F1,
 required keys from the training answers; ROUGE-L and chrF for free text; stop rate), and its eval loss is
 the mean token loss on the held-out assistant tokens, computed exactly as in training. samples.jsonl keeps every
 score per example, each example's own eval loss (the mean over its answer tokens) and its number of answer
@@ -38,19 +38,19 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.chat.examples import Message, read_examples
-from tasks.chat.metrics import close_to, required_keys, score_answers
-from tasks.chat.template import ChatContext
-from tasks.data.format import IGNORE
-from tasks.data.results import CheckedData, FormattedData, HeldOutSplit
-from tasks.evaluate.results import EvalReport, ModelScores
-from tasks.integrations.model_registry import ChampionRef, download_champion
-from tasks.runtime.base_model import BaseModelRef
-from tasks.runtime.caching import StageCache, stable_hash, stage_dir
-from tasks.runtime.config import DataConfig, EvalConfig
-from tasks.runtime.gpu_slots import gpu_slots
-from tasks.runtime.worker import EVALUATE_WORKER, prestart_worker, run_worker
-from tasks.train.results import TrainResult
+from tunepipe.tasks.chat.examples import Message, read_examples
+from tunepipe.tasks.chat.metrics import close_to, required_keys, score_answers
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.data.format import IGNORE
+from tunepipe.tasks.data.results import CheckedData, FormattedData, HeldOutSplit
+from tunepipe.tasks.evaluate.results import EvalReport, ModelScores
+from tunepipe.tasks.integrations.model_registry import ChampionRef, download_champion
+from tunepipe.tasks.runtime.base_model import BaseModelRef
+from tunepipe.tasks.runtime.caching import StageCache, stable_hash, stage_dir
+from tunepipe.tasks.runtime.config import DataConfig, EvalConfig
+from tunepipe.tasks.runtime.gpu_slots import gpu_slots
+from tunepipe.tasks.runtime.worker import EVALUATE_WORKER, prestart_worker, run_worker
+from tunepipe.tasks.train.results import TrainResult
 
 
 class ModelToScore(BaseModel):
@@ -93,16 +93,16 @@ class GenerationResult(BaseModel):
 
 
 # The retention stage's worker (tasks/evaluate/retention.py), named here so this stage can start it early.
-RETENTION_WORKER = "tasks.evaluate.retention:answer_general_prompts"
+RETENTION_WORKER = "tunepipe.tasks.evaluate.retention:answer_general_prompts"
 
 
 def generate_outputs(request: GenerationRequest) -> GenerationResult:
     """Worker entry point: load each model in turn, answer every conversation, measure the eval loss."""
     import torch
 
-    from tasks.chat.generation import greedy_answers
-    from tasks.runtime.memory_plan import cap_gpu_memory
-    from tasks.runtime.progress import Progress
+    from tunepipe.tasks.chat.generation import greedy_answers
+    from tunepipe.tasks.runtime.memory_plan import cap_gpu_memory
+    from tunepipe.tasks.runtime.progress import Progress
 
     device, dtype = device_and_dtype()
     cap_gpu_memory(request.gpu_memory_gib)
@@ -165,7 +165,7 @@ def device_and_dtype():
 
 
 def warm_up(_: str) -> None:
-    """What an evaluation worker started early (`tasks.runtime.worker.prestart_worker`) imports before its
+    """What an evaluation worker started early (`tunepipe.tasks.runtime.worker.prestart_worker`) imports before its
     request comes: what `generate_outputs` loads every model with."""
     import peft  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
@@ -201,7 +201,7 @@ def _batch_that_fits(model, request: GenerationRequest, rows: list[dict], dtype,
     memory left beside the weights (an out-of-memory error still halves it)."""
     import torch
 
-    from tasks.runtime.memory_plan import (
+    from tunepipe.tasks.runtime.memory_plan import (
         free_gpu_bytes,
         generation_row_bytes,
         loss_row_bytes,
@@ -397,7 +397,7 @@ def _write_reference(reference_dir: Path, name: str, key: str, outputs: BaseMode
     partial.replace(partial.with_suffix(".json"))
 
 
-@task(name="evaluate", cache_policy=StageCache(sources=("tasks.chat.generation", "tasks.chat.metrics")), persist_result=True)
+@task(name="evaluate", cache_policy=StageCache(sources=("tunepipe.tasks.chat.generation", "tunepipe.tasks.chat.metrics")), persist_result=True)
 def evaluate(
     data: FormattedData, checked: CheckedData, trained: TrainResult, base: BaseModelRef, champion: ChampionRef | None,
     tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path, *, split: HeldOutSplit,

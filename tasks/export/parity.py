@@ -7,7 +7,7 @@ evaluation stage used the way Ollama's /api/chat will: the Modelfile's TEMPLATE 
 text (Go's own text/template, `tasks/integrations/ollama/render.py`), llama.cpp tokenizes that text with the GGUF's
 vocabulary (special tokens parsed, BOS as the vocabulary asks), decoding is greedy, and generation ends at an
 end-of-generation token or the first Modelfile stop string, within the evaluation's token budget. Answers are
-scored by `tasks.chat.metrics.score_answers`, like the evaluation stage's. Measuring is cached; which GGUFs are
+scored by `tunepipe.tasks.chat.metrics.score_answers`, like the evaluation stage's. Measuring is cached; which GGUFs are
 within `export.max_drop` of the PyTorch model is decided uncached, like the gate.
 
 After QLoRA the two sides differ by construction: the evaluation scored the 4-bit base with the adapter beside it
@@ -23,18 +23,18 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.chat.examples import Example, read_examples
-from tasks.chat.generation import render_prompt
-from tasks.chat.metrics import required_keys, score_answers
-from tasks.chat.template import ChatContext
-from tasks.export.results import ExportResult, GgufScores, ParityReport, ParityVerdict
-from tasks.integrations.llama_cpp import load_gguf
-from tasks.integrations.ollama.modelfile import client_messages, modelfile_spec
-from tasks.integrations.ollama.render import render_served_prompt
-from tasks.model.packaged import VocabularyMismatch, compare_token_ids
-from tasks.runtime.caching import StageCache, stage_dir
-from tasks.runtime.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
-from tasks.runtime.progress import Progress
+from tunepipe.tasks.chat.examples import Example, read_examples
+from tunepipe.tasks.chat.generation import render_prompt
+from tunepipe.tasks.chat.metrics import required_keys, score_answers
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.export.results import ExportResult, GgufScores, ParityReport, ParityVerdict
+from tunepipe.tasks.integrations.llama_cpp import load_gguf
+from tunepipe.tasks.integrations.ollama.modelfile import client_messages, modelfile_spec
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt
+from tunepipe.tasks.model.packaged import VocabularyMismatch, compare_token_ids
+from tunepipe.tasks.runtime.caching import StageCache, stage_dir
+from tunepipe.tasks.runtime.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
+from tunepipe.tasks.runtime.progress import Progress
 
 # Training conversations whose token ids the vocabulary check compares (the first ones of the clean split).
 VOCAB_CHECK_CONVERSATIONS = 32

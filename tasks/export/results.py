@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.integrations.model_registry import MODEL_ARTIFACT
-from tasks.runtime.records import Record
+from tunepipe.tasks.integrations.model_registry import MODEL_ARTIFACT
+from tunepipe.tasks.runtime.records import Record
 
 
 class GgufFile(BaseModel):

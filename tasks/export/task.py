@@ -21,14 +21,14 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.export.merge import merge_shards
-from tasks.export.results import ExportResult, GgufFile
-from tasks.integrations.llama_cpp import run_converter
-from tasks.model.base import keep_tokenizer_sources
-from tasks.runtime.base_model import BaseModelRef
-from tasks.runtime.caching import STAGE_CACHE, file_digest, stage_dir
-from tasks.runtime.config import ExportConfig
-from tasks.train.results import TrainResult
+from tunepipe.tasks.export.merge import merge_shards
+from tunepipe.tasks.export.results import ExportResult, GgufFile
+from tunepipe.tasks.integrations.llama_cpp import run_converter
+from tunepipe.tasks.model.base import keep_tokenizer_sources
+from tunepipe.tasks.runtime.base_model import BaseModelRef
+from tunepipe.tasks.runtime.caching import STAGE_CACHE, file_digest, stage_dir
+from tunepipe.tasks.runtime.config import ExportConfig
+from tunepipe.tasks.train.results import TrainResult
 
 # llama.cpp's `llama_ftype` values for the quantizations we offer (llama.h).
 FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -61,7 +61,7 @@ class VocabularyChanged(RuntimeError):
 
 def check_source_vocabulary(source: Path, exported: Path) -> None:
     """Raise VocabularyChanged unless `exported` has `source`'s vocabulary (one conversion writes every type's)."""
-    from tasks.model.packaged import gguf_vocab, read_gguf_metadata
+    from tunepipe.tasks.model.packaged import gguf_vocab, read_gguf_metadata
 
     differences = gguf_vocab(read_gguf_metadata(source)).differences(gguf_vocab(read_gguf_metadata(exported)))
     if differences:

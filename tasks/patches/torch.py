@@ -2,13 +2,13 @@
 
 unsloth attends within packed examples through torch's `varlen_attn` from torch 2.12 on, whose signature has
 `enable_gqa`; torch 2.11 has the kernel without that argument. `varlen_attn_with_gqa` bridges it (handed to
-unsloth by `tasks.patches.unsloth.unsloth_packs`). Off (another torch, or `TUNEPIPE_PATCHES`), there is no
+unsloth by `tunepipe.tasks.patches.unsloth.unsloth_packs`). Off (another torch, or `TUNEPIPE_PATCHES`), there is no
 bridge: unsloth's micro-batches are padded instead of packed.
 """
 
 from __future__ import annotations
 
-from tasks.patches import enabled
+from tunepipe.tasks.patches import enabled
 
 PROVEN = "~=2.11.0"
 

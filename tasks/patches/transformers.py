@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 
-from tasks.patches import enabled
+from tunepipe.tasks.patches import enabled
 
 PROVEN = "==5.17.0"
 

@@ -1,7 +1,7 @@
 """unsloth's private names: its varlen attention kernel and its cache of packed rows' boundaries.
 
 - `unsloth_packs`: whether unsloth attends within packed examples in one kernel call (torch's `varlen_attn`,
-  flash, on an Ampere or newer GPU), handing it torch 2.11's kernel (`tasks.patches.torch`) where unsloth found
+  flash, on an Ampere or newer GPU), handing it torch 2.11's kernel (`tunepipe.tasks.patches.torch`) where unsloth found
   none (`attention_dispatch._TORCH_VARLEN_ATTN`). Otherwise unsloth would attend one run of equal example
   lengths at a time, slower than padding (benchmarks/RESULTS.md, training speed), and micro-batches are padded.
 - `PackedBoundaries`: packed rows' example boundaries kept on the GPU in unsloth's own cache
@@ -14,7 +14,7 @@ imported here only inside functions that run on CUDA; the CPU path never imports
 
 from __future__ import annotations
 
-from tasks.patches import enabled
+from tunepipe.tasks.patches import enabled
 
 PROVEN = "==2026.10.5"
 
@@ -30,7 +30,7 @@ def unsloth_packs(device) -> bool:
         return False
     from unsloth.utils import attention_dispatch
 
-    from tasks.patches.torch import varlen_attn_with_gqa
+    from tunepipe.tasks.patches.torch import varlen_attn_with_gqa
 
     if attention_dispatch._TORCH_VARLEN_ATTN is None:
         attention_dispatch._TORCH_VARLEN_ATTN = varlen_attn_with_gqa(device)

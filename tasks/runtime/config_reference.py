@@ -1,7 +1,7 @@
 """The configuration reference (docs/configuration.md), generated from the config model.
 
 Every field of `PipelineConfig` with its type, default and description; a nested section gets a heading of its
-own. Written by `python -m tasks.runtime.config_reference`; a test fails when the committed page is stale.
+own. Written by `python -m tunepipe.tasks.runtime.config_reference`; a test fails when the committed page is stale.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.runtime.config import PipelineConfig
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-COMMAND = "python -m tasks.runtime.config_reference"
+COMMAND = "python -m tunepipe.tasks.runtime.config_reference"
 
 INTRO = f"""\
 # Configuration reference
@@ -33,7 +33,7 @@ Unknown keys and wrong types fail when the config loads, naming the key's YAML p
 on the command line (`tunepipe run CONFIG --set train.max_steps=20`), and `tunepipe schema` prints the JSON
 schema for editor completion (`configs/tunepipe.schema.json`).
 
-Generated from the config model (`tasks.runtime.config.PipelineConfig`) by `{COMMAND}`:
+Generated from the config model (`tunepipe.tasks.runtime.config.PipelineConfig`) by `{COMMAND}`:
 do not edit by hand.
 """
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.runtime.config import TrainConfig
+from tunepipe.tasks.runtime.config import TrainConfig
 
 GIB = 2**30
 # NF4 with double quantization: 4 bits a weight, one 8-bit scale per 64 weights and their fp32 scales per 256
@@ -334,7 +334,7 @@ def base_shape(base) -> ModelShape:
     fingerprint: a re-run plans without importing torch or transformers' models."""
     import hashlib
 
-    from tasks.integrations.llama_cpp import cache_root
+    from tunepipe.tasks.integrations.llama_cpp import cache_root
 
     key = hashlib.sha256(f"{base.fingerprint}\n{base.revision}".encode()).hexdigest()[:24]
     path = cache_root() / "model-shapes" / f"{key}.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.runtime.config import RetryConfig
+from tunepipe.tasks.runtime.config import RetryConfig
 
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # MLflow's error codes for a server that is overloaded or failing rather than refusing the request.
@@ -28,7 +28,7 @@ def is_transient(exc: BaseException | None) -> bool:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from tasks.integrations.ollama.client import OllamaConnectionError, OllamaError
+    from tunepipe.tasks.integrations.ollama.client import OllamaConnectionError, OllamaError
 
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:

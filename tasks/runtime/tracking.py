@@ -20,9 +20,9 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tasks.runtime.config import PipelineConfig, TrackingConfig
-from tasks.runtime.records import DatasetRecord, MlflowRunRef, Record, Recorded, flatten
-from tasks.runtime.redact import error_line, redact
+from tunepipe.tasks.runtime.config import PipelineConfig, TrackingConfig
+from tunepipe.tasks.runtime.records import DatasetRecord, MlflowRunRef, Record, Recorded, flatten
+from tunepipe.tasks.runtime.redact import error_line, redact
 
 PARAMS_PER_CALL, METRICS_PER_CALL = 100, 1000  # MLflow's limits per log_batch
 LONGEST_PARAM = 6000

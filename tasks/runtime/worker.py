@@ -2,7 +2,7 @@
 
 Training and evaluation load models, CUDA state and (on a GPU) unsloth's patches; none of that may leak into
 the flow's process or into the next stage. So such a stage writes its request as JSON, starts
-`python -m tasks.runtime.worker MODULE:FUNCTION REQUEST RESULT` (or the same under torchrun for several devices),
+`python -m tunepipe.tasks.runtime.worker MODULE:FUNCTION REQUEST RESULT` (or the same under torchrun for several devices),
 streams the worker's output to the log and to `worker.log`, and reads the result JSON back. A worker that
 dies (an exception, SIGKILL, out of memory) fails the stage with its exit status and the tail of its log; a
 stage that is stopped (SIGTERM or Ctrl-C reaching the flow) stops its worker before it ends.
@@ -47,7 +47,7 @@ LOG_TAIL_LINES = 40
 EVENT_PREFIX = "tunepipe-event "
 # A worker that the stage before its own starts early, named here so that the earlier stage (train) need not
 # import the later one's module.
-EVALUATE_WORKER = "tasks.evaluate.task:generate_outputs"
+EVALUATE_WORKER = "tunepipe.tasks.evaluate.task:generate_outputs"
 
 
 class WorkerFailed(RuntimeError):
@@ -95,10 +95,10 @@ def run_worker(
                                          "(prestart_worker), its imports done while the stages before ran")
         process = spare.process
     else:
-        command = [sys.executable, "-m", "tasks.runtime.worker", target, *job]
+        command = [sys.executable, "-m", "tunepipe.tasks.runtime.worker", target, *job]
         if devices > 1:
             command[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-                            "-m", "tasks.runtime.worker"]
+                            "-m", "tunepipe.tasks.runtime.worker"]
         log.info("starting worker: %s", " ".join(command[1:]))
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_worker_env(),
                                    text=True, errors="replace")
@@ -168,7 +168,7 @@ def prestart_worker(target: str, warm_up: str = "") -> None:
     with _spares_lock:
         if any(_serves(spare, target, env) for spare in _spares):
             return
-        command = [sys.executable, "-m", "tasks.runtime.worker", "--wait", target, warm_up]
+        command = [sys.executable, "-m", "tunepipe.tasks.runtime.worker", "--wait", target, warm_up]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    env=env, text=True, errors="replace")
         _spares.append(_Spare(target, process, env, os.getcwd(), time.monotonic()))

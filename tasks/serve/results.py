@@ -10,12 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, field_serializer
 
-from tasks.chat.metrics import OutputFormat
-from tasks.export.results import GgufFile
-from tasks.integrations.ollama.modelfile import ModelfileSpec
-from tasks.runtime.config import OllamaConfig, RetryConfig
-from tasks.runtime.records import Record
-from tasks.runtime.redact import redact
+from tunepipe.tasks.chat.metrics import OutputFormat
+from tunepipe.tasks.export.results import GgufFile
+from tunepipe.tasks.integrations.ollama.modelfile import ModelfileSpec
+from tunepipe.tasks.runtime.config import OllamaConfig, RetryConfig
+from tunepipe.tasks.runtime.records import Record
+from tunepipe.tasks.runtime.redact import redact
 
 PLAN_ARTIFACT = "serving/plan.json"
 

@@ -15,19 +15,19 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.chat.examples import read_examples, split_reasoning
-from tasks.chat.metrics import parse_json_object, required_keys
-from tasks.chat.template import ChatContext
-from tasks.export.results import ExportResult, ParityVerdict
-from tasks.integrations.model_registry import ChampionMove, register_version, tag_version
-from tasks.integrations.model_registry import promote as promote_version
-from tasks.integrations.ollama.client import OllamaClient, OllamaError
-from tasks.integrations.ollama.host import DEFAULT_HOST, ollama_host
-from tasks.integrations.ollama.modelfile import client_messages, modelfile_spec
-from tasks.runtime.base_model import BaseModelRef
-from tasks.runtime.config import PipelineConfig
-from tasks.runtime.records import Record
-from tasks.serve.results import PLAN_ARTIFACT, Registration, ServingPlan, SmokeCase, SmokeReport, SmokeResult
+from tunepipe.tasks.chat.examples import read_examples, split_reasoning
+from tunepipe.tasks.chat.metrics import parse_json_object, required_keys
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.export.results import ExportResult, ParityVerdict
+from tunepipe.tasks.integrations.model_registry import ChampionMove, register_version, tag_version
+from tunepipe.tasks.integrations.model_registry import promote as promote_version
+from tunepipe.tasks.integrations.ollama.client import OllamaClient, OllamaError
+from tunepipe.tasks.integrations.ollama.host import DEFAULT_HOST, ollama_host
+from tunepipe.tasks.integrations.ollama.modelfile import client_messages, modelfile_spec
+from tunepipe.tasks.runtime.base_model import BaseModelRef
+from tunepipe.tasks.runtime.config import PipelineConfig
+from tunepipe.tasks.runtime.records import Record
+from tunepipe.tasks.serve.results import PLAN_ARTIFACT, Registration, ServingPlan, SmokeCase, SmokeReport, SmokeResult
 
 
 class ParityFailed(RuntimeError):
@@ -159,7 +159,7 @@ def load_plan(tracking_uri: str, run_id: str) -> ServingPlan:
 
 def _tag_run(plan: ServingPlan, tags: dict[str, str]) -> None:
     """What serving did, on the run that trained the model."""
-    from tasks.runtime.tracking import RunWriter
+    from tunepipe.tasks.runtime.tracking import RunWriter
 
     RunWriter(plan.tracking_uri, plan.run_id, plan.registered_model).record(Record(tags=tags))
 

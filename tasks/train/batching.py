@@ -13,8 +13,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from tasks.data.format import IGNORE
-from tasks.train.results import Backend
+from tunepipe.tasks.data.format import IGNORE
+from tunepipe.tasks.train.results import Backend
 
 
 class ExampleOrder:
@@ -51,10 +51,10 @@ def n_loss_tokens(row: dict) -> int:
 
 def packs(packing: bool, backend: Backend, device) -> bool:
     """Whether micro-batches are packed (`train.packing`): always on hf; on unsloth where it attends within packed
-    examples in one kernel call (`tasks.patches.unsloth.unsloth_packs`), otherwise they are padded."""
+    examples in one kernel call (`tunepipe.tasks.patches.unsloth.unsloth_packs`), otherwise they are padded."""
     if not packing or backend == "hf":
         return packing
-    from tasks.patches.unsloth import unsloth_packs
+    from tunepipe.tasks.patches.unsloth import unsloth_packs
 
     if unsloth_packs(device):
         return True

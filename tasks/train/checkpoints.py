@@ -14,10 +14,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.runtime.worker import emit_event
-from tasks.train.environment import Rank, barrier
-from tasks.train.results import EvalPoint, LossPoint
-from tasks.train.task import TrainRequest
+from tunepipe.tasks.runtime.worker import emit_event
+from tunepipe.tasks.train.environment import Rank, barrier
+from tunepipe.tasks.train.results import EvalPoint, LossPoint
+from tunepipe.tasks.train.task import TrainRequest
 
 CHECKPOINT = re.compile(r"step-(\d+)")
 BEST = "best-{step:07d}"  # the best evaluation's trainable weights, beside the newest checkpoint
@@ -141,7 +141,7 @@ def save_output(model, tokenizer, root: Path, kind: str, request: TrainRequest, 
                 model.to(base_dtype)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        from tasks.model.base import keep_tokenizer_sources
+        from tunepipe.tasks.model.base import keep_tokenizer_sources
 
         keep_tokenizer_sources(request.base.name_or_path, out, request.base.revision)
         shutil.rmtree(root, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 DDP reduces gradients with the hooks it sets on a wrapped module's parameters, bucketed and overlapped with the
 backward pass, and it needs the forward pass to go through that module. The training step's forward is not the
-model's own (`tasks.train.stepper.token_losses` runs the base transformer, then the chunked LM head at the loss
+model's own (`tunepipe.tasks.train.stepper.token_losses` runs the base transformer, then the chunked LM head at the loss
 positions only), so `StepLosses` makes it the forward of a module that holds the model.
 
 Imported by the training worker only, under torchrun (it imports torch at module level).

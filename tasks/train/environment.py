@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.runtime.memory_plan import available_host_memory_gib
-from tasks.train.results import Backend
-from tasks.train.task import TrainRequest
+from tunepipe.tasks.runtime.memory_plan import available_host_memory_gib
+from tunepipe.tasks.train.results import Backend
+from tunepipe.tasks.train.task import TrainRequest
 
 GIB = 2**30
 # `gradient_checkpointing: auto` recomputes only when a step's activations would not fit in this share of the
@@ -50,8 +50,8 @@ def set_up(request: TrainRequest) -> tuple[Rank, Backend, EnvironmentReport]:
     imported here when it trains, before anything imports transformers: it patches transformers on import."""
     import torch
 
-    from tasks.runtime.memory_plan import cap_gpu_memory
-    from tasks.runtime.worker import emit_event
+    from tunepipe.tasks.runtime.memory_plan import cap_gpu_memory
+    from tunepipe.tasks.runtime.worker import emit_event
 
     cfg = request.cfg
     rank = init_distributed()
@@ -141,7 +141,7 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 
     config = AutoConfig.from_pretrained(request.base.name_or_path, revision=request.base.revision)
     if cuda:
-        from tasks.runtime.memory_plan import free_gpu_bytes
+        from tunepipe.tasks.runtime.memory_plan import free_gpu_bytes
 
         free = free_gpu_bytes(rank.local, model_cfg.gpu_memory_gib) / GIB
         device = f"cuda ({torch.cuda.get_device_name(rank.local)}) x{rank.world}"
@@ -170,7 +170,7 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
 def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool,
                     checkpointing: bool | Literal["offload"]) -> dict[str, float]:
     """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
-    from tasks.runtime.memory_plan import model_shape, training_memory
+    from tunepipe.tasks.runtime.memory_plan import model_shape, training_memory
 
     data = request.data
     return training_memory(model_shape(config), request.cfg, request.lora, request.cfg.batch_size * data.max_tokens,

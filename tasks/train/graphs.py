@@ -6,7 +6,7 @@ backward to the trainable weights) by `torch.cuda.make_graphed_callables`, a lat
 launches two graphs instead of those kernels. Two kinds of micro-batch qualify: unpadded, unpacked rows (their
 layers see nothing but the token ids), and unsloth's packed rows laid out in the run's one `PackedLayout` (one
 row of a fixed width and number of blocks; `tasks/train/batching.py`), whose example boundaries the graphs read
-from buffers on the GPU (`tasks.patches.unsloth.PackedBoundaries`). Everything else (padded rows, hf's packed
+from buffers on the GPU (`tunepipe.tasks.patches.unsloth.PackedBoundaries`). Everything else (padded rows, hf's packed
 rows, whose block mask is built on the host) and the LM head (its positions vary) runs as before.
 
 Imported by the training worker only (it imports torch at module level).
@@ -18,7 +18,7 @@ import itertools
 
 import torch
 
-from tasks.patches.unsloth import (
+from tunepipe.tasks.patches.unsloth import (
     PackedBoundaries,  # (unsloth itself is imported only when one is made)
 )
 

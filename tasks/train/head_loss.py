@@ -2,7 +2,7 @@
 
 With a 151,936-token vocabulary the LM head dominates a small model's step, in time and in memory: the logits of
 8,192 positions are 2.5 GB in bf16 and twice that in fp32. `head_cross_entropy` runs the head over a chunk of
-positions at a time (`tasks.runtime.memory_plan.chunk_positions`); each chunk's logits give its losses and, at
+positions at a time (`tunepipe.tasks.runtime.memory_plan.chunk_positions`); each chunk's logits give its losses and, at
 once, their gradient (softmax minus the one-hot target), which is turned into the gradients of the hidden states
 (and of the head's weight when it is trained) before the chunk's logits are freed. The backward pass then only
 scales those gradients. So the head's matmul runs once per step instead of twice (a checkpointed head recomputes

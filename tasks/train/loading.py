@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from tasks.train.environment import dtype_of
-from tasks.train.results import Backend
-from tasks.train.task import TrainRequest
+from tunepipe.tasks.train.environment import dtype_of
+from tunepipe.tasks.train.results import Backend
+from tunepipe.tasks.train.task import TrainRequest
 
 
 def load_model(request: TrainRequest, backend: Backend, precision: str, device,
@@ -22,7 +22,7 @@ def load_hf(request: TrainRequest, precision: str, device, checkpointing: bool |
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tasks.runtime.base_model import load_tokenizer
+    from tunepipe.tasks.runtime.base_model import load_tokenizer
 
     cfg, lora = request.cfg, request.lora
     four_bit = cfg.mode == "qlora" or request.model_cfg.load_in_4bit
@@ -43,7 +43,7 @@ def load_hf(request: TrainRequest, precision: str, device, checkpointing: bool |
         model.to(device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        from tasks.train.recompute import checkpoint_layers
+        from tunepipe.tasks.train.recompute import checkpoint_layers
 
         checkpoint_layers(model, checkpointing)
     if not full:
@@ -73,7 +73,7 @@ def load_unsloth(request: TrainRequest, precision: str, device, checkpointing: b
         use_gradient_checkpointing=bool(checkpointing),
     )
     if checkpointing:  # unsloth turned it on; the layers' recomputation is ours (tasks/train/recompute.py)
-        from tasks.train.recompute import checkpoint_layers
+        from tunepipe.tasks.train.recompute import checkpoint_layers
 
         checkpoint_layers(model, checkpointing)
     load_adapter_weights(model, request.init_from)

@@ -1,6 +1,6 @@
 """The training recipe: LoRA, QLoRA and full fine-tuning, packed and answer-only, then an optional preference phase.
 
-`train_model` is what `tasks.train.task.train` runs in its own process (`tasks.runtime.worker`), once per device
+`train_model` is what `tunepipe.tasks.train.task.train` runs in its own process (`tunepipe.tasks.runtime.worker`), once per device
 under torchrun; it reads top to bottom as the procedure, and the mechanics live beside it:
 - `environment`: the ranks, the backend, the machine checked against the config before any model is loaded;
 - `loading`: the model and its adapters, by backend (unsloth on CUDA, transformers + peft elsewhere);
@@ -20,24 +20,24 @@ from __future__ import annotations
 import math
 import time
 
-from tasks.runtime.memory_plan import chunk_positions
-from tasks.train.batching import ExampleOrder, n_loss_tokens, packs, row_tokens, run_layout, step_counts
-from tasks.train.checkpoints import TrainingState, load_best, report_resume, resume, save_checkpoint, save_output
-from tasks.train.environment import TrainingEnvironmentError, choose_backend, set_up
-from tasks.train.loading import load_model
-from tasks.train.progress import LossLog
-from tasks.train.results import TrainResult
-from tasks.train.selection import HeldOutEvaluation, Selection
-from tasks.train.stepper import Stepper, finish_step, make_optimizer, make_scheduler, summed_over_ranks
-from tasks.train.task import TrainRequest
+from tunepipe.tasks.runtime.memory_plan import chunk_positions
+from tunepipe.tasks.train.batching import ExampleOrder, n_loss_tokens, packs, row_tokens, run_layout, step_counts
+from tunepipe.tasks.train.checkpoints import TrainingState, load_best, report_resume, resume, save_checkpoint, save_output
+from tunepipe.tasks.train.environment import TrainingEnvironmentError, choose_backend, set_up
+from tunepipe.tasks.train.loading import load_model
+from tunepipe.tasks.train.progress import LossLog
+from tunepipe.tasks.train.results import TrainResult
+from tunepipe.tasks.train.selection import HeldOutEvaluation, Selection
+from tunepipe.tasks.train.stepper import Stepper, finish_step, make_optimizer, make_scheduler, summed_over_ranks
+from tunepipe.tasks.train.task import TrainRequest
 
 
 def train_model(request: TrainRequest) -> TrainResult:
     """Train as `request` says; returns where the weights are and how the run went."""
     import torch
 
-    from tasks.train.graphs import graphs_capture  # (these two import torch on import)
-    from tasks.train.preference import PreferenceRun, phase_rows, train_preference
+    from tunepipe.tasks.train.graphs import graphs_capture  # (these two import torch on import)
+    from tunepipe.tasks.train.preference import PreferenceRun, phase_rows, train_preference
 
     cfg = request.cfg
     # Set up: the ranks, the backend (unsloth imported first), the machine checked before any model is loaded.
@@ -128,7 +128,7 @@ def train_model(request: TrainRequest) -> TrainResult:
 
 
 def warm_up(settings: str) -> None:
-    """What a training worker started early (`tasks.runtime.worker.prestart_worker`) imports before its request
+    """What a training worker started early (`tunepipe.tasks.runtime.worker.prestart_worker`) imports before its request
     comes; `settings` is "BACKEND MODE" (train.backend, train.mode). Unsloth only where it will train: it
     patches transformers on import, so it comes first."""
     backend, mode = settings.split()

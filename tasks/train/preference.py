@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tasks.data.format import IGNORE
-from tasks.runtime.config import TrainConfig
-from tasks.train.batching import ExampleOrder
-from tasks.train.checkpoints import TrainingState, resume, save_checkpoint
-from tasks.train.progress import LossLog
-from tasks.train.stepper import Stepper, finish_step, loss_hidden, make_optimizer, make_scheduler
+from tunepipe.tasks.data.format import IGNORE
+from tunepipe.tasks.runtime.config import TrainConfig
+from tunepipe.tasks.train.batching import ExampleOrder
+from tunepipe.tasks.train.checkpoints import TrainingState, resume, save_checkpoint
+from tunepipe.tasks.train.progress import LossLog
+from tunepipe.tasks.train.stepper import Stepper, finish_step, loss_hidden, make_optimizer, make_scheduler
 
 HEAD_CHUNK = 1024  # answer positions whose logits exist at once (each chunk's are recomputed in the backward pass)
 

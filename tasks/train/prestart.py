@@ -3,9 +3,9 @@ Prefect and the flows, so that unsloth's import (the longest wait of a first run
 
 from __future__ import annotations
 
-from tasks.runtime.worker import prestart_worker
+from tunepipe.tasks.runtime.worker import prestart_worker
 
-TRAIN_WORKER = "tasks.train.loop:train_model"
+TRAIN_WORKER = "tunepipe.tasks.train.loop:train_model"
 
 
 def prestart_training(backend: str, mode: str, devices: int) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from tasks.runtime.worker import emit_event
-from tasks.train.environment import GIB
-from tasks.train.results import LossPoint
+from tunepipe.tasks.runtime.worker import emit_event
+from tunepipe.tasks.train.environment import GIB
+from tunepipe.tasks.train.results import LossPoint
 
 
 def peak_gpu_gib(device, reserved: bool = False) -> float | None:

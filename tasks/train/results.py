@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.data.results import FormattedSplit
-from tasks.runtime.records import Point, Record
+from tunepipe.tasks.data.results import FormattedSplit
+from tunepipe.tasks.runtime.records import Point, Record
 
 Backend = Literal["hf", "unsloth"]
 
@@ -107,7 +107,7 @@ class TrainResult(BaseModel):
     def record(self) -> Record:
         """The curve, and the trained weights with this result beside them, so the evaluate flow can score
         the run's model later (`trained_model`)."""
-        from tasks.integrations.model_registry import MODEL_ARTIFACT
+        from tunepipe.tasks.integrations.model_registry import MODEL_ARTIFACT
 
         if self.kind == "lora":
             files, folder = [(self.adapter_dir, "adapter")], "adapter"

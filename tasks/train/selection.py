@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-from tasks.runtime.worker import emit_event
-from tasks.train.checkpoints import TrainingState, load_trainable, trainable_weights
-from tasks.train.progress import peak_gpu_gib
-from tasks.train.results import EvalPoint, HeldOut
-from tasks.train.stepper import Stepper
+from tunepipe.tasks.runtime.worker import emit_event
+from tunepipe.tasks.train.checkpoints import TrainingState, load_trainable, trainable_weights
+from tunepipe.tasks.train.progress import peak_gpu_gib
+from tunepipe.tasks.train.results import EvalPoint, HeldOut
+from tunepipe.tasks.train.stepper import Stepper
 
 
 class HeldOutEvaluation:
@@ -25,15 +25,15 @@ class HeldOutEvaluation:
 
     The loss runs over the whole eval split in batches of `eval.batch_size` rows, with the training step's own
     forward pass and LM head (`token_losses`) and no gradients: the same token-weighted mean the evaluate
-    stage reports. An answer metric (`retrain.metric` other than eval_loss) is scored by `tasks.chat.metrics` on
-    greedy answers (`tasks.chat.generation`, as the evaluate stage decodes) to the first `train.eval_samples`
+    stage reports. An answer metric (`retrain.metric` other than eval_loss) is scored by `tunepipe.tasks.chat.metrics` on
+    greedy answers (`tunepipe.tasks.chat.generation`, as the evaluate stage decodes) to the first `train.eval_samples`
     held-out prompts, which are also the first the evaluate stage answers. Every rank measures the same, so
     all of them take the same early-stopping decision without exchanging it.
     """
 
     def __init__(self, held_out: HeldOut, samples: int, tokenizer, stepper: Stepper):
-        from tasks.chat.examples import read_examples
-        from tasks.chat.metrics import required_keys
+        from tunepipe.tasks.chat.examples import read_examples
+        from tunepipe.tasks.chat.metrics import required_keys
 
         self.held_out, self.tokenizer, self.stepper = held_out, tokenizer, stepper
         self.batch_size = held_out.batch_size  # halved on out-of-memory
@@ -88,8 +88,8 @@ class HeldOutEvaluation:
         return float(total) / max(count, 1)
 
     def _metrics(self, model) -> dict[str, float]:
-        from tasks.chat.generation import greedy_answers, switches_undone
-        from tasks.chat.metrics import score_answers
+        from tunepipe.tasks.chat.generation import greedy_answers, switches_undone
+        from tunepipe.tasks.chat.metrics import score_answers
 
         if self.stepper.backend == "unsloth":
             answers = unsloth_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
@@ -110,7 +110,7 @@ def unsloth_answers(model, tokenizer, conversations: list[list[dict]], max_new_t
     import torch
     from unsloth import FastLanguageModel
 
-    from tasks.chat.generation import render_prompt, stop_token_ids, to_answer
+    from tunepipe.tasks.chat.generation import render_prompt, stop_token_ids, to_answer
 
     stops = stop_token_ids(model, tokenizer)
     prompts = [render_prompt(tokenizer, conversation) for conversation in conversations]
@@ -136,7 +136,7 @@ def selection_value(point: EvalPoint, metric: str) -> float | None:
 
 def beats(point: EvalPoint, other: EvalPoint | None, metric: str) -> bool:
     """Whether `point` is a better checkpoint than `other` by `metric`; equal values go to the lower eval loss."""
-    from tasks.chat.metrics import improvement
+    from tunepipe.tasks.chat.metrics import improvement
 
     if other is None:
         return True
@@ -147,7 +147,7 @@ def beats(point: EvalPoint, other: EvalPoint | None, metric: str) -> bool:
 def track_best(state: TrainingState, point: EvalPoint, metric: str, min_delta: float) -> bool:
     """Record an evaluation: the best so far and the count of evaluations without a gain of more than
     `min_delta` (early stopping's patience). Returns whether `point` is the new best."""
-    from tasks.chat.metrics import improvement
+    from tunepipe.tasks.chat.metrics import improvement
 
     state.evals.append(point)
     value = selection_value(point, metric)

@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tasks.runtime.worker import emit_event
-from tasks.train.batching import PackedLayout, make_batch
-from tasks.train.environment import Rank, dtype_of
-from tasks.train.results import Backend
+from tunepipe.tasks.runtime.worker import emit_event
+from tunepipe.tasks.train.batching import PackedLayout, make_batch
+from tunepipe.tasks.train.environment import Rank, dtype_of
+from tunepipe.tasks.train.results import Backend
 
 if TYPE_CHECKING:
-    from tasks.train.checkpoints import TrainingState
+    from tunepipe.tasks.train.checkpoints import TrainingState
 
 
 def make_optimizer(model, cfg):
@@ -51,7 +51,7 @@ def token_losses(model, batch: dict, backend: Backend, head_chunk: int, transfor
     Returns (sum of the losses, differentiable; each token's loss, detached; example index of each loss);
     the base transformer runs once over the whole batch (through `transformer` when given: CUDA graphs).
     """
-    from tasks.train.head_loss import head_cross_entropy
+    from tunepipe.tasks.train.head_loss import head_cross_entropy
 
     hidden, head = loss_hidden(model, batch, backend, transformer)
     total, losses = head_cross_entropy(hidden, head, batch["loss_targets"], head_chunk)
@@ -103,14 +103,14 @@ class Stepper:
 
         self.graphs = None
         if self.cuda_graphs and self.rank.world == 1:
-            from tasks.train.graphs import TransformerGraphs
+            from tunepipe.tasks.train.graphs import TransformerGraphs
 
             self.graphs = TransformerGraphs(causal_lm_of(self.model).base_model, self.packed_layout)
         self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk,
                               transformer=self.graphs)
         self.parallel = None
         if self.rank.world > 1:
-            from tasks.train.data_parallel import data_parallel
+            from tunepipe.tasks.train.data_parallel import data_parallel
 
             self.parallel = data_parallel(self.model, self.losses, self.device)
 

@@ -1,7 +1,7 @@
 """The train stage: a thin task that trains in a worker process and reads the typed result back.
 
 Training loads the model, CUDA state and (on a GPU) unsloth's patches; all of that belongs to the worker
-(`tasks.train.loop.train_model`, started by `tasks.runtime.worker.run_worker`, under torchrun for `train.devices` > 1),
+(`tunepipe.tasks.train.loop.train_model`, started by `tunepipe.tasks.runtime.worker.run_worker`, under torchrun for `train.devices` > 1),
 never to the flow's process or the next stage. The worker checkpoints into the stage's folder, so a re-run
 after a kill resumes by itself; its live metrics reach the flow's MLflow run while it trains.
 """
@@ -17,15 +17,15 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.data.results import FormattedData, FormattedSplit
-from tasks.runtime.base_model import BaseModelRef
-from tasks.runtime.caching import StageCache, stage_dir
-from tasks.runtime.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
-from tasks.runtime.gpu_slots import gpu_slots
-from tasks.runtime.records import MlflowRunRef, Point, Record
-from tasks.runtime.worker import EVALUATE_WORKER, prestart_worker, run_worker
-from tasks.train.prestart import TRAIN_WORKER
-from tasks.train.results import HeldOut, TrainResult, curve_points, eval_points
+from tunepipe.tasks.data.results import FormattedData, FormattedSplit
+from tunepipe.tasks.runtime.base_model import BaseModelRef
+from tunepipe.tasks.runtime.caching import StageCache, stage_dir
+from tunepipe.tasks.runtime.config import LoraConfig, ModelConfig, TrackingConfig, TrainConfig
+from tunepipe.tasks.runtime.gpu_slots import gpu_slots
+from tunepipe.tasks.runtime.records import MlflowRunRef, Point, Record
+from tunepipe.tasks.runtime.worker import EVALUATE_WORKER, prestart_worker, run_worker
+from tunepipe.tasks.train.prestart import TRAIN_WORKER
+from tunepipe.tasks.train.results import HeldOut, TrainResult, curve_points, eval_points
 
 
 class TrainRequest(BaseModel):
@@ -44,11 +44,11 @@ class TrainRequest(BaseModel):
 # The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py (the recipe)
 # and the modules beside it that it runs, and the base model is read by tasks/model/base.py.
 TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=(
-    "tasks.train.loop", "tasks.train.environment", "tasks.train.loading", "tasks.train.batching",
-    "tasks.train.stepper", "tasks.train.selection", "tasks.train.checkpoints", "tasks.train.progress",
-    "tasks.train.preference", "tasks.train.head_loss", "tasks.train.data_parallel", "tasks.train.graphs",
-    "tasks.train.recompute", "tasks.patches.unsloth", "tasks.patches.torch", "tasks.model.base",
-    "tasks.model.packaged"))
+    "tunepipe.tasks.train.loop", "tunepipe.tasks.train.environment", "tunepipe.tasks.train.loading", "tunepipe.tasks.train.batching",
+    "tunepipe.tasks.train.stepper", "tunepipe.tasks.train.selection", "tunepipe.tasks.train.checkpoints", "tunepipe.tasks.train.progress",
+    "tunepipe.tasks.train.preference", "tunepipe.tasks.train.head_loss", "tunepipe.tasks.train.data_parallel", "tunepipe.tasks.train.graphs",
+    "tunepipe.tasks.train.recompute", "tunepipe.tasks.patches.unsloth", "tunepipe.tasks.patches.torch", "tunepipe.tasks.model.base",
+    "tunepipe.tasks.model.packaged"))
 
 
 @task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)
@@ -73,7 +73,7 @@ def train(
 
 def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict], None]:
     """An `on_event` handler for the training worker: every logged step goes to MLflow as it happens."""
-    from tasks.runtime.tracking import RunWriter
+    from tunepipe.tasks.runtime.tracking import RunWriter
 
     writer = RunWriter(run.tracking_uri, run.run_id, pipeline="")
 
@@ -113,7 +113,7 @@ def trained_model(cfg: TrackingConfig, registered_name: str, model: str, dest: P
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
-    from tasks.integrations.model_registry import MODEL_ARTIFACT
+    from tunepipe.tasks.integrations.model_registry import MODEL_ARTIFACT
 
     client = MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
     version = re.fullmatch(r"v(\d+)", model)

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import ollama
 
-from tasks.runtime.caching import file_digest
+from tunepipe.tasks.runtime.caching import file_digest
 
 log = logging.getLogger(__name__)
 

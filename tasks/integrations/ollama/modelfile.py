@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.chat.template import ChatContext
-from tasks.integrations.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.integrations.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from tasks.integrations.llama_cpp import cache_root
+from tunepipe.tasks.integrations.llama_cpp import cache_root
 
 SOURCE = Path(__file__).with_name("gotemplate")
 GO_MISSING = (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.integrations.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
+from tunepipe.tasks.integrations.ollama.client import OllamaClient, OllamaConnectionError, OllamaError
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 DEFAULT_REGISTRY, DEFAULT_NAMESPACE, DEFAULT_TAG = "registry.ollama.ai", "library", "latest"

@@ -19,8 +19,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tasks.chat.template import AnswerRefused, ChatRenderer, Reasoning, check_probe_answer, transformers_renderer
-from tasks.integrations.ollama.render import render_served_prompt
+from tunepipe.tasks.chat.template import AnswerRefused, ChatRenderer, Reasoning, check_probe_answer, transformers_renderer
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt
 
 SET_INSTEAD = ("Set `ollama.template` in the config to an Ollama Go template for this model "
                "(https://github.com/ollama/ollama/blob/main/docs/template.mdx).")

@@ -7,8 +7,8 @@ One module per section, named as in the YAML (data, model and lora, train, eval,
 rag); the whole config, its loading and its schema in `pipeline`. Every name is imported from here.
 """
 
-from tasks.runtime.config.data import DataConfig
-from tasks.runtime.config.evaluate import (
+from tunepipe.tasks.runtime.config.data import DataConfig
+from tunepipe.tasks.runtime.config.evaluate import (
     COMMON_METRICS,
     DEFAULT_RUBRIC,
     JSON_METRICS,
@@ -19,11 +19,11 @@ from tasks.runtime.config.evaluate import (
     JudgeConfig,
     RetentionConfig,
 )
-from tasks.runtime.config.export import ExportConfig, GgufType
-from tasks.runtime.config.gate import GateConfig, MetricRule, RetentionRule
-from tasks.runtime.config.model import LoraConfig, ModelConfig
-from tasks.runtime.config.ollama import OllamaConfig
-from tasks.runtime.config.pipeline import (
+from tunepipe.tasks.runtime.config.export import ExportConfig, GgufType
+from tunepipe.tasks.runtime.config.gate import GateConfig, MetricRule, RetentionRule
+from tunepipe.tasks.runtime.config.model import LoraConfig, ModelConfig
+from tunepipe.tasks.runtime.config.ollama import OllamaConfig
+from tunepipe.tasks.runtime.config.pipeline import (
     ConfigError,
     PipelineConfig,
     RetryConfig,
@@ -31,10 +31,10 @@ from tasks.runtime.config.pipeline import (
     json_schema,
     load_config,
 )
-from tasks.runtime.config.rag import RagColumns, RagConfig
-from tasks.runtime.config.retrain import RetrainChange, RetrainConfig
-from tasks.runtime.config.section import Section
-from tasks.runtime.config.train import EarlyStopping, PreferenceConfig, TrainConfig
+from tunepipe.tasks.runtime.config.rag import RagColumns, RagConfig
+from tunepipe.tasks.runtime.config.retrain import RetrainChange, RetrainConfig
+from tunepipe.tasks.runtime.config.section import Section
+from tunepipe.tasks.runtime.config.train import EarlyStopping, PreferenceConfig, TrainConfig
 
 __all__ = [
     "COMMON_METRICS", "DEFAULT_RUBRIC", "JSON_METRICS", "JUDGE_METRICS", "LOWER_IS_BETTER", "TEXT_METRICS",

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.runtime.config.section import Section
+from tunepipe.tasks.runtime.config.section import Section
 
 
 class DataConfig(Section):

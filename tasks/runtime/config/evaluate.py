@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_serializer, model_validator
 
-from tasks.runtime.config.section import Section, masked
+from tunepipe.tasks.runtime.config.section import Section, masked
 
 # Metrics the evaluate stage reports (tasks/chat/metrics.py), by the name a gate rule uses. Checked when the config
 # loads, so a typo fails before training, not after it.
@@ -129,7 +129,7 @@ class RetentionConfig(Section):
     @model_validator(mode="after")
     def _prompts_readable(self) -> RetentionConfig:
         # A bad prompts file fails when the config loads, before any training, naming its file and line.
-        from tasks.chat.general_prompts import read_prompts
+        from tunepipe.tasks.chat.general_prompts import read_prompts
 
         read_prompts(self)
         return self

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from tasks.runtime.config.section import Section
+from tunepipe.tasks.runtime.config.section import Section
 
 
 class MetricRule(Section):

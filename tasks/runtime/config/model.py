@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.runtime.config.section import Section
+from tunepipe.tasks.runtime.config.section import Section
 
 
 class ModelConfig(Section):

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_serializer
 
-from tasks.runtime.config.section import Section, masked
+from tunepipe.tasks.runtime.config.section import Section, masked
 
 
 class OllamaConfig(Section):

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_serializer, model_validator
 
-from tasks.runtime.config.data import DataConfig
-from tasks.runtime.config.evaluate import (
+from tunepipe.tasks.runtime.config.data import DataConfig
+from tunepipe.tasks.runtime.config.evaluate import (
     COMMON_METRICS,
     JSON_METRICS,
     JUDGE_METRICS,
@@ -19,14 +19,14 @@ from tasks.runtime.config.evaluate import (
     EvalConfig,
     JudgeConfig,
 )
-from tasks.runtime.config.export import ExportConfig
-from tasks.runtime.config.gate import GateConfig
-from tasks.runtime.config.model import LoraConfig, ModelConfig
-from tasks.runtime.config.ollama import OllamaConfig
-from tasks.runtime.config.rag import RagConfig
-from tasks.runtime.config.retrain import RetrainConfig
-from tasks.runtime.config.section import Section, masked
-from tasks.runtime.config.train import TrainConfig
+from tunepipe.tasks.runtime.config.export import ExportConfig
+from tunepipe.tasks.runtime.config.gate import GateConfig
+from tunepipe.tasks.runtime.config.model import LoraConfig, ModelConfig
+from tunepipe.tasks.runtime.config.ollama import OllamaConfig
+from tunepipe.tasks.runtime.config.rag import RagConfig
+from tunepipe.tasks.runtime.config.retrain import RetrainConfig
+from tunepipe.tasks.runtime.config.section import Section, masked
+from tunepipe.tasks.runtime.config.train import TrainConfig
 
 
 class TrackingConfig(Section):

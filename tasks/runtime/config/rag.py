@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_serializer, model_validator
 
-from tasks.runtime.config.section import Section, masked
+from tunepipe.tasks.runtime.config.section import Section, masked
 
 
 class RagColumns(Section):

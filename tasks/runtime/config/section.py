@@ -13,6 +13,6 @@ class Section(BaseModel):
 def masked(url: str | None) -> str | None:
     # The config is a flow parameter: Prefect stores its JSON form. Credentials in a URL are masked there (and
     # in MLflow params and cache keys); the running flow keeps the real value.
-    from tasks.runtime.redact import redact
+    from tunepipe.tasks.runtime.redact import redact
 
     return None if url is None else redact(url)
