@@ -49,8 +49,11 @@ def write_data(out: Path, train_rows: int, eval_rows: int) -> tuple[Path, Path]:
     train, eval_ = write_demo_dataset(out / "all", n_train=train_rows * 2, n_eval=eval_rows * 5)
     kept = {}
     for name, path, keep, n in (("train", train, False, train_rows), ("eval", eval_, True, eval_rows)):
-        lines = [line for line in path.read_text().splitlines()
-                 if json.loads(line)["input"].startswith(HELD_OUT_LAYOUT) == keep][:n]
+        lines = [
+            line
+            for line in path.read_text().splitlines()
+            if json.loads(line)["input"].startswith(HELD_OUT_LAYOUT) == keep
+        ][:n]
         kept[name] = out / f"{name}.jsonl"
         kept[name].write_text("".join(line + "\n" for line in lines))
     return kept["train"], kept["eval"]
@@ -60,8 +63,10 @@ def train(request: TrainRequest) -> TrainResult:
     def show(event: dict) -> None:
         if event["event"] == "eval":
             shown = ", ".join(f"{m} {event['metrics'][m]:.3f}" for m in SHOWN if m in event["metrics"])
-            print(f"  step {event['step']}: held-out loss {event['eval_loss']:.4f}, {shown} "
-                  f"({event['elapsed_s']:.1f} s)", flush=True)
+            print(
+                f"  step {event['step']}: held-out loss {event['eval_loss']:.4f}, {shown} ({event['elapsed_s']:.1f} s)",
+                flush=True,
+            )
 
     return run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, request.out_dir, on_event=show)
 
@@ -83,8 +88,9 @@ def main() -> None:
     args = parser.parse_args()
 
     out = args.out.resolve()
-    model_cfg = ModelConfig(base=args.base or str(packaged_gguf(MODEL)), chat_template=PACKAGED[MODEL].chat_template,
-                            max_seq_length=384)
+    model_cfg = ModelConfig(
+        base=args.base or str(packaged_gguf(MODEL)), chat_template=PACKAGED[MODEL].chat_template, max_seq_length=384
+    )
     with warnings.catch_warnings():  # "q4_1: the rounding is trained": known, the model ships only so
         warnings.simplefilter("ignore")
         base = resolve_base_model(model_cfg)
@@ -93,52 +99,105 @@ def main() -> None:
     loaded = load_dataset(data_cfg, out / "loaded")
     formatted = format_dataset(loaded.train_path, loaded.eval_path, base, model_cfg, out / "formatted")
     eval_cfg = EvalConfig(max_samples=args.eval_rows, max_new_tokens=48, batch_size=args.eval_batch_size)
-    held_out = HeldOut(loss_rows=formatted.eval, examples=loaded.eval_path, train_examples=loaded.train_path,
-                       metric="field_accuracy", output_format="json", max_new_tokens=eval_cfg.max_new_tokens,
-                       batch_size=eval_cfg.batch_size)
-    print(f"{formatted.train.n_rows} train pages, {formatted.eval.n_rows} held-out pages ({HELD_OUT_LAYOUT}> only), "
-          f"{formatted.n_quarantined} too long", flush=True)
+    held_out = HeldOut(
+        loss_rows=formatted.eval,
+        examples=loaded.eval_path,
+        train_examples=loaded.train_path,
+        metric="field_accuracy",
+        output_format="json",
+        max_new_tokens=eval_cfg.max_new_tokens,
+        batch_size=eval_cfg.batch_size,
+    )
+    print(
+        f"{formatted.train.n_rows} train pages, {formatted.eval.n_rows} held-out pages ({HELD_OUT_LAYOUT}> only), "
+        f"{formatted.n_quarantined} too long",
+        flush=True,
+    )
 
-    common = dict(backend=args.backend, mode="lora", max_steps=args.steps, batch_size=args.batch_size,
-                  learning_rate=args.learning_rate, warmup_steps=2, save_steps=10_000, eval_steps=args.eval_steps,
-                  eval_samples=args.eval_samples, gradient_checkpointing=False, seed=42)
-    runs = {"last": TrainConfig(**common, select="last"),
-            "best": TrainConfig(**common, select="best", early_stopping={"patience": args.patience})}
+    common = dict(
+        backend=args.backend,
+        mode="lora",
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=2,
+        save_steps=10_000,
+        eval_steps=args.eval_steps,
+        eval_samples=args.eval_samples,
+        gradient_checkpointing=False,
+        seed=42,
+    )
+    runs = {
+        "last": TrainConfig(**common, select="last"),
+        "best": TrainConfig(**common, select="best", early_stopping={"patience": args.patience}),
+    }
     results = {}
     for name, cfg in runs.items():
         print(f"== train.select={name}", flush=True)
         started = time.perf_counter()
-        trained = train(TrainRequest(data=formatted.train, base=base, model_cfg=model_cfg,
-                                     lora=LoraConfig(r=16, alpha=32), cfg=cfg, out_dir=out / f"train-{name}",
-                                     held_out=held_out))
+        trained = train(
+            TrainRequest(
+                data=formatted.train,
+                base=base,
+                model_cfg=model_cfg,
+                lora=LoraConfig(r=16, alpha=32),
+                cfg=cfg,
+                out_dir=out / f"train-{name}",
+                held_out=held_out,
+            )
+        )
         train_s = time.perf_counter() - started
         started = time.perf_counter()
-        report = evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, base, None, "", data_cfg,
-                                 eval_cfg, out / f"evaluate-{name}", out / "reference")
-        results[name] = {"trained": json.loads(trained.model_dump_json()), "train_s": round(train_s, 1),
-                         "evaluate_s": round(time.perf_counter() - started, 1),
-                         "candidate": report.candidate.metrics, "base": report.base.metrics}
+        report = evaluate_models(
+            formatted,
+            loaded.eval_path,
+            loaded.train_path,
+            trained,
+            base,
+            None,
+            "",
+            data_cfg,
+            eval_cfg,
+            out / f"evaluate-{name}",
+            out / "reference",
+        )
+        results[name] = {
+            "trained": json.loads(trained.model_dump_json()),
+            "train_s": round(train_s, 1),
+            "evaluate_s": round(time.perf_counter() - started, 1),
+            "candidate": report.candidate.metrics,
+            "base": report.base.metrics,
+        }
         print(f"  {trained.selection}; {train_s:.0f} s training, device {trained.device}", flush=True)
-    (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results},
-                                                 indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)
+    )
     print_tables(results, args)
 
 
 def print_tables(results: dict, args) -> None:
     curve = results["last"]["trained"]["eval_history"]
-    print(f"\nHeld-out curve of `last` (answer metrics on {args.eval_samples} sampled prompts, the loss on every "
-          "held-out page):\n")
+    print(
+        f"\nHeld-out curve of `last` (answer metrics on {args.eval_samples} sampled prompts, the loss on every "
+        "held-out page):\n"
+    )
     print("| step | held-out loss | " + " | ".join(SHOWN) + " | seconds |")
     print("|---:|---:|" + "---:|" * len(SHOWN) + "---:|")
     for point in curve:
-        print(f"| {point['step']} | {point['eval_loss']:.4f} | "
-              + " | ".join(f"{point['metrics'][m]:.3f}" for m in SHOWN) + f" | {point['elapsed_s']:.1f} |")
+        print(
+            f"| {point['step']} | {point['eval_loss']:.4f} | "
+            + " | ".join(f"{point['metrics'][m]:.3f}" for m in SHOWN)
+            + f" | {point['elapsed_s']:.1f} |"
+        )
     print(f"\nThe returned models on all {args.eval_rows} held-out pages, scored by the evaluate stage:\n")
     print("| | base | select last | select best |")
     print("|---|---:|---:|---:|")
     for metric in (*SHOWN, "eval_loss"):
-        row = [results["last"]["base"][metric], results["last"]["candidate"][metric],
-               results["best"]["candidate"][metric]]
+        row = [
+            results["last"]["base"][metric],
+            results["last"]["candidate"][metric],
+            results["best"]["candidate"][metric],
+        ]
         print(f"| {metric} | " + " | ".join(f"{value:.3f}" for value in row) + " |")
     last, best = results["last"], results["best"]
     print(f"| steps trained | | {last['trained']['steps']} | {best['trained']['steps']} |")

@@ -40,8 +40,7 @@ def pack(name: str, out: Path, part_mib: int) -> None:
             part = out / f"{gguf.name}.part{len(parts):02d}"
             part.write_bytes(block)
             parts.append(part.name)
-    manifest = {"gguf": gguf.name, "sha256": digest.hexdigest(), "parts": parts,
-                "files": sorted(p.name for p in files)}
+    manifest = {"gguf": gguf.name, "sha256": digest.hexdigest(), "parts": parts, "files": sorted(p.name for p in files)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{out}: {len(files)} files and {len(parts)} parts of {gguf.name} (carry each part in its own call)")
 
@@ -59,8 +58,9 @@ def unpack(parts_dir: Path, out: Path) -> None:
             digest.update(block)
             dst.write(block)
     if digest.hexdigest() != manifest["sha256"]:
-        raise SystemExit(f"{gguf}: sha256 {digest.hexdigest()}, expected {manifest['sha256']}: a part is missing "
-                         "or damaged")
+        raise SystemExit(
+            f"{gguf}: sha256 {digest.hexdigest()}, expected {manifest['sha256']}: a part is missing or damaged"
+        )
     for name in manifest["files"]:
         shutil.copy2(parts_dir / name, out / name)
     with tempfile.TemporaryDirectory() as tmp:  # only the weights: config and tokenizer stay as carried

@@ -23,13 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tunepipe.tasks.chat.template import ChatContext  # noqa: E402
-from tunepipe.tasks.integrations.llama_cpp import chat_templates_dir  # noqa: E402
-from tunepipe.tasks.integrations.ollama.render import render_served_prompt  # noqa: E402
-from tunepipe.tasks.integrations.ollama.template import TemplateRefused, ollama_template, transformers_renderer  # noqa: E402
+from tunepipe.tasks.chat.template import ChatContext
+from tunepipe.tasks.integrations.llama_cpp import chat_templates_dir
+from tunepipe.tasks.integrations.ollama.render import render_served_prompt
+from tunepipe.tasks.integrations.ollama.template import TemplateRefused, ollama_template, transformers_renderer
 
-PADDED = [{"role": "user", "content": "  padded question\n"}, {"role": "assistant", "content": " padded answer\n"},
-          {"role": "user", "content": "next"}]
+PADDED = [
+    {"role": "user", "content": "  padded question\n"},
+    {"role": "assistant", "content": " padded answer\n"},
+    {"role": "user", "content": "next"},
+]
 MODES = ("keep", "strip", "wrap")
 DATE = dt.date(2026, 12, 1)  # what `strftime_now` prints: the derivation is reproducible
 
@@ -65,8 +68,10 @@ def main() -> None:
     print("\n".join(by_mode))
     print("\n| template identical under keep | stop | default system prompt | strips contents |\n|---|---|---|---|")
     print("\n".join(rows))
-    print("\n" + ", ".join(f"{mode}: {counts[mode]} identical" for mode in MODES) + f", of {len(by_mode)}; "
-          f"{wall:.1f} s wall, {cpu:.1f} s CPU in this process (Go's renders run in the harness process)")
+    print(
+        "\n" + ", ".join(f"{mode}: {counts[mode]} identical" for mode in MODES) + f", of {len(by_mode)}; "
+        f"{wall:.1f} s wall, {cpu:.1f} s CPU in this process (Go's renders run in the harness process)"
+    )
 
 
 if __name__ == "__main__":

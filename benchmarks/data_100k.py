@@ -29,20 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tunepipe.deployments.cli import QUIET_ENV  # noqa: E402
+from tunepipe.deployments.cli import QUIET_ENV
 
 os.environ.update(QUIET_ENV)  # as `tunepipe run` and `tunepipe check` set it (tokenizers on one thread)
 
-from tunepipe.tasks.chat.examples import read_examples  # noqa: E402
-from tunepipe.tasks.data.check import check_dataset  # noqa: E402
-from tunepipe.tasks.data.format import _pieces, format_dataset, tokenize_conversations  # noqa: E402
-from tunepipe.tasks.data.load import load_dataset  # noqa: E402
-from tunepipe.tasks.demo.data import MANUFACTURERS, _names, _row  # noqa: E402
-from tunepipe.tasks.demo.tiny_model import CACHE_NAME, build_tiny_model  # noqa: E402
-from tunepipe.tasks.integrations.llama_cpp import cache_root  # noqa: E402
-from tunepipe.tasks.model.base import resolve_base_model  # noqa: E402
-from tunepipe.tasks.runtime.base_model import load_tokenizer  # noqa: E402
-from tunepipe.tasks.runtime.config import DataConfig, ModelConfig  # noqa: E402
+from tunepipe.tasks.chat.examples import read_examples
+from tunepipe.tasks.data.check import check_dataset
+from tunepipe.tasks.data.format import _pieces, format_dataset, tokenize_conversations
+from tunepipe.tasks.data.load import load_dataset
+from tunepipe.tasks.demo.data import MANUFACTURERS, _names, _row
+from tunepipe.tasks.demo.tiny_model import CACHE_NAME, build_tiny_model
+from tunepipe.tasks.integrations.llama_cpp import cache_root
+from tunepipe.tasks.model.base import resolve_base_model
+from tunepipe.tasks.runtime.base_model import load_tokenizer
+from tunepipe.tasks.runtime.config import DataConfig, ModelConfig
 
 BROKEN_EVERY = 100  # one line in a hundred is truncated JSON
 
@@ -58,8 +58,10 @@ def write_rows(path: Path, n: int, seed: int = 0) -> None:
 
 def tokenize_one_piece_at_a_time(tokenizer, examples) -> list[list[int]]:
     """The format stage's tokenization before batching: one tokenizer call per rendered piece."""
-    return [[i for text, _ in _pieces(tokenizer, e) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-            for e in examples]
+    return [
+        [i for text, _ in _pieces(tokenizer, e) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        for e in examples
+    ]
 
 
 @contextlib.contextmanager
@@ -91,13 +93,15 @@ def main() -> None:
             base = resolve_base_model(model)
             checked = check_dataset(loaded, cfg, base, model, root / "check")
         with timed(times, "format"):
-            formatted = format_dataset(checked.train.clean_path, checked.eval.clean_path, base, model,
-                                       root / "format", tokens=checked.tokens)
+            formatted = format_dataset(
+                checked.train.clean_path, checked.eval.clean_path, base, model, root / "format", tokens=checked.tokens
+            )
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         with timed(times, "format, tokenizing again (baseline)"):
-            again = format_dataset(checked.train.clean_path, checked.eval.clean_path, base, model,
-                                   root / "format-again")
+            again = format_dataset(
+                checked.train.clean_path, checked.eval.clean_path, base, model, root / "format-again"
+            )
         for name in ("train", "eval"):
             path, path_again = getattr(formatted, name).path, getattr(again, name).path
             assert path.read_bytes() == path_again.read_bytes(), f"{name}: the check's token ids must format the same"
@@ -114,18 +118,24 @@ def main() -> None:
 
     baseline_wall, baseline_cpu = times.pop("format, tokenizing again (baseline)")
     total_wall, total_cpu = (sum(t[i] for t in times.values()) for i in (0, 1))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f}")
-    print(f"rows read {checked.rows_read}, quarantined {checked.rows_quarantined}, "
-          f"kept train {formatted.train.n_rows} / eval {formatted.eval.n_rows}, train tokens {formatted.train.n_tokens}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"rows read {checked.rows_read}, quarantined {checked.rows_quarantined}, "
+        f"kept train {formatted.train.n_rows} / eval {formatted.eval.n_rows}, train tokens {formatted.train.n_tokens}"
+    )
     print("| stage | wall s | CPU s |\n|---|---:|---:|")
     for stage, (wall, cpu) in times.items():
         print(f"| {stage} | {wall:.1f} | {cpu:.1f} |")
     print(f"| **load + check + format** | **{total_wall:.1f}** | **{total_cpu:.1f}** |")
     print(f"| format, tokenizing again (baseline; same files) | {baseline_wall:.1f} | {baseline_cpu:.1f} |")
     print(f"peak memory (max RSS of the process, during load + check + format): {peak_mib:,.0f} MiB")
-    print(f"tokenizing {len(examples):,} examples: one piece at a time (baseline) {t_one_by_one:.2f} s, "
-          f"batched {t_batched:.2f} s ({t_one_by_one / t_batched:.1f}x)")
+    print(
+        f"tokenizing {len(examples):,} examples: one piece at a time (baseline) {t_one_by_one:.2f} s, "
+        f"batched {t_batched:.2f} s ({t_one_by_one / t_batched:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

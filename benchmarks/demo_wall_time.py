@@ -50,9 +50,11 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{'run':<44} {'seconds':>8} {'vs first':>9}")
-    rows = [("first run (baseline, cold: model, data, DB)", first),
-            (f"cached re-run (median of {args.repeats})", statistics.median(cached)),
-            ("re-run with a changed gate rule", threshold)]
+    rows = [
+        ("first run (baseline, cold: model, data, DB)", first),
+        (f"cached re-run (median of {args.repeats})", statistics.median(cached)),
+        ("re-run with a changed gate rule", threshold),
+    ]
     for name, seconds in rows:
         print(f"{name:<44} {seconds:8.1f} {seconds / first:8.1%}")
     print(f"cached re-runs: {', '.join(f'{s:.1f}' for s in cached)}")

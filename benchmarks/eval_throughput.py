@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_train import QWEN3_0_6B  # noqa: E402  (the same model shape as the training benchmark)
+from benchmarks.gpu_train import QWEN3_0_6B
 
 WORDS = ("price", "kettle", "steel", "black", "brand", "lamp", "garden", "table", "warranty", "shipping")
 
@@ -38,11 +38,16 @@ def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **QWEN3_0_6B)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **QWEN3_0_6B,
+    )
     model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id],
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -97,24 +102,36 @@ def main() -> None:
             ids = render_prompt(tokenizer, conversation)
             answer = [random.Random(len(ids)).randrange(1000, 100_000) for _ in range(args.new_tokens)]
             out.write(json.dumps({"input_ids": ids + answer, "labels": [-100] * len(ids) + answer}) + "\n")
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompts": args.prompts,
-                     "prompt_tokens": [min(lengths), max(lengths)], "new_tokens": args.new_tokens,
-                     "batch_size": args.batch_size}
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "prompts": args.prompts,
+        "prompt_tokens": [min(lengths), max(lengths)],
+        "new_tokens": args.new_tokens,
+        "batch_size": args.batch_size,
+    }
 
     # 1. The stage's worker, as the evaluate stage starts it.
     request = GenerationRequest(
         models=[ModelToScore(name="candidate", weights=str(model_dir), tokenizer=str(model_dir))],
-        conversations=[[Message(**m) for m in c] for c in prompts], loss_rows=rows_path,
-        max_new_tokens=args.new_tokens, batch_size=args.batch_size, chat=ChatContext(),
+        conversations=[[Message(**m) for m in c] for c in prompts],
+        loss_rows=rows_path,
+        max_new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        chat=ChatContext(),
     )
     started = time.perf_counter()
     stage = run_worker("tunepipe.tasks.evaluate.task:generate_outputs", request, GenerationResult, work / "worker")
     stage_s = time.perf_counter() - started
     outputs = stage.outputs["candidate"]
     generated = args.prompts * args.new_tokens
-    results["stage"] = {"wall_s": round(stage_s, 2), "generate_s_with_capture": round(outputs.generate_s, 3),
-                        "gen_tokens_per_s_with_capture": round(generated / outputs.generate_s),
-                        "stopped_early": sum(outputs.stopped), "device": outputs.device}
+    results["stage"] = {
+        "wall_s": round(stage_s, 2),
+        "generate_s_with_capture": round(outputs.generate_s, 3),
+        "gen_tokens_per_s_with_capture": round(generated / outputs.generate_s),
+        "stopped_early": sum(outputs.stopped),
+        "device": outputs.device,
+    }
     print(json.dumps(results["stage"]), flush=True)
 
     # 2. The same generation code in this process: first call, then steady state.
@@ -127,8 +144,11 @@ def main() -> None:
             answers = greedy_answers(model, tokenizer, prompts, args.new_tokens, args.batch_size)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        results[name] = {"s": round(seconds, 3), "gen_tokens_per_s": round(generated / seconds),
-                         "stopped_early": sum(a.stopped for a in answers)}
+        results[name] = {
+            "s": round(seconds, 3),
+            "gen_tokens_per_s": round(generated / seconds),
+            "stopped_early": sum(a.stopped for a in answers),
+        }
         print(name, json.dumps(results[name]), flush=True)
     # Where a batch's time goes: prefill alone (1 new token), then prefill + decode.
     stops = stop_token_ids(model, tokenizer)
@@ -142,9 +162,10 @@ def main() -> None:
             decoder.run(batch, new_tokens)
         torch.cuda.synchronize()
         seconds[new_tokens] = time.perf_counter() - started  # the second of each pair: warm
-    results["one_batch"] = {"prefill_ms": round(seconds[1] * 1000, 1),
-                            "decode_step_ms": round((seconds[args.new_tokens] - seconds[1]) * 1000
-                                                    / (args.new_tokens - 1), 2)}
+    results["one_batch"] = {
+        "prefill_ms": round(seconds[1] * 1000, 1),
+        "decode_step_ms": round((seconds[args.new_tokens] - seconds[1]) * 1000 / (args.new_tokens - 1), 2),
+    }
     print("one batch", json.dumps(results["one_batch"]), flush=True)
     if args.profile:  # the GPU kernels of three decode steps, run eagerly (the graph replays the same kernels)
         from torch.profiler import ProfilerActivity, profile
@@ -167,13 +188,22 @@ def main() -> None:
     with torch.inference_mode():
         for conversation in prompts[: args.baseline_prompts]:
             ids = torch.tensor([render_prompt(tokenizer, conversation)], device="cuda")
-            out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                ids,
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             new_tokens += out.shape[1] - ids.shape[1]
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    results["baseline_one_at_a_time"] = {"prompts": args.baseline_prompts, "gen_tokens": new_tokens,
-                                         "s": round(seconds, 2), "gen_tokens_per_s": round(new_tokens / seconds, 1)}
+    results["baseline_one_at_a_time"] = {
+        "prompts": args.baseline_prompts,
+        "gen_tokens": new_tokens,
+        "s": round(seconds, 2),
+        "gen_tokens_per_s": round(new_tokens / seconds, 1),
+    }
     print("baseline", json.dumps(results["baseline_one_at_a_time"]), flush=True)
 
     tokenizer.padding_side = "left"
@@ -182,13 +212,19 @@ def main() -> None:
     torch.cuda.synchronize()
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **batch,
+            max_new_tokens=args.new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     results["generate_batched_dynamic_cache"] = {
-        "s": round(seconds, 2), "gen_tokens_per_s": round(args.prompts * (out.shape[1] - batch["input_ids"].shape[1])
-                                                          / seconds)}
+        "s": round(seconds, 2),
+        "gen_tokens_per_s": round(args.prompts * (out.shape[1] - batch["input_ids"].shape[1]) / seconds),
+    }
     print("batched generate", json.dumps(results["generate_batched_dynamic_cache"]), flush=True)
 
     print(json.dumps(results, indent=2))

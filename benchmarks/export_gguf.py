@@ -29,9 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+QWEN3_0_6B = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1_000_000,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
 
 
 def build_model(out_dir: Path) -> Path:
@@ -45,8 +54,13 @@ def build_model(out_dir: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(cache_root() / CACHE_NAME))
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=151936, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **QWEN3_0_6B)
+    config = Qwen3Config(
+        vocab_size=151936,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **QWEN3_0_6B,
+    )
     model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -64,8 +78,20 @@ def baseline(model_dir: Path, out_dir: Path) -> Path:
     source = llama_cpp_source()  # where the converter script was unpacked (llama.cpp's own files)
     f16, q4 = out_dir / "model-f16.gguf", out_dir / "model-q4_k_m.gguf"
     env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
-    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(f16),
-                    "--outtype", "f16"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(source / "convert_hf_to_gguf.py"),
+            str(model_dir),
+            "--outfile",
+            str(f16),
+            "--outtype",
+            "f16",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     if llama_cpp.llama_model_quantize(str(f16).encode(), str(q4).encode(), params) != 0:
@@ -100,15 +126,22 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             cpu[name].append(_cpu_seconds() - cpu_start)
             sizes[name] = gguf.stat().st_size
-            print(f"{name} #{repeat + 1}: wall {times[name][-1]:.1f} s, CPU {cpu[name][-1]:.1f} s, "
-                  f"{sizes[name] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"{name} #{repeat + 1}: wall {times[name][-1]:.1f} s, CPU {cpu[name][-1]:.1f} s, "
+                f"{sizes[name] / 2**20:.0f} MiB",
+                flush=True,
+            )
             shutil.rmtree(out)
-    print(f"\nmodel: Qwen3-0.6B shape, {weights / 2**20:.0f} MiB of bf16 safetensors; "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    print(
+        f"\nmodel: Qwen3-0.6B shape, {weights / 2**20:.0f} MiB of bf16 safetensors; "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    )
     for label, table in (("wall", times), ("CPU", cpu)):
         for name, values in table.items():
-            print(f"{label:>4} {name:>17}: median {statistics.median(values):.1f} s  "
-                  f"(runs: {', '.join(f'{v:.1f}' for v in values)})")
+            print(
+                f"{label:>4} {name:>17}: median {statistics.median(values):.1f} s  "
+                f"(runs: {', '.join(f'{v:.1f}' for v in values)})"
+            )
         ratio = statistics.median(table["tunepipe"]) / statistics.median(table["llama.cpp direct"])
         print(f"{label:>4} ratio tunepipe / direct: {ratio:.3f}x (target <= 1.1x)")
     print(f"same q4_k_m size: {sizes['tunepipe'] == sizes['llama.cpp direct']}")

@@ -58,8 +58,11 @@ def binary_rates(trials: int, rng) -> dict[tuple[float, float, int], tuple[float
                 candidate, champion = outcomes(rng, (trials, n), share, truth)
                 hits = sum(promoted(c, o, "exact_match") for c, o in zip(candidate, champion))
                 on_means = np.mean(candidate.mean(axis=1) >= champion.mean(axis=1))
-                rates[truth, share, n] = (hits / trials, promotion_probability(n, share, truth, CONFIDENCE, MARGIN),
-                                          on_means)
+                rates[truth, share, n] = (
+                    hits / trials,
+                    promotion_probability(n, share, truth, CONFIDENCE, MARGIN),
+                    on_means,
+                )
     return rates
 
 
@@ -68,8 +71,10 @@ def continuous_rates(trials: int, rng, share: float = 0.2) -> dict[tuple[float, 
     for truth in TRUTHS:
         for n in SIZES:
             candidate, champion = outcomes(rng, (trials, n, FIELDS), share, truth)
-            hits = sum(promoted(c, o, "field_accuracy", BOOTSTRAP_RESAMPLES)
-                       for c, o in zip(candidate.mean(axis=2), champion.mean(axis=2)))
+            hits = sum(
+                promoted(c, o, "field_accuracy", BOOTSTRAP_RESAMPLES)
+                for c, o in zip(candidate.mean(axis=2), champion.mean(axis=2))
+            )
             rates[truth, n] = hits / trials
     return rates
 
@@ -107,8 +112,10 @@ def main() -> None:
     started = time.perf_counter()
     continuous = continuous_rates(args.continuous_trials, rng)
     continuous_s = time.perf_counter() - started
-    print(f"\n## field accuracy over {FIELDS} fields, each disagreeing on 20%: promoted, simulated over "
-          f"{args.continuous_trials} test sets (paired bootstrap, {BOOTSTRAP_RESAMPLES} resamples)\n")
+    print(
+        f"\n## field accuracy over {FIELDS} fields, each disagreeing on 20%: promoted, simulated over "
+        f"{args.continuous_trials} test sets (paired bootstrap, {BOOTSTRAP_RESAMPLES} resamples)\n"
+    )
     print("| true difference | " + " | ".join(f"n = {n}" for n in SIZES) + " |\n|---|" + "---:|" * len(SIZES))
     for truth in TRUTHS:
         print(f"| {describe(truth)} | " + " | ".join(f"{continuous[truth, n]:.1%}" for n in SIZES) + " |")
@@ -122,9 +129,11 @@ def main() -> None:
     worst_binary = max(binary[t, s, n][0] for t in (0.0, -0.02) for s in SHARES for n in SIZES)
     worst_exact = max(binary[t, s, n][1] for t in (0.0, -0.02) for s in SHARES for n in SIZES)
     worst_continuous = max(continuous[t, n] for t in (0.0, -0.02) for n in SIZES)
-    print(f"\nTarget: equal or 2 points worse promoted at most 5% of the time. Highest rate: 0/1 simulated "
-          f"{worst_binary:.1%} (exact {worst_exact:.1%}), field accuracy {worst_continuous:.1%}: "
-          f"{'met' if max(worst_binary, worst_exact, worst_continuous) <= 0.05 else 'NOT met'}.")
+    print(
+        f"\nTarget: equal or 2 points worse promoted at most 5% of the time. Highest rate: 0/1 simulated "
+        f"{worst_binary:.1%} (exact {worst_exact:.1%}), field accuracy {worst_continuous:.1%}: "
+        f"{'met' if max(worst_binary, worst_exact, worst_continuous) <= 0.05 else 'NOT met'}."
+    )
     print(f"Time: 0/1 {binary_s:.1f} s, field accuracy {continuous_s:.1f} s.")
 
 

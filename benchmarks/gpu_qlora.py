@@ -28,16 +28,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tunepipe.tasks.train.task import TrainRequest  # noqa: E402  (the worker reads the request type off the annotation)
-from tunepipe.tasks.train.results import TrainResult  # noqa: E402
+from tunepipe.tasks.train.results import TrainResult
+from tunepipe.tasks.train.task import TrainRequest
 
-QWEN2_5_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False)
-FLOW_SETTINGS = ["train.mode=qlora", "train.backend=auto", "model.max_seq_length=512", "train.max_steps=30",
-                 "train.batch_size=8", "train.learning_rate=2e-4", "train.eval_steps=15", "train.eval_samples=16",
-                 "eval.max_samples=32", "eval.batch_size=32", "eval.max_new_tokens=64",
-                 "gate.rules.eval_loss.max=0.001", "retrain.max_attempts=1", "export.gguf_types=[q4_k_m]"]
+QWEN2_5_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+FLOW_SETTINGS = [
+    "train.mode=qlora",
+    "train.backend=auto",
+    "model.max_seq_length=512",
+    "train.max_steps=30",
+    "train.batch_size=8",
+    "train.learning_rate=2e-4",
+    "train.eval_steps=15",
+    "train.eval_samples=16",
+    "eval.max_samples=32",
+    "eval.batch_size=32",
+    "eval.max_new_tokens=64",
+    "gate.rules.eval_loss.max=0.001",
+    "retrain.max_attempts=1",
+    "export.gguf_types=[q4_k_m]",
+]
 BENCH_STEPS = 10
 BENCH_BATCH = 2
 
@@ -77,8 +98,14 @@ def raw_loop_capped(request: TrainRequest) -> TrainResult:
 def flow(model: Path, cap: float, out: Path) -> dict:
     workdir = Path(f"runs-cap{cap:g}")
     sets = [*FLOW_SETTINGS, f"model.base={model}", f"model.gpu_memory_gib={cap:g}", f"workdir={workdir}"]
-    command = [sys.executable, "-c", "import sys; from tunepipe.deployments.cli import main; sys.exit(main())", "run",
-               "configs/demo.yaml", *(arg for s in sets for arg in ("--set", s))]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from tunepipe.deployments.cli import main; sys.exit(main())",
+        "run",
+        "configs/demo.yaml",
+        *(arg for s in sets for arg in ("--set", s)),
+    ]
     started = time.perf_counter()
     log = out / f"flow-{cap:g}.log"
     with log.open("w") as sink:
@@ -91,16 +118,20 @@ def flow(model: Path, cap: float, out: Path) -> dict:
         trained = json.loads(result.read_text())
         history = trained["loss_history"]
         rates = [p["tokens_per_s"] for p in history[5:] if p.get("tokens_per_s")]
-        row["train"] = {"peak_gib": max((p["peak_gpu_memory_gib"] or 0) for p in history),
-                        "peak_reserved_gib": max((p["peak_gpu_reserved_gib"] or 0) for p in history),
-                        "tokens_per_s": round(statistics.median(rates)) if rates else None,
-                        "runtime_s": trained["runtime_s"], "micro_batch": trained["micro_batch_size"],
-                        "oom_retries": trained["oom_retries"], "backend": trained["backend"],
-                        "evals": [(e["step"], e["elapsed_s"], e.get("peak_gpu_memory_gib"))
-                                  for e in trained["eval_history"]]}
+        row["train"] = {
+            "peak_gib": max((p["peak_gpu_memory_gib"] or 0) for p in history),
+            "peak_reserved_gib": max((p["peak_gpu_reserved_gib"] or 0) for p in history),
+            "tokens_per_s": round(statistics.median(rates)) if rates else None,
+            "runtime_s": trained["runtime_s"],
+            "micro_batch": trained["micro_batch_size"],
+            "oom_retries": trained["oom_retries"],
+            "backend": trained["backend"],
+            "evals": [(e["step"], e["elapsed_s"], e.get("peak_gpu_memory_gib")) for e in trained["eval_history"]],
+        }
     for worker_log in workdir.glob("evaluate/*/worker/*.log"):
-        row["evaluate_lines"] = [line for line in worker_log.read_text(errors="replace").splitlines()
-                                 if line.startswith("evaluate:")]
+        row["evaluate_lines"] = [
+            line for line in worker_log.read_text(errors="replace").splitlines() if line.startswith("evaluate:")
+        ]
     return row
 
 
@@ -111,15 +142,35 @@ def bench(model: Path, cap: float, work: Path) -> list[dict]:
 
     model_cfg = ModelConfig(base=str(model), max_seq_length=2048, gpu_memory_gib=cap)
     split = random_split(QWEN2_5_7B["vocab_size"] - 512, BENCH_BATCH * BENCH_STEPS, work / "long.jsonl")
-    same = dict(backend="unsloth", mode="qlora", batch_size=BENCH_BATCH, gradient_checkpointing=True,
-                max_steps=BENCH_STEPS)
+    same = dict(
+        backend="unsloth", mode="qlora", batch_size=BENCH_BATCH, gradient_checkpointing=True, max_steps=BENCH_STEPS
+    )
     rows = []
-    for name, entry in (("raw-unsloth-qlora", "benchmarks.gpu_qlora:raw_loop_capped"),
-                        ("tunepipe-qlora", "tunepipe.tasks.train.loop:train_model")):
+    for name, entry in (
+        ("raw-unsloth-qlora", "benchmarks.gpu_qlora:raw_loop_capped"),
+        ("tunepipe-qlora", "tunepipe.tasks.train.loop:train_model"),
+    ):
         row = run(f"{name}-{cap:g}", split, model_cfg, work, entry=entry, **same)
-        rows.append({"what": "bench", "cap_gib": cap, **{k: row.get(k) for k in (
-            "name", "tokens_per_s", "peak_gib", "peak_reserved_gib", "seconds", "oom_retries", "micro_batch_after",
-            "step_tokens_per_s", "failed")}})
+        rows.append(
+            {
+                "what": "bench",
+                "cap_gib": cap,
+                **{
+                    k: row.get(k)
+                    for k in (
+                        "name",
+                        "tokens_per_s",
+                        "peak_gib",
+                        "peak_reserved_gib",
+                        "seconds",
+                        "oom_retries",
+                        "micro_batch_after",
+                        "step_tokens_per_s",
+                        "failed",
+                    )
+                },
+            }
+        )
     return rows
 
 
@@ -140,11 +191,23 @@ def main() -> None:
             sink.write(json.dumps(row) + "\n")
 
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, '.'); from pathlib import Path; "
-                    "from benchmarks.gpu_qlora import build_model; "
-                    f"build_model(Path('{args.tokenizer}'), Path('{args.model}'))"], check=True)
-    record({"what": "build", "seconds": round(time.perf_counter() - started, 1),
-            "bytes": sum(p.stat().st_size for p in args.model.glob("*.safetensors"))})
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, '.'); from pathlib import Path; "
+            "from benchmarks.gpu_qlora import build_model; "
+            f"build_model(Path('{args.tokenizer}'), Path('{args.model}'))",
+        ],
+        check=True,
+    )
+    record(
+        {
+            "what": "build",
+            "seconds": round(time.perf_counter() - started, 1),
+            "bytes": sum(p.stat().st_size for p in args.model.glob("*.safetensors")),
+        }
+    )
     from tunepipe.tasks.demo.data import write_demo_dataset
 
     write_demo_dataset(Path("runs/demo-assets/data"), n_eval=126)

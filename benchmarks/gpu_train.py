@@ -59,8 +59,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tunepipe.tasks.train.results import LossPoint, TrainResult
 from tunepipe.tasks.train.task import TrainRequest
 
-QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
+QWEN3_0_6B = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 WARMUP = 5
 LONG_TOKENS = 2048
 RAW_SCRIPT = "benchmarks/raw_loop.py"  # a `run` entry: the raw loop as a script of its own, not in a worker
@@ -94,23 +102,51 @@ def raw_arguments(request: TrainRequest) -> dict:
     recompute = {False: "none", True: "plain", "offload": "offload"}.get(cfg.gradient_checkpointing)
     if recompute is None:
         raise ValueError("the raw loop needs gradient_checkpointing false, true or offload: a like-for-like pair")
-    return {"model_dir": request.base.name_or_path, "rows_path": str(request.data.path),
-            "backend": "unsloth" if cfg.backend == "unsloth" else "hf", "recompute": recompute,
-            "batch": cfg.batch_size, "steps": cfg.max_steps, "learning_rate": cfg.learning_rate,
-            "max_seq_length": request.model_cfg.max_seq_length, "load_in_4bit": cfg.mode == "qlora",
-            "r": lora.r, "alpha": lora.alpha, "seed": cfg.seed}
+    return {
+        "model_dir": request.base.name_or_path,
+        "rows_path": str(request.data.path),
+        "backend": "unsloth" if cfg.backend == "unsloth" else "hf",
+        "recompute": recompute,
+        "batch": cfg.batch_size,
+        "steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate,
+        "max_seq_length": request.model_cfg.max_seq_length,
+        "load_in_4bit": cfg.mode == "qlora",
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "seed": cfg.seed,
+    }
 
 
 def raw_result(request: TrainRequest, trained: dict) -> TrainResult:
-    history = [LossPoint(step=p["step"], loss=p["loss"], learning_rate=request.cfg.learning_rate,
-                         tokens_per_s=p["tokens_per_s"], peak_gpu_memory_gib=p["peak_gib"],
-                         peak_gpu_reserved_gib=p["reserved_gib"], elapsed_s=p["elapsed_s"])
-               for p in trained["history"]]
-    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend=trained["backend"], loss_history=history,
-                       runtime_s=trained["runtime_s"], trainable_params=trained["trainable_params"],
-                       total_params=trained["total_params"], steps=len(history), device=trained["device"],
-                       precision="bf16", micro_batch_size=trained["batch"], gradient_accumulation_steps=1,
-                       oom_retries=0, resumed_from_step=0)
+    history = [
+        LossPoint(
+            step=p["step"],
+            loss=p["loss"],
+            learning_rate=request.cfg.learning_rate,
+            tokens_per_s=p["tokens_per_s"],
+            peak_gpu_memory_gib=p["peak_gib"],
+            peak_gpu_reserved_gib=p["reserved_gib"],
+            elapsed_s=p["elapsed_s"],
+        )
+        for p in trained["history"]
+    ]
+    return TrainResult(
+        adapter_dir=request.out_dir,
+        kind="lora",
+        backend=trained["backend"],
+        loss_history=history,
+        runtime_s=trained["runtime_s"],
+        trainable_params=trained["trainable_params"],
+        total_params=trained["total_params"],
+        steps=len(history),
+        device=trained["device"],
+        precision="bf16",
+        micro_batch_size=trained["batch"],
+        gradient_accumulation_steps=1,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
 
 
 def run_raw_script(request: TrainRequest) -> TrainResult:
@@ -119,8 +155,12 @@ def run_raw_script(request: TrainRequest) -> TrainResult:
     import subprocess
 
     arguments = raw_arguments(request)
-    command = [sys.executable, str(Path(__file__).with_name("raw_loop.py")), arguments.pop("model_dir"),
-               arguments.pop("rows_path")]
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("raw_loop.py")),
+        arguments.pop("model_dir"),
+        arguments.pop("rows_path"),
+    ]
     for name, value in arguments.items():
         if isinstance(value, bool):
             command += [f"--{name.replace('_', '-')}"] if value else []
@@ -129,11 +169,14 @@ def run_raw_script(request: TrainRequest) -> TrainResult:
     request.out_dir.mkdir(parents=True, exist_ok=True)
     output, log = request.out_dir / "raw_loop.json", request.out_dir / "raw_loop.log"
     with log.open("w") as sink:
-        code = subprocess.run([*command, "--json", str(output)], stdout=sink, stderr=subprocess.STDOUT,
-                              check=False).returncode
+        code = subprocess.run(
+            [*command, "--json", str(output)], stdout=sink, stderr=subprocess.STDOUT, check=False
+        ).returncode
     if code != 0 or not output.exists():
-        raise RuntimeError(f"{' '.join(command)} exited with status {code}:\n"
-                           + "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]))
+        raise RuntimeError(
+            f"{' '.join(command)} exited with status {code}:\n"
+            + "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        )
     return raw_result(request, json.loads(output.read_text()))
 
 
@@ -147,25 +190,36 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
     import time
 
     import torch
-    from unsloth import FastLanguageModel  # before transformers and TRL: it patches them on import
     from datasets import Dataset
+    from unsloth import FastLanguageModel  # before transformers and TRL: it patches them on import
 
     cfg, lora = request.cfg, request.lora
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model, tokenizer = FastLanguageModel.from_pretrained(
-        request.base.name_or_path, dtype=torch.bfloat16, max_seq_length=request.model_cfg.max_seq_length,
-        load_in_4bit=cfg.mode == "qlora")
-    model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=0,
-                                             target_modules=targets, bias="none",
-                                             use_gradient_checkpointing="unsloth", random_state=cfg.seed)
+        request.base.name_or_path,
+        dtype=torch.bfloat16,
+        max_seq_length=request.model_cfg.max_seq_length,
+        load_in_4bit=cfg.mode == "qlora",
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=0,
+        target_modules=targets,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=cfg.seed,
+    )
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from tunepipe.tasks.data.format import IGNORE
 
     rows = request.data.rows()
-    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(t != IGNORE) for t in
-                                                                                     r["labels"]]} for r in rows])
+    dataset = Dataset.from_list(
+        [{"input_ids": r["input_ids"], "completion_mask": [int(t != IGNORE) for t in r["labels"]]} for r in rows]
+    )
     history: list[LossPoint] = []
 
     class StepTimer(TrainerCallback):
@@ -181,34 +235,65 @@ def sft_recipe(request: TrainRequest) -> TrainResult:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                history.append(LossPoint(
-                    step=state.global_step, loss=logs["loss"], learning_rate=logs.get("learning_rate", 0.0),
-                    grad_norm=logs.get("grad_norm"), tokens_per_s=round(self.tokens_per_s, 1),
-                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                    peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
-                    elapsed_s=round(self.now - started, 3)))
+                history.append(
+                    LossPoint(
+                        step=state.global_step,
+                        loss=logs["loss"],
+                        learning_rate=logs.get("learning_rate", 0.0),
+                        grad_norm=logs.get("grad_norm"),
+                        tokens_per_s=round(self.tokens_per_s, 1),
+                        peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                        peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                        elapsed_s=round(self.now - started, 3),
+                    )
+                )
 
     trainer = SFTTrainer(
-        model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[StepTimer()],
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        callbacks=[StepTimer()],
         args=SFTConfig(
-            output_dir=str(request.out_dir / "sft"), per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
-            max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=1,
-            optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear",
-            seed=cfg.seed, bf16=True, packing=False, completion_only_loss=True, report_to="none",
-            save_strategy="no", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0))
+            output_dir=str(request.out_dir / "sft"),
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            logging_steps=1,
+            optim="adamw_8bit",
+            weight_decay=0.01,
+            lr_scheduler_type="linear",
+            seed=cfg.seed,
+            bf16=True,
+            packing=False,
+            completion_only_loss=True,
+            report_to="none",
+            save_strategy="no",
+            include_num_input_tokens_seen="non_padding",
+            dataloader_num_workers=0,
+        ),
+    )
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return TrainResult(adapter_dir=request.out_dir, kind="lora", backend="unsloth", loss_history=history,
-                       runtime_s=round(time.perf_counter() - started, 3),
-                       trainable_params=sum(p.numel() for p in trainable),
-                       total_params=sum(p.numel() for p in model.parameters()), steps=cfg.max_steps,
-                       device=f"cuda ({torch.cuda.get_device_name()}) x1", precision="bf16",
-                       micro_batch_size=cfg.batch_size,
-                       gradient_accumulation_steps=cfg.gradient_accumulation_steps, oom_retries=0,
-                       resumed_from_step=0)
+    return TrainResult(
+        adapter_dir=request.out_dir,
+        kind="lora",
+        backend="unsloth",
+        loss_history=history,
+        runtime_s=round(time.perf_counter() - started, 3),
+        trainable_params=sum(p.numel() for p in trainable),
+        total_params=sum(p.numel() for p in model.parameters()),
+        steps=cfg.max_steps,
+        device=f"cuda ({torch.cuda.get_device_name()}) x1",
+        precision="bf16",
+        micro_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
 
 
 def with_liger(request: TrainRequest) -> TrainResult:
@@ -216,8 +301,9 @@ def with_liger(request: TrainRequest) -> TrainResult:
     Qwen3 (hf backend; the head stays tunepipe's chunked one)."""
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3
 
-    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False)
+    apply_liger_kernel_to_qwen3(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     from tunepipe.tasks.train.loop import train_model
 
     return train_model(request)
@@ -281,6 +367,7 @@ def with_compiled_layers(request: TrainRequest) -> TrainResult:
             for layer in causal_lm_of(model).model.layers:
                 layer.compile()
             return model, tokenizer
+
         return load_and_compile
 
     for name, load in loaders.items():
@@ -291,8 +378,9 @@ def with_compiled_layers(request: TrainRequest) -> TrainResult:
 def with_liger_and_compiled_layers(request: TrainRequest) -> TrainResult:
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3
 
-    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False)
+    apply_liger_kernel_to_qwen3(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     return with_compiled_layers(request)
 
 
@@ -316,21 +404,32 @@ def _profiled(train, request: TrainRequest) -> TrainResult:
 
     first, end = PROFILED
     steps = end - first
-    profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                       schedule=schedule(wait=first - 2, warmup=1, active=steps, repeat=1))
+    profiler = profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=first - 2, warmup=1, active=steps, repeat=1),
+    )
     register_optimizer_step_post_hook(lambda *_: profiler.step())  # both loops step one optimizer a step
     with profiler:
         result = train(request)
     events = profiler.key_averages()
     # Kernels only: the profiler's own step annotations are CUDA-side events too, spanning whole steps.
-    kernels_ms = sum(e.self_device_time_total for e in events
-                     if e.device_type.name == "CUDA" and not e.key.startswith("ProfilerStep")) / 1000 / steps
+    kernels_ms = (
+        sum(
+            e.self_device_time_total
+            for e in events
+            if e.device_type.name == "CUDA" and not e.key.startswith("ProfilerStep")
+        )
+        / 1000
+        / steps
+    )
     wall_ms = 1000 * (result.loss_history[end - 2].elapsed_s - result.loss_history[first - 2].elapsed_s) / steps
     (request.out_dir / "profile.txt").write_text(
         f"GPU kernels {kernels_ms:.1f} ms in {wall_ms:.1f} ms of wall time per step (steps {first}-{end - 1}, "
         "under the profiler)\n"
-        + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70) + "\n"
-        + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+        + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+        + "\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+    )
     return result
 
 
@@ -383,8 +482,12 @@ def _memory_at_peak(train, request: TrainRequest) -> TrainResult:
     for event in live.values():
         by_site[site(event)] += event["size"]
         blocks[site(event)] += 1
-    lines = [f"peak {peak / 2**30:.3f} GiB in {len(live)} blocks, at event {peak_at} of {len(events)}; the "
-             f"allocation that reached it: {site(events[peak_at])}", "", "MiB     blocks  site"]
+    lines = [
+        f"peak {peak / 2**30:.3f} GiB in {len(live)} blocks, at event {peak_at} of {len(events)}; the "
+        f"allocation that reached it: {site(events[peak_at])}",
+        "",
+        "MiB     blocks  site",
+    ]
     lines += [f"{size / 2**20:8.1f} {blocks[name]:6d}  {name}" for name, size in by_site.most_common(30)]
     lines += ["", "largest blocks (MiB, site):"]
     lines += [f"{e['size'] / 2**20:8.1f}  {site(e)}" for e in sorted(live.values(), key=lambda e: -e["size"])[:20]]
@@ -400,11 +503,18 @@ def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
 
     from tunepipe.tasks.demo.tiny_model import chatml_tokenizer
 
-    tokenizer = (chatml_tokenizer(tokenizer_source) if tokenizer_source.suffix == ".gguf"
-                 else AutoTokenizer.from_pretrained(tokenizer_source))
+    tokenizer = (
+        chatml_tokenizer(tokenizer_source)
+        if tokenizer_source.suffix == ".gguf"
+        else AutoTokenizer.from_pretrained(tokenizer_source)
+    )
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **QWEN3_0_6B)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **QWEN3_0_6B,
+    )
     Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -418,10 +528,12 @@ def demo_split(model_cfg, work: Path):
     from tunepipe.tasks.runtime.config import DataConfig
 
     train, eval_ = write_demo_dataset(work / "data")
-    loaded = load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
-                          work / "loaded")
-    return format_dataset(loaded.train_path, loaded.eval_path, resolve_base_model(model_cfg), model_cfg,
-                          work / "formatted").train
+    loaded = load_dataset(
+        DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."), work / "loaded"
+    )
+    return format_dataset(
+        loaded.train_path, loaded.eval_path, resolve_base_model(model_cfg), model_cfg, work / "formatted"
+    ).train
 
 
 def random_split(vocab_size: int, n_rows: int, path: Path):
@@ -433,8 +545,13 @@ def random_split(vocab_size: int, n_rows: int, path: Path):
         for i in range(n_rows):
             ids = [rng.randrange(vocab_size) for _ in range(LONG_TOKENS)]
             out.write(json.dumps({"id": str(i), "input_ids": ids, "labels": ids}) + "\n")
-    return FormattedSplit(path=path, n_rows=n_rows, n_tokens=n_rows * LONG_TOKENS,
-                          n_trained_tokens=n_rows * LONG_TOKENS, max_tokens=LONG_TOKENS)
+    return FormattedSplit(
+        path=path,
+        n_rows=n_rows,
+        n_tokens=n_rows * LONG_TOKENS,
+        n_trained_tokens=n_rows * LONG_TOKENS,
+        max_tokens=LONG_TOKENS,
+    )
 
 
 # Dense bf16 peak of an H100 / H200 SXM (the same Hopper tensor cores), for the model FLOPs utilisation.
@@ -453,36 +570,64 @@ def lora_flops_per_token(config, seq: int) -> float:
     return 4 * n + attention
 
 
-def run(name: str, split, model_cfg, work: Path, entry: str = "tunepipe.tasks.train.loop:train_model",
-        flops_per_token: float | None = None, **train) -> dict:
+def run(
+    name: str,
+    split,
+    model_cfg,
+    work: Path,
+    entry: str = "tunepipe.tasks.train.loop:train_model",
+    flops_per_token: float | None = None,
+    **train,
+) -> dict:
     from tunepipe.tasks.model.base import resolve_base_model
     from tunepipe.tasks.runtime.config import LoraConfig, TrainConfig
     from tunepipe.tasks.runtime.worker import WorkerFailed, run_worker
 
-    cfg = TrainConfig(**{"learning_rate": 2e-4, "warmup_steps": 2, "logging_steps": 1, "save_steps": 10_000,
-                         **train})
-    request = TrainRequest(data=split, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
-                           lora=LoraConfig(r=16, alpha=16), cfg=cfg, out_dir=work / name)
+    cfg = TrainConfig(**{"learning_rate": 2e-4, "warmup_steps": 2, "logging_steps": 1, "save_steps": 10_000, **train})
+    request = TrainRequest(
+        data=split,
+        base=resolve_base_model(model_cfg),
+        model_cfg=model_cfg,
+        lora=LoraConfig(r=16, alpha=16),
+        cfg=cfg,
+        out_dir=work / name,
+    )
     started: dict = {}  # the worker's environment report: what `auto` resolved to
     try:
         if entry == RAW_SCRIPT:
             result = run_raw_script(request)
         else:
-            result = run_worker(entry, request, TrainResult, request.out_dir, devices=cfg.devices,
-                                on_event=lambda e: started.update(e) if e["event"] == "started" else None)
+            result = run_worker(
+                entry,
+                request,
+                TrainResult,
+                request.out_dir,
+                devices=cfg.devices,
+                on_event=lambda e: started.update(e) if e["event"] == "started" else None,
+            )
     except (WorkerFailed, RuntimeError) as failure:
         print(f"{name} failed: {failure}", file=sys.stderr)
         return {"name": name, "failed": str(failure)[-2000:]}
     rates = [p.tokens_per_s for p in result.loss_history[WARMUP:]] or [result.loss_history[-1].tokens_per_s]
     row = {
-        "name": name, "backend": result.backend, "mode": cfg.mode, "packed": result.packed,
-        "batch": f"{cfg.batch_size}x{cfg.gradient_accumulation_steps}", "steps": result.steps,
-        "tokens_per_s": round(statistics.median(rates)), "peak_gib": result.loss_history[-1].peak_gpu_memory_gib,
+        "name": name,
+        "backend": result.backend,
+        "mode": cfg.mode,
+        "packed": result.packed,
+        "batch": f"{cfg.batch_size}x{cfg.gradient_accumulation_steps}",
+        "steps": result.steps,
+        "tokens_per_s": round(statistics.median(rates)),
+        "peak_gib": result.loss_history[-1].peak_gpu_memory_gib,
         "peak_reserved_gib": result.loss_history[-1].peak_gpu_reserved_gib,
-        "seconds": result.runtime_s, "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
-        "device": result.device, "precision": result.precision, "devices": cfg.devices,
-        "oom_retries": result.oom_retries, "micro_batch_after": result.micro_batch_size,
-        "checkpointing": cfg.gradient_checkpointing, "checkpointing_resolved": started.get("gradient_checkpointing"),
+        "seconds": result.runtime_s,
+        "loss": f"{result.loss_history[0].loss:.3f}->{result.loss_history[-1].loss:.3f}",
+        "device": result.device,
+        "precision": result.precision,
+        "devices": cfg.devices,
+        "oom_retries": result.oom_retries,
+        "micro_batch_after": result.micro_batch_size,
+        "checkpointing": cfg.gradient_checkpointing,
+        "checkpointing_resolved": started.get("gradient_checkpointing"),
         "losses": [round(p.loss, 4) for p in result.loss_history],
         "step_tokens_per_s": [round(p.tokens_per_s) for p in result.loss_history],
     }
@@ -519,8 +664,12 @@ def main() -> None:
             # Like for like, long rows: each group shares its recomputation, precision and batch.
             # No recomputation (what `auto` chooses with room):
             ("raw-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False, entry=raw)),
-            ("raw-unsloth-none-worker", long, long_cfg, dict(**u4, gradient_checkpointing=False,
-                                                             entry="benchmarks.gpu_train:raw_loop")),
+            (
+                "raw-unsloth-none-worker",
+                long,
+                long_cfg,
+                dict(**u4, gradient_checkpointing=False, entry="benchmarks.gpu_train:raw_loop"),
+            ),
             ("raw-hf-none", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=raw)),
             ("long-unsloth", long, long_cfg, dict(**u4)),  # the default: auto
             ("long-unsloth-none", long, long_cfg, dict(**u4, gradient_checkpointing=False)),
@@ -533,61 +682,134 @@ def main() -> None:
             ("long-unsloth-checkpointing", long, long_cfg, dict(**u4, gradient_checkpointing=True)),
             ("long-hf-checkpointing", long, long_cfg, dict(**h4, gradient_checkpointing=True)),
             # Offloaded recomputation (the raw loop: unsloth's own, its default):
-            ("raw-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload",
-                                                         entry=raw)),
+            ("raw-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload", entry=raw)),
             ("long-unsloth-offload", long, long_cfg, dict(**u4, gradient_checkpointing="offload")),
             # Levers, no recomputation: fused kernels (Liger) and compiled layers.
             ("long-hf-liger", long, long_cfg, dict(**h4, gradient_checkpointing=False, entry=lever("liger"))),
-            ("long-hf-compiled", long, long_cfg, dict(**h4, gradient_checkpointing=False,
-                                                      entry=lever("compiled_layers"))),
-            ("long-hf-liger-compiled", long, long_cfg, dict(**h4, gradient_checkpointing=False,
-                                                            entry=lever("liger_and_compiled_layers"))),
-            ("long-unsloth-liger-head", long, long_cfg, dict(**u4, gradient_checkpointing=False,
-                                                             entry=lever("liger_head"))),
+            (
+                "long-hf-compiled",
+                long,
+                long_cfg,
+                dict(**h4, gradient_checkpointing=False, entry=lever("compiled_layers")),
+            ),
+            (
+                "long-hf-liger-compiled",
+                long,
+                long_cfg,
+                dict(**h4, gradient_checkpointing=False, entry=lever("liger_and_compiled_layers")),
+            ),
+            (
+                "long-unsloth-liger-head",
+                long,
+                long_cfg,
+                dict(**u4, gradient_checkpointing=False, entry=lever("liger_head")),
+            ),
             # The next two against `long-unsloth`, in alternating order.
             ("long-unsloth-head-kernel", long, long_cfg, dict(**u4, entry=lever("head_kernel"))),
             ("long-unsloth-repeated-kv", long, long_cfg, dict(**u4, entry=lever("repeated_kv_heads"))),
-            ("long-unsloth-compiled", long, long_cfg, dict(**u4, gradient_checkpointing=False,
-                                                           entry=lever("compiled_layers"))),
+            (
+                "long-unsloth-compiled",
+                long,
+                long_cfg,
+                dict(**u4, gradient_checkpointing=False, entry=lever("compiled_layers")),
+            ),
             # Profiles and memory at the peak.
-            ("long-unsloth-profile", long, long_cfg, dict(**u4, max_steps=10,
-                                                          entry="benchmarks.gpu_train:profiled_training")),
-            ("raw-unsloth-profile", long, long_cfg, dict(**u4, gradient_checkpointing=False, max_steps=10,
-                                                         entry="benchmarks.gpu_train:profiled_raw_loop")),
-            ("raw-unsloth-memory", long, long_cfg, dict(**u4, gradient_checkpointing="offload", max_steps=6,
-                                                        entry="benchmarks.gpu_train:memory_of_raw_loop")),
-            ("raw-unsloth-none-memory", long, long_cfg, dict(**u4, gradient_checkpointing=False, max_steps=6,
-                                                             entry="benchmarks.gpu_train:memory_of_raw_loop")),
-            ("long-unsloth-memory", long, long_cfg, dict(**u4, max_steps=6,
-                                                         entry="benchmarks.gpu_train:memory_of_training")),
-            ("long-unsloth-offload-memory", long, long_cfg, dict(**u4, max_steps=6, gradient_checkpointing="offload",
-                                                                 entry="benchmarks.gpu_train:memory_of_training")),
+            (
+                "long-unsloth-profile",
+                long,
+                long_cfg,
+                dict(**u4, max_steps=10, entry="benchmarks.gpu_train:profiled_training"),
+            ),
+            (
+                "raw-unsloth-profile",
+                long,
+                long_cfg,
+                dict(**u4, gradient_checkpointing=False, max_steps=10, entry="benchmarks.gpu_train:profiled_raw_loop"),
+            ),
+            (
+                "raw-unsloth-memory",
+                long,
+                long_cfg,
+                dict(
+                    **u4, gradient_checkpointing="offload", max_steps=6, entry="benchmarks.gpu_train:memory_of_raw_loop"
+                ),
+            ),
+            (
+                "raw-unsloth-none-memory",
+                long,
+                long_cfg,
+                dict(**u4, gradient_checkpointing=False, max_steps=6, entry="benchmarks.gpu_train:memory_of_raw_loop"),
+            ),
+            (
+                "long-unsloth-memory",
+                long,
+                long_cfg,
+                dict(**u4, max_steps=6, entry="benchmarks.gpu_train:memory_of_training"),
+            ),
+            (
+                "long-unsloth-offload-memory",
+                long,
+                long_cfg,
+                dict(
+                    **u4, max_steps=6, gradient_checkpointing="offload", entry="benchmarks.gpu_train:memory_of_training"
+                ),
+            ),
             # QLoRA (4-bit base), no recomputation on either side.
-            ("raw-unsloth-qlora", long, long_cfg, dict(**u4, mode="qlora", gradient_checkpointing=False,
-                                                       entry=raw)),
+            ("raw-unsloth-qlora", long, long_cfg, dict(**u4, mode="qlora", gradient_checkpointing=False, entry=raw)),
             ("long-unsloth-qlora", long, long_cfg, dict(**u4, mode="qlora", gradient_checkpointing=False)),
-            ("long-unsloth-oom", long, long_cfg, dict(backend="unsloth", batch_size=16, max_steps=6,
-                                                      gradient_checkpointing=True,
-                                                      entry="benchmarks.gpu_train:train_under_memory_cap")),
+            (
+                "long-unsloth-oom",
+                long,
+                long_cfg,
+                dict(
+                    backend="unsloth",
+                    batch_size=16,
+                    max_steps=6,
+                    gradient_checkpointing=True,
+                    entry="benchmarks.gpu_train:train_under_memory_cap",
+                ),
+            ),
             # Data parallel: the same global batch of 8 x 2,048 tokens on one device and on two.
             ("long-hf-1dev", long, long_cfg, dict(backend="hf", batch_size=8)),
             ("long-hf-2dev", long, long_cfg, dict(backend="hf", batch_size=4, devices=2)),
             # Short rows, the demo's data. The guides' recipe as the guides run it (TRL's SFTTrainer on unsloth,
             # 2 x 4, lr 2e-4, LoRA r=16, unsloth's offloaded recomputation, AdamW 8-bit), then tunepipe's loop.
-            ("sft-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
-                                                          gradient_accumulation_steps=4, seed=3407, entry=sft)),
-            ("short-recipe-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=2,
-                                                            gradient_accumulation_steps=4, packing=False)),
+            (
+                "sft-recipe-unsloth",
+                short,
+                short_cfg,
+                dict(backend="unsloth", batch_size=2, gradient_accumulation_steps=4, seed=3407, entry=sft),
+            ),
+            (
+                "short-recipe-unsloth",
+                short,
+                short_cfg,
+                dict(backend="unsloth", batch_size=2, gradient_accumulation_steps=4, packing=False),
+            ),
             ("short-auto", short, short_cfg, dict(backend="auto", batch_size=64)),  # unsloth, packed on Ampere+
             ("short-auto-eager", short, short_cfg, dict(backend="auto", batch_size=64, cuda_graphs=False)),
-            ("short-auto-head-kernel", short, short_cfg, dict(backend="auto", batch_size=64,
-                                                              entry=lever("head_kernel"))),
+            (
+                "short-auto-head-kernel",
+                short,
+                short_cfg,
+                dict(backend="auto", batch_size=64, entry=lever("head_kernel")),
+            ),
             ("short-padded-unsloth", short, short_cfg, dict(backend="unsloth", batch_size=64, packing=False)),
             ("short-packed-hf", short, short_cfg, dict(backend="hf", batch_size=64)),
-            ("short-qlora-unsloth", short, short_cfg, dict(backend="unsloth", mode="qlora", batch_size=64,
-                                                           max_steps=8)),
-            ("short-full-8bit-auto", short, short_cfg, dict(backend="auto", mode="full", optimizer="adamw_8bit",
-                                                            batch_size=64, learning_rate=1e-5, max_steps=8)),
+            (
+                "short-qlora-unsloth",
+                short,
+                short_cfg,
+                dict(backend="unsloth", mode="qlora", batch_size=64, max_steps=8),
+            ),
+            (
+                "short-full-8bit-auto",
+                short,
+                short_cfg,
+                dict(
+                    backend="auto", mode="full", optimizer="adamw_8bit", batch_size=64, learning_rate=1e-5, max_steps=8
+                ),
+            ),
         ]
         rows = []
         if args.only:  # in the order given, repeats allowed (A/B in alternating order): what matters most first,
@@ -596,8 +818,10 @@ def main() -> None:
             unknown = [name for name in args.only if name not in by_name]
             if unknown:
                 parser.error(f"unknown runs: {', '.join(unknown)} (known: {', '.join(by_name)})")
-            plan = [(f"{name}#{args.only[:i].count(name) + 1}" if args.only.count(name) > 1 else name,
-                     *by_name[name][1:]) for i, name in enumerate(args.only)]
+            plan = [
+                (f"{name}#{args.only[:i].count(name) + 1}" if args.only.count(name) > 1 else name, *by_name[name][1:])
+                for i, name in enumerate(args.only)
+            ]
         for name, split, model_cfg, train in plan:
             flops = lora_flops_per_token(config, LONG_TOKENS) if split is long else None
             split = demo() if split is short else split
@@ -613,17 +837,21 @@ def main() -> None:
         if "failed" in r:
             print(f"{r['name']:<28}FAILED")
             continue
-        print(f"{r['name']:<28}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
-              f"{r['peak_reserved_gib']:>10}"
-              f"{r['seconds']:>9}  {r['loss']}")
+        print(
+            f"{r['name']:<28}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
+            f"{r['peak_reserved_gib']:>10}"
+            f"{r['seconds']:>9}  {r['loss']}"
+        )
     # A run's speed moves between processes: repeated runs (`name#k`) are summed up by their median.
     repeats: dict[str, list[int]] = {}
     for r in rows:
         if "#" in r["name"] and "failed" not in r:
             repeats.setdefault(r["name"].split("#")[0], []).append(r["tokens_per_s"])
     for name, rates in repeats.items():
-        print(f"{name:<28}median of {len(rates)} runs: {round(statistics.median(rates))} tokens/s "
-              f"({', '.join(map(str, rates))})")
+        print(
+            f"{name:<28}median of {len(rates)} runs: {round(statistics.median(rates))} tokens/s "
+            f"({', '.join(map(str, rates))})"
+        )
 
 
 if __name__ == "__main__":

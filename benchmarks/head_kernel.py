@@ -23,17 +23,25 @@ BLOCK = 32768  # columns a program reads at a time: a 151,936-token row in 5 blo
 NUM_WARPS = 32
 
 
-def cross_entropy_in_place(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool, block: int = BLOCK,
-                           num_warps: int = NUM_WARPS) -> torch.Tensor:
+def cross_entropy_in_place(
+    logits: torch.Tensor, targets: torch.Tensor, want_grad: bool, block: int = BLOCK, num_warps: int = NUM_WARPS
+) -> torch.Tensor:
     """Each row's cross-entropy (fp32) against its target; with `want_grad`, `logits` (positions x vocabulary,
     rows contiguous) is overwritten by the gradient of the summed losses, in its own dtype. One program a row."""
     if logits.stride(1) != 1:
         raise ValueError("the head kernel needs logits whose rows are contiguous")
     losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     n_cols = logits.shape[1]
-    _cross_entropy_rows[(logits.shape[0],)](logits, logits.stride(0), targets, losses, n_cols,
-                                            WANT_GRAD=want_grad, BLOCK=min(block, triton.next_power_of_2(n_cols)),
-                                            num_warps=num_warps)
+    _cross_entropy_rows[(logits.shape[0],)](
+        logits,
+        logits.stride(0),
+        targets,
+        losses,
+        n_cols,
+        WANT_GRAD=want_grad,
+        BLOCK=min(block, triton.next_power_of_2(n_cols)),
+        num_warps=num_warps,
+    )
     return losses
 
 
@@ -43,8 +51,9 @@ def losses_and_gradient(logits: torch.Tensor, targets: torch.Tensor, want_gradie
 
 
 @triton.jit
-def _cross_entropy_rows(logits_ptr, row_stride, targets_ptr, losses_ptr, n_cols,
-                        WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _cross_entropy_rows(
+    logits_ptr, row_stride, targets_ptr, losses_ptr, n_cols, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
     target = tl.load(targets_ptr + row)

@@ -90,17 +90,27 @@ def main() -> None:
     logits = torch.randn(chunk, VOCAB, device="cuda", dtype=torch.bfloat16) * 4
     targets = torch.randint(0, VOCAB, (chunk,), device="cuda")
     work = logits.clone()
-    rows = [{"run": "torch form, one chunk", "positions": chunk,
-             "ms": milliseconds(lambda: head_loss.chunk_losses_and_gradient(logits, targets, True))}]
+    rows = [
+        {
+            "run": "torch form, one chunk",
+            "positions": chunk,
+            "ms": milliseconds(lambda: head_loss.chunk_losses_and_gradient(logits, targets, True)),
+        }
+    ]
     expected, expected_grad = head_loss.chunk_losses_and_gradient(logits, targets, True)
     copy_ms = milliseconds(lambda: work.copy_(logits))  # each kernel call below starts from a fresh copy
     for block, warps in CONFIGS:
         ms = milliseconds(lambda b=block, w=warps: cross_entropy_in_place(work.copy_(logits), targets, True, b, w))
         losses = cross_entropy_in_place(work.copy_(logits), targets, True, block, warps)
-        rows.append({"run": f"kernel, block {block}, {warps} warps, one chunk", "positions": chunk,
-                     "ms": round(ms - copy_ms, 3),
-                     "max_loss_diff": float((losses - expected).abs().max()),
-                     "max_grad_diff": float((work.float() - expected_grad.float()).abs().max())})
+        rows.append(
+            {
+                "run": f"kernel, block {block}, {warps} warps, one chunk",
+                "positions": chunk,
+                "ms": round(ms - copy_ms, 3),
+                "max_loss_diff": float((losses - expected).abs().max()),
+                "max_grad_diff": float((work.float() - expected_grad.float()).abs().max()),
+            }
+        )
     gbytes = 3 * chunk * VOCAB * 2 / 1e9  # two reads and a write of the bf16 chunk
     for row in rows[1:]:
         row["gb_per_s"] = round(gbytes / (row["ms"] / 1000))
@@ -118,8 +128,15 @@ def main() -> None:
     torch_form = head_loss.chunk_losses_and_gradient
     for form, name in ((losses_and_gradient, "kernel"), (torch_form, "torch form")):
         head_loss.chunk_losses_and_gradient = form
-        rows.append({"run": f"head forward + backward, {name}", "positions": POSITIONS, "ms": milliseconds(step),
-                     "host_ms": host_milliseconds(step), "synchronises": synchronises(step)})
+        rows.append(
+            {
+                "run": f"head forward + backward, {name}",
+                "positions": POSITIONS,
+                "ms": milliseconds(step),
+                "host_ms": host_milliseconds(step),
+                "synchronises": synchronises(step),
+            }
+        )
     head_loss.chunk_losses_and_gradient = torch_form
     for row in rows:
         print(json.dumps(row), flush=True)

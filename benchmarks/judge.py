@@ -30,17 +30,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tunepipe.tasks.chat.examples import Example, Message  # noqa: E402
-from tunepipe.tasks.evaluate.judge import judge_report  # noqa: E402
-from tunepipe.tasks.evaluate.results import EvalReport, ModelScores  # noqa: E402
-from tunepipe.tasks.runtime.config import GateConfig, JudgeConfig, load_config  # noqa: E402
+from tunepipe.tasks.chat.examples import Example, Message
+from tunepipe.tasks.evaluate.judge import judge_report
+from tunepipe.tasks.evaluate.results import EvalReport, ModelScores
+from tunepipe.tasks.runtime.config import GateConfig, JudgeConfig, load_config
 
 CONFIG = Path("configs/rag-prose.yaml")
 
 
 # The facts the product notes state, one sentence each (configs/rag-prose's data).
-FACTS = (r"runs for \d+ hours on one charge\.", r"weighs \d+ grams\.", r"charges over USB-C in \d+ hours\.",
-         r"comes with a \d+-year warranty\.", r"is rated IPX\d against water\.", r"comes in [a-z ]+\.")
+FACTS = (
+    r"runs for \d+ hours on one charge\.",
+    r"weighs \d+ grams\.",
+    r"charges over USB-C in \d+ hours\.",
+    r"comes with a \d+-year warranty\.",
+    r"is rated IPX\d against water\.",
+    r"comes in [a-z ]+\.",
+)
 
 
 def wrong_answer(example: Example) -> str:
@@ -62,9 +68,18 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(CONFIG)
     rows = [json.loads(line) for line in Path(cfg.data.eval).read_text().splitlines()][: args.examples]
-    examples = [Example(id=f"ex{i}", source="eval.jsonl", line=i + 1,
-                        messages=[Message(role="system", content=cfg.data.system_prompt),
-                                  *map(Message.model_validate, row["messages"])]) for i, row in enumerate(rows)]
+    examples = [
+        Example(
+            id=f"ex{i}",
+            source="eval.jsonl",
+            line=i + 1,
+            messages=[
+                Message(role="system", content=cfg.data.system_prompt),
+                *map(Message.model_validate, row["messages"]),
+            ],
+        )
+        for i, row in enumerate(rows)
+    ]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -77,21 +92,42 @@ def main() -> None:
                 mine, theirs = (right, wrong) if i % 2 == 0 else (wrong, right)
                 answers["candidate"].append(mine)
                 answers["base"].append(theirs)
-                out.write(json.dumps({
-                    "id": example.id, "source": example.source, "prompt": example.prompt[-1].content,
-                    "expected": right, **{who: {"answer": a, "stopped": True,
-                                                "scores": {"exact_match": float(a == right)}}
-                                          for who, a in (("candidate", mine), ("base", theirs))}}) + "\n")
-        report = EvalReport(n_samples=len(examples), candidate=ModelScores(name="candidate", metrics={}),
-                            base=ModelScores(name="base", metrics={}), champion=None,
-                            samples_path=root / "samples.jsonl", probes_path=root / "probes.jsonl")
+                out.write(
+                    json.dumps(
+                        {
+                            "id": example.id,
+                            "source": example.source,
+                            "prompt": example.prompt[-1].content,
+                            "expected": right,
+                            **{
+                                who: {"answer": a, "stopped": True, "scores": {"exact_match": float(a == right)}}
+                                for who, a in (("candidate", mine), ("base", theirs))
+                            },
+                        }
+                    )
+                    + "\n"
+                )
+        report = EvalReport(
+            n_samples=len(examples),
+            candidate=ModelScores(name="candidate", metrics={}),
+            base=ModelScores(name="base", metrics={}),
+            champion=None,
+            samples_path=root / "samples.jsonl",
+            probes_path=root / "probes.jsonl",
+        )
         for structured in (False, True):
-            judge = JudgeConfig(model=args.judge, structured=structured,
-                                max_tokens=16 if structured else args.max_tokens, context_length=2048,
-                                max_unparsed=1.0, max_order_flips=1.0)
+            judge = JudgeConfig(
+                model=args.judge,
+                structured=structured,
+                max_tokens=16 if structured else args.max_tokens,
+                context_length=2048,
+                max_unparsed=1.0,
+                max_order_flips=1.0,
+            )
             started = time.perf_counter()
-            judged = judge_report(report, judge, root / "eval.jsonl", None, GateConfig(), root / f"judge-{structured}",
-                                  root / "cache")
+            judged = judge_report(
+                report, judge, root / "eval.jsonl", None, GateConfig(), root / f"judge-{structured}", root / "cache"
+            )
             wall = time.perf_counter() - started
             s = judged.judge
             records = [json.loads(line) for line in s.judgments_path.read_text().splitlines()]
@@ -100,12 +136,21 @@ def main() -> None:
             agree = sum(r["result"] == ("win" if r["candidate"] == r["expected"] else "loss") for r in decided)
             calls = sum(len(j["replies"]) for r in records for j in r["judgments"])
             results["structured" if structured else "free text"] = {
-                "examples": s.n, "calls_per_example": calls / s.n, "asking_s_per_example": s.seconds / s.n,
-                "server_start_and_stop_s": wall - s.seconds, "wins": s.wins, "ties": s.ties, "losses": s.losses,
-                "order_flips": s.order_flips, "restated": s.restated, "unparsed": s.unparsed,
-                "exact_match_decides": len(decided), "agreement_with_exact_match": agree / len(decided),
+                "examples": s.n,
+                "calls_per_example": calls / s.n,
+                "asking_s_per_example": s.seconds / s.n,
+                "server_start_and_stop_s": wall - s.seconds,
+                "wins": s.wins,
+                "ties": s.ties,
+                "losses": s.losses,
+                "order_flips": s.order_flips,
+                "restated": s.restated,
+                "unparsed": s.unparsed,
+                "exact_match_decides": len(decided),
+                "agreement_with_exact_match": agree / len(decided),
                 "candidate_judge_win_rate": judged.candidate.metrics[s.metric],
-                "first_replies": [r["judgments"][0]["replies"][0][:80] for r in records if r["judgments"]][:3]}
+                "first_replies": [r["judgments"][0]["replies"][0][:80] for r in records if r["judgments"]][:3],
+            }
             print(json.dumps(results, indent=2), flush=True)
 
 

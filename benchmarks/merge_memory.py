@@ -22,12 +22,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -44,8 +65,9 @@ def build(shape: str, work: Path) -> tuple[Path, Path]:
     torch.set_default_dtype(torch.bfloat16)
     model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape]))
     model.save_pretrained(base, max_shard_size="2GB")
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
-                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    )
     peft_model.save_pretrained(adapter)
     (base / ".complete").write_text("")
     return base, adapter
@@ -67,8 +89,10 @@ def peft_merge(base: str, adapter: str, out: str) -> None:
 
 def measured(function: str, *args: str) -> dict:
     """Run `function(*args)` of this module in a new process, sampling its memory."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import merge_memory; "
-            f"merge_memory.{function}(*{list(args)!r})")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import merge_memory; "
+        f"merge_memory.{function}(*{list(args)!r})"
+    )
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", code])
     peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
@@ -89,8 +113,12 @@ def measured(function: str, *args: str) -> dict:
     sampler.start()
     code = process.wait()
     sampler.join()
-    return {"function": function, "exit": code, "seconds": round(time.perf_counter() - started, 1),
-            **{f"{key}_gib": round(kib / 2**20, 2) for key, kib in peaks.items()}}
+    return {
+        "function": function,
+        "exit": code,
+        "seconds": round(time.perf_counter() - started, 1),
+        **{f"{key}_gib": round(kib / 2**20, 2) for key, kib in peaks.items()},
+    }
 
 
 def main() -> None:
@@ -102,11 +130,21 @@ def main() -> None:
     started = time.perf_counter()
     base, adapter = build(args.shape, args.work)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    print(json.dumps({"shape": args.shape, "base_gib": round(size / 2**30, 2),
-                      "largest_shard_gib": round(max(p.stat().st_size for p in base.glob("*.safetensors")) / 2**30, 2),
-                      "build_s": round(time.perf_counter() - started, 1)}), flush=True)
-    rows = [measured("shard_merge", str(base), str(adapter), str(args.work / "shard-merged")),
-            measured("peft_merge", str(base), str(adapter), str(args.work / "peft-merged"))]
+    print(
+        json.dumps(
+            {
+                "shape": args.shape,
+                "base_gib": round(size / 2**30, 2),
+                "largest_shard_gib": round(max(p.stat().st_size for p in base.glob("*.safetensors")) / 2**30, 2),
+                "build_s": round(time.perf_counter() - started, 1),
+            }
+        ),
+        flush=True,
+    )
+    rows = [
+        measured("shard_merge", str(base), str(adapter), str(args.work / "shard-merged")),
+        measured("peft_merge", str(base), str(adapter), str(args.work / "peft-merged")),
+    ]
     for row in rows:
         print(json.dumps(row), flush=True)
     import torch

@@ -30,19 +30,28 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 RECOMPUTE = ("none", "plain", "offload")
 
 
-def load(model_dir: str, backend: str, recompute: str, max_seq_length: int, load_in_4bit: bool, r: int,
-         alpha: int, seed: int):
+def load(
+    model_dir: str, backend: str, recompute: str, max_seq_length: int, load_in_4bit: bool, r: int, alpha: int, seed: int
+):
     import torch
 
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=max_seq_length,
-                                                     dtype=torch.bfloat16, load_in_4bit=load_in_4bit)
+        model, _ = FastLanguageModel.from_pretrained(
+            model_dir, max_seq_length=max_seq_length, dtype=torch.bfloat16, load_in_4bit=load_in_4bit
+        )
         checkpointing = {"none": False, "plain": True, "offload": "unsloth"}[recompute]
-        model = FastLanguageModel.get_peft_model(model, r=r, lora_alpha=alpha, lora_dropout=0, bias="none",
-                                                 target_modules=PROJECTIONS, random_state=seed,
-                                                 use_gradient_checkpointing=checkpointing)
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=0,
+            bias="none",
+            target_modules=PROJECTIONS,
+            random_state=seed,
+            use_gradient_checkpointing=checkpointing,
+        )
         return FastLanguageModel.for_training(model)
     if recompute == "offload" or load_in_4bit:
         raise ValueError("the hf loop has no offloaded recomputation and no 4-bit base here")
@@ -53,15 +62,25 @@ def load(model_dir: str, backend: str, recompute: str, max_seq_length: int, load
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     if recompute == "plain":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=PROJECTIONS,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
     model.train()  # from_pretrained leaves eval mode, in which neither library recomputes
     return model
 
 
-def train(model_dir: str, rows_path: str, backend: str = "unsloth", recompute: str = "none", batch: int = 4,
-          steps: int = 20, learning_rate: float = 2e-4, max_seq_length: int = 2048, load_in_4bit: bool = False,
-          r: int = 16, alpha: int = 16, seed: int = 3407) -> dict:
+def train(
+    model_dir: str,
+    rows_path: str,
+    backend: str = "unsloth",
+    recompute: str = "none",
+    batch: int = 4,
+    steps: int = 20,
+    learning_rate: float = 2e-4,
+    max_seq_length: int = 2048,
+    load_in_4bit: bool = False,
+    r: int = 16,
+    alpha: int = 16,
+    seed: int = 3407,
+) -> dict:
     """Trains and returns each step's loss, tokens/s and peak memory, with the run's totals."""
     import torch
 
@@ -82,21 +101,32 @@ def train(model_dir: str, rows_path: str, backend: str = "unsloth", recompute: s
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         now = time.perf_counter()
-        history.append({"step": step, "loss": float(loss), "tokens_per_s": round(ids.numel() / (now - step_started), 1),
-                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                        "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
-                        "elapsed_s": round(now - started, 3)})
-    return {"backend": backend, "recompute": recompute, "batch": batch, "history": history,
-            "runtime_s": round(time.perf_counter() - started, 3),
-            "trainable_params": sum(p.numel() for p in trainable),
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "device": f"cuda ({torch.cuda.get_device_name()}) x1"}
+        history.append(
+            {
+                "step": step,
+                "loss": float(loss),
+                "tokens_per_s": round(ids.numel() / (now - step_started), 1),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                "elapsed_s": round(now - started, 3),
+            }
+        )
+    return {
+        "backend": backend,
+        "recompute": recompute,
+        "batch": batch,
+        "history": history,
+        "runtime_s": round(time.perf_counter() - started, 3),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "device": f"cuda ({torch.cuda.get_device_name()}) x1",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
-    parser.add_argument("rows", help="JSONL, one row a line: {\"input_ids\": [...]}; every token is trained")
+    parser.add_argument("rows", help='JSONL, one row a line: {"input_ids": [...]}; every token is trained')
     parser.add_argument("--backend", choices=("unsloth", "hf"), default="unsloth")
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none")
     parser.add_argument("--batch", type=int, default=4)
@@ -109,8 +139,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--json", type=Path, required=True, help="where the result goes")
     args = parser.parse_args()
-    result = train(args.model_dir, args.rows, args.backend, args.recompute, args.batch, args.steps, args.learning_rate,
-                   args.max_seq_length, args.load_in_4bit, args.r, args.alpha, args.seed)
+    result = train(
+        args.model_dir,
+        args.rows,
+        args.backend,
+        args.recompute,
+        args.batch,
+        args.steps,
+        args.learning_rate,
+        args.max_seq_length,
+        args.load_in_4bit,
+        args.r,
+        args.alpha,
+        args.seed,
+    )
     args.json.write_text(json.dumps(result))
 
 

@@ -45,25 +45,49 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict:
     from tunepipe.tasks.runtime.config import PipelineConfig
 
     train, eval_ = write_demo_dataset(root / "data", args.train_rows, args.eval_rows)
-    cfg = PipelineConfig.model_validate({
-        "name": f"bench-{name}", "workdir": str(root / "runs"),
-        "data": {"train": str(train), "eval": str(eval_), "system_prompt": SYSTEM_PROMPT, "output_format": "json",
-                 "min_rows": min(100, args.train_rows)},
-        "model": {"base": args.base.get(name) or str(packaged_gguf(name)),
-                  "chat_template": PACKAGED[name].chat_template, "max_seq_length": args.max_seq_length},
-        "lora": {"r": 16, "alpha": 32},
-        "train": {"mode": "lora", "max_steps": args.steps, "batch_size": args.batch_size,
-                  "learning_rate": args.learning_rate, "warmup_steps": 2, "logging_steps": 1,
-                  "save_steps": max(args.steps, 100), "gradient_checkpointing": False},
-        "eval": {"max_samples": args.eval_rows, "max_new_tokens": args.max_new_tokens,
-                 "batch_size": args.eval_batch_size},
-        "gate": {"rules": {}},  # measured, not gated: every model reaches export and parity
-        "retrain": {"max_attempts": 1},
-        "export": {"gguf_types": args.gguf_types, "lora_gguf": False},
-        "ollama": {"model_name": f"bench-{name}", "host": "http://127.0.0.1:9"},  # nothing listens: Unserved
-        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "real-models",
-                     "artifact_location": str(root / "mlartifacts")},
-    })
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": f"bench-{name}",
+            "workdir": str(root / "runs"),
+            "data": {
+                "train": str(train),
+                "eval": str(eval_),
+                "system_prompt": SYSTEM_PROMPT,
+                "output_format": "json",
+                "min_rows": min(100, args.train_rows),
+            },
+            "model": {
+                "base": args.base.get(name) or str(packaged_gguf(name)),
+                "chat_template": PACKAGED[name].chat_template,
+                "max_seq_length": args.max_seq_length,
+            },
+            "lora": {"r": 16, "alpha": 32},
+            "train": {
+                "mode": "lora",
+                "max_steps": args.steps,
+                "batch_size": args.batch_size,
+                "learning_rate": args.learning_rate,
+                "warmup_steps": 2,
+                "logging_steps": 1,
+                "save_steps": max(args.steps, 100),
+                "gradient_checkpointing": False,
+            },
+            "eval": {
+                "max_samples": args.eval_rows,
+                "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.eval_batch_size,
+            },
+            "gate": {"rules": {}},  # measured, not gated: every model reaches export and parity
+            "retrain": {"max_attempts": 1},
+            "export": {"gguf_types": args.gguf_types, "lora_gguf": False},
+            "ollama": {"model_name": f"bench-{name}", "host": "http://127.0.0.1:9"},  # nothing listens: Unserved
+            "tracking": {
+                "uri": f"sqlite:///{root}/mlflow.db",
+                "experiment": "real-models",
+                "artifact_location": str(root / "mlartifacts"),
+            },
+        }
+    )
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*below q8_0")  # the packaged GGUFs are Q4: known
@@ -73,8 +97,12 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict:
         raise SystemExit(f"{name}: the flow ended {state.name}: {state.result(raise_on_failure=False)}")
     summary = state.result()
     verdicts = {v.gguf_type: v for v in parity_verdicts(summary.parity, summary.eval.candidate.metrics, cfg.export)}
-    return {"summary": summary, "verdicts": verdicts, "wall_s": wall,
-            "stages": stage_states(state.state_details.flow_run_id)}
+    return {
+        "summary": summary,
+        "verdicts": verdicts,
+        "wall_s": wall,
+        "stages": stage_states(state.state_details.flow_run_id),
+    }
 
 
 def print_model(name: str, measured: dict) -> None:
@@ -85,17 +113,23 @@ def print_model(name: str, measured: dict) -> None:
     for metric in SHOWN:
         print(f"| {metric} | {base.get(metric, float('nan')):.3f} | {candidate.get(metric, float('nan')):.3f} |")
     print(f"\n### {name}: served-path parity per GGUF type (PyTorch candidate first)\n")
-    print("| model | MB | vocabulary check | prompts whose served ids differ | "
-          + " | ".join(SHOWN[:4]) + " | within export.max_drop |")
+    print(
+        "| model | MB | vocabulary check | prompts whose served ids differ | "
+        + " | ".join(SHOWN[:4])
+        + " | within export.max_drop |"
+    )
     print("|---|---:|---|---:|" + "---:|" * 4 + "---|")
     print("| PyTorch candidate | | | | " + " | ".join(f"{candidate.get(m, 0):.3f}" for m in SHOWN[:4]) + " | |")
     sizes = {g.type: g.bytes for g in summary.exported.ggufs}
     for scores in summary.parity.ggufs:
         verdict = measured["verdicts"][scores.gguf_type]
-        print(f"| {scores.gguf_type} | {sizes[scores.gguf_type] / 1e6:.1f} | "
-              f"{'passed' if scores.vocabulary_problem is None else scores.vocabulary_problem} | "
-              f"{scores.prompt_mismatches} | " + " | ".join(f"{scores.scores.get(m, 0):.3f}" for m in SHOWN[:4])
-              + f" | {'yes' if verdict.passed else 'no: ' + '; '.join(verdict.failures)} |")
+        print(
+            f"| {scores.gguf_type} | {sizes[scores.gguf_type] / 1e6:.1f} | "
+            f"{'passed' if scores.vocabulary_problem is None else scores.vocabulary_problem} | "
+            f"{scores.prompt_mismatches} | "
+            + " | ".join(f"{scores.scores.get(m, 0):.3f}" for m in SHOWN[:4])
+            + f" | {'yes' if verdict.passed else 'no: ' + '; '.join(verdict.failures)} |"
+        )
     print(f"\n### {name}: seconds per stage (flow wall time {measured['wall_s']:.0f} s)\n")
     print("| stage | state | seconds |\n|---|---|---:|")
     for stage, state, seconds in measured["stages"]:
@@ -118,8 +152,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=36)
     parser.add_argument("--max-seq-length", type=int, default=320)
     parser.add_argument("--gguf-types", nargs="+", default=["f16", "q8_0", "q4_k_m"])
-    parser.add_argument("--base", action="append", default=[], metavar="NAME=PATH",
-                        help="model.base for packaged model NAME instead of its GGUF (repeatable)")
+    parser.add_argument(
+        "--base",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="model.base for packaged model NAME instead of its GGUF (repeatable)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     args.base = dict(item.split("=", 1) for item in args.base)
@@ -134,8 +173,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, GPU {gpu}, Python {platform.python_version()}, "
-          f"torch {torch.__version__}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, GPU {gpu}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"command: {' '.join(sys.argv)}")
     with tempfile.TemporaryDirectory(prefix="tunepipe-real-") as scratch:
         root = args.workdir or Path(scratch)

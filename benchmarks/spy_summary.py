@@ -59,8 +59,11 @@ def main() -> None:
         compiled = [(package, spent) for (p, package), spent in compiling.most_common() if p == pid]
         if compiled:
             total = sum(spent for _, spent in compiled)
-            print(f"  compiling source to bytecode: {total:.1f} s ("
-                  + ", ".join(f"{package} {spent:.1f}" for package, spent in compiled[:6]) + ")")
+            print(
+                f"  compiling source to bytecode: {total:.1f} s ("
+                + ", ".join(f"{package} {spent:.1f}" for package, spent in compiled[:6])
+                + ")"
+            )
 
 
 if __name__ == "__main__":

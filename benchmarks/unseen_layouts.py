@@ -26,12 +26,17 @@ def write_data(out: Path, train_rows: int, validation_rows: int, test_rows: int)
     from tunepipe.tasks.demo.data import write_demo_dataset
 
     train, held = write_demo_dataset(out / "all", n_train=train_rows * 2, n_eval=(validation_rows + test_rows) * 5)
-    train_lines = [line for line in train.read_text().splitlines()
-                   if not json.loads(line)["input"].startswith(HELD_OUT_LAYOUT)][:train_rows]
-    held_lines = [line for line in held.read_text().splitlines()
-                  if json.loads(line)["input"].startswith(HELD_OUT_LAYOUT)]
-    splits = {"train": train_lines, "validation": held_lines[:validation_rows],
-              "test": held_lines[validation_rows : validation_rows + test_rows]}
+    train_lines = [
+        line for line in train.read_text().splitlines() if not json.loads(line)["input"].startswith(HELD_OUT_LAYOUT)
+    ][:train_rows]
+    held_lines = [
+        line for line in held.read_text().splitlines() if json.loads(line)["input"].startswith(HELD_OUT_LAYOUT)
+    ]
+    splits = {
+        "train": train_lines,
+        "validation": held_lines[:validation_rows],
+        "test": held_lines[validation_rows : validation_rows + test_rows],
+    }
     paths = {}
     for name, lines in splits.items():
         paths[name] = out / f"{name}.jsonl"
@@ -58,16 +63,22 @@ def main() -> None:
     config = yaml.safe_load(Path("configs/demo.yaml").read_text())
     config.update(name="unseen-layouts", workdir=str(out / "runs"))
     config.pop("rag")
-    config["data"] = {**{k: v for k, v in config["data"].items() if k != "validation_fraction"},
-                      "train": str(paths["train"]), "validation": str(paths["validation"]),
-                      "eval": str(paths["test"])}
+    config["data"] = {
+        **{k: v for k, v in config["data"].items() if k != "validation_fraction"},
+        "train": str(paths["train"]),
+        "validation": str(paths["validation"]),
+        "eval": str(paths["test"]),
+    }
     config["model"]["base"] = str(packaged_gguf(DEMO_MODEL))
     config["train"].update(max_steps=args.steps, eval_steps=args.eval_steps, eval_samples=args.eval_samples)
     config["eval"].update(max_samples=max(args.validation_rows, args.test_rows))
     config["export"] = {"gguf_types": ["q8_0"]}
     config["ollama"]["host"] = "http://127.0.0.1:9"  # nothing listens: the run ends Unserved after parity
-    config["tracking"] = {"uri": f"sqlite:///{out}/mlflow.db", "experiment": "unseen-layouts",
-                          "artifact_location": str(out / "mlartifacts")}
+    config["tracking"] = {
+        "uri": f"sqlite:///{out}/mlflow.db",
+        "experiment": "unseen-layouts",
+        "artifact_location": str(out / "mlartifacts"),
+    }
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"{len(paths)} splits under {out / 'data'}; config {config_path}", flush=True)

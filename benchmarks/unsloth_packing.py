@@ -17,27 +17,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import unsloth  # noqa: F401,E402  (before transformers: it patches it)
-import torch  # noqa: E402
-from torch.nn.attention import SDPBackend  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from unsloth import FastLanguageModel  # noqa: E402
-from unsloth.utils import attention_dispatch  # noqa: E402
+import torch
+import unsloth  # noqa: F401  (before transformers: it patches it)
+from gpu_train import build_model, demo_split
+from torch.nn.attention import SDPBackend
+from torch.profiler import ProfilerActivity, profile
+from unsloth import FastLanguageModel
+from unsloth.utils import attention_dispatch
 
-from gpu_train import build_model, demo_split  # noqa: E402
-from tunepipe.tasks.runtime.config import ModelConfig  # noqa: E402
-from tunepipe.tasks.patches.unsloth import unsloth_packs  # noqa: E402
-from tunepipe.tasks.train.batching import make_batch  # noqa: E402
-from tunepipe.tasks.train.stepper import token_losses  # noqa: E402
+from tunepipe.tasks.patches.unsloth import unsloth_packs
+from tunepipe.tasks.runtime.config import ModelConfig
+from tunepipe.tasks.train.batching import make_batch
+from tunepipe.tasks.train.stepper import token_losses
 
 work = Path(tempfile.mkdtemp())
 folder = build_model(Path(sys.argv[1]), work / "model")
 rows = demo_split(ModelConfig(base=str(folder), max_seq_length=512), work).rows()[:64]
-model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=512,
-                                                     dtype=torch.bfloat16, load_in_4bit=False)
-model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=False,
-                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"])
+model, tokenizer = FastLanguageModel.from_pretrained(
+    model_name=str(folder), max_seq_length=512, dtype=torch.bfloat16, load_in_4bit=False
+)
+model = FastLanguageModel.get_peft_model(
+    model,
+    r=16,
+    lora_alpha=16,
+    use_gradient_checkpointing=False,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
 device = torch.device("cuda")
 print("packs:", unsloth_packs(device))
 
@@ -48,17 +53,23 @@ def counted(name, function):
     def call(*args, **kwargs):
         counts[name] += 1
         return function(*args, **kwargs)
+
     return call
 
 
 attention_dispatch._TORCH_VARLEN_ATTN = counted("varlen", attention_dispatch._TORCH_VARLEN_ATTN)
 attention_dispatch._sdpa_packed_segments = counted("segments", attention_dispatch._sdpa_packed_segments)
-attention_dispatch.build_sdpa_packed_attention_mask = counted("sdpa_mask",
-                                                              attention_dispatch.build_sdpa_packed_attention_mask)
+attention_dispatch.build_sdpa_packed_attention_mask = counted(
+    "sdpa_mask", attention_dispatch.build_sdpa_packed_attention_mask
+)
 q = torch.empty(1, 16, 128, 128, device=device, dtype=torch.bfloat16)
 k = torch.empty(1, 8, 128, 128, device=device, dtype=torch.bfloat16)
-print("SDPA's choice, grouped:", SDPBackend(torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=True)),
-      "not grouped:", SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)))
+print(
+    "SDPA's choice, grouped:",
+    SDPBackend(torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=True)),
+    "not grouped:",
+    SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)),
+)
 lengths = [len(row["input_ids"]) for row in rows]
 print("tokens", sum(lengths), "longest", max(lengths), "distinct lengths", len(set(lengths)))
 
@@ -81,8 +92,10 @@ for packing in (True, False, True, False):
         forward_backward(packing)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / 10
-    print(f"packed={packing}: {seconds * 1000:.1f} ms a micro-batch, {sum(lengths) / seconds:,.0f} tokens/s; "
-          f"calls over 13 passes {counts}")
+    print(
+        f"packed={packing}: {seconds * 1000:.1f} ms a micro-batch, {sum(lengths) / seconds:,.0f} tokens/s; "
+        f"calls over 13 passes {counts}"
+    )
 for packing in (True, False):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         forward_backward(packing)

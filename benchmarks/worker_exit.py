@@ -39,8 +39,13 @@ def main() -> None:
     seconds: dict[str, list[float]] = {"teardown": [], "without-teardown": []}
     for _ in range(args.repeats):
         for how, times in seconds.items():
-            child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.model_dir), how], cwd=root,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            child = subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(args.model_dir), how],
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             done = float(child.stdout.read().split()[-1])
             child.wait()
             times.append(round(time.time() - done, 3))

@@ -88,9 +88,12 @@ def _rejected_problem(example: Example) -> str | None:
     return None
 
 
-def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
-                   eval_copies: Sequence[str | None] | None = None,
-                   template_refusals: Sequence[str | None] | None = None) -> pd.DataFrame:
+def examples_frame(
+    examples: list[Example],
+    n_tokens: Sequence[int | None],
+    eval_copies: Sequence[str | None] | None = None,
+    template_refusals: Sequence[str | None] | None = None,
+) -> pd.DataFrame:
     """One row per example, in order, with the columns the suite checks.
 
     `n_tokens` is each example's formatted length (None where its roles cannot be formatted, named by the
@@ -106,19 +109,21 @@ def examples_frame(examples: list[Example], n_tokens: Sequence[int | None],
         prompts = [m.content for m in example.messages if m.role == "user"]
         parsed = parse_json_object(answers[-1]) if answers else None
         preference = [] if example.kind == "sft" else [f"{example.kind}:{_normal(example.rejected or '')}"]
-        rows.append({
-            "id": example.id,
-            "normalized_id": _digest([f"{m.role}:{_normal(m.content)}" for m in example.messages] + preference),
-            "prompt_key": prompt_key(example),
-            "roles": ",".join(message.role for message in example.messages),
-            "prompt": prompts[-1] if prompts else None,
-            "answer": answers[-1] if answers else None,
-            "answer_keys": KEY_SEPARATOR.join(parsed) if parsed is not None else None,
-            "first_empty_turn": _first_empty_turn(example),
-            "chars": sum(len(message.content) for message in example.messages) + len(example.rejected or ""),
-            "kind": example.kind,
-            "rejected": _rejected_problem(example),
-        })
+        rows.append(
+            {
+                "id": example.id,
+                "normalized_id": _digest([f"{m.role}:{_normal(m.content)}" for m in example.messages] + preference),
+                "prompt_key": prompt_key(example),
+                "roles": ",".join(message.role for message in example.messages),
+                "prompt": prompts[-1] if prompts else None,
+                "answer": answers[-1] if answers else None,
+                "answer_keys": KEY_SEPARATOR.join(parsed) if parsed is not None else None,
+                "first_empty_turn": _first_empty_turn(example),
+                "chars": sum(len(message.content) for message in example.messages) + len(example.rejected or ""),
+                "kind": example.kind,
+                "rejected": _rejected_problem(example),
+            }
+        )
     frame = pd.DataFrame(rows, columns=list(COLUMN_TYPES))
     frame["n_tokens"] = list(n_tokens)
     frame["eval_copy"] = list(eval_copies) if eval_copies is not None else None
@@ -133,8 +138,9 @@ def keys_regex(keys: Sequence[str]) -> str:
     return "^" + "".join(f"(?=(?:.*{sep})?{re.escape(key)}(?:{sep}|$))" for key in keys)
 
 
-def build_suite(name: str, max_chars: int, max_seq_length: int, json_answers: bool, required_keys: Sequence[str],
-                leakage: bool) -> ExpectationSuite:
+def build_suite(
+    name: str, max_chars: int, max_seq_length: int, json_answers: bool, required_keys: Sequence[str], leakage: bool
+) -> ExpectationSuite:
     """The expectations for one split; each `description` says what is expected, for the Data Docs.
 
     `max_chars` is data.max_chars; `json_answers` says data.output_format is json.
@@ -150,7 +156,8 @@ def build_suite(name: str, max_chars: int, max_seq_length: int, json_answers: bo
         gxe.ExpectColumnValuesToNotBeNull(column="answer", description="an assistant turn is present"),
         gxe.ExpectColumnValuesToBeNull(column="first_empty_turn", description="no turn is empty"),
         gxe.ExpectColumnValuesToMatchRegex(
-            column="roles", regex=ROLES_REGEX,
+            column="roles",
+            regex=ROLES_REGEX,
             description="an optional system message, then user/assistant turns alternating, ending with the assistant",
         ),
         gxe.ExpectColumnValuesToBeNull(
@@ -161,44 +168,56 @@ def build_suite(name: str, max_chars: int, max_seq_length: int, json_answers: bo
             column="normalized_id", description="no duplicate up to case and whitespace (the first copy is kept)"
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="chars", min_value=1, max_value=max_chars,
+            column="chars",
+            min_value=1,
+            max_value=max_chars,
             description=f"all messages together at most {max_chars} characters (data.max_chars)",
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="n_tokens", min_value=1, max_value=max_seq_length,
+            column="n_tokens",
+            min_value=1,
+            max_value=max_seq_length,
             description=f"formatted with the chat template, at most {max_seq_length} tokens (model.max_seq_length)",
         ),
         gxe.ExpectColumnValuesToBeNull(
-            column="chat_template", description="the chat template trains every answer as evaluation and serving "
-                                                "read it (data.reasoning)",
+            column="chat_template",
+            description="the chat template trains every answer as evaluation and serving read it (data.reasoning)",
         ),
     ]
     if leakage:
-        expectations.append(gxe.ExpectColumnValuesToBeNull(
-            column="eval_copy", description="the prompt does not also appear in a later held-out split (leakage)"
-        ))
+        expectations.append(
+            gxe.ExpectColumnValuesToBeNull(
+                column="eval_copy", description="the prompt does not also appear in a later held-out split (leakage)"
+            )
+        )
     if json_answers:
         expectations += [
             gxe.ExpectColumnValuesToBeJsonParseable(
-                column="answer", description="the answer is valid JSON (data.output_format: json; not asked of "
-                "rated-bad answers)", row_condition=good_answers,
+                column="answer",
+                description="the answer is valid JSON (data.output_format: json; not asked of rated-bad answers)",
+                row_condition=good_answers,
             ),
             gxe.ExpectColumnValuesToNotBeNull(
-                column="answer_keys", description="the answer is a JSON object, not an array or a scalar",
+                column="answer_keys",
+                description="the answer is a JSON object, not an array or a scalar",
                 row_condition=good_answers,
             ),
         ]
         if required_keys:
-            expectations.append(gxe.ExpectColumnValuesToMatchRegex(
-                column="answer_keys", regex=keys_regex(required_keys),
-                description=f"the answer carries the keys {', '.join(required_keys)}",
-                row_condition=good_answers,
-            ))
+            expectations.append(
+                gxe.ExpectColumnValuesToMatchRegex(
+                    column="answer_keys",
+                    regex=keys_regex(required_keys),
+                    description=f"the answer carries the keys {', '.join(required_keys)}",
+                    row_condition=good_answers,
+                )
+            )
     return gx.ExpectationSuite(name=name, expectations=expectations)
 
 
-def validate(frames: dict[str, pd.DataFrame], suites: dict[str, ExpectationSuite],
-             docs_dir: Path) -> dict[str, ExpectationSuiteValidationResult]:
+def validate(
+    frames: dict[str, pd.DataFrame], suites: dict[str, ExpectationSuite], docs_dir: Path
+) -> dict[str, ExpectationSuiteValidationResult]:
     """Validate each split's frame with its suite in one throwaway GX context and build its Data Docs."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
@@ -211,22 +230,29 @@ def validate(frames: dict[str, pd.DataFrame], suites: dict[str, ExpectationSuite
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     # Only our site: the ephemeral context's default one renders into a temporary folder nobody reads.
     context.variables.data_docs_sites = {}
-    context.add_data_docs_site(DOCS_SITE, {
-        "class_name": "SiteBuilder",
-        # GX writes the site only under an absolute folder; a relative workdir (the demo's `runs`) must be resolved.
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
+    context.add_data_docs_site(
+        DOCS_SITE,
+        {
+            "class_name": "SiteBuilder",
+            # GX writes the site only under an absolute folder; a relative workdir (the demo's `runs`) must be resolved.
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
     source = context.data_sources.add_pandas("examples")
     results = {}
     for split, frame in frames.items():
         batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe("all_rows")
         suite = context.suites.add(suites[split])
         validation = context.validation_definitions.add(gx.ValidationDefinition(name=split, data=batch, suite=suite))
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"tunepipe_{split}", validation_definitions=[validation], result_format="COMPLETE",
-            actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
-        ))
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"tunepipe_{split}",
+                validation_definitions=[validation],
+                result_format="COMPLETE",
+                actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+            )
+        )
         (results[split],) = checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()
     return results
 
@@ -247,8 +273,13 @@ def _short(value: object, limit: int = 80) -> object:
     return value
 
 
-def failed_rows(result: ExpectationSuiteValidationResult, frame: pd.DataFrame, examples: list[Example],
-                max_chars: int, max_seq_length: int) -> dict[int, list[Failure]]:
+def failed_rows(
+    result: ExpectationSuiteValidationResult,
+    frame: pd.DataFrame,
+    examples: list[Example],
+    max_chars: int,
+    max_seq_length: int,
+) -> dict[int, list[Failure]]:
     """Row index → its failures, each with a message a user can act on; of duplicates the first copy stays."""
     failures: dict[int, list[Failure]] = defaultdict(list)
     first_copy: dict[str, dict[str, int]] = {}
@@ -274,8 +305,16 @@ def failed_rows(result: ExpectationSuiteValidationResult, frame: pd.DataFrame, e
     return {i: row_failures for i, row_failures in sorted(failures.items()) if row_failures}
 
 
-def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples: list[Example],
-            first_copy: dict[str, dict[str, int]], max_chars: int, max_seq_length: int) -> str | None:
+def _reason(
+    expectation: str,
+    column: str,
+    i: int,
+    frame: pd.DataFrame,
+    examples: list[Example],
+    first_copy: dict[str, dict[str, int]],
+    max_chars: int,
+    max_seq_length: int,
+) -> str | None:
     value = frame.at[i, column]
     if column == "answer_keys" or expectation == "expect_column_values_to_be_json_parseable":
         # One JSON complaint per answer, and none for a missing or empty one (named as such already).
@@ -296,18 +335,22 @@ def _reason(expectation: str, column: str, i: int, frame: pd.DataFrame, examples
         ("expect_column_values_to_be_null", "first_empty_turn"): lambda: f"empty turn: {value} has no text",
         ("expect_column_values_to_match_regex", "roles"): lambda: (
             f"roles {value}: expected an optional system message, then user/assistant turns alternating, "
-            "ending with the assistant"),
+            "ending with the assistant"
+        ),
         ("expect_column_values_to_be_between", "chars"): lambda: f"{value} characters > max_chars {max_chars}",
         ("expect_column_values_to_be_between", "n_tokens"): lambda: f"{value} tokens > max_seq_length {max_seq_length}",
         ("expect_column_values_to_be_null", "chat_template"): lambda: value,
         ("expect_column_values_to_be_null", "rejected"): lambda: f"rejected answer is {value}",
-        ("expect_column_values_to_be_null", "eval_copy"): lambda: f"leakage: the same prompt is in a held-out split "
-                                                                  f"({value}); kept there, set aside here",
+        ("expect_column_values_to_be_null", "eval_copy"): lambda: (
+            f"leakage: the same prompt is in a held-out split ({value}); kept there, set aside here"
+        ),
         ("expect_column_values_to_be_json_parseable", "answer"): lambda: f"answer is not valid JSON: {_short(value)!r}",
         ("expect_column_values_to_not_be_null", "answer_keys"): lambda: (
-            f"answer is not a JSON object: {_short(frame.at[i, 'answer'])!r}"),
+            f"answer is not a JSON object: {_short(frame.at[i, 'answer'])!r}"
+        ),
         ("expect_column_values_to_match_regex", "answer_keys"): lambda: (
-            f"answer lacks required keys: has {', '.join(str(value).split(KEY_SEPARATOR)) or 'none'}"),
+            f"answer lacks required keys: has {', '.join(str(value).split(KEY_SEPARATOR)) or 'none'}"
+        ),
     }
     return messages[(expectation, column)]()
 
@@ -331,4 +374,3 @@ def expectation_summary(result: ExpectationSuiteValidationResult) -> list[dict[s
 def result_json(result: ExpectationSuiteValidationResult) -> dict[str, Any]:
     """GX's own validation result, as JSON (row index lists included)."""
     return json.loads(json.dumps(result.to_json_dict(), default=str))
-

@@ -39,7 +39,8 @@ def command(argv: list[str] | None) -> int:
     run = commands.add_parser("run", help="fine-tune, gate, export and register the model a config describes")
     demo = commands.add_parser("demo", help=f"write the demo data, then fine-tune SmolLM2-135M as {DEMO_CONFIG} says")
     retrain = commands.add_parser(
-        "retrain", help="fold new RAG examples into the data set and retrain when there are enough (rag section)")
+        "retrain", help="fold new RAG examples into the data set and retrain when there are enough (rag section)"
+    )
     evaluate = commands.add_parser("evaluate", help="score a trained model on the config's test split")
     status = commands.add_parser("status", help="champion, last runs, pending registrations, RAG watermark")
     trace = commands.add_parser("trace", help="from an Ollama tag NAME:VERSION to its MLflow run and training rows")
@@ -48,27 +49,41 @@ def command(argv: list[str] | None) -> int:
         command.add_argument("config", type=Path, help="pipeline config (YAML)")
     evaluate.add_argument("model", help="MLflow run id of a finetune run, or vN for version N of the registered model")
     trace.add_argument("--rows", type=int, default=10, help="source rows to print (default 10; 0: none)")
-    doctor = commands.add_parser("doctor", help="check this machine (packages, GPU, Prefect, MLflow, Ollama, hub), "
-                                                "and what CONFIG needs; exit 1 when something it needs is missing")
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this machine (packages, GPU, Prefect, MLflow, Ollama, hub), "
+        "and what CONFIG needs; exit 1 when something it needs is missing",
+    )
     doctor.add_argument("config", type=Path, nargs="?", help="pipeline config (YAML) whose needs to check")
     check = commands.add_parser(
-        "check", help="load, check and format the data only; print the data report and the run plan "
-                      "(exit 1 when a run would fail)")
+        "check",
+        help="load, check and format the data only; print the data report and the run plan "
+        "(exit 1 when a run would fail)",
+    )
     check.add_argument("config", type=Path, help="pipeline config (YAML)")
     for command in (run, demo, doctor, check, retrain, evaluate, status, trace):
-        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                             help="override a config field, e.g. --set train.max_steps=20 (repeatable)")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. --set train.max_steps=20 (repeatable)",
+        )
     schema = commands.add_parser("schema", help="print the config's JSON schema (for editor completion)")
     schema.add_argument("-o", "--output", type=Path, help="write it to this file instead")
-    register = commands.add_parser("register", help="finish serving a run whose Ollama was not reachable: "
-                                                    "register, smoke-test and promote it")
+    register = commands.add_parser(
+        "register", help="finish serving a run whose Ollama was not reachable: register, smoke-test and promote it"
+    )
     register.add_argument("run_id", help="MLflow run id of the finetune run (printed at its end)")
-    rollback = commands.add_parser("rollback", help="move the champion (MLflow alias and Ollama NAME:latest) "
-                                                    "back to the version it replaced")
+    rollback = commands.add_parser(
+        "rollback", help="move the champion (MLflow alias and Ollama NAME:latest) back to the version it replaced"
+    )
     rollback.add_argument("name", help="registered model name: the pipeline's `name`")
     for command in (register, rollback):
-        command.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
-                             help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
+        command.add_argument(
+            "--tracking-uri", default=DEFAULT_TRACKING_URI, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})"
+        )
     rollback.add_argument("--ollama-host", help="Ollama base URL (default $OLLAMA_HOST or http://127.0.0.1:11434)")
     args = parser.parse_args(argv)
 
@@ -127,6 +142,7 @@ def until_stopped(command: Callable[[], int]) -> int:
     process, the MLflow run ends FAILED, and the exit handlers stop Prefect's temporary server. SIGTERM's
     default would end the process on the spot and leave the server (and a worker) running.
     """
+
     def terminate(signum, frame):
         raise Terminated(128 + signum)
 
@@ -135,9 +151,12 @@ def until_stopped(command: Callable[[], int]) -> int:
         return command()
     except (KeyboardInterrupt, Terminated) as exc:
         how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-        print(f"stopped by {how}: the stage that was running is marked Crashed (Prefect) and the MLflow run "
-              "FAILED. The same command resumes: finished stages are cache hits and training goes on from its "
-              "last checkpoint.", file=sys.stderr)
+        print(
+            f"stopped by {how}: the stage that was running is marked Crashed (Prefect) and the MLflow run "
+            "FAILED. The same command resumes: finished stages are cache hits and training goes on from its "
+            "last checkpoint.",
+            file=sys.stderr,
+        )
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -254,8 +273,9 @@ def failed(report, state) -> int:
 
     from tunepipe.tasks.runtime.redact import redact
 
-    report.console.print(f"[bold red]failed:[/] {escape(redact(str(state.result(raise_on_failure=False))))}",
-                         soft_wrap=True)
+    report.console.print(
+        f"[bold red]failed:[/] {escape(redact(str(state.result(raise_on_failure=False))))}", soft_wrap=True
+    )
     return 1
 
 
@@ -307,8 +327,10 @@ def run_retrain(cfg) -> int:
         report.summary(outcome.summary)
     if outcome.snapshot is not None:
         snapshot = outcome.snapshot
-        report.console.print(f"dataset v{snapshot.version} {snapshot.fingerprint[:12]}: {snapshot.rows_by_source} "
-                             f"({snapshot.folder})", soft_wrap=True)
+        report.console.print(
+            f"dataset v{snapshot.version} {snapshot.fingerprint[:12]}: {snapshot.rows_by_source} ({snapshot.folder})",
+            soft_wrap=True,
+        )
     color = {"promoted": "green", "kept_champion": "yellow", "nothing_to_do": "cyan"}[outcome.status]
     report.console.print(f"[bold {color}]{outcome.status.replace('_', ' ')}:[/] {outcome.reason}")
     return 0
@@ -349,9 +371,11 @@ def run_register(run_id: str, tracking_uri: str) -> int:
     if not serving.served:
         return UNSERVED
     console.print(f"smoke test: {serving.smoke.summary()}", markup=False, soft_wrap=True)
-    console.print(f"champion: {serving.promotion.name} v{serving.promotion.version} "
-                  f"({serving.promotion.ollama_tag}, also {serving.promotion.ollama_tag.rsplit(':', 1)[0]}:latest)",
-                  soft_wrap=True)
+    console.print(
+        f"champion: {serving.promotion.name} v{serving.promotion.version} "
+        f"({serving.promotion.ollama_tag}, also {serving.promotion.ollama_tag.rsplit(':', 1)[0]}:latest)",
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -366,6 +390,8 @@ def run_rollback(name: str, tracking_uri: str, ollama_host: str | None) -> int:
     except (ValueError, OllamaError) as exc:
         print(f"rollback: {exc}", file=sys.stderr)
         return 1
-    print(f"{name}: champion moved back from v{move.previous} to v{move.version} "
-          f"({move.ollama_tag} is now {move.ollama_tag.rsplit(':', 1)[0]}:latest)")
+    print(
+        f"{name}: champion moved back from v{move.previous} to v{move.version} "
+        f"({move.ollama_tag} is now {move.ollama_tag.rsplit(':', 1)[0]}:latest)"
+    )
     return 0

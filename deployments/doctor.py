@@ -42,8 +42,12 @@ class Check:
 def diagnose(cfg: PipelineConfig | None = None) -> list[Check]:
     """Every check, in display order; with a config, `fail` marks what that config needs and is missing."""
     checks: list[tuple[str, Callable[[], list[Check]]]] = [
-        ("python", _python), ("packages", _packages), ("CUDA", partial(_accelerator, cfg)),
-        ("llama.cpp converter", _llama_cpp_converter), ("Go", _go_template), ("Prefect API", _prefect_api),
+        ("python", _python),
+        ("packages", _packages),
+        ("CUDA", partial(_accelerator, cfg)),
+        ("llama.cpp converter", _llama_cpp_converter),
+        ("Go", _go_template),
+        ("Prefect API", _prefect_api),
         ("MLflow tracking", partial(_mlflow, cfg.tracking if cfg else TrackingConfig())),
         ("Ollama", partial(_ollama, cfg.ollama if cfg else OllamaConfig(model_name="-"))),
         ("Hugging Face hub", _hub),
@@ -65,16 +69,24 @@ def _guarded(name: str, check: Callable[[], list[Check]]) -> list[Check]:
 
 def _python() -> list[Check]:
     ok = sys.version_info >= (3, 11)
-    return [Check("python", "ok" if ok else "fail",
-                  f"{sys.version.split()[0]} ({sys.executable})" + ("" if ok else ": tunepipe needs 3.11+"))]
+    return [
+        Check(
+            "python",
+            "ok" if ok else "fail",
+            f"{sys.version.split()[0]} ({sys.executable})" + ("" if ok else ": tunepipe needs 3.11+"),
+        )
+    ]
 
 
 def _packages() -> list[Check]:
     from packaging.requirements import Requirement
 
     try:
-        pins = {Requirement(r).name.lower().replace("_", "-"): Requirement(r).specifier
-                for r in importlib.metadata.requires("tunepipe") or [] if "extra ==" not in r}
+        pins = {
+            Requirement(r).name.lower().replace("_", "-"): Requirement(r).specifier
+            for r in importlib.metadata.requires("tunepipe") or []
+            if "extra ==" not in r
+        }
     except importlib.metadata.PackageNotFoundError:
         pins = {}
     checks = []
@@ -98,27 +110,37 @@ def _accelerator(cfg: PipelineConfig | None) -> list[Check]:
     wants_unsloth = cfg is not None and cfg.train.backend == "unsloth"
     wants_4bit = cfg is not None and cfg.model.load_in_4bit
     if not torch.cuda.is_available():
-        reason = ("train.backend: unsloth" if wants_unsloth else "model.load_in_4bit: true" if wants_4bit else "")
-        gpu = Check("CUDA", "fail" if reason else "info",
-                    f"no CUDA GPU (torch {torch.__version__})" + (f", but the config sets {reason}, which needs one"
-                                                                  if reason else ": training runs on the CPU"))
+        reason = "train.backend: unsloth" if wants_unsloth else "model.load_in_4bit: true" if wants_4bit else ""
+        gpu = Check(
+            "CUDA",
+            "fail" if reason else "info",
+            f"no CUDA GPU (torch {torch.__version__})"
+            + (f", but the config sets {reason}, which needs one" if reason else ": training runs on the CPU"),
+        )
         unsloth = Check("unsloth", "fail" if wants_unsloth else "info", "not usable: needs CUDA")
         bnb = Check("bitsandbytes", "fail" if wants_4bit else "info", "not usable: 4-bit loading needs CUDA")
         return [gpu, unsloth, bnb]
     devices = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     bf16 = torch.cuda.is_bf16_supported()
-    gpu = Check("CUDA", "ok", "; ".join(
-        f"{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB" for i, p in enumerate(devices)
-    ) + f" (CUDA {torch.version.cuda}, bf16 {'yes' if bf16 else 'no: training uses fp16'})")
-    return [gpu, _extra("unsloth", "fail" if wants_unsloth else "warn",
-                        "`train.backend: auto` falls back to transformers + peft"),
-            _extra("bitsandbytes", "fail" if wants_4bit else "warn", "model.load_in_4bit cannot be used")]
+    gpu = Check(
+        "CUDA",
+        "ok",
+        "; ".join(f"{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB" for i, p in enumerate(devices))
+        + f" (CUDA {torch.version.cuda}, bf16 {'yes' if bf16 else 'no: training uses fp16'})",
+    )
+    return [
+        gpu,
+        _extra(
+            "unsloth", "fail" if wants_unsloth else "warn", "`train.backend: auto` falls back to transformers + peft"
+        ),
+        _extra("bitsandbytes", "fail" if wants_4bit else "warn", "model.load_in_4bit cannot be used"),
+    ]
 
 
 def _extra(package: str, missing: Status, consequence: str) -> Check:
     """A GPU extra, found without importing it (importing unsloth patches transformers for the whole process)."""
     if importlib.util.find_spec(package) is None:
-        return Check(package, missing, f"not installed (pip install -e \".[gpu]\"): {consequence}")
+        return Check(package, missing, f'not installed (pip install -e ".[gpu]"): {consequence}')
     return Check(package, "ok", f"{importlib.metadata.version(package)}, usable (CUDA present)")
 
 
@@ -131,8 +153,13 @@ def _llama_cpp_converter() -> list[Check]:
         return [Check("llama.cpp converter", "fail", "llama-cpp-python is not installed: run `make setup`")]
     if (folder / ".complete").exists():
         return [Check("llama.cpp converter", "ok", str(folder))]
-    return [Check("llama.cpp converter", "fail",
-                  f"not fetched yet ({folder}): run `python -m tunepipe.tasks.integrations.llama_cpp` once (needs PyPI)")]
+    return [
+        Check(
+            "llama.cpp converter",
+            "fail",
+            f"not fetched yet ({folder}): run `python -m tunepipe.tasks.integrations.llama_cpp` once (needs PyPI)",
+        )
+    ]
 
 
 def _go_template() -> list[Check]:
@@ -153,12 +180,22 @@ def _prefect_api() -> list[Check]:
 
     url = PREFECT_API_URL.value()
     if not url:
-        return [Check("Prefect API", "ok", f"ephemeral: a temporary server starts with each run "
-                                           f"(PREFECT_HOME={PREFECT_HOME.value()})")]
+        return [
+            Check(
+                "Prefect API",
+                "ok",
+                f"ephemeral: a temporary server starts with each run (PREFECT_HOME={PREFECT_HOME.value()})",
+            )
+        ]
     problem = _http_problem(f"{url.rstrip('/')}/health")
-    return [Check("Prefect API", "fail" if problem else "ok",
-                  redact(url) + (f": not reachable ({problem}); start it or unset PREFECT_API_URL" if problem
-                                 else ": reachable"))]
+    return [
+        Check(
+            "Prefect API",
+            "fail" if problem else "ok",
+            redact(url)
+            + (f": not reachable ({problem}); start it or unset PREFECT_API_URL" if problem else ": reachable"),
+        )
+    ]
 
 
 def _mlflow(cfg: TrackingConfig) -> list[Check]:
@@ -179,8 +216,13 @@ def _mlflow(cfg: TrackingConfig) -> list[Check]:
         problem = _tcp_problem(parts.hostname or "localhost", parts.port or DB_PORTS[scheme.split("+")[0]])
     else:
         return [Check("MLflow tracking", "info", f"{shown}: not probed")]
-    return [Check("MLflow tracking", "fail" if problem else "ok",
-                  f"{shown}: " + (f"not reachable ({problem})" if problem else "reachable"))]
+    return [
+        Check(
+            "MLflow tracking",
+            "fail" if problem else "ok",
+            f"{shown}: " + (f"not reachable ({problem})" if problem else "reachable"),
+        )
+    ]
 
 
 def _ollama(cfg: OllamaConfig) -> list[Check]:
@@ -191,23 +233,44 @@ def _ollama(cfg: OllamaConfig) -> list[Check]:
     try:
         version = OllamaClient(host, timeout_s=PROBE_TIMEOUT_S).version(timeout_s=PROBE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001  (any failure means the same thing here)
-        return [Check("Ollama", "warn", f"{redact(host)}: not reachable ({error_line(exc)}); runs still export "
-                                        "the GGUFs and a Modelfile, and print the `tunepipe register` command")]
+        return [
+            Check(
+                "Ollama",
+                "warn",
+                f"{redact(host)}: not reachable ({error_line(exc)}); runs still export "
+                "the GGUFs and a Modelfile, and print the `tunepipe register` command",
+            )
+        ]
     return [Check("Ollama", "ok", f"{redact(host)}: version {version}")]
 
 
 def _hub() -> list[Check]:
     from huggingface_hub import constants, get_token
 
-    token = ("HF_TOKEN" if os.environ.get("HF_TOKEN") else "saved login" if get_token() else None)
+    token = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "saved login" if get_token() else None
     token_note = f"token: {token}" if token else "no token (public models only)"
     if constants.HF_HUB_OFFLINE:
-        return [Check("Hugging Face hub", "info", f"offline (HF_HUB_OFFLINE=1): hub ids load from the HF cache "
-                                                  f"({constants.HF_HUB_CACHE}); {token_note}")]
+        return [
+            Check(
+                "Hugging Face hub",
+                "info",
+                f"offline (HF_HUB_OFFLINE=1): hub ids load from the HF cache ({constants.HF_HUB_CACHE}); {token_note}",
+            )
+        ]
     problem = _http_problem(constants.ENDPOINT, method="HEAD")
-    return [Check("Hugging Face hub", "warn" if problem else "ok", f"{redact(constants.ENDPOINT)}: " + (
-        f"not reachable ({problem}): use local folders, or the HF cache with HF_HUB_OFFLINE=1"
-        if problem else "reachable") + f"; {token_note}")]
+    return [
+        Check(
+            "Hugging Face hub",
+            "warn" if problem else "ok",
+            f"{redact(constants.ENDPOINT)}: "
+            + (
+                f"not reachable ({problem}): use local folders, or the HF cache with HF_HUB_OFFLINE=1"
+                if problem
+                else "reachable"
+            )
+            + f"; {token_note}",
+        )
+    ]
 
 
 def _base_model(cfg: PipelineConfig) -> list[Check]:
@@ -218,8 +281,13 @@ def _base_model(cfg: PipelineConfig) -> list[Check]:
         ref = resolve_base_model(cfg.model, cfg.ollama)
     except BaseModelError as exc:
         return [Check("model.base", "fail", str(exc))]
-    where = (f"GGUF {ref.gguf}, as transformers folder {ref.name_or_path}" if ref.gguf else
-             "local folder" if Path(ref.name_or_path).is_dir() else f"commit {ref.fingerprint[:12]}")
+    where = (
+        f"GGUF {ref.gguf}, as transformers folder {ref.name_or_path}"
+        if ref.gguf
+        else "local folder"
+        if Path(ref.name_or_path).is_dir()
+        else f"commit {ref.fingerprint[:12]}"
+    )
     return [Check("model.base", "ok", f"{cfg.model.base} ({where})")]
 
 

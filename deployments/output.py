@@ -29,8 +29,9 @@ def fits(console: Console, table: Table) -> bool:
         if not column.no_wrap:
             cells = [column.header, *column.cells] if table.show_header else list(column.cells)
             sizes = [Measurement.get(console, options, cell) for cell in cells]
-            needed -= max((size.maximum for size in sizes), default=0) - max((size.minimum for size in sizes),
-                                                                             default=0)
+            needed -= max((size.maximum for size in sizes), default=0) - max(
+                (size.minimum for size in sizes), default=0
+            )
     return needed <= console.width
 
 
@@ -78,12 +79,21 @@ def print_data_report(console: Console, checked) -> None:
     for column in ("read", "kept train", "kept validation", "kept test", "quarantined"):
         files.add_column(column, justify="right", overflow="fold")
     for f in checked.files:
-        files.add_row(escape(f.source), str(f.rows_read), str(f.kept_train), str(f.kept_validation),
-                      str(f.kept_eval), str(f.quarantined))
+        files.add_row(
+            escape(f.source),
+            str(f.rows_read),
+            str(f.kept_train),
+            str(f.kept_validation),
+            str(f.kept_eval),
+            str(f.quarantined),
+        )
     print_fitted(console, files)
-    failed = [(split, e) for split, report in (("train", checked.train), ("validation", checked.validation),
-                                               ("test", checked.eval))
-              for e in report.expectations if not e["success"]]
+    failed = [
+        (split, e)
+        for split, report in (("train", checked.train), ("validation", checked.validation), ("test", checked.eval))
+        for e in report.expectations
+        if not e["success"]
+    ]
     if failed:
         table = Table(title="failed expectations (Great Expectations)")
         for column in ("split", "expectation", "column", "rows"):
@@ -93,9 +103,12 @@ def print_data_report(console: Console, checked) -> None:
         console.print(table)
     for message in checked.first_rejections:
         console.print(f"  set aside: {message}", highlight=False, soft_wrap=True)
-    console.print(f"{checked.rows_quarantined} of {checked.rows_read} rows set aside: {checked.quarantine_path}\n"
-                  f"Data Docs: {checked.data_docs}\nSummary (JSON): {checked.summary_path}", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"{checked.rows_quarantined} of {checked.rows_read} rows set aside: {checked.quarantine_path}\n"
+        f"Data Docs: {checked.data_docs}\nSummary (JSON): {checked.summary_path}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def print_run_plan(console: Console, plan) -> None:
@@ -114,11 +127,20 @@ def print_run_plan(console: Console, plan) -> None:
         ("steps per epoch", str(plan.steps_per_epoch)),
         ("steps", f"{plan.steps} ({plan.epochs:.2f} epochs)"),
         ("device", f"{plan.environment.device}, {plan.environment.precision}"),
-        ("memory estimate", f"{plan.environment.estimate_gib:.2f} GiB"
-                            + (f" of {plan.environment.free_gib:.1f} GiB free" if plan.environment.free_gib else "")
-                            + " (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.environment.estimate.items()) + ")"),
-        ("gradient checkpointing", {True: "on", False: "off", "offload": "on, offloaded to CPU memory"}[
-            plan.environment.gradient_checkpointing]),
+        (
+            "memory estimate",
+            f"{plan.environment.estimate_gib:.2f} GiB"
+            + (f" of {plan.environment.free_gib:.1f} GiB free" if plan.environment.free_gib else "")
+            + " ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in plan.environment.estimate.items())
+            + ")",
+        ),
+        (
+            "gradient checkpointing",
+            {True: "on", False: "off", "offload": "on, offloaded to CPU memory"}[
+                plan.environment.gradient_checkpointing
+            ],
+        ),
         ("time estimate", _time_estimate(plan)),
     ):
         table.add_row(name, escape(value))
@@ -138,10 +160,14 @@ def print_run_plan(console: Console, plan) -> None:
 def _time_estimate(plan) -> str:
     estimate = plan.time_estimate
     if estimate is None:
-        return (f"none yet: this base model has not trained on {plan.environment.device} in this workdir; "
-                "the first run's speed sets it")
-    return (f"{estimate.seconds / 60:.1f} min for the steps (model loading not included), at the "
-            f"{estimate.tokens_per_s:,.0f} tokens/s measured in {estimate.measured_in}")
+        return (
+            f"none yet: this base model has not trained on {plan.environment.device} in this workdir; "
+            "the first run's speed sets it"
+        )
+    return (
+        f"{estimate.seconds / 60:.1f} min for the steps (model loading not included), at the "
+        f"{estimate.tokens_per_s:,.0f} tokens/s measured in {estimate.measured_in}"
+    )
 
 
 def print_checks(console: Console, checks, config: Path | None) -> None:
@@ -194,8 +220,10 @@ class Report:
         table = Table(title="tunepipe run", show_header=False)
         table.add_column(overflow="fold")
         table.add_column(no_wrap=True)  # paths and ids
-        parity = ", ".join(f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop "
-                           f"{g.scores.get('stop_rate', 0):.2f}" for g in summary.parity.ggufs)
+        parity = ", ".join(
+            f"{g.gguf_type} exact {g.scores.get('exact_match', 0):.2f} stop {g.scores.get('stop_rate', 0):.2f}"
+            for g in summary.parity.ggufs
+        )
         rows = [
             ("GGUF served", str(summary.gguf_path)),
             ("GGUF parity", parity),
@@ -212,9 +240,12 @@ class Report:
         for name, value in rows:
             table.add_row(name, escape(value))
         print_fitted(self.console, table)
-        self.console.print(f"Browse runs: mlflow ui --backend-store-uri {summary.mlflow_tracking_uri}   "
-                           "Flow runs: prefect server start (then open http://127.0.0.1:4200)",
-                           highlight=False, soft_wrap=True)
+        self.console.print(
+            f"Browse runs: mlflow ui --backend-store-uri {summary.mlflow_tracking_uri}   "
+            "Flow runs: prefect server start (then open http://127.0.0.1:4200)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def base_to_candidate(self, report, decision) -> None:
         """What fine-tuning changed, and one test example answered by both: the base's and the candidate's."""
@@ -223,16 +254,22 @@ class Report:
         from tunepipe.tasks.evaluate.report import base_to_candidate
 
         changes = base_to_candidate(report, [check.metric for check in decision.checks])
-        self.console.print(f"[bold]base → candidate[/] on {report.n_samples} {report.split} examples: "
-                           + ", ".join(changes), highlight=False, soft_wrap=True)
+        self.console.print(
+            f"[bold]base → candidate[/] on {report.n_samples} {report.split} examples: " + ", ".join(changes),
+            highlight=False,
+            soft_wrap=True,
+        )
         first = report.samples_path.read_text(encoding="utf-8").partition("\n")[0]
         if first:
             sample = json.loads(first)
             for who in ("base", "candidate"):
                 answer = " ".join(sample[who]["answer"].split())
                 answer = answer if len(answer) <= 160 else answer[:160] + " ..."
-                self.console.print(f"  {who:>9} answered {report.split} {sample['source']}: {escape(answer)}",
-                                   highlight=False, soft_wrap=True)
+                self.console.print(
+                    f"  {who:>9} answered {report.split} {sample['source']}: {escape(answer)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
     def checks(self, decision) -> None:
         """Each gate rule in words: the differences to base and champion with their intervals and n."""
@@ -247,12 +284,15 @@ class Report:
 
         self.metrics(error.eval, error.decision, error.validation)
         self.base_to_candidate(error.eval, error.decision)
-        self.console.print(f"[bold yellow]not promoted:[/] the evaluation gate failed on the test split (retrain "
-                           f"loop: {error.outcome}); nothing was exported or registered and the champion is unchanged.")
+        self.console.print(
+            f"[bold yellow]not promoted:[/] the evaluation gate failed on the test split (retrain "
+            f"loop: {error.outcome}); nothing was exported or registered and the champion is unchanged."
+        )
         for reason in error.decision.reasons:
             self.console.print(f"  [red]-[/] {escape(reason)}", soft_wrap=True)
-        self.console.print(f"report: {error.report.path}   MLflow run: {error.mlflow_run_id}", highlight=False,
-                           soft_wrap=True)
+        self.console.print(
+            f"report: {error.report.path}   MLflow run: {error.mlflow_run_id}", highlight=False, soft_wrap=True
+        )
 
     def metrics(self, report, decision, validation=None) -> None:
         """Headline metrics of base / champion / candidate on `report`'s split, beside their `validation` scores
@@ -275,10 +315,13 @@ class Report:
             for r, scores in columns:
                 metrics.add_column(f"{label(scores)} {r.split}", justify="right", overflow="fold")
             for name in names:
-                values = [next((s.metrics.get(name) for s in models(r) if s.name == scores.name), None)
-                          for r, scores in columns]
-                metrics.add_row(name + (" *" if name in gated else ""),
-                                *("-" if v is None else f"{v:.3f}" for v in values))
+                values = [
+                    next((s.metrics.get(name) for s in models(r) if s.name == scores.name), None)
+                    for r, scores in columns
+                ]
+                metrics.add_row(
+                    name + (" *" if name in gated else ""), *("-" if v is None else f"{v:.3f}" for v in values)
+                )
             return metrics
 
         both = table(splits)
@@ -288,9 +331,12 @@ class Report:
         self.console.print(f"* checked by the gate (on {report.split})")
         if (kept := report.retention) is not None:
             gated_retention = " *" if RETENTION_CHECK in {c.metric for c in decision.checks} else ""
-            self.console.print(f"retention on {kept.n_prompts} general prompts: loss on the base's answers base "
-                               f"{kept.base_loss:.3f} → candidate {kept.candidate_loss:.3f} ({kept.loss_increase:+.3f} "
-                               f"nats per token){gated_retention}", highlight=False)
+            self.console.print(
+                f"retention on {kept.n_prompts} general prompts: loss on the base's answers base "
+                f"{kept.base_loss:.3f} → candidate {kept.candidate_loss:.3f} ({kept.loss_increase:+.3f} "
+                f"nats per token){gated_retention}",
+                highlight=False,
+            )
 
 
 def stage_states(flow_run_id) -> list[tuple[str, str, float]]:
@@ -302,7 +348,8 @@ def stage_states(flow_run_id) -> list[tuple[str, str, float]]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100,
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=100,
         )
     # Task run names carry a random suffix ("train-3b9"); the stage is the part before it.
     return [(r.name.rsplit("-", 1)[0], r.state_name or "?", r.total_run_time.total_seconds()) for r in runs]

@@ -59,8 +59,9 @@ class RunPlan(BaseModel):
     warnings: list[str] = []  # what would not stop the run but is probably not what was meant
 
 
-def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
-             environment: EnvironmentReport) -> RunPlan:
+def plan_run(
+    cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData, environment: EnvironmentReport
+) -> RunPlan:
     rows = formatted.train.n_rows
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.train.devices
     steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * rows / per_step)  # as the training loop counts
@@ -68,19 +69,31 @@ def plan_run(cfg: PipelineConfig, base: BaseModelRef, formatted: FormattedData,
     tokens_to_train = steps * per_step * formatted.train.n_tokens / rows
     warnings = []
     if epochs > MANY_EPOCHS:
-        setting = (f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps
-                   else f"train.epochs={cfg.train.epochs}")
-        warnings.append(f"{setting} goes over the {rows} training rows {epochs:.0f} times (more than {MANY_EPOCHS}): "
-                        "the model will likely learn them by heart; use more rows or fewer steps")
+        setting = (
+            f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps else f"train.epochs={cfg.train.epochs}"
+        )
+        warnings.append(
+            f"{setting} goes over the {rows} training rows {epochs:.0f} times (more than {MANY_EPOCHS}): "
+            "the model will likely learn them by heart; use more rows or fewer steps"
+        )
     warnings += detection_warnings(cfg.gate, min(formatted.eval.n_rows, cfg.eval.max_samples))
     return RunPlan(
-        train_rows=formatted.train.n_rows, validation_rows=formatted.validation.n_rows, eval_rows=formatted.eval.n_rows,
-        train_tokens=formatted.train.n_tokens, train_trained_tokens=formatted.train.n_trained_tokens,
-        validation_tokens=formatted.validation.n_tokens, eval_tokens=formatted.eval.n_tokens,
-        longest_example_tokens=max(formatted.train.max_tokens, formatted.validation.max_tokens,
-                                   formatted.eval.max_tokens),
-        examples_per_step=per_step, steps_per_epoch=max(1, math.ceil(rows / per_step)), steps=steps,
-        epochs=epochs, environment=environment, warnings=warnings,
+        train_rows=formatted.train.n_rows,
+        validation_rows=formatted.validation.n_rows,
+        eval_rows=formatted.eval.n_rows,
+        train_tokens=formatted.train.n_tokens,
+        train_trained_tokens=formatted.train.n_trained_tokens,
+        validation_tokens=formatted.validation.n_tokens,
+        eval_tokens=formatted.eval.n_tokens,
+        longest_example_tokens=max(
+            formatted.train.max_tokens, formatted.validation.max_tokens, formatted.eval.max_tokens
+        ),
+        examples_per_step=per_step,
+        steps_per_epoch=max(1, math.ceil(rows / per_step)),
+        steps=steps,
+        epochs=epochs,
+        environment=environment,
+        warnings=warnings,
         time_estimate=estimate_training_time(cfg, base, environment.device, tokens_to_train),
     )
 
@@ -96,19 +109,25 @@ def detection_warnings(gate: GateConfig, n_test: int) -> list[str]:
     for metric, margin in gate.champion_margins().items():
         if metric not in LOWER_IS_BETTER:  # a loss is on another scale than a share of right answers
             by_margin.setdefault(margin, []).append(metric)
-    how = (f"at {gate.confidence:.0%} confidence, if candidate and champion disagree on {DISAGREEMENT:.0%} of the "
-           "examples of a right/wrong metric")
+    how = (
+        f"at {gate.confidence:.0%} confidence, if candidate and champion disagree on {DISAGREEMENT:.0%} of the "
+        "examples of a right/wrong metric"
+    )
     warnings = []
     for margin, metrics in by_margin.items():
         needed = detectable_difference(n_test, DISAGREEMENT, gate.confidence, margin=margin)
         rule = f"the champion rule on {', '.join(metrics)} (margin {margin:g})"
         if needed == float("inf"):
-            warnings.append(f"the test split's {n_test} examples are too few for {rule}: no candidate passes it "
-                            f"{POWER:.0%} of the time, however good ({how}); use more test examples")
+            warnings.append(
+                f"the test split's {n_test} examples are too few for {rule}: no candidate passes it "
+                f"{POWER:.0%} of the time, however good ({how}); use more test examples"
+            )
         elif needed > max(2 * margin, FINE_DIFFERENCE):
-            warnings.append(f"the test split's {n_test} examples are too few to detect the margin of {rule}: a "
-                            f"candidate passes it {POWER:.0%} of the time only when it is truly {needed:+.2f} or more "
-                            f"better ({how}); use more test examples for finer decisions")
+            warnings.append(
+                f"the test split's {n_test} examples are too few to detect the margin of {rule}: a "
+                f"candidate passes it {POWER:.0%} of the time only when it is truly {needed:+.2f} or more "
+                f"better ({how}); use more test examples for finer decisions"
+            )
     return warnings
 
 
@@ -126,8 +145,12 @@ def estimate_training_time(cfg: PipelineConfig, base: BaseModelRef, device: str,
         except (OSError, ValueError):  # half written, or written by another version of tunepipe
             continue
         rates = [point.tokens_per_s for point in result.loss_history if point.tokens_per_s]
-        if (rates and result.device == device and request.base.fingerprint == base.fingerprint
-                and request.cfg.mode == cfg.train.mode):
+        if (
+            rates
+            and result.device == device
+            and request.base.fingerprint == base.fingerprint
+            and request.cfg.mode == cfg.train.mode
+        ):
             measured.append((result_path.stat().st_mtime, statistics.median(rates), result_path.parent))
     if not measured:
         return None
@@ -143,8 +166,14 @@ def training_environment(cfg: PipelineConfig, base: BaseModelRef, formatted: For
     from tunepipe.tasks.train.environment import Rank, check_environment, choose_backend
     from tunepipe.tasks.train.task import TrainRequest
 
-    request = TrainRequest(data=formatted.train, base=base, model_cfg=cfg.model, lora=cfg.lora, cfg=cfg.train,
-                           out_dir=cfg.workdir / "train")
+    request = TrainRequest(
+        data=formatted.train,
+        base=base,
+        model_cfg=cfg.model,
+        lora=cfg.lora,
+        cfg=cfg.train,
+        out_dir=cfg.workdir / "train",
+    )
     backend = choose_backend(cfg.train.backend, cfg.train.mode, cfg.train.devices)
     return check_environment(request, backend, Rank())
 

@@ -69,9 +69,12 @@ def _run_line(run) -> RunLine:
 
     tags = run.data.tags
     return RunLine(
-        run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
+        run_id=run.info.run_id,
+        name=run.info.run_name or "",
+        status=run.info.status,
         started=dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
-        gate=tags.get("gate", "-"), ollama=tags.get("ollama.state", "-"),
+        gate=tags.get("gate", "-"),
+        ollama=tags.get("ollama.state", "-"),
         dataset=tags.get("dataset.fingerprint", "")[:12],
     )
 
@@ -85,10 +88,17 @@ def gather_status(cfg: PipelineConfig, last: int = 5) -> Status:
     if experiment is not None:
         ids = [experiment.experiment_id]
         # Pipeline runs only: each retrain attempt is a child run of its pipeline run.
-        runs = [run for run in client.search_runs(ids, order_by=["attribute.start_time DESC"], max_results=10 * last)
-                if "mlflow.parentRunId" not in run.data.tags][:last]
-        pending = client.search_runs(ids, "tags.gate = 'passed' and tags.`ollama.state` = 'unreachable'",
-                                     order_by=["attribute.start_time DESC"], max_results=20)
+        runs = [
+            run
+            for run in client.search_runs(ids, order_by=["attribute.start_time DESC"], max_results=10 * last)
+            if "mlflow.parentRunId" not in run.data.tags
+        ][:last]
+        pending = client.search_runs(
+            ids,
+            "tags.gate = 'passed' and tags.`ollama.state` = 'unreachable'",
+            order_by=["attribute.start_time DESC"],
+            max_results=20,
+        )
     rag = None
     if cfg.rag is not None:
         folder = state_dir(cfg)
@@ -98,11 +108,21 @@ def gather_status(cfg: PipelineConfig, last: int = 5) -> Status:
             new_rows = count_new_rows(cfg.rag, folder)
         except Exception as exc:  # noqa: BLE001  (a source that cannot be read is part of the status)
             error = f"{type(exc).__name__}: {exc}"
-        rag = RagStatus(state_dir=folder, snapshot_version=state.version, examples_ingested=state.n_rag,
-                        examples_untrained=state.n_rag - state.n_rag_trained,
-                        watermark=state.watermark.model_dump(mode="json"), new_rows=new_rows, error=error)
-    return Status(champion=find_champion(cfg.tracking.uri, cfg.name), last_runs=[_run_line(r) for r in runs],
-                  pending_registrations=[_run_line(r) for r in pending], rag=rag)
+        rag = RagStatus(
+            state_dir=folder,
+            snapshot_version=state.version,
+            examples_ingested=state.n_rag,
+            examples_untrained=state.n_rag - state.n_rag_trained,
+            watermark=state.watermark.model_dump(mode="json"),
+            new_rows=new_rows,
+            error=error,
+        )
+    return Status(
+        champion=find_champion(cfg.tracking.uri, cfg.name),
+        last_runs=[_run_line(r) for r in runs],
+        pending_registrations=[_run_line(r) for r in pending],
+        rag=rag,
+    )
 
 
 class TraceError(LookupError):
@@ -135,22 +155,31 @@ def gather_trace(cfg: PipelineConfig, tag: str, rows: int) -> Trace:
     client = _client(cfg)
     version = find_version(cfg, tag)
     run = client.get_run(version.run_id)
-    datasets = [{"name": d.dataset.name, "digest": d.dataset.digest, **json.loads(d.dataset.profile or "{}")}
-                for d in run.inputs.dataset_inputs]
+    datasets = [
+        {"name": d.dataset.name, "digest": d.dataset.digest, **json.loads(d.dataset.profile or "{}")}
+        for d in run.inputs.dataset_inputs
+    ]
     source_rows: list[dict[str, Any]] = []
     if rows and any(a.path == "dataset/rag.jsonl" for a in client.list_artifacts(run.info.run_id, "dataset")):
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="dataset/rag.jsonl",
-                                                        dst_path=tmp, tracking_uri=cfg.tracking.uri)
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="dataset/rag.jsonl", dst_path=tmp, tracking_uri=cfg.tracking.uri
+            )
             with open(local, encoding="utf-8") as lines:
                 for line, _ in zip(lines, range(rows)):
                     example = json.loads(line)
                     provenance = {k: v for k, v in example["rag"].items() if k != "key"}
                     source_rows.append({**provenance, "question": example["messages"][-2]["content"][-200:]})
     return Trace(
-        tag=tag, version=str(version.version), run_id=run.info.run_id, run_name=run.info.run_name or "",
-        run_status=run.info.status, dataset_fingerprint=run.data.tags.get("dataset.fingerprint", ""),
-        datasets=datasets, train_file=run.data.params.get("data.train", ""), source_rows=source_rows,
+        tag=tag,
+        version=str(version.version),
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or "",
+        run_status=run.info.status,
+        dataset_fingerprint=run.data.tags.get("dataset.fingerprint", ""),
+        datasets=datasets,
+        train_file=run.data.params.get("data.train", ""),
+        source_rows=source_rows,
     )
 
 
@@ -170,12 +199,21 @@ def show_status(console, name: str, status: Status) -> None:
     from tunepipe.deployments.output import print_fitted
 
     champion = status.champion
-    console.print(f"champion of {name!r}: " + (
-        f"v{champion.version} (run {champion.run_id}, Ollama {champion.tags.get('ollama.tag', '?')}, "
-        f"dataset {champion.tags.get('dataset.fingerprint', '?')[:12]})" if champion else "none promoted yet"),
-        markup=False, soft_wrap=True)
-    for title, lines in (("last runs", status.last_runs), ("pending registrations (gate passed, not in Ollama)",
-                                                            status.pending_registrations)):
+    console.print(
+        f"champion of {name!r}: "
+        + (
+            f"v{champion.version} (run {champion.run_id}, Ollama {champion.tags.get('ollama.tag', '?')}, "
+            f"dataset {champion.tags.get('dataset.fingerprint', '?')[:12]})"
+            if champion
+            else "none promoted yet"
+        ),
+        markup=False,
+        soft_wrap=True,
+    )
+    for title, lines in (
+        ("last runs", status.last_runs),
+        ("pending registrations (gate passed, not in Ollama)", status.pending_registrations),
+    ):
         table = Table(title=title)
         for column in RunLine.model_fields:
             table.add_column(column, no_wrap=column in WHOLE, overflow="fold")
@@ -185,9 +223,13 @@ def show_status(console, name: str, status: Status) -> None:
     if status.rag is not None:
         rag = status.rag
         waiting = rag.error or f"{rag.new_rows} new rows beyond the watermark"
-        console.print(f"RAG ({rag.state_dir}): snapshot v{rag.snapshot_version}, {rag.examples_ingested} examples "
-                      f"ingested, {rag.examples_untrained} not yet trained on; {waiting}; "
-                      f"watermark {json.dumps(rag.watermark)}", markup=False, soft_wrap=True)
+        console.print(
+            f"RAG ({rag.state_dir}): snapshot v{rag.snapshot_version}, {rag.examples_ingested} examples "
+            f"ingested, {rag.examples_untrained} not yet trained on; {waiting}; "
+            f"watermark {json.dumps(rag.watermark)}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def print_trace(cfg: PipelineConfig, tag: str, rows: int) -> int:
@@ -200,9 +242,13 @@ def print_trace(cfg: PipelineConfig, tag: str, rows: int) -> int:
     except TraceError as exc:
         console.print(f"[bold red]{escape(str(exc))}[/]", soft_wrap=True)
         return 1
-    console.print(f"{trace.tag} = {cfg.name} v{trace.version}, MLflow run {trace.run_id} ({trace.run_name}, "
-                  f"{trace.run_status})\ndataset fingerprint {trace.dataset_fingerprint}\n"
-                  f"train file {trace.train_file}", markup=False, soft_wrap=True)
+    console.print(
+        f"{trace.tag} = {cfg.name} v{trace.version}, MLflow run {trace.run_id} ({trace.run_name}, "
+        f"{trace.run_status})\ndataset fingerprint {trace.dataset_fingerprint}\n"
+        f"train file {trace.train_file}",
+        markup=False,
+        soft_wrap=True,
+    )
     for dataset in trace.datasets:
         rows = dataset.get("rows_by_source") or dataset.get("rows_by_file", {})  # a RAG snapshot, or a split
         console.print(f"input {dataset['name']} ({dataset['digest']}): {rows}", markup=False, soft_wrap=True)

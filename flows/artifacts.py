@@ -33,33 +33,56 @@ def artifact_key(pipeline: str, flow: str, what: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", f"{pipeline}-{flow}-{what}".lower()).strip("-")
 
 
-def show_run(pipeline: str, flow: str, markdown: str, report: EvalReport | None, tracking: TrackingConfig,
-             mlflow_run_id: str | None) -> None:
+def show_run(
+    pipeline: str,
+    flow: str,
+    markdown: str,
+    report: EvalReport | None,
+    tracking: TrackingConfig,
+    mlflow_run_id: str | None,
+) -> None:
     """The run's report, its metrics table and its MLflow run."""
-    create_markdown_artifact(markdown, key=artifact_key(pipeline, flow, "report"),
-                             description=f"{pipeline}: the {flow} run's report")
+    create_markdown_artifact(
+        markdown, key=artifact_key(pipeline, flow, "report"), description=f"{pipeline}: the {flow} run's report"
+    )
     if report is not None:
-        create_table_artifact(metrics_table(report), key=artifact_key(pipeline, flow, "metrics"),
-                              description=f"{pipeline}: base, champion and candidate on {report.n_samples} held-out "
-                                          "examples")
+        create_table_artifact(
+            metrics_table(report),
+            key=artifact_key(pipeline, flow, "metrics"),
+            description=f"{pipeline}: base, champion and candidate on {report.n_samples} held-out examples",
+        )
     if mlflow_run_id is not None:
         link, text = mlflow_link(tracking, mlflow_run_id)
-        create_link_artifact(link, link_text=text, key=artifact_key(pipeline, flow, "mlflow-run"),
-                             description=f"{pipeline}: everything the run logged (params, metrics, report, samples)")
+        create_link_artifact(
+            link,
+            link_text=text,
+            key=artifact_key(pipeline, flow, "mlflow-run"),
+            description=f"{pipeline}: everything the run logged (params, metrics, report, samples)",
+        )
 
 
 def show_served(pipeline: str, flow: str, serving: Serving, gguf: Path) -> None:
     """The GGUF that was exported, and the Ollama tag it is served as (or why it is not)."""
     registration = serving.registration
-    served = (f"served as Ollama {registration.ollama_tag}, model version {registration.version}" if serving.served
-              else f"not served: {registration.message}")
-    create_link_artifact(Path(gguf).resolve().as_uri(), link_text=f"{Path(gguf).name}: {served}",
-                         key=artifact_key(pipeline, flow, "served"), description=redact(registration.message))
+    served = (
+        f"served as Ollama {registration.ollama_tag}, model version {registration.version}"
+        if serving.served
+        else f"not served: {registration.message}"
+    )
+    create_link_artifact(
+        Path(gguf).resolve().as_uri(),
+        link_text=f"{Path(gguf).name}: {served}",
+        key=artifact_key(pipeline, flow, "served"),
+        description=redact(registration.message),
+    )
 
 
 def show_outcome(pipeline: str, flow: str, title: str, lines: list[str]) -> None:
-    create_markdown_artifact("\n".join([f"# {title}", "", *lines]) + "\n", key=artifact_key(pipeline, flow, "outcome"),
-                             description=f"{pipeline}: how the {flow} run ended")
+    create_markdown_artifact(
+        "\n".join([f"# {title}", "", *lines]) + "\n",
+        key=artifact_key(pipeline, flow, "outcome"),
+        description=f"{pipeline}: how the {flow} run ended",
+    )
 
 
 def report_markdown(page: RunReport) -> str:
@@ -70,11 +93,21 @@ def report_markdown(page: RunReport) -> str:
 
 def evaluation_markdown(model: str, report: EvalReport, decision: GateDecision) -> str:
     """The evaluate flow's page: the decision, one line per rule, retention, and where the answers are."""
-    lines = [f"# Evaluation of {model}", "", f"**Gate {decision.summary()}**", "", "## Gate", "",
-             *([f"- {'pass' if c.passed else '**FAIL**'}: {c.reason}" for c in decision.checks]
-               or ["- no rules configured"]), "",
-             *retention_section(report.retention),
-             f"Per-example answers of base, champion and candidate: `{report.samples_path}` (and in the MLflow run)."]
+    lines = [
+        f"# Evaluation of {model}",
+        "",
+        f"**Gate {decision.summary()}**",
+        "",
+        "## Gate",
+        "",
+        *(
+            [f"- {'pass' if c.passed else '**FAIL**'}: {c.reason}" for c in decision.checks]
+            or ["- no rules configured"]
+        ),
+        "",
+        *retention_section(report.retention),
+        f"Per-example answers of base, champion and candidate: `{report.samples_path}` (and in the MLflow run).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -82,12 +115,22 @@ def metrics_table(report: EvalReport) -> list[dict]:
     """One row per metric, one column per model; the retention loss under the others."""
     columns = models(report)
     names = sorted({name for scores in columns for name in scores.metrics})
-    rows = [{"metric": name + (" (lower is better)" if name in LOWER_IS_BETTER else ""),
-             **{label(s): _number(s.metrics.get(name)) for s in columns}} for name in names]
+    rows = [
+        {
+            "metric": name + (" (lower is better)" if name in LOWER_IS_BETTER else ""),
+            **{label(s): _number(s.metrics.get(name)) for s in columns},
+        }
+        for name in names
+    ]
     if report.retention is not None:
-        rows.append({"metric": "retention_loss (lower is better)", **{label(s): "" for s in columns},
-                     "base": _number(report.retention.base_loss),
-                     "candidate": _number(report.retention.candidate_loss)})
+        rows.append(
+            {
+                "metric": "retention_loss (lower is better)",
+                **{label(s): "" for s in columns},
+                "base": _number(report.retention.base_loss),
+                "candidate": _number(report.retention.candidate_loss),
+            }
+        )
     return rows
 
 
@@ -99,8 +142,10 @@ def mlflow_link(tracking: TrackingConfig, run_id: str) -> tuple[str, str]:
     if tracking.uri.startswith(("http://", "https://")):
         link = f"{tracking.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
         return redact(link), f"MLflow run {run.info.run_name} ({run_id})"
-    return run.info.artifact_uri, (f"MLflow run {run.info.run_name} ({run_id}): its artifacts; browse the run with "
-                                   f"`mlflow ui --backend-store-uri {redact(tracking.uri)}`")
+    return run.info.artifact_uri, (
+        f"MLflow run {run.info.run_name} ({run_id}): its artifacts; browse the run with "
+        f"`mlflow ui --backend-store-uri {redact(tracking.uri)}`"
+    )
 
 
 def _number(value: float | None) -> float | str:

@@ -40,24 +40,48 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
     cfg = config
     base = resolve_base.with_options(**network_retries(cfg.retry))(cfg.model, cfg.ollama)
     model_run_id, candidate = trained_model(cfg.tracking, cfg.name, model, cfg.workdir / "evaluate-inputs")
-    tags = {"prefect.flow_run_id": str(flow_run.get_id()), "tunepipe.kind": "evaluate",
-            "evaluated.model": model, "evaluated.run_id": model_run_id,
-            "dataset.fingerprint": data_fingerprint(cfg.data), "base_model": cfg.model.base}
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id()),
+        "tunepipe.kind": "evaluate",
+        "evaluated.model": model,
+        "evaluated.run_id": model_run_id,
+        "dataset.fingerprint": data_fingerprint(cfg.data),
+        "base_model": cfg.model.base,
+    }
     with tracked_run(cfg, run_name=f"{cfg.name}-evaluate-{flow_run.get_name()}", tags=tags) as run:
         loaded = load_data(cfg.data, tags["dataset.fingerprint"], cfg.workdir)
         checked = check_data(loaded, cfg.data, base, cfg.model, cfg.workdir)
         run.record(loaded, checked)  # what it was scored on, as the run's dataset inputs
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
-        report = evaluate(formatted, checked, candidate, base, champion, cfg.tracking.uri, cfg.data, cfg.eval,
-                          cfg.workdir, split="test", gpu_memory_gib=cfg.model.gpu_memory_gib)
-        retained = retention(candidate, base, formatted.chat, read_prompts(cfg.eval.retention), cfg.eval.retention,
-                             cfg.eval.batch_size, cfg.workdir)
+        report = evaluate(
+            formatted,
+            checked,
+            candidate,
+            base,
+            champion,
+            cfg.tracking.uri,
+            cfg.data,
+            cfg.eval,
+            cfg.workdir,
+            split="test",
+            gpu_memory_gib=cfg.model.gpu_memory_gib,
+        )
+        retained = retention(
+            candidate,
+            base,
+            formatted.chat,
+            read_prompts(cfg.eval.retention),
+            cfg.eval.retention,
+            cfg.eval.batch_size,
+            cfg.workdir,
+        )
         report = report.model_copy(update={"retention": retained})
         if cfg.eval.judge is not None:
             # A second model judges the answers; its metric joins the report the gate reads.
             report = judge.with_options(**network_retries(cfg.retry))(
-                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, cfg.workdir)
+                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, cfg.workdir
+            )
         decision = gate(report, cfg.gate)
         run.record(report, decision)
         show_run(cfg.name, "evaluate", evaluation_markdown(model, report, decision), report, cfg.tracking, run.run_id)

@@ -43,14 +43,23 @@ class GateFailed(RuntimeError):
     """The final candidate failed the gate on the test split: nothing was exported or registered and the champion
     did not move."""
 
-    def __init__(self, attempts: list[Attempt], tested: EvalReport, decision: GateDecision, outcome: str,
-                 report: RunReport, mlflow_run_id: str):
+    def __init__(
+        self,
+        attempts: list[Attempt],
+        tested: EvalReport,
+        decision: GateDecision,
+        outcome: str,
+        report: RunReport,
+        mlflow_run_id: str,
+    ):
         self.attempts, self.outcome, self.report, self.mlflow_run_id = attempts, outcome, report, mlflow_run_id
         self.eval, self.decision, self.validation = tested, decision, attempts[-1].report
         reasons = "".join(f"\n  - {reason}" for reason in decision.reasons)
-        super().__init__(f"evaluation gate failed on the test split ({outcome}); nothing exported or registered, "
-                         f"the champion is unchanged. Failing rules:{reasons}\nReport: {report.path} "
-                         f"(MLflow run {mlflow_run_id})")
+        super().__init__(
+            f"evaluation gate failed on the test split ({outcome}); nothing exported or registered, "
+            f"the champion is unchanged. Failing rules:{reasons}\nReport: {report.path} "
+            f"(MLflow run {mlflow_run_id})"
+        )
 
 
 class RunSummary(BaseModel):
@@ -81,8 +90,11 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
     run_memory_plan(cfg, base, cfg.model.max_seq_length, loss_share=1.0).check()
     fingerprint = data_fingerprint(cfg.data)
     tags = {
-        "prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
-        "dataset.fingerprint": fingerprint, "base_model": cfg.model.base, "base_model.fingerprint": base.fingerprint,
+        "prefect.flow_run_id": str(flow_run.get_id()),
+        "prefect.flow_run_name": str(flow_run.get_name()),
+        "dataset.fingerprint": fingerprint,
+        "base_model": cfg.model.base,
+        "base_model.fingerprint": base.fingerprint,
     }
     with tracked_run(cfg, run_name=f"{cfg.name}-{flow_run.get_name()}", tags=tags) as run, spare_workers():
         # Starting a worker is mostly importing the ML stack: the training worker's imports overlap the data
@@ -102,29 +114,60 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         # What the evaluations during training (train.eval_steps) measure and choose the best checkpoint by: the
         # validation split; given to the train stage only when it evaluates, so eval settings never invalidate
         # other trainings.
-        held_out = HeldOut(loss_rows=formatted.validation, examples=checked.validation.clean_path,
-                           train_examples=checked.train.clean_path, metric=cfg.retrain.metric,
-                           output_format=cfg.data.output_format, max_new_tokens=cfg.eval.max_new_tokens,
-                           batch_size=cfg.eval.batch_size)
+        held_out = HeldOut(
+            loss_rows=formatted.validation,
+            examples=checked.validation.clean_path,
+            train_examples=checked.train.clean_path,
+            metric=cfg.retrain.metric,
+            output_format=cfg.data.output_format,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+        )
         # The bounded retrain loop: train, then score on validation and apply the gate's rules there, until an
         # attempt passes them or the plan gives up. Nothing in the loop reads the test split.
         attempts: list[Attempt] = []
         while attempt := next_attempt(cfg, attempts):
             with tracked_child(run, f"attempt-{attempt.number}", attempt) as attempt_run:
-                trained = train(formatted, base, cfg.model, attempt.lora, attempt.train, workdir,
-                                init_from=attempt.init_from, held_out=held_out if attempt.train.eval_steps else None,
-                                mlflow_run=attempt_run.live_ref())
-                validated = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data,
-                                     cfg.eval, workdir, split="validation",
-                                     gpu_memory_gib=cfg.model.gpu_memory_gib)
+                trained = train(
+                    formatted,
+                    base,
+                    cfg.model,
+                    attempt.lora,
+                    attempt.train,
+                    workdir,
+                    init_from=attempt.init_from,
+                    held_out=held_out if attempt.train.eval_steps else None,
+                    mlflow_run=attempt_run.live_ref(),
+                )
+                validated = evaluate(
+                    formatted,
+                    checked,
+                    trained,
+                    base,
+                    champion,
+                    cfg.tracking.uri,
+                    cfg.data,
+                    cfg.eval,
+                    workdir,
+                    split="validation",
+                    gpu_memory_gib=cfg.model.gpu_memory_gib,
+                )
                 if cfg.eval.judge is not None:
                     # A second model judges the answers; its metric joins the report the gate reads.
                     validated = judge.with_options(**network_retries(cfg.retry))(
-                        validated, cfg.eval.judge, checked.validation.clean_path, cfg.ollama.host, cfg.gate, workdir)
+                        validated, cfg.eval.judge, checked.validation.clean_path, cfg.ollama.host, cfg.gate, workdir
+                    )
                 # What the candidate forgot outside its task: general prompts, neither split; the attempt's gate
                 # reads it, and the test report carries the final attempt's.
-                retained = retention(trained, base, formatted.chat, read_prompts(cfg.eval.retention),
-                                     cfg.eval.retention, cfg.eval.batch_size, workdir)
+                retained = retention(
+                    trained,
+                    base,
+                    formatted.chat,
+                    read_prompts(cfg.eval.retention),
+                    cfg.eval.retention,
+                    cfg.eval.batch_size,
+                    workdir,
+                )
                 validated = validated.model_copy(update={"retention": retained})
                 attempt_decision = gate(validated, cfg.gate)
                 attempt_run.record(trained.curve(), validated.scores(), attempt_decision)
@@ -133,12 +176,24 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         ended = outcome(attempts, cfg.retrain)
         # The one look at the test split: the loop's final candidate, scored once (base and champion come from
         # the reference cache on a re-run). Only this report reaches the gate; its failure ends the run.
-        report = evaluate(formatted, checked, trained, base, champion, cfg.tracking.uri, cfg.data, cfg.eval, workdir,
-                          split="test", gpu_memory_gib=cfg.model.gpu_memory_gib)
+        report = evaluate(
+            formatted,
+            checked,
+            trained,
+            base,
+            champion,
+            cfg.tracking.uri,
+            cfg.data,
+            cfg.eval,
+            workdir,
+            split="test",
+            gpu_memory_gib=cfg.model.gpu_memory_gib,
+        )
         report = report.model_copy(update={"retention": retained})
         if cfg.eval.judge is not None:
             report = judge.with_options(**network_retries(cfg.retry))(
-                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, workdir)
+                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, workdir
+            )
         decision = gate(report, cfg.gate)
         run.record(formatted, trained, validated, report, decision)
         report_page = run_report(cfg.name, attempts, report, decision, ended, workdir)
@@ -148,22 +203,40 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
             raise GateFailed(attempts, report, decision, ended, report_page, run.run_id)
 
         exported = export(trained, base, cfg.export, workdir)
-        measured = parity(exported, checked.eval.clean_path, checked.train.clean_path, cfg.data, cfg.eval, cfg.ollama,
-                          formatted.chat, workdir)
+        measured = parity(
+            exported,
+            checked.eval.clean_path,
+            checked.train.clean_path,
+            cfg.data,
+            cfg.eval,
+            cfg.ollama,
+            formatted.chat,
+            workdir,
+        )
         verdicts = parity_verdicts(measured, report.candidate.metrics, cfg.export)
         run.record(exported, measured, verdicts_record(verdicts))
-        serving_plan = plan(exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path,
-                            formatted.chat)
+        serving_plan = plan(
+            exported, verdicts, base, cfg, run.run_id, fingerprint, checked.eval.clean_path, formatted.chat
+        )
         run.record(serving_plan)
         serving = serve(serving_plan)
         show_served(cfg.name, "finetune", serving, serving_plan.gguf.path)
 
     get_run_logger().info("ollama: %s", serving.registration.message)
     summary = RunSummary(
-        mlflow_run_id=run.run_id, mlflow_tracking_uri=redact(cfg.tracking.uri), eval=report, gate=decision,
-        validation=validated, attempts=len(attempts), retrain_outcome=ended, report=report_page, exported=exported,
+        mlflow_run_id=run.run_id,
+        mlflow_tracking_uri=redact(cfg.tracking.uri),
+        eval=report,
+        gate=decision,
+        validation=validated,
+        attempts=len(attempts),
+        retrain_outcome=ended,
+        report=report_page,
+        exported=exported,
         parity=measured,
-        gguf_path=serving_plan.gguf.path, serving=serving, data_docs=checked.data_docs,
+        gguf_path=serving_plan.gguf.path,
+        serving=serving,
+        data_docs=checked.data_docs,
     )
     if not serving.served:  # trained and exported, but not served: say so in the run's final state
         return Completed(name="Unserved", message=serving.registration.message, data=summary)

@@ -43,24 +43,42 @@ def retrain(config: PipelineConfig) -> RetrainOutcome:
     with retrain_lock(state_dir(config), logger):  # a second trigger waits, then finds what is left to do
         ended = _retrain(config, logger)
     snapshot = f"dataset v{ended.snapshot.version} ({ended.snapshot.fingerprint[:12]})" if ended.snapshot else "none"
-    show_outcome(config.name, "retrain-from-rag", f"Nightly retrain: {ended.status.replace('_', ' ')}",
-                 [ended.reason, "", f"- new examples: {ended.n_new}; pending: {ended.n_pending}",
-                  f"- snapshot: {snapshot}", f"- MLflow run: {ended.mlflow_run_id or 'none'}"])
+    show_outcome(
+        config.name,
+        "retrain-from-rag",
+        f"Nightly retrain: {ended.status.replace('_', ' ')}",
+        [
+            ended.reason,
+            "",
+            f"- new examples: {ended.n_new}; pending: {ended.n_pending}",
+            f"- snapshot: {snapshot}",
+            f"- MLflow run: {ended.mlflow_run_id or 'none'}",
+        ],
+    )
     return ended
 
 
 def _retrain(config: PipelineConfig, logger) -> RetrainOutcome:
     collected = collect_rag_examples(config)
-    logger.info("read %d new rows: %d accepted, %d skipped %s, %d rejected; %d pending in all",
-                collected.n_read, collected.n_new, sum(collected.skipped.values()), collected.skipped,
-                collected.n_rejected, collected.n_pending)
+    logger.info(
+        "read %d new rows: %d accepted, %d skipped %s, %d rejected; %d pending in all",
+        collected.n_read,
+        collected.n_new,
+        sum(collected.skipped.values()),
+        collected.skipped,
+        collected.n_rejected,
+        collected.n_pending,
+    )
     if collected.n_pending < config.rag.min_new_examples:
         discard(collected)  # the watermark stays: these rows count again next time
-        reason = (f"nothing to do: {collected.n_pending} new examples, fewer than "
-                  f"rag.min_new_examples={config.rag.min_new_examples}")
+        reason = (
+            f"nothing to do: {collected.n_pending} new examples, fewer than "
+            f"rag.min_new_examples={config.rag.min_new_examples}"
+        )
         logger.info(reason)
-        return RetrainOutcome(status="nothing_to_do", reason=reason, n_new=collected.n_new,
-                              n_pending=collected.n_pending)
+        return RetrainOutcome(
+            status="nothing_to_do", reason=reason, n_new=collected.n_new, n_pending=collected.n_pending
+        )
 
     snapshot = commit_rag_snapshot(collected, config)
     logger.info("dataset v%d (%s): %s", snapshot.version, snapshot.fingerprint[:12], snapshot.rows_by_source)

@@ -53,8 +53,11 @@ def obedient_gguf(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("obedient")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False)
-    chain = [tokenizer.convert_tokens_to_ids("Ċ"), *tokenizer("{}", add_special_tokens=False)["input_ids"],
-             tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    chain = [
+        tokenizer.convert_tokens_to_ids("Ċ"),
+        *tokenizer("{}", add_special_tokens=False)["input_ids"],
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    ]
     assert len(set(chain)) == len(chain)  # a token followed by two others could not be told apart
     with torch.no_grad():
         for layer in model.model.layers:
@@ -81,8 +84,9 @@ def _real_model(name: str):
 
     with warnings.catch_warnings():  # its quantization warning has a test of its own
         warnings.simplefilter("ignore")
-        return resolve_base_model(ModelConfig(base=str(packaged_gguf(name)),
-                                              chat_template=PACKAGED[name].chat_template))
+        return resolve_base_model(
+            ModelConfig(base=str(packaged_gguf(name)), chat_template=PACKAGED[name].chat_template)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +115,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
     results = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}), \
-            prefect_test_harness(server_startup_timeout=120):
+    with (
+        temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
         yield
 
 
@@ -136,6 +142,8 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
     """A function: root folder -> the demo config as a dict, on the tiny model, trained and evaluated in seconds,
@@ -156,8 +164,11 @@ def fast_config(tiny_model: Path, demo_data: tuple[Path, Path]):
         # score: it is measured, not gated.
         config["gate"] = {"rules": {"stop_rate": {"min": 0.0}}, "retention": None}
         config["retrain"] = {"max_attempts": 1}
-        config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fast",
-                              "artifact_location": str(root / "mlartifacts")}
+        config["tracking"] = {
+            "uri": f"sqlite:///{root}/mlflow.db",
+            "experiment": "fast",
+            "artifact_location": str(root / "mlartifacts"),
+        }
         config["ollama"]["host"] = "http://127.0.0.1:9"
         return config
 

@@ -67,7 +67,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, {})):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         path.pop()
@@ -82,8 +82,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
 
 def describe(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
     modules = project_modules()
-    return "\n".join(f"  {a} -> {b}  ({modules[a].relative_to(REPO)}:{graph[a][b]})"
-                     for a, b in zip(cycle, cycle[1:]))
+    return "\n".join(f"  {a} -> {b}  ({modules[a].relative_to(REPO)}:{graph[a][b]})" for a, b in zip(cycle, cycle[1:]))
 
 
 def test_the_graph_sees_every_kind_of_import(tmp_path):
@@ -92,7 +91,9 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / "tasks" / "a.py").write_text("def f():\n    from tunepipe.tasks.b import g\n")
-    (tmp_path / "tasks" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n")
+    (tmp_path / "tasks" / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n"
+    )
     (tmp_path / "tasks" / "c.py").write_text("import tunepipe.tasks.a\n")
     graph = import_graph(tmp_path)
     assert graph["tunepipe.tasks.a"] == {"tunepipe.tasks.b": 2} and graph["tunepipe.tasks.b"] == {"tunepipe.tasks.c": 3}
@@ -174,8 +175,9 @@ class ConfigTypes:
                     members[item.target.id] = ast.unparse(item.annotation)
                 elif isinstance(item, ast.FunctionDef):
                     members[item.name] = ast.unparse(item.returns) if item.returns else ANY_CONFIG
-            if members or any(ast.unparse(base) in self.members or ast.unparse(base) == "BaseModel"
-                              for base in cls.bases):
+            if members or any(
+                ast.unparse(base) in self.members or ast.unparse(base) == "BaseModel" for base in cls.bases
+            ):
                 self.members[cls.name] = members
 
     def of_annotation(self, annotation: str) -> str | None:
@@ -248,8 +250,9 @@ def config_walk(root: Path = REPO) -> list[str]:
     functions = {name: _functions(tree) for name, tree in trees.items()}
     bindings = {name: _bindings(name, modules[name], trees[name], modules) for name in modules}
     # The config is a module or a package of one module per section: its classes, from every one of them.
-    config_trees = [tree for name, tree in sorted(trees.items())
-                    if name == CONFIG_MODULE or name.startswith(CONFIG_MODULE + ".")]
+    config_trees = [
+        tree for name, tree in sorted(trees.items()) if name == CONFIG_MODULE or name.startswith(CONFIG_MODULE + ".")
+    ]
     types = ConfigTypes(ast.Module(body=[node for tree in config_trees for node in tree.body], type_ignores=[]))
     walked: set[tuple[str, str]] = set()
     sequence: list[str] = []
@@ -277,8 +280,13 @@ def config_walk(root: Path = REPO) -> list[str]:
         carried = _config_names(function, types)
         for call in _calls_in_order(function):
             callee = target(module, call.func)
-            if callee is None or callee in walked or not any(
-                    _hands_config(arg, carried, types) for arg in [*call.args, *(k.value for k in call.keywords)]):
+            if (
+                callee is None
+                or callee in walked
+                or not any(
+                    _hands_config(arg, carried, types) for arg in [*call.args, *(k.value for k in call.keywords)]
+                )
+            ):
                 continue
             if callee[0] != module:
                 sequence.append(callee[0])
@@ -309,18 +317,23 @@ def test_the_walk_follows_the_config_and_counts_the_climbs(tmp_path):
         "class Section(BaseModel):\n    pass\n"
         "class DataConfig(Section):\n    path: str\n    rules: dict[str, Rule]\n"
         "class Rule(Section):\n    min: float\n"
-        "class PipelineConfig(Section):\n    data: DataConfig\n")
+        "class PipelineConfig(Section):\n    data: DataConfig\n"
+    )
     (tmp_path / "flows" / "finetune.py").write_text(
         "from tunepipe.tasks.a import first\nfrom tunepipe.tasks.b import second\n"
         "def finetune(config: PipelineConfig):\n    first(config.data)\n    second(config)\n    second(config)\n"
-        "    first(1)\n")
+        "    first(1)\n"
+    )
     (tmp_path / "tasks" / "a.py").write_text(
         "from tunepipe.tasks import c\n"
-        "def first(cfg: DataConfig):\n    c.plain(cfg.path.upper())\n    c.helper(cfg.rules)\n    c.other(0)\n")
-    (tmp_path / "tasks" / "b.py").write_text("from tunepipe.tasks.a import first\n"
-                                             "def second(cfg):\n    data = cfg.data\n    first(data)\n")
-    (tmp_path / "tasks" / "c.py").write_text("def helper(rules):\n    pass\ndef other(n):\n    pass\n"
-                                             "def plain(path):\n    pass\n")
+        "def first(cfg: DataConfig):\n    c.plain(cfg.path.upper())\n    c.helper(cfg.rules)\n    c.other(0)\n"
+    )
+    (tmp_path / "tasks" / "b.py").write_text(
+        "from tunepipe.tasks.a import first\ndef second(cfg):\n    data = cfg.data\n    first(data)\n"
+    )
+    (tmp_path / "tasks" / "c.py").write_text(
+        "def helper(rules):\n    pass\ndef other(n):\n    pass\ndef plain(path):\n    pass\n"
+    )
     sequence = config_walk(tmp_path)
     # a (from the flow), c for the rules (a section; the plain path and the 0 are not followed), back to a;
     # b; a is walked already
@@ -332,4 +345,5 @@ def test_the_config_climbs_back_up_no_more_than_measured():
     moves, back = climbs(config_walk())
     assert moves > 10  # the walk went through the stages, not nowhere
     assert len(back) <= CLIMBS_TARGET, f"{len(back)} climbs back up in {moves} moves: " + ", ".join(
-        f"{a} -> {b}" for a, b in back)
+        f"{a} -> {b}" for a, b in back
+    )

@@ -20,13 +20,17 @@ def artifacts_of(flow_run_id) -> dict[str, object]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {artifact.key: artifact for artifact in found}
 
 
 def test_keys_are_prefects_alphabet():
-    assert artifact_key("Demo_Products v2", "retrain-from-rag", "mlflow-run") == "demo-products-v2-retrain-from-rag-mlflow-run"
+    assert (
+        artifact_key("Demo_Products v2", "retrain-from-rag", "mlflow-run")
+        == "demo-products-v2-retrain-from-rag-mlflow-run"
+    )
 
 
 @pytest.mark.slow
@@ -43,29 +47,48 @@ def test_a_flow_run_shows_its_report_metrics_and_links(prefect_server, tmp_path:
 
     page = tmp_path / "report"
     page.mkdir()
-    (page / "report.md").write_text("# Run report: shop\n\n**Failed**: the only attempt failed the gate.\n\n"
-                                    "![metrics of base, champion and candidate](metrics.png)\n")
+    (page / "report.md").write_text(
+        "# Run report: shop\n\n**Failed**: the only attempt failed the gate.\n\n"
+        "![metrics of base, champion and candidate](metrics.png)\n"
+    )
     (tmp_path / "retention.jsonl").write_text("")
     scores = {"base": {"field_accuracy": 0.1, "eval_loss": 2.0}, "candidate": {"field_accuracy": 0.9, "eval_loss": 0.4}}
-    report = EvalReport(n_samples=8, candidate=ModelScores(name="candidate", metrics=scores["candidate"]),
-                        base=ModelScores(name="base", metrics=scores["base"]), champion=None,
-                        samples_path=tmp_path / "samples.jsonl", probes_path=tmp_path / "probes.jsonl",
-                        retention=RetentionScores(n_prompts=4, base_loss=1.2, candidate_loss=3.4,
-                                                  path=tmp_path / "retention.jsonl"))
+    report = EvalReport(
+        n_samples=8,
+        candidate=ModelScores(name="candidate", metrics=scores["candidate"]),
+        base=ModelScores(name="base", metrics=scores["base"]),
+        champion=None,
+        samples_path=tmp_path / "samples.jsonl",
+        probes_path=tmp_path / "probes.jsonl",
+        retention=RetentionScores(n_prompts=4, base_loss=1.2, candidate_loss=3.4, path=tmp_path / "retention.jsonl"),
+    )
     gguf = tmp_path / "model-q8_0.gguf"
-    serving = Serving(registration=Registration(state="unreachable", host="http://127.0.0.1:9",
-                                                message="Ollama at http://127.0.0.1:9 did not answer"))
+    serving = Serving(
+        registration=Registration(
+            state="unreachable", host="http://127.0.0.1:9", message="Ollama at http://127.0.0.1:9 did not answer"
+        )
+    )
 
     @flow
     def nightly():
-        show_run("Shop", "finetune", report_markdown(RunReport(folder=page, path=page / "report.md", attempts=1,
-                                                               outcome="failed")), report, tracking, mlflow_run)
+        show_run(
+            "Shop",
+            "finetune",
+            report_markdown(RunReport(folder=page, path=page / "report.md", attempts=1, outcome="failed")),
+            report,
+            tracking,
+            mlflow_run,
+        )
         show_served("Shop", "finetune", serving, gguf)
 
     state = nightly(return_state=True)
     shown = artifacts_of(state.state_details.flow_run_id)
-    assert set(shown) == {"shop-finetune-report", "shop-finetune-metrics", "shop-finetune-mlflow-run",
-                          "shop-finetune-served"}
+    assert set(shown) == {
+        "shop-finetune-report",
+        "shop-finetune-metrics",
+        "shop-finetune-mlflow-run",
+        "shop-finetune-served",
+    }
 
     markdown = shown["shop-finetune-report"]
     assert markdown.type == "markdown" and "**Failed**" in markdown.data
@@ -76,8 +99,11 @@ def test_a_flow_run_shows_its_report_metrics_and_links(prefect_server, tmp_path:
     assert table.type == "table"
     by_metric = {row["metric"]: row for row in rows}
     assert by_metric["field_accuracy"]["candidate"] == 0.9 and by_metric["eval_loss (lower is better)"]["base"] == 2.0
-    assert by_metric["retention_loss (lower is better)"] == {"metric": "retention_loss (lower is better)",
-                                                             "base": 1.2, "candidate": 3.4}
+    assert by_metric["retention_loss (lower is better)"] == {
+        "metric": "retention_loss (lower is better)",
+        "base": 1.2,
+        "candidate": 3.4,
+    }
 
     link = shown["shop-finetune-mlflow-run"]
     assert link.type == "markdown"  # Prefect stores a link as the Markdown of the link

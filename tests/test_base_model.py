@@ -71,8 +71,13 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             return self.error(401, "RepoNotFound", "Repository not found")
         if revision not in ("main", COMMIT):
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        body = {"id": repo, "sha": COMMIT, "private": False, "gated": "manual" if repo == "acme/gated" else False,
-                "siblings": [{"rfilename": name} for name in REPOS[repo]]}
+        body = {
+            "id": repo,
+            "sha": COMMIT,
+            "private": False,
+            "gated": "manual" if repo == "acme/gated" else False,
+            "siblings": [{"rfilename": name} for name in REPOS[repo]],
+        }
         self.reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, with_body=True)
 
     def resolve(self, with_body: bool) -> None:
@@ -82,17 +87,26 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         if match["repo"] == "acme/gated":
             token = self.headers.get("Authorization", "").removeprefix("Bearer ")
             if token != GRANTED_TOKEN:
-                return self.error(403 if token else 401, "GatedRepo",
-                                  "Access to model acme/gated is restricted. You must have access to it.")
+                return self.error(
+                    403 if token else 401,
+                    "GatedRepo",
+                    "Access to model acme/gated is restricted. You must have access to it.",
+                )
         body = REPOS[match["repo"]][match["file"]].encode()
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": COMMIT,
+            "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+            "Content-Type": "application/octet-stream",
+        }
         self.reply(200, body, headers, with_body)
 
     def error(self, status: int, code: str, message: str) -> None:
-        self.reply(status, json.dumps({"error": message}).encode(),
-                   {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
-                   with_body=self.command != "HEAD")
+        self.reply(
+            status,
+            json.dumps({"error": message}).encode(),
+            {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
+            with_body=self.command != "HEAD",
+        )
 
     def reply(self, status: int, body: bytes, headers: dict[str, str], with_body: bool) -> None:
         self.send_response(status)
@@ -288,14 +302,21 @@ def model_folder(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("files", "expected"), [
-    ({"config.json": "{}", "tokenizer.json": "{}", "chat_template.jinja": CHATML},
-     "has no model weights (*.safetensors or pytorch_model*.bin)"),
-    ({"config.json": "{}", "model.safetensors": "w", "chat_template.jinja": CHATML}, "has no tokenizer"),
-    ({"adapter_config.json": "{}", "adapter_model.safetensors": "w"},
-     "has no config.json (it is a LoRA adapter: set model.base to its base model)"),
-    ({**MODEL_FILES, "tokenizer_config.json": "{}"}, "has no chat template"),
-])
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        (
+            {"config.json": "{}", "tokenizer.json": "{}", "chat_template.jinja": CHATML},
+            "has no model weights (*.safetensors or pytorch_model*.bin)",
+        ),
+        ({"config.json": "{}", "model.safetensors": "w", "chat_template.jinja": CHATML}, "has no tokenizer"),
+        (
+            {"adapter_config.json": "{}", "adapter_model.safetensors": "w"},
+            "has no config.json (it is a LoRA adapter: set model.base to its base model)",
+        ),
+        ({**MODEL_FILES, "tokenizer_config.json": "{}"}, "has no chat template"),
+    ],
+)
 def test_local_folder_missing_a_part(tmp_path: Path, files: dict[str, str], expected: str):
     folder = model_folder(tmp_path / "model", files)
     message = error_for(str(folder))
@@ -319,15 +340,34 @@ def test_complete_local_folder_resolves_to_a_content_hash(tmp_path: Path):
 
 @pytest.mark.slow
 def test_cli_prints_the_model_error_without_traceback_before_any_stage(tmp_path: Path):
-    config = {"name": "x", "data": {"train": str(tmp_path / "train.jsonl")},
-              "model": {"base": "acme/chat"}, "ollama": {"model_name": "x"}}
+    config = {
+        "name": "x",
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "model": {"base": "acme/chat"},
+        "ollama": {"model_name": "x"},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": str(Path.cwd())}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": str(Path.cwd()),
+    }
     env.pop("HF_HUB_OFFLINE", None)
-    done = subprocess.run([sys.executable, "-c", "import sys; from tunepipe.deployments.cli import main; sys.exit(main())",
-                           "run", str(path)], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tunepipe.deployments.cli import main; sys.exit(main())",
+            "run",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "model.base 'acme/chat': cannot reach the Hugging Face hub" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout and "stages" not in done.stdout
@@ -335,8 +375,9 @@ def test_cli_prints_the_model_error_without_traceback_before_any_stage(tmp_path:
 
 
 @pytest.mark.slow
-def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_server, tmp_path: Path, capfd,
-                                                                        monkeypatch):
+def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(
+    prefect_server, tmp_path: Path, capfd, monkeypatch
+):
     from tunepipe.deployments import cli
     from tunepipe.tasks.runtime.config import load_config
 
@@ -345,9 +386,14 @@ def test_flow_fails_before_any_stage_and_the_cli_prints_no_empty_table(prefect_s
     monkeypatch.setattr(cli, "usable_base_model", lambda cfg: True)
 
     folder = model_folder(tmp_path / "model", {"config.json": "{}", "tokenizer.json": "{}"})
-    config = {"name": "x", "workdir": str(tmp_path / "runs"), "data": {"train": str(tmp_path / "train.jsonl")},
-              "model": {"base": str(folder)}, "ollama": {"model_name": "x"},
-              "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    config = {
+        "name": "x",
+        "workdir": str(tmp_path / "runs"),
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "model": {"base": str(folder)},
+        "ollama": {"model_name": "x"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli.run_finetune(load_config(path), unserved_status=4) == 1

@@ -32,8 +32,9 @@ def test_stable_hash_is_the_same_in_another_process() -> None:
     parts = "('stage', {'b': [1, 2], 'a': 'x'}, EvalConfig(max_new_tokens=7))"
     code = f"from tunepipe.tasks.runtime.caching import stable_hash; from tunepipe.tasks.runtime.config import EvalConfig; print(stable_hash{parts})"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert other == stable_hash("stage", {"b": [1, 2], "a": "x"}, EvalConfig(max_new_tokens=7))
 
 
@@ -75,8 +76,7 @@ class Result(BaseModel):
 def _result(tmp_path: Path) -> Result:
     for name in ("train.jsonl", "a.bin", "b.bin"):
         (tmp_path / name).write_text("x")
-    return Result(train=Split(path=tmp_path / "train.jsonl", n_rows=1),
-                  extra=[tmp_path / "a.bin", tmp_path / "b.bin"])
+    return Result(train=Split(path=tmp_path / "train.jsonl", n_rows=1), extra=[tmp_path / "a.bin", tmp_path / "b.bin"])
 
 
 def test_outputs_exist_when_every_path_does(tmp_path: Path) -> None:
@@ -155,8 +155,9 @@ def test_stage_cache_across_flow_runs_and_after_deletion(prefect_server: None, t
 
 
 @pytest.mark.slow
-def test_stage_cache_misses_when_a_declared_source_module_changes(prefect_server: None, tmp_path: Path,
-                                                                  monkeypatch) -> None:
+def test_stage_cache_misses_when_a_declared_source_module_changes(
+    prefect_server: None, tmp_path: Path, monkeypatch
+) -> None:
     """A stage whose work is done by another module (a worker's entry point) re-runs when that module changes."""
     helper = tmp_path / "stage_helper_module.py"
     helper.write_text("VERSION = 1\n")
@@ -192,8 +193,12 @@ def test_the_train_cache_hashes_every_module_of_the_training_package_the_worker_
 
     def imported(module: str) -> set[str]:
         tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
-        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and (node.module or "").startswith(("tunepipe.tasks.train.", "tunepipe.tasks.model."))}
+        return {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith(("tunepipe.tasks.train.", "tunepipe.tasks.model."))
+        }
 
     reached, todo = set(), ["tunepipe.tasks.train.loop"]
     while todo:
@@ -221,12 +226,17 @@ def test_parity_is_keyed_on_the_served_prompt_settings_only(prefect_server: None
         return served(ollama_cfg, return_state=True).name
 
     first = OllamaConfig(model_name="shop", host="http://127.0.0.1:11434", system="Answer in JSON.")
-    moved = first.model_copy(update={"host": "http://gpu-box:11434", "timeout_s": 60, "smoke_examples": 1,
-                                     "num_ctx": 8192})
+    moved = first.model_copy(
+        update={"host": "http://gpu-box:11434", "timeout_s": 60, "smoke_examples": 1, "num_ctx": 8192}
+    )
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
         assert (parity_flow(first), counter.read_text()) == ("Completed", "1")
         assert (parity_flow(moved), counter.read_text()) == ("Cached", "1")
         assert (parity_flow(first.model_copy(update={"system": "Answer in YAML."})), counter.read_text()) == (
-            "Completed", "2")
+            "Completed",
+            "2",
+        )
         assert (parity_flow(first.model_copy(update={"template": "{{ .Prompt }}"})), counter.read_text()) == (
-            "Completed", "3")
+            "Completed",
+            "3",
+        )

@@ -31,8 +31,15 @@ def test_configuration_reference_is_current() -> None:
 
 def test_configuration_reference_names_every_field() -> None:
     page = config_reference.render()
-    for key in ("`data.train`", "`train.preference.beta`", "`gate.rules.<metric>.min`", "`retrain.plan[].lora_r`",
-                "`eval.judge.model`", "`rag.columns.question`", "`retry.backoff_s`"):
+    for key in (
+        "`data.train`",
+        "`train.preference.beta`",
+        "`gate.rules.<metric>.min`",
+        "`retrain.plan[].lora_r`",
+        "`eval.judge.model`",
+        "`rag.columns.question`",
+        "`retry.backoff_s`",
+    ):
         assert f"| {key} |" in page, key
 
 

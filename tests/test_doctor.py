@@ -52,9 +52,13 @@ def wide_offline_screen(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def write_config(root: Path, tiny_model: Path, demo_data: tuple[Path, Path], **sections) -> Path:
-    config = {"name": "doctor", "data": {"train": str(demo_data[0]), "eval": str(demo_data[1])},
-              "model": {"base": str(tiny_model)}, "ollama": {"model_name": "doctor"},
-              "tracking": {"uri": f"sqlite:///{root}/mlflow.db"}}
+    config = {
+        "name": "doctor",
+        "data": {"train": str(demo_data[0]), "eval": str(demo_data[1])},
+        "model": {"base": str(tiny_model)},
+        "ollama": {"model_name": "doctor"},
+        "tracking": {"uri": f"sqlite:///{root}/mlflow.db"},
+    }
     for section, fields in sections.items():
         config.setdefault(section, {}).update(fields)
     path = root / "config.yaml"
@@ -77,8 +81,16 @@ def test_ready_config_reports_every_part_and_exits_zero(tmp_path, tiny_model, de
     assert main(["doctor", str(config)]) == 0
     out = capsys.readouterr().out
     table = rows(out)
-    for package in ("torch", "transformers", "peft", "trl", "prefect", "mlflow", "great_expectations",
-                    "llama-cpp-python"):
+    for package in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "prefect",
+        "mlflow",
+        "great_expectations",
+        "llama-cpp-python",
+    ):
         assert table[package].startswith("ok "), package
     assert table["Ollama"] == f"ok {ollama_url}: version {OLLAMA_VERSION}"
     assert table["Hugging Face hub"].startswith("info offline (HF_HUB_OFFLINE=1)")
@@ -89,14 +101,14 @@ def test_ready_config_reports_every_part_and_exits_zero(tmp_path, tiny_model, de
     assert f"ready to run {config}" in out
 
 
-def test_config_needing_cuda_on_a_cpu_machine_exits_nonzero_with_the_reason(tmp_path, tiny_model, demo_data,
-                                                                             capsys):
+def test_config_needing_cuda_on_a_cpu_machine_exits_nonzero_with_the_reason(tmp_path, tiny_model, demo_data, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    config = write_config(tmp_path, tiny_model, demo_data, train={"backend": "unsloth"},
-                          ollama={"host": "http://127.0.0.1:9"})
+    config = write_config(
+        tmp_path, tiny_model, demo_data, train={"backend": "unsloth"}, ollama={"host": "http://127.0.0.1:9"}
+    )
     assert main(["doctor", str(config)]) == 1
     out = capsys.readouterr().out
     table = rows(out)
@@ -110,8 +122,13 @@ def test_unreachable_tracking_server_fails_without_showing_its_password(tmp_path
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    config = write_config(tmp_path, tiny_model, demo_data, tracking={"uri": f"http://ops:s3cr3t-pw@127.0.0.1:{port}"},
-                          ollama={"host": "http://127.0.0.1:9"})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        demo_data,
+        tracking={"uri": f"http://ops:s3cr3t-pw@127.0.0.1:{port}"},
+        ollama={"host": "http://127.0.0.1:9"},
+    )
     assert main(["doctor", str(config)]) == 1
     out = capsys.readouterr().out
     assert rows(out)["MLflow tracking"].startswith(f"fail http://ops:***@127.0.0.1:{port}: not reachable")

@@ -37,8 +37,9 @@ def _one_at_a_time(model, tokenizer, conversation, max_new_tokens: int, stop_ids
     from tunepipe.tasks.chat.generation import render_prompt
 
     ids = torch.tensor([render_prompt(tokenizer, conversation)])
-    output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                            pad_token_id=tokenizer.pad_token_id)
+    output = model.generate(
+        ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id
+    )
     return output[0, ids.shape[1] :].tolist()
 
 
@@ -132,8 +133,13 @@ def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     data_cfg = DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON.")
     loaded = load_dataset(data_cfg, root / "loaded")
     base = resolve_base_model(ModelConfig(base=str(tiny_model)))
-    formatted = format_dataset(loaded.train_path, loaded.eval_path, base, ModelConfig(base=str(tiny_model),
-                               max_seq_length=256), root / "formatted")
+    formatted = format_dataset(
+        loaded.train_path,
+        loaded.eval_path,
+        base,
+        ModelConfig(base=str(tiny_model), max_seq_length=256),
+        root / "formatted",
+    )
     return root, data_cfg, loaded, base, formatted
 
 
@@ -145,8 +151,11 @@ def _register_champion(tracking_uri: str, name: str, model_dir: Path, artifacts:
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("promotions")
-    experiment_id = (experiment.experiment_id if experiment else
-                     client.create_experiment("promotions", artifact_location=artifacts.as_uri()))
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment("promotions", artifact_location=artifacts.as_uri())
+    )
     run = client.create_run(experiment_id)
     client.log_artifacts(run.info.run_id, str(model_dir), MODEL_ARTIFACT)
     client.set_terminated(run.info.run_id)
@@ -171,13 +180,37 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     tracking_uri = f"sqlite:///{root}/mlflow.db"
     cfg = EvalConfig(max_samples=4, max_new_tokens=8, batch_size=4, probes=["<p>Name: Lamp</p>", "hello"])
     # A fully fine-tuned candidate is a model folder of its own; the tiny model stands in for one.
-    trained = TrainResult(adapter_dir=tiny_model, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
-                          trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
-                          micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
+    trained = TrainResult(
+        adapter_dir=tiny_model,
+        kind="full",
+        backend="hf",
+        loss_history=[],
+        runtime_s=0.0,
+        trainable_params=0,
+        total_params=0,
+        steps=0,
+        device="cpu x1",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
 
     def run(out: str, champion):
-        return evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, base, champion,
-                               tracking_uri, data_cfg, cfg, root / out, root / "reference")
+        return evaluate_models(
+            formatted,
+            loaded.eval_path,
+            loaded.train_path,
+            trained,
+            base,
+            champion,
+            tracking_uri,
+            data_cfg,
+            cfg,
+            root / out,
+            root / "reference",
+        )
 
     assert find_champion(tracking_uri, "shop") is None
     _register_champion(tracking_uri, "shop", tiny_model, root / "artifacts")
@@ -187,8 +220,9 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     assert report.champion is not None and report.champion.version == "1" and report.champion.name == "champion"
     assert report.n_samples == 4
     for scores in (report.candidate, report.base, report.champion):
-        assert {"eval_loss", "stop_rate", "valid_json_rate", "field_accuracy", "key_f1",
-                "required_keys_rate"} <= set(scores.metrics)
+        assert {"eval_loss", "stop_rate", "valid_json_rate", "field_accuracy", "key_f1", "required_keys_rate"} <= set(
+            scores.metrics
+        )
     # Champion and candidate are the same weights here: the same answers and loss, by a separate load.
     assert report.champion.metrics == pytest.approx(report.candidate.metrics)
 
@@ -199,7 +233,8 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     # Each example's own eval loss and its answer tokens, for the gate's token-weighted intervals of eval_loss.
     assert all(row["answer_tokens"] > 0 and {"eval_loss"} <= set(row["candidate"]["scores"]) for row in samples)
     assert [row["champion"]["scores"]["eval_loss"] for row in samples] == pytest.approx(
-        [row["candidate"]["scores"]["eval_loss"] for row in samples], rel=1e-4)
+        [row["candidate"]["scores"]["eval_loss"] for row in samples], rel=1e-4
+    )
     probes = [json.loads(line) for line in report.probes_path.read_text().splitlines()]
     assert [p["prompt"] for p in probes] == cfg.probes
     assert all({"base", "champion", "candidate"} <= set(p) for p in probes)
@@ -209,15 +244,18 @@ def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eva
     assert _models_generated(root / "same-champion") == ["candidate"]
     assert again.champion == report.champion and again.base == report.base
 
-    _register_champion(tracking_uri, "shop", tiny_model, root / "artifacts")  # a new promotion moves the alias to version 2
+    _register_champion(
+        tracking_uri, "shop", tiny_model, root / "artifacts"
+    )  # a new promotion moves the alias to version 2
     newer = run("new-champion", find_champion(tracking_uri, "shop"))
     assert _models_generated(root / "new-champion") == ["candidate", "champion"]
     assert newer.champion.version == "2"
 
 
 @pytest.mark.slow  # evaluates in worker processes
-def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_alone(eval_inputs, tiny_model: Path,
-                                                                                    tmp_path: Path):
+def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_alone(
+    eval_inputs, tiny_model: Path, tmp_path: Path
+):
     """The worker reads the base's weights once and merges the candidate's adapter into them after the base is
     scored: the candidate's answers and loss are those of a load of its own."""
     import torch
@@ -231,18 +269,26 @@ def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_a
     _, _, loaded, _, formatted = eval_inputs
     torch.manual_seed(0)
     adapter = tmp_path / "adapter"  # random, non-zero adapter weights: the candidate differs from the base
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                   PeftLoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-                   ).save_pretrained(adapter)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        PeftLoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False),
+    ).save_pretrained(adapter)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(adapter)
     candidate = ModelToScore(name="candidate", weights=str(tiny_model), adapter=adapter, tokenizer=str(adapter))
     base = ModelToScore(name="base", weights=str(tiny_model), tokenizer=str(adapter))
     conversations = [example.prompt for example in list(read_examples(loaded.eval_path))[:4]]
 
     def outputs(models: list[ModelToScore]):
-        return generate_outputs(GenerationRequest(models=models, conversations=conversations,
-                                                  loss_rows=formatted.eval.path, max_new_tokens=8, batch_size=4,
-                                                  chat=formatted.chat)).outputs
+        return generate_outputs(
+            GenerationRequest(
+                models=models,
+                conversations=conversations,
+                loss_rows=formatted.eval.path,
+                max_new_tokens=8,
+                batch_size=4,
+                chat=formatted.chat,
+            )
+        ).outputs
 
     both, alone = outputs([candidate, base]), outputs([candidate])
     assert both["candidate"].answers == alone["candidate"].answers
@@ -281,25 +327,62 @@ def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Pa
 
     root, data_cfg, loaded, base, _ = eval_inputs
     cfg = EvalConfig(max_samples=2, max_new_tokens=8, batch_size=4)
-    trained = TrainResult(adapter_dir=tiny_model, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
-                          trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
-                          micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
-    first = evaluate_models(*_formatted(root, base, loaded.eval_path, tiny_model, None), trained, base, None, "",
-                            data_cfg, cfg, root / "plain", root / "reference")
+    trained = TrainResult(
+        adapter_dir=tiny_model,
+        kind="full",
+        backend="hf",
+        loss_history=[],
+        runtime_s=0.0,
+        trainable_params=0,
+        total_params=0,
+        steps=0,
+        device="cpu x1",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
+    first = evaluate_models(
+        *_formatted(root, base, loaded.eval_path, tiny_model, None),
+        trained,
+        base,
+        None,
+        "",
+        data_cfg,
+        cfg,
+        root / "plain",
+        root / "reference",
+    )
     own = [json.loads(line)["candidate"]["answer"] for line in first.samples_path.read_text().splitlines()]
     # Rated bad: the model's own answer to the first page (it still gives it), something else for the second.
     examples = list(read_examples(loaded.eval_path))[:2]
-    bad = [e.model_copy(update={"label": False, "messages": [*e.prompt, e.messages[-1].model_copy(
-        update={"content": answer})]}) for e, answer in zip(examples, [own[0], "<p>HTML echoed back</p>"])]
+    bad = [
+        e.model_copy(
+            update={"label": False, "messages": [*e.prompt, e.messages[-1].model_copy(update={"content": answer})]}
+        )
+        for e, answer in zip(examples, [own[0], "<p>HTML echoed back</p>"])
+    ]
     write_jsonl(root / "bad.jsonl", bad)
-    report = evaluate_models(*_formatted(root, base, loaded.eval_path, tiny_model, root / "bad.jsonl"), trained,
-                             base, None, "", data_cfg, cfg, root / "with-bad", root / "reference", root / "bad.jsonl")
+    report = evaluate_models(
+        *_formatted(root, base, loaded.eval_path, tiny_model, root / "bad.jsonl"),
+        trained,
+        base,
+        None,
+        "",
+        data_cfg,
+        cfg,
+        root / "with-bad",
+        root / "reference",
+        root / "bad.jsonl",
+    )
     assert report.n_undesirable == 2
     for scores in (report.candidate, report.base):
         assert scores.metrics["undesirable_close_rate"] == 0.5
         assert scores.metrics["undesirable_loss"] > 0
     assert {k: v for k, v in report.candidate.metrics.items() if not k.startswith("undesirable")} == (
-        pytest.approx(first.candidate.metrics))
+        pytest.approx(first.candidate.metrics)
+    )
     rows = [json.loads(line) for line in report.undesirable_path.read_text().splitlines()]
     assert [row["candidate"]["close"] for row in rows] == [True, False]
 
@@ -313,16 +396,47 @@ def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_
     from tunepipe.tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs
-    formatted = format_dataset(loaded.train_path, loaded.eval_path, base, ModelConfig(base=str(tiny_model),
-                               max_seq_length=256), root / "formatted-3", validation_examples=loaded.validation_path)
+    formatted = format_dataset(
+        loaded.train_path,
+        loaded.eval_path,
+        base,
+        ModelConfig(base=str(tiny_model), max_seq_length=256),
+        root / "formatted-3",
+        validation_examples=loaded.validation_path,
+    )
     cfg = EvalConfig(max_samples=3, max_new_tokens=8, batch_size=4, probes=["hello"])
-    trained = TrainResult(adapter_dir=tiny_model, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
-                          trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
-                          micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
+    trained = TrainResult(
+        adapter_dir=tiny_model,
+        kind="full",
+        backend="hf",
+        loss_history=[],
+        runtime_s=0.0,
+        trainable_params=0,
+        total_params=0,
+        steps=0,
+        device="cpu x1",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
 
     def run(split: str, examples: Path):
-        return evaluate_models(formatted, examples, loaded.train_path, trained, base, None, "", data_cfg, cfg,
-                               root / f"split-{split}", root / "reference-splits", split=split)
+        return evaluate_models(
+            formatted,
+            examples,
+            loaded.train_path,
+            trained,
+            base,
+            None,
+            "",
+            data_cfg,
+            cfg,
+            root / f"split-{split}",
+            root / "reference-splits",
+            split=split,
+        )
 
     validation, test = run("validation", loaded.validation_path), run("test", loaded.eval_path)
     assert (validation.split, test.split) == ("validation", "test")
@@ -349,6 +463,7 @@ def _formatted(root: Path, base, eval_path: Path, tiny_model: Path, bad: Path | 
     from tunepipe.tasks.data.format import format_dataset
 
     out = root / ("formatted-bad" if bad else "formatted-plain")
-    formatted = format_dataset(eval_path, eval_path, base, ModelConfig(base=str(tiny_model), max_seq_length=256),
-                               out, undesirable=(None, bad))
+    formatted = format_dataset(
+        eval_path, eval_path, base, ModelConfig(base=str(tiny_model), max_seq_length=256), out, undesirable=(None, bad)
+    )
     return formatted, eval_path, eval_path

@@ -19,9 +19,22 @@ PROMPT = "<|im_start|>user\n<div>Smart Kettle, $25</div><|im_end|>\n<|im_start|>
 def _trained(folder: Path) -> TrainResult:
     """What the train stage returns for `folder`: a LoRA adapter, or a whole model (full fine-tuning)."""
     kind = "lora" if (folder / "adapter_config.json").is_file() else "full"
-    return TrainResult(adapter_dir=folder, kind=kind, backend="hf", loss_history=[], runtime_s=0.0,
-                       trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
-                       micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
+    return TrainResult(
+        adapter_dir=folder,
+        kind=kind,
+        backend="hf",
+        loss_history=[],
+        runtime_s=0.0,
+        trainable_params=0,
+        total_params=0,
+        steps=0,
+        device="cpu x1",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +45,16 @@ def lora_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-        task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     folder = tmp_path_factory.mktemp("adapter") / "adapter"
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
@@ -54,7 +74,8 @@ def _next_token_logits(gguf: Path, lora: Path | None = None):
 
 @pytest.mark.slow
 def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
-        lora_adapter: Path, tiny_model: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    lora_adapter: Path, tiny_model: Path, tiny_gguf: Path, tmp_path: Path
+) -> None:
     import numpy as np
 
     from tunepipe.tasks.runtime.base_model import BaseModelRef
@@ -97,14 +118,20 @@ def test_old_single_type_field_still_reads() -> None:
 
 
 def test_parity_limits_per_metric_and_per_type() -> None:
-    report = ParityReport(n_samples=50, samples_path=Path("samples.jsonl"), ggufs=[
-        GgufScores(gguf_type="q8_0", scores={"exact_match": 0.80, "stop_rate": 1.0}),
-        GgufScores(gguf_type="q4_k_m", scores={"exact_match": 0.76, "stop_rate": 1.0}),
-        GgufScores(gguf_type="q5_k_m", scores={"exact_match": 0.78, "stop_rate": 0.9}),
-    ])
+    report = ParityReport(
+        n_samples=50,
+        samples_path=Path("samples.jsonl"),
+        ggufs=[
+            GgufScores(gguf_type="q8_0", scores={"exact_match": 0.80, "stop_rate": 1.0}),
+            GgufScores(gguf_type="q4_k_m", scores={"exact_match": 0.76, "stop_rate": 1.0}),
+            GgufScores(gguf_type="q5_k_m", scores={"exact_match": 0.78, "stop_rate": 0.9}),
+        ],
+    )
     reference = {"exact_match": 0.80, "stop_rate": 1.0, "valid_json_rate": None, "eval_loss": 0.3}
-    cfg = ExportConfig(max_drop={"exact_match": 0.02, "stop_rate": 0.05, "valid_json_rate": 0.0},
-                       max_drop_by_type={"q4_k_m": {"exact_match": 0.05}})
+    cfg = ExportConfig(
+        max_drop={"exact_match": 0.02, "stop_rate": 0.05, "valid_json_rate": 0.0},
+        max_drop_by_type={"q4_k_m": {"exact_match": 0.05}},
+    )
 
     verdicts = {v.gguf_type: v for v in parity_verdicts(report, reference, cfg)}
 

@@ -27,14 +27,25 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     config["data"].update(train=str(train), eval=str(eval_))
     config["model"]["base"] = str(tiny_model)
     # The tiny model learns only when every weight trains (the demo itself fine-tunes SmolLM2 with LoRA).
-    config["train"].update(mode="full", max_steps=20, learning_rate=3e-3, lr_scheduler="constant", batch_size=16,
-                           warmup_steps=20, logging_steps=2, eval_steps=10)  # held-out loss at steps 10 and 20
+    config["train"].update(
+        mode="full",
+        max_steps=20,
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        batch_size=16,
+        warmup_steps=20,
+        logging_steps=2,
+        eval_steps=10,
+    )  # held-out loss at steps 10 and 20
     config["eval"] = {"max_samples": 8, "max_new_tokens": 24, "retention": {"builtin": 2, "max_new_tokens": 8}}
     # The tiny model says no word retention could score (tests/test_retention.py measures it): not gated here.
     config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": 1.0}}, "retention": None}
     config["retrain"] = {"max_attempts": 1}  # the loop has its own tests (test_retrain_loop.py)
-    config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "e2e",
-                          "artifact_location": str(root / "mlartifacts")}
+    config["tracking"] = {
+        "uri": f"sqlite:///{root}/mlflow.db",
+        "experiment": "e2e",
+        "artifact_location": str(root / "mlartifacts"),
+    }
     # Nothing listens here, so the run must end "Unserved", with the command that finishes it later.
     config["ollama"]["host"] = "http://127.0.0.1:9"
     config["export"]["max_drop"] = {"valid_json_rate": 1.0}  # a 20-step model: parity is measured, not gated
@@ -117,8 +128,9 @@ def test_the_workers_lines_reach_the_runs_log(first_run, config_path: Path):
     messages, page = [], 200  # the API's most logs a read
     with get_client(sync_client=True) as client:
         while True:
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=page,
-                                    offset=len(messages))
+            logs = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=page, offset=len(messages)
+            )
             messages += [log.message for log in logs]
             if len(logs) < page:
                 break
@@ -140,7 +152,8 @@ def test_gguf_greedy_next_token_matches_pytorch(first_run):
     model = AutoModelForCausalLM.from_pretrained(summary.exported.merged_dir).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "<div><h2>Product: Smart Kettle</h2><p>Price: $25</p></div>"}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
@@ -167,8 +180,9 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     assert [m.step for m in losses] == list(range(2, 21, 2))
     assert losses[-1].value < losses[0].value
     # Logged live to the attempt's child run, step by step while the worker trained (not all at once afterwards).
-    (attempt,) = client.search_runs([run.info.experiment_id],
-                                    filter_string=f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'")
+    (attempt,) = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{summary.mlflow_run_id}'"
+    )
     live = client.get_metric_history(attempt.info.run_id, "train_loss")
     assert [m.step for m in live] == list(range(2, 21, 2)) and len({m.timestamp for m in live}) > 1
     for name in ("learning_rate", "grad_norm", "tokens_per_s"):
@@ -191,22 +205,43 @@ def test_mlflow_run_holds_config_loss_history_metrics_and_artifacts(first_run, c
     assert (summary.validation.split, summary.eval.split) == ("validation", "test")
     for who in ("base", "candidate"):
         assert run.data.metrics[f"validation.{who}.eval_loss"] == pytest.approx(
-            getattr(summary.validation, who).metrics["eval_loss"])
-    assert summary.validation.candidate.metrics["eval_loss"] != pytest.approx(summary.eval.candidate.metrics["eval_loss"])
+            getattr(summary.validation, who).metrics["eval_loss"]
+        )
+    assert summary.validation.candidate.metrics["eval_loss"] != pytest.approx(
+        summary.eval.candidate.metrics["eval_loss"]
+    )
     assert "| metric | base validation | base test | candidate validation | candidate test |" in (
-        summary.report.path.read_text())
+        summary.report.path.read_text()
+    )
     assert run.data.tags["gate"] == "passed"
     assert len(run.data.tags["dataset.fingerprint"]) == 64
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.tags["ollama.state"] == "unreachable"
     for scores in summary.parity.ggufs:
         assert run.data.metrics[f"parity.{scores.gguf_type}.exact_match"] == scores.scores["exact_match"]
-    logged = {a.path for folder in ("config", "data_checks", "ollama", "eval", "model", "parity", "serving",
-                                    "report") for a in client.list_artifacts(summary.mlflow_run_id, folder)}
-    assert {"config/resolved.json", "data_checks/data_check_summary.json", "data_checks/data_docs",
-            "ollama/Modelfile", "eval/samples.jsonl", "eval/examples.json", "eval/gate.json", "eval/validation", "model/config.json",
-            "model/chat_template.jinja", "parity/samples.jsonl", "parity/verdicts.json", "serving/plan.json",
-            "report/report.md", "report/loss_curves.png", "report/metrics.png"} <= logged
+    logged = {
+        a.path
+        for folder in ("config", "data_checks", "ollama", "eval", "model", "parity", "serving", "report")
+        for a in client.list_artifacts(summary.mlflow_run_id, folder)
+    }
+    assert {
+        "config/resolved.json",
+        "data_checks/data_check_summary.json",
+        "data_checks/data_docs",
+        "ollama/Modelfile",
+        "eval/samples.jsonl",
+        "eval/examples.json",
+        "eval/gate.json",
+        "eval/validation",
+        "model/config.json",
+        "model/chat_template.jinja",
+        "parity/samples.jsonl",
+        "parity/verdicts.json",
+        "serving/plan.json",
+        "report/report.md",
+        "report/loss_curves.png",
+        "report/metrics.png",
+    } <= logged
 
 
 def test_the_test_split_is_read_by_the_final_evaluation_alone(first_run, config_path: Path):
@@ -222,8 +257,10 @@ def test_the_test_split_is_read_by_the_final_evaluation_alone(first_run, config_
     assert validation and test and not validation & test
     (request,) = [json.loads(p.read_text()) for p in (workdir / "train").glob("*/worker-request.json")]
     assert request["held_out"]["examples"] == str(checked / "validation_clean.jsonl")
-    answered = {path: {json.loads(line)["id"] for line in path.read_text().splitlines()}
-                for path in (workdir / "evaluate").glob("*/samples.jsonl")}
+    answered = {
+        path: {json.loads(line)["id"] for line in path.read_text().splitlines()}
+        for path in (workdir / "evaluate").glob("*/samples.jsonl")
+    }
     assert [path for path, ids in answered.items() if ids & test] == [summary.eval.samples_path]
     assert answered[summary.validation.samples_path] <= validation
     assert len(answered) == 2
@@ -237,8 +274,11 @@ def test_train_and_eval_rows_are_the_runs_dataset_inputs(first_run, config_path:
     run = mlflow_client(config_path).get_run(summary.mlflow_run_id)
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
-    assert contexts == {"demo-products-train": "training", "demo-products-validation": "validation",
-                        "demo-products-eval": "evaluation"}
+    assert contexts == {
+        "demo-products-train": "training",
+        "demo-products-validation": "validation",
+        "demo-products-eval": "evaluation",
+    }
     for split in ("train", "validation", "eval"):
         d = inputs[f"demo-products-{split}"]
         profile = json.loads(d.dataset.profile)
@@ -271,8 +311,11 @@ def test_same_config_again_is_all_cache_hits(first_run, config_path: Path, monke
     # The training spare the flow started went unused (train was cached): stopped once the retrain loop ends,
     # before the stages after it, not when the flow ends.
     spares_after_the_loop = []
-    monkeypatch.setattr(tunepipe.flows.finetune, "outcome", lambda *args: spares_after_the_loop.append(
-        [spare.target for spare in worker._spares]) or outcome(*args))
+    monkeypatch.setattr(
+        tunepipe.flows.finetune,
+        "outcome",
+        lambda *args: spares_after_the_loop.append([spare.target for spare in worker._spares]) or outcome(*args),
+    )
     state = finetune(load_config(config_path), return_state=True)
     states = states_by_stage(state)
     assert {stage: states[stage] for stage in EXPENSIVE} == {stage: "Cached" for stage in EXPENSIVE}
@@ -287,8 +330,10 @@ def test_changing_a_threshold_reuses_training_and_evaluation(first_run, config_p
     state = finetune(load_config(config_path, ["gate.rules.eval_loss.max=100"]), return_state=True)
     states = states_by_stage(state)
     assert states["train"] == states["evaluate"] == "Cached"
-    assert [(c.metric, c.kind) for c in state.result().gate.checks] == [("eval_loss", "max"),
-                                                                         ("eval_loss", "over_base")]
+    assert [(c.metric, c.kind) for c in state.result().gate.checks] == [
+        ("eval_loss", "max"),
+        ("eval_loss", "over_base"),
+    ]
 
 
 def test_deleted_export_folder_is_rebuilt_not_served_from_cache(first_run, config_path: Path):

@@ -20,8 +20,10 @@ from test_architecture import REPO, imported_modules, project_modules
 
 # Bottom to top, each floor with its packages.
 FLOORS = (
-    ("ground", ("tunepipe.tasks.runtime", "tunepipe.tasks.patches", "tunepipe.tasks.integrations",
-                "tunepipe.tasks.chat")),
+    (
+        "ground",
+        ("tunepipe.tasks.runtime", "tunepipe.tasks.patches", "tunepipe.tasks.integrations", "tunepipe.tasks.chat"),
+    ),
     ("data", ("tunepipe.tasks.data", "tunepipe.data_checks")),
     ("model", ("tunepipe.tasks.model",)),
     ("train", ("tunepipe.tasks.train",)),
@@ -58,20 +60,31 @@ def upward_imports(root: Path = REPO) -> list[str]:
         for target, line in sorted(imported_modules(name, path, modules).items(), key=lambda item: item[1]):
             above = floor_of(target)
             if above is not None and above > floor:
-                problems.append(f"{where}:{line}: {name} ({FLOORS[floor][0]}) imports {target} "
-                                f"({FLOORS[above][0]}), a floor above it")
+                problems.append(
+                    f"{where}:{line}: {name} ({FLOORS[floor][0]}) imports {target} "
+                    f"({FLOORS[above][0]}), a floor above it"
+                )
     return problems
 
 
 def test_an_import_of_a_higher_floor_is_named_with_its_file_and_line(tmp_path):
-    for folder in ("tasks", "tasks/runtime", "tasks/data", "tasks/serve", "tasks/elsewhere", "flows",
-                   "deployments", "data_checks"):
+    for folder in (
+        "tasks",
+        "tasks/runtime",
+        "tasks/data",
+        "tasks/serve",
+        "tasks/elsewhere",
+        "flows",
+        "deployments",
+        "data_checks",
+    ):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / "tasks" / "runtime" / "config.py").write_text("def load():\n    from tunepipe.tasks.data import load\n")
     (tmp_path / "tasks" / "data" / "load.py").write_text("from tunepipe.tasks.runtime.config import load\n")
-    (tmp_path / "tasks" / "serve" / "task.py").write_text("import tunepipe.tasks.data.load\n"
-                                                          "from tunepipe.flows import finetune\n")
+    (tmp_path / "tasks" / "serve" / "task.py").write_text(
+        "import tunepipe.tasks.data.load\nfrom tunepipe.flows import finetune\n"
+    )
     (tmp_path / "flows" / "finetune.py").write_text("from tunepipe.tasks.serve.task import plan\n")
 
     assert upward_imports(tmp_path) == [

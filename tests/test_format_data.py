@@ -97,8 +97,14 @@ def test_eval_split_scores_answers_only_even_when_training_on_everything(
 ) -> None:
     train, eval_ = demo_data
     loaded = load_dataset(DataConfig(train=train, eval=eval_), tmp_path / "loaded")
-    formatted = format_dataset(loaded.train_path, loaded.eval_path, base, ModelConfig(base=base.name_or_path),
-                               tmp_path / "formatted", assistant_only_loss=False)
+    formatted = format_dataset(
+        loaded.train_path,
+        loaded.eval_path,
+        base,
+        ModelConfig(base=base.name_or_path),
+        tmp_path / "formatted",
+        assistant_only_loss=False,
+    )
     assert formatted.train.n_trained_tokens == formatted.train.n_tokens
     assert formatted.eval.n_trained_tokens < formatted.eval.n_tokens
 
@@ -106,8 +112,10 @@ def test_eval_split_scores_answers_only_even_when_training_on_everything(
 def test_every_assistant_turn_of_a_multi_turn_conversation_is_trained(tokenizer) -> None:
     answers = ["Paris.", "About 2.1 million people."]
     example = _example(
-        ("user", "Capital of France?"), ("assistant", answers[0]),
-        ("user", "And its population?"), ("assistant", answers[1]),
+        ("user", "Capital of France?"),
+        ("assistant", answers[0]),
+        ("user", "And its population?"),
+        ("assistant", answers[1]),
     )
     input_ids, labels = tokenize_conversation(tokenizer, example)
 
@@ -119,13 +127,14 @@ def test_every_assistant_turn_of_a_multi_turn_conversation_is_trained(tokenizer)
     assert between == "<|im_start|>user\nAnd its population?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_format_dataset_on_the_demo_data(
-    demo_data: tuple[Path, Path], base: BaseModelRef, tmp_path: Path
-) -> None:
+def test_format_dataset_on_the_demo_data(demo_data: tuple[Path, Path], base: BaseModelRef, tmp_path: Path) -> None:
     train_raw, eval_raw = demo_data
     loaded = load_dataset(DataConfig(train=train_raw, eval=eval_raw, system_prompt="Extract."), tmp_path / "loaded")
     formatted = format_dataset(
-        loaded.train_path, loaded.eval_path, base, ModelConfig(base=base.name_or_path, max_seq_length=256),
+        loaded.train_path,
+        loaded.eval_path,
+        base,
+        ModelConfig(base=base.name_or_path, max_seq_length=256),
         tmp_path / "formatted",
     )
 
@@ -148,8 +157,9 @@ def test_format_dataset_on_the_demo_data(
 def checked(demo_data: tuple[Path, Path], base: BaseModelRef, tmp_path_factory: pytest.TempPathFactory) -> CheckedData:
     root = tmp_path_factory.mktemp("checked")
     cfg = DataConfig(train=demo_data[0], eval=demo_data[1], system_prompt="Extract.")
-    return check_dataset(load_dataset(cfg, root / "loaded"), cfg, base, ModelConfig(base=base.name_or_path),
-                         root / "checked")
+    return check_dataset(
+        load_dataset(cfg, root / "loaded"), cfg, base, ModelConfig(base=base.name_or_path), root / "checked"
+    )
 
 
 def _formatted_rows(formatted: FormattedData) -> tuple[list[dict], list[dict]]:
@@ -178,15 +188,23 @@ def test_token_ids_of_another_chat_template_are_not_used(
     args = (checked.train.clean_path, checked.eval.clean_path, base, cfg)
     formatted = format_dataset(*args, tmp_path / "a", tokens=checked.tokens)
     tokenizer = load_tokenizer(base, cfg.chat_template)
-    assert all(tokenizer.decode(row["input_ids"]).startswith("[chat]<|im_start|>") for row in _rows(formatted.train.path))
+    assert all(
+        tokenizer.decode(row["input_ids"]).startswith("[chat]<|im_start|>") for row in _rows(formatted.train.path)
+    )
     assert _formatted_rows(formatted) == _formatted_rows(format_dataset(*args, tmp_path / "b"))
 
 
 def test_token_ids_of_other_examples_are_refused(checked: CheckedData, base: BaseModelRef, tmp_path: Path) -> None:
     swapped = checked.tokens.model_copy(update={"train": checked.tokens.eval, "eval": checked.tokens.train})
     with pytest.raises(RuntimeError, match="does not hold the token ids of the examples"):
-        format_dataset(checked.train.clean_path, checked.eval.clean_path, base, ModelConfig(base=base.name_or_path),
-                       tmp_path / "out", tokens=swapped)
+        format_dataset(
+            checked.train.clean_path,
+            checked.eval.clean_path,
+            base,
+            ModelConfig(base=base.name_or_path),
+            tmp_path / "out",
+            tokens=swapped,
+        )
 
 
 def test_too_long_examples_are_quarantined_not_truncated(base: BaseModelRef, tmp_path: Path) -> None:

@@ -39,8 +39,9 @@ def train_once(cfg: PipelineConfig, seed: int):
 @flow
 def evaluate_once(cfg: PipelineConfig, trained: TrainResult):
     base, checked, formatted = prepared(cfg)
-    return evaluate(formatted, checked, trained, base, None, cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir,
-                    split="test")
+    return evaluate(
+        formatted, checked, trained, base, None, cfg.tracking.uri, cfg.data, cfg.eval, cfg.workdir, split="test"
+    )
 
 
 @pytest.fixture
@@ -63,8 +64,12 @@ def slot_intervals(flow_run_id) -> list[tuple[float, float]]:
     from prefect.client.schemas.sorting import LogSort
 
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)
+        logs = client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+            limit=200,
+            offset=0,
+            sort=LogSort.TIMESTAMP_ASC,
+        )
     held = [log.timestamp.timestamp() for log in logs if log.message.startswith("holding")]
     released = [log.timestamp.timestamp() for log in logs if log.message.startswith("releasing")]
     return list(zip(held, released, strict=True))
@@ -78,8 +83,10 @@ def test_two_concurrent_runs_take_turns_on_one_gpu_slot(tmp_path: Path, fast_con
     cfg = PipelineConfig.model_validate(raw)
     train_once(cfg, seed=0)  # load, check and format once; the two runs below share those cache hits
     states = {}
-    runs = [threading.Thread(target=lambda s=seed: states.update({s: train_once(cfg, s, return_state=True)}))
-            for seed in (1, 2)]
+    runs = [
+        threading.Thread(target=lambda s=seed: states.update({s: train_once(cfg, s, return_state=True)}))
+        for seed in (1, 2)
+    ]
     for run in runs:
         run.start()
     for run in runs:
@@ -105,8 +112,11 @@ def task_started(flow_run_id, task_name: str) -> float:
     from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=100,
+        )
     (run,) = [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]  # names end in a random suffix
     return run.start_time.timestamp()
 
@@ -120,15 +130,18 @@ def test_an_evaluation_waits_for_another_runs_training(tmp_path: Path, fast_conf
     trained = train_once(cfg, seed=0)  # the model to evaluate; and both runs below hit the data stages' cache
     states = {}
     # Long enough a training that the other run reaches its evaluation while the slot is still held.
-    training = threading.Thread(target=lambda: states.update(
-        train=train_once(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 20})}), 1,
-                         return_state=True)))
+    training = threading.Thread(
+        target=lambda: states.update(
+            train=train_once(
+                cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 20})}), 1, return_state=True
+            )
+        )
+    )
     training.start()
     deadline = time.monotonic() + 300
     while active_slots() == 0 and training.is_alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    evaluation = threading.Thread(target=lambda: states.update(evaluate=evaluate_once(cfg, trained,
-                                                                                      return_state=True)))
+    evaluation = threading.Thread(target=lambda: states.update(evaluate=evaluate_once(cfg, trained, return_state=True)))
     evaluation.start()
     for run in (training, evaluation):
         run.join(timeout=600)

@@ -61,8 +61,11 @@ def transformer_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(graphs.TransformerGraphs, "_training_on_gpu",
-                        lambda self, ids: torch.is_grad_enabled() and self.transformer.training)
+    monkeypatch.setattr(
+        graphs.TransformerGraphs,
+        "_training_on_gpu",
+        lambda self, ids: torch.is_grad_enabled() and self.transformer.training,
+    )
     monkeypatch.setattr(graphs, "PackedBoundaries", RecordedBoundaries)
     transformer = TinyTransformer()
     return graphs.TransformerGraphs(transformer, LAYOUT), transformer, captures
@@ -84,8 +87,12 @@ def test_a_shape_is_captured_the_second_time_in_a_row_and_only_that_shape_replay
 
 
 def packed(width: int, lengths: list[int]) -> dict:
-    return batch(1, width, position_ids=torch.zeros(1, width, dtype=torch.long),
-                 packed_seq_lengths=torch.tensor(lengths, dtype=torch.int32))
+    return batch(
+        1,
+        width,
+        position_ids=torch.zeros(1, width, dtype=torch.long),
+        packed_seq_lengths=torch.tensor(lengths, dtype=torch.int32),
+    )
 
 
 def test_packed_rows_of_the_layout_are_captured_and_read_their_boundaries_from_the_gpu_buffers(transformer_graphs):
@@ -99,8 +106,7 @@ def test_packed_rows_of_the_layout_are_captured_and_read_their_boundaries_from_t
     assert run.boundaries.loaded == [[3, 5, 0], [2, 2, 4], [1, 3, 4]]  # every row's lengths, before a replay
 
 
-def test_packed_rows_are_not_replayed_unless_every_layer_attended_through_the_varlen_kernel(transformer_graphs,
-                                                                                           capsys):
+def test_packed_rows_are_not_replayed_unless_every_layer_attended_through_the_varlen_kernel(transformer_graphs, capsys):
     run, transformer, captures = transformer_graphs
     transformer.varlen = False  # e.g. one attention call per run of equal lengths: this row's lengths kept
     run(packed(8, [3, 5, 0]))
@@ -109,8 +115,7 @@ def test_packed_rows_are_not_replayed_unless_every_layer_attended_through_the_va
     assert "0 of 1 layers attended to the packed row through the varlen kernel" in capsys.readouterr().out
 
 
-def test_padded_batches_packed_rows_off_the_layout_evaluation_and_no_grad_passes_are_never_captured(
-        transformer_graphs):
+def test_padded_batches_packed_rows_off_the_layout_evaluation_and_no_grad_passes_are_never_captured(transformer_graphs):
     run, transformer, captures = transformer_graphs
     for _ in range(2):
         run(batch(4, 8, attention_mask=torch.ones(4, 8, dtype=torch.long)))

@@ -36,35 +36,41 @@ WRONG = "I am not sure, please contact support."
 GATE = GateConfig(rules={"judge_win_rate": {"min": 0.5}})
 
 
-@pytest.mark.parametrize(("reply", "mode", "verdict"), [
-    ("A is more accurate.\n[[A]]", "pairwise", "A"),
-    ("Both say it. [[C]]", "pairwise", "C"),
-    ("First I thought [[A]], but on reflection [[B]]", "pairwise", "B"),  # the last mark is the verdict
-    ('{"verdict": "B"}', "pairwise", "B"),
-    ('Sure: {"verdict": "c"}', "pairwise", "C"),
-    ("B", "pairwise", "B"),
-    ("Assistant A.", "pairwise", "A"),
-    ("Both answers are fine.", "pairwise", None),
-    ("[[D]]", "pairwise", None),
-    ("Mostly right. [[4]]", "rubric", "4"),
-    ('{"score": 2}', "rubric", "2"),
-    ("5", "rubric", "5"),
-    ("[[7]]", "rubric", None),
-    ("", "rubric", None),
-])
+@pytest.mark.parametrize(
+    ("reply", "mode", "verdict"),
+    [
+        ("A is more accurate.\n[[A]]", "pairwise", "A"),
+        ("Both say it. [[C]]", "pairwise", "C"),
+        ("First I thought [[A]], but on reflection [[B]]", "pairwise", "B"),  # the last mark is the verdict
+        ('{"verdict": "B"}', "pairwise", "B"),
+        ('Sure: {"verdict": "c"}', "pairwise", "C"),
+        ("B", "pairwise", "B"),
+        ("Assistant A.", "pairwise", "A"),
+        ("Both answers are fine.", "pairwise", None),
+        ("[[D]]", "pairwise", None),
+        ("Mostly right. [[4]]", "rubric", "4"),
+        ('{"score": 2}', "rubric", "2"),
+        ("5", "rubric", "5"),
+        ("[[7]]", "rubric", None),
+        ("", "rubric", None),
+    ],
+)
 def test_verdicts_are_read_from_marks_json_or_a_bare_answer(reply: str, mode: str, verdict: str | None) -> None:
     assert parse_verdict(reply, mode) == verdict
 
 
-@pytest.mark.parametrize(("as_a", "as_b", "result", "value"), [
-    ("A", "B", "win", 1.0),  # the candidate's answer preferred in both positions
-    ("B", "A", "loss", 0.0),
-    ("C", "C", "tie", 0.5),
-    ("A", "A", "flip", 0.5),  # the first position preferred both times: the order decided, not the answer
-    ("B", "B", "flip", 0.5),
-    ("A", "C", "flip", 0.5),
-    (None, "B", "unread", 0.5),
-])
+@pytest.mark.parametrize(
+    ("as_a", "as_b", "result", "value"),
+    [
+        ("A", "B", "win", 1.0),  # the candidate's answer preferred in both positions
+        ("B", "A", "loss", 0.0),
+        ("C", "C", "tie", 0.5),
+        ("A", "A", "flip", 0.5),  # the first position preferred both times: the order decided, not the answer
+        ("B", "B", "flip", 0.5),
+        ("A", "C", "flip", 0.5),
+        (None, "B", "unread", 0.5),
+    ],
+)
 def test_a_verdict_counts_only_when_it_holds_in_both_orders(as_a, as_b, result: str, value: float) -> None:
     assert pairwise_result(as_a, as_b) == (result, value)
 
@@ -79,8 +85,10 @@ def test_judge_config_forms_and_the_metric_names_the_gate_may_use(tmp_path: Path
     assert stable_hash(EvalConfig()) == stable_hash(EvalConfig(judge="ollama:qwen2.5:7b"))
 
     base = tmp_path / "c.yaml"
-    base.write_text("name: t\ndata: {train: d.jsonl, output_format: text}\nmodel: {base: m}\n"
-                    "ollama: {model_name: t}\ngate: {rules: {judge_win_rate: {min: 0.5}}}\n")
+    base.write_text(
+        "name: t\ndata: {train: d.jsonl, output_format: text}\nmodel: {base: m}\n"
+        "ollama: {model_name: t}\ngate: {rules: {judge_win_rate: {min: 0.5}}}\n"
+    )
     with pytest.raises(ConfigError, match=r"unknown metric 'judge_win_rate'.*set eval.judge"):
         load_config(base)
     assert load_config(base, ["eval.judge=ollama:qwen2.5:7b"]).eval.judge.metric == "judge_win_rate"
@@ -96,23 +104,48 @@ def _evaluated(root: Path, answers: dict[str, list[str]]) -> tuple[EvalReport, P
     and the examples file it was made from."""
     n = len(answers["candidate"])
     rows = [json.loads(line) for line in Path("configs/rag-prose/eval.jsonl").read_text().splitlines()[:n]]
-    examples = [Example(id=f"ex{i}", source="eval.jsonl", line=i + 1,
-                        messages=[Message(role="system", content=SYSTEM), *map(Message.model_validate, row["messages"])])
-                for i, row in enumerate(rows)]
+    examples = [
+        Example(
+            id=f"ex{i}",
+            source="eval.jsonl",
+            line=i + 1,
+            messages=[Message(role="system", content=SYSTEM), *map(Message.model_validate, row["messages"])],
+        )
+        for i, row in enumerate(rows)
+    ]
     root.mkdir(parents=True, exist_ok=True)
     (root / "eval.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in examples))
     scores = {who: [float(a == e.answer) for a, e in zip(said, examples)] for who, said in answers.items()}
     with (root / "samples.jsonl").open("w") as out:
         for i, example in enumerate(examples):
-            out.write(json.dumps({"id": example.id, "source": f"eval.jsonl:{i + 1}", "prompt": example.prompt[-1].content,
-                                  "expected": example.answer, **{who: {"answer": said[i], "stopped": True,
-                                                                       "scores": {"exact_match": scores[who][i]}}
-                                                                 for who, said in answers.items()}}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "id": example.id,
+                        "source": f"eval.jsonl:{i + 1}",
+                        "prompt": example.prompt[-1].content,
+                        "expected": example.answer,
+                        **{
+                            who: {"answer": said[i], "stopped": True, "scores": {"exact_match": scores[who][i]}}
+                            for who, said in answers.items()
+                        },
+                    }
+                )
+                + "\n"
+            )
     (root / "probes.jsonl").write_text("")
-    models = {who: ModelScores(name=who, version="3" if who == "champion" else None,
-                               metrics={"exact_match": sum(s) / n}) for who, s in scores.items()}
-    return EvalReport(n_samples=n, candidate=models["candidate"], base=models["base"], champion=models.get("champion"),
-                      samples_path=root / "samples.jsonl", probes_path=root / "probes.jsonl"), root / "eval.jsonl"
+    models = {
+        who: ModelScores(name=who, version="3" if who == "champion" else None, metrics={"exact_match": sum(s) / n})
+        for who, s in scores.items()
+    }
+    return EvalReport(
+        n_samples=n,
+        candidate=models["candidate"],
+        base=models["base"],
+        champion=models.get("champion"),
+        samples_path=root / "samples.jsonl",
+        probes_path=root / "probes.jsonl",
+    ), root / "eval.jsonl"
 
 
 def _answers(n: int = 2) -> list[str]:
@@ -131,14 +164,20 @@ def ollama_judge(fake_ollama: FakeOllama, smollm2) -> str:
     gguf = packaged_gguf("smollm2-135m-instruct")
     spec = modelfile_spec(gguf, Path(smollm2.name_or_path))
     client = OllamaClient(fake_ollama.url, timeout_s=60)
-    client.create("smollm2-judge:135m", files={gguf.name: client.push_blob(gguf)}, template=spec.template,
-                  system=spec.system, parameters=spec.api_parameters())
+    client.create(
+        "smollm2-judge:135m",
+        files={gguf.name: client.push_blob(gguf)},
+        template=spec.template,
+        system=spec.system,
+        parameters=spec.api_parameters(),
+    )
     return "ollama:smollm2-judge:135m"
 
 
 @pytest.mark.slow  # a real model judges through llama.cpp
 def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
-        fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
+    fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path
+) -> None:
     right = _answers()
     report, examples = _evaluated(tmp_path / "eval", {"candidate": [right[0], WRONG], "base": [WRONG, right[1]]})
     # At 135M the judge may prefer a position whatever stands there: flips are allowed, to see them counted.
@@ -189,8 +228,11 @@ def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
     strict = cfg.model_copy(update={"max_order_flips": 0.0})
     fake_ollama.requests.clear()
     if judged.judge.order_flips:
-        with pytest.raises(JudgeError, match=rf"so gate.rules.judge_win_rate cannot be decided\): the judge's verdict "
-                                             rf"changed with the order of the answers on {judged.judge.order_flips} of 2"):
+        with pytest.raises(
+            JudgeError,
+            match=rf"so gate.rules.judge_win_rate cannot be decided\): the judge's verdict "
+            rf"changed with the order of the answers on {judged.judge.order_flips} of 2",
+        ):
             judge_report(report, strict, examples, None, GATE, tmp_path / "strict", cache)
     else:
         assert judge_report(report, strict, examples, None, GATE, tmp_path / "strict", cache).judge.asked == 0
@@ -198,8 +240,9 @@ def test_pairwise_through_ollama_asks_both_orders_caches_and_feeds_the_gate(
 
     # A re-run, with another gate and against a champion that answered as the base did: nothing is asked again.
     fake_ollama.requests.clear()
-    again, _ = _evaluated(tmp_path / "eval2", {"candidate": [right[0], WRONG], "base": [WRONG, WRONG],
-                                               "champion": [WRONG, right[1]]})
+    again, _ = _evaluated(
+        tmp_path / "eval2", {"candidate": [right[0], WRONG], "base": [WRONG, WRONG], "champion": [WRONG, right[1]]}
+    )
     rejudged = judge_report(again, cfg, examples, None, GateConfig(), tmp_path / "judge2", cache)
     assert fake_ollama.calls == ["GET /api/tags"] and rejudged.judge.asked == 0
     assert rejudged.judge.opponent == "champion" and rejudged.champion.metrics["judge_win_rate"] == 1 - mean
@@ -225,10 +268,17 @@ def _between(text: str) -> list[str]:
 
 
 def test_rubric_scores_each_answer_for_the_candidate_and_its_opponent(
-        fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
+    fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path
+) -> None:
     report, examples = _evaluated(tmp_path / "eval", {"candidate": _answers(1), "base": [WRONG]})
-    cfg = JudgeConfig(model=ollama_judge, base_url=fake_ollama.url, mode="rubric", structured=True, max_tokens=8,
-                      rubric="5: states the fact of the reference. 1: does not.")
+    cfg = JudgeConfig(
+        model=ollama_judge,
+        base_url=fake_ollama.url,
+        mode="rubric",
+        structured=True,
+        max_tokens=8,
+        rubric="5: states the fact of the reference. 1: does not.",
+    )
     judged = judge_report(report, cfg, examples, None, GateConfig(), tmp_path / "judge", tmp_path / "cache")
     asked = fake_ollama.bodies("/api/chat")
     assert len(asked) == 2 and all("[Rubric]\n5: states the fact" in a["messages"][-1]["content"] for a in asked)
@@ -242,7 +292,8 @@ def test_rubric_scores_each_answer_for_the_candidate_and_its_opponent(
 
 
 def test_an_unreadable_verdict_is_asked_again_once_with_the_format_restated(
-        fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
+    fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path
+) -> None:
     report, examples = _evaluated(tmp_path / "eval", {"candidate": _answers(1), "base": [WRONG]})
     # Free text, and a single token to say it in: this judge's reply starts with no verdict.
     cfg = JudgeConfig(model=ollama_judge, base_url=fake_ollama.url, max_tokens=1, max_unparsed=1.0)
@@ -261,8 +312,11 @@ def test_an_unreadable_verdict_is_asked_again_once_with_the_format_restated(
 
     # A judge that cannot keep to the format measures nothing: the rule it leaves undecided is named.
     strict = cfg.model_copy(update={"max_unparsed": 0.0})
-    with pytest.raises(JudgeError, match=r"judge_win_rate could not be measured .*so gate.rules.judge_win_rate "
-                                         r"cannot be decided.*could not be read in \d of 2 replies") as failed:
+    with pytest.raises(
+        JudgeError,
+        match=r"judge_win_rate could not be measured .*so gate.rules.judge_win_rate "
+        r"cannot be decided.*could not be read in \d of 2 replies",
+    ) as failed:
         judge_report(report, strict, examples, None, GATE, tmp_path / "strict", tmp_path / "cache")
     assert not is_transient(failed.value) and (tmp_path / "strict" / "judgments.jsonl").is_file()
 
@@ -270,15 +324,19 @@ def test_an_unreadable_verdict_is_asked_again_once_with_the_format_restated(
 def test_an_unreachable_judge_fails_naming_the_rule_and_is_retried_as_a_network_call(tmp_path: Path) -> None:
     report, examples = _evaluated(tmp_path / "eval", {"candidate": _answers(1), "base": [WRONG]})
     cfg = JudgeConfig(model="ollama:qwen2.5:7b", base_url=f"http://127.0.0.1:{closed_port()}")
-    with pytest.raises(JudgeError, match=r"judge_win_rate could not be measured by the judge ollama:qwen2.5:7b "
-                                         r"\(so gate.rules.judge_win_rate cannot be decided\)") as failed:
+    with pytest.raises(
+        JudgeError,
+        match=r"judge_win_rate could not be measured by the judge ollama:qwen2.5:7b "
+        r"\(so gate.rules.judge_win_rate cannot be decided\)",
+    ) as failed:
         judge_report(report, cfg, examples, None, GATE, tmp_path / "judge", tmp_path / "cache")
     assert is_transient(failed.value)
 
 
 @pytest.mark.slow
-def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_ollama: FakeOllama, ollama_judge: str,
-                                                           tmp_path: Path) -> None:
+def test_a_judge_restarting_mid_run_is_retried_by_the_task(
+    prefect_server, fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path
+) -> None:
     from prefect import flow
 
     from tunepipe.tasks.evaluate.judge import judge
@@ -292,7 +350,8 @@ def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_
     @flow
     def judged():
         return judge.with_options(**network_retries(RetryConfig(attempts=2, backoff_s=0)))(
-            report, cfg, examples, None, GATE, tmp_path / "runs")
+            report, cfg, examples, None, GATE, tmp_path / "runs"
+        )
 
     result = judged()
     # The task's second try asks both questions.
@@ -302,18 +361,26 @@ def test_a_judge_restarting_mid_run_is_retried_by_the_task(prefect_server, fake_
 
 @pytest.mark.slow
 def test_a_gguf_judge_is_served_by_llama_cpp_python_for_the_judging_only(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from tunepipe.tasks.model.packaged import packaged_gguf
 
     right = _answers()
     report, examples = _evaluated(tmp_path / "eval", {"candidate": [right[0], WRONG], "base": [WRONG, right[1]]})
     key = "sk-judge-test-0123456789"
     monkeypatch.setenv("TUNEPIPE_TEST_JUDGE_KEY", key)
-    cfg = JudgeConfig(model=str(packaged_gguf("smollm2-135m-instruct")), api_key_env="TUNEPIPE_TEST_JUDGE_KEY",
-                      structured=True, max_tokens=12, context_length=1024, max_order_flips=1)
+    cfg = JudgeConfig(
+        model=str(packaged_gguf("smollm2-135m-instruct")),
+        api_key_env="TUNEPIPE_TEST_JUDGE_KEY",
+        structured=True,
+        max_tokens=12,
+        context_length=1024,
+        max_order_flips=1,
+    )
     caplog.set_level(logging.INFO)
-    judged = judge_report(report, cfg, examples, None, GATE, tmp_path / "judge", tmp_path / "cache",
-                          logging.getLogger("judge-test"))
+    judged = judge_report(
+        report, cfg, examples, None, GATE, tmp_path / "judge", tmp_path / "cache", logging.getLogger("judge-test")
+    )
     started = next(r.getMessage() for r in caplog.records if "started llama-cpp-python's server" in r.getMessage())
     port = int(started.split("127.0.0.1:")[1].split("/")[0])
     with socket.socket() as probe:  # stopped once the judging is done
@@ -323,8 +390,13 @@ def test_a_gguf_judge_is_served_by_llama_cpp_python_for_the_judging_only(
     assert judged.judge.digest.startswith("sha256:") and judged.judge.model == "SmolLM2-135M-Instruct.Q4_1.gguf"
     server_log = (tmp_path / "judge" / "server.log").read_text()
     assert server_log.count('"POST /v1/chat/completions HTTP/1.1" 200') == 4  # the key was sent and accepted
-    kept = [caplog.text, server_log, judged.judge.judgments_path.read_text(), judged.model_dump_json(),
-            *(p.read_text() for p in (tmp_path / "cache").iterdir())]
+    kept = [
+        caplog.text,
+        server_log,
+        judged.judge.judgments_path.read_text(),
+        judged.model_dump_json(),
+        *(p.read_text() for p in (tmp_path / "cache").iterdir()),
+    ]
     assert not [text for text in kept if key in text]
 
     # A cached re-run starts no server.
@@ -350,15 +422,21 @@ def test_gate_rule_on_the_judge_metric_fails_when_it_was_not_measured(tmp_path: 
 
 @pytest.mark.slow
 def test_the_finetune_flow_gates_on_the_judge_and_keeps_its_verdicts(
-        prefect_server, fast_config, fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path) -> None:
+    prefect_server, fast_config, fake_ollama: FakeOllama, ollama_judge: str, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from tunepipe.flows.finetune import GateFailed, finetune
     from tunepipe.tasks.runtime.config import PipelineConfig
 
     raw = fast_config(tmp_path)
-    raw["eval"]["judge"] = {"model": ollama_judge, "base_url": fake_ollama.url, "structured": True, "max_tokens": 12,
-                            "max_order_flips": 1.0}
+    raw["eval"]["judge"] = {
+        "model": ollama_judge,
+        "base_url": fake_ollama.url,
+        "structured": True,
+        "max_tokens": 12,
+        "max_order_flips": 1.0,
+    }
     raw["gate"] = {"rules": {"judge_win_rate": {"min": 1.01}}}  # out of reach: the run stops at the gate
     state = finetune(PipelineConfig.model_validate(raw), return_state=True)
     error = state.result(raise_on_failure=False)

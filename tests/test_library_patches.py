@@ -42,8 +42,11 @@ def fake_unsloth(monkeypatch):
     dispatch._TORCH_VARLEN_ATTN = None
     utils = types.ModuleType("unsloth.utils")
     utils.attention_dispatch = dispatch
-    for name, module in (("unsloth", types.ModuleType("unsloth")), ("unsloth.utils", utils),
-                         ("unsloth.utils.attention_dispatch", dispatch)):
+    for name, module in (
+        ("unsloth", types.ModuleType("unsloth")),
+        ("unsloth.utils", utils),
+        ("unsloth.utils.attention_dispatch", dispatch),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     return dispatch
 

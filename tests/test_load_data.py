@@ -88,9 +88,15 @@ def test_system_prompt_added_only_when_missing() -> None:
     record = _chat("user:Q", "assistant:A")
     assert _roles(parse_record(record, system_prompt="Extract JSON."))[0] == ("system", "Extract JSON.")
     assert _roles(parse_record({"input": "Q", "output": "A"}, system_prompt="Extract JSON."))[0] == (
-        "system", "Extract JSON.")
+        "system",
+        "Extract JSON.",
+    )
     own = {"messages": [{"role": "system", "content": "Mine"}, *record["messages"]]}
-    assert _roles(parse_record(own, system_prompt="Extract JSON.")) == [("system", "Mine"), ("user", "Q"), ("assistant", "A")]
+    assert _roles(parse_record(own, system_prompt="Extract JSON.")) == [
+        ("system", "Mine"),
+        ("user", "Q"),
+        ("assistant", "A"),
+    ]
 
 
 # --- record errors name the field ---------------------------------------------------------------------
@@ -103,32 +109,73 @@ def test_system_prompt_added_only_when_missing() -> None:
         ({"input": "Q", "output": 3}, "output", 'field "output" must be a string or a JSON object, got number'),
         ({"input": 5, "output": "A"}, "input", 'field "input" must be a string, got number'),
         ({"input": None, "output": "A"}, "input", 'field "input" is null'),
-        ({"question": "Q", "answer": "A"}, "<record>", 'unknown shape: keys "question", "answer"; expected '
-         "'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'input' + 'output' "
-         "(pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl)"),
+        (
+            {"question": "Q", "answer": "A"},
+            "<record>",
+            'unknown shape: keys "question", "answer"; expected '
+            "'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'input' + 'output' "
+            "(pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl)",
+        ),
         ({"messages": "hi"}, "messages", 'field "messages" must be a list of turns, got string'),
         ({"messages": []}, "messages", 'field "messages" must not be empty'),
-        (_chat("user:Q", "bot:A"), "messages[1].role",
-         'field "messages[1].role" must be one of "system", "user", "assistant"; got "bot"'),
-        ({"messages": [{"role": ["user"], "content": "Q"}]}, "messages[0].role",
-         'field "messages[0].role" must be one of "system", "user", "assistant"; got ["user"]'),
-        ({"messages": [{"content": "Q"}]}, "messages[0].role",
-         'field "messages[0].role" must be one of "system", "user", "assistant"; missing'),
-        ({"instruction": "Do", "input": {"x": 1}, "output": "A"}, "input", 'field "input" must be a string, got object'),
-        ({"conversations": [{"from": "user", "value": "Q"}]}, "conversations[0].from",
-         'field "conversations[0].from" must be one of "system", "human", "gpt"; got "user"'),
-        ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt"}]}, "conversations[1].value",
-         'missing field "conversations[1].value"'),
-        ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "{}"}]},
-         "conversations[1].from",
-         'function-call turns ("function_call") are not supported yet (tools); remove the tool turns or the row'),
-        ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": None, "tool_calls": [{}]}]},
-         "messages[1].role",
-         'function-call turns ("assistant") are not supported yet (tools); remove the tool turns or the row'),
-        ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], "tools": '[{"name": "f"}]'},
-         "tools", 'field "tools": tool definitions are not supported yet; remove them or the row'),
-        ({"instruction": "Q", "output": "A", "history": [["only one"]]}, "history[0]",
-         'field "history[0]" must be a [prompt, answer] pair of strings'),
+        (
+            _chat("user:Q", "bot:A"),
+            "messages[1].role",
+            'field "messages[1].role" must be one of "system", "user", "assistant"; got "bot"',
+        ),
+        (
+            {"messages": [{"role": ["user"], "content": "Q"}]},
+            "messages[0].role",
+            'field "messages[0].role" must be one of "system", "user", "assistant"; got ["user"]',
+        ),
+        (
+            {"messages": [{"content": "Q"}]},
+            "messages[0].role",
+            'field "messages[0].role" must be one of "system", "user", "assistant"; missing',
+        ),
+        (
+            {"instruction": "Do", "input": {"x": 1}, "output": "A"},
+            "input",
+            'field "input" must be a string, got object',
+        ),
+        (
+            {"conversations": [{"from": "user", "value": "Q"}]},
+            "conversations[0].from",
+            'field "conversations[0].from" must be one of "system", "human", "gpt"; got "user"',
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt"}]},
+            "conversations[1].value",
+            'missing field "conversations[1].value"',
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "{}"}]},
+            "conversations[1].from",
+            'function-call turns ("function_call") are not supported yet (tools); remove the tool turns or the row',
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": None, "tool_calls": [{}]},
+                ]
+            },
+            "messages[1].role",
+            'function-call turns ("assistant") are not supported yet (tools); remove the tool turns or the row',
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+                "tools": '[{"name": "f"}]',
+            },
+            "tools",
+            'field "tools": tool definitions are not supported yet; remove them or the row',
+        ),
+        (
+            {"instruction": "Q", "output": "A", "history": [["only one"]]},
+            "history[0]",
+            'field "history[0]" must be a [prompt, answer] pair of strings',
+        ),
     ],
 )
 def test_record_errors_name_the_field(record: dict, field: str, message: str) -> None:
@@ -144,7 +191,10 @@ def test_order_and_empty_turns_are_left_to_the_data_check() -> None:
 
 
 def test_named_shape_quarantines_other_shapes() -> None:
-    assert _roles(parse_record({"instruction": "Q", "output": "A"}, shape="alpaca")) == [("user", "Q"), ("assistant", "A")]
+    assert _roles(parse_record({"instruction": "Q", "output": "A"}, shape="alpaca")) == [
+        ("user", "Q"),
+        ("assistant", "A"),
+    ]
     with pytest.raises(RecordError) as caught:
         parse_record(_chat("user:Q", "assistant:A"), shape="alpaca")
     assert caught.value.message == 'not a alpaca record: no field "instruction" (keys: "messages")'
@@ -152,25 +202,37 @@ def test_named_shape_quarantines_other_shapes() -> None:
 
 def test_alpaca_history_and_system() -> None:
     record = {"instruction": "Q2", "output": "A2", "system": "S", "history": [["Q1", "A1"]]}
-    assert _roles(parse_record(record)) == [("system", "S"), ("user", "Q1"), ("assistant", "A1"), ("user", "Q2"),
-                                            ("assistant", "A2")]
+    assert _roles(parse_record(record)) == [
+        ("system", "S"),
+        ("user", "Q1"),
+        ("assistant", "A1"),
+        ("user", "Q2"),
+        ("assistant", "A2"),
+    ]
 
 
 def test_sharegpt_system_column_and_role_content_turns() -> None:
-    record = {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-              "system": "S", "tools": ""}
+    record = {
+        "conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        "system": "S",
+        "tools": "",
+    }
     assert _roles(parse_record(record)) == [("system", "S"), ("user", "Q"), ("assistant", "A")]
 
 
 # --- reasoning ----------------------------------------------------------------------------------------
 
-THINKING = _chat("user:Q", "assistant:<think>\nfirst this\n</think>\n\n{\"a\": 1}")
-FIELD = {"messages": [{"role": "user", "content": "Q"},
-                      {"role": "assistant", "content": "{}", "reasoning_content": "because"}]}
+THINKING = _chat("user:Q", 'assistant:<think>\nfirst this\n</think>\n\n{"a": 1}')
+FIELD = {
+    "messages": [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "{}", "reasoning_content": "because"},
+    ]
+}
 
 
 def test_reasoning_keep_leaves_answers_as_written() -> None:
-    assert parse_record(THINKING, reasoning="keep")[-1].content == "<think>\nfirst this\n</think>\n\n{\"a\": 1}"
+    assert parse_record(THINKING, reasoning="keep")[-1].content == '<think>\nfirst this\n</think>\n\n{"a": 1}'
     with pytest.raises(RecordError, match="would be lost with data.reasoning: keep"):
         parse_record(FIELD, reasoning="keep")
 
@@ -185,9 +247,12 @@ def test_reasoning_strip_drops_blocks_and_fields() -> None:
 @pytest.mark.parametrize("policy", ["keep", "strip", "wrap"])
 def test_a_stray_closing_think_tag_is_an_error_naming_the_field(policy: str) -> None:
     """Text before a `</think>` nothing opened would be taken for reasoning: stripped, or judged apart."""
-    stray = _chat("user:Q", "assistant:The kettle.</think>\n\n{\"a\": 1}")
-    with pytest.raises(RecordError, match=r'^messages\[1\]\.content: field "messages\[1\]\.content" has a '
-                                          r"</think> with no <think> before it") as excinfo:
+    stray = _chat("user:Q", 'assistant:The kettle.</think>\n\n{"a": 1}')
+    with pytest.raises(
+        RecordError,
+        match=r'^messages\[1\]\.content: field "messages\[1\]\.content" has a '
+        r"</think> with no <think> before it",
+    ) as excinfo:
         parse_record(stray, reasoning=policy)
     assert excinfo.value.field == "messages[1].content"
     pair = {"input": "Q", "output": "why</think>{}"}
@@ -201,8 +266,10 @@ def test_reasoning_wrap_writes_one_layout() -> None:
     pair = {"input": "Q", "output": {"a": 1}, "reasoning": "why"}
     assert parse_record(pair, reasoning="wrap")[-1].content == '<think>\nwhy\n</think>\n\n{"a":1}'
     with pytest.raises(RecordError, match="and a <think> block"):
-        parse_record({**THINKING, "messages": [*THINKING["messages"][:1],
-                                               {**THINKING["messages"][1], "reasoning": "x"}]}, reasoning="wrap")
+        parse_record(
+            {**THINKING, "messages": [*THINKING["messages"][:1], {**THINKING["messages"][1], "reasoning": "x"}]},
+            reasoning="wrap",
+        )
 
 
 # --- files --------------------------------------------------------------------------------------------
@@ -227,8 +294,10 @@ def test_read_jsonl_rejects_bad_lines_with_line_field_and_raw_text(tmp_path: Pat
     assert [(r.field, r.message) for r in rejections] == [
         ("<line>", f"{path}:3: invalid JSON: Expecting value (column 27)"),
         ("output", f'{path}:4: missing field "output"'),
-        ("messages[1].role", f'{path}:5: field "messages[1].role" must be one of "system", "user", "assistant"; '
-                             'got "robot"'),
+        (
+            "messages[1].role",
+            f'{path}:5: field "messages[1].role" must be one of "system", "user", "assistant"; got "robot"',
+        ),
         ("<line>", f"{path}:6: expected a JSON object, got array"),
         ("<line>", f"{path}:7: invalid JSON: NaN is not valid JSON"),
     ]
@@ -297,21 +366,32 @@ def test_folder_glob_and_llama_factory_folder(tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("not data")
     by_folder = load_dataset(DataConfig(train=folder, eval=folder / "b.json"), tmp_path / "o1")
     assert [(f.source, f.rows_read) for f in by_folder.files] == [
-        (str(folder / "a.jsonl"), 3), (str(folder / "b.json"), 1), (str(folder / "b.json"), 1)]
+        (str(folder / "a.jsonl"), 3),
+        (str(folder / "b.json"), 1),
+        (str(folder / "b.json"), 1),
+    ]
     by_glob = load_dataset(DataConfig(train=folder / "*.jsonl", eval=folder / "b.json"), tmp_path / "o2")
     assert (by_glob.n_train + by_glob.n_validation, by_glob.n_eval) == (3, 1)
 
     llama_factory = load_dataset(DataConfig(train=CORPUS / "llama_factory", eval_fraction=0.5), tmp_path / "o3")
     examples = [*read_examples(llama_factory.train_path), *read_examples(llama_factory.eval_path)]
     assert sorted(_roles(e.messages)[-2][1] for e in examples) == [
-        "<p>Product 402</p>", "Extract the product.\n\n<p>Product 400</p>", "Extract the product.\n\n<p>Product 401</p>"]
+        "<p>Product 402</p>",
+        "Extract the product.\n\n<p>Product 400</p>",
+        "Extract the product.\n\n<p>Product 401</p>",
+    ]
     assert any(_roles(e.messages)[0] == ("system", "You extract JSON.") for e in examples)
-    (rejected,) = [Rejection.model_validate_json(line) for line in llama_factory.quarantine_path.read_text().splitlines()]
-    assert rejected.message == (f'{CORPUS / "llama_factory" / "chat.jsonl"}:2: function-call turns ("function_call") '
-                                "are not supported yet (tools); remove the tool turns or the row")
+    (rejected,) = [
+        Rejection.model_validate_json(line) for line in llama_factory.quarantine_path.read_text().splitlines()
+    ]
+    assert rejected.message == (
+        f'{CORPUS / "llama_factory" / "chat.jsonl"}:2: function-call turns ("function_call") '
+        "are not supported yet (tools); remove the tool turns or the row"
+    )
     only_chat = DataConfig(train=CORPUS / "llama_factory", datasets=["products_chat"], eval_fraction=0.5)
     assert [f.source for f in load_dataset(only_chat, tmp_path / "o4").files] == [
-        str(CORPUS / "llama_factory" / "chat.jsonl")]
+        str(CORPUS / "llama_factory" / "chat.jsonl")
+    ]
     with pytest.raises(DataFileError, match=r"no dataset named 'nope' \(data.datasets\)"):
         load_dataset(DataConfig(train=CORPUS / "llama_factory", datasets=["nope"]), tmp_path / "o5")
 
@@ -329,10 +409,10 @@ UNUSABLE = {
     "empty_array.json": "empty file: no records",
     "latin1.jsonl": "not UTF-8 text (line 1: byte 0xe9 at byte 15 of the line); save it as UTF-8",
     "numbers.json": "a JSON array of numbers and strings; expected JSON objects, one record each",
-    "unknown_shape.jsonl": "unknown shape (the first record has keys \"question\", \"answer\"); expected 'messages' "
-                           "(openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'input' + "
-                           "'output' (pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl), or a "
-                           "LLaMA-Factory dataset_info.json that names the columns",
+    "unknown_shape.jsonl": 'unknown shape (the first record has keys "question", "answer"); expected \'messages\' '
+    "(openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), 'input' + "
+    "'output' (pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl), or a "
+    "LLaMA-Factory dataset_info.json that names the columns",
     "utf16.json": "UTF-16 text (byte-order mark FF FE); save it as UTF-8",
 }
 
@@ -348,7 +428,9 @@ def test_unusable_file_fails_with_one_message_naming_it(name: str, tmp_path: Pat
 def test_every_unusable_file_is_named_at_once(tmp_path: Path) -> None:
     with pytest.raises(DataFileError) as caught:
         load_dataset(DataConfig(train=CORPUS / "unusable"), tmp_path / "out")
-    assert str(caught.value).splitlines() == [f"{CORPUS / 'unusable' / name}: {UNUSABLE[name]}" for name in sorted(UNUSABLE)]
+    assert str(caught.value).splitlines() == [
+        f"{CORPUS / 'unusable' / name}: {UNUSABLE[name]}" for name in sorted(UNUSABLE)
+    ]
 
 
 def test_load_dataset_writes_train_eval_and_quarantine(tmp_path: Path) -> None:
@@ -413,17 +495,26 @@ def test_a_questions_side_is_its_hash_band_whichever_splits_are_given(tmp_path: 
     test_file = _write_lines(tmp_path / "test.jsonl", [json.dumps({"input": "test q", "output": {"a": 0}})])
     valid_file = _write_lines(tmp_path / "valid.jsonl", [json.dumps({"input": "valid q", "output": {"a": 0}})])
     ids = {line: example_id(parse_record(json.loads(line))) for line in lines}
-    bands = {line: split_band(ids[line], DataConfig(train=train, eval_fraction=0.2, validation_fraction=0.3))
-             for line in lines}
+    bands = {
+        line: split_band(ids[line], DataConfig(train=train, eval_fraction=0.2, validation_fraction=0.3))
+        for line in lines
+    }
     assert {band: sum(b == band for b in bands.values()) > 30 for band in ("train", "validation", "test")} == {
-        "train": True, "validation": True, "test": True}
+        "train": True,
+        "validation": True,
+        "test": True,
+    }
 
     def sides(**given) -> dict[str, str]:
-        loaded = load_dataset(DataConfig(train=train, eval_fraction=0.2, validation_fraction=0.3, **given),
-                              tmp_path / str(sorted(given)))
+        loaded = load_dataset(
+            DataConfig(train=train, eval_fraction=0.2, validation_fraction=0.3, **given), tmp_path / str(sorted(given))
+        )
         found = {}
-        for side, path in (("train", loaded.train_path), ("validation", loaded.validation_path),
-                           ("test", loaded.eval_path)):
+        for side, path in (
+            ("train", loaded.train_path),
+            ("validation", loaded.validation_path),
+            ("test", loaded.eval_path),
+        ):
             found |= {e.messages[-2].content: side for e in read_examples(path)}
         return found
 
@@ -436,8 +527,7 @@ def test_a_questions_side_is_its_hash_band_whichever_splits_are_given(tmp_path: 
 
 
 def test_split_never_leaves_a_side_empty(tmp_path: Path) -> None:
-    cfg = DataConfig(train=_write_lines(tmp_path / "t.jsonl", _pairs(3)), eval_fraction=0.01,
-                     validation_fraction=0.01)
+    cfg = DataConfig(train=_write_lines(tmp_path / "t.jsonl", _pairs(3)), eval_fraction=0.01, validation_fraction=0.01)
     loaded = load_dataset(cfg, tmp_path / "o")
     assert (loaded.n_train, loaded.n_validation, loaded.n_eval) == (1, 1, 1)
 
@@ -463,18 +553,31 @@ def test_preference_formats_trl_and_llama_factory(tmp_path: Path) -> None:
     """TRL's paired and unpaired rows, LLaMA-Factory's kto_tag and ranking datasets become preference examples;
     a bad label names its line and field."""
     trl = tmp_path / "trl.jsonl"
-    trl.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "Q1", "chosen": "good", "rejected": "bad"},
-        {"prompt": [{"role": "user", "content": "Q2"}], "completion": [{"role": "assistant", "content": "meh"}],
-         "label": False},
-        {"prompt": "Q3", "completion": "fine", "label": "true"},
-        {"prompt": "Q4", "completion": "fine", "label": "maybe"},
-        {"prompt": "Q5", "completion": "plain"},
-    ]) + "\n")
+    trl.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Q1", "chosen": "good", "rejected": "bad"},
+                {
+                    "prompt": [{"role": "user", "content": "Q2"}],
+                    "completion": [{"role": "assistant", "content": "meh"}],
+                    "label": False,
+                },
+                {"prompt": "Q3", "completion": "fine", "label": "true"},
+                {"prompt": "Q4", "completion": "fine", "label": "maybe"},
+                {"prompt": "Q5", "completion": "plain"},
+            ]
+        )
+        + "\n"
+    )
     read = read_file(DataSource(path=trl), Normaliser(None, system_prompt="S"))
     kinds = [(e.messages[-2].content, e.answer, e.kind, e.rejected) for e in read.examples]
-    assert kinds == [("Q1", "good", "pair", "bad"), ("Q2", "meh", "undesirable", None),
-                     ("Q3", "fine", "desirable", None), ("Q5", "plain", "sft", None)]
+    assert kinds == [
+        ("Q1", "good", "pair", "bad"),
+        ("Q2", "meh", "undesirable", None),
+        ("Q3", "fine", "desirable", None),
+        ("Q5", "plain", "sft", None),
+    ]
     assert read.examples[0].messages[0].content == "S"
     (bad,) = read.rejections
     assert (bad.line, bad.field) == (4, "label") and "must be true (desirable) or false" in bad.reason
@@ -484,15 +587,33 @@ def test_preference_formats_trl_and_llama_factory(tmp_path: Path) -> None:
     folder = tmp_path / "lf"
     folder.mkdir()
     (folder / "kto.json").write_text(json.dumps([{"instruction": "Q", "output": "A", "kto_tag": False}]))
-    (folder / "dpo.json").write_text(json.dumps([
-        {"conversations": [{"from": "human", "value": "Q"}], "chosen": {"from": "gpt", "value": "yes"},
-         "rejected": {"from": "gpt", "value": "no"}}]))
-    (folder / "dataset_info.json").write_text(json.dumps({
-        "kto": {"file_name": "kto.json", "columns": {"kto_tag": "kto_tag"}},
-        "dpo": {"file_name": "dpo.json", "formatting": "sharegpt", "ranking": True,
-                "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
-    }))
+    (folder / "dpo.json").write_text(
+        json.dumps(
+            [
+                {
+                    "conversations": [{"from": "human", "value": "Q"}],
+                    "chosen": {"from": "gpt", "value": "yes"},
+                    "rejected": {"from": "gpt", "value": "no"},
+                }
+            ]
+        )
+    )
+    (folder / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "kto": {"file_name": "kto.json", "columns": {"kto_tag": "kto_tag"}},
+                "dpo": {
+                    "file_name": "dpo.json",
+                    "formatting": "sharegpt",
+                    "ranking": True,
+                    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+                },
+            }
+        )
+    )
     loaded = load_dataset(DataConfig(train=folder, eval_fraction=0.5), tmp_path / "out")
     examples = [*read_examples(loaded.train_path), *read_examples(loaded.eval_path)]
     assert sorted((e.kind, e.answer, e.rejected) for e in examples) == [
-        ("pair", "yes", "no"), ("undesirable", "A", None)]
+        ("pair", "yes", "no"),
+        ("undesirable", "A", None),
+    ]

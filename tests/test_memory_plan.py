@@ -10,10 +10,21 @@ from pathlib import Path
 import pytest
 
 # Qwen2.5-7B-Instruct's config.json (the fields that size it).
-QWEN2_5_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
-              "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-              "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
-              "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "torch_dtype": "bfloat16"}
+QWEN2_5_7B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "torch_dtype": "bfloat16",
+}
 
 
 @pytest.fixture
@@ -34,8 +45,13 @@ def _config(base: Path, tmp_path: Path, demo_data, **sections):
     from tunepipe.tasks.runtime.config import PipelineConfig
 
     train, eval_ = demo_data
-    raw = {"name": "plan", "workdir": str(tmp_path / "runs"), "data": {"train": str(train), "eval": str(eval_)},
-           "model": {"base": str(base), "max_seq_length": 512}, "ollama": {"model_name": "plan"}}
+    raw = {
+        "name": "plan",
+        "workdir": str(tmp_path / "runs"),
+        "data": {"train": str(train), "eval": str(eval_)},
+        "model": {"base": str(base), "max_seq_length": 512},
+        "ollama": {"model_name": "plan"},
+    }
     for section, fields in sections.items():
         raw.setdefault(section, {}).update(fields)
     return PipelineConfig.model_validate(raw)
@@ -95,8 +111,13 @@ def test_plan_refuses_a_run_that_cannot_fit_naming_the_stage_and_the_setting(sev
     assert "will not fit: evaluate needs about" in message
 
     # QLoRA fits the same card: every GPU stage, the evaluations during training included.
-    qlora = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 16},
-                    train={"mode": "qlora", "eval_steps": 10, "batch_size": 8})
+    qlora = _config(
+        seven_b,
+        tmp_path,
+        demo_data,
+        model={"gpu_memory_gib": 16},
+        train={"mode": "qlora", "eval_steps": 10, "batch_size": 8},
+    )
     plan = run_memory_plan(qlora, base, 512, 0.3)
     gpu = {stage.stage: stage for stage in plan.stages if stage.resource == "GPU memory"}
     assert set(gpu) == {"train", "evaluations during training", "evaluate"}
@@ -105,8 +126,9 @@ def test_plan_refuses_a_run_that_cannot_fit_naming_the_stage_and_the_setting(sev
 
     # A card too small even for the 4-bit weights: the stage and the setting are named.
     with pytest.raises(WillNotFit, match=r"will not fit: train needs about .* set a shorter model.max_seq_length"):
-        run_memory_plan(qlora.model_copy(update={"model": qlora.model.model_copy(update={"gpu_memory_gib": 4})}),
-                        base, 512, 0.3).check()
+        run_memory_plan(
+            qlora.model_copy(update={"model": qlora.model.model_copy(update={"gpu_memory_gib": 4})}), base, 512, 0.3
+        ).check()
 
 
 def test_check_refuses_before_training_and_names_the_setting(seven_b, tmp_path, demo_data):
@@ -122,8 +144,14 @@ def test_export_plan_counts_disk_for_each_gguf_and_host_memory_for_one_tensor(se
     from tunepipe.tasks.model.base import resolve_base_model
     from tunepipe.tasks.runtime.memory_plan import run_memory_plan
 
-    cfg = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 24}, train={"mode": "qlora"},
-                  export={"gguf_types": ["q8_0", "q4_k_m"]})
+    cfg = _config(
+        seven_b,
+        tmp_path,
+        demo_data,
+        model={"gpu_memory_gib": 24},
+        train={"mode": "qlora"},
+        export={"gguf_types": ["q8_0", "q4_k_m"]},
+    )
     plan = run_memory_plan(cfg, resolve_base_model(cfg.model), 512, 0.3)
     stages = {stage.stage: stage for stage in plan.stages}
     files = stages["export (files)"].parts
@@ -149,9 +177,17 @@ def test_shard_merge_equals_peft_merge_and_unload(tiny_model: Path, tmp_path: Pa
     model.save_pretrained(base, max_shard_size="300KB" if shards == "several" else "5GB")
     assert (base / "model.safetensors.index.json").is_file() == (shards == "several")
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=8, lora_alpha=16, use_rslora=rslora, target_modules=["q_proj", "v_proj", "down_proj"],
-        init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            use_rslora=rslora,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
 
@@ -169,9 +205,12 @@ def test_shard_merge_equals_peft_merge_and_unload(tiny_model: Path, tmp_path: Pa
     for name, tensor in written.items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, expected[name]), name
-        with safe_open(next(base.glob("*.safetensors")) if shards == "one" else
-                       base / json.loads((base / "model.safetensors.index.json").read_text())["weight_map"][name],
-                       framework="pt") as f:
+        with safe_open(
+            next(base.glob("*.safetensors"))
+            if shards == "one"
+            else base / json.loads((base / "model.safetensors.index.json").read_text())["weight_map"][name],
+            framework="pt",
+        ) as f:
             changed += not torch.equal(tensor, f.get_tensor(name))
     assert changed == 3 * 4  # three targeted projections in each of the four layers
     assert json.loads((merged / "config.json").read_text()) == json.loads((base / "config.json").read_text())
@@ -187,11 +226,14 @@ def test_shard_merge_refuses_an_adapter_for_another_base(tiny_model: Path, tmp_p
     base = tmp_path / "base"
     AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(base)
     adapter = tmp_path / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                   LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(adapter)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    ).save_pretrained(adapter)
     weights = load_file(adapter / "adapter_model.safetensors")  # as if trained on a model with more layers
-    save_file({k.replace("layers.0.", "layers.9."): v for k, v in weights.items()},
-              adapter / "adapter_model.safetensors")
+    save_file(
+        {k.replace("layers.0.", "layers.9."): v for k, v in weights.items()}, adapter / "adapter_model.safetensors"
+    )
     with pytest.raises(MergeError, match=r"names tensors the base .* does not have: .*layers\.9\.self_attn\.q_proj"):
         merge_shards(adapter, base, tmp_path / "merged")
 
@@ -201,8 +243,14 @@ def test_the_flow_refuses_a_run_that_cannot_fit_before_any_stage(prefect_server,
     from tunepipe.deployments.output import stage_states
     from tunepipe.flows.finetune import finetune
 
-    cfg = _config(seven_b, tmp_path, demo_data, model={"gpu_memory_gib": 16}, train={"mode": "lora"},
-                  tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    cfg = _config(
+        seven_b,
+        tmp_path,
+        demo_data,
+        model={"gpu_memory_gib": 16},
+        train={"mode": "lora"},
+        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
     state = finetune(cfg, return_state=True)
     assert state.is_failed()
     assert "will not fit: train needs about" in state.message and "set train.mode: qlora" in state.message

@@ -10,8 +10,9 @@ REFERENCE = '{"name": "Mini Kite", "price": "$12", "category": "Toys"}'
 
 
 def test_exact_json_answer_scores_one_everywhere():
-    scores = score_example('{"price":"$12","name":"Mini Kite","category":"Toys"}', REFERENCE, True, "json",
-                           ["name", "price"])
+    scores = score_example(
+        '{"price":"$12","name":"Mini Kite","category":"Toys"}', REFERENCE, True, "json", ["name", "price"]
+    )
     assert scores["exact_match"] == scores["valid_json_rate"] == scores["field_accuracy"] == 1.0
     assert scores["key_f1"] == scores["required_keys_rate"] == scores["stop_rate"] == 1.0
     assert scores["field_accuracy.price"] == 1.0
@@ -26,8 +27,11 @@ def test_partial_json_answer():
     assert scores["key_precision"] == pytest.approx(2 / 3) and scores["key_recall"] == pytest.approx(2 / 3)
     assert scores["key_f1"] == pytest.approx(2 / 3)
     assert scores["required_keys_rate"] == 0.0 and scores["stop_rate"] == 0.0
-    assert (scores["field_accuracy.name"], scores["field_accuracy.price"], scores["field_accuracy.category"]) \
-        == (1.0, 0.0, 0.0)
+    assert (scores["field_accuracy.name"], scores["field_accuracy.price"], scores["field_accuracy.category"]) == (
+        1.0,
+        0.0,
+        0.0,
+    )
 
 
 @pytest.mark.parametrize("answer", ['{"name": "Mini Kite"', "[1, 2]", "Sure! Here it is"])

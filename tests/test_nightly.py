@@ -24,8 +24,9 @@ def small(raw: dict) -> dict:
     return raw
 
 
-def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(tmp_path: Path, fast_config, prefect_server,
-                                                                         monkeypatch: pytest.MonkeyPatch):
+def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(
+    tmp_path: Path, fast_config, prefect_server, monkeypatch: pytest.MonkeyPatch
+):
     from tunepipe.flows.finetune import finetune
     from tunepipe.tasks.runtime.tracking import TrackingUnavailable
 
@@ -39,11 +40,15 @@ def test_mlflow_unreachable_at_the_start_fails_clearly_before_any_stage(tmp_path
     error = state.result(raise_on_failure=False)
     stages = [name for name, _, _ in stage_states(state.state_details.flow_run_id)]
     assert (isinstance(error, TrackingUnavailable), f"tracking.uri {uri}" in str(error), stages) == (
-        True, True, ["resolve_base_model"])
+        True,
+        True,
+        ["resolve_base_model"],
+    )
 
 
 def test_a_store_is_opened_ahead_of_the_run_only_where_it_exists_and_an_unusable_one_is_left_to_the_run(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """`tunepipe run` opens an existing SQLite tracking store while Prefect's server boots (tasks/runtime/
     tracking.py: `open_store`); a new one is left to the run (one that fails before any stage writes nothing),
     and one that cannot be used raises nothing there: `RunWriter.start` fails the run with TrackingUnavailable
@@ -59,8 +64,11 @@ def test_a_store_is_opened_ahead_of_the_run_only_where_it_exists_and_an_unusable
     (tmp_path / "new").mkdir()
     MlflowClient(uri).search_experiments()  # the store a run made
     opened = []
-    monkeypatch.setattr(tracking, "MlflowClient", lambda tracking_uri: opened.append(tracking_uri) or MlflowClient(
-        tracking_uri=tracking_uri))
+    monkeypatch.setattr(
+        tracking,
+        "MlflowClient",
+        lambda tracking_uri: opened.append(tracking_uri) or MlflowClient(tracking_uri=tracking_uri),
+    )
     tracking.open_store(TrackingConfig(uri=uri, experiment="e"))
     assert opened == [uri]
     (tmp_path / "broken.db").write_text("not a database")
@@ -76,8 +84,9 @@ def test_two_nightly_triggers_at_once_train_once(tmp_path: Path, fast_config, pr
     write_demo_rag_log(tmp_path / "rag.db", n=6)
     cfg = PipelineConfig.model_validate(raw)
     states = {}
-    triggers = [threading.Thread(target=lambda i=i: states.update({i: retrain(cfg, return_state=True)}))
-                for i in range(2)]
+    triggers = [
+        threading.Thread(target=lambda i=i: states.update({i: retrain(cfg, return_state=True)})) for i in range(2)
+    ]
     for trigger in triggers:
         trigger.start()
     for trigger in triggers:
@@ -109,13 +118,16 @@ def _kill_child_when_it_runs(marker: str, log_glob: str, root: Path, timeout_s: 
         time.sleep(0.05)
 
 
-def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(tmp_path: Path, fast_config,
-                                                                                prefect_server):
+def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(
+    tmp_path: Path, fast_config, prefect_server
+):
     from tunepipe.flows.finetune import finetune
 
     cfg = PipelineConfig.model_validate(small(fast_config(tmp_path)))
-    killer = threading.Thread(target=_kill_child_when_it_runs, args=(
-        "tunepipe.tasks.evaluate.task:generate_outputs", "**/evaluate/*/worker/worker.log", tmp_path))
+    killer = threading.Thread(
+        target=_kill_child_when_it_runs,
+        args=("tunepipe.tasks.evaluate.task:generate_outputs", "**/evaluate/*/worker/worker.log", tmp_path),
+    )
     killer.start()
     killed = finetune(cfg, return_state=True)
     killer.join()
@@ -124,14 +136,21 @@ def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(t
     again = finetune(cfg, return_state=True)
 
     states = {name: state for name, state, _ in stage_states(again.state_details.flow_run_id)}
-    assert {stage: states[stage] for stage in ("load_data", "check_data", "format_data", "train", "evaluate",
-                                               "export")} == {
-        "load_data": "Cached", "check_data": "Cached", "format_data": "Cached", "train": "Cached",
-        "evaluate": "Completed", "export": "Completed"}
+    assert {
+        stage: states[stage] for stage in ("load_data", "check_data", "format_data", "train", "evaluate", "export")
+    } == {
+        "load_data": "Cached",
+        "check_data": "Cached",
+        "format_data": "Cached",
+        "train": "Cached",
+        "evaluate": "Completed",
+        "export": "Completed",
+    }
 
 
-def test_nightly_with_a_preference_objective_trains_kto_on_the_rated_bad_answers(tmp_path: Path, fast_config,
-                                                                                   prefect_server):
+def test_nightly_with_a_preference_objective_trains_kto_on_the_rated_bad_answers(
+    tmp_path: Path, fast_config, prefect_server
+):
     """`train.objective: sft+kto` in the nightly flow: the RAG log's rated-bad answers (rated 2, at or below
     `max_bad_rating`) become undesirable rows of the snapshot, and training's KTO phase runs on them after SFT."""
     import json

@@ -17,7 +17,12 @@ from tunepipe.tasks.integrations.ollama.client import OllamaClient, OllamaConnec
 from tunepipe.tasks.integrations.ollama.host import ollama_host
 from tunepipe.tasks.integrations.ollama.modelfile import modelfile_spec
 from tunepipe.tasks.integrations.ollama.render import render_served_prompt
-from tunepipe.tasks.integrations.ollama.template import ServedTemplate, TemplateRefused, ollama_template, transformers_renderer
+from tunepipe.tasks.integrations.ollama.template import (
+    ServedTemplate,
+    TemplateRefused,
+    ollama_template,
+    transformers_renderer,
+)
 from tunepipe.tasks.runtime.config import OllamaConfig
 
 # Meta-Llama-3-8B-Instruct's chat template, as published.
@@ -44,12 +49,16 @@ def chatml_tokenizer(tmp_path: Path) -> Path:
     folder = tmp_path / "tokenizer"
     folder.mkdir()
     (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<tool_call>"],
-        "tokenizer_class": "Qwen2Tokenizer",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<tool_call>"],
+                "tokenizer_class": "Qwen2Tokenizer",
+            }
+        )
+    )
     return folder
 
 
@@ -69,18 +78,22 @@ def _sha256(data: bytes) -> str:
 # --- Host -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("configured", "env", "expected"), [
-    (None, None, "http://127.0.0.1:11434"),
-    (None, "0.0.0.0:11434", "http://127.0.0.1:11434"),
-    (None, "0.0.0.0", "http://127.0.0.1:11434"),
-    (None, "[::]:8000", "http://[::1]:8000"),
-    (None, "gpu-box", "http://gpu-box:11434"),
-    (None, "https://ollama.example.com", "https://ollama.example.com:443"),
-    ("http://gpu-box:8080/", "elsewhere:1", "http://gpu-box:8080"),
-    ("localhost:12345", None, "http://localhost:12345"),
-])
-def test_host_resolution(configured: str | None, env: str | None, expected: str,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("configured", "env", "expected"),
+    [
+        (None, None, "http://127.0.0.1:11434"),
+        (None, "0.0.0.0:11434", "http://127.0.0.1:11434"),
+        (None, "0.0.0.0", "http://127.0.0.1:11434"),
+        (None, "[::]:8000", "http://[::1]:8000"),
+        (None, "gpu-box", "http://gpu-box:11434"),
+        (None, "https://ollama.example.com", "https://ollama.example.com:443"),
+        ("http://gpu-box:8080/", "elsewhere:1", "http://gpu-box:8080"),
+        ("localhost:12345", None, "http://localhost:12345"),
+    ],
+)
+def test_host_resolution(
+    configured: str | None, env: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if env is None:
         monkeypatch.delenv("OLLAMA_HOST", raising=False)
     else:
@@ -98,8 +111,11 @@ def derived(chat_template: str, eos_token: str = "") -> ServedTemplate:
 def test_chatml_template_and_stop() -> None:
     served = derived(CHATML_TEMPLATE)
     assert served.stops == ["<|im_end|>"]
-    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{}"},
-                    {"role": "user", "content": "again"}]
+    conversation = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "{}"},
+        {"role": "user", "content": "again"},
+    ]
     assert render_served_prompt(served.template, conversation, "Be brief.") == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n{}"
         "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
@@ -119,19 +135,27 @@ def test_llama3_template_and_stop() -> None:
 
 
 def test_template_refusing_a_system_prompt_is_refused_with_its_reason() -> None:
-    gemma2 = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-              "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}")
-    with pytest.raises(TemplateRefused, match=r"cannot render a system prompt.*System role not supported.*"
-                                              r"`ollama\.template`"):
+    gemma2 = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    )
+    with pytest.raises(
+        TemplateRefused,
+        match=r"cannot render a system prompt.*System role not supported.*"
+        r"`ollama\.template`",
+    ):
         derived(gemma2)
 
 
 def test_template_that_alters_contents_is_refused_with_the_first_difference() -> None:
     """The probes' plain words pass through HTML escaping unchanged; the proof's `<p>Kettle` does not."""
     escaping = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | e }}<|end|>{% endfor %}<|assistant|>"
-    with pytest.raises(TemplateRefused, match=r"differently from the chat template at character \d+: "
-                                              r"training has '.*&lt;p&gt;Kettle.*', Ollama would have "
-                                              r"'.*<p>Kettle.*'.*`ollama\.template`"):
+    with pytest.raises(
+        TemplateRefused,
+        match=r"differently from the chat template at character \d+: "
+        r"training has '.*&lt;p&gt;Kettle.*', Ollama would have "
+        r"'.*<p>Kettle.*'.*`ollama\.template`",
+    ):
         derived(escaping)
 
 
@@ -156,10 +180,14 @@ def test_modelfile_for_chatml_tokenizer(chatml_tokenizer: Path, gguf: Path) -> N
 def test_modelfile_reads_tokenizer_config_and_points_at_a_gguf_elsewhere(tmp_path: Path, gguf: Path) -> None:
     tokenizer = tmp_path / "llama"
     tokenizer.mkdir()
-    (tokenizer / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": LLAMA3_TEMPLATE,
-        "eos_token": {"content": "<|eot_id|>", "special": True},  # an AddedToken, as older savers wrote it
-    }))
+    (tokenizer / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": LLAMA3_TEMPLATE,
+                "eos_token": {"content": "<|eot_id|>", "special": True},  # an AddedToken, as older savers wrote it
+            }
+        )
+    )
     path = modelfile_spec(gguf, tokenizer).write(tmp_path / "elsewhere" / "Modelfile")
 
     text = path.read_text()
@@ -174,11 +202,17 @@ def test_stops_include_generation_config_eos_ids_and_no_other_special_token(tmp_
     (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
-    (folder / "tokenizer.json").write_text(json.dumps({"added_tokens": [
-        {"id": 151643, "content": "<|endoftext|>", "special": True},
-        {"id": 151644, "content": "<|im_start|>", "special": True},
-        {"id": 151645, "content": "<|im_end|>", "special": True},
-    ]}))
+    (folder / "tokenizer.json").write_text(
+        json.dumps(
+            {
+                "added_tokens": [
+                    {"id": 151643, "content": "<|endoftext|>", "special": True},
+                    {"id": 151644, "content": "<|im_start|>", "special": True},
+                    {"id": 151645, "content": "<|im_end|>", "special": True},
+                ]
+            }
+        )
+    )
 
     spec = modelfile_spec(gguf, folder)
     assert spec.stops == ["<|im_end|>", "<|endoftext|>"]  # end of turn first, each once, no <|im_start|>
@@ -233,16 +267,25 @@ def test_create_show_copy_tags_delete_send_the_documented_requests(fake_ollama: 
     template = derived(CHATML_TEMPLATE).template
     parameters = {"stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": 2048, "temperature": 0.0}
 
-    client.create("demo:3", files={"model.gguf": digest}, template=template, system="Be brief.",
-                  parameters=parameters)
+    client.create("demo:3", files={"model.gguf": digest}, template=template, system="Be brief.", parameters=parameters)
     shown = client.show("demo:3")
     client.copy("demo:3", "demo:latest")
     names = client.tags()
     client.delete("demo:3")
 
     assert fake_ollama.requests[2:] == [
-        ("POST", "/api/create", {"model": "demo:3", "stream": True, "files": {"model.gguf": digest},
-                                 "template": template, "system": "Be brief.", "parameters": parameters}),
+        (
+            "POST",
+            "/api/create",
+            {
+                "model": "demo:3",
+                "stream": True,
+                "files": {"model.gguf": digest},
+                "template": template,
+                "system": "Be brief.",
+                "parameters": parameters,
+            },
+        ),
         ("POST", "/api/show", {"model": "demo:3"}),
         ("POST", "/api/copy", {"source": "demo:3", "destination": "demo:latest"}),
         ("GET", "/api/tags", None),
@@ -261,9 +304,16 @@ def test_adapter_route_creates_from_a_base_with_adapters(fake_ollama: FakeOllama
 
     client.create("demo-lora", files=files, adapters=adapters, template="{{ .Prompt }}", system=None, parameters={})
 
-    assert fake_ollama.bodies("/api/create") == [{"model": "demo-lora", "stream": True, "files": files,
-                                                  "adapters": adapters, "template": "{{ .Prompt }}",
-                                                  "parameters": {}}]
+    assert fake_ollama.bodies("/api/create") == [
+        {
+            "model": "demo-lora",
+            "stream": True,
+            "files": files,
+            "adapters": adapters,
+            "template": "{{ .Prompt }}",
+            "parameters": {},
+        }
+    ]
 
 
 def test_reachable_only_when_something_answers(fake_ollama: FakeOllama) -> None:
@@ -283,13 +333,19 @@ def test_error_line_from_create_raises(fake_ollama: FakeOllama, tmp_path: Path) 
     client = OllamaClient(fake_ollama.url, timeout_s=5)
     never_uploaded = "sha256:" + "0" * 64
     with pytest.raises(OllamaError, match="creating 'demo'.*no such file or directory"):
-        client.create("demo", files={"model.gguf": never_uploaded}, template="{{ .Prompt }}", system=None,
-                      parameters={})
+        client.create(
+            "demo", files={"model.gguf": never_uploaded}, template="{{ .Prompt }}", system=None, parameters={}
+        )
     not_gguf = tmp_path / "notes.txt"
     not_gguf.write_text("not a model")
     with pytest.raises(OllamaError, match="invalid file magic"):
-        client.create("demo", files={"notes.txt": client.push_blob(not_gguf)}, template="{{ .Prompt }}",
-                      system=None, parameters={})
+        client.create(
+            "demo",
+            files={"notes.txt": client.push_blob(not_gguf)},
+            template="{{ .Prompt }}",
+            system=None,
+            parameters={},
+        )
     assert fake_ollama.models == {}
 
 
@@ -335,8 +391,13 @@ def test_live_version() -> None:
 def test_live_create_chat_copy_delete(chatml_tokenizer: Path) -> None:
     gguf = Path(os.environ["TUNEPIPE_TEST_GGUF"])
     spec = modelfile_spec(gguf, chatml_tokenizer, trained_system="Be brief.")
-    LIVE.create("tunepipe-live-test:1", files={gguf.name: LIVE.push_blob(gguf)}, template=spec.template,
-                system=spec.system, parameters=spec.api_parameters())
+    LIVE.create(
+        "tunepipe-live-test:1",
+        files={gguf.name: LIVE.push_blob(gguf)},
+        template=spec.template,
+        system=spec.system,
+        parameters=spec.api_parameters(),
+    )
     try:
         assert LIVE.show("tunepipe-live-test:1").template == spec.template
         reply = LIVE.chat("tunepipe-live-test:1", [{"role": "user", "content": "Say hi."}], {"num_predict": 8})
@@ -413,8 +474,11 @@ GEMMA3_TEMPLATE = (
 def test_go_template_renders_what_the_chat_template_renders(chat_template: str, system: str | None) -> None:
     """Ollama's rendering of the derived TEMPLATE (+ SYSTEM) is the text training rendered, turn for turn."""
 
-    conversation = [{"role": "user", "content": "<p>Kettle</p>"}, {"role": "assistant", "content": '{"a": 1}'},
-                    {"role": "user", "content": "<p>Lamp</p>"}]
+    conversation = [
+        {"role": "user", "content": "<p>Kettle</p>"},
+        {"role": "assistant", "content": '{"a": 1}'},
+        {"role": "user", "content": "<p>Lamp</p>"},
+    ]
     render = transformers_renderer(chat_template)
     trained = ([{"role": "system", "content": system}] if system else []) + conversation
     assert render_served_prompt(ollama_template(render).template, conversation, system) == render(trained, True)

@@ -89,20 +89,29 @@ def test_the_paired_bootstrap_matches_the_normal_interval_and_is_seeded():
 
 def test_eval_loss_is_lower_is_better_and_token_weighted():
     # Per-example mean losses; the first example has 3 answer tokens, the second 1.
-    interval = paired_difference("eval_loss", [1.0, 2.0], [2.0, 2.0], confidence=0.95, versus="base",
-                                 weights=[3, 1])
+    interval = paired_difference("eval_loss", [1.0, 2.0], [2.0, 2.0], confidence=0.95, versus="base", weights=[3, 1])
     assert interval.difference == pytest.approx((3 * (2.0 - 1.0) + 1 * 0.0) / 4)  # the loss fell: positive
-    assert interval.statement("the base") == ("eval_loss -0.750 [-1.000, -0.000] against the base on 2 test examples "
-                                              "(lower is better)")
+    assert interval.statement("the base") == (
+        "eval_loss -0.750 [-1.000, -0.000] against the base on 2 test examples (lower is better)"
+    )
     worse = paired_difference("eval_loss", [3.0, 3.0], [2.0, 2.5], confidence=0.95)
     assert worse.difference < 0 and worse.high < 0
 
 
 def test_the_difference_is_said_in_plain_words():
-    interval = PairedDifference(metric="field_accuracy", versus="champion", n=200, difference=0.07, low=0.03,
-                                high=0.11, confidence=0.95, method="bootstrap")
-    assert interval.statement("the champion") == ("field_accuracy +0.07 [+0.03, +0.11] over the champion on 200 test "
-                                                  "examples")
+    interval = PairedDifference(
+        metric="field_accuracy",
+        versus="champion",
+        n=200,
+        difference=0.07,
+        low=0.03,
+        high=0.11,
+        confidence=0.95,
+        method="bootstrap",
+    )
+    assert interval.statement("the champion") == (
+        "field_accuracy +0.07 [+0.03, +0.11] over the champion on 200 test examples"
+    )
     assert interval.statement("the base", "validation examples").endswith("over the base on 200 validation examples")
 
 
@@ -122,8 +131,12 @@ def test_exact_promotion_probabilities_match_a_simulation_of_the_gate():
     n, share, truth, trials = 50, 0.2, 0.1, 1500
     u = rng.random((trials, n))
     wins, losses = (u < (share + truth) / 2).sum(axis=1), ((u >= (share + truth) / 2) & (u < share)).sum(axis=1)
-    simulated = np.mean([clears(paired_difference("exact_match", *_binary(w, l, n), confidence=0.95), 0.0)
-                         for w, l in zip(wins, losses)])
+    simulated = np.mean(
+        [
+            clears(paired_difference("exact_match", *_binary(w, l, n), confidence=0.95), 0.0)
+            for w, l in zip(wins, losses)
+        ]
+    )
     exact = promotion_probability(n, share, truth, 0.95)
     assert simulated == pytest.approx(exact, abs=3 * math.sqrt(exact * (1 - exact) / trials))
     # An equal candidate passes a margin-0 rule at most (1 - confidence) / 2 of the time; a worse one less.
@@ -139,8 +152,9 @@ def test_the_detectable_difference_is_where_the_gate_passes_80_percent_of_the_ti
     gain = detectable_difference(200, 0.2, 0.95)
     assert promotion_probability(200, 0.2, gain, 0.95) >= 0.8 > promotion_probability(200, 0.2, gain - 0.002, 0.95)
     # A tolerated regression (non-inferiority) needs less; a required margin more.
-    assert (detectable_difference(200, 0.2, 0.95, margin=-0.05) < gain
-            < detectable_difference(200, 0.2, 0.95, margin=0.02))
+    assert (
+        detectable_difference(200, 0.2, 0.95, margin=-0.05) < gain < detectable_difference(200, 0.2, 0.95, margin=0.02)
+    )
 
 
 def test_the_run_plan_warns_when_the_test_split_cannot_detect_the_margin():
@@ -158,9 +172,11 @@ def test_the_run_plan_warns_when_the_test_split_cannot_detect_the_margin():
     ]
     needed = detectable_difference(200, 0.2, 0.95)
     (margin_0, margin_1) = detection_warnings(gated, 200)
-    assert margin_0.startswith("the test split's 200 examples are too few to detect the margin of the champion rule "
-                               f"on exact_match (margin 0): a candidate passes it 80% of the time only when it is "
-                               f"truly {needed:+.2f} or more better")
+    assert margin_0.startswith(
+        "the test split's 200 examples are too few to detect the margin of the champion rule "
+        f"on exact_match (margin 0): a candidate passes it 80% of the time only when it is "
+        f"truly {needed:+.2f} or more better"
+    )
     assert "on valid_json_rate (margin 0.01)" in margin_1
     # A large split resolves a 5-point margin-0 rule; a margin wider than twice what it needs is fine too.
     assert detection_warnings(GateConfig(rules={"exact_match": MetricRule(min=0.5)}), 3000) == []

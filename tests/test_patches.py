@@ -21,6 +21,7 @@ def installed_as(monkeypatch, versions: dict[str, str]) -> None:
         if name not in versions:
             raise importlib.metadata.PackageNotFoundError(name)
         return versions[name]
+
     monkeypatch.setattr(patches.importlib.metadata, "version", version)
 
 
@@ -41,8 +42,9 @@ def test_other_version_turns_off_with_one_line_once(monkeypatch, caplog):
     assert "\n" not in record.getMessage()
 
 
-@pytest.mark.parametrize("switch, off", [("off", True), ("prefect", True), ("unsloth, Prefect", True),
-                                         ("unsloth", False), ("", False)])
+@pytest.mark.parametrize(
+    "switch, off", [("off", True), ("prefect", True), ("unsloth, Prefect", True), ("unsloth", False), ("", False)]
+)
 def test_off_switch(monkeypatch, caplog, switch, off):
     installed_as(monkeypatch, {"prefect": "3.9.1"})
     monkeypatch.setenv(patches.OFF_SWITCH, switch)

@@ -45,8 +45,9 @@ class FakeProcess:
 
 
 def clean_env(**settings: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("PREFECT_") and key != patches.OFF_SWITCH}
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PREFECT_") and key != patches.OFF_SWITCH
+    }
     return {**env, "PYTHONPATH": str(REPO), **settings}
 
 
@@ -55,8 +56,9 @@ def in_profile(tmp_path: Path, settings: str, script: str) -> subprocess.Complet
     profiles = tmp_path / "profiles.toml"
     profiles.write_text(f'active = "team"\n[profiles.team]\n{settings}\n')
     env = clean_env(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(profiles))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -80,8 +82,9 @@ def test_off_nothing_starts_early_and_prefect_starts_its_own_server_when_asked(f
         monkeypatch.setenv(patches.OFF_SWITCH, "prefect")
     else:
         installed = importlib.metadata.version
-        monkeypatch.setattr(patches.importlib.metadata, "version",
-                            lambda name: "3.10.0" if name == "prefect" else installed(name))
+        monkeypatch.setattr(
+            patches.importlib.metadata, "version", lambda name: "3.10.0" if name == "prefect" else installed(name)
+        )
     assert prefect_patch.start_temporary_server() is None and fresh_guard == []
     # Prefect's own start waits as long as the early one would.
     assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == str(prefect_patch.STARTUP_TIMEOUT_S)
@@ -130,8 +133,9 @@ def test_a_flow_runs_on_the_early_server_without_prefects_server_module(tmp_path
         "print(server.process.pid, state.name, 'prefect.server.api.server' in sys.modules)\n"
     )
     env = clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     pid, state, imported = done.stdout.split()
     assert (state, imported, running(int(pid))) == ("Completed", "False", False)
@@ -151,8 +155,9 @@ def test_with_the_patch_off_a_flow_runs_on_prefects_own_temporary_server(tmp_pat
         "print(server, state.name, 'prefect.server.api.server' in sys.modules)\n"
     )
     env = clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"), TUNEPIPE_PATCHES="prefect")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split() == ["None", "Completed", "True"]
     assert "prefect: tunepipe's patches are off" in done.stderr

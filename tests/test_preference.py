@@ -25,12 +25,12 @@ def _policy_and_reference(tiny_model):
 def _rows(batch: dict, tokenizer) -> list[dict]:
     """TRL's collated sequences as tunepipe's formatted rows: ids without padding, labels on the completion."""
     rows = []
-    for i, (ids, mask, completion) in enumerate(zip(batch["input_ids"], batch["attention_mask"],
-                                                    batch["completion_mask"])):
+    for i, (ids, mask, completion) in enumerate(
+        zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ):
         kept = mask.bool()
         ids, completion = ids[kept].tolist(), completion[kept].tolist()
-        rows.append({"id": str(i), "input_ids": ids,
-                     "labels": [t if c else IGNORE for t, c in zip(ids, completion)]})
+        rows.append({"id": str(i), "input_ids": ids, "labels": [t if c else IGNORE for t, c in zip(ids, completion)]})
     return rows
 
 
@@ -38,8 +38,19 @@ def _stepper(model, pad_id: int):
     from tunepipe.tasks.train.environment import Rank
     from tunepipe.tasks.train.stepper import Stepper
 
-    return Stepper(model=model, scaler=None, device=torch.device("cpu"), precision="fp32", backend="hf", packing=True,
-                   row_tokens=None, head_chunk=64, pad_id=pad_id, max_oom_retries=0, rank=Rank())
+    return Stepper(
+        model=model,
+        scaler=None,
+        device=torch.device("cpu"),
+        precision="fp32",
+        backend="hf",
+        packing=True,
+        row_tokens=None,
+        head_chunk=64,
+        pad_id=pad_id,
+        max_oom_retries=0,
+        rank=Rank(),
+    )
 
 
 def _trainer(kind: str, tiny_model, tmp_path, rows: list[dict], **args):
@@ -49,17 +60,30 @@ def _trainer(kind: str, tiny_model, tmp_path, rows: list[dict], **args):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     policy, reference = _policy_and_reference(tiny_model)
-    config = getattr(trl, f"{kind}Config")(output_dir=str(tmp_path), per_device_train_batch_size=len(rows),
-                                          precompute_ref_log_probs=True, report_to=[], use_cpu=True, beta=0.3,
-                                          **args)
-    trainer = getattr(trl, f"{kind}Trainer")(model=policy, ref_model=reference, args=config,
-                                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    config = getattr(trl, f"{kind}Config")(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(rows),
+        precompute_ref_log_probs=True,
+        report_to=[],
+        use_cpu=True,
+        beta=0.3,
+        **args,
+    )
+    trainer = getattr(trl, f"{kind}Trainer")(
+        model=policy,
+        ref_model=reference,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     return trainer, policy, tokenizer
 
 
 def test_dpo_loss_matches_trl(tiny_model, tmp_path) -> None:
-    pairs = [{"prompt": "Extract: <b>Kettle</b>", "chosen": ' {"name":"Kettle"}', "rejected": " <b>Kettle</b>"},
-             {"prompt": "Extract: <i>Lamp</i>", "chosen": ' {"name":"Lamp"}', "rejected": " It is a lamp, I think."}]
+    pairs = [
+        {"prompt": "Extract: <b>Kettle</b>", "chosen": ' {"name":"Kettle"}', "rejected": " <b>Kettle</b>"},
+        {"prompt": "Extract: <i>Lamp</i>", "chosen": ' {"name":"Lamp"}', "rejected": " It is a lamp, I think."},
+    ]
     trainer, policy, tokenizer = _trainer("DPO", tiny_model, tmp_path, pairs)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
@@ -74,24 +98,37 @@ def test_dpo_loss_matches_trl(tiny_model, tmp_path) -> None:
 
 
 def test_kto_loss_matches_trl(tiny_model, tmp_path) -> None:
-    rows = [{"prompt": "Extract: <b>Kettle</b>", "completion": ' {"name":"Kettle"}', "label": True},
-            {"prompt": "Extract: <i>Lamp</i>", "completion": " <i>Lamp</i>", "label": False},
-            {"prompt": "Extract: <u>Rug</u>", "completion": ' {"name":"Rug"}', "label": True},
-            {"prompt": "Extract: <s>Tent</s>", "completion": " I think it is a tent, a tent.", "label": False}]
-    trainer, policy, tokenizer = _trainer("KTO", tiny_model, tmp_path, rows, desirable_weight=1.0,
-                                          undesirable_weight=1.5)
+    rows = [
+        {"prompt": "Extract: <b>Kettle</b>", "completion": ' {"name":"Kettle"}', "label": True},
+        {"prompt": "Extract: <i>Lamp</i>", "completion": " <i>Lamp</i>", "label": False},
+        {"prompt": "Extract: <u>Rug</u>", "completion": ' {"name":"Rug"}', "label": True},
+        {"prompt": "Extract: <s>Tent</s>", "completion": " I think it is a tent, a tent.", "label": False},
+    ]
+    trainer, policy, tokenizer = _trainer(
+        "KTO", tiny_model, tmp_path, rows, desirable_weight=1.0, undesirable_weight=1.5
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         expected = trainer.compute_loss(policy, batch)
         stepper = _stepper(policy, tokenizer.pad_token_id)
         ours = _rows(batch, tokenizer)
-        kl = sequence_logps(stepper, _rows({k.removeprefix("KL_"): v for k, v in batch.items() if "KL_" in k},
-                                           tokenizer))
+        kl = sequence_logps(
+            stepper, _rows({k.removeprefix("KL_"): v for k, v in batch.items() if "KL_" in k}, tokenizer)
+        )
         # tunepipe builds the same mismatched pairs itself: row i's prompt with row i-1's answer.
-        assert [r["input_ids"] for r in kl_rows(ours)] == [r["input_ids"] for r in _rows(
-            {k.removeprefix("KL_"): v for k, v in batch.items() if "KL_" in k}, tokenizer)]
-        loss, metrics = kto_loss(sequence_logps(stepper, ours), batch["ref_logps"], batch["label"].bool(), kl,
-                                 batch["ref_KL_logps"], 0.3, 1.0, 1.5)
+        assert [r["input_ids"] for r in kl_rows(ours)] == [
+            r["input_ids"] for r in _rows({k.removeprefix("KL_"): v for k, v in batch.items() if "KL_" in k}, tokenizer)
+        ]
+        loss, metrics = kto_loss(
+            sequence_logps(stepper, ours),
+            batch["ref_logps"],
+            batch["label"].bool(),
+            kl,
+            batch["ref_KL_logps"],
+            0.3,
+            1.0,
+            1.5,
+        )
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     logged = trainer._metrics["eval"]  # the policy is in eval mode: no dropout
     # The KL term is a difference of whole sequences' log-probabilities (-196 to -335 here, an fp32 ulp
@@ -101,11 +138,19 @@ def test_kto_loss_matches_trl(tiny_model, tmp_path) -> None:
 
 
 def test_phase_rows_split_the_data_by_objective() -> None:
-    rows = [{"id": "a", "input_ids": [1, 2], "labels": [IGNORE, 2]},
-            {"id": "b", "input_ids": [1, 3], "labels": [IGNORE, 3], "kind": "desirable"},
-            {"id": "c", "input_ids": [1, 4], "labels": [IGNORE, 4], "kind": "undesirable"},
-            {"id": "d", "input_ids": [1, 3], "labels": [IGNORE, 3], "kind": "pair",
-             "rejected_input_ids": [1, 4], "rejected_labels": [IGNORE, 4]}]
+    rows = [
+        {"id": "a", "input_ids": [1, 2], "labels": [IGNORE, 2]},
+        {"id": "b", "input_ids": [1, 3], "labels": [IGNORE, 3], "kind": "desirable"},
+        {"id": "c", "input_ids": [1, 4], "labels": [IGNORE, 4], "kind": "undesirable"},
+        {
+            "id": "d",
+            "input_ids": [1, 3],
+            "labels": [IGNORE, 3],
+            "kind": "pair",
+            "rejected_input_ids": [1, 4],
+            "rejected_labels": [IGNORE, 4],
+        },
+    ]
     sft, kto = phase_rows(rows, "sft+kto")
     assert [r["id"] for r in sft] == ["a", "b"] and [r["id"] for r in kto] == ["b", "c"]  # "d" repeats "b"
     assert [r["id"] for r in phase_rows(rows, "dpo")[1]] == ["d"]
@@ -135,12 +180,14 @@ def rated(tmp_path_factory, tiny_model, demo_data):
     from tunepipe.tasks.runtime.config import ModelConfig
 
     work = tmp_path_factory.mktemp("rated")
-    train, eval_ = ([json.loads(line) for line in path.read_text().splitlines()][:n] for path, n in
-                    zip(demo_data, (N_TRAIN, N_EVAL)))
+    train, eval_ = (
+        [json.loads(line) for line in path.read_text().splitlines()][:n]
+        for path, n in zip(demo_data, (N_TRAIN, N_EVAL))
+    )
     good = lambda row: json.dumps(row["output"], separators=(",", ":"))  # noqa: E731
     files = {
         "train": [{"prompt": r["input"], "completion": good(r), "label": True} for r in train]
-                 + [{"prompt": r["input"], "completion": r["input"], "label": False} for r in train[::2]],
+        + [{"prompt": r["input"], "completion": r["input"], "label": False} for r in train[::2]],
         "eval": [{"prompt": r["input"], "completion": good(r)} for r in eval_],
         "eval_bad": [{"prompt": r["input"], "completion": r["input"], "label": False} for r in eval_],
     }
@@ -153,9 +200,14 @@ def rated(tmp_path_factory, tiny_model, demo_data):
     write_jsonl(work / "eval_good.jsonl", examples["eval"])
     write_jsonl(work / "eval_bad_ex.jsonl", examples["eval_bad"])
     model_cfg = ModelConfig(base=str(tiny_model), max_seq_length=384)  # an echoed page is twice as long
-    data = format_dataset(work / "train_good.jsonl", work / "eval_good.jsonl", resolve_base_model(model_cfg),
-                          model_cfg, work / "formatted", undesirable=(work / "train_bad.jsonl",
-                                                                      work / "eval_bad_ex.jsonl"))
+    data = format_dataset(
+        work / "train_good.jsonl",
+        work / "eval_good.jsonl",
+        resolve_base_model(model_cfg),
+        model_cfg,
+        work / "formatted",
+        undesirable=(work / "train_bad.jsonl", work / "eval_bad_ex.jsonl"),
+    )
     assert len(list(read_examples(work / "eval_bad_ex.jsonl"))) == data.eval_undesirable.n_rows
     return data, model_cfg
 
@@ -169,12 +221,29 @@ def _train(rated, out_dir, **train):
 
     data, model_cfg = rated
     # The demo's recipe for the tiny model (every weight, constant rate): it cannot learn through an adapter.
-    cfg = TrainConfig(mode="full", max_steps=SFT_STEPS, batch_size=8, learning_rate=3e-3, lr_scheduler="constant",
-                      warmup_steps=2, save_steps=SAVE_STEPS, gradient_checkpointing=False, seed=1, **train)
-    request = TrainRequest(data=data.train, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
-                           lora=LoraConfig(), cfg=cfg, out_dir=out_dir)
-    return lambda on_event=None: run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, out_dir,
-                                            on_event=on_event)
+    cfg = TrainConfig(
+        mode="full",
+        max_steps=SFT_STEPS,
+        batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        warmup_steps=2,
+        save_steps=SAVE_STEPS,
+        gradient_checkpointing=False,
+        seed=1,
+        **train,
+    )
+    request = TrainRequest(
+        data=data.train,
+        base=resolve_base_model(model_cfg),
+        model_cfg=model_cfg,
+        lora=LoraConfig(),
+        cfg=cfg,
+        out_dir=out_dir,
+    )
+    return lambda on_event=None: run_worker(
+        "tunepipe.tasks.train.loop:train_model", request, TrainResult, out_dir, on_event=on_event
+    )
 
 
 def _losses(result, rated) -> tuple[float, float]:
@@ -188,9 +257,12 @@ def _losses(result, rated) -> tuple[float, float]:
     data, _ = rated
     model = AutoModelForCausalLM.from_pretrained(result.adapter_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
-        return tuple(mean_answer_loss(answer_losses(model, [json.loads(line) for line in
-                                                            split.path.read_text().splitlines()], 16, 0))
-                     for split in (data.eval, data.eval_undesirable))
+        return tuple(
+            mean_answer_loss(
+                answer_losses(model, [json.loads(line) for line in split.path.read_text().splitlines()], 16, 0)
+            )
+            for split in (data.eval, data.eval_undesirable)
+        )
 
 
 @pytest.mark.slow
@@ -202,8 +274,12 @@ def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exac
     from tunepipe.tasks.runtime.worker import WorkerFailed
 
     sft = _train(rated, tmp_path / "sft")()
-    kto_run = _train(rated, tmp_path / "kto", objective="sft+kto",
-                     preference={"max_steps": KTO_STEPS, "learning_rate": 5e-4, "batch_size": 8})
+    kto_run = _train(
+        rated,
+        tmp_path / "kto",
+        objective="sft+kto",
+        preference={"max_steps": KTO_STEPS, "learning_rate": 5e-4, "batch_size": 8},
+    )
     killed_at, logged = SFT_STEPS + SAVE_STEPS + 1, {}
 
     def kill_in_kto_phase(event):
@@ -229,8 +305,10 @@ def test_kto_makes_rated_bad_answers_less_likely_than_sft_alone_and_resumes_exac
 
     good_sft, bad_sft = _losses(sft, rated)
     good_kto, bad_kto = _losses(kto, rated)
-    print(f"held-out token loss, good / rated-bad answers: sft {good_sft:.3f} / {bad_sft:.3f}, "
-          f"sft+kto {good_kto:.3f} / {bad_kto:.3f}")
+    print(
+        f"held-out token loss, good / rated-bad answers: sft {good_sft:.3f} / {bad_sft:.3f}, "
+        f"sft+kto {good_kto:.3f} / {bad_kto:.3f}"
+    )
     # On held-out pages, the rated-bad answer is much less likely after KTO (loss per token up), while the good
     # answers stay about as likely.
     assert bad_kto > bad_sft + 0.5, (bad_sft, bad_kto)
@@ -243,8 +321,10 @@ def test_the_base_is_the_reference_with_the_adapters_disabled(tiny_model, tmp_pa
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    rows = [{"id": "a", "input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8]},
-            {"id": "b", "input_ids": [9, 10, 11], "labels": [IGNORE, 10, 11]}]
+    rows = [
+        {"id": "a", "input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8]},
+        {"id": "b", "input_ids": [9, 10, 11], "labels": [IGNORE, 10, 11]},
+    ]
     with torch.no_grad():
         expected = sequence_logps(_stepper(base, 0), rows).tolist()
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -253,7 +333,8 @@ def test_the_base_is_the_reference_with_the_adapters_disabled(tiny_model, tmp_pa
         assert sequence_logps(stepper, rows).tolist() != pytest.approx(expected, abs=1e-2)  # the adapter matters
     cached = tmp_path / "reference_logps.json"
     assert list(reference_logps(stepper, rows, cached, from_base=True, batch_size=1).values()) == pytest.approx(
-        expected, rel=1e-6)
+        expected, rel=1e-6
+    )
     assert model.training  # back to training mode
     cached.write_text('{"a": 1.0, "b": 2.0}')  # what a killed run kept is reused, not recomputed
     assert reference_logps(stepper, rows, cached, from_base=True, batch_size=1) == {"a": 1.0, "b": 2.0}

@@ -26,16 +26,19 @@ BASE = [{"input": f"base question {i}", "output": f"base answer {i}"} for i in r
 
 def make_db(path: Path, rows: list[tuple]) -> Path:
     with sqlite3.connect(path) as db:
-        db.execute("create table rag_examples (id integer primary key, question text, context text, answer text, "
-                   "rating text, created_at text)")
+        db.execute(
+            "create table rag_examples (id integer primary key, question text, context text, answer text, "
+            "rating text, created_at text)"
+        )
         insert(path, rows)
     return path
 
 
 def insert(path: Path, rows: list[tuple]) -> None:
     with sqlite3.connect(path) as db:
-        db.executemany("insert into rag_examples (question, context, answer, rating, created_at) "
-                       "values (?, ?, ?, ?, ?)", rows)
+        db.executemany(
+            "insert into rag_examples (question, context, answer, rating, created_at) values (?, ?, ?, ?, ?)", rows
+        )
 
 
 def row(i: int, rating: str | None = "5", context: str | None = "retrieved passage") -> tuple:
@@ -45,12 +48,16 @@ def row(i: int, rating: str | None = "5", context: str | None = "retrieved passa
 def pipeline(tmp_path: Path, **rag) -> PipelineConfig:
     train = tmp_path / "base.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in BASE))
-    return PipelineConfig.model_validate({
-        "name": "t", "workdir": str(tmp_path / "runs"),
-        "data": {"train": str(train), "system_prompt": "Answer from the context."},
-        "model": {"base": "unused"}, "ollama": {"model_name": "t"},
-        "rag": {"sql_url": f"sqlite:///{tmp_path / 'rag.db'}", "min_new_examples": 1, **rag},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": "t",
+            "workdir": str(tmp_path / "runs"),
+            "data": {"train": str(train), "system_prompt": "Answer from the context."},
+            "model": {"base": "unused"},
+            "ollama": {"model_name": "t"},
+            "rag": {"sql_url": f"sqlite:///{tmp_path / 'rag.db'}", "min_new_examples": 1, **rag},
+        }
+    )
 
 
 def ingest(cfg: PipelineConfig):
@@ -78,7 +85,9 @@ def test_rows_inserted_during_a_run_are_read_by_the_next_run_exactly_once(tmp_pa
     assert second.rows_by_source == {"base": 4, "sql:rag_examples": 5}
     merged = second.data.train.read_text().splitlines()
     assert len(merged) == 9 and json.loads(merged[0])["messages"][1:] == [
-        {"role": "user", "content": "base question 0"}, {"role": "assistant", "content": "base answer 0"}]
+        {"role": "user", "content": "base question 0"},
+        {"role": "assistant", "content": "base answer 0"},
+    ]
     assert collect_new_rows(cfg.rag, cfg.data, state_dir(cfg)).n_read == 0
 
 
@@ -126,13 +135,19 @@ def test_two_runs_racing_cannot_both_commit(tmp_path: Path):
 
 def test_selection_by_rating_dedupe_and_bad_rows(tmp_path: Path):
     cfg = pipeline(tmp_path, min_rating=3, keep_unrated=False, feedback_values={"up": 5, "down": 1})
-    make_db(tmp_path / "rag.db", [
-        row(0, rating="4"), row(1, rating="2"), row(2, rating=None), row(3, rating="up"),
-        ("base question 1", None, "other answer", "5", "2026-11-10"),  # already in the base set
-        ("new question 0", None, "a second answer", "5", "2026-11-10"),  # asked before in this batch
-        ("new question 9", None, "", "5", "2026-11-10"),  # no answer
-        ("new question 8", None, "answer", "meh", "2026-11-10"),  # rating that means nothing
-    ])
+    make_db(
+        tmp_path / "rag.db",
+        [
+            row(0, rating="4"),
+            row(1, rating="2"),
+            row(2, rating=None),
+            row(3, rating="up"),
+            ("base question 1", None, "other answer", "5", "2026-11-10"),  # already in the base set
+            ("new question 0", None, "a second answer", "5", "2026-11-10"),  # asked before in this batch
+            ("new question 9", None, "", "5", "2026-11-10"),  # no answer
+            ("new question 8", None, "answer", "meh", "2026-11-10"),  # rating that means nothing
+        ],
+    )
     collected, snapshot = ingest(cfg)
     assert [line["rag"]["ref"] for line in rag_lines(snapshot)] == ["1", "4"]
     assert collected.skipped == {"rating below min_rating": 1, "unrated": 1, "duplicate question": 2}
@@ -146,18 +161,24 @@ def test_selection_by_rating_dedupe_and_bad_rows(tmp_path: Path):
     assert rag_lines(snapshot)[1]["rag"]["rating"] == 5.0
 
 
-@pytest.mark.parametrize(("mode", "system", "user"), [
-    ("user", "Answer from the context.", "Context:\nretrieved passage\n\nnew question 0"),
-    ("system", "Answer from the context.\n\nContext:\nretrieved passage", "new question 0"),
-    ("omit", "Answer from the context.", "new question 0"),
-])
+@pytest.mark.parametrize(
+    ("mode", "system", "user"),
+    [
+        ("user", "Answer from the context.", "Context:\nretrieved passage\n\nnew question 0"),
+        ("system", "Answer from the context.\n\nContext:\nretrieved passage", "new question 0"),
+        ("omit", "Answer from the context.", "new question 0"),
+    ],
+)
 def test_context_enters_the_prompt_as_configured(tmp_path: Path, mode: str, system: str, user: str):
     cfg = pipeline(tmp_path, context_mode=mode)
     make_db(tmp_path / "rag.db", [row(0)])
     _, snapshot = ingest(cfg)
     messages = rag_lines(snapshot)[0]["messages"]
-    assert messages == [{"role": "system", "content": system}, {"role": "user", "content": user},
-                        {"role": "assistant", "content": "new answer 0"}]
+    assert messages == [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": "new answer 0"},
+    ]
 
 
 def test_jsonl_drops_are_read_by_complete_lines_and_may_grow(tmp_path: Path):
@@ -179,7 +200,10 @@ def test_jsonl_drops_are_read_by_complete_lines_and_may_grow(tmp_path: Path):
     collected, second = ingest(cfg)
     assert collected.n_read == 2
     assert [line["rag"]["ref"] for line in rag_lines(second)] == [
-        "2026-11-20.jsonl:1", "2026-11-20.jsonl:3", "2026-11-21.jsonl:1"]
+        "2026-11-20.jsonl:1",
+        "2026-11-20.jsonl:3",
+        "2026-11-21.jsonl:1",
+    ]
     assert second.rows_by_source == {"base": 4, "jsonl:2026-11-20.jsonl": 2, "jsonl:2026-11-21.jsonl": 1}
 
     day1.write_text("")  # a drop rewritten in place would silently lose or repeat rows
@@ -189,8 +213,10 @@ def test_jsonl_drops_are_read_by_complete_lines_and_may_grow(tmp_path: Path):
 
 def test_created_at_watermark_breaks_ties_by_id(tmp_path: Path):
     cfg = pipeline(tmp_path, watermark_on="created_at")
-    db = make_db(tmp_path / "rag.db", [("q1", None, "a1", None, "2026-11-20T10:00:00"),
-                                      ("q2", None, "a2", None, "2026-11-20T10:00:00")])
+    db = make_db(
+        tmp_path / "rag.db",
+        [("q1", None, "a1", None, "2026-11-20T10:00:00"), ("q2", None, "a2", None, "2026-11-20T10:00:00")],
+    )
     ingest(cfg)
     insert(db, [("q3", None, "a3", None, "2026-11-20T10:00:00"), ("q4", None, "a4", None, "2026-11-19T09:00:00")])
     # q3 has the same time as the watermark but a larger id: new. q4 is back-dated: before the watermark.
@@ -225,8 +251,12 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 def in_folder(d: Path) -> tuple[Path, list[tuple]]:
     write_jsonl(d / "base" / "a.jsonl", BASE[:2])
     write_jsonl(d / "base" / "b.jsonl", BASE[2:])
-    return d / "base", [(d / "base" / "a.jsonl", 1), (d / "base" / "a.jsonl", 2),
-                        (d / "base" / "b.jsonl", 1), (d / "base" / "b.jsonl", 2)]
+    return d / "base", [
+        (d / "base" / "a.jsonl", 1),
+        (d / "base" / "a.jsonl", 2),
+        (d / "base" / "b.jsonl", 1),
+        (d / "base" / "b.jsonl", 2),
+    ]
 
 
 def in_glob(d: Path) -> tuple[Path, list[tuple]]:
@@ -245,8 +275,11 @@ def in_json_array(d: Path) -> tuple[Path, list[tuple]]:
 def in_llama_factory(d: Path) -> tuple[Path, list[tuple]]:
     # Alpaca formatting with renamed columns: only dataset_info.json says which key holds the question.
     write_jsonl(d / "lf" / "qa.jsonl", [{"q": r["input"], "a": r["output"]} for r in BASE])
-    (d / "lf" / "dataset_info.json").write_text(json.dumps(
-        {"qa": {"file_name": "qa.jsonl", "formatting": "alpaca", "columns": {"prompt": "q", "response": "a"}}}))
+    (d / "lf" / "dataset_info.json").write_text(
+        json.dumps(
+            {"qa": {"file_name": "qa.jsonl", "formatting": "alpaca", "columns": {"prompt": "q", "response": "a"}}}
+        )
+    )
     return d / "lf", [(d / "lf" / "qa.jsonl", n) for n in range(1, 5)]
 
 
@@ -254,15 +287,20 @@ def in_one_file(name: str, writer):
     def make(d: Path) -> tuple[Path, list[tuple]]:
         d.mkdir(parents=True, exist_ok=True)
         return writer(d / name, BASE), [(d / name, n) for n in range(1, 5)]
+
     return make
 
 
 # Each container `data.train` takes, holding BASE: a function of a folder -> (what to configure, (file, line
 # or row) of each BASE row).
 CONTAINERS = {
-    "jsonl": in_one_file("base.jsonl", write_jsonl), "csv": in_one_file("base.csv", write_csv),
-    "parquet": in_one_file("base.parquet", write_parquet), "json-array": in_json_array, "folder": in_folder,
-    "glob": in_glob, "llama-factory": in_llama_factory,
+    "jsonl": in_one_file("base.jsonl", write_jsonl),
+    "csv": in_one_file("base.csv", write_csv),
+    "parquet": in_one_file("base.parquet", write_parquet),
+    "json-array": in_json_array,
+    "folder": in_folder,
+    "glob": in_glob,
+    "llama-factory": in_llama_factory,
 }
 ROW_UNITS = {"csv", "parquet", "json-array"}  # numbered by record; JSON Lines by line
 
@@ -278,10 +316,17 @@ def test_snapshot_holds_the_normalised_base_rows_of_any_container_with_their_ori
     _, snapshot = ingest(cfg)
 
     lines = [json.loads(line) for line in snapshot.data.train.open()]
-    expected = [{"messages": [{"role": "system", "content": "Answer from the context."},
-                              {"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}],
-                 "base": {"source": str(path), "line": n, "unit": "row" if container in ROW_UNITS else "line"}}
-                for r, (path, n) in zip(BASE, origins, strict=True)]
+    expected = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer from the context."},
+                {"role": "user", "content": r["input"]},
+                {"role": "assistant", "content": r["output"]},
+            ],
+            "base": {"source": str(path), "line": n, "unit": "row" if container in ROW_UNITS else "line"},
+        }
+        for r, (path, n) in zip(BASE, origins, strict=True)
+    ]
     assert lines[:4] == expected and lines[4]["rag"]["ref"] == "1"
     assert snapshot.rows_by_source == {"base": 4, "sql:rag_examples": 1}
     # The finetune flow loads the snapshot as it is configured: every row, none rejected.
@@ -308,7 +353,9 @@ def test_a_separate_eval_set_is_normalised_into_the_snapshot(tmp_path: Path):
     _, snapshot = ingest(cfg)
     (line,) = [json.loads(line) for line in snapshot.data.eval.open()]
     assert (line["messages"][-2]["content"], line["base"]) == (
-        "held-out question", {"source": str(held_out), "line": 1, "unit": "row"})
+        "held-out question",
+        {"source": str(held_out), "line": 1, "unit": "row"},
+    )
 
 
 def test_fingerprint_is_of_the_snapshots_content(tmp_path: Path):
@@ -344,19 +391,26 @@ def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     from tunepipe.tasks.data.load import load_dataset
 
     cfg = pipeline(tmp_path, min_rating=4, max_bad_rating=2, context_mode="omit")
-    make_db(tmp_path / "rag.db", [
-        ("q0", None, "good answer", "5", "2026-11-01T10:00:00"),
-        ("q0", None, "<p>html echoed</p>", "1", "2026-11-01T10:01:00"),
-        ("q0", None, "<p>html  echoed</p>", "down", "2026-11-01T10:02:00"),  # the same bad answer again
-        ("q1", None, "rambling", "2", "2026-11-01T10:03:00"),  # no good answer to pair it with
-        ("q2", None, "so-so", "3", "2026-11-01T10:04:00"),
-        ("base question 0", None, "wrong fields", "1", "2026-11-01T10:05:00"),  # pairs with the base answer
-    ])
+    make_db(
+        tmp_path / "rag.db",
+        [
+            ("q0", None, "good answer", "5", "2026-11-01T10:00:00"),
+            ("q0", None, "<p>html echoed</p>", "1", "2026-11-01T10:01:00"),
+            ("q0", None, "<p>html  echoed</p>", "down", "2026-11-01T10:02:00"),  # the same bad answer again
+            ("q1", None, "rambling", "2", "2026-11-01T10:03:00"),  # no good answer to pair it with
+            ("q2", None, "so-so", "3", "2026-11-01T10:04:00"),
+            ("base question 0", None, "wrong fields", "1", "2026-11-01T10:05:00"),  # pairs with the base answer
+        ],
+    )
     collected, snapshot = ingest(cfg)
     assert collected.skipped == {"duplicate question": 1, "rating between max_bad_rating and min_rating": 1}
     lines = rag_lines(snapshot)
     assert [(line["rag"]["ref"], line["label"]) for line in lines] == [
-        ("1", True), ("2", False), ("4", False), ("6", False)]
+        ("1", True),
+        ("2", False),
+        ("4", False),
+        ("6", False),
+    ]
     assert lines[1]["prompt"][-1] == {"role": "user", "content": "q0"}
     assert lines[1]["completion"] == [{"role": "assistant", "content": "<p>html echoed</p>"}]
     manifest = json.loads((snapshot.folder / "manifest.json").read_text())
@@ -365,8 +419,11 @@ def test_ratings_become_kto_rows_and_dpo_pairs_with_provenance(tmp_path: Path):
     loaded = load_dataset(snapshot.data, tmp_path / "loaded")
     from tunepipe.tasks.chat.examples import read_examples
 
-    examples = [*read_examples(loaded.train_path), *read_examples(loaded.validation_path),
-                *read_examples(loaded.eval_path)]
+    examples = [
+        *read_examples(loaded.train_path),
+        *read_examples(loaded.validation_path),
+        *read_examples(loaded.eval_path),
+    ]
     pairs = sorted((e.messages[-2].content, e.answer, e.rejected) for e in examples if e.kind == "pair")
     assert pairs == [("base question 0", "base answer 0", "wrong fields"), ("q0", "good answer", "<p>html echoed</p>")]
     assert sorted(e.kind for e in examples) == ["desirable", "pair", "pair", *["sft"] * 4, *["undesirable"] * 3]
@@ -378,10 +435,15 @@ def test_rated_questions_are_held_out_by_prompt_when_eval_is_given(tmp_path: Pat
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"input": "held question", "output": "held answer"}) + "\n")
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval": eval_file, "eval_fraction": 0.99})})
-    make_db(tmp_path / "rag.db", [("q0", None, "good", "5", "2026-11-01T10:00:00"),
-                                  ("q0", None, "bad", "1", "2026-11-01T10:01:00"),
-                                  ("held question", None, "bad", "1", "2026-11-01T10:02:00"),
-                                  ("q9", None, "unrated", None, "2026-11-01T10:03:00")])
+    make_db(
+        tmp_path / "rag.db",
+        [
+            ("q0", None, "good", "5", "2026-11-01T10:00:00"),
+            ("q0", None, "bad", "1", "2026-11-01T10:01:00"),
+            ("held question", None, "bad", "1", "2026-11-01T10:02:00"),
+            ("q9", None, "unrated", None, "2026-11-01T10:03:00"),
+        ],
+    )
     collected, snapshot = ingest(cfg)
     # A bad answer to a base eval question is never ingested: training away from it would train on it.
     assert collected.skipped == {"question in the base validation or test set": 1}
@@ -398,15 +460,19 @@ def test_every_question_keeps_its_side_across_snapshots(tmp_path: Path):
     from tunepipe.tasks.data.load import load_dataset
 
     cfg = pipeline(tmp_path)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_fraction": 0.3,
-                                                                     "validation_fraction": 0.3})})
+    cfg = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"eval_fraction": 0.3, "validation_fraction": 0.3})}
+    )
     db = make_db(tmp_path / "rag.db", [row(i) for i in range(20)])
 
     def sides(snapshot) -> dict[str, str]:
         loaded = load_dataset(snapshot.data, tmp_path / f"loaded-{snapshot.version}")
         found = {}
-        for side, path in (("train", loaded.train_path), ("validation", loaded.validation_path),
-                           ("test", loaded.eval_path)):
+        for side, path in (
+            ("train", loaded.train_path),
+            ("validation", loaded.validation_path),
+            ("test", loaded.eval_path),
+        ):
             found |= {e.messages[-2].content.splitlines()[-1]: side for e in read_examples(path)}
         return found
 
@@ -416,9 +482,14 @@ def test_every_question_keeps_its_side_across_snapshots(tmp_path: Path):
     night1, night2 = sides(first), sides(second)
     assert len(night1) == 24 and len(night2) == 64  # the 4 base rows and every RAG question, once each
     assert {side: list(night1.values()).count(side) > 0 for side in ("train", "validation", "test")} == {
-        "train": True, "validation": True, "test": True}
+        "train": True,
+        "validation": True,
+        "test": True,
+    }
     assert {question: night2[question] for question in night1} == night1
-    assert not {q for q, side in night1.items() if side == "train"} & {q for q, side in night2.items() if side == "test"}
+    assert not {q for q, side in night1.items() if side == "train"} & {
+        q for q, side in night2.items() if side == "test"
+    }
 
 
 def test_a_separate_validation_set_is_normalised_into_the_snapshot(tmp_path: Path):
@@ -431,4 +502,6 @@ def test_a_separate_validation_set_is_normalised_into_the_snapshot(tmp_path: Pat
     assert collected.skipped == {"duplicate question": 1}  # a validation question is never trained on
     (line,) = [json.loads(line) for line in snapshot.data.validation.open()]
     assert (line["messages"][-2]["content"], line["base"]) == (
-        "validation question", {"source": str(validation), "line": 1, "unit": "line"})
+        "validation question",
+        {"source": str(validation), "line": 1, "unit": "line"},
+    )

@@ -44,10 +44,11 @@ def test_smollm2_folder_has_the_gguf_vocabulary_and_special_tokens(smollm2) -> N
     # transformers' GGUF reader says <|im_start|> for both; the GGUF names ids 1 and 2
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2]
-    conversation = [{"role": "user", "content": "<li>Brand: Acme — 12.50 €</li>"},
-                    {"role": "assistant", "content": '{"brand": "Acme", "price": 12.5}'}]
-    compare_token_ids(tokenizer, smollm2.gguf, [tokenizer.apply_chat_template(conversation, tokenize=False)],
-                      "test")
+    conversation = [
+        {"role": "user", "content": "<li>Brand: Acme — 12.50 €</li>"},
+        {"role": "assistant", "content": '{"brand": "Acme", "price": 12.5}'},
+    ]
+    compare_token_ids(tokenizer, smollm2.gguf, [tokenizer.apply_chat_template(conversation, tokenize=False)], "test")
 
 
 def test_gemma_folder_has_the_gguf_vocabulary_and_the_supplied_turn_format(gemma3) -> None:
@@ -57,8 +58,7 @@ def test_gemma_folder_has_the_gguf_vocabulary_and_the_supplied_turn_format(gemma
     text = tokenizer.apply_chat_template(SAMPLE_CONVERSATIONS[0], tokenize=False)
     assert text.startswith("<bos><start_of_turn>user\nYou extract product data as JSON.\n\n<div")
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    assert end_of_turn in json.loads((Path(gemma3.name_or_path) / "generation_config.json").read_text())[
-        "eos_token_id"]
+    assert end_of_turn in json.loads((Path(gemma3.name_or_path) / "generation_config.json").read_text())["eos_token_id"]
     compare_token_ids(tokenizer, gemma3.gguf, [text], "test")
 
 
@@ -93,8 +93,11 @@ def test_a_tokenizer_llama_cpp_does_not_reproduce_is_refused_naming_the_tokens(s
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2.name_or_path)
-    with pytest.raises(VocabularyMismatch, match=r"check: text 1 .* from token 0 on, llama.cpp with model-f16.gguf "
-                                                 r"gives \[\d+"):
+    with pytest.raises(
+        VocabularyMismatch,
+        match=r"check: text 1 .* from token 0 on, llama.cpp with model-f16.gguf "
+        r"gives \[\d+",
+    ):
         compare_token_ids(tokenizer, tiny_gguf, ["<|im_start|>user\nhello<|im_end|>"], "check")
 
 
@@ -143,8 +146,9 @@ def test_ollama_base_is_the_blob_the_api_names(smollm2, fake_ollama, monkeypatch
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "empty"))  # only the API can know it
     digest = _register(fake_ollama, smollm2.gguf, "smollm2:135m")
     with pytest.warns(UserWarning, match="q4_1"):
-        ref = resolve_base_model(ModelConfig(base="ollama:smollm2:135m"), OllamaConfig(model_name="x",
-                                                                                      host=fake_ollama.url))
+        ref = resolve_base_model(
+            ModelConfig(base="ollama:smollm2:135m"), OllamaConfig(model_name="x", host=fake_ollama.url)
+        )
     assert ref.fingerprint == digest
     assert ref.gguf == fake_ollama.blob_path(digest).resolve()
     assert ref.name_or_path == smollm2.name_or_path  # same weights, same folder: not built twice
@@ -160,13 +164,27 @@ def test_ollama_base_is_found_in_the_models_folder_without_a_server(smollm2, mon
     (models / "blobs" / digest.replace(":", "-")).symlink_to(smollm2.gguf)
     manifest = models / "manifests" / "registry.ollama.ai" / "library" / "smollm2" / "135m"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
-        {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": smollm2.gguf.stat().st_size},
-        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1}]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.ollama.image.model",
+                        "digest": digest,
+                        "size": smollm2.gguf.stat().st_size,
+                    },
+                    {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1},
+                ],
+            }
+        )
+    )
     monkeypatch.setenv("OLLAMA_MODELS", str(models))
     with pytest.warns(UserWarning):
-        ref = resolve_base_model(ModelConfig(base="ollama:smollm2:135m"),
-                                 OllamaConfig(model_name="x", host=f"http://127.0.0.1:{closed_port()}"))
+        ref = resolve_base_model(
+            ModelConfig(base="ollama:smollm2:135m"),
+            OllamaConfig(model_name="x", host=f"http://127.0.0.1:{closed_port()}"),
+        )
     assert (ref.fingerprint, ref.name_or_path) == (digest, smollm2.name_or_path)
 
 
@@ -196,7 +214,8 @@ def _short_pages(demo_data, root: Path, train_rows: int, eval_rows: int) -> tupl
 
 
 def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
-        smollm2, demo_data, prefect_server, fake_ollama, tmp_path) -> None:
+    smollm2, demo_data, prefect_server, fake_ollama, tmp_path
+) -> None:
     """A few LoRA steps on a real instruct model from its Q4_1 GGUF: the base answers the pages in prose, the
     candidate in JSON; every GGUF keeps SmolLM2's vocabulary, answers through the served path and the
     Modelfile served by the Ollama stand-in passes the smoke test."""
@@ -207,20 +226,36 @@ def test_smollm2_fine_tuned_from_its_gguf_is_exported_parity_checked_and_served(
 
     train, eval_ = _short_pages(demo_data, tmp_path, 120, 3)
     config = {
-        "name": "real-smollm2", "workdir": str(tmp_path / "runs"),
-        "data": {"train": str(train), "eval": str(eval_), "system_prompt": SYSTEM_PROMPT, "output_format": "json",
-                 "min_rows": 20},
+        "name": "real-smollm2",
+        "workdir": str(tmp_path / "runs"),
+        "data": {
+            "train": str(train),
+            "eval": str(eval_),
+            "system_prompt": SYSTEM_PROMPT,
+            "output_format": "json",
+            "min_rows": 20,
+        },
         "model": {"base": str(smollm2.gguf), "max_seq_length": 256},
-        "train": {"mode": "lora", "max_steps": 6, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 1,
-                  "gradient_checkpointing": False, "save_steps": 100},
+        "train": {
+            "mode": "lora",
+            "max_steps": 6,
+            "batch_size": 4,
+            "learning_rate": 2e-3,
+            "warmup_steps": 1,
+            "gradient_checkpointing": False,
+            "save_steps": 100,
+        },
         "eval": {"max_samples": 3, "max_new_tokens": 48},
         # 3 pages can show no improvement over the base at 95% (3 of 3: [-0.42, +1]): a limit on the value.
         "gate": {"rules": {"valid_json_rate": {"min": 0.6}}},
         "retrain": {"max_attempts": 1},
         "export": {"gguf_types": ["f16", "q8_0"], "lora_gguf": False},
         "ollama": {"model_name": "real-smollm2", "host": fake_ollama.url, "smoke_examples": 2},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "real",
-                     "artifact_location": str(tmp_path / "mlartifacts")},
+        "tracking": {
+            "uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "experiment": "real",
+            "artifact_location": str(tmp_path / "mlartifacts"),
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -257,16 +292,29 @@ def gemma3_lora(gemma3, demo_data, tmp_path_factory):
     model_cfg = ModelConfig(base=str(gemma3.gguf), max_seq_length=320)
     loaded = load_dataset(data_cfg, root / "loaded")
     formatted = format_dataset(loaded.train_path, loaded.eval_path, gemma3, model_cfg, root / "formatted")
-    request = TrainRequest(data=formatted.train, base=gemma3, model_cfg=model_cfg, lora=LoraConfig(r=16, alpha=32),
-                           cfg=TrainConfig(mode="lora", max_steps=4, batch_size=4, learning_rate=2e-3,
-                                           warmup_steps=1, save_steps=100, gradient_checkpointing=False),
-                           out_dir=root / "train")
+    request = TrainRequest(
+        data=formatted.train,
+        base=gemma3,
+        model_cfg=model_cfg,
+        lora=LoraConfig(r=16, alpha=32),
+        cfg=TrainConfig(
+            mode="lora",
+            max_steps=4,
+            batch_size=4,
+            learning_rate=2e-3,
+            warmup_steps=1,
+            save_steps=100,
+            gradient_checkpointing=False,
+        ),
+        out_dir=root / "train",
+    )
     trained = run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, root / "train")
     return SimpleNamespace(data_cfg=data_cfg, loaded=loaded, formatted=formatted, trained=trained)
 
 
 def test_a_lora_trained_gemma3_exports_with_its_sentencepiece_vocabulary_and_answers_through_the_served_path(
-        gemma3, gemma3_lora, tmp_path) -> None:
+    gemma3, gemma3_lora, tmp_path
+) -> None:
     """Gemma 3 base with the Gemma turn format supplied, LoRA-trained and merged: no system role (the SYSTEM
     opens the first user turn), a SentencePiece vocabulary that must come back as one (export checks it against
     the source GGUF's), and BOS added by the vocabulary, not the template."""
@@ -275,15 +323,23 @@ def test_a_lora_trained_gemma3_exports_with_its_sentencepiece_vocabulary_and_ans
     from tunepipe.tasks.runtime.config import EvalConfig, ExportConfig
 
     assert gemma3_lora.trained.kind == "lora"
-    exported = export_model(gemma3_lora.trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False),
-                            tmp_path / "export")
+    exported = export_model(
+        gemma3_lora.trained, gemma3, ExportConfig(gguf_types=["q8_0"], lora_gguf=False), tmp_path / "export"
+    )
     vocab = gguf_vocab(read_gguf_metadata(exported.ggufs[0].path))
     assert vocab == gguf_vocab(read_gguf_metadata(gemma3.gguf))
     assert (vocab.model, vocab.pre, vocab.special["add_bos_token"]) == ("llama", "default", "true")
 
-    report = measure_parity(exported, gemma3_lora.loaded.eval_path, gemma3_lora.loaded.train_path,
-                            gemma3_lora.data_cfg, EvalConfig(max_samples=2, max_new_tokens=16),
-                            OllamaConfig(model_name="gemma"), ChatContext(), tmp_path / "parity")
+    report = measure_parity(
+        exported,
+        gemma3_lora.loaded.eval_path,
+        gemma3_lora.loaded.train_path,
+        gemma3_lora.data_cfg,
+        EvalConfig(max_samples=2, max_new_tokens=16),
+        OllamaConfig(model_name="gemma"),
+        ChatContext(),
+        tmp_path / "parity",
+    )
     (scores,) = report.ggufs
     assert scores.vocabulary_problem is None
     assert scores.prompt_mismatches == 0  # Go's rendering + llama.cpp's BOS == the chat template + transformers
@@ -306,9 +362,19 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
 
     loaded, formatted, trained = gemma3_lora.loaded, gemma3_lora.formatted, gemma3_lora.trained
     cfg = EvalConfig(max_samples=3, max_new_tokens=24, batch_size=3)
-    report = evaluate_models(formatted, loaded.eval_path, loaded.train_path, trained, gemma3, None,
-                             f"sqlite:///{tmp_path}/mlflow.db", gemma3_lora.data_cfg, cfg, tmp_path / "evaluate",
-                             tmp_path / "reference")
+    report = evaluate_models(
+        formatted,
+        loaded.eval_path,
+        loaded.train_path,
+        trained,
+        gemma3,
+        None,
+        f"sqlite:///{tmp_path}/mlflow.db",
+        gemma3_lora.data_cfg,
+        cfg,
+        tmp_path / "evaluate",
+        tmp_path / "reference",
+    )
     assert report.n_samples == 3
     assert report.candidate.metrics["eval_loss"] < report.base.metrics["eval_loss"]  # it learnt the pages
 
@@ -319,8 +385,13 @@ def test_gemma3_is_evaluated_base_against_candidate_by_the_batched_decoder(gemma
     for sample, example in zip(samples, [json.loads(line) for line in loaded.eval_path.read_text().splitlines()]):
         ids = torch.tensor([render_prompt(tokenizer, example["messages"][:-1])])
         with torch.inference_mode():
-            tokens = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=stops,
-                                    pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            tokens = model.generate(
+                ids,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
         end = next((k for k, token in enumerate(tokens) if token in stops), None)
         expected = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
         assert (sample["base"]["answer"], sample["base"]["stopped"]) == (expected, end is not None)
@@ -336,6 +407,9 @@ def test_a_prompt_and_answer_longer_than_gemmas_window_are_refused_naming_the_fi
     config = AutoConfig.from_pretrained(gemma3.name_or_path)
     config._attn_implementation = "sdpa"
     model = SimpleNamespace(config=config)  # the refusal comes before any weight is touched
-    with pytest.raises(ValueError, match=r"sliding_attention layers are decoded here only when a prompt and its "
-                                         r"answer \(513 tokens here\) fit their window \(512\).*eval.max_new_tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"sliding_attention layers are decoded here only when a prompt and its "
+        r"answer \(513 tokens here\) fit their window \(512\).*eval.max_new_tokens",
+    ):
         use_grouped_attention(model, config.sliding_window + 1)

@@ -17,8 +17,17 @@ def tiny_qwen3(recompute):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+    )
     if recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         assert checkpoint_layers(model, recompute) == 3
@@ -33,8 +42,9 @@ def test_layers_recomputed_through_our_checkpoint_give_the_gradients_of_a_run_wi
         model = tiny_qwen3(mode)
         calls = []
         for layer in model.model.layers:  # count each layer's forward: twice a step when recomputed
-            layer.register_forward_pre_hook(lambda module, args, kwargs, calls=calls: calls.append(module),
-                                          with_kwargs=True)
+            layer.register_forward_pre_hook(
+                lambda module, args, kwargs, calls=calls: calls.append(module), with_kwargs=True
+            )
         model(input_ids=ids, labels=ids).loss.backward()
         assert len(calls) == (6 if mode else 3)
         grads[mode] = {name: p.grad for name, p in model.named_parameters()}
@@ -45,8 +55,17 @@ def test_layers_recomputed_through_our_checkpoint_give_the_gradients_of_a_run_wi
 def test_checkpoint_layers_needs_layers_whose_checkpointing_the_library_turned_on():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+    )
     with pytest.raises(RuntimeError, match="no decoder layer with checkpointing turned on"):
         checkpoint_layers(model, True)
 

@@ -19,23 +19,30 @@ def test_modelfile_system_is_prepended_only_when_the_request_has_none() -> None:
 
 
 def test_system_messages_are_collected_and_same_role_turns_joined_with_a_blank_line() -> None:
-    messages = [{"role": "system", "content": "a"}, {"role": "user", "content": "q1"},
-                {"role": "user", "content": "q2"}, {"role": "system", "content": "b"},
-                {"role": "assistant", "content": "r"}]
+    messages = [
+        {"role": "system", "content": "a"},
+        {"role": "user", "content": "q1"},
+        {"role": "user", "content": "q2"},
+        {"role": "system", "content": "b"},
+        {"role": "assistant", "content": "r"},
+    ]
     assert render_served_prompt(LIST, messages) == "[S]a\n\nb[system]a[user]q1\n\nq2[system]b[assistant]r"
 
 
 def test_legacy_template_runs_per_exchange_and_stops_before_the_last_response() -> None:
     legacy = "{{ if .System }}<s>{{ .System }}</s>{{ end }}<u>{{ .Prompt }}</u><a>{{ .Response }}</a>"
-    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"},
-                {"role": "user", "content": "q2"}]
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "r1"},
+        {"role": "user", "content": "q2"},
+    ]
     assert render_served_prompt(legacy, messages, system="S") == "<s>S</s><u>q1</u><a>r1</a><u>q2</u><a>"
     # A template naming neither .Messages nor .Response gets `{{ .Response }}` appended, as Ollama does.
     assert render_served_prompt("{{ .Prompt }}", USER) == "hi"
 
 
 def test_ollama_functions_and_go_semantics() -> None:
-    template = '{{ range $i, $m := .Messages }}{{ json $m.Content }}{{ len (slice $.Messages $i) }}{{ end }}'
+    template = "{{ range $i, $m := .Messages }}{{ json $m.Content }}{{ len (slice $.Messages $i) }}{{ end }}"
     assert render_served_prompt(template, [*USER, {"role": "assistant", "content": '<"x">'}]) == (
         '"hi"2"\\u003c\\"x\\"\\u003e"1'  # Go's json.Marshal escapes HTML characters, as Ollama's `json` does
     )

@@ -27,9 +27,11 @@ def test_builtin_prompts_change_language_from_one_to_the_next():
 
 def test_users_prompts_follow_the_builtin_ones(tmp_path: Path):
     own = tmp_path / "general.jsonl"
-    own.write_text('{"prompt": "Tell me a joke."}\n\n'
-                   '{"id": "polite", "messages": [{"role": "system", "content": "Be brief."}, '
-                   '{"role": "user", "content": "Thanks!"}]}\n')
+    own.write_text(
+        '{"prompt": "Tell me a joke."}\n\n'
+        '{"id": "polite", "messages": [{"role": "system", "content": "Be brief."}, '
+        '{"role": "user", "content": "Thanks!"}]}\n'
+    )
     prompts = read_prompts(RetentionConfig(builtin=2, prompts=own))
     assert [p.id for p in prompts[2:]] == ["general.jsonl:1", "polite"]
     assert prompts[2].source == f"{own}:1" and prompts[3].source == f"{own}:3"
@@ -38,18 +40,25 @@ def test_users_prompts_follow_the_builtin_ones(tmp_path: Path):
 
 def test_bad_lines_are_named_by_file_and_line(tmp_path: Path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "fine"}\n'
-                   'not json\n'
-                   '{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}\n'
-                   '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
-                   '{"prompt": "x", "lang": "en"}\n'
-                   '{"prompt": "   "}\n')
+    bad.write_text(
+        '{"prompt": "fine"}\n'
+        "not json\n"
+        '{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}\n'
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+        '{"prompt": "x", "lang": "en"}\n'
+        '{"prompt": "   "}\n'
+    )
     with pytest.raises(GeneralPromptsError) as error:
         read_file(bad)
     message = str(error.value)
     assert f"{bad}:1" not in message
-    for line, what in ((2, "not a JSON object"), (3, "not both"), (4, "end with a user turn"),
-                       (5, "lang: Extra inputs are not permitted"), (6, "`prompt` is empty")):
+    for line, what in (
+        (2, "not a JSON object"),
+        (3, "not both"),
+        (4, "end with a user turn"),
+        (5, "lang: Extra inputs are not permitted"),
+        (6, "`prompt` is empty"),
+    ):
         assert f"{bad}:{line}: " in message and what in message, (line, message)
     # A config naming such a file fails when it loads, before anything trains.
     config = tmp_path / "config.yaml"
@@ -75,9 +84,15 @@ def test_the_rule_needs_prompts_to_decide_on(tmp_path: Path):
 
 def _report(tmp_path: Path, retention: RetentionScores | None) -> EvalReport:
     scores = ModelScores(name="candidate", metrics={"eval_loss": 0.5})
-    return EvalReport(n_samples=4, candidate=scores, base=scores.model_copy(update={"name": "base"}), champion=None,
-                      samples_path=tmp_path / "samples.jsonl", probes_path=tmp_path / "probes.jsonl",
-                      retention=retention)
+    return EvalReport(
+        n_samples=4,
+        candidate=scores,
+        base=scores.model_copy(update={"name": "base"}),
+        champion=None,
+        samples_path=tmp_path / "samples.jsonl",
+        probes_path=tmp_path / "probes.jsonl",
+        retention=retention,
+    )
 
 
 def _scores(tmp_path: Path, base: float, candidate: float) -> RetentionScores:
@@ -88,15 +103,19 @@ def test_a_candidate_that_forgot_how_to_chat_fails_the_gate_saying_so(tmp_path: 
     cfg = GateConfig.model_validate({"retention": {"max_loss_increase": 0.5}})
     kept = decide(_report(tmp_path, _scores(tmp_path, 1.1, 1.6)), cfg)  # exactly at the limit
     assert kept.passed and kept.checks[0].metric == "retention.loss_increase"
-    assert kept.checks[0].reason == ("retention within its limit: the candidate's loss on the base's answers to 16 "
-                                     "general prompts went from 1.100 to 1.600 nats per token (+0.500; at most +0.5 "
-                                     "allowed)")
+    assert kept.checks[0].reason == (
+        "retention within its limit: the candidate's loss on the base's answers to 16 "
+        "general prompts went from 1.100 to 1.600 nats per token (+0.500; at most +0.5 "
+        "allowed)"
+    )
 
     forgot = decide(_report(tmp_path, _scores(tmp_path, 1.1, 2.9)), cfg)
     assert not forgot.passed
     (reason,) = forgot.reasons
-    assert reason.startswith("the candidate forgot how to chat: its loss on the base's answers to 16 general "
-                             "prompts rose from 1.100 to 2.900 nats per token (+1.800; at most +0.5 allowed)")
+    assert reason.startswith(
+        "the candidate forgot how to chat: its loss on the base's answers to 16 general "
+        "prompts rose from 1.100 to 2.900 nats per token (+1.800; at most +0.5 allowed)"
+    )
     assert "6.0 times less likely per token" in reason
     assert forgot.checks[0].value == pytest.approx(1.8) and forgot.checks[0].limit == 0.5
 
@@ -141,9 +160,22 @@ def forgetful_model(chatty_model: Path, tmp_path_factory: pytest.TempPathFactory
 def _full(folder: Path):
     from tunepipe.tasks.train.results import TrainResult
 
-    return TrainResult(adapter_dir=folder, kind="full", backend="hf", loss_history=[], runtime_s=0.0,
-                       trainable_params=0, total_params=0, steps=0, device="cpu x1", precision="fp32",
-                       micro_batch_size=1, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
+    return TrainResult(
+        adapter_dir=folder,
+        kind="full",
+        backend="hf",
+        loss_history=[],
+        runtime_s=0.0,
+        trainable_params=0,
+        total_params=0,
+        steps=0,
+        device="cpu x1",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
 
 
 def _request(out_dir: Path) -> dict:
@@ -151,8 +183,9 @@ def _request(out_dir: Path) -> dict:
 
 
 @pytest.mark.slow  # trains and scores in workers
-def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty_model: Path, forgetful_model: Path,
-                                                                         tmp_path: Path):
+def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(
+    chatty_model: Path, forgetful_model: Path, tmp_path: Path
+):
     from tunepipe.tasks.chat.template import ChatContext
     from tunepipe.tasks.evaluate.report import retention_section
     from tunepipe.tasks.evaluate.retention import measure_retention
@@ -164,8 +197,9 @@ def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty
     prompts = read_prompts(cfg)
 
     def measure(candidate: Path, out: str) -> RetentionScores:
-        return measure_retention(_full(candidate), base, ChatContext(), prompts, cfg, 4, tmp_path / out,
-                                 tmp_path / "reference")
+        return measure_retention(
+            _full(candidate), base, ChatContext(), prompts, cfg, 4, tmp_path / out, tmp_path / "reference"
+        )
 
     same = measure(chatty_model, "same")
     assert _request(tmp_path / "same")["base_outputs"] is None  # the base answered first
@@ -179,11 +213,13 @@ def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(chatty
     rows = [json.loads(line) for line in forgot.path.read_text().splitlines()]
     assert [row["id"] for row in rows] == [p.id for p in prompts]
     assert [row["base"]["answer"] for row in rows] == [
-        json.loads(line)["base"]["answer"] for line in same.path.read_text().splitlines()]
+        json.loads(line)["base"]["answer"] for line in same.path.read_text().splitlines()
+    ]
     assert all(row["tokens"] > 0 and row["candidate"]["loss"] > row["base"]["loss"] for row in rows)
     assert any(row["base"]["answer"] != row["candidate"]["answer"] for row in rows)
     assert sum(r["candidate"]["loss"] * r["tokens"] for r in rows) / sum(r["tokens"] for r in rows) == (
-        pytest.approx(forgot.candidate_loss))
+        pytest.approx(forgot.candidate_loss)
+    )
 
     assert not decide(_report(tmp_path, forgot), GateConfig()).passed
     section = "\n".join(retention_section(forgot))
@@ -200,13 +236,14 @@ def test_an_answer_cut_at_the_limit_is_scored_without_the_end_of_turn(tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     conversation = [Message(role="user", content="Say something.")]
-    stopped, cut = answer_rows(tokenizer, [conversation, conversation], ["Hello there", "Hello there"],
-                               [True, False], ChatContext())
+    stopped, cut = answer_rows(
+        tokenizer, [conversation, conversation], ["Hello there", "Hello there"], [True, False], ChatContext()
+    )
     said = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
     scored = [token for token, label in zip(cut["input_ids"], cut["labels"]) if label != IGNORE]
     assert scored == said
     ended = [token for token, label in zip(stopped["input_ids"], stopped["labels"]) if label != IGNORE]
-    assert ended[: len(said)] == said and tokenizer.convert_tokens_to_ids("<|im_end|>") in ended[len(said):]
+    assert ended[: len(said)] == said and tokenizer.convert_tokens_to_ids("<|im_end|>") in ended[len(said) :]
 
 
 @pytest.mark.slow  # answers in a worker
@@ -219,5 +256,9 @@ def test_empty_answers_cut_at_the_limit_leave_nothing_to_measure(tiny_model: Pat
 
     base = resolve_base_model(ModelConfig(base=str(tiny_model)))
     cfg = RetentionConfig(builtin=2, max_new_tokens=4)
-    assert measure_retention(_full(tiny_model), base, ChatContext(), read_prompts(cfg), cfg, 2, tmp_path / "out",
-                             tmp_path / "reference") is None
+    assert (
+        measure_retention(
+            _full(tiny_model), base, ChatContext(), read_prompts(cfg), cfg, 2, tmp_path / "out", tmp_path / "reference"
+        )
+        is None
+    )

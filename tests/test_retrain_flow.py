@@ -82,8 +82,12 @@ def test_the_merged_dataset_is_the_mlflow_runs_input(runs, setup):
     assert run.data.tags["dataset.fingerprint"] == outcome.snapshot.fingerprint
     assert run.data.params["data.train"] == str(outcome.snapshot.data.train)
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # beside the finetune run's three splits
-    assert set(inputs) == {"demo-products-rag-v2", "demo-products-train", "demo-products-validation",
-                           "demo-products-eval"}
+    assert set(inputs) == {
+        "demo-products-rag-v2",
+        "demo-products-train",
+        "demo-products-validation",
+        "demo-products-eval",
+    }
     dataset_input = inputs["demo-products-rag-v2"]
     profile = json.loads(dataset_input.dataset.profile)
     assert dataset_input.dataset.name == "demo-products-rag-v2"
@@ -100,9 +104,16 @@ def test_status_and_trace_follow_an_ollama_tag_to_its_run_and_rows(runs, setup, 
     client = mlflow_client(cfg)
     # What promotion writes (the champion contract in DESIGN.md), done here by hand.
     client.create_registered_model(cfg.name)
-    version = client.create_model_version(cfg.name, f"runs:/{outcome.mlflow_run_id}/model", outcome.mlflow_run_id,
-                                          tags={"run_id": outcome.mlflow_run_id, "ollama.tag": "tunepipe-demo:1",
-                                                "dataset.fingerprint": outcome.snapshot.fingerprint})
+    version = client.create_model_version(
+        cfg.name,
+        f"runs:/{outcome.mlflow_run_id}/model",
+        outcome.mlflow_run_id,
+        tags={
+            "run_id": outcome.mlflow_run_id,
+            "ollama.tag": "tunepipe-demo:1",
+            "dataset.fingerprint": outcome.snapshot.fingerprint,
+        },
+    )
     client.set_registered_model_alias(cfg.name, "champion", version.version)
 
     from tunepipe.deployments.status import gather_status, gather_trace

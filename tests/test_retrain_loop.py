@@ -39,14 +39,27 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo
     config["data"].update(train=str(train), eval=str(eval_))
     config["model"]["base"] = str(tiny_model)
     # LoRA, decaying from 5e-3: the setting the step counts above were measured with.
-    config["train"].update(mode="lora", max_steps=FIRST_STEPS, batch_size=2, learning_rate=5e-3,
-                           lr_scheduler="linear", warmup_steps=0, logging_steps=1)
+    config["train"].update(
+        mode="lora",
+        max_steps=FIRST_STEPS,
+        batch_size=2,
+        learning_rate=5e-3,
+        lr_scheduler="linear",
+        warmup_steps=0,
+        logging_steps=1,
+    )
     config["eval"] = {"max_samples": 4, "max_new_tokens": 16, "retention": {"builtin": 0}}
     config["gate"] = {"rules": {"eval_loss": {"min_improvement_over_base": REQUIRED_IMPROVEMENT}}, "retention": None}
-    config["retrain"] = {"max_attempts": 3, "metric": "eval_loss",
-                         "plan": [{"continue_training": True, "max_steps": MORE_STEPS}]}
-    config["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "retrain",
-                          "artifact_location": str(root / "mlartifacts")}
+    config["retrain"] = {
+        "max_attempts": 3,
+        "metric": "eval_loss",
+        "plan": [{"continue_training": True, "max_steps": MORE_STEPS}],
+    }
+    config["tracking"] = {
+        "uri": f"sqlite:///{root}/mlflow.db",
+        "experiment": "retrain",
+        "artifact_location": str(root / "mlartifacts"),
+    }
     config["ollama"]["host"] = "http://127.0.0.1:9"  # nothing listens: registration is skipped
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -98,8 +111,10 @@ def test_failing_first_attempt_is_retrained_and_a_later_attempt_passes(prefect_s
     curve = client.get_metric_history(second.info.run_id, "train_loss")
     assert [m.step for m in curve] == list(range(1, MORE_STEPS + 1))
     # The loop judged each attempt on validation: that is all an attempt's run holds.
-    improvement = [run.data.metrics["validation.base.eval_loss"] - run.data.metrics["validation.candidate.eval_loss"]
-                   for run in (first, second)]
+    improvement = [
+        run.data.metrics["validation.base.eval_loss"] - run.data.metrics["validation.candidate.eval_loss"]
+        for run in (first, second)
+    ]
     assert improvement[0] < REQUIRED_IMPROVEMENT <= improvement[1]
     assert not any(name.startswith(("candidate.", "base.")) for run in (first, second) for name in run.data.metrics)
     assert [a.split for a in (summary.validation, summary.eval)] == ["validation", "test"]
@@ -110,15 +125,21 @@ def test_failing_first_attempt_is_retrained_and_a_later_attempt_passes(prefect_s
     parent = client.get_run(summary.mlflow_run_id)
     assert parent.data.metrics["retrain.attempts"] == 2
     logged = {a.path for folder in ("report", "eval") for a in client.list_artifacts(summary.mlflow_run_id, folder)}
-    assert {"report/report.md", "report/loss_curves.png", "report/metrics.png", "eval/examples.json",
-            "eval/gate.json"} <= logged
+    assert {
+        "report/report.md",
+        "report/loss_curves.png",
+        "report/metrics.png",
+        "eval/examples.json",
+        "eval/gate.json",
+    } <= logged
     report = summary.report.path.read_text()
     assert "attempt 2 of at most 3 passed the gate on validation" in report and "| 2 | `{" in report
     assert "worst test examples" in report
 
 
-def test_hopeless_config_fails_after_max_attempts_and_leaves_the_champion(prefect_server, config_path: Path,
-                                                                          tiny_model: Path):
+def test_hopeless_config_fails_after_max_attempts_and_leaves_the_champion(
+    prefect_server, config_path: Path, tiny_model: Path
+):
     client = _client(config_path)
     artifacts = config_path.parent / "champion-artifacts"
     champion_run = client.create_run(client.create_experiment("champion", artifacts.as_uri())).info.run_id
@@ -149,7 +170,8 @@ def test_hopeless_config_fails_after_max_attempts_and_leaves_the_champion(prefec
 
 
 def test_a_candidate_that_passes_on_validation_and_fails_on_test_is_not_promoted_nor_retried(
-        prefect_server, config_path: Path, tmp_path: Path):
+    prefect_server, config_path: Path, tmp_path: Path
+):
     """Validation decides whether to try again, test whether to ship: on a test split of pages in another script
     the trained model's loss stays well above its loss on validation, so a limit between the two fails the gate
     after the loop passed on validation, and the run ends there: trying again on test would make it a split that
@@ -160,15 +182,29 @@ def test_a_candidate_that_passes_on_validation_and_fails_on_test_is_not_promoted
         return "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(12))
 
     test = tmp_path / "other-script.jsonl"
-    test.write_text("".join(json.dumps({"input": f"<p>{junk()}</p>", "output": {key: junk() for key in (
-        "name", "price", "category", "manufacturer")}}, ensure_ascii=False) + "\n" for _ in range(8)))
-    state = finetune(load_config(config_path, [f"data.eval={test}", f"gate.rules.eval_loss.max={LOSS_LIMIT}"]),
-                     return_state=True)
+    test.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "input": f"<p>{junk()}</p>",
+                    "output": {key: junk() for key in ("name", "price", "category", "manufacturer")},
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for _ in range(8)
+        )
+    )
+    state = finetune(
+        load_config(config_path, [f"data.eval={test}", f"gate.rules.eval_loss.max={LOSS_LIMIT}"]), return_state=True
+    )
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, GateFailed)
     assert [attempt.plan.number for attempt in error.attempts] == [1, 2]  # the loop stopped when it passed
-    assert error.attempts[-1].decision.passed and error.outcome == "attempt 2 of at most 3 passed the gate on validation"
+    assert (
+        error.attempts[-1].decision.passed and error.outcome == "attempt 2 of at most 3 passed the gate on validation"
+    )
     assert not error.decision.passed and error.eval.split == "test"
     assert error.validation.candidate.metrics["eval_loss"] < LOSS_LIMIT < error.eval.candidate.metrics["eval_loss"]
     assert "failed on the test split" in str(error) and export.name not in _states(state)

@@ -12,33 +12,60 @@ from tunepipe.tasks.evaluate.gate import decide
 from tunepipe.tasks.evaluate.report import write_report
 from tunepipe.tasks.evaluate.results import Attempt, AttemptPlan, EvalReport, ModelScores
 from tunepipe.tasks.evaluate.retrain_plan import apply_change, next_attempt, outcome
-from tunepipe.tasks.runtime.config import ConfigError, GateConfig, MetricRule, PipelineConfig, RetrainChange, load_config
+from tunepipe.tasks.runtime.config import (
+    ConfigError,
+    GateConfig,
+    MetricRule,
+    PipelineConfig,
+    RetrainChange,
+    load_config,
+)
 from tunepipe.tasks.train.results import LossPoint, TrainResult
 
 GATE = GateConfig(rules={"field_accuracy": MetricRule(min=0.5)})
 
 
 def _config(**retrain) -> PipelineConfig:
-    return PipelineConfig(name="p", data={"train": "t.jsonl"}, model={"base": "m"}, ollama={"model_name": "p"},
-                          train={"max_steps": 100, "batch_size": 8, "learning_rate": 1e-3}, lora={"r": 8, "alpha": 16},
-                          gate=GATE, retrain={"metric": "field_accuracy", **retrain})
+    return PipelineConfig(
+        name="p",
+        data={"train": "t.jsonl"},
+        model={"base": "m"},
+        ollama={"model_name": "p"},
+        train={"max_steps": 100, "batch_size": 8, "learning_rate": 1e-3},
+        lora={"r": 8, "alpha": 16},
+        gate=GATE,
+        retrain={"metric": "field_accuracy", **retrain},
+    )
 
 
 def _report(tmp_path: Path, name: str, field_accuracy: float, split: str = "validation") -> EvalReport:
     """A report of 3 examples on `split`: the candidate answers the first wrongly, the base answers none."""
     samples, probes = tmp_path / f"samples-{name}.jsonl", tmp_path / "probes.jsonl"
-    rows = [{"id": f"ex{i}", "source": f"eval.jsonl:{i + 1}", "prompt": f"<p>page {i}</p>",
-             "expected": '{"name": "Kettle"}',
-             "candidate": {"answer": "not json" if i == 0 else '{"name": "Kettle"}', "stopped": i != 0,
-                           "scores": {"field_accuracy": 0.0 if i == 0 else 1.0}},
-             "base": {"answer": "", "stopped": False, "scores": {"field_accuracy": 0.0}}} for i in range(3)]
+    rows = [
+        {
+            "id": f"ex{i}",
+            "source": f"eval.jsonl:{i + 1}",
+            "prompt": f"<p>page {i}</p>",
+            "expected": '{"name": "Kettle"}',
+            "candidate": {
+                "answer": "not json" if i == 0 else '{"name": "Kettle"}',
+                "stopped": i != 0,
+                "scores": {"field_accuracy": 0.0 if i == 0 else 1.0},
+            },
+            "base": {"answer": "", "stopped": False, "scores": {"field_accuracy": 0.0}},
+        }
+        for i in range(3)
+    ]
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
     probes.write_text(json.dumps({"prompt": "What is 2+2?", "base": "", "candidate": "4"}) + "\n")
     return EvalReport(
-        split=split, n_samples=3,
+        split=split,
+        n_samples=3,
         candidate=ModelScores(name="candidate", metrics={"eval_loss": 1.0, "field_accuracy": field_accuracy}),
-        base=ModelScores(name="base", metrics={"eval_loss": 9.0, "field_accuracy": 0.0}), champion=None,
-        samples_path=samples, probes_path=probes,
+        base=ModelScores(name="base", metrics={"eval_loss": 9.0, "field_accuracy": 0.0}),
+        champion=None,
+        samples_path=samples,
+        probes_path=probes,
     )
 
 
@@ -48,9 +75,22 @@ def _attempt(tmp_path: Path, plan: AttemptPlan, field_accuracy: float) -> Attemp
     adapter = tmp_path / f"adapter{plan.number}"
     steps = plan.train.max_steps or 100
     history = [LossPoint(step=s, loss=5.0 / s, learning_rate=1e-3, elapsed_s=s) for s in range(1, steps + 1, 10)]
-    trained = TrainResult(adapter_dir=adapter, kind="lora", backend="hf", loss_history=history, runtime_s=1.0,
-                          trainable_params=1, total_params=2, steps=steps, device="cpu x1", precision="fp32",
-                          micro_batch_size=8, gradient_accumulation_steps=1, oom_retries=0, resumed_from_step=0)
+    trained = TrainResult(
+        adapter_dir=adapter,
+        kind="lora",
+        backend="hf",
+        loss_history=history,
+        runtime_s=1.0,
+        trainable_params=1,
+        total_params=2,
+        steps=steps,
+        device="cpu x1",
+        precision="fp32",
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        oom_retries=0,
+        resumed_from_step=0,
+    )
     return Attempt(plan=plan, trained=trained, report=report, decision=decide(report, GATE))
 
 
@@ -63,8 +103,10 @@ def _run(cfg: PipelineConfig, tmp_path: Path, scores: list[float]) -> list[Attem
 
 
 def test_the_plan_applies_in_order_and_its_last_change_repeats(tmp_path: Path):
-    cfg = _config(max_attempts=4, plan=[{"continue_training": True, "max_steps": 50},
-                                        {"learning_rate_factor": 0.5, "lora_r": 16, "epochs": 2}])
+    cfg = _config(
+        max_attempts=4,
+        plan=[{"continue_training": True, "max_steps": 50}, {"learning_rate_factor": 0.5, "lora_r": 16, "epochs": 2}],
+    )
     attempts = _run(cfg, tmp_path, [0.1, 0.2, 0.3, 0.4])
     plans = [a.plan for a in attempts]
     assert [(p.train.max_steps, p.train.epochs) for p in plans] == [(100, 1), (50, 1), (None, 2), (None, 2)]
@@ -93,8 +135,13 @@ def test_an_attempt_that_does_not_improve_stops_the_loop_early(tmp_path: Path):
 def test_lower_is_better_metrics_improve_downwards(tmp_path: Path):
     cfg = _config(max_attempts=3)
     first = _attempt(tmp_path, next_attempt(cfg, []), 0.0)
-    worse = first.model_copy(update={"report": first.report.model_copy(update={"candidate": ModelScores(
-        name="candidate", metrics={"eval_loss": 2.0, "field_accuracy": 0.0})})})
+    worse = first.model_copy(
+        update={
+            "report": first.report.model_copy(
+                update={"candidate": ModelScores(name="candidate", metrics={"eval_loss": 2.0, "field_accuracy": 0.0})}
+            )
+        }
+    )
     loss_cfg = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"metric": "eval_loss"})})
     second = worse.model_copy(update={"plan": apply_change(first, RetrainChange(max_steps=5))})
     assert next_attempt(loss_cfg, [first, second]) is None
@@ -104,8 +151,11 @@ def test_lower_is_better_metrics_improve_downwards(tmp_path: Path):
 def test_plan_steps_must_change_something_consistent(tmp_path: Path):
     config = tmp_path / "c.yaml"
     config.write_text("name: x\ndata: {train: t.jsonl}\nmodel: {base: m}\nollama: {model_name: x}\n")
-    for step, problem in (("{}", "changes nothing"), ("{max_steps: 5, epochs: 1}", "one of max_steps, epochs"),
-                          ("{continue_training: true, lora_r: 32}", "lora_r cannot change")):
+    for step, problem in (
+        ("{}", "changes nothing"),
+        ("{max_steps: 5, epochs: 1}", "one of max_steps, epochs"),
+        ("{continue_training: true, lora_r: 32}", "lora_r cannot change"),
+    ):
         with pytest.raises(ConfigError, match=problem):
             load_config(config, [f"retrain.plan=[{step}]"])
 
@@ -114,17 +164,19 @@ def test_report_has_plots_attempts_worst_examples_and_probes(tmp_path: Path):
     cfg = _config(max_attempts=2)
     attempts = _run(cfg, tmp_path, [0.25, 0.375])
     tested = _report(tmp_path, "test", 0.3, split="test")
-    written = write_report("p", attempts, tested, decide(tested, GATE), outcome(attempts, cfg.retrain),
-                           tmp_path / "report")
+    written = write_report(
+        "p", attempts, tested, decide(tested, GATE), outcome(attempts, cfg.retrain), tmp_path / "report"
+    )
     text = written.path.read_text()
     for png in ("metrics.png", "loss_curves.png"):
         assert (written.folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in text
-    assert ("**Failed** the gate on the test split; the retrain loop: all 2 attempts failed the gate on "
-            "validation.") in text
+    assert (
+        "**Failed** the gate on the test split; the retrain loop: all 2 attempts failed the gate on validation."
+    ) in text
     # The gate's lines are the test split's; the attempts table holds each attempt's rules on validation.
     assert "- **FAIL**: field_accuracy is 0.3, below the minimum 0.5" in text
-    assert "| 2 | `{\"continue_training\": true}` | 100 | 0.001 | 8 | yes | failed: field_accuracy is 0.375" in text
+    assert '| 2 | `{"continue_training": true}` | 100 | 0.001 | 8 | yes | failed: field_accuracy is 0.375' in text
     # Validation and test side by side, per model: the last attempt's validation scores beside the test scores.
     assert "| metric | base validation | base test | candidate validation | candidate test |" in text
     assert "| field_accuracy | 0 | 0 | 0.375 | 0.3 |" in text
@@ -158,8 +210,9 @@ def test_cli_prints_the_metrics_table_every_failing_reason_and_the_report(tmp_pa
     assert re.search(r"│ field_accuracy \* │ +0\.000 │ +0\.000 │ +0\.375 │ +0\.300 │", printed)
     assert re.search(r"┃ metric +┃ base validation ┃ base test ┃ candidate validation ┃ candidate test ┃", printed)
     assert "eval_loss" in printed and "metrics (validation: 3 examples, test: 3 examples)" in printed
-    assert ("the evaluation gate failed on the test split (retrain loop: all 2 attempts failed the gate on "
-            "validation)") in printed
+    assert (
+        "the evaluation gate failed on the test split (retrain loop: all 2 attempts failed the gate on validation)"
+    ) in printed
     assert "- field_accuracy is 0.3, below the minimum 0.5" in printed
     assert f"report: {written.path}" in printed and "MLflow run: run123" in printed
     # What fine-tuning changed, gated metric first, and the first test example as each model answered it.
@@ -180,8 +233,9 @@ def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_l
 
     def with_curve(attempt: Attempt, best_step: int) -> Attempt:
         curve = [EvalPoint(step=s, eval_loss=1.0, elapsed_s=0.1) for s in (20, 40, 60, 80, 100)]
-        trained = attempt.trained.model_copy(update={"eval_history": curve, "best_step": best_step,
-                                                     "selected_step": best_step})
+        trained = attempt.trained.model_copy(
+            update={"eval_history": curve, "best_step": best_step, "selected_step": best_step}
+        )
         return attempt.model_copy(update={"trained": trained})
 
     still_improving = next_attempt(cfg, [with_curve(first, 100)])
@@ -192,8 +246,9 @@ def test_an_attempt_past_its_best_continues_from_it_gently_instead_of_training_l
     assert past.change == cfg.retrain.past_best
     assert (past.train.max_steps, past.train.learning_rate) == (50, pytest.approx(5e-4))  # half the steps and rate
     assert past.init_from == tmp_path / "adapter1"  # the returned weights: the best checkpoint under select best
-    assert past.reason == ("attempt 1's validation field_accuracy peaked at step 40 of 100: training longer would "
-                           "go further past it")
+    assert past.reason == (
+        "attempt 1's validation field_accuracy peaked at step 40 of 100: training longer would go further past it"
+    )
     # A plan that already changes the rate is followed; so is every plan with past_best off.
     gentle = _config(max_attempts=3, plan=[{"continue_training": True, "learning_rate_factor": 0.1}])
     assert next_attempt(gentle, [with_curve(first, 40)]).train.learning_rate == pytest.approx(1e-4)

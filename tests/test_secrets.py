@@ -20,20 +20,23 @@ URL_TOKEN = "tok-" + secrets.token_hex(8)
 PASSWORD = "pw-" + secrets.token_hex(8)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("postgresql://mlflow:hunter2@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
-    ("mysql+pymysql://u:p%40ss@db/x", "mysql+pymysql://u:***@db/x"),
-    ("https://mlflow.example.com/?token=abc123&x=1", "https://mlflow.example.com/?token=***&x=1"),
-    ("s3://b/k?X-Amz-Signature=ff00&X-Amz-Credential=AKIA", "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***"),
-    ("host=db user=me password=hunter2", "host=db user=me password=***"),
-    ('{"api_key": "sk-123456"}', '{"api_key": "***"}'),
-    ("Authorization: Bearer abc.def-ghi", "Authorization: Bearer ***"),
-    ("token hf_abcdefghijklmnopqrstuvwxyz0123", "token hf_***"),
-    # not secrets: a user name alone, token counts, ordinary paths
-    ("postgresql://mlflow@db/x", "postgresql://mlflow@db/x"),
-    ("max_new_tokens=128, train_tokens: 4000", "max_new_tokens=128, train_tokens: 4000"),
-    ("sqlite:///runs/mlflow.db", "sqlite:///runs/mlflow.db"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://mlflow:hunter2@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+        ("mysql+pymysql://u:p%40ss@db/x", "mysql+pymysql://u:***@db/x"),
+        ("https://mlflow.example.com/?token=abc123&x=1", "https://mlflow.example.com/?token=***&x=1"),
+        ("s3://b/k?X-Amz-Signature=ff00&X-Amz-Credential=AKIA", "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***"),
+        ("host=db user=me password=hunter2", "host=db user=me password=***"),
+        ('{"api_key": "sk-123456"}', '{"api_key": "***"}'),
+        ("Authorization: Bearer abc.def-ghi", "Authorization: Bearer ***"),
+        ("token hf_abcdefghijklmnopqrstuvwxyz0123", "token hf_***"),
+        # not secrets: a user name alone, token counts, ordinary paths
+        ("postgresql://mlflow@db/x", "postgresql://mlflow@db/x"),
+        ("max_new_tokens=128, train_tokens: 4000", "max_new_tokens=128, train_tokens: 4000"),
+        ("sqlite:///runs/mlflow.db", "sqlite:///runs/mlflow.db"),
+    ],
+)
 def test_redact(text: str, expected: str):
     assert redact(text) == expected
 
@@ -50,16 +53,22 @@ def test_log_filter_redacts_message_arguments_and_traceback():
     except ConnectionError:
         import sys
 
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "connecting to %s", ("http://a:b4cdef@h",),
-                                   sys.exc_info())
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "connecting to %s", ("http://a:b4cdef@h",), sys.exc_info()
+        )
     RedactingFilter().filter(record)
     text = logging.Formatter().format(record)
     assert "hunter2" not in text and "b4cdef" not in text and "u:***@db" in text and "a:***@h" in text
 
 
 @pytest.mark.slow
-def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, tmp_path: Path,  # noqa: F811
-                                             monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture):
+def test_a_real_run_leaks_no_secret_anywhere(
+    prefect_server,
+    config_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+):
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -99,8 +108,9 @@ def test_a_real_run_leaks_no_secret_anywhere(prefect_server, config_path: Path, 
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_run(UUID(run.data.tags["prefect.flow_run_id"]))
         APILogWorker.drain_all(timeout=5)
-        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])),
-                                 limit=200, offset=0)
+        logs = prefect.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])), limit=200, offset=0
+        )
     log_text = "\n".join(log.message for log in logs)
     assert "ollama:" in log_text
     assert not [s for s in everything if s in log_text + str(flow_run.parameters) + str(flow_run.state.message)]

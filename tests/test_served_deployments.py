@@ -66,23 +66,34 @@ class Served:
         self.root, self.env, self.logs = root, env, root / "logs"
 
     def prefect(self, *args: str, timeout_s: float = 120, check: bool = True) -> str:
-        done = subprocess.run([*PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout_s)
+        done = subprocess.run(
+            [*PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout_s
+        )
         assert done.returncode == 0 or not check, (
-            f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+            f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        )
         return done.stdout
 
     def api(self, path: str, body: dict) -> list[dict]:
         """POST to the server's REST API (the UI's own calls)."""
-        request = urllib.request.Request(self.env["PREFECT_API_URL"] + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(
+            self.env["PREFECT_API_URL"] + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
     def flow_runs(self, deployment: str) -> list[dict]:
         """The runs of a deployment that ended (not those its schedule has lined up)."""
-        return self.api("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}, "flow_runs": {
-            "state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}})
+        return self.api(
+            "/flow_runs/filter",
+            {
+                "deployments": {"name": {"any_": [deployment]}},
+                "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}},
+            },
+        )
 
     def artifacts(self, flow_run_id: str) -> dict[str, dict]:
         """The artifacts a flow run left, by key: what its Artifacts tab shows."""
@@ -93,8 +104,14 @@ class Served:
         return {artifact["key"]: artifact for artifact in found if artifact["key"]}  # keyless: Prefect's result records
 
     def start(self, *args: str, log: str) -> subprocess.Popen:
-        return subprocess.Popen([*PREFECT, *args], cwd=REPO, env=self.env, stdout=(self.logs / log).open("w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [*PREFECT, *args],
+            cwd=REPO,
+            env=self.env,
+            stdout=(self.logs / log).open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def print_logs(self) -> None:
         for log in self.logs.iterdir():
@@ -106,13 +123,22 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("served")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    served = Served(root, {
-        **os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"), "TUNEPIPE_CHECKOUT": str(REPO),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200",  # the CLI's tables unwrapped
-    })
+    served = Served(
+        root,
+        {
+            **os.environ,
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_API_URL": api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"),
+            "TUNEPIPE_CHECKOUT": str(REPO),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "TOKENIZERS_PARALLELISM": "false",
+            "COLUMNS": "200",  # the CLI's tables unwrapped
+        },
+    )
     served.logs.mkdir()
     server = served.start("server", "start", "--host", "127.0.0.1", "--port", str(port), log="server.log")
     try:
@@ -146,9 +172,17 @@ def test_retrain_from_rag_runs_through_a_deployment_and_a_process_worker(served:
         served.prefect("--no-prompt", "deploy", "--name", "retrain-from-rag")
         served.prefect("deployment", "inspect", "retrain-from-rag/retrain-from-rag")
         worker = served.start("worker", "start", "--pool", "tunepipe", "--limit", "1", log="worker.log")
-        output = served.prefect("deployment", "run", "retrain-from-rag/retrain-from-rag",
-                                "--params", json.dumps({"config": config}), "--watch", "--watch-timeout", "480",
-                                timeout_s=500)
+        output = served.prefect(
+            "deployment",
+            "run",
+            "retrain-from-rag/retrain-from-rag",
+            "--params",
+            json.dumps({"config": config}),
+            "--watch",
+            "--watch-timeout",
+            "480",
+            timeout_s=500,
+        )
         assert "Completed" in output, output
     except BaseException:
         served.print_logs()
@@ -174,8 +208,9 @@ def test_retrain_from_rag_runs_through_a_deployment_and_a_process_worker(served:
     assert len(finetune_runs) == 1 and finetune_runs[0]["flow_run_id"] != run["id"]  # the finetune subflow's own
 
 
-def test_a_finetune_run_that_fails_its_gate_shows_why_in_prefect_and_evaluate_runs_show_theirs(served: Served,
-                                                                                            fast_config):
+def test_a_finetune_run_that_fails_its_gate_shows_why_in_prefect_and_evaluate_runs_show_theirs(
+    served: Served, fast_config
+):
     """The UI's Run button on `finetune`: a run the gate stops ends Failed, with its report (the failing rule),
     metrics table and MLflow link on its page; an `evaluate` run of that model shows its own."""
     root = served.root / "gated"
@@ -186,8 +221,18 @@ def test_a_finetune_run_that_fails_its_gate_shows_why_in_prefect_and_evaluate_ru
         for name in ("finetune", "evaluate"):
             served.prefect("--no-prompt", "deploy", "--name", name)
         worker = served.start("worker", "start", "--pool", "tunepipe", "--limit", "1", log="worker-gated.log")
-        served.prefect("deployment", "run", "finetune/finetune", "--params", json.dumps({"config": config}),
-                       "--watch", "--watch-timeout", "480", timeout_s=500, check=False)
+        served.prefect(
+            "deployment",
+            "run",
+            "finetune/finetune",
+            "--params",
+            json.dumps({"config": config}),
+            "--watch",
+            "--watch-timeout",
+            "480",
+            timeout_s=500,
+            check=False,
+        )
         (run,) = served.flow_runs("finetune")
         assert run["state"]["type"] == "FAILED", run["state"]
         shown = served.artifacts(run["id"])
@@ -202,9 +247,17 @@ def test_a_finetune_run_that_fails_its_gate_shows_why_in_prefect_and_evaluate_ru
         mlflow_run_id = mlflow_link.split("(")[1].split(")")[0]
         assert len(mlflow_run_id) == 32 and "/artifacts" in mlflow_link
 
-        served.prefect("deployment", "run", "evaluate/evaluate",
-                       "--params", json.dumps({"config": config, "model": mlflow_run_id}),
-                       "--watch", "--watch-timeout", "300", timeout_s=320)
+        served.prefect(
+            "deployment",
+            "run",
+            "evaluate/evaluate",
+            "--params",
+            json.dumps({"config": config, "model": mlflow_run_id}),
+            "--watch",
+            "--watch-timeout",
+            "300",
+            timeout_s=320,
+        )
         (evaluation,) = served.flow_runs("evaluate")
         shown = served.artifacts(evaluation["id"])
         prefix = "demo-products-evaluate-"

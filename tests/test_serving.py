@@ -51,11 +51,20 @@ def _plan(gguf: GgufFile, name: str, host: str, mlflow_run: tuple[str, str], tok
     cfg = OllamaConfig(model_name=name, host=host, num_ctx=512)
     spec = modelfile_spec(gguf.path, tokenizer_dir, **cfg.modelfile_settings(), trained_system=SYSTEM)
     return ServingPlan(
-        run_id=run_id, tracking_uri=uri, registered_model=f"pipeline-{name}", dataset_fingerprint="f" * 64,
-        gguf=gguf, spec=spec, modelfile=spec.write(gguf.path.parent / "Modelfile"), ollama=cfg,
-        output_format="json", required_keys=[], max_new_tokens=8,
-        smoke_cases=[SmokeCase(name=f"q{i}", messages=[{"role": "user", "content": q}])
-                     for i, q in enumerate(QUESTIONS)],
+        run_id=run_id,
+        tracking_uri=uri,
+        registered_model=f"pipeline-{name}",
+        dataset_fingerprint="f" * 64,
+        gguf=gguf,
+        spec=spec,
+        modelfile=spec.write(gguf.path.parent / "Modelfile"),
+        ollama=cfg,
+        output_format="json",
+        required_keys=[],
+        max_new_tokens=8,
+        smoke_cases=[
+            SmokeCase(name=f"q{i}", messages=[{"role": "user", "content": q}]) for i, q in enumerate(QUESTIONS)
+        ],
     )
 
 
@@ -70,7 +79,8 @@ def _next_candidate(plan: ServingPlan) -> ServingPlan:
 
 
 def test_register_smoke_test_promote_sends_exactly_the_documented_requests(
-        fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     plan = _plan(obedient_gguf, "obedient", fake_ollama.url, mlflow_run, tiny_model)
@@ -82,29 +92,62 @@ def test_register_smoke_test_promote_sends_exactly_the_documented_requests(
         ("GET", "/api/version", None),
         ("HEAD", f"/api/blobs/{digest}", None),
         ("POST", f"/api/blobs/{digest}", None),
-        ("POST", "/api/create", {"model": "obedient:1", "stream": True, "files": {"model-f16.gguf": digest},
-                                 "template": plan.spec.template, "system": SYSTEM,
-                                 "parameters": plan.spec.api_parameters()}),
+        (
+            "POST",
+            "/api/create",
+            {
+                "model": "obedient:1",
+                "stream": True,
+                "files": {"model-f16.gguf": digest},
+                "template": plan.spec.template,
+                "system": SYSTEM,
+                "parameters": plan.spec.api_parameters(),
+            },
+        ),
         ("POST", "/api/show", {"model": "obedient:1"}),
-        *[("POST", "/api/chat", {"model": "obedient:1", "messages": [{"role": "user", "content": q}],
-                                 "stream": False, "options": chat_options, "tools": []}) for q in QUESTIONS],
+        *[
+            (
+                "POST",
+                "/api/chat",
+                {
+                    "model": "obedient:1",
+                    "messages": [{"role": "user", "content": q}],
+                    "stream": False,
+                    "options": chat_options,
+                    "tools": [],
+                },
+            )
+            for q in QUESTIONS
+        ],
         ("POST", "/api/copy", {"source": "obedient:1", "destination": "obedient:latest"}),
     ]
     assert [(r.answer, r.done_reason, r.problems) for r in smoke.results] == [("{}", "stop", [])] * 2
-    assert (registration.version, registration.ollama_tag, move.version, move.previous) == ("1", "obedient:1", "1", None)
+    assert (registration.version, registration.ollama_tag, move.version, move.previous) == (
+        "1",
+        "obedient:1",
+        "1",
+        None,
+    )
 
     uri, run_id = mlflow_run
     champion = find_champion(uri, "pipeline-obedient")
     assert champion.version == "1" and champion.source == f"runs:/{run_id}/model"
-    assert {k: champion.tags[k] for k in ("run_id", "dataset.fingerprint", "gguf.sha256", "gguf.type", "ollama.tag")} \
-        == {"run_id": run_id, "dataset.fingerprint": "f" * 64, "gguf.sha256": obedient_gguf.sha256,
-            "gguf.type": "f16", "ollama.tag": "obedient:1"}
+    assert {
+        k: champion.tags[k] for k in ("run_id", "dataset.fingerprint", "gguf.sha256", "gguf.type", "ollama.tag")
+    } == {
+        "run_id": run_id,
+        "dataset.fingerprint": "f" * 64,
+        "gguf.sha256": obedient_gguf.sha256,
+        "gguf.type": "f16",
+        "ollama.tag": "obedient:1",
+    }
     assert champion.tags["smoke_test"] == "passed"
     assert MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["ollama.tag"] == "obedient:1"
 
 
 def test_second_promotion_keeps_the_first_and_rollback_moves_both_back(
-        fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path
+) -> None:
     uri, _ = mlflow_run
     plan = _plan(obedient_gguf, "twice", fake_ollama.url, mlflow_run, tiny_model)
     _serve(plan)
@@ -118,8 +161,10 @@ def test_second_promotion_keeps_the_first_and_rollback_moves_both_back(
     back = rollback(uri, "pipeline-twice", OllamaClient(fake_ollama.url, timeout_s=5))
 
     assert (back.version, back.previous, back.ollama_tag) == ("1", "2", "twice:1")
-    assert fake_ollama.requests == [("GET", "/api/tags", None),
-                                    ("POST", "/api/copy", {"source": "twice:1", "destination": "twice:latest"})]
+    assert fake_ollama.requests == [
+        ("GET", "/api/tags", None),
+        ("POST", "/api/copy", {"source": "twice:1", "destination": "twice:latest"}),
+    ]
     assert fake_ollama.models["twice:latest"] is fake_ollama.models["twice:1"]
     assert find_champion(uri, "pipeline-twice").version == "1"
     with pytest.raises(ValueError, match="first champion: nothing to roll back to"):
@@ -127,7 +172,8 @@ def test_second_promotion_keeps_the_first_and_rollback_moves_both_back(
 
 
 def test_rollback_refuses_when_the_previous_model_left_ollama(
-        fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path
+) -> None:
     uri, run_id = mlflow_run
     plan = _plan(obedient_gguf, "gone", fake_ollama.url, mlflow_run, tiny_model)
     _serve(plan)
@@ -140,8 +186,9 @@ def test_rollback_refuses_when_the_previous_model_left_ollama(
     assert fake_ollama.models["gone:latest"] is fake_ollama.models["gone:2"]
 
 
-def test_rollback_command(fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path,
-                          capsys: pytest.CaptureFixture) -> None:
+def test_rollback_command(
+    fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
     from tunepipe.deployments.cli import main
 
     uri, _ = mlflow_run
@@ -155,8 +202,8 @@ def test_rollback_command(fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlfl
 
 
 def test_failed_smoke_test_removes_the_model_and_keeps_the_champion(
-        fake_ollama: FakeOllama, obedient_gguf: GgufFile, rambling_gguf: GgufFile, mlflow_run,
-        tiny_model: Path) -> None:
+    fake_ollama: FakeOllama, obedient_gguf: GgufFile, rambling_gguf: GgufFile, mlflow_run, tiny_model: Path
+) -> None:
     uri, _ = mlflow_run
     _serve(_plan(obedient_gguf, "guarded", fake_ollama.url, mlflow_run, tiny_model))
     plan = _plan(rambling_gguf, "guarded", fake_ollama.url, mlflow_run, tiny_model)
@@ -175,7 +222,8 @@ def test_failed_smoke_test_removes_the_model_and_keeps_the_champion(
 
 
 def test_unreachable_ollama_registers_nothing_and_says_how_to_finish(
-        obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    obedient_gguf: GgufFile, mlflow_run, tiny_model: Path
+) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -191,8 +239,9 @@ def test_unreachable_ollama_registers_nothing_and_says_how_to_finish(
     assert client.get_run(run_id).data.tags["ollama.state"] == "unreachable"
 
 
-def test_register_command_finishes_a_logged_plan(prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile,
-                                                 mlflow_run, tiny_model: Path, tmp_path: Path) -> None:
+def test_register_command_finishes_a_logged_plan(
+    prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path, tmp_path: Path
+) -> None:
     """`tunepipe register RUN_ID`: the serve flow from the plan the run logged, through to promotion."""
     from mlflow.tracking import MlflowClient
 
@@ -207,9 +256,9 @@ def test_register_command_finishes_a_logged_plan(prefect_server, fake_ollama: Fa
     assert fake_ollama.models["later:latest"] is fake_ollama.models["later:1"]
 
 
-
 def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_is(
-        tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
+    tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
     import yaml
 
     from tunepipe.tasks.chat.examples import write_jsonl
@@ -227,12 +276,18 @@ def test_plan_serves_the_smallest_gguf_within_the_limits_and_refuses_when_none_i
     held_out = tmp_path / "eval.jsonl"  # as the data check leaves it: examples with the system prompt added
     write_jsonl(held_out, read_file(DataSource(path=demo_data[1]), Normaliser(None, cfg.data.system_prompt)).examples)
     sizes = {"f16": 300, "q8_0": 200, "q4_k_m": 100}
-    exported = ExportResult(merged_dir=tiny_model, adapter_dir=None, adapter_gguf=None, ggufs=[
-        GgufFile(type=t, path=tiny_gguf, bytes=size, sha256="0" * 64) for t, size in sizes.items()])
+    exported = ExportResult(
+        merged_dir=tiny_model,
+        adapter_dir=None,
+        adapter_gguf=None,
+        ggufs=[GgufFile(type=t, path=tiny_gguf, bytes=size, sha256="0" * 64) for t, size in sizes.items()],
+    )
     base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")
-    verdicts = [ParityVerdict(gguf_type="f16", passed=True, failures=[]),
-                ParityVerdict(gguf_type="q8_0", passed=True, failures=[]),
-                ParityVerdict(gguf_type="q4_k_m", passed=False, failures=["exact_match: drop 0.1 > 0.02"])]
+    verdicts = [
+        ParityVerdict(gguf_type="f16", passed=True, failures=[]),
+        ParityVerdict(gguf_type="q8_0", passed=True, failures=[]),
+        ParityVerdict(gguf_type="q4_k_m", passed=False, failures=["exact_match: drop 0.1 > 0.02"]),
+    ]
 
     plan = plan_serving(exported, verdicts, base, cfg, "run-1", "f" * 64, held_out, ChatContext())
 
@@ -254,7 +309,8 @@ def _flaky_plan(gguf: GgufFile, name: str, fake: FakeOllama, mlflow_run, tiny_mo
 
     # Three tries, no waiting: the backoff's length is Prefect's business, the outcome is ours.
     return _plan(gguf, name, fake.url, mlflow_run, tiny_model).model_copy(
-        update={"retry": RetryConfig(attempts=3, backoff_s=0)})
+        update={"retry": RetryConfig(attempts=3, backoff_s=0)}
+    )
 
 
 def _in_step(fake: FakeOllama, uri: str, name: str) -> bool:
@@ -265,7 +321,8 @@ def _in_step(fake: FakeOllama, uri: str, name: str) -> bool:
 
 
 def test_serve_flow_rides_out_ollama_faults_and_registers_once(
-        prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from tunepipe.flows.serve import serve
@@ -281,14 +338,18 @@ def test_serve_flow_rides_out_ollama_faults_and_registers_once(
 
     versions = MlflowClient(tracking_uri=uri).search_model_versions("name = 'pipeline-flaky'")
     assert (served.served, [str(v.version) for v in versions], sorted(fake_ollama.models)) == (
-        True, ["1"], ["flaky:1", "flaky:latest"])
+        True,
+        ["1"],
+        ["flaky:1", "flaky:latest"],
+    )
 
 
-@pytest.mark.parametrize(("path", "step"), [("/api/create", "register"), ("/api/chat", "smoke_test"),
-                                            ("/api/copy", "promote")])
+@pytest.mark.parametrize(
+    ("path", "step"), [("/api/create", "register"), ("/api/chat", "smoke_test"), ("/api/copy", "promote")]
+)
 def test_ollama_killed_for_good_mid_serve_leaves_the_champion_and_latest_in_step(
-        prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path,
-        path: str, step: str) -> None:
+    prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path, path: str, step: str
+) -> None:
     from tunepipe.flows.serve import serve
 
     uri, _ = mlflow_run
@@ -299,12 +360,14 @@ def test_ollama_killed_for_good_mid_serve_leaves_the_champion_and_latest_in_step
 
     state = serve(_next_candidate(first), return_state=True)
 
-    assert state.is_failed() and _in_step(fake_ollama, uri, name) and find_champion(
-        uri, f"pipeline-{name}").version == "1"
+    assert (
+        state.is_failed() and _in_step(fake_ollama, uri, name) and find_champion(uri, f"pipeline-{name}").version == "1"
+    )
 
 
 def test_ollama_killed_after_moving_latest_is_put_in_step_by_the_retry(
-        prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path) -> None:
+    prefect_server, fake_ollama: FakeOllama, obedient_gguf: GgufFile, mlflow_run, tiny_model: Path
+) -> None:
     from tunepipe.flows.serve import serve
 
     uri, _ = mlflow_run
@@ -316,7 +379,10 @@ def test_ollama_killed_after_moving_latest_is_put_in_step_by_the_retry(
     served = serve(_next_candidate(first))
 
     assert (served.promotion.version, served.promotion.previous, _in_step(fake_ollama, uri, "moved")) == (
-        "2", "1", True)
+        "2",
+        "1",
+        True,
+    )
 
 
 def test_smoke_test_judges_the_answer_after_the_reasoning_as_the_evaluation_does() -> None:
@@ -327,5 +393,6 @@ def test_smoke_test_judges_the_answer_after_the_reasoning_as_the_evaluation_does
     plan = SimpleNamespace(output_format="json", required_keys=["name"])
     assert _answer_problems('<think>\nThe heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []
     assert _answer_problems('The heading.\n</think>\n\n{"name": "Kettle"}', "stop", plan) == []
-    assert _answer_problems('<think>\nThe heading.\n</think>\n\nKettle', "stop", plan) == [
-        "not a JSON object: '<think>\\nThe heading.\\n</think>\\n\\nKettle'"]
+    assert _answer_problems("<think>\nThe heading.\n</think>\n\nKettle", "stop", plan) == [
+        "not a JSON object: '<think>\\nThe heading.\\n</think>\\n\\nKettle'"
+    ]

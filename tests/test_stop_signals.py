@@ -68,8 +68,11 @@ def alive(pids: dict[int, str]) -> dict[int, str]:
 
 
 def newest_checkpoint(workdir: Path) -> int:
-    steps = [int(p.name.removeprefix("step-")) for p in workdir.glob("train/*/checkpoints/step-*")
-             if not p.name.endswith(".partial")]
+    steps = [
+        int(p.name.removeprefix("step-"))
+        for p in workdir.glob("train/*/checkpoints/step-*")
+        if not p.name.endswith(".partial")
+    ]
     return max(steps, default=0)
 
 
@@ -80,9 +83,15 @@ def stop_while_training(config: Path, env: dict[str, str], sig: signal.Signals, 
     with log.open("w") as out:
         # SIGINT as a terminal's process group has it: a shell starts background jobs (`nohup ... &`, some CI
         # runners) with it ignored, and Python then never raises KeyboardInterrupt.
-        process = subprocess.Popen([*CLI, "run", str(config)], cwd=REPO, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        process = subprocess.Popen(
+            [*CLI, "run", str(config)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         deadline = time.monotonic() + 300
         while newest_checkpoint(workdir) <= before:
@@ -117,12 +126,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fast_config):
     path.write_text(yaml.safe_dump(config))
     # No PREFECT_API_URL: each run starts Prefect's temporary server, in a Prefect home of its own.
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(
+        PREFECT_HOME=str(root / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     interrupted = stop_while_training(path, env, signal.SIGINT, root / "interrupted.log")
     terminated = stop_while_training(path, env, signal.SIGTERM, root / "terminated.log")
-    finished = subprocess.run([*CLI, "run", str(path)], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=600)
+    finished = subprocess.run([*CLI, "run", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return root, config, interrupted, terminated, finished
 
 
@@ -146,11 +158,17 @@ def test_sigterm_stops_the_worker_and_the_temporary_server(runs):
 def test_each_stopped_run_is_marked_crashed_in_prefect(runs):
     root, _, _, _, _ = runs
     with sqlite3.connect(root / "prefect-home" / "prefect.db") as db:
-        flows = [state for (state,) in db.execute(
-            "select flow_run.state_name from flow_run join flow on flow.id = flow_run.flow_id "
-            "where flow.name = 'finetune' order by flow_run.created")]
-        trains = [state for (state,) in db.execute(
-            "select state_name from task_run where name like 'train%' order by created")]
+        flows = [
+            state
+            for (state,) in db.execute(
+                "select flow_run.state_name from flow_run join flow on flow.id = flow_run.flow_id "
+                "where flow.name = 'finetune' order by flow_run.created"
+            )
+        ]
+        trains = [
+            state
+            for (state,) in db.execute("select state_name from task_run where name like 'train%' order by created")
+        ]
     # The last run trained and exported, but no Ollama answers here: "Unserved", a Completed state.
     assert flows == ["Crashed", "Crashed", "Unserved"] and trains == ["Crashed", "Crashed", "Completed"]
 
@@ -162,11 +180,16 @@ def test_each_stopped_run_ends_failed_in_mlflow_with_the_reason(runs):
     _, config, _, _, _ = runs
     client = MlflowClient(tracking_uri=config["tracking"]["uri"])
     experiment = client.get_experiment_by_name(config["tracking"]["experiment"])
-    parents = [run for run in client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
-               if "mlflow.parentRunId" not in run.data.tags]
+    parents = [
+        run
+        for run in client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+        if "mlflow.parentRunId" not in run.data.tags
+    ]
     assert [run.info.status for run in parents] == ["FAILED", "FAILED", "FINISHED"]
     assert [parents[0].data.tags["error"].split(":")[0], parents[1].data.tags["error"].split(":")[0]] == [
-        "KeyboardInterrupt", "TerminationSignal"]
+        "KeyboardInterrupt",
+        "TerminationSignal",
+    ]
 
 
 @pytest.mark.slow
@@ -187,7 +210,14 @@ def test_the_tunepipe_command_skips_the_interpreters_collection_at_exit_and_a_ca
 
     frozen = gc.get_freeze_count()
     assert main(["schema", "-o", os.devnull]) == 0 and gc.get_freeze_count() == frozen
-    script = "import gc, sys; from tunepipe.deployments.cli import main; status = main(); print(gc.get_freeze_count() > 0)"
-    done = subprocess.run([sys.executable, "-c", script, "schema", "-o", os.devnull], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    script = (
+        "import gc, sys; from tunepipe.deployments.cli import main; status = main(); print(gc.get_freeze_count() > 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "schema", "-o", os.devnull],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (done.returncode, done.stdout.split()) == (0, ["True"]), done.stderr[-4000:]

@@ -48,8 +48,9 @@ def test_real_template_is_served_as_trained_or_refused_with_its_reason(path) -> 
     its reason. wrap renders exactly as keep does (same variables, same answer with reasoning): not repeated."""
     for mode, reason in zip(("keep", "strip"), REFUSED.get(path.stem, (None, None)), strict=True):
         text = path.read_text(encoding="utf-8")
-        render = transformers_renderer(text, eos_token=EOS,
-                                       chat=ChatContext.for_template(mode, text, dt.date(2026, 12, 1)))
+        render = transformers_renderer(
+            text, eos_token=EOS, chat=ChatContext.for_template(mode, text, dt.date(2026, 12, 1))
+        )
         if reason is not None:
             with pytest.raises(TemplateRefused, match=re.escape(reason)):
                 ollama_template(render, reasoning=mode)
@@ -86,7 +87,7 @@ def _assert_stops_end_the_trained_answer(render, stops: list[str]) -> None:
     """The stop is what training has the model write right after its answer; without one, the EOS ends it."""
     answer = "ANSWERPROBE"
     trained = render([{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}], False)
-    after = trained[trained.index(answer) + len(answer):].lstrip()
+    after = trained[trained.index(answer) + len(answer) :].lstrip()
     if stops:
         (stop,) = stops
         assert after.startswith(stop)
@@ -110,23 +111,47 @@ class _Tokenizer:
     def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool, **kwargs) -> str:
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        (text,), _ = render_jinja_template([messages], chat_template=self.chat_template, bos_token="",
-                                           eos_token=EOS, add_generation_prompt=add_generation_prompt, **kwargs)
+        (text,), _ = render_jinja_template(
+            [messages],
+            chat_template=self.chat_template,
+            bos_token="",
+            eos_token=EOS,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
         return text
 
     def __call__(self, text: str, add_special_tokens: bool) -> dict:
         return {"input_ids": [ord(c) for c in text]}
 
 
-THINKING = ["Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "StepFun3.5-Flash",
-            "NVIDIA-Nemotron-Nano-v2", "Qwen-QwQ-32B", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
-            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1",
-            "deepseek-ai-DeepSeek-V3.2", "deepseek-ai-DeepSeek-V3.1"]
+THINKING = [
+    "Qwen-Qwen3-0.6B",
+    "HuggingFaceTB-SmolLM3-3B",
+    "Qwen3.5-4B",
+    "StepFun3.5-Flash",
+    "NVIDIA-Nemotron-Nano-v2",
+    "Qwen-QwQ-32B",
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+    "deepseek-ai-DeepSeek-R1-Distill-Llama-8B",
+    "deepseek-ai-DeepSeek-V4",
+    "poolside-Laguna-S-2.1",
+    "deepseek-ai-DeepSeek-V3.2",
+    "deepseek-ai-DeepSeek-V3.1",
+]
 
 # Those that read `enable_thinking`.
-SWITCHES = {"Qwen-Qwen3-0.6B", "HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "Qwen-QwQ-32B",
-            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1",
-            "deepseek-ai-DeepSeek-V3.2", "deepseek-ai-DeepSeek-V3.1"}
+SWITCHES = {
+    "Qwen-Qwen3-0.6B",
+    "HuggingFaceTB-SmolLM3-3B",
+    "Qwen3.5-4B",
+    "Qwen-QwQ-32B",
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+    "deepseek-ai-DeepSeek-V4",
+    "poolside-Laguna-S-2.1",
+    "deepseek-ai-DeepSeek-V3.2",
+    "deepseek-ai-DeepSeek-V3.1",
+}
 FIELDED = {"deepseek-ai-DeepSeek-V4", "poolside-Laguna-S-2.1", "deepseek-ai-DeepSeek-V3.2"}
 # Templates whose every reply opens with markup of their own: the probes find it as the reply prefix, which
 # ends the generation prompt (by data.reasoning where it differs: keep, strip).
@@ -165,8 +190,12 @@ def test_reasoning_template_trains_what_evaluation_and_serving_read(name: str, p
     assert chat.reply_prefix == PREFIXED.get(name, ("", ""))[policy == "strip"]
     served = ollama_template(transformers_renderer(template, eos_token=EOS, chat=chat), reasoning=policy)
     trained = apply_reasoning(f"<think>\n{REASONING}\n</think>\n\n{ANSWER}", "messages[1].content", policy)
-    example = Example(id="x", source="train.jsonl", line=1, messages=[
-        Message(role="user", content="<p>Kettle</p>"), Message(role="assistant", content=trained)])
+    example = Example(
+        id="x",
+        source="train.jsonl",
+        line=1,
+        messages=[Message(role="user", content="<p>Kettle</p>"), Message(role="assistant", content=trained)],
+    )
     (prompt, _), (completion, is_answer) = _pieces(_Tokenizer(template), example, chat)
     user = [example.messages[0].model_dump()]
     assert is_answer and prompt == render_served_prompt(served.template, user)
@@ -190,11 +219,18 @@ def test_several_answers_where_the_template_drops_earlier_reasoning_are_refused(
     from tunepipe.tasks.data.format import _pieces
 
     answer = Message(role="assistant", content=f"<think>\nR\n</think>\n\n{ANSWER}")
-    example = Example(id="x", source="train.jsonl", line=3, messages=[
-        Message(role="user", content="q"), answer, Message(role="user", content="again"), answer])
+    example = Example(
+        id="x",
+        source="train.jsonl",
+        line=3,
+        messages=[Message(role="user", content="q"), answer, Message(role="user", content="again"), answer],
+    )
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
-    with pytest.raises(ValueError, match=r"^train\.jsonl:3: the chat template renders the answer in "
-                                         r"messages\[1\]\.content without its reasoning once more turns follow"):
+    with pytest.raises(
+        ValueError,
+        match=r"^train\.jsonl:3: the chat template renders the answer in "
+        r"messages\[1\]\.content without its reasoning once more turns follow",
+    ):
         _pieces(_Tokenizer(template), example, ChatContext())
 
 
@@ -208,9 +244,17 @@ def test_several_answers_behind_a_reply_prefix_train_each_or_are_refused(name: s
 
     template = (chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     chat = ChatContext.for_template("strip", template, dt.date(2026, 12, 1))
-    example = Example(id="x", source="train.jsonl", line=2, messages=[
-        Message(role="user", content="q"), Message(role="assistant", content="A1"),
-        Message(role="user", content="again"), Message(role="assistant", content="A2")])
+    example = Example(
+        id="x",
+        source="train.jsonl",
+        line=2,
+        messages=[
+            Message(role="user", content="q"),
+            Message(role="assistant", content="A1"),
+            Message(role="user", content="again"),
+            Message(role="assistant", content="A2"),
+        ],
+    )
     if name == "openai-gpt-oss-120b":
         with pytest.raises(FormatRefused, match=r"^train\.jsonl:2: the chat template renders this conversation's"):
             _pieces(_Tokenizer(template), example, chat)

@@ -12,8 +12,7 @@ from tunepipe.tasks.demo.tiny_model import EMBED_STD, SHAPE, build_tiny_model
 
 @pytest.fixture(scope="module")
 def two_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return (build_tiny_model(tmp_path_factory.mktemp("tiny-a")),
-            build_tiny_model(tmp_path_factory.mktemp("tiny-b")))
+    return (build_tiny_model(tmp_path_factory.mktemp("tiny-a")), build_tiny_model(tmp_path_factory.mktemp("tiny-b")))
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"])
@@ -74,8 +73,9 @@ def test_tokenizer_speaks_chatml(tiny_model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_llama_cpp_tokenizes_chat_text_exactly_as_transformers(tiny_model: Path, tiny_gguf: Path,
-                                                                demo_data: tuple[Path, Path]) -> None:
+def test_llama_cpp_tokenizes_chat_text_exactly_as_transformers(
+    tiny_model: Path, tiny_gguf: Path, demo_data: tuple[Path, Path]
+) -> None:
     """The GGUF (llama.cpp's converter, which must recognise the vocabulary's pre-tokenizer) gives the token ids
     training used, on whole chat-formatted demo conversations: markup, prices, names, JSON, whitespace."""
     from transformers import AutoTokenizer
@@ -85,17 +85,26 @@ def test_llama_cpp_tokenizes_chat_text_exactly_as_transformers(tiny_model: Path,
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     rows = [json.loads(line) for line in demo_data[1].read_text().splitlines()[:16]]
-    texts = [tokenizer.apply_chat_template([
-        {"role": "system", "content": "Extract the product as JSON."}, {"role": "user", "content": row["input"]},
-        {"role": "assistant", "content": json.dumps(row["output"], separators=(",", ":"))}], tokenize=False)
-        for row in rows]
+    texts = [
+        tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": "Extract the product as JSON."},
+                {"role": "user", "content": row["input"]},
+                {"role": "assistant", "content": json.dumps(row["output"], separators=(",", ":"))},
+            ],
+            tokenize=False,
+        )
+        for row in rows
+    ]
     texts.append("<|im_start|>user\nWhat can you do?  Ünïcode 🦙\t3.14\n\n<|im_end|>\n<|im_start|>assistant\n")
     llm = load_gguf(tiny_gguf, n_ctx=512, vocab_only=True)
     try:
         assert llm.metadata["tokenizer.ggml.pre"] == VOCAB
         assert llm.metadata["tokenizer.ggml.add_bos_token"] == "false"
         for text in texts:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
-                tokenizer(text, add_special_tokens=False)["input_ids"], text
+            assert (
+                llm.tokenize(text.encode(), add_bos=False, special=True)
+                == tokenizer(text, add_special_tokens=False)["input_ids"]
+            ), text
     finally:
         llm.close()

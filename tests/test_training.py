@@ -26,30 +26,58 @@ STEPS, SAVE_STEPS = 8, 3
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, demo_data) -> LoadedData:
     train, eval_ = demo_data
-    return load_dataset(DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
-                        tmp_path_factory.mktemp("loaded"))
+    return load_dataset(
+        DataConfig(train=train, eval=eval_, system_prompt="Extract the product as JSON."),
+        tmp_path_factory.mktemp("loaded"),
+    )
 
 
 @pytest.fixture(scope="module")
 def formatted(tmp_path_factory, tiny_model: Path, loaded) -> tuple[FormattedData, ModelConfig]:
     model_cfg = ModelConfig(base=str(tiny_model), max_seq_length=256)
-    data = format_dataset(loaded.train_path, loaded.eval_path, resolve_base_model(model_cfg), model_cfg,
-                          tmp_path_factory.mktemp("formatted"))
+    data = format_dataset(
+        loaded.train_path,
+        loaded.eval_path,
+        resolve_base_model(model_cfg),
+        model_cfg,
+        tmp_path_factory.mktemp("formatted"),
+    )
     return data, model_cfg
 
 
 def request_for(formatted, out_dir: Path, **train) -> TrainRequest:
     data, model_cfg = formatted
-    cfg = dict(max_steps=STEPS, batch_size=4, learning_rate=5e-3, warmup_steps=2, save_steps=SAVE_STEPS,
-               gradient_checkpointing=False, seed=3) | train
-    return TrainRequest(data=data.train, base=resolve_base_model(model_cfg), model_cfg=model_cfg,
-                        lora=LoraConfig(r=4, alpha=8, target_modules="all-linear"), cfg=TrainConfig(**cfg),
-                        out_dir=out_dir)
+    cfg = (
+        dict(
+            max_steps=STEPS,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup_steps=2,
+            save_steps=SAVE_STEPS,
+            gradient_checkpointing=False,
+            seed=3,
+        )
+        | train
+    )
+    return TrainRequest(
+        data=data.train,
+        base=resolve_base_model(model_cfg),
+        model_cfg=model_cfg,
+        lora=LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+        cfg=TrainConfig(**cfg),
+        out_dir=out_dir,
+    )
 
 
 def train_in_worker(request: TrainRequest, on_event=None, devices: int = 1) -> TrainResult:
-    return run_worker("tunepipe.tasks.train.loop:train_model", request, TrainResult, request.out_dir, devices=devices,
-                      on_event=on_event)
+    return run_worker(
+        "tunepipe.tasks.train.loop:train_model",
+        request,
+        TrainResult,
+        request.out_dir,
+        devices=devices,
+        on_event=on_event,
+    )
 
 
 def adapter_weights(result: TrainResult) -> dict:
@@ -62,8 +90,7 @@ def assert_same_training(result: TrainResult, reference: TrainResult, atol: floa
     import torch
 
     assert [p.step for p in result.loss_history] == [p.step for p in reference.loss_history]
-    assert [p.loss for p in result.loss_history] == pytest.approx([p.loss for p in reference.loss_history],
-                                                                  abs=atol)
+    assert [p.loss for p in result.loss_history] == pytest.approx([p.loss for p in reference.loss_history], abs=atol)
     ours, theirs = adapter_weights(result), adapter_weights(reference)
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -224,11 +251,13 @@ def test_two_processes_match_one_and_only_rank_0_writes(formatted, uninterrupted
     # Rank 0 alone reports and writes: one event per step, one adapter, and only its files in the stage folder.
     assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == sorted(
-        p.name for p in uninterrupted.adapter_dir.parent.iterdir())
+        p.name for p in uninterrupted.adapter_dir.parent.iterdir()
+    )
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(formatted, uninterrupted, tmp_path,
-                                                                           monkeypatch):
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
+    formatted, uninterrupted, tmp_path, monkeypatch
+):
     import torch
 
     from tunepipe.tasks.train import loop, stepper
@@ -266,22 +295,35 @@ def test_out_of_memory_drops_the_packed_layout_whose_rows_are_as_wide_as_the_lar
         return torch.tensor(float(len(rows)))
 
     monkeypatch.setattr(Stepper, "_micro", micro_that_fits_two)
-    stepper = Stepper(model=Model(), scaler=None, device=torch.device("cpu"), precision="fp32",
-                      backend="unsloth", packing=True, row_tokens=None, head_chunk=64, pad_id=0,
-                      max_oom_retries=1, rank=Rank(),
-                      packed_layout=PackedLayout(width=300, segments=6, longest=90))
+    stepper = Stepper(
+        model=Model(),
+        scaler=None,
+        device=torch.device("cpu"),
+        precision="fp32",
+        backend="unsloth",
+        packing=True,
+        row_tokens=None,
+        head_chunk=64,
+        pad_id=0,
+        max_oom_retries=1,
+        rank=Rank(),
+        packed_layout=PackedLayout(width=300, segments=6, longest=90),
+    )
     state = TrainingState(micro_batch_size=4)
     assert float(stepper.run([{"input_ids": [1] * n} for n in (50, 60, 70, 80)], 1, state, step=1)) == 4
     assert state.micro_batch_size == 2 and stepper.packed_layout is None
 
 
-@pytest.mark.parametrize(("train", "message"), [
-    ({"mode": "qlora"}, "qlora .* needs a CUDA GPU"),
-    ({"backend": "unsloth"}, "unsloth needs a CUDA GPU"),
-    ({"optimizer": "adamw_8bit"}, "adamw_8bit .* needs a CUDA GPU"),
-    ({"mode": "full", "batch_size": 200_000}, r"needs about [\d.]+ GiB \(weights .*GiB free"),
-    ({"objective": "sft+kto", "devices": 2}, "train.objective=sft\\+kto trains on one device"),
-])
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"mode": "qlora"}, "qlora .* needs a CUDA GPU"),
+        ({"backend": "unsloth"}, "unsloth needs a CUDA GPU"),
+        ({"optimizer": "adamw_8bit"}, "adamw_8bit .* needs a CUDA GPU"),
+        ({"mode": "full", "batch_size": 200_000}, r"needs about [\d.]+ GiB \(weights .*GiB free"),
+        ({"objective": "sft+kto", "devices": 2}, "train.objective=sft\\+kto trains on one device"),
+    ],
+)
 def test_environment_check_refuses_before_loading_a_model(formatted, tmp_path, train, message):
     from tunepipe.tasks.train.environment import Rank, TrainingEnvironmentError, check_environment, choose_backend
 
@@ -311,8 +353,9 @@ def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(forma
 
     request = request_for(formatted, tmp_path, gradient_checkpointing="auto", batch_size=64)
     config = AutoConfig.from_pretrained(request.base.name_or_path)
-    with_, without = (sum(environment.estimate_memory(config, request, "fp32", False, c).values())
-                      for c in (True, False))
+    with_, without = (
+        sum(environment.estimate_memory(config, request, "fp32", False, c).values()) for c in (True, False)
+    )
     assert with_ < without
     between = (with_ + without / environment.AUTO_CHECKPOINTING_SHARE) / 2
     for free, expected in ((4 * without, False), (between, True)):
@@ -326,7 +369,8 @@ def test_init_from_continues_from_an_earlier_adapter(formatted, uninterrupted, t
     from tunepipe.tasks.train.loop import train_model
 
     request = request_for(formatted, tmp_path / "stage", max_steps=1).model_copy(
-        update={"init_from": uninterrupted.adapter_dir})
+        update={"init_from": uninterrupted.adapter_dir}
+    )
     continued = train_model(request)
     # Step 1's loss is measured before its update: with the earlier weights it starts where they ended.
     first, last = uninterrupted.loss_history[0].loss, uninterrupted.loss_history[-1].loss
@@ -337,8 +381,15 @@ def test_init_from_continues_from_an_earlier_adapter(formatted, uninterrupted, t
 
 # A rate this high makes the tiny model's held-out loss jump after its first step:
 # the best checkpoint is step 1, and two evaluations without a gain stop training at step 3.
-PEAKED = dict(learning_rate=0.3, lr_scheduler="constant", warmup_steps=0, eval_steps=1, max_steps=8, save_steps=2,
-              early_stopping={"patience": 2})
+PEAKED = dict(
+    learning_rate=0.3,
+    lr_scheduler="constant",
+    warmup_steps=0,
+    eval_steps=1,
+    max_steps=8,
+    save_steps=2,
+    early_stopping={"patience": 2},
+)
 
 
 @pytest.fixture(scope="module")
@@ -348,9 +399,15 @@ def held_out(formatted, loaded, tmp_path_factory) -> HeldOut:
     rows = data.eval.path.read_text().splitlines()[:8]
     path = tmp_path_factory.mktemp("held-out") / "eval.jsonl"
     path.write_text("".join(row + "\n" for row in rows))
-    return HeldOut(loss_rows=data.eval.model_copy(update={"path": path, "n_rows": len(rows)}),
-                   examples=loaded.eval_path, train_examples=loaded.train_path, metric="eval_loss",
-                   output_format="json", max_new_tokens=8, batch_size=4)
+    return HeldOut(
+        loss_rows=data.eval.model_copy(update={"path": path, "n_rows": len(rows)}),
+        examples=loaded.eval_path,
+        train_examples=loaded.train_path,
+        metric="eval_loss",
+        output_format="json",
+        max_new_tokens=8,
+        batch_size=4,
+    )
 
 
 def with_held_out(request: TrainRequest, held_out: HeldOut, **update) -> TrainRequest:
@@ -383,21 +440,28 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
     assert peaked.selection.startswith("train.select=best: step 1 (eval_loss")
     assert [p.step for p in peaked.loss_history] == [1, 2, 3]
 
-    one_step = train_model(request_for(formatted, tmp_path / "one", **(PEAKED | dict(
-        max_steps=1, eval_steps=None, early_stopping=None))))
+    one_step = train_model(
+        request_for(formatted, tmp_path / "one", **(PEAKED | dict(max_steps=1, eval_steps=None, early_stopping=None)))
+    )
     assert one_step.selected_step is None and one_step.eval_history == []
     ours, theirs = adapter_weights(peaked), adapter_weights(one_step)
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
     # The curve's value is what the evaluate stage measures on the returned (merged) model.
     base = request_for(formatted, tmp_path).base
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.name_or_path),
-                                       peaked.adapter_dir).merge_and_unload().eval()
+    merged = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.name_or_path), peaked.adapter_dir)
+        .merge_and_unload()
+        .eval()
+    )
     with torch.no_grad():
-        assert mean_answer_loss(answer_losses(merged, held_out.loss_rows.rows(), 4, 0)) == pytest.approx(losses[0],
-                                                                                            rel=1e-4)
+        assert mean_answer_loss(answer_losses(merged, held_out.loss_rows.rows(), 4, 0)) == pytest.approx(
+            losses[0], rel=1e-4
+        )
     export = ExportConfig(gguf_types=["f16"], lora_gguf=False)
-    ggufs = [export_model(result, base, export, tmp_path / f"export-{name}").ggufs[0]
-             for name, result in (("best", peaked), ("one", one_step))]
+    ggufs = [
+        export_model(result, base, export, tmp_path / f"export-{name}").ggufs[0]
+        for name, result in (("best", peaked), ("one", one_step))
+    ]
     assert ggufs[0].sha256 == ggufs[1].sha256
 
 
@@ -407,8 +471,13 @@ def test_evaluating_an_answer_metric_does_not_change_the_training(formatted, hel
 
     short = dict(max_steps=2, save_steps=10)
     plain = train_model(request_for(formatted, tmp_path / "plain", **short))
-    measured = train_model(with_held_out(request_for(formatted, tmp_path / "measured", eval_steps=1, eval_samples=2,
-                                                     **short), held_out, metric="field_accuracy"))
+    measured = train_model(
+        with_held_out(
+            request_for(formatted, tmp_path / "measured", eval_steps=1, eval_samples=2, **short),
+            held_out,
+            metric="field_accuracy",
+        )
+    )
     assert [p.step for p in measured.eval_history] == [1, 2]
     assert {"field_accuracy", "valid_json_rate", "exact_match"} <= measured.eval_history[0].metrics.keys()
     assert measured.selection.startswith("train.select=best: step ")

@@ -37,12 +37,26 @@ def small_gqa_model(out_dir: Path) -> Path:
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     vocab = {f"w{i}": i for i in range(512)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w1")),
-                                        pad_token="w0", eos_token="w1", unk_token="w1")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w1")),
+        pad_token="w0",
+        eos_token="w1",
+        unk_token="w1",
+    )
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                         initializer_range=0.2, pad_token_id=0, eos_token_id=1)
+    config = Qwen3Config(
+        vocab_size=len(vocab),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     Qwen3ForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -57,10 +71,19 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
     from tunepipe.tasks.train import batching, stepper
 
     device = cuda_with_unsloth
-    model, _ = FastLanguageModel.from_pretrained(model_name=str(small_gqa_model(tmp_path / "model")),
-                                                 max_seq_length=1024, dtype=torch.bfloat16, load_in_4bit=False)
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(small_gqa_model(tmp_path / "model")),
+        max_seq_length=1024,
+        dtype=torch.bfloat16,
+        load_in_4bit=False,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=4,
+        lora_alpha=8,
+        use_gradient_checkpointing=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     assert unsloth_patches.unsloth_packs(device)
     kernel, varlen_calls = attention_dispatch._TORCH_VARLEN_ATTN, []
 
@@ -73,7 +96,7 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
     rows = []
     for n in LENGTHS:  # a prompt without loss, then the answer
         ids = [rng.randrange(2, 512) for _ in range(n)]
-        rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3 :]})
 
     def per_example(batch_rows: list[dict], packing: bool) -> list[float]:
         batch = batching.make_batch(batch_rows, packing, 0, device)  # packed: one row, as the loop packs unsloth's
@@ -86,8 +109,10 @@ def test_unsloth_packed_loss_equals_unpacked_loss_for_every_example(cuda_with_un
     assert varlen_calls == [torch.Size([sum(LENGTHS), 4, 32])] * 2  # one call a layer, the whole row at once
     unpacked = per_example(rows, False)
     alone = [per_example([row], False)[0] for row in rows]
-    print(f"packed vs padded: {max(abs(a - b) for a, b in zip(packed, unpacked)):.4f}; "
-          f"vs alone: {max(abs(a - b) for a, b in zip(packed, alone)):.4f}")
+    print(
+        f"packed vs padded: {max(abs(a - b) for a, b in zip(packed, unpacked)):.4f}; "
+        f"vs alone: {max(abs(a - b) for a, b in zip(packed, alone)):.4f}"
+    )
     assert max(abs(a - b) for a, b in zip(packed, unpacked)) < BF16_TOLERANCE
     assert max(abs(a - b) for a, b in zip(packed, alone)) < BF16_TOLERANCE
 
@@ -128,13 +153,22 @@ def test_varlen_kernel_given_grouped_kv_heads_attends_as_with_repeated_heads(cud
         if grouped:
             out = attend(q, k, v, bounds, bounds, 90, 90, window_size=(-1, 0), enable_gqa=True)
         else:
-            out = varlen.varlen_attn(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), bounds, bounds,
-                                     90, 90, window_size=(-1, 0))
+            out = varlen.varlen_attn(
+                q,
+                k.repeat_interleave(2, dim=1),
+                v.repeat_interleave(2, dim=1),
+                bounds,
+                bounds,
+                90,
+                90,
+                window_size=(-1, 0),
+            )
         out.backward(grad_out)
         return out, q.grad, k.grad, v.grad
 
-    for name, grouped, repeated in zip(("out", "dq", "dk", "dv"), attention_and_grads(True),
-                                       attention_and_grads(False)):
+    for name, grouped, repeated in zip(
+        ("out", "dq", "dk", "dv"), attention_and_grads(True), attention_and_grads(False)
+    ):
         error = float((grouped.float() - repeated.float()).abs().max() / repeated.float().abs().max())
         print(f"{name}: {error:.2e} of its largest value")
         assert error < 1e-2, name
@@ -150,10 +184,12 @@ def lora_model(path: str, backend: str, recompute, device):
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=1024, dtype=torch.bfloat16,
-                                                     load_in_4bit=False)
-        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=targets,
-                                                 use_gradient_checkpointing=bool(recompute))
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=path, max_seq_length=1024, dtype=torch.bfloat16, load_in_4bit=False
+        )
+        model = FastLanguageModel.get_peft_model(
+            model, r=4, lora_alpha=8, target_modules=targets, use_gradient_checkpointing=bool(recompute)
+        )
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -167,8 +203,9 @@ def lora_model(path: str, backend: str, recompute, device):
     return model
 
 
-RECOMPUTE = pytest.mark.parametrize("recompute", [False, True, "offload"],
-                                    ids=["no-recomputation", "recomputation", "offloaded-recomputation"])
+RECOMPUTE = pytest.mark.parametrize(
+    "recompute", [False, True, "offload"], ids=["no-recomputation", "recomputation", "offloaded-recomputation"]
+)
 
 
 def train_steps(model, steps: list[list[dict]], backend: str, cuda_graphs: bool, layout=None):
@@ -186,17 +223,27 @@ def train_steps(model, steps: list[list[dict]], backend: str, cuda_graphs: bool,
     optimizer = torch.optim.SGD(trainable, lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    stepper = Stepper(model=model, scaler=scaler, device=torch.device("cuda"), precision="bf16",
-                      backend=backend, packing=True, row_tokens=None, head_chunk=64, pad_id=0,
-                      max_oom_retries=0, rank=Rank(), cuda_graphs=cuda_graphs,
-                      packed_layout=layout)
+    stepper = Stepper(
+        model=model,
+        scaler=scaler,
+        device=torch.device("cuda"),
+        precision="bf16",
+        backend=backend,
+        packing=True,
+        row_tokens=None,
+        head_chunk=64,
+        pad_id=0,
+        max_oom_retries=0,
+        rank=Rank(),
+        cuda_graphs=cuda_graphs,
+        packed_layout=layout,
+    )
     state = TrainingState(micro_batch_size=2)
     losses, weights = [], []
     for step, rows in enumerate(steps, 1):
         tokens = sum(n_loss_tokens(row) for row in rows)
         losses.append(float(stepper.run(rows, tokens, state, step)))
-        finish_step(trainable, optimizer, scheduler, scaler, None,
-                    set_to_none=not stepper.gradients_in_graphs)
+        finish_step(trainable, optimizer, scheduler, scaler, None, set_to_none=not stepper.gradients_in_graphs)
         weights.append({name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
     return losses, weights, stepper
 
@@ -256,8 +303,10 @@ def test_packed_rows_replayed_from_cuda_graphs_train_as_eager_packed_rows(cuda_w
     for _ in range(4):  # four examples of 20-90 tokens a step: two packed micro-batches of two
         rows = [[rng.randrange(2, 512) for _ in range(rng.randint(20, 90))] for _ in range(4)]
         steps.append([{"input_ids": row, "labels": [IGNORE] * 8 + row[8:]} for row in rows])
-    layout = batching.packed_layout([[len(row["input_ids"]) for row in rows[start : start + 2]]
-                                     for rows in steps for start in (0, 2)], max_padding=1.0)
+    layout = batching.packed_layout(
+        [[len(row["input_ids"]) for row in rows[start : start + 2]] for rows in steps for start in (0, 2)],
+        max_padding=1.0,
+    )
     eager = train_steps(model, steps, "unsloth", cuda_graphs=False)
     checkpoints.load_trainable(model, start)
     graphed = train_steps(model, steps, "unsloth", cuda_graphs=True, layout=layout)
@@ -268,8 +317,9 @@ def test_packed_rows_replayed_from_cuda_graphs_train_as_eager_packed_rows(cuda_w
 
 
 @pytest.mark.parametrize("backend", ["unsloth", "hf"])
-def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_alike(cuda_with_unsloth, tmp_path,
-                                                                                     backend, monkeypatch):
+def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_alike(
+    cuda_with_unsloth, tmp_path, backend, monkeypatch
+):
     """After the forward pass, the offloaded form has moved each layer's input to the host and holds less on the
     GPU than recomputation does (by at least a layer's input); the losses and LoRA gradients agree."""
     import torch
@@ -302,13 +352,17 @@ def test_offloaded_recomputation_keeps_the_layer_inputs_off_the_gpu_and_trains_a
         torch.cuda.synchronize()
         held[mode] = torch.cuda.memory_allocated() - before
         loss.backward()
-        results[mode] = (float(loss), {name: p.grad.float().clone() for name, p in model.named_parameters()
-                                            if p.requires_grad})
+        results[mode] = (
+            float(loss),
+            {name: p.grad.float().clone() for name, p in model.named_parameters() if p.requires_grad},
+        )
         del model, hidden, loss
         torch.cuda.empty_cache()
     layer_input = ids.numel() * 128 * 2  # tokens x hidden size x bf16
-    print(f"{backend}: held after the forward pass, recomputation {held[True]} bytes, offloaded "
-          f"{held['offload']} bytes; a layer's input {layer_input}; moved to the host {moved}")
+    print(
+        f"{backend}: held after the forward pass, recomputation {held[True]} bytes, offloaded "
+        f"{held['offload']} bytes; a layer's input {layer_input}; moved to the host {moved}"
+    )
     assert len(moved) == 2  # each layer's input
     assert held[True] - held["offload"] >= layer_input
     (plain_loss, plain_grads), (offload_loss, offload_grads) = results[True], results["offload"]

@@ -70,8 +70,10 @@ def read_prompts(cfg: PromptsConfig) -> list[GeneralPrompt]:
     """The first `cfg.builtin` built-in prompts, then every line of `cfg.prompts`."""
     builtin = read_file(BUILTIN)
     if cfg.builtin > len(builtin):
-        raise GeneralPromptsError(f"eval.retention.builtin is {cfg.builtin}, but there are {len(builtin)} built-in "
-                                  "prompts; give your own in eval.retention.prompts")
+        raise GeneralPromptsError(
+            f"eval.retention.builtin is {cfg.builtin}, but there are {len(builtin)} built-in "
+            "prompts; give your own in eval.retention.prompts"
+        )
     return builtin[: cfg.builtin] + (read_file(cfg.prompts) if cfg.prompts is not None else [])
 
 
@@ -94,8 +96,11 @@ def read_file(path: Path) -> list[GeneralPrompt]:
             problems += [f"{where}: {'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()]
             continue
         messages = row.messages or [Message(role="user", content=row.prompt)]
-        prompts.append(GeneralPrompt(id=row.id or f"{Path(path).name}:{number}", source=where,
-                                     language=row.language, messages=messages))
+        prompts.append(
+            GeneralPrompt(
+                id=row.id or f"{Path(path).name}:{number}", source=where, language=row.language, messages=messages
+            )
+        )
     if problems:
         raise GeneralPromptsError("eval.retention.prompts: lines that cannot be asked:\n  " + "\n  ".join(problems))
     if not prompts:

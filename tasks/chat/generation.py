@@ -38,8 +38,11 @@ class Answer(NamedTuple):
 def render_prompt(tokenizer, conversation: list[dict], chat: ChatContext | None = None) -> list[int]:
     """The conversation as the chat template renders it (with `chat`; None: the template's defaults), up to
     and including the generation prompt (and the reply prefix the run moved into it)."""
-    text = (chat.render(tokenizer, conversation, True) if chat is not None
-            else tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    text = (
+        chat.render(tokenizer, conversation, True)
+        if chat is not None
+        else tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -51,7 +54,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def greedy_answers(
-    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int, progress=None,
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress=None,
     chat: ChatContext | None = None,
 ) -> list[Answer]:
     """Greedy answers to `conversations` (prompts rendered with `chat`), in their order, decoded up to the
@@ -64,8 +72,7 @@ def greedy_answers(
     stop_ids = stop_token_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rows = min(batch_size, len(prompts))
-    decoder = GreedyDecoder(model, rows, len(prompts[order[0]]) + max_new_tokens, stop_ids,
-                            tokenizer.pad_token_id)
+    decoder = GreedyDecoder(model, rows, len(prompts[order[0]]) + max_new_tokens, stop_ids, tokenizer.pad_token_id)
     generated: dict[int, list[int]] = {}
     for start in range(0, len(order), rows):
         chunk = order[start : start + rows]
@@ -91,16 +98,20 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     # Query head h reads key/value head h // groups, as transformers' repeat_kv lays them out; a group's
     # queries are ordered (head in group, position), so the mask (batch, 1, length, keys) repeats per head.
     output = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, kv_heads, groups * length, dim), key, value,
-        attn_mask=attention_mask.repeat(1, 1, groups, 1) if length > 1 else attention_mask, scale=scaling,
+        query.reshape(batch, kv_heads, groups * length, dim),
+        key,
+        value,
+        attn_mask=attention_mask.repeat(1, 1, groups, 1) if length > 1 else attention_mask,
+        scale=scaling,
     )
     output = output.view(batch, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
     return output.reshape(batch, length, heads, dim), None
@@ -130,7 +141,8 @@ def use_grouped_attention(model, length: int) -> bool:
         raise ValueError(
             f"{config.model_type}: {', '.join(sorted(sliding))} layers are decoded here only when a prompt and its "
             f"answer ({length} tokens here) fit their window ({window}), where they attend to every token: "
-            "lower eval.max_new_tokens or model.max_seq_length")
+            "lower eval.max_new_tokens or model.max_seq_length"
+        )
     if attention is None:
         return False
     AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
@@ -188,8 +200,11 @@ class GreedyDecoder:
         import torch
 
         logits = self.model(
-            input_ids=self.tokens, position_ids=self.positions, attention_mask=self.attends[:, None, None, :],
-            past_key_values=self.cache, use_cache=True,
+            input_ids=self.tokens,
+            position_ids=self.positions,
+            attention_mask=self.attends[:, None, None, :],
+            past_key_values=self.cache,
+            use_cache=True,
         ).logits[:, -1]
         token = torch.where(self.done, self.pad_id, logits.argmax(-1))
         self.done |= torch.isin(token, self.stop_ids)
@@ -232,8 +247,12 @@ class GreedyDecoder:
 
         self.cache.reset()
         logits = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=prefill_mask, past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=prefill_mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
         ).logits[:, -1]
         out = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         self.tokens.copy_(logits.argmax(-1)[:, None])

@@ -79,7 +79,10 @@ def aggregate(per_example: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def score_answers(
-    answers: Sequence[str], references: Sequence[str], stopped: Sequence[bool], output_format: OutputFormat,
+    answers: Sequence[str],
+    references: Sequence[str],
+    stopped: Sequence[bool],
+    output_format: OutputFormat,
     required: Sequence[str] = (),
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """(split scores, per-example scores) for answers aligned with their references."""

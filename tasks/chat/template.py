@@ -62,13 +62,16 @@ class ChatContext(BaseModel):
         inline = cls(reasoning=reasoning, date=today if "strftime_now" in chat_template else None)
         plain = [inline] if reasoning == "strip" else [inline, inline.model_copy(update={"reasoning_field": True})]
         # A reply prefix only where the template needs one (probed lazily): it changes what is trained.
-        prefixed = (chat.model_copy(update={"reply_prefix": prefix}) for chat in plain
-                    if (prefix := _reply_prefix(chat_template, chat)))
+        prefixed = (
+            chat.model_copy(update={"reply_prefix": prefix})
+            for chat in plain
+            if (prefix := _reply_prefix(chat_template, chat))
+        )
         return next((chat for chat in chain(plain, prefixed) if _trains_as_read(chat_template, chat)), inline)
 
     @classmethod
     def today(cls, reasoning: Reasoning, chat_template: str) -> ChatContext:
-        return cls.for_template(reasoning, chat_template, dt.datetime.now(dt.timezone.utc).date())
+        return cls.for_template(reasoning, chat_template, dt.datetime.now(dt.UTC).date())
 
     def messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """The messages as the chat template is given them."""
@@ -77,15 +80,20 @@ class ChatContext(BaseModel):
         given = []
         for message in messages:
             reasoning, answer = split_reasoning(message["content"]) if message["role"] == "assistant" else (None, "")
-            given.append(message if reasoning is None else {**message, "content": answer,
-                                                            "reasoning_content": reasoning})
+            given.append(
+                message if reasoning is None else {**message, "content": answer, "reasoning_content": reasoning}
+            )
         return given
 
     def render(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         """The conversation as `tokenizer`'s chat template renders it in this context; a generation prompt ends
         with the reply prefix."""
-        text = tokenizer.apply_chat_template(self.messages(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **self.template_kwargs())
+        text = tokenizer.apply_chat_template(
+            self.messages(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **self.template_kwargs(),
+        )
         return text + self.reply_prefix if add_generation_prompt else text
 
     def template_kwargs(self) -> dict[str, Any]:
@@ -99,8 +107,9 @@ class AnswerRefused(ValueError):
     """The chat template does not train this answer as evaluation and serving read it; the message says how."""
 
 
-def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: str = "",
-                          chat: ChatContext | None = None) -> ChatRenderer:
+def transformers_renderer(
+    chat_template: str, bos_token: str = "", eos_token: str = "", chat: ChatContext | None = None
+) -> ChatRenderer:
     """Render as training does (transformers' own Jinja environment) with these special tokens and the run's
     `chat` context (None: the template's defaults).
 
@@ -112,9 +121,14 @@ def transformers_renderer(chat_template: str, bos_token: str = "", eos_token: st
     kwargs = chat.template_kwargs() if chat is not None else {}
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        (text,), _ = render_jinja_template([chat.messages(messages) if chat is not None else messages],
-                                           chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                                           bos_token=bos_token, eos_token=eos_token, **kwargs)
+        (text,), _ = render_jinja_template(
+            [chat.messages(messages) if chat is not None else messages],
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            **kwargs,
+        )
         return text + chat.reply_prefix if chat is not None and add_generation_prompt else text
 
     return render
@@ -132,16 +146,19 @@ def _reply_prefix(chat_template: str, chat: ChatContext) -> str:
     """The text the template writes at the start of every reply, before the answer (or its reasoning block),
     whatever the answer says: found by rendering two different probe answers; "" when there is none."""
     render = transformers_renderer(chat_template, chat=chat)
-    contents = ([PROBE_ANSWER, "OTHERPROBE"] if chat.reasoning == "strip"
-                else [PROBE_REASONED, PROBE_REASONED.replace("PROBE", "OTHER")])
+    contents = (
+        [PROBE_ANSWER, "OTHERPROBE"]
+        if chat.reasoning == "strip"
+        else [PROBE_REASONED, PROBE_REASONED.replace("PROBE", "OTHER")]
+    )
     prefixes = set()
     try:
         prompt = render(PROBE_USER, True)
         for content in contents:
             whole = render([*PROBE_USER, {"role": "assistant", "content": content}], False)
             common = _whole_tags(os.path.commonprefix([prompt, whole]))
-            opened, rest = prompt[len(common):], whole[len(common):]
-            rest = rest[_overlap(opened, rest):]  # text the generation prompt ends with already is no prefix
+            opened, rest = prompt[len(common) :], whole[len(common) :]
+            rest = rest[_overlap(opened, rest) :]  # text the generation prompt ends with already is no prefix
             start = rest.find(content.split()[0])  # the answer's first word, or its `<think>`
             prefixes.add(rest[:start] if start > 0 else "")
     except Exception:  # a template that cannot render it: the run's stages say why
@@ -151,7 +168,7 @@ def _reply_prefix(chat_template: str, chat: ChatContext) -> str:
 
 def _whole_tags(common: str) -> str:
     """A common prefix of two renderings cut back to a whole tag (not into `<|...|>`)."""
-    return common[:common.rfind("<")] if common.rfind("<") > common.rfind(">") else common
+    return common[: common.rfind("<")] if common.rfind("<") > common.rfind(">") else common
 
 
 def _overlap(opened: str, rest: str) -> int:
@@ -171,25 +188,27 @@ def answer_piece(prompt: str, whole: str, content: str) -> str:
     """The text an assistant turn with `content` trains, given the template's generation prompt `prompt` and
     its rendering `whole` of the conversation ending with that turn. Raises AnswerRefused."""
     if whole.startswith(prompt):
-        piece = whole[len(prompt):]
+        piece = whole[len(prompt) :]
         reasoning, answer = split_reasoning(content)
         got_reasoning, got_answer = split_reasoning(piece)
         if reasoning and prompt.endswith("<think>") and got_reasoning == "" and got_answer.startswith(answer):
             # The template empties the block its prompt opened (DeepSeek V3.1, every answer): the model writes
             # the reasoning there, as after the prompts of QwQ and the R1 distills.
-            piece = content.lstrip().removeprefix("<think>") + got_answer[len(answer):]
+            piece = content.lstrip().removeprefix("<think>") + got_answer[len(answer) :]
     else:
         common = _whole_tags(os.path.commonprefix([prompt, whole]))
-        opened, rest = prompt[len(common):], whole[len(common):]
+        opened, rest = prompt[len(common) :], whole[len(common) :]
         reasoning, answer = split_reasoning(content)
         # Before the answer the answered turn may write text the prompt ends with already (Command R7B's reply
         # prefix, DeepSeek V3.2's `</think>` after its empty block), and whitespace.
         start = _overlap(opened, rest)
         start += len(rest[start:]) - len(rest[start:].lstrip())
         if not rest[start:].startswith(answer):
-            raise AnswerRefused(f"the chat template renders this conversation's prefix differently from the whole:"
-                                f" the generation prompt ends {opened[:60]!r}, the answered conversation goes on "
-                                f"{rest[:60]!r}")
+            raise AnswerRefused(
+                f"the chat template renders this conversation's prefix differently from the whole:"
+                f" the generation prompt ends {opened[:60]!r}, the answered conversation goes on "
+                f"{rest[:60]!r}"
+            )
         if reasoning is None and "<think>" in opened and "</think>" not in opened:
             reasoning, content = "", EMPTY_BLOCK + content.lstrip()  # the model must close the opened block
         if reasoning is None:  # the prompt wrote a closed block (or a channel of its own): the answer follows it
@@ -197,11 +216,13 @@ def answer_piece(prompt: str, whole: str, content: str) -> str:
         elif content.startswith(opened):
             written = content
         else:
-            raise AnswerRefused(f"the chat template's generation prompt opens the reasoning with {opened!r}, "
-                                f"which this answer does not start with ({content[:40]!r}); data.reasoning: wrap "
-                                "writes every answer's reasoning as one `<think>\\n...\\n</think>` block")
+            raise AnswerRefused(
+                f"the chat template's generation prompt opens the reasoning with {opened!r}, "
+                f"which this answer does not start with ({content[:40]!r}); data.reasoning: wrap "
+                "writes every answer's reasoning as one `<think>\\n...\\n</think>` block"
+            )
         # The template wrote the answer alone where the model, after `opened`, writes the rest of the block too.
-        piece = written[len(opened):] + rest[start + len(answer):]
+        piece = written[len(opened) :] + rest[start + len(answer) :]
     problem = reasoning_problem(piece, content)
     if problem:
         raise AnswerRefused(problem)
@@ -215,12 +236,17 @@ def reasoning_problem(piece: str, content: str) -> str | None:
     got_reasoning, got_answer = split_reasoning(piece)
     # Whitespace aside: some templates trim an answer or fold its blank lines (RWKV World), which is no loss.
     if " ".join(got_answer.split()).startswith(" ".join(answer.split())) and (got_reasoning or None) == (
-            reasoning or None):
+        reasoning or None
+    ):
         return None
     if reasoning and not got_reasoning and reasoning not in piece:
-        return ("the chat template drops the reasoning of the answer, so data.reasoning would not train it; "
-                "set data.reasoning: strip, or a template that writes it")
-    return (f"the chat template has the model write {piece[:60]!r} after the generation prompt: "
-            + ("not a <think> block and then the answer" if reasoning else "markup of its own before the answer")
-            + ", which evaluation, parity and the smoke test cannot read as a reply (the markup is no constant "
-            "reply prefix that the generation prompt could end with)")
+        return (
+            "the chat template drops the reasoning of the answer, so data.reasoning would not train it; "
+            "set data.reasoning: strip, or a template that writes it"
+        )
+    return (
+        f"the chat template has the model write {piece[:60]!r} after the generation prompt: "
+        + ("not a <think> block and then the answer" if reasoning else "markup of its own before the answer")
+        + ", which evaluation, parity and the smoke test cannot read as a reply (the markup is no constant "
+        "reply prefix that the generation prompt could end with)"
+    )

@@ -46,8 +46,9 @@ class DataCheckError(ValueError):
         return self.args[0]
 
 
-def formatted_tokens(examples: list[Example], tokenizer, chat: ChatContext
-                     ) -> tuple[list[int | None], list[str | None], list[str | None]]:
+def formatted_tokens(
+    examples: list[Example], tokenizer, chat: ChatContext
+) -> tuple[list[int | None], list[str | None], list[str | None]]:
     """Token count of each example as the format stage will write it, its token ids as a line of a
     `TokenizedSplits` file (kept as text: about 8 bytes a token, against 36 as a list of Python ints), and
     why the chat template cannot train it; None for the first two where its roles cannot be formatted or
@@ -67,11 +68,15 @@ def formatted_tokens(examples: list[Example], tokenizer, chat: ChatContext
     return lengths, lines, refusals
 
 
-def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig,
-                  out_dir: Path) -> CheckedData:
+def check_dataset(
+    loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig, out_dir: Path
+) -> CheckedData:
     """Validate the splits, write clean rows, quarantine, Data Docs and summary; raise if the run may not go on."""
-    splits = {"train": list(read_examples(loaded.train_path)),
-              "validation": list(read_examples(loaded.validation_path)), "eval": list(read_examples(loaded.eval_path))}
+    splits = {
+        "train": list(read_examples(loaded.train_path)),
+        "validation": list(read_examples(loaded.validation_path)),
+        "eval": list(read_examples(loaded.eval_path)),
+    }
     tokenizer = load_tokenizer(base, model.chat_template)
     # Every later stage renders with this: training's texts are made here.
     chat = ChatContext.today(cfg.reasoning, str(tokenizer.chat_template))
@@ -83,18 +88,29 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
         for example in examples:
             prompts[split].setdefault(chat_suite.prompt_key(example), f"{SPLIT_NAMES[split]}: {example.where}")
     # Without configured keys, the held-out answers must carry the keys every training answer shares.
-    held_out_keys = cfg.required_keys or required_keys(example.answer for example in splits["train"]
-                                                       if example.kind != "undesirable")
+    held_out_keys = cfg.required_keys or required_keys(
+        example.answer for example in splits["train"] if example.kind != "undesirable"
+    )
     keys = {"train": cfg.required_keys, "validation": held_out_keys, "eval": held_out_keys}
     frames, suites, token_lines = {}, {}, {}
     for split, examples in splits.items():
         kept_there = [prompts[other] for other in reversed(later[split]) if prompts[other]]
-        copies = ([next((where[key] for where in kept_there if key in where), None)
-                   for key in map(chat_suite.prompt_key, examples)] if kept_there else None)
+        copies = (
+            [
+                next((where[key] for where in kept_there if key in where), None)
+                for key in map(chat_suite.prompt_key, examples)
+            ]
+            if kept_there
+            else None
+        )
         lengths, token_lines[split], refusals = formatted_tokens(examples, tokenizer, chat)
         frames[split] = chat_suite.examples_frame(examples, lengths, copies, refusals)
         suites[split] = chat_suite.build_suite(
-            f"tunepipe_{split}", cfg.max_chars, model.max_seq_length, cfg.output_format == "json", keys[split],
+            f"tunepipe_{split}",
+            cfg.max_chars,
+            model.max_seq_length,
+            cfg.output_format == "json",
+            keys[split],
             leakage=bool(kept_there),
         )
     docs_dir = out_dir / "data_docs"
@@ -102,17 +118,24 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     results = chat_suite.validate(frames, suites, docs_dir)
 
     reports, set_aside = {}, []
-    tokens = TokenizedSplits(train=out_dir / "train_tokens.jsonl", validation=out_dir / "validation_tokens.jsonl",
-                             eval=out_dir / "eval_tokens.jsonl", tokenizer=tokenizer_key(base, model.chat_template, chat),
-                             chat=chat)
+    tokens = TokenizedSplits(
+        train=out_dir / "train_tokens.jsonl",
+        validation=out_dir / "validation_tokens.jsonl",
+        eval=out_dir / "eval_tokens.jsonl",
+        tokenizer=tokenizer_key(base, model.chat_template, chat),
+        chat=chat,
+    )
     for split, examples in splits.items():
-        failures = chat_suite.failed_rows(results[split], frames[split], examples, cfg.max_chars,
-                                          model.max_seq_length)
+        failures = chat_suite.failed_rows(results[split], frames[split], examples, cfg.max_chars, model.max_seq_length)
         set_aside += [
             Rejection(
-                source=examples[i].source, line=examples[i].line, unit=examples[i].unit,
+                source=examples[i].source,
+                line=examples[i].line,
+                unit=examples[i].unit,
                 field=",".join(dict.fromkeys(f.column for f in row_failures)),
-                reason="; ".join(f.reason for f in row_failures), raw=examples[i].model_dump_json(), stage="check",
+                reason="; ".join(f.reason for f in row_failures),
+                raw=examples[i].model_dump_json(),
+                stage="check",
             )
             for i, row_failures in failures.items()
         ]
@@ -121,9 +144,13 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
         bad = [examples[i] for i in passed if examples[i].kind == "undesirable"]
         clean = [examples[i] for i in passed]
         reports[split] = DataCheckReport(
-            success=bool(results[split].success), n_checked=len(examples), n_passed=len(clean),
-            n_quarantined=len(failures), expectations=chat_suite.expectation_summary(results[split]),
-            clean_path=out_dir / f"{split}_clean.jsonl", n_undesirable=len(bad),
+            success=bool(results[split].success),
+            n_checked=len(examples),
+            n_passed=len(clean),
+            n_quarantined=len(failures),
+            expectations=chat_suite.expectation_summary(results[split]),
+            clean_path=out_dir / f"{split}_clean.jsonl",
+            n_undesirable=len(bad),
             undesirable_path=out_dir / f"{split}_undesirable.jsonl" if bad else None,
         )
         write_jsonl(reports[split].clean_path, [examples[i] for i in kept])
@@ -140,12 +167,19 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     files = account_for_rows(loaded, splits, rejections)
     rows_read = sum(f.rows_read for f in files)
     checked = CheckedData(
-        train=reports["train"], validation=reports["validation"], eval=reports["eval"], files=files,
+        train=reports["train"],
+        validation=reports["validation"],
+        eval=reports["eval"],
+        files=files,
         rows_read=rows_read,
-        rows_quarantined=len(rejections), quarantine_path=quarantine_path,
-        data_docs=docs_dir / "index.html", summary_path=out_dir / "data_check_summary.json", tokens=tokens,
+        rows_quarantined=len(rejections),
+        quarantine_path=quarantine_path,
+        data_docs=docs_dir / "index.html",
+        summary_path=out_dir / "data_check_summary.json",
+        tokens=tokens,
         problems=policy_problems(cfg, reports, rows_read, len(rejections)),
-        first_rejections=[r.message for r in rejections[:ROWS_SHOWN]], fingerprint=loaded.fingerprint,
+        first_rejections=[r.message for r in rejections[:ROWS_SHOWN]],
+        fingerprint=loaded.fingerprint,
     )
     summary = {
         **checked.model_dump(mode="json"),
@@ -158,16 +192,23 @@ def check_dataset(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model
     return checked
 
 
-def account_for_rows(loaded: LoadedData, splits: dict[str, list[Example]],
-                     rejections: list[Rejection]) -> list[FileAccount]:
+def account_for_rows(
+    loaded: LoadedData, splits: dict[str, list[Example]], rejections: list[Rejection]
+) -> list[FileAccount]:
     """Per input file, where its rows went (`splits`: the kept rows of train, validation and eval); a row
     counted twice or lost is a bug, so it raises."""
     kept = {split: Counter(e.source for e in examples) for split, examples in splits.items()}
     quarantined = Counter(r.source for r in rejections)
     files = [
-        FileAccount(source=f.source, unit=f.unit, rows_read=f.rows_read, kept_train=kept["train"][f.source],
-                    kept_validation=kept["validation"][f.source], kept_eval=kept["eval"][f.source],
-                    quarantined=quarantined[f.source])
+        FileAccount(
+            source=f.source,
+            unit=f.unit,
+            rows_read=f.rows_read,
+            kept_train=kept["train"][f.source],
+            kept_validation=kept["validation"][f.source],
+            kept_eval=kept["eval"][f.source],
+            quarantined=quarantined[f.source],
+        )
         for f in loaded.files
     ]
     for f in files:
@@ -176,8 +217,9 @@ def account_for_rows(loaded: LoadedData, splits: dict[str, list[Example]],
     return files
 
 
-def policy_problems(cfg: DataConfig, reports: dict[str, DataCheckReport], rows_read: int,
-                    rows_quarantined: int) -> list[str]:
+def policy_problems(
+    cfg: DataConfig, reports: dict[str, DataCheckReport], rows_read: int, rows_quarantined: int
+) -> list[str]:
     """Why the run may not go on (empty: it may), from data.on_invalid, max_invalid_fraction and min_rows."""
     problems = []
     if cfg.on_invalid == "fail" and rows_quarantined:
@@ -189,14 +231,17 @@ def policy_problems(cfg: DataConfig, reports: dict[str, DataCheckReport], rows_r
         )
     if reports["train"].n_passed < cfg.min_rows:
         problems.append(f"{reports['train'].n_passed} training rows passed, data.min_rows is {cfg.min_rows}")
-    for split, key, fraction in (("validation", "validation", cfg.validation_fraction),
-                                 ("eval", "eval", cfg.eval_fraction)):
+    for split, key, fraction in (
+        ("validation", "validation", cfg.validation_fraction),
+        ("eval", "eval", cfg.eval_fraction),
+    ):
         name = SPLIT_NAMES[split]
         if getattr(cfg, key) is None and reports[split].n_checked == 0:  # the split held out nothing: say why
             problems.append(
                 f"too few rows to hold out a {name} split: {reports['train'].n_checked} valid row(s) reached the "
                 f"split (data.{key}_fraction {fraction}, at least 3 distinct rows needed for train, validation "
-                f"and test); add rows, or give held-out rows as data.{key}")
+                f"and test); add rows, or give held-out rows as data.{key}"
+            )
         elif reports[split].n_passed < 1:
             problems.append(f"no {name} row passed")
     return problems
@@ -213,8 +258,12 @@ def failure_message(checked: CheckedData) -> str:
 
 
 # The suite and the tokenization (the token ids handed to the format stage) decide the result as much as this module.
-@task(name="check_data", cache_policy=StageCache(sources=("tunepipe.data_checks.chat_suite", "tunepipe.tasks.data.format")),
-      persist_result=True)
-def check_data(loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig,
-               workdir: Path) -> CheckedData:
+@task(
+    name="check_data",
+    cache_policy=StageCache(sources=("tunepipe.data_checks.chat_suite", "tunepipe.tasks.data.format")),
+    persist_result=True,
+)
+def check_data(
+    loaded: LoadedData, cfg: DataConfig, base: BaseModelRef, model: ModelConfig, workdir: Path
+) -> CheckedData:
     return check_dataset(loaded, cfg, base, model, stage_dir(workdir, "check_data", loaded, cfg, base, model))

@@ -18,7 +18,15 @@ from pydantic import BaseModel
 from tunepipe.tasks.chat.examples import Example, Unit, location
 from tunepipe.tasks.data.containers import CONTAINERS, DataFileError, DataSource, file_rows
 from tunepipe.tasks.data.results import SourceCount
-from tunepipe.tasks.data.shapes import SHAPE_KEYS, Normaliser, RecordError, ShapeSpec, example_id, json_type, record_keys
+from tunepipe.tasks.data.shapes import (
+    SHAPE_KEYS,
+    Normaliser,
+    RecordError,
+    ShapeSpec,
+    example_id,
+    json_type,
+    record_keys,
+)
 
 DATASET_INFO = "dataset_info.json"
 
@@ -67,15 +75,28 @@ def read_file(source: DataSource, normaliser: Normaliser) -> FileRead:
             messages, label, rejected = normaliser.parts(row.value)
         except RecordError as exc:
             kinds[exc.kind] += 1
-            rejections.append(Rejection(source=str(path), line=row.number, unit=unit, field=exc.field,
-                                        reason=exc.message, raw=row.raw))
+            rejections.append(
+                Rejection(
+                    source=str(path), line=row.number, unit=unit, field=exc.field, reason=exc.message, raw=row.raw
+                )
+            )
             continue
-        examples.append(Example(id=example_id(messages, label, rejected), messages=messages, source=str(path),
-                                line=row.number, unit=unit, label=label, rejected=rejected))
+        examples.append(
+            Example(
+                id=example_id(messages, label, rejected),
+                messages=messages,
+                source=str(path),
+                line=row.number,
+                unit=unit,
+                label=label,
+                rejected=rejected,
+            )
+        )
     if not examples:
         _raise_if_unusable(path, rejections, kinds, value_types)
-    count = SourceCount(source=str(path), unit=unit, rows_read=len(examples) + len(rejections),
-                        rows_rejected=len(rejections))
+    count = SourceCount(
+        source=str(path), unit=unit, rows_read=len(examples) + len(rejections), rows_rejected=len(rejections)
+    )
     return FileRead(examples, rejections, count)
 
 
@@ -93,8 +114,10 @@ def _raise_if_unusable(path: Path, rejections: list[Rejection], kinds: Counter[s
         raise DataFileError(f"{path}: {container} of {found}; expected JSON objects, one record each")
     if kinds["shape"] == n:
         keys = record_keys(json.loads(rejections[0].raw))
-        raise DataFileError(f"{path}: unknown shape (the first record has keys {keys}); expected {SHAPE_KEYS}, "
-                            "or a LLaMA-Factory dataset_info.json that names the columns")
+        raise DataFileError(
+            f"{path}: unknown shape (the first record has keys {keys}); expected {SHAPE_KEYS}, "
+            "or a LLaMA-Factory dataset_info.json that names the columns"
+        )
     if kinds["json"] == n:
         raise DataFileError(f"{path}: no line is valid JSON (first: {rejections[0].message})")
 
@@ -108,19 +131,28 @@ def resolve_sources(spec: Path, key: str, datasets: Iterable[str] = ()) -> list[
     if spec.is_dir():
         if (spec / DATASET_INFO).is_file():
             return _llama_factory_sources(spec / DATASET_INFO, list(datasets))
-        files = sorted(p for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in CONTAINERS
-                       and not any(part.startswith(".") for part in p.relative_to(spec).parts))
+        files = sorted(
+            p
+            for p in spec.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in CONTAINERS
+            and not any(part.startswith(".") for part in p.relative_to(spec).parts)
+        )
         if not files:
             raise DataFileError(f"{key}: {spec}: no data files in the folder (expected {', '.join(CONTAINERS)})")
         return [DataSource(path=p) for p in files]
     if spec.is_file():
         if spec.suffix.lower() not in CONTAINERS:
-            raise DataFileError(f"{key}: {spec}: unsupported file type {spec.suffix or '(none)'!r}; "
-                                f"expected {', '.join(CONTAINERS)}")
+            raise DataFileError(
+                f"{key}: {spec}: unsupported file type {spec.suffix or '(none)'!r}; expected {', '.join(CONTAINERS)}"
+            )
         return [DataSource(path=spec)]
     if _has_glob(str(spec)):
-        files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True)
-                       if Path(p).is_file() and Path(p).suffix.lower() in CONTAINERS)
+        files = sorted(
+            Path(p)
+            for p in glob.glob(str(spec), recursive=True)
+            if Path(p).is_file() and Path(p).suffix.lower() in CONTAINERS
+        )
         if not files:
             raise DataFileError(f"{key}: {spec}: no data file matches")
         return [DataSource(path=p) for p in files]
@@ -137,8 +169,10 @@ def _llama_factory_sources(info_path: Path, names: list[str]) -> list[DataSource
         raise DataFileError(f"{info_path}: expected an object of datasets, got {json_type(info)}")
     unknown = [name for name in names if name not in info]
     if unknown:
-        raise DataFileError(f"{info_path}: no dataset named {', '.join(map(repr, unknown))} (data.datasets); "
-                            f"it has {', '.join(map(repr, info))}")
+        raise DataFileError(
+            f"{info_path}: no dataset named {', '.join(map(repr, unknown))} (data.datasets); "
+            f"it has {', '.join(map(repr, info))}"
+        )
     sources = []
     for name in names or list(info):
         entry = info[name]
@@ -147,8 +181,10 @@ def _llama_factory_sources(info_path: Path, names: list[str]) -> list[DataSource
             raise DataFileError(f"{where}: expected an object, got {json_type(entry)}")
         if "file_name" not in entry:
             remote = next((k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url") if k in entry), None)
-            raise DataFileError(f"{where}: no file_name" + (f" ({remote}: tunepipe reads local files only; "
-                                                             "download it and set file_name)" if remote else ""))
+            raise DataFileError(
+                f"{where}: no file_name"
+                + (f" ({remote}: tunepipe reads local files only; download it and set file_name)" if remote else "")
+            )
         formatting = entry.get("formatting", "alpaca")
         if formatting not in ("alpaca", "sharegpt", "openai"):
             raise DataFileError(f"{where}: formatting {formatting!r} is not supported (alpaca, sharegpt, openai)")

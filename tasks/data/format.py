@@ -44,9 +44,16 @@ class FormatRefused(ValueError):
 
 
 def format_dataset(
-    train_examples: Path, eval_examples: Path, base: BaseModelRef, cfg: ModelConfig, out_dir: Path,
-    assistant_only_loss: bool = True, tokens: TokenizedSplits | None = None, chat: ChatContext | None = None,
-    undesirable: tuple[Path | None, Path | None] = (None, None), validation_examples: Path | None = None,
+    train_examples: Path,
+    eval_examples: Path,
+    base: BaseModelRef,
+    cfg: ModelConfig,
+    out_dir: Path,
+    assistant_only_loss: bool = True,
+    tokens: TokenizedSplits | None = None,
+    chat: ChatContext | None = None,
+    undesirable: tuple[Path | None, Path | None] = (None, None),
+    validation_examples: Path | None = None,
     validation_undesirable: Path | None = None,
 ) -> FormattedData:
     """Write each split's token ids and labels, rendered with `chat` (None: the data check's, in `tokens`);
@@ -67,24 +74,32 @@ def format_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     splits, rejected = {}, []
     # Eval loss always scores the answers alone, so it means the same whatever the training objective.
-    named = [("train", train_examples, assistant_only_loss), ("validation", validation_examples, True),
-             ("eval", eval_examples, True)]
+    named = [
+        ("train", train_examples, assistant_only_loss),
+        ("validation", validation_examples, True),
+        ("eval", eval_examples, True),
+    ]
     for name, path, answers_only in [split for split in named if split[1] is not None]:
         examples = list(read_examples(path))
-        pieces = (_read_pieces(getattr(tokens, name), examples) if tokens is not None else tokenized(examples))
+        pieces = _read_pieces(getattr(tokens, name), examples) if tokens is not None else tokenized(examples)
         pairs = [example for example in examples if example.kind == "pair"]
         bad = list(read_examples(undesirable[0])) if name == "train" and undesirable[0] else []
         extra = _preference_pieces(pairs, bad, tokenized)
         splits[name], too_long = _format_split(
-            examples + bad, chain(pieces, extra.pop("undesirable")), out_dir / f"{name}.jsonl",
-            cfg.max_seq_length, answers_only, extra["rejected"],
+            examples + bad,
+            chain(pieces, extra.pop("undesirable")),
+            out_dir / f"{name}.jsonl",
+            cfg.max_seq_length,
+            answers_only,
+            extra["rejected"],
         )
         rejected += too_long
     for name, path in (("validation_undesirable", validation_undesirable), ("eval_undesirable", undesirable[1])):
         held_bad = list(read_examples(path)) if path else []
         if held_bad:
             splits[name], too_long = _format_split(
-                held_bad, tokenized(held_bad), out_dir / f"{name}.jsonl", cfg.max_seq_length, True)
+                held_bad, tokenized(held_bad), out_dir / f"{name}.jsonl", cfg.max_seq_length, True
+            )
             rejected += too_long
     quarantine = out_dir / "quarantine.jsonl"
     n_quarantined = write_jsonl(quarantine, rejected)
@@ -102,11 +117,16 @@ def _preference_pieces(pairs: list[Example], bad: list[Example], tokenized) -> d
     data check's token ids cover the good answers only."""
     if not pairs and not bad:
         return {"rejected": {}, "undesirable": iter(())}
-    swapped = [example.model_copy(update={"messages": [*example.prompt, example.messages[-1].model_copy(
-        update={"content": example.rejected})]}) for example in pairs]
+    swapped = [
+        example.model_copy(
+            update={
+                "messages": [*example.prompt, example.messages[-1].model_copy(update={"content": example.rejected})]
+            }
+        )
+        for example in pairs
+    ]
     pieces = list(tokenized(swapped + bad))
-    return {"rejected": {example.id: p for example, p in zip(pairs, pieces)},
-            "undesirable": iter(pieces[len(pairs):])}
+    return {"rejected": {example.id: p for example, p in zip(pairs, pieces)}, "undesirable": iter(pieces[len(pairs) :])}
 
 
 def tokenizer_key(base: BaseModelRef, chat_template: str | None, chat: ChatContext) -> str:
@@ -122,12 +142,14 @@ def tokenize_conversation(
 
 
 def tokenize_conversations(
-    tokenizer, examples: list[Example], assistant_only: bool = True, batch_size: int = 512,
+    tokenizer,
+    examples: list[Example],
+    assistant_only: bool = True,
+    batch_size: int = 512,
     chat: ChatContext | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """`tokenize_conversation` for many examples, with the tokenizer called once per batch of pieces."""
-    return [ids_and_labels(pieces, assistant_only)
-            for pieces in tokenize_pieces(tokenizer, examples, batch_size, chat)]
+    return [ids_and_labels(pieces, assistant_only) for pieces in tokenize_pieces(tokenizer, examples, batch_size, chat)]
 
 
 def ids_and_labels(pieces: Pieces, assistant_only: bool = True) -> tuple[list[int], list[int]]:
@@ -146,8 +168,9 @@ def final_answer_only(pieces: Pieces) -> Pieces:
     return [(ids, i == last) for i, (ids, _) in enumerate(pieces)]
 
 
-def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512, chat: ChatContext | None = None,
-                    refusals: bool = False) -> Iterator[Pieces | FormatRefused]:
+def tokenize_pieces(
+    tokenizer, examples: list[Example], batch_size: int = 512, chat: ChatContext | None = None, refusals: bool = False
+) -> Iterator[Pieces | FormatRefused]:
     """Each example's pieces as token ids (rendered with `chat`; None: the template's defaults), with the
     tokenizer called once per batch of pieces. An example the template cannot train raises FormatRefused,
     or with `refusals` is answered by it (the data check quarantines such rows).
@@ -159,17 +182,22 @@ def tokenize_pieces(tokenizer, examples: list[Example], batch_size: int = 512, c
     pieces lets the fast tokenizer work on many at once: the same ids, several times faster.
     """
     for start in range(0, len(examples), batch_size):
-        pieces = [_pieces_or_refusal(tokenizer, example, chat, refusals)
-                  for example in examples[start : start + batch_size]]
+        pieces = [
+            _pieces_or_refusal(tokenizer, example, chat, refusals) for example in examples[start : start + batch_size]
+        ]
         texts = [text for example_pieces in pieces if isinstance(example_pieces, list) for text, _ in example_pieces]
         ids_of_text = iter(_encode(tokenizer, texts))
         for example_pieces in pieces:
-            yield (example_pieces if isinstance(example_pieces, FormatRefused)
-                   else [(next(ids_of_text), trained) for _, trained in example_pieces])
+            yield (
+                example_pieces
+                if isinstance(example_pieces, FormatRefused)
+                else [(next(ids_of_text), trained) for _, trained in example_pieces]
+            )
 
 
-def _pieces_or_refusal(tokenizer, example: Example, chat: ChatContext | None,
-                       refusals: bool) -> list[tuple[str, bool]] | FormatRefused:
+def _pieces_or_refusal(
+    tokenizer, example: Example, chat: ChatContext | None, refusals: bool
+) -> list[tuple[str, bool]] | FormatRefused:
     try:
         return _pieces(tokenizer, example, chat)
     except FormatRefused as exc:
@@ -217,13 +245,18 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
     def untrained(text: str) -> None:
         if not text.startswith(rendered):
             dropped = next((field for field, reasoning in answered if reasoning and reasoning not in text), None)
-            raise FormatRefused(example.where, (
-                f"the chat template renders the answer in {dropped} without its reasoning once more turns "
-                "follow (QwQ, DeepSeek-R1), so a conversation with several answers cannot be one training "
-                "sequence; make one row per answer" if dropped else
-                "the chat template renders this conversation's prefix differently from the whole; set "
-                "model.chat_template to one that renders turns incrementally"))
-        pieces.append((text[len(rendered):], False))
+            raise FormatRefused(
+                example.where,
+                (
+                    f"the chat template renders the answer in {dropped} without its reasoning once more turns "
+                    "follow (QwQ, DeepSeek-R1), so a conversation with several answers cannot be one training "
+                    "sequence; make one row per answer"
+                    if dropped
+                    else "the chat template renders this conversation's prefix differently from the whole; set "
+                    "model.chat_template to one that renders turns incrementally"
+                ),
+            )
+        pieces.append((text[len(rendered) :], False))
 
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -234,8 +267,10 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
         try:
             piece = answer_piece(prompt, _render(tokenizer, messages[: turn + 1], False, chat), message["content"])
         except AnswerRefused as exc:
-            raise FormatRefused(example.where, f"{exc} ({field}); set model.chat_template to a template that "
-                                               "renders it, or change data.reasoning") from exc
+            raise FormatRefused(
+                example.where,
+                f"{exc} ({field}); set model.chat_template to a template that renders it, or change data.reasoning",
+            ) from exc
         pieces.append((piece, True))
         rendered = prompt + piece
         answered.append((field, split_reasoning(message["content"])[0]))
@@ -254,7 +289,11 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, chat: 
 
 
 def _format_split(
-    examples: list[Example], pieces: Iterator[Pieces], out_path: Path, max_tokens: int, assistant_only: bool,
+    examples: list[Example],
+    pieces: Iterator[Pieces],
+    out_path: Path,
+    max_tokens: int,
+    assistant_only: bool,
     rejected: dict[str, Pieces] | None = None,
 ) -> tuple[FormattedSplit, list[Rejection]]:
     n_rows = n_tokens = n_trained = longest = 0
@@ -262,30 +301,41 @@ def _format_split(
     with out_path.open("w", encoding="utf-8") as out:
         for example, example_pieces in zip(examples, pieces, strict=True):
             preference = example.kind != "sft"
-            input_ids, labels = (ids_and_labels(final_answer_only(example_pieces)) if preference
-                                 else ids_and_labels(example_pieces, assistant_only))
+            input_ids, labels = (
+                ids_and_labels(final_answer_only(example_pieces))
+                if preference
+                else ids_and_labels(example_pieces, assistant_only)
+            )
             row = {"id": example.id, "input_ids": input_ids, "labels": labels}
             if preference:
                 row["kind"] = example.kind
             if example.kind == "pair":
                 row["rejected_input_ids"], row["rejected_labels"] = ids_and_labels(
-                    final_answer_only(rejected[example.id]))
+                    final_answer_only(rejected[example.id])
+                )
             length = max(len(input_ids), len(row.get("rejected_input_ids", ())))  # both answers must fit
             if length > max_tokens:
                 # Truncating would cut the answer and its end-of-turn token: the model would learn not to stop.
-                too_long.append(Rejection(
-                    source=example.source, line=example.line, unit=example.unit, field="messages",
-                    reason=f"{length} tokens > max_seq_length {max_tokens}",
-                    raw=example.model_dump_json(), stage="format",
-                ))
+                too_long.append(
+                    Rejection(
+                        source=example.source,
+                        line=example.line,
+                        unit=example.unit,
+                        field="messages",
+                        reason=f"{length} tokens > max_seq_length {max_tokens}",
+                        raw=example.model_dump_json(),
+                        stage="format",
+                    )
+                )
                 continue
             out.write(json.dumps(row) + "\n")
             n_rows += 1
             n_tokens += len(input_ids)
             n_trained += len(labels) - labels.count(IGNORE)
             longest = max(longest, length)
-    split = FormattedSplit(path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained,
-                           max_tokens=longest)
+    split = FormattedSplit(
+        path=out_path, n_rows=n_rows, n_tokens=n_tokens, n_trained_tokens=n_trained, max_tokens=longest
+    )
     return split, too_long
 
 
@@ -294,8 +344,15 @@ def format_data(
     checked: CheckedData, base: BaseModelRef, cfg: ModelConfig, assistant_only_loss: bool, workdir: Path
 ) -> FormattedData:
     out_dir = stage_dir(workdir, "format_data", checked, base, cfg, assistant_only_loss)
-    return format_dataset(checked.train.clean_path, checked.eval.clean_path, base, cfg, out_dir,
-                          assistant_only_loss, checked.tokens,
-                          undesirable=(checked.train.undesirable_path, checked.eval.undesirable_path),
-                          validation_examples=checked.validation.clean_path,
-                          validation_undesirable=checked.validation.undesirable_path)
+    return format_dataset(
+        checked.train.clean_path,
+        checked.eval.clean_path,
+        base,
+        cfg,
+        out_dir,
+        assistant_only_loss,
+        checked.tokens,
+        undesirable=(checked.train.undesirable_path, checked.eval.undesirable_path),
+        validation_examples=checked.validation.clean_path,
+        validation_undesirable=checked.validation.undesirable_path,
+    )

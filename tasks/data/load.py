@@ -84,8 +84,10 @@ def split_examples(examples: list[Example], cfg: DataConfig) -> dict[Side, list[
         training = [unit for unit, side in sides.items() if side == "train"]
         if held_out_files(cfg, split) is None and split not in sides.values() and len(training) >= 2:
             sides[min(training, key=keys.__getitem__)] = split
-    return {split: [example for example, unit in zip(examples, units) if sides[unit] == split]
-            for split in ("train", "validation", "test")}
+    return {
+        split: [example for example, unit in zip(examples, units) if sides[unit] == split]
+        for split in ("train", "validation", "test")
+    }
 
 
 def _split_unit(example: Example) -> str:
@@ -128,8 +130,7 @@ def read_sources(sources: list[DataSource], normaliser: Normaliser) -> list[File
 
 def data_normaliser(cfg: DataConfig) -> Normaliser:
     """How the configured data's records become messages: shape, system prompt and reasoning policy."""
-    return Normaliser(None if cfg.shape == "auto" else ShapeSpec.default(cfg.shape), cfg.system_prompt,
-                      cfg.reasoning)
+    return Normaliser(None if cfg.shape == "auto" else ShapeSpec.default(cfg.shape), cfg.system_prompt, cfg.reasoning)
 
 
 def load_dataset(cfg: DataConfig, out_dir: Path) -> LoadedData:

@@ -47,7 +47,7 @@ def jsonable(value: Any) -> Any:
 
 def _from_jsonable(value: Any) -> Any:
     if isinstance(value, dict) and len(value) == 1:
-        (kind, text), = value.items()
+        ((kind, text),) = value.items()
         if kind == "$datetime":
             return dt.datetime.fromisoformat(text)
         if kind == "$date":
@@ -82,8 +82,10 @@ def _sql_table(rag: RagConfig):
     if missing:
         engine.dispose()
         problems = ", ".join(f"rag.columns.{field}: no column {name!r}" for field, name in missing.items())
-        raise RagSourceError(f"{problems} in table {rag.table!r} (columns: {', '.join(table.c.keys())}); "
-                             "map the right names under rag.columns, or null for an optional field")
+        raise RagSourceError(
+            f"{problems} in table {rag.table!r} (columns: {', '.join(table.c.keys())}); "
+            "map the right names under rag.columns, or null for an optional field"
+        )
     return engine, table, mapped
 
 
@@ -97,21 +99,27 @@ def read_sql_rows(rag: RagConfig, after: list[Any] | None) -> Iterator[tuple[Rag
     query = select(*(table.c[name].label(field) for field, name in mapped.items())).order_by(*order)
     if after is not None:
         last = [_from_jsonable(v) for v in after]
-        query = query.where(id_col > last[0] if rag.watermark_on == "id" else
-                            or_(order[0] > last[0], and_(order[0] == last[0], id_col > last[1])))
+        query = query.where(
+            id_col > last[0]
+            if rag.watermark_on == "id"
+            else or_(order[0] > last[0], and_(order[0] == last[0], id_col > last[1]))
+        )
     try:
         with engine.connect() as connection:
             for row in connection.execute(query):
                 values = row._asdict()
                 key = [values["id"]] if rag.watermark_on == "id" else [values["created_at"], values["id"]]
-                yield (RagRow(source=f"sql:{rag.table}", ref=str(values["id"]), values=values),
-                       [jsonable(v) for v in key])
+                yield (
+                    RagRow(source=f"sql:{rag.table}", ref=str(values["id"]), values=values),
+                    [jsonable(v) for v in key],
+                )
     finally:
         engine.dispose()
 
 
-def read_jsonl_drops(rag: RagConfig, consumed: dict[str, list[int]]) -> tuple[list[RagRow], list[Rejection],
-                                                                               dict[str, list[int]]]:
+def read_jsonl_drops(
+    rag: RagConfig, consumed: dict[str, list[int]]
+) -> tuple[list[RagRow], list[Rejection], dict[str, list[int]]]:
     """Complete lines past each drop file's consumed bytes; returns rows, unparsable lines, new positions."""
     folder = rag.jsonl_dir
     if not folder.is_dir():
@@ -124,8 +132,10 @@ def read_jsonl_drops(rag: RagConfig, consumed: dict[str, list[int]]) -> tuple[li
         done_bytes, done_lines = consumed.get(path.name, [0, 0])
         size = path.stat().st_size
         if size < done_bytes:
-            raise RagSourceError(f"{path}: {size} bytes, but {done_bytes} were already consumed; drop files may "
-                                 "only grow (write a new file instead of rewriting one)")
+            raise RagSourceError(
+                f"{path}: {size} bytes, but {done_bytes} were already consumed; drop files may "
+                "only grow (write a new file instead of rewriting one)"
+            )
         with path.open("rb") as data:
             data.seek(done_bytes)
             chunk = data.read(size - done_bytes)

@@ -50,13 +50,15 @@ def parse_rating(value: Any, feedback_values: dict[str, float]) -> float | None:
             return float(value)
         except ValueError:
             pass
-        raise RecordError("rating", f"{value!r} is neither a number nor one of rag.feedback_values "
-                                    f"({', '.join(feedback_values)})")
+        raise RecordError(
+            "rating", f"{value!r} is neither a number nor one of rag.feedback_values ({', '.join(feedback_values)})"
+        )
     raise RecordError("rating", f"must be a number, boolean or feedback word, got {type(value).__name__}")
 
 
-def rag_messages(question: str, context: str | None, answer: str, rag: RagConfig,
-                 system_prompt: str | None) -> list[Message]:
+def rag_messages(
+    question: str, context: str | None, answer: str, rag: RagConfig, system_prompt: str | None
+) -> list[Message]:
     """The training conversation for one logged example, with the context placed as `rag.context_mode` says."""
     user = question
     system = system_prompt
@@ -78,10 +80,14 @@ def seen_keys(data: DataConfig, rag: RagConfig, snapshot_rag: Path | None) -> tu
     if rag.dedupe == "off":
         return set(), set()
     train, validation, test = read_base(data)
-    eval_keys = {_dedupe_key(example.messages[-2].content, example.messages, rag)
-                 for read in validation + test for example in read.examples}
-    keys = eval_keys | {_dedupe_key(example.messages[-2].content, example.messages, rag)
-                        for read in train for example in read.examples}
+    eval_keys = {
+        _dedupe_key(example.messages[-2].content, example.messages, rag)
+        for read in validation + test
+        for example in read.examples
+    }
+    keys = eval_keys | {
+        _dedupe_key(example.messages[-2].content, example.messages, rag) for read in train for example in read.examples
+    }
     if snapshot_rag is not None:
         with snapshot_rag.open(encoding="utf-8") as lines:
             keys |= {json.loads(line)["rag"]["key"] for line in lines}
@@ -98,9 +104,14 @@ def read_base(data: DataConfig) -> tuple[list[FileRead], list[FileRead], list[Fi
 
 def base_lines(reads: list[FileRead]) -> list[dict[str, Any]]:
     """Snapshot lines of the base set: normalised messages, and the file and line or row each came from."""
-    return [{"messages": [m.model_dump() for m in example.messages],
-             "base": {"source": example.source, "line": example.line, "unit": example.unit}}
-            for read in reads for example in read.examples]
+    return [
+        {
+            "messages": [m.model_dump() for m in example.messages],
+            "base": {"source": example.source, "line": example.line, "unit": example.unit},
+        }
+        for read in reads
+        for example in read.examples
+    ]
 
 
 def _dedupe_key(question: str, messages: list[Message], rag: RagConfig) -> str:
@@ -123,8 +134,9 @@ def _preference_label(rating: float | None, rag: RagConfig) -> bool | None:
     return True if rag.min_rating is None or rating >= rag.min_rating else None
 
 
-def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[str],
-                eval_keys: set[str] = frozenset()) -> Selected:
+def select_rows(
+    rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[str], eval_keys: set[str] = frozenset()
+) -> Selected:
     """Validate each row, apply the rating rules and dedupe; every row ends accepted, skipped or rejected."""
     accepted, skipped, rejections = [], [], []
     for row in rows:
@@ -135,19 +147,26 @@ def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[
             rating = parse_rating(row.values.get("rating"), rag.feedback_values)
             messages = rag_messages(question, context, answer, rag, data.system_prompt)
         except RecordError as exc:
-            rejections.append(Rejection(
-                source=row.source, line=row.line, field=exc.field,
-                reason=f"row {row.ref}: {exc.message}",
-                raw=json.dumps(row.values, default=str, ensure_ascii=False),
-            ))
+            rejections.append(
+                Rejection(
+                    source=row.source,
+                    line=row.line,
+                    field=exc.field,
+                    reason=f"row {row.ref}: {exc.message}",
+                    raw=json.dumps(row.values, default=str, ensure_ascii=False),
+                )
+            )
             continue
         reason = None
         label = _preference_label(rating, rag)
         if rating is None and not rag.keep_unrated:
             reason = "unrated"
         elif label is None and rating is not None and rag.min_rating is not None and rating < rag.min_rating:
-            reason = ("rating between max_bad_rating and min_rating" if rag.max_bad_rating is not None
-                      else "rating below min_rating")
+            reason = (
+                "rating between max_bad_rating and min_rating"
+                if rag.max_bad_rating is not None
+                else "rating below min_rating"
+            )
         key = _dedupe_key(question, messages, rag)
         if label is False:
             # Each distinct bad answer once; never one to a held-out question (that would train on it).
@@ -163,11 +182,20 @@ def select_rows(rows: list[RagRow], rag: RagConfig, data: DataConfig, seen: set[
         created_at = row.values.get("created_at")
         turns = [m.model_dump() for m in messages]
         # A rated row in TRL's unpaired format (KTO); SFT rows stay `messages` rows as before.
-        example = ({"messages": turns} if label is None else
-                   {"prompt": turns[:-1], "completion": turns[-1:], "label": label})
-        accepted.append({
-            **example,
-            "rag": {"source": row.source, "ref": row.ref, "id": jsonable(row.values.get("id")), "key": key,
-                    "rating": rating, "created_at": str(created_at) if created_at is not None else None},
-        })
+        example = (
+            {"messages": turns} if label is None else {"prompt": turns[:-1], "completion": turns[-1:], "label": label}
+        )
+        accepted.append(
+            {
+                **example,
+                "rag": {
+                    "source": row.source,
+                    "ref": row.ref,
+                    "id": jsonable(row.values.get("id")),
+                    "key": key,
+                    "rating": rating,
+                    "created_at": str(created_at) if created_at is not None else None,
+                },
+            }
+        )
     return Selected(accepted=accepted, skipped=skipped, rejections=rejections)

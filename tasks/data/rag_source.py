@@ -93,10 +93,19 @@ class Snapshot(BaseModel):
     def record(self) -> Record:
         """The versioned training set as the run's input (MLflow's dataset tracking), with its files."""
         return Record(
-            datasets=[DatasetRecord(name=f"rag-v{self.version}", digest=self.fingerprint, path=self.data.train,
-                                    context="training", profile={  # the full fingerprint is in the profile
-                                        "num_rows": sum(self.rows_by_source.values()),
-                                        "rows_by_source": self.rows_by_source, "fingerprint": self.fingerprint})],
+            datasets=[
+                DatasetRecord(
+                    name=f"rag-v{self.version}",
+                    digest=self.fingerprint,
+                    path=self.data.train,
+                    context="training",
+                    profile={  # the full fingerprint is in the profile
+                        "num_rows": sum(self.rows_by_source.values()),
+                        "rows_by_source": self.rows_by_source,
+                        "fingerprint": self.fingerprint,
+                    },
+                )
+            ],
             tags={f"dataset.rows.{source}": str(rows) for source, rows in self.rows_by_source.items()},
             files=[(self.folder / "manifest.json", "dataset"), (self.folder / "rag.jsonl", "dataset")],
         )
@@ -171,8 +180,13 @@ def collect_new_rows(rag: RagConfig, data: DataConfig, folder: Path) -> Collecte
     _write_lines(staging / "skipped.jsonl", selected.skipped)
     _write_lines(staging / "quarantine.jsonl", [r.model_dump() for r in rejections + selected.rejections])
     return Collected(
-        state_dir=folder, based_on=state, watermark=watermark, staging=staging, n_read=len(rows),
-        n_new=len(selected.accepted), n_rejected=len(rejections) + len(selected.rejections),
+        state_dir=folder,
+        based_on=state,
+        watermark=watermark,
+        staging=staging,
+        n_read=len(rows),
+        n_new=len(selected.accepted),
+        n_rejected=len(rejections) + len(selected.rejections),
         skipped=dict(Counter(s["reason"] for s in selected.skipped)),
     )
 
@@ -192,8 +206,10 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     """Write snapshot v(N+1) = base set + all ingested examples, then move the watermark to it, atomically."""
     folder = collected.state_dir
     if read_state(folder) != collected.based_on:
-        raise ConcurrentIngestion(f"{folder / STATE_FILE} changed since this run read the sources (another "
-                                  "retrain run committed first); nothing of this run was committed")
+        raise ConcurrentIngestion(
+            f"{folder / STATE_FILE} changed since this run read the sources (another "
+            "retrain run committed first); nothing of this run was committed"
+        )
     base = collected.based_on
     version = base.version + 1
     target = snapshot_folder(folder, version)
@@ -222,8 +238,10 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     _write_lines(building / "train.jsonl", train_lines + kept + pairs)
     for split, name, base_reads in (("validation", "validation", base_validation), ("test", "eval", base_test)):
         if held_out_files(data, split) is not None:
-            _write_lines(building / f"{name}.jsonl", base_lines(base_reads)
-                         + [line for line, side in zip(rag_lines, sides) if side == split])
+            _write_lines(
+                building / f"{name}.jsonl",
+                base_lines(base_reads) + [line for line, side in zip(rag_lines, sides) if side == split],
+            )
     shutil.copyfile(collected.staging / "skipped.jsonl", building / "skipped.jsonl")
     # Base rows that cannot be used are set aside here, never dropped: the finetune run sees only the snapshot.
     with (building / "quarantine.jsonl").open("w", encoding="utf-8") as out:
@@ -233,14 +251,22 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
     rag_counts = _count_by_source(building / "rag.jsonl")
     new_counts = _count_by_source(collected.staging / "new.jsonl")
     manifest = {
-        "version": version, "committed_at": dt.datetime.now(dt.UTC).isoformat(),
-        "base_train": str(data.train), "base_eval": str(data.eval) if data.eval is not None else None,
+        "version": version,
+        "committed_at": dt.datetime.now(dt.UTC).isoformat(),
+        "base_train": str(data.train),
+        "base_eval": str(data.eval) if data.eval is not None else None,
         "base_validation": str(data.validation) if data.validation is not None else None,
-        "rows_by_source": {"base": len(train_lines), **rag_counts}, "new_by_source": dict(new_counts),
-        "skipped": collected.skipped, "rejected": collected.n_rejected, "base_rejected": len(base_rejected),
-        "preference": {"desirable": sum(line.get("label") is True for line in rag_lines),
-                       "undesirable": sum(line.get("label") is False for line in rag_lines),
-                       "pairs": len(pairs), "held_out": len(held)},
+        "rows_by_source": {"base": len(train_lines), **rag_counts},
+        "new_by_source": dict(new_counts),
+        "skipped": collected.skipped,
+        "rejected": collected.n_rejected,
+        "base_rejected": len(base_rejected),
+        "preference": {
+            "desirable": sum(line.get("label") is True for line in rag_lines),
+            "undesirable": sum(line.get("label") is False for line in rag_lines),
+            "pairs": len(pairs),
+            "held_out": len(held),
+        },
         "watermark": collected.watermark.model_dump(mode="json"),
     }
     (building / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -248,10 +274,15 @@ def commit_snapshot(collected: Collected, data: DataConfig) -> Snapshot:
         shutil.rmtree(target)
     os.replace(building, target)
     # The commit point: from here on these rows belong to snapshot `version` and are never read again.
-    _write_atomically(folder / STATE_FILE, RagState(
-        watermark=collected.watermark, version=version, n_rag=sum(rag_counts.values()),
-        n_rag_trained=base.n_rag_trained,
-    ).model_dump_json(indent=2))
+    _write_atomically(
+        folder / STATE_FILE,
+        RagState(
+            watermark=collected.watermark,
+            version=version,
+            n_rag=sum(rag_counts.values()),
+            n_rag_trained=base.n_rag_trained,
+        ).model_dump_json(indent=2),
+    )
     shutil.rmtree(collected.staging, ignore_errors=True)
     return load_snapshot(folder, version, data)
 
@@ -280,9 +311,19 @@ def preference_pairs(base_lines: list[dict[str, Any]], rag_lines: list[dict[str,
     for line in rag_lines:
         good = chosen.get(_prompt_id(line["prompt"])) if line.get("label") is False else None
         if good is not None:
-            pairs.append({"prompt": line["prompt"], "chosen": [good[0]], "rejected": line["completion"],
-                          "rag": {"source": line["rag"]["source"], "ref": line["rag"]["ref"],
-                                  "version": line["rag"].get("version"), "chosen": good[1]}})
+            pairs.append(
+                {
+                    "prompt": line["prompt"],
+                    "chosen": [good[0]],
+                    "rejected": line["completion"],
+                    "rag": {
+                        "source": line["rag"]["source"],
+                        "ref": line["rag"]["ref"],
+                        "version": line["rag"].get("version"),
+                        "chosen": good[1],
+                    },
+                }
+            )
     return pairs
 
 
@@ -296,14 +337,23 @@ def load_snapshot(folder: Path, version: int, data: DataConfig) -> Snapshot:
     manifest = json.loads((target / "manifest.json").read_text())
     # Normalised already: `messages` rows (TRL's preference rows beside them, detected by their keys), one file
     # each for train, validation and test (no LLaMA-Factory selection left).
-    merged = data.model_copy(update={
-        "train": target / "train.jsonl", "shape": "openai" if not _has_preference(target) else "auto",
-        "datasets": [],
-        "eval": target / "eval.jsonl" if (target / "eval.jsonl").is_file() else None,
-        "validation": target / "validation.jsonl" if (target / "validation.jsonl").is_file() else None,
-    })
-    return Snapshot(version=version, folder=target, data=merged, fingerprint=data_fingerprint(merged),
-                    rows_by_source=manifest["rows_by_source"], new_by_source=manifest["new_by_source"])
+    merged = data.model_copy(
+        update={
+            "train": target / "train.jsonl",
+            "shape": "openai" if not _has_preference(target) else "auto",
+            "datasets": [],
+            "eval": target / "eval.jsonl" if (target / "eval.jsonl").is_file() else None,
+            "validation": target / "validation.jsonl" if (target / "validation.jsonl").is_file() else None,
+        }
+    )
+    return Snapshot(
+        version=version,
+        folder=target,
+        data=merged,
+        fingerprint=data_fingerprint(merged),
+        rows_by_source=manifest["rows_by_source"],
+        new_by_source=manifest["new_by_source"],
+    )
 
 
 def _has_preference(target: Path) -> bool:
@@ -316,8 +366,9 @@ def mark_trained(folder: Path, snapshot: Snapshot) -> None:
     state = read_state(folder)
     n_rag = sum(n for source, n in snapshot.rows_by_source.items() if source != "base")
     if n_rag > state.n_rag_trained:
-        _write_atomically(folder / STATE_FILE, state.model_copy(update={"n_rag_trained": n_rag})
-                          .model_dump_json(indent=2))
+        _write_atomically(
+            folder / STATE_FILE, state.model_copy(update={"n_rag_trained": n_rag}).model_dump_json(indent=2)
+        )
 
 
 def discard(collected: Collected) -> None:

@@ -44,9 +44,14 @@ class LoadedData(BaseModel):
     files: list[SourceCount]
 
     def record(self) -> Record:
-        return Record(metrics={"data.rows_loaded_train": self.n_train, "data.rows_loaded_eval": self.n_eval,
-                               "data.rows_loaded_validation": self.n_validation,
-                               "data.rows_rejected_at_load": self.n_rejected})
+        return Record(
+            metrics={
+                "data.rows_loaded_train": self.n_train,
+                "data.rows_loaded_eval": self.n_eval,
+                "data.rows_loaded_validation": self.n_validation,
+                "data.rows_rejected_at_load": self.n_rejected,
+            }
+        )
 
 
 class TokenizedSplits(BaseModel):
@@ -110,20 +115,38 @@ class CheckedData(BaseModel):
         """Row counts, the quarantine and the Data Docs; and the rows the run trains and is judged on, as
         MLflow dataset inputs ("Datasets" in the UI): each split's own digest, the data set's fingerprint (the
         `dataset.fingerprint` tag) in its profile."""
-        splits = (("train", self.train, "training"), ("validation", self.validation, "validation"),
-                  ("eval", self.eval, "evaluation"))
+        splits = (
+            ("train", self.train, "training"),
+            ("validation", self.validation, "validation"),
+            ("eval", self.eval, "evaluation"),
+        )
         return Record(
-            metrics={**{f"data.rows_quarantined_{split}": report.n_quarantined for split, report, _ in splits},
-                     **{f"data.rows_clean_{split}": report.n_passed for split, report, _ in splits},
-                     "data.rows_read": self.rows_read, "data.rows_quarantined": self.rows_quarantined},
-            files=[(self.quarantine_path, "quarantine"), (self.summary_path, "data_checks"),
-                   (self.data_docs.parent, "data_checks/data_docs")],
+            metrics={
+                **{f"data.rows_quarantined_{split}": report.n_quarantined for split, report, _ in splits},
+                **{f"data.rows_clean_{split}": report.n_passed for split, report, _ in splits},
+                "data.rows_read": self.rows_read,
+                "data.rows_quarantined": self.rows_quarantined,
+            },
+            files=[
+                (self.quarantine_path, "quarantine"),
+                (self.summary_path, "data_checks"),
+                (self.data_docs.parent, "data_checks/data_docs"),
+            ],
             tags={"data.checks": "passed" if not self.problems else "failed"},
-            datasets=[DatasetRecord(name=split, digest=file_digest(report.clean_path).removeprefix("sha256:"),
-                                    path=report.clean_path, context=context, profile={
-                                        "num_rows": report.n_passed, "fingerprint": self.fingerprint,
-                                        "rows_by_file": {f.source: getattr(f, f"kept_{split}") for f in self.files}})
-                      for split, report, context in splits],
+            datasets=[
+                DatasetRecord(
+                    name=split,
+                    digest=file_digest(report.clean_path).removeprefix("sha256:"),
+                    path=report.clean_path,
+                    context=context,
+                    profile={
+                        "num_rows": report.n_passed,
+                        "fingerprint": self.fingerprint,
+                        "rows_by_file": {f.source: getattr(f, f"kept_{split}") for f in self.files},
+                    },
+                )
+                for split, report, context in splits
+            ],
         )
 
     def held_out(self, split: HeldOutSplit) -> DataCheckReport:
@@ -152,10 +175,14 @@ class FormattedData(BaseModel):
     chat: ChatContext  # what training's texts were rendered with: evaluation, parity and serving render so too
 
     def record(self) -> Record:
-        return Record(metrics={"format.train_tokens": self.train.n_tokens,
-                               "format.train_trained_tokens": self.train.n_trained_tokens,
-                               "format.rows_too_long": self.n_quarantined},
-                      files=[(self.quarantine_path, "quarantine")])
+        return Record(
+            metrics={
+                "format.train_tokens": self.train.n_tokens,
+                "format.train_trained_tokens": self.train.n_trained_tokens,
+                "format.rows_too_long": self.n_quarantined,
+            },
+            files=[(self.quarantine_path, "quarantine")],
+        )
 
     def held_out(self, split: HeldOutSplit) -> tuple[FormattedSplit, FormattedSplit | None]:
         """A held-out split's formatted rows (its loss), and its rated-bad answers' if it has any."""

@@ -19,8 +19,10 @@ REASONING_FIELDS = ("reasoning_content", "reasoning")  # OpenAI-compatible APIs 
 Shape = Literal["pairs", "alpaca", "sharegpt", "openai", "trl"]
 
 
-SHAPE_KEYS = ("'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), "
-              "'input' + 'output' (pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl)")
+SHAPE_KEYS = (
+    "'messages' (openai), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca), "
+    "'input' + 'output' (pairs) or 'prompt' + 'completion' / 'chosen' + 'rejected' (trl)"
+)
 
 
 LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # CSV cells carry booleans as text
@@ -73,8 +75,15 @@ class ShapeSpec(BaseModel):
         return cls(shape=shape)
 
 
-OPENAI_TAGS = dict(messages="messages", role_tag="role", content_tag="content", user_tag="user",
-                   assistant_tag="assistant", observation_tag="tool", function_tag="function")
+OPENAI_TAGS = dict(
+    messages="messages",
+    role_tag="role",
+    content_tag="content",
+    user_tag="user",
+    assistant_tag="assistant",
+    observation_tag="tool",
+    function_tag="function",
+)
 
 
 def json_type(value: object) -> str:
@@ -119,22 +128,27 @@ def _reasoning_field(obj: dict[str, Any], where: str) -> tuple[str, str | None]:
     return "", None
 
 
-def apply_reasoning(answer: str, answer_field: str, policy: str, reasoning: str | None = None,
-                    field: str = "") -> str:
+def apply_reasoning(answer: str, answer_field: str, policy: str, reasoning: str | None = None, field: str = "") -> str:
     """The assistant text under `data.reasoning` (see DataConfig.reasoning), from the answer in `answer_field`
     and a reasoning field `field`, if any."""
     inline, rest = split_reasoning(answer)
     if inline is not None and not answer.lstrip().startswith("<think>"):
         # Evaluation would take the text before it for reasoning, and strip would drop it.
-        raise RecordError(answer_field, f'field "{answer_field}" has a </think> with no <think> before it, so the '
-                                        "text before it would be taken for reasoning and not trained as the answer; "
-                                        "open the block with <think> or remove the stray </think>")
+        raise RecordError(
+            answer_field,
+            f'field "{answer_field}" has a </think> with no <think> before it, so the '
+            "text before it would be taken for reasoning and not trained as the answer; "
+            "open the block with <think> or remove the stray </think>",
+        )
     if policy == "strip":
         return rest
     if reasoning is not None:
         if policy == "keep":
-            raise RecordError(field, f'field "{field}" would be lost with data.reasoning: keep; set data.reasoning '
-                                     "to wrap (train on it) or strip (drop it)")
+            raise RecordError(
+                field,
+                f'field "{field}" would be lost with data.reasoning: keep; set data.reasoning '
+                "to wrap (train on it) or strip (drop it)",
+            )
         if inline is not None:
             raise RecordError(field, f'field "{field}" and a <think> block in the answer: keep only one')
         inline = reasoning
@@ -191,8 +205,11 @@ class Normaliser:
         value = record.get(key)
         if isinstance(value, list):
             if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-                raise RecordError(key, f'field "{key}" must be one assistant message ([{{"role": "assistant", '
-                                       '"content": ...}]) or a string')
+                raise RecordError(
+                    key,
+                    f'field "{key}" must be one assistant message ([{{"role": "assistant", '
+                    '"content": ...}]) or a string',
+                )
             return apply_reasoning(_text(value[0], "content", f"{key}[0].content"), f"{key}[0].content", self.reasoning)
         return apply_reasoning(_answer_text(record, key), key, self.reasoning)
 
@@ -207,8 +224,9 @@ class Normaliser:
             messages = self._chat({**record, spec.messages: turns}, spec)
             turn = record[spec.rejected]
             if not isinstance(turn, dict):
-                raise RecordError(spec.rejected, f'field "{spec.rejected}" must be a turn object, got '
-                                                 f"{json_type(turn)}")
+                raise RecordError(
+                    spec.rejected, f'field "{spec.rejected}" must be a turn object, got {json_type(turn)}'
+                )
             rejected = _text(turn, spec.content_tag, f"{spec.rejected}.{spec.content_tag}")
         else:
             messages = self._instruction({**record, spec.response: record[spec.chosen]}, spec)
@@ -217,16 +235,18 @@ class Normaliser:
 
     def _instruction(self, record: dict[str, Any], spec: ShapeSpec) -> list[Message]:
         if spec.prompt not in record and spec.response not in record:
-            raise RecordError("<record>", f"not a {spec.shape} record: no field \"{spec.prompt}\" (keys: "
-                                          f"{record_keys(record)})", kind="shape")
+            raise RecordError(
+                "<record>",
+                f'not a {spec.shape} record: no field "{spec.prompt}" (keys: {record_keys(record)})',
+                kind="shape",
+            )
         prompt = _text(record, spec.prompt)
         extra = _optional_text(record, spec.query)
         if extra is not None and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
         system = _optional_text(record, spec.system)
         field, reasoning = _reasoning_field(record, "")
-        answer = apply_reasoning(_answer_text(record, spec.response), spec.response, self.reasoning, reasoning,
-                                 field)
+        answer = apply_reasoning(_answer_text(record, spec.response), spec.response, self.reasoning, reasoning, field)
         return [
             *([Message(role="system", content=system)] if system is not None else []),
             *self._history(record, spec.history),
@@ -251,16 +271,18 @@ class Normaliser:
     def _chat(self, record: dict[str, Any], spec: ShapeSpec) -> list[Message]:
         key = spec.messages
         if key not in record:
-            raise RecordError("<record>", f'not a {spec.shape} record: no field "{key}" (keys: {record_keys(record)})',
-                              kind="shape")
+            raise RecordError(
+                "<record>", f'not a {spec.shape} record: no field "{key}" (keys: {record_keys(record)})', kind="shape"
+            )
         turns = record[key]
         if not isinstance(turns, list):
             raise RecordError(key, f'field "{key}" must be a list of turns, got {json_type(turns)}')
         if not turns:
             raise RecordError(key, f'field "{key}" must not be empty')
         if spec.tools and record.get(spec.tools) not in (None, "", [], "[]"):
-            raise RecordError(spec.tools, f'field "{spec.tools}": tool definitions are not supported yet; '
-                                          "remove them or the row")
+            raise RecordError(
+                spec.tools, f'field "{spec.tools}": tool definitions are not supported yet; remove them or the row'
+            )
         roles = {spec.system_tag: "system", spec.user_tag: "user", spec.assistant_tag: "assistant"}
         messages = []
         for i, turn in enumerate(turns):
@@ -270,8 +292,11 @@ class Normaliser:
             role = turn.get(spec.role_tag)
             field = f"{where}.{spec.role_tag}"
             if role in (spec.function_tag, spec.observation_tag) or turn.get("tool_calls"):
-                raise RecordError(field, f"function-call turns ({json.dumps(role)}) are not supported yet "
-                                         "(tools); remove the tool turns or the row")
+                raise RecordError(
+                    field,
+                    f"function-call turns ({json.dumps(role)}) are not supported yet "
+                    "(tools); remove the tool turns or the row",
+                )
             if not isinstance(role, str) or role not in roles:
                 allowed = ", ".join(json.dumps(r) for r in roles)
                 shown = "missing" if spec.role_tag not in turn else f"got {json.dumps(role, ensure_ascii=False)}"
@@ -279,8 +304,9 @@ class Normaliser:
             content = _text(turn, spec.content_tag, f"{where}.{spec.content_tag}")
             if roles[role] == "assistant":
                 reasoning_field, reasoning = _reasoning_field(turn, where)
-                content = apply_reasoning(content, f"{where}.{spec.content_tag}", self.reasoning, reasoning,
-                                          reasoning_field)
+                content = apply_reasoning(
+                    content, f"{where}.{spec.content_tag}", self.reasoning, reasoning, reasoning_field
+                )
             messages.append(Message(role=roles[role], content=content))
         system = _optional_text(record, spec.system)
         if system is not None and messages[0].role != "system":
@@ -322,8 +348,9 @@ def _detect(record: dict[str, Any]) -> ShapeSpec:
     raise RecordError("<record>", f"unknown shape: keys {record_keys(record)}; expected {SHAPE_KEYS}", kind="shape")
 
 
-def parse_record(record: dict[str, Any], shape: str = "auto", system_prompt: str | None = None,
-                 reasoning: str = "keep") -> list[Message]:
+def parse_record(
+    record: dict[str, Any], shape: str = "auto", system_prompt: str | None = None, reasoning: str = "keep"
+) -> list[Message]:
     """Normalise one record to messages; `system_prompt` fills a missing system message."""
     spec = None if shape == "auto" else ShapeSpec.default(shape)
     return Normaliser(spec, system_prompt, reasoning).messages(record)

@@ -129,8 +129,7 @@ def _products(n_train: int, n_eval: int, seed: int) -> tuple[list[tuple[str, str
     names = rng.sample(names, len(names))
     eval_products = [(*names[i], rng.choice(MANUFACTURERS)) for i in range(n_eval)]
     picks = rng.sample(range(n_train_names * len(MANUFACTURERS)), n_train)
-    train_products = [(*names[n_eval + i // len(MANUFACTURERS)], MANUFACTURERS[i % len(MANUFACTURERS)])
-                      for i in picks]
+    train_products = [(*names[n_eval + i // len(MANUFACTURERS)], MANUFACTURERS[i % len(MANUFACTURERS)]) for i in picks]
     return train_products, eval_products
 
 
@@ -163,10 +162,12 @@ def bad_answer(rng: random.Random, page: str, product: dict[str, object]) -> str
         return json.dumps(wrong)
     if kind == 1:
         return page
-    return (f"Sure! This looks like a {str(product['category']).lower()} product. I think it is called "
-            f"{product['name']}, and it might be made by {product['manufacturer']}, although the page does not "
-            f"say very clearly. The price seems to be around {product['price']}, but please check the page "
-            "itself, as prices change often. Let me know if you need anything else!")
+    return (
+        f"Sure! This looks like a {str(product['category']).lower()} product. I think it is called "
+        f"{product['name']}, and it might be made by {product['manufacturer']}, although the page does not "
+        f"say very clearly. The price seems to be around {product['price']}, but please check the page "
+        "itself, as prices change often. Let me know if you need anything else!"
+    )
 
 
 def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
@@ -185,8 +186,10 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
     names = _names()
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(db_path) as db:
-        db.execute("create table if not exists rag_examples (id integer primary key autoincrement, question text "
-                   "not null, context text, answer text not null, rating integer, created_at text not null)")
+        db.execute(
+            "create table if not exists rag_examples (id integer primary key autoincrement, question text "
+            "not null, context text, answer text not null, rating integer, created_at text not null)"
+        )
         start = db.execute("select count(*) from rag_examples").fetchone()[0]
         rng = random.Random(f"{seed}:{start}")  # another call, another day: new values
         # Ratings from a stream of their own: how pages are drawn does not change which rows are rated well.
@@ -210,6 +213,7 @@ def write_demo_rag_log(db_path: Path, n: int = 60, seed: int = 1) -> Path:
                     log(row["input"], json.dumps(row["output"]), 5)
             else:
                 log(row["input"], json.dumps(row["output"]), rating)
-        db.executemany("insert into rag_examples (question, context, answer, rating, created_at) "
-                       "values (?, ?, ?, ?, ?)", rows)
+        db.executemany(
+            "insert into rag_examples (question, context, answer, rating, created_at) values (?, ?, ?, ?, ?)", rows
+        )
     return db_path

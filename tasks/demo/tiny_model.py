@@ -23,8 +23,15 @@ CHATML_TEMPLATE = (
 # 4 layers of width 128: it learns to read the category off unseen product pages and then to copy names and
 # manufacturers within the steps a test affords, where 2 layers of width 64 stayed at chance on the category;
 # a wider model took longer steps and more of them.
-SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
+SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=2048,
+)
 EMBED_STD = 0.25
 # The LM head (tied to the embeddings) is most of a CPU training step, so the vocabulary is a small one: GPT-2's.
 # StarCoder's (digits one by one) learnt names later; deepseek-coder's, as transformers loads it, hashes to no
@@ -82,8 +89,9 @@ def chatml_tokenizer(vocab_gguf: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(vocab_gguf.parent, gguf_file=vocab_gguf.name)
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in CHATML_TOKENS
-                                                                if t not in tokenizer.get_vocab()]})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]}
+    )
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.bos_token = None  # ChatML starts with <|im_start|>, as in Qwen instruct models
     tokenizer.eos_token = "<|im_end|>"  # ends an assistant turn

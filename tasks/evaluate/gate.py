@@ -46,12 +46,25 @@ def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
             if limit is not None:
                 checks.append(_limit(rows, metric, kind, limit, report.candidate, cfg.confidence, examples))
         if rule.min_improvement_over_base is not None:
-            checks.append(_versus(rows, metric, "over_base", report.candidate, report.base,
-                                  rule.min_improvement_over_base, cfg.confidence, examples))
+            checks.append(
+                _versus(
+                    rows,
+                    metric,
+                    "over_base",
+                    report.candidate,
+                    report.base,
+                    rule.min_improvement_over_base,
+                    cfg.confidence,
+                    examples,
+                )
+            )
     if report.champion is not None:
         for metric, margin in cfg.champion_margins().items():
-            checks.append(_versus(rows, metric, "over_champion", report.candidate, report.champion, margin,
-                                  cfg.confidence, examples))
+            checks.append(
+                _versus(
+                    rows, metric, "over_champion", report.candidate, report.champion, margin, cfg.confidence, examples
+                )
+            )
     reference = report.champion or report.base
     regressions = find_regressions(rows, reference.name)
     if cfg.max_regressions is not None:
@@ -87,17 +100,37 @@ def find_regressions(rows: list[dict], versus: str) -> list[Regression]:
             continue
         theirs, mine = row[versus]["scores"], row["candidate"]["scores"]
         exact = theirs.get("exact_match") == 1 and mine.get("exact_match") == 0
-        fields = [name.removeprefix("field_accuracy.") for name, value in theirs.items()
-                  if name.startswith("field_accuracy.") and value == 1 and mine.get(name) == 0]
+        fields = [
+            name.removeprefix("field_accuracy.")
+            for name, value in theirs.items()
+            if name.startswith("field_accuracy.") and value == 1 and mine.get(name) == 0
+        ]
         if exact or fields:
-            found.append(Regression(id=str(row["id"]), source=row["source"], prompt=row["prompt"],
-                                    expected=row["expected"], versus=versus, reference_answer=row[versus]["answer"],
-                                    answer=row["candidate"]["answer"], exact=exact, fields=fields))
+            found.append(
+                Regression(
+                    id=str(row["id"]),
+                    source=row["source"],
+                    prompt=row["prompt"],
+                    expected=row["expected"],
+                    versus=versus,
+                    reference_answer=row[versus]["answer"],
+                    answer=row["candidate"]["answer"],
+                    exact=exact,
+                    fields=fields,
+                )
+            )
     return found
 
 
-def _limit(rows: list[dict], metric: str, kind: Literal["min", "max"], limit: float, candidate: ModelScores,
-           confidence: float, examples: str) -> Check:
+def _limit(
+    rows: list[dict],
+    metric: str,
+    kind: Literal["min", "max"],
+    limit: float,
+    candidate: ModelScores,
+    confidence: float,
+    examples: str,
+) -> Check:
     value = candidate.metrics.get(metric)
     if value is None:
         return _not_measured(metric, kind, limit, candidate)
@@ -109,54 +142,99 @@ def _limit(rows: list[dict], metric: str, kind: Literal["min", "max"], limit: fl
     (values,), weights = per_example(rows, metric, "candidate")
     interval = mean_interval(metric, values, confidence=confidence, weights=weights) if values else None
     if interval is not None:
-        reason += (f" ({confidence:.0%} interval [{interval.low:.4g}, {interval.high:.4g}] on {interval.n} "
-                   f"{examples})")
-    return Check(metric=metric, kind=kind, value=value, limit=limit, passed=passed, reason=reason, interval=interval,
-                 n=interval.n if interval else None)
+        reason += f" ({confidence:.0%} interval [{interval.low:.4g}, {interval.high:.4g}] on {interval.n} {examples})"
+    return Check(
+        metric=metric,
+        kind=kind,
+        value=value,
+        limit=limit,
+        passed=passed,
+        reason=reason,
+        interval=interval,
+        n=interval.n if interval else None,
+    )
 
 
-def _versus(rows: list[dict], metric: str, kind: Literal["over_base", "over_champion"], candidate: ModelScores,
-            other: ModelScores, margin: float, confidence: float, examples: str) -> Check:
+def _versus(
+    rows: list[dict],
+    metric: str,
+    kind: Literal["over_base", "over_champion"],
+    candidate: ModelScores,
+    other: ModelScores,
+    margin: float,
+    confidence: float,
+    examples: str,
+) -> Check:
     if metric not in candidate.metrics or metric not in other.metrics:
         return _not_measured(metric, kind, margin, candidate if metric not in candidate.metrics else other)
     who = _who(other)
     (mine, theirs), weights = per_example(rows, metric, "candidate", other.name)
     if not mine:
-        return Check(metric=metric, kind=kind, value=None, limit=margin, passed=False, n=0,
-                     reason=f"{metric} has no per-example values of both the candidate and {who} in the evaluation's "
-                     "samples, so the rule cannot pass")
+        return Check(
+            metric=metric,
+            kind=kind,
+            value=None,
+            limit=margin,
+            passed=False,
+            n=0,
+            reason=f"{metric} has no per-example values of both the candidate and {who} in the evaluation's "
+            "samples, so the rule cannot pass",
+        )
     interval = paired_difference(metric, mine, theirs, confidence=confidence, versus=other.name, weights=weights)
     passed = clears(interval, margin)
     unit = "lower" if metric in LOWER_IS_BETTER else "higher"
     at = f"at {confidence:.0%} confidence"
     if margin > 0:
-        verdict = (f"more than the required {margin:g} {unit}, {at}" if passed
-                   else f"short of the required {margin:g} {unit} {at}")
+        verdict = (
+            f"more than the required {margin:g} {unit}, {at}"
+            if passed
+            else f"short of the required {margin:g} {unit} {at}"
+        )
     elif margin == 0:
         verdict = f"better, {at}" if passed else f"not shown better than {who} {at}"
     else:
-        verdict = (f"not worse by {-margin:g} or more, {at}" if passed
-                   else f"possibly worse by {-margin:g} or more (the most tolerated), {at}")
-    return Check(metric=metric, kind=kind, value=interval.difference, limit=margin, passed=passed,
-                 reason=f"{interval.statement(who, examples)}: {verdict}", interval=interval, n=interval.n)
+        verdict = (
+            f"not worse by {-margin:g} or more, {at}"
+            if passed
+            else f"possibly worse by {-margin:g} or more (the most tolerated), {at}"
+        )
+    return Check(
+        metric=metric,
+        kind=kind,
+        value=interval.difference,
+        limit=margin,
+        passed=passed,
+        reason=f"{interval.statement(who, examples)}: {verdict}",
+        interval=interval,
+        n=interval.n,
+    )
 
 
 def _regressions(regressions: list[Regression], allowed: int | float, n: int, who: str, examples: str) -> Check:
     most = allowed if isinstance(allowed, int) else math.floor(allowed * n)
     if not n:
-        return Check(metric="regressions", kind="regressions", value=None, limit=most, passed=False, n=0,
-                     reason="the evaluation's samples hold no per-example answers, so the max_regressions rule "
-                     "cannot pass")
+        return Check(
+            metric="regressions",
+            kind="regressions",
+            value=None,
+            limit=most,
+            passed=False,
+            n=0,
+            reason="the evaluation's samples hold no per-example answers, so the max_regressions rule cannot pass",
+        )
     passed = len(regressions) <= most
     fields = Counter(field for regression in regressions for field in regression.fields)
     detail = f"{sum(r.exact for r in regressions)} no longer exactly right"
     if fields:
         detail += "; fields now wrong: " + ", ".join(f"{name} {count}" for name, count in fields.most_common())
     limit = f"{most}" if isinstance(allowed, int) else f"{most} ({allowed:g} of {n})"
-    reason = (f"{len(regressions)} of {n} {examples} regressed against {who} ({detail}): "
-              f"{'within' if passed else 'more than'} the allowed {limit}")
-    return Check(metric="regressions", kind="regressions", value=len(regressions), limit=most, passed=passed,
-                 reason=reason, n=n)
+    reason = (
+        f"{len(regressions)} of {n} {examples} regressed against {who} ({detail}): "
+        f"{'within' if passed else 'more than'} the allowed {limit}"
+    )
+    return Check(
+        metric="regressions", kind="regressions", value=len(regressions), limit=most, passed=passed, reason=reason, n=n
+    )
 
 
 def _who(scores: ModelScores) -> str:
@@ -169,21 +247,29 @@ def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
     metric, limit = RETENTION_CHECK, rule.max_loss_increase
     rise = scores.loss_increase
     passed = rise <= limit + SLACK
-    measured = (f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
-                f"at most +{limit:g} allowed)")
+    measured = (
+        f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
+        f"at most +{limit:g} allowed)"
+    )
     if passed:
-        reason = (f"retention within its limit: the candidate's loss on the base's answers to {scores.n_prompts} "
-                  f"general prompts went from {measured}")
+        reason = (
+            f"retention within its limit: the candidate's loss on the base's answers to {scores.n_prompts} "
+            f"general prompts went from {measured}"
+        )
     else:
-        reason = (f"the candidate forgot how to chat: its loss on the base's answers to {scores.n_prompts} general "
-                  f"prompts rose from {measured}; it finds what the base would say {math.exp(rise):.1f} times less "
-                  "likely per token")
+        reason = (
+            f"the candidate forgot how to chat: its loss on the base's answers to {scores.n_prompts} general "
+            f"prompts rose from {measured}; it finds what the base would say {math.exp(rise):.1f} times less "
+            "likely per token"
+        )
     return Check(metric=metric, kind="max", value=rise, limit=limit, passed=passed, reason=reason)
 
 
 def _not_measured(metric: str, kind: str, limit: float, scores: ModelScores) -> Check:
-    reason = (f"{metric} was not measured for {scores.name} (it has: {', '.join(sorted(scores.metrics)) or 'none'}),"
-              f" so the {kind} rule cannot pass")
+    reason = (
+        f"{metric} was not measured for {scores.name} (it has: {', '.join(sorted(scores.metrics)) or 'none'}),"
+        f" so the {kind} rule cannot pass"
+    )
     return Check(metric=metric, kind=kind, value=None, limit=limit, passed=False, reason=reason)
 
 

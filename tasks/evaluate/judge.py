@@ -60,10 +60,14 @@ PAIRWISE_SYSTEM = (
     "mistake, a wrong or invented fact is. Do not let the order of the answers, their length or their style "
     "sway you."
 )
-PAIRWISE_FREE = ('Compare the two answers briefly, then give your verdict on a last line of its own: "[[A]]" if '
-                 'assistant A\'s answer is better, "[[B]]" if assistant B\'s answer is better, "[[C]]" for a tie.')
-PAIRWISE_JSON = 'Reply with a JSON object: {"verdict": "A"} if assistant A\'s answer is better, {"verdict": "B"} ' \
-                'if assistant B\'s answer is better, {"verdict": "C"} for a tie.'
+PAIRWISE_FREE = (
+    'Compare the two answers briefly, then give your verdict on a last line of its own: "[[A]]" if '
+    'assistant A\'s answer is better, "[[B]]" if assistant B\'s answer is better, "[[C]]" for a tie.'
+)
+PAIRWISE_JSON = (
+    'Reply with a JSON object: {"verdict": "A"} if assistant A\'s answer is better, {"verdict": "B"} '
+    'if assistant B\'s answer is better, {"verdict": "C"} for a tie.'
+)
 PAIRWISE_RESTATED = 'I cannot read a verdict in your reply. Reply with the verdict only: "[[A]]", "[[B]]" or "[[C]]".'
 RUBRIC_SYSTEM = (
     "You are an impartial judge of an answer an AI assistant gave to a question. You are also given a reference "
@@ -74,15 +78,25 @@ RUBRIC_FREE = 'Explain your score briefly, then give it on a last line of its ow
 RUBRIC_JSON = 'Reply with a JSON object {"score": N}, N from 1 to 5.'
 RUBRIC_RESTATED = 'I cannot read a score in your reply. Reply with the score only: "[[1]]" to "[[5]]".'
 SCHEMAS = {
-    "pairwise": {"type": "object", "properties": {"verdict": {"type": "string", "enum": ["A", "B", "C"]}},
-                 "required": ["verdict"]},
-    "rubric": {"type": "object", "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
-               "required": ["score"]},
+    "pairwise": {
+        "type": "object",
+        "properties": {"verdict": {"type": "string", "enum": ["A", "B", "C"]}},
+        "required": ["verdict"],
+    },
+    "rubric": {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
+        "required": ["score"],
+    },
 }
-BRACKETED = {"pairwise": re.compile(r"\[\[\s*([ABC])\s*\]\]", re.IGNORECASE),
-             "rubric": re.compile(r"\[\[\s*([1-5])\s*\]\]")}
-BARE = {"pairwise": re.compile(r"\W*(?:assistant\s+)?([ABC])\W*", re.IGNORECASE),
-        "rubric": re.compile(r"\W*([1-5])\W*")}
+BRACKETED = {
+    "pairwise": re.compile(r"\[\[\s*([ABC])\s*\]\]", re.IGNORECASE),
+    "rubric": re.compile(r"\[\[\s*([1-5])\s*\]\]"),
+}
+BARE = {
+    "pairwise": re.compile(r"\W*(?:assistant\s+)?([ABC])\W*", re.IGNORECASE),
+    "rubric": re.compile(r"\W*([1-5])\W*"),
+}
 # Per example and order, the candidate's result: a verdict naming the candidate's position is a win.
 OUTCOME = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 SERVER_START_S = 300  # a .gguf judge's server: loading the model, on a busy CPU
@@ -106,7 +120,7 @@ def parse_verdict(reply: str, mode: str) -> str | None:
     (`score`), or a reply that is the bare verdict; None when there is none."""
     text = reply.strip()
     with contextlib.suppress(ValueError):
-        value = json.loads(text[text.index("{"): text.rindex("}") + 1])
+        value = json.loads(text[text.index("{") : text.rindex("}") + 1])
         found = str(value.get("verdict" if mode == "pairwise" else "score", "")) if isinstance(value, dict) else ""
         if (bare := BARE[mode].fullmatch(found)) is not None:
             return bare[1].upper()
@@ -132,25 +146,33 @@ def question_text(prompt: list[Message]) -> str:
     question (with its context when the context is in the user turn)."""
     parts = []
     for i, message in enumerate(prompt):
-        title = ("Question" if i == len(prompt) - 1 else
-                 {"system": "System prompt", "user": "User", "assistant": "Assistant"}.get(message.role, message.role))
+        title = (
+            "Question"
+            if i == len(prompt) - 1
+            else {"system": "System prompt", "user": "User", "assistant": "Assistant"}.get(message.role, message.role)
+        )
         parts.append(f"[{title}]\n{message.content}")
     return "\n\n".join(parts)
 
 
-def pairwise_messages(question: str, reference: str, answer_a: str, answer_b: str,
-                      structured: bool) -> list[dict[str, str]]:
-    user = (f"{question}\n\n[Reference answer]\n{reference}\n[End of reference answer]\n\n"
-            f"[Assistant A's answer]\n{answer_a}\n[End of assistant A's answer]\n\n"
-            f"[Assistant B's answer]\n{answer_b}\n[End of assistant B's answer]\n\n"
-            + (PAIRWISE_JSON if structured else PAIRWISE_FREE))
+def pairwise_messages(
+    question: str, reference: str, answer_a: str, answer_b: str, structured: bool
+) -> list[dict[str, str]]:
+    user = (
+        f"{question}\n\n[Reference answer]\n{reference}\n[End of reference answer]\n\n"
+        f"[Assistant A's answer]\n{answer_a}\n[End of assistant A's answer]\n\n"
+        f"[Assistant B's answer]\n{answer_b}\n[End of assistant B's answer]\n\n"
+        + (PAIRWISE_JSON if structured else PAIRWISE_FREE)
+    )
     return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": user}]
 
 
 def rubric_messages(question: str, reference: str, answer: str, rubric: str, structured: bool) -> list[dict[str, str]]:
-    user = (f"[Rubric]\n{rubric}\n\n{question}\n\n[Reference answer]\n{reference}\n[End of reference answer]\n\n"
-            f"[The assistant's answer]\n{answer}\n[End of the assistant's answer]\n\n"
-            + (RUBRIC_JSON if structured else RUBRIC_FREE))
+    user = (
+        f"[Rubric]\n{rubric}\n\n{question}\n\n[Reference answer]\n{reference}\n[End of reference answer]\n\n"
+        f"[The assistant's answer]\n{answer}\n[End of the assistant's answer]\n\n"
+        + (RUBRIC_JSON if structured else RUBRIC_FREE)
+    )
     return [{"role": "system", "content": RUBRIC_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -165,8 +187,11 @@ def ask_judge(ask: Ask, messages: list[dict[str, str]], mode: str, structured: b
     verdict = parse_verdict(replies[0], mode)
     if verdict is None:
         restated = PAIRWISE_RESTATED if mode == "pairwise" else RUBRIC_RESTATED
-        replies.append(ask([*messages, {"role": "assistant", "content": replies[0]},
-                            {"role": "user", "content": restated}], schema))
+        replies.append(
+            ask(
+                [*messages, {"role": "assistant", "content": replies[0]}, {"role": "user", "content": restated}], schema
+            )
+        )
         verdict = parse_verdict(replies[1], mode)
     return Judgment(messages=messages, replies=replies, verdict=verdict, seconds=time.perf_counter() - started)
 
@@ -198,8 +223,9 @@ def judge_identity(cfg: JudgeConfig, ollama_host: str | None) -> tuple[str, str 
 
 
 @contextlib.contextmanager
-def judge_endpoint(cfg: JudgeConfig, ollama_host: str | None, server_log: Path,
-                   log: logging.Logger | logging.LoggerAdapter) -> Iterator[Ask]:
+def judge_endpoint(
+    cfg: JudgeConfig, ollama_host: str | None, server_log: Path, log: logging.Logger | logging.LoggerAdapter
+) -> Iterator[Ask]:
     """A function that asks the judge one conversation (with a JSON schema its reply must follow, or None) and
     returns its reply; a .gguf judge's server runs while the context is open."""
     key = _api_key(cfg)
@@ -219,8 +245,10 @@ def judge_endpoint(cfg: JudgeConfig, ollama_host: str | None, server_log: Path,
         with _openai_chat(cfg.base_url or "", cfg.model.removeprefix("openai:"), key, cfg, "json_schema") as ask:
             yield ask
     else:
-        with local_judge_server(Path(cfg.model).expanduser(), cfg.context_length, key, server_log, log) as url, \
-                _openai_chat(url, "judge", key, cfg, "llama-cpp-python") as ask:
+        with (
+            local_judge_server(Path(cfg.model).expanduser(), cfg.context_length, key, server_log, log) as url,
+            _openai_chat(url, "judge", key, cfg, "llama-cpp-python") as ask,
+        ):
             yield ask
 
 
@@ -241,24 +269,34 @@ def _openai_chat(base_url: str, model: str, key: str | None, cfg: JudgeConfig, d
     with httpx.Client(base_url=base_url.rstrip("/"), timeout=cfg.timeout_s, headers=headers, trust_env=False) as http:
 
         def ask(messages: list[dict[str, str]], schema: dict[str, Any] | None) -> str:
-            body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0,
-                                    "max_tokens": cfg.max_tokens}
+            body: dict[str, Any] = {
+                "model": model,
+                "messages": messages,
+                "temperature": 0,
+                "max_tokens": cfg.max_tokens,
+            }
             if schema is not None:
                 body["response_format"] = (
-                    {"type": "json_object", "schema": schema} if dialect == "llama-cpp-python" else
-                    {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
+                    {"type": "json_object", "schema": schema}
+                    if dialect == "llama-cpp-python"
+                    else {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+                )
             response = http.post("/chat/completions", json=body)
             if response.is_error:
-                raise httpx.HTTPStatusError(f"HTTP {response.status_code} from {redact(str(response.url))}: "
-                                            f"{response.text[:500]}", request=response.request, response=response)
+                raise httpx.HTTPStatusError(
+                    f"HTTP {response.status_code} from {redact(str(response.url))}: {response.text[:500]}",
+                    request=response.request,
+                    response=response,
+                )
             return response.json()["choices"][0]["message"].get("content") or ""
 
         yield ask
 
 
 @contextlib.contextmanager
-def local_judge_server(gguf: Path, context_length: int, key: str | None, server_log: Path,
-                       log: logging.Logger | logging.LoggerAdapter) -> Iterator[str]:
+def local_judge_server(
+    gguf: Path, context_length: int, key: str | None, server_log: Path, log: logging.Logger | logging.LoggerAdapter
+) -> Iterator[str]:
     """llama-cpp-python's OpenAI-compatible server for `gguf` on a free local port, for the duration; yields its
     base URL (…/v1). Its output goes to `server_log`; the key, when one is set, is passed in its environment."""
     with socket.socket() as probe:
@@ -266,9 +304,23 @@ def local_judge_server(gguf: Path, context_length: int, key: str | None, server_
         port = probe.getsockname()[1]
     # Half the cores, as for parity: llama.cpp's threads spin while they wait, so more than the free cores is ruinous.
     threads = str(max((os.cpu_count() or 2) // 2, 1))
-    command = [sys.executable, "-m", "tunepipe.tasks.evaluate.judge_server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(context_length), "--n_threads", threads,
-               "--n_threads_batch", threads]
+    command = [
+        sys.executable,
+        "-m",
+        "tunepipe.tasks.evaluate.judge_server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(context_length),
+        "--n_threads",
+        threads,
+        "--n_threads_batch",
+        threads,
+    ]
     env = {**os.environ, "API_KEY": key} if key else {k: v for k, v in os.environ.items() if k != "API_KEY"}
     server_log.parent.mkdir(parents=True, exist_ok=True)
     with server_log.open("wb") as out:
@@ -305,9 +357,16 @@ def _wait_until_serving(url: str, process: subprocess.Popen, server_log: Path) -
 # --- judging a report --------------------------------------------------------------------------------------
 
 
-def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, ollama_host: str | None,
-                 gate_cfg: GateConfig, out_dir: Path, cache_dir: Path,
-                 log: logging.Logger | logging.LoggerAdapter | None = None) -> EvalReport:
+def judge_report(
+    report: EvalReport,
+    cfg: JudgeConfig,
+    eval_examples: Path,
+    ollama_host: str | None,
+    gate_cfg: GateConfig,
+    out_dir: Path,
+    cache_dir: Path,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+) -> EvalReport:
     """`report` with the judge's metric added for the candidate and its opponent (mean in their ModelScores,
     per example in a copy of the samples), and the judge's summary and judgments."""
     log = log or logging.getLogger(__name__)
@@ -325,12 +384,22 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
             if cfg.mode == "pairwise" and mine.strip() == theirs.strip():
                 questions.append([])  # the same answer cannot beat itself: a tie, nothing to ask
             elif cfg.mode == "pairwise":
-                questions.append([
-                    ("candidate as A", pairwise_messages(question, row["expected"], mine, theirs, cfg.structured)),
-                    ("candidate as B", pairwise_messages(question, row["expected"], theirs, mine, cfg.structured))])
+                questions.append(
+                    [
+                        ("candidate as A", pairwise_messages(question, row["expected"], mine, theirs, cfg.structured)),
+                        ("candidate as B", pairwise_messages(question, row["expected"], theirs, mine, cfg.structured)),
+                    ]
+                )
             else:
-                questions.append([(who, rubric_messages(question, row["expected"], row[who]["answer"], cfg.rubric,
-                                                        cfg.structured)) for who in ("candidate", opponent)])
+                questions.append(
+                    [
+                        (
+                            who,
+                            rubric_messages(question, row["expected"], row[who]["answer"], cfg.rubric, cfg.structured),
+                        )
+                        for who in ("candidate", opponent)
+                    ]
+                )
         # Keyed by the weights where the judge names them; else by the name and where it answers.
         identity = (model, digest or where)
         judgments, asked, seconds = _judgments(questions, cfg, identity, ollama_host, out_dir, cache_dir, log)
@@ -349,33 +418,63 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
             summary = {"result": result, "candidate_value": value}
         else:
             ratings = [int(v) if v is not None else None for v in verdicts]
-            values.append({who: ((r if r is not None else 3) - 1) / 4
-                           for who, r in zip(("candidate", opponent), ratings)})
+            values.append(
+                {who: ((r if r is not None else 3) - 1) / 4 for who, r in zip(("candidate", opponent), ratings)}
+            )
             summary = {"ratings": dict(zip(("candidate", opponent), ratings))}
-        records.append({"id": row["id"], "source": row["source"], "prompt": row["prompt"], "expected": row["expected"],
-                        "candidate": row["candidate"]["answer"], opponent: row[opponent]["answer"], **summary,
-                        "judgments": [{"asked": label, "cached": cached, **j.model_dump()}
-                                      for (label, _), (j, cached) in zip(questions[len(records)], per_example)]})
+        records.append(
+            {
+                "id": row["id"],
+                "source": row["source"],
+                "prompt": row["prompt"],
+                "expected": row["expected"],
+                "candidate": row["candidate"]["answer"],
+                opponent: row[opponent]["answer"],
+                **summary,
+                "judgments": [
+                    {"asked": label, "cached": cached, **j.model_dump()}
+                    for (label, _), (j, cached) in zip(questions[len(records)], per_example)
+                ],
+            }
+        )
     results = [r.get("result") for r in records]
     summary = JudgeSummary(
-        model=model, digest=digest, endpoint=where, mode=cfg.mode, metric=cfg.metric, opponent=opponent, n=n,
-        questions=calls, asked=asked, restated=restated, unparsed=unread, seconds=seconds,
-        wins=results.count("win"), ties=results.count("tie"), losses=results.count("loss"),
-        order_flips=results.count("flip"), identical=results.count("identical"),
-        judgments_path=out_dir / "judgments.jsonl")
+        model=model,
+        digest=digest,
+        endpoint=where,
+        mode=cfg.mode,
+        metric=cfg.metric,
+        opponent=opponent,
+        n=n,
+        questions=calls,
+        asked=asked,
+        restated=restated,
+        unparsed=unread,
+        seconds=seconds,
+        wins=results.count("win"),
+        ties=results.count("tie"),
+        losses=results.count("loss"),
+        order_flips=results.count("flip"),
+        identical=results.count("identical"),
+        judgments_path=out_dir / "judgments.jsonl",
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     with summary.judgments_path.open("w", encoding="utf-8") as out:
         out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     if calls and unread / calls > cfg.max_unparsed + 1e-9:
-        raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict could not be read in {unread} of "
-                         f"{calls} replies, even with the format restated "
-                         f"(eval.judge.max_unparsed {cfg.max_unparsed:g}); its replies are in {summary.judgments_path}")
+        raise JudgeError(
+            f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict could not be read in {unread} of "
+            f"{calls} replies, even with the format restated "
+            f"(eval.judge.max_unparsed {cfg.max_unparsed:g}); its replies are in {summary.judgments_path}"
+        )
     if (flips := summary.order_flip_rate) is not None and flips > cfg.max_order_flips + 1e-9:
-        raise JudgeError(f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict changed with the order of the answers on "
-                         f"{summary.order_flips} of "
-                         f"{summary.order_flips + summary.wins + summary.ties + summary.losses} "
-                         f"examples (eval.judge.max_order_flips {cfg.max_order_flips:g}): it judged positions, not "
-                         f"answers; its replies are in {summary.judgments_path}")
+        raise JudgeError(
+            f"{_unmeasured(cfg, gate_cfg)}: the judge's verdict changed with the order of the answers on "
+            f"{summary.order_flips} of "
+            f"{summary.order_flips + summary.wins + summary.ties + summary.losses} "
+            f"examples (eval.judge.max_order_flips {cfg.max_order_flips:g}): it judged positions, not "
+            f"answers; its replies are in {summary.judgments_path}"
+        )
     samples_path = out_dir / "samples.jsonl"
     with samples_path.open("w", encoding="utf-8") as out:
         for row, value in zip(rows, values):
@@ -385,27 +484,54 @@ def judge_report(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, olla
     log.info("judge: %s", summary.line())
     scored = {who: getattr(report, who) for who in ("candidate", opponent)}
     means = {who: sum(v[who] for v in values) / n for who in scored} if n else {}
-    return report.model_copy(update={
-        "samples_path": samples_path, "judge": summary,
-        **{who: ModelScores(name=s.name, version=s.version, metrics={**s.metrics, cfg.metric: means[who]})
-           for who, s in scored.items() if who in means}})
+    return report.model_copy(
+        update={
+            "samples_path": samples_path,
+            "judge": summary,
+            **{
+                who: ModelScores(name=s.name, version=s.version, metrics={**s.metrics, cfg.metric: means[who]})
+                for who, s in scored.items()
+                if who in means
+            },
+        }
+    )
 
 
-def _judgments(questions: list[list[tuple[str, list[dict[str, str]]]]], cfg: JudgeConfig,
-               identity: tuple[str, str], ollama_host: str | None, out_dir: Path, cache_dir: Path,
-               log: logging.Logger | logging.LoggerAdapter) -> tuple[list[list[tuple[Judgment, bool]]], int, float]:
+def _judgments(
+    questions: list[list[tuple[str, list[dict[str, str]]]]],
+    cfg: JudgeConfig,
+    identity: tuple[str, str],
+    ollama_host: str | None,
+    out_dir: Path,
+    cache_dir: Path,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> tuple[list[list[tuple[Judgment, bool]]], int, float]:
     """Per example, (judgment, from the cache) per question; how many were asked now, and the seconds that took."""
-    keys = [[stable_hash(*identity, cfg.mode, cfg.structured, cfg.max_tokens, messages) for _, messages in asked]
-            for asked in questions]
-    cached = {key: Judgment.model_validate_json(path.read_text()) for per_example in keys for key in per_example
-              if (path := cache_dir / f"{key}.json").is_file()}
+    keys = [
+        [stable_hash(*identity, cfg.mode, cfg.structured, cfg.max_tokens, messages) for _, messages in asked]
+        for asked in questions
+    ]
+    cached = {
+        key: Judgment.model_validate_json(path.read_text())
+        for per_example in keys
+        for key in per_example
+        if (path := cache_dir / f"{key}.json").is_file()
+    }
     # Each distinct question once (two models may have given the same answer).
-    todo = list({key: (i, j) for i, per_example in enumerate(keys) for j, key in enumerate(per_example)
-                 if key not in cached}.values())
+    todo = list(
+        {
+            key: (i, j) for i, per_example in enumerate(keys) for j, key in enumerate(per_example) if key not in cached
+        }.values()
+    )
     seconds = 0.0
     if todo:
-        log.info("judge: asking %s %d of %d questions (%d cached)", identity[0], len(todo),
-                 sum(map(len, keys)), sum(map(len, keys)) - len(todo))
+        log.info(
+            "judge: asking %s %d of %d questions (%d cached)",
+            identity[0],
+            len(todo),
+            sum(map(len, keys)),
+            sum(map(len, keys)) - len(todo),
+        )
         cache_dir.mkdir(parents=True, exist_ok=True)
         with judge_endpoint(cfg, ollama_host, out_dir / "server.log", log) as ask:
             for i, j in todo:
@@ -421,16 +547,26 @@ def _judgments(questions: list[list[tuple[str, list[dict[str, str]]]]], cfg: Jud
 
 def _unmeasured(cfg: JudgeConfig, gate_cfg: GateConfig) -> str:
     """What the judge's failure leaves unmeasured, in words: the gate rules on its metric."""
-    rules = [f"gate.{section}.{cfg.metric}" for section, named in (("rules", gate_cfg.rules),
-             ("must_beat_champion_by", gate_cfg.must_beat_champion_by)) if cfg.metric in named]
+    rules = [
+        f"gate.{section}.{cfg.metric}"
+        for section, named in (("rules", gate_cfg.rules), ("must_beat_champion_by", gate_cfg.must_beat_champion_by))
+        if cfg.metric in named
+    ]
     decided = f"so {' and '.join(rules)} cannot be decided" if rules else "no gate rule names it"
     return f"{cfg.metric} could not be measured by the judge {cfg.model} ({decided})"
 
 
 @task(name="judge")
-def judge(report: EvalReport, cfg: JudgeConfig, eval_examples: Path, ollama_host: str | None, gate_cfg: GateConfig,
-          workdir: Path) -> EvalReport:
+def judge(
+    report: EvalReport,
+    cfg: JudgeConfig,
+    eval_examples: Path,
+    ollama_host: str | None,
+    gate_cfg: GateConfig,
+    workdir: Path,
+) -> EvalReport:
     """Not cached as a stage: each judgment is (by the judge's digest), so a changed gate never re-judges."""
     out_dir = stage_dir(workdir, "judge", report, cfg)
-    return judge_report(report, cfg, eval_examples, ollama_host, gate_cfg, out_dir, Path(workdir) / "judge" / "cache",
-                        get_run_logger())
+    return judge_report(
+        report, cfg, eval_examples, ollama_host, gate_cfg, out_dir, Path(workdir) / "judge" / "cache", get_run_logger()
+    )

@@ -63,10 +63,14 @@ class PairedDifference(BaseModel):
         """'field_accuracy +0.07 [+0.03, +0.11] over the champion on 200 test examples'; for eval_loss the change
         of the loss itself: 'eval_loss -0.120 [-0.160, -0.080] against the base on 200 test examples'."""
         if self.metric in LOWER_IS_BETTER:
-            return (f"{self.metric} {-self.difference:+.3f} [{-self.high:+.3f}, {-self.low:+.3f}] against {who} on "
-                    f"{self.n} {examples} (lower is better)")
-        return (f"{self.metric} {self.difference:+.2f} [{self.low:+.2f}, {self.high:+.2f}] over {who} on {self.n} "
-                f"{examples}")
+            return (
+                f"{self.metric} {-self.difference:+.3f} [{-self.high:+.3f}, {-self.low:+.3f}] against {who} on "
+                f"{self.n} {examples} (lower is better)"
+            )
+        return (
+            f"{self.metric} {self.difference:+.2f} [{self.low:+.2f}, {self.high:+.2f}] over {who} on {self.n} "
+            f"{examples}"
+        )
 
 
 class MeanInterval(BaseModel):
@@ -85,9 +89,17 @@ def is_binary(*values: Sequence[float]) -> bool:
     return all(value in (0.0, 1.0) for column in values for value in column)
 
 
-def paired_difference(metric: str, candidate: Sequence[float], other: Sequence[float], *, confidence: float,
-                      seed: int = 0, versus: str = "champion", weights: Sequence[float] | None = None,
-                      resamples: int = RESAMPLES) -> PairedDifference:
+def paired_difference(
+    metric: str,
+    candidate: Sequence[float],
+    other: Sequence[float],
+    *,
+    confidence: float,
+    seed: int = 0,
+    versus: str = "champion",
+    weights: Sequence[float] | None = None,
+    resamples: int = RESAMPLES,
+) -> PairedDifference:
     """The paired difference of `candidate` and `other`, aligned per example, with its `confidence` interval.
 
     `weights`: per-example weights of the mean (eval_loss: answer tokens); they make the 0/1 shortcut inapplicable.
@@ -95,24 +107,50 @@ def paired_difference(metric: str, candidate: Sequence[float], other: Sequence[f
     import numpy as np
 
     if len(candidate) != len(other) or not len(candidate):
-        raise ValueError(f"{metric}: {len(candidate)} candidate and {len(other)} {versus} values; need as many, "
-                         "at least one")
+        raise ValueError(
+            f"{metric}: {len(candidate)} candidate and {len(other)} {versus} values; need as many, at least one"
+        )
     mine, theirs = np.asarray(candidate, dtype=float), np.asarray(other, dtype=float)
     per_example = theirs - mine if metric in LOWER_IS_BETTER else mine - theirs
     n = len(per_example)
     if weights is None and is_binary(mine, theirs):
         wins, losses = int((per_example > 0).sum()), int((per_example < 0).sum())
         low, high = exact_difference_interval(wins, losses, n, confidence)
-        return PairedDifference(metric=metric, versus=versus, n=n, difference=(wins - losses) / n, low=low, high=high,
-                                confidence=confidence, method="exact", wins=wins, losses=losses)
+        return PairedDifference(
+            metric=metric,
+            versus=versus,
+            n=n,
+            difference=(wins - losses) / n,
+            low=low,
+            high=high,
+            confidence=confidence,
+            method="exact",
+            wins=wins,
+            losses=losses,
+        )
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     low, high = _bootstrap(per_example, w, confidence, seed, resamples)
-    return PairedDifference(metric=metric, versus=versus, n=n, difference=float((per_example * w).sum() / w.sum()),
-                            low=low, high=high, confidence=confidence, method="bootstrap")
+    return PairedDifference(
+        metric=metric,
+        versus=versus,
+        n=n,
+        difference=float((per_example * w).sum() / w.sum()),
+        low=low,
+        high=high,
+        confidence=confidence,
+        method="bootstrap",
+    )
 
 
-def mean_interval(metric: str, values: Sequence[float], *, confidence: float, seed: int = 0,
-                  weights: Sequence[float] | None = None, resamples: int = RESAMPLES) -> MeanInterval:
+def mean_interval(
+    metric: str,
+    values: Sequence[float],
+    *,
+    confidence: float,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    resamples: int = RESAMPLES,
+) -> MeanInterval:
     """One model's mean with its interval: Clopper-Pearson for 0/1 values, else the percentile bootstrap."""
     import numpy as np
 
@@ -121,12 +159,26 @@ def mean_interval(metric: str, values: Sequence[float], *, confidence: float, se
         raise ValueError(f"{metric}: no values")
     if weights is None and is_binary(x):
         low, high = clopper_pearson(int(x.sum()), len(x), confidence)
-        return MeanInterval(metric=metric, n=len(x), mean=float(x.mean()), low=float(low), high=float(high),
-                            confidence=confidence, method="exact")
+        return MeanInterval(
+            metric=metric,
+            n=len(x),
+            mean=float(x.mean()),
+            low=float(low),
+            high=float(high),
+            confidence=confidence,
+            method="exact",
+        )
     w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=float)
     low, high = _bootstrap(x, w, confidence, seed, resamples)
-    return MeanInterval(metric=metric, n=len(x), mean=float((x * w).sum() / w.sum()), low=low, high=high,
-                        confidence=confidence, method="bootstrap")
+    return MeanInterval(
+        metric=metric,
+        n=len(x),
+        mean=float((x * w).sum() / w.sum()),
+        low=low,
+        high=high,
+        confidence=confidence,
+        method="bootstrap",
+    )
 
 
 def clears(interval: PairedDifference, margin: float) -> bool:
@@ -175,8 +227,9 @@ def _bootstrap(per_example, weights, confidence: float, seed: int, resamples: in
     return float(low), float(high)
 
 
-def promotion_probability(n: int, discordant_share: float, true_difference: float, confidence: float,
-                          margin: float = 0.0) -> float:
+def promotion_probability(
+    n: int, discordant_share: float, true_difference: float, confidence: float, margin: float = 0.0
+) -> float:
     """The chance that the gate passes a 0/1 metric's champion rule with `margin`, computed exactly: the models
     disagree on each of `n` examples with probability `discordant_share`, and the candidate is truly
     `true_difference` better (wins − losses per example, so |true_difference| <= discordant_share)."""
@@ -184,10 +237,12 @@ def promotion_probability(n: int, discordant_share: float, true_difference: floa
     from scipy.stats import binom
 
     if not abs(true_difference) <= discordant_share:
-        raise ValueError(f"a true difference of {true_difference} needs at least as many discordant examples "
-                         f"(share {discordant_share})")
+        raise ValueError(
+            f"a true difference of {true_difference} needs at least as many discordant examples "
+            f"(share {discordant_share})"
+        )
     if discordant_share == 0:
-        return float(0 > margin + SLACK)
+        return float(margin + SLACK < 0)
     d = np.arange(n + 1)
     win_share = (discordant_share + true_difference) / (2 * discordant_share)
     fewest = _fewest_wins(n, confidence, margin)
@@ -213,13 +268,15 @@ def _fewest_wins(n: int, confidence: float, margin: float):
     return low
 
 
-def detectable_difference(n: int, discordant_share: float, confidence: float, *, margin: float = 0.0,
-                          power: float = POWER) -> float:
+def detectable_difference(
+    n: int, discordant_share: float, confidence: float, *, margin: float = 0.0, power: float = POWER
+) -> float:
     """The smallest true difference of a 0/1 metric that the gate's champion rule with `margin` passes `power` of
     the time on `n` test examples when the models disagree on `discordant_share` of them; inf: none does, however
     good. At margin 0, the smallest gain the split can tell from noise.
 
     What the run plan warns with; the gate-power benchmark tabulates the same `promotion_probability`."""
+
     def promoted(difference: float) -> bool:
         return promotion_probability(n, discordant_share, difference, confidence, margin) >= power
 

@@ -33,8 +33,9 @@ TEXT_LIMIT = 600  # characters of a prompt or answer shown in the report
 HEADLINE_METRICS = ("valid_json_rate", "field_accuracy", "exact_match", "rouge_l", "chrf", "stop_rate", "eval_loss")
 
 
-def write_report(title: str, attempts: list[Attempt], report: EvalReport, decision: GateDecision, outcome: str,
-                 out_dir: Path) -> RunReport:
+def write_report(
+    title: str, attempts: list[Attempt], report: EvalReport, decision: GateDecision, outcome: str, out_dir: Path
+) -> RunReport:
     """`report` and `decision`: the final candidate on the test split and the gate's verdict on it; each attempt
     carries its own validation report and the gate's rules applied to it."""
     import matplotlib
@@ -43,22 +44,37 @@ def write_report(title: str, attempts: list[Attempt], report: EvalReport, decisi
     out_dir.mkdir(parents=True, exist_ok=True)
     final = attempts[-1]
     lines = [
-        f"# Run report: {title}", "",
+        f"# Run report: {title}",
+        "",
         f"**{'Passed' if decision.passed else 'Failed'}** the gate on the test split; the retrain loop: {outcome}.",
         "",
         f"Base → candidate on {report.n_samples} test examples: "
-        + ", ".join(base_to_candidate(report, [c.metric for c in decision.checks])) + ".", "",
-        f"## Gate on the test split (attempt {final.plan.number}'s candidate)", "",
-        *([f"- {'pass' if c.passed else '**FAIL**'}: {c.reason}" for c in decision.checks]
-          or ["- no rules configured"]),
-        "", "## Metrics", "",
+        + ", ".join(base_to_candidate(report, [c.metric for c in decision.checks]))
+        + ".",
+        "",
+        f"## Gate on the test split (attempt {final.plan.number}'s candidate)",
+        "",
+        *(
+            [f"- {'pass' if c.passed else '**FAIL**'}: {c.reason}" for c in decision.checks]
+            or ["- no rules configured"]
+        ),
+        "",
+        "## Metrics",
+        "",
         f"Validation ({final.report.n_samples} examples) chose the checkpoint and the attempt; test "
         f"({report.n_samples} examples) was read once, by the gate. A validation score above the test score is "
-        "what choosing on validation adds to it.", "",
-        *_metrics_table(final.report, report), "",
-        f"![metrics of base, champion and candidate]({_plot_metrics(report, out_dir / 'metrics.png').name})", "",
-        "## Attempts", "", *_attempts_table(attempts), "",
-        f"![training loss per attempt]({_plot_losses(attempts, out_dir / 'loss_curves.png').name})", "",
+        "what choosing on validation adds to it.",
+        "",
+        *_metrics_table(final.report, report),
+        "",
+        f"![metrics of base, champion and candidate]({_plot_metrics(report, out_dir / 'metrics.png').name})",
+        "",
+        "## Attempts",
+        "",
+        *_attempts_table(attempts),
+        "",
+        f"![training loss per attempt]({_plot_losses(attempts, out_dir / 'loss_curves.png').name})",
+        "",
         *_regressions(report, decision),
         *_worst_examples(report.samples_path),
         *_judge_losses(report),
@@ -78,8 +94,11 @@ def models(report: EvalReport) -> list[ModelScores]:
 def base_to_candidate(report: EvalReport, gated: list[str]) -> list[str]:
     """`metric base → candidate` for the gated metrics, then the headline ones, where both models have them."""
     names = dict.fromkeys([*gated, *HEADLINE_METRICS])
-    return [f"{name} {report.base.metrics[name]:.3f} → {report.candidate.metrics[name]:.3f}" for name in names
-            if name in report.base.metrics and name in report.candidate.metrics]
+    return [
+        f"{name} {report.base.metrics[name]:.3f} → {report.candidate.metrics[name]:.3f}"
+        for name in names
+        if name in report.base.metrics and name in report.candidate.metrics
+    ]
 
 
 def label(scores: ModelScores) -> str:
@@ -101,20 +120,25 @@ def _metrics_table(validation: EvalReport, test: EvalReport) -> list[str]:
 
 def _same_model(report: EvalReport, scores: ModelScores) -> ModelScores | None:
     """The scores of the model `scores` belongs to in another report (another split), if it has them."""
-    return next((other for other in models(report) if (other.name, other.version) == (scores.name, scores.version)),
-                None)
+    return next(
+        (other for other in models(report) if (other.name, other.version) == (scores.name, scores.version)), None
+    )
 
 
 def _attempts_table(attempts: list[Attempt]) -> list[str]:
-    rows = ["| attempt | change | steps | learning rate | LoRA r | continued | gate's rules on validation |",
-            "|---:|---|---:|---:|---:|---|---|"]
+    rows = [
+        "| attempt | change | steps | learning rate | LoRA r | continued | gate's rules on validation |",
+        "|---:|---|---:|---:|---:|---|---|",
+    ]
     for attempt in attempts:
         plan = attempt.plan
         change = json.dumps(plan.change.model_dump(exclude_defaults=True)) if plan.change else "as configured"
         change = f"`{change}`" + (f" ({plan.reason})" if plan.reason else "")
         gate = "passed" if attempt.decision.passed else "failed: " + "; ".join(attempt.decision.reasons)
-        rows.append(f"| {plan.number} | {_cell(change)} | {attempt.trained.steps} | {plan.train.learning_rate:g} | "
-                    f"{plan.lora.r} | {'yes' if plan.init_from else 'no'} | {_cell(gate)} |")
+        rows.append(
+            f"| {plan.number} | {_cell(change)} | {attempt.trained.steps} | {plan.train.learning_rate:g} | "
+            f"{plan.lora.r} | {'yes' if plan.init_from else 'no'} | {_cell(gate)} |"
+        )
     return rows
 
 
@@ -127,11 +151,14 @@ def _plot_metrics(report: EvalReport, path: Path) -> Path:
     fig, (ax_rates, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [4, 1]})
     width = 0.8 / len(columns)
     for i, scores in enumerate(columns):
-        ax_rates.bar([x + i * width for x in range(len(rates))], [scores.metrics.get(n, 0.0) for n in rates],
-                     width, label=label(scores))
+        ax_rates.bar(
+            [x + i * width for x in range(len(rates))],
+            [scores.metrics.get(n, 0.0) for n in rates],
+            width,
+            label=label(scores),
+        )
         ax_loss.bar(i, scores.metrics.get("eval_loss", 0.0), 0.8, label=label(scores))
-    ax_rates.set_xticks([x + width * (len(columns) - 1) / 2 for x in range(len(rates))], rates, rotation=30,
-                        ha="right")
+    ax_rates.set_xticks([x + width * (len(columns) - 1) / 2 for x in range(len(rates))], rates, rotation=30, ha="right")
     ax_rates.set_ylim(0, 1.05)
     ax_rates.set_title("task metrics (higher is better)")
     ax_rates.legend()
@@ -152,8 +179,12 @@ def _plot_losses(attempts: list[Attempt], path: Path) -> Path:
     for attempt in attempts:
         offset = ends.get(attempt.plan.init_from, 0) if attempt.plan.init_from else 0
         history = attempt.trained.loss_history
-        ax.plot([offset + p.step for p in history], [p.loss for p in history], marker=".",
-                label=f"attempt {attempt.plan.number}")
+        ax.plot(
+            [offset + p.step for p in history],
+            [p.loss for p in history],
+            marker=".",
+            label=f"attempt {attempt.plan.number}",
+        )
         ends[attempt.trained.adapter_dir] = offset + attempt.trained.steps
     ax.set_xlabel("step (continued attempts start where they continued from)")
     ax.set_ylabel("train loss")
@@ -171,17 +202,32 @@ def _regressions(report: EvalReport, decision: GateDecision) -> list[str]:
     lines = [f"## Regressions against {label(reference)}: {len(found)} of {report.n_samples} examples", ""]
     if not found:
         return lines + [f"None: the candidate has right every example and field {label(reference)} had right.", ""]
-    lines += [f"Examples {label(reference)} matched exactly that the candidate does not, or whose JSON fields it had "
-              "right that the candidate has wrong."
-              + (f" The first {REGRESSIONS_SHOWN}; all are in MLflow's eval/regressions.json."
-                 if len(found) > REGRESSIONS_SHOWN else ""), ""]
+    lines += [
+        f"Examples {label(reference)} matched exactly that the candidate does not, or whose JSON fields it had "
+        "right that the candidate has wrong."
+        + (
+            f" The first {REGRESSIONS_SHOWN}; all are in MLflow's eval/regressions.json."
+            if len(found) > REGRESSIONS_SHOWN
+            else ""
+        ),
+        "",
+    ]
     for regression in found[:REGRESSIONS_SHOWN]:
         broken = (["no longer exactly right"] if regression.exact else []) + (
-            [f"fields now wrong: {', '.join(regression.fields)}"] if regression.fields else [])
-        lines += [f"### {regression.id} ({regression.source}): {'; '.join(broken)}", "",
-                  "Prompt:", *_block(regression.prompt), "Expected:", *_block(regression.expected),
-                  f"{label(reference).capitalize()}:", *_block(regression.reference_answer),
-                  "Candidate:", *_block(regression.answer)]
+            [f"fields now wrong: {', '.join(regression.fields)}"] if regression.fields else []
+        )
+        lines += [
+            f"### {regression.id} ({regression.source}): {'; '.join(broken)}",
+            "",
+            "Prompt:",
+            *_block(regression.prompt),
+            "Expected:",
+            *_block(regression.expected),
+            f"{label(reference).capitalize()}:",
+            *_block(regression.reference_answer),
+            "Candidate:",
+            *_block(regression.answer),
+        ]
     return lines
 
 
@@ -195,8 +241,14 @@ def _worst_examples(samples_path: Path) -> list[str]:
     worst = sorted(rows, key=lambda row: row["candidate"]["scores"][ranking])[:WORST_EXAMPLES]
     lines = [f"## The {len(worst)} worst test examples (candidate's {ranking})", ""]
     for row in worst:
-        lines += [f"### {row['id']} ({row['source']}): {ranking} {row['candidate']['scores'][ranking]:.3g}", "",
-                  "Prompt:", *_block(row["prompt"]), "Expected:", *_block(row["expected"])]
+        lines += [
+            f"### {row['id']} ({row['source']}): {ranking} {row['candidate']['scores'][ranking]:.3g}",
+            "",
+            "Prompt:",
+            *_block(row["prompt"]),
+            "Expected:",
+            *_block(row["expected"]),
+        ]
         for who in ("candidate", "champion", "base"):
             if who in row:
                 ending = "" if row[who]["stopped"] else " (cut at the length limit)"
@@ -218,13 +270,33 @@ def _judge_losses(report: EvalReport) -> list[str]:
         lost = [row for row in rows if (row["ratings"]["candidate"] or 3) < (row["ratings"][judge.opponent] or 3)]
         title = f"## Examples the judge scores the candidate below {judge.opponent} ({len(lost)} of {judge.n})"
     flips = judge.order_flip_rate
-    lines = [title, "", f"Judge: {judge.line()}.",
-             *([f"Order flips: {flips:.0%} of the examples with both verdicts read (counted as ties; a judge that "
-                "flips often is not judging the answers)."] if flips is not None else []), ""]
+    lines = [
+        title,
+        "",
+        f"Judge: {judge.line()}.",
+        *(
+            [
+                f"Order flips: {flips:.0%} of the examples with both verdicts read (counted as ties; a judge that "
+                "flips often is not judging the answers)."
+            ]
+            if flips is not None
+            else []
+        ),
+        "",
+    ]
     for row in lost[:WORST_EXAMPLES]:
-        lines += [f"### {row['id']} ({row['source']})", "", "Prompt:", *_block(row["prompt"]),
-                  "Expected:", *_block(row["expected"]), "Candidate:", *_block(row["candidate"]),
-                  f"{judge.opponent.capitalize()}:", *_block(row[judge.opponent])]
+        lines += [
+            f"### {row['id']} ({row['source']})",
+            "",
+            "Prompt:",
+            *_block(row["prompt"]),
+            "Expected:",
+            *_block(row["expected"]),
+            "Candidate:",
+            *_block(row["candidate"]),
+            f"{judge.opponent.capitalize()}:",
+            *_block(row[judge.opponent]),
+        ]
         for judgment in row["judgments"]:
             lines += [f"Judge, {judgment['asked']} (verdict {judgment['verdict']}):", *_block(judgment["replies"][-1])]
     if len(lost) > WORST_EXAMPLES:
@@ -247,18 +319,25 @@ def retention_section(scores: RetentionScores | None) -> list[str]:
     if scores is None:
         return []
     rows = [json.loads(line) for line in scores.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    lines = ["## Retention: general prompts outside the task", "",
-             f"Mean token loss on the base's own greedy answers to {scores.n_prompts} general prompts: base "
-             f"{scores.base_loss:.3f}, candidate {scores.candidate_loss:.3f} nats per token "
-             f"({scores.loss_increase:+.3f}: the candidate finds what the base would say "
-             f"{math.exp(scores.loss_increase):.2f} times {'less' if scores.loss_increase >= 0 else 'more'} likely "
-             "per token, where the base's figure is 1).", "",
-             "| prompt | base | candidate | base loss | candidate loss |", "|---|---|---|---:|---:|"]
+    lines = [
+        "## Retention: general prompts outside the task",
+        "",
+        f"Mean token loss on the base's own greedy answers to {scores.n_prompts} general prompts: base "
+        f"{scores.base_loss:.3f}, candidate {scores.candidate_loss:.3f} nats per token "
+        f"({scores.loss_increase:+.3f}: the candidate finds what the base would say "
+        f"{math.exp(scores.loss_increase):.2f} times {'less' if scores.loss_increase >= 0 else 'more'} likely "
+        "per token, where the base's figure is 1).",
+        "",
+        "| prompt | base | candidate | base loss | candidate loss |",
+        "|---|---|---|---:|---:|",
+    ]
     for row in rows:
         cut = {who: "" if row[who]["stopped"] else " *(cut at the length limit)*" for who in ("base", "candidate")}
-        lines.append(f"| {_cell(row['prompt'])} | {_cell(row['base']['answer'])}{cut['base']} | "
-                     f"{_cell(row['candidate']['answer'])}{cut['candidate']} | {_loss(row['base']['loss'])} | "
-                     f"{_loss(row['candidate']['loss'])} |")
+        lines.append(
+            f"| {_cell(row['prompt'])} | {_cell(row['base']['answer'])}{cut['base']} | "
+            f"{_cell(row['candidate']['answer'])}{cut['candidate']} | {_loss(row['base']['loss'])} | "
+            f"{_loss(row['candidate']['loss'])} |"
+        )
     return lines + [""]
 
 
@@ -278,7 +357,14 @@ def _cell(text: str) -> str:
 
 
 @task(name="report", cache_policy=STAGE_CACHE, persist_result=True)
-def run_report(title: str, attempts: list[Attempt], report: EvalReport, decision: GateDecision, outcome: str,
-               workdir: Path) -> RunReport:
-    return write_report(title, attempts, report, decision, outcome,
-                        stage_dir(workdir, "report", title, attempts, report, decision, outcome))
+def run_report(
+    title: str, attempts: list[Attempt], report: EvalReport, decision: GateDecision, outcome: str, workdir: Path
+) -> RunReport:
+    return write_report(
+        title,
+        attempts,
+        report,
+        decision,
+        outcome,
+        stage_dir(workdir, "report", title, attempts, report, decision, outcome),
+    )

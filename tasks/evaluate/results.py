@@ -40,13 +40,22 @@ class RetentionScores(BaseModel):
         return self.candidate_loss - self.base_loss
 
     def scores(self) -> Record:
-        return Record(metrics={"base.retention_loss": self.base_loss, "candidate.retention_loss": self.candidate_loss,
-                               "retention.loss_increase": self.loss_increase})
+        return Record(
+            metrics={
+                "base.retention_loss": self.base_loss,
+                "candidate.retention_loss": self.candidate_loss,
+                "retention.loss_increase": self.loss_increase,
+            }
+        )
 
     def record(self) -> Record:
         rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        columns = {"id": [r["id"] for r in rows], "language": [r["language"] for r in rows],
-                   "prompt": [r["prompt"] for r in rows], "tokens": [r["tokens"] for r in rows]}
+        columns = {
+            "id": [r["id"] for r in rows],
+            "language": [r["language"] for r in rows],
+            "prompt": [r["prompt"] for r in rows],
+            "tokens": [r["tokens"] for r in rows],
+        }
         for who in ("base", "candidate"):
             columns |= {f"{who}.{field}": [r[who][field] for r in rows] for field in ("answer", "stopped", "loss")}
         return self.scores() + Record(files=[(self.path, "eval")], tables={"eval/retention.json": columns})
@@ -83,25 +92,44 @@ class JudgeSummary(BaseModel):
     def line(self) -> str:
         """One sentence: who judged, and how."""
         who = f"{self.model} ({self.digest[:19] if self.digest else 'no digest'}) at {self.endpoint}"
-        outcome = (f"candidate against {self.opponent}: {self.wins} won, {self.ties} tied, {self.losses} lost, "
-                   f"{self.order_flips} flipped with the order, {self.identical} identical" if self.mode == "pairwise"
-                   else f"candidate and {self.opponent} scored on the rubric")
-        return (f"{who}, {self.mode}, {self.n} examples: {outcome}; {self.questions} judgments "
-                f"({self.asked} asked now, {self.restated} restated, {self.unparsed} unreadable)")
+        outcome = (
+            f"candidate against {self.opponent}: {self.wins} won, {self.ties} tied, {self.losses} lost, "
+            f"{self.order_flips} flipped with the order, {self.identical} identical"
+            if self.mode == "pairwise"
+            else f"candidate and {self.opponent} scored on the rubric"
+        )
+        return (
+            f"{who}, {self.mode}, {self.n} examples: {outcome}; {self.questions} judgments "
+            f"({self.asked} asked now, {self.restated} restated, {self.unparsed} unreadable)"
+        )
 
     def record(self) -> Record:
         rows = [json.loads(line) for line in self.judgments_path.read_text(encoding="utf-8").splitlines() if line]
-        table = {"id": [r["id"] for r in rows],
-                 "result": [r.get("result") or json.dumps(r.get("ratings")) for r in rows],
-                 "verdicts": [json.dumps([j["verdict"] for j in r["judgments"]]) for r in rows],
-                 "replies": [json.dumps([j["replies"] for j in r["judgments"]], ensure_ascii=False) for r in rows]}
+        table = {
+            "id": [r["id"] for r in rows],
+            "result": [r.get("result") or json.dumps(r.get("ratings")) for r in rows],
+            "verdicts": [json.dumps([j["verdict"] for j in r["judgments"]]) for r in rows],
+            "replies": [json.dumps([j["replies"] for j in r["judgments"]], ensure_ascii=False) for r in rows],
+        }
         return Record(
-            metrics={"judge.order_flip_rate": self.order_flip_rate, "judge.unparsed": self.unparsed,
-                     "judge.restated": self.restated, "judge.questions": self.questions, "judge.asked": self.asked,
-                     "judge.seconds_per_asked": self.seconds / self.asked if self.asked else None},
-            tags={"judge.model": self.model, "judge.digest": self.digest or "", "judge.mode": self.mode,
-                  "judge.endpoint": self.endpoint, "judge.opponent": self.opponent},
-            files=[(self.judgments_path, "eval")], tables={"eval/judge.json": table})
+            metrics={
+                "judge.order_flip_rate": self.order_flip_rate,
+                "judge.unparsed": self.unparsed,
+                "judge.restated": self.restated,
+                "judge.questions": self.questions,
+                "judge.asked": self.asked,
+                "judge.seconds_per_asked": self.seconds / self.asked if self.asked else None,
+            },
+            tags={
+                "judge.model": self.model,
+                "judge.digest": self.digest or "",
+                "judge.mode": self.mode,
+                "judge.endpoint": self.endpoint,
+                "judge.opponent": self.opponent,
+            },
+            files=[(self.judgments_path, "eval")],
+            tables={"eval/judge.json": table},
+        )
 
 
 class EvalReport(BaseModel):
@@ -128,10 +156,14 @@ class EvalReport(BaseModel):
         """Each model's metrics (`candidate.<metric>`, `base.<metric>`, `champion.<metric>`; on validation
         `validation.candidate.<metric>` ...)."""
         models = [scores for scores in (self.candidate, self.base, self.champion) if scores is not None]
-        return Record(metrics={f"{self.prefix}{scores.name}.{name}": value
-                               for scores in models for name, value in scores.metrics.items()},
-                      tags={"champion.version": self.champion.version or ""} if self.champion is not None else {}
-                      ) + (self.retention.scores() if self.retention is not None else Record())
+        return Record(
+            metrics={
+                f"{self.prefix}{scores.name}.{name}": value
+                for scores in models
+                for name, value in scores.metrics.items()
+            },
+            tags={"champion.version": self.champion.version or ""} if self.champion is not None else {},
+        ) + (self.retention.scores() if self.retention is not None else Record())
 
     def record(self) -> Record:
         """The scores, and the per-example answers and probes as files and as MLflow tables (under `eval/`, the
@@ -140,8 +172,10 @@ class EvalReport(BaseModel):
         probes = [json.loads(line) for line in self.probes_path.read_text().splitlines() if line.strip()]
         tables = {f"{folder}/examples.json": per_example_table(self.samples_path)}
         if probes:
-            tables[f"{folder}/probes.json"] = {column: [probe.get(column) for probe in probes]
-                                               for column in ("prompt", "base", "champion", "candidate")}
+            tables[f"{folder}/probes.json"] = {
+                column: [probe.get(column) for probe in probes]
+                for column in ("prompt", "base", "champion", "candidate")
+            }
         files = [(self.samples_path, folder), (self.probes_path, folder)]
         if self.undesirable_path is not None:
             files.append((self.undesirable_path, folder))
@@ -155,13 +189,20 @@ def per_example_table(samples_path: Path) -> dict[str, list]:
     rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     models = [who for who in ("base", "champion", "candidate") if rows and who in rows[0]]
     scores = {who: sorted({name for row in rows for name in row[who]["scores"]}) for who in models}
-    columns = [("id", lambda row: row["id"]), ("source", lambda row: row["source"]),
-               ("prompt", lambda row: row["prompt"]), ("expected", lambda row: row["expected"])]
+    columns = [
+        ("id", lambda row: row["id"]),
+        ("source", lambda row: row["source"]),
+        ("prompt", lambda row: row["prompt"]),
+        ("expected", lambda row: row["expected"]),
+    ]
     for who in models:
-        columns += [(f"{who}.answer", lambda row, who=who: row[who]["answer"]),
-                    (f"{who}.stopped", lambda row, who=who: row[who]["stopped"])]
-        columns += [(f"{who}.{name}", lambda row, who=who, name=name: row[who]["scores"].get(name))
-                    for name in scores[who]]
+        columns += [
+            (f"{who}.answer", lambda row, who=who: row[who]["answer"]),
+            (f"{who}.stopped", lambda row, who=who: row[who]["stopped"]),
+        ]
+        columns += [
+            (f"{who}.{name}", lambda row, who=who, name=name: row[who]["scores"].get(name)) for name in scores[who]
+        ]
     return {name: [value(row) for row in rows] for name, value in columns}
 
 
@@ -214,18 +255,27 @@ class GateDecision(BaseModel):
     def record(self) -> Record:
         """The decision; a failed gate ends the run FAILED."""
         tables = {"eval/regressions.json": regressions_table(self.regressions)} if self.regressions else {}
-        return Record(texts={"eval/gate.json": self.model_dump_json(indent=2)}, gate_failed=not self.passed,
-                      metrics={"gate.regressions": len(self.regressions)}, tables=tables,
-                      tags={"gate": "passed" if self.passed else "failed", "gate.summary": self.summary()[:5000],
-                            "gate.reasons": "\n".join(self.reasons)[:5000],
-                            "gate.checks": "\n".join(check.reason for check in self.checks)[:5000]})
+        return Record(
+            texts={"eval/gate.json": self.model_dump_json(indent=2)},
+            gate_failed=not self.passed,
+            metrics={"gate.regressions": len(self.regressions)},
+            tables=tables,
+            tags={
+                "gate": "passed" if self.passed else "failed",
+                "gate.summary": self.summary()[:5000],
+                "gate.reasons": "\n".join(self.reasons)[:5000],
+                "gate.checks": "\n".join(check.reason for check in self.checks)[:5000],
+            },
+        )
 
 
 def regressions_table(regressions: list[Regression]) -> dict[str, list]:
     """The regressions as columns (MLflow's table view): one row per example, the broken fields joined."""
     columns = ("id", "source", "prompt", "expected", "versus", "reference_answer", "answer", "exact", "fields")
-    return {column: [", ".join(r.fields) if column == "fields" else getattr(r, column) for r in regressions]
-            for column in columns}
+    return {
+        column: [", ".join(r.fields) if column == "fields" else getattr(r, column) for r in regressions]
+        for column in columns
+    }
 
 
 class AttemptPlan(BaseModel):
@@ -240,10 +290,18 @@ class AttemptPlan(BaseModel):
         """An attempt's own run: which attempt, and the settings it trains with."""
         change = self.change.model_dump(mode="json", exclude_defaults=True) if self.change else {}
         return Record(
-            tags={"retrain.attempt": str(self.number), "retrain.init_from": str(self.init_from or ""),
-                  "retrain.reason": self.reason or ""},
-            params=flatten({"train": self.train.model_dump(mode="json"), "lora": self.lora.model_dump(mode="json"),
-                            "change": change}),
+            tags={
+                "retrain.attempt": str(self.number),
+                "retrain.init_from": str(self.init_from or ""),
+                "retrain.reason": self.reason or "",
+            },
+            params=flatten(
+                {
+                    "train": self.train.model_dump(mode="json"),
+                    "lora": self.lora.model_dump(mode="json"),
+                    "change": change,
+                }
+            ),
         )
 
 
@@ -261,5 +319,8 @@ class RunReport(BaseModel):
     outcome: str  # how the loop ended (retrain_plan.outcome)
 
     def record(self) -> Record:
-        return Record(metrics={"retrain.attempts": self.attempts}, tags={"retrain.outcome": self.outcome},
-                      files=[(self.folder, "report")])
+        return Record(
+            metrics={"retrain.attempts": self.attempts},
+            tags={"retrain.outcome": self.outcome},
+            files=[(self.folder, "report")],
+        )

@@ -94,40 +94,68 @@ def answer_general_prompts(request: RetentionRequest) -> RetentionResult:
 
         with torch.inference_mode():
             started = time.perf_counter()
-            own = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, request.batch_size,
-                                 Progress(f"retention {name}", len(conversations), "prompts"), request.chat)
+            own = greedy_answers(
+                model,
+                tokenizer,
+                conversations,
+                request.max_new_tokens,
+                request.batch_size,
+                Progress(f"retention {name}", len(conversations), "prompts"),
+                request.chat,
+            )
             seconds = time.perf_counter() - started
             if answers is None:  # the base: scored on what it just said
                 answers, stopped = [a.text for a in own], [a.stopped for a in own]
             rows = answer_rows(tokenizer, request.conversations, answers, stopped, request.chat)
             tokens = [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
-            summed = answer_losses(model, [{**row, "id": str(i)} for i, (row, n) in enumerate(zip(rows, tokens)) if n],
-                                   request.batch_size, tokenizer.pad_token_id)
+            summed = answer_losses(
+                model,
+                [{**row, "id": str(i)} for i, (row, n) in enumerate(zip(rows, tokens)) if n],
+                request.batch_size,
+                tokenizer.pad_token_id,
+            )
             losses = [summed[str(i)][0] / n if n else None for i, n in enumerate(tokens)]
-        outputs = RetentionOutputs(answers=[a.text for a in own], stopped=[a.stopped for a in own], losses=losses,
-                                   tokens=tokens, device=device, generate_s=seconds)
-        print(f"retention: {name}: {len(own)} answers in {seconds:.1f} s on {device}, "
-              f"loss on the base's answers {outputs.mean_loss}")
+        outputs = RetentionOutputs(
+            answers=[a.text for a in own],
+            stopped=[a.stopped for a in own],
+            losses=losses,
+            tokens=tokens,
+            device=device,
+            generate_s=seconds,
+        )
+        print(
+            f"retention: {name}: {len(own)} answers in {seconds:.1f} s on {device}, "
+            f"loss on the base's answers {outputs.mean_loss}"
+        )
         return outputs
 
     base, loaded = request.base_outputs, None
     if base is None:
         model, tokenizer = _load(request.base, device, dtype)
         base = run(model, tokenizer, "base", None, None)
-        same_weights = (request.candidate.weights, request.candidate.revision) == (request.base.weights,
-                                                                                  request.base.revision)
+        same_weights = (request.candidate.weights, request.candidate.revision) == (
+            request.base.weights,
+            request.base.revision,
+        )
         loaded = model if request.candidate.adapter is not None and same_weights else None
     model, tokenizer = _load(request.candidate, device, dtype, loaded)
     candidate = run(model, tokenizer, "candidate", base.answers, base.stopped)
     return RetentionResult(base=base, candidate=candidate)
 
 
-def answer_rows(tokenizer, conversations: list[list[Message]], answers: list[str], stopped: list[bool],
-                chat: ChatContext) -> list[dict]:
+def answer_rows(
+    tokenizer, conversations: list[list[Message]], answers: list[str], stopped: list[bool], chat: ChatContext
+) -> list[dict]:
     """Each conversation with its answer as training formats it (`input_ids`, `labels` on the answer's tokens)."""
-    examples = [Example(id=str(i), messages=[*conversation, Message(role="assistant", content=answer)],
-                        source="retention", line=i + 1)
-                for i, (conversation, answer) in enumerate(zip(conversations, answers))]
+    examples = [
+        Example(
+            id=str(i),
+            messages=[*conversation, Message(role="assistant", content=answer)],
+            source="retention",
+            line=i + 1,
+        )
+        for i, (conversation, answer) in enumerate(zip(conversations, answers))
+    ]
     rows = []
     for pieces, answer, ended in zip(tokenize_pieces(tokenizer, examples, chat=chat), answers, stopped, strict=True):
         if not ended:  # cut at the length limit: only what the model said, not the template's end of turn
@@ -139,8 +167,15 @@ def answer_rows(tokenizer, conversations: list[list[Message]], answers: list[str
 
 
 def measure_retention(
-    trained: TrainResult, base: BaseModelRef, chat: ChatContext, prompts: list[GeneralPrompt], cfg: RetentionConfig,
-    batch_size: int, out_dir: Path, reference_dir: Path, log: logging.Logger | None = None,
+    trained: TrainResult,
+    base: BaseModelRef,
+    chat: ChatContext,
+    prompts: list[GeneralPrompt],
+    cfg: RetentionConfig,
+    batch_size: int,
+    out_dir: Path,
+    reference_dir: Path,
+    log: logging.Logger | None = None,
 ) -> RetentionScores | None:
     """Base and candidate on the general prompts; None when there are none."""
     if not prompts:
@@ -148,16 +183,35 @@ def measure_retention(
     # Loaded as the evaluate stage loads them: in 4-bit after a QLoRA training, as the base was trained.
     four_bit = trained.base_in_4bit
     candidate = _candidate(trained, base).model_copy(update={"load_in_4bit": four_bit})
-    base_spec = ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
-                             tokenizer=candidate.tokenizer, load_in_4bit=four_bit)
+    base_spec = ModelToScore(
+        name="base",
+        weights=base.name_or_path,
+        revision=base.revision,
+        tokenizer=candidate.tokenizer,
+        load_in_4bit=four_bit,
+    )
     conversations = [prompt.messages for prompt in prompts]
     here = Path(__file__)
-    key = stable_hash("retention", base.fingerprint, four_bit, conversations, chat, cfg.max_new_tokens,
-                      *(_file_hash(here.with_name(name)) for name in ("retention.py", "task.py")),
-                      *(_file_hash(here.parents[1] / path) for path in ("chat/generation.py", "data/format.py")))
+    key = stable_hash(
+        "retention",
+        base.fingerprint,
+        four_bit,
+        conversations,
+        chat,
+        cfg.max_new_tokens,
+        *(_file_hash(here.with_name(name)) for name in ("retention.py", "task.py")),
+        *(_file_hash(here.parents[1] / path) for path in ("chat/generation.py", "data/format.py")),
+    )
     kept = _read_reference(reference_dir, "retention-base", key, RetentionOutputs)
-    request = RetentionRequest(base=base_spec, candidate=candidate, conversations=conversations, base_outputs=kept,
-                               max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, chat=chat)
+    request = RetentionRequest(
+        base=base_spec,
+        candidate=candidate,
+        conversations=conversations,
+        base_outputs=kept,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=batch_size,
+        chat=chat,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():
         result = run_worker(RETENTION_WORKER, request, RetentionResult, out_dir / "worker", log=log)
@@ -166,28 +220,63 @@ def measure_retention(
     if result.base.mean_loss is None:  # only answers cut before a word: there is nothing the base would say
         (log or logging.getLogger(__name__)).warning(
             "retention: the base's answers to the %d general prompts are all empty and cut at the length limit: "
-            "nothing to measure forgetting on", len(prompts))
+            "nothing to measure forgetting on",
+            len(prompts),
+        )
         return None
 
     path = out_dir / "retention.jsonl"
     with path.open("w", encoding="utf-8") as out:
         for i, prompt in enumerate(prompts):
-            out.write(json.dumps({
-                "id": prompt.id, "source": prompt.source, "language": prompt.language, "prompt": prompt.prompt,
-                "tokens": result.base.tokens[i],
-                **{who: {"answer": outputs.answers[i], "stopped": outputs.stopped[i], "loss": outputs.losses[i]}
-                   for who, outputs in (("base", result.base), ("candidate", result.candidate))},
-            }, ensure_ascii=False) + "\n")
-    return RetentionScores(n_prompts=len(prompts), base_loss=result.base.mean_loss,
-                           candidate_loss=result.candidate.mean_loss, path=path)
+            out.write(
+                json.dumps(
+                    {
+                        "id": prompt.id,
+                        "source": prompt.source,
+                        "language": prompt.language,
+                        "prompt": prompt.prompt,
+                        "tokens": result.base.tokens[i],
+                        **{
+                            who: {
+                                "answer": outputs.answers[i],
+                                "stopped": outputs.stopped[i],
+                                "loss": outputs.losses[i],
+                            }
+                            for who, outputs in (("base", result.base), ("candidate", result.candidate))
+                        },
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    return RetentionScores(
+        n_prompts=len(prompts), base_loss=result.base.mean_loss, candidate_loss=result.candidate.mean_loss, path=path
+    )
 
 
-@task(name="retention", cache_policy=StageCache(sources=("tunepipe.tasks.evaluate.task", "tunepipe.tasks.chat.generation")),
-      persist_result=True)
+@task(
+    name="retention",
+    cache_policy=StageCache(sources=("tunepipe.tasks.evaluate.task", "tunepipe.tasks.chat.generation")),
+    persist_result=True,
+)
 def retention(
-    trained: TrainResult, base: BaseModelRef, chat: ChatContext, prompts: list[GeneralPrompt], cfg: RetentionConfig,
-    batch_size: int, workdir: Path,
+    trained: TrainResult,
+    base: BaseModelRef,
+    chat: ChatContext,
+    prompts: list[GeneralPrompt],
+    cfg: RetentionConfig,
+    batch_size: int,
+    workdir: Path,
 ) -> RetentionScores | None:
     out_dir = stage_dir(workdir, "retention", trained, base, chat, prompts, cfg, batch_size)
-    return measure_retention(trained, base, chat, prompts, cfg, batch_size, out_dir,
-                             Path(workdir) / "evaluate" / "reference", log=get_run_logger())
+    return measure_retention(
+        trained,
+        base,
+        chat,
+        prompts,
+        cfg,
+        batch_size,
+        out_dir,
+        Path(workdir) / "evaluate" / "reference",
+        log=get_run_logger(),
+    )

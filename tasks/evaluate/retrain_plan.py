@@ -30,8 +30,10 @@ def next_attempt(cfg: PipelineConfig, attempts: list[Attempt]) -> AttemptPlan | 
     trained = last.trained
     longer_only = change.learning_rate_factor is None and change.lora_r is None
     if cfg.retrain.past_best is not None and longer_only and past_its_best(trained):
-        reason = (f"attempt {last.plan.number}'s validation {cfg.retrain.metric} peaked at step {trained.best_step} "
-                  f"of {trained.eval_history[-1].step}: training longer would go further past it")
+        reason = (
+            f"attempt {last.plan.number}'s validation {cfg.retrain.metric} peaked at step {trained.best_step} "
+            f"of {trained.eval_history[-1].step}: training longer would go further past it"
+        )
         return apply_change(last, cfg.retrain.past_best).model_copy(update={"reason": reason})
     return apply_change(last, change)
 
@@ -54,12 +56,13 @@ def apply_change(previous: Attempt, change: RetrainChange) -> AttemptPlan:
         length = {"max_steps": None, "epochs": change.epochs}
     learning_rate = train.learning_rate * (change.learning_rate_factor or 1.0)
     if change.lora_r is not None:
-        lora = lora.model_copy(update={"r": change.lora_r,
-                                       "alpha": max(1, round(lora.alpha * change.lora_r / lora.r))})
+        lora = lora.model_copy(update={"r": change.lora_r, "alpha": max(1, round(lora.alpha * change.lora_r / lora.r))})
     return AttemptPlan(
-        number=previous.plan.number + 1, lora=lora,
+        number=previous.plan.number + 1,
+        lora=lora,
         train=train.model_copy(update={**length, "learning_rate": learning_rate}),
-        init_from=previous.trained.adapter_dir if change.continue_training else None, change=change,
+        init_from=previous.trained.adapter_dir if change.continue_training else None,
+        change=change,
     )
 
 
@@ -91,5 +94,7 @@ def _stalled(attempts: list[Attempt], cfg: RetrainConfig) -> str | None:
     best, best_number = max(earlier, key=lambda pair: improvement(metric, pair[0], 0.0))
     if improvement(metric, value, best) > cfg.min_improvement:
         return None
-    return (f"{metric} {value:.4g} did not improve on attempt {best_number}'s {best:.4g} "
-            f"by more than {cfg.min_improvement:g}")
+    return (
+        f"{metric} {value:.4g} did not improve on attempt {best_number}'s {best:.4g} "
+        f"by more than {cfg.min_improvement:g}"
+    )

@@ -107,15 +107,19 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
     device, dtype = device_and_dtype()
     cap_gpu_memory(request.gpu_memory_gib)
     rows = [json.loads(line) for line in request.loss_rows.read_text().splitlines()]
-    bad_rows = ([json.loads(line) for line in request.undesirable_rows.read_text().splitlines()]
-                if request.undesirable_rows is not None else [])
+    bad_rows = (
+        [json.loads(line) for line in request.undesirable_rows.read_text().splitlines()]
+        if request.undesirable_rows is not None
+        else []
+    )
     conversations = [[m.model_dump() for m in c] for c in request.conversations]
     outputs = {}
     # Plain weights first, those an adapter goes on last among them: the candidate then takes its adapter on
     # the base's weights already on the device, instead of reading them again.
     adapter_bases = {(spec.weights, spec.revision) for spec in request.models if spec.adapter is not None}
-    order = sorted(request.models, key=lambda spec: (spec.adapter is not None,
-                                                     (spec.weights, spec.revision) in adapter_bases))
+    order = sorted(
+        request.models, key=lambda spec: (spec.adapter is not None, (spec.weights, spec.revision) in adapter_bases)
+    )
     plain = None  # ((weights, revision), model) of the last model loaded without an adapter
     for spec in order:
         source = (spec.weights, spec.revision)
@@ -126,14 +130,23 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
             try:
                 with torch.inference_mode():
                     started = time.perf_counter()
-                    answers = greedy_answers(model, tokenizer, conversations, request.max_new_tokens, batch_size,
-                                             Progress(f"evaluate {spec.name}", len(conversations), "prompts"),
-                                             request.chat)
+                    answers = greedy_answers(
+                        model,
+                        tokenizer,
+                        conversations,
+                        request.max_new_tokens,
+                        batch_size,
+                        Progress(f"evaluate {spec.name}", len(conversations), "prompts"),
+                        request.chat,
+                    )
                     seconds = time.perf_counter() - started
                     losses = answer_losses(model, rows, batch_size, tokenizer.pad_token_id)
                     loss = mean_answer_loss(losses)
-                    bad_loss = (mean_answer_loss(answer_losses(model, bad_rows, batch_size, tokenizer.pad_token_id))
-                                if bad_rows else None)
+                    bad_loss = (
+                        mean_answer_loss(answer_losses(model, bad_rows, batch_size, tokenizer.pad_token_id))
+                        if bad_rows
+                        else None
+                    )
                 break
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
@@ -141,11 +154,19 @@ def generate_outputs(request: GenerationRequest) -> GenerationResult:
             torch.cuda.empty_cache()  # after the except block: the failed batch's cache and graph are released
             batch_size //= 2
             print(f"evaluate: {spec.name}: CUDA out of memory; again in batches of {batch_size}", flush=True)
-        print(f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}"
-              + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else ""))
-        outputs[spec.name] = ModelOutputs(answers=[a.text for a in answers], stopped=[a.stopped for a in answers],
-                                          eval_loss=loss, example_losses=losses, undesirable_loss=bad_loss,
-                                          device=device, generate_s=seconds)
+        print(
+            f"evaluate: {spec.name}: {len(answers)} answers in {seconds:.1f} s on {device}, eval loss {loss:.4f}"
+            + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "")
+        )
+        outputs[spec.name] = ModelOutputs(
+            answers=[a.text for a in answers],
+            stopped=[a.stopped for a in answers],
+            eval_loss=loss,
+            example_losses=losses,
+            undesirable_loss=bad_loss,
+            device=device,
+            generate_s=seconds,
+        )
         plain = (source, model) if spec.adapter is None else None
         del model
         if device == "cuda" and plain is None:
@@ -179,12 +200,26 @@ def _load(spec: ModelToScore, device: str, dtype, loaded=None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # The 4-bit layout QLoRA trained on (tasks/train/loop.py), so the adapter meets the weights it learnt against.
-    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=dtype) if spec.load_in_4bit else None)
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        if spec.load_in_4bit
+        else None
+    )
     # Read straight onto the device: no copy in host memory first.
-    model = loaded if loaded is not None else AutoModelForCausalLM.from_pretrained(
-        spec.weights, revision=spec.revision, dtype=dtype, attn_implementation="sdpa", device_map=device,
-        quantization_config=quantization)
+    model = (
+        loaded
+        if loaded is not None
+        else AutoModelForCausalLM.from_pretrained(
+            spec.weights,
+            revision=spec.revision,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            device_map=device,
+            quantization_config=quantization,
+        )
+    )
     if spec.adapter is not None:
         from peft import PeftModel
 
@@ -215,13 +250,20 @@ def _batch_that_fits(model, request: GenerationRequest, rows: list[dict], dtype,
     longest = max(len(row["input_ids"]) for row in rows)
     answer_share = sum(sum(t != IGNORE for t in row["labels"]) for row in rows) / sum(len(r["labels"]) for r in rows)
     width = dtype.itemsize
-    row = max(generation_row_bytes(shape, longest + request.max_new_tokens, width),
-              loss_row_bytes(shape, longest, width, answer_share))
-    fitting = max(1, rows_that_fit(free_gpu_bytes(torch.cuda.current_device(), request.gpu_memory_gib), 0, row,
-                                   request.batch_size))
+    row = max(
+        generation_row_bytes(shape, longest + request.max_new_tokens, width),
+        loss_row_bytes(shape, longest, width, answer_share),
+    )
+    fitting = max(
+        1,
+        rows_that_fit(free_gpu_bytes(torch.cuda.current_device(), request.gpu_memory_gib), 0, row, request.batch_size),
+    )
     if fitting < request.batch_size:
-        print(f"evaluate: {name}: batches of {fitting} (eval.batch_size {request.batch_size}): the GPU memory left "
-              f"beside the weights holds that many rows of {longest + request.max_new_tokens} tokens", flush=True)
+        print(
+            f"evaluate: {name}: batches of {fitting} (eval.batch_size {request.batch_size}): the GPU memory left "
+            f"beside the weights holds that many rows of {longest + request.max_new_tokens} tokens",
+            flush=True,
+        )
     return fitting
 
 
@@ -248,13 +290,17 @@ def answer_losses(model, rows: list[dict], batch_size: int, pad_id: int) -> dict
         if not len(positions):
             continue
         first = int(positions[0])
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                       logits_to_keep=width - first).logits
+        logits = model(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            logits_to_keep=width - first,
+        ).logits
         targets = labels[:, first + 1 :].to(model.device)
         scored = targets != IGNORE
         # Only the answer positions go to float32: the full logits of a batch would not fit on a small GPU.
-        token_losses = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored],
-                                                         reduction="none")
+        token_losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1][scored].float(), targets[scored], reduction="none"
+        )
         row_of_token = scored.nonzero()[:, 0]
         sums = torch.zeros(len(batch), device=token_losses.device).index_add_(0, row_of_token, token_losses)
         for row, total, count in zip(batch, sums.tolist(), scored.sum(dim=1).tolist()):
@@ -264,10 +310,21 @@ def answer_losses(model, rows: list[dict], batch_size: int, pad_id: int) -> dict
 
 
 def evaluate_models(
-    data: FormattedData, eval_examples: Path, train_examples: Path, trained: TrainResult, base: BaseModelRef,
-    champion: ChampionRef | None, tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, out_dir: Path,
-    reference_dir: Path, undesirable_examples: Path | None = None, log: logging.Logger | None = None,
-    split: HeldOutSplit = "test", gpu_memory_gib: float | None = None,
+    data: FormattedData,
+    eval_examples: Path,
+    train_examples: Path,
+    trained: TrainResult,
+    base: BaseModelRef,
+    champion: ChampionRef | None,
+    tracking_uri: str,
+    data_cfg: DataConfig,
+    cfg: EvalConfig,
+    out_dir: Path,
+    reference_dir: Path,
+    undesirable_examples: Path | None = None,
+    log: logging.Logger | None = None,
+    split: HeldOutSplit = "test",
+    gpu_memory_gib: float | None = None,
 ) -> EvalReport:
     """Score the candidate, the base and the champion on `split`, whose examples are `eval_examples`; `log`
     receives the worker's lines (the stage's own logger, so they show in the run's log). After a QLoRA training
@@ -281,28 +338,54 @@ def evaluate_models(
     conversations = [example.prompt for example in examples] + probes + [example.prompt for example in bad]
     four_bit = trained.base_in_4bit
     candidate = _candidate(trained, base).model_copy(update={"load_in_4bit": four_bit})
-    models = {"candidate": candidate,
-              "base": ModelToScore(name="base", weights=base.name_or_path, revision=base.revision,
-                                   tokenizer=candidate.tokenizer, load_in_4bit=four_bit)}
+    models = {
+        "candidate": candidate,
+        "base": ModelToScore(
+            name="base",
+            weights=base.name_or_path,
+            revision=base.revision,
+            tokenizer=candidate.tokenizer,
+            load_in_4bit=four_bit,
+        ),
+    }
     # The reference models' outputs are reused while the model, the eval data, the settings and the code are.
-    fingerprint = stable_hash(_file_hash(loss_rows.path), _file_hash(eval_examples), asked,
-                              *(_file_hash(path) for path in (undesirable_examples,) if path is not None),
-                              data_cfg.system_prompt, data.chat, cfg, _file_hash(Path(__file__)),
-                              _file_hash(Path(__file__).parents[1] / "chat" / "generation.py"), four_bit)
+    fingerprint = stable_hash(
+        _file_hash(loss_rows.path),
+        _file_hash(eval_examples),
+        asked,
+        *(_file_hash(path) for path in (undesirable_examples,) if path is not None),
+        data_cfg.system_prompt,
+        data.chat,
+        cfg,
+        _file_hash(Path(__file__)),
+        _file_hash(Path(__file__).parents[1] / "chat" / "generation.py"),
+        four_bit,
+    )
     reference_keys = {"base": stable_hash("base", base.fingerprint, fingerprint)}
     if champion is not None:
         champion_dir = download_champion(tracking_uri, champion, reference_dir.parent / "champions")
-        models["champion"] = ModelToScore(name="champion", weights=str(champion_dir), tokenizer=str(champion_dir),
-                                          load_in_4bit=four_bit)
-        reference_keys["champion"] = stable_hash("champion", champion.name, champion.version, champion.run_id,
-                                                 champion.source, fingerprint)
-    outputs = {name: cached for name, key in reference_keys.items()
-               if (cached := _read_reference(reference_dir, name, key)) is not None}
+        models["champion"] = ModelToScore(
+            name="champion", weights=str(champion_dir), tokenizer=str(champion_dir), load_in_4bit=four_bit
+        )
+        reference_keys["champion"] = stable_hash(
+            "champion", champion.name, champion.version, champion.run_id, champion.source, fingerprint
+        )
+    outputs = {
+        name: cached
+        for name, key in reference_keys.items()
+        if (cached := _read_reference(reference_dir, name, key)) is not None
+    }
     todo = [spec for name, spec in models.items() if name not in outputs]
-    request = GenerationRequest(models=todo, conversations=conversations, loss_rows=loss_rows.path,
-                                undesirable_rows=bad_rows.path if bad and bad_rows else None,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, chat=data.chat,
-                                gpu_memory_gib=gpu_memory_gib)
+    request = GenerationRequest(
+        models=todo,
+        conversations=conversations,
+        loss_rows=loss_rows.path,
+        undesirable_rows=bad_rows.path if bad and bad_rows else None,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        chat=data.chat,
+        gpu_memory_gib=gpu_memory_gib,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     with gpu_slots():  # the worker puts each model on the GPU (bf16) where there is one
         generated = run_worker(EVALUATE_WORKER, request, GenerationResult, out_dir / "worker", log=log).outputs
@@ -311,67 +394,109 @@ def evaluate_models(
             _write_reference(reference_dir, name, reference_keys[name], result)
     outputs.update(generated)
 
-    required = (required_keys(example.answer for example in read_examples(train_examples))
-                if data_cfg.output_format == "json" else [])
+    required = (
+        required_keys(example.answer for example in read_examples(train_examples))
+        if data_cfg.output_format == "json"
+        else []
+    )
     references = [example.answer for example in examples]
     n = len(examples)
     scores, per_example = {}, {}
     for name, result in outputs.items():
-        means, per_example[name] = score_answers(result.answers[:n], references, result.stopped[:n],
-                                                 data_cfg.output_format, required)
+        means, per_example[name] = score_answers(
+            result.answers[:n], references, result.stopped[:n], data_cfg.output_format, required
+        )
         # Each example's own eval loss (the mean over its answer tokens), for the gate's paired intervals.
         for example, example_scores in zip(examples, per_example[name]):
             if example.id in result.example_losses:
                 total, count = result.example_losses[example.id]
                 example_scores["eval_loss"] = total / count
         if bad:
-            own = result.answers[len(conversations) - len(bad):]
+            own = result.answers[len(conversations) - len(bad) :]
             means["undesirable_close_rate"] = sum(map(close_to, own, (e.answer for e in bad))) / len(bad)
             if result.undesirable_loss is not None:
                 means["undesirable_loss"] = result.undesirable_loss
-        scores[name] = ModelScores(name=name, version=champion.version if name == "champion" else None,
-                                   metrics={"eval_loss": result.eval_loss, **means})
+        scores[name] = ModelScores(
+            name=name,
+            version=champion.version if name == "champion" else None,
+            metrics={"eval_loss": result.eval_loss, **means},
+        )
 
     order = [name for name in ("base", "champion", "candidate") if name in outputs]
     samples_path = out_dir / "samples.jsonl"
     tokens = outputs["candidate"].example_losses
     with samples_path.open("w", encoding="utf-8") as out:
         for i, example in enumerate(examples):
-            out.write(json.dumps({
-                "id": example.id, "source": f"{example.source}:{example.line}",
-                "prompt": example.prompt[-1].content, "expected": example.answer,
-                # What weighs the example in the token-weighted eval_loss (the same tokens for every model).
-                **({"answer_tokens": tokens[example.id][1]} if example.id in tokens else {}),
-                **{name: {"answer": outputs[name].answers[i], "stopped": outputs[name].stopped[i],
-                          "scores": per_example[name][i]} for name in order},
-            }, ensure_ascii=False) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "id": example.id,
+                        "source": f"{example.source}:{example.line}",
+                        "prompt": example.prompt[-1].content,
+                        "expected": example.answer,
+                        # What weighs the example in the token-weighted eval_loss (the same tokens for every model).
+                        **({"answer_tokens": tokens[example.id][1]} if example.id in tokens else {}),
+                        **{
+                            name: {
+                                "answer": outputs[name].answers[i],
+                                "stopped": outputs[name].stopped[i],
+                                "scores": per_example[name][i],
+                            }
+                            for name in order
+                        },
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     undesirable_path = out_dir / "undesirable.jsonl" if bad else None
     if bad:
         with undesirable_path.open("w", encoding="utf-8") as out:
             for i, example in enumerate(bad, start=len(conversations) - len(bad)):
                 answers = {name: outputs[name].answers[i] for name in order}
-                out.write(json.dumps({
-                    "id": example.id, "source": f"{example.source}:{example.line}",
-                    "prompt": example.prompt[-1].content, "rated_bad_answer": example.answer,
-                    **{name: {"answer": answer, "close": close_to(answer, example.answer)}
-                       for name, answer in answers.items()},
-                }, ensure_ascii=False) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "id": example.id,
+                            "source": f"{example.source}:{example.line}",
+                            "prompt": example.prompt[-1].content,
+                            "rated_bad_answer": example.answer,
+                            **{
+                                name: {"answer": answer, "close": close_to(answer, example.answer)}
+                                for name, answer in answers.items()
+                            },
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     probes_path = out_dir / "probes.jsonl"
     with probes_path.open("w", encoding="utf-8") as out:
         for i, probe in enumerate(asked, start=n):
-            out.write(json.dumps({"prompt": probe, **{name: outputs[name].answers[i] for name in order}},
-                                 ensure_ascii=False) + "\n")
-    return EvalReport(split=split, n_samples=n, n_undesirable=len(bad), undesirable_path=undesirable_path,
-                      candidate=scores["candidate"], base=scores["base"],
-                      champion=scores.get("champion"), samples_path=samples_path, probes_path=probes_path)
+            out.write(
+                json.dumps({"prompt": probe, **{name: outputs[name].answers[i] for name in order}}, ensure_ascii=False)
+                + "\n"
+            )
+    return EvalReport(
+        split=split,
+        n_samples=n,
+        n_undesirable=len(bad),
+        undesirable_path=undesirable_path,
+        candidate=scores["candidate"],
+        base=scores["base"],
+        champion=scores.get("champion"),
+        samples_path=samples_path,
+        probes_path=probes_path,
+    )
 
 
 def _candidate(trained: TrainResult, base: BaseModelRef) -> ModelToScore:
     """A LoRA adapter is merged into the base; a full fine-tune is a model folder of its own."""
     folder = trained.adapter_dir
     if trained.kind == "lora":
-        return ModelToScore(name="candidate", weights=base.name_or_path, revision=base.revision, adapter=folder,
-                            tokenizer=str(folder))
+        return ModelToScore(
+            name="candidate", weights=base.name_or_path, revision=base.revision, adapter=folder, tokenizer=str(folder)
+        )
     return ModelToScore(name="candidate", weights=str(folder), tokenizer=str(folder))
 
 
@@ -397,19 +522,57 @@ def _write_reference(reference_dir: Path, name: str, key: str, outputs: BaseMode
     partial.replace(partial.with_suffix(".json"))
 
 
-@task(name="evaluate", cache_policy=StageCache(sources=("tunepipe.tasks.chat.generation", "tunepipe.tasks.chat.metrics")), persist_result=True)
+@task(
+    name="evaluate",
+    cache_policy=StageCache(sources=("tunepipe.tasks.chat.generation", "tunepipe.tasks.chat.metrics")),
+    persist_result=True,
+)
 def evaluate(
-    data: FormattedData, checked: CheckedData, trained: TrainResult, base: BaseModelRef, champion: ChampionRef | None,
-    tracking_uri: str, data_cfg: DataConfig, cfg: EvalConfig, workdir: Path, *, split: HeldOutSplit,
+    data: FormattedData,
+    checked: CheckedData,
+    trained: TrainResult,
+    base: BaseModelRef,
+    champion: ChampionRef | None,
+    tracking_uri: str,
+    data_cfg: DataConfig,
+    cfg: EvalConfig,
+    workdir: Path,
+    *,
+    split: HeldOutSplit,
     gpu_memory_gib: float | None = None,
 ) -> EvalReport:
     """Score on `split`: `validation` for the choices before the gate, `test` once, for the gate."""
     held_out = checked.held_out(split)
-    out_dir = stage_dir(workdir, "evaluate", split, data, held_out.clean_path, checked.train.clean_path, trained,
-                        base, champion, data_cfg, cfg, held_out.undesirable_path)
+    out_dir = stage_dir(
+        workdir,
+        "evaluate",
+        split,
+        data,
+        held_out.clean_path,
+        checked.train.clean_path,
+        trained,
+        base,
+        champion,
+        data_cfg,
+        cfg,
+        held_out.undesirable_path,
+    )
     if split == "validation" and (cfg.retention.builtin or cfg.retention.prompts):
         prestart_worker(RETENTION_WORKER)  # the retention stage follows: its worker imports while this one answers
-    return evaluate_models(data, held_out.clean_path, checked.train.clean_path, trained, base, champion, tracking_uri,
-                           data_cfg, cfg, out_dir, Path(workdir) / "evaluate" / "reference", held_out.undesirable_path,
-                           log=get_run_logger(), split=split,
-                           gpu_memory_gib=gpu_memory_gib)
+    return evaluate_models(
+        data,
+        held_out.clean_path,
+        checked.train.clean_path,
+        trained,
+        base,
+        champion,
+        tracking_uri,
+        data_cfg,
+        cfg,
+        out_dir,
+        Path(workdir) / "evaluate" / "reference",
+        held_out.undesirable_path,
+        log=get_run_logger(),
+        split=split,
+        gpu_memory_gib=gpu_memory_gib,
+    )

@@ -21,9 +21,20 @@ import struct
 from pathlib import Path
 
 # safetensors' dtype names (the format's specification) for the dtypes a checkpoint holds.
-DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-               "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+DTYPE_NAMES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
 PEFT_PREFIX = "base_model.model."
 # Files of the base model folder the merged folder keeps (the weights are written, the tokenizer comes from the
 # adapter folder).
@@ -43,8 +54,10 @@ def base_shards(base_dir: Path) -> list[Path]:
     single = base_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise MergeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json; the adapter is merged "
-                     "into safetensors weights only (convert a .bin checkpoint with transformers' save_pretrained)")
+    raise MergeError(
+        f"{base_dir}: no model.safetensors or model.safetensors.index.json; the adapter is merged "
+        "into safetensors weights only (convert a .bin checkpoint with transformers' save_pretrained)"
+    )
 
 
 def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple], dict]:
@@ -52,12 +65,20 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple], dict]:
     from safetensors.torch import load_file
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = [name for name, value in (("use_dora", config.get("use_dora")),
-                                            ("fan_in_fan_out", config.get("fan_in_fan_out")),
-                                            ("modules_to_save", config.get("modules_to_save"))) if value]
+    unsupported = [
+        name
+        for name, value in (
+            ("use_dora", config.get("use_dora")),
+            ("fan_in_fan_out", config.get("fan_in_fan_out")),
+            ("modules_to_save", config.get("modules_to_save")),
+        )
+        if value
+    ]
     if config.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise MergeError(f"{adapter_dir}: only plain LoRA adapters merge here (found "
-                         f"{config.get('peft_type')} {', '.join(unsupported)})")
+        raise MergeError(
+            f"{adapter_dir}: only plain LoRA adapters merge here (found "
+            f"{config.get('peft_type')} {', '.join(unsupported)})"
+        )
     weights = load_file(adapter_dir / "adapter_model.safetensors")
     pairs: dict[str, dict] = {}
     replaced = {}
@@ -109,13 +130,14 @@ def merge_shards(adapter_dir: Path, base_dir: Path, merged_dir: Path) -> Path:
                     value = replaced[name].to(value.dtype)
                 return merged_tensor(value, *deltas[name]) if name in deltas else value
 
-            header = {name: (source.get_slice(name).get_dtype(), source.get_slice(name).get_shape())
-                      for name in names}
+            header = {name: (source.get_slice(name).get_dtype(), source.get_slice(name).get_shape()) for name in names}
             write_safetensors(merged_dir / shard.name, header, tensor, source.metadata())
     missing = sorted((set(deltas) | set(replaced)) - found)
     if missing:
-        raise MergeError(f"the adapter in {adapter_dir} names tensors the base in {base_dir} does not have: "
-                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise MergeError(
+            f"the adapter in {adapter_dir} names tensors the base in {base_dir} does not have: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     for name in (*MODEL_FILES, "model.safetensors.index.json"):
         if (base_dir / name).is_file():
             shutil.copy(base_dir / name, merged_dir / name)
@@ -127,8 +149,20 @@ def write_safetensors(path: Path, header: dict[str, tuple[str, list[int]]], tens
     shape), written as produced: the library's `save_file` holds every tensor and a bytes copy of each."""
     import torch
 
-    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
+    sizes = {
+        "F64": 8,
+        "I64": 8,
+        "F32": 4,
+        "I32": 4,
+        "F16": 2,
+        "BF16": 2,
+        "I16": 2,
+        "I8": 1,
+        "U8": 1,
+        "BOOL": 1,
+        "F8_E4M3": 1,
+        "F8_E5M2": 1,
+    }
     entries, offset = {}, 0
     for name, (dtype, shape) in header.items():
         size = sizes[dtype]
@@ -144,9 +178,14 @@ def write_safetensors(path: Path, header: dict[str, tuple[str, list[int]]], tens
         out.write(text.encode())
         for name, entry in entries.items():
             value = tensor(name).contiguous()
-            if DTYPE_NAMES[str(value.dtype).removeprefix("torch.")] != entry["dtype"] or list(value.shape) != entry["shape"]:
-                raise MergeError(f"{name}: merged to {value.dtype} {list(value.shape)}, header says "
-                                 f"{entry['dtype']} {entry['shape']}")
+            if (
+                DTYPE_NAMES[str(value.dtype).removeprefix("torch.")] != entry["dtype"]
+                or list(value.shape) != entry["shape"]
+            ):
+                raise MergeError(
+                    f"{name}: merged to {value.dtype} {list(value.shape)}, header says "
+                    f"{entry['dtype']} {entry['shape']}"
+                )
             out.write(value.reshape(-1).view(torch.uint8).numpy().data)
             del value
     partial.replace(path)

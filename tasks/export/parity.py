@@ -44,14 +44,24 @@ SERVED_PROMPT_FIELDS = ("template", "system")
 PARITY_CACHE = StageCache(fields={"ollama_cfg": SERVED_PROMPT_FIELDS})
 
 
-def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: Path, data_cfg: DataConfig,
-                   cfg: EvalConfig, ollama_cfg: OllamaConfig, chat: ChatContext, out_dir: Path) -> ParityReport:
+def measure_parity(
+    exported: ExportResult,
+    eval_examples: Path,
+    train_examples: Path,
+    data_cfg: DataConfig,
+    cfg: EvalConfig,
+    ollama_cfg: OllamaConfig,
+    chat: ChatContext,
+    out_dir: Path,
+) -> ParityReport:
     """Served-path scores of each GGUF; prompts render with training's `chat` context, as training's did."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported.merged_dir)
-    training_texts = [chat.render(tokenizer, [m.model_dump() for m in ex.messages], False)
-                      for _, ex in zip(range(VOCAB_CHECK_CONVERSATIONS), read_examples(train_examples))]
+    training_texts = [
+        chat.render(tokenizer, [m.model_dump() for m in ex.messages], False)
+        for _, ex in zip(range(VOCAB_CHECK_CONVERSATIONS), read_examples(train_examples))
+    ]
     examples = list(read_examples(eval_examples))[: cfg.max_samples]
     trained_prompts = [render_prompt(tokenizer, [m.model_dump() for m in ex.prompt], chat) for ex in examples]
     references = [ex.answer for ex in examples]
@@ -65,15 +75,23 @@ def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: 
             results.append(GgufScores(gguf_type=gguf.type, scores={}, vocabulary_problem=str(exc)))
             continue
         # The Modelfile the serving stage writes for this GGUF: same template, system prompt and stops.
-        spec = modelfile_spec(gguf.path, exported.merged_dir, **ollama_cfg.modelfile_settings(),
-                              trained_system=data_cfg.system_prompt, chat=chat)
-        served_texts = [render_served_prompt(spec.template, client_messages(ex.prompt, spec.system), spec.system)
-                        for ex in examples]
-        generated, served_ids = served_answers(gguf.path, served_texts, spec.stops, cfg.max_new_tokens,
-                                               f"parity {gguf.type}")
+        spec = modelfile_spec(
+            gguf.path,
+            exported.merged_dir,
+            **ollama_cfg.modelfile_settings(),
+            trained_system=data_cfg.system_prompt,
+            chat=chat,
+        )
+        served_texts = [
+            render_served_prompt(spec.template, client_messages(ex.prompt, spec.system), spec.system) for ex in examples
+        ]
+        generated, served_ids = served_answers(
+            gguf.path, served_texts, spec.stops, cfg.max_new_tokens, f"parity {gguf.type}"
+        )
         answers = [answer.strip() for answer, _ in generated]
-        scores, _ = score_answers(answers, references, [stopped for _, stopped in generated],
-                                  data_cfg.output_format, required)
+        scores, _ = score_answers(
+            answers, references, [stopped for _, stopped in generated], data_cfg.output_format, required
+        )
         mismatches = sum(ids != trained for ids, trained in zip(served_ids, trained_prompts))
         results.append(GgufScores(gguf_type=gguf.type, scores=scores, prompt_mismatches=mismatches))
         answers_by_type[gguf.type] = answers
@@ -84,8 +102,9 @@ def measure_parity(exported: ExportResult, eval_examples: Path, train_examples: 
     return ParityReport(n_samples=len(examples), ggufs=results, samples_path=samples_path)
 
 
-def served_answers(gguf_path: Path, prompts: list[str], stops: list[str], max_new_tokens: int,
-                   what: str) -> tuple[list[tuple[str, bool]], list[list[int]]]:
+def served_answers(
+    gguf_path: Path, prompts: list[str], stops: list[str], max_new_tokens: int, what: str
+) -> tuple[list[tuple[str, bool]], list[list[int]]]:
     """Per prompt text, (answer, ended by a stop) as Ollama serves it; and the prompt's token ids.
 
     Greedy, at most `max_new_tokens` tokens; an end-of-generation token of the GGUF's vocabulary or the first
@@ -130,8 +149,7 @@ def served_answers(gguf_path: Path, prompts: list[str], stops: list[str], max_ne
         llm.close()
 
 
-def parity_verdicts(report: ParityReport, reference: dict[str, float | None],
-                    cfg: ExportConfig) -> list[ParityVerdict]:
+def parity_verdicts(report: ParityReport, reference: dict[str, float | None], cfg: ExportConfig) -> list[ParityVerdict]:
     """Each GGUF against the PyTorch model's scores: a metric may drop by at most its `max_drop` limit."""
     verdicts = []
     for gguf in report.ggufs:
@@ -141,25 +159,48 @@ def parity_verdicts(report: ParityReport, reference: dict[str, float | None],
                 continue  # e.g. valid_json_rate on a free-text task
             drop = reference[metric] - gguf.scores[metric]
             if drop > limit + 1e-9:  # float slack: 0.75 - 0.73 must pass a 0.02 limit
-                failures.append(f"{metric}: {gguf.scores[metric]:.4f} vs PyTorch {reference[metric]:.4f} "
-                                f"(drop {drop:.4f} > {limit})")
+                failures.append(
+                    f"{metric}: {gguf.scores[metric]:.4f} vs PyTorch {reference[metric]:.4f} "
+                    f"(drop {drop:.4f} > {limit})"
+                )
         verdicts.append(ParityVerdict(gguf_type=gguf.gguf_type, passed=not failures, failures=failures))
     return verdicts
 
 
-def _write_samples(path: Path, examples: list[Example], served_prompts: list[str],
-                   answers_by_type: dict[str, list[str]]) -> None:
+def _write_samples(
+    path: Path, examples: list[Example], served_prompts: list[str], answers_by_type: dict[str, list[str]]
+) -> None:
     with path.open("w", encoding="utf-8") as out:
         for i, example in enumerate(examples):
-            row = {"id": example.id, "served_prompt": served_prompts[i] if served_prompts else None,
-                   "expected": example.answer,
-                   **{gguf_type: answers[i] for gguf_type, answers in answers_by_type.items()}}
+            row = {
+                "id": example.id,
+                "served_prompt": served_prompts[i] if served_prompts else None,
+                "expected": example.answer,
+                **{gguf_type: answers[i] for gguf_type, answers in answers_by_type.items()},
+            }
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 @task(name="parity", cache_policy=PARITY_CACHE, persist_result=True)
-def parity(exported: ExportResult, eval_examples: Path, train_examples: Path, data_cfg: DataConfig,
-           cfg: EvalConfig, ollama_cfg: OllamaConfig, chat: ChatContext, workdir: Path) -> ParityReport:
-    out_dir = stage_dir(workdir, "parity", exported, eval_examples, train_examples, data_cfg, cfg,
-                        ollama_cfg.model_dump(mode="json", include=set(SERVED_PROMPT_FIELDS)), chat)
+def parity(
+    exported: ExportResult,
+    eval_examples: Path,
+    train_examples: Path,
+    data_cfg: DataConfig,
+    cfg: EvalConfig,
+    ollama_cfg: OllamaConfig,
+    chat: ChatContext,
+    workdir: Path,
+) -> ParityReport:
+    out_dir = stage_dir(
+        workdir,
+        "parity",
+        exported,
+        eval_examples,
+        train_examples,
+        data_cfg,
+        cfg,
+        ollama_cfg.model_dump(mode="json", include=set(SERVED_PROMPT_FIELDS)),
+        chat,
+    )
     return measure_parity(exported, eval_examples, train_examples, data_cfg, cfg, ollama_cfg, chat, out_dir)

@@ -29,8 +29,11 @@ class ExportResult(BaseModel):
 
     def record(self) -> Record:
         """GGUF sizes; the merged model as the `model` artifact the registry points at."""
-        return Record(metrics={f"export.{gguf.type}.bytes": gguf.bytes for gguf in self.ggufs},
-                      files=[(self.merged_dir, MODEL_ARTIFACT)], tags={"export.merged_dir": str(self.merged_dir)})
+        return Record(
+            metrics={f"export.{gguf.type}.bytes": gguf.bytes for gguf in self.ggufs},
+            files=[(self.merged_dir, MODEL_ARTIFACT)],
+            tags={"export.merged_dir": str(self.merged_dir)},
+        )
 
 
 class GgufScores(BaseModel):
@@ -48,9 +51,14 @@ class ParityReport(BaseModel):
     samples_path: Path  # JSONL: expected answer, served prompt and each GGUF's answer per held-out example
 
     def record(self) -> Record:
-        return Record(metrics={f"parity.{scores.gguf_type}.{name}": value
-                               for scores in self.ggufs for name, value in scores.scores.items()},
-                      files=[(self.samples_path, "parity")])
+        return Record(
+            metrics={
+                f"parity.{scores.gguf_type}.{name}": value
+                for scores in self.ggufs
+                for name, value in scores.scores.items()
+            },
+            files=[(self.samples_path, "parity")],
+        )
 
 
 class ParityVerdict(BaseModel):
@@ -61,5 +69,7 @@ class ParityVerdict(BaseModel):
 
 def verdicts_record(verdicts: list[ParityVerdict]) -> Record:
     """Which GGUFs passed, and why the others did not."""
-    return Record(texts={"parity/verdicts.json": json.dumps([v.model_dump() for v in verdicts], indent=2)},
-                  tags={"parity.passed": ",".join(v.gguf_type for v in verdicts if v.passed) or "none"})
+    return Record(
+        texts={"parity/verdicts.json": json.dumps([v.model_dump() for v in verdicts], indent=2)},
+        tags={"parity.passed": ",".join(v.gguf_type for v in verdicts if v.passed) or "none"},
+    )

@@ -45,8 +45,10 @@ def export_model(trained: TrainResult, base: BaseModelRef, cfg: ExportConfig, ou
         if cfg.lora_gguf:
             adapter_gguf = out_dir / "adapter.gguf"
             # Only the base's config is read, and the merged folder has the base's config: no hub access.
-            run_converter("convert_lora_to_gguf.py", ["--base", str(merged_dir), "--outfile", str(adapter_gguf),
-                                                      "--outtype", "f16", str(adapter_dir)])
+            run_converter(
+                "convert_lora_to_gguf.py",
+                ["--base", str(merged_dir), "--outfile", str(adapter_gguf), "--outtype", "f16", str(adapter_dir)],
+            )
     else:
         merged_dir = trained.adapter_dir  # full fine-tuning saved a whole model (weights + tokenizer) there
     ggufs = write_ggufs(merged_dir, cfg.gguf_types, out_dir)
@@ -65,8 +67,10 @@ def check_source_vocabulary(source: Path, exported: Path) -> None:
 
     differences = gguf_vocab(read_gguf_metadata(source)).differences(gguf_vocab(read_gguf_metadata(exported)))
     if differences:
-        raise VocabularyChanged(f"{exported.name} does not have the vocabulary of the base model's GGUF {source} "
-                                f"(source, then exported): {'; '.join(differences)}")
+        raise VocabularyChanged(
+            f"{exported.name} does not have the vocabulary of the base model's GGUF {source} "
+            f"(source, then exported): {'; '.join(differences)}"
+        )
 
 
 def write_ggufs(model_dir: Path, gguf_types: list[str], out_dir: Path) -> list[GgufFile]:
@@ -83,8 +87,12 @@ def write_ggufs(model_dir: Path, gguf_types: list[str], out_dir: Path) -> list[G
             paths[gguf_type] = quantize(paths[source_type], target, FTYPES[gguf_type])
     if source_type not in gguf_types:
         paths.pop(source_type).unlink()  # only the quantization source; the merged folder keeps full precision
-    return [GgufFile(type=t, path=paths[t], bytes=paths[t].stat().st_size,
-                     sha256=file_digest(paths[t]).removeprefix("sha256:")) for t in gguf_types]
+    return [
+        GgufFile(
+            type=t, path=paths[t], bytes=paths[t].stat().st_size, sha256=file_digest(paths[t]).removeprefix("sha256:")
+        )
+        for t in gguf_types
+    ]
 
 
 def merge_adapter(adapter_dir: Path, base: BaseModelRef, merged_dir: Path) -> Path:
@@ -106,7 +114,9 @@ def base_folder(base: BaseModelRef) -> Path:
         return Path(base.name_or_path)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base.name_or_path, revision=base.revision, allow_patterns=["*.json", "*.safetensors"]))
+    return Path(
+        snapshot_download(base.name_or_path, revision=base.revision, allow_patterns=["*.json", "*.safetensors"])
+    )
 
 
 def convert(model_dir: Path, target: Path, float_type: str) -> Path:

@@ -23,8 +23,14 @@ from pathlib import Path
 from typing import Any
 
 # models/templates/ holds the real Hugging Face chat templates llama.cpp tests against (tests/test_templates.py).
-KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-",
-        "models/templates/")
+KEEP = (
+    "convert_hf_to_gguf.py",
+    "convert_lora_to_gguf.py",
+    "conversion/",
+    "gguf-py/",
+    "models/ggml-vocab-",
+    "models/templates/",
+)
 
 
 def cache_root() -> Path:
@@ -46,8 +52,18 @@ def llama_cpp_source() -> Path:
     if marker.exists() and marker.read_text() == complete:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:",
-               f"llama-cpp-python=={version}", "--dest", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary=:all:",
+            f"llama-cpp-python=={version}",
+            "--dest",
+            tmp,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(

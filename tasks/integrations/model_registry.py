@@ -58,8 +58,9 @@ def download_champion(tracking_uri: str, champion: ChampionRef, dest: Path) -> P
     folder = dest / f"{champion.name}-v{champion.version}"
     marker = folder / ".complete"
     if not marker.exists():
-        mlflow.artifacts.download_artifacts(artifact_uri=champion.source, dst_path=str(folder),
-                                            tracking_uri=tracking_uri)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=champion.source, dst_path=str(folder), tracking_uri=tracking_uri
+        )
         marker.write_text(champion.source + "\n")
     return folder / MODEL_ARTIFACT
 
@@ -124,12 +125,15 @@ def rollback(tracking_uri: str, name: str, ollama: OllamaClient) -> ChampionMove
         raise ValueError(f"{name!r} version {current.version} is the first champion: nothing to roll back to")
     target = _ref(name, client.get_model_version(name, current.tags[PREVIOUS_TAG]))
     if target.tags["ollama.tag"] not in ollama.tags():
-        raise ValueError(f"{target.tags['ollama.tag']} (version {target.version}) is no longer in Ollama at "
-                         f"{ollama.host}; register it again with: tunepipe register {target.run_id}")
+        raise ValueError(
+            f"{target.tags['ollama.tag']} (version {target.version}) is no longer in Ollama at "
+            f"{ollama.host}; register it again with: tunepipe register {target.run_id}"
+        )
     _move(client, ollama, target, current)
     client.set_model_version_tag(name, current.version, "rolled_back_to", target.version)
-    return ChampionMove(name=name, version=target.version, previous=current.version,
-                        ollama_tag=target.tags["ollama.tag"])
+    return ChampionMove(
+        name=name, version=target.version, previous=current.version, ollama_tag=target.tags["ollama.tag"]
+    )
 
 
 def _move(client, ollama: OllamaClient, target: ChampionRef, current: ChampionRef | None) -> None:
@@ -154,5 +158,10 @@ def _registry(tracking_uri: str):
 
 
 def _ref(name: str, version) -> ChampionRef:
-    return ChampionRef(name=name, version=str(version.version), run_id=version.run_id or "",
-                       source=version.source, tags=dict(version.tags))
+    return ChampionRef(
+        name=name,
+        version=str(version.version),
+        run_id=version.run_id or "",
+        source=version.source,
+        tags=dict(version.tags),
+    )

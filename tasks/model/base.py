@@ -48,8 +48,10 @@ def resolve_base_model(cfg: ModelConfig, ollama: OllamaConfig | None = None) -> 
     folder = Path(cfg.base).expanduser()
     if folder.suffix == ".gguf":
         if not folder.is_file():
-            raise BaseModelError(f"model.base {cfg.base!r}: no such file ({folder.resolve()}). Fix the path (a "
-                                 "relative path is read from the directory you run tunepipe in).")
+            raise BaseModelError(
+                f"model.base {cfg.base!r}: no such file ({folder.resolve()}). Fix the path (a "
+                "relative path is read from the directory you run tunepipe in)."
+            )
         return _from_gguf(cfg, folder.resolve(), "gguf:" + _hash_file(folder))
     if folder.is_dir():
         _check_model_files(cfg, f"the folder {folder.resolve()}", _listing(folder), _json_reader(folder))
@@ -122,12 +124,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 SAVE_PRETRAINED_FIX = "Point model.base at a folder written by save_pretrained() for the model and its tokenizer."
 
 
-def _check_model_files(cfg: ModelConfig, where: str, files: set[str], read_json: Callable[[str], dict],
-                       fix: str = SAVE_PRETRAINED_FIX) -> None:
+def _check_model_files(
+    cfg: ModelConfig, where: str, files: set[str], read_json: Callable[[str], dict], fix: str = SAVE_PRETRAINED_FIX
+) -> None:
     """What from_pretrained and the chat template will need, checked from file names (and one small JSON)."""
     if "config.json" not in files:
-        missing = "config.json" + (" (it is a LoRA adapter: set model.base to its base model)"
-                                   if "adapter_config.json" in files else "")
+        missing = "config.json" + (
+            " (it is a LoRA adapter: set model.base to its base model)" if "adapter_config.json" in files else ""
+        )
     elif not any(fnmatch(name, pattern) for name in files for pattern in WEIGHT_FILES):
         missing = "model weights (*.safetensors or pytorch_model*.bin)"
     elif not any(name in TOKENIZER_FILES for name in files):
@@ -192,15 +196,22 @@ def _resolve_on_hub(cfg: ModelConfig) -> BaseModelRef:
         files = {sibling.rfilename for sibling in info.siblings or [] if "/" not in sibling.rfilename}
         if "config.json" in files:
             read_json("config.json")  # a gated repo's metadata is public: a download is what needs access
-        _check_model_files(cfg, f"the hub repo {name}@{revision}", files, read_json,
-                           "Use a repo with transformers weights and tokenizer (not a GGUF-only or adapter-only one).")
+        _check_model_files(
+            cfg,
+            f"the hub repo {name}@{revision}",
+            files,
+            read_json,
+            "Use a repo with transformers weights and tokenizer (not a GGUF-only or adapter-only one).",
+        )
     except GatedRepoError as exc:
         raise BaseModelError(
             f"model.base {name!r} is gated on the hub and "
-            + ("your token (HF_TOKEN or the saved login) has no access to it yet: accept its license at "
-               f"{endpoint}/{name} with the same account (approval may take a while), then retry."
-               if get_token() else
-               f"no token is set: accept its license at {endpoint}/{name}, then {login}.")
+            + (
+                "your token (HF_TOKEN or the saved login) has no access to it yet: accept its license at "
+                f"{endpoint}/{name} with the same account (approval may take a while), then retry."
+                if get_token()
+                else f"no token is set: accept its license at {endpoint}/{name}, then {login}."
+            )
         ) from exc
     except RevisionNotFoundError as exc:
         raise BaseModelError(
@@ -217,10 +228,13 @@ def _resolve_on_hub(cfg: ModelConfig) -> BaseModelRef:
         status = exc.response.status_code if exc.response is not None else "an error"
         raise BaseModelError(
             f"model.base {name!r}: the hub at {endpoint} answered {status}"
-            + (" (it rejected the token): create a new read token and log in again, or unset HF_TOKEN for a "
-               "public model." if status == 401 else
-               ": retry later, or run from the HF cache with HF_HUB_OFFLINE=1 (pin model.revision to a commit to "
-               "make it exact).")
+            + (
+                " (it rejected the token): create a new read token and log in again, or unset HF_TOKEN for a "
+                "public model."
+                if status == 401
+                else ": retry later, or run from the HF cache with HF_HUB_OFFLINE=1 (pin model.revision to a commit to "
+                "make it exact)."
+            )
         ) from exc
     except (httpx.HTTPError, OSError) as exc:
         snapshot = _cached_snapshot(cfg)
@@ -230,12 +244,14 @@ def _resolve_on_hub(cfg: ModelConfig) -> BaseModelRef:
         raise BaseModelError(
             f"model.base {name!r}: cannot reach the Hugging Face hub at {endpoint} ({error_line(exc)}). Check the "
             "network, proxy (HTTPS_PROXY) and HF_ENDPOINT. "
-            + (f"The HF cache holds it (commit {snapshot.name}): set HF_HUB_OFFLINE=1 to run from it, or pin "
-               "model.revision to that commit."
-               if snapshot else
-               f"It is not in the HF cache ({constants.HF_HUB_CACHE}): download it once where the hub is reachable "
-               f"(`hf download {name}`) and run with HF_HUB_OFFLINE=1, or point model.base at a local "
-               "folder.")
+            + (
+                f"The HF cache holds it (commit {snapshot.name}): set HF_HUB_OFFLINE=1 to run from it, or pin "
+                "model.revision to that commit."
+                if snapshot
+                else f"It is not in the HF cache ({constants.HF_HUB_CACHE}): download it once where the hub is reachable "
+                f"(`hf download {name}`) and run with HF_HUB_OFFLINE=1, or point model.base at a local "
+                "folder."
+            )
         ) from exc
     return BaseModelRef(name_or_path=name, revision=cfg.revision, fingerprint=commit)
 
@@ -252,8 +268,13 @@ def _resolve_in_cache(cfg: ModelConfig, why: str) -> BaseModelRef:
             f"({constants.HF_HUB_CACHE}) has no copy of it. Download it once where the hub is reachable ({download}), "
             "unset HF_HUB_OFFLINE, or point model.base at a local folder."
         )
-    _check_model_files(cfg, f"the HF cache's copy ({snapshot})", _listing(snapshot), _json_reader(snapshot),
-                       f"Download all of it once where the hub is reachable: {download}.")
+    _check_model_files(
+        cfg,
+        f"the HF cache's copy ({snapshot})",
+        _listing(snapshot),
+        _json_reader(snapshot),
+        f"Download all of it once where the hub is reachable: {download}.",
+    )
     return BaseModelRef(name_or_path=cfg.base, revision=cfg.revision, fingerprint=snapshot.name)
 
 
@@ -311,8 +332,10 @@ def main() -> None:
 
     for name in PACKAGED:
         print(f"{name}: {packaged_gguf(name)}")
-    print(f"{DEMO_MODEL} as a transformers folder: "
-          f"{resolve_base_model(ModelConfig(base=str(packaged_gguf(DEMO_MODEL)))).name_or_path}")
+    print(
+        f"{DEMO_MODEL} as a transformers folder: "
+        f"{resolve_base_model(ModelConfig(base=str(packaged_gguf(DEMO_MODEL)))).name_or_path}"
+    )
 
 
 if __name__ == "__main__":

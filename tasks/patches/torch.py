@@ -50,13 +50,22 @@ def kernel_groups_kv_heads(varlen_attn, device) -> bool:
     import torch
 
     generator = torch.Generator(device).manual_seed(0)
-    query, key, value = (torch.randn(8, heads, 64, generator=generator, device=device, dtype=torch.bfloat16)
-                         for heads in (4, 2, 2))
+    query, key, value = (
+        torch.randn(8, heads, 64, generator=generator, device=device, dtype=torch.bfloat16) for heads in (4, 2, 2)
+    )
     bounds = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
     try:
         grouped = varlen_attn(query, key, value, bounds, bounds, 5, 5, window_size=(-1, 0))
     except (RuntimeError, ValueError):  # a wrapper that checks the head counts
         return False
-    repeated = varlen_attn(query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), bounds, bounds,
-                           5, 5, window_size=(-1, 0))
+    repeated = varlen_attn(
+        query,
+        key.repeat_interleave(2, dim=1),
+        value.repeat_interleave(2, dim=1),
+        bounds,
+        bounds,
+        5,
+        5,
+        window_size=(-1, 0),
+    )
     return torch.allclose(grouped, repeated, rtol=0, atol=1e-2)

@@ -74,14 +74,23 @@ class StageCache(CachePolicy):
     fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
-        inputs = {name: value.model_dump(mode="json", include=set(self.fields[name])) if name in self.fields else value
-                  for name, value in inputs.items() if name not in self.ignore}
+        inputs = {
+            name: value.model_dump(mode="json", include=set(self.fields[name])) if name in self.fields else value
+            for name, value in inputs.items()
+            if name not in self.ignore
+        }
         # The task's module, its result type's (a result of the type's old shape must not come back), and
         # `sources`.
         returned = inspect.signature(task_ctx.task.fn, eval_str=True).return_annotation
-        paths = [inspect.getsourcefile(task_ctx.task.fn), *([inspect.getsourcefile(returned)] if isinstance(
-            returned, type) and issubclass(returned, BaseModel) else []),
-            *(importlib.util.find_spec(m).origin for m in self.sources)]
+        paths = [
+            inspect.getsourcefile(task_ctx.task.fn),
+            *(
+                [inspect.getsourcefile(returned)]
+                if isinstance(returned, type) and issubclass(returned, BaseModel)
+                else []
+            ),
+            *(importlib.util.find_spec(m).origin for m in self.sources),
+        ]
         code = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
         key = stable_hash(task_ctx.task.name, code, inputs)
         store = task_ctx.result_store

@@ -45,8 +45,14 @@ def render() -> str:
     return "\n".join(sections)
 
 
-def _section(model: type[BaseModel], title: str, path: str, out: list[str], level: int = 2,
-             seen: dict[type[BaseModel], str] | None = None) -> None:
+def _section(
+    model: type[BaseModel],
+    title: str,
+    path: str,
+    out: list[str],
+    level: int = 2,
+    seen: dict[type[BaseModel], str] | None = None,
+) -> None:
     """One heading and table for `model`, then a heading for each nested section, in field order. A section
     model met before (the retrain plan's steps and `past_best`) points at its first table."""
     seen = {} if seen is None else seen
@@ -65,8 +71,10 @@ def _section(model: type[BaseModel], title: str, path: str, out: list[str], leve
         if inner is not None:
             model_type, suffix = inner
             nested.append((model_type, key + suffix))
-        rows.append(f"| `{key}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | "
-                    f"{_cell(_description(field, inner))}{_long_default(field)} |")
+        rows.append(
+            f"| `{key}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | "
+            f"{_cell(_description(field, inner))}{_long_default(field)} |"
+        )
     out.append("\n".join(rows) + "\n")
     for model_type, key in nested:
         _section(model_type, f"`{key}`", key + ".", out, min(level + 1, 4) if path else level, seen)
@@ -113,8 +121,11 @@ def _default(field: FieldInfo) -> str:
         return "**required**"
     value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
-        dumped = {name: getattr(value, name) for name, spec in type(value).model_fields.items()
-                  if getattr(value, name) != spec.get_default(call_default_factory=True)}
+        dumped = {
+            name: getattr(value, name)
+            for name, spec in type(value).model_fields.items()
+            if getattr(value, name) != spec.get_default(call_default_factory=True)
+        }
         dumped = {name: str(item) if isinstance(item, Path) else item for name, item in dumped.items()}
         return "(section defaults)" if not dumped else f"`{json.dumps(dumped)}`"
     if isinstance(value, list) and value and isinstance(value[0], BaseModel):
@@ -144,10 +155,19 @@ def _long_default(field: FieldInfo) -> str:
 
 def _limits(field: FieldInfo) -> str:
     """Bounds a value must keep, from the field's constraints."""
-    words = {annotated_types.Gt: "> {}", annotated_types.Ge: "≥ {}", annotated_types.Lt: "< {}",
-             annotated_types.Le: "≤ {}", annotated_types.MinLen: "at least {} item(s)"}
-    return ", ".join(word.format(dataclasses.astuple(item)[0])
-                     for item in field.metadata for kind, word in words.items() if isinstance(item, kind))
+    words = {
+        annotated_types.Gt: "> {}",
+        annotated_types.Ge: "≥ {}",
+        annotated_types.Lt: "< {}",
+        annotated_types.Le: "≤ {}",
+        annotated_types.MinLen: "at least {} item(s)",
+    }
+    return ", ".join(
+        word.format(dataclasses.astuple(item)[0])
+        for item in field.metadata
+        for kind, word in words.items()
+        if isinstance(item, kind)
+    )
 
 
 def _cell(text: str) -> str:

@@ -65,16 +65,25 @@ def model_shape(hf_config) -> ModelShape:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    linears = [(name.split(".")[-1], module) for name, module in skeleton.named_modules()
-               if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
+    linears = [
+        (name.split(".")[-1], module)
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    ]
     widths: dict[str, int] = {}
     for short, module in linears:
         widths[short] = widths.get(short, 0) + module.in_features + module.out_features
-    return ModelShape(linear_widths=widths, params=sum(p.numel() for p in skeleton.parameters()),
-                      linear_params=sum(module.weight.numel() for _, module in linears),
-                      largest_tensor=max(p.numel() for p in skeleton.parameters()), layers=text.num_hidden_layers,
-                      hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-                      vocab=text.vocab_size, kv_per_token=2 * text.num_hidden_layers * kv_heads * head_dim)
+    return ModelShape(
+        linear_widths=widths,
+        params=sum(p.numel() for p in skeleton.parameters()),
+        linear_params=sum(module.weight.numel() for _, module in linears),
+        largest_tensor=max(p.numel() for p in skeleton.parameters()),
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        vocab=text.vocab_size,
+        kv_per_token=2 * text.num_hidden_layers * kv_heads * head_dim,
+    )
 
 
 def weights_bytes(shape: ModelShape, four_bit: bool, dtype_bytes: int = 2) -> float:
@@ -87,8 +96,9 @@ def weights_bytes(shape: ModelShape, four_bit: bool, dtype_bytes: int = 2) -> fl
 def lora_params(shape: ModelShape, lora) -> int:
     """The parameters of a LoRA adapter (`lora`: the config's section) on the model: r x (in + out) a module."""
     targets = lora.target_modules
-    return lora.r * sum(width for name, width in shape.linear_widths.items()
-                        if targets == "all-linear" or name in targets)
+    return lora.r * sum(
+        width for name, width in shape.linear_widths.items() if targets == "all-linear" or name in targets
+    )
 
 
 def generation_row_bytes(shape: ModelShape, length: int, dtype_bytes: int) -> float:
@@ -149,9 +159,11 @@ class StageNeed(BaseModel):
     def problem(self) -> str:
         parts = ", ".join(f"{name} {gib:.1f}" for name, gib in self.parts.items())
         usable = self.available_gib * (1 - HEADROOM)
-        return (f"will not fit: {self.stage} needs about {self.need_gib:.1f} GiB of {self.resource} ({parts}) and "
-                f"{usable:.1f} GiB of {self.available_gib:.1f} is usable (a tenth is left to the allocator): set "
-                f"{self.setting}")
+        return (
+            f"will not fit: {self.stage} needs about {self.need_gib:.1f} GiB of {self.resource} ({parts}) and "
+            f"{usable:.1f} GiB of {self.available_gib:.1f} is usable (a tenth is left to the allocator): set "
+            f"{self.setting}"
+        )
 
 
 class MemoryPlan(BaseModel):
@@ -201,8 +213,16 @@ def chunk_positions(vocab_size: int, memory_is_tight: bool) -> int:
     return max(16, budget // (vocab_size * BYTES_PER_LOGIT))
 
 
-def training_memory(shape: ModelShape, cfg: TrainConfig, lora, tokens: int, loss_share: float, precision: str,
-                    four_bit: bool, checkpointing: bool | Literal["offload"]) -> dict[str, float]:
+def training_memory(
+    shape: ModelShape,
+    cfg: TrainConfig,
+    lora,
+    tokens: int,
+    loss_share: float,
+    precision: str,
+    four_bit: bool,
+    checkpointing: bool | Literal["offload"],
+) -> dict[str, float]:
     """GiB by part of a training step over `tokens` tokens a micro-batch, `loss_share` of them carrying the loss."""
     trainable = shape.params if cfg.mode == "full" else lora_params(shape, lora)
     half = precision in ("bf16", "fp16")
@@ -221,8 +241,11 @@ def training_memory(shape: ModelShape, cfg: TrainConfig, lora, tokens: int, loss
         "activations": activations / GIB,
         # One LM-head chunk at a time, at loss positions only: 16-bit logits and their fp32 copy; and the
         # gradient of every loss position's hidden state (tasks/train/head_loss.py).
-        "logits": (min(loss_tokens, chunk_positions(shape.vocab, bool(checkpointing))) * shape.vocab
-                   * BYTES_PER_LOGIT + loss_tokens * hidden * act_bytes) / GIB,
+        "logits": (
+            min(loss_tokens, chunk_positions(shape.vocab, bool(checkpointing))) * shape.vocab * BYTES_PER_LOGIT
+            + loss_tokens * hidden * act_bytes
+        )
+        / GIB,
     }
 
 
@@ -231,26 +254,39 @@ def this_machine(workdir: Path, gpu_memory_gib: float | None) -> Machine:
     workers), capped at `gpu_memory_gib`; host memory and the workdir's free disk."""
     gpu, name, bf16 = None, "no CUDA GPU", True
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.free,compute_cap",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.free,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode == 0 and out.stdout.strip():
             name, free, capability = (field.strip() for field in out.stdout.splitlines()[0].split(","))
             gpu, bf16 = int(free) / 1024, float(capability) >= 8.0
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     if gpu_memory_gib is not None:
-        name = (f"{name}, capped at {gpu_memory_gib:g} GiB (model.gpu_memory_gib)" if gpu is not None else
-                f"a GPU of {gpu_memory_gib:g} GiB (model.gpu_memory_gib; none on this machine)")
+        name = (
+            f"{name}, capped at {gpu_memory_gib:g} GiB (model.gpu_memory_gib)"
+            if gpu is not None
+            else f"a GPU of {gpu_memory_gib:g} GiB (model.gpu_memory_gib; none on this machine)"
+        )
         gpu = gpu_memory_gib if gpu is None else min(gpu, gpu_memory_gib)
     folder = Path(workdir).resolve()
     while not folder.exists():
         folder = folder.parent
-    return Machine(gpu_gib=gpu, gpu_name=name, bf16=bf16, host_gib=available_host_memory_gib(),
-                   disk_gib=shutil.disk_usage(folder).free / GIB)
+    return Machine(
+        gpu_gib=gpu,
+        gpu_name=name,
+        bf16=bf16,
+        host_gib=available_host_memory_gib(),
+        disk_gib=shutil.disk_usage(folder).free / GIB,
+    )
 
 
-def plan_memory(cfg, shape: ModelShape, machine: Machine, longest_tokens: int, loss_share: float,
-                training_estimate) -> MemoryPlan:
+def plan_memory(
+    cfg, shape: ModelShape, machine: Machine, longest_tokens: int, loss_share: float, training_estimate
+) -> MemoryPlan:
     """Each stage's need against `machine`. `longest_tokens`: the longest row (prompt and answer); `loss_share`:
     the share of tokens that carry the loss; `training_estimate(batch_size, checkpointing) -> {part: GiB}` is the
     train stage's own estimate."""
@@ -267,38 +303,73 @@ def plan_memory(cfg, shape: ModelShape, machine: Machine, longest_tokens: int, l
     smallest = max(1, train.batch_size >> train.max_oom_retries)
     checkpointing = True if train.gradient_checkpointing == "auto" else train.gradient_checkpointing
     parts = training_estimate(smallest, checkpointing)
-    stages.append(StageNeed(
-        stage="train", resource=resource, need_gib=sum(parts.values()), parts=parts, available_gib=gpu_budget,
-        setting="train.mode: qlora (a 4-bit base)" if not four_bit and train.mode != "full" else
-        "a smaller model.base, or train.mode: qlora" if train.mode == "full" else
-        "a shorter model.max_seq_length, or a smaller model.base",
-        note=f"micro-batch {train.batch_size}, halved on out-of-memory down to {smallest}"))
+    stages.append(
+        StageNeed(
+            stage="train",
+            resource=resource,
+            need_gib=sum(parts.values()),
+            parts=parts,
+            available_gib=gpu_budget,
+            setting="train.mode: qlora (a 4-bit base)"
+            if not four_bit and train.mode != "full"
+            else "a smaller model.base, or train.mode: qlora"
+            if train.mode == "full"
+            else "a shorter model.max_seq_length, or a smaller model.base",
+            note=f"micro-batch {train.batch_size}, halved on out-of-memory down to {smallest}",
+        )
+    )
 
     # The evaluations during training run on the training model, its optimizer state still held.
     if train.eval_steps:
         held = {k: v for k, v in parts.items() if k in ("weights", "gradients", "optimizer")}
-        row = max(generation_row_bytes(shape, longest_tokens + ev.max_new_tokens, dtype_bytes),
-                  loss_row_bytes(shape, longest_tokens, dtype_bytes, loss_share)) / GIB
-        stages.append(StageNeed(
-            stage="evaluations during training", resource=resource, need_gib=sum(held.values()) + row,
-            parts={**held, "one eval row": row}, available_gib=gpu_budget,
-            setting="a smaller eval.max_new_tokens, or train.eval_steps: null",
-            note=f"eval.batch_size {ev.batch_size}, halved on out-of-memory"))
+        row = (
+            max(
+                generation_row_bytes(shape, longest_tokens + ev.max_new_tokens, dtype_bytes),
+                loss_row_bytes(shape, longest_tokens, dtype_bytes, loss_share),
+            )
+            / GIB
+        )
+        stages.append(
+            StageNeed(
+                stage="evaluations during training",
+                resource=resource,
+                need_gib=sum(held.values()) + row,
+                parts={**held, "one eval row": row},
+                available_gib=gpu_budget,
+                setting="a smaller eval.max_new_tokens, or train.eval_steps: null",
+                note=f"eval.batch_size {ev.batch_size}, halved on out-of-memory",
+            )
+        )
 
     # The evaluate stage: one model at a time, loaded as training loaded the base.
     weights = weights_bytes(shape, four_bit, dtype_bytes) / GIB
     adapter = lora_params(shape, cfg.lora) * 4 / GIB if train.mode != "full" else 0.0  # fp32, as peft keeps it
-    row_bytes = max(generation_row_bytes(shape, longest_tokens + ev.max_new_tokens, dtype_bytes),
-                    loss_row_bytes(shape, longest_tokens, dtype_bytes, loss_share))
-    fitting = (rows_that_fit(gpu_budget * GIB, (weights + adapter) * GIB, row_bytes, ev.batch_size)
-               if gpu_budget else ev.batch_size)
-    stages.append(StageNeed(
-        stage="evaluate", resource=resource, need_gib=weights + adapter + row_bytes / GIB,
-        parts={"weights (4-bit)" if four_bit else "weights": weights, "adapter": adapter,
-               "one row (KV cache, logits)": row_bytes / GIB}, available_gib=gpu_budget,
-        setting="train.mode: qlora (evaluation then loads the base in 4-bit)" if not four_bit else
-        "a shorter eval.max_new_tokens or model.max_seq_length",
-        note=f"batch of {fitting} of eval.batch_size {ev.batch_size}" if fitting < ev.batch_size else ""))
+    row_bytes = max(
+        generation_row_bytes(shape, longest_tokens + ev.max_new_tokens, dtype_bytes),
+        loss_row_bytes(shape, longest_tokens, dtype_bytes, loss_share),
+    )
+    fitting = (
+        rows_that_fit(gpu_budget * GIB, (weights + adapter) * GIB, row_bytes, ev.batch_size)
+        if gpu_budget
+        else ev.batch_size
+    )
+    stages.append(
+        StageNeed(
+            stage="evaluate",
+            resource=resource,
+            need_gib=weights + adapter + row_bytes / GIB,
+            parts={
+                "weights (4-bit)" if four_bit else "weights": weights,
+                "adapter": adapter,
+                "one row (KV cache, logits)": row_bytes / GIB,
+            },
+            available_gib=gpu_budget,
+            setting="train.mode: qlora (evaluation then loads the base in 4-bit)"
+            if not four_bit
+            else "a shorter eval.max_new_tokens or model.max_seq_length",
+            note=f"batch of {fitting} of eval.batch_size {ev.batch_size}" if fitting < ev.batch_size else "",
+        )
+    )
 
     # Export on the host: an adapter's merge reads and writes one tensor at a time (a full fine-tune is exported
     # from its own folder); the GGUF converter maps its input.
@@ -307,26 +378,56 @@ def plan_memory(cfg, shape: ModelShape, machine: Machine, longest_tokens: int, l
     files = {f"GGUF {t}": shape.params * GGUF_BYTES[t] / GIB for t in dict.fromkeys([float_source, *types])}
     if train.mode != "full":
         merge_parts = {"largest tensor, read and merged": 2 * shape.largest_tensor * 2 / GIB, "adapter": adapter}
-        stages.append(StageNeed(stage="export (merge)", resource="host memory", need_gib=sum(merge_parts.values()),
-                                parts=merge_parts, available_gib=machine.host_gib,
-                                setting="a machine with more memory"))
+        stages.append(
+            StageNeed(
+                stage="export (merge)",
+                resource="host memory",
+                need_gib=sum(merge_parts.values()),
+                parts=merge_parts,
+                available_gib=machine.host_gib,
+                setting="a machine with more memory",
+            )
+        )
         files = {"merged model (16-bit)": shape.params * 2 / GIB, **files}
         if cfg.export.lora_gguf:
             files["adapter GGUF"] = adapter / 2
-    stages.append(StageNeed(stage="export (files)", resource="disk", need_gib=sum(files.values()), parts=files,
-                            available_gib=machine.disk_gib,
-                            setting="fewer export.gguf_types, or a workdir on a larger disk"))
+    stages.append(
+        StageNeed(
+            stage="export (files)",
+            resource="disk",
+            need_gib=sum(files.values()),
+            parts=files,
+            available_gib=machine.disk_gib,
+            setting="fewer export.gguf_types, or a workdir on a larger disk",
+        )
+    )
     # Parity: llama.cpp maps each GGUF in turn (the largest decides) and keeps a KV cache for one prompt.
     largest_gguf = max(shape.params * GGUF_BYTES[t] / GIB for t in types)
     cache = shape.kv_per_token * (longest_tokens + ev.max_new_tokens) * 2 / GIB
-    stages.append(StageNeed(stage="parity", resource="host memory", need_gib=largest_gguf + cache,
-                            parts={"largest GGUF": largest_gguf, "KV cache": cache}, available_gib=machine.host_gib,
-                            setting="smaller export.gguf_types (q4_k_m), or a machine with more memory"))
-    budget = (f"{machine.gpu_gib:.1f} GiB of {machine.gpu_name}" if on_gpu
-              else f"no CUDA GPU: the model stages run on the CPU in {machine.host_gib or 0:.1f} GiB of host memory")
-    return MemoryPlan(gpu=budget, stages=[s.model_copy(update={"need_gib": round(s.need_gib, 2),
-                                                                "parts": {k: round(v, 2) for k, v in s.parts.items()}})
-                                          for s in stages])
+    stages.append(
+        StageNeed(
+            stage="parity",
+            resource="host memory",
+            need_gib=largest_gguf + cache,
+            parts={"largest GGUF": largest_gguf, "KV cache": cache},
+            available_gib=machine.host_gib,
+            setting="smaller export.gguf_types (q4_k_m), or a machine with more memory",
+        )
+    )
+    budget = (
+        f"{machine.gpu_gib:.1f} GiB of {machine.gpu_name}"
+        if on_gpu
+        else f"no CUDA GPU: the model stages run on the CPU in {machine.host_gib or 0:.1f} GiB of host memory"
+    )
+    return MemoryPlan(
+        gpu=budget,
+        stages=[
+            s.model_copy(
+                update={"need_gib": round(s.need_gib, 2), "parts": {k: round(v, 2) for k, v in s.parts.items()}}
+            )
+            for s in stages
+        ],
+    )
 
 
 def base_shape(base) -> ModelShape:
@@ -361,7 +462,8 @@ def run_memory_plan(cfg, base, longest_tokens: int, loss_share: float) -> Memory
     four_bit = cfg.train.mode == "qlora" or cfg.model.load_in_4bit
 
     def training_estimate(batch_size: int, checkpointing) -> dict[str, float]:
-        return training_memory(shape, cfg.train, cfg.lora, batch_size * longest_tokens, loss_share, precision,
-                               four_bit, checkpointing)
+        return training_memory(
+            shape, cfg.train, cfg.lora, batch_size * longest_tokens, loss_share, precision, four_bit, checkpointing
+        )
 
     return plan_memory(cfg, shape, machine, longest_tokens, loss_share, training_estimate)

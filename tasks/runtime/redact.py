@@ -74,8 +74,10 @@ def redact_logs() -> None:
     """Attach RedactingFilter to every log handler configured so far: Prefect's console and API handlers (the
     Prefect UI's run logs), MLflow's, the root logger's. A filter on a handler also sees records from child
     loggers, which a filter on a logger would not. Idempotent; call it once Prefect is imported."""
-    loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
-                                      if isinstance(logger, logging.Logger))]
+    loggers = [
+        logging.getLogger(),
+        *(logger for logger in list(logging.Logger.manager.loggerDict.values()) if isinstance(logger, logging.Logger)),
+    ]
     for logger in loggers:
         for handler in logger.handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):

@@ -33,8 +33,16 @@ def is_transient(exc: BaseException | None) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, TransientError | OllamaConnectionError | httpx.TransportError | ConnectionError
-                      | TimeoutError | requests.ConnectionError | requests.Timeout):
+        if isinstance(
+            exc,
+            TransientError
+            | OllamaConnectionError
+            | httpx.TransportError
+            | ConnectionError
+            | TimeoutError
+            | requests.ConnectionError
+            | requests.Timeout,
+        ):
             return True
         if isinstance(exc, OllamaError) and exc.status in TRANSIENT_STATUS:
             return True
@@ -54,5 +62,9 @@ def _retry_if_transient(task, task_run, state) -> bool:
 def network_retries(cfg: RetryConfig) -> dict[str, Any]:
     """`Task.with_options` arguments: `cfg.attempts` tries, exponential backoff, transient failures only."""
     retries = cfg.attempts - 1
-    return dict(retries=retries, retry_delay_seconds=[cfg.backoff_s * 2**n for n in range(retries)] or 0,
-                retry_jitter_factor=0.5 if cfg.backoff_s else None, retry_condition_fn=_retry_if_transient)
+    return dict(
+        retries=retries,
+        retry_delay_seconds=[cfg.backoff_s * 2**n for n in range(retries)] or 0,
+        retry_jitter_factor=0.5 if cfg.backoff_s else None,
+        retry_condition_fn=_retry_if_transient,
+    )

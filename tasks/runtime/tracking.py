@@ -48,8 +48,13 @@ class RunWriter:
             if cfg.tracking.uri.startswith("sqlite:///"):
                 Path(cfg.tracking.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-                cfg.tracking.experiment, artifact_location=Path(cfg.tracking.artifact_location).resolve().as_uri())
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else client.create_experiment(
+                    cfg.tracking.experiment, artifact_location=Path(cfg.tracking.artifact_location).resolve().as_uri()
+                )
+            )
         except Exception as exc:  # MLflow wraps a refused connection, a locked or unwritable store alike
             raise TrackingUnavailable(
                 f"tracking.uri {redact(cfg.tracking.uri)}: the MLflow tracking store cannot be used "
@@ -58,15 +63,20 @@ class RunWriter:
             ) from exc
         run = client.create_run(experiment_id, run_name=run_name, tags=_redacted(tags))
         writer = cls(cfg.tracking.uri, run.info.run_id, cfg.name, experiment_id)
-        writer.record(Record(params=flatten(cfg.model_dump(mode="json")),
-                             texts={"config/resolved.json": cfg.model_dump_json(indent=2)}))
+        writer.record(
+            Record(
+                params=flatten(cfg.model_dump(mode="json")),
+                texts={"config/resolved.json": cfg.model_dump_json(indent=2)},
+            )
+        )
         return writer
 
     def child(self, run_name: str, item: Record | Recorded) -> RunWriter:
         """A child run (nested under this one in the UI), made with the record's tags, then given the rest of it."""
         record = _as_record(item)
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags=_redacted({"mlflow.parentRunId": self.run_id, **record.tags}))
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags=_redacted({"mlflow.parentRunId": self.run_id, **record.tags})
+        )
         child = RunWriter(self.uri, run.info.run_id, self.pipeline, self.experiment_id)
         child.record(record.model_copy(update={"tags": {}}))
         return child
@@ -87,8 +97,9 @@ class RunWriter:
         missing = {name for name in missing if not self.client.get_metric_history(self.run_id, name)}
         metrics = [Metric(key, float(value), now, 0) for key, value in record.metrics.items() if value is not None]
         metrics += [Metric(point.name, point.value, now, point.step) for point in record.points]
-        metrics += [Metric(point.name, point.value, now, point.step) for point in record.backfill
-                    if point.name in missing]
+        metrics += [
+            Metric(point.name, point.value, now, point.step) for point in record.backfill if point.name in missing
+        ]
         for start in range(0, len(metrics), METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + METRICS_PER_CALL])
         if record.tags:
@@ -111,9 +122,13 @@ class RunWriter:
     def _dataset_input(self, dataset: DatasetRecord):
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        logged = Dataset(name=f"{self.pipeline}-{dataset.name}", digest=dataset.digest[:16], source_type="local",
-                         source=json.dumps({"uri": dataset.path.resolve().as_uri()}),
-                         profile=json.dumps(dataset.profile))
+        logged = Dataset(
+            name=f"{self.pipeline}-{dataset.name}",
+            digest=dataset.digest[:16],
+            source_type="local",
+            source=json.dumps({"uri": dataset.path.resolve().as_uri()}),
+            profile=json.dumps(dataset.profile),
+        )
         return DatasetInput(logged, [InputTag("mlflow.data.context", dataset.context)])
 
     def end(self, status: str) -> None:
@@ -172,6 +187,7 @@ def find_run_of_flow_run(cfg: TrackingConfig, flow_run_id: str) -> str | None:
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         return None
-    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
-                              max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1
+    )
     return runs[0].info.run_id if runs else None

@@ -83,25 +83,36 @@ def run_worker(
     """
     log = log or logging.getLogger(__name__)
     work_dir.mkdir(parents=True, exist_ok=True)
-    request_path, result_path, log_path = (work_dir / name for name in
-                                           ("worker-request.json", "worker-result.json", "worker.log"))
+    request_path, result_path, log_path = (
+        work_dir / name for name in ("worker-request.json", "worker-result.json", "worker.log")
+    )
     request_path.write_text(request.model_dump_json(indent=2))
     result_path.unlink(missing_ok=True)
     job = [str(request_path.resolve()), str(result_path.resolve())]
 
     spare = _hand_to_spare(target, job) if devices == 1 else None
     if spare is not None:
-        log.info("%s", started_early := f"worker for {target}: started {spare.age_s():.1f} s before its request "
-                                         "(prestart_worker), its imports done while the stages before ran")
+        log.info(
+            "%s",
+            started_early := f"worker for {target}: started {spare.age_s():.1f} s before its request "
+            "(prestart_worker), its imports done while the stages before ran",
+        )
         process = spare.process
     else:
         command = [sys.executable, "-m", "tunepipe.tasks.runtime.worker", target, *job]
         if devices > 1:
-            command[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-                            "-m", "tunepipe.tasks.runtime.worker"]
+            command[1:3] = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={devices}",
+                "-m",
+                "tunepipe.tasks.runtime.worker",
+            ]
         log.info("starting worker: %s", " ".join(command[1:]))
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_worker_env(),
-                                   text=True, errors="replace")
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_worker_env(), text=True, errors="replace"
+        )
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     first_error: list[str] = []  # the first traceback, through its exception line
     with log_path.open("w", encoding="utf-8") as log_file, process:
@@ -169,8 +180,15 @@ def prestart_worker(target: str, warm_up: str = "") -> None:
         if any(_serves(spare, target, env) for spare in _spares):
             return
         command = [sys.executable, "-m", "tunepipe.tasks.runtime.worker", "--wait", target, warm_up]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=env, text=True, errors="replace")
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            errors="replace",
+        )
         _spares.append(_Spare(target, process, env, os.getcwd(), time.monotonic()))
 
 
@@ -179,8 +197,11 @@ def _serves(spare: _Spare, target: str, env: dict[str, str]) -> bool:
     it was started with still has its value. Variables added since are allowed: they are what the libraries
     imported in the meantime set for themselves (importing torch sets KMP_DUPLICATE_LIB_OK, ...), which the
     spare's own imports set too."""
-    return (spare.target == target and spare.cwd == os.getcwd()
-            and all(env.get(name) == value for name, value in spare.env.items()))
+    return (
+        spare.target == target
+        and spare.cwd == os.getcwd()
+        and all(env.get(name) == value for name, value in spare.env.items())
+    )
 
 
 def _hand_to_spare(target: str, job: list[str]) -> _Spare | None:

@@ -45,9 +45,15 @@ class ServingPlan(BaseModel):
 
     def record(self) -> Record:
         """The Modelfile, and the plan itself, from which `tunepipe register RUN_ID` finishes a run later."""
-        return Record(files=[(self.modelfile, "ollama")], texts={PLAN_ARTIFACT: self.model_dump_json(indent=2)},
-                      tags={"export.gguf_path": str(self.gguf.path), "gguf.type": self.gguf.type,
-                            "ollama.model": self.ollama.model_name})
+        return Record(
+            files=[(self.modelfile, "ollama")],
+            texts={PLAN_ARTIFACT: self.model_dump_json(indent=2)},
+            tags={
+                "export.gguf_path": str(self.gguf.path),
+                "gguf.type": self.gguf.type,
+                "ollama.model": self.ollama.model_name,
+            },
+        )
 
 
 class Registration(BaseModel):
@@ -75,4 +81,5 @@ class SmokeReport(BaseModel):
     def summary(self) -> str:
         failed = [f"{r.case}: {'; '.join(r.problems)}" for r in self.results if r.problems]
         return f"{len(self.results) - len(failed)}/{len(self.results)} answers passed" + (
-            ": " + " | ".join(failed) if failed else "")
+            ": " + " | ".join(failed) if failed else ""
+        )

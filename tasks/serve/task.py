@@ -33,20 +33,32 @@ from tunepipe.tasks.serve.results import PLAN_ARTIFACT, Registration, ServingPla
 class ParityFailed(RuntimeError):
     def __init__(self, verdicts: list[ParityVerdict], mlflow_run_id: str):
         lines = "; ".join(f"{v.gguf_type}: {', '.join(v.failures)}" for v in verdicts)
-        super().__init__(f"no GGUF is within the parity limits (export.max_drop): {lines}; "
-                         f"nothing registered (MLflow run {mlflow_run_id})")
+        super().__init__(
+            f"no GGUF is within the parity limits (export.max_drop): {lines}; "
+            f"nothing registered (MLflow run {mlflow_run_id})"
+        )
         self.verdicts = verdicts
 
 
 class SmokeTestFailed(RuntimeError):
     def __init__(self, registration: Registration, report: SmokeReport):
-        super().__init__(f"smoke test of {registration.ollama_tag} failed ({report.summary()}); "
-                         "it was removed from Ollama and the champion is unchanged")
+        super().__init__(
+            f"smoke test of {registration.ollama_tag} failed ({report.summary()}); "
+            "it was removed from Ollama and the champion is unchanged"
+        )
         self.report = report
 
 
-def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: BaseModelRef, cfg: PipelineConfig,
-                 run_id: str, dataset_fingerprint: str, eval_examples: Path, chat: ChatContext) -> ServingPlan:
+def plan_serving(
+    exported: ExportResult,
+    verdicts: list[ParityVerdict],
+    base: BaseModelRef,
+    cfg: PipelineConfig,
+    run_id: str,
+    dataset_fingerprint: str,
+    eval_examples: Path,
+    chat: ChatContext,
+) -> ServingPlan:
     """The GGUF to serve (smallest within the parity limits), its Modelfiles (derived under training's `chat`
     context), and the smoke conversations."""
     passed = {v.gguf_type for v in verdicts if v.passed}
@@ -58,23 +70,41 @@ def plan_serving(exported: ExportResult, verdicts: list[ParityVerdict], base: Ba
     examples = list(read_examples(eval_examples))
     smoked = examples[: cfg.ollama.smoke_examples]
     # The conversations the smoke test sends join the proof that Ollama renders them as training did.
-    spec = modelfile_spec(gguf.path, exported.merged_dir, **cfg.ollama.modelfile_settings(),
-                          trained_system=cfg.data.system_prompt, examples=[[m.model_dump() for m in ex.prompt] for ex in smoked], chat=chat)
+    spec = modelfile_spec(
+        gguf.path,
+        exported.merged_dir,
+        **cfg.ollama.modelfile_settings(),
+        trained_system=cfg.data.system_prompt,
+        examples=[[m.model_dump() for m in ex.prompt] for ex in smoked],
+        chat=chat,
+    )
     modelfile = spec.write(gguf.path.parent / "Modelfile")
     adapter_base = cfg.ollama.adapter_base or (base.name_or_path if Path(base.name_or_path).is_dir() else None)
     if exported.adapter_gguf is not None and adapter_base is not None:
         spec.model_copy(update={"adapter": exported.adapter_gguf, "base": adapter_base}).write(
-            gguf.path.parent / "Modelfile.adapter")
+            gguf.path.parent / "Modelfile.adapter"
+        )
     # `eval.probes`: the fixed prompts the evaluation also asks base, champion and candidate.
-    probes = [SmokeCase(name=f"probe {i}", messages=[{"role": "user", "content": probe}])
-              for i, probe in enumerate(cfg.eval.probes)]
-    cases = probes + [SmokeCase(name=f"held-out {ex.source}:{ex.line}",
-                                messages=client_messages(ex.prompt, spec.system))
-                      for ex in smoked]
+    probes = [
+        SmokeCase(name=f"probe {i}", messages=[{"role": "user", "content": probe}])
+        for i, probe in enumerate(cfg.eval.probes)
+    ]
+    cases = probes + [
+        SmokeCase(name=f"held-out {ex.source}:{ex.line}", messages=client_messages(ex.prompt, spec.system))
+        for ex in smoked
+    ]
     return ServingPlan(
-        run_id=run_id, tracking_uri=cfg.tracking.uri, registered_model=cfg.name,
-        dataset_fingerprint=dataset_fingerprint, gguf=gguf, spec=spec, modelfile=modelfile, ollama=cfg.ollama,
-        output_format=cfg.data.output_format, max_new_tokens=cfg.eval.max_new_tokens, smoke_cases=cases,
+        run_id=run_id,
+        tracking_uri=cfg.tracking.uri,
+        registered_model=cfg.name,
+        dataset_fingerprint=dataset_fingerprint,
+        gguf=gguf,
+        spec=spec,
+        modelfile=modelfile,
+        ollama=cfg.ollama,
+        output_format=cfg.data.output_format,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        smoke_cases=cases,
         retry=cfg.retry,
         required_keys=required_keys(ex.answer for ex in examples) if cfg.data.output_format == "json" else [],
     )
@@ -86,26 +116,44 @@ def register_candidate(plan: ServingPlan) -> Registration:
     client = OllamaClient(host, plan.ollama.timeout_s)
     if not client.reachable():
         env = "" if host == DEFAULT_HOST else f"OLLAMA_HOST={shlex.quote(host)} "
-        message = (f"not served: Ollama not reachable at {host}; every artifact is kept and the champion is "
-                   f"unchanged. When it answers, finish with: {env}tunepipe register {plan.run_id}")
+        message = (
+            f"not served: Ollama not reachable at {host}; every artifact is kept and the champion is "
+            f"unchanged. When it answers, finish with: {env}tunepipe register {plan.run_id}"
+        )
         _tag_run(plan, {"ollama.state": "unreachable"})
         return Registration(state="unreachable", message=message, host=host)
 
-    version = register_version(plan.tracking_uri, plan.registered_model, plan.run_id, {
-        "dataset.fingerprint": plan.dataset_fingerprint, "gguf.sha256": plan.gguf.sha256,
-        "gguf.type": plan.gguf.type,
-    })
+    version = register_version(
+        plan.tracking_uri,
+        plan.registered_model,
+        plan.run_id,
+        {
+            "dataset.fingerprint": plan.dataset_fingerprint,
+            "gguf.sha256": plan.gguf.sha256,
+            "gguf.type": plan.gguf.type,
+        },
+    )
     tag = f"{plan.ollama.model_name}:{version}"
     digest = client.push_blob(plan.gguf.path, f"sha256:{plan.gguf.sha256}")
-    client.create(tag, files={plan.gguf.path.name: digest}, template=plan.spec.template, system=plan.spec.system,
-                  parameters=plan.spec.api_parameters())
+    client.create(
+        tag,
+        files={plan.gguf.path.name: digest},
+        template=plan.spec.template,
+        system=plan.spec.system,
+        parameters=plan.spec.api_parameters(),
+    )
     shown = client.show(tag)
     if shown.template != plan.spec.template:
         raise OllamaError(f"{tag!r} was created at {host} but reports a different template than sent")
     tag_version(plan.tracking_uri, plan.registered_model, version, {"ollama.tag": tag})
     _tag_run(plan, {"ollama.state": "registered", "ollama.tag": tag, "mlflow.model_version": version})
-    return Registration(state="registered", host=host, version=version, ollama_tag=tag,
-                        message=f"registered {tag} at {host} from {plan.gguf.path.name} ({plan.gguf.type})")
+    return Registration(
+        state="registered",
+        host=host,
+        version=version,
+        ollama_tag=tag,
+        message=f"registered {tag} at {host} from {plan.gguf.path.name} ({plan.gguf.type})",
+    )
 
 
 def smoke_test_model(plan: ServingPlan, registration: Registration) -> SmokeReport:
@@ -116,11 +164,21 @@ def smoke_test_model(plan: ServingPlan, registration: Registration) -> SmokeRepo
     for case in plan.smoke_cases:
         reply = client.chat(registration.ollama_tag, case.messages, options)
         answer = reply.message.content or ""
-        results.append(SmokeResult(case=case.name, answer=answer, done_reason=reply.done_reason,
-                                   problems=_answer_problems(answer, reply.done_reason, plan)))
+        results.append(
+            SmokeResult(
+                case=case.name,
+                answer=answer,
+                done_reason=reply.done_reason,
+                problems=_answer_problems(answer, reply.done_reason, plan),
+            )
+        )
     report = SmokeReport(results=results)
-    tag_version(plan.tracking_uri, plan.registered_model, registration.version,
-                {"smoke_test": "passed" if report.passed else "failed"})
+    tag_version(
+        plan.tracking_uri,
+        plan.registered_model,
+        registration.version,
+        {"smoke_test": "passed" if report.passed else "failed"},
+    )
     _tag_run(plan, {"smoke_test": report.summary()[:5000]})
     if not report.passed:
         client.delete(registration.ollama_tag)  # never leave a model that failed the test where it can be used
@@ -181,6 +239,14 @@ def promote(plan: ServingPlan, registration: Registration) -> ChampionMove:
 
 
 @task(name="plan_serving")
-def plan(exported: ExportResult, verdicts: list[ParityVerdict], base: BaseModelRef, cfg: PipelineConfig,
-         run_id: str, dataset_fingerprint: str, eval_examples: Path, chat: ChatContext) -> ServingPlan:
+def plan(
+    exported: ExportResult,
+    verdicts: list[ParityVerdict],
+    base: BaseModelRef,
+    cfg: PipelineConfig,
+    run_id: str,
+    dataset_fingerprint: str,
+    eval_examples: Path,
+    chat: ChatContext,
+) -> ServingPlan:
     return plan_serving(exported, verdicts, base, cfg, run_id, dataset_fingerprint, eval_examples, chat)

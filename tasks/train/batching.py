@@ -58,8 +58,11 @@ def packs(packing: bool, backend: Backend, device) -> bool:
 
     if unsloth_packs(device):
         return True
-    print("train: unsloth backend without torch's varlen attention on this GPU: micro-batches are padded "
-          "(sorted by length), not packed", flush=True)
+    print(
+        "train: unsloth backend without torch's varlen attention on this GPU: micro-batches are padded "
+        "(sorted by length), not packed",
+        flush=True,
+    )
     return False
 
 
@@ -108,8 +111,9 @@ def packed_layout(micro_batches: list[list[int]], max_padding: float = 0.25) -> 
     return PackedLayout(width=width, segments=segments, longest=longest)
 
 
-def micro_batch_lengths(rows: list[dict], order: ExampleOrder, steps: range, per_step: int,
-                        micro_batch_size: int) -> list[list[int]]:
+def micro_batch_lengths(
+    rows: list[dict], order: ExampleOrder, steps: range, per_step: int, micro_batch_size: int
+) -> list[list[int]]:
     """The example lengths of every micro-batch these steps will run (one device; packed micro-batches keep the
     step's order), for the packed layout."""
     lengths = []
@@ -119,21 +123,31 @@ def micro_batch_lengths(rows: list[dict], order: ExampleOrder, steps: range, per
     return lengths
 
 
-def run_layout(rows: list[dict], order: ExampleOrder, steps: range, per_step: int,
-               micro_batch_size: int) -> PackedLayout | None:
+def run_layout(
+    rows: list[dict], order: ExampleOrder, steps: range, per_step: int, micro_batch_size: int
+) -> PackedLayout | None:
     """The packed layout of the run's remaining steps, announced when there is one."""
     layout = packed_layout(micro_batch_lengths(rows, order, steps, per_step, micro_batch_size))
     if layout:
-        print(f"train: packed micro-batches laid out as one row of {layout.width} tokens in {layout.segments} "
-              f"blocks (padding included), so that CUDA graphs replay them", flush=True)
+        print(
+            f"train: packed micro-batches laid out as one row of {layout.width} tokens in {layout.segments} "
+            f"blocks (padding included), so that CUDA graphs replay them",
+            flush=True,
+        )
     return layout
 
 
 # ------------------------------------------------------------------------------------------ micro-batches
 
 
-def make_batch(rows: list[dict], packing: bool, pad_id: int, device, row_tokens: int | None = None,
-               layout: PackedLayout | None = None) -> dict:
+def make_batch(
+    rows: list[dict],
+    packing: bool,
+    pad_id: int,
+    device,
+    row_tokens: int | None = None,
+    layout: PackedLayout | None = None,
+) -> dict:
     """Model inputs and next-token targets of `rows`, by one of three strategies:
 
     - `padded`: one example a row (without packing, or when the examples share one length: packing would then
@@ -169,7 +183,7 @@ def padded(rows: list[dict], pad_id: int, device) -> dict:
 def packed_in_layout(rows: list[dict], blocks: list[int], pad_id: int, device) -> dict:
     """One row of the layout's shape (`blocks`, from `PackedLayout.blocks`): the examples in order, then the
     layout's padding blocks."""
-    return _packed(rows, [list(range(len(rows)))], [blocks[len(rows):]], pad_id, device)
+    return _packed(rows, [list(range(len(rows)))], [blocks[len(rows) :]], pad_id, device)
 
 
 def packed_first_fit(rows: list[dict], row_tokens: int | None, pad_id: int, device) -> dict:
@@ -179,8 +193,9 @@ def packed_first_fit(rows: list[dict], row_tokens: int | None, pad_id: int, devi
     lengths = [len(row["input_ids"]) for row in rows]
     bins: list[list[int]] = []
     for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
-        fits = next((b for b in bins if row_tokens is None or sum(lengths[j] for j in b) + lengths[i]
-                     <= row_tokens), None)
+        fits = next(
+            (b for b in bins if row_tokens is None or sum(lengths[j] for j in b) + lengths[i] <= row_tokens), None
+        )
         if fits is None:
             bins.append([i])
         else:
@@ -231,8 +246,11 @@ def _to_device(batch: dict[str, list[list[int]]], device) -> dict:
 
     targets, examples = _joined(batch.pop("targets")), _joined(batch.pop("example"))
     loss_at = [i for i, target in enumerate(targets) if target != IGNORE]
-    batch |= {"loss_at": loss_at, "loss_targets": [targets[i] for i in loss_at],
-              "loss_example": [examples[i] for i in loss_at]}
+    batch |= {
+        "loss_at": loss_at,
+        "loss_targets": [targets[i] for i in loss_at],
+        "loss_example": [examples[i] for i in loss_at],
+    }
     tensors = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
     if device.type != "cuda":
         return tensors

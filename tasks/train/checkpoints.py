@@ -50,8 +50,17 @@ def load_trainable(model, weights: dict) -> None:
             params[name].copy_(value)
 
 
-def save_checkpoint(root: Path, step, model, optimizer, scheduler, scaler, state: TrainingState, rank: Rank,
-                    best_weights: dict | None = None) -> None:
+def save_checkpoint(
+    root: Path,
+    step,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    state: TrainingState,
+    rank: Rank,
+    best_weights: dict | None = None,
+) -> None:
     """Rank 0 writes `step-N` under a temporary name and renames it: a folder with that name is complete.
     The best evaluation's weights go into `best-M` (once per best); only it and the newest `step-N` stay."""
     import torch
@@ -69,12 +78,19 @@ def save_checkpoint(root: Path, step, model, optimizer, scheduler, scaler, state
         partial, final = root / f"step-{step:07d}.partial", root / f"step-{step:07d}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        torch.save({name: p.detach() for name, p in model.named_parameters() if p.requires_grad},
-                   partial / "trainable.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   partial / "training.pt")
+        torch.save(
+            {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}, partial / "trainable.pt"
+        )
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            partial / "training.pt",
+        )
         (partial / "state.json").write_text(state.model_dump_json())
         partial.rename(final)
         for older in root.iterdir():  # only the newest (and the best it names) are needed to resume
@@ -87,8 +103,7 @@ def resume(root: Path, model, optimizer, scheduler, scaler, state: TrainingState
     """Load the newest complete checkpoint, if any; returns its step (0 when starting fresh)."""
     import torch
 
-    found = sorted((int(m.group(1)), path) for path in root.glob("step-*")
-                   if (m := CHECKPOINT.fullmatch(path.name)))
+    found = sorted((int(m.group(1)), path) for path in root.glob("step-*") if (m := CHECKPOINT.fullmatch(path.name)))
     if not found:
         return 0
     step, path = found[-1]

@@ -33,5 +33,8 @@ def data_parallel(model: torch.nn.Module, loss_fn: Callable, device: torch.devic
     (no unused parameters to search for), and the buffers (rotary tables) are the same on every rank, so
     none are broadcast."""
     return torch.nn.parallel.DistributedDataParallel(
-        StepLosses(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False, gradient_as_bucket_view=True)
+        StepLosses(model, loss_fn),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        gradient_as_bucket_view=True,
+    )

@@ -61,8 +61,11 @@ def set_up(request: TrainRequest) -> tuple[Rank, Backend, EnvironmentReport]:
     cap_gpu_memory(request.model_cfg.gpu_memory_gib, rank.local)
     env = check_environment(request, backend, rank)
     emit_event("started", pid=os.getpid(), backend=backend, **env.model_dump())
-    print(f"train: {backend} backend, {cfg.mode} on {env.device}, {env.precision}; memory estimate "
-          f"{env.estimate_gib:.2f} GiB {env.estimate} of {env.free_gib} GiB free", flush=True)
+    print(
+        f"train: {backend} backend, {cfg.mode} on {env.device}, {env.precision}; memory estimate "
+        f"{env.estimate_gib:.2f} GiB {env.estimate} of {env.free_gib} GiB free",
+        flush=True,
+    )
     torch.manual_seed(cfg.seed)
     return rank, backend, env
 
@@ -101,11 +104,13 @@ def choose_backend(requested: str, mode: str = "lora", devices: int = 1) -> Back
     if requested == "unsloth":
         if not has_cuda:
             raise TrainingEnvironmentError(
-                "train.backend=unsloth needs a CUDA GPU; use backend: hf (or auto) on this machine")
+                "train.backend=unsloth needs a CUDA GPU; use backend: hf (or auto) on this machine"
+            )
         if mode == "full" or devices > 1:
             raise TrainingEnvironmentError(
                 "train.backend=unsloth trains adapters on one GPU here; use backend: hf (or auto) for "
-                "train.mode=full or train.devices > 1")
+                "train.mode=full or train.devices > 1"
+            )
         return "unsloth"
     if requested == "auto":
         usable = has_cuda and mode != "full" and devices == 1 and importlib.util.find_spec("unsloth")
@@ -124,15 +129,18 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
     if four_bit and not cuda:
         raise TrainingEnvironmentError(
             "train.mode=qlora (a 4-bit base, bitsandbytes) needs a CUDA GPU and this machine has none; "
-            "use train.mode: lora")
+            "use train.mode: lora"
+        )
     if cfg.optimizer == "adamw_8bit" and not cuda:
         raise TrainingEnvironmentError("train.optimizer=adamw_8bit (bitsandbytes) needs a CUDA GPU; use adamw")
     if cfg.objective != "sft" and cfg.devices > 1:
-        raise TrainingEnvironmentError(f"train.objective={cfg.objective} trains on one device here; set "
-                                       "train.devices: 1")
+        raise TrainingEnvironmentError(
+            f"train.objective={cfg.objective} trains on one device here; set train.devices: 1"
+        )
     if cuda and cfg.devices > torch.cuda.device_count():
         raise TrainingEnvironmentError(
-            f"train.devices={cfg.devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            f"train.devices={cfg.devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        )
     precision = cfg.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
@@ -161,17 +169,32 @@ def check_environment(request: TrainRequest, backend: Backend, rank: Rank) -> En
         raise TrainingEnvironmentError(
             f"this training needs about {need:.1f} GiB ({parts}) and {device} has {free:.1f} GiB free; "
             "try train.mode: qlora or lora, a smaller train.batch_size with more gradient_accumulation_steps, "
-            "train.gradient_checkpointing: true, or a shorter model.max_seq_length")
-    return EnvironmentReport(device=device, precision=precision, free_gib=None if free is None else round(free, 2),
-                             estimate_gib=round(need, 2), estimate={k: round(v, 3) for k, v in estimate.items()},
-                             gradient_checkpointing=checkpointing)
+            "train.gradient_checkpointing: true, or a shorter model.max_seq_length"
+        )
+    return EnvironmentReport(
+        device=device,
+        precision=precision,
+        free_gib=None if free is None else round(free, 2),
+        estimate_gib=round(need, 2),
+        estimate={k: round(v, 3) for k, v in estimate.items()},
+        gradient_checkpointing=checkpointing,
+    )
 
 
-def estimate_memory(config, request: TrainRequest, precision: str, four_bit: bool,
-                    checkpointing: bool | Literal["offload"]) -> dict[str, float]:
+def estimate_memory(
+    config, request: TrainRequest, precision: str, four_bit: bool, checkpointing: bool | Literal["offload"]
+) -> dict[str, float]:
     """GiB by part, from the model's config alone (a meta-device model: no weights are read)."""
     from tunepipe.tasks.runtime.memory_plan import model_shape, training_memory
 
     data = request.data
-    return training_memory(model_shape(config), request.cfg, request.lora, request.cfg.batch_size * data.max_tokens,
-                           data.n_trained_tokens / max(data.n_tokens, 1), precision, four_bit, checkpointing)
+    return training_memory(
+        model_shape(config),
+        request.cfg,
+        request.lora,
+        request.cfg.batch_size * data.max_tokens,
+        data.n_trained_tokens / max(data.n_tokens, 1),
+        precision,
+        four_bit,
+        checkpointing,
+    )

@@ -67,8 +67,12 @@ class TransformerGraphs:
         if set(inputs) == {"input_ids", "use_cache"}:
             return (inputs["input_ids"],)
         packed = {"input_ids", "use_cache", "position_ids", "packed_seq_lengths"}
-        if (self.layout is not None and set(inputs) == packed and inputs["input_ids"].shape == (1, self.layout.width)
-                and len(inputs["packed_seq_lengths"]) == self.layout.segments):
+        if (
+            self.layout is not None
+            and set(inputs) == packed
+            and inputs["input_ids"].shape == (1, self.layout.width)
+            and len(inputs["packed_seq_lengths"]) == self.layout.segments
+        ):
             self.boundaries.load(inputs["packed_seq_lengths"])
             return inputs["input_ids"], inputs["position_ids"]
         return None
@@ -98,8 +102,9 @@ class TransformerGraphs:
         print(f"train: CUDA graphs off, {reason}; eager steps", flush=True)
 
     def _addresses(self) -> list[int]:
-        return [tensor.data_ptr() for tensor in itertools.chain(self.transformer.parameters(),
-                                                                 self.transformer.buffers())]
+        return [
+            tensor.data_ptr() for tensor in itertools.chain(self.transformer.parameters(), self.transformer.buffers())
+        ]
 
     def _capture(self, args: tuple) -> None:
         # The eager pass of this shape just before warmed up every kernel (autotuning, cuBLAS). A packed row
@@ -111,23 +116,29 @@ class TransformerGraphs:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         try:
-            graphed = torch.cuda.make_graphed_callables(self.forward, tuple(arg.clone() for arg in args),
-                                                        num_warmup_iters=1 if packed else 0)
+            graphed = torch.cuda.make_graphed_callables(
+                self.forward, tuple(arg.clone() for arg in args), num_warmup_iters=1 if packed else 0
+            )
         except Exception as error:  # noqa: BLE001  (whatever the capture refuses, eager steps still train)
             self._off(f"the capture failed ({type(error).__name__}: {error})")
             return
         if packed and self.forward.varlen_calls != self.transformer.config.num_hidden_layers:
             # Any other route (one attention call per run of equal lengths, a block mask) would keep this row's
             # boundaries in the graph; only the varlen kernel reads them from the buffers.
-            self._off(f"{self.forward.varlen_calls} of {self.transformer.config.num_hidden_layers} layers attended "
-                      f"to the packed row through the varlen kernel")
+            self._off(
+                f"{self.forward.varlen_calls} of {self.transformer.config.num_hidden_layers} layers attended "
+                f"to the packed row through the varlen kernel"
+            )
             return
         self.graphed = graphed
         self.shape = args[0].shape
         self.addresses = self._addresses()
         kind = "packed rows" if packed else "micro-batches"
-        print(f"train: the transformer's forward and backward captured as CUDA graphs for {kind} of "
-              f"{self.shape[0]} x {self.shape[1]} tokens", flush=True)
+        print(
+            f"train: the transformer's forward and backward captured as CUDA graphs for {kind} of "
+            f"{self.shape[0]} x {self.shape[1]} tokens",
+            flush=True,
+        )
 
 
 class _Forward(torch.nn.Module):
@@ -145,7 +156,8 @@ class _Forward(torch.nn.Module):
         if position_ids is None:
             return self.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
         before = self.boundaries.varlen_calls()
-        hidden = self.transformer(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                  packed_seq_lengths=self.boundaries.key).last_hidden_state
+        hidden = self.transformer(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, packed_seq_lengths=self.boundaries.key
+        ).last_hidden_state
         self.varlen_calls = self.boundaries.varlen_calls() - before
         return hidden

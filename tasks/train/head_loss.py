@@ -24,8 +24,10 @@ import torch
 def head_cross_entropy(hidden, head: torch.nn.Linear, targets, chunk: int):
     """(sum of the losses, each position's loss detached) for `hidden` (positions x width) under `head`."""
     if type(head) is not torch.nn.Linear:
-        raise ValueError(f"the LM head must be a plain Linear layer (got {type(head).__name__}): "
-                         "adapters on lm_head are not supported; leave it out of lora.target_modules")
+        raise ValueError(
+            f"the LM head must be a plain Linear layer (got {type(head).__name__}): "
+            "adapters on lm_head are not supported; leave it out of lora.target_modules"
+        )
     weight, bias = head.weight, head.bias
     if not torch.is_grad_enabled():  # an evaluation: losses only (an autograd Function's inputs still ask for grads)
         weight, bias = weight.detach(), None if bias is None else bias.detach()
@@ -71,8 +73,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         def scaled(grad, dtype):
             return None if grad is None else (grad * grad_total).to(dtype)
 
-        return (scaled(grad_hidden, ctx.hidden_dtype), scaled(grad_weight, ctx.weight_dtype),
-                scaled(grad_bias, ctx.weight_dtype), None, None)
+        return (
+            scaled(grad_hidden, ctx.hidden_dtype),
+            scaled(grad_weight, ctx.weight_dtype),
+            scaled(grad_bias, ctx.weight_dtype),
+            None,
+            None,
+        )
 
 
 def chunk_losses_and_gradient(logits, targets, want_gradient: bool):

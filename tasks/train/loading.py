@@ -11,8 +11,9 @@ from tunepipe.tasks.train.results import Backend
 from tunepipe.tasks.train.task import TrainRequest
 
 
-def load_model(request: TrainRequest, backend: Backend, precision: str, device,
-               checkpointing: bool | Literal["offload"]):
+def load_model(
+    request: TrainRequest, backend: Backend, precision: str, device, checkpointing: bool | Literal["offload"]
+):
     """(model, tokenizer) ready to train on `device`."""
     load = load_unsloth if backend == "unsloth" else load_hf
     return load(request, precision, device, checkpointing)
@@ -30,11 +31,17 @@ def load_hf(request: TrainRequest, precision: str, device, checkpointing: bool |
     source = str(request.init_from) if full and request.init_from else request.base.name_or_path
     quantization = None
     if four_bit:
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype_of(precision))
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype_of(precision),
+        )
     model = AutoModelForCausalLM.from_pretrained(
-        source, revision=None if source != request.base.name_or_path else request.base.revision,
-        quantization_config=quantization, attn_implementation="sdpa",
+        source,
+        revision=None if source != request.base.name_or_path else request.base.revision,
+        quantization_config=quantization,
+        attn_implementation="sdpa",
         # Full fine-tuning keeps fp32 master weights (autocast computes in 16 bits); a frozen base needs no more.
         dtype=torch.float32 if full else dtype_of(precision),
         device_map={"": device} if four_bit else None,
@@ -50,10 +57,18 @@ def load_hf(request: TrainRequest, precision: str, device, checkpointing: bool |
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        model = get_peft_model(model, PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            bias=lora.bias, use_rslora=lora.use_rslora, task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                bias=lora.bias,
+                use_rslora=lora.use_rslora,
+                task_type="CAUSAL_LM",
+            ),
+        )
         load_adapter_weights(model, request.init_from)
     return model, load_tokenizer(request.base, request.model_cfg.chat_template)
 
@@ -63,13 +78,21 @@ def load_unsloth(request: TrainRequest, precision: str, device, checkpointing: b
 
     cfg, lora = request.cfg, request.lora
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=request.base.name_or_path, revision=request.base.revision,
-        max_seq_length=request.model_cfg.max_seq_length, dtype=dtype_of(precision),
+        model_name=request.base.name_or_path,
+        revision=request.base.revision,
+        max_seq_length=request.model_cfg.max_seq_length,
+        dtype=dtype_of(precision),
         load_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
     )
     model = FastLanguageModel.get_peft_model(
-        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        bias=lora.bias, use_rslora=lora.use_rslora, random_state=cfg.seed,
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        random_state=cfg.seed,
         use_gradient_checkpointing=bool(checkpointing),
     )
     if checkpointing:  # unsloth turned it on; the layers' recomputation is ours (tasks/train/recompute.py)

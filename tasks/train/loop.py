@@ -22,7 +22,14 @@ import time
 
 from tunepipe.tasks.runtime.memory_plan import chunk_positions
 from tunepipe.tasks.train.batching import ExampleOrder, n_loss_tokens, packs, row_tokens, run_layout, step_counts
-from tunepipe.tasks.train.checkpoints import TrainingState, load_best, report_resume, resume, save_checkpoint, save_output
+from tunepipe.tasks.train.checkpoints import (
+    TrainingState,
+    load_best,
+    report_resume,
+    resume,
+    save_checkpoint,
+    save_output,
+)
 from tunepipe.tasks.train.environment import TrainingEnvironmentError, choose_backend, set_up
 from tunepipe.tasks.train.loading import load_model
 from tunepipe.tasks.train.progress import LossLog
@@ -61,13 +68,26 @@ def train_model(request: TrainRequest) -> TrainResult:
     order = ExampleOrder(len(rows), cfg.seed)
     packing = packs(cfg.packing, backend, device)
     cuda_graphs = cfg.cuda_graphs and device.type == "cuda" and graphs_capture(cfg.mode, request.model_cfg.load_in_4bit)
-    layout = (run_layout(rows, order, range(resumed_from + 1, total_steps + 1), per_step, state.micro_batch_size)
-              if cuda_graphs and rank.world == 1 and packing and backend == "unsloth" else None)  # graphs: one device
-    stepper = Stepper(model=model, scaler=scaler, device=device, precision=env.precision, backend=backend,
-                      packing=packing, row_tokens=row_tokens(backend, request.model_cfg.max_seq_length),
-                      pad_id=tokenizer.pad_token_id, max_oom_retries=cfg.max_oom_retries, rank=rank,
-                      head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
-                      cuda_graphs=cuda_graphs, packed_layout=layout)
+    layout = (
+        run_layout(rows, order, range(resumed_from + 1, total_steps + 1), per_step, state.micro_batch_size)
+        if cuda_graphs and rank.world == 1 and packing and backend == "unsloth"
+        else None
+    )  # graphs: one device
+    stepper = Stepper(
+        model=model,
+        scaler=scaler,
+        device=device,
+        precision=env.precision,
+        backend=backend,
+        packing=packing,
+        row_tokens=row_tokens(backend, request.model_cfg.max_seq_length),
+        pad_id=tokenizer.pad_token_id,
+        max_oom_retries=cfg.max_oom_retries,
+        rank=rank,
+        head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
+        cuda_graphs=cuda_graphs,
+        packed_layout=layout,
+    )
     evaluation = HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper) if cfg.eval_steps else None
     selection = Selection(evaluation, cfg, state, load_best(checkpoints, state))
 
@@ -82,8 +102,9 @@ def train_model(request: TrainRequest) -> TrainResult:
         loss_tokens = sum(n_loss_tokens(row) for row in examples)
         # Loss and gradient norm stay on the device until a logging step reads them: no wait for the GPU between.
         loss_sum = stepper.run(examples[rank.index :: rank.world], loss_tokens, state, step)
-        grad_norm = finish_step(trainable, optimizer, scheduler, scaler, cfg.max_grad_norm,
-                                set_to_none=not stepper.gradients_in_graphs)
+        grad_norm = finish_step(
+            trainable, optimizer, scheduler, scaler, cfg.max_grad_norm, set_to_none=not stepper.gradients_in_graphs
+        )
         log.count(examples)
         if step % cfg.logging_steps == 0 or step == total_steps:
             log.record(step, summed_over_ranks(loss_sum, rank), scheduler.get_last_lr()[0], grad_norm, loss_tokens)
@@ -96,18 +117,26 @@ def train_model(request: TrainRequest) -> TrainResult:
         # early stop saves none: a resume replays the steps to it, which stop there again.)
         if step % cfg.save_steps == 0 and step < total_steps or step == total_steps and preference_steps:
             state.elapsed_s = log.elapsed()
-            save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank,
-                                 selection.best_weights)
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler, scaler, state, rank, selection.best_weights)
 
     # Select the SFT result, then the preference phase from it.
     choice = selection.choose(model, last_step, resumed_from, total_steps)
     reason = choice.reason
     if preference_steps:
-        train_preference(PreferenceRun(
-            cfg=cfg, stepper=stepper, rows=preference_rows, out_dir=request.out_dir, state=state,
-            first_step=total_steps, last_step=total_steps + preference_steps, resumed_from=resumed_from,
-            started=started, from_base=total_steps == 0 and request.init_from is None,
-        ))
+        train_preference(
+            PreferenceRun(
+                cfg=cfg,
+                stepper=stepper,
+                rows=preference_rows,
+                out_dir=request.out_dir,
+                state=state,
+                first_step=total_steps,
+                last_step=total_steps + preference_steps,
+                resumed_from=resumed_from,
+                started=started,
+                from_base=total_steps == 0 and request.init_from is None,
+            )
+        )
         last_step = total_steps + preference_steps
         reason += f"; then {cfg.objective.removeprefix('sft+')} steps {total_steps + 1}-{last_step} from it"
 
@@ -116,14 +145,27 @@ def train_model(request: TrainRequest) -> TrainResult:
     kind = "full" if cfg.mode == "full" else "lora"
     out = save_output(model, tokenizer, checkpoints, kind, request, rank)
     return TrainResult(
-        adapter_dir=out, kind=kind, backend=backend, loss_history=state.history, runtime_s=round(runtime, 3),
-        trainable_params=sum(p.numel() for p in trainable), total_params=sum(p.numel() for p in model.parameters()),
-        steps=last_step, device=env.device, precision=env.precision, micro_batch_size=state.micro_batch_size,
+        adapter_dir=out,
+        kind=kind,
+        backend=backend,
+        loss_history=state.history,
+        runtime_s=round(runtime, 3),
+        trainable_params=sum(p.numel() for p in trainable),
+        total_params=sum(p.numel() for p in model.parameters()),
+        steps=last_step,
+        device=env.device,
+        precision=env.precision,
+        micro_batch_size=state.micro_batch_size,
         gradient_accumulation_steps=math.ceil(per_step / rank.world / state.micro_batch_size),
-        oom_retries=state.oom_retries, resumed_from_step=resumed_from, eval_history=state.evals,
-        best_step=state.best.step if state.best else None, selected_step=choice.step,
-        stopped_early=choice.sft_steps < total_steps, selection=reason,
-        packed=packing, base_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
+        oom_retries=state.oom_retries,
+        resumed_from_step=resumed_from,
+        eval_history=state.evals,
+        best_step=state.best.step if state.best else None,
+        selected_step=choice.step,
+        stopped_early=choice.sft_steps < total_steps,
+        selection=reason,
+        packed=packing,
+        base_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
     )
 
 

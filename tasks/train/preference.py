@@ -61,22 +61,36 @@ def phase_rows(rows: list[dict], objective: str) -> tuple[list[dict], list[dict]
     method = objective.removeprefix("sft+")
     preference = [row for row in rows if row.get("kind") in preference_kinds.get(method, ())]
     if objective.startswith("sft") and not sft:
-        raise PreferenceDataError(f"train.objective={objective} needs good answers to learn (SFT rows, desirable "
-                                  "rows or DPO pairs); the training data has none")
+        raise PreferenceDataError(
+            f"train.objective={objective} needs good answers to learn (SFT rows, desirable "
+            "rows or DPO pairs); the training data has none"
+        )
     if method == "kto" and not preference:
-        raise PreferenceDataError("train.objective=kto needs rated rows (TRL's prompt/completion/label, a kto_tag, "
-                                  "or RAG rows with rag.max_bad_rating); the training data has none")
+        raise PreferenceDataError(
+            "train.objective=kto needs rated rows (TRL's prompt/completion/label, a kto_tag, "
+            "or RAG rows with rag.max_bad_rating); the training data has none"
+        )
     if method == "dpo" and not preference:
-        raise PreferenceDataError("train.objective=dpo needs pairs (prompt/chosen/rejected, a ranking dataset, or "
-                                  "RAG questions with a good and a bad rated answer); the training data has none")
+        raise PreferenceDataError(
+            "train.objective=dpo needs pairs (prompt/chosen/rejected, a ranking dataset, or "
+            "RAG questions with a good and a bad rated answer); the training data has none"
+        )
     return sft, preference
 
 
 # ------------------------------------------------------------------------------------------------ the losses
 
 
-def kto_loss(policy_logps, reference_logps, desirable, policy_kl_logps, reference_kl_logps, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+def kto_loss(
+    policy_logps,
+    reference_logps,
+    desirable,
+    policy_kl_logps,
+    reference_kl_logps,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+):
     """TRL's KTO loss (Eq. 7 of the KTO paper) and its logged metrics, for one batch.
 
     `desirable` is a boolean tensor per example; the KL log-probabilities are those of mismatched pairs.
@@ -84,8 +98,12 @@ def kto_loss(policy_logps, reference_logps, desirable, policy_kl_logps, referenc
     kl = (policy_kl_logps - reference_kl_logps).mean().detach().clamp(min=0)
     logratios = policy_logps - reference_logps
     chosen, rejected = logratios[desirable], logratios[~desirable]
-    losses = torch.cat((desirable_weight * (1 - torch.sigmoid(beta * (chosen - kl))),
-                        undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected)))))
+    losses = torch.cat(
+        (
+            desirable_weight * (1 - torch.sigmoid(beta * (chosen - kl))),
+            undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected))),
+        )
+    )
     metrics = {"kl": kl.item()}
     if len(chosen):
         metrics["rewards_chosen"] = (beta * chosen.detach()).mean().item()
@@ -102,9 +120,12 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     rejected = beta * (policy_rejected - reference_rejected)
     loss = -F.logsigmoid(chosen - rejected).mean()
     chosen, rejected = chosen.detach(), rejected.detach()
-    return loss, {"rewards_chosen": chosen.mean().item(), "rewards_rejected": rejected.mean().item(),
-                  "rewards_margin": (chosen - rejected).mean().item(),
-                  "rewards_accuracy": (chosen > rejected).float().mean().item()}
+    return loss, {
+        "rewards_chosen": chosen.mean().item(),
+        "rewards_rejected": rejected.mean().item(),
+        "rewards_margin": (chosen - rejected).mean().item(),
+        "rewards_accuracy": (chosen > rejected).float().mean().item(),
+    }
 
 
 # --------------------------------------------------------------------------------------- log-probabilities
@@ -121,6 +142,7 @@ def rejected_row(row: dict) -> dict:
 
 def kl_rows(rows: list[dict]) -> list[dict]:
     """Row i's prompt with row i-1's answer (TRL's mismatched pairs for the KL estimate), by data order."""
+
     def split(row):
         first = next(i for i, label in enumerate(row["labels"]) if label != IGNORE)
         return row["input_ids"][:first], row["input_ids"][first:]
@@ -129,8 +151,13 @@ def kl_rows(rows: list[dict]) -> list[dict]:
     for i, row in enumerate(rows):
         prompt, _ = split(row)
         _, answer = split(rows[i - 1])
-        out.append({"id": f"{row['id']}|kl:{rows[i - 1]['id']}", "input_ids": prompt + answer,
-                    "labels": [IGNORE] * len(prompt) + answer})
+        out.append(
+            {
+                "id": f"{row['id']}|kl:{rows[i - 1]['id']}",
+                "input_ids": prompt + answer,
+                "labels": [IGNORE] * len(prompt) + answer,
+            }
+        )
     return out
 
 
@@ -150,14 +177,16 @@ def sequence_logps(stepper: Stepper, rows: list[dict]):
         for start in range(0, len(targets), HEAD_CHUNK):
             part = slice(start, start + HEAD_CHUNK)
             args = (hidden[part], head.weight, head.bias, targets[part])
-            parts.append(checkpoint(chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_logps(*args))
+            parts.append(
+                checkpoint(chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_logps(*args)
+            )
     token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     return token_logps.new_zeros(len(rows)).index_add(0, batch["loss_example"], token_logps)
 
 
-def reference_logps(stepper: Stepper, sequences: list[dict], path: Path, from_base: bool,
-                    batch_size: int) -> dict[str, float]:
+def reference_logps(
+    stepper: Stepper, sequences: list[dict], path: Path, from_base: bool, batch_size: int
+) -> dict[str, float]:
     """Log-probability of every sequence under the reference, by sequence id; what `path` holds is reused."""
     cached = json.loads(path.read_text()) if path.is_file() else {}
     missing = [row for row in sequences if row["id"] not in cached]
@@ -174,8 +203,11 @@ def reference_logps(stepper: Stepper, sequences: list[dict], path: Path, from_ba
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(cached))
         os.replace(partial, path)
-        print(f"train: reference log-probabilities of {len(missing)} answers computed "
-              f"({'base, adapters off' if from_base else 'the model as the phase starts'}), kept in {path}", flush=True)
+        print(
+            f"train: reference log-probabilities of {len(missing)} answers computed "
+            f"({'base, adapters off' if from_base else 'the model as the phase starts'}), kept in {path}",
+            flush=True,
+        )
     return {row["id"]: cached[row["id"]] for row in sequences}
 
 
@@ -213,8 +245,9 @@ def train_preference(run: PreferenceRun) -> None:
         others = kl_rows(rows)
     else:  # chosen and rejected share the row's id: the rejected one is cached under its own
         others = [{**rejected_row(row), "id": row["id"] + "|rejected"} for row in rows]
-    reference = reference_logps(stepper, rows + others, run.out_dir / "reference_logps.json", run.from_base,
-                                pref.batch_size)
+    reference = reference_logps(
+        stepper, rows + others, run.out_dir / "reference_logps.json", run.from_base, pref.batch_size
+    )
     partner = dict(zip((row["id"] for row in rows), others))
     trainable = [p for p in model.parameters() if p.requires_grad]
     order = ExampleOrder(len(rows), cfg.seed)
@@ -230,14 +263,21 @@ def train_preference(run: PreferenceRun) -> None:
             with torch.no_grad():  # TRL computes the KL samples' log-probabilities without gradient
                 kl_logps = sequence_logps(stepper, matched)
             desirable = torch.tensor([row["kind"] == "desirable" for row in picked], device=stepper.device)
-            loss, metrics = kto_loss(logps, ref, desirable, kl_logps, ref_matched, pref.beta, pref.desirable_weight,
-                                     pref.undesirable_weight)
+            loss, metrics = kto_loss(
+                logps, ref, desirable, kl_logps, ref_matched, pref.beta, pref.desirable_weight, pref.undesirable_weight
+            )
         else:
             chosen, rejected = sequence_logps(stepper, picked + matched).split(len(picked))
             loss, metrics = dpo_loss(chosen, rejected, ref, ref_matched, pref.beta)
         stepper.scaler.scale(loss).backward()
-        grad_norm = finish_step(trainable, optimizer, scheduler, stepper.scaler, cfg.max_grad_norm,
-                                set_to_none=not stepper.gradients_in_graphs)
+        grad_norm = finish_step(
+            trainable,
+            optimizer,
+            scheduler,
+            stepper.scaler,
+            cfg.max_grad_norm,
+            set_to_none=not stepper.gradients_in_graphs,
+        )
         log.count(picked + matched)
         if step % cfg.logging_steps == 0 or step == run.last_step:
             log.record(step, loss, scheduler.get_last_lr()[0], grad_norm, phase=method, **metrics)

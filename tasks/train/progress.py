@@ -38,16 +38,20 @@ class LossLog:
         """The tokens of rows a step trained on (padding excluded)."""
         self.tokens += sum(len(row["input_ids"]) for row in rows)
 
-    def record(self, step: int, loss, learning_rate: float, grad_norm, loss_tokens: int = 1,
-               **extra) -> LossPoint:
+    def record(self, step: int, loss, learning_rate: float, grad_norm, loss_tokens: int = 1, **extra) -> LossPoint:
         """A point of the curve at `step`: `loss` (a tensor, summed over `loss_tokens` tokens) is read from the
         device only here; `extra`: a preference step's phase and rewards."""
         now = time.perf_counter()
         point = LossPoint(
-            step=step, loss=float(loss) / max(loss_tokens, 1), learning_rate=learning_rate,
-            grad_norm=round(float(grad_norm), 6), tokens_per_s=round(self.tokens / (now - self.since), 1),
-            peak_gpu_memory_gib=peak_gpu_gib(self.device), peak_gpu_reserved_gib=peak_gpu_gib(self.device, True),
-            elapsed_s=round(now - self.started, 3), **extra,
+            step=step,
+            loss=float(loss) / max(loss_tokens, 1),
+            learning_rate=learning_rate,
+            grad_norm=round(float(grad_norm), 6),
+            tokens_per_s=round(self.tokens / (now - self.since), 1),
+            peak_gpu_memory_gib=peak_gpu_gib(self.device),
+            peak_gpu_reserved_gib=peak_gpu_gib(self.device, True),
+            elapsed_s=round(now - self.started, 3),
+            **extra,
         )
         self.state.history.append(point)
         emit_event("step", **point.model_dump())

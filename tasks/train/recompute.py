@@ -91,8 +91,10 @@ def checkpoint_layers(model, checkpointing: bool | Literal["offload"]) -> int:
     host = HostBuffers() if checkpointing == "offload" else None
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     if not layers:
-        raise RuntimeError(f"{type(model).__name__} has no decoder layer with checkpointing turned on: "
-                           "train.gradient_checkpointing needs transformers' GradientCheckpointingLayer layers")
+        raise RuntimeError(
+            f"{type(model).__name__} has no decoder layer with checkpointing turned on: "
+            "train.gradient_checkpointing needs transformers' GradientCheckpointingLayer layers"
+        )
     for layer in layers:
         layer._gradient_checkpointing_func = LayerCheckpoint(host)
     return len(layers)

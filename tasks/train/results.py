@@ -16,11 +16,19 @@ from tunepipe.tasks.runtime.records import Point, Record
 Backend = Literal["hf", "unsloth"]
 
 # Per logged training step: MLflow metric name <- LossPoint field.
-TRAINING_CURVE = {"train_loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-                  "tokens_per_s": "tokens_per_s", "peak_gpu_memory_gib": "peak_gpu_memory_gib",
-                  "peak_gpu_reserved_gib": "peak_gpu_reserved_gib",
-                  "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
-                  "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy", "kl": "kl"}
+TRAINING_CURVE = {
+    "train_loss": "loss",
+    "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+    "tokens_per_s": "tokens_per_s",
+    "peak_gpu_memory_gib": "peak_gpu_memory_gib",
+    "peak_gpu_reserved_gib": "peak_gpu_reserved_gib",
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/margins": "rewards_margin",
+    "rewards/accuracies": "rewards_accuracy",
+    "kl": "kl",
+}
 
 
 class LossPoint(BaseModel):
@@ -93,15 +101,25 @@ class TrainResult(BaseModel):
         """How training went: each attempt's run shows it. A stage that ran reported its curve live; a cached
         one did not, so the curve is also here, for the runs that lack it."""
         return Record(
-            metrics={"train.runtime_s": self.runtime_s, "train.trainable_params": self.trainable_params,
-                     "train.oom_retries": self.oom_retries, "train.micro_batch_size": self.micro_batch_size,
-                     "train.gradient_accumulation_steps": self.gradient_accumulation_steps},
+            metrics={
+                "train.runtime_s": self.runtime_s,
+                "train.trainable_params": self.trainable_params,
+                "train.oom_retries": self.oom_retries,
+                "train.micro_batch_size": self.micro_batch_size,
+                "train.gradient_accumulation_steps": self.gradient_accumulation_steps,
+            },
             backfill=[p for point in self.loss_history for p in curve_points(point.model_dump())]
             + [p for point in self.eval_history for p in eval_points(point.model_dump())],
-            tags={"train.backend": self.backend, "train.kind": self.kind, "train.device": self.device,
-                  "train.precision": self.precision, "train.selection": self.selection,
-                  "train.selected_step": "" if self.selected_step is None else str(self.selected_step),
-                  "train.stopped_early": str(self.stopped_early).lower(), "train.packed": str(self.packed).lower()},
+            tags={
+                "train.backend": self.backend,
+                "train.kind": self.kind,
+                "train.device": self.device,
+                "train.precision": self.precision,
+                "train.selection": self.selection,
+                "train.selected_step": "" if self.selected_step is None else str(self.selected_step),
+                "train.stopped_early": str(self.stopped_early).lower(),
+                "train.packed": str(self.packed).lower(),
+            },
         )
 
     def record(self) -> Record:
@@ -121,12 +139,19 @@ def curve_points(values: dict) -> list[Point]:
     curve = dict(TRAINING_CURVE)
     if values.get("phase", "sft") != "sft":  # a KTO or DPO loss is another quantity than SFT's token loss
         curve[f"train_{values['phase']}_loss"] = curve.pop("train_loss")
-    return [Point(name=name, value=float(values[field]), step=values["step"])
-            for name, field in curve.items() if values.get(field) is not None]
+    return [
+        Point(name=name, value=float(values[field]), step=values["step"])
+        for name, field in curve.items()
+        if values.get(field) is not None
+    ]
 
 
 def eval_points(values: dict) -> list[Point]:
     """A held-out evaluation during training: `eval_loss` and `eval_<metric>` at its step."""
-    return [Point(name="eval_loss", value=float(values["eval_loss"]), step=values["step"]),
-            *(Point(name=f"eval_{name}", value=float(value), step=values["step"])
-              for name, value in values["metrics"].items())]
+    return [
+        Point(name="eval_loss", value=float(values["eval_loss"]), step=values["step"]),
+        *(
+            Point(name=f"eval_{name}", value=float(value), step=values["step"])
+            for name, value in values["metrics"].items()
+        ),
+    ]

@@ -42,8 +42,11 @@ class HeldOutEvaluation:
         examples = list(read_examples(held_out.examples))[:samples] if held_out.metric != "eval_loss" else []
         self.conversations = [[message.model_dump() for message in example.prompt] for example in examples]
         self.references = [example.answer for example in examples]
-        self.required = (required_keys(example.answer for example in read_examples(held_out.train_examples))
-                         if examples and held_out.output_format == "json" else [])
+        self.required = (
+            required_keys(example.answer for example in read_examples(held_out.train_examples))
+            if examples and held_out.output_format == "json"
+            else []
+        )
 
     def __call__(self, model, step: int) -> EvalPoint:
         import torch
@@ -53,11 +56,18 @@ class HeldOutEvaluation:
         with torch.no_grad():
             loss, metrics = self._measured(model)
         model.train()
-        point = EvalPoint(step=step, eval_loss=loss, metrics=metrics, elapsed_s=round(time.perf_counter() - started, 3),
-                          peak_gpu_memory_gib=peak_gpu_gib(self.stepper.device))
+        point = EvalPoint(
+            step=step,
+            eval_loss=loss,
+            metrics=metrics,
+            elapsed_s=round(time.perf_counter() - started, 3),
+            peak_gpu_memory_gib=peak_gpu_gib(self.stepper.device),
+        )
         if selection_value(point, self.held_out.metric) is None:
-            raise ValueError(f"retrain.metric {self.held_out.metric!r} was not measured on the {len(self.references)} "
-                             f"held-out prompts of train.eval_samples (measured: {', '.join(sorted(metrics))})")
+            raise ValueError(
+                f"retrain.metric {self.held_out.metric!r} was not measured on the {len(self.references)} "
+                f"held-out prompts of train.eval_samples (measured: {', '.join(sorted(metrics))})"
+            )
         return point
 
     def _measured(self, model) -> tuple[float, dict[str, float]]:
@@ -73,8 +83,10 @@ class HeldOutEvaluation:
                     raise
             torch.cuda.empty_cache()  # after the except block: the failed batch's tensors are released by then
             self.batch_size //= 2
-            print(f"train: CUDA out of memory in the held-out evaluation: batches of {self.batch_size} from now on",
-                  flush=True)
+            print(
+                f"train: CUDA out of memory in the held-out evaluation: batches of {self.batch_size} from now on",
+                flush=True,
+            )
 
     def _loss(self, model) -> float:
         stepper, batch_size = self.stepper, self.batch_size
@@ -92,14 +104,21 @@ class HeldOutEvaluation:
         from tunepipe.tasks.chat.metrics import score_answers
 
         if self.stepper.backend == "unsloth":
-            answers = unsloth_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
-                                      self.batch_size)
+            answers = unsloth_answers(
+                model, self.tokenizer, self.conversations, self.held_out.max_new_tokens, self.batch_size
+            )
         else:
             with switches_undone(model):  # the decoder's attention and norms must not stay on a model that trains
-                answers = greedy_answers(model, self.tokenizer, self.conversations, self.held_out.max_new_tokens,
-                                         self.batch_size)
-        means, _ = score_answers([a.text for a in answers], self.references, [a.stopped for a in answers],
-                                 self.held_out.output_format, self.required)
+                answers = greedy_answers(
+                    model, self.tokenizer, self.conversations, self.held_out.max_new_tokens, self.batch_size
+                )
+        means, _ = score_answers(
+            [a.text for a in answers],
+            self.references,
+            [a.stopped for a in answers],
+            self.held_out.output_format,
+            self.required,
+        )
         return means
 
 
@@ -122,8 +141,14 @@ def unsloth_answers(model, tokenizer, conversations: list[list[dict]], max_new_t
             width = max(len(p) for p in batch)
             ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             answers += [to_answer(tokenizer, tokens, stops) for tokens in out[:, width:].tolist()]
     finally:
         FastLanguageModel.for_training(model)
@@ -188,8 +213,11 @@ class Selection:
         if track_best(state, point, self.evaluation.held_out.metric, min_delta):
             self.best_weights = trainable_weights(model)
         shown = ", ".join(f"{name} {value:.4g}" for name, value in point.metrics.items() if "." not in name)
-        print(f"train: step {step}: held-out loss {point.eval_loss:.4f}{', ' + shown if shown else ''} "
-              f"({point.elapsed_s:.1f} s); best so far: step {state.best.step}", flush=True)
+        print(
+            f"train: step {step}: held-out loss {point.eval_loss:.4f}{', ' + shown if shown else ''} "
+            f"({point.elapsed_s:.1f} s); best so far: step {state.best.step}",
+            flush=True,
+        )
         emit_event("eval", **point.model_dump())
 
     def stops_early(self, step: int, total_steps: int) -> bool:
@@ -197,8 +225,11 @@ class Selection:
         early_stopping = self.cfg.early_stopping
         if early_stopping is None or self.state.evals_without_gain < early_stopping.patience or step >= total_steps:
             return False
-        print(f"train: early stopping at step {step}: {self.evaluation.held_out.metric} did not improve for "
-              f"{self.state.evals_without_gain} evaluations", flush=True)
+        print(
+            f"train: early stopping at step {step}: {self.evaluation.held_out.metric} did not improve for "
+            f"{self.state.evals_without_gain} evaluations",
+            flush=True,
+        )
         return True
 
     def choose(self, model, last_step: int, resumed_from: int, total_steps: int) -> Choice:
@@ -210,13 +241,15 @@ class Selection:
         selected = state.best.step if evaluated and select == "best" else sft_steps
         if selected != sft_steps and not in_preference:  # a preference phase starts from the chosen weights
             load_trainable(model, self.best_weights)
-        reason = selection_reason(state, select, selected, sft_steps, total_steps,
-                                  self.evaluation.held_out.metric if evaluated else None)
+        reason = selection_reason(
+            state, select, selected, sft_steps, total_steps, self.evaluation.held_out.metric if evaluated else None
+        )
         return Choice(selected if evaluated else None, sft_steps, reason)
 
 
-def selection_reason(state: TrainingState, select: str, selected: int, last_step: int, total_steps: int,
-                     metric: str | None) -> str:
+def selection_reason(
+    state: TrainingState, select: str, selected: int, last_step: int, total_steps: int, metric: str | None
+) -> str:
     """Which step's weights the stage returns and why, in one sentence (the `train.selection` tag)."""
     ended = f"step {last_step} of {total_steps}" + (" (early stopping)" if last_step < total_steps else "")
     if metric is None:
@@ -226,10 +259,14 @@ def selection_reason(state: TrainingState, select: str, selected: int, last_step
     described = f"{metric} {value:.4g}" + (f", eval loss {best.eval_loss:.4g}" if metric != "eval_loss" else "")
     steps = f"{len(state.evals)} evaluations, steps {state.evals[0].step}-{state.evals[-1].step}"
     if select == "last":
-        return (f"train.select=last: the weights of {ended}; the best evaluation was step {best.step} "
-                f"({described}) of {steps}")
+        return (
+            f"train.select=last: the weights of {ended}; the best evaluation was step {best.step} "
+            f"({described}) of {steps}"
+        )
     last = state.evals[-1]
     if selected == last.step:
         return f"train.select=best: step {selected} ({described}), the last of {steps}, was the best; {ended}"
-    return (f"train.select=best: step {selected} ({described}) was the best of {steps}; the last, step "
-            f"{last.step}, had {metric} {selection_value(last, metric):.4g}; trained to {ended}")
+    return (
+        f"train.select=best: step {selected} ({described}) was the best of {steps}; the last, step "
+        f"{last.step}, had {metric} {selection_value(last, metric):.4g}; trained to {ended}"
+    )

@@ -106,8 +106,7 @@ class Stepper:
             from tunepipe.tasks.train.graphs import TransformerGraphs
 
             self.graphs = TransformerGraphs(causal_lm_of(self.model).base_model, self.packed_layout)
-        self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk,
-                              transformer=self.graphs)
+        self.losses = partial(token_losses, backend=self.backend, head_chunk=self.head_chunk, transformer=self.graphs)
         self.parallel = None
         if self.rank.world > 1:
             from tunepipe.tasks.train.data_parallel import data_parallel
@@ -124,8 +123,9 @@ class Stepper:
         """Mixed precision at the run's precision (none in fp32)."""
         import torch
 
-        return torch.autocast(self.device.type, dtype=dtype_of(self.precision), enabled=self.precision != "fp32",
-                              **kwargs)
+        return torch.autocast(
+            self.device.type, dtype=dtype_of(self.precision), enabled=self.precision != "fp32", **kwargs
+        )
 
     def batch(self, rows: list[dict], layout: PackedLayout | None = None) -> dict:
         """The micro-batch of `rows` as this run batches them."""
@@ -141,8 +141,10 @@ class Stepper:
         while True:
             try:
                 starts = range(0, len(rows), state.micro_batch_size)
-                return sum(self._micro(rows[start : start + state.micro_batch_size], loss_tokens,
-                                       last=start == starts[-1]) for start in starts)
+                return sum(
+                    self._micro(rows[start : start + state.micro_batch_size], loss_tokens, last=start == starts[-1])
+                    for start in starts
+                )
             except torch.cuda.OutOfMemoryError:
                 self.model.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -154,12 +156,19 @@ class Stepper:
                 state.micro_batch_size = before // 2
                 state.oom_retries += 1
                 self.packed_layout = None  # its rows are as wide as the larger micro-batches': no memory saved
-                message = (f"CUDA out of memory at step {step} with micro-batch {before}: retrying with "
-                           f"micro-batch {state.micro_batch_size} and twice the accumulation (same effective "
-                           f"batch; retry {state.oom_retries} of at most {self.max_oom_retries})")
+                message = (
+                    f"CUDA out of memory at step {step} with micro-batch {before}: retrying with "
+                    f"micro-batch {state.micro_batch_size} and twice the accumulation (same effective "
+                    f"batch; retry {state.oom_retries} of at most {self.max_oom_retries})"
+                )
                 print(f"train: {message}", flush=True)
-                emit_event("oom_retry", step=step, retries=state.oom_retries,
-                           micro_batch_size=state.micro_batch_size, message=message)
+                emit_event(
+                    "oom_retry",
+                    step=step,
+                    retries=state.oom_retries,
+                    micro_batch_size=state.micro_batch_size,
+                    message=message,
+                )
 
     def _micro(self, rows: list[dict], loss_tokens: int, last: bool = True):
         import contextlib

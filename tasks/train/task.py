@@ -43,18 +43,40 @@ class TrainRequest(BaseModel):
 
 # The MLflow run only says where live metrics go; the training itself is in tasks/train/loop.py (the recipe)
 # and the modules beside it that it runs, and the base model is read by tasks/model/base.py.
-TRAIN_CACHE = StageCache(ignore=("mlflow_run",), sources=(
-    "tunepipe.tasks.train.loop", "tunepipe.tasks.train.environment", "tunepipe.tasks.train.loading", "tunepipe.tasks.train.batching",
-    "tunepipe.tasks.train.stepper", "tunepipe.tasks.train.selection", "tunepipe.tasks.train.checkpoints", "tunepipe.tasks.train.progress",
-    "tunepipe.tasks.train.preference", "tunepipe.tasks.train.head_loss", "tunepipe.tasks.train.data_parallel", "tunepipe.tasks.train.graphs",
-    "tunepipe.tasks.train.recompute", "tunepipe.tasks.patches.unsloth", "tunepipe.tasks.patches.torch", "tunepipe.tasks.model.base",
-    "tunepipe.tasks.model.packaged"))
+TRAIN_CACHE = StageCache(
+    ignore=("mlflow_run",),
+    sources=(
+        "tunepipe.tasks.train.loop",
+        "tunepipe.tasks.train.environment",
+        "tunepipe.tasks.train.loading",
+        "tunepipe.tasks.train.batching",
+        "tunepipe.tasks.train.stepper",
+        "tunepipe.tasks.train.selection",
+        "tunepipe.tasks.train.checkpoints",
+        "tunepipe.tasks.train.progress",
+        "tunepipe.tasks.train.preference",
+        "tunepipe.tasks.train.head_loss",
+        "tunepipe.tasks.train.data_parallel",
+        "tunepipe.tasks.train.graphs",
+        "tunepipe.tasks.train.recompute",
+        "tunepipe.tasks.patches.unsloth",
+        "tunepipe.tasks.patches.torch",
+        "tunepipe.tasks.model.base",
+        "tunepipe.tasks.model.packaged",
+    ),
+)
 
 
 @task(name="train", cache_policy=TRAIN_CACHE, persist_result=True)
 def train(
-    data: FormattedData, base: BaseModelRef, model_cfg: ModelConfig, lora: LoraConfig, cfg: TrainConfig,
-    workdir: Path, init_from: Path | None = None, held_out: HeldOut | None = None,
+    data: FormattedData,
+    base: BaseModelRef,
+    model_cfg: ModelConfig,
+    lora: LoraConfig,
+    cfg: TrainConfig,
+    workdir: Path,
+    init_from: Path | None = None,
+    held_out: HeldOut | None = None,
     mlflow_run: MlflowRunRef | None = None,
 ) -> TrainResult:
     """Train in a worker process; `mlflow_run` receives the live metrics (and is not part of the cache key).
@@ -62,13 +84,28 @@ def train(
     if bool(cfg.eval_steps) != (held_out is not None):  # given only when used: it is part of the cache key
         raise ValueError("the train stage takes held-out data exactly when train.eval_steps is set")
     out_dir = stage_dir(workdir, "train", data, base, model_cfg, lora, cfg, init_from, held_out)
-    request = TrainRequest(data=data.train, base=base, model_cfg=model_cfg, lora=lora, cfg=cfg, out_dir=out_dir,
-                           init_from=init_from, held_out=held_out)
+    request = TrainRequest(
+        data=data.train,
+        base=base,
+        model_cfg=model_cfg,
+        lora=lora,
+        cfg=cfg,
+        out_dir=out_dir,
+        init_from=init_from,
+        held_out=held_out,
+    )
     log = get_run_logger()
     prestart_worker(EVALUATE_WORKER)  # the evaluate stage follows: its worker imports while this one trains
     with gpu_slots(cfg.devices):  # inside the task, so a cache hit never waits for another run's training
-        return run_worker(TRAIN_WORKER, request, TrainResult, out_dir, devices=cfg.devices,
-                          log=log, on_event=live_training_log(mlflow_run, log) if mlflow_run else None)
+        return run_worker(
+            TRAIN_WORKER,
+            request,
+            TrainResult,
+            out_dir,
+            devices=cfg.devices,
+            log=log,
+            on_event=live_training_log(mlflow_run, log) if mlflow_run else None,
+        )
 
 
 def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict], None]:
@@ -80,25 +117,52 @@ def live_training_log(run: MlflowRunRef, log: logging.Logger) -> Callable[[dict]
     def on_event(event: dict) -> None:
         if event["event"] == "step":
             writer.record(Record(points=curve_points(event)))
-            log.info("step %d: loss %.4f, lr %.2e, grad norm %s, %s tokens/s", event["step"], event["loss"],
-                     event["learning_rate"], event.get("grad_norm"), event.get("tokens_per_s"))
+            log.info(
+                "step %d: loss %.4f, lr %.2e, grad norm %s, %s tokens/s",
+                event["step"],
+                event["loss"],
+                event["learning_rate"],
+                event.get("grad_norm"),
+                event.get("tokens_per_s"),
+            )
         elif event["event"] == "eval":
             writer.record(Record(points=eval_points(event)))
-            log.info("step %d: held-out loss %.4f%s%s", event["step"], event["eval_loss"],
-                     "".join(f", {name} {value:.4g}" for name, value in event["metrics"].items() if "." not in name),
-                     f" (peak GPU memory so far {event['peak_gpu_memory_gib']} GiB)"
-                     if event.get("peak_gpu_memory_gib") is not None else "")
+            log.info(
+                "step %d: held-out loss %.4f%s%s",
+                event["step"],
+                event["eval_loss"],
+                "".join(f", {name} {value:.4g}" for name, value in event["metrics"].items() if "." not in name),
+                f" (peak GPU memory so far {event['peak_gpu_memory_gib']} GiB)"
+                if event.get("peak_gpu_memory_gib") is not None
+                else "",
+            )
         elif event["event"] == "started":  # what the environment check decided, beside the run's params
-            writer.record(Record(tags={
-                f"train.environment.{key}": str(event[key])
-                for key in ("backend", "device", "precision", "gradient_checkpointing", "estimate_gib", "free_gib")
-            }))
+            writer.record(
+                Record(
+                    tags={
+                        f"train.environment.{key}": str(event[key])
+                        for key in (
+                            "backend",
+                            "device",
+                            "precision",
+                            "gradient_checkpointing",
+                            "estimate_gib",
+                            "free_gib",
+                        )
+                    }
+                )
+            )
         elif event["event"] == "oom_retry":
             log.warning("%s", event["message"])
-            writer.record(Record(points=[
-                Point(name="train.oom_retries", value=event["retries"], step=event["step"]),
-                Point(name="train.micro_batch_size", value=event["micro_batch_size"], step=event["step"]),
-            ], tags={"train.oom": event["message"]}))
+            writer.record(
+                Record(
+                    points=[
+                        Point(name="train.oom_retries", value=event["retries"], step=event["step"]),
+                        Point(name="train.micro_batch_size", value=event["micro_batch_size"], step=event["step"]),
+                    ],
+                    tags={"train.oom": event["message"]},
+                )
+            )
 
     return on_event
 
@@ -127,8 +191,9 @@ def trained_model(cfg: TrackingConfig, registered_name: str, model: str, dest: P
         if not target.exists():
             partial = folder / ".partial"
             shutil.rmtree(partial, ignore_errors=True)
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(partial),
-                                                        tracking_uri=cfg.uri)
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=str(partial), tracking_uri=cfg.uri
+            )
             target.parent.mkdir(parents=True, exist_ok=True)
             Path(local).rename(target)
         return target
@@ -139,6 +204,8 @@ def trained_model(cfg: TrackingConfig, registered_name: str, model: str, dest: P
         return run_id, trained.model_copy(update={"adapter_dir": local})
     trained = TrainResult.model_validate_json(fetch(f"{artifact}/train_result.json").read_text())
     if not (trained.adapter_dir / "config.json").is_file():
-        raise ValueError(f"run {run_id} trained every weight (train.mode: full) and was not exported, so MLflow "
-                         f"holds no weights of it, and its train stage folder {trained.adapter_dir} is gone")
+        raise ValueError(
+            f"run {run_id} trained every weight (train.mode: full) and was not exported, so MLflow "
+            f"holds no weights of it, and its train stage folder {trained.adapter_dir} is gone"
+        )
     return run_id, trained

@@ -73,19 +73,34 @@ class OllamaClient:
             log.info("ollama already has %s (%s)", path.name, digest)
             return digest
         with self._call(f"POST /api/blobs/{digest}"), path.open("rb") as body:
-            response = self._http.post(f"/api/blobs/{digest}", content=body,
-                                       headers={"Content-Length": str(path.stat().st_size)})
+            response = self._http.post(
+                f"/api/blobs/{digest}", content=body, headers={"Content-Length": str(path.stat().st_size)}
+            )
             response.raise_for_status()  # 201 Created, or 200 when it appeared meanwhile
         return digest
 
-    def create(self, name: str, files: dict[str, str], template: str, system: str | None,
-               parameters: dict[str, Any], adapters: dict[str, str] | None = None) -> None:
+    def create(
+        self,
+        name: str,
+        files: dict[str, str],
+        template: str,
+        system: str | None,
+        parameters: dict[str, Any],
+        adapters: dict[str, str] | None = None,
+    ) -> None:
         """Create (or replace) model `name` from uploaded blobs (`files`, `adapters`: file name → digest)."""
         status = None
         with self._call(f"creating {name!r}"):
             # Streamed: a failure after the stream started (a missing blob) comes as an error line, raised here.
-            for progress in self._api.create(name, files=files, adapters=adapters, template=template, system=system,
-                                             parameters=parameters, stream=True):
+            for progress in self._api.create(
+                name,
+                files=files,
+                adapters=adapters,
+                template=template,
+                system=system,
+                parameters=parameters,
+                stream=True,
+            ):
                 status = progress.status
                 log.info("ollama create %s: %s", name, status)
         if status != "success":
@@ -108,8 +123,9 @@ class OllamaClient:
         with self._call("listing models"):
             return [model.model for model in self._api.list().models]
 
-    def chat(self, name: str, messages: list[dict[str, str]], options: dict[str, Any],
-             format: dict[str, Any] | None = None) -> ollama.ChatResponse:
+    def chat(
+        self, name: str, messages: list[dict[str, str]], options: dict[str, Any], format: dict[str, Any] | None = None
+    ) -> ollama.ChatResponse:
         """One non-streamed chat completion: `message.content`, `done_reason` (`stop` or `length`), timings;
         `format`: a JSON schema the reply must follow."""
         with self._call(f"chat with {name!r}"):
@@ -129,8 +145,10 @@ class OllamaClient:
         except ollama.ResponseError as exc:
             raise OllamaError(f"{what} at {self.host}: HTTP {exc.status_code}: {exc.error}", exc.status_code) from None
         except httpx.HTTPStatusError as exc:
-            raise OllamaError(f"{what} at {self.host}: HTTP {exc.response.status_code}: "
-                              f"{_error_text(exc.response)}", exc.response.status_code) from None
+            raise OllamaError(
+                f"{what} at {self.host}: HTTP {exc.response.status_code}: {_error_text(exc.response)}",
+                exc.response.status_code,
+            ) from None
         except (ConnectionError, httpx.TransportError) as exc:  # the ollama client turns ConnectError into this
             raise OllamaConnectionError(f"{what} at {self.host}: {exc!r}") from exc
 

@@ -16,7 +16,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from tunepipe.tasks.chat.template import ChatContext
-from tunepipe.tasks.integrations.ollama.template import TemplateRefused, end_of_turn, ollama_template, transformers_renderer
+from tunepipe.tasks.integrations.ollama.template import (
+    TemplateRefused,
+    end_of_turn,
+    ollama_template,
+    transformers_renderer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +86,17 @@ def _bare(value: str) -> bool:
     return bool(value) and not any(c.isspace() or c == '"' for c in value)
 
 
-def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, *, template: str | None = None, system: str | None = None,
-                   trained_system: str | None = None, parameters: dict[str, int | float] | None = None,
-                   examples: Sequence[Sequence[dict[str, str]]] = (), chat: ChatContext = ChatContext()
-                   ) -> ModelfileSpec:
+def modelfile_spec(
+    gguf_path: Path,
+    tokenizer_dir: Path,
+    *,
+    template: str | None = None,
+    system: str | None = None,
+    trained_system: str | None = None,
+    parameters: dict[str, int | float] | None = None,
+    examples: Sequence[Sequence[dict[str, str]]] = (),
+    chat: ChatContext = ChatContext(),
+) -> ModelfileSpec:
     """Template and stops derived from the tokenizer's chat template and proven (or the given `template`: the
     config's `ollama.template`), with these PARAMETERs; `examples` (prompts of the run's conversations) join the
     proof, which renders the chat template with training's `chat` context (data.reasoning's enable_thinking,
@@ -119,8 +131,7 @@ def modelfile_spec(gguf_path: Path, tokenizer_dir: Path, *, template: str | None
     end_tokens = [eos] if eos else []
     # dict.fromkeys drops repeats and keeps the first occurrence's place: the end-of-turn text stays first.
     stops = list(dict.fromkeys([*stops, *end_tokens, *_generation_eos_tokens(tokenizer_dir)]))
-    return ModelfileSpec(gguf=gguf_path, template=template, stops=stops, system=system,
-                         parameters=parameters or {})
+    return ModelfileSpec(gguf=gguf_path, template=template, stops=stops, system=system, parameters=parameters or {})
 
 
 def client_messages(prompt, system: str | None) -> list[dict[str, str]]:

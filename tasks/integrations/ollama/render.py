@@ -28,8 +28,9 @@ GO_MISSING = (
 )
 
 
-def render_served_prompt(template: str, messages: list[dict], system: str | None = None,
-                         think: bool | None = None) -> str:
+def render_served_prompt(
+    template: str, messages: list[dict], system: str | None = None, think: bool | None = None
+) -> str:
     """What Ollama feeds the model for /api/chat `messages` under TEMPLATE `template` and Modelfile SYSTEM `system`.
 
     `think` is the request's `think` flag (None: not sent). Raises ValueError when Go cannot parse or execute it.
@@ -55,12 +56,15 @@ def harness() -> Path:
         raise RuntimeError(GO_MISSING)
     binary.parent.mkdir(parents=True, exist_ok=True)
     # Offline and with the installed toolchain only: a newer Go would otherwise try to fetch one.
-    env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off",
-           "GOCACHE": os.environ.get("GOCACHE", str(cache_root() / "go-build"))}
+    env = {
+        **os.environ,
+        "GOTOOLCHAIN": "local",
+        "GOPROXY": "off",
+        "GOCACHE": os.environ.get("GOCACHE", str(cache_root() / "go-build")),
+    }
     with tempfile.TemporaryDirectory(dir=binary.parent) as tmp:  # built aside, then moved: no half-written binary
         built = Path(tmp) / "gotemplate"
-        done = subprocess.run([go, "build", "-o", str(built), "."], cwd=SOURCE, env=env,
-                              capture_output=True, text=True)
+        done = subprocess.run([go, "build", "-o", str(built), "."], cwd=SOURCE, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"`go build` of {SOURCE} failed:\n{done.stderr.strip()}")
         built.replace(binary)
@@ -71,15 +75,22 @@ class _Renderer:
     """One harness process, a request line in and an answer line out; shared by the threads of this process."""
 
     def __init__(self) -> None:
-        self._process = subprocess.Popen([str(harness())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         text=True, encoding="utf-8")
+        self._process = subprocess.Popen(
+            [str(harness())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8"
+        )
         self._lock = threading.Lock()
         atexit.register(self.close)
 
     def render(self, template: str, messages: list[dict], system: str | None, think: bool | None) -> str:
-        request = {"template": template, "system": system or "", "think": think,
-                   "messages": [{"role": m["role"], "content": m.get("content") or "",
-                                 "thinking": m.get("thinking") or ""} for m in messages]}
+        request = {
+            "template": template,
+            "system": system or "",
+            "think": think,
+            "messages": [
+                {"role": m["role"], "content": m.get("content") or "", "thinking": m.get("thinking") or ""}
+                for m in messages
+            ],
+        }
         with self._lock:
             self._process.stdin.write(json.dumps(request) + "\n")
             self._process.stdin.flush()

@@ -68,10 +68,13 @@ def find_ollama_gguf(name: str, host: str) -> OllamaGguf:
     else:
         source = _from_line(shown.modelfile or "")
         if source is not None and source.is_file() and BLOB_NAME.fullmatch(source.name):
-            return OllamaGguf(name=full, path=source, digest=source.name.replace("-", ":", 1),
-                              found_by=f"the API at {host}")
-        tried.append(f"the API at {host} names the weights {source} (from /api/show's modelfile), "
-                     "which is not a blob readable here (is the server on another machine or container?)")
+            return OllamaGguf(
+                name=full, path=source, digest=source.name.replace("-", ":", 1), found_by=f"the API at {host}"
+            )
+        tried.append(
+            f"the API at {host} names the weights {source} (from /api/show's modelfile), "
+            "which is not a blob readable here (is the server on another machine or container?)"
+        )
     folder = models_folder()
     manifest = folder / "manifests" / registry / namespace / model / tag
     if manifest.is_file():

@@ -16,12 +16,14 @@ class DataConfig(Section):
         "(`data/*.jsonl`), or a LLaMA-Factory data folder described by its `dataset_info.json`."
     )
     eval: Path | None = Field(
-        None, description="The test split, given like `train`: read only by the gate, the champion comparison, "
+        None,
+        description="The test split, given like `train`: read only by the gate, the champion comparison, "
         "the report's headline and the served model's parity check; split from train when absent "
         "(`eval_fraction`).",
     )
     validation: Path | None = Field(
-        None, description="The validation split, given like `train`: every choice before the gate reads it (best "
+        None,
+        description="The validation split, given like `train`: every choice before the gate reads it (best "
         "checkpoint, early stopping, the retrain loop's next attempt); split from train when absent "
         "(`validation_fraction`).",
     )
@@ -35,11 +37,17 @@ class DataConfig(Section):
         [], description="Entries of a LLaMA-Factory `dataset_info.json` to load; empty loads every entry."
     )
     eval_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Test share of the training rows when `eval` is not given: each question "
+        0.1,
+        gt=0,
+        lt=1,
+        description="Test share of the training rows when `eval` is not given: each question "
         "whose stable hash (of `seed` and the question) falls below it, the same on every run and snapshot.",
     )
     validation_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Validation share of the training rows when `validation` is not given: the "
+        0.1,
+        gt=0,
+        lt=1,
+        description="Validation share of the training rows when `validation` is not given: the "
         "questions whose hash falls in the band just above `eval_fraction`'s, so a question keeps its side (train, "
         "validation or test) for good as the data grows.",
     )
@@ -77,6 +85,8 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _room_for_training(self) -> DataConfig:
         if self.eval is None and self.validation is None and self.eval_fraction + self.validation_fraction >= 1:
-            raise ValueError(f"data.eval_fraction {self.eval_fraction} + data.validation_fraction "
-                             f"{self.validation_fraction} leave no training rows: together they must stay below 1")
+            raise ValueError(
+                f"data.eval_fraction {self.eval_fraction} + data.validation_fraction "
+                f"{self.validation_fraction} leave no training rows: together they must stay below 1"
+            )
         return self

@@ -11,8 +11,15 @@ from tunepipe.tasks.runtime.config.section import Section, masked
 
 # Metrics the evaluate stage reports (tasks/chat/metrics.py), by the name a gate rule uses. Checked when the config
 # loads, so a typo fails before training, not after it.
-JSON_METRICS = {"valid_json_rate", "exact_match", "field_accuracy", "key_precision", "key_recall", "key_f1",
-                "required_keys_rate"}
+JSON_METRICS = {
+    "valid_json_rate",
+    "exact_match",
+    "field_accuracy",
+    "key_precision",
+    "key_recall",
+    "key_f1",
+    "required_keys_rate",
+}
 TEXT_METRICS = {"exact_match", "rouge_l", "chrf"}
 COMMON_METRICS = {"eval_loss", "stop_rate"}
 # Written by the judge (eval.judge), by its mode; only for the test report the gate reads.
@@ -42,39 +49,51 @@ class JudgeConfig(Section):
         "serves with llama-cpp-python's own OpenAI-compatible server for the evaluation and stops after.",
     )
     base_url: str | None = Field(
-        None, description="Ollama: its URL (default: `ollama.host`, $OLLAMA_HOST, http://127.0.0.1:11434). "
+        None,
+        description="Ollama: its URL (default: `ollama.host`, $OLLAMA_HOST, http://127.0.0.1:11434). "
         "openai: the API's base URL ending in /v1, e.g. http://gpu-box:8000/v1 (required).",
     )
     _mask_base_url = field_serializer("base_url", when_used="json")(lambda self, value: masked(value))
     api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the endpoint's API key, sent as a bearer "
+        None,
+        description="Name of the environment variable holding the endpoint's API key, sent as a bearer "
         "token; the key itself is never in the config, the logs or the judge's records.",
     )
     mode: Literal["pairwise", "rubric"] = Field(
-        "pairwise", description="`pairwise`: the candidate's answer against the champion's (the base's for a "
+        "pairwise",
+        description="`pairwise`: the candidate's answer against the champion's (the base's for a "
         "first model), in both orders; a verdict that flips with the order is a tie. Metric `judge_win_rate` "
         "(win 1, tie 0.5, loss 0). `rubric`: each of the two answers scored 1-5 against the reference by "
         "`rubric`; metric `judge_score`, the score mapped to [0, 1] ((score - 1) / 4).",
     )
     rubric: str = Field(DEFAULT_RUBRIC, description="Rubric mode: what the judge scores and what each score means.")
     structured: bool = Field(
-        False, description="Constrain the judge's reply to a JSON verdict (Ollama's `format`, the endpoint's "
+        False,
+        description="Constrain the judge's reply to a JSON verdict (Ollama's `format`, the endpoint's "
         "`response_format` JSON schema): no room for an explanation, but a small judge always answers in the "
         "format. Off: the judge explains, then gives its verdict as [[A]] / [[B]] / [[C]] (or [[1]]-[[5]]).",
     )
     max_tokens: int = Field(512, ge=1, description="Longest reply of the judge, explanation included.")
     timeout_s: float = Field(300, gt=0, description="How long one judge call may take.")
     context_length: int = Field(
-        4096, ge=256, description="A `.gguf` judge: the context its server is started with (prompt and reply).",
+        4096,
+        ge=256,
+        description="A `.gguf` judge: the context its server is started with (prompt and reply).",
     )
     max_unparsed: float = Field(
-        0.1, ge=0, le=1, description="Largest share of judge calls whose verdict cannot be read even after the "
+        0.1,
+        ge=0,
+        le=1,
+        description="Largest share of judge calls whose verdict cannot be read even after the "
         "format was restated once; more, and the judge's metrics count as not measured: the run fails naming "
         "the gate rules that could not be measured.",
     )
 
     max_order_flips: float = Field(
-        0.5, ge=0, le=1, description="Pairwise: largest share of examples (of those with both verdicts read) whose "
+        0.5,
+        ge=0,
+        le=1,
+        description="Pairwise: largest share of examples (of those with both verdicts read) whose "
         "verdict changes with the order of the answers; more, and the judge is judging positions, not answers: its "
         "metric counts as not measured and the run fails naming the gate rules that could not be measured.",
     )
@@ -114,16 +133,21 @@ class RetentionConfig(Section):
     greedily, and the candidate's loss on those answers is set against the base's own (tasks/evaluate/retention.py)."""
 
     builtin: int = Field(
-        16, ge=0, description="How many of the built-in general prompts to ask, in their order, which changes language "
+        16,
+        ge=0,
+        description="How many of the built-in general prompts to ask, in their order, which changes language "
         "from one to the next (English, French, German, Spanish, Chinese, ...: general chat, instructions, a little "
         "arithmetic and knowledge); 0: none.",
     )
     prompts: Path | None = Field(
-        None, description="Your own general prompts, asked after the built-in ones: JSONL, one per line, "
+        None,
+        description="Your own general prompts, asked after the built-in ones: JSONL, one per line, "
         '`{"prompt": "..."}` or `{"messages": [...]}` ending with a user turn (an `id` and a `language` may be given).',
     )
     max_new_tokens: int = Field(
-        64, ge=1, description="Longest answer the base and the candidate give to a general prompt.",
+        64,
+        ge=1,
+        description="Longest answer the base and the candidate give to a general prompt.",
     )
 
     @model_validator(mode="after")
@@ -140,21 +164,26 @@ class EvalConfig(Section):
     # never generates them again.
     cache_exclude: ClassVar[set[str]] = {"retention", "judge"}
 
-    max_samples: int = Field(64, ge=1, description="Examples of each split (validation, test) used for generation metrics.")
+    max_samples: int = Field(
+        64, ge=1, description="Examples of each split (validation, test) used for generation metrics."
+    )
     max_new_tokens: int = Field(128, ge=1, description="Longest answer generated; one cut here has not stopped.")
     batch_size: int = Field(
         16, ge=1, description="Prompts answered at once (and rows per eval-loss batch); on a GPU 64-128 is fastest."
     )
     probes: list[str] = Field(
-        [], description="Fixed user prompts (the data's system prompt is added) answered by base, champion and "
+        [],
+        description="Fixed user prompts (the data's system prompt is added) answered by base, champion and "
         "candidate side by side, written to the evaluation's probes.jsonl.",
     )
     retention: RetentionConfig = Field(
-        RetentionConfig(), description="General prompts outside the task, answered by base and candidate: what "
+        RetentionConfig(),
+        description="General prompts outside the task, answered by base and candidate: what "
         "the candidate forgot (gate.retention decides on it).",
     )
     judge: JudgeConfig | None = Field(
-        None, description="A second model that judges the test answers (`ollama:NAME`, `openai:MODEL` with "
+        None,
+        description="A second model that judges the test answers (`ollama:NAME`, `openai:MODEL` with "
         "base_url, or a .gguf file; a string sets only the model); its metric (`judge_win_rate` or `judge_score`) "
         "can then be gated like any other. null: no judge.",
     )

@@ -13,7 +13,8 @@ class MetricRule(Section):
     min: float | None = Field(None, description="The candidate's value must be at least this.")
     max: float | None = Field(None, description="The candidate's value must be at most this.")
     min_improvement_over_base: float | None = Field(
-        None, description="The candidate must beat the base model by more than this, in the metric's better "
+        None,
+        description="The candidate must beat the base model by more than this, in the metric's better "
         "direction (for eval_loss, base loss minus candidate loss; for the others, candidate minus base): the lower "
         "end of the paired interval (`gate.confidence`) of the per-example differences must be above it.",
     )
@@ -23,7 +24,9 @@ class RetentionRule(Section):
     """The candidate must still find the base's answers to general prompts about as likely as the base does."""
 
     max_loss_increase: float = Field(
-        0.5, ge=0, description="Largest rise allowed, in nats per token, of the candidate's mean token loss on the "
+        0.5,
+        ge=0,
+        description="Largest rise allowed, in nats per token, of the candidate's mean token loss on the "
         "base's own greedy answers to the general prompts over the base's loss on them. A rise of d means the "
         "candidate finds what the base would say exp(d) times less likely per token (0.5: about 1.6 times).",
     )
@@ -47,11 +50,15 @@ class GateConfig(Section):
         "much. Better means higher, except for eval_loss (lower).",
     )
     confidence: float = Field(
-        0.95, gt=0.5, lt=1, description="Confidence of the intervals the base and champion rules decide on (two-"
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="Confidence of the intervals the base and champion rules decide on (two-"
         "sided: at 0.95 an equal candidate passes a margin-0 rule at most 2.5% of the time).",
     )
     max_regressions: int | float | None = Field(
-        None, description="The most test examples that may regress against the champion (against the base before "
+        None,
+        description="The most test examples that may regress against the champion (against the base before "
         "the first promotion): examples it matched exactly that the candidate does not, or JSON fields it had right "
         "that the candidate has wrong. A whole number is a count (0: none); a number between 0 and 1 a share of the "
         "test examples (0.02: 2%). null: regressions are listed, not gated.",
@@ -61,8 +68,10 @@ class GateConfig(Section):
     def _regressions_are_a_count_or_a_share(self) -> GateConfig:
         allowed = self.max_regressions
         if isinstance(allowed, float) and not 0 < allowed < 1 or isinstance(allowed, int) and allowed < 0:
-            raise ValueError(f"max_regressions: {allowed} is neither a count (a whole number, at least 0) nor a share "
-                             "of the test examples (a number between 0 and 1)")
+            raise ValueError(
+                f"max_regressions: {allowed} is neither a count (a whole number, at least 0) nor a share "
+                "of the test examples (a number between 0 and 1)"
+            )
         return self
 
     retention: RetentionRule | None = Field(

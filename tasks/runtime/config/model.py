@@ -24,7 +24,9 @@ class ModelConfig(Section):
     )
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
     gpu_memory_gib: float | None = Field(
-        None, gt=0, description="GPU memory the run may use, in GiB (16 for a T4, 24 for an RTX 4090): the run "
+        None,
+        gt=0,
+        description="GPU memory the run may use, in GiB (16 for a T4, 24 for an RTX 4090): the run "
         "plan (`tunepipe check`, and the run before its first stage) sizes every stage against it, and the "
         "training and evaluation workers cap their CUDA allocator there. null: the card's free memory.",
     )

@@ -20,19 +20,26 @@ class OllamaConfig(Section):
         None, description="Ollama Go TEMPLATE overriding the one derived from the chat template."
     )
     system: str | None = Field(
-        None, description="System prompt written into the Modelfile (SYSTEM); defaults to `data.system_prompt`, "
-                          "the one the model was trained with, else the chat template's own default.",
+        None,
+        description="System prompt written into the Modelfile (SYSTEM); defaults to `data.system_prompt`, "
+        "the one the model was trained with, else the chat template's own default.",
     )
     smoke_examples: int = Field(
-        5, ge=0, description="Held-out examples asked through /api/chat after registration (with the probes); "
-                             "each answer must parse as the task demands and end by a stop, or nothing is promoted.",
+        5,
+        ge=0,
+        description="Held-out examples asked through /api/chat after registration (with the probes); "
+        "each answer must parse as the task demands and end by a stop, or nothing is promoted.",
     )
     adapter_base: str | None = Field(
-        None, description="FROM line of `Modelfile.adapter` (an Ollama model such as qwen2.5:0.5b-instruct, or a "
-                          "path); defaults to the base model's local folder, which Ollama imports as safetensors.",
+        None,
+        description="FROM line of `Modelfile.adapter` (an Ollama model such as qwen2.5:0.5b-instruct, or a "
+        "path); defaults to the base model's local folder, which Ollama imports as safetensors.",
     )
 
     def modelfile_settings(self) -> dict[str, Any]:
         """What the Modelfile takes from this section, as `modelfile_spec`'s keywords."""
-        return {"template": self.template, "system": self.system,
-                "parameters": {"num_ctx": self.num_ctx, "temperature": self.temperature}}
+        return {
+            "template": self.template,
+            "system": self.system,
+            "parameters": {"num_ctx": self.num_ctx, "temperature": self.temperature},
+        }

@@ -40,10 +40,14 @@ class RetryConfig(Section):
     """Retries of the tasks that talk to the network: hub resolution, Ollama and the MLflow model registry."""
 
     attempts: int = Field(
-        4, ge=1, description="Tries in all of such a task when its call failed transiently (no answer, a "
-                             "connection cut off, HTTP 429 or 5xx); 1: no retry. Each task is safe to repeat.")
+        4,
+        ge=1,
+        description="Tries in all of such a task when its call failed transiently (no answer, a "
+        "connection cut off, HTTP 429 or 5xx); 1: no retry. Each task is safe to repeat.",
+    )
     backoff_s: float = Field(
-        5.0, ge=0, description="Wait before the first retry, in seconds; each later one waits twice as long.")
+        5.0, ge=0, description="Wait before the first retry, in seconds; each later one waits twice as long."
+    )
 
 
 class PipelineConfig(Section):
@@ -73,27 +77,34 @@ class PipelineConfig(Section):
         """Every metric a rule or the retrain loop names must be one the evaluation reports for this data."""
         known = COMMON_METRICS | (JSON_METRICS if self.data.output_format == "json" else TEXT_METRICS)
         judged = {self.eval.judge.metric} if self.eval.judge is not None else set()
-        named = [*((f"gate.rules.{m}", m) for m in self.gate.rules),
-                 *((f"gate.must_beat_champion_by.{m}", m) for m in self.gate.must_beat_champion_by)]
+        named = [
+            *((f"gate.rules.{m}", m) for m in self.gate.rules),
+            *((f"gate.must_beat_champion_by.{m}", m) for m in self.gate.must_beat_champion_by),
+        ]
         for where, metric in named:
             per_field = self.data.output_format == "json" and metric.startswith("field_accuracy.")
             if metric not in known | judged and not per_field:
-                raise ValueError(f"{where}: unknown metric {metric!r} for {self.data.output_format} answers; "
-                                 f"known: {', '.join(sorted(known | judged))}, field_accuracy.<key>"
-                                 + _judge_hint(metric, self.eval.judge))
+                raise ValueError(
+                    f"{where}: unknown metric {metric!r} for {self.data.output_format} answers; "
+                    f"known: {', '.join(sorted(known | judged))}, field_accuracy.<key>"
+                    + _judge_hint(metric, self.eval.judge)
+                )
         metric = self.retrain.metric
         if metric not in known and not (self.data.output_format == "json" and metric.startswith("field_accuracy.")):
             # The judge measures only the report the gate reads, never the attempts the loop compares.
-            raise ValueError(f"retrain.metric: unknown metric {metric!r} for {self.data.output_format} answers; "
-                             f"known: {', '.join(sorted(known))}, field_accuracy.<key>")
+            raise ValueError(
+                f"retrain.metric: unknown metric {metric!r} for {self.data.output_format} answers; "
+                f"known: {', '.join(sorted(known))}, field_accuracy.<key>"
+            )
         return self
-
 
     @model_validator(mode="after")
     def _retention_rule_has_prompts(self) -> PipelineConfig:
         if self.gate.retention is not None and self.eval.retention.builtin == 0 and self.eval.retention.prompts is None:
-            raise ValueError("gate.retention needs general prompts to decide on: set eval.retention.builtin above 0 "
-                             "or eval.retention.prompts, or set gate.retention to null")
+            raise ValueError(
+                "gate.retention needs general prompts to decide on: set eval.retention.builtin above 0 "
+                "or eval.retention.prompts, or set gate.retention to null"
+            )
         return self
 
 

@@ -27,30 +27,36 @@ class RagConfig(Section):
     """Accumulated RAG Q&A that the retrain flow folds into the training set, each row exactly once."""
 
     sql_url: str | None = Field(
-        None, description="SQLAlchemy URL of the log database, e.g. sqlite:///rag.db or "
+        None,
+        description="SQLAlchemy URL of the log database, e.g. sqlite:///rag.db or "
         "postgresql+psycopg://user@host/db (the password from the environment, never in this file).",
     )
     _mask_url = field_serializer("sql_url", when_used="json")(lambda self, value: masked(value))
     table: str = Field("rag_examples", description="Table (or view) holding the logged examples.")
     jsonl_dir: Path | None = Field(
-        None, description="Folder of JSONL drops (`*.jsonl`, one record per line, keys named as in `columns`). "
+        None,
+        description="Folder of JSONL drops (`*.jsonl`, one record per line, keys named as in `columns`). "
         "Files may grow; only complete lines are read, so write drops by appending whole lines.",
     )
     columns: RagColumns = RagColumns()
     watermark_on: Literal["id", "created_at"] = Field(
-        "id", description="What the SQL watermark follows: rows with a larger id (or a later created_at, ties "
+        "id",
+        description="What the SQL watermark follows: rows with a larger id (or a later created_at, ties "
         "broken by id) than the last consumed one are new. It must grow in commit order.",
     )
     state_dir: Path | None = Field(
-        None, description="Where the watermark and the dataset snapshots live; default `<workdir>/rag`. Keep it "
+        None,
+        description="Where the watermark and the dataset snapshots live; default `<workdir>/rag`. Keep it "
         "on persistent storage: it is what makes ingestion exactly-once.",
     )
     min_rating: float | None = Field(
-        None, description="Drop rated examples below this rating; with `max_bad_rating`, the rows at or above "
+        None,
+        description="Drop rated examples below this rating; with `max_bad_rating`, the rows at or above "
         "it are the desirable (KTO) and chosen (DPO) answers.",
     )
     max_bad_rating: float | None = Field(
-        None, description="Keep rows rated at or below this as undesirable answers (KTO; DPO's rejected answer "
+        None,
+        description="Keep rows rated at or below this as undesirable answers (KTO; DPO's rejected answer "
         "where the question also has a good one) instead of dropping them; null: no preference rows. Some of "
         "the rated questions are held out (data.eval_fraction) so evaluation sees rated-bad answers it never "
         "trained on.",
@@ -61,23 +67,29 @@ class RagConfig(Section):
         description="Feedback words (case-insensitive) and the rating each stands for.",
     )
     dedupe: Literal["question", "conversation", "off"] = Field(
-        "question", description="Drop a new example whose question (`question`) or whole conversation "
+        "question",
+        description="Drop a new example whose question (`question`) or whole conversation "
         "(`conversation`) is already in the base set or was ingested before; the first one wins.",
     )
     context_mode: Literal["user", "system", "omit"] = Field(
-        "user", description="Where retrieved context enters the prompt: before the question in the user turn, "
+        "user",
+        description="Where retrieved context enters the prompt: before the question in the user turn, "
         "appended to the system prompt, or left out. Match what your RAG app sends at inference.",
     )
     context_template: str = Field(
         "Context:\n{context}", description="How the context block is written; `{context}` is replaced."
     )
     min_new_examples: int = Field(
-        50, ge=1, description="Fewer new (not yet trained on) examples than this: the run ends as nothing to do.",
+        50,
+        ge=1,
+        description="Fewer new (not yet trained on) examples than this: the run ends as nothing to do.",
     )
 
     @model_validator(mode="after")
     def _bad_below_good(self) -> RagConfig:
         if None not in (self.min_rating, self.max_bad_rating) and self.max_bad_rating >= self.min_rating:
-            raise ValueError(f"max_bad_rating ({self.max_bad_rating}) must be below min_rating ({self.min_rating}): "
-                             "a rating cannot be both good and bad")
+            raise ValueError(
+                f"max_bad_rating ({self.max_bad_rating}) must be below min_rating ({self.min_rating}): "
+                "a rating cannot be both good and bad"
+            )
         return self

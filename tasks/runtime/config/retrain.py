@@ -11,21 +11,27 @@ class RetrainChange(Section):
     """How one retry differs from the attempt before it. Unset fields keep that attempt's values."""
 
     continue_training: bool = Field(
-        False, description="Start from the previous attempt's trained weights instead of the base model; "
+        False,
+        description="Start from the previous attempt's trained weights instead of the base model; "
         "max_steps (or epochs) then counts the new steps only.",
     )
     max_steps: int | None = Field(None, ge=1, description="Training steps of this attempt.")
     epochs: float | None = Field(
-        None, gt=0, description="Passes over the training set instead of a step count (train.epochs with "
-        "train.max_steps null).",
+        None,
+        gt=0,
+        description="Passes over the training set instead of a step count (train.epochs with train.max_steps null).",
     )
     max_steps_factor: float | None = Field(
-        None, gt=0, description="Train this share of the steps the previous attempt trained (at least one), e.g. "
+        None,
+        gt=0,
+        description="Train this share of the steps the previous attempt trained (at least one), e.g. "
         "0.5; instead of max_steps or epochs.",
     )
     learning_rate_factor: float | None = Field(None, gt=0, description="Multiply the learning rate, e.g. 0.5.")
     lora_r: int | None = Field(
-        None, ge=1, description="LoRA rank of this attempt; alpha keeps its ratio to the rank. Not with "
+        None,
+        ge=1,
+        description="LoRA rank of this attempt; alpha keeps its ratio to the rank. Not with "
         "continue_training (the trained adapter has the old rank).",
     )
 
@@ -50,15 +56,16 @@ class RetrainConfig(Section):
         "than max_attempts - 1.",
     )
     metric: str = Field(
-        "eval_loss", description="The metric an attempt must improve; the loop stops early when it does not.",
+        "eval_loss",
+        description="The metric an attempt must improve; the loop stops early when it does not.",
     )
     min_improvement: float = Field(
-        0.0, ge=0, description="An attempt improves when it beats the best earlier attempt on `metric` by more "
-        "than this.",
+        0.0,
+        ge=0,
+        description="An attempt improves when it beats the best earlier attempt on `metric` by more than this.",
     )
     past_best: RetrainChange | None = Field(
-        default_factory=lambda: RetrainChange(continue_training=True, learning_rate_factor=0.5,
-                                              max_steps_factor=0.5),
+        default_factory=lambda: RetrainChange(continue_training=True, learning_rate_factor=0.5, max_steps_factor=0.5),
         description="Used instead of the plan's step when that step would only train longer (it changes neither "
         "the learning rate nor the rank) and the previous attempt's held-out curve (train.eval_steps) peaked "
         "before its last evaluation, so more of the same would go further past the best. The default continues "

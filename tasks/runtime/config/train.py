@@ -17,19 +17,27 @@ class PreferenceConfig(Section):
     beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (TRL's beta).")
     desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable examples' losses.")
     undesirable_weight: float = Field(
-        1.0, gt=0, description="KTO: weight of the undesirable examples' losses; TRL advises weights such that "
+        1.0,
+        gt=0,
+        description="KTO: weight of the undesirable examples' losses; TRL advises weights such that "
         "desirable_weight x desirable rows / (undesirable_weight x undesirable rows) lies in [1, 4/3].",
     )
     max_steps: int = Field(
-        50, ge=1, description="Optimizer steps of the preference phase (after SFT's `train.max_steps` when the "
+        50,
+        ge=1,
+        description="Optimizer steps of the preference phase (after SFT's `train.max_steps` when the "
         "objective is `sft+kto` or `sft+dpo`; instead of them for `kto` or `dpo`).",
     )
     learning_rate: float = Field(
-        5e-5, gt=0, description="Learning rate of the preference phase (lower than SFT's: it fine-tunes a "
+        5e-5,
+        gt=0,
+        description="Learning rate of the preference phase (lower than SFT's: it fine-tunes a "
         "model that already answers well).",
     )
     batch_size: int = Field(
-        8, ge=2, description="Examples (KTO) or pairs (DPO) per step; KTO's KL estimate needs at least two.",
+        8,
+        ge=2,
+        description="Examples (KTO) or pairs (DPO) per step; KTO's KL estimate needs at least two.",
     )
 
 
@@ -38,7 +46,9 @@ class EarlyStopping(Section):
         ge=1, description="Stop after this many evaluations in a row without an improvement of `retrain.metric`."
     )
     min_delta: float = Field(
-        0.0, ge=0, description="An evaluation improves only when it beats the best so far by more than this "
+        0.0,
+        ge=0,
+        description="An evaluation improves only when it beats the best so far by more than this "
         "(the best checkpoint still follows every gain).",
     )
 
@@ -48,13 +58,15 @@ class TrainConfig(Section):
         "auto", description="`auto` uses unsloth when CUDA is available, else transformers + peft."
     )
     objective: Literal["sft", "kto", "dpo", "sft+kto", "sft+dpo"] = Field(
-        "sft", description="`sft`: learn the good answers (SFT rows, desirable KTO rows, DPO chosen answers). "
+        "sft",
+        description="`sft`: learn the good answers (SFT rows, desirable KTO rows, DPO chosen answers). "
         "`kto`: rated answers, desirable up and undesirable down (unpaired thumbs). `dpo`: chosen over rejected "
         "answers to the same prompt. `sft+kto` / `sft+dpo`: SFT first, then the preference phase, in one run.",
     )
     preference: PreferenceConfig = PreferenceConfig()
     mode: Literal["lora", "qlora", "full"] = Field(
-        "lora", description="`lora`: adapter on a 16-bit base; `qlora`: adapter on a 4-bit base (CUDA only); "
+        "lora",
+        description="`lora`: adapter on a 16-bit base; `qlora`: adapter on a 4-bit base (CUDA only); "
         "`full`: train every weight (the output is a whole model, not an adapter).",
     )
     max_steps: int | None = Field(
@@ -77,19 +89,22 @@ class TrainConfig(Section):
         "auto", description="`auto`: bf16 where the GPU supports it, else fp16 on a GPU, fp32 on the CPU."
     )
     packing: bool = Field(
-        True, description="Padding-free batches: a micro-batch's examples are concatenated into one row, each "
+        True,
+        description="Padding-free batches: a micro-batch's examples are concatenated into one row, each "
         "attending only to itself; no compute is spent on padding.",
     )
     assistant_only_loss: bool = Field(
         True, description="Train on the assistant's answers only; false also trains on system and user turns."
     )
     gradient_checkpointing: bool | Literal["auto", "offload"] = Field(
-        "auto", description="Recompute activations in the backward pass: much less memory, slower steps. `auto`: "
+        "auto",
+        description="Recompute activations in the backward pass: much less memory, slower steps. `auto`: "
         "only when a step's activations would not fit in half the free memory (the environment check's estimate). "
         "`offload` also keeps each layer's saved input in pinned CPU memory (on a GPU; on the CPU it is `true`).",
     )
     cuda_graphs: bool = Field(
-        True, description="LoRA on a 16-bit base, one CUDA device, with or without recomputation: replay the "
+        True,
+        description="LoRA on a 16-bit base, one CUDA device, with or without recomputation: replay the "
         "transformer's forward and backward from CUDA graphs for unpadded, unpacked "
         "micro-batches of one repeating shape (a shape is captured when it comes twice in a row), and for "
         "unsloth's packed micro-batches, laid out in one shape for the run (padding included), so a step "
@@ -108,16 +123,21 @@ class TrainConfig(Section):
         1, ge=1, description="Log loss, learning rate, grad norm, tokens/s and peak memory every this many steps."
     )
     eval_steps: int | None = Field(
-        None, ge=1, description="Every this many steps (and at the last), measure the loss on the validation "
+        None,
+        ge=1,
+        description="Every this many steps (and at the last), measure the loss on the validation "
         "split and, when `retrain.metric` is a metric of the answers, that metric on `eval_samples` validation "
         "prompts answered greedily; both reach MLflow as curves (`eval_loss`, `eval_<metric>`). null: none.",
     )
     eval_samples: int = Field(
-        16, ge=1, description="Validation prompts (the first ones of the split) answered at each evaluation "
+        16,
+        ge=1,
+        description="Validation prompts (the first ones of the split) answered at each evaluation "
         "during training (train.eval_steps).",
     )
     select: Literal["last", "best"] | None = Field(
-        None, description="Which weights the train stage returns, and so what is evaluated, exported and served: "
+        None,
+        description="Which weights the train stage returns, and so what is evaluated, exported and served: "
         "`last` (the last step) or `best` (the evaluation with the best `retrain.metric`; ties: the lower eval "
         "loss). null: `best` when `eval_steps` is set, else `last`.",
     )
