@@ -3,13 +3,15 @@
 A real instruct model, SmolLM2-135M-Instruct (from its packaged GGUF, as `model.base` takes it), learns the
 demo's product extraction with LoRA r=16 on pages of three layouts and is judged on pages of the fourth
 (`<ul>` lists), which training never shows. Two trainings with the same schedule (seed, steps, warm-up, rate),
-each the train stage's worker (`tunepipe.tasks.train.loop`; unsloth on CUDA when installed, transformers + peft elsewhere):
+each the train stage's worker (`tunepipe.tasks.train.loop`; unsloth on CUDA when installed, transformers + peft
+elsewhere):
 - `last`: `train.select: last`, all --steps, evaluated every --eval-steps: the whole held-out curve, and the
   last step's weights;
 - `best`: `train.select: best` with `train.early_stopping` (patience --patience): it stops once field accuracy
   on the sampled prompts stalls and returns its best step. Its steps are the `last` run's first ones, so its
   evaluations repeat the start of that curve.
-The evaluate stage (`tunepipe.tasks.evaluate.task`) then scores both returned models, and the base, on all held-out pages.
+The evaluate stage (`tunepipe.tasks.evaluate.task`) then scores both returned models, and the base, on all
+held-out pages.
 
     flock /tmp/tunepipe-cpu.lock .venv/bin/python benchmarks/best_checkpoint.py              # the CPU figures
     .venv/bin/python benchmarks/best_checkpoint.py --steps 250 --batch-size 16 --eval-steps 10 \\

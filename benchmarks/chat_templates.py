@@ -6,10 +6,10 @@ prompt the template adds, and whether it alters message contents beyond the proo
 around a content: Go's template language cannot, so such a model is served identically only for contents
 without it). Prints a Markdown table and the wall and CPU time of the derivations.
 
-Then each template under each `data.reasoning` mode, rendered as the run renders it (`tunepipe.tasks.chat.template.ChatContext`:
-`enable_thinking` off for strip, on for keep and wrap; a fixed date for `strftime_now`): identical (the
-TEMPLATE proven, and an answer with reasoning trained as the served model writes it and evaluation reads
-it) or refused and why.
+Then each template under each `data.reasoning` mode, rendered as the run renders it
+(`tunepipe.tasks.chat.template.ChatContext`: `enable_thinking` off for strip, on for keep and wrap; a fixed
+date for `strftime_now`): identical (the TEMPLATE proven, and an answer with reasoning trained as the served
+model writes it and evaluation reads it) or refused and why.
 
     .venv/bin/python benchmarks/chat_templates.py
 """

@@ -6,8 +6,8 @@ on disk) with seeded random weights and the tiny model's tokenizer (GPT-2's voca
 embedding rows beyond it with placeholder tokens); it is built once under --work.
 - baseline: `convert_hf_to_gguf.py --outtype f16`, then `llama_cpp.llama_model_quantize(...,
   LLAMA_FTYPE_MOSTLY_Q4_K_M)` called directly (not through `tunepipe.tasks.export.task`);
-- tunepipe: `tunepipe.tasks.export.task.write_ggufs(model, ["q4_k_m"], out)`: the same two steps plus what the export stage
-  adds (the float file removed, the GGUF's sha256 for the champion contract).
+- tunepipe: `tunepipe.tasks.export.task.write_ggufs(model, ["q4_k_m"], out)`: the same two steps plus what the
+  export stage adds (the float file removed, the GGUF's sha256 for the champion contract).
 Both wall time and CPU time (this process and its children: the converter runs as a subprocess, the quantizer
 in threads) are reported; on a shared machine the ratio is taken on CPU time, which other processes' load
 moves far less than wall time.

@@ -154,7 +154,8 @@ def main() -> None:
         found = {}
         for shard in folder.glob("*.safetensors"):
             with safe_open(shard, framework="pt") as f:
-                found.update({name: f.get_tensor(name) for name in f.keys()})
+                # safe_open is no mapping: it has keys() but cannot be iterated
+                found.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
         return found
 
     ours, peft = tensors(args.work / "shard-merged"), tensors(args.work / "peft-merged")

@@ -1,12 +1,13 @@
 """SFT against SFT + KTO and SFT + DPO on held-out metrics, with a real pretrained model.
 
 SmolLM2-135M-Instruct (the packaged GGUF, tasks/model/packaged.py) learns the demo's product extraction with LoRA
-through tunepipe's own stages: the format stage, the training worker (`tunepipe.tasks.train.loop:train_model`) and the
-evaluate stage (`tunepipe.tasks.evaluate.task.evaluate_models`: generation, the metrics, and the held-out rated-bad answers'
-`undesirable_close_rate` and `undesirable_loss`). The data: demo pages with their JSON answers; for every other
-training page and every held-out page also an answer users rated bad, as `tunepipe.tasks.demo.data.bad_answer` writes
-them (wrong fields, the page's HTML echoed back, rambling). KTO trains on the rated rows (desirable and
-undesirable), DPO on the pairs (the good answer over the bad one for the same page).
+through tunepipe's own stages: the format stage, the training worker (`tunepipe.tasks.train.loop:train_model`) and
+the evaluate stage (`tunepipe.tasks.evaluate.task.evaluate_models`: generation, the metrics, and the held-out
+rated-bad answers' `undesirable_close_rate` and `undesirable_loss`). The data: demo pages with their JSON answers;
+for every other training page and every held-out page also an answer users rated bad, as
+`tunepipe.tasks.demo.data.bad_answer` writes them (wrong fields, the page's HTML echoed back, rambling). KTO
+trains on the rated rows (desirable and undesirable), DPO on the pairs (the good answer over the bad one for the
+same page).
 
 Like for like: one SFT run, then KTO and DPO each continue from its adapter (`init_from`, objective `kto` /
 `dpo`): the same as `sft+kto` / `sft+dpo` in one run (the reference is the SFT model in both), without

@@ -4,10 +4,11 @@
 Blobs are checked against their digest, create refuses unknown blobs and non-GGUF files (as an error line
 after the stream started, like Ollama), show/copy/delete/chat answer 404 for unknown models, and chat answers
 from the registered GGUF with llama-cpp-python: the prompt is the model's TEMPLATE rendered the way Ollama
-renders it (Go's own text/template, through tasks/integrations/ollama/render.py), the Modelfile's SYSTEM added when the request has none, decoding greedy,
-stopped by a `stop` string or the end-of-generation token (`done_reason: stop`) or by `num_predict`
-(`done_reason: length`); a `format` (a JSON schema, or "json") constrains the reply through llama.cpp's grammar
-made from it, as Ollama's structured outputs do. Every request is recorded (method, path, JSON body) so tests can assert them exactly.
+renders it (Go's own text/template, through tasks/integrations/ollama/render.py), the Modelfile's SYSTEM added
+when the request has none, decoding greedy, stopped by a `stop` string or the end-of-generation token
+(`done_reason: stop`) or by `num_predict` (`done_reason: length`); a `format` (a JSON schema, or "json")
+constrains the reply through llama.cpp's grammar made from it, as Ollama's structured outputs do. Every request
+is recorded (method, path, JSON body) so tests can assert them exactly.
 
 Faults, for the nightly paths (`fail`): the next requests to a path can find Ollama restarting (HTTP 503,
 nothing done), killed before the request took effect (the connection closes; a create dies after its stream

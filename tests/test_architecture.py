@@ -39,7 +39,8 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> dict[st
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, *([base] if base else [])])
-            # `from tunepipe.tasks.train import loop` imports the module tunepipe.tasks.train.loop; `from x import name`, module x.
+            # `from tunepipe.tasks.train import loop` imports the module tunepipe.tasks.train.loop;
+            # `from x import name`, module x.
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
             continue
@@ -232,9 +233,13 @@ def _config_names(function: ast.FunctionDef, types: ConfigTypes) -> dict[str, st
         if cls is not None:
             names[arg.arg] = cls
     for node in ast.walk(function):  # `cfg = config`, `data = cfg.data`: the same config under another name
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if (cls := _type_of(node.value, names, types)) is not None:
-                names[node.targets[0].id] = cls
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and (cls := _type_of(node.value, names, types)) is not None
+        ):
+            names[node.targets[0].id] = cls
     return names
 
 

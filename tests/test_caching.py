@@ -30,7 +30,10 @@ def test_stable_hash_is_sha256_of_canonical_json() -> None:
 
 def test_stable_hash_is_the_same_in_another_process() -> None:
     parts = "('stage', {'b': [1, 2], 'a': 'x'}, EvalConfig(max_new_tokens=7))"
-    code = f"from tunepipe.tasks.runtime.caching import stable_hash; from tunepipe.tasks.runtime.config import EvalConfig; print(stable_hash{parts})"
+    code = (
+        "from tunepipe.tasks.runtime.caching import stable_hash; "
+        f"from tunepipe.tasks.runtime.config import EvalConfig; print(stable_hash{parts})"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True

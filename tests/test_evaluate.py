@@ -77,7 +77,7 @@ def test_fused_norms_keep_the_models_outputs_and_leave_other_formulas_alone(tiny
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, weight in model.named_parameters():
+        for weight in model.parameters():
             if weight.dim() == 1:  # norm weights away from their all-ones start, so the weight's use is tested
                 weight.uniform_(0.5, 1.5)
         ids = torch.tensor([[5, 900, 42, 7, 3000, 11]])

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.slow  # runs the finetune flow end to end
 EXPENSIVE = {"load_data", "check_data", "format_data", "train", "evaluate", "export", "parity"}
 
 
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data: tuple[Path, Path]) -> Path:
+@pytest.fixture(scope="module", name="config_path")
+def fixture_config_path(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data: tuple[Path, Path]
+) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     train, eval_ = demo_data
     config = yaml.safe_load(Path("configs/demo.yaml").read_text())

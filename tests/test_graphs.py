@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tunepipe.tasks.train import graphs
+from tunepipe.tasks.train import graphs  # noqa: E402  (imports torch: only once importorskip found it)
 
 VARLEN_CALLS = []  # the packed rows that attended through the varlen kernel (counted as unsloth's call counts)
 

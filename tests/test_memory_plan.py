@@ -198,7 +198,8 @@ def test_shard_merge_equals_peft_merge_and_unload(tiny_model: Path, tmp_path: Pa
     for shard in sorted(merged.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as f:
             assert f.metadata() == {"format": "pt"}
-            written.update({name: f.get_tensor(name) for name in f.keys()})
+            # safe_open is no mapping: it has keys() but cannot be iterated
+            written.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
     stored = {name for name in expected if name in written}
     assert stored == set(written)  # every tensor written (a tied LM head is stored once, as in the base)
     changed = 0

@@ -133,8 +133,8 @@ def test_exact_promotion_probabilities_match_a_simulation_of_the_gate():
     wins, losses = (u < (share + truth) / 2).sum(axis=1), ((u >= (share + truth) / 2) & (u < share)).sum(axis=1)
     simulated = np.mean(
         [
-            clears(paired_difference("exact_match", *_binary(w, l, n), confidence=0.95), 0.0)
-            for w, l in zip(wins, losses)
+            clears(paired_difference("exact_match", *_binary(won, lost, n), confidence=0.95), 0.0)
+            for won, lost in zip(wins, losses)
         ]
     )
     exact = promotion_probability(n, share, truth, 0.95)

@@ -10,7 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tunepipe.tasks.train.recompute import HostBuffers, LayerCheckpoint, _OnHost, checkpoint_layers
+from tunepipe.tasks.train.recompute import (  # noqa: E402  (imports torch: only once importorskip found it)
+    HostBuffers,
+    LayerCheckpoint,
+    _OnHost,
+    checkpoint_layers,
+)
 
 
 def tiny_qwen3(recompute):

@@ -128,7 +128,8 @@ def test_an_attempt_that_does_not_improve_stops_the_loop_early(tmp_path: Path):
     attempts = _run(cfg, tmp_path, [0.25, 0.375, 0.40625, 0.9])  # attempt 3 gains only 0.03125
     assert len(attempts) == 3
     assert outcome(attempts, cfg.retrain) == (
-        "stopped after attempt 3 of 5: validation field_accuracy 0.4062 did not improve on attempt 2's 0.375 by more than 0.05"
+        "stopped after attempt 3 of 5: validation field_accuracy 0.4062 did not improve on attempt 2's 0.375 "
+        "by more than 0.05"
     )
 
 

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import pytest
 import yaml
-from test_finetune_flow import config_path  # noqa: F401  (the flow tests' config, as a fixture)
+from test_finetune_flow import fixture_config_path  # noqa: F401  (registers the flow tests' `config_path` fixture)
 
 from tunepipe.tasks.runtime.redact import RedactingFilter, redact
 

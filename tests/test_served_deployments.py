@@ -1,7 +1,7 @@
 """The deployments for real: a local Prefect server, `prefect deploy` of each deployment and `prefect deployment
 ls` (docs/retraining.md's steps, each exiting 0), a process worker, and runs of `retrain-from-rag`, `finetune` and
-`evaluate` triggered with `prefect deployment run`, on the tiny model, with the artifacts each leaves on its page. The slowest tests; every wait has a limit and the server and worker are
-killed whatever happens."""
+`evaluate` triggered with `prefect deployment run`, on the tiny model, with the artifacts each leaves on its page.
+The slowest tests; every wait has a limit and the server and worker are killed whatever happens."""
 
 from __future__ import annotations
 

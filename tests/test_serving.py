@@ -1,6 +1,6 @@
-"""Register, smoke-test, promote and roll back (tasks/serve/task.py, tasks/integrations/model_registry.py, flows/serve.py) against the
-strict stand-in Ollama (tests/fake_ollama.py), whose chat answers from the registered GGUF with llama.cpp, and
-a real MLflow model registry (SQLite)."""
+"""Register, smoke-test, promote and roll back (tasks/serve/task.py, tasks/integrations/model_registry.py,
+flows/serve.py) against the strict stand-in Ollama (tests/fake_ollama.py), whose chat answers from the registered
+GGUF with llama.cpp, and a real MLflow model registry (SQLite)."""
 
 from __future__ import annotations
 

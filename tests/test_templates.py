@@ -1,8 +1,8 @@
 """Every real chat template llama.cpp ships (models/templates), and the real models' own, served as trained.
 
-Each is translated from what it renders (tasks/integrations/ollama/template.py) and proven against transformers' rendering
-with Go's own text/template; a refused one must be refused for the reason listed. One Go process serves all
-the renders (tasks/integrations/ollama/render.py).
+Each is translated from what it renders (tasks/integrations/ollama/template.py) and proven against transformers'
+rendering with Go's own text/template; a refused one must be refused for the reason listed. One Go process serves
+all the renders (tasks/integrations/ollama/render.py).
 """
 
 from __future__ import annotations

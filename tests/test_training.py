@@ -359,7 +359,7 @@ def test_auto_checkpointing_recomputes_only_when_activations_would_not_fit(forma
     assert with_ < without
     between = (with_ + without / environment.AUTO_CHECKPOINTING_SHARE) / 2
     for free, expected in ((4 * without, False), (between, True)):
-        monkeypatch.setattr(environment, "available_host_memory_gib", lambda: free)
+        monkeypatch.setattr(environment, "available_host_memory_gib", lambda free=free: free)
         report = environment.check_environment(request, "hf", environment.Rank())
         assert report.gradient_checkpointing is expected
         assert report.estimate_gib == pytest.approx(with_ if expected else without, abs=0.01)

@@ -14,8 +14,9 @@ parity and the served TEMPLATE ends with it, so the model writes only the answer
 
 `answer_piece` is the text an assistant turn trains: what the template writes after the generation prompt.
 Templates whose generation prompt opens the reasoning block (QwQ, the DeepSeek-R1 distills) render a
-finished answer without its reasoning (DeepSeek V3.1: with the block emptied); the answer is then trained as the model writes it after that
-prompt: the rest of its `<think>` block (an empty one when it has none), the answer, the template's end.
+finished answer without its reasoning (DeepSeek V3.1: with the block emptied); the answer is then trained as
+the model writes it after that prompt: the rest of its `<think>` block (an empty one when it has none), the
+answer, the template's end.
 Whatever the template writes, the trained text must split (`split_reasoning`) into the reasoning the answer
 kept and the answer that evaluation, parity and the smoke test judge, or the answer is refused.
 """
@@ -161,7 +162,7 @@ def _reply_prefix(chat_template: str, chat: ChatContext) -> str:
             rest = rest[_overlap(opened, rest) :]  # text the generation prompt ends with already is no prefix
             start = rest.find(content.split()[0])  # the answer's first word, or its `<think>`
             prefixes.add(rest[:start] if start > 0 else "")
-    except Exception:  # a template that cannot render it: the run's stages say why
+    except Exception:  # noqa: BLE001  a template may raise anything rendering the probe: the run's stages say why
         return ""
     return prefixes.pop() if len(prefixes) == 1 else ""
 
@@ -179,7 +180,7 @@ def _overlap(opened: str, rest: str) -> int:
 def _trains_as_read(chat_template: str, chat: ChatContext) -> bool:
     try:
         check_probe_answer(transformers_renderer(chat_template, chat=chat), chat.reasoning)
-    except Exception:  # AnswerRefused, or a template that cannot render it: the run's stages say why
+    except Exception:  # noqa: BLE001  AnswerRefused, or a template raising anything: the run's stages say why
         return False
     return True
 

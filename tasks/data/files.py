@@ -127,7 +127,8 @@ def _has_glob(text: str) -> bool:
 
 
 def resolve_sources(spec: Path, key: str, datasets: Iterable[str] = ()) -> list[DataSource]:
-    """The files `data.train`/`data.validation`/`data.eval` name: a file, a folder (or LLaMA-Factory folder) or a glob."""
+    """The files `data.train`/`data.validation`/`data.eval` name: a file, a folder (or LLaMA-Factory folder) or a
+    glob."""
     if spec.is_dir():
         if (spec / DATASET_INFO).is_file():
             return _llama_factory_sources(spec / DATASET_INFO, list(datasets))

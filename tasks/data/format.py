@@ -8,8 +8,8 @@ the full rendering, and we check that instead of assuming it.
 Preference rows are formatted the same way and marked with their `kind`: a DPO row also carries
 its rejected answer's ids and labels (`rejected_input_ids`, `rejected_labels`: the same prompt, the other
 answer); rated-bad answers (`undesirable`) join the train split for KTO, and each held-out split's are a split
-of their own (`validation_undesirable`, `eval_undesirable`), scored apart from the good answers. A preference row's labels always cover
-the answer alone, as TRL scores completions.
+of their own (`validation_undesirable`, `eval_undesirable`), scored apart from the good answers. A preference
+row's labels always cover the answer alone, as TRL scores completions.
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ def _pieces(tokenizer, example: Example, chat: ChatContext | None = None) -> lis
 
     Only those cuts decide the labels, so only those prefixes are rendered: what lies between two answers
     (system and user turns, then the assistant header) is one piece, tokenized as one text as at inference.
-    An assistant turn trains what the model writes after the generation prompt (`tunepipe.tasks.chat.template.answer_piece`).
+    An assistant turn trains what the model writes after the generation prompt
+    (`tunepipe.tasks.chat.template.answer_piece`).
     """
     messages = [m.model_dump() for m in example.messages]
     pieces: list[tuple[str, bool]] = []

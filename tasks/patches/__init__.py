@@ -1,9 +1,9 @@
 """The one place where tunepipe reaches into another library's private names or version-specific behaviour.
 
-One module per library (`tunepipe.tasks.patches.unsloth`, `.torch`, `.transformers`, `.prefect`). Each names the versions
-its patches were proven on and asks `enabled` before patching anything. With another installed version, or with
-`TUNEPIPE_PATCHES=off` (all libraries) or `TUNEPIPE_PATCHES=unsloth,prefect` (those named), the patches stay off,
-one warning line says so, and the run goes on through the library's public path, at that path's speed.
+One module per library (`tunepipe.tasks.patches.unsloth`, `.torch`, `.transformers`, `.prefect`). Each names the
+versions its patches were proven on and asks `enabled` before patching anything. With another installed version,
+or with `TUNEPIPE_PATCHES=off` (all libraries) or `TUNEPIPE_PATCHES=unsloth,prefect` (those named), the patches
+stay off, one warning line says so, and the run goes on through the library's public path, at that path's speed.
 """
 
 from __future__ import annotations

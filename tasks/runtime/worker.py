@@ -2,8 +2,8 @@
 
 Training and evaluation load models, CUDA state and (on a GPU) unsloth's patches; none of that may leak into
 the flow's process or into the next stage. So such a stage writes its request as JSON, starts
-`python -m tunepipe.tasks.runtime.worker MODULE:FUNCTION REQUEST RESULT` (or the same under torchrun for several devices),
-streams the worker's output to the log and to `worker.log`, and reads the result JSON back. A worker that
+`python -m tunepipe.tasks.runtime.worker MODULE:FUNCTION REQUEST RESULT` (or the same under torchrun for several
+devices), streams the worker's output to the log and to `worker.log`, and reads the result JSON back. A worker that
 dies (an exception, SIGKILL, out of memory) fails the stage with its exit status and the tail of its log; a
 stage that is stopped (SIGTERM or Ctrl-C reaching the flow) stops its worker before it ends.
 

@@ -1,7 +1,7 @@
 """The training recipe: LoRA, QLoRA and full fine-tuning, packed and answer-only, then an optional preference phase.
 
-`train_model` is what `tunepipe.tasks.train.task.train` runs in its own process (`tunepipe.tasks.runtime.worker`), once per device
-under torchrun; it reads top to bottom as the procedure, and the mechanics live beside it:
+`train_model` is what `tunepipe.tasks.train.task.train` runs in its own process (`tunepipe.tasks.runtime.worker`),
+once per device under torchrun; it reads top to bottom as the procedure, and the mechanics live beside it:
 - `environment`: the ranks, the backend, the machine checked against the config before any model is loaded;
 - `loading`: the model and its adapters, by backend (unsloth on CUDA, transformers + peft elsewhere);
 - `batching`: which examples a step trains on (a seeded order, so a resume is exact) and how a micro-batch

@@ -25,9 +25,10 @@ class HeldOutEvaluation:
 
     The loss runs over the whole eval split in batches of `eval.batch_size` rows, with the training step's own
     forward pass and LM head (`token_losses`) and no gradients: the same token-weighted mean the evaluate
-    stage reports. An answer metric (`retrain.metric` other than eval_loss) is scored by `tunepipe.tasks.chat.metrics` on
-    greedy answers (`tunepipe.tasks.chat.generation`, as the evaluate stage decodes) to the first `train.eval_samples`
-    held-out prompts, which are also the first the evaluate stage answers. Every rank measures the same, so
+    stage reports. An answer metric (`retrain.metric` other than eval_loss) is scored by
+    `tunepipe.tasks.chat.metrics` on greedy answers (`tunepipe.tasks.chat.generation`, as the evaluate stage
+    decodes) to the first `train.eval_samples` held-out prompts, which are also the first the evaluate stage
+    answers. Every rank measures the same, so
     all of them take the same early-stopping decision without exchanging it.
     """
 

@@ -1,9 +1,10 @@
 """The train stage: a thin task that trains in a worker process and reads the typed result back.
 
 Training loads the model, CUDA state and (on a GPU) unsloth's patches; all of that belongs to the worker
-(`tunepipe.tasks.train.loop.train_model`, started by `tunepipe.tasks.runtime.worker.run_worker`, under torchrun for `train.devices` > 1),
-never to the flow's process or the next stage. The worker checkpoints into the stage's folder, so a re-run
-after a kill resumes by itself; its live metrics reach the flow's MLflow run while it trains.
+(`tunepipe.tasks.train.loop.train_model`, started by `tunepipe.tasks.runtime.worker.run_worker`, under torchrun
+for `train.devices` > 1), never to the flow's process or the next stage. The worker checkpoints into the
+stage's folder, so a re-run after a kill resumes by itself; its live metrics reach the flow's MLflow run while it
+trains.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What the Modelfile says, as data: written to disk and sent to /api/create alike, so they cannot differ.
 
-Template and stops come from the trained model's tokenizer folder (derived and proven: tasks/integrations/ollama/template.py);
-the system prompt is the one the model was trained with (`ollama.system`, else `data.system_prompt`, else the
-chat template's own default).
+Template and stops come from the trained model's tokenizer folder (derived and proven:
+tasks/integrations/ollama/template.py); the system prompt is the one the model was trained with
+(`ollama.system`, else `data.system_prompt`, else the chat template's own default).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from tunepipe.tasks.integrations.ollama.template import (
 )
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CHAT = ChatContext()  # frozen: one shared default for `modelfile_spec(chat=...)`
 
 
 class ModelfileSpec(BaseModel):
@@ -95,7 +97,7 @@ def modelfile_spec(
     trained_system: str | None = None,
     parameters: dict[str, int | float] | None = None,
     examples: Sequence[Sequence[dict[str, str]]] = (),
-    chat: ChatContext = ChatContext(),
+    chat: ChatContext = DEFAULT_CHAT,
 ) -> ModelfileSpec:
     """Template and stops derived from the tokenizer's chat template and proven (or the given `template`: the
     config's `ollama.template`), with these PARAMETERs; `examples` (prompts of the run's conversations) join the

@@ -41,7 +41,8 @@ def models_folder() -> Path:
 
 
 def split_name(name: str) -> tuple[str, str, str, str]:
-    """(registry, namespace, model, tag) as Ollama completes a name: `smollm2` is registry.ollama.ai/library/smollm2:latest."""
+    """(registry, namespace, model, tag) as Ollama completes a name: `smollm2` is
+    registry.ollama.ai/library/smollm2:latest."""
     path, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
     parts = path.split("/")
     if not all(parts) or len(parts) > 3:

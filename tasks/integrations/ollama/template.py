@@ -25,6 +25,9 @@ from tunepipe.tasks.chat.template import (
     Reasoning,
     check_probe_answer,
 )
+from tunepipe.tasks.chat.template import (  # re-exported: the Ollama side imports it from here
+    transformers_renderer as transformers_renderer,
+)
 from tunepipe.tasks.integrations.ollama.render import render_served_prompt
 
 SET_INSTEAD = (
