@@ -15,6 +15,7 @@ from tunepipe.tasks.chat.general_prompts import read_prompts
 from tunepipe.tasks.data.check import DataCheckError, check_data
 from tunepipe.tasks.data.format import format_data
 from tunepipe.tasks.data.load import data_fingerprint, load_data
+from tunepipe.tasks.data.results import CheckedData, FormattedData, HeldOutSplit
 from tunepipe.tasks.evaluate.gate import gate
 from tunepipe.tasks.evaluate.judge import judge
 from tunepipe.tasks.evaluate.report import run_report
@@ -25,8 +26,9 @@ from tunepipe.tasks.evaluate.task import evaluate
 from tunepipe.tasks.export.parity import parity, parity_verdicts
 from tunepipe.tasks.export.results import ExportResult, ParityReport, verdicts_record
 from tunepipe.tasks.export.task import export
-from tunepipe.tasks.integrations.model_registry import find_champion
+from tunepipe.tasks.integrations.model_registry import ChampionRef, find_champion
 from tunepipe.tasks.model.base import resolve_base
+from tunepipe.tasks.runtime.base_model import BaseModelRef
 from tunepipe.tasks.runtime.config import PipelineConfig
 from tunepipe.tasks.runtime.memory_plan import run_memory_plan
 from tunepipe.tasks.runtime.redact import redact, redact_logs
@@ -35,7 +37,7 @@ from tunepipe.tasks.runtime.tracking import tracked_child, tracked_run
 from tunepipe.tasks.runtime.worker import spare_workers, stop_spares
 from tunepipe.tasks.serve.task import plan
 from tunepipe.tasks.train.prestart import prestart_training
-from tunepipe.tasks.train.results import HeldOut
+from tunepipe.tasks.train.results import HeldOut, TrainResult
 from tunepipe.tasks.train.task import train
 
 
@@ -76,6 +78,37 @@ class RunSummary(BaseModel):
     gguf_path: Path  # the one served (smallest within the parity limits)
     serving: Serving
     data_docs: Path  # Great Expectations' Data Docs (index.html); also in MLflow under data_checks/data_docs
+
+
+def scored(
+    split: HeldOutSplit,
+    formatted: FormattedData,
+    checked: CheckedData,
+    trained: TrainResult,
+    base: BaseModelRef,
+    champion: ChampionRef | None,
+    cfg: PipelineConfig,
+) -> EvalReport:
+    """The candidate, the base and the champion scored on one split; with `eval.judge`, a second model judges
+    the answers and its metric joins the report the gate reads."""
+    report = evaluate(
+        formatted,
+        checked,
+        trained,
+        base,
+        champion,
+        cfg.tracking.uri,
+        cfg.data,
+        cfg.eval,
+        cfg.workdir,
+        split=split,
+        gpu_memory_gib=cfg.model.gpu_memory_gib,
+    )
+    if cfg.eval.judge is None:
+        return report
+    return judge.with_options(**network_retries(cfg.retry))(
+        report, cfg.eval.judge, checked.held_out(split).clean_path, cfg.ollama.host, cfg.gate, cfg.workdir
+    )
 
 
 @flow(name="finetune")
@@ -139,24 +172,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                     held_out=held_out if attempt.train.eval_steps else None,
                     mlflow_run=attempt_run.live_ref(),
                 )
-                validated = evaluate(
-                    formatted,
-                    checked,
-                    trained,
-                    base,
-                    champion,
-                    cfg.tracking.uri,
-                    cfg.data,
-                    cfg.eval,
-                    workdir,
-                    split="validation",
-                    gpu_memory_gib=cfg.model.gpu_memory_gib,
-                )
-                if cfg.eval.judge is not None:
-                    # A second model judges the answers; its metric joins the report the gate reads.
-                    validated = judge.with_options(**network_retries(cfg.retry))(
-                        validated, cfg.eval.judge, checked.validation.clean_path, cfg.ollama.host, cfg.gate, workdir
-                    )
+                validated = scored("validation", formatted, checked, trained, base, champion, cfg)
                 # What the candidate forgot outside its task: general prompts, neither split; the attempt's gate
                 # reads it, and the test report carries the final attempt's.
                 retained = retention(
@@ -176,24 +192,8 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
         ended = outcome(attempts, cfg.retrain)
         # The one look at the test split: the loop's final candidate, scored once (base and champion come from
         # the reference cache on a re-run). Only this report reaches the gate; its failure ends the run.
-        report = evaluate(
-            formatted,
-            checked,
-            trained,
-            base,
-            champion,
-            cfg.tracking.uri,
-            cfg.data,
-            cfg.eval,
-            workdir,
-            split="test",
-            gpu_memory_gib=cfg.model.gpu_memory_gib,
-        )
+        report = scored("test", formatted, checked, trained, base, champion, cfg)
         report = report.model_copy(update={"retention": retained})
-        if cfg.eval.judge is not None:
-            report = judge.with_options(**network_retries(cfg.retry))(
-                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, workdir
-            )
         decision = gate(report, cfg.gate)
         run.record(formatted, trained, validated, report, decision)
         report_page = run_report(cfg.name, attempts, report, decision, ended, workdir)
