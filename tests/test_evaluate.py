@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import stage_results
 
 from tunepipe.tasks.model.base import resolve_base_model
 from tunepipe.tasks.runtime.config import DataConfig, EvalConfig, ModelConfig
@@ -174,28 +175,12 @@ def _models_generated(out_dir: Path) -> list[str]:
 def test_champion_is_scored_beside_candidate_and_base_and_reused_per_version(eval_inputs, tiny_model: Path):
     from tunepipe.tasks.evaluate.task import evaluate_models
     from tunepipe.tasks.integrations.model_registry import find_champion
-    from tunepipe.tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, formatted = eval_inputs
     tracking_uri = f"sqlite:///{root}/mlflow.db"
     cfg = EvalConfig(max_samples=4, max_new_tokens=8, batch_size=4, probes=["<p>Name: Lamp</p>", "hello"])
     # A fully fine-tuned candidate is a model folder of its own; the tiny model stands in for one.
-    trained = TrainResult(
-        adapter_dir=tiny_model,
-        kind="full",
-        backend="hf",
-        loss_history=[],
-        runtime_s=0.0,
-        trainable_params=0,
-        total_params=0,
-        steps=0,
-        device="cpu x1",
-        precision="fp32",
-        micro_batch_size=1,
-        gradient_accumulation_steps=1,
-        oom_retries=0,
-        resumed_from_step=0,
-    )
+    trained = stage_results.trained(tiny_model)
 
     def run(out: str, champion):
         return evaluate_models(
@@ -323,26 +308,10 @@ def test_held_out_rated_bad_answers_are_scored_apart(eval_inputs, tiny_model: Pa
     bad answer is; the gate's metrics and the samples are those of the good answers alone."""
     from tunepipe.tasks.chat.examples import read_examples, write_jsonl
     from tunepipe.tasks.evaluate.task import evaluate_models
-    from tunepipe.tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs
     cfg = EvalConfig(max_samples=2, max_new_tokens=8, batch_size=4)
-    trained = TrainResult(
-        adapter_dir=tiny_model,
-        kind="full",
-        backend="hf",
-        loss_history=[],
-        runtime_s=0.0,
-        trainable_params=0,
-        total_params=0,
-        steps=0,
-        device="cpu x1",
-        precision="fp32",
-        micro_batch_size=1,
-        gradient_accumulation_steps=1,
-        oom_retries=0,
-        resumed_from_step=0,
-    )
+    trained = stage_results.trained(tiny_model)
     first = evaluate_models(
         *_formatted(root, base, loaded.eval_path, tiny_model, None),
         trained,
@@ -393,7 +362,6 @@ def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_
     choice reads, are asked on test only. The base's outputs are kept per split."""
     from tunepipe.tasks.data.format import format_dataset
     from tunepipe.tasks.evaluate.task import evaluate_models
-    from tunepipe.tasks.train.results import TrainResult
 
     root, data_cfg, loaded, base, _ = eval_inputs
     formatted = format_dataset(
@@ -405,22 +373,7 @@ def test_the_validation_split_is_scored_on_its_own_rows_without_the_probes(eval_
         validation_examples=loaded.validation_path,
     )
     cfg = EvalConfig(max_samples=3, max_new_tokens=8, batch_size=4, probes=["hello"])
-    trained = TrainResult(
-        adapter_dir=tiny_model,
-        kind="full",
-        backend="hf",
-        loss_history=[],
-        runtime_s=0.0,
-        trainable_params=0,
-        total_params=0,
-        steps=0,
-        device="cpu x1",
-        precision="fp32",
-        micro_batch_size=1,
-        gradient_accumulation_steps=1,
-        oom_retries=0,
-        resumed_from_step=0,
-    )
+    trained = stage_results.trained(tiny_model)
 
     def run(split: str, examples: Path):
         return evaluate_models(

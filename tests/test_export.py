@@ -6,35 +6,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from stage_results import trained
 
 from tunepipe.tasks.export.parity import parity_verdicts
 from tunepipe.tasks.export.results import GgufScores, ParityReport
 from tunepipe.tasks.export.task import export_model
 from tunepipe.tasks.runtime.config import ExportConfig
-from tunepipe.tasks.train.results import TrainResult
 
 PROMPT = "<|im_start|>user\n<div>Smart Kettle, $25</div><|im_end|>\n<|im_start|>assistant\n"
-
-
-def _trained(folder: Path) -> TrainResult:
-    """What the train stage returns for `folder`: a LoRA adapter, or a whole model (full fine-tuning)."""
-    kind = "lora" if (folder / "adapter_config.json").is_file() else "full"
-    return TrainResult(
-        adapter_dir=folder,
-        kind=kind,
-        backend="hf",
-        loss_history=[],
-        runtime_s=0.0,
-        trainable_params=0,
-        total_params=0,
-        steps=0,
-        device="cpu x1",
-        precision="fp32",
-        micro_batch_size=1,
-        gradient_accumulation_steps=1,
-        oom_retries=0,
-        resumed_from_step=0,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +60,7 @@ def test_lora_export_writes_each_type_and_an_adapter_gguf_that_equals_the_merge(
     from tunepipe.tasks.runtime.base_model import BaseModelRef
 
     base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")
-    exported = export_model(_trained(lora_adapter), base, ExportConfig(gguf_types=["f16", "q8_0"]), tmp_path)
+    exported = export_model(trained(lora_adapter), base, ExportConfig(gguf_types=["f16", "q8_0"]), tmp_path)
 
     assert [(g.type, g.path.name) for g in exported.ggufs] == [("f16", "model-f16.gguf"), ("q8_0", "model-q8_0.gguf")]
     ggufs = {g.type: g for g in exported.ggufs}
@@ -102,7 +81,7 @@ def test_full_fine_tuning_exports_the_model_folder_without_an_adapter(tiny_model
 
     full = shutil.copytree(tiny_model, tmp_path / "trained" / "model")
     base = BaseModelRef(name_or_path=str(tiny_model), revision=None, fingerprint="tiny")
-    exported = export_model(_trained(full), base, ExportConfig(gguf_types=["q8_0"]), tmp_path / "export")
+    exported = export_model(trained(full), base, ExportConfig(gguf_types=["q8_0"]), tmp_path / "export")
 
     assert (exported.merged_dir, exported.adapter_dir, exported.adapter_gguf) == (full, None, None)
     assert [g.type for g in exported.ggufs] == ["q8_0"]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from stage_results import trained
 
 from tunepipe.tasks.chat.general_prompts import GeneralPromptsError, read_file, read_prompts
 from tunepipe.tasks.evaluate.gate import decide
@@ -157,27 +158,6 @@ def forgetful_model(chatty_model: Path, tmp_path_factory: pytest.TempPathFactory
     return _noisy(chatty_model, tmp_path_factory.mktemp("forgetful"), 0.3, 1, replace=False)
 
 
-def _full(folder: Path):
-    from tunepipe.tasks.train.results import TrainResult
-
-    return TrainResult(
-        adapter_dir=folder,
-        kind="full",
-        backend="hf",
-        loss_history=[],
-        runtime_s=0.0,
-        trainable_params=0,
-        total_params=0,
-        steps=0,
-        device="cpu x1",
-        precision="fp32",
-        micro_batch_size=1,
-        gradient_accumulation_steps=1,
-        oom_retries=0,
-        resumed_from_step=0,
-    )
-
-
 def _request(out_dir: Path) -> dict:
     return json.loads((out_dir / "worker" / "worker-request.json").read_text())
 
@@ -198,7 +178,7 @@ def test_the_candidates_loss_on_the_bases_answers_measures_what_it_forgot(
 
     def measure(candidate: Path, out: str) -> RetentionScores:
         return measure_retention(
-            _full(candidate), base, ChatContext(), prompts, cfg, 4, tmp_path / out, tmp_path / "reference"
+            trained(candidate), base, ChatContext(), prompts, cfg, 4, tmp_path / out, tmp_path / "reference"
         )
 
     same = measure(chatty_model, "same")
@@ -258,7 +238,14 @@ def test_empty_answers_cut_at_the_limit_leave_nothing_to_measure(tiny_model: Pat
     cfg = RetentionConfig(builtin=2, max_new_tokens=4)
     assert (
         measure_retention(
-            _full(tiny_model), base, ChatContext(), read_prompts(cfg), cfg, 2, tmp_path / "out", tmp_path / "reference"
+            trained(tiny_model),
+            base,
+            ChatContext(),
+            read_prompts(cfg),
+            cfg,
+            2,
+            tmp_path / "out",
+            tmp_path / "reference",
         )
         is None
     )
