@@ -8,16 +8,22 @@ on to the same result as an uninterrupted one. The best evaluation's trainable w
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from tunepipe.tasks.runtime.worker import emit_event
-from tunepipe.tasks.train.environment import Rank, barrier
-from tunepipe.tasks.train.results import EvalPoint, LossPoint
+from tunepipe.tasks.train.environment import EnvironmentReport, Rank, barrier
+from tunepipe.tasks.train.results import EvalPoint, LossPoint, TrainResult
 from tunepipe.tasks.train.task import TrainRequest
+
+if TYPE_CHECKING:
+    from tunepipe.tasks.train.selection import Choice
+    from tunepipe.tasks.train.stepper import Stepper
 
 CHECKPOINT = re.compile(r"step-(\d+)")
 BEST = "best-{step:07d}"  # the best evaluation's trainable weights, beside the newest checkpoint
@@ -141,9 +147,23 @@ def load_best(root: Path, state: TrainingState) -> dict | None:
     return torch.load(root / BEST.format(step=state.best.step) / "trainable.pt", map_location="cpu")
 
 
-def save_output(model, tokenizer, root: Path, kind: str, request: TrainRequest, rank: Rank) -> Path:
-    """Rank 0 saves the adapter (or the full model) with its tokenizer and removes the checkpoints under `root`,
-    which the output supersedes; returns where the output is."""
+def finish(
+    request: TrainRequest,
+    env: EnvironmentReport,
+    stepper: Stepper,
+    tokenizer,
+    state: TrainingState,
+    choice: Choice,
+    runtime_s: float,
+    last_step: int,
+    total_steps: int,
+    per_step: int,
+    resumed_from: int,
+) -> TrainResult:
+    """Rank 0 saves the adapter (or the full model) with its tokenizer and removes the checkpoints, which the output
+    supersedes; returns where the output is and how the run went."""
+    cfg, model, rank = request.cfg, stepper.model, stepper.rank
+    kind = "full" if cfg.mode == "full" else "lora"
     out = request.out_dir / ("model" if kind == "full" else "adapter")
     if rank.index == 0:
         shutil.rmtree(out, ignore_errors=True)
@@ -159,6 +179,28 @@ def save_output(model, tokenizer, root: Path, kind: str, request: TrainRequest, 
         from tunepipe.tasks.model.base import keep_tokenizer_sources
 
         keep_tokenizer_sources(request.base.name_or_path, out, request.base.revision)
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(request.out_dir / "checkpoints", ignore_errors=True)
     barrier(rank)
-    return out
+    return TrainResult(
+        adapter_dir=out,
+        kind=kind,
+        backend=stepper.backend,
+        loss_history=state.history,
+        runtime_s=round(runtime_s, 3),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+        steps=last_step,
+        device=env.device,
+        precision=env.precision,
+        micro_batch_size=state.micro_batch_size,
+        gradient_accumulation_steps=math.ceil(per_step / rank.world / state.micro_batch_size),
+        oom_retries=state.oom_retries,
+        resumed_from_step=resumed_from,
+        eval_history=state.evals,
+        best_step=state.best.step if state.best else None,
+        selected_step=choice.step,
+        stopped_early=choice.sft_steps < total_steps,
+        selection=choice.reason,
+        packed=stepper.packing,
+        base_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
+    )

@@ -17,19 +17,10 @@ training speed). The ML stack is imported inside functions; unsloth is imported 
 
 from __future__ import annotations
 
-import math
 import time
 
-from tunepipe.tasks.runtime.memory_plan import chunk_positions
-from tunepipe.tasks.train.batching import ExampleOrder, n_loss_tokens, packs, row_tokens, run_layout, step_counts
-from tunepipe.tasks.train.checkpoints import (
-    TrainingState,
-    load_best,
-    report_resume,
-    resume,
-    save_checkpoint,
-    save_output,
-)
+from tunepipe.tasks.train.batching import ExampleOrder, n_loss_tokens, packs, run_layout, step_counts
+from tunepipe.tasks.train.checkpoints import TrainingState, finish, load_best, report_resume, resume, save_checkpoint
 from tunepipe.tasks.train.environment import TrainingEnvironmentError, choose_backend, set_up
 from tunepipe.tasks.train.loading import load_model
 from tunepipe.tasks.train.progress import LossLog
@@ -44,7 +35,7 @@ def train_model(request: TrainRequest) -> TrainResult:
     import torch
 
     from tunepipe.tasks.train.graphs import graphs_capture  # (these two import torch on import)
-    from tunepipe.tasks.train.preference import PreferenceRun, phase_rows, train_preference
+    from tunepipe.tasks.train.preference import phase_rows, train_preference
 
     cfg = request.cfg
     # Set up: the ranks, the backend (unsloth imported first), the machine checked before any model is loaded.
@@ -73,21 +64,7 @@ def train_model(request: TrainRequest) -> TrainResult:
         if cuda_graphs and rank.world == 1 and packing and backend == "unsloth"
         else None
     )  # graphs: one device
-    stepper = Stepper(
-        model=model,
-        scaler=scaler,
-        device=device,
-        precision=env.precision,
-        backend=backend,
-        packing=packing,
-        row_tokens=row_tokens(backend, request.model_cfg.max_seq_length),
-        pad_id=tokenizer.pad_token_id,
-        max_oom_retries=cfg.max_oom_retries,
-        rank=rank,
-        head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
-        cuda_graphs=cuda_graphs,
-        packed_layout=layout,
-    )
+    stepper = Stepper.for_run(request, env, backend, rank, model, tokenizer, scaler, packing, cuda_graphs, layout)
     evaluation = HeldOutEvaluation(request.held_out, cfg.eval_samples, tokenizer, stepper) if cfg.eval_steps else None
     selection = Selection(evaluation, cfg, state, load_best(checkpoints, state))
 
@@ -121,51 +98,15 @@ def train_model(request: TrainRequest) -> TrainResult:
 
     # Select the SFT result, then the preference phase from it.
     choice = selection.choose(model, last_step, resumed_from, total_steps)
-    reason = choice.reason
     if preference_steps:
-        train_preference(
-            PreferenceRun(
-                cfg=cfg,
-                stepper=stepper,
-                rows=preference_rows,
-                out_dir=request.out_dir,
-                state=state,
-                first_step=total_steps,
-                last_step=total_steps + preference_steps,
-                resumed_from=resumed_from,
-                started=started,
-                from_base=total_steps == 0 and request.init_from is None,
-            )
-        )
         last_step = total_steps + preference_steps
-        reason += f"; then {cfg.objective.removeprefix('sft+')} steps {total_steps + 1}-{last_step} from it"
+        then = train_preference(request, stepper, preference_rows, state, total_steps, last_step, resumed_from, started)
+        choice = choice._replace(reason=f"{choice.reason}; {then}")
 
     # Finish: the output replaces the checkpoints.
     runtime = log.elapsed()
-    kind = "full" if cfg.mode == "full" else "lora"
-    out = save_output(model, tokenizer, checkpoints, kind, request, rank)
-    return TrainResult(
-        adapter_dir=out,
-        kind=kind,
-        backend=backend,
-        loss_history=state.history,
-        runtime_s=round(runtime, 3),
-        trainable_params=sum(p.numel() for p in trainable),
-        total_params=sum(p.numel() for p in model.parameters()),
-        steps=last_step,
-        device=env.device,
-        precision=env.precision,
-        micro_batch_size=state.micro_batch_size,
-        gradient_accumulation_steps=math.ceil(per_step / rank.world / state.micro_batch_size),
-        oom_retries=state.oom_retries,
-        resumed_from_step=resumed_from,
-        eval_history=state.evals,
-        best_step=state.best.step if state.best else None,
-        selected_step=choice.step,
-        stopped_early=choice.sft_steps < total_steps,
-        selection=reason,
-        packed=packing,
-        base_in_4bit=cfg.mode == "qlora" or request.model_cfg.load_in_4bit,
+    return finish(
+        request, env, stepper, tokenizer, state, choice, runtime, last_step, total_steps, per_step, resumed_from
     )
 
 

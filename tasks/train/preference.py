@@ -24,18 +24,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tunepipe.tasks.data.format import IGNORE
-from tunepipe.tasks.runtime.config import TrainConfig
 from tunepipe.tasks.train.batching import ExampleOrder
 from tunepipe.tasks.train.checkpoints import TrainingState, resume, save_checkpoint
 from tunepipe.tasks.train.progress import LossLog
 from tunepipe.tasks.train.stepper import Stepper, finish_step, loss_hidden, make_optimizer, make_scheduler
+from tunepipe.tasks.train.task import TrainRequest
 
 HEAD_CHUNK = 1024  # answer positions whose logits exist at once (each chunk's are recomputed in the backward pass)
 
@@ -214,47 +213,44 @@ def reference_logps(
 # ----------------------------------------------------------------------------------------------- the phase
 
 
-@dataclass
-class PreferenceRun:
-    """What the phase shares with the SFT steps before it: the worker's model (in `stepper`), state, checkpoints."""
-
-    cfg: TrainConfig
-    stepper: Stepper
-    rows: list[dict]  # the preference rows (phase_rows)
-    out_dir: Path
-    state: TrainingState
-    first_step: int  # steps before the phase (SFT's)
-    last_step: int
-    resumed_from: int
-    started: float  # perf_counter at training start, less the time of earlier runs (resume)
-    from_base: bool  # the reference is the base: adapters disabled
-
-
-def train_preference(run: PreferenceRun) -> None:
-    """The preference steps `run.first_step + 1` … `run.last_step`, resumed from a checkpoint in that range."""
-    cfg, pref, stepper = run.cfg, run.cfg.preference, run.stepper
+def train_preference(
+    request: TrainRequest,
+    stepper: Stepper,
+    rows: list[dict],
+    state: TrainingState,
+    first_step: int,
+    last_step: int,
+    resumed_from: int,
+    started: float,
+) -> str:
+    """The preference steps `first_step + 1` … `last_step` on `rows` (phase_rows), from the model in `stepper` as SFT
+    left it, resumed from a checkpoint in that range; `started`: perf_counter at training start, less the time of
+    earlier runs (resume). Returns what the phase did, for the run's selection sentence."""
+    cfg = request.cfg
+    pref, checkpoints = cfg.preference, request.out_dir / "checkpoints"
     method = cfg.objective.removeprefix("sft+")
-    model, rows, checkpoints = stepper.model, run.rows, run.out_dir / "checkpoints"
+    model = stepper.model
     optimizer = make_optimizer(model, cfg.model_copy(update={"learning_rate": pref.learning_rate}))
-    n_steps = run.last_step - run.first_step
+    n_steps = last_step - first_step
     scheduler = make_scheduler(cfg, optimizer, min(cfg.warmup_steps, n_steps // 10), n_steps)
-    if run.resumed_from > run.first_step:  # the checkpoint holds this phase's optimizer and schedule
-        resume(checkpoints, model, optimizer, scheduler, stepper.scaler, run.state)
+    if resumed_from > first_step:  # the checkpoint holds this phase's optimizer and schedule
+        resume(checkpoints, model, optimizer, scheduler, stepper.scaler, state)
+    from_base = first_step == 0 and request.init_from is None  # the reference is the base: adapters disabled
 
     if method == "kto":
         others = kl_rows(rows)
     else:  # chosen and rejected share the row's id: the rejected one is cached under its own
         others = [{**rejected_row(row), "id": row["id"] + "|rejected"} for row in rows]
     reference = reference_logps(
-        stepper, rows + others, run.out_dir / "reference_logps.json", run.from_base, pref.batch_size
+        stepper, rows + others, request.out_dir / "reference_logps.json", from_base, pref.batch_size
     )
     partner = dict(zip((row["id"] for row in rows), others))
     trainable = [p for p in model.parameters() if p.requires_grad]
     order = ExampleOrder(len(rows), cfg.seed)
     model.train()
-    log = LossLog(run.state, stepper.device, run.started)
-    for step in range(max(run.resumed_from, run.first_step) + 1, run.last_step + 1):
-        picked = [rows[i] for i in order.step(step - run.first_step, pref.batch_size)]
+    log = LossLog(state, stepper.device, started)
+    for step in range(max(resumed_from, first_step) + 1, last_step + 1):
+        picked = [rows[i] for i in order.step(step - first_step, pref.batch_size)]
         matched = [partner[row["id"]] for row in picked]
         ref = torch.tensor([reference[row["id"]] for row in picked], device=stepper.device)
         ref_matched = torch.tensor([reference[row["id"]] for row in matched], device=stepper.device)
@@ -279,8 +275,9 @@ def train_preference(run: PreferenceRun) -> None:
             set_to_none=not stepper.gradients_in_graphs,
         )
         log.count(picked + matched)
-        if step % cfg.logging_steps == 0 or step == run.last_step:
+        if step % cfg.logging_steps == 0 or step == last_step:
             log.record(step, loss, scheduler.get_last_lr()[0], grad_norm, phase=method, **metrics)
-        if step % cfg.save_steps == 0 and step < run.last_step:
-            run.state.elapsed_s = log.elapsed()
-            save_checkpoint(checkpoints, step, model, optimizer, scheduler, stepper.scaler, run.state, stepper.rank)
+        if step % cfg.save_steps == 0 and step < last_step:
+            state.elapsed_s = log.elapsed()
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler, stepper.scaler, state, stepper.rank)
+    return f"then {method} steps {first_step + 1}-{last_step} from it"

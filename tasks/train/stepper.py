@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tunepipe.tasks.runtime.memory_plan import chunk_positions
 from tunepipe.tasks.runtime.worker import emit_event
-from tunepipe.tasks.train.batching import PackedLayout, make_batch
+from tunepipe.tasks.train.batching import PackedLayout, make_batch, row_tokens
 from tunepipe.tasks.train.environment import Rank, dtype_of
 from tunepipe.tasks.train.results import Backend
 
@@ -97,6 +98,38 @@ class Stepper:
     rank: Rank
     cuda_graphs: bool = False  # replay the transformer from CUDA graphs where a shape repeats (one device)
     packed_layout: PackedLayout | None = None  # unsloth's packed micro-batches in one shape, for the graphs
+
+    @classmethod
+    def for_run(
+        cls,
+        request,
+        env,
+        backend: Backend,
+        rank: Rank,
+        model,
+        tokenizer,
+        scaler,
+        packing: bool,
+        cuda_graphs: bool,
+        layout,
+    ):
+        """The run's stepper: its precision, packed rows, LM-head chunks and retries follow from the config and the
+        checked environment (`env`)."""
+        return cls(
+            model=model,
+            scaler=scaler,
+            device=rank.device(),
+            precision=env.precision,
+            backend=backend,
+            packing=packing,
+            row_tokens=row_tokens(backend, request.model_cfg.max_seq_length),
+            head_chunk=chunk_positions(model.config.vocab_size, bool(env.gradient_checkpointing)),
+            pad_id=tokenizer.pad_token_id,
+            max_oom_retries=request.cfg.max_oom_retries,
+            rank=rank,
+            cuda_graphs=cuda_graphs,
+            packed_layout=layout,
+        )
 
     def __post_init__(self):
         from functools import partial
