@@ -2,7 +2,8 @@
 
 The model has Qwen3-0.6B's shape with random weights (no download); its tokenizer comes from a folder
 (Qwen's 151,936-token vocabulary and a ChatML template, e.g. `.gpu/tok`: the tiny model's tokenizer from
-before it moved to GPT-2's vocabulary; the vocabulary sets the LM head's size). 128 chat prompts of 100-200
+before it moved to GPT-2's vocabulary; the vocabulary sets the LM head's size) or from llama.cpp's
+`ggml-vocab-qwen2.gguf` with ChatML added, as in benchmarks/gpu_train.py. 128 chat prompts of 100-200
 tokens, 64 new tokens each, greedy; random weights never stop early, so every answer is 64 tokens long.
 
 1. The stage: `tunepipe.tasks.evaluate.task.generate_outputs` run as the evaluate stage runs it, in a worker process
@@ -10,15 +11,21 @@ tokens, 64 new tokens each, greedy; random weights never stop early, so every an
 2. Its generation (`tunepipe.tasks.chat.generation.greedy_answers`) in this process: a first call (capture included),
    then a second (steady state); and one batch's prefill and decode-step times.
 3. Baselines in the same run: `model.generate` one prompt at a time (on the first `--baseline-prompts`
-   prompts: one at a time, all of them would take too long), and batched with its default dynamic cache.
+   prompts: one at a time, all of them would take too long), and batched with its default dynamic cache
+   (`--no-baselines`: not run).
 
-    python benchmarks/eval_throughput.py --tokenizer .gpu/tok [--out results.json] [--profile]
+`--patches-off transformers` sets `TUNEPIPE_PATCHES` for this process and the stage's worker before any patch is
+asked for: the decoder then runs transformers' public path (its SDPA attention and RMSNorm forwards) instead of
+`tunepipe.tasks.patches.transformers`. Like for like: run it and the default in the same call.
+
+    python benchmarks/eval_throughput.py --tokenizer .gpu/tok [--out results.json] [--profile] [--patches-off LIBS]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -27,16 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_train import QWEN3_0_6B
+from benchmarks.gpu_train import QWEN3_0_6B, load_tokenizer
 
 WORDS = ("price", "kettle", "steel", "black", "brand", "lamp", "garden", "table", "warranty", "shipping")
 
 
-def build_model(tokenizer_dir: Path, out_dir: Path) -> Path:
+def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_source)
     torch.manual_seed(0)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
@@ -79,7 +86,16 @@ def main() -> None:
     parser.add_argument("--baseline-prompts", type=int, default=8)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of a decode step")
+    parser.add_argument("--no-baselines", action="store_true", help="skip `model.generate` (part 3)")
+    parser.add_argument(
+        "--patches-off", metavar="LIBS", help="TUNEPIPE_PATCHES for this run, e.g. transformers (off: all)"
+    )
     args = parser.parse_args()
+    from tunepipe.tasks.patches import OFF_SWITCH, enabled
+    from tunepipe.tasks.patches import transformers as transformers_patches
+
+    if args.patches_off:  # before anything asks `enabled`, which keeps its first answer for the process
+        os.environ[OFF_SWITCH] = args.patches_off
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,6 +125,8 @@ def main() -> None:
         "prompt_tokens": [min(lengths), max(lengths)],
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,
+        "patches_off": os.environ.get(OFF_SWITCH),
+        "transformers_patches": enabled("transformers", transformers_patches.PROVEN),
     }
 
     # 1. The stage's worker, as the evaluate stage starts it.
@@ -179,6 +197,9 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
     same = sum(a.text == b for a, b in zip(answers, outputs.answers))
     results["same_answers_as_stage"] = f"{same}/{len(answers)}"
+    if args.no_baselines:
+        finish(results, args.out)
+        return
 
     # 3. Baselines: plain generate (transformers' own SDPA attention), one prompt at a time, then batched.
     model.set_attn_implementation("sdpa")
@@ -226,10 +247,13 @@ def main() -> None:
         "gen_tokens_per_s": round(args.prompts * (out.shape[1] - batch["input_ids"].shape[1]) / seconds),
     }
     print("batched generate", json.dumps(results["generate_batched_dynamic_cache"]), flush=True)
+    finish(results, args.out)
 
+
+def finish(results: dict, out: Path | None) -> None:
     print(json.dumps(results, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if out:
+        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ vocabulary, which sets the LM head's size).
   `packing: false`); tokens/s counts non-padding tokens.
 - data parallel: the long batch with a global batch of 8 rows on one device and on two (`train.devices: 2`,
   the same worker under torchrun, 4 rows per device), for the scaling efficiency and the agreement of the losses.
+- patches off (`*-patches-off-LIBRARY`): the default long and short rows (`long-unsloth`, `short-auto`) with
+  `TUNEPIPE_PATCHES=LIBRARY` (`-all`: `off`) in their worker: that library's public path instead of tunepipe's
+  patches of its private names (`tasks/patches/`), for what the public path costs.
 - paths: QLoRA (4-bit base) with unsloth, and full fine-tuning with 8-bit AdamW (hf), a few steps each.
 - profiles (`*-profile`): steps 6-7 of the worker and of the raw unsloth loop under torch's profiler;
   memory (`*-memory`): the blocks allocated at the peak of 6 steps, by the code that allocated them.
@@ -45,8 +48,10 @@ seconds is the whole training loop including warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import random
 import shutil
 import statistics
@@ -73,6 +78,8 @@ WARMUP = 5
 LONG_TOKENS = 2048
 RAW_SCRIPT = "benchmarks/raw_loop.py"  # a `run` entry: the raw loop as a script of its own, not in a worker
 MEMORY_CAP_GIB = 3.0
+# The `*-patches-off-*` rows: name suffix -> TUNEPIPE_PATCHES ("all" is the switch's "off").
+PATCHES_OFF = {"unsloth": "unsloth", "torch": "torch", "transformers": "transformers", "all": "off"}
 
 
 def train_under_memory_cap(request: TrainRequest) -> TrainResult:
@@ -495,19 +502,22 @@ def _memory_at_peak(train, request: TrainRequest) -> TrainResult:
     return result
 
 
-def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
-    """Qwen3-0.6B's shape, random weights; the tokenizer from a folder, or from a llama.cpp vocabulary file
-    (`ggml-vocab-qwen2.gguf`: Qwen's vocabulary) with ChatML added."""
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+def load_tokenizer(source: Path):
+    """A tokenizer from a folder, or from a llama.cpp vocabulary file (`ggml-vocab-qwen2.gguf`: Qwen's
+    vocabulary) with ChatML added."""
+    from transformers import AutoTokenizer
 
     from tunepipe.tasks.demo.tiny_model import chatml_tokenizer
 
-    tokenizer = (
-        chatml_tokenizer(tokenizer_source)
-        if tokenizer_source.suffix == ".gguf"
-        else AutoTokenizer.from_pretrained(tokenizer_source)
-    )
+    return chatml_tokenizer(source) if source.suffix == ".gguf" else AutoTokenizer.from_pretrained(source)
+
+
+def build_model(tokenizer_source: Path, out_dir: Path) -> Path:
+    """Qwen3-0.6B's shape, random weights; the tokenizer from `load_tokenizer`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_source)
     torch.manual_seed(0)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
@@ -570,6 +580,24 @@ def lora_flops_per_token(config, seq: int) -> float:
     return 4 * n + attention
 
 
+@contextlib.contextmanager
+def patches_switched_off(libraries: str | None):
+    """`TUNEPIPE_PATCHES=libraries` for the processes started inside (None: the environment as it is); yields
+    the switch's value there. Each worker is a fresh process, so its `enabled` reads the switch afresh."""
+    from tunepipe.tasks.patches import OFF_SWITCH
+
+    before = os.environ.get(OFF_SWITCH)
+    if libraries is not None:
+        os.environ[OFF_SWITCH] = libraries
+    try:
+        yield os.environ.get(OFF_SWITCH)
+    finally:
+        if before is None:
+            os.environ.pop(OFF_SWITCH, None)
+        else:
+            os.environ[OFF_SWITCH] = before
+
+
 def run(
     name: str,
     split,
@@ -577,6 +605,7 @@ def run(
     work: Path,
     entry: str = "tunepipe.tasks.train.loop:train_model",
     flops_per_token: float | None = None,
+    patches_off: str | None = None,
     **train,
 ) -> dict:
     from tunepipe.tasks.model.base import resolve_base_model
@@ -594,17 +623,18 @@ def run(
     )
     started: dict = {}  # the worker's environment report: what `auto` resolved to
     try:
-        if entry == RAW_SCRIPT:
-            result = run_raw_script(request)
-        else:
-            result = run_worker(
-                entry,
-                request,
-                TrainResult,
-                request.out_dir,
-                devices=cfg.devices,
-                on_event=lambda e: started.update(e) if e["event"] == "started" else None,
-            )
+        with patches_switched_off(patches_off) as switch:
+            if entry == RAW_SCRIPT:
+                result = run_raw_script(request)
+            else:
+                result = run_worker(
+                    entry,
+                    request,
+                    TrainResult,
+                    request.out_dir,
+                    devices=cfg.devices,
+                    on_event=lambda e: started.update(e) if e["event"] == "started" else None,
+                )
     except (WorkerFailed, RuntimeError) as failure:
         print(f"{name} failed: {failure}", file=sys.stderr)
         return {"name": name, "failed": str(failure)[-2000:]}
@@ -628,6 +658,7 @@ def run(
         "micro_batch_after": result.micro_batch_size,
         "checkpointing": cfg.gradient_checkpointing,
         "checkpointing_resolved": started.get("gradient_checkpointing"),
+        "patches_off": switch,
         "losses": [round(p.loss, 4) for p in result.loss_history],
         "step_tokens_per_s": [round(p.tokens_per_s) for p in result.loss_history],
     }
@@ -811,6 +842,13 @@ def main() -> None:
                 ),
             ),
         ]
+        # tunepipe's defaults, long and short, through each library's public path instead of its patches.
+        plan += [
+            (f"{name}-patches-off-{suffix}", split, model_cfg, {**train, "patches_off": switch})
+            for name, split, model_cfg, train in plan
+            if name in ("long-unsloth", "short-auto")
+            for suffix, switch in PATCHES_OFF.items()
+        ]
         rows = []
         if args.only:  # in the order given, repeats allowed (A/B in alternating order): what matters most first,
             # in case a time limit cuts the call short
@@ -832,15 +870,17 @@ def main() -> None:
                     shutil.copy(path, args.json.with_name(f"{name}-{report}.txt"))
             if args.json:  # after every run: a run cut short by a time limit keeps what finished
                 args.json.write_text(json.dumps(rows, indent=2))
-    print(f"{'run':<28}{'backend':<9}{'batch':>7}{'tokens/s':>10}{'peak GiB':>10}{'reserved':>10}{'seconds':>9}  loss")
+    print(
+        f"{'run':<40}{'backend':<9}{'batch':>7}{'packed':>7}{'tokens/s':>10}{'peak GiB':>10}{'reserved':>10}"
+        f"{'seconds':>9}  loss"
+    )
     for r in rows:
         if "failed" in r:
-            print(f"{r['name']:<28}FAILED")
+            print(f"{r['name']:<40}FAILED")
             continue
         print(
-            f"{r['name']:<28}{r['backend']:<9}{r['batch']:>7}{r['tokens_per_s']:>10}{r['peak_gib']:>10}"
-            f"{r['peak_reserved_gib']:>10}"
-            f"{r['seconds']:>9}  {r['loss']}"
+            f"{r['name']:<40}{r['backend']:<9}{r['batch']:>7}{str(r['packed']):>7}{r['tokens_per_s']:>10}"
+            f"{r['peak_gib']:>10}{r['peak_reserved_gib']:>10}{r['seconds']:>9}  {r['loss']}"
         )
     # A run's speed moves between processes: repeated runs (`name#k`) are summed up by their median.
     repeats: dict[str, list[int]] = {}
@@ -849,7 +889,7 @@ def main() -> None:
             repeats.setdefault(r["name"].split("#")[0], []).append(r["tokens_per_s"])
     for name, rates in repeats.items():
         print(
-            f"{name:<28}median of {len(rates)} runs: {round(statistics.median(rates))} tokens/s "
+            f"{name:<40}median of {len(rates)} runs: {round(statistics.median(rates))} tokens/s "
             f"({', '.join(map(str, rates))})"
         )
 
