@@ -128,12 +128,22 @@ def test_a_spare_from_another_environment_is_not_used_and_is_stopped_unused(tmp_
 
 def test_a_variable_a_library_adds_after_the_spare_started_does_not_keep_it_from_the_request(tmp_path, monkeypatch):
     """Importing torch in the flow's process (the data check's tokenizer) sets KMP_DUPLICATE_LIB_OK and others."""
-    monkeypatch.delenv("TUNEPIPE_TEST_ADDED", raising=False)
+    monkeypatch.delenv("LIBRARY_TEST_ADDED", raising=False)
     with spare_workers():
         prestart_worker("test_worker:target", "fast")
         (spare,) = _spare_processes()
-        monkeypatch.setenv("TUNEPIPE_TEST_ADDED", "True")
+        monkeypatch.setenv("LIBRARY_TEST_ADDED", "True")
         assert run_worker("test_worker:target", Request(text="hi"), Result, tmp_path).pid == spare.pid
+
+
+def test_a_tunepipe_switch_set_after_the_spare_started_keeps_it_from_the_request(tmp_path, monkeypatch):
+    """`TUNEPIPE_PATCHES=off` set once the spare had imported would otherwise reach a process patched already."""
+    monkeypatch.delenv("TUNEPIPE_PATCHES", raising=False)
+    with spare_workers():
+        prestart_worker("test_worker:target", "fast")
+        (spare,) = _spare_processes()
+        monkeypatch.setenv("TUNEPIPE_PATCHES", "off")
+        assert run_worker("test_worker:target", Request(text="hi"), Result, tmp_path).pid != spare.pid
 
 
 def test_a_spare_that_died_warming_up_gives_way_to_a_fresh_worker(tmp_path):

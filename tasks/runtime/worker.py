@@ -196,11 +196,13 @@ def _serves(spare: _Spare, target: str, env: dict[str, str]) -> bool:
     """Whether `spare` may take a request for `target` that would run under `env` in this folder: every variable
     it was started with still has its value. Variables added since are allowed: they are what the libraries
     imported in the meantime set for themselves (importing torch sets KMP_DUPLICATE_LIB_OK, ...), which the
-    spare's own imports set too."""
+    spare's own imports set too; tunepipe's own (`TUNEPIPE_PATCHES`, ...) are not, so they must match."""
+    ours = {name for name in env.keys() | spare.env.keys() if name.startswith("TUNEPIPE_")}
     return (
         spare.target == target
         and spare.cwd == os.getcwd()
         and all(env.get(name) == value for name, value in spare.env.items())
+        and all(env.get(name) == spare.env.get(name) for name in ours)
     )
 
 
