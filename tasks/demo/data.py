@@ -46,10 +46,11 @@ MANUFACTURERS = [
     "Mesa", "Delta",
 ]  # fmt: skip
 
-# `tunepipe demo`'s data set (train, eval rows): more distinct pages than its training reads, none twice, so
+# `tunepipe demo`'s data set (train, test rows): more distinct pages than its training reads, none twice, so
 # the small model learns to read pages rather than remember them (shared/notes/tiny-models-learn.md: 400 pages
-# were memorised); the tests' smaller default is enough for a few steps.
-DEMO_ROWS = (4000, 48)
+# were memorised); the tests' smaller default is enough for a few steps. As many test pages as configs/demo.yaml
+# scores (eval.max_samples): its eval loss then covers the pages the gate decides on, and no more.
+DEMO_ROWS = (4000, 16)
 
 FIELDS = ("price", "category", "manufacturer")  # after the name, in the answer's key order
 LABELS = {
