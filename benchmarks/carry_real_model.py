@@ -6,8 +6,8 @@
     python benchmarks/carry_real_model.py unpack /tmp/smollm2-parts /tmp/smollm2
 
 The weights are rebuilt there from the GGUF with the same transformers calls as here
-(`tunepipe.tasks.model.packaged.dequantized_model`); every other file, the tokenizer checked against llama.cpp here
-included, is carried as built. The GGUF's sha256 is checked after the parts are joined.
+(`tunepipe.tasks.model.gguf_folder.dequantized_model`); every other file, the tokenizer checked against llama.cpp
+here included, is carried as built. The GGUF's sha256 is checked after the parts are joined.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def pack(name: str, out: Path, part_mib: int) -> None:
 
 
 def unpack(parts_dir: Path, out: Path) -> None:
-    from tunepipe.tasks.model.packaged import dequantized_model
+    from tunepipe.tasks.model.gguf_folder import dequantized_model
 
     manifest = json.loads((parts_dir / MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)

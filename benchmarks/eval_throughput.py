@@ -6,7 +6,7 @@ before it moved to GPT-2's vocabulary; the vocabulary sets the LM head's size) o
 `ggml-vocab-qwen2.gguf` with ChatML added, as in benchmarks/gpu_train.py. 128 chat prompts of 100-200
 tokens, 64 new tokens each, greedy; random weights never stop early, so every answer is 64 tokens long.
 
-1. The stage: `tunepipe.tasks.evaluate.task.generate_outputs` run as the evaluate stage runs it, in a worker process
+1. The stage: `tunepipe.tasks.evaluate.worker.generate_outputs` run as the evaluate stage runs it, in a worker process
    (process start, imports, model load, CUDA graph capture, answers, eval loss), timed from outside.
 2. Its generation (`tunepipe.tasks.chat.generation.greedy_answers`) in this process: a first call (capture included),
    then a second (steady state); and one batch's prefill and decode-step times.
@@ -103,7 +103,7 @@ def main() -> None:
     from tunepipe.tasks.chat.examples import Message
     from tunepipe.tasks.chat.generation import GreedyDecoder, greedy_answers, render_prompt, stop_token_ids
     from tunepipe.tasks.chat.template import ChatContext
-    from tunepipe.tasks.evaluate.task import GenerationRequest, GenerationResult, ModelToScore
+    from tunepipe.tasks.evaluate.worker import GenerationRequest, GenerationResult, ModelToScore
     from tunepipe.tasks.runtime.worker import run_worker
 
     work = Path(tempfile.mkdtemp(prefix="eval-bench-"))
@@ -139,7 +139,7 @@ def main() -> None:
         chat=ChatContext(),
     )
     started = time.perf_counter()
-    stage = run_worker("tunepipe.tasks.evaluate.task:generate_outputs", request, GenerationResult, work / "worker")
+    stage = run_worker("tunepipe.tasks.evaluate.worker:generate_outputs", request, GenerationResult, work / "worker")
     stage_s = time.perf_counter() - started
     outputs = stage.outputs["candidate"]
     generated = args.prompts * args.new_tokens

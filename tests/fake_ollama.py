@@ -212,7 +212,7 @@ class FakeOllamaHandler(BaseHTTPRequestHandler):
         model = self._model(request.get("model"))
         if model is None:
             return
-        from tunepipe.tasks.model.packaged import read_gguf_metadata
+        from tunepipe.tasks.model.gguf_metadata import read_gguf_metadata
 
         parameters = [
             f"{name:<30} {json.dumps(v) if isinstance(v, str) else v}"

@@ -103,7 +103,7 @@ def test_answer_loss_matches_unpadded_per_row_loss(noisy_model):
     import torch
 
     from tunepipe.tasks.data.format import IGNORE
-    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.evaluate.worker import answer_losses, mean_answer_loss
 
     model, tokenizer = noisy_model
     rows = []
@@ -249,7 +249,7 @@ def test_a_lora_candidate_merged_into_the_base_already_loaded_scores_as_loaded_a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunepipe.tasks.chat.examples import read_examples
-    from tunepipe.tasks.evaluate.task import GenerationRequest, ModelToScore, generate_outputs
+    from tunepipe.tasks.evaluate.worker import GenerationRequest, ModelToScore, generate_outputs
 
     _, _, loaded, _, formatted = eval_inputs
     torch.manual_seed(0)
@@ -287,7 +287,7 @@ def test_each_rows_eval_loss_is_the_same_batched_with_longer_rows_as_alone(eval_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.evaluate.worker import answer_losses, mean_answer_loss
 
     *_, formatted = eval_inputs
     rows = [json.loads(line) for line in formatted.eval.path.read_text().splitlines()][:6]

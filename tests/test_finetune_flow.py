@@ -136,7 +136,7 @@ def test_the_workers_lines_reach_the_runs_log(first_run, config_path: Path):
             messages += [log.message for log in logs]
             if len(logs) < page:
                 break
-    for worker in ("tunepipe.tasks.train.loop:train_model", "tunepipe.tasks.evaluate.task:generate_outputs"):
+    for worker in ("tunepipe.tasks.train.loop:train_model", "tunepipe.tasks.evaluate.worker:generate_outputs"):
         assert any(m.startswith(f"worker for {worker}: started") for m in messages), worker
     assert any(m.startswith("train: ") for m in messages)
     for model in ("candidate", "base"):

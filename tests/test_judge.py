@@ -1,8 +1,8 @@
-"""The judge (tasks/evaluate/judge.py): a real model answers as judge, SmolLM2-135M-Instruct's GGUF, served once by
-the stand-in Ollama (tests/fake_ollama.py, llama.cpp behind /api/chat) and once by llama-cpp-python's own
-OpenAI-compatible server that tunepipe starts. At 135M its verdicts are poor: these tests prove the protocol
-(both orders asked, flips counted as ties, the format restated, caching, faults, the gate reading the metric),
-not the judge's taste."""
+"""The judge (tasks/evaluate/judge.py, its prompts and verdicts in judge_protocol.py): a real model answers as
+judge, SmolLM2-135M-Instruct's GGUF, served once by the stand-in Ollama (tests/fake_ollama.py, llama.cpp behind
+/api/chat) and once by llama-cpp-python's own OpenAI-compatible server that tunepipe starts. At 135M its verdicts
+are poor: these tests prove the protocol (both orders asked, flips counted as ties, the format restated, caching,
+faults, the gate reading the metric), not the judge's taste."""
 
 from __future__ import annotations
 
@@ -17,14 +17,8 @@ from fake_ollama import FakeOllama
 
 from tunepipe.tasks.chat.examples import Example, Message
 from tunepipe.tasks.evaluate.gate import decide
-from tunepipe.tasks.evaluate.judge import (
-    PAIRWISE_RESTATED,
-    SCHEMAS,
-    JudgeError,
-    judge_report,
-    pairwise_result,
-    parse_verdict,
-)
+from tunepipe.tasks.evaluate.judge import JudgeError, judge_report
+from tunepipe.tasks.evaluate.judge_protocol import PAIRWISE_RESTATED, SCHEMAS, pairwise_result, parse_verdict
 from tunepipe.tasks.evaluate.report import _judge_losses
 from tunepipe.tasks.evaluate.results import EvalReport, ModelScores
 from tunepipe.tasks.runtime.caching import stable_hash

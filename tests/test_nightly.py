@@ -126,7 +126,7 @@ def test_worker_killed_during_evaluation_resumes_without_redoing_cached_stages(
     cfg = PipelineConfig.model_validate(small(fast_config(tmp_path)))
     killer = threading.Thread(
         target=_kill_child_when_it_runs,
-        args=("tunepipe.tasks.evaluate.task:generate_outputs", "**/evaluate/*/worker/worker.log", tmp_path),
+        args=("tunepipe.tasks.evaluate.worker:generate_outputs", "**/evaluate/*/worker/worker.log", tmp_path),
     )
     killer.start()
     killed = finetune(cfg, return_state=True)

@@ -252,7 +252,7 @@ def _losses(result, rated) -> tuple[float, float]:
 
     from transformers import AutoModelForCausalLM
 
-    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.evaluate.worker import answer_losses, mean_answer_loss
 
     data, _ = rated
     model = AutoModelForCausalLM.from_pretrained(result.adapter_dir, dtype=torch.float32).eval()

@@ -12,14 +12,9 @@ import pytest
 
 from tunepipe.tasks.chat.template import ChatContext
 from tunepipe.tasks.model.base import BaseModelError, resolve_base_model
-from tunepipe.tasks.model.packaged import (
-    SAMPLE_CONVERSATIONS,
-    VocabularyMismatch,
-    compare_token_ids,
-    gguf_vocab,
-    packaged_gguf,
-    read_gguf_metadata,
-)
+from tunepipe.tasks.model.gguf_metadata import gguf_vocab, read_gguf_metadata
+from tunepipe.tasks.model.gguf_tokenizer import SAMPLE_CONVERSATIONS, VocabularyMismatch, compare_token_ids
+from tunepipe.tasks.model.packaged import packaged_gguf
 from tunepipe.tasks.runtime.config import ModelConfig, OllamaConfig
 
 pytestmark = pytest.mark.slow  # loads, trains and exports real models

@@ -61,7 +61,8 @@ def test_real_template_is_served_as_trained_or_refused_with_its_reason(path) -> 
 
 def test_real_models_templates_are_served_as_trained() -> None:
     """SmolLM2-135M-Instruct's ChatML with its default system prompt; Gemma 3's turns, with no system role."""
-    from tunepipe.tasks.model.packaged import PACKAGED, packaged_gguf, read_gguf_metadata
+    from tunepipe.tasks.model.gguf_metadata import read_gguf_metadata
+    from tunepipe.tasks.model.packaged import PACKAGED, packaged_gguf
 
     smollm2 = read_gguf_metadata(packaged_gguf("smollm2-135m-instruct"))
     smol = ollama_template(transformers_renderer(smollm2["tokenizer.chat_template"], eos_token="<|im_end|>"))

@@ -428,7 +428,7 @@ def test_the_best_checkpoint_is_what_training_returns_and_export_writes(formatte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunepipe.tasks.evaluate.task import answer_losses, mean_answer_loss
+    from tunepipe.tasks.evaluate.worker import answer_losses, mean_answer_loss
     from tunepipe.tasks.export.task import export_model
     from tunepipe.tasks.runtime.config import ExportConfig
     from tunepipe.tasks.train.loop import train_model

@@ -27,14 +27,10 @@ from tunepipe.tasks.chat.general_prompts import GeneralPrompt
 from tunepipe.tasks.chat.template import ChatContext
 from tunepipe.tasks.data.format import IGNORE, ids_and_labels, tokenize_pieces
 from tunepipe.tasks.evaluate.results import RetentionScores
-from tunepipe.tasks.evaluate.task import (  # noqa: F401  (warm_up: what a worker started early imports)
-    RETENTION_WORKER,
+from tunepipe.tasks.evaluate.task import RETENTION_WORKER, _candidate, _file_hash, _read_reference, _write_reference
+from tunepipe.tasks.evaluate.worker import (  # noqa: F401  (warm_up: what a worker started early imports)
     ModelToScore,
-    _candidate,
-    _file_hash,
     _load,
-    _read_reference,
-    _write_reference,
     answer_losses,
     device_and_dtype,
     warm_up,
@@ -199,7 +195,7 @@ def measure_retention(
         conversations,
         chat,
         cfg.max_new_tokens,
-        *(_file_hash(here.with_name(name)) for name in ("retention.py", "task.py")),
+        *(_file_hash(here.with_name(name)) for name in ("retention.py", "task.py", "worker.py")),
         *(_file_hash(here.parents[1] / path) for path in ("chat/generation.py", "data/format.py")),
     )
     kept = _read_reference(reference_dir, "retention-base", key, RetentionOutputs)
@@ -256,7 +252,9 @@ def measure_retention(
 
 @task(
     name="retention",
-    cache_policy=StageCache(sources=("tunepipe.tasks.evaluate.task", "tunepipe.tasks.chat.generation")),
+    cache_policy=StageCache(
+        sources=("tunepipe.tasks.evaluate.task", "tunepipe.tasks.evaluate.worker", "tunepipe.tasks.chat.generation")
+    ),
     persist_result=True,
 )
 def retention(

@@ -31,7 +31,7 @@ from tunepipe.tasks.export.results import ExportResult, GgufScores, ParityReport
 from tunepipe.tasks.integrations.llama_cpp import load_gguf
 from tunepipe.tasks.integrations.ollama.modelfile import client_messages, modelfile_spec
 from tunepipe.tasks.integrations.ollama.render import render_served_prompt
-from tunepipe.tasks.model.packaged import VocabularyMismatch, compare_token_ids
+from tunepipe.tasks.model.gguf_tokenizer import VocabularyMismatch, compare_token_ids
 from tunepipe.tasks.runtime.caching import StageCache, stage_dir
 from tunepipe.tasks.runtime.config import DataConfig, EvalConfig, ExportConfig, OllamaConfig
 from tunepipe.tasks.runtime.progress import Progress

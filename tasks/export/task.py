@@ -63,7 +63,7 @@ class VocabularyChanged(RuntimeError):
 
 def check_source_vocabulary(source: Path, exported: Path) -> None:
     """Raise VocabularyChanged unless `exported` has `source`'s vocabulary (one conversion writes every type's)."""
-    from tunepipe.tasks.model.packaged import gguf_vocab, read_gguf_metadata
+    from tunepipe.tasks.model.gguf_metadata import gguf_vocab, read_gguf_metadata
 
     differences = gguf_vocab(read_gguf_metadata(source)).differences(gguf_vocab(read_gguf_metadata(exported)))
     if differences:

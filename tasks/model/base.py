@@ -30,7 +30,7 @@ def resolve_base_model(cfg: ModelConfig, ollama: OllamaConfig | None = None) -> 
 
     A local folder is identified by a content hash, a hub id by the commit its revision resolves to (so `main`
     moving on upstream invalidates the cache). A `.gguf` file, or `ollama:NAME[:TAG]` (the GGUF that Ollama at
-    `ollama.host` serves), becomes a transformers folder once (`tasks/model/packaged.py`), identified by the GGUF.
+    `ollama.host` serves), becomes a transformers folder once (`tasks/model/gguf_folder.py`), identified by the GGUF.
     Raises BaseModelError, naming the model, what failed and the fix, for: a folder that is missing or lacks
     weights, tokenizer or chat template; a hub that cannot be reached; an unknown or gated model; a revision
     that does not exist; a GGUF that cannot be found or whose tokenizer transformers cannot reproduce.
@@ -81,7 +81,8 @@ class BaseModelError(ValueError):
 def _from_gguf(cfg: ModelConfig, gguf: Path, fingerprint: str) -> BaseModelRef:
     """The transformers folder built (once, in the shared cache) from `gguf`, which `fingerprint` identifies."""
     from tunepipe.tasks.integrations.llama_cpp import cache_root
-    from tunepipe.tasks.model.packaged import BUILD_VERSION, VocabularyMismatch, hf_folder_from_gguf, source_record
+    from tunepipe.tasks.model.gguf_folder import BUILD_VERSION, hf_folder_from_gguf, source_record
+    from tunepipe.tasks.model.gguf_tokenizer import VocabularyMismatch
 
     # Keyed by content: the same weights reached as a file and through Ollama share one folder.
     key = hashlib.sha256(f"{_hash_file(gguf)}\n{cfg.chat_template or ''}\n{BUILD_VERSION}".encode()).hexdigest()[:16]
@@ -292,10 +293,10 @@ TOKENIZER_SOURCES = ("tokenizer.model",)
 # What transformers 5 no longer writes into tokenizer_config.json and llama.cpp's converter still reads there.
 # The flags: with a tokenizer.json transformers ignores them on load (the post-processor decides) and does not
 # save them; the converter reads them when the post-processor adds no special token, as in the folders built
-# from a GGUF (`tunepipe.tasks.model.packaged.make_faithful`), where the chat template writes BOS for transformers and
-# llama.cpp adds it to the prompts Ollama renders. `added_tokens_decoder` (kept in tokenizer.json instead) is
-# where the converter's SentencePiece path finds user-defined and control tokens; without it Gemma's "<span>",
-# "\n\n", ... become normal pieces that llama.cpp splits.
+# from a GGUF (`tunepipe.tasks.model.gguf_tokenizer.make_faithful`), where the chat template writes BOS for
+# transformers and llama.cpp adds it to the prompts Ollama renders. `added_tokens_decoder` (kept in tokenizer.json
+# instead) is where the converter's SentencePiece path finds user-defined and control tokens; without it Gemma's
+# "<span>", "\n\n", ... become normal pieces that llama.cpp splits.
 TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
 
 

@@ -47,7 +47,7 @@ LOG_TAIL_LINES = 40
 EVENT_PREFIX = "tunepipe-event "
 # A worker that the stage before its own starts early, named here so that the earlier stage (train) need not
 # import the later one's module.
-EVALUATE_WORKER = "tunepipe.tasks.evaluate.task:generate_outputs"
+EVALUATE_WORKER = "tunepipe.tasks.evaluate.worker:generate_outputs"
 
 
 class WorkerFailed(RuntimeError):

@@ -64,6 +64,9 @@ TRAIN_CACHE = StageCache(
         "tunepipe.tasks.patches.torch",
         "tunepipe.tasks.model.base",
         "tunepipe.tasks.model.packaged",
+        "tunepipe.tasks.model.gguf_metadata",
+        "tunepipe.tasks.model.gguf_tokenizer",
+        "tunepipe.tasks.model.gguf_folder",
     ),
 )
 
