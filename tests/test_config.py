@@ -33,7 +33,7 @@ def test_demo_config_loads() -> None:
     assert isinstance(cfg, PipelineConfig)
     assert cfg.name == "demo-products"
     assert cfg.model.base.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert cfg.train.max_steps == 16 and cfg.train.mode == "lora"
+    assert cfg.train.max_steps == 8 and cfg.train.mode == "lora"
     assert cfg.model.max_seq_length == 256
     assert cfg.gate.rules["valid_json_rate"].min == 0.9
     assert cfg.gate.rules["valid_json_rate"].max is None

@@ -9,7 +9,8 @@ once per device under torchrun; it reads top to bottom as the procedure, and the
 - `stepper`: a step's forward and backward with the LM head at the loss positions only (`head_loss`), from CUDA
   graphs where a shape repeats (`graphs`), on several ranks through DDP (`data_parallel`);
 - `selection`: evaluations on the validation split, the best checkpoint, early stopping, `train.select`;
-- `checkpoints`: checkpoints, resume and the output; `progress`: the loss curve; `preference`: KTO / DPO steps.
+- `checkpoints`: checkpoints and resume; `output`: the saved result; `progress`: the loss curve; `preference`: KTO
+  / DPO steps.
 Why a loop of our own and not TRL's SFTTrainer: the LM head applied at the loss positions alone, an exact resume,
 packing without leaks, CUDA graphs, and no whole-vocabulary metrics at every step (benchmarks/RESULTS.md,
 training speed). The ML stack is imported inside functions; unsloth is imported first, and only when CUDA is there.
@@ -20,9 +21,10 @@ from __future__ import annotations
 import time
 
 from tunepipe.tasks.train.batching import ExampleOrder, n_loss_tokens, packs, run_layout, step_counts
-from tunepipe.tasks.train.checkpoints import TrainingState, finish, load_best, report_resume, resume, save_checkpoint
+from tunepipe.tasks.train.checkpoints import TrainingState, load_best, report_resume, resume, save_checkpoint
 from tunepipe.tasks.train.environment import TrainingEnvironmentError, choose_backend, set_up
 from tunepipe.tasks.train.loading import load_model
+from tunepipe.tasks.train.output import finish
 from tunepipe.tasks.train.progress import LossLog
 from tunepipe.tasks.train.results import TrainResult
 from tunepipe.tasks.train.selection import HeldOutEvaluation, Selection

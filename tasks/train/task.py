@@ -54,6 +54,7 @@ TRAIN_CACHE = StageCache(
         "tunepipe.tasks.train.stepper",
         "tunepipe.tasks.train.selection",
         "tunepipe.tasks.train.checkpoints",
+        "tunepipe.tasks.train.output",
         "tunepipe.tasks.train.progress",
         "tunepipe.tasks.train.preference",
         "tunepipe.tasks.train.head_loss",
