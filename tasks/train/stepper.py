@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 from tunepipe.tasks.runtime.memory_plan import chunk_positions
 from tunepipe.tasks.runtime.worker import emit_event
 from tunepipe.tasks.train.batching import PackedLayout, make_batch, row_tokens
-from tunepipe.tasks.train.environment import Rank, dtype_of
+from tunepipe.tasks.train.environment import EnvironmentReport, Rank, dtype_of
 from tunepipe.tasks.train.results import Backend
 
 if TYPE_CHECKING:
     from tunepipe.tasks.train.checkpoints import TrainingState
+    from tunepipe.tasks.train.task import TrainRequest
 
 
 def make_optimizer(model, cfg):
@@ -102,8 +103,8 @@ class Stepper:
     @classmethod
     def for_run(
         cls,
-        request,
-        env,
+        request: TrainRequest,
+        env: EnvironmentReport,
         backend: Backend,
         rank: Rank,
         model,
@@ -111,8 +112,8 @@ class Stepper:
         scaler,
         packing: bool,
         cuda_graphs: bool,
-        layout,
-    ):
+        layout: PackedLayout | None,
+    ) -> Stepper:
         """The run's stepper: its precision, packed rows, LM-head chunks and retries follow from the config and the
         checked environment (`env`)."""
         return cls(
