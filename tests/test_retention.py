@@ -97,25 +97,37 @@ def _report(tmp_path: Path, retention: RetentionScores | None) -> EvalReport:
 
 
 def _scores(tmp_path: Path, base: float, candidate: float) -> RetentionScores:
-    return RetentionScores(n_prompts=16, base_loss=base, candidate_loss=candidate, path=tmp_path / "retention.jsonl")
+    """16 prompts of 10 answer tokens: the base's loss `base` on each, the candidate's `candidate` ± 0.2."""
+    path = tmp_path / "retention.jsonl"
+    rows = [
+        {"tokens": 10, "base": {"loss": base}, "candidate": {"loss": candidate + (0.2 if i % 2 else -0.2)}}
+        for i in range(16)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return RetentionScores(n_prompts=16, base_loss=base, candidate_loss=candidate, path=path)
 
 
 def test_a_candidate_that_forgot_how_to_chat_fails_the_gate_saying_so(tmp_path: Path):
     cfg = GateConfig.model_validate({"retention": {"max_loss_increase": 0.5}})
     kept = decide(_report(tmp_path, _scores(tmp_path, 1.1, 1.6)), cfg)  # exactly at the limit
     assert kept.passed and kept.checks[0].metric == "retention.loss_increase"
-    assert kept.checks[0].reason == (
+    reason = kept.checks[0].reason
+    assert reason.startswith(
         "retention within its limit: the candidate's loss on the base's answers to 16 "
-        "general prompts went from 1.100 to 1.600 nats per token (+0.500; at most +0.5 "
-        "allowed)"
+        "general prompts went from 1.100 to 1.600 nats per token (+0.500 ["
     )
+    assert reason.endswith("] at 95% confidence; at most +0.5 allowed)")
+    # The mean decides; the paired interval of the rise over the 16 prompts is reported with it.
+    interval = kept.checks[0].interval
+    assert kept.checks[0].n == interval.n == 16 and interval.metric == "retention_loss"
+    assert -interval.high < 0.5 < -interval.low and interval.difference == pytest.approx(-0.5)
 
     forgot = decide(_report(tmp_path, _scores(tmp_path, 1.1, 2.9)), cfg)
     assert not forgot.passed
     (reason,) = forgot.reasons
     assert reason.startswith(
         "the candidate forgot how to chat: its loss on the base's answers to 16 general "
-        "prompts rose from 1.100 to 2.900 nats per token (+1.800; at most +0.5 allowed)"
+        "prompts rose from 1.100 to 2.900 nats per token (+1.800 ["
     )
     assert "6.0 times less likely per token" in reason
     assert forgot.checks[0].value == pytest.approx(1.8) and forgot.checks[0].limit == 0.5

@@ -26,7 +26,7 @@ from typing import Literal
 
 from prefect import task
 
-from tunepipe.tasks.evaluate.paired import SLACK, clears, mean_interval, paired_difference
+from tunepipe.tasks.evaluate.paired import SLACK, PairedDifference, clears, mean_interval, paired_difference
 from tunepipe.tasks.evaluate.results import Check, EvalReport, GateDecision, ModelScores, Regression, RetentionScores
 from tunepipe.tasks.runtime.config import LOWER_IS_BETTER, GateConfig, RetentionRule
 
@@ -71,7 +71,7 @@ def decide(report: EvalReport, cfg: GateConfig) -> GateDecision:
         checks.append(_regressions(regressions, cfg.max_regressions, len(rows), _who(reference), examples))
     # A report without retention (nothing the base said to the general prompts could be scored) has no such check.
     if cfg.retention is not None and report.retention is not None:
-        checks.append(retention_check(report.retention, cfg.retention))
+        checks.append(retention_check(report.retention, cfg.retention, cfg.confidence))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks, regressions=regressions)
 
 
@@ -241,14 +241,19 @@ def _who(scores: ModelScores) -> str:
     return f"the {scores.name}" if scores.version is None else f"the {scores.name} v{scores.version}"
 
 
-def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
+def retention_check(scores: RetentionScores, rule: RetentionRule, confidence: float) -> Check:
     """The candidate's loss on the base's own answers to general prompts may rise at most `max_loss_increase`
-    nats per token above the base's: more, and it has forgotten how to answer outside its task."""
+    nats per token above the base's: more, and it has forgotten how to answer outside its task. The mean rise
+    decides, as the value decides a min / max rule; its paired interval over the prompts is reported with it."""
     metric, limit = RETENTION_CHECK, rule.max_loss_increase
     rise = scores.loss_increase
     passed = rise <= limit + SLACK
+    interval = retention_interval(scores, confidence)
+    spread = (
+        f" [{-interval.high:+.3f}, {-interval.low:+.3f}] at {interval.confidence:.0%} confidence" if interval else ""
+    )
     measured = (
-        f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}; "
+        f"{scores.base_loss:.3f} to {scores.candidate_loss:.3f} nats per token ({rise:+.3f}{spread}; "
         f"at most +{limit:g} allowed)"
     )
     if passed:
@@ -262,7 +267,34 @@ def retention_check(scores: RetentionScores, rule: RetentionRule) -> Check:
             f"prompts rose from {measured}; it finds what the base would say {math.exp(rise):.1f} times less "
             "likely per token"
         )
-    return Check(metric=metric, kind="max", value=rise, limit=limit, passed=passed, reason=reason)
+    return Check(
+        metric=metric,
+        kind="max",
+        value=rise,
+        limit=limit,
+        passed=passed,
+        reason=reason,
+        interval=interval,
+        n=interval.n if interval else None,
+    )
+
+
+def retention_interval(scores: RetentionScores, confidence: float) -> PairedDifference | None:
+    """base − candidate `retention_loss` per prompt (the rise, negated: positive is better, as every paired
+    difference), token-weighted, with its paired bootstrap interval; None when no prompt was scored."""
+    scored = [
+        row for row in scores.rows() if row["tokens"] and None not in (row["base"]["loss"], row["candidate"]["loss"])
+    ]
+    if not scored:
+        return None
+    return paired_difference(
+        "retention_loss",
+        [row["candidate"]["loss"] for row in scored],
+        [row["base"]["loss"] for row in scored],
+        confidence=confidence,
+        versus="base",
+        weights=[row["tokens"] for row in scored],
+    )
 
 
 def _not_measured(metric: str, kind: str, limit: float, scores: ModelScores) -> Check:

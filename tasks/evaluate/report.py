@@ -318,7 +318,7 @@ def retention_section(scores: RetentionScores | None) -> list[str]:
     """The general prompts outside the task: both models' answers side by side, and their loss on the base's."""
     if scores is None:
         return []
-    rows = [json.loads(line) for line in scores.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = scores.rows()
     lines = [
         "## Retention: general prompts outside the task",
         "",

@@ -39,6 +39,10 @@ class RetentionScores(BaseModel):
     def loss_increase(self) -> float:
         return self.candidate_loss - self.base_loss
 
+    def rows(self) -> list[dict]:
+        """The per-prompt rows of `path`."""
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
     def scores(self) -> Record:
         return Record(
             metrics={
@@ -49,7 +53,7 @@ class RetentionScores(BaseModel):
         )
 
     def record(self) -> Record:
-        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = self.rows()
         columns = {
             "id": [r["id"] for r in rows],
             "language": [r["language"] for r in rows],

@@ -24,7 +24,7 @@ TEXT_METRICS = {"exact_match", "rouge_l", "chrf"}
 COMMON_METRICS = {"eval_loss", "stop_rate"}
 # Written by the judge (eval.judge), by its mode; only for the test report the gate reads.
 JUDGE_METRICS = {"pairwise": "judge_win_rate", "rubric": "judge_score"}
-LOWER_IS_BETTER = {"eval_loss"}
+LOWER_IS_BETTER = {"eval_loss", "retention_loss"}  # retention_loss: a model's loss on the base's general answers
 
 
 # How a judge reads a rubric answer: the default rubric, G-Eval style (criteria, then what each score means).
