@@ -1,6 +1,6 @@
 """The evaluate flow: score one trained model on the config's test split with the evaluation stage and the
-gate, as the finetune flow's final evaluation does, without training or exporting anything. Started by the
-`evaluate` deployment (prefect.yaml) or `tunepipe evaluate`."""
+gate, as the finetune flow's final evaluation does (with its `scored` and `measured_retention`), without
+training or exporting anything. Started by the `evaluate` deployment (prefect.yaml) or `tunepipe evaluate`."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from tunepipe.flows.artifacts import evaluation_markdown, show_run
-from tunepipe.tasks.chat.general_prompts import read_prompts
+from tunepipe.flows.finetune import measured_retention, scored
 from tunepipe.tasks.data.check import check_data
 from tunepipe.tasks.data.format import format_data
 from tunepipe.tasks.data.load import data_fingerprint, load_data
 from tunepipe.tasks.evaluate.gate import gate
-from tunepipe.tasks.evaluate.judge import judge
 from tunepipe.tasks.evaluate.results import EvalReport, GateDecision
-from tunepipe.tasks.evaluate.retention import retention
-from tunepipe.tasks.evaluate.task import evaluate
 from tunepipe.tasks.integrations.model_registry import find_champion
 from tunepipe.tasks.model.base import resolve_base
 from tunepipe.tasks.runtime.config import PipelineConfig
@@ -54,34 +51,8 @@ def evaluate_model(config: PipelineConfig, model: str) -> Evaluation:
         run.record(loaded, checked)  # what it was scored on, as the run's dataset inputs
         formatted = format_data(checked, base, cfg.model, cfg.train.assistant_only_loss, cfg.workdir)
         champion = find_champion(cfg.tracking.uri, cfg.name)
-        report = evaluate(
-            formatted,
-            checked,
-            candidate,
-            base,
-            champion,
-            cfg.tracking.uri,
-            cfg.data,
-            cfg.eval,
-            cfg.workdir,
-            split="test",
-            gpu_memory_gib=cfg.model.gpu_memory_gib,
-        )
-        retained = retention(
-            candidate,
-            base,
-            formatted.chat,
-            read_prompts(cfg.eval.retention),
-            cfg.eval.retention,
-            cfg.eval.batch_size,
-            cfg.workdir,
-        )
-        report = report.model_copy(update={"retention": retained})
-        if cfg.eval.judge is not None:
-            # A second model judges the answers; its metric joins the report the gate reads.
-            report = judge.with_options(**network_retries(cfg.retry))(
-                report, cfg.eval.judge, checked.eval.clean_path, cfg.ollama.host, cfg.gate, cfg.workdir
-            )
+        report = scored("test", formatted, checked, candidate, base, champion, cfg)
+        report = report.model_copy(update={"retention": measured_retention(candidate, base, formatted, cfg)})
         decision = gate(report, cfg.gate)
         run.record(report, decision)
         show_run(cfg.name, "evaluate", evaluation_markdown(model, report, decision), report, cfg.tracking, run.run_id)

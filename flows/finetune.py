@@ -19,7 +19,7 @@ from tunepipe.tasks.data.results import CheckedData, FormattedData, HeldOutSplit
 from tunepipe.tasks.evaluate.gate import gate
 from tunepipe.tasks.evaluate.judge import judge
 from tunepipe.tasks.evaluate.report import run_report
-from tunepipe.tasks.evaluate.results import Attempt, EvalReport, GateDecision, RunReport
+from tunepipe.tasks.evaluate.results import Attempt, EvalReport, GateDecision, RetentionScores, RunReport
 from tunepipe.tasks.evaluate.retention import retention
 from tunepipe.tasks.evaluate.retrain_plan import next_attempt, outcome
 from tunepipe.tasks.evaluate.task import evaluate
@@ -111,6 +111,21 @@ def scored(
     )
 
 
+def measured_retention(
+    trained: TrainResult, base: BaseModelRef, formatted: FormattedData, cfg: PipelineConfig
+) -> RetentionScores:
+    """What the candidate forgot outside its task: the base's answers to the general prompts (neither split)."""
+    return retention(
+        trained,
+        base,
+        formatted.chat,
+        read_prompts(cfg.eval.retention),
+        cfg.eval.retention,
+        cfg.eval.batch_size,
+        cfg.workdir,
+    )
+
+
 @flow(name="finetune")
 def finetune(config: PipelineConfig) -> RunSummary | State:
     # Typed, so the Prefect UI shows a form of every config field; the CLI loads YAML into the same model.
@@ -175,15 +190,7 @@ def finetune(config: PipelineConfig) -> RunSummary | State:
                 validated = scored("validation", formatted, checked, trained, base, champion, cfg)
                 # What the candidate forgot outside its task: general prompts, neither split; the attempt's gate
                 # reads it, and the test report carries the final attempt's.
-                retained = retention(
-                    trained,
-                    base,
-                    formatted.chat,
-                    read_prompts(cfg.eval.retention),
-                    cfg.eval.retention,
-                    cfg.eval.batch_size,
-                    workdir,
-                )
+                retained = measured_retention(trained, base, formatted, cfg)
                 validated = validated.model_copy(update={"retention": retained})
                 attempt_decision = gate(validated, cfg.gate)
                 attempt_run.record(trained.curve(), validated.scores(), attempt_decision)
